@@ -1,0 +1,10 @@
+"""nearfar: near (local) and far (global) attention patterns through one ``attend``."""
+
+from .attend import attend
+from .engines import engines
+from .patterns import (Blocks, Causal, Dense, GlobalTokens, Grid, Intersection, Neighborhood, Pattern, PerHead,
+                       Sinks, SlidingWindow, Strided, Union)
+
+__all__ = ["attend", "engines", "Pattern", "Union", "Intersection", "PerHead", "Dense", "Neighborhood",
+           "SlidingWindow", "Causal", "Blocks", "Grid", "Strided", "GlobalTokens", "Sinks"]
+__version__ = "0.1.0"

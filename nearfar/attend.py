@@ -1,0 +1,149 @@
+"""``attend``: the one entry point. Validates everything before any work, then picks an engine."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from .bias import DenseBias, RelativePositionBias
+from .engines import ENGINES
+from .engines.blocksparse import blocksparse_attention
+from .engines.dense import dense_attention
+from .patterns import Dense, Neighborhood, Pattern
+from .plan import get_plan
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: below this many (query, key) pairs the dense engine is used by "auto"
+_SMALL = 1 << 16
+
+
+def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4D {shape_doc}, got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_lse):
+    _check_tensor(q, "q", "(B, Hq, Nq, d)")
+    _check_tensor(k, "k", "(B, Hkv, Nk, d)")
+    _check_tensor(v, "v", "(B, Hkv, Nk, dv)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    (b, hq, nq, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if not b == bk == bv:
+        raise ValueError(f"batch sizes differ: q has {b}, k has {bk}, v has {bv}")
+    if hkv != hv:
+        raise ValueError(f"k and v must have the same number of heads, got {hkv} and {hv}")
+    if hq % hkv:
+        raise ValueError(f"query heads Hq={hq} must be a multiple of key/value heads Hkv={hkv} (GQA/MQA)")
+    if nk != nv:
+        raise ValueError(f"k and v must have the same length, got Nk={nk} and {nv}")
+    if d != dk:
+        raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
+                              or scale <= 0):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    if pattern is not None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a nearfar Pattern or None, got {type(pattern).__name__}")
+        if pattern.heads is not None and pattern.heads != hq:
+            raise ValueError(f"PerHead has {pattern.heads} patterns but q has Hq={hq} heads; need one per query head")
+        pattern.check(nq, nk)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError("key_padding_mask must be a bool tensor (B, Nk), True = keep")
+        if tuple(key_padding_mask.shape) != (b, nk):
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, nk)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
+        if bias.dtype not in _FLOATS:
+            raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
+        if bias.device != q.device:
+            raise ValueError(f"bias is on {bias.device}, q on {q.device}")
+    if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
+        raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+
+
+def _bias_source(bias, pattern, b, hq, nq, nk):
+    if bias is None:
+        return None
+    if isinstance(pattern, Neighborhood) and tuple(bias.shape) == pattern.rpb_shape(hq):
+        pattern.check_rpb()
+        return RelativePositionBias(bias, pattern)
+    try:
+        torch.broadcast_shapes(tuple(bias.shape), (b, hq, nq, nk))
+        ok = bias.dim() <= 4
+    except RuntimeError:
+        ok = False
+    if not ok:
+        rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if isinstance(pattern, Neighborhood) else ""
+        raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
+                         f"{(b, hq, nq, nk)}{rpb}")
+    return DenseBias(bias, hq)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern | None = None,
+    *,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    engine: str = "auto",
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q (B, Hq, Nq, d)`` over ``k (B, Hkv, Nk, d)``, ``v (B, Hkv, Nk, dv)`` restricted to ``pattern``.
+
+    ``Hq % Hkv == 0`` (GQA/MQA); ``Nq != Nk`` is allowed (positional patterns align the last query with the
+    last key). ``pattern=None`` is dense attention. ``bias`` is added to the scaled scores: a tensor
+    broadcastable to ``(B, Hq, Nq, Nk)`` or, with a ``Neighborhood`` pattern, a relative-position-bias table
+    ``(Hq, 2k-1, ...)``. ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
+    (and LSE ``-inf``). Returns ``(B, Hq, Nq, dv)``, plus the LSE ``(B, Hq, Nq)`` (natural log, of the scaled
+    biased scores, not differentiable) when ``return_lse``.
+    """
+    _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_lse)
+    b, hq, nq, d = q.shape
+    nk = k.shape[2]
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    bias_src = _bias_source(bias, pattern, b, hq, nq, nk)
+    if isinstance(pattern, Dense):
+        pattern = None
+    kpm = None
+    if key_padding_mask is not None:
+        kpm = torch.zeros(b, nk + 1, dtype=torch.float32, device=q.device)
+        kpm[:, :nk].masked_fill_(~key_padding_mask, float("-inf"))
+    if engine == "auto":
+        engine = _choose(q, pattern, nq, nk, bias_src, kpm)
+    if engine == "dense":
+        out, lse = dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+    elif engine == "blocksparse":
+        plan = get_plan(pattern if pattern is not None else Dense(), nq, nk, device=q.device)
+        out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+    else:
+        from .engines.flex import flex_attention_engine
+
+        out, lse = flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _choose(q, pattern, nq, nk, bias, kpm) -> str:
+    if pattern is None or nq * nk <= _SMALL:
+        return "dense"
+    return "blocksparse"

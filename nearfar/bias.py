@@ -1,0 +1,90 @@
+"""Additive score biases seen tile by tile: a dense bias, or NAT's relative-position-bias table.
+
+The block-sparse engine never forms an N×N bias: it asks a bias source for the values of one chunk of
+tiles (``tile``) and, in the backward pass, hands back the score gradients of that chunk (``accumulate``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .plan import Plan
+
+
+class DenseBias:
+    """A bias broadcastable to ``(B, Hq, Nq, Nk)``, stored as given (4D, broadcast dims of size 1)."""
+
+    def __init__(self, bias: torch.Tensor, hq: int):
+        self.tensor = bias
+        self.b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        self.hq = hq
+        self.grad = None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.tensor.requires_grad
+
+    def zero_grad(self) -> None:
+        self.grad = torch.zeros(self.b4.shape, dtype=torch.promote_types(self.b4.dtype, torch.float32),
+                                device=self.b4.device)
+
+    def _index(self, plan: Plan, t0: int, t1: int):
+        _, hb, nqb, nkb = self.b4.shape
+        q = plan.q_idx[t0:t1].clamp(min=0) * (nqb > 1)  # (c, T)
+        k = plan.k_idx[:, t0:t1].clamp(min=0) * (nkb > 1)  # (Hp, c, W)
+        if plan.heads == 1:
+            return None, q[:, :, None], k[0][:, None, :]
+        h = torch.arange(plan.heads, device=q.device) * (hb > 1)
+        return h[:, None, None, None], q[None, :, :, None], k[:, :, None, :]
+
+    def tile(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
+        h, q, k = self._index(plan, t0, t1)
+        if h is None:
+            return self.b4[:, :, q, k]  # (B', H', c, T, W)
+        return self.b4[:, h, q, k]  # (B', Hp, c, T, W)
+
+    def accumulate(self, plan: Plan, t0: int, t1: int, ds: torch.Tensor) -> None:
+        """ds: (B, Hq, c, T, W) score gradients (zero where masked)."""
+        bb, hb = self.b4.shape[:2]
+        if bb == 1:
+            ds = ds.sum(0, keepdim=True)
+        h, q, k = self._index(plan, t0, t1)
+        if h is None:
+            if hb == 1:
+                ds = ds.sum(1, keepdim=True)
+            self.grad.index_put_((slice(None), slice(None), q, k), ds.to(self.grad.dtype), accumulate=True)
+        else:
+            bidx = torch.arange(ds.shape[0], device=ds.device)[:, None, None, None, None]
+            self.grad.index_put_((bidx, h[None], q[None], k[None]), ds.to(self.grad.dtype), accumulate=True)
+
+
+class RelativePositionBias:
+    """NAT/DiNAT relative-position bias: table ``(Hq, 2k-1[, 2k-1[, 2k-1]])``, index ``(j-i)/dilation + k-1``."""
+
+    def __init__(self, table: torch.Tensor, pattern):
+        self.tensor = table
+        self.pattern = pattern
+        self.grad = None
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.tensor.requires_grad
+
+    def zero_grad(self) -> None:
+        self.grad = torch.zeros(self.tensor.shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32),
+                                device=self.tensor.device)
+
+    def _index(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
+        q = plan.q_idx[t0:t1].clamp(min=0)[:, :, None]
+        k = plan.k_idx[0, t0:t1].clamp(min=0)[:, None, :]
+        return self.pattern.rpb_index(q, k, plan.nq)  # (c, T, W)
+
+    def tile(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
+        idx = self._index(plan, t0, t1)
+        table = self.tensor.reshape(self.tensor.shape[0], -1)
+        return table[:, idx][None]  # (1, Hq, c, T, W)
+
+    def accumulate(self, plan: Plan, t0: int, t1: int, ds: torch.Tensor) -> None:
+        idx = self._index(plan, t0, t1).reshape(-1)
+        g = ds.sum(0).reshape(ds.shape[1], -1).to(self.grad.dtype)
+        self.grad.view(self.grad.shape[0], -1).index_add_(1, idx, g)

@@ -1,0 +1,10 @@
+"""Engine registry: ``dense`` (masked SDPA), ``blocksparse`` (tiles + exact key lists), ``flex`` (FlexAttention)."""
+
+from __future__ import annotations
+
+ENGINES = ("dense", "blocksparse", "flex")
+
+
+def engines() -> list[str]:
+    """Names accepted by ``attend(..., engine=...)`` besides ``"auto"``."""
+    return list(ENGINES)

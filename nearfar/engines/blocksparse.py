@@ -1,0 +1,285 @@
+"""Block-sparse engine: attention over each query tile's exact key list, in cache-sized chunks.
+
+Each query tile (a compact box of tokens, see ``nearfar.plan``) gathers its ``W`` keys and values and runs
+one small dense attention with the tile's mask. Chunks of tiles are processed one at a time, so memory
+stays O(N·W) for the gathered operands of one chunk plus O(N·d) for inputs and outputs; nothing of size
+N² is ever formed. The backward pass is flash-style: it keeps only the output and the log-sum-exp and
+recomputes each chunk.
+
+Two chunk kernels: ``fused`` calls PyTorch's CPU flash-attention operator (forward and backward, with
+an additive mask) and is the default on CPU; ``matmul`` is plain PyTorch (any device, and the one used
+when a bias needs a gradient, since the fused operator returns none for its mask).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..plan import Plan
+
+_CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 4 << 20))
+
+
+def _fused_available(device: torch.device) -> bool:
+    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+class Problem:
+    """Everything one call needs besides q/k/v: the plan, layout modes, extra masks and the bias."""
+
+    def __init__(self, plan: Plan, q, k, v, scale: float, kpm=None, bias=None, kernel: str = "auto"):
+        self.plan = plan
+        b, hq, _, d = q.shape
+        hkv = k.shape[1]
+        self.b, self.hq, self.hkv, self.d, self.dv = b, hq, hkv, d, v.shape[-1]
+        self.nk = k.shape[2]
+        per_head = plan.heads > 1
+        # compute heads Hx and query-group gx: shared key lists keep GQA groups together (one gather per
+        # kv head); per-head key lists need K/V per query head
+        self.hx, self.gx = (hq, 1) if per_head else (hkv, hq // hkv)
+        self.per_head = per_head
+        self.scale = scale
+        self.kpm = kpm
+        self.bias = bias
+        need_bias_grad = bias is not None and bias.requires_grad
+        if kernel == "auto":
+            kernel = "fused" if _fused_available(q.device) and not need_bias_grad and d == self.dv else "matmul"
+        self.kernel = kernel
+        per_chunk = b * self.hx * plan.width * (d + self.dv) * q.element_size()
+        self.chunk = max(1, _CHUNK_BYTES // max(1, per_chunk))
+        self._kpos = torch.where(plan.k_idx < 0, self.nk, plan.k_idx)  # (Hp, nT, W), pad -> zero row
+
+    # ----- layouts -----
+    def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hq, Nq, e) -> (B, nT, Hx, gx*T, e), empty slots zero."""
+        plan = self.plan
+        b, _, n, e = x.shape
+        src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
+        xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
+        xt = xt.view(b, self.hx, self.gx, plan.num_tiles, plan.tile, e).permute(0, 3, 1, 2, 4, 5)
+        return xt.reshape(b, plan.num_tiles, self.hx, self.gx * plan.tile, e)
+
+    def from_tiles(self, xt: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``to_tiles`` for the occupied slots: -> (B, Hq, Nq, e)."""
+        plan = self.plan
+        b, e = xt.shape[0], xt.shape[-1]
+        x = xt.view(b, plan.num_tiles, self.hx, self.gx, plan.tile, e).permute(0, 2, 3, 1, 4, 5)
+        return x.reshape(b, self.hq, plan.num_tiles * plan.tile, e).index_select(2, plan.q_inv)
+
+    def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, Nk, e) -> token-major (B, Nk+1, Hx, e) with a zero row for padding."""
+        if self.per_head and self.gx == 1 and self.hx != x.shape[1]:
+            x = x.repeat_interleave(self.hq // self.hkv, dim=1)
+        x = x.transpose(1, 2)
+        return torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], 1).contiguous()
+
+    def gather_index(self, t0: int, t1: int) -> torch.Tensor:
+        kpos = self._kpos[:, t0:t1]
+        if not self.per_head:
+            return kpos[0].reshape(-1)
+        heads = torch.arange(self.hx, device=kpos.device)
+        return (kpos.permute(1, 2, 0) * self.hx + heads).reshape(-1)
+
+    def gather(self, xt: torch.Tensor, index: torch.Tensor, c: int) -> torch.Tensor:
+        """Token-major (B, Nk+1, Hx, e) -> (B*c, Hx, W, e) (a strided view of one copy)."""
+        b, _, hx, e = xt.shape
+        src = xt.view(b, -1, e) if self.per_head else xt
+        g = src.index_select(1, index)
+        return g.view(b * c, self.plan.width, hx, e).transpose(1, 2)
+
+    def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
+        b, _, hx, e = dst.shape
+        g = grad.transpose(1, 2).reshape(b, -1, e if self.per_head else hx * e)
+        if self.per_head:
+            dst.view(b, -1, e).index_add_(1, index, g)
+        else:
+            dst.view(b, -1, hx * e).index_add_(1, index, g)
+
+    # ----- the chunk mask: pattern (+ key padding) (+ bias), as SDPA's additive attn_mask -----
+    def chunk_mask(self, t0: int, t1: int) -> torch.Tensor:
+        plan, c = self.plan, t1 - t0
+        m = plan.additive_mask(t0, t1)  # (Hp, c, T, W)
+        m6 = m.permute(1, 0, 2, 3)[None, :, :, None]  # (1, c, Hp, 1, T, W)
+        if self.kpm is None and self.bias is None and self.b == 1 and self.gx == 1:
+            return m6[0, :, :, 0]
+        if self.kpm is not None:
+            kp = self.kpm[:, self._kpos[:, t0:t1]]  # (B, Hp, c, W)
+            m6 = m6 + kp.permute(0, 2, 1, 3)[:, :, :, None, None, :]
+        if self.bias is not None:
+            m6 = m6 + self.bias_tile(t0, t1)
+        m6 = m6.expand(self.b, c, m6.shape[2], self.gx, plan.tile, plan.width)
+        return m6.reshape(self.b * c, m6.shape[2], self.gx * plan.tile, plan.width)
+
+    def bias_tile(self, t0: int, t1: int) -> torch.Tensor:
+        """Bias of tiles t0:t1 as (B', c, H', gx', T, W), matching the 6D chunk mask layout."""
+        t = self.bias.tile(self.plan, t0, t1)  # (B', H', c, T, W) with H' in {1, Hq}
+        t = t.to(torch.promote_types(t.dtype, torch.float32))
+        bb, hh = t.shape[:2]
+        if hh == 1:
+            return t.permute(0, 2, 1, 3, 4)[:, :, :, None]
+        return t.view(bb, self.hx, self.gx, *t.shape[2:]).permute(0, 3, 1, 2, 4, 5)
+
+    def bias_grad(self, t0: int, t1: int, ds: torch.Tensor) -> None:
+        """ds: (B*c, Hx, gx*T, W) -> the bias' own accumulation (B, Hq, c, T, W)."""
+        plan, c = self.plan, t1 - t0
+        ds = ds.view(self.b, c, self.hx, self.gx, plan.tile, plan.width).permute(0, 2, 3, 1, 4, 5)
+        self.bias.accumulate(plan, t0, t1, ds.reshape(self.b, self.hq, c, plan.tile, plan.width))
+
+
+# ----- chunk kernels -----
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matmul_forward(q, k, v, mask, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q.dtype)).mul_(scale).add_(mask)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(torch.isinf(m), 0.0, m)
+    p = s.sub_(m).exp_()
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p.div_(denom.clamp(min=1e-30)).to(v.dtype), v)
+    return out, (m + denom.log()).squeeze(-1)
+
+
+def _matmul_backward(do, q, k, v, out, lse, mask, scale):
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q, k.transpose(-1, -2)).to(acc).mul_(scale).add_(mask)
+    lse = torch.where(torch.isinf(lse), float("inf"), lse)
+    p = s.sub_(lse[..., None]).exp_()
+    pd = p.to(v.dtype)
+    dv = torch.matmul(pd.transpose(-1, -2), do)
+    dp = torch.matmul(do, v.transpose(-1, -2)).to(acc)
+    delta = (do.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+    ds = p.mul_(dp.sub_(delta))
+    dsd = ds.to(q.dtype)
+    dq = torch.matmul(dsd, k).mul_(scale)
+    dk = torch.matmul(dsd.transpose(-1, -2), q).mul_(scale)
+    return dq, dk, dv, ds
+
+
+def _run_forward(pb: Problem, qt, kt, vt):
+    plan = pb.plan
+    b = pb.b
+    ot = qt.new_empty(*qt.shape[:-1], pb.dv)
+    lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
+    for t0 in range(0, plan.num_tiles, pb.chunk):
+        t1 = min(plan.num_tiles, t0 + pb.chunk)
+        c = t1 - t0
+        idx = pb.gather_index(t0, t1)
+        qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
+        kc, vc = pb.gather(kt, idx, c), pb.gather(vt, idx, c)
+        mask = pb.chunk_mask(t0, t1)
+        if pb.kernel == "fused":
+            if mask.dtype != qc.dtype and qc.dtype == torch.float64:
+                mask = mask.double()
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kc, vc, attn_mask=mask,
+                                                                                scale=pb.scale)
+        else:
+            o, lse = _matmul_forward(qc, kc, vc, mask, pb.scale)
+        ot[:, t0:t1] = o.view(b, c, *o.shape[1:])
+        lt[:, t0:t1] = lse.view(b, c, *lse.shape[1:])
+    return ot, lt
+
+
+def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
+    plan = pb.plan
+    b = pb.b
+    dqt = torch.empty_like(qt)
+    dkt = torch.zeros_like(kt)
+    dvt = torch.zeros_like(vt)
+    for t0 in range(0, plan.num_tiles, pb.chunk):
+        t1 = min(plan.num_tiles, t0 + pb.chunk)
+        c = t1 - t0
+        idx = pb.gather_index(t0, t1)
+        qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
+        oc = ot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
+        doc = dot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
+        lc = lt[:, t0:t1].reshape(b * c, pb.hx, -1)
+        kc, vc = pb.gather(kt, idx, c), pb.gather(vt, idx, c)
+        mask = pb.chunk_mask(t0, t1)
+        if pb.kernel == "fused":
+            if qc.dtype == torch.float64:
+                mask = mask.double()
+            # the fused op reports lse = 0 for rows with no key; its gradients there are 0 as well
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=mask, scale=pb.scale)
+        else:
+            dq, dk, dv, ds = _matmul_backward(doc, qc, kc, vc, oc, lc, mask, pb.scale)
+            if pb.bias is not None and pb.bias.requires_grad:
+                pb.bias_grad(t0, t1, ds)
+        dqt[:, t0:t1] = dq.view(b, c, *dq.shape[1:])
+        pb.scatter_add(dkt, idx, dk)
+        pb.scatter_add(dvt, idx, dv)
+    return dqt, dkt, dvt
+
+
+class _BlockSparse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias_tensor, pb: Problem):
+        qt = pb.to_tiles(q)
+        kt, vt = pb.kv_tokens(k), pb.kv_tokens(v)
+        ot, lt = _run_forward(pb, qt, kt, vt)
+        ctx.pb = pb
+        ctx.save_for_backward(qt, kt, vt, ot, lt)
+        out = pb.from_tiles(ot)
+        lse = pb.from_tiles(lt[..., None])[..., 0]
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        pb: Problem = ctx.pb
+        qt, kt, vt, ot, lt = ctx.saved_tensors
+        if pb.bias is not None:
+            pb.bias.zero_grad()
+        dot = pb.to_tiles(grad_out.contiguous())
+        dqt, dkt, dvt = _run_backward(pb, qt, kt, vt, ot, lt, dot)
+        dq = pb.from_tiles(dqt)
+        dk = dkt[:, :-1].transpose(1, 2)
+        dv = dvt[:, :-1].transpose(1, 2)
+        if pb.hx != pb.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
+            dk = dk.reshape(pb.b, pb.hkv, -1, *dk.shape[2:]).sum(2)
+            dv = dv.reshape(pb.b, pb.hkv, -1, *dv.shape[2:]).sum(2)
+        dbias = None
+        if pb.bias is not None and pb.bias.requires_grad:
+            dbias = pb.bias.grad.to(pb.bias.tensor.dtype).reshape(pb.bias.tensor.shape)
+        return dq, dk, dv, dbias, None
+
+
+def empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
+    """The fused kernel reports lse = 0 for a query with no allowed key: mark those rows -inf."""
+    plan = pb.plan
+    any_key = torch.zeros(pb.b, plan.num_tiles, pb.hx, pb.gx * plan.tile, dtype=torch.bool, device=lse.device)
+    for t0 in range(0, plan.num_tiles, pb.chunk):
+        t1 = min(plan.num_tiles, t0 + pb.chunk)
+        m = pb.chunk_mask(t0, t1)
+        ok = (m > float("-inf")).any(-1)  # (B*c or c, Hm, gx*T)
+        any_key[:, t0:t1] = ok.view(-1, t1 - t0, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1)
+    keep = pb.from_tiles(any_key[..., None].to(lse.dtype))[..., 0] > 0
+    return torch.where(keep, lse, float("-inf"))
+
+
+def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse=False,
+                          kernel: str = "auto"):
+    """Run the block-sparse engine. ``kpm`` is an additive (B, Nk+1) float mask, ``bias`` a bias source."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if kernel != "matmul" and d != dv and _fused_available(q.device) and not (bias is not None and bias.requires_grad):
+        # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)
+        e = max(d, dv)
+        q = torch.nn.functional.pad(q, (0, e - d))
+        k = torch.nn.functional.pad(k, (0, e - d))
+        vp = torch.nn.functional.pad(v, (0, e - dv))
+        out, lse = blocksparse_attention(q, k, vp, plan, scale, kpm, bias, return_lse, kernel)
+        return out[..., :dv], lse
+    pb = Problem(plan, q, k, v, scale, kpm, bias, kernel)
+    out, lse = _BlockSparse.apply(q, k, v, bias.tensor if bias is not None else None, pb)
+    if return_lse:
+        lse = empty_rows_lse(pb, lse) if pb.kernel == "fused" else lse
+    return out, lse
+
+
+def default_scale(d: int) -> float:
+    return 1.0 / math.sqrt(d)

@@ -1,0 +1,59 @@
+"""Dense engine: masked SDPA over the materialised (Nq, Nk) mask. The small-size path and the reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..bias import DenseBias, RelativePositionBias
+
+
+def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
+    """A bias source as a dense tensor broadcastable to (B, Hq, Nq, Nk)."""
+    if bias is None:
+        return None
+    if isinstance(bias, DenseBias):
+        return bias.b4
+    assert isinstance(bias, RelativePositionBias)
+    q = torch.arange(q_len, device=device)[:, None]
+    k = torch.arange(k_len, device=device)[None, :]
+    table = bias.tensor.reshape(bias.tensor.shape[0], -1)
+    return table[:, bias.pattern.rpb_index(q, k, q_len)][None]
+
+
+def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    mask = None
+    if pattern is not None:
+        allowed = pattern.mask(nq, nk, q.device)
+        mask = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, float("-inf"))
+    if kpm is not None:
+        kp = kpm[:, None, None, :nk].to(acc)
+        mask = kp if mask is None else mask + kp
+    db = dense_bias(bias, nq, nk, q.device)
+    if db is not None:
+        mask = db.to(acc) if mask is None else mask + db.to(acc)
+    if mask is None and not return_lse:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+    if mask is None:
+        mask = torch.zeros((), dtype=acc, device=q.device)
+    empty = torch.isinf(mask).all(-1, keepdim=True) if mask.dim() >= 2 else None
+    if empty is not None and bool(empty.any()):
+        # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient)
+        mask = torch.where(empty, 0.0, mask)
+    lse = None
+    if return_lse:
+        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask
+        lse = torch.logsumexp(s, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+    if empty is not None and bool(empty.any()):
+        keep = ~empty
+        out = out * keep.to(out.dtype)
+        if lse is not None:
+            lse = lse.masked_fill(empty[..., 0].expand_as(lse), float("-inf"))
+    return out, lse

@@ -1,0 +1,9 @@
+"""Attention patterns: which (query, key) pairs may attend. Combine with ``|`` and ``&``."""
+
+from .base import Dense, Intersection, Pattern, PerHead, Tiles, Union
+from .neighborhood import Neighborhood
+from .positional import Causal, GlobalTokens, Sinks, SlidingWindow, Strided
+from .windows import Blocks, Grid
+
+__all__ = ["Pattern", "Union", "Intersection", "PerHead", "Dense", "Tiles", "Neighborhood", "Causal",
+           "SlidingWindow", "Strided", "Sinks", "GlobalTokens", "Blocks", "Grid"]

@@ -1,0 +1,264 @@
+"""The pattern algebra: a pattern says which (query, key) pairs may attend.
+
+A pattern is a small function of indices, as in FlexAttention's ``mask_mod``: ``allowed(q, k, nq, nk)``
+takes broadcastable int64 tensors of *original* token indices and returns a bool tensor.
+Every pattern also answers a conservative tile-level question, ``block_allowed``: may any query of a
+query tile attend any key of a key tile? The block-sparse engine uses it to skip tiles without ever
+evaluating all N² pairs; a superset is always safe because the exact ``allowed`` is applied inside.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_BIG = 1 << 60
+
+
+class Tiles:
+    """Token tiles: ``idx[t, s]`` is the original index of slot ``s`` of tile ``t`` (``-1`` = empty slot)."""
+
+    def __init__(self, idx: torch.Tensor):
+        self.idx = idx
+        self.valid = idx >= 0
+
+    def bounds(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-tile (min, max) of ``values`` (same shape as ``idx``) over the occupied slots."""
+        lo = torch.where(self.valid, values, _BIG).amin(-1)
+        hi = torch.where(self.valid, values, -_BIG).amax(-1)
+        return lo, hi
+
+
+def overlaps(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torch.Tensor) -> torch.Tensor:
+    """(nA, nB) bool: closed interval ``[alo, ahi]`` of row tile meets ``[blo, bhi]`` of column tile."""
+    return (alo[:, None] <= bhi[None, :]) & (blo[None, :] <= ahi[:, None])
+
+
+def as_positive_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
+    return value
+
+
+def as_nonneg_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int (>= 0), got {value}")
+    return value
+
+
+def per_axis(value: object, ndim: int, name: str, check=as_positive_int) -> tuple:
+    """Broadcast an int (or bool) to ``ndim`` axes, or check a per-axis tuple's length."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            raise ValueError(f"{name} has {len(value)} entries but the pattern is {ndim}D; give an int or {ndim} values")
+        return tuple(check(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return (check(value, name),) * ndim
+
+
+def as_grid(grid: object) -> tuple[int, ...] | None:
+    if grid is None:
+        return None
+    if isinstance(grid, int) and not isinstance(grid, bool):
+        grid = (grid,)
+    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
+        raise ValueError(f"grid must be a tuple of 1 to 3 positive ints (the spatial shape), got {grid!r}")
+    return tuple(as_positive_int(g, f"grid[{i}]") for i, g in enumerate(grid))
+
+
+def spatial_ndim(grid: tuple | None, *per_axis_args: object) -> int:
+    """Dimensionality implied by ``grid`` or by the longest per-axis tuple argument (1D when neither)."""
+    lengths = {len(a) for a in per_axis_args if isinstance(a, (tuple, list))}
+    if grid is not None:
+        return len(grid)
+    if len(lengths) > 1:
+        raise ValueError(f"per-axis arguments disagree on the number of axes: {sorted(lengths)}")
+    ndim = lengths.pop() if lengths else 1
+    if ndim > 1:
+        raise ValueError(f"grid is required for a {ndim}D pattern: pass grid=(extent, ...) with {ndim} values")
+    return ndim
+
+
+def unravel(idx: torch.Tensor, grid: Sequence[int]) -> list[torch.Tensor]:
+    """Row-major coordinates of flat indices (last axis fastest)."""
+    coords = []
+    for extent in reversed(grid[1:]):
+        coords.append(idx % extent)
+        idx = idx // extent
+    coords.append(idx)
+    return coords[::-1]
+
+
+class Pattern:
+    """Base class. Subclasses implement ``allowed`` and ``block_allowed`` and describe themselves by ``_key``."""
+
+    #: spatial layout hint ``(grid, dilation)`` for token ordering, or None (1D order is kept)
+    def layout(self, nq: int, nk: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+        return None
+
+    def check(self, nq: int, nk: int) -> None:
+        """Raise ValueError if the pattern cannot be applied to ``nq`` queries and ``nk`` keys."""
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        return torch.ones(qt.idx.shape[0], kt.idx.shape[0], dtype=torch.bool, device=qt.idx.device)
+
+    @property
+    def heads(self) -> int | None:
+        """Number of heads for a per-head pattern, None when the same for every head."""
+        return None
+
+    def mask(self, nq: int, nk: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Dense bool mask ``(nq, nk)`` (``(H, nq, nk)`` for per-head patterns); True = may attend."""
+        self.check(nq, nk)
+        q = torch.arange(nq, device=device)[:, None]
+        k = torch.arange(nk, device=device)[None, :]
+        return self.allowed(q, k, nq, nk).expand(nq, nk).clone()
+
+    def _key(self) -> tuple:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pattern) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        name, *args = self._key()
+        return f"{name}({', '.join(map(repr, args))})"
+
+    def __or__(self, other: Pattern) -> Pattern:
+        return _combine(Union, self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return _combine(Intersection, self, other)
+
+
+def _combine(cls, a: Pattern, b: Pattern) -> Pattern:
+    if not isinstance(b, Pattern):
+        return NotImplemented
+    if isinstance(a, PerHead) or isinstance(b, PerHead):
+        ha = a.patterns if isinstance(a, PerHead) else None
+        hb = b.patterns if isinstance(b, PerHead) else None
+        if ha is not None and hb is not None and len(ha) != len(hb):
+            raise ValueError(f"PerHead patterns have different head counts: {len(ha)} and {len(hb)}")
+        n = len(ha if ha is not None else hb)
+        return PerHead([cls((ha[h] if ha else a), (hb[h] if hb else b)) for h in range(n)])
+    return cls(a, b)
+
+
+class _Binary(Pattern):
+    def __init__(self, a: Pattern, b: Pattern):
+        self.parts = tuple(p for x in (a, b) for p in (x.parts if type(x) is type(self) else (x,)))
+
+    def layout(self, nq, nk):
+        for p in self.parts:
+            lay = p.layout(nq, nk)
+            if lay is not None:
+                return lay
+        return None
+
+    def check(self, nq, nk):
+        for p in self.parts:
+            p.check(nq, nk)
+
+    def _key(self):
+        return (type(self).__name__, *self.parts)
+
+    def __repr__(self):
+        return "(" + f" {self._op} ".join(map(repr, self.parts)) + ")"
+
+
+class Union(_Binary):
+    """``a | b``: a pair is allowed when either pattern allows it."""
+
+    _op = "|"
+
+    def allowed(self, q, k, nq, nk):
+        out = self.parts[0].allowed(q, k, nq, nk)
+        for p in self.parts[1:]:
+            out = out | p.allowed(q, k, nq, nk)
+        return out
+
+    def block_allowed(self, qt, kt, nq, nk):
+        out = self.parts[0].block_allowed(qt, kt, nq, nk)
+        for p in self.parts[1:]:
+            out = out | p.block_allowed(qt, kt, nq, nk)
+        return out
+
+
+class Intersection(_Binary):
+    """``a & b``: a pair is allowed when both patterns allow it."""
+
+    _op = "&"
+
+    def allowed(self, q, k, nq, nk):
+        out = self.parts[0].allowed(q, k, nq, nk)
+        for p in self.parts[1:]:
+            out = out & p.allowed(q, k, nq, nk)
+        return out
+
+    def block_allowed(self, qt, kt, nq, nk):
+        out = self.parts[0].block_allowed(qt, kt, nq, nk)
+        for p in self.parts[1:]:
+            out = out & p.block_allowed(qt, kt, nq, nk)
+        return out
+
+
+class PerHead(Pattern):
+    """A different pattern for each query head: ``PerHead([p_0, ..., p_{H-1}])``.
+
+    ``len(patterns)`` must equal the number of query heads passed to ``attend``.
+    """
+
+    def __init__(self, patterns: Sequence[Pattern]):
+        if isinstance(patterns, Pattern) or not isinstance(patterns, (list, tuple)) or not patterns:
+            raise TypeError("PerHead takes a non-empty list of patterns, one per query head")
+        for i, p in enumerate(patterns):
+            if not isinstance(p, Pattern) or isinstance(p, PerHead):
+                raise TypeError(f"PerHead patterns[{i}] must be a (non-PerHead) Pattern, got {type(p).__name__}")
+        self.patterns = tuple(patterns)
+
+    @property
+    def heads(self):
+        return len(self.patterns)
+
+    def layout(self, nq, nk):
+        return self.patterns[0].layout(nq, nk)
+
+    def check(self, nq, nk):
+        for p in self.patterns:
+            p.check(nq, nk)
+
+    def allowed(self, q, k, nq, nk):
+        return torch.stack([torch.broadcast_to(p.allowed(q, k, nq, nk), torch.broadcast_shapes(q.shape, k.shape))
+                            for p in self.patterns])
+
+    def block_allowed(self, qt, kt, nq, nk):
+        return torch.stack([p.block_allowed(qt, kt, nq, nk) for p in self.patterns])
+
+    def mask(self, nq, nk, device=None):
+        return torch.stack([p.mask(nq, nk, device) for p in self.patterns])
+
+    def _key(self):
+        return ("PerHead", self.patterns)
+
+    def __repr__(self):
+        return f"PerHead({list(self.patterns)!r})"
+
+
+class Dense(Pattern):
+    """Every query attends every key."""
+
+    def allowed(self, q, k, nq, nk):
+        return torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+
+    def _key(self):
+        return ("Dense",)

@@ -1,0 +1,101 @@
+"""Neighborhood attention (NA) and dilated NA (DiNA), 1D/2D/3D, causal and strided.
+
+Papers: Hassani et al., "Neighborhood Attention Transformer" (CVPR 2023); Hassani & Shi, "Dilated
+Neighborhood Attention Transformer" (2022); stride from "Generalized Neighborhood Attention" (2025).
+Official code: SHI-Labs/NATTEN (``get_na_flex_mask`` in ``src/natten/backends/flex.py`` is the reference
+predicate; legacy ``natten_cpu_commons.h`` holds the window/rpb start rules).
+
+Semantics follow NATTEN exactly (``shared/specs/vision.md`` §1): per axis, keys of the query's dilation
+group only; non-causal windows slide inward at the borders so every query sees exactly ``kernel_size``
+keys; even kernels put the extra key on the left; causal windows are truncated, not shifted; with
+``stride`` a run of ``stride`` queries shares the window of its leader. What differs from NATTEN: we keep
+the relative-position bias (NATTEN ≥ 0.20 removed it) and accept any head dim, dtype and a padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import per_axis, unravel
+from .spatial import Layout, SpatialPattern
+
+def _as_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+class Neighborhood(SpatialPattern):
+    """``Neighborhood(kernel_size, dilation=1, is_causal=False, grid=None, stride=1)``.
+
+    Every argument is an int (bool for ``is_causal``) or a per-axis tuple. ``grid`` is the spatial shape
+    in row-major token order, required for 2D/3D. ``kernel_size * dilation`` must not exceed any extent.
+    """
+
+    def __init__(self, kernel_size, dilation=1, is_causal=False, grid=None, stride=1):
+        ndim = self._init_grid(grid, kernel_size, dilation, is_causal, stride)
+        self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
+        self.dilation = per_axis(dilation, ndim, "dilation")
+        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=_as_bool)
+        self.stride = per_axis(stride, ndim, "stride")
+        for a, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
+            if s > k:
+                raise ValueError(f"stride[{a}]={s} must be <= kernel_size[{a}]={k}")
+        if self.grid is not None:
+            self.check_extents(self.grid)
+
+    def check_extents(self, grid):
+        for a, (k, d, n) in enumerate(zip(self.kernel_size, self.dilation, grid)):
+            if k * d > n:
+                raise ValueError(
+                    f"kernel_size[{a}] * dilation[{a}] = {k}*{d} = {k * d} exceeds the extent {n} of axis {a}; "
+                    f"need kernel_size * dilation <= {n}")
+
+    def layout(self, nq, nk):
+        return Layout(self.grid_for(nq), self.dilation)
+
+    def window(self, a: int, i: torch.Tensor, extent: int):
+        """Dilation group, and the group-local key range ``[start, end]`` (closed) of queries ``i`` on axis ``a``."""
+        k, d, s, causal = self.kernel_size[a], self.dilation[a], self.stride[a], self.is_causal[a]
+        g = i % d
+        ip = i // d
+        group_len = (extent - g + d - 1) // d
+        if s > 1:
+            leader = (ip // s) * s + (s - 1 if causal else s // 2)
+            leader = torch.minimum(leader, group_len - 1)
+        else:
+            leader = ip
+        if causal:
+            return g, (leader - k + 1).clamp(min=0), ip
+        start = torch.minimum((leader - k // 2).clamp(min=0), group_len - k)
+        return g, start, start + k - 1
+
+    def query_axis(self, a, i, extent):
+        g, start, end = self.window(a, i, extent)
+        return {"group": (g, g), "pos": (start, end)}
+
+    def key_axis(self, a, j, extent):
+        return {"group": j % self.dilation[a], "pos": j // self.dilation[a]}
+
+    # relative-position bias (NAT): table (heads, 2k-1[, 2k-1[, 2k-1]]), index (j - i)/dilation + k - 1 per axis
+    def rpb_shape(self, heads: int) -> tuple[int, ...]:
+        return (heads, *(2 * k - 1 for k in self.kernel_size))
+
+    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Flat index into the spatial part of the rpb table for allowed pairs (clamped elsewhere)."""
+
+        grid = self.grid_for(n)
+        flat = None
+        for a, (qi, kj) in enumerate(zip(unravel(q, grid), unravel(k, grid))):
+            ks = self.kernel_size[a]
+            idx = (torch.div(kj - qi, self.dilation[a], rounding_mode="floor") + ks - 1).clamp(0, 2 * ks - 2)
+            flat = idx if flat is None else flat * (2 * ks - 1) + idx
+        return flat
+
+    def check_rpb(self) -> None:
+        if any(self.is_causal) or any(s > 1 for s in self.stride):
+            raise ValueError("a relative-position-bias table needs a non-causal Neighborhood with stride=1 "
+                             "(as in NAT/DiNAT)")
+
+    def _key(self):
+        return ("Neighborhood", self.kernel_size, self.dilation, self.is_causal, self.grid, self.stride)
+

@@ -1,0 +1,93 @@
+"""Non-overlapping windows: Swin / MaxViT block attention (``Blocks``) and MaxViT grid attention (``Grid``).
+
+Swin: Liu et al., "Swin Transformer" (ICCV 2021), microsoft/Swin-Transformer (W-MSA, SW-MSA with the
+region mask). MaxViT: Tu et al. (ECCV 2022), google-research/maxvit and timm ``maxxvit.py`` (block and grid
+partitions, ``shared/specs/vision.md`` P2/P3/§2). CRAFT and HiDiffusion use the cyclic, unmasked shift.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import as_nonneg_int, per_axis
+from .spatial import Layout, SpatialPattern
+
+
+class Blocks(SpatialPattern):
+    """Tokens attend within their window of ``size`` (per axis).
+
+    ``shift`` moves the window boundaries to ``shift + m*size``. ``wrap=False`` is Swin's SW-MSA: the
+    roll-and-mask scheme, so the partial windows at both edges never mix (equivalently, window id
+    ``floor((t - shift) / size)``); extents not divisible by ``size`` end with a smaller window.
+    ``wrap=True`` is the cyclic, unmasked shift (window id ``((t - shift) mod extent) // size``) and
+    needs extents divisible by ``size``.
+    """
+
+    def __init__(self, size, grid=None, shift=0, wrap=False):
+        ndim = self._init_grid(grid, size, shift)
+        self.size = per_axis(size, ndim, "size")
+        self.shift = per_axis(shift, ndim, "shift", check=as_nonneg_int)
+        if not isinstance(wrap, bool):
+            raise TypeError(f"wrap must be a bool, got {wrap!r}")
+        self.wrap = wrap
+        for a, (s, m) in enumerate(zip(self.shift, self.size)):
+            if s >= m:
+                raise ValueError(f"shift[{a}]={s} must be in [0, size[{a}]-1] = [0, {m - 1}]")
+        if self.grid is not None:
+            self.check_extents(self.grid)
+
+    def check_extents(self, grid):
+        for a, (m, n) in enumerate(zip(self.size, grid)):
+            if m > n:
+                raise ValueError(f"size[{a}]={m} exceeds the extent {n} of axis {a}; need size <= {n}")
+            if self.wrap and n % m:
+                raise ValueError(f"wrap=True needs the extent {n} of axis {a} divisible by size[{a}]={m}")
+
+    def window_id(self, a: int, t: torch.Tensor, extent: int) -> torch.Tensor:
+        m, s = self.size[a], self.shift[a]
+        if self.wrap:
+            return torch.remainder(t - s, extent) // m
+        return torch.div(t - s, m, rounding_mode="floor")
+
+    def query_axis(self, a, i, extent):
+        w = self.window_id(a, i, extent)
+        return {"win": (w, w)}
+
+    def key_axis(self, a, j, extent):
+        return {"win": self.window_id(a, j, extent)}
+
+    def layout(self, nq, nk):
+        return Layout(self.grid_for(nq), tile=self.size, offset=self.shift)
+
+    def _key(self):
+        return ("Blocks", self.size, self.grid, self.shift, self.wrap)
+
+
+class Grid(SpatialPattern):
+    """MaxViT grid attention: ``size`` tokens per axis at stride ``extent / size`` attend each other
+    (token ``t`` is in window ``t % (extent // size)``). Extents must be divisible by ``size``."""
+
+    def __init__(self, size, grid=None):
+        ndim = self._init_grid(grid, size)
+        self.size = per_axis(size, ndim, "size")
+        if self.grid is not None:
+            self.check_extents(self.grid)
+
+    def check_extents(self, grid):
+        for a, (g, n) in enumerate(zip(self.size, grid)):
+            if n % g:
+                raise ValueError(f"Grid needs the extent {n} of axis {a} divisible by size[{a}]={g}")
+
+    def query_axis(self, a, i, extent):
+        w = i % (extent // self.size[a])
+        return {"win": (w, w)}
+
+    def key_axis(self, a, j, extent):
+        return {"win": j % (extent // self.size[a])}
+
+    def layout(self, nq, nk):
+        grid = self.grid_for(nq)
+        return Layout(grid, dilation=tuple(n // g for n, g in zip(grid, self.size)), tile=self.size)
+
+    def _key(self):
+        return ("Grid", self.size, self.grid)

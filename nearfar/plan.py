@@ -1,0 +1,214 @@
+"""Block-sparse plans: token tiles, the exact key list of each query tile, and its mask.
+
+A plan is built once per (pattern, Nq, Nk, tile, device) and cached. It never evaluates all N² pairs:
+query tiles are first matched against key tiles with the pattern's conservative ``block_allowed``, the
+exact ``allowed`` is then evaluated only on those candidates, and each tile's key list is compacted to the
+keys some query of the tile may attend. ``W`` is the longest such list; shorter lists are padded with -1.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .patterns.base import Pattern, Tiles
+from .patterns.spatial import Layout
+
+#: default tile extents per spatial rank (tokens per tile = product)
+DEFAULT_TILE = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+#: cache the additive float mask up to this many bytes, a bool mask up to ``_BOOL_BUDGET``; else recompute
+_FLOAT_BUDGET = 256 << 20
+_BOOL_BUDGET = 768 << 20
+_CHUNK_ELEMS = 1 << 23
+
+
+def _segments(layout: Layout, tile: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token order for a layout: returns (segment id, rank) per original token; sort by both to get tiles."""
+    grid = layout.grid
+    seg_ids, ranks, nseg = [], [], []
+    for a, n in enumerate(grid):
+        i = torch.arange(n, device=device)
+        d, t, o = layout.dilation[a], tile[a], layout.offset[a]
+        g, ip = i % d, i // d
+        local = torch.div(ip - o, t, rounding_mode="floor") + 1  # >= 0 since 0 <= o < t
+        per_group = (n + d - 1) // d // t + 2
+        seg_ids.append(g * per_group + local)
+        ranks.append(g * n + ip)
+        nseg.append(d * per_group)
+    seg = torch.zeros((), dtype=torch.long, device=device)
+    rank = torch.zeros((), dtype=torch.long, device=device)
+    for a, n in enumerate(grid):
+        seg = seg[..., None] * nseg[a] + seg_ids[a]
+        rank = rank[..., None] * (n * layout.dilation[a]) + ranks[a]
+    return seg.reshape(-1), rank.reshape(-1)
+
+
+def _tiles_from_segments(seg: torch.Tensor, rank: torch.Tensor, size: int) -> torch.Tensor:
+    """(nT, size) original indices, one tile per non-empty segment (split if larger than ``size``)."""
+    n = seg.numel()
+    order = torch.argsort(seg * (rank.max() + 1) + rank)
+    s = seg[order]
+    _, counts = torch.unique_consecutive(s, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(n, device=seg.device) - torch.repeat_interleave(starts, counts)
+    seg_no = torch.repeat_interleave(torch.arange(counts.numel(), device=seg.device), counts)
+    # segments larger than a tile (possible for odd layouts) spill into extra tiles
+    per_seg = (counts + size - 1) // size
+    first_tile = torch.cumsum(per_seg, 0) - per_seg
+    tile_no = first_tile[seg_no] + pos // size
+    idx = torch.full((int(per_seg.sum()), size), -1, dtype=torch.long, device=seg.device)
+    idx[tile_no, pos % size] = order
+    return idx
+
+
+def _chunks(n: int, size: int) -> torch.Tensor:
+    idx = torch.arange(((n + size - 1) // size) * size)
+    return torch.where(idx < n, idx, -1).view(-1, size)
+
+
+def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None, device) -> tuple[Tiles, Tiles]:
+    """Query tiles and key tiles. Spatial patterns order tokens in compact boxes (dilation groups first)."""
+    layout = pattern.layout(nq, nk) if nq == nk else None
+    if layout is not None:
+        ext = tile if isinstance(tile, tuple) else (layout.tile or DEFAULT_TILE[len(layout.grid)])
+        ext = tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, layout.grid, layout.dilation))
+        size = 1
+        for t in ext:
+            size *= t
+        seg, rank = _segments(layout, ext, device)
+        idx = _tiles_from_segments(seg, rank, size)
+        return Tiles(idx), Tiles(idx)
+    size = tile if isinstance(tile, int) else DEFAULT_TILE[1][0]
+    return Tiles(_chunks(nq, min(size, nq)).to(device)), Tiles(_chunks(nk, size).to(device))
+
+
+@dataclass
+class Plan:
+    nq: int
+    nk: int
+    q_idx: torch.Tensor  # (nTq, T) original query index, -1 = empty slot
+    k_idx: torch.Tensor  # (Hp, nTq, W) original key index, -1 = padding
+    pattern: Pattern
+    mask_f: torch.Tensor | None = None  # (Hp, nTq, T, W) float32 additive (0 / -inf), if cached
+    mask_b: torch.Tensor | None = None  # (Hp, nTq, T, W) bool, if cached instead
+    _q_inv: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def tile(self) -> int:
+        return self.q_idx.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.k_idx.shape[2]
+
+    @property
+    def heads(self) -> int:
+        return self.k_idx.shape[0]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.q_idx.shape[0]
+
+    @property
+    def q_inv(self) -> torch.Tensor:
+        """Position of each original query in the flattened tile layout ``(nTq * T,)``."""
+        if self._q_inv is None:
+            flat = self.q_idx.reshape(-1)
+            inv = torch.empty(self.nq, dtype=torch.long, device=flat.device)
+            pos = torch.arange(flat.numel(), device=flat.device)
+            inv[flat[flat >= 0]] = pos[flat >= 0]
+            self._q_inv = inv
+        return self._q_inv
+
+    def allowed(self, t0: int, t1: int) -> torch.Tensor:
+        """(Hp, c, T, W) bool mask of tiles ``t0:t1``."""
+        if self.mask_b is not None:
+            return self.mask_b[:, t0:t1]
+        if self.mask_f is not None:
+            return self.mask_f[:, t0:t1] == 0
+        return _allowed_heads(self.pattern, self.q_idx[t0:t1], self.k_idx[:, t0:t1], self.nq, self.nk)
+
+    def additive_mask(self, t0: int, t1: int) -> torch.Tensor:
+        """(Hp, c, T, W) float32 mask: 0 where allowed, -inf elsewhere."""
+        if self.mask_f is not None:
+            return self.mask_f[:, t0:t1]
+        return _to_additive(self.allowed(t0, t1))
+
+    def density(self) -> float:
+        """Fraction of the dense N² work the block-sparse engine performs."""
+        return self.num_tiles * self.tile * self.width / max(1, self.nq * self.nk)
+
+
+def _to_additive(mask: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """Exact mask ``(Hp, c, T, W)`` for query tiles ``q (c, T)`` and key lists ``k (Hp, c, W)``; -1 never attends."""
+    qq, kk = q.clamp(min=0)[:, :, None], k.clamp(min=0)[:, :, None, :]
+    if pattern.heads is None:
+        ok = pattern.allowed(qq, kk[0], nq, nk)[None]
+    else:
+        shape = (q.shape[0], q.shape[1], k.shape[2])
+        ok = torch.stack([p.allowed(qq, kk[h], nq, nk).expand(shape) for h, p in enumerate(pattern.patterns)])
+    return ok & (q >= 0)[None, :, :, None] & (k >= 0)[:, :, None, :]
+
+
+def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
+    """Compacted key lists ``(Hp, c, w)`` and their masks ``(Hp, c, T, w)`` for query tiles ``q (c, T)``."""
+    blocks = pattern.block_allowed(Tiles(q), kt, nq, nk)
+    blocks = blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
+    count = blocks.sum(-1)
+    m = max(1, int(count.max()))
+    sel = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :m]
+    cand = kt.idx[sel]  # (Hp, c, m, tk)
+    live = torch.arange(m, device=q.device) < count[..., None]
+    cand = torch.where(live[..., None], cand, -1).flatten(-2)
+    ok = _allowed_heads(pattern, q, cand, nq, nk)
+    used = ok.any(-2)  # (Hp, c, m*tk)
+    w = max(1, int(used.sum(-1).max()))
+    keep = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)[..., :w]
+    k_idx = torch.where(used.gather(-1, keep), cand.gather(-1, keep), -1)
+    return k_idx, ok.gather(-1, keep[:, :, None, :].expand(-1, -1, q.shape[1], -1))
+
+
+def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
+    qt, kt = token_tiles(pattern, nq, nk, tile, device)
+    n_q_tiles, tq = qt.idx.shape
+    hp = pattern.heads or 1
+    step = max(1, _CHUNK_ELEMS // (hp * tq * kt.idx.numel()))
+    k_lists, masks = [], []
+    for t0 in range(0, n_q_tiles, step):
+        k_idx, ok = _key_lists(pattern, qt.idx[t0:t0 + step], kt, nq, nk)
+        k_lists.append(k_idx)
+        masks.append(ok)
+    width = max(x.shape[-1] for x in k_lists)
+    pad = torch.nn.functional.pad
+    k_idx = torch.cat([pad(x, (0, width - x.shape[-1]), value=-1) for x in k_lists], 1)
+    mask = torch.cat([pad(x, (0, width - x.shape[-1]), value=False) for x in masks], 1)
+    plan = Plan(nq, nk, qt.idx, k_idx, pattern)
+    if mask.numel() * 4 <= _FLOAT_BUDGET:
+        plan.mask_f = _to_additive(mask)
+    elif mask.numel() <= _BOOL_BUDGET:
+        plan.mask_b = mask
+    return plan
+
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def get_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
+    """Cached ``build_plan``: plans depend only on the pattern and the shapes, not on the data."""
+    key = (pattern, nq, nk, tile, str(device))
+    plan = _CACHE.get(key)
+    if plan is None:
+        plan = build_plan(pattern, nq, nk, tile, torch.device(device))
+        _CACHE[key] = plan
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return plan
