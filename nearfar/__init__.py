@@ -1,7 +1,7 @@
 """nearfar: near (local) and far (global) attention patterns through one ``attend``."""
 
 from .attend import attend
-from .engines import engines
+from .backends import engines
 from .patterns import (Blocks, Causal, Dense, GlobalTokens, Grid, Intersection, Neighborhood, Pattern, PerHead,
                        Sinks, SlidingWindow, Strided, Union)
 

@@ -8,9 +8,9 @@ from numbers import Real
 import torch
 
 from .bias import DenseBias, RelativePositionBias
-from .engines import ENGINES
-from .engines.blocksparse import blocksparse_attention
-from .engines.dense import dense_attention
+from .backends import ENGINES
+from .backends.blocksparse import blocksparse_attention
+from .backends.dense import dense_attention
 from .patterns import Dense, Neighborhood, Pattern
 from .plan import get_plan
 
@@ -127,8 +127,7 @@ def attend(
         pattern = None
     kpm = None
     if key_padding_mask is not None:
-        kpm = torch.zeros(b, nk + 1, dtype=torch.float32, device=q.device)
-        kpm[:, :nk].masked_fill_(~key_padding_mask, float("-inf"))
+        kpm = torch.zeros(b, nk, dtype=torch.float32, device=q.device).masked_fill_(~key_padding_mask, float("-inf"))
     if engine == "auto":
         engine = _choose(q, pattern, nq, nk, bias_src, kpm)
     if engine == "dense":
@@ -137,7 +136,7 @@ def attend(
         plan = get_plan(pattern if pattern is not None else Dense(), nq, nk, device=q.device)
         out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
     else:
-        from .engines.flex import flex_attention_engine
+        from .backends.flex import flex_attention_engine
 
         out, lse = flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
     return (out, lse) if return_lse else out

@@ -72,7 +72,8 @@ def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] 
     """Query tiles and key tiles. Spatial patterns order tokens in compact boxes (dilation groups first)."""
     layout = pattern.layout(nq, nk) if nq == nk else None
     if layout is not None:
-        ext = tile if isinstance(tile, tuple) else (layout.tile or DEFAULT_TILE[len(layout.grid)])
+        ext = (tile,) * len(layout.grid) if isinstance(tile, int) else tile
+        ext = ext or layout.tile or DEFAULT_TILE[len(layout.grid)]
         ext = tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, layout.grid, layout.dilation))
         size = 1
         for t in ext:
@@ -93,6 +94,7 @@ class Plan:
     pattern: Pattern
     mask_f: torch.Tensor | None = None  # (Hp, nTq, T, W) float32 additive (0 / -inf), if cached
     mask_b: torch.Tensor | None = None  # (Hp, nTq, T, W) bool, if cached instead
+    run_start: torch.Tensor | None = None  # (nTq,) first key when tile t's list is keys s..s+W-1, else -1
     _q_inv: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -174,6 +176,17 @@ def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
     return k_idx, ok.gather(-1, keep[:, :, None, :].expand(-1, -1, q.shape[1], -1))
 
 
+def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor | None:
+    """Start of a run of ``width`` consecutive keys covering each tile's keys (-1 where none does).
+
+    A tile whose keys form such a run can read K/V through a strided view instead of a gather."""
+    valid = k_idx >= 0
+    lo = torch.where(valid, k_idx, nk).amin(-1)
+    hi = torch.where(valid, k_idx, -1).amax(-1)
+    fits = (hi - lo < width) & valid.any(-1)
+    return torch.where(fits, torch.minimum(lo, torch.tensor(nk - width)), -1)
+
+
 def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
     qt, kt = token_tiles(pattern, nq, nk, tile, device)
     n_q_tiles, tq = qt.idx.shape
@@ -188,7 +201,15 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     pad = torch.nn.functional.pad
     k_idx = torch.cat([pad(x, (0, width - x.shape[-1]), value=-1) for x in k_lists], 1)
     mask = torch.cat([pad(x, (0, width - x.shape[-1]), value=False) for x in masks], 1)
-    plan = Plan(nq, nk, qt.idx, k_idx, pattern)
+    run_start = None
+    if k_idx.shape[0] == 1 and width < nk:
+        runs = _as_runs(k_idx[0], width, nk)
+        if runs is not None and bool((runs >= 0).float().mean() > 0.5):
+            k_idx[0] = torch.where((runs >= 0)[:, None], runs[:, None] + torch.arange(width, device=device), k_idx[0])
+            mask = torch.cat([_allowed_heads(pattern, qt.idx[t0:t0 + step], k_idx[:, t0:t0 + step], nq, nk)
+                              for t0 in range(0, n_q_tiles, step)], 1)
+            run_start = runs
+    plan = Plan(nq, nk, qt.idx, k_idx, pattern, run_start=run_start)
     if mask.numel() * 4 <= _FLOAT_BUDGET:
         plan.mask_f = _to_additive(mask)
     elif mask.numel() <= _BOOL_BUDGET:

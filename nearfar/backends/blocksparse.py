@@ -50,15 +50,36 @@ class Problem:
         self.kernel = kernel
         per_chunk = b * self.hx * plan.width * (d + self.dv) * q.element_size()
         self.chunk = max(1, _CHUNK_BYTES // max(1, per_chunk))
-        self._kpos = torch.where(plan.k_idx < 0, self.nk, plan.k_idx)  # (Hp, nT, W), pad -> zero row
+        # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
+        self._kpos = plan.k_idx.clamp(min=0)  # (Hp, nT, W)
+        self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:q.shape[2]], torch.arange(q.shape[2])))
+        self.views = self._view_chunks() if b == 1 and not per_head and plan.run_start is not None else {}
+
+    def chunks(self):
+        n = self.plan.num_tiles
+        return [(t0, min(n, t0 + self.chunk)) for t0 in range(0, n, self.chunk)]
+
+    def _view_chunks(self) -> dict[int, tuple[int, int]]:
+        """Chunks whose tiles read evenly spaced runs of keys: t0 -> (first key, spacing)."""
+        out = {}
+        starts = self.plan.run_start.tolist()
+        for t0, t1 in self.chunks():
+            s = starts[t0:t1]
+            step = s[1] - s[0] if len(s) > 1 else 0
+            if min(s) >= 0 and all(b - a == step for a, b in zip(s, s[1:])) and step >= 0:
+                out[t0] = (s[0], step)
+        return out
 
     # ----- layouts -----
     def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hq, Nq, e) -> (B, nT, Hx, gx*T, e), empty slots zero."""
         plan = self.plan
         b, _, n, e = x.shape
-        src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
-        xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
+        if self._q_identity:  # tokens already in tile order: only pad the last tile
+            xt = torch.nn.functional.pad(x, (0, 0, 0, plan.num_tiles * plan.tile - n))
+        else:
+            src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
+            xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
         xt = xt.view(b, self.hx, self.gx, plan.num_tiles, plan.tile, e).permute(0, 3, 1, 2, 4, 5)
         return xt.reshape(b, plan.num_tiles, self.hx, self.gx * plan.tile, e)
 
@@ -67,14 +88,14 @@ class Problem:
         plan = self.plan
         b, e = xt.shape[0], xt.shape[-1]
         x = xt.view(b, plan.num_tiles, self.hx, self.gx, plan.tile, e).permute(0, 2, 3, 1, 4, 5)
-        return x.reshape(b, self.hq, plan.num_tiles * plan.tile, e).index_select(2, plan.q_inv)
+        x = x.reshape(b, self.hq, plan.num_tiles * plan.tile, e)
+        return x[:, :, :plan.nq] if self._q_identity else x.index_select(2, plan.q_inv)
 
     def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, Nk, e) -> token-major (B, Nk+1, Hx, e) with a zero row for padding."""
+        """(B, Hkv, Nk, e) -> token-major (B, Nk, Hx, e)."""
         if self.per_head and self.gx == 1 and self.hx != x.shape[1]:
             x = x.repeat_interleave(self.hq // self.hkv, dim=1)
-        x = x.transpose(1, 2)
-        return torch.cat([x, x.new_zeros(x.shape[0], 1, *x.shape[2:])], 1).contiguous()
+        return x.transpose(1, 2).contiguous()
 
     def gather_index(self, t0: int, t1: int) -> torch.Tensor:
         kpos = self._kpos[:, t0:t1]
@@ -83,9 +104,13 @@ class Problem:
         heads = torch.arange(self.hx, device=kpos.device)
         return (kpos.permute(1, 2, 0) * self.hx + heads).reshape(-1)
 
-    def gather(self, xt: torch.Tensor, index: torch.Tensor, c: int) -> torch.Tensor:
-        """Token-major (B, Nk+1, Hx, e) -> (B*c, Hx, W, e) (a strided view of one copy)."""
+    def gather(self, xt: torch.Tensor, index: torch.Tensor, c: int, t0: int = -1) -> torch.Tensor:
+        """Token-major (B, Nk, Hx, e) -> (B*c, Hx, W, e): a view of ``xt`` for evenly spaced runs, else a copy."""
         b, _, hx, e = xt.shape
+        if t0 in self.views:
+            first, step = self.views[t0]
+            return xt.as_strided((c, hx, self.plan.width, e), (step * hx * e, e, hx * e, 1),
+                                 xt.storage_offset() + first * hx * e)
         src = xt.view(b, -1, e) if self.per_head else xt
         g = src.index_select(1, index)
         return g.view(b * c, self.plan.width, hx, e).transpose(1, 2)
@@ -106,7 +131,7 @@ class Problem:
         if self.kpm is None and self.bias is None and self.b == 1 and self.gx == 1:
             return m6[0, :, :, 0]
         if self.kpm is not None:
-            kp = self.kpm[:, self._kpos[:, t0:t1]]  # (B, Hp, c, W)
+            kp = self.kpm[:, self._kpos[:, t0:t1]]  # (B, Hp, c, W); padding slots are masked already
             m6 = m6 + kp.permute(0, 2, 1, 3)[:, :, :, None, None, :]
         if self.bias is not None:
             m6 = m6 + self.bias_tile(t0, t1)
@@ -165,12 +190,11 @@ def _run_forward(pb: Problem, qt, kt, vt):
     b = pb.b
     ot = qt.new_empty(*qt.shape[:-1], pb.dv)
     lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
-    for t0 in range(0, plan.num_tiles, pb.chunk):
-        t1 = min(plan.num_tiles, t0 + pb.chunk)
+    for t0, t1 in pb.chunks():
         c = t1 - t0
         idx = pb.gather_index(t0, t1)
         qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
-        kc, vc = pb.gather(kt, idx, c), pb.gather(vt, idx, c)
+        kc, vc = pb.gather(kt, idx, c, t0), pb.gather(vt, idx, c, t0)
         mask = pb.chunk_mask(t0, t1)
         if pb.kernel == "fused":
             if mask.dtype != qc.dtype and qc.dtype == torch.float64:
@@ -190,15 +214,14 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
     dqt = torch.empty_like(qt)
     dkt = torch.zeros_like(kt)
     dvt = torch.zeros_like(vt)
-    for t0 in range(0, plan.num_tiles, pb.chunk):
-        t1 = min(plan.num_tiles, t0 + pb.chunk)
+    for t0, t1 in pb.chunks():
         c = t1 - t0
         idx = pb.gather_index(t0, t1)
         qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
         oc = ot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
         doc = dot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
         lc = lt[:, t0:t1].reshape(b * c, pb.hx, -1)
-        kc, vc = pb.gather(kt, idx, c), pb.gather(vt, idx, c)
+        kc, vc = pb.gather(kt, idx, c, t0), pb.gather(vt, idx, c, t0)
         mask = pb.chunk_mask(t0, t1)
         if pb.kernel == "fused":
             if qc.dtype == torch.float64:
@@ -238,8 +261,8 @@ class _BlockSparse(torch.autograd.Function):
         dot = pb.to_tiles(grad_out.contiguous())
         dqt, dkt, dvt = _run_backward(pb, qt, kt, vt, ot, lt, dot)
         dq = pb.from_tiles(dqt)
-        dk = dkt[:, :-1].transpose(1, 2)
-        dv = dvt[:, :-1].transpose(1, 2)
+        dk = dkt.transpose(1, 2)
+        dv = dvt.transpose(1, 2)
         if pb.hx != pb.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
             dk = dk.reshape(pb.b, pb.hkv, -1, *dk.shape[2:]).sum(2)
             dv = dv.reshape(pb.b, pb.hkv, -1, *dv.shape[2:]).sum(2)
@@ -253,8 +276,7 @@ def empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
     """The fused kernel reports lse = 0 for a query with no allowed key: mark those rows -inf."""
     plan = pb.plan
     any_key = torch.zeros(pb.b, plan.num_tiles, pb.hx, pb.gx * plan.tile, dtype=torch.bool, device=lse.device)
-    for t0 in range(0, plan.num_tiles, pb.chunk):
-        t1 = min(plan.num_tiles, t0 + pb.chunk)
+    for t0, t1 in pb.chunks():
         m = pb.chunk_mask(t0, t1)
         ok = (m > float("-inf")).any(-1)  # (B*c or c, Hm, gx*T)
         any_key[:, t0:t1] = ok.view(-1, t1 - t0, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1)
@@ -264,7 +286,7 @@ def empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
 
 def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse=False,
                           kernel: str = "auto"):
-    """Run the block-sparse engine. ``kpm`` is an additive (B, Nk+1) float mask, ``bias`` a bias source."""
+    """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
     d, dv = q.shape[-1], v.shape[-1]
     if kernel != "matmul" and d != dv and _fused_available(q.device) and not (bias is not None and bias.requires_grad):
         # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)

@@ -33,7 +33,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         allowed = pattern.mask(nq, nk, q.device)
         mask = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, float("-inf"))
     if kpm is not None:
-        kp = kpm[:, None, None, :nk].to(acc)
+        kp = kpm[:, None, None, :].to(acc)
         mask = kp if mask is None else mask + kp
     db = dense_bias(bias, nq, nk, q.device)
     if db is not None:

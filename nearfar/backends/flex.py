@@ -1,0 +1,111 @@
+"""FlexAttention engine: PyTorch's ``flex_attention`` with a BlockMask built analytically from the pattern.
+
+The block mask comes from the pattern's ``block_allowed`` on the same compact token tiles the block-sparse
+engine uses (so 2D/3D neighbourhoods keep their sparsity), never from evaluating all N² pairs; the exact
+``allowed`` predicate is the ``mask_mod`` inside the kept blocks. Tokens are permuted into tile order
+before the call and back after it.
+
+Limits inherited from FlexAttention: on CPU it is forward-only (no autograd) and the compiled kernel is
+specialised per shape (the first call of a shape compiles for several seconds). ``NEARFAR_FLEX_COMPILE=0``
+runs it eagerly (slow, for testing).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..bias import DenseBias
+from ..patterns import Dense, Tiles
+from ..plan import token_tiles
+
+FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
+
+
+def available() -> bool:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if os.environ.get("NEARFAR_FLEX_COMPILE", "1") == "0":
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _block_plan(pattern, nq: int, nk: int, device: str):
+    lay = pattern.layout(nq, nk) if nq == nk else None
+    tile = FLEX_TILE[len(lay.grid)] if lay is not None else FLEX_TILE[1][0]
+    qt, kt = token_tiles(pattern, nq, nk, tile, torch.device(device))
+    if qt.idx.shape[1] != kt.idx.shape[1] or qt.idx.shape[1] % 16:
+        # flex wants one block size on both sides: fall back to plain 128-token chunks
+        qt, kt = token_tiles(Dense(), nq, nk, 128, torch.device(device))
+        qt = Tiles(torch.nn.functional.pad(qt.idx, (0, 128 - qt.idx.shape[1]), value=-1))
+    blocks = pattern.block_allowed(qt, kt, nq, nk)
+    blocks = blocks if pattern.heads is not None else blocks[None]
+    kv_num = blocks.sum(-1).to(torch.int32)[None]  # (1, Hp, nTq)
+    kv_idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
+    q_map, k_map = qt.idx.reshape(-1), kt.idx.reshape(-1)
+    q_inv = torch.empty(nq, dtype=torch.long, device=q_map.device)
+    q_inv[q_map[q_map >= 0]] = torch.nonzero(q_map >= 0)[:, 0]
+    return kv_num, kv_idx, q_map, k_map, q_inv, qt.idx.shape[1], kt.idx.shape[1]
+
+
+def flex_attention_engine(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("engine='flex' is forward-only on CPU (a FlexAttention limitation); "
+                         "use engine='blocksparse' to train, or call under torch.no_grad()")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("engine='flex' takes no gradient for bias here; use engine='blocksparse'")
+    pattern = pattern if pattern is not None else Dense()
+    nq, nk = q.shape[2], k.shape[2]
+    kv_num, kv_idx, q_map, k_map, q_inv, tq, tk = _block_plan(pattern, nq, nk, str(q.device))
+    qm, km = q_map.clamp(min=0), k_map.clamp(min=0)
+    per_head = pattern.heads is not None
+
+    def mask_mod(b, h, qi, ki):
+        oq, ok = q_map[qi], k_map[ki]
+        allowed = pattern.allowed(oq.clamp(min=0), ok.clamp(min=0), nq, nk)
+        if per_head:
+            allowed = allowed[h]
+        return allowed & (oq >= 0) & (ok >= 0)
+
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(tq, tk), mask_mod=mask_mod,
+                                          seq_lengths=(q_map.numel(), k_map.numel()))
+    score_mod = None
+    if kpm is not None or bias is not None:
+        kp = kpm.to(q.dtype) if kpm is not None else None
+        db = bias.b4 if isinstance(bias, DenseBias) else None
+        table = bias.tensor.reshape(bias.tensor.shape[0], -1) if bias is not None and db is None else None
+
+        def score_mod(score, b, h, qi, ki):
+            oq, ok = qm[qi], km[ki]
+            if kp is not None:
+                score = score + kp[b, ok]
+            if db is not None:
+                score = score + db[b * (db.shape[0] > 1), h * (db.shape[1] > 1), oq * (db.shape[2] > 1),
+                                   ok * (db.shape[3] > 1)]
+            if table is not None:
+                score = score + table[h, bias.pattern.rpb_index(oq, ok, nq)]
+            return score
+
+    qp, kp_, vp = q.index_select(2, qm), k.index_select(2, km), v.index_select(2, km)
+    res = _compiled()(qp, kp_, vp, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                      enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse)
+    out, lse = res if return_lse else (res, None)
+    out = out.index_select(2, q_inv)
+    if lse is not None:
+        lse = lse.index_select(2, q_inv)
+        lse = torch.where(torch.isfinite(lse) & (lse > -1e30), lse, float("-inf"))
+    return out, lse
