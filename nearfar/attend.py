@@ -84,7 +84,7 @@ def _bias_source(bias, pattern, b, hq, nq, nk):
         return None
     if isinstance(pattern, Neighborhood) and tuple(bias.shape) == pattern.rpb_shape(hq):
         pattern.check_rpb()
-        return RelativePositionBias(bias, pattern)
+        return RelativePositionBias(bias, pattern, nq)
     try:
         torch.broadcast_shapes(tuple(bias.shape), (b, hq, nq, nk))
         ok = bias.dim() <= 4

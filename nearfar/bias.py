@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from .plan import Plan
-
 
 class DenseBias:
     """A bias broadcastable to ``(B, Hq, Nq, Nk)``, stored as given (4D, broadcast dims of size 1)."""
@@ -28,27 +26,28 @@ class DenseBias:
         self.grad = torch.zeros(self.b4.shape, dtype=torch.promote_types(self.b4.dtype, torch.float32),
                                 device=self.b4.device)
 
-    def _index(self, plan: Plan, t0: int, t1: int):
+    def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor):
         _, hb, nqb, nkb = self.b4.shape
-        q = plan.q_idx[t0:t1].clamp(min=0) * (nqb > 1)  # (c, T)
-        k = plan.k_idx[:, t0:t1].clamp(min=0) * (nkb > 1)  # (Hp, c, W)
-        if plan.heads == 1:
+        q = q_idx.clamp(min=0) * (nqb > 1)  # (c, T)
+        k = k_idx.clamp(min=0) * (nkb > 1)  # (Hp, c, W)
+        if k.shape[0] == 1:
             return None, q[:, :, None], k[0][:, None, :]
-        h = torch.arange(plan.heads, device=q.device) * (hb > 1)
+        h = torch.arange(k.shape[0], device=q.device) * (hb > 1)
         return h[:, None, None, None], q[None, :, :, None], k[:, :, None, :]
 
-    def tile(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
-        h, q, k = self._index(plan, t0, t1)
+    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        """Values for query tiles ``q_idx (c, T)`` and their key lists ``k_idx (Hp, c, W)``."""
+        h, q, k = self._index(q_idx, k_idx)
         if h is None:
             return self.b4[:, :, q, k]  # (B', H', c, T, W)
         return self.b4[:, h, q, k]  # (B', Hp, c, T, W)
 
-    def accumulate(self, plan: Plan, t0: int, t1: int, ds: torch.Tensor) -> None:
+    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor) -> None:
         """ds: (B, Hq, c, T, W) score gradients (zero where masked)."""
         bb, hb = self.b4.shape[:2]
         if bb == 1:
             ds = ds.sum(0, keepdim=True)
-        h, q, k = self._index(plan, t0, t1)
+        h, q, k = self._index(q_idx, k_idx)
         if h is None:
             if hb == 1:
                 ds = ds.sum(1, keepdim=True)
@@ -61,9 +60,10 @@ class DenseBias:
 class RelativePositionBias:
     """NAT/DiNAT relative-position bias: table ``(Hq, 2k-1[, 2k-1[, 2k-1]])``, index ``(j-i)/dilation + k-1``."""
 
-    def __init__(self, table: torch.Tensor, pattern):
+    def __init__(self, table: torch.Tensor, pattern, n: int):
         self.tensor = table
         self.pattern = pattern
+        self.n = n
         self.grad = None
 
     @property
@@ -74,17 +74,17 @@ class RelativePositionBias:
         self.grad = torch.zeros(self.tensor.shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32),
                                 device=self.tensor.device)
 
-    def _index(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
-        q = plan.q_idx[t0:t1].clamp(min=0)[:, :, None]
-        k = plan.k_idx[0, t0:t1].clamp(min=0)[:, None, :]
-        return self.pattern.rpb_index(q, k, plan.nq)  # (c, T, W)
+    def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        q = q_idx.clamp(min=0)[:, :, None]
+        k = k_idx[0].clamp(min=0)[:, None, :]
+        return self.pattern.rpb_index(q, k, self.n)  # (c, T, W)
 
-    def tile(self, plan: Plan, t0: int, t1: int) -> torch.Tensor:
-        idx = self._index(plan, t0, t1)
+    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+        idx = self._index(q_idx, k_idx)
         table = self.tensor.reshape(self.tensor.shape[0], -1)
         return table[:, idx][None]  # (1, Hq, c, T, W)
 
-    def accumulate(self, plan: Plan, t0: int, t1: int, ds: torch.Tensor) -> None:
-        idx = self._index(plan, t0, t1).reshape(-1)
+    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor) -> None:
+        idx = self._index(q_idx, k_idx).reshape(-1)
         g = ds.sum(0).reshape(ds.shape[1], -1).to(self.grad.dtype)
         self.grad.view(self.grad.shape[0], -1).index_add_(1, idx, g)

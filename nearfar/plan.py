@@ -86,15 +86,33 @@ def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] 
 
 
 @dataclass
+class TileGroup:
+    """Query tiles with key lists of similar length, padded to one width ``W``."""
+
+    tiles: torch.Tensor  # (c,) tile ids
+    q_idx: torch.Tensor  # (c, T) original query index, -1 = empty slot
+    k_idx: torch.Tensor  # (Hp, c, W) original key index, -1 = padding
+    mask_f: torch.Tensor | None = None  # (Hp, c, T, W) float32 additive (0 / -inf), if cached
+    mask_b: torch.Tensor | None = None  # (Hp, c, T, W) bool, if cached instead
+    run_start: torch.Tensor | None = None  # (c,) s when the tile's list is keys s..s+W-1, else -1
+    contiguous: bool = False  # tiles are tiles[0], tiles[0]+1, ...
+
+    @property
+    def width(self) -> int:
+        return self.k_idx.shape[2]
+
+    def __len__(self) -> int:
+        return self.tiles.shape[0]
+
+
+@dataclass
 class Plan:
     nq: int
     nk: int
     q_idx: torch.Tensor  # (nTq, T) original query index, -1 = empty slot
-    k_idx: torch.Tensor  # (Hp, nTq, W) original key index, -1 = padding
+    groups: list[TileGroup]
     pattern: Pattern
-    mask_f: torch.Tensor | None = None  # (Hp, nTq, T, W) float32 additive (0 / -inf), if cached
-    mask_b: torch.Tensor | None = None  # (Hp, nTq, T, W) bool, if cached instead
-    run_start: torch.Tensor | None = None  # (nTq,) first key when tile t's list is keys s..s+W-1, else -1
+    heads: int  # Hp: 1, or Hq for per-head patterns
     _q_inv: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -102,16 +120,12 @@ class Plan:
         return self.q_idx.shape[1]
 
     @property
-    def width(self) -> int:
-        return self.k_idx.shape[2]
-
-    @property
-    def heads(self) -> int:
-        return self.k_idx.shape[0]
-
-    @property
     def num_tiles(self) -> int:
         return self.q_idx.shape[0]
+
+    @property
+    def width(self) -> int:
+        return max(g.width for g in self.groups)
 
     @property
     def q_inv(self) -> torch.Tensor:
@@ -124,23 +138,24 @@ class Plan:
             self._q_inv = inv
         return self._q_inv
 
-    def allowed(self, t0: int, t1: int) -> torch.Tensor:
-        """(Hp, c, T, W) bool mask of tiles ``t0:t1``."""
-        if self.mask_b is not None:
-            return self.mask_b[:, t0:t1]
-        if self.mask_f is not None:
-            return self.mask_f[:, t0:t1] == 0
-        return _allowed_heads(self.pattern, self.q_idx[t0:t1], self.k_idx[:, t0:t1], self.nq, self.nk)
+    def allowed(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
+        """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``."""
+        if g.mask_b is not None:
+            return g.mask_b[:, t0:t1]
+        if g.mask_f is not None:
+            return g.mask_f[:, t0:t1] == 0
+        return _allowed_heads(self.pattern, g.q_idx[t0:t1], g.k_idx[:, t0:t1], self.nq, self.nk)
 
-    def additive_mask(self, t0: int, t1: int) -> torch.Tensor:
+    def additive_mask(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
         """(Hp, c, T, W) float32 mask: 0 where allowed, -inf elsewhere."""
-        if self.mask_f is not None:
-            return self.mask_f[:, t0:t1]
-        return _to_additive(self.allowed(t0, t1))
+        if g.mask_f is not None:
+            return g.mask_f[:, t0:t1]
+        return _to_additive(self.allowed(g, t0, t1))
 
     def density(self) -> float:
-        """Fraction of the dense N² work the block-sparse engine performs."""
-        return self.num_tiles * self.tile * self.width / max(1, self.nq * self.nk)
+        """Fraction of the dense Nq×Nk work the block-sparse engine performs."""
+        work = sum(len(g) * self.tile * g.width for g in self.groups)
+        return work / max(1, self.nq * self.nk)
 
 
 def _to_additive(mask: torch.Tensor) -> torch.Tensor:
@@ -158,10 +173,14 @@ def _allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, 
     return ok & (q >= 0)[None, :, :, None] & (k >= 0)[:, :, None, :]
 
 
+def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
+    blocks = pattern.block_allowed(Tiles(q), kt, nq, nk)
+    return blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
+
+
 def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
     """Compacted key lists ``(Hp, c, w)`` and their masks ``(Hp, c, T, w)`` for query tiles ``q (c, T)``."""
-    blocks = pattern.block_allowed(Tiles(q), kt, nq, nk)
-    blocks = blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
+    blocks = _block_lists(pattern, q, kt, nq, nk)
     count = blocks.sum(-1)
     m = max(1, int(count.max()))
     sel = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :m]
@@ -176,7 +195,7 @@ def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
     return k_idx, ok.gather(-1, keep[:, :, None, :].expand(-1, -1, q.shape[1], -1))
 
 
-def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor | None:
+def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor:
     """Start of a run of ``width`` consecutive keys covering each tile's keys (-1 where none does).
 
     A tile whose keys form such a run can read K/V through a strided view instead of a gather."""
@@ -184,37 +203,51 @@ def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor | None:
     lo = torch.where(valid, k_idx, nk).amin(-1)
     hi = torch.where(valid, k_idx, -1).amax(-1)
     fits = (hi - lo < width) & valid.any(-1)
-    return torch.where(fits, torch.minimum(lo, torch.tensor(nk - width)), -1)
+    return torch.where(fits, torch.clamp(lo, max=nk - width), -1)
+
+
+def _groups_by_width(counts: torch.Tensor, tk: int, tq: int, budget: int) -> list[torch.Tensor]:
+    """Split tiles into runs of similar candidate-key counts (within 25%), each at most ``budget`` mask entries."""
+    order = torch.argsort(counts, stable=True)
+    c = counts[order].tolist()
+    groups, start = [], 0
+    for i in range(1, len(c) + 1):
+        if i == len(c) or c[i] > max(1, c[start]) * 1.25 or (i - start + 1) * tq * c[i] * tk > budget:
+            groups.append(order[start:i].sort().values)  # natural order inside a group keeps runs evenly spaced
+            start = i
+    return groups
 
 
 def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
     qt, kt = token_tiles(pattern, nq, nk, tile, device)
     n_q_tiles, tq = qt.idx.shape
     hp = pattern.heads or 1
-    step = max(1, _CHUNK_ELEMS // (hp * tq * kt.idx.numel()))
-    k_lists, masks = [], []
-    for t0 in range(0, n_q_tiles, step):
-        k_idx, ok = _key_lists(pattern, qt.idx[t0:t0 + step], kt, nq, nk)
-        k_lists.append(k_idx)
-        masks.append(ok)
-    width = max(x.shape[-1] for x in k_lists)
-    pad = torch.nn.functional.pad
-    k_idx = torch.cat([pad(x, (0, width - x.shape[-1]), value=-1) for x in k_lists], 1)
-    mask = torch.cat([pad(x, (0, width - x.shape[-1]), value=False) for x in masks], 1)
-    run_start = None
-    if k_idx.shape[0] == 1 and width < nk:
-        runs = _as_runs(k_idx[0], width, nk)
-        if runs is not None and bool((runs >= 0).float().mean() > 0.5):
-            k_idx[0] = torch.where((runs >= 0)[:, None], runs[:, None] + torch.arange(width, device=device), k_idx[0])
-            mask = torch.cat([_allowed_heads(pattern, qt.idx[t0:t0 + step], k_idx[:, t0:t0 + step], nq, nk)
-                              for t0 in range(0, n_q_tiles, step)], 1)
-            run_start = runs
-    plan = Plan(nq, nk, qt.idx, k_idx, pattern, run_start=run_start)
-    if mask.numel() * 4 <= _FLOAT_BUDGET:
-        plan.mask_f = _to_additive(mask)
-    elif mask.numel() <= _BOOL_BUDGET:
-        plan.mask_b = mask
-    return plan
+    # candidate key blocks per query tile (cheap, tile-level), to group tiles of similar width
+    step = max(1, _CHUNK_ELEMS // (hp * kt.idx.shape[0]))
+    counts = torch.cat([_block_lists(pattern, qt.idx[t0:t0 + step], kt, nq, nk).sum(-1).amax(0)
+                        for t0 in range(0, n_q_tiles, step)])
+    groups, cached = [], 0
+    for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):
+        q = qt.idx[tiles]
+        k_idx, ok = _key_lists(pattern, q, kt, nq, nk)
+        width = k_idx.shape[-1]
+        contiguous = bool(len(tiles) == 1 or torch.all(tiles[1:] - tiles[:-1] == 1))
+        g = TileGroup(tiles, q, k_idx, contiguous=contiguous)
+        if hp == 1 and width < nk:
+            runs = _as_runs(k_idx[0], width, nk)
+            if bool((runs >= 0).float().mean() > 0.5):
+                g.k_idx = torch.where((runs >= 0)[:, None], runs[:, None] + torch.arange(width, device=device),
+                                      k_idx[0])[None]
+                g.run_start = runs
+                ok = _allowed_heads(pattern, q, g.k_idx, nq, nk)
+        if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
+            g.mask_f = _to_additive(ok)
+            cached += ok.numel() * 4
+        elif cached + ok.numel() <= _BOOL_BUDGET:
+            g.mask_b = ok
+            cached += ok.numel()
+        groups.append(g)
+    return Plan(nq, nk, qt.idx, groups, pattern, hp)
 
 
 _CACHE: OrderedDict = OrderedDict()

@@ -1,30 +1,66 @@
 """Block-sparse engine: attention over each query tile's exact key list, in cache-sized chunks.
 
 Each query tile (a compact box of tokens, see ``nearfar.plan``) gathers its ``W`` keys and values and runs
-one small dense attention with the tile's mask. Chunks of tiles are processed one at a time, so memory
-stays O(N·W) for the gathered operands of one chunk plus O(N·d) for inputs and outputs; nothing of size
-N² is ever formed. The backward pass is flash-style: it keeps only the output and the log-sum-exp and
-recomputes each chunk.
+one small dense attention with the tile's mask. Tiles of similar width form groups; chunks of a group are
+processed one at a time, so memory stays O(N·d) for inputs and outputs plus the gathered operands of one
+chunk; nothing of size N² is ever formed. The backward pass is flash-style: it keeps only the output and
+the log-sum-exp and recomputes each chunk.
 
-Two chunk kernels: ``fused`` calls PyTorch's CPU flash-attention operator (forward and backward, with
-an additive mask) and is the default on CPU; ``matmul`` is plain PyTorch (any device, and the one used
-when a bias needs a gradient, since the fused operator returns none for its mask).
+Two chunk kernels: ``fused`` calls PyTorch's CPU flash-attention operator (forward and backward, with an
+additive mask) and is the default on CPU; ``matmul`` is plain PyTorch (any device, and the one used when a
+bias needs a gradient, since the fused operator returns none for its mask).
 """
 
 from __future__ import annotations
 
-import math
 import os
+from dataclasses import dataclass
 
 import torch
 
-from ..plan import Plan
+from ..plan import Plan, TileGroup
 
-_CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 4 << 20))
+_CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
 
 
 def _fused_available(device: torch.device) -> bool:
     return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class Chunk:
+    """Tiles ``t0:t1`` of one group: what a bias source needs to produce or absorb its values."""
+
+    group: TileGroup
+    t0: int
+    t1: int
+    view: tuple[int, int] | None  # (first key, spacing) when K/V can be read as a strided view
+
+    @property
+    def size(self) -> int:
+        return self.t1 - self.t0
+
+    @property
+    def tiles(self) -> torch.Tensor:
+        return self.group.tiles[self.t0:self.t1]
+
+    @property
+    def q_idx(self) -> torch.Tensor:
+        return self.group.q_idx[self.t0:self.t1]
+
+    @property
+    def k_idx(self) -> torch.Tensor:
+        return self.group.k_idx[:, self.t0:self.t1]
+
+    def tile_slice(self) -> slice | None:
+        if not self.group.contiguous:
+            return None
+        first = int(self.group.tiles[0])
+        return slice(first + self.t0, first + self.t1)
 
 
 class Problem:
@@ -32,15 +68,14 @@ class Problem:
 
     def __init__(self, plan: Plan, q, k, v, scale: float, kpm=None, bias=None, kernel: str = "auto"):
         self.plan = plan
-        b, hq, _, d = q.shape
+        b, hq, nq, d = q.shape
         hkv = k.shape[1]
         self.b, self.hq, self.hkv, self.d, self.dv = b, hq, hkv, d, v.shape[-1]
         self.nk = k.shape[2]
-        per_head = plan.heads > 1
+        self.per_head = plan.heads > 1
         # compute heads Hx and query-group gx: shared key lists keep GQA groups together (one gather per
         # kv head); per-head key lists need K/V per query head
-        self.hx, self.gx = (hq, 1) if per_head else (hkv, hq // hkv)
-        self.per_head = per_head
+        self.hx, self.gx = (hq, 1) if self.per_head else (hkv, hq // hkv)
         self.scale = scale
         self.kpm = kpm
         self.bias = bias
@@ -48,26 +83,24 @@ class Problem:
         if kernel == "auto":
             kernel = "fused" if _fused_available(q.device) and not need_bias_grad and d == self.dv else "matmul"
         self.kernel = kernel
-        per_chunk = b * self.hx * plan.width * (d + self.dv) * q.element_size()
-        self.chunk = max(1, _CHUNK_BYTES // max(1, per_chunk))
-        # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
-        self._kpos = plan.k_idx.clamp(min=0)  # (Hp, nT, W)
-        self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:q.shape[2]], torch.arange(q.shape[2])))
-        self.views = self._view_chunks() if b == 1 and not per_head and plan.run_start is not None else {}
+        self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:nq], torch.arange(nq, device=q.device)))
+        self.chunks = self._make_chunks(q.element_size())
 
-    def chunks(self):
-        n = self.plan.num_tiles
-        return [(t0, min(n, t0 + self.chunk)) for t0 in range(0, n, self.chunk)]
-
-    def _view_chunks(self) -> dict[int, tuple[int, int]]:
-        """Chunks whose tiles read evenly spaced runs of keys: t0 -> (first key, spacing)."""
-        out = {}
-        starts = self.plan.run_start.tolist()
-        for t0, t1 in self.chunks():
-            s = starts[t0:t1]
-            step = s[1] - s[0] if len(s) > 1 else 0
-            if min(s) >= 0 and all(b - a == step for a, b in zip(s, s[1:])) and step >= 0:
-                out[t0] = (s[0], step)
+    def _make_chunks(self, elsize: int) -> list[Chunk]:
+        out = []
+        for g in self.plan.groups:
+            per_tile = self.b * self.hx * g.width * (self.d + self.dv) * elsize
+            size = max(1, _CHUNK_BYTES // max(1, per_tile))
+            starts = g.run_start.tolist() if g.run_start is not None and self.b == 1 and not self.per_head else None
+            for t0 in range(0, len(g), size):
+                t1 = min(len(g), t0 + size)
+                view = None
+                if starts is not None:
+                    s = starts[t0:t1]
+                    step = s[1] - s[0] if len(s) > 1 else 0
+                    if min(s) >= 0 and step >= 0 and all(y - x == step for x, y in zip(s, s[1:])):
+                        view = (s[0], step)
+                out.append(Chunk(g, t0, t1, view))
         return out
 
     # ----- layouts -----
@@ -93,72 +126,80 @@ class Problem:
 
     def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, Hkv, Nk, e) -> token-major (B, Nk, Hx, e)."""
-        if self.per_head and self.gx == 1 and self.hx != x.shape[1]:
+        if self.hx != x.shape[1]:
             x = x.repeat_interleave(self.hq // self.hkv, dim=1)
         return x.transpose(1, 2).contiguous()
 
-    def gather_index(self, t0: int, t1: int) -> torch.Tensor:
-        kpos = self._kpos[:, t0:t1]
+    def read(self, xt: torch.Tensor, ch: Chunk) -> torch.Tensor:
+        """Rows of tile layout ``xt (B, nT, ...)`` for the chunk's tiles, as (B*c, Hx, gx*T, e)."""
+        sl = ch.tile_slice()
+        x = xt[:, sl] if sl is not None else xt.index_select(1, ch.tiles)
+        return x.reshape(self.b * ch.size, *xt.shape[2:])
+
+    def write(self, xt: torch.Tensor, ch: Chunk, value: torch.Tensor) -> None:
+        value = value.reshape(self.b, ch.size, *xt.shape[2:])
+        sl = ch.tile_slice()
+        if sl is not None:
+            xt[:, sl] = value
+        else:
+            xt.index_copy_(1, ch.tiles, value)
+
+    def gather_index(self, ch: Chunk) -> torch.Tensor:
+        # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
+        kpos = ch.k_idx.clamp(min=0)
         if not self.per_head:
             return kpos[0].reshape(-1)
         heads = torch.arange(self.hx, device=kpos.device)
         return (kpos.permute(1, 2, 0) * self.hx + heads).reshape(-1)
 
-    def gather(self, xt: torch.Tensor, index: torch.Tensor, c: int, t0: int = -1) -> torch.Tensor:
+    def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk) -> torch.Tensor:
         """Token-major (B, Nk, Hx, e) -> (B*c, Hx, W, e): a view of ``xt`` for evenly spaced runs, else a copy."""
         b, _, hx, e = xt.shape
-        if t0 in self.views:
-            first, step = self.views[t0]
-            return xt.as_strided((c, hx, self.plan.width, e), (step * hx * e, e, hx * e, 1),
+        w = ch.group.width
+        if ch.view is not None:
+            first, step = ch.view
+            return xt.as_strided((ch.size, hx, w, e), (step * hx * e, e, hx * e, 1),
                                  xt.storage_offset() + first * hx * e)
         src = xt.view(b, -1, e) if self.per_head else xt
-        g = src.index_select(1, index)
-        return g.view(b * c, self.plan.width, hx, e).transpose(1, 2)
+        return src.index_select(1, index).view(b * ch.size, w, hx, e).transpose(1, 2)
 
     def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
         b, _, hx, e = dst.shape
-        g = grad.transpose(1, 2).reshape(b, -1, e if self.per_head else hx * e)
-        if self.per_head:
-            dst.view(b, -1, e).index_add_(1, index, g)
-        else:
-            dst.view(b, -1, hx * e).index_add_(1, index, g)
+        row = e if self.per_head else hx * e
+        dst.view(b, -1, row).index_add_(1, index, grad.transpose(1, 2).reshape(b, -1, row))
 
     # ----- the chunk mask: pattern (+ key padding) (+ bias), as SDPA's additive attn_mask -----
-    def chunk_mask(self, t0: int, t1: int) -> torch.Tensor:
-        plan, c = self.plan, t1 - t0
-        m = plan.additive_mask(t0, t1)  # (Hp, c, T, W)
+    def chunk_mask(self, ch: Chunk) -> torch.Tensor:
+        plan, c, w = self.plan, ch.size, ch.group.width
+        m = plan.additive_mask(ch.group, ch.t0, ch.t1)  # (Hp, c, T, W)
         m6 = m.permute(1, 0, 2, 3)[None, :, :, None]  # (1, c, Hp, 1, T, W)
         if self.kpm is None and self.bias is None and self.b == 1 and self.gx == 1:
             return m6[0, :, :, 0]
         if self.kpm is not None:
-            kp = self.kpm[:, self._kpos[:, t0:t1]]  # (B, Hp, c, W); padding slots are masked already
+            kp = self.kpm[:, ch.k_idx.clamp(min=0)]  # (B, Hp, c, W); padding slots are masked already
             m6 = m6 + kp.permute(0, 2, 1, 3)[:, :, :, None, None, :]
         if self.bias is not None:
-            m6 = m6 + self.bias_tile(t0, t1)
-        m6 = m6.expand(self.b, c, m6.shape[2], self.gx, plan.tile, plan.width)
-        return m6.reshape(self.b * c, m6.shape[2], self.gx * plan.tile, plan.width)
+            m6 = m6 + self.bias_tile(ch)
+        m6 = m6.expand(self.b, c, m6.shape[2], self.gx, plan.tile, w)
+        return m6.reshape(self.b * c, m6.shape[2], self.gx * plan.tile, w)
 
-    def bias_tile(self, t0: int, t1: int) -> torch.Tensor:
-        """Bias of tiles t0:t1 as (B', c, H', gx', T, W), matching the 6D chunk mask layout."""
-        t = self.bias.tile(self.plan, t0, t1)  # (B', H', c, T, W) with H' in {1, Hq}
+    def bias_tile(self, ch: Chunk) -> torch.Tensor:
+        """Bias of a chunk as (B', c, H', gx', T, W), matching the 6D chunk mask layout."""
+        t = self.bias.tile(ch.q_idx, ch.k_idx)  # (B', H', c, T, W) with H' in {1, Hq}
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         bb, hh = t.shape[:2]
         if hh == 1:
             return t.permute(0, 2, 1, 3, 4)[:, :, :, None]
         return t.view(bb, self.hx, self.gx, *t.shape[2:]).permute(0, 3, 1, 2, 4, 5)
 
-    def bias_grad(self, t0: int, t1: int, ds: torch.Tensor) -> None:
-        """ds: (B*c, Hx, gx*T, W) -> the bias' own accumulation (B, Hq, c, T, W)."""
-        plan, c = self.plan, t1 - t0
-        ds = ds.view(self.b, c, self.hx, self.gx, plan.tile, plan.width).permute(0, 2, 3, 1, 4, 5)
-        self.bias.accumulate(plan, t0, t1, ds.reshape(self.b, self.hq, c, plan.tile, plan.width))
+    def bias_grad(self, ch: Chunk, ds: torch.Tensor) -> None:
+        """ds: (B*c, Hx, gx*T, W) -> the bias' own accumulation, as (B, Hq, c, T, W)."""
+        t, w = self.plan.tile, ch.group.width
+        ds = ds.view(self.b, ch.size, self.hx, self.gx, t, w).permute(0, 2, 3, 1, 4, 5)
+        self.bias.accumulate(ch.q_idx, ch.k_idx, ds.reshape(self.b, self.hq, ch.size, t, w))
 
 
 # ----- chunk kernels -----
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _matmul_forward(q, k, v, mask, scale):
     s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q.dtype)).mul_(scale).add_(mask)
     m = s.amax(-1, keepdim=True)
@@ -174,8 +215,7 @@ def _matmul_backward(do, q, k, v, out, lse, mask, scale):
     s = torch.matmul(q, k.transpose(-1, -2)).to(acc).mul_(scale).add_(mask)
     lse = torch.where(torch.isinf(lse), float("inf"), lse)
     p = s.sub_(lse[..., None]).exp_()
-    pd = p.to(v.dtype)
-    dv = torch.matmul(pd.transpose(-1, -2), do)
+    dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), do)
     dp = torch.matmul(do, v.transpose(-1, -2)).to(acc)
     delta = (do.to(acc) * out.to(acc)).sum(-1, keepdim=True)
     ds = p.mul_(dp.sub_(delta))
@@ -185,55 +225,46 @@ def _matmul_backward(do, q, k, v, out, lse, mask, scale):
     return dq, dk, dv, ds
 
 
+def _fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return mask.double() if q.dtype == torch.float64 else mask
+
+
 def _run_forward(pb: Problem, qt, kt, vt):
-    plan = pb.plan
-    b = pb.b
-    ot = qt.new_empty(*qt.shape[:-1], pb.dv)
-    lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
-    for t0, t1 in pb.chunks():
-        c = t1 - t0
-        idx = pb.gather_index(t0, t1)
-        qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
-        kc, vc = pb.gather(kt, idx, c, t0), pb.gather(vt, idx, c, t0)
-        mask = pb.chunk_mask(t0, t1)
+    ot = qt.new_zeros(*qt.shape[:-1], pb.dv)
+    lt = torch.zeros(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
+    for ch in pb.chunks:
+        idx = pb.gather_index(ch) if ch.view is None else None
+        qc = pb.read(qt, ch)
+        kc, vc = pb.gather(kt, idx, ch), pb.gather(vt, idx, ch)
+        mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
-            if mask.dtype != qc.dtype and qc.dtype == torch.float64:
-                mask = mask.double()
-            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kc, vc, attn_mask=mask,
-                                                                                scale=pb.scale)
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qc, kc, vc, attn_mask=_fused_mask(mask, qc), scale=pb.scale)
         else:
             o, lse = _matmul_forward(qc, kc, vc, mask, pb.scale)
-        ot[:, t0:t1] = o.view(b, c, *o.shape[1:])
-        lt[:, t0:t1] = lse.view(b, c, *lse.shape[1:])
+        pb.write(ot, ch, o)
+        pb.write(lt, ch, lse)
     return ot, lt
 
 
 def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
-    plan = pb.plan
-    b = pb.b
-    dqt = torch.empty_like(qt)
+    dqt = torch.zeros_like(qt)
     dkt = torch.zeros_like(kt)
     dvt = torch.zeros_like(vt)
-    for t0, t1 in pb.chunks():
-        c = t1 - t0
-        idx = pb.gather_index(t0, t1)
-        qc = qt[:, t0:t1].reshape(b * c, pb.hx, -1, pb.d)
-        oc = ot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
-        doc = dot[:, t0:t1].reshape(b * c, pb.hx, -1, pb.dv)
-        lc = lt[:, t0:t1].reshape(b * c, pb.hx, -1)
-        kc, vc = pb.gather(kt, idx, c, t0), pb.gather(vt, idx, c, t0)
-        mask = pb.chunk_mask(t0, t1)
+    for ch in pb.chunks:
+        idx = pb.gather_index(ch)
+        qc, oc, doc, lc = pb.read(qt, ch), pb.read(ot, ch), pb.read(dot, ch), pb.read(lt, ch)
+        kc, vc = pb.gather(kt, idx, ch), pb.gather(vt, idx, ch)
+        mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
-            if qc.dtype == torch.float64:
-                mask = mask.double()
             # the fused op reports lse = 0 for rows with no key; its gradients there are 0 as well
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=mask, scale=pb.scale)
+                doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=_fused_mask(mask, qc), scale=pb.scale)
         else:
             dq, dk, dv, ds = _matmul_backward(doc, qc, kc, vc, oc, lc, mask, pb.scale)
             if pb.bias is not None and pb.bias.requires_grad:
-                pb.bias_grad(t0, t1, ds)
-        dqt[:, t0:t1] = dq.view(b, c, *dq.shape[1:])
+                pb.bias_grad(ch, ds)
+        pb.write(dqt, ch, dq)
         pb.scatter_add(dkt, idx, dk)
         pb.scatter_add(dvt, idx, dv)
     return dqt, dkt, dvt
@@ -261,8 +292,7 @@ class _BlockSparse(torch.autograd.Function):
         dot = pb.to_tiles(grad_out.contiguous())
         dqt, dkt, dvt = _run_backward(pb, qt, kt, vt, ot, lt, dot)
         dq = pb.from_tiles(dqt)
-        dk = dkt.transpose(1, 2)
-        dv = dvt.transpose(1, 2)
+        dk, dv = dkt.transpose(1, 2), dvt.transpose(1, 2)
         if pb.hx != pb.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
             dk = dk.reshape(pb.b, pb.hkv, -1, *dk.shape[2:]).sum(2)
             dv = dv.reshape(pb.b, pb.hkv, -1, *dv.shape[2:]).sum(2)
@@ -272,14 +302,13 @@ class _BlockSparse(torch.autograd.Function):
         return dq, dk, dv, dbias, None
 
 
-def empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
+def _empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
     """The fused kernel reports lse = 0 for a query with no allowed key: mark those rows -inf."""
     plan = pb.plan
     any_key = torch.zeros(pb.b, plan.num_tiles, pb.hx, pb.gx * plan.tile, dtype=torch.bool, device=lse.device)
-    for t0, t1 in pb.chunks():
-        m = pb.chunk_mask(t0, t1)
-        ok = (m > float("-inf")).any(-1)  # (B*c or c, Hm, gx*T)
-        any_key[:, t0:t1] = ok.view(-1, t1 - t0, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1)
+    for ch in pb.chunks:
+        ok = (pb.chunk_mask(ch) > float("-inf")).any(-1)  # (B*c or c, Hm, gx*T)
+        pb.write(any_key, ch, ok.view(-1, ch.size, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1))
     keep = pb.from_tiles(any_key[..., None].to(lse.dtype))[..., 0] > 0
     return torch.where(keep, lse, float("-inf"))
 
@@ -291,17 +320,12 @@ def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None
     if kernel != "matmul" and d != dv and _fused_available(q.device) and not (bias is not None and bias.requires_grad):
         # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)
         e = max(d, dv)
-        q = torch.nn.functional.pad(q, (0, e - d))
-        k = torch.nn.functional.pad(k, (0, e - d))
-        vp = torch.nn.functional.pad(v, (0, e - dv))
-        out, lse = blocksparse_attention(q, k, vp, plan, scale, kpm, bias, return_lse, kernel)
+        pad = torch.nn.functional.pad
+        out, lse = blocksparse_attention(pad(q, (0, e - d)), pad(k, (0, e - d)), pad(v, (0, e - dv)), plan, scale,
+                                         kpm, bias, return_lse, kernel)
         return out[..., :dv], lse
     pb = Problem(plan, q, k, v, scale, kpm, bias, kernel)
     out, lse = _BlockSparse.apply(q, k, v, bias.tensor if bias is not None else None, pb)
-    if return_lse:
-        lse = empty_rows_lse(pb, lse) if pb.kernel == "fused" else lse
+    if return_lse and pb.kernel == "fused":
+        lse = _empty_rows_lse(pb, lse)
     return out, lse
-
-
-def default_scale(d: int) -> float:
-    return 1.0 / math.sqrt(d)
