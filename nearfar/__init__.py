@@ -2,8 +2,21 @@
 
 from .attend import attend
 from .backends import engines
-from .patterns import (Blocks, Causal, Dense, GlobalTokens, Grid, Intersection, Neighborhood, Pattern, PerHead,
-                       Sinks, SlidingWindow, Strided, Union)
+from .patterns import (
+                       Blocks,
+                       Causal,
+                       Dense,
+                       GlobalTokens,
+                       Grid,
+                       Intersection,
+                       Neighborhood,
+                       Pattern,
+                       PerHead,
+                       Sinks,
+                       SlidingWindow,
+                       Strided,
+                       Union,
+)
 
 __all__ = ["attend", "engines", "Pattern", "Union", "Intersection", "PerHead", "Dense", "Neighborhood",
            "SlidingWindow", "Causal", "Blocks", "Grid", "Strided", "GlobalTokens", "Sinks"]

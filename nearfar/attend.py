@@ -7,10 +7,10 @@ from numbers import Real
 
 import torch
 
-from .bias import DenseBias, RelativePositionBias
 from .backends import ENGINES
 from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
+from .bias import DenseBias, RelativePositionBias
 from .patterns import Dense, Neighborhood, Pattern
 from .plan import get_plan
 
@@ -63,7 +63,8 @@ def _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_ls
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
             raise TypeError("key_padding_mask must be a bool tensor (B, Nk), True = keep")
         if tuple(key_padding_mask.shape) != (b, nk):
-            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, nk)}, got {tuple(key_padding_mask.shape)}")
+            raise ValueError(f"key_padding_mask must have shape (B, Nk) = {(b, nk)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
     if bias is not None:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def load() -> str:
     try:
-        return "load %.2f %.2f %.2f" % os.getloadavg()
+        return "load {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
     except OSError:
         return "load n/a"
 
@@ -102,6 +102,15 @@ def check_example(pattern: P.Pattern, n: int, heads: int, dim: int, seed: int = 
     return max(_rel_err(out, ref), *(_rel_err(a, b) for a, b in zip(grads, ref_grads)))
 
 
+def _time_forward(q, k, v, mask, pattern, rounds):
+    with torch.no_grad():
+        return interleave({
+            "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+            "masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+            "nearfar": lambda: attend(q, k, v, pattern),
+        }, rounds=rounds)
+
+
 def sweep(quick: bool = True, rounds: int = 3, out: Callable[[str], None] = print) -> list[dict]:
     """Correctness and speed of every example: block-sparse vs dense SDPA and masked SDPA, forward, fp32."""
     from .plan import get_plan
@@ -120,12 +129,7 @@ def sweep(quick: bool = True, rounds: int = 3, out: Callable[[str], None] = prin
         q, k, v = (torch.randn(1, ex.heads, n, ex.dim, generator=g) for _ in range(3))
         mask = pattern.mask(n, n)
         work = get_plan(pattern, n, n).density()
-        with torch.no_grad():
-            times = interleave({
-                "dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                "masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                "nearfar": lambda: attend(q, k, v, pattern),
-            }, rounds=rounds)
+        times = _time_forward(q, k, v, mask, pattern, rounds)
         med = {m: statistics.median(t) * 1e3 for m, t in times.items()}
         row = dict(pattern=ex.name, n=n, work=work, err=err, **{f"{m}_ms": t for m, t in med.items()},
                    vs_dense=median_ratio(times, "dense", "nearfar"), vs_masked=median_ratio(times, "masked", "nearfar"))

@@ -159,18 +159,29 @@ class Plan:
 
 
 def _to_additive(mask: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return torch.where(mask, 0.0, float("-inf"))
 
 
 def _allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
     """Exact mask ``(Hp, c, T, W)`` for query tiles ``q (c, T)`` and key lists ``k (Hp, c, W)``; -1 never attends."""
     qq, kk = q.clamp(min=0)[:, :, None], k.clamp(min=0)[:, :, None, :]
+    shape = (q.shape[0], q.shape[1], k.shape[2])
     if pattern.heads is None:
-        ok = pattern.allowed(qq, kk[0], nq, nk)[None]
+        ok = pattern.allowed(qq, kk[0], nq, nk).expand(shape)[None]
     else:
-        shape = (q.shape[0], q.shape[1], k.shape[2])
         ok = torch.stack([p.allowed(qq, kk[h], nq, nk).expand(shape) for h, p in enumerate(pattern.patterns)])
-    return ok & (q >= 0)[None, :, :, None] & (k >= 0)[:, :, None, :]
+    ok = ok & (k >= 0)[:, :, None, :]
+    if bool((q < 0).any()):
+        ok &= (q >= 0)[None, :, :, None]
+    return ok
+
+
+def _paired(pattern: Pattern, q: torch.Tensor, keys: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+    """Tile-level test of query tiles ``q (c, T)`` against their own key tiles ``keys (Hp, c, M, t)`` -> (Hp, c, M)."""
+    qt = Tiles(q)
+    if pattern.heads is None:
+        return pattern.block_allowed(qt, Tiles(keys[0]), nq, nk)[None]
+    return torch.stack([p.block_allowed(qt, Tiles(keys[h]), nq, nk) for h, p in enumerate(pattern.patterns)])
 
 
 def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
@@ -178,21 +189,21 @@ def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int)
     return blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
 
 
-def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
-    """Compacted key lists ``(Hp, c, w)`` and their masks ``(Hp, c, T, w)`` for query tiles ``q (c, T)``."""
+def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+    """Key lists ``(Hp, c, w)`` of query tiles ``q (c, T)``: the keys their tile-level test keeps, compacted.
+
+    The test is conservative, so a list may hold keys no query of the tile attends; the exact mask drops them."""
     blocks = _block_lists(pattern, q, kt, nq, nk)
     count = blocks.sum(-1)
     m = max(1, int(count.max()))
     sel = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)[..., :m]
     cand = kt.idx[sel]  # (Hp, c, m, tk)
     live = torch.arange(m, device=q.device) < count[..., None]
-    cand = torch.where(live[..., None], cand, -1).flatten(-2)
-    ok = _allowed_heads(pattern, q, cand, nq, nk)
-    used = ok.any(-2)  # (Hp, c, m*tk)
+    cand = torch.where(live[..., None], cand, -1).flatten(-2)  # (Hp, c, m*tk)
+    used = _paired(pattern, q, cand[..., None], nq, nk)  # key by key, still tile-level: cheap
     w = max(1, int(used.sum(-1).max()))
     keep = torch.argsort((~used).to(torch.int8), dim=-1, stable=True)[..., :w]
-    k_idx = torch.where(used.gather(-1, keep), cand.gather(-1, keep), -1)
-    return k_idx, ok.gather(-1, keep[:, :, None, :].expand(-1, -1, q.shape[1], -1))
+    return torch.where(used.gather(-1, keep), cand.gather(-1, keep), -1)
 
 
 def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor:
@@ -229,7 +240,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     groups, cached = [], 0
     for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):
         q = qt.idx[tiles]
-        k_idx, ok = _key_lists(pattern, q, kt, nq, nk)
+        k_idx = _key_lists(pattern, q, kt, nq, nk)
         width = k_idx.shape[-1]
         contiguous = bool(len(tiles) == 1 or torch.all(tiles[1:] - tiles[:-1] == 1))
         g = TileGroup(tiles, q, k_idx, contiguous=contiguous)
@@ -239,7 +250,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
                 g.k_idx = torch.where((runs >= 0)[:, None], runs[:, None] + torch.arange(width, device=device),
                                       k_idx[0])[None]
                 g.run_start = runs
-                ok = _allowed_heads(pattern, q, g.k_idx, nq, nk)
+        ok = _allowed_heads(pattern, q, g.k_idx, nq, nk)
         if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
             g.mask_f = _to_additive(ok)
             cached += ok.numel() * 4

@@ -9,7 +9,7 @@ evaluating all N² pairs; a superset is always safe because the exact ``allowed`
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -17,7 +17,12 @@ _BIG = 1 << 60
 
 
 class Tiles:
-    """Token tiles: ``idx[t, s]`` is the original index of slot ``s`` of tile ``t`` (``-1`` = empty slot)."""
+    """Token tiles: ``idx[..., s]`` is the original index of slot ``s`` of a tile (``-1`` = empty slot).
+
+    Query tiles are ``(nTq, T)``. Key tiles are ``(nTk, T)`` for the all-pairs question ``(nTq, nTk)``, or
+    ``(nTq, M, T)`` for the paired question "may query tile t attend key tile (t, m)" ``(nTq, M)``; patterns
+    write ``qvalue[:, None] OP kvalue`` so one expression serves both.
+    """
 
     def __init__(self, idx: torch.Tensor):
         self.idx = idx
@@ -25,14 +30,22 @@ class Tiles:
 
     def bounds(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-tile (min, max) of ``values`` (same shape as ``idx``) over the occupied slots."""
+        if values.shape[-1] == 1:  # one token per tile (key-by-key tests): no reduction needed
+            v, ok = values[..., 0], self.valid[..., 0]
+            return torch.where(ok, v, _BIG), torch.where(ok, v, -_BIG)
         lo = torch.where(self.valid, values, _BIG).amin(-1)
         hi = torch.where(self.valid, values, -_BIG).amax(-1)
         return lo, hi
 
 
 def overlaps(alo: torch.Tensor, ahi: torch.Tensor, blo: torch.Tensor, bhi: torch.Tensor) -> torch.Tensor:
-    """(nA, nB) bool: closed interval ``[alo, ahi]`` of row tile meets ``[blo, bhi]`` of column tile."""
-    return (alo[:, None] <= bhi[None, :]) & (blo[None, :] <= ahi[:, None])
+    """Closed interval ``[alo, ahi]`` of a query tile (nTq,) meets ``[blo, bhi]`` of a key tile ((nTk,) or (nTq, M))."""
+    return (alo[:, None] <= bhi) & (blo <= ahi[:, None])
+
+
+def per_query_tile(keyside: torch.Tensor, qt: Tiles) -> torch.Tensor:
+    """Broadcast a key-tile-only answer to ``(nTq, nTk)`` (or keep a paired ``(nTq, M)`` answer)."""
+    return keyside.expand(qt.idx.shape[0], keyside.shape[-1]) if keyside.dim() == 1 else keyside
 
 
 def as_positive_int(value: object, name: str) -> int:
@@ -55,7 +68,8 @@ def per_axis(value: object, ndim: int, name: str, check=as_positive_int) -> tupl
     """Broadcast an int (or bool) to ``ndim`` axes, or check a per-axis tuple's length."""
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:
-            raise ValueError(f"{name} has {len(value)} entries but the pattern is {ndim}D; give an int or {ndim} values")
+            raise ValueError(f"{name} has {len(value)} entries but the pattern is {ndim}D; "
+                             f"give an int or {ndim} values")
         return tuple(check(v, f"{name}[{i}]") for i, v in enumerate(value))
     return (check(value, name),) * ndim
 

@@ -19,6 +19,7 @@ import torch
 from .base import per_axis, unravel
 from .spatial import Layout, SpatialPattern
 
+
 def _as_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -71,7 +72,7 @@ class Neighborhood(SpatialPattern):
 
     def query_axis(self, a, i, extent):
         g, start, end = self.window(a, i, extent)
-        return {"group": (g, g), "pos": (start, end)}
+        return {"group": (g, g), "pos": (start, end)} if self.dilation[a] > 1 else {"pos": (start, end)}
 
     def key_axis(self, a, j, extent):
         return {"group": j % self.dilation[a], "pos": j // self.dilation[a]}

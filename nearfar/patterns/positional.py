@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pattern, Tiles, as_nonneg_int, as_positive_int, overlaps
+from .base import Pattern, Tiles, as_nonneg_int, as_positive_int, overlaps, per_query_tile
 
 
 def _positions(qt: Tiles, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +24,7 @@ class Causal(Pattern):
     def block_allowed(self, qt, kt, nq, nk):
         _, phi = _positions(qt, nq, nk)
         klo, _ = kt.bounds(kt.idx)
-        return klo[None, :] <= phi[:, None]
+        return klo <= phi[:, None]
 
     def _key(self):
         return ("Causal",)
@@ -67,7 +67,7 @@ class Strided(Pattern):
         klo, khi = kt.bounds(kt.idx)
         s, o = self.stride, self.offset
         hits = torch.div(khi - o, s, rounding_mode="floor") - torch.div(klo - 1 - o, s, rounding_mode="floor")
-        return (hits > 0)[None, :].expand(qt.idx.shape[0], -1)
+        return per_query_tile(hits > 0, qt)
 
     def _key(self):
         return ("Strided", self.stride, self.offset)
@@ -84,7 +84,7 @@ class Sinks(Pattern):
 
     def block_allowed(self, qt, kt, nq, nk):
         klo, _ = kt.bounds(kt.idx)
-        return (klo < self.n)[None, :].expand(qt.idx.shape[0], -1)
+        return per_query_tile(klo < self.n, qt)
 
     def _key(self):
         return ("Sinks", self.n)
@@ -103,7 +103,7 @@ class GlobalTokens(Pattern):
     def block_allowed(self, qt, kt, nq, nk):
         qlo, _ = qt.bounds(qt.idx)
         klo, _ = kt.bounds(kt.idx)
-        return (qlo < self.n)[:, None] | (klo < self.n)[None, :]
+        return (qlo < self.n)[:, None] | (klo < self.n)
 
     def _key(self):
         return ("GlobalTokens", self.n)
