@@ -20,7 +20,7 @@ from .patterns.spatial import Layout
 DEFAULT_TILE = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
 #: cache the additive float mask up to this many bytes, a bool mask up to ``_BOOL_BUDGET``; else recompute
 _FLOAT_BUDGET = 256 << 20
-_BOOL_BUDGET = 768 << 20
+_BOOL_BUDGET = 256 << 20
 _CHUNK_ELEMS = 1 << 23
 
 

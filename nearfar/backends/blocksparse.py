@@ -109,7 +109,8 @@ class Problem:
         plan = self.plan
         b, _, n, e = x.shape
         if self._q_identity:  # tokens already in tile order: only pad the last tile
-            xt = torch.nn.functional.pad(x, (0, 0, 0, plan.num_tiles * plan.tile - n))
+            extra = plan.num_tiles * plan.tile - n
+            xt = torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
         else:
             src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
             xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
