@@ -85,6 +85,12 @@ class Problem:
         self.kernel = kernel
         self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:nq], torch.arange(nq, device=q.device)))
         self.chunks = self._make_chunks(q.element_size())
+        # "direct" layouts read chunks as strided views of the caller's (B, H, N, e) tensors instead of
+        # packing copies: queries when they are already in tile order, keys/values when most chunks read
+        # evenly spaced runs of keys (1D windows)
+        self.direct_q = b == 1 and self.gx == 1 and self._q_identity
+        views = sum(ch.view is not None for ch in self.chunks)
+        self.direct_kv = not self.per_head and 2 * views >= len(self.chunks)
 
     def _make_chunks(self, elsize: int) -> list[Chunk]:
         out = []
@@ -103,14 +109,16 @@ class Problem:
                 out.append(Chunk(g, t0, t1, view))
         return out
 
-    # ----- layouts -----
+    # ----- query-side layout: (B, nT, Hx, gx*T, ...) packed, or the caller's (1, H, nT*T, ...) when direct -----
     def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hq, Nq, e) -> (B, nT, Hx, gx*T, e), empty slots zero."""
+        """(B, Hq, Nq, e) -> tile layout, empty slots zero."""
         plan = self.plan
         b, _, n, e = x.shape
         if self._q_identity:  # tokens already in tile order: only pad the last tile
             extra = plan.num_tiles * plan.tile - n
             xt = torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
+            if self.direct_q:
+                return xt.contiguous()
         else:
             src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
             xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
@@ -120,30 +128,58 @@ class Problem:
     def from_tiles(self, xt: torch.Tensor) -> torch.Tensor:
         """Inverse of ``to_tiles`` for the occupied slots: -> (B, Hq, Nq, e)."""
         plan = self.plan
+        if self.direct_q:
+            return xt[:, :, :plan.nq]
         b, e = xt.shape[0], xt.shape[-1]
         x = xt.view(b, plan.num_tiles, self.hx, self.gx, plan.tile, e).permute(0, 2, 3, 1, 4, 5)
         x = x.reshape(b, self.hq, plan.num_tiles * plan.tile, e)
         return x[:, :, :plan.nq] if self._q_identity else x.index_select(2, plan.q_inv)
 
-    def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, Hkv, Nk, e) -> token-major (B, Nk, Hx, e)."""
-        if self.hx != x.shape[1]:
-            x = x.repeat_interleave(self.hq // self.hkv, dim=1)
-        return x.transpose(1, 2).contiguous()
+    def _tile_view(self, xt: torch.Tensor) -> torch.Tensor:
+        """Direct layout (1, H, nT*T, ...) seen as (H, nT, T, ...)."""
+        return xt.view(xt.shape[1], self.plan.num_tiles, self.plan.tile, *xt.shape[3:])
 
     def read(self, xt: torch.Tensor, ch: Chunk) -> torch.Tensor:
-        """Rows of tile layout ``xt (B, nT, ...)`` for the chunk's tiles, as (B*c, Hx, gx*T, e)."""
+        """The chunk's rows of a tile-layout tensor, as (B*c, Hx, gx*T, ...)."""
         sl = ch.tile_slice()
+        if self.direct_q:
+            v = self._tile_view(xt)
+            return (v[:, sl] if sl is not None else v.index_select(1, ch.tiles)).transpose(0, 1)
         x = xt[:, sl] if sl is not None else xt.index_select(1, ch.tiles)
         return x.reshape(self.b * ch.size, *xt.shape[2:])
 
     def write(self, xt: torch.Tensor, ch: Chunk, value: torch.Tensor) -> None:
-        value = value.reshape(self.b, ch.size, *xt.shape[2:])
         sl = ch.tile_slice()
+        if self.direct_q:
+            v = self._tile_view(xt)
+            value = value.reshape(ch.size, *v.shape[:1], *v.shape[2:]).transpose(0, 1)
+            if sl is not None:
+                v[:, sl] = value
+            else:
+                v.index_copy_(1, ch.tiles, value)
+            return
+        value = value.reshape(self.b, ch.size, *xt.shape[2:])
         if sl is not None:
             xt[:, sl] = value
         else:
             xt.index_copy_(1, ch.tiles, value)
+
+    # ----- key/value side: token-major (B, Nk, Hx, e) copies, or the caller's (B, Hkv, Nk, e) when direct -----
+    def kv_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct_kv:
+            return x.contiguous()
+        if self.hx != x.shape[1]:
+            x = x.repeat_interleave(self.hq // self.hkv, dim=1)
+        return x.transpose(1, 2).contiguous()
+
+    def kv_untokens(self, xt: torch.Tensor) -> torch.Tensor:
+        """Gradient in ``kv_tokens`` layout -> (B, Hkv, Nk, e)."""
+        if self.direct_kv:
+            return xt
+        x = xt.transpose(1, 2)
+        if self.hx != self.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
+            x = x.reshape(self.b, self.hkv, -1, *x.shape[2:]).sum(2)
+        return x
 
     def gather_index(self, ch: Chunk) -> torch.Tensor:
         # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
@@ -154,9 +190,16 @@ class Problem:
         return (kpos.permute(1, 2, 0) * self.hx + heads).reshape(-1)
 
     def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk) -> torch.Tensor:
-        """Token-major (B, Nk, Hx, e) -> (B*c, Hx, W, e): a view of ``xt`` for evenly spaced runs, else a copy."""
-        b, _, hx, e = xt.shape
+        """K or V of the chunk's key lists as (B*c, Hx, W, e): a strided view for evenly spaced runs, else a copy."""
         w = ch.group.width
+        if self.direct_kv:
+            b, hx, n, e = xt.shape
+            if ch.view is not None:
+                first, step = ch.view
+                return xt.as_strided((ch.size, hx, w, e), (step * e, n * e, e, 1), xt.storage_offset() + first * e)
+            g = xt.index_select(2, index).view(b, hx, ch.size, w, e).transpose(1, 2)
+            return g.reshape(b * ch.size, hx, w, e)
+        b, _, hx, e = xt.shape
         if ch.view is not None:
             first, step = ch.view
             return xt.as_strided((ch.size, hx, w, e), (step * hx * e, e, hx * e, 1),
@@ -164,7 +207,12 @@ class Problem:
         src = xt.view(b, -1, e) if self.per_head else xt
         return src.index_select(1, index).view(b * ch.size, w, hx, e).transpose(1, 2)
 
-    def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor) -> None:
+    def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, ch: Chunk) -> None:
+        if self.direct_kv:
+            b, hx, _, e = dst.shape
+            g = grad.view(b, ch.size, hx, -1, e).transpose(1, 2).reshape(b, hx, -1, e)
+            dst.index_add_(2, index, g)
+            return
         b, _, hx, e = dst.shape
         row = e if self.per_head else hx * e
         dst.view(b, -1, row).index_add_(1, index, grad.transpose(1, 2).reshape(b, -1, row))
@@ -266,8 +314,8 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
             if pb.bias is not None and pb.bias.requires_grad:
                 pb.bias_grad(ch, ds)
         pb.write(dqt, ch, dq)
-        pb.scatter_add(dkt, idx, dk)
-        pb.scatter_add(dvt, idx, dv)
+        pb.scatter_add(dkt, idx, dk, ch)
+        pb.scatter_add(dvt, idx, dv, ch)
     return dqt, dkt, dvt
 
 
@@ -292,11 +340,7 @@ class _BlockSparse(torch.autograd.Function):
             pb.bias.zero_grad()
         dot = pb.to_tiles(grad_out.contiguous())
         dqt, dkt, dvt = _run_backward(pb, qt, kt, vt, ot, lt, dot)
-        dq = pb.from_tiles(dqt)
-        dk, dv = dkt.transpose(1, 2), dvt.transpose(1, 2)
-        if pb.hx != pb.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
-            dk = dk.reshape(pb.b, pb.hkv, -1, *dk.shape[2:]).sum(2)
-            dv = dv.reshape(pb.b, pb.hkv, -1, *dv.shape[2:]).sum(2)
+        dq, dk, dv = pb.from_tiles(dqt), pb.kv_untokens(dkt), pb.kv_untokens(dvt)
         dbias = None
         if pb.bias is not None and pb.bias.requires_grad:
             dbias = pb.bias.grad.to(pb.bias.tensor.dtype).reshape(pb.bias.tensor.shape)
@@ -305,12 +349,11 @@ class _BlockSparse(torch.autograd.Function):
 
 def _empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
     """The fused kernel reports lse = 0 for a query with no allowed key: mark those rows -inf."""
-    plan = pb.plan
-    any_key = torch.zeros(pb.b, plan.num_tiles, pb.hx, pb.gx * plan.tile, dtype=torch.bool, device=lse.device)
+    any_key = pb.to_tiles(torch.zeros(pb.b, pb.hq, pb.plan.nq, 1, device=lse.device))[..., 0]
     for ch in pb.chunks:
         ok = (pb.chunk_mask(ch) > float("-inf")).any(-1)  # (B*c or c, Hm, gx*T)
-        pb.write(any_key, ch, ok.view(-1, ch.size, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1))
-    keep = pb.from_tiles(any_key[..., None].to(lse.dtype))[..., 0] > 0
+        pb.write(any_key, ch, ok.view(-1, ch.size, *ok.shape[1:]).expand(pb.b, -1, pb.hx, -1).float())
+    keep = pb.from_tiles(any_key[..., None])[..., 0] > 0
     return torch.where(keep, lse, float("-inf"))
 
 
