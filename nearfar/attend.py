@@ -134,13 +134,18 @@ def attend(
     if engine == "dense":
         out, lse = dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
     elif engine == "blocksparse":
-        plan = get_plan(pattern if pattern is not None else Dense(), nq, nk, device=q.device)
+        plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
         out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
     else:
         from .backends.flex import flex_attention_engine
 
         out, lse = flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
     return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable
+def _plan(pattern, nq, nk, device):
+    return get_plan(pattern, nq, nk, device=device)
 
 
 def _choose(q, pattern, nq, nk, bias, kpm) -> str:

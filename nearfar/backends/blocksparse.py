@@ -357,6 +357,7 @@ def _empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, lse, float("-inf"))
 
 
+@torch.compiler.disable  # data-independent Python control flow: run eagerly inside compiled graphs
 def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse=False,
                           kernel: str = "auto"):
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
