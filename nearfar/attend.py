@@ -86,11 +86,8 @@ def _bias_source(bias, pattern, b, hq, nq, nk):
     if isinstance(pattern, Neighborhood) and tuple(bias.shape) == pattern.rpb_shape(hq):
         pattern.check_rpb()
         return RelativePositionBias(bias, pattern, nq)
-    try:
-        torch.broadcast_shapes(tuple(bias.shape), (b, hq, nq, nk))
-        ok = bias.dim() <= 4
-    except RuntimeError:
-        ok = False
+    target = (b, hq, nq, nk)
+    ok = bias.dim() <= 4 and all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target)))
     if not ok:
         rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if isinstance(pattern, Neighborhood) else ""
         raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "

@@ -51,10 +51,10 @@ class DenseBias:
         if h is None:
             if hb == 1:
                 ds = ds.sum(1, keepdim=True)
-            self.grad.index_put_((slice(None), slice(None), q, k), ds.to(self.grad.dtype), accumulate=True)
-        else:
-            bidx = torch.arange(ds.shape[0], device=ds.device)[:, None, None, None, None]
-            self.grad.index_put_((bidx, h[None], q[None], k[None]), ds.to(self.grad.dtype), accumulate=True)
+            h = torch.arange(ds.shape[1], device=ds.device)[:, None, None, None]
+            q, k = q[None], k[None]
+        bidx = torch.arange(ds.shape[0], device=ds.device)[:, None, None, None, None]
+        self.grad.index_put_((bidx, h[None], q[None], k[None]), ds.to(self.grad.dtype), accumulate=True)
 
 
 class RelativePositionBias:

@@ -275,7 +275,8 @@ def _matmul_backward(do, q, k, v, out, lse, mask, scale):
 
 
 def _fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return mask.double() if q.dtype == torch.float64 else mask
+    """The fused operator takes a float32 mask (float64 for float64 queries)."""
+    return mask.to(_acc_dtype(q.dtype))
 
 
 def _run_forward(pb: Problem, qt, kt, vt):

@@ -41,7 +41,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     if mask is None and not return_lse:
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     if mask is None:
-        mask = torch.zeros((), dtype=acc, device=q.device)
+        mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
     empty = torch.isinf(mask).all(-1, keepdim=True) if mask.dim() >= 2 else None
     if empty is not None and bool(empty.any()):
         # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient)

@@ -84,13 +84,15 @@ def as_grid(grid: object) -> tuple[int, ...] | None:
     return tuple(as_positive_int(g, f"grid[{i}]") for i, g in enumerate(grid))
 
 
-def spatial_ndim(grid: tuple | None, *per_axis_args: object) -> int:
-    """Dimensionality implied by ``grid`` or by the longest per-axis tuple argument (1D when neither)."""
-    lengths = {len(a) for a in per_axis_args if isinstance(a, (tuple, list))}
+def spatial_ndim(grid: tuple | None, **per_axis_args: object) -> int:
+    """Dimensionality implied by ``grid`` or by the per-axis tuple arguments (1D when neither)."""
+    tuples = {name: len(a) for name, a in per_axis_args.items() if isinstance(a, (tuple, list))}
+    lengths = set(tuples.values())
     if grid is not None:
         return len(grid)
     if len(lengths) > 1:
-        raise ValueError(f"per-axis arguments disagree on the number of axes: {sorted(lengths)}")
+        said = ", ".join(f"{name} has {n}" for name, n in tuples.items())
+        raise ValueError(f"per-axis arguments disagree on the number of axes ({said}); give tuples of one length")
     ndim = lengths.pop() if lengths else 1
     if ndim > 1:
         raise ValueError(f"grid is required for a {ndim}D pattern: pass grid=(extent, ...) with {ndim} values")
@@ -121,7 +123,7 @@ class Pattern:
         raise NotImplementedError
 
     def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
-        return torch.ones(qt.idx.shape[0], kt.idx.shape[0], dtype=torch.bool, device=qt.idx.device)
+        return per_query_tile(torch.ones(kt.idx.shape[:-1], dtype=torch.bool, device=qt.idx.device), qt)
 
     @property
     def heads(self) -> int | None:

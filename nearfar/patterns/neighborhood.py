@@ -33,7 +33,7 @@ class Neighborhood(SpatialPattern):
     """
 
     def __init__(self, kernel_size, dilation=1, is_causal=False, grid=None, stride=1):
-        ndim = self._init_grid(grid, kernel_size, dilation, is_causal, stride)
+        ndim = self._init_grid(grid, kernel_size=kernel_size, dilation=dilation, is_causal=is_causal, stride=stride)
         self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
         self.dilation = per_axis(dilation, ndim, "dilation")
         self.is_causal = per_axis(is_causal, ndim, "is_causal", check=_as_bool)

@@ -26,9 +26,9 @@ class Layout:
 class SpatialPattern(Pattern):
     """Base of patterns on a grid. ``grid`` is required for 2D/3D and defaults to ``(N,)`` in 1D."""
 
-    def _init_grid(self, grid, *per_axis_args) -> int:
+    def _init_grid(self, grid, **per_axis_args) -> int:
         self.grid = as_grid(grid)
-        return spatial_ndim(self.grid, *per_axis_args)
+        return spatial_ndim(self.grid, **per_axis_args)
 
     def grid_for(self, n: int) -> tuple[int, ...]:
         return self.grid if self.grid is not None else (n,)

@@ -24,7 +24,7 @@ class Blocks(SpatialPattern):
     """
 
     def __init__(self, size, grid=None, shift=0, wrap=False):
-        ndim = self._init_grid(grid, size, shift)
+        ndim = self._init_grid(grid, size=size, shift=shift)
         self.size = per_axis(size, ndim, "size")
         self.shift = per_axis(shift, ndim, "shift", check=as_nonneg_int)
         if not isinstance(wrap, bool):
@@ -68,7 +68,7 @@ class Grid(SpatialPattern):
     (token ``t`` is in window ``t % (extent // size)``). Extents must be divisible by ``size``."""
 
     def __init__(self, size, grid=None):
-        ndim = self._init_grid(grid, size)
+        ndim = self._init_grid(grid, size=size)
         self.size = per_axis(size, ndim, "size")
         if self.grid is not None:
             self.check_extents(self.grid)

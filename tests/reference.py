@@ -1,0 +1,277 @@
+"""Float64 oracles, written from ``shared/specs/vision.md`` (sections 0 and 1) without using the library.
+
+Everything here is deliberately naive: masks are built with plain Python loops over (query, key) pairs
+(per axis, then AND-ed over axes), and attention is a plain masked softmax in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from functools import cache
+
+import torch
+
+# ---------------------------------------------------------------------------------------------------------
+# attention oracle
+# ---------------------------------------------------------------------------------------------------------
+
+
+def dense_reference(q, k, v, allowed, scale, bias=None, return_lse=False):
+    """Masked softmax attention in float64.
+
+    ``q (B, Hq, Nq, d)``, ``k (B, Hkv, Nk, d)``, ``v (B, Hkv, Nk, dv)``; ``allowed`` is a bool tensor
+    broadcastable to ``(B, Hq, Nq, Nk)`` (True = may attend); ``bias`` a float tensor broadcastable to the
+    same shape. GQA by ``repeat_interleave`` of the key/value heads. A query row without any allowed key
+    returns 0 (and LSE ``-inf``). Differentiable in q, k, v and bias (all promoted to float64).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = hq // hkv
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * scale
+    if bias is not None:
+        s = s + bias.double()
+    allowed = torch.broadcast_to(allowed.to(torch.bool).to(q.device), (b, hq, nq, nk))
+    row_any = allowed.any(-1, keepdim=True)
+    neg = torch.tensor(float("-inf"), dtype=torch.float64)
+    s = torch.where(allowed, s, neg)
+    s_safe = torch.where(row_any, s, torch.zeros((), dtype=torch.float64))  # empty rows: harmless row of zeros
+    m = s_safe.amax(-1, keepdim=True).detach()
+    e = torch.exp(s_safe - m)
+    denom = e.sum(-1, keepdim=True)
+    p = (e / denom) * row_any
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    if not return_lse:
+        return out
+    lse = (m + torch.log(denom)).squeeze(-1)
+    lse = torch.where(row_any.squeeze(-1), lse, neg)
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _coords(n_flat_grid):
+    """Row-major coordinates of every flat index of a grid (last axis fastest)."""
+    return list(itertools.product(*(range(g) for g in n_flat_grid)))
+
+
+def combine_axes(axis_masks):
+    """AND per-axis (L_a, L_a) masks into the flat (N, N) mask of the row-major grid."""
+    grid = [m.shape[0] for m in axis_masks]
+    n = math.prod(grid)
+    out = torch.ones(n, n, dtype=torch.bool)
+    for a, m in enumerate(axis_masks):
+        # view of out as (L_0, .., L_{n-1}, L_0, .., L_{n-1}); AND the axis-a factor
+        view = [1] * (2 * len(grid))
+        view[a] = grid[a]
+        view[len(grid) + a] = grid[a]
+        out = (out.view(*grid, *grid) & m.view(view)).reshape(n, n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §1 NATTEN neighborhood (rules 1-5)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@cache
+def _na_axis(length, kernel, dilation, causal, stride):
+    """(L, L) bool mask of one axis, rules 1-4 of vision.md §1, written with plain loops."""
+    mask = [[False] * length for _ in range(length)]
+    for i in range(length):
+        g = i % dilation  # rule 1: dilation group
+        ip = i // dilation
+        group = list(range(g, length, dilation))
+        group_len = len(group)  # == ceil((L - g) / dilation)
+        assert group_len == math.ceil((length - g) / dilation)
+        # rule 4: the leader of the query's run of `stride` queries (stride 1: itself)
+        if stride > 1:
+            if causal:
+                leader = min((ip // stride) * stride + stride - 1, group_len - 1)
+            else:
+                leader = min((ip // stride) * stride + stride // 2, group_len - 1)
+        else:
+            leader = ip
+        left = kernel // 2
+        right = kernel - 1 - left
+        for j in group:
+            jp = j // dilation
+            if causal:  # rule 3: truncated, not shifted
+                ok = jp <= ip and leader - jp < kernel
+            else:  # rule 2: window centre clamped so the window slides inward
+                centre = min(max(leader, left), group_len - 1 - right)
+                ok = centre - left <= jp <= centre + right
+            mask[i][j] = ok
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def _tup(x, n):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,) * n
+
+
+def neighborhood_mask(grid, kernel_size, dilation=1, is_causal=False, stride=1):
+    """Flat (N, N) NATTEN mask of a row-major grid (rule 5: AND over axes)."""
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    ks, dil, cau, st = _tup(kernel_size, nd), _tup(dilation, nd), _tup(is_causal, nd), _tup(stride, nd)
+    return combine_axes([_na_axis(grid[a], ks[a], dil[a], bool(cau[a]), st[a]) for a in range(nd)])
+
+
+def rpb_bias(table, grid, kernel_size, dilation=1):
+    """Dense (H, N, N) bias from a NAT relative-position-bias table ``(H, 2k-1, ...)``.
+
+    Per axis the index is ``(j - i) / dilation + k - 1``; indices are flattened row-major. Pairs outside
+    the neighbourhood (index out of range or not an integer) get 0: they are masked anyway.
+    """
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    ks, dil = _tup(kernel_size, nd), _tup(dilation, nd)
+    coords = _coords(grid)
+    n = len(coords)
+    heads = table.shape[0]
+    flat_table = table.reshape(heads, -1)
+    rows = []
+    for ci in coords:
+        idx_row, ok_row = [], []
+        for cj in coords:
+            flat, ok = 0, True
+            for a in range(nd):
+                diff = cj[a] - ci[a]
+                if diff % dil[a]:
+                    ok = False
+                    break
+                idx = diff // dil[a] + ks[a] - 1
+                if not 0 <= idx <= 2 * ks[a] - 2:
+                    ok = False
+                    break
+                flat = flat * (2 * ks[a] - 1) + idx
+            idx_row.append(flat if ok else 0)
+            ok_row.append(ok)
+        rows.append((idx_row, ok_row))
+    idx = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    ok = torch.tensor([r[1] for r in rows], dtype=torch.bool)
+    assert idx.shape == (n, n)
+    return torch.where(ok, flat_table[:, idx], torch.zeros((), dtype=table.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# §0 P2/P3/P5: Swin windows (shifted, region labels), cyclic shift, MaxViT grid
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _band(t, extent, size, shift):
+    """P5 region label of a (padded) coordinate: 0, 1 or 2."""
+    if t < extent - size:
+        return 0
+    if t < extent - shift:
+        return 1
+    return 2
+
+
+def swin_mask(grid, size, shift=0):
+    """Blocks(wrap=False) per P5: pad each axis to a multiple of the window, roll the token map by -shift
+    (torch.roll semantics), partition the rolled map into windows (P2), and allow a pair iff it shares a
+    window and its region label (labels computed on the *unrolled* padded map); padded tokens are dropped."""
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    size, shift = _tup(size, nd), _tup(shift, nd)
+    padded = tuple(-(-g // m) * m for g, m in zip(grid, size))
+    token = torch.arange(math.prod(padded)).view(padded)
+    rolled = torch.roll(token, shifts=tuple(-s for s in shift), dims=tuple(range(nd)))
+    n = math.prod(grid)
+    mask = [[False] * n for _ in range(n)]
+    # window -> list of (original flat real index, label tuple)
+    windows = {}
+    for pos in itertools.product(*(range(p) for p in padded)):
+        orig = int(rolled[pos])
+        ocoord = []
+        rest = orig
+        for p in reversed(padded):
+            ocoord.append(rest % p)
+            rest //= p
+        ocoord = ocoord[::-1]
+        if any(c >= g for c, g in zip(ocoord, grid)):
+            continue  # a padded token
+        flat = 0
+        for c, g in zip(ocoord, grid):
+            flat = flat * g + c
+        win = tuple(p // m for p, m in zip(pos, size))
+        label = tuple(_band(p, e, m, s) for p, e, m, s in zip(pos, padded, size, shift))
+        windows.setdefault(win, []).append((flat, label))
+    for members in windows.values():
+        for fi, li in members:
+            for fj, lj in members:
+                if li == lj:
+                    mask[fi][fj] = True
+    return torch.tensor(mask, dtype=torch.bool)
+
+
+def cyclic_blocks_mask(grid, size, shift=0):
+    """Blocks(wrap=True): roll by -shift, partition into windows (P2), no region mask."""
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    size, shift = _tup(size, nd), _tup(shift, nd)
+    token = torch.arange(math.prod(grid)).view(grid)
+    rolled = torch.roll(token, shifts=tuple(-s for s in shift), dims=tuple(range(nd)))
+    n = math.prod(grid)
+    window_of = [None] * n
+    for pos in itertools.product(*(range(g) for g in grid)):
+        window_of[int(rolled[pos])] = tuple(p // m for p, m in zip(pos, size))
+    return torch.tensor([[window_of[i] == window_of[j] for j in range(n)] for i in range(n)], dtype=torch.bool)
+
+
+def grid_mask(grid, size):
+    """MaxViT grid attention (P3): token coordinate r goes to window r % (extent / size) on every axis."""
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    size = _tup(size, nd)
+    coords = _coords(grid)
+    n = len(coords)
+    stride = [g // s for g, s in zip(grid, size)]
+    win = [tuple(c % t for c, t in zip(ci, stride)) for ci in coords]
+    return torch.tensor([[win[i] == win[j] for j in range(n)] for i in range(n)], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1D positional patterns (query i sits at key position p = i + Nk - Nq)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _pairs(nq, nk, rule):
+    """(nq, nk) mask from a rule on (query index i, query position p, key index j), with plain loops."""
+    mask = [[False] * nk for _ in range(nq)]
+    for i in range(nq):
+        p = i + nk - nq
+        for j in range(nk):
+            mask[i][j] = bool(rule(i, p, j))
+    return torch.tensor(mask, dtype=torch.bool).reshape(nq, nk)
+
+
+def causal_mask(nq, nk):
+    return _pairs(nq, nk, lambda i, p, j: j <= p)
+
+
+def sliding_window_mask(nq, nk, left, right=0):
+    return _pairs(nq, nk, lambda i, p, j: p - left <= j <= p + right)
+
+
+def strided_mask(nq, nk, stride, offset=0):
+    return _pairs(nq, nk, lambda i, p, j: (j - offset) % stride == 0)
+
+
+def global_tokens_mask(nq, nk, n):
+    return _pairs(nq, nk, lambda i, p, j: i < n or j < n)
+
+
+def sinks_mask(nq, nk, n):
+    return _pairs(nq, nk, lambda i, p, j: j < n)
+
+
+def dense_mask(nq, nk):
+    return torch.ones(nq, nk, dtype=torch.bool)
