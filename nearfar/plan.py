@@ -17,7 +17,7 @@ from .patterns.base import Pattern, Tiles
 from .patterns.spatial import Layout
 
 #: default tile extents per spatial rank (tokens per tile = product)
-DEFAULT_TILE = {1: (64,), 2: (8, 8), 3: (4, 4, 4)}
+DEFAULT_TILE = {1: (128,), 2: (8, 8), 3: (4, 4, 4)}
 #: cache the additive float mask up to this many bytes, a bool mask up to ``_BOOL_BUDGET``; else recompute
 _FLOAT_BUDGET = 256 << 20
 _BOOL_BUDGET = 256 << 20

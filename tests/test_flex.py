@@ -9,7 +9,6 @@ import nearfar as nf
 from nearfar.backends import flex
 
 
-
 @pytest.fixture(autouse=True)
 def eager_flex(monkeypatch):
     monkeypatch.setenv("NEARFAR_FLEX_COMPILE", "0")

@@ -83,6 +83,11 @@ class Problem:
         if kernel == "auto":
             kernel = "fused" if _fused_available(q.device) and not need_bias_grad and d == self.dv else "matmul"
         self.kernel = kernel
+        # half-precision inputs are computed in float32 chunk by chunk on CPU: more accurate, and AVX2 CPUs have
+        # no fast half-precision matmul anyway
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        self.compute_dtype = torch.float32 if half and q.device.type == "cpu" else q.dtype
+        self.grad_dtype = torch.float32 if half else q.dtype  # dK/dV accumulate over tiles
         self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:nq], torch.arange(nq, device=q.device)))
         self.chunks = self._make_chunks(q.element_size())
         # "direct" layouts read chunks as strided views of the caller's (B, H, N, e) tensors instead of
@@ -180,6 +185,9 @@ class Problem:
         if self.hx != self.hkv:  # per-head key lists expanded K/V to query heads: fold the groups back
             x = x.reshape(self.b, self.hkv, -1, *x.shape[2:]).sum(2)
         return x
+
+    def compute(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(x.to(self.compute_dtype) for x in xs)
 
     def gather_index(self, ch: Chunk) -> torch.Tensor:
         # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
@@ -284,8 +292,7 @@ def _run_forward(pb: Problem, qt, kt, vt):
     lt = torch.zeros(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
     for ch in pb.chunks:
         idx = pb.gather_index(ch) if ch.view is None else None
-        qc = pb.read(qt, ch)
-        kc, vc = pb.gather(kt, idx, ch), pb.gather(vt, idx, ch)
+        qc, kc, vc = pb.compute(pb.read(qt, ch), pb.gather(kt, idx, ch), pb.gather(vt, idx, ch))
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -299,12 +306,13 @@ def _run_forward(pb: Problem, qt, kt, vt):
 
 def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
     dqt = torch.zeros_like(qt)
-    dkt = torch.zeros_like(kt)
-    dvt = torch.zeros_like(vt)
+    dkt = torch.zeros_like(kt, dtype=pb.grad_dtype)
+    dvt = torch.zeros_like(vt, dtype=pb.grad_dtype)
     for ch in pb.chunks:
         idx = pb.gather_index(ch)
-        qc, oc, doc, lc = pb.read(qt, ch), pb.read(ot, ch), pb.read(dot, ch), pb.read(lt, ch)
-        kc, vc = pb.gather(kt, idx, ch), pb.gather(vt, idx, ch)
+        qc, oc, doc = pb.compute(pb.read(qt, ch), pb.read(ot, ch), pb.read(dot, ch))
+        kc, vc = pb.compute(pb.gather(kt, idx, ch), pb.gather(vt, idx, ch))
+        lc = pb.read(lt, ch)
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
             # the fused op reports lse = 0 for rows with no key; its gradients there are 0 as well
@@ -315,8 +323,8 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
             if pb.bias is not None and pb.bias.requires_grad:
                 pb.bias_grad(ch, ds)
         pb.write(dqt, ch, dq)
-        pb.scatter_add(dkt, idx, dk, ch)
-        pb.scatter_add(dvt, idx, dv, ch)
+        pb.scatter_add(dkt, idx, dk.to(pb.grad_dtype), ch)
+        pb.scatter_add(dvt, idx, dv.to(pb.grad_dtype), ch)
     return dqt, dkt, dvt
 
 
@@ -341,7 +349,8 @@ class _BlockSparse(torch.autograd.Function):
             pb.bias.zero_grad()
         dot = pb.to_tiles(grad_out.contiguous())
         dqt, dkt, dvt = _run_backward(pb, qt, kt, vt, ot, lt, dot)
-        dq, dk, dv = pb.from_tiles(dqt), pb.kv_untokens(dkt), pb.kv_untokens(dvt)
+        dq = pb.from_tiles(dqt)
+        dk, dv = pb.kv_untokens(dkt).to(kt.dtype), pb.kv_untokens(dvt).to(vt.dtype)
         dbias = None
         if pb.bias is not None and pb.bias.requires_grad:
             dbias = pb.bias.grad.to(pb.bias.tensor.dtype).reshape(pb.bias.tensor.shape)
