@@ -1,9 +1,12 @@
 """Block-sparse plans: token tiles, the exact key list of each query tile, and its mask.
 
 A plan is built once per (pattern, Nq, Nk, tile, device) and cached. It never evaluates all N² pairs:
-query tiles are first matched against key tiles with the pattern's conservative ``block_allowed``, the
-exact ``allowed`` is then evaluated only on those candidates, and each tile's key list is compacted to the
-keys some query of the tile may attend. ``W`` is the longest such list; shorter lists are padded with -1.
+query tiles are matched against key tiles with the pattern's conservative tile-level test
+(``block_allowed``), the candidates are narrowed key by key with the same test, and the exact ``allowed``
+mask is evaluated only on what is left. Tiles with key lists of similar length form a group, padded
+(with -1) to the group's longest list ``W``, so a few wide tiles (global tokens, the end of a causal
+sequence) do not widen every tile. 1D lists that are runs of consecutive keys are extended to exactly
+``W`` keys so the engine can read them as strided views.
 """
 
 from __future__ import annotations

@@ -90,10 +90,10 @@ class Problem:
         self.grad_dtype = torch.float32 if half else q.dtype  # dK/dV accumulate over tiles
         self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:nq], torch.arange(nq, device=q.device)))
         self.chunks = self._make_chunks(q.element_size())
-        # "direct" layouts read chunks as strided views of the caller's (B, H, N, e) tensors instead of
-        # packing copies: queries when they are already in tile order, keys/values when most chunks read
-        # evenly spaced runs of keys (1D windows)
-        self.direct_q = b == 1 and self.gx == 1 and self._q_identity
+        # "direct" layouts read chunks as strided views of (B, H, N, e) tensors instead of packing copies:
+        # queries in tile order (the caller's tensor itself when tokens are already in tile order), and
+        # keys/values when most chunks read evenly spaced runs of keys (1D windows)
+        self.direct_q = b == 1 and self.gx == 1
         views = sum(ch.view is not None for ch in self.chunks)
         self.direct_kv = not self.per_head and 2 * views >= len(self.chunks)
 
@@ -122,11 +122,11 @@ class Problem:
         if self._q_identity:  # tokens already in tile order: only pad the last tile
             extra = plan.num_tiles * plan.tile - n
             xt = torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra else x
-            if self.direct_q:
-                return xt.contiguous()
         else:
             src = torch.where(plan.q_idx < 0, n, plan.q_idx).reshape(-1)
             xt = torch.cat([x, x.new_zeros(b, self.hq, 1, e)], 2).index_select(2, src)
+        if self.direct_q:
+            return xt.contiguous()
         xt = xt.view(b, self.hx, self.gx, plan.num_tiles, plan.tile, e).permute(0, 3, 1, 2, 4, 5)
         return xt.reshape(b, plan.num_tiles, self.hx, self.gx * plan.tile, e)
 
@@ -134,7 +134,7 @@ class Problem:
         """Inverse of ``to_tiles`` for the occupied slots: -> (B, Hq, Nq, e)."""
         plan = self.plan
         if self.direct_q:
-            return xt[:, :, :plan.nq]
+            return xt[:, :, :plan.nq] if self._q_identity else xt.index_select(2, plan.q_inv)
         b, e = xt.shape[0], xt.shape[-1]
         x = xt.view(b, plan.num_tiles, self.hx, self.gx, plan.tile, e).permute(0, 2, 3, 1, 4, 5)
         x = x.reshape(b, self.hq, plan.num_tiles * plan.tile, e)
@@ -216,6 +216,18 @@ class Problem:
         return src.index_select(1, index).view(b * ch.size, w, hx, e).transpose(1, 2)
 
     def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, ch: Chunk) -> None:
+        if self.direct_kv and ch.view is not None and (ch.size == 1 or ch.view[1] > 0):
+            # tile t read keys first + t*step + w: add back in slices of ``step`` keys, whose views over the
+            # tiles do not overlap, instead of a scattered index_add
+            first, step = ch.view
+            _, hx, n, e = dst.shape
+            w = grad.shape[2]
+            step = step if ch.size > 1 else w
+            for j in range(0, w, step):
+                width = min(step, w - j)
+                dst.as_strided((ch.size, hx, width, e), (step * e, n * e, e, 1),
+                               dst.storage_offset() + (first + j) * e).add_(grad[:, :, j:j + width])
+            return
         if self.direct_kv:
             b, hx, _, e = dst.shape
             g = grad.view(b, ch.size, hx, -1, e).transpose(1, 2).reshape(b, hx, -1, e)
@@ -288,8 +300,9 @@ def _fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def _run_forward(pb: Problem, qt, kt, vt):
-    ot = qt.new_zeros(*qt.shape[:-1], pb.dv)
-    lt = torch.zeros(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
+    # every tile belongs to exactly one chunk, so every slot is written
+    ot = qt.new_empty(*qt.shape[:-1], pb.dv)
+    lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
     for ch in pb.chunks:
         idx = pb.gather_index(ch) if ch.view is None else None
         qc, kc, vc = pb.compute(pb.read(qt, ch), pb.gather(kt, idx, ch), pb.gather(vt, idx, ch))
@@ -305,7 +318,7 @@ def _run_forward(pb: Problem, qt, kt, vt):
 
 
 def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
-    dqt = torch.zeros_like(qt)
+    dqt = torch.empty_like(qt)
     dkt = torch.zeros_like(kt, dtype=pb.grad_dtype)
     dvt = torch.zeros_like(vt, dtype=pb.grad_dtype)
     for ch in pb.chunks:

@@ -63,7 +63,7 @@ class SpatialPattern(Pattern):
             qa, ka = self.query_axis(a, qi, grid[a]), self.key_axis(a, kj, grid[a])
             for name, (lo, hi) in qa.items():
                 ok = ka[name] == lo if lo is hi else (ka[name] >= lo) & (ka[name] <= hi)
-                out = ok if out is None else out.logical_and_(ok)
+                out = ok if out is None else out & ok
         return out
 
     def block_allowed(self, qt: Tiles, kt: Tiles, nq, nk):
