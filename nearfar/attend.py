@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Real
 
 import torch
@@ -127,7 +128,12 @@ def attend(
     if key_padding_mask is not None:
         kpm = torch.zeros(b, nk, dtype=torch.float32, device=q.device).masked_fill_(~key_padding_mask, float("-inf"))
     if engine == "auto":
-        engine = _choose(q, pattern, nq, nk, bias_src, kpm)
+        engine = _choose(q, pattern, nq, nk, bias_src)
+        if engine == "flex":
+            res = _try_flex(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+            if res is not None:
+                return res if return_lse else res[0]
+            engine = "blocksparse"
     if engine == "dense":
         out, lse = dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
     elif engine == "blocksparse":
@@ -145,7 +151,31 @@ def _plan(pattern, nq, nk, device):
     return get_plan(pattern, nq, nk, device=device)
 
 
-def _choose(q, pattern, nq, nk, bias, kpm) -> str:
+def _choose(q, pattern, nq, nk, bias) -> str:
+    """Dense for small problems and no pattern; on CUDA compiled FlexAttention (its Triton kernels beat our
+    per-chunk kernels there); elsewhere the block-sparse engine, which beats compiled Flex on CPU and trains."""
     if pattern is None or nq * nk <= _SMALL:
         return "dense"
+    trains_bias = bias is not None and bias.requires_grad  # our Flex engine takes no bias gradient
+    if q.device.type == "cuda" and not trains_bias and (pattern, nq, nk) not in _FLEX_FAILED:
+        from .backends.flex import available
+
+        if available():
+            return "flex"
     return "blocksparse"
+
+
+_FLEX_FAILED: dict = {}
+
+
+def _try_flex(q, k, v, pattern, scale, kpm, bias, return_lse):
+    """Flex on "auto": if it cannot compile this pattern, say so once and use the block-sparse engine."""
+    from .backends.flex import flex_attention_engine
+
+    try:
+        return flex_attention_engine(q, k, v, pattern, scale, kpm, bias, return_lse)
+    except Exception as err:  # noqa: BLE001 - any compile failure means: use the engine that always works
+        _FLEX_FAILED[(pattern, q.shape[2], k.shape[2])] = repr(err)
+        warnings.warn(f"nearfar: FlexAttention failed for {pattern!r} ({type(err).__name__}); using the "
+                      "block-sparse engine for it", RuntimeWarning, stacklevel=3)
+        return None
