@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .patterns.base import Pattern, Tiles
+from .patterns.base import Pattern, Tiles, unravel
 from .patterns.spatial import Layout
 
 #: default tile extents per spatial rank (tokens per tile = product)
@@ -97,7 +97,8 @@ class TileGroup:
     k_idx: torch.Tensor  # (Hp, c, W) original key index, -1 = padding
     mask_f: torch.Tensor | None = None  # (Hp, c, T, W) float32 additive (0 / -inf), if cached
     mask_b: torch.Tensor | None = None  # (Hp, c, T, W) bool, if cached instead
-    run_start: torch.Tensor | None = None  # (c,) s when the tile's list is keys s..s+W-1, else -1
+    run_start: torch.Tensor | None = None  # (c,) s when the tile's list is keys s..s+W-1 (of the stage), else -1
+    stage: torch.Tensor | None = None  # (L,) keys in "stage order", when run_start counts in it
     contiguous: bool = False  # tiles are tiles[0], tiles[0]+1, ...
 
     @property
@@ -220,6 +221,64 @@ def _as_runs(k_idx: torch.Tensor, width: int, nk: int) -> torch.Tensor:
     return torch.where(fits, torch.clamp(lo, max=nk - width), -1)
 
 
+def _uniform_runs(starts: list[int]) -> list[slice]:
+    """Split a sequence into maximal pieces of evenly spaced values."""
+    pieces, first = [], 0
+    for i in range(2, len(starts) + 1):
+        if i == len(starts) or starts[i] - starts[i - 1] != starts[first + 1] - starts[first]:
+            pieces.append(slice(first, i))
+            first = i
+    if first < len(starts):
+        pieces.append(slice(first, len(starts)))
+    return pieces
+
+
+def _staged(g: TileGroup, layout: Layout, nk: int) -> list[TileGroup] | None:
+    """Re-express a group of 2D/3D tiles as runs of a per-band "stage" order, or None if that does not fit.
+
+    A band is the tiles whose keys span the same rows (all axes but the last). Ordering the band's keys by
+    last-axis coordinate first (column-major) turns each tile's box of keys into one run of consecutive
+    stage positions, and neighbouring tiles into evenly spaced runs, so the engine gathers each band's keys
+    once and reads every tile as a strided view of them (instead of one gather per tile)."""
+    grid = layout.grid
+    k = g.k_idx[0]
+    valid = k >= 0
+    width = k.shape[1]
+    coords = unravel(k.clamp(min=0), grid)
+    coords[-1] = coords[-1] % layout.dilation[-1]  # a band holds one dilation group of the last axis
+    bounds = []
+    for c in coords:
+        bounds += [torch.where(valid, c, nk).amin(-1), torch.where(valid, c, -1).amax(-1)]
+    _, band = torch.unique(torch.stack(bounds, -1), dim=0, return_inverse=True)
+    last = grid[-1]
+    out = []
+    for b in range(int(band.max()) + 1):
+        sel = torch.nonzero(band == b)[:, 0]
+        keys, kv = k[sel], valid[sel]
+        stage = torch.unique(keys[kv])
+        order = (stage % last) * nk + stage
+        order, perm = torch.sort(order)
+        stage = stage[perm]
+        kc = keys.clamp(min=0)
+        pos = torch.searchsorted(order, (kc % last) * nk + kc)
+        lo = torch.where(kv, pos, stage.numel()).amin(-1)
+        hi = torch.where(kv, pos, -1).amax(-1)
+        w = int((hi - lo + 1).max())
+        if w > width * 5 // 4:
+            return None
+        start = torch.clamp(lo, max=stage.numel() - w)
+        runs = stage[start[:, None] + torch.arange(w, device=k.device)]
+        pieces = _uniform_runs(start.tolist())
+        if len(sel) < 4 * len(pieces):  # short pieces: many small kernel calls cost more than the gathers saved
+            return None
+        for piece in pieces:
+            tiles = g.tiles[sel[piece]]
+            contiguous = bool(len(tiles) == 1 or torch.all(tiles[1:] - tiles[:-1] == 1))
+            out.append(TileGroup(tiles, g.q_idx[sel[piece]], runs[piece][None], run_start=start[piece], stage=stage,
+                                 contiguous=contiguous))
+    return out
+
+
 def _groups_by_width(counts: torch.Tensor, tk: int, tq: int, budget: int) -> list[torch.Tensor]:
     """Split tiles into runs of similar candidate-key counts (within 25%), each at most ``budget`` mask entries."""
     order = torch.argsort(counts, stable=True)
@@ -240,7 +299,8 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     step = max(1, _CHUNK_ELEMS // (hp * kt.idx.shape[0]))
     counts = torch.cat([_block_lists(pattern, qt.idx[t0:t0 + step], kt, nq, nk).sum(-1).amax(0)
                         for t0 in range(0, n_q_tiles, step)])
-    groups, cached = [], 0
+    layout = pattern.layout(nq, nk) if nq == nk else None
+    groups = []
     for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):
         q = qt.idx[tiles]
         k_idx = _key_lists(pattern, q, kt, nq, nk)
@@ -253,14 +313,19 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
                 g.k_idx = torch.where((runs >= 0)[:, None], runs[:, None] + torch.arange(width, device=device),
                                       k_idx[0])[None]
                 g.run_start = runs
-        ok = _allowed_heads(pattern, q, g.k_idx, nq, nk)
+            elif layout is not None and len(layout.grid) > 1:
+                groups += _staged(g, layout, nk) or [g]
+                continue
+        groups.append(g)
+    cached = 0
+    for g in groups:
+        ok = _allowed_heads(pattern, g.q_idx, g.k_idx, nq, nk)
         if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
             g.mask_f = _to_additive(ok)
             cached += ok.numel() * 4
         elif cached + ok.numel() <= _BOOL_BUDGET:
             g.mask_b = ok
             cached += ok.numel()
-        groups.append(g)
     return Plan(nq, nk, qt.idx, groups, pattern, hp)
 
 

@@ -94,8 +94,9 @@ class Problem:
         # queries in tile order (the caller's tensor itself when tokens are already in tile order), and
         # keys/values when most chunks read evenly spaced runs of keys (1D windows)
         self.direct_q = b == 1 and self.gx == 1
-        views = sum(ch.view is not None for ch in self.chunks)
-        self.direct_kv = not self.per_head and 2 * views >= len(self.chunks)
+        # the caller's K/V need no token-major copy when every chunk reads runs of them (1D windows)
+        self.direct_kv = not self.per_head and all(ch.view is not None and ch.group.stage is None
+                                                   for ch in self.chunks)
 
     def _make_chunks(self, elsize: int) -> list[Chunk]:
         out = []
@@ -197,36 +198,46 @@ class Problem:
         heads = torch.arange(self.hx, device=kpos.device)
         return (kpos.permute(1, 2, 0) * self.hx + heads).reshape(-1)
 
-    def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk) -> torch.Tensor:
+    def _windows(self, src: torch.Tensor, first: int, step: int, c: int, w: int) -> torch.Tensor:
+        """Tiles reading keys ``first + t*step + [0, w)`` of ``src``, as a strided (c, Hx, w, e) view."""
+        if self.direct_kv:  # (B=1, Hx, n, e)
+            _, hx, n, e = src.shape
+            return src.as_strided((c, hx, w, e), (step * e, n * e, e, 1), src.storage_offset() + first * e)
+        _, _, hx, e = src.shape  # token-major (B=1, n, Hx, e)
+        return src.as_strided((c, hx, w, e), (step * hx * e, e, hx * e, 1), src.storage_offset() + first * hx * e)
+
+    def stage(self, xt: torch.Tensor, g: TileGroup) -> torch.Tensor | None:
+        """A staged group's keys (or values) in stage order, read once for all its chunks (see ``plan._staged``)."""
+        if g.stage is None or self.b != 1:
+            return None
+        return xt.index_select(2 if self.direct_kv else 1, g.stage)
+
+    def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk, staged: torch.Tensor | None = None):
         """K or V of the chunk's key lists as (B*c, Hx, W, e): a strided view for evenly spaced runs, else a copy."""
         w = ch.group.width
+        if ch.view is not None:  # runs of the keys themselves, or of the group's staged copy
+            return self._windows(staged if ch.group.stage is not None else xt, *ch.view, ch.size, w)
         if self.direct_kv:
             b, hx, n, e = xt.shape
-            if ch.view is not None:
-                first, step = ch.view
-                return xt.as_strided((ch.size, hx, w, e), (step * e, n * e, e, 1), xt.storage_offset() + first * e)
             g = xt.index_select(2, index).view(b, hx, ch.size, w, e).transpose(1, 2)
             return g.reshape(b * ch.size, hx, w, e)
         b, _, hx, e = xt.shape
-        if ch.view is not None:
-            first, step = ch.view
-            return xt.as_strided((ch.size, hx, w, e), (step * hx * e, e, hx * e, 1),
-                                 xt.storage_offset() + first * hx * e)
         src = xt.view(b, -1, e) if self.per_head else xt
         return src.index_select(1, index).view(b * ch.size, w, hx, e).transpose(1, 2)
 
-    def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, ch: Chunk) -> None:
-        if self.direct_kv and ch.view is not None and (ch.size == 1 or ch.view[1] > 0):
+    def scatter_add(self, dst: torch.Tensor, index: torch.Tensor, grad: torch.Tensor, ch: Chunk,
+                    staged: torch.Tensor | None = None) -> None:
+        """Add a chunk's K or V gradient back: into the staged copy when there is one (see ``stage``)."""
+        if ch.view is not None and (ch.size == 1 or ch.view[1] > 0):
             # tile t read keys first + t*step + w: add back in slices of ``step`` keys, whose views over the
             # tiles do not overlap, instead of a scattered index_add
+            dst = staged if ch.group.stage is not None else dst
             first, step = ch.view
-            _, hx, n, e = dst.shape
             w = grad.shape[2]
             step = step if ch.size > 1 else w
             for j in range(0, w, step):
                 width = min(step, w - j)
-                dst.as_strided((ch.size, hx, width, e), (step * e, n * e, e, 1),
-                               dst.storage_offset() + (first + j) * e).add_(grad[:, :, j:j + width])
+                self._windows(dst, first + j, step, ch.size, width).add_(grad[:, :, j:j + width])
             return
         if self.direct_kv:
             b, hx, _, e = dst.shape
@@ -303,9 +314,13 @@ def _run_forward(pb: Problem, qt, kt, vt):
     # every tile belongs to exactly one chunk, so every slot is written
     ot = qt.new_empty(*qt.shape[:-1], pb.dv)
     lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
+    group, sk, sv = None, None, None
     for ch in pb.chunks:
-        idx = pb.gather_index(ch) if ch.view is None else None
-        qc, kc, vc = pb.compute(pb.read(qt, ch), pb.gather(kt, idx, ch), pb.gather(vt, idx, ch))
+        if ch.group is not group:
+            group = ch.group
+            sk, sv = pb.stage(kt, group), pb.stage(vt, group)
+        idx = pb.gather_index(ch)
+        qc, kc, vc = pb.compute(pb.read(qt, ch), pb.gather(kt, idx, ch, sk), pb.gather(vt, idx, ch, sv))
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -321,10 +336,24 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
     dqt = torch.empty_like(qt)
     dkt = torch.zeros_like(kt, dtype=pb.grad_dtype)
     dvt = torch.zeros_like(vt, dtype=pb.grad_dtype)
+    group, sk, sv, dsk, dsv = None, None, None, None, None
+
+    def flush():  # a staged group's gradients go back to their keys once, after all its chunks
+        if dsk is not None:
+            dim = 2 if pb.direct_kv else 1
+            dkt.index_add_(dim, group.stage, dsk)
+            dvt.index_add_(dim, group.stage, dsv)
+
     for ch in pb.chunks:
+        if ch.group is not group:
+            flush()
+            group = ch.group
+            sk, sv = pb.stage(kt, group), pb.stage(vt, group)
+            dsk = torch.zeros_like(sk, dtype=pb.grad_dtype) if sk is not None else None
+            dsv = torch.zeros_like(sv, dtype=pb.grad_dtype) if sv is not None else None
         idx = pb.gather_index(ch)
         qc, oc, doc = pb.compute(pb.read(qt, ch), pb.read(ot, ch), pb.read(dot, ch))
-        kc, vc = pb.compute(pb.gather(kt, idx, ch), pb.gather(vt, idx, ch))
+        kc, vc = pb.compute(pb.gather(kt, idx, ch, sk), pb.gather(vt, idx, ch, sv))
         lc = pb.read(lt, ch)
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
@@ -336,8 +365,9 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
             if pb.bias is not None and pb.bias.requires_grad:
                 pb.bias_grad(ch, ds)
         pb.write(dqt, ch, dq)
-        pb.scatter_add(dkt, idx, dk.to(pb.grad_dtype), ch)
-        pb.scatter_add(dvt, idx, dv.to(pb.grad_dtype), ch)
+        pb.scatter_add(dkt, idx, dk.to(pb.grad_dtype), ch, dsk)
+        pb.scatter_add(dvt, idx, dv.to(pb.grad_dtype), ch, dsv)
+    flush()
     return dqt, dkt, dvt
 
 
