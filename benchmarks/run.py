@@ -7,7 +7,7 @@ local-attention (the last two where installed), plus first-call cost and the 1M-
 
 fp32, B=1. Methods are timed in interleaved rounds with a rotating order (nearfar.bench.interleave);
 each ratio is the median over rounds of the per-round ratio. Slow peers (NATTEN's CPU path, masked SDPA
-on C4) get fewer rounds, as said in the table. Compiled Flex is timed warm; its compile time is reported
+on C4) get fewer rounds and no warm-up call (none of them compiles), as said in the table. Compiled Flex is timed warm; its compile time is reported
 apart. On CPU Flex and NATTEN are forward-only.
 """
 
@@ -120,7 +120,7 @@ def run_case(name: str, rounds: int, peers: bool, out) -> dict:
         times = interleave(fast, rounds=rounds)
         if slow:
             slow_times = interleave({**slow, "nearfar": fast["nearfar"], "dense SDPA": fast["dense SDPA"]},
-                                    rounds=max(1, rounds // 3), warmup=0 if name == "C4" else 1)
+                                    rounds=max(1, rounds // 3), warmup=0)
     rows = []
     for m, t in times.items():
         rows.append((m, statistics.median(t) * 1e3, median_ratio(times, m, "nearfar"), len(t)))
