@@ -6,9 +6,9 @@ local-attention (the last two where installed), plus first-call cost and the 1M-
     python benchmarks/run.py --skip-peers    # only nearfar and SDPA
 
 fp32, B=1. Methods are timed in interleaved rounds with a rotating order (nearfar.bench.interleave);
-each ratio is the median over rounds of the per-round ratio. Slow peers (NATTEN's CPU path, masked SDPA
-on C4) get fewer rounds and no warm-up call (none of them compiles), as said in the table. Compiled Flex is timed warm; its compile time is reported
-apart. On CPU Flex and NATTEN are forward-only.
+each ratio is the median over rounds of the per-round ratio. Slow peers (masked SDPA, NATTEN's CPU path)
+get a third of the rounds and no warm-up call (neither compiles), as said in the table. Compiled Flex is
+timed warm; its compile time is reported apart. On CPU Flex and NATTEN are forward-only.
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def _bias_source(bias, pattern, b, hq, nq, nk):
         rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if isinstance(pattern, Neighborhood) else ""
         raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
                          f"{(b, hq, nq, nk)}{rpb}")
-    return DenseBias(bias, hq)
+    return DenseBias(bias)
 
 
 def attend(

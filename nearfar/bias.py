@@ -9,22 +9,29 @@ from __future__ import annotations
 import torch
 
 
-class DenseBias:
-    """A bias broadcastable to ``(B, Hq, Nq, Nk)``, stored as given (4D, broadcast dims of size 1)."""
+class BiasSource:
+    """A user's bias tensor and the float32-or-wider gradient the backward pass accumulates for it."""
 
-    def __init__(self, bias: torch.Tensor, hq: int):
-        self.tensor = bias
-        self.b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        self.hq = hq
-        self.grad = None
+    def __init__(self, tensor: torch.Tensor, grad_shape: tuple[int, ...]):
+        self.tensor = tensor
+        self.grad_shape = grad_shape
+        self.grad: torch.Tensor | None = None
 
     @property
     def requires_grad(self) -> bool:
         return self.tensor.requires_grad
 
     def zero_grad(self) -> None:
-        self.grad = torch.zeros(self.b4.shape, dtype=torch.promote_types(self.b4.dtype, torch.float32),
-                                device=self.b4.device)
+        self.grad = torch.zeros(self.grad_shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32),
+                                device=self.tensor.device)
+
+
+class DenseBias(BiasSource):
+    """A bias broadcastable to ``(B, Hq, Nq, Nk)``, stored as given (4D, broadcast dims of size 1)."""
+
+    def __init__(self, bias: torch.Tensor):
+        self.b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        super().__init__(bias, tuple(self.b4.shape))
 
     def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor):
         _, hb, nqb, nkb = self.b4.shape
@@ -57,22 +64,13 @@ class DenseBias:
         self.grad.index_put_((bidx, h[None], q[None], k[None]), ds.to(self.grad.dtype), accumulate=True)
 
 
-class RelativePositionBias:
+class RelativePositionBias(BiasSource):
     """NAT/DiNAT relative-position bias: table ``(Hq, 2k-1[, 2k-1[, 2k-1]])``, index ``(j-i)/dilation + k-1``."""
 
     def __init__(self, table: torch.Tensor, pattern, n: int):
-        self.tensor = table
+        super().__init__(table, tuple(table.shape))
         self.pattern = pattern
         self.n = n
-        self.grad = None
-
-    @property
-    def requires_grad(self) -> bool:
-        return self.tensor.requires_grad
-
-    def zero_grad(self) -> None:
-        self.grad = torch.zeros(self.tensor.shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32),
-                                device=self.tensor.device)
 
     def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
         q = q_idx.clamp(min=0)[:, :, None]
