@@ -16,8 +16,9 @@ from .patterns import Dense, Neighborhood, Pattern
 from .plan import get_plan
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: below this many (query, key) pairs the dense engine is used by "auto"
-_SMALL = 1 << 16
+#: up to this many (query, key) pairs "auto" uses the dense engine: below about 1024 x 1024 one fused dense
+#: kernel beats per-chunk work on this CPU even at ~15% density (``nearfar bench``: 2D 7x7 on 32x32)
+_SMALL = 1 << 20
 
 
 def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:

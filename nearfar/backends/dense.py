@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,12 @@ def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
     return table[:, bias.pattern.rpb_index(q, k, q_len)][None]
 
 
+@functools.lru_cache(maxsize=8)
+def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> torch.Tensor:
+    """The pattern's (Nq, Nk) mask as 0 / -inf, cached: the dense engine serves small, repeated shapes."""
+    return torch.where(pattern.mask(nq, nk, device), 0.0, float("-inf")).to(dtype)
+
+
 def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -30,8 +38,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
     if pattern is not None:
-        allowed = pattern.mask(nq, nk, q.device)
-        mask = torch.zeros(allowed.shape, dtype=acc, device=q.device).masked_fill_(~allowed, float("-inf"))
+        mask = _additive_mask(pattern, nq, nk, q.device, acc)
     if kpm is not None:
         kp = kpm[:, None, None, :].to(acc)
         mask = kp if mask is None else mask + kp
