@@ -29,6 +29,12 @@ def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> torch.Tensor:
     return torch.where(pattern.mask(nq, nk, device), 0.0, float("-inf")).to(dtype)
 
 
+@functools.lru_cache(maxsize=8)
+def _rows_without_keys(mask: torch.Tensor) -> torch.Tensor | None:
+    empty = torch.isinf(mask).all(-1, keepdim=True)
+    return empty if bool(empty.any()) else None
+
+
 def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -49,8 +55,12 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         return F.scaled_dot_product_attention(q, k, v, scale=scale), None
     if mask is None:
         mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
-    empty = torch.isinf(mask).all(-1, keepdim=True) if mask.dim() >= 2 else None
-    if empty is not None and bool(empty.any()):
+    if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
+        empty = _rows_without_keys(mask)
+    else:
+        empty = torch.isinf(mask).all(-1, keepdim=True)
+        empty = empty if bool(empty.any()) else None
+    if empty is not None:
         # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient)
         mask = torch.where(empty, 0.0, mask)
     lse = None
@@ -58,7 +68,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask
         lse = torch.logsumexp(s, -1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
-    if empty is not None and bool(empty.any()):
+    if empty is not None:
         keep = ~empty
         out = out * keep.to(out.dtype)
         if lse is not None:
