@@ -382,3 +382,14 @@ def test_valid_calls_still_work_after_validation_tests():
                              key_padding_mask=torch.ones(1, 16, dtype=torch.bool), scale=0.5)
         assert out.shape == (1, 2, 16, 8)
     assert nearfar.attend(q, k, v, Dense()).shape == (1, 2, 16, 8)
+
+
+def test_device_mismatch():
+    # "meta" tensors stand in for a second device on a CPU-only machine
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="device"):
+        nearfar.attend(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        nearfar.attend(q, k, v, key_padding_mask=torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="bias"):
+        nearfar.attend(q, k, v, bias=torch.zeros(q.shape[2], k.shape[2], device="meta"))
