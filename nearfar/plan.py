@@ -11,6 +11,7 @@ sequence) do not widen every tile. 1D lists that are runs of consecutive keys ar
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -118,6 +119,14 @@ class Plan:
     pattern: Pattern
     heads: int  # Hp: 1, or Hq for per-head patterns
     _q_inv: torch.Tensor | None = field(default=None, repr=False)
+    #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims)
+    engine_cache: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def q_in_order(self) -> bool:
+        """Queries are already in tile order (1D layouts): tiles are reshapes, not gathers."""
+        flat = self.q_idx.reshape(-1)[:self.nq]
+        return bool(torch.equal(flat, torch.arange(self.nq, device=flat.device)))
 
     @property
     def tile(self) -> int:

@@ -88,8 +88,11 @@ class Problem:
         half = q.dtype in (torch.float16, torch.bfloat16)
         self.compute_dtype = torch.float32 if half and q.device.type == "cpu" else q.dtype
         self.grad_dtype = torch.float32 if half else q.dtype  # dK/dV accumulate over tiles
-        self._q_identity = bool(torch.equal(plan.q_idx.reshape(-1)[:nq], torch.arange(nq, device=q.device)))
-        self.chunks = self._make_chunks(q.element_size())
+        self._q_identity = plan.q_in_order
+        key = (b, self.hx, d, self.dv, q.element_size(), self.per_head, _CHUNK_BYTES)
+        if key not in plan.engine_cache:
+            plan.engine_cache[key] = self._make_chunks(q.element_size())
+        self.chunks = plan.engine_cache[key]
         # "direct" layouts read chunks as strided views of (B, H, N, e) tensors instead of packing copies:
         # queries in tile order (the caller's tensor itself when tokens are already in tile order), and
         # keys/values when most chunks read evenly spaced runs of keys (1D windows)
