@@ -20,6 +20,7 @@ from torch import nn
 from ..attend import attend
 from ..patterns import Neighborhood
 from ..patterns.base import per_axis
+from ..patterns.neighborhood import as_bool
 
 
 class NeighborhoodAttention(nn.Module):
@@ -41,7 +42,7 @@ class NeighborhoodAttention(nn.Module):
         self.dim, self.num_heads, self.ndim = dim, num_heads, ndim
         self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
         self.dilation = per_axis(dilation, ndim, "dilation")
-        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=lambda v, n: _as_bool(v, n))
+        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
         if rel_pos_bias and any(self.is_causal):
             raise ValueError("rel_pos_bias needs a non-causal neighbourhood (as in NAT/DiNAT); pass rel_pos_bias=False")
         self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
@@ -73,8 +74,3 @@ class NeighborhoodAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}")
 
-
-def _as_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value

@@ -20,7 +20,7 @@ from .base import per_axis, unravel
 from .spatial import Layout, SpatialPattern
 
 
-def _as_bool(value: object, name: str) -> bool:
+def as_bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
@@ -36,7 +36,7 @@ class Neighborhood(SpatialPattern):
         ndim = self._init_grid(grid, kernel_size=kernel_size, dilation=dilation, is_causal=is_causal, stride=stride)
         self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
         self.dilation = per_axis(dilation, ndim, "dilation")
-        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=_as_bool)
+        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
         self.stride = per_axis(stride, ndim, "stride")
         for a, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
             if s > k:
