@@ -100,11 +100,15 @@ class TileGroup:
     mask_b: torch.Tensor | None = None  # (Hp, c, T, W) bool, if cached instead
     run_start: torch.Tensor | None = None  # (c,) s when the tile's list is keys s..s+W-1 (of the stage), else -1
     stage: torch.Tensor | None = None  # (L,) keys in "stage order", when run_start counts in it
-    contiguous: bool = False  # tiles are tiles[0], tiles[0]+1, ...
 
     @property
     def width(self) -> int:
         return self.k_idx.shape[2]
+
+    @functools.cached_property
+    def contiguous(self) -> bool:
+        """The tiles are tiles[0], tiles[0]+1, ...: chunks of them are slices, not gathers."""
+        return bool(len(self.tiles) == 1 or torch.all(self.tiles[1:] - self.tiles[:-1] == 1))
 
     def __len__(self) -> int:
         return self.tiles.shape[0]
@@ -118,7 +122,6 @@ class Plan:
     groups: list[TileGroup]
     pattern: Pattern
     heads: int  # Hp: 1, or Hq for per-head patterns
-    _q_inv: torch.Tensor | None = field(default=None, repr=False)
     #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims)
     engine_cache: dict = field(default_factory=dict, repr=False)
 
@@ -140,16 +143,10 @@ class Plan:
     def width(self) -> int:
         return max(g.width for g in self.groups)
 
-    @property
+    @functools.cached_property
     def q_inv(self) -> torch.Tensor:
         """Position of each original query in the flattened tile layout ``(nTq * T,)``."""
-        if self._q_inv is None:
-            flat = self.q_idx.reshape(-1)
-            inv = torch.empty(self.nq, dtype=torch.long, device=flat.device)
-            pos = torch.arange(flat.numel(), device=flat.device)
-            inv[flat[flat >= 0]] = pos[flat >= 0]
-            self._q_inv = inv
-        return self._q_inv
+        return inverse_order(self.q_idx, self.nq)
 
     def allowed(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
         """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``."""
@@ -169,6 +166,15 @@ class Plan:
         """Fraction of the dense Nq×Nk work the block-sparse engine performs."""
         work = sum(len(g) * self.tile * g.width for g in self.groups)
         return work / max(1, self.nq * self.nk)
+
+
+def inverse_order(tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """For tiles ``(nT, T)`` of original indices (-1 = empty): each index's position in ``tiles.reshape(-1)``."""
+    flat = tiles.reshape(-1)
+    inv = torch.empty(n, dtype=torch.long, device=flat.device)
+    used = flat >= 0
+    inv[flat[used]] = torch.nonzero(used)[:, 0]
+    return inv
 
 
 def _to_additive(mask: torch.Tensor) -> torch.Tensor:
@@ -281,10 +287,8 @@ def _staged(g: TileGroup, layout: Layout, nk: int) -> list[TileGroup] | None:
         if len(sel) < 4 * len(pieces):  # short pieces: many small kernel calls cost more than the gathers saved
             return None
         for piece in pieces:
-            tiles = g.tiles[sel[piece]]
-            contiguous = bool(len(tiles) == 1 or torch.all(tiles[1:] - tiles[:-1] == 1))
-            out.append(TileGroup(tiles, g.q_idx[sel[piece]], runs[piece][None], run_start=start[piece], stage=stage,
-                                 contiguous=contiguous))
+            out.append(TileGroup(g.tiles[sel[piece]], g.q_idx[sel[piece]], runs[piece][None],
+                                 run_start=start[piece], stage=stage))
     return out
 
 
@@ -314,8 +318,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
         q = qt.idx[tiles]
         k_idx = _key_lists(pattern, q, kt, nq, nk)
         width = k_idx.shape[-1]
-        contiguous = bool(len(tiles) == 1 or torch.all(tiles[1:] - tiles[:-1] == 1))
-        g = TileGroup(tiles, q, k_idx, contiguous=contiguous)
+        g = TileGroup(tiles, q, k_idx)
         if hp == 1 and width < nk:
             runs = _as_runs(k_idx[0], width, nk)
             if bool((runs >= 0).float().mean() > 0.5):

@@ -39,6 +39,7 @@ class Chunk:
     t0: int
     t1: int
     view: tuple[int, int] | None  # (first key, spacing) when K/V can be read as a strided view
+    index: torch.Tensor  # flat gather index of the chunk's key lists (see ``Problem._gather_index``)
 
     @property
     def size(self) -> int:
@@ -115,7 +116,7 @@ class Problem:
                     step = s[1] - s[0] if len(s) > 1 else 0
                     if min(s) >= 0 and step >= 0 and all(y - x == step for x, y in zip(s, s[1:])):
                         view = (s[0], step)
-                out.append(Chunk(g, t0, t1, view))
+                out.append(Chunk(g, t0, t1, view, self._gather_index(g.k_idx[:, t0:t1])))
         return out
 
     # ----- query-side layout: (B, nT, Hx, gx*T, ...) packed, or the caller's (1, H, nT*T, ...) when direct -----
@@ -193,9 +194,9 @@ class Problem:
     def compute(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(x.to(self.compute_dtype) for x in xs)
 
-    def gather_index(self, ch: Chunk) -> torch.Tensor:
+    def _gather_index(self, k_idx: torch.Tensor) -> torch.Tensor:
         # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
-        kpos = ch.k_idx.clamp(min=0)
+        kpos = k_idx.clamp(min=0)
         if not self.per_head:
             return kpos[0].reshape(-1)
         heads = torch.arange(self.hx, device=kpos.device)
@@ -322,7 +323,7 @@ def _run_forward(pb: Problem, qt, kt, vt):
         if ch.group is not group:
             group = ch.group
             sk, sv = pb.stage(kt, group), pb.stage(vt, group)
-        idx = pb.gather_index(ch)
+        idx = ch.index
         qc, kc, vc = pb.compute(pb.read(qt, ch), pb.gather(kt, idx, ch, sk), pb.gather(vt, idx, ch, sv))
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
@@ -354,7 +355,7 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
             sk, sv = pb.stage(kt, group), pb.stage(vt, group)
             dsk = torch.zeros_like(sk, dtype=pb.grad_dtype) if sk is not None else None
             dsv = torch.zeros_like(sv, dtype=pb.grad_dtype) if sv is not None else None
-        idx = pb.gather_index(ch)
+        idx = ch.index
         qc, oc, doc = pb.compute(pb.read(qt, ch), pb.read(ot, ch), pb.read(dot, ch))
         kc, vc = pb.compute(pb.gather(kt, idx, ch, sk), pb.gather(vt, idx, ch, sv))
         lc = pb.read(lt, ch)

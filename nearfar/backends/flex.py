@@ -19,7 +19,7 @@ import torch
 
 from ..bias import DenseBias
 from ..patterns import Dense, Tiles
-from ..plan import token_tiles
+from ..plan import inverse_order, token_tiles
 
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
 
@@ -55,9 +55,7 @@ def _block_plan(pattern, nq: int, nk: int, device: str):
     kv_num = blocks.sum(-1).to(torch.int32)[None]  # (1, Hp, nTq)
     kv_idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)[None]
     q_map, k_map = qt.idx.reshape(-1), kt.idx.reshape(-1)
-    q_inv = torch.empty(nq, dtype=torch.long, device=q_map.device)
-    q_inv[q_map[q_map >= 0]] = torch.nonzero(q_map >= 0)[:, 0]
-    return kv_num, kv_idx, q_map, k_map, q_inv, qt.idx.shape[1], kt.idx.shape[1]
+    return kv_num, kv_idx, q_map, k_map, inverse_order(qt.idx, nq), qt.idx.shape[1], kt.idx.shape[1]
 
 
 def flex_attention_engine(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
