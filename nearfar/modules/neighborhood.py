@@ -21,6 +21,8 @@ from ..attend import attend
 from ..patterns import Neighborhood
 from ..patterns.base import per_axis
 from ..patterns.neighborhood import as_bool
+from .common import check_channels_last, check_dim_heads, merge_heads, split_qkv, trunc_normal_
+from .registry import Mechanism, register
 
 
 class NeighborhoodAttention(nn.Module):
@@ -36,21 +38,19 @@ class NeighborhoodAttention(nn.Module):
         super().__init__()
         if ndim not in (1, 2, 3):
             raise ValueError(f"ndim must be 1, 2 or 3, got {ndim!r}")
-        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads <= 0 or dim <= 0 \
-                or dim % num_heads:
-            raise ValueError(f"dim ({dim!r}) must be a positive multiple of num_heads ({num_heads!r})")
+        head_dim = check_dim_heads(dim, num_heads)
         self.dim, self.num_heads, self.ndim = dim, num_heads, ndim
         self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
         self.dilation = per_axis(dilation, ndim, "dilation")
         self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
         if rel_pos_bias and any(self.is_causal):
             raise ValueError("rel_pos_bias needs a non-causal neighbourhood (as in NAT/DiNAT); pass rel_pos_bias=False")
-        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
+        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
-            nn.init.trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+            trunc_normal_(self.rpb)
         else:
             self.register_parameter("rpb", None)
 
@@ -58,19 +58,19 @@ class NeighborhoodAttention(nn.Module):
         return Neighborhood(self.kernel_size, self.dilation, self.is_causal, grid=spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self.ndim + 2 or x.shape[-1] != self.dim:
-            axes = ", ".join(f"S{i}" for i in range(self.ndim))
-            raise ValueError(f"x must be (B, {axes}, {self.dim}) "
-                             f"channel-last, got {tuple(x.shape)}")
-        b, *spatial, c = x.shape
-        n = 1
-        for s in spatial:
-            n *= s
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attend(qkv[0], qkv[1], qkv[2], self.pattern(tuple(spatial)), scale=self.scale, bias=self.rpb)
-        return self.proj(out.transpose(1, 2).reshape(b, *spatial, c))
+        _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        out = attend(q, k, v, self.pattern(spatial), scale=self.scale, bias=self.rpb)
+        return self.proj(merge_heads(out, spatial))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
                 f"dilation={self.dilation}, is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}")
 
+
+
+register(Mechanism(
+    name="neighborhood", paper="Neighborhood Attention Transformer (CVPR 2023); Dilated NAT (2022)",
+    repo="SHI-Labs/NATTEN", family="local window", dims=("1d", "2d", "3d"), causal=True, cross=False,
+    make=lambda dim, num_heads, kernel_size=7, **kw: NeighborhoodAttention(dim, num_heads, kernel_size, **kw),
+    cls=NeighborhoodAttention))

@@ -1,0 +1,53 @@
+"""Small pieces every vision module shares: input checks, head split/merge, parameter init."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def check_dim_heads(dim: object, num_heads: object) -> int:
+    """Validate ``dim``/``num_heads`` and return the head dim."""
+    if (not isinstance(dim, int) or not isinstance(num_heads, int) or isinstance(dim, bool)
+            or isinstance(num_heads, bool) or num_heads <= 0 or dim <= 0 or dim % num_heads):
+        raise ValueError(f"dim ({dim!r}) must be a positive multiple of num_heads ({num_heads!r})")
+    return dim // num_heads
+
+
+def check_channels_last(x: object, ndim: int, dim: int, name: str = "x") -> tuple[int, tuple[int, ...], int]:
+    """``x`` must be ``(B, *spatial, dim)`` with ``ndim`` spatial axes; returns ``(B, spatial, N)``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim + 2 or x.shape[-1] != dim:
+        axes = ", ".join(("T", "H", "W")[3 - ndim:] if ndim <= 3 else (f"S{i}" for i in range(ndim)))
+        raise ValueError(f"{name} must be (B, {axes}, {dim}) channel-last, got {tuple(x.shape)}")
+    if 0 in x.shape:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    spatial = tuple(x.shape[1:-1])
+    return x.shape[0], spatial, math.prod(spatial)
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, *spatial, heads*d)`` (or ``(B, N, heads*d)``) -> ``(B, heads, N, d)``, channels head-major."""
+    b, c = t.shape[0], t.shape[-1]
+    return t.reshape(b, -1, num_heads, c // num_heads).transpose(1, 2)
+
+
+def merge_heads(o: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``(B, heads, N, d)`` -> ``(B, *spatial, heads*d)``."""
+    b, h, _, d = o.shape
+    return o.transpose(1, 2).reshape(b, *spatial, h * d)
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output of a fused ``Linear(C, 3C)`` ``(B, *spatial, 3C)``, split ``[3, heads, d]`` -> three ``(B, h, N, d)``."""
+    b, c3 = qkv.shape[0], qkv.shape[-1]
+    t = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return t[0], t[1], t[2]
+
+
+def trunc_normal_(p: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """timm's default for position-bias tables: truncated normal, mean 0, clipped at +-2 (absolute)."""
+    return nn.init.trunc_normal_(p, std=std, mean=0.0, a=-2.0, b=2.0)

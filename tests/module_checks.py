@@ -1,0 +1,67 @@
+"""Checks every mechanism module must pass: reuse these instead of re-writing them per mechanism."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = "output") -> None:
+    """Max abs error within ``rtol`` of the expected tensor's max magnitude (at least 1)."""
+    err = (actual.double() - expected.double()).abs().max().item()
+    bound = rtol * max(1.0, expected.double().abs().max().item())
+    assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def check_against_reference(module: torch.nn.Module, x: torch.Tensor, reference, rtol: float = 1e-5,
+                            grad_rtol: float = 3e-5) -> None:
+    """``module(x)`` in float32 vs ``reference(module64, x64)`` in float64: outputs, input and parameter grads."""
+    x = x.detach().float().requires_grad_()
+    out = module(x)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    m64 = copy.deepcopy(module).double()
+    m64.zero_grad()
+    x64 = x.detach().double().requires_grad_()
+    expected = reference(m64, x64)
+    (expected * g.double()).sum().backward()
+    assert_close(out, expected, rtol)
+    assert_close(x.grad, x64.grad, grad_rtol, "x.grad")
+    for (name, p), p64 in zip(module.named_parameters(), m64.parameters()):
+        if p.grad is None:
+            assert p64.grad is None or not p64.grad.any(), f"{name}: no gradient but the reference has one"
+            continue
+        assert_close(p.grad, p64.grad, grad_rtol, f"{name}.grad")
+    module.zero_grad()
+
+
+def check_forward_backward_finite(module: torch.nn.Module, x: torch.Tensor) -> None:
+    x = x.detach().requires_grad_()
+    out = module(x)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    assert torch.isfinite(x.grad).all(), "input gradient has NaN/inf"
+    for name, p in module.named_parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all(), f"{name}.grad has NaN/inf"
+    module.zero_grad()
+
+
+def check_compile_matches_eager(module: torch.nn.Module, x: torch.Tensor, atol: float = 1e-5) -> None:
+    module.eval()
+    with torch.no_grad():
+        eager = module(x)
+        compiled = torch.compile(module)(x)
+    assert_close(compiled, eager, atol, "compiled output")
+
+
+def check_state_dict_round_trip(make, x: torch.Tensor) -> None:
+    """A fresh module loading another's state_dict (strict) computes the same function."""
+    torch.manual_seed(0)
+    a = make().eval()
+    torch.manual_seed(1)
+    b = make().eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
