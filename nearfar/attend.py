@@ -11,8 +11,10 @@ import torch
 from .backends import ENGINES
 from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
+from .backends.partition import partition_attention
 from .bias import DenseBias, RelativePositionBias
-from .patterns import Dense, Neighborhood, Pattern
+from .patterns import Dense, Pattern
+from .patterns.spatial import SpatialPattern
 from .plan import get_plan
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -85,13 +87,14 @@ def _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_ls
 def _bias_source(bias, pattern, b, hq, nq, nk):
     if bias is None:
         return None
-    if isinstance(pattern, Neighborhood) and tuple(bias.shape) == pattern.rpb_shape(hq):
+    takes_table = isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None
+    if takes_table and tuple(bias.shape) == pattern.rpb_shape(hq):
         pattern.check_rpb()
         return RelativePositionBias(bias, pattern, nq)
     target = (b, hq, nq, nk)
     ok = bias.dim() <= 4 and all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target)))
     if not ok:
-        rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if isinstance(pattern, Neighborhood) else ""
+        rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if takes_table else ""
         raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
                          f"{(b, hq, nq, nk)}{rpb}")
     return DenseBias(bias)
@@ -113,8 +116,9 @@ def attend(
 
     ``Hq % Hkv == 0`` (GQA/MQA); ``Nq != Nk`` is allowed (positional patterns align the last query with the
     last key). ``pattern=None`` is dense attention. ``bias`` is added to the scaled scores: a tensor
-    broadcastable to ``(B, Hq, Nq, Nk)`` or, with a ``Neighborhood`` pattern, a relative-position-bias table
-    ``(Hq, 2k-1, ...)``. ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
+    broadcastable to ``(B, Hq, Nq, Nk)`` or, with a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern, a
+    relative-position-bias table ``(Hq, 2k-1, ...)`` (key-minus-query offsets, see the pattern).
+    ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
     (and LSE ``-inf``). Returns ``(B, Hq, Nq, dv)``, plus the LSE ``(B, Hq, Nq)`` (natural log, of the scaled
     biased scores, not differentiable) when ``return_lse``.
     """
@@ -139,7 +143,10 @@ def attend(
         out, lse = dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
     elif engine == "blocksparse":
         plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
-        out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+        if _is_partition(plan):
+            out, lse = partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+        else:
+            out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
     else:
         from .backends.flex import flex_attention_engine
 
@@ -152,9 +159,16 @@ def _plan(pattern, nq, nk, device):
     return get_plan(pattern, nq, nk, device=device)
 
 
+@torch.compiler.disable
+def _is_partition(plan) -> bool:
+    return plan.partition
+
+
 def _choose(q, pattern, nq, nk, bias) -> str:
     """Dense for small problems and no pattern; on CUDA compiled FlexAttention (its Triton kernels beat our
     per-chunk kernels there); elsewhere the block-sparse engine, which beats compiled Flex on CPU and trains."""
+    if pattern is not None and pattern.is_partition:
+        return "blocksparse"  # windows: one batched attention over the tiles (``backends.partition``)
     if pattern is None or nq * nk <= _SMALL:
         return "dense"
     trains_bias = bias is not None and bias.requires_grad  # our Flex engine takes no bias gradient

@@ -65,7 +65,8 @@ class DenseBias(BiasSource):
 
 
 class RelativePositionBias(BiasSource):
-    """NAT/DiNAT relative-position bias: table ``(Hq, 2k-1[, 2k-1[, 2k-1]])``, index ``(j-i)/dilation + k-1``."""
+    """A relative-position-bias table ``(Hq, 2m-1[, 2m-1[, 2m-1]])`` indexed by the pattern's ``rpb_index``
+    (NAT/DiNAT: ``(j-i)/dilation + k-1``; windows: the key-minus-query offset inside the window)."""
 
     def __init__(self, table: torch.Tensor, pattern, n: int):
         super().__init__(table, tuple(table.shape))

@@ -36,7 +36,10 @@ def _segments(layout: Layout, tile: tuple[int, ...], device) -> tuple[torch.Tens
         i = torch.arange(n, device=device)
         d, t, o = layout.dilation[a], tile[a], layout.offset[a]
         g, ip = i % d, i // d
-        local = torch.div(ip - o, t, rounding_mode="floor") + 1  # >= 0 since 0 <= o < t
+        if layout.wrap[a]:  # cyclic windows (dilation 1): a window across the border is one segment
+            local = torch.remainder(ip - o, n) // t
+        else:
+            local = torch.div(ip - o, t, rounding_mode="floor") + 1  # >= 0 since 0 <= o < t
         per_group = (n + d - 1) // d // t + 2
         seg_ids.append(g * per_group + local)
         ranks.append(g * n + ip)
@@ -122,8 +125,20 @@ class Plan:
     groups: list[TileGroup]
     pattern: Pattern
     heads: int  # Hp: 1, or Hq for per-head patterns
+    #: every query tile's key list is exactly its own tokens (windows): see ``backends.partition``
+    partition: bool = False
     #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims)
     engine_cache: dict = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def tile_mask(self) -> torch.Tensor | None:
+        """Partition plans: ``(nT, T, T)`` additive mask of each tile against its own slots, None if all-zero.
+
+        Empty query slots get an all-zero row: their outputs are dropped and their gradients are zero, and a
+        harmless row keeps the kernels free of NaN."""
+        ok = _allowed_heads(self.pattern, self.q_idx, self.q_idx[None], self.nq, self.nk)[0]
+        ok |= (self.q_idx < 0)[:, :, None]
+        return None if bool(ok.all()) else _to_additive(ok)
 
     @functools.cached_property
     def q_in_order(self) -> bool:
@@ -314,10 +329,13 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
                         for t0 in range(0, n_q_tiles, step)])
     layout = pattern.layout(nq, nk) if nq == nk else None
     groups = []
+    partition = hp == 1
     for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):
         q = qt.idx[tiles]
         k_idx = _key_lists(pattern, q, kt, nq, nk)
         width = k_idx.shape[-1]
+        partition = partition and width <= tq and torch.equal(
+            q.sort(-1).values, torch.nn.functional.pad(k_idx[0], (0, tq - width), value=-1).sort(-1).values)
         g = TileGroup(tiles, q, k_idx)
         if hp == 1 and width < nk:
             runs = _as_runs(k_idx[0], width, nk)
@@ -338,7 +356,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
         elif cached + ok.numel() <= _BOOL_BUDGET:
             g.mask_b = ok
             cached += ok.numel()
-    return Plan(nq, nk, qt.idx, groups, pattern, hp)
+    return Plan(nq, nk, qt.idx, groups, pattern, hp, partition=partition)
 
 
 _CACHE: OrderedDict = OrderedDict()

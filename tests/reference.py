@@ -275,3 +275,45 @@ def sinks_mask(nq, nk, n):
 
 def dense_mask(nq, nk):
     return torch.ones(nq, nk, dtype=torch.bool)
+
+
+def _window_slots(grid, size, shift, rolled_partition):
+    """Per token (row-major): (window, slot) after rolling by -shift and partitioning into ``size`` windows (P2),
+    or the grid partition (P3) when ``rolled_partition`` is False (then ``shift`` is ignored)."""
+    nd = len(grid)
+    token = torch.arange(math.prod(grid)).view(grid)
+    out = [None] * math.prod(grid)
+    if rolled_partition:
+        rolled = torch.roll(token, shifts=tuple(-s for s in shift), dims=tuple(range(nd)))
+        for pos in itertools.product(*(range(g) for g in grid)):
+            out[int(rolled[pos])] = (tuple(p // m for p, m in zip(pos, size)), tuple(p % m for p, m in zip(pos, size)))
+    else:
+        stride = [g // s for g, s in zip(grid, size)]
+        for pos in itertools.product(*(range(g) for g in grid)):
+            window, slot = tuple(p % t for p, t in zip(pos, stride)), tuple(p // t for p, t in zip(pos, stride))
+            out[int(token[pos])] = (window, slot)
+    return out
+
+
+def window_rpb_bias(table, grid, size, shift=0, grid_partition=False):
+    """Dense (H, N, N) bias of a window relative-position table ``(H, 2m-1, ...)`` (key-minus-query convention:
+    entry ``[h, s_k - s_q + m - 1, ...]`` for the window slots ``s`` of P2 after rolling by -shift, or of P3 for
+    ``grid_partition``). Pairs in different windows get 0 (they are masked). Extents must be divisible."""
+    grid = _tup(grid, 1)
+    nd = len(grid)
+    size, shift = _tup(size, nd), _tup(shift, nd)
+    slots = _window_slots(grid, size, shift, not grid_partition)
+    n = len(slots)
+    idx = torch.zeros(n, n, dtype=torch.long)
+    same = torch.zeros(n, n, dtype=torch.bool)
+    for i, (wi, si) in enumerate(slots):
+        for j, (wj, sj) in enumerate(slots):
+            if wi != wj:
+                continue
+            flat = 0
+            for a in range(nd):
+                flat = flat * (2 * size[a] - 1) + (sj[a] - si[a] + size[a] - 1)
+            idx[i, j] = flat
+            same[i, j] = True
+    flat_table = table.reshape(table.shape[0], -1)
+    return torch.where(same, flat_table[:, idx], torch.zeros((), dtype=table.dtype))

@@ -112,6 +112,9 @@ def unravel(idx: torch.Tensor, grid: Sequence[int]) -> list[torch.Tensor]:
 class Pattern:
     """Base class. Subclasses implement ``allowed`` and ``block_allowed`` and describe themselves by ``_key``."""
 
+    #: every token tile attends exactly to itself (windows): the engine runs one batched attention over tiles
+    is_partition = False
+
     #: spatial layout hint ``(grid, dilation)`` for token ordering, or None (1D order is kept)
     def layout(self, nq: int, nk: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
         return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import per_axis, unravel
+from .base import per_axis
 from .spatial import Layout, SpatialPattern
 
 
@@ -78,19 +78,11 @@ class Neighborhood(SpatialPattern):
         return {"group": j % self.dilation[a], "pos": j // self.dilation[a]}
 
     # relative-position bias (NAT): table (heads, 2k-1[, 2k-1[, 2k-1]]), index (j - i)/dilation + k - 1 per axis
-    def rpb_shape(self, heads: int) -> tuple[int, ...]:
-        return (heads, *(2 * k - 1 for k in self.kernel_size))
+    def rpb_size(self):
+        return self.kernel_size
 
-    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
-        """Flat index into the spatial part of the rpb table for allowed pairs (clamped elsewhere)."""
-
-        grid = self.grid_for(n)
-        flat = None
-        for a, (qi, kj) in enumerate(zip(unravel(q, grid), unravel(k, grid))):
-            ks = self.kernel_size[a]
-            idx = (torch.div(kj - qi, self.dilation[a], rounding_mode="floor") + ks - 1).clamp(0, 2 * ks - 2)
-            flat = idx if flat is None else flat * (2 * ks - 1) + idx
-        return flat
+    def rel_coord(self, a, t, extent):
+        return torch.div(t, self.dilation[a], rounding_mode="floor")
 
     def check_rpb(self) -> None:
         if any(self.is_causal) or any(s > 1 for s in self.stride):

@@ -12,15 +12,18 @@ class Layout:
 
     Per axis: tokens are grouped by residue ``i % dilation`` (so a dilated pattern becomes a dense one per
     group), then cut into segments of ``tile`` group-local positions starting at ``offset``. A token tile is
-    one segment per axis, so tiles are compact boxes instead of raster rows.
+    one segment per axis, so tiles are compact boxes instead of raster rows. On a ``wrap`` axis (dilation 1)
+    segments are cut cyclically, ``((i - offset) mod extent) // tile``, so a window that wraps around the
+    border (cyclic shifts, and Swin's rolled windows) is one tile instead of two partial ones.
     """
 
-    def __init__(self, grid, dilation=None, tile=None, offset=None):
+    def __init__(self, grid, dilation=None, tile=None, offset=None, wrap=None):
         n = len(grid)
         self.grid = tuple(grid)
         self.dilation = tuple(dilation or (1,) * n)
         self.tile = tuple(tile) if tile else None
         self.offset = tuple(offset or (0,) * n)
+        self.wrap = tuple(wrap or (False,) * n)
 
 
 class SpatialPattern(Pattern):
@@ -46,6 +49,32 @@ class SpatialPattern(Pattern):
 
     def check_extents(self, grid: tuple[int, ...]) -> None:
         pass
+
+    # relative-position bias: a table (heads, 2m-1[, 2m-1[, 2m-1]]) indexed per axis by
+    # rel_coord(key) - rel_coord(query) + m - 1 ("key minus query", NAT's convention)
+    def rpb_size(self) -> tuple[int, ...] | None:
+        """Per-axis window extent ``m`` of a relative-position-bias table, or None if the pattern takes none."""
+        return None
+
+    def rel_coord(self, a: int, t: torch.Tensor, extent: int) -> torch.Tensor:
+        """The coordinate on axis ``a`` whose key-minus-query difference indexes the bias table."""
+        return t
+
+    def rpb_shape(self, heads: int) -> tuple[int, ...]:
+        return (heads, *(2 * m - 1 for m in self.rpb_size()))
+
+    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Flat index into the spatial part of the table for allowed pairs (clamped elsewhere)."""
+        grid = self.grid_for(n)
+        flat = None
+        for a, (m, qi, kj) in enumerate(zip(self.rpb_size(), unravel(q, grid), unravel(k, grid))):
+            rel = self.rel_coord(a, kj, grid[a]) - self.rel_coord(a, qi, grid[a])
+            idx = (rel + m - 1).clamp(0, 2 * m - 2)
+            flat = idx if flat is None else flat * (2 * m - 1) + idx
+        return flat
+
+    def check_rpb(self) -> None:
+        """Raise if this configuration cannot take the table ``rpb_shape`` describes."""
 
     # per-axis description used by ``allowed`` and ``block_allowed``
     def query_axis(self, a: int, i: torch.Tensor, extent: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -21,7 +21,14 @@ class Blocks(SpatialPattern):
     ``floor((t - shift) / size)``); extents not divisible by ``size`` end with a smaller window.
     ``wrap=True`` is the cyclic, unmasked shift (window id ``((t - shift) mod extent) // size``) and
     needs extents divisible by ``size``.
+
+    A relative-position-bias table ``(heads, 2*size-1, ...)`` passed as ``attend(..., bias=table)`` is indexed
+    by the key-minus-query offset of the two tokens inside their window (Swin's P4 table is query-minus-key
+    and flattened: ``table_swin.T.reshape(heads, 2M-1, 2M-1).flip(1, 2)`` converts it). With ``wrap=True``
+    the offset is taken in rolled coordinates, as CRAFT and HiDiffusion compute it after ``torch.roll``.
     """
+
+    is_partition = True
 
     def __init__(self, size, grid=None, shift=0, wrap=False):
         ndim = self._init_grid(grid, size=size, shift=shift)
@@ -49,15 +56,36 @@ class Blocks(SpatialPattern):
             return torch.remainder(t - s, extent) // m
         return torch.div(t - s, m, rounding_mode="floor")
 
+    def _rolled(self, a: int, extent: int) -> bool:
+        # Swin's shift on a divisible extent: same window implies same rolled window, and the rolled id is
+        # what keeps the tile-level test tight on the rolled tiles (whose plain window ids span -1..n/m)
+        return not self.wrap and self.shift[a] > 0 and extent % self.size[a] == 0
+
     def query_axis(self, a, i, extent):
         w = self.window_id(a, i, extent)
+        if self._rolled(a, extent):
+            r = torch.remainder(i - self.shift[a], extent) // self.size[a]
+            return {"win": (w, w), "roll": (r, r)}
         return {"win": (w, w)}
 
     def key_axis(self, a, j, extent):
+        if self._rolled(a, extent):
+            return {"win": self.window_id(a, j, extent),
+                    "roll": torch.remainder(j - self.shift[a], extent) // self.size[a]}
         return {"win": self.window_id(a, j, extent)}
 
+    def rpb_size(self):
+        return self.size
+
+    def rel_coord(self, a, t, extent):
+        return torch.remainder(t - self.shift[a], extent) if self.wrap else t
+
     def layout(self, nq, nk):
-        return Layout(self.grid_for(nq), tile=self.size, offset=self.shift)
+        grid = self.grid_for(nq)
+        # Swin's shifted windows on a divisible extent: tile the rolled windows (full tiles, the region mask
+        # inside), as Swin does, rather than the partial windows at both borders
+        wrap = tuple(self.wrap or self._rolled(a, n) for a, n in enumerate(grid))
+        return Layout(grid, tile=self.size, offset=self.shift, wrap=wrap)
 
     def _key(self):
         return ("Blocks", self.size, self.grid, self.shift, self.wrap)
@@ -65,7 +93,11 @@ class Blocks(SpatialPattern):
 
 class Grid(SpatialPattern):
     """MaxViT grid attention: ``size`` tokens per axis at stride ``extent / size`` attend each other
-    (token ``t`` is in window ``t % (extent // size)``). Extents must be divisible by ``size``."""
+    (token ``t`` is in window ``t % (extent // size)``). Extents must be divisible by ``size``. A relative-position
+    table ``(heads, 2*size-1, ...)`` is indexed by key-minus-query offsets in grid units (``t // (extent // size)``),
+    as in MaxViT."""
+
+    is_partition = True
 
     def __init__(self, size, grid=None):
         ndim = self._init_grid(grid, size=size)
@@ -88,6 +120,12 @@ class Grid(SpatialPattern):
     def layout(self, nq, nk):
         grid = self.grid_for(nq)
         return Layout(grid, dilation=tuple(n // g for n, g in zip(grid, self.size)), tile=self.size)
+
+    def rpb_size(self):
+        return self.size
+
+    def rel_coord(self, a, t, extent):
+        return torch.div(t, extent // self.size[a], rounding_mode="floor")
 
     def _key(self):
         return ("Grid", self.size, self.grid)
