@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..bias import DenseBias
 from ..plan import Plan
 
 
@@ -46,7 +47,9 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
     empty = None
     if mask is not None:
         mask = mask.expand(mask.shape[0], hq, n_tiles, t, t).reshape(mask.shape[0], hq * n_tiles, t, t)
-        if kpm is not None or bias is not None or tile_mask is not None:
+        # inside a partition every query may attend itself: only a padding mask or a dense bias (with -inf)
+        # can leave a query without keys
+        if kpm is not None or isinstance(bias, DenseBias):
             rows = torch.isinf(mask).all(-1, keepdim=True)  # a query with no key: harmless row, zero output
             if bool(rows.any()):
                 empty = rows
