@@ -171,7 +171,7 @@ def _choose(q, pattern, nq, nk, bias) -> str:
         return "blocksparse"  # windows: one batched attention over the tiles (``backends.partition``)
     if pattern is None or nq * nk <= _SMALL:
         return "dense"
-    trains_bias = bias is not None and bias.requires_grad  # our Flex engine takes no bias gradient
+    trains_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()  # Flex: no bias gradient
     if q.device.type == "cuda" and not trains_bias and (pattern, nq, nk) not in _FLEX_FAILED:
         from .backends.flex import available
 

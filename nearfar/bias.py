@@ -42,14 +42,14 @@ class DenseBias(BiasSource):
         h = torch.arange(k.shape[0], device=q.device) * (hb > 1)
         return h[:, None, None, None], q[None, :, :, None], k[:, :, None, :]
 
-    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
         """Values for query tiles ``q_idx (c, T)`` and their key lists ``k_idx (Hp, c, W)``."""
         h, q, k = self._index(q_idx, k_idx)
         if h is None:
             return self.b4[:, :, q, k]  # (B', H', c, T, W)
         return self.b4[:, h, q, k]  # (B', Hp, c, T, W)
 
-    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor) -> None:
+    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor, memo: dict | None = None) -> None:
         """ds: (B, Hq, c, T, W) score gradients (zero where masked)."""
         bb, hb = self.b4.shape[:2]
         if bb == 1:
@@ -73,17 +73,24 @@ class RelativePositionBias(BiasSource):
         self.pattern = pattern
         self.n = n
 
-    def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
+    def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor, memo: dict | None) -> torch.Tensor:
+        """(c, T, W) table index; ``memo`` (a per-chunk dict the engine keeps with its plan) caches it, since it
+        depends only on the pattern and the tiles."""
+        if memo is not None and "rpb_index" in memo:
+            return memo["rpb_index"]
         q = q_idx.clamp(min=0)[:, :, None]
         k = k_idx[0].clamp(min=0)[:, None, :]
-        return self.pattern.rpb_index(q, k, self.n)  # (c, T, W)
+        idx = self.pattern.rpb_index(q, k, self.n)
+        if memo is not None:
+            memo["rpb_index"] = idx
+        return idx
 
-    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor) -> torch.Tensor:
-        idx = self._index(q_idx, k_idx)
+    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+        idx = self._index(q_idx, k_idx, memo)
         table = self.tensor.reshape(self.tensor.shape[0], -1)
         return table[:, idx][None]  # (1, Hq, c, T, W)
 
-    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor) -> None:
-        idx = self._index(q_idx, k_idx).reshape(-1)
+    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor, memo: dict | None = None) -> None:
+        idx = self._index(q_idx, k_idx, memo).reshape(-1)
         g = ds.sum(0).reshape(ds.shape[1], -1).to(self.grad.dtype)
         self.grad.view(self.grad.shape[0], -1).index_add_(1, idx, g)

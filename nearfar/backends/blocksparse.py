@@ -7,14 +7,15 @@ chunk; nothing of size N² is ever formed. The backward pass is flash-style: it 
 the log-sum-exp and recomputes each chunk.
 
 Two chunk kernels: ``fused`` calls PyTorch's CPU flash-attention operator (forward and backward, with an
-additive mask) and is the default on CPU; ``matmul`` is plain PyTorch (any device, and the one used when a
-bias needs a gradient, since the fused operator returns none for its mask).
+additive mask) and is the default on CPU; ``matmul`` is plain PyTorch (any device, and the one the backward
+pass uses when a bias needs a gradient, since the fused operator returns none for its mask; the forward
+pass stays fused, as the backward recomputes the scores anyway).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +41,7 @@ class Chunk:
     t1: int
     view: tuple[int, int] | None  # (first key, spacing) when K/V can be read as a strided view
     index: torch.Tensor  # flat gather index of the chunk's key lists (see ``Problem._gather_index``)
+    memo: dict = field(default_factory=dict)  # data-independent values of bias sources (e.g. the rpb index)
 
     @property
     def size(self) -> int:
@@ -80,10 +82,11 @@ class Problem:
         self.scale = scale
         self.kpm = kpm
         self.bias = bias
-        need_bias_grad = bias is not None and bias.requires_grad
+        need_bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         if kernel == "auto":
-            kernel = "fused" if _fused_available(q.device) and not need_bias_grad and d == self.dv else "matmul"
+            kernel = "fused" if _fused_available(q.device) and d == self.dv else "matmul"
         self.kernel = kernel
+        self.backward_kernel = "matmul" if need_bias_grad else kernel
         # half-precision inputs are computed in float32 chunk by chunk on CPU: more accurate, and AVX2 CPUs have
         # no fast half-precision matmul anyway
         half = q.dtype in (torch.float16, torch.bfloat16)
@@ -269,7 +272,7 @@ class Problem:
 
     def bias_tile(self, ch: Chunk) -> torch.Tensor:
         """Bias of a chunk as (B', c, H', gx', T, W), matching the 6D chunk mask layout."""
-        t = self.bias.tile(ch.q_idx, ch.k_idx)  # (B', H', c, T, W) with H' in {1, Hq}
+        t = self.bias.tile(ch.q_idx, ch.k_idx, ch.memo)  # (B', H', c, T, W) with H' in {1, Hq}
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         bb, hh = t.shape[:2]
         if hh == 1:
@@ -280,7 +283,7 @@ class Problem:
         """ds: (B*c, Hx, gx*T, W) -> the bias' own accumulation, as (B, Hq, c, T, W)."""
         t, w = self.plan.tile, ch.group.width
         ds = ds.view(self.b, ch.size, self.hx, self.gx, t, w).permute(0, 2, 3, 1, 4, 5)
-        self.bias.accumulate(ch.q_idx, ch.k_idx, ds.reshape(self.b, self.hq, ch.size, t, w))
+        self.bias.accumulate(ch.q_idx, ch.k_idx, ds.reshape(self.b, self.hq, ch.size, t, w), ch.memo)
 
 
 # ----- chunk kernels -----
@@ -360,7 +363,7 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
         kc, vc = pb.compute(pb.gather(kt, idx, ch, sk), pb.gather(vt, idx, ch, sv))
         lc = pb.read(lt, ch)
         mask = pb.chunk_mask(ch)
-        if pb.kernel == "fused":
+        if pb.backward_kernel == "fused":
             # the fused op reports lse = 0 for rows with no key; its gradients there are 0 as well
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=_fused_mask(mask, qc), scale=pb.scale)
@@ -419,7 +422,7 @@ def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None
                           kernel: str = "auto"):
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
     d, dv = q.shape[-1], v.shape[-1]
-    if kernel != "matmul" and d != dv and _fused_available(q.device) and not (bias is not None and bias.requires_grad):
+    if kernel != "matmul" and d != dv and _fused_available(q.device):
         # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)
         e = max(d, dv)
         pad = torch.nn.functional.pad

@@ -22,6 +22,11 @@ def _layout(plan: Plan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     return plan.q_idx.clamp(min=0).reshape(-1), plan.q_inv, plan.tile_mask
 
 
+@torch.compiler.disable
+def _memo(plan: Plan) -> dict:
+    return plan.engine_cache.setdefault("partition", {})
+
+
 def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse: bool = False):
     """Attention of a partition plan. ``kpm``: additive (B, Nk) float mask; ``bias``: a bias source."""
     b, hq, _, d = q.shape
@@ -42,7 +47,7 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         kp = kpm.index_select(1, src).view(b, 1, n_tiles, 1, t).to(acc)
         mask = kp if mask is None else mask + kp
     if bias is not None:
-        bt = bias.tile(plan.q_idx, plan.q_idx[None]).to(acc)  # (B', H', nT, T, T)
+        bt = bias.tile(plan.q_idx, plan.q_idx[None], _memo(plan)).to(acc)  # (B', H', nT, T, T)
         mask = bt if mask is None else mask + bt
     empty = None
     if mask is not None:

@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+from .dualtoken import DualTokenAttention
+from .maformer import MAFAttention
+from .maxvit import MaxViTAttention
 from .neighborhood import NeighborhoodAttention
 from .registry import Mechanism, mechanisms, register
+from .swin import WindowAttention
 
-__all__ = ["Mechanism", "NeighborhoodAttention", "mechanisms", "register"]
+__all__ = ["DualTokenAttention", "MAFAttention", "MaxViTAttention", "Mechanism", "NeighborhoodAttention",
+           "WindowAttention", "mechanisms", "register"]

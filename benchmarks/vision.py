@@ -1,0 +1,166 @@
+"""Vision mechanisms on the issue's two feature maps: each registered 2D module's forward against the
+straightforward implementation of its official approach (``benchmarks/baselines``), and NA/DiNA against the
+installed peers (NATTEN's module, compiled FlexAttention).
+
+    python benchmarks/vision.py                        # every 2D mechanism, markdown to stdout
+    python benchmarks/vision.py --mechanisms swin hilo --rounds 9
+
+fp32, no grad, B=8: (56, 56, 96) with ``make(96, 3)`` and (14, 14, 384) with ``make(384, 12)``. Methods are timed
+in interleaved rounds with a rotating order (``nearfar.bench.interleave``); "speed-up" is the median over rounds
+of baseline time / nearfar time (>= 1: nearfar no slower). Every pair passes a correctness gate first (max
+abs difference of the outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nearfar  # noqa: E402
+from nearfar.bench import interleave, load, median_ratio  # noqa: E402
+
+SHAPES = [((8, 56, 56, 96), 3), ((8, 14, 14, 384), 12)]
+#: extra settings timed beside a mechanism's defaults: DiNAT's dilation at each stage (224 input, k = 7)
+VARIANTS = {"neighborhood": {"DiNA": {56: dict(dilation=8), 14: dict(dilation=2)}}}
+
+
+def baselines() -> dict:
+    import baselines as pkg
+
+    out = {}
+    for info in pkgutil.iter_modules(pkg.__path__):
+        out.update(importlib.import_module(f"baselines.{info.name}").BASELINES)
+    return out
+
+
+def _peers(module, x) -> dict:
+    """NA/DiNA peers with the module's weights: NATTEN's NeighborhoodAttention2D, and compiled Flex."""
+    peers = {}
+    if module.rpb is not None:
+        return peers
+    try:
+        import natten
+
+        nat = natten.NeighborhoodAttention2D(module.dim, module.num_heads, module.kernel_size,
+                                             dilation=module.dilation).eval()
+        nat.load_state_dict(module.state_dict())
+        peers["NATTEN module"] = lambda: nat(x)
+    except Exception as err:  # noqa: BLE001 - a peer that does not install or run is reported, not fatal
+        peers["NATTEN module"] = repr(err)[:120]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        from nearfar.modules.common import merge_heads, split_qkv
+
+        spatial = tuple(x.shape[1:-1])
+        pattern = module.pattern(spatial)
+        n = x[0, ..., 0].numel()
+        block_mask = create_block_mask(lambda b, h, qi, ki: pattern.allowed(qi, ki, n, n), None, None, n, n,
+                                       device="cpu")
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def run():
+            q, k, v = split_qkv(module.qkv(x), module.num_heads)
+            return module.proj(merge_heads(flex(q, k, v, block_mask=block_mask, scale=module.scale), spatial))
+
+        run()
+        peers["compiled Flex"] = run
+    except Exception as err:  # noqa: BLE001
+        peers["compiled Flex"] = repr(err)[:120]
+    return peers
+
+
+def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dict, peers: bool) -> dict:
+    torch.manual_seed(0)
+    module = make(shape[-1], heads, **kw).eval()
+    x = torch.randn(*shape)
+    res = dict(mechanism=name, shape=list(shape), kwargs=kw, load_before=load())
+    with torch.no_grad():
+        methods = {"nearfar": lambda: module(x)}
+        if baseline is not None:
+            out, ref = module(x), baseline(module, x)
+            if isinstance(out, tuple):
+                out = out[0]
+            res["max_abs_err_vs_baseline"] = float((out - ref).abs().max())
+            methods["baseline"] = lambda: baseline(module, x)
+        if peers:
+            for label, fn in _peers(module, x).items():
+                if isinstance(fn, str):
+                    res[f"{label} error"] = fn
+                else:
+                    methods[label] = fn
+        times = interleave(methods, rounds=rounds, warmup=1)
+    res["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    res["speedup"] = {k: median_ratio(times, k, "nearfar") for k in times if k != "nearfar"}
+    res["load_after"] = load()
+    return res
+
+
+def run(selected: list[str] | None, rounds: int, peers: bool) -> list[dict]:
+    base = baselines()
+    results = []
+    for mech in nearfar.mechanisms():
+        if "2d" not in mech.dims or (selected and mech.name not in selected):
+            continue
+        for shape, heads in SHAPES:
+            settings = {"": {}}
+            for label, per_size in VARIANTS.get(mech.name, {}).items():
+                settings[label] = per_size[shape[1]]
+            for label, kw in settings.items():
+                name = mech.name + (f" ({label})" if label else "")
+                t0 = time.perf_counter()
+                try:
+                    res = bench_one(name, mech.make, base.get(mech.name), shape, heads, rounds, kw,
+                                    peers and mech.name == "neighborhood")
+                except Exception as err:  # noqa: BLE001 - one failing mechanism must not hide the others
+                    res = dict(mechanism=name, shape=list(shape), error=repr(err)[:300])
+                res["seconds"] = round(time.perf_counter() - t0, 1)
+                print(json.dumps(res), file=sys.stderr, flush=True)
+                results.append(res)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| mechanism | input | nearfar ms | baseline ms | speed-up vs baseline | peers (speed-up) | max err |",
+             "|---|---|---:|---:|---:|---|---:|"]
+    for r in results:
+        shape = "x".join(map(str, r["shape"][1:]))
+        if "error" in r:
+            lines.append(f"| {r['mechanism']} | {shape} | error: {r['error'][:80]} | | | | |")
+            continue
+        ms, sp = r["ms"], r["speedup"]
+        peers = ", ".join(f"{k} {ms[k]:.1f} ms ({sp[k]:.2f}x)" for k in ms if k not in ("nearfar", "baseline"))
+        base = f"{ms['baseline']:.1f}" if "baseline" in ms else "n/a"
+        bsp = f"**{sp['baseline']:.2f}x**" if "baseline" in sp else "n/a"
+        err = f"{r['max_abs_err_vs_baseline']:.1e}" if "max_abs_err_vs_baseline" in r else ""
+        lines.append(f"| {r['mechanism']} | {shape} | {ms['nearfar']:.1f} | {base} | {bsp} | {peers} | {err} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mechanisms", nargs="*", help="registry names (default: every 2D mechanism)")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    results = run(args.mechanisms, args.rounds, not args.skip_peers)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}\n")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
