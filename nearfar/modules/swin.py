@@ -20,9 +20,10 @@ Differences from the official code:
   detection/segmentation forks zero-pad and let the padded tokens take part as keys (with k/v equal to the
   projection biases); here padded positions are masked out, so edge windows are simply smaller (this equals the
   padded computation with the padded keys removed);
-- a window larger than the input is clipped to it per axis, with shift 0 on that axis (Video Swin's
-  ``get_window_size``; 2D Swin applies the same rule with ``min(H, W)`` on both axes at construction), using the
-  centre of the bias table;
+- an input no larger than the window on an axis gets the window clipped to it and shift 0 on that axis, per axis
+  (Video Swin's ``get_window_size``), using the centre of the bias table. 2D Swin differs on non-square small
+  inputs: at construction it sets the window to ``min(H, W)`` on both axes and drops the shift on both (e.g. a
+  7x14 map with window 7, shift 3: Swin shifts neither axis, this module shifts W);
 - masked pairs of shifted windows are excluded exactly (official: -100 added to the logit);
 - no attention/projection dropout.
 """
