@@ -107,3 +107,12 @@ def test_registry():
     na = entries["neighborhood"]
     assert na.repo == "SHI-Labs/NATTEN" and "2d" in na.dims
     assert isinstance(na.make(dim=8, num_heads=2, kernel_size=3), torch.nn.Module)
+
+
+def test_dinat_schedule_matches_the_spec():
+    from nearfar.modules.neighborhood import dinat_dilations
+
+    assert dinat_dilations(2, 56) == [1, 8]
+    assert dinat_dilations(4, 28) == [1, 4, 1, 4]
+    assert dinat_dilations(6, 14) == [1, 2, 1, 2, 1, 2]
+    assert dinat_dilations(5, 7) == [1, 1, 1, 1, 1]

@@ -10,6 +10,14 @@ Parameter names and shapes follow NATTEN's legacy module, so its checkpoints loa
 Differences from the official code: no zero-padding of inputs smaller than ``kernel_size * dilation``
 (NATTEN <= 0.14 padded them and let the padded tokens attend unmasked; we raise a clear error instead, as
 NATTEN >= 0.20 does); attention and projection dropout are not implemented (NAT uses 0).
+
+Schedules (``shared/specs/vision.md`` §1): NAT uses ``kernel_size=7, dilation=1`` everywhere. DiNAT alternates
+``dilation=1`` and ``dilation = resolution // kernel_size`` inside each stage (224 input: 56 -> 8, 28 -> 4,
+14 -> 2, 7 -> 1); ``dinat_dilations(depth, resolution)`` gives that list. MedViTV2 ("DiNA", Omid-Nejati/MedViTV2
+``MedViT.py``, block ``LFP``) uses NATTEN's module with ``kernel_size=7``, ``dilation=None`` (= 1), heads = C/32,
+qkv bias and the relative-position bias, i.e. ``NeighborhoodAttention(C, C // 32, 7)`` here. Its block reshapes the
+channels-first feature map to ``(B, H, W, C)`` without a permute before the attention (so channels and positions
+are mixed up); that quirk is the caller's and is not reproduced.
 """
 
 from __future__ import annotations
@@ -23,6 +31,12 @@ from ..patterns.base import per_axis
 from ..patterns.neighborhood import as_bool
 from .common import check_channels_last, check_dim_heads, merge_heads, split_qkv, trunc_normal_
 from .registry import Mechanism, register
+
+
+def dinat_dilations(depth: int, resolution: int, kernel_size: int = 7) -> list[int]:
+    """DiNAT's per-block dilations in a stage: 1, r, 1, r, ... with ``r = max(1, resolution // kernel_size)``."""
+    r = max(1, resolution // kernel_size)
+    return [1 if i % 2 == 0 else r for i in range(depth)]
 
 
 class NeighborhoodAttention(nn.Module):
