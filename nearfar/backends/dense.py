@@ -35,6 +35,17 @@ def _rows_without_keys(mask: torch.Tensor) -> torch.Tensor | None:
     return empty if bool(empty.any()) else None
 
 
+def sdpa(q, k, v, attn_mask=None, scale=None):
+    """SDPA; on CPU with unequal q/k and v head dims, zero-pad to one size first: the fused kernel needs equal
+    dims and PyTorch otherwise takes its ~5x slower math path (zero columns change neither q.k nor the output)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    e = max(d, dv)
+    q, k, v = F.pad(q, (0, e - d)), F.pad(k, (0, e - d)), F.pad(v, (0, e - dv))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :dv]
+
+
 def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -52,7 +63,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     if db is not None:
         mask = db.to(acc) if mask is None else mask + db.to(acc)
     if mask is None and not return_lse:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale), None
+        return sdpa(q, k, v, scale=scale), None
     if mask is None:
         mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
     if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
@@ -67,7 +78,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     if return_lse:
         s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask
         lse = torch.logsumexp(s, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+    out = sdpa(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
     if empty is not None:
         keep = ~empty
         out = out * keep.to(out.dtype)

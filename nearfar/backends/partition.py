@@ -10,10 +10,10 @@ Plain differentiable torch ops: autograd, ``torch.compile`` and every device wor
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..bias import DenseBias
 from ..plan import Plan
+from .dense import sdpa
 
 
 @torch.compiler.disable
@@ -66,8 +66,7 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         if empty is not None:
             lse = lse.masked_fill(empty[..., 0].expand_as(lse), float("-inf"))
         lse = lse.reshape(b, hq, n_tiles * t).index_select(2, inv)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=None if mask is None else mask.to(q.dtype),
-                                         scale=scale)
+    out = sdpa(qt, kt, vt, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     out = out.reshape(b, hq, n_tiles * t, -1).index_select(2, inv)

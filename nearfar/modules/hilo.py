@@ -9,6 +9,9 @@ The heads are split: ``l_heads = int(num_heads * alpha)`` Lo-Fi heads attend fro
 ``window_size``-average-pooled map (global, coarse); the other ``h_heads`` Hi-Fi heads attend inside
 non-overlapping ``window_size x window_size`` windows (local, fine). Outputs are concatenated Hi-Fi first, with
 no joint projection. ``window_size == 1`` makes every head Lo-Fi without pooling (standard MHSA), as in LITv2.
+Hi-Fi runs as a batch of one-window sequences (window partition, then ``attend`` without a pattern): measured
+faster than ``Blocks(window_size, grid=(H, W))`` on the full sequence (28 vs 46 ms at 8x56x56 with 2 heads of 32,
+3 vs 6 ms at 8x14x14 with 6 heads; CPU, one thread), since windows of 4 tokens are far smaller than a tile.
 LITv2's own models pass ``qkv_bias=True, alpha=0.9`` and ``window_size`` 2 in stage 3 and 1 in stage 4 (stages 1-2
 have no attention); the 3x3-DW-conv MLP and the block are not part of this module.
 
@@ -85,9 +88,9 @@ class HiLo(nn.Module):
         if any(pads):
             x = F.pad(x, (0, 0, 0, pads[1], 0, pads[0]))
         hg, wg = x.shape[1] // s, x.shape[2] // s
-        # (B, hg, s, wg, s, [3, heads, d]) -> (3, B*windows, heads, s*s, d): one sequence per window
-        qkv = self.h_qkv(x).view(b, hg, s, wg, s, 3, heads, d).permute(5, 0, 1, 3, 6, 2, 4, 7)
-        qkv = qkv.reshape(3, b * hg * wg, heads, s * s, d)
+        # partition the input (dim channels, fewer than the 3 * h_dim of qkv): one sequence per window
+        xw = x.reshape(b, hg, s, wg, s, -1).transpose(2, 3).reshape(b * hg * wg, s * s, -1)
+        qkv = self.h_qkv(xw).view(b * hg * wg, s * s, 3, heads, d).permute(2, 0, 3, 1, 4)
         keep = None
         if self.mask_padding and any(pads):
             keep = torch.zeros(hg * s, wg * s, dtype=torch.bool, device=x.device)
@@ -95,10 +98,9 @@ class HiLo(nn.Module):
             keep = keep.view(hg, s, wg, s).transpose(1, 2).reshape(1, hg * wg, s * s)
             keep = keep.expand(b, -1, -1).reshape(b * hg * wg, s * s)
         out = attend(qkv[0], qkv[1], qkv[2], scale=self.scale, key_padding_mask=keep)
-        out = out.view(b, hg, wg, heads, s, s, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hg * s, wg * s, heads * d)
-        if any(pads):
-            out = out[:, :h, :w]
-        return self.h_proj(out)
+        out = self.h_proj(out.transpose(1, 2).reshape(b * hg * wg, s * s, heads * d))
+        out = out.view(b, hg, wg, s, s, -1).transpose(2, 3).reshape(b, hg * s, wg * s, -1)
+        return out[:, :h, :w] if any(pads) else out
 
     def lofi(self, x: torch.Tensor, pads: tuple[int, int]) -> torch.Tensor:
         """Every token attends to the ``ws``-average-pooled map (keys and values from the pooled raw input)."""

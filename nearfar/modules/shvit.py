@@ -37,8 +37,8 @@ from .registry import Mechanism, register
 class ConvNorm(nn.Sequential):
     """timm's ``Conv2dNorm`` for a 1x1 conv: ``c`` (conv without bias) then ``bn`` (weight init ``bn_weight_init``).
 
-    Applied to a channel-last tensor: the conv is a ``Linear`` on the last axis, the BatchNorm runs on the
-    channels-first view (no copy)."""
+    Applied to a channel-last tensor: the conv is a ``Linear`` on the last axis; in training the BatchNorm runs on
+    the channels-first view (no copy), in eval it is folded into the ``Linear``."""
 
     def __init__(self, in_channels: int, out_channels: int, bn_weight_init: float = 1.0):
         super().__init__()
@@ -48,8 +48,12 @@ class ConvNorm(nn.Sequential):
         nn.init.constant_(self.bn.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.c.weight.flatten(1))
-        return self.bn(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        w, bn = self.c.weight.flatten(1), self.bn
+        if bn.training or not bn.track_running_stats:  # batch statistics: the BatchNorm itself
+            return bn(F.linear(x, w).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        # running statistics: an affine map, folded into the conv weight (timm's ``fuse()``) to save a pass
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        return F.linear(x, w * scale[:, None], bn.bias - bn.running_mean * scale)
 
 
 class SHSA(nn.Module):
@@ -70,14 +74,14 @@ class SHSA(nn.Module):
         self.scale = qk_dim ** -0.5
         self.pre_norm = nn.GroupNorm(1, pdim)  # timm GroupNorm1 / official GroupNorm: one group, eps 1e-5
         self.qkv = ConvNorm(pdim, 2 * qk_dim + pdim)
-        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(dim, dim, bn_weight_init=0))
+        self.proj = nn.Sequential(nn.ReLU(inplace=True), ConvNorm(dim, dim, bn_weight_init=0))  # on the cat output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, spatial, n = check_channels_last(x, 2, self.dim)
         x1, x2 = x.split([self.pdim, self.dim - self.pdim], dim=-1)
         x1 = self.pre_norm(x1.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         q, k, v = self.qkv(x1).reshape(b, 1, n, -1).split([self.qk_dim, self.qk_dim, self.pdim], dim=-1)
-        x1 = attend(q, k, v, scale=self.scale).view(b, *spatial, self.pdim)
+        x1 = attend(q, k, v, scale=self.scale).reshape(b, *spatial, self.pdim)
         return self.proj(torch.cat([x1, x2], dim=-1))
 
     def extra_repr(self) -> str:
