@@ -131,16 +131,6 @@ class Plan:
     engine_cache: dict = field(default_factory=dict, repr=False)
 
     @functools.cached_property
-    def tile_mask(self) -> torch.Tensor | None:
-        """Partition plans: ``(nT, T, T)`` additive mask of each tile against its own slots, None if all-zero.
-
-        Empty query slots get an all-zero row: their outputs are dropped and their gradients are zero, and a
-        harmless row keeps the kernels free of NaN."""
-        ok = _allowed_heads(self.pattern, self.q_idx, self.q_idx[None], self.nq, self.nk)[0]
-        ok |= (self.q_idx < 0)[:, :, None]
-        return None if bool(ok.all()) else _to_additive(ok)
-
-    @functools.cached_property
     def q_in_order(self) -> bool:
         """Queries are already in tile order (1D layouts): tiles are reshapes, not gathers."""
         flat = self.q_idx.reshape(-1)[:self.nq]

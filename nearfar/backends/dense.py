@@ -68,9 +68,8 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
     if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
         empty = _rows_without_keys(mask)
-    else:
+    else:  # no data-dependent branch here: it would stall the call and split compiled graphs
         empty = torch.isinf(mask).all(-1, keepdim=True)
-        empty = empty if bool(empty.any()) else None
     if empty is not None:
         # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient)
         mask = torch.where(empty, 0.0, mask)

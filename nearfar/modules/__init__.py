@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from .agent import AgentAttention
+from .craft import SRWAttention
 from .dualtoken import DualTokenAttention
+from .gcvit import GCViTWindowAttention, GlobalQueryAttention
+from .hidiffusion import MSWAttention
 from .hilo import HiLo
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
@@ -12,21 +16,28 @@ from .neighborhood import NeighborhoodAttention
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
 from .shvit import SHSA
+from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
 
 __all__ = [
+    "AgentAttention",
     "DualTokenAttention",
+    "GCViTWindowAttention",
+    "GlobalQueryAttention",
     "HiLo",
     "MAFAttention",
     "MaxViTAttention",
     "Mechanism",
     "mechanisms",
     "MSAConv2d",
+    "MSWAttention",
     "NeighborhoodAttention",
     "ProxyTokenAttention",
     "register",
     "SHSA",
+    "SRWAttention",
+    "SuperTokenAttention",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "WindowAttention",

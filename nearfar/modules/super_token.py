@@ -18,7 +18,7 @@ and a 14x14 map is plain MHSA. Pass an int or ``(h, w)`` to fix it.
 
 Parameter names follow the official module: ``stoken_refine.qkv`` (C -> 3C, channels split ``[heads, 3, d]``:
 per head its q, then k, then v block, as the official ``reshape(B, heads, 3 * d, N).chunk(3)``) and
-``stoken_refine.proj``. Differences from the official code:
+``stoken_refine.proj`` (timm does not ship STViT). Differences from the official code:
 
 - Channel-last input; ``qkv``/``proj`` are ``nn.Linear`` instead of 1x1 ``nn.Conv2d``. Official state dicts load
   unchanged: their ``(out, in, 1, 1)`` weights are reshaped on load and the frozen identity kernels
@@ -55,11 +55,11 @@ def scatter_neighbours(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     9 entries added into the neighbour cell they refer to; entries for off-grid neighbours are dropped."""
     hh, ww = grid
     b, rest = t.shape[0], t.shape[3:]
-    t = t.reshape(b, hh, ww, 9, *rest)
-    acc = t.new_zeros(b, hh + 2, ww + 2, *rest)
-    for idx, (dy, dx) in enumerate(_OFFSETS):
-        acc[:, dy:dy + hh, dx:dx + ww] += t[:, :, :, idx]
-    return acc[:, 1:-1, 1:-1].reshape(b, hh * ww, *rest)
+    # cell (r, c) receives entry k of cell (r - dy + 1, c - dx + 1): a sum of 9 shifted slices (no in-place
+    # scatter: slice-assignments make torch.compile take minutes)
+    p = F.pad(t.reshape(b, hh, ww, -1), (0, 0, 1, 1, 1, 1)).reshape(b, hh + 2, ww + 2, 9, -1)
+    out = sum(p[:, 2 - dy:2 - dy + hh, 2 - dx:2 - dx + ww, k] for k, (dy, dx) in enumerate(_OFFSETS))
+    return out.reshape(b, hh * ww, *rest)
 
 
 class _RefineAttention(nn.Module):
