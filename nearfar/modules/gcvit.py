@@ -226,10 +226,33 @@ class GlobalQueryAttention(_GCViTWindowBase):
     def forward(self, x: torch.Tensor, q_global: torch.Tensor | None = None) -> torch.Tensor:
         b, spatial, _ = check_channels_last(x, 2, self.dim)
         q_global = self.global_query(x) if q_global is None else self._check_query(q_global, b)
-        k, v = self.qkv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         qg = split_heads(q_global, self.num_heads).expand(b, -1, -1, -1)  # (B, h, ws0*ws1, d)
+        (hh, ww), (m0, m1) = spatial, self.window_size
+        if hh % m0 == 0 and ww % m1 == 0 and (hh, ww) != (m0, m1):
+            # whole windows (the official case): the same queries for every window of an image, so partition x
+            # once (as the official code does) and attend each window's keys with the shared queries
+            return self._attend_partitioned(x, qg, spatial)
+        k, v = self.qkv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = qg.index_select(2, self._slots(spatial, x.device))  # each token's query: the one at its window slot
         return self._attend_windows(q, k, v, spatial)
+
+    def _attend_partitioned(self, x: torch.Tensor, qg: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
+        b, c = x.shape[0], self.dim
+        (hh, ww), (m0, m1) = spatial, self.window_size
+        nh, nw, t = hh // m0, ww // m1, m0 * m1
+        xw = x.reshape(b, nh, m0, nw, m1, c).transpose(2, 3).reshape(b * nh * nw, t, c)
+        k, v = self.qkv(xw).view(b * nh * nw, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = qg[:, None].expand(b, nh * nw, *qg.shape[1:]).reshape(b * nh * nw, *qg.shape[1:])
+        out = attend(q, k, v, scale=self.scale, bias=self._window_bias())
+        out = out.transpose(1, 2).reshape(b, nh, nw, m0, m1, c).transpose(2, 3).reshape(b, hh, ww, c)
+        return self.proj(out)
+
+    def _window_bias(self) -> torch.Tensor:
+        """The relative position bias of one whole window, ``(heads, T, T)`` (spec P4)."""
+        (m0, m1), table = self.window_size, self.rel_pos.offsets(self.window_size)
+        r, c = torch.arange(m0).repeat_interleave(m1), torch.arange(m1).repeat(m0)
+        idx = (r[None] - r[:, None] + m0 - 1) * (2 * m1 - 1) + (c[None] - c[:, None] + m1 - 1)
+        return table.reshape(self.num_heads, -1)[:, idx.to(table.device)]
 
     def _slots(self, spatial: tuple[int, int], device: torch.device) -> torch.Tensor:
         (h, w), (m0, m1) = spatial, self.window_size
@@ -266,7 +289,7 @@ register(Mechanism(
     cross=False, make=_make_local, cls=GCViTWindowAttention,
     notes="GC ViT's local block: W-MSA with relative position bias (timm parameter names). " + _STAGE_NOTE))
 register(Mechanism(
-    name="gcvit_global", paper=_PAPER, repo="NVlabs/GCVit", family="window + global query", dims=("2d",),
+    name="gcvit_global", paper=_PAPER, repo="NVlabs/GCVit", family="local+global", dims=("2d",),
     causal=False, cross=False, make=lambda dim, num_heads, **kw: GlobalQueryAttention(dim, num_heads,
                                                                                        **_stage(dim, kw)),
     cls=GlobalQueryAttention,

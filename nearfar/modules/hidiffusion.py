@@ -95,9 +95,16 @@ class MSWAttention(nn.Module):
         resize = grid != (h, w)
         if resize:  # odd sizes: the official bicubic resize to an even map
             x = F.interpolate(x.permute(0, 3, 1, 2), size=grid, mode="bicubic").permute(0, 2, 3, 1)
+        # the cyclic shift commutes with the per-token projections: roll the C-channel input once (as the
+        # official code does) instead of q, k and v, so the windows are plain Blocks of the rolled map. This
+        # equals Blocks(window, shift=shift, wrap=True) on the unrolled map, which the tests check.
+        shift = (shift[0] % window[0], shift[1] % window[1])
+        if any(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         q, k, v = split_qkv(self._qkv(x), self.num_heads)
-        pattern = Blocks(window, grid=grid, shift=(shift[0] % window[0], shift[1] % window[1]), wrap=True)
-        out = self.to_out[0](merge_heads(attend(q, k, v, pattern, scale=self.scale), grid))
+        out = self.to_out[0](merge_heads(attend(q, k, v, Blocks(window, grid=grid), scale=self.scale), grid))
+        if any(shift):
+            out = torch.roll(out, shifts=shift, dims=(1, 2))
         if resize:
             out = F.interpolate(out.permute(0, 3, 1, 2), size=(h, w), mode="bicubic").permute(0, 2, 3, 1)
         return out
@@ -110,7 +117,7 @@ register(Mechanism(
     name="msw_msa",
     paper="HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in Pretrained Diffusion Models "
           "(ECCV 2024)",
-    repo="megvii-research/HiDiffusion", family="window (cyclic shift)", dims=("2d",), causal=False, cross=False,
+    repo="megvii-research/HiDiffusion", family="window", dims=("2d",), causal=False, cross=False,
     make=lambda dim, num_heads, **kw: MSWAttention(dim, num_heads, **kw), cls=MSWAttention,
     notes="2x2 windows of ceil(H/2) x ceil(W/2), cyclically shifted by a random multiple of window//4 drawn per "
           "call (pass shift=... or generator=... to forward for determinism); odd sizes are bicubic-resized as "

@@ -170,7 +170,7 @@ register(Mechanism(
     name="maformer",
     paper="MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition "
           "(arXiv 2209.01620, Neurocomputing 2024)",
-    repo="(no official code found)", family="local + global", dims=("2d",), causal=False, cross=False,
+    repo="(no official code found)", family="local+global", dims=("2d",), causal=False, cross=False,
     make=lambda dim, num_heads, down_ratio=None, **kw: MAFAttention(
         dim, num_heads, down_ratio=default_down_ratio(dim) if down_ratio is None else down_ratio, **kw),
     cls=MAFAttention,

@@ -120,7 +120,8 @@ class MaxViTAttention(nn.Module):
 _MAXVIT = "MaxViT: Multi-Axis Vision Transformer (ECCV 2022)"
 for _partition in _PARTITIONS:
     register(Mechanism(
-        name=f"maxvit_{_partition}", paper=_MAXVIT, repo="google-research/maxvit", family="window", dims=("2d",),
+        name=f"maxvit_{_partition}", paper=_MAXVIT, repo="google-research/maxvit",
+        family="window" if _partition == "block" else "dilated", dims=("2d",),
         causal=False, cross=False, cls=MaxViTAttention,
         make=lambda dim, num_heads, _p=_partition, **kw: MaxViTAttention(dim, _p, **kw),
         notes="head dim 32 (num_heads = dim // 32; the num_heads argument is ignored); timm AttentionCl names"))

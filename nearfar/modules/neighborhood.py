@@ -85,6 +85,6 @@ class NeighborhoodAttention(nn.Module):
 
 register(Mechanism(
     name="neighborhood", paper="Neighborhood Attention Transformer (CVPR 2023); Dilated NAT (2022)",
-    repo="SHI-Labs/NATTEN", family="local window", dims=("1d", "2d", "3d"), causal=True, cross=False,
+    repo="SHI-Labs/NATTEN", family="local", dims=("1d", "2d", "3d"), causal=True, cross=False,
     make=lambda dim, num_heads, kernel_size=7, **kw: NeighborhoodAttention(dim, num_heads, kernel_size, **kw),
     cls=NeighborhoodAttention))

@@ -29,10 +29,19 @@ class Mechanism:
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
+#: what a mechanism's attention sees: a fixed neighbourhood, non-overlapping windows, a sparse sub-lattice
+#: spanning the input, a local path plus a global one, global context through a few summary tokens, or all tokens
+FAMILIES = ("local", "window", "dilated", "local+global", "summary tokens", "dense")
+_DIMS = ("1d", "2d", "3d")
+
 _REGISTRY: dict[str, Mechanism] = {}
 
 
 def register(mechanism: Mechanism) -> Mechanism:
+    if mechanism.family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {mechanism.family!r}")
+    if not mechanism.dims or any(d not in _DIMS for d in mechanism.dims):
+        raise ValueError(f"dims must be a non-empty subset of {_DIMS}, got {mechanism.dims!r}")
     if mechanism.name in _REGISTRY:
         raise ValueError(f"mechanism {mechanism.name!r} is registered already")
     _REGISTRY[mechanism.name] = mechanism

@@ -172,7 +172,7 @@ class SuperTokenAttention(nn.Module):
 
 register(Mechanism(
     name="super_token", paper="Vision Transformer with Super Token Sampling (CVPR 2023)",
-    repo="hhb072/STViT", family="global (super tokens)", dims=("2d",), causal=False, cross=False,
+    repo="hhb072/STViT", family="summary tokens", dims=("2d",), causal=False, cross=False,
     make=lambda dim, num_heads, **kw: SuperTokenAttention(dim, num_heads, **kw), cls=SuperTokenAttention,
     notes="stoken_size='auto' follows the released STViT schedule by map size: 8x8 cells for min(H, W) >= 56, 4x4 "
           "for >= 28, else 1x1 = plain MHSA (the official stage 3 at 14x14). Maps are zero-padded to the cell and "

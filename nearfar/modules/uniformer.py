@@ -98,14 +98,14 @@ class UniFormerGlobalMHRA(nn.Module):
 
 _PAPER = "UniFormer: Unifying Convolution and Self-attention for Visual Recognition (ICLR 2022)"
 register(Mechanism(
-    name="uniformer_local", paper=_PAPER, repo="Sense-X/UniFormer", family="local convolution", dims=("2d",),
+    name="uniformer_local", paper=_PAPER, repo="Sense-X/UniFormer", family="local", dims=("2d",),
     causal=False, cross=False, make=lambda dim, num_heads, **kw: UniFormerLocalMHRA(dim, **kw),
     cls=UniFormerLocalMHRA,
     notes="Local MHRA of CBlock (BN -> 1x1 -> depth-wise 5x5 -> 1x1): a static, content-independent affinity "
           "(plain convolution, no softmax); each channel is its own head, so num_heads is ignored. DPE and MLP "
           "omitted."))
 register(Mechanism(
-    name="uniformer_global", paper=_PAPER, repo="Sense-X/UniFormer", family="global", dims=("2d",),
+    name="uniformer_global", paper=_PAPER, repo="Sense-X/UniFormer", family="dense", dims=("2d",),
     causal=False, cross=False, make=lambda dim, num_heads, **kw: UniFormerGlobalMHRA(dim, **kw),
     cls=UniFormerGlobalMHRA,
     notes="Global MHRA of SABlock (LayerNorm eps 1e-6 -> dense MHSA, qkv_bias=True). make() follows the official "

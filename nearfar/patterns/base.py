@@ -218,6 +218,10 @@ class Intersection(_Binary):
 
     _op = "&"
 
+    @property
+    def is_partition(self) -> bool:  # windows of windows are windows (e.g. Swin's region mask, rolled)
+        return any(p.is_partition for p in self.parts)
+
     def allowed(self, q, k, nq, nk):
         out = self.parts[0].allowed(q, k, nq, nk)
         for p in self.parts[1:]:
