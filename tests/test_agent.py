@@ -250,10 +250,7 @@ def test_baseline_matches_module():
 
 
 def test_registry_make_on_benchmark_shapes():
-    entry = {e.name: e for e in nearfar.mechanisms()}.get("agent")
-    if entry is None:  # registered when the lead adds the import to nearfar/modules/__init__.py
-        from nearfar.modules.registry import _REGISTRY
-        entry = _REGISTRY["agent"]
+    entry = {e.name: e for e in nearfar.mechanisms()}["agent"]
     assert entry.repo == "LeapLabTHU/Agent-Attention" and entry.cls is AgentAttention
     with torch.no_grad():
         for dim, heads, side in ((96, 3, 56), (384, 12, 14)):

@@ -4,8 +4,6 @@ module hygiene."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 
 import pytest
 import reference as ref
@@ -22,10 +20,8 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.craft import BASELINES
 from nearfar.modules.craft import SRWAttention
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.craft import BASELINES  # noqa: E402
 
 #: the position MLP's LayerNorms over 3 features are ill-conditioned where the features nearly agree; its parameter
 #: gradients in float32 then differ from float64 by a few 1e-5 of their size

@@ -4,8 +4,6 @@ the benchmark baseline, module hygiene."""
 from __future__ import annotations
 
 import math
-import os
-import sys
 from functools import cache
 
 import pytest
@@ -23,10 +21,8 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.gcvit import BASELINES
 from nearfar.modules.gcvit import GCViTWindowAttention, GlobalQueryAttention
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.gcvit import BASELINES  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference

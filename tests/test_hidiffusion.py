@@ -3,9 +3,6 @@ benchmark baseline, module hygiene."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import reference as ref
 import torch
@@ -21,10 +18,8 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.hidiffusion import BASELINES
 from nearfar.modules.hidiffusion import MSWAttention, draw_shift, msw_window
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.hidiffusion import BASELINES  # noqa: E402
 
 
 class _Fixed(torch.nn.Module):

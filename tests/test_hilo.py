@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import reference as ref
 import torch
@@ -20,10 +17,8 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.hilo import BASELINES
 from nearfar.modules.hilo import HiLo
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.hilo import BASELINES  # noqa: E402
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -4,8 +4,6 @@ baseline, timm ``AttentionCl`` parameter names, module hygiene."""
 from __future__ import annotations
 
 import itertools
-import os
-import sys
 
 import pytest
 import reference as ref
@@ -22,11 +20,9 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines import maxvit as baseline
 from nearfar import Grid, Neighborhood, attend
 from nearfar.modules.maxvit import MaxViTAttention
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines import maxvit as baseline  # noqa: E402
 
 BASELINES = baseline.BASELINES
 

@@ -268,10 +268,7 @@ def test_baseline_matches_module():
 
 
 def test_registry_make_on_benchmark_shapes():
-    entry = {e.name: e for e in nearfar.mechanisms()}.get("super_token")
-    if entry is None:  # registered when the lead adds the import to nearfar/modules/__init__.py
-        from nearfar.modules.registry import _REGISTRY
-        entry = _REGISTRY["super_token"]
+    entry = {e.name: e for e in nearfar.mechanisms()}["super_token"]
     assert entry.repo == "hhb072/STViT" and entry.cls is SuperTokenAttention
     with torch.no_grad():
         for dim, heads, side, cell in ((96, 3, 56, (8, 8)), (384, 12, 14, (1, 1))):

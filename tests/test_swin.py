@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
-import sys
 
 import pytest
 import reference as ref
@@ -23,11 +21,9 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.swin import BASELINES
 from nearfar import Blocks
 from nearfar.modules.swin import WindowAttention
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.swin import BASELINES  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import reference as ref
 import torch
@@ -20,10 +17,8 @@ from module_checks import (
 )
 
 import nearfar
+from benchmarks.baselines.uniformer import BASELINES
 from nearfar.modules.uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # the repo root: benchmarks/ is not installed
-from benchmarks.baselines.uniformer import BASELINES  # noqa: E402
 
 
 def _pointwise(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:

@@ -106,8 +106,8 @@ register(Mechanism(
           "omitted."))
 register(Mechanism(
     name="uniformer_global", paper=_PAPER, repo="Sense-X/UniFormer", family="dense", dims=("2d",),
-    causal=False, cross=False, make=lambda dim, num_heads, **kw: UniFormerGlobalMHRA(dim, **kw),
-    cls=UniFormerGlobalMHRA,
+    causal=False, cross=False, cls=UniFormerGlobalMHRA,
+    make=lambda dim, num_heads, **kw: UniFormerGlobalMHRA(dim, None if dim >= 64 else num_heads, **kw),
     notes="Global MHRA of SABlock (LayerNorm eps 1e-6 -> dense MHSA, qkv_bias=True). make() follows the official "
           "head rule num_heads = dim // 64 and ignores its num_heads (dim 96 -> 1 head of 96, 384 -> 6 heads of "
-          "64); pass num_heads to the class to choose. DPE and MLP omitted."))
+          "64) unless dim < 64; pass num_heads to the class to choose. DPE and MLP omitted."))
