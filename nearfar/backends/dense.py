@@ -57,6 +57,15 @@ def sdpa(q, k, v, attn_mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :dv]
 
 
+def _empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Rows of an additive mask with no finite entry. Eagerly, None when there are none (so the output needs no
+    zeroing pass); under ``torch.compile`` always the tensor, since a data-dependent branch splits the graph."""
+    empty = torch.isinf(mask).all(-1, keepdim=True)
+    if torch.compiler.is_compiling() or bool(empty.any()):
+        return empty
+    return None
+
+
 def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -79,8 +88,8 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
     if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
         empty = _rows_without_keys(mask)
-    else:  # no data-dependent branch here: it would stall the call and split compiled graphs
-        empty = torch.isinf(mask).all(-1, keepdim=True)
+    else:
+        empty = _empty_rows(mask)
     if empty is not None:
         # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient)
         mask = torch.where(empty, 0.0, mask)

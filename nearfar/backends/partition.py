@@ -19,8 +19,8 @@ import torch
 
 from ..bias import DenseBias
 from ..patterns import Blocks
-from ..plan import Plan, _allowed_heads, _to_additive, inverse_order
-from .dense import sdpa
+from ..plan import Plan, _allowed_heads, _to_additive, get_plan, inverse_order
+from .dense import _empty_rows, sdpa
 
 
 @dataclass
@@ -147,8 +147,9 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         # inside a partition every query may attend itself: only a padding mask or a dense bias (with -inf)
         # can leave a query without keys
         if kpm is not None or isinstance(bias, DenseBias):
-            empty = torch.isinf(mask).all(-1, keepdim=True)  # a query with no key: harmless row, zero output
-            mask = mask.masked_fill(empty, 0.0)
+            empty = _empty_rows(mask)  # a query with no key: harmless row, zero output
+            if empty is not None:
+                mask = mask.masked_fill(empty, 0.0)
     lse = None
     if return_lse:
         s = torch.matmul(qt.to(acc), kt.to(acc).transpose(-1, -2)) * scale
@@ -160,3 +161,51 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return untiles(out), lse
+
+
+class WindowBatch:
+    """The windows of a window pattern as a batch, for modules that partition their *input* (before the
+    projections, as the official window codes do) instead of q, k and v: ``split`` (B, *grid, C) -> (B*nW, T, C),
+    ``merge`` back, and ``bias`` for the relative-position table shared by all windows. Only for patterns whose
+    windows are all whole and alike (``Blocks`` on divisible extents without a region mask, cyclic ``Blocks``,
+    ``Grid``): ``WindowBatch.of`` returns None otherwise, and the module uses ``attend(..., pattern)``.
+    """
+
+    def __init__(self, win: Windows, pattern, n: int):
+        self.win, self.pattern, self.n = win, pattern, n
+        self.t = win.order.shape[1]
+        self._index: torch.Tensor | None = None
+
+    @staticmethod
+    def of(pattern, spatial: tuple[int, ...], device=None) -> WindowBatch | None:
+        return _window_batch(pattern, tuple(spatial), torch.device(device or "cpu"))
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[0], x.shape[-1]
+        return _reorder(x.reshape(b, 1, -1, c), self.win.recipe).reshape(-1, self.t, c)
+
+    def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
+        grid = self.win.recipe[0]
+        return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self.win.recipe, b, 1).reshape(b, *grid, -1)
+
+    def bias(self, table: torch.Tensor) -> torch.Tensor:
+        """``(1, heads, T, T)`` bias of every window from a table ``attend`` would take with the pattern."""
+        if self._index is None:
+            first = self.win.order[0].to(table.device)
+            self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
+        return table.reshape(table.shape[0], -1)[:, self._index][None]
+
+
+@torch.compiler.disable
+def _window_batch(pattern, spatial, device) -> WindowBatch | None:
+    n = math.prod(spatial)
+    plan = get_plan(pattern, n, n, device=device)
+    if not plan.partition:
+        return None
+    win = windows(plan)
+    if win.recipe is None or win.mask is not None:
+        return None
+    wb = plan.engine_cache.get("window_batch")
+    if wb is None:
+        wb = plan.engine_cache["window_batch"] = WindowBatch(win, pattern, n)
+    return wb

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ..attend import attend
+from ..backends.partition import WindowBatch
 
 
 def check_dim_heads(dim: object, num_heads: object) -> int:
@@ -67,3 +71,25 @@ def crop_offsets(table: torch.Tensor, full: tuple[int, ...], window: tuple[int, 
         return table
     index = (slice(None),) + tuple(slice(f - m, f + m - 1) for f, m in zip(full, window))
     return table[index]
+
+
+def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, scale: float,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention of ``x (B, *spatial, C)`` inside the windows of ``pattern`` (``Blocks``/``Grid``), before the
+    output projection: ``(B, *spatial, C')``. ``qkv`` maps ``(..., C)`` to the fused ``(..., 3C')`` (split
+    ``[3, heads, d]``) or to a tuple ``(q, k, v)`` of ``(..., C')``; ``table`` is a relative-position table as
+    ``attend`` takes it with the pattern.
+
+    When the windows are whole and alike, the input itself is cut into windows before ``qkv`` (one copy of C
+    channels instead of three reorders of q, k, v inside ``attend``), as the official window codes do; otherwise
+    ``attend`` runs the pattern on the whole map.
+    """
+    spatial = tuple(x.shape[1:-1])
+    wb = WindowBatch.of(pattern, spatial, x.device)
+    src = x if wb is None else wb.split(x)
+    p = qkv(src)
+    q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
+    if wb is None:
+        return merge_heads(attend(q, k, v, pattern, scale=scale, bias=table), spatial)
+    out = attend(q, k, v, scale=scale, bias=None if table is None else wb.bias(table))
+    return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])

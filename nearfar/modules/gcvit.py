@@ -61,9 +61,9 @@ from .common import (
     crop_offsets,
     merge_heads,
     split_heads,
-    split_qkv,
     swin_table_as_offsets,
     trunc_normal_,
+    window_attention,
 )
 from .registry import Mechanism, register
 
@@ -181,8 +181,9 @@ class GCViTWindowAttention(_GCViTWindowBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, spatial, _ = check_channels_last(x, 2, self.dim)
-        q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        return self._attend_windows(q, k, v, spatial)
+        window = tuple(min(m, n) for m, n in zip(self.window_size, spatial))
+        return self.proj(window_attention(x, Blocks(window, grid=spatial), self.qkv, self.num_heads, self.scale,
+                                          self.rel_pos.offsets(window)))
 
 
 class GlobalQueryAttention(_GCViTWindowBase):

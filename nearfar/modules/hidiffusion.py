@@ -34,9 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attend import attend
 from ..patterns import Blocks
-from .common import check_channels_last, check_dim_heads, merge_heads, split_qkv
+from .common import check_channels_last, check_dim_heads, window_attention
 from .registry import Mechanism, register
 
 
@@ -101,8 +100,7 @@ class MSWAttention(nn.Module):
         shift = (shift[0] % window[0], shift[1] % window[1])
         if any(shift):
             x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        q, k, v = split_qkv(self._qkv(x), self.num_heads)
-        out = self.to_out[0](merge_heads(attend(q, k, v, Blocks(window, grid=grid), scale=self.scale), grid))
+        out = self.to_out[0](window_attention(x, Blocks(window, grid=grid), self._qkv, self.num_heads, self.scale))
         if any(shift):
             out = torch.roll(out, shifts=shift, dims=(1, 2))
         if resize:

@@ -28,10 +28,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..attend import attend
 from ..patterns import Blocks, Grid
 from ..patterns.base import per_axis
-from .common import check_channels_last, crop_offsets, merge_heads, split_heads, swin_table_as_offsets, trunc_normal_
+from .common import (
+    check_channels_last,
+    crop_offsets,
+    swin_table_as_offsets,
+    trunc_normal_,
+    window_attention,
+)
 from .registry import Mechanism, register
 
 _PARTITIONS = ("block", "grid")
@@ -102,15 +107,16 @@ class MaxViTAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         window, pattern = self._pattern(spatial)
-        qkv = self.qkv(x)
-        if self.head_first:  # timm "rw" models: channels [heads, 3, dim_head]
-            t = split_heads(qkv, self.num_heads)
-            q, k, v = t.chunk(3, dim=-1)
-        else:
-            q, k, v = (split_heads(t, self.num_heads) for t in qkv.chunk(3, dim=-1))
         bias = self.rel_pos.offsets(window) if self.rel_pos is not None else None
-        out = attend(q, k, v, pattern, scale=self.scale, bias=bias)
-        return self.proj(merge_heads(out, spatial))
+        return self.proj(window_attention(x, pattern, self._qkv, self.num_heads, self.scale, bias))
+
+    def _qkv(self, x: torch.Tensor):
+        qkv = self.qkv(x)
+        if not self.head_first:
+            return qkv
+        # timm "rw" models: channels [heads, 3, dim_head]
+        t = qkv.unflatten(-1, (self.num_heads, 3, self.dim_head))
+        return tuple(t[..., i, :].flatten(-2) for i in range(3))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, partition={self.partition!r}, partition_size={self.partition_size}, "

@@ -62,7 +62,7 @@ from torch import nn
 from ..attend import attend
 from ..patterns import Blocks, Intersection, Pattern
 from ..patterns.base import per_axis
-from .common import check_channels_last, check_dim_heads, merge_heads, split_heads
+from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, window_attention
 from .registry import Mechanism, register
 
 PROXY_MODES = ("code_strided_mean", "paper_window_mean", "first")
@@ -85,6 +85,9 @@ class DiffusersAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 pattern: Pattern | None = None) -> torch.Tensor:
         """``x (B, *spatial, C)`` queries; keys/values from ``context (B, M, C)`` (default: ``x``)."""
+        if context is None and pattern is not None:
+            qkv = lambda t: (self.to_q(t), self.to_k(t), self.to_v(t))  # noqa: E731
+            return self.to_out[0](window_attention(x, pattern, qkv, self.num_heads, self.scale))
         ctx = x if context is None else context
         h = self.num_heads
         q, k, v = split_heads(self.to_q(x), h), split_heads(self.to_k(ctx), h), split_heads(self.to_v(ctx), h)

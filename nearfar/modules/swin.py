@@ -35,17 +35,15 @@ import math
 import torch
 from torch import nn
 
-from ..attend import attend
 from ..patterns import Blocks
 from ..patterns.base import as_nonneg_int, per_axis
 from .common import (
     check_channels_last,
     check_dim_heads,
     crop_offsets,
-    merge_heads,
-    split_qkv,
     swin_table_as_offsets,
     trunc_normal_,
+    window_attention,
 )
 from .registry import Mechanism, register
 
@@ -90,10 +88,9 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
         window, shift = self.window_for(spatial)
-        q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        out = attend(q, k, v, Blocks(window, grid=spatial, shift=shift), scale=self.scale,
-                     bias=self.offset_table(window))
-        return self.proj(merge_heads(out, spatial))
+        out = window_attention(x, Blocks(window, grid=spatial, shift=shift), self.qkv, self.num_heads, self.scale,
+                               self.offset_table(window))
+        return self.proj(out)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         state_dict.pop(prefix + "relative_position_index", None)  # derived; official checkpoints carry it
