@@ -2,7 +2,26 @@
 
 from .attend import attend
 from .backends import engines
-from .modules import NeighborhoodAttention, mechanisms
+from .modules import (
+    SHSA,
+    AgentAttention,
+    DualTokenAttention,
+    GCViTWindowAttention,
+    GlobalQueryAttention,
+    HiLo,
+    MAFAttention,
+    MaxViTAttention,
+    MSAConv2d,
+    MSWAttention,
+    NeighborhoodAttention,
+    ProxyTokenAttention,
+    SRWAttention,
+    SuperTokenAttention,
+    UniFormerGlobalMHRA,
+    UniFormerLocalMHRA,
+    WindowAttention,
+    mechanisms,
+)
 from .patterns import (
     Blocks,
     Causal,
@@ -19,7 +38,39 @@ from .patterns import (
     Union,
 )
 
-__all__ = ["attend", "engines", "mechanisms", "NeighborhoodAttention", "Pattern", "Union", "Intersection",
-           "PerHead", "Dense", "Neighborhood", "SlidingWindow", "Causal", "Blocks", "Grid", "Strided", "GlobalTokens",
-           "Sinks"]
+__all__ = [
+    "AgentAttention",
+    "attend",
+    "Blocks",
+    "Causal",
+    "Dense",
+    "DualTokenAttention",
+    "engines",
+    "GCViTWindowAttention",
+    "GlobalQueryAttention",
+    "GlobalTokens",
+    "Grid",
+    "HiLo",
+    "Intersection",
+    "MAFAttention",
+    "MaxViTAttention",
+    "mechanisms",
+    "MSAConv2d",
+    "MSWAttention",
+    "Neighborhood",
+    "NeighborhoodAttention",
+    "Pattern",
+    "PerHead",
+    "ProxyTokenAttention",
+    "SHSA",
+    "Sinks",
+    "SlidingWindow",
+    "SRWAttention",
+    "Strided",
+    "SuperTokenAttention",
+    "UniFormerGlobalMHRA",
+    "UniFormerLocalMHRA",
+    "Union",
+    "WindowAttention",
+]
 __version__ = "0.1.0"

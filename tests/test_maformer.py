@@ -68,8 +68,9 @@ def swin_window_bias(table, grid, window, full):
 def ref_local(m, x):
     b, h, w, c = x.shape
     loc = m.local
-    window = (min(loc.window_size, h), min(loc.window_size, w))
-    bias, heads = swin_window_bias(loc.relative_position_bias_table, (h, w), window, loc.window_size)
+    m0 = loc.window_size[0]  # square windows (Swin's WindowAttention keeps a per-axis tuple)
+    window = (min(m0, h), min(m0, w))
+    bias, heads = swin_window_bias(loc.relative_position_bias_table, (h, w), window, m0)
     allowed = ref.swin_mask((h, w), window)
     t = x.reshape(b, h * w, c)
     return _mha(t, t, *_split3(loc.qkv), loc.proj.weight, loc.proj.bias, heads, loc.scale, allowed, bias)

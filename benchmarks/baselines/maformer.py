@@ -26,7 +26,7 @@ def _softmax_attention(q, k, v, scale, bias=None):
 
 def _window_attention(loc, x):
     b, h, w, c = x.shape
-    heads, full = loc.num_heads, loc.window_size
+    heads, full = loc.num_heads, loc.window_size[0]  # square windows
     mh, mw = min(full, h), min(full, w)
     ph, pw = -h % mh, -w % mw
     xp = F.pad(x, (0, 0, 0, pw, 0, ph))

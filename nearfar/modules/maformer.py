@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attend import attend
-from ..patterns import Blocks
-from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, split_qkv, trunc_normal_
+from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, split_qkv
 from .registry import Mechanism, register
+from .swin import WindowAttention
 
 
 def _check_pos_int(value: object, name: str) -> int:
@@ -85,42 +85,6 @@ class TokenAttention(nn.Module):
         return self.proj(merge_heads(out, (out.shape[2],)))
 
 
-class WindowAttention(nn.Module):
-    """Swin W-MSA (unshifted) with Swin's relative-position bias; parameter names and shapes as Swin's
-    ``WindowAttention``. Windows shrink to ``min(window_size, extent)`` per axis; edge windows may be smaller."""
-
-    def __init__(self, dim: int, num_heads: int, window_size: int = 7, qkv_bias: bool = True,
-                 qk_scale: float | None = None):
-        super().__init__()
-        head_dim = check_dim_heads(dim, num_heads)
-        _check_scale(qk_scale)
-        self.dim, self.num_heads = dim, num_heads
-        self.window_size = _check_pos_int(window_size, "window_size")
-        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        trunc_normal_(self.relative_position_bias_table)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def window(self, spatial: tuple[int, int]) -> tuple[int, int]:
-        return min(self.window_size, spatial[0]), min(self.window_size, spatial[1])
-
-    def rpb(self, window: tuple[int, int]) -> torch.Tensor:
-        """The bias as ``attend`` takes it with ``Blocks``: ``(heads, 2m-1, 2m-1)`` key-minus-query (NAT) layout,
-        the centre of Swin's query-minus-key table for a window ``m`` smaller than ``window_size``."""
-        m = self.window_size
-        full = self.relative_position_bias_table.t().reshape(self.num_heads, 2 * m - 1, 2 * m - 1).flip(1, 2)
-        (a, b) = window
-        return full[:, m - a:m + a - 1, m - b:m + b - 1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, spatial, _ = check_channels_last(x, 2, self.dim)
-        window = self.window(spatial)
-        q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        out = attend(q, k, v, Blocks(window, grid=spatial), scale=self.scale, bias=self.rpb(window))
-        return self.proj(merge_heads(out, spatial))
-
-
 class MAFAttention(nn.Module):
     """``MAFAttention(dim, num_heads, window_size=7, down_ratio=8, qkv_bias=True, qk_scale=None)``: x
     ``(B, H, W, dim)`` -> same shape. PROVISIONAL design (see the module docstring): local window attention,
@@ -133,7 +97,7 @@ class MAFAttention(nn.Module):
         check_dim_heads(dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
         self.down_ratio = _check_pos_int(down_ratio, "down_ratio")
-        self.local = WindowAttention(dim, num_heads, window_size, qkv_bias, qk_scale)
+        self.local = WindowAttention(dim, num_heads, _check_pos_int(window_size, "window_size"), 0, qkv_bias, qk_scale)
         self.gld = nn.Conv2d(dim, dim, down_ratio, stride=down_ratio)
         self.global_attn = TokenAttention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
         self.fusion = TokenAttention(dim, num_heads, cross=True, qkv_bias=qkv_bias, qk_scale=qk_scale)
