@@ -24,6 +24,7 @@ from .modules import (
 )
 from .patterns import (
     Blocks,
+    BlockWindow,
     Causal,
     Dense,
     GlobalTokens,
@@ -32,6 +33,7 @@ from .patterns import (
     Neighborhood,
     Pattern,
     PerHead,
+    RandomBlocks,
     Sinks,
     SlidingWindow,
     Strided,
@@ -39,6 +41,8 @@ from .patterns import (
 )
 
 __all__ = [
+    "BlockWindow",
+    "RandomBlocks",
     "AgentAttention",
     "attend",
     "Blocks",

@@ -16,16 +16,19 @@ from .neighborhood import NeighborhoodAttention
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
 from .shvit import SHSA
+from .sparse_attention import BigBirdAttention, LongformerAttention, PatternAttention, StreamingLLMAttention
 from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
 
 __all__ = [
     "AgentAttention",
+    "BigBirdAttention",
     "DualTokenAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "LongformerAttention",
     "MAFAttention",
     "MaxViTAttention",
     "Mechanism",
@@ -33,10 +36,12 @@ __all__ = [
     "MSAConv2d",
     "MSWAttention",
     "NeighborhoodAttention",
+    "PatternAttention",
     "ProxyTokenAttention",
     "register",
     "SHSA",
     "SRWAttention",
+    "StreamingLLMAttention",
     "SuperTokenAttention",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",

@@ -2,8 +2,8 @@
 
 from .base import Dense, Intersection, Pattern, PerHead, Tiles, Union
 from .neighborhood import Neighborhood
-from .positional import Causal, GlobalTokens, Sinks, SlidingWindow, Strided
+from .positional import BlockWindow, Causal, GlobalTokens, RandomBlocks, Sinks, SlidingWindow, Strided
 from .windows import Blocks, Grid
 
 __all__ = ["Pattern", "Union", "Intersection", "PerHead", "Dense", "Tiles", "Neighborhood", "Causal",
-           "SlidingWindow", "Strided", "Sinks", "GlobalTokens", "Blocks", "Grid"]
+           "SlidingWindow", "Strided", "Sinks", "GlobalTokens", "Blocks", "Grid", "BlockWindow", "RandomBlocks"]

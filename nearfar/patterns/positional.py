@@ -107,3 +107,78 @@ class GlobalTokens(Pattern):
 
     def _key(self):
         return ("GlobalTokens", self.n)
+
+
+class BlockWindow(Pattern):
+    """BigBird's sliding blocks: the query in block ``b = p // block`` attends every key in blocks
+    ``b - before .. b + after`` (block-aligned, unlike ``SlidingWindow``)."""
+
+    def __init__(self, block: int, before: int = 1, after: int = 1):
+        self.block = as_positive_int(block, "block")
+        self.before = as_nonneg_int(before, "before")
+        self.after = as_nonneg_int(after, "after")
+
+    def allowed(self, q, k, nq, nk):
+        qb, kb = torch.div(q + (nk - nq), self.block, rounding_mode="floor"), k // self.block
+        return (kb >= qb - self.before) & (kb <= qb + self.after)
+
+    def block_allowed(self, qt, kt, nq, nk):
+        plo, phi = _positions(qt, nq, nk)
+        klo, khi = kt.bounds(kt.idx)
+        b = self.block
+        return overlaps(torch.div(plo, b, rounding_mode="floor") - self.before,
+                        torch.div(phi, b, rounding_mode="floor") + self.after, klo // b, khi // b)
+
+    def _key(self):
+        return ("BlockWindow", self.block, self.before, self.after)
+
+
+def _mix(seed: int, qb: torch.Tensor, i: int) -> torch.Tensor:
+    """A fixed integer hash of (seed, query block, draw): the same random blocks on every call and device."""
+    h = (qb * 0x85EBCA6B + (seed * 0x9E3779B1 + i * 0xC2B2AE35)) & 0x7FFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0x5BD1E995) & 0x7FFFFFFF
+    return h ^ (h >> 15)
+
+
+class RandomBlocks(Pattern):
+    """BigBird's random attention: the query in block ``b`` attends ``r`` key blocks drawn from a fixed hash of
+    ``(seed, b, draw)``: among blocks ``0 .. b-1`` when ``causal`` (block 0 draws none), else among all blocks.
+    Draws may repeat or coincide with window/global blocks (then fewer distinct blocks are added)."""
+
+    def __init__(self, block: int, r: int = 3, seed: int = 0, causal: bool = False):
+        self.block = as_positive_int(block, "block")
+        self.r = as_positive_int(r, "r")
+        self.seed = as_nonneg_int(seed, "seed")
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.causal = causal
+
+    def drawn(self, qb: torch.Tensor, nk: int) -> torch.Tensor:
+        """Random key blocks ``(..., r)`` of query blocks ``qb`` (-1 = none)."""
+        space = qb if self.causal else torch.full_like(qb, -(-nk // self.block))
+        draws = [torch.where(space > 0, _mix(self.seed, qb, i) % space.clamp(min=1), -1) for i in range(self.r)]
+        return torch.stack(draws, -1)
+
+    def allowed(self, q, k, nq, nk):
+        qb = torch.div(q + (nk - nq), self.block, rounding_mode="floor")
+        return (self.drawn(qb, nk) == (k // self.block)[..., None]).any(-1)
+
+    def block_allowed(self, qt, kt, nq, nk):
+        plo, phi = _positions(qt, nq, nk)
+        b = self.block
+        first, last = torch.div(plo, b, rounding_mode="floor"), torch.div(phi, b, rounding_mode="floor")
+        span = int((last - first).max()) + 1 if last.numel() else 1
+        qb = first[:, None] + torch.arange(span, device=first.device)  # (nTq, span) blocks the tile touches
+        cand = torch.where((qb <= last[:, None])[..., None], self.drawn(qb, nk), -1).flatten(1)  # (nTq, span*r)
+        klo, khi = kt.bounds(kt.idx)
+        lo, hi = klo // b, khi // b
+        if lo.dim() == 1:
+            lo, hi = lo[None, None, :], hi[None, None, :]
+        else:  # paired key tiles (nTq, M)
+            lo, hi = lo[:, None, :], hi[:, None, :]
+        c = cand[:, :, None]
+        return ((c >= 0) & (c >= lo) & (c <= hi)).any(1)
+
+    def _key(self):
+        return ("RandomBlocks", self.block, self.r, self.seed, self.causal)

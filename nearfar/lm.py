@@ -1,0 +1,85 @@
+"""A small decoder-only LM (RMSNorm, SwiGLU, pre-norm blocks) whose attention layer is any registered sequence
+mechanism, by name; used by the tests, examples and the benchmark. Decoding runs through each layer's cache.
+
+    lm = TinyLM(vocab_size=256, mechanism="streaming_llm", window=64)
+    loss = lm.loss(tokens)                                  # teacher forcing, next-token cross-entropy
+    out = lm.generate(prompt, max_new_tokens=32)            # greedy, one token at a time through the caches
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modules.registry import mechanisms
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attn: nn.Module, hidden: int):
+        super().__init__()
+        self.attn_norm, self.attn = nn.RMSNorm(dim), attn
+        self.mlp_norm, self.mlp = nn.RMSNorm(dim), SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class TinyLM(nn.Module):
+    """``TinyLM(vocab_size, dim=128, depth=2, num_heads=4, mechanism="streaming_llm", mlp_hidden=None,
+    **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is tied to the output."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
+                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None, **mechanism_kwargs):
+        super().__init__()
+        entries = {m.name: m for m in mechanisms() if "1d" in m.dims}
+        if mechanism not in entries:
+            raise ValueError(f"mechanism must be a registered sequence mechanism, one of {sorted(entries)}; "
+                             f"got {mechanism!r}")
+        if not entries[mechanism].causal:
+            raise ValueError(f"mechanism {mechanism!r} is not causal and cannot run a language model")
+        self.mechanism = mechanism
+        self.embed = nn.Embedding(vocab_size, dim)
+        hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
+        self.blocks = nn.ModuleList(
+            Block(dim, entries[mechanism].make(dim, num_heads, **mechanism_kwargs), hidden) for _ in range(depth))
+        self.norm = nn.RMSNorm(dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def new_caches(self, batch: int = 1) -> list:
+        p = self.embed.weight
+        return [b.attn.new_cache(batch, device=p.device, dtype=p.dtype) for b in self.blocks]
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: the prompt goes through the caches in one step, then one token per step."""
+        caches = self.new_caches(prompt.shape[0])
+        logits = self(prompt, caches)
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1:].argmax(-1)
+            out.append(nxt)
+            logits = self(nxt, caches)
+        return torch.cat(out, 1)
