@@ -24,6 +24,7 @@ from .modules import (
 )
 from .patterns import (
     Blocks,
+    BlockStrided,
     BlockWindow,
     Causal,
     Dense,
@@ -41,6 +42,7 @@ from .patterns import (
 )
 
 __all__ = [
+    "BlockStrided",
     "BlockWindow",
     "RandomBlocks",
     "AgentAttention",

@@ -39,10 +39,13 @@ class Block(nn.Module):
 
 class TinyLM(nn.Module):
     """``TinyLM(vocab_size, dim=128, depth=2, num_heads=4, mechanism="streaming_llm", mlp_hidden=None,
-    **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is tied to the output."""
+    layer_kwargs=None, **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is
+    tied to the output. ``layer_kwargs(i)`` adds per-layer arguments (e.g. S2-Attention's dense every 2nd layer:
+    ``nearfar.modules.s2_attention.s2_layer_kwargs``)."""
 
     def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
-                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None, **mechanism_kwargs):
+                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,
+                 **mechanism_kwargs):
         super().__init__()
         entries = {m.name: m for m in mechanisms() if "1d" in m.dims}
         if mechanism not in entries:
@@ -53,8 +56,10 @@ class TinyLM(nn.Module):
         self.mechanism = mechanism
         self.embed = nn.Embedding(vocab_size, dim)
         hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
+        make = entries[mechanism].make
         self.blocks = nn.ModuleList(
-            Block(dim, entries[mechanism].make(dim, num_heads, **mechanism_kwargs), hidden) for _ in range(depth))
+            Block(dim, make(dim, num_heads, **mechanism_kwargs, **(layer_kwargs(i) if layer_kwargs else {})), hidden)
+            for i in range(depth))
         self.norm = nn.RMSNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)
 

@@ -15,6 +15,7 @@ from .msa_conv import MSAConv2d
 from .neighborhood import NeighborhoodAttention
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
+from .s2_attention import S2Attention
 from .shvit import SHSA
 from .sparse_attention import BigBirdAttention, LongformerAttention, PatternAttention, StreamingLLMAttention
 from .super_token import SuperTokenAttention
@@ -39,6 +40,7 @@ __all__ = [
     "PatternAttention",
     "ProxyTokenAttention",
     "register",
+    "S2Attention",
     "SHSA",
     "SRWAttention",
     "StreamingLLMAttention",

@@ -2,8 +2,9 @@
 
 from .base import Dense, Intersection, Pattern, PerHead, Tiles, Union
 from .neighborhood import Neighborhood
-from .positional import BlockWindow, Causal, GlobalTokens, RandomBlocks, Sinks, SlidingWindow, Strided
+from .positional import BlockStrided, BlockWindow, Causal, GlobalTokens, RandomBlocks, Sinks, SlidingWindow, Strided
 from .windows import Blocks, Grid
 
 __all__ = ["Pattern", "Union", "Intersection", "PerHead", "Dense", "Tiles", "Neighborhood", "Causal",
-           "SlidingWindow", "Strided", "Sinks", "GlobalTokens", "Blocks", "Grid", "BlockWindow", "RandomBlocks"]
+           "SlidingWindow", "Strided", "Sinks", "GlobalTokens", "Blocks", "Grid", "BlockWindow", "RandomBlocks",
+           "BlockStrided"]

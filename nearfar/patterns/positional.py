@@ -182,3 +182,26 @@ class RandomBlocks(Pattern):
 
     def _key(self):
         return ("RandomBlocks", self.block, self.r, self.seed, self.causal)
+
+
+class BlockStrided(Pattern):
+    """S2-Attention's vertical stride: key ``j`` allowed iff ``(j // block + offset) % stride == 0`` (whole key
+    blocks at absolute block indices, so a head keeps the same blocks as the sequence grows)."""
+
+    def __init__(self, block: int, stride: int, offset: int = 0):
+        self.block = as_positive_int(block, "block")
+        self.stride = as_positive_int(stride, "stride")
+        self.offset = as_nonneg_int(offset, "offset")
+
+    def allowed(self, q, k, nq, nk):
+        return (torch.remainder(k // self.block + self.offset, self.stride) == 0) & (q >= 0)
+
+    def block_allowed(self, qt, kt, nq, nk):
+        klo, khi = kt.bounds(kt.idx)
+        b, s, o = self.block, self.stride, self.offset
+        first, last = klo // b + o, khi // b + o  # blocks the key tile touches, shifted by the offset
+        hits = torch.div(last, s, rounding_mode="floor") - torch.div(first - 1, s, rounding_mode="floor")
+        return per_query_tile(hits > 0, qt)
+
+    def _key(self):
+        return ("BlockStrided", self.block, self.stride, self.offset)
