@@ -9,6 +9,7 @@ from .dualtoken import DualTokenAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hidiffusion import MSWAttention
 from .hilo import HiLo
+from .lightning import LightningAttention, LinearAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .msa_conv import MSAConv2d
@@ -29,6 +30,8 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "LightningAttention",
+    "LinearAttention",
     "LongformerAttention",
     "MAFAttention",
     "MaxViTAttention",
