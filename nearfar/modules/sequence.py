@@ -15,47 +15,65 @@ Positions for rotary embeddings count from 0 at the first token of a sequence; a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 
-@dataclass
 class KVCache:
     """Keys and values a softmax layer keeps for decoding, with the absolute position of each kept key.
 
     ``keep(positions, next_position) -> bool mask`` decides which keys stay after every step (None: all), so
-    a sliding window with sinks keeps ``sinks + window`` keys however long the sequence gets."""
+    a sliding window with sinks keeps ``sinks + window`` keys however long the sequence gets. Storage grows by
+    doubling, so appending a token costs O(new tokens), not a copy of the whole cache."""
 
-    k: torch.Tensor | None = None  # (B, Hkv, L, d), rotated
-    v: torch.Tensor | None = None  # (B, Hkv, L, dv)
-    positions: torch.Tensor | None = None  # (L,) absolute positions, increasing
-    length: int = 0  # tokens seen so far (the next token's position)
-    keep: object = field(default=None, repr=False)
+    def __init__(self, keep=None):
+        self.keep = keep
+        self.length = 0  # tokens seen so far (the next token's position)
+        self.size = 0  # keys kept
+        self._k = self._v = self._pos = None
+
+    @property
+    def k(self) -> torch.Tensor | None:  # (B, Hkv, L, d), rotated
+        return None if self._k is None else self._k[:, :, :self.size]
+
+    @property
+    def v(self) -> torch.Tensor | None:  # (B, Hkv, L, dv)
+        return None if self._v is None else self._v[:, :, :self.size]
+
+    @property
+    def positions(self) -> torch.Tensor | None:  # (L,) absolute positions, increasing
+        return None if self._pos is None else self._pos[:self.size]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         n = k.shape[2]
-        pos = torch.arange(self.length, self.length + n, device=k.device)
-        if self.k is None:
-            self.k, self.v, self.positions = k, v, pos
-        else:
-            self.k = torch.cat([self.k, k], 2)
-            self.v = torch.cat([self.v, v], 2)
-            self.positions = torch.cat([self.positions, pos])
-        self.length += n
+        need = self.size + n
+        if self._k is None or need > self._k.shape[2]:
+            cap = max(need, 2 * (0 if self._k is None else self._k.shape[2]), 16)
+            k_buf, v_buf = k.new_empty(*k.shape[:2], cap, k.shape[3]), v.new_empty(*v.shape[:2], cap, v.shape[3])
+            pos_buf = torch.empty(cap, dtype=torch.long, device=k.device)
+            if self._k is not None:
+                k_buf[:, :, :self.size], v_buf[:, :, :self.size] = self.k, self.v
+                pos_buf[:self.size] = self.positions
+            self._k, self._v, self._pos = k_buf, v_buf, pos_buf
+        self._k[:, :, self.size:need] = k
+        self._v[:, :, self.size:need] = v
+        self._pos[self.size:need] = torch.arange(self.length, self.length + n, device=k.device)
+        self.size, self.length = need, self.length + n
 
     def evict(self) -> None:
-        if self.keep is None or self.k is None:
+        if self.keep is None or self.size == 0:
             return
         kept = self.keep(self.positions, self.length)
         if not bool(kept.all()):
             idx = torch.nonzero(kept)[:, 0]
-            self.k, self.v, self.positions = self.k[:, :, idx], self.v[:, :, idx], self.positions[idx]
+            m = idx.numel()
+            self._k[:, :, :m] = self._k[:, :, idx]
+            self._v[:, :, :m] = self._v[:, :, idx]
+            self._pos[:m] = self._pos[idx]
+            self.size = m
 
-    @property
-    def size(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+    def nbytes(self) -> int:
+        return 0 if self._k is None else (self._k.nbytes + self._v.nbytes)
 
 
 class RotaryEmbedding(nn.Module):

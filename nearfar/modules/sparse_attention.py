@@ -81,9 +81,14 @@ class PatternAttention(nn.Module):
             total = cache.length
             # queries sit at their absolute positions of a total-long sequence: the same pairs as the forward
             allowed = self.pattern.allowed(pos[:, None], cache.positions[None, :], total, total)
+            ck, cv = cache.k, cache.v
+            used = allowed.reshape(-1, allowed.shape[-1]).any(0)
+            if 2 * int(used.sum()) < used.numel():  # few of the kept keys are reachable now: attend only those
+                idx = torch.nonzero(used)[:, 0]
+                ck, cv, allowed = ck.index_select(2, idx), cv.index_select(2, idx), allowed.index_select(-1, idx)
             bias = torch.zeros(allowed.shape, dtype=torch.float32, device=x.device).masked_fill_(~allowed,
                                                                                                  float("-inf"))
-            out = attend(q, cache.k, cache.v, bias=bias)
+            out = attend(q, ck, cv, bias=bias)
             cache.evict()
         return self.o_proj(merge_heads(out, (n,)))
 
