@@ -47,7 +47,7 @@ class TinyLM(nn.Module):
                  mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,
                  **mechanism_kwargs):
         super().__init__()
-        entries = {m.name: m for m in mechanisms() if "1d" in m.dims}
+        entries = {m.name: m for m in mechanisms() if hasattr(m.cls, "new_cache")}  # the sequence layers
         if mechanism not in entries:
             raise ValueError(f"mechanism must be a registered sequence mechanism, one of {sorted(entries)}; "
                              f"got {mechanism!r}")

@@ -71,6 +71,9 @@ class KVCache:
             self._v[:, :, :m] = self._v[:, :, idx]
             self._pos[:m] = self._pos[idx]
             self.size = m
+            if self._k.shape[2] > 4 * max(m, 16):  # a long prefill grew the buffers: give the memory back
+                self._k, self._v = self._k[:, :, :2 * m].clone(), self._v[:, :, :2 * m].clone()
+                self._pos = self._pos[:2 * m].clone()
 
     def nbytes(self) -> int:
         return 0 if self._k is None else (self._k.nbytes + self._v.nbytes)
