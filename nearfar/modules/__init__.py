@@ -12,6 +12,7 @@ from .hilo import HiLo
 from .lightning import LightningAttention, LinearAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
+from .moa import MoAAttention
 from .msa_conv import MSAConv2d
 from .neighborhood import NeighborhoodAttention
 from .proxy_tokens import ProxyTokenAttention
@@ -37,6 +38,7 @@ __all__ = [
     "MaxViTAttention",
     "Mechanism",
     "mechanisms",
+    "MoAAttention",
     "MSAConv2d",
     "MSWAttention",
     "NeighborhoodAttention",
