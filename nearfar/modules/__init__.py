@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from .agent import AgentAttention
+from .cca import CCAAttention
 from .craft import SRWAttention
 from .dualtoken import DualTokenAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
@@ -27,6 +28,7 @@ from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
 __all__ = [
     "AgentAttention",
     "BigBirdAttention",
+    "CCAAttention",
     "DualTokenAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
