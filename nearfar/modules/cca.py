@@ -16,9 +16,10 @@ Per query head, after RoPE on q and k (0-based positions; ``g = group_size``, ``
   ``s + g - 1`` keys long;
 - one softmax over ``[core keys; raw keys]`` with that mask, through ``nearfar.attend``.
 
-Cost: the fused softmax goes through ``attend`` with a dense ``(N, N/g + N)`` additive mask (as the official code
-does below 300 tokens; above that it runs a Triton kernel), so a forward pass is O(N^2) in time and mask memory,
-not the O(N (N/g + s)) of a dedicated kernel. Sequences shorter than ``s + g`` (no core token yet) take the
+Cost: the fused softmax of a whole sequence is ``attend`` with the ``CoreAndWindow`` pattern over ``[core; raw]``
+keys, so the block-sparse engine does O(N (N/g + s)) work and never forms the ``N x (N/g + N)`` mask (the official
+code uses a dense mask below 300 tokens and a Triton kernel above); decoding steps use a small dense mask over the
+cache. Sequences shorter than ``s + g`` (no core token yet) take the
 ``Causal()`` pattern path of ``attend`` instead (dense causal attention, the same function). The pooling softmax
 is ``attend`` of each group's last query over its group (one head per (head, group) pair, values ``[k; v]``).
 
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from ..attend import attend
-from ..patterns import Causal
+from ..patterns import Causal, Pattern
 from ..patterns.base import as_positive_int
 from .common import check_dim_heads, merge_heads, split_heads
 from .registry import Mechanism, register
@@ -69,6 +70,36 @@ def cca_allowed(q_pos: torch.Tensor, num_core: int, k_pos: torch.Tensor, window_
     core = torch.arange(num_core, device=q_pos.device)[None, :] < m
     raw = (k_pos[None, :] >= m * group_size) & (k_pos[None, :] <= q_pos[:, None])
     return torch.cat([core, raw], dim=1)
+
+
+class CoreAndWindow(Pattern):
+    """The fused softmax's pattern for a whole sequence: keys are ``[core tokens 0..C-1; raw tokens 0..N-1]`` and
+    query ``i`` sees core tokens ``c < m(i)`` and raw tokens ``m(i)*g .. i`` (``cca_allowed`` as a pattern, so the
+    block-sparse engine never forms the ``N x (C + N)`` mask)."""
+
+    def __init__(self, num_core: int, window_size: int, group_size: int):
+        self.c, self.s, self.g = num_core, window_size, group_size
+
+    def _m(self, i: torch.Tensor) -> torch.Tensor:
+        return core_counts(i, self.s, self.g)
+
+    def allowed(self, q, k, nq, nk):
+        m = self._m(q)
+        raw = k - self.c
+        return torch.where(k < self.c, k < m, (raw >= m * self.g) & (raw <= q))
+
+    def block_allowed(self, qt, kt, nq, nk):
+        qlo, qhi = qt.bounds(qt.idx)
+        klo, khi = kt.bounds(kt.idx)
+        mlo, mhi = self._m(qlo), self._m(qhi)
+        mlo, mhi, qhi2 = mlo[:, None], mhi[:, None], qhi[:, None]  # key tiles: (nTk,) or paired (nTq, M)
+        core = (klo < self.c) & (klo < mhi)
+        raw_lo, raw_hi = klo.clamp(min=self.c) - self.c, khi - self.c
+        raw = (khi >= self.c) & (raw_hi >= mlo * self.g) & (raw_lo <= qhi2)
+        return core | raw
+
+    def _key(self):
+        return ("CoreAndWindow", self.c, self.s, self.g)
 
 
 class CCACache:
@@ -206,7 +237,8 @@ class CCAAttention(nn.Module):
         keep_pool = None if kpm is None else kpm[:, :p]
         core_k, core_v = self._pool(q[:, :, g - 1:p:g], k[:, :, :p], v[:, :, :p], keep_pool)
         keep = None if kpm is None else torch.cat([keep_pool.view(-1, num_core, g).any(-1), kpm], dim=1)
-        return self._fused(q, pos, core_k, core_v, k, v, pos, keep)
+        k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
+        return attend(q, k, v, CoreAndWindow(num_core, self.window_size, g), key_padding_mask=keep)
 
     def _pool_cache(self, cache: CCACache, upto: int) -> None:
         """Pool groups ``num_core .. upto-1`` from the cache's raw tokens (which must still hold them)."""
@@ -242,5 +274,5 @@ register(Mechanism(
     repo="chenyaofo/CCA-Attention", family="local+global", dims=("1d",), causal=True, cross=False, cls=CCAAttention,
     make=lambda dim, num_heads, **kw: CCAAttention(dim, num_heads, **kw),
     notes="group 16, window 1024, 'cca' pooling (last-query-weighted core token per group) fused with the local "
-          "window in one softmax; causal only; dense (N, N/g + N) mask through attend (O(N^2)); decode cache "
+          "window in one softmax; causal only; O(N (N/g + window)) through attend's block-sparse engine; decode cache "
           "<= N/g + window + group tokens"))
