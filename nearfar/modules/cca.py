@@ -51,9 +51,9 @@ from torch import nn
 from ..attend import attend
 from ..patterns import Causal, Pattern
 from ..patterns.base import as_positive_int
-from .common import check_dim_heads, merge_heads, split_heads
+from .common import check_dim_heads, merge_heads
 from .registry import Mechanism, register
-from .sequence import RotaryEmbedding
+from .sequence import RotaryEmbedding, rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -214,13 +214,7 @@ class CCAAttention(nn.Module):
             if self.pooling != "cca":
                 raise NotImplementedError(f"key_padding_mask is supported with pooling='cca' only, got "
                                           f"{self.pooling!r}")
-        start = 0 if cache is None else cache.length
-        pos = torch.arange(start, start + n, device=x.device)
-        q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(x), self.num_kv_heads)
-        v = split_heads(self.v_proj(x), self.num_kv_heads)
-        if self.rope is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length)
         if cache is None:
             out = self._forward_full(q, k, v, pos, key_padding_mask)
         else:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import split_heads
+
 
 class KVCache:
     """Keys and values a softmax layer keeps for decoding, with the absolute position of each kept key.
@@ -94,3 +96,15 @@ class RotaryEmbedding(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotary_qkv(layer: nn.Module, x: torch.Tensor, start: int):
+    """q, k, v heads ``(B, H, N, d)`` of ``x (B, N, dim)`` at positions ``start .. start+N-1``, RoPE applied, for a
+    layer with ``q_proj``/``k_proj``/``v_proj``, ``num_heads``, ``num_kv_heads`` and ``rope`` (None: no RoPE)."""
+    pos = torch.arange(start, start + x.shape[1], device=x.device)
+    q = split_heads(layer.q_proj(x), layer.num_heads)
+    k = split_heads(layer.k_proj(x), layer.num_kv_heads)
+    v = split_heads(layer.v_proj(x), layer.num_kv_heads)
+    if layer.rope is not None:
+        q, k = layer.rope(q, pos), layer.rope(k, pos)
+    return q, k, v, pos

@@ -27,9 +27,9 @@ from torch import nn
 from ..attend import attend
 from ..patterns import BlockWindow, Causal, GlobalTokens, Pattern, RandomBlocks, Sinks, SlidingWindow
 from ..patterns.base import as_nonneg_int, as_positive_int
-from .common import check_dim_heads, merge_heads, split_heads
+from .common import check_dim_heads, merge_heads
 from .registry import Mechanism, register
-from .sequence import KVCache, RotaryEmbedding
+from .sequence import KVCache, RotaryEmbedding, rotary_qkv
 
 
 class PatternAttention(nn.Module):
@@ -65,13 +65,7 @@ class PatternAttention(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         n = x.shape[1]
-        start = 0 if cache is None else cache.length
-        pos = torch.arange(start, start + n, device=x.device)
-        q = split_heads(self.q_proj(x), self.num_heads)
-        k = split_heads(self.k_proj(x), self.num_kv_heads)
-        v = split_heads(self.v_proj(x), self.num_kv_heads)
-        if self.rope is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
+        q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length)
         if cache is None:
             out = attend(q, k, v, self.pattern, key_padding_mask=key_padding_mask)
         else:
