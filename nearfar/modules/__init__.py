@@ -23,6 +23,7 @@ from .shvit import SHSA
 from .sparse_attention import BigBirdAttention, LongformerAttention, PatternAttention, StreamingLLMAttention
 from .super_token import SuperTokenAttention
 from .swin import WindowAttention
+from .titans import TitansMAC
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "SRWAttention",
     "StreamingLLMAttention",
     "SuperTokenAttention",
+    "TitansMAC",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "WindowAttention",

@@ -1,0 +1,227 @@
+"""Titans: a neural long-term memory updated at test time, and the MAC (Memory as Context) layer.
+
+Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024); no official code. Reference
+code: lucidrains/titans-pytorch (``titans_pytorch/neural_memory.py``, ``memory_models.py``, ``mac_transformer.py``).
+Spec: ``shared/specs/sequence.md`` §14.
+
+Memory (per head, ``d = dim / num_heads``): an MLP ``M(k) = W_L(gelu(... gelu(k W_1)))`` without biases (hidden
+``expansion * d``, xavier-uniform initial weights, learned in the outer loop; ``depth=1`` is a linear memory). For
+a chunk ``c`` of keys/values ``k_t = normalize(silu(y_t W_K))``, ``v_t = silu(y_t W_V)``:
+
+    G_c = sum_{t in c} grad_M ||M_{c-1}(k_t) - v_t||^2 / d        (all tokens at the chunk-start weights)
+    S_c = eta_c S_{c-1} - theta_c G_c                              (momentum: past + momentary surprise)
+    M_c = (1 - alpha_c) M_{c-1} + S_c                              (forgetting / weight decay)
+
+with ``theta_c = max_lr * sigmoid(lin(mean_c y))``, ``eta_c = sigmoid(lin(mean_c y))``,
+``alpha_c = sigmoid(lin(mean_c y))``, one gate per head and chunk (data-dependent, shared within a chunk). The
+gradient of the MLP is written out by hand (``memory_grads``), so the update is differentiable for the outer loop
+and also runs under ``torch.no_grad`` (generation); the tests check it against autograd.
+
+MAC, per segment of ``segment_len`` tokens: retrieve ``h_j = M_{s-1}(q_j)`` with ``q_j = normalize(silu(x_j W_Q))``
+(memory updated through the previous segment), attend causally over ``[persistent ; h ; segment]`` (query ``i``
+sees every persistent token, ``h_j`` and ``x_j`` for ``j <= i``; RoPE at absolute positions on queries and on the
+``h``/segment keys, persistent keys unrotated), then update the memory with the segment's attention output ``y``.
+Output ``o_proj(y)``.
+
+Differences from the paper / reference code (choices, documented):
+- Retrieved tokens: one ``h_j`` per segment token, visible causally (``j <= i``), so the layer is causal and
+  decoding is exact; the reference retrieves with the whole segment and uses separate long-term memory tokens.
+- No output gate ``y * M_t(y)``: with chunk-parallel updates ``M_t`` already contains the whole segment, which
+  would leak later tokens to earlier ones (the reference's ``gate_attn_output`` is optional too).
+- Chunk gradients are the sum (not mean) over the chunk's tokens; ``chunk_size`` (default ``segment_len``) must
+  divide ``segment_len``; momentum and decay run as a loop over chunks (no associative scan).
+- Keys are l2-normalised (the paper normalises q and k), values are not; no per-layer norms on the memory output.
+- The memory is updated only at full segments, in the forward pass and in decoding alike: the decode cache keeps
+  the partial current segment (at most ``segment_len - 1`` input rows, recomputed each step) plus the memory
+  weights and momentum, so its size does not depend on the sequence length and decoding equals the forward pass.
+- ``key_padding_mask`` is not supported (padding would be written into the memory).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attend import attend
+from ..patterns.base import as_nonneg_int, as_positive_int
+from .common import check_dim_heads, merge_heads, split_heads
+from .registry import Mechanism, register
+from .sequence import RotaryEmbedding
+
+
+def memory_apply(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The memory MLP with per-(batch, head) weights ``(B, H, d_in, d_out)`` on ``x (B, H, n, d)``."""
+    for i, w in enumerate(weights):
+        x = x @ w
+        if i < len(weights) - 1:
+            x = F.gelu(x)
+    return x
+
+
+def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+    """Gradient of ``sum_t mean_dims (M(k_t) - v_t)^2`` w.r.t. each weight, per (batch, head): backprop by hand."""
+    inputs, pre = [], []
+    h = k
+    for i, w in enumerate(weights):
+        inputs.append(h)
+        h = h @ w
+        if i < len(weights) - 1:
+            pre.append(h)
+            h = F.gelu(h)
+    delta = (h - v) * (2.0 / v.shape[-1])
+    grads = []
+    for i in range(len(weights) - 1, -1, -1):
+        grads.append(inputs[i].transpose(-1, -2) @ delta)
+        if i:
+            z = pre[i - 1]
+            # d gelu(z)/dz = Phi(z) + z phi(z) (exact erf GELU, as F.gelu's default)
+            dgelu = 0.5 * (1 + torch.erf(z / math.sqrt(2))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+            delta = (delta @ weights[i].transpose(-1, -2)) * dgelu
+    return grads[::-1]
+
+
+def memory_update(weights: list[torch.Tensor], momentum: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                  lr: torch.Tensor, mom: torch.Tensor, decay: torch.Tensor, chunk_size: int):
+    """Chunk-wise test-time training of the memory on ``k, v (B, H, n, d)``; ``lr``/``mom``/``decay`` are the
+    per-chunk gates ``theta, eta, alpha`` ``(B, H, n // chunk_size)``. Returns the new weights and momentum."""
+    for c in range(k.shape[2] // chunk_size):
+        sl = slice(c * chunk_size, (c + 1) * chunk_size)
+        grads = memory_grads(weights, k[:, :, sl], v[:, :, sl])
+        th, et, al = (g[:, :, c, None, None] for g in (lr, mom, decay))
+        momentum = [et * s - th * g for s, g in zip(momentum, grads)]
+        weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]
+    return weights, momentum
+
+
+class TitansCache:
+    """Decoding state of ``TitansMAC``: memory weights and momentum ``(B, H, d_in, d_out)`` per MLP layer, the input
+    rows of the current (partial) segment, and the number of tokens seen."""
+
+    def __init__(self, weights: list[torch.Tensor], momentum: list[torch.Tensor]):
+        self.weights, self.momentum = weights, momentum
+        self.segment: torch.Tensor | None = None
+        self.length = 0
+
+    def nbytes(self) -> int:
+        seg = 0 if self.segment is None else self.segment.nbytes
+        return sum(t.nbytes for t in self.weights + self.momentum) + seg
+
+
+class TitansMAC(nn.Module):
+    """``TitansMAC(dim, num_heads, segment_len=128, num_persistent=4, memory_depth=2, memory_expansion=2,
+    chunk_size=None, max_lr=0.1, rope=True)``: causal Memory-as-Context layer on ``x (B, N, dim)``."""
+
+    causal = True
+
+    def __init__(self, dim: int, num_heads: int, segment_len: int = 128, num_persistent: int = 4,
+                 memory_depth: int = 2, memory_expansion: int = 2, chunk_size: int | None = None,
+                 max_lr: float = 0.1, rope: bool = True):
+        super().__init__()
+        self.head_dim = d = check_dim_heads(dim, num_heads)
+        self.segment_len = as_positive_int(segment_len, "segment_len")
+        self.num_persistent = as_nonneg_int(num_persistent, "num_persistent")
+        depth = as_positive_int(memory_depth, "memory_depth")
+        hidden = as_positive_int(memory_expansion, "memory_expansion") * d
+        self.chunk_size = self.segment_len if chunk_size is None else as_positive_int(chunk_size, "chunk_size")
+        if self.segment_len % self.chunk_size:
+            raise ValueError(f"chunk_size ({self.chunk_size}) must divide segment_len ({self.segment_len})")
+        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr >= 0:
+            raise ValueError(f"max_lr must be a number >= 0, got {max_lr!r}")
+        self.dim, self.num_heads, self.max_lr = dim, num_heads, float(max_lr)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.rope = RotaryEmbedding(d) if rope else None
+        # no empty parameter when there are no persistent tokens (an empty tensor breaks optimisers' checks)
+        self.persistent = nn.Parameter(torch.randn(self.num_persistent, dim) * 0.02) if self.num_persistent else None
+        self.mem_q, self.mem_k, self.mem_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_lr, self.to_momentum, self.to_decay = (nn.Linear(dim, num_heads) for _ in range(3))
+        sizes = [d] + [hidden] * (depth - 1) + [d]
+        self.memory = nn.ParameterList(
+            nn.Parameter(torch.stack([nn.init.xavier_uniform_(torch.empty(a, b)) for _ in range(num_heads)]))
+            for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def new_cache(self, batch: int = 1, device=None, dtype=None) -> TitansCache:
+        weights = [w.to(device=device, dtype=dtype).expand(batch, -1, -1, -1) for w in self.memory]
+        return TitansCache(weights, [torch.zeros_like(w) for w in weights])
+
+    def _segment(self, x: torch.Tensor, weights: list[torch.Tensor], start: int) -> torch.Tensor:
+        """Attention output (before ``o_proj``) of the segment rows ``x (B, L, dim)`` at positions ``start..``."""
+        b, n = x.shape[:2]
+        qm = F.normalize(F.silu(split_heads(self.mem_q(x), self.num_heads)), dim=-1)
+        h = merge_heads(memory_apply(weights, qm), (n,))
+        ctx = [h, x] if self.persistent is None else [self.persistent.to(x.dtype).expand(b, -1, -1), h, x]
+        ctx = torch.cat(ctx, 1)
+        q = split_heads(self.q_proj(x), self.num_heads)
+        k = split_heads(self.k_proj(ctx), self.num_heads)
+        v = split_heads(self.v_proj(ctx), self.num_heads)
+        p = self.num_persistent
+        if self.rope is not None:
+            pos = torch.arange(start, start + n, device=x.device)
+            q = self.rope(q, pos)
+            k = torch.cat([k[:, :, :p], self.rope(k[:, :, p:], torch.cat([pos, pos]))], 2)
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        allowed = torch.cat([causal.new_ones(n, p), causal, causal], 1)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, float("-inf"))
+        return merge_heads(attend(q, k, v, bias=bias), (n,))
+
+    def _update(self, weights, momentum, y: torch.Tensor):
+        """Memory after training on one full segment's attention output ``y (B, segment_len, dim)``."""
+        b, n, _ = y.shape
+        k = F.normalize(F.silu(split_heads(self.mem_k(y), self.num_heads)), dim=-1)
+        v = F.silu(split_heads(self.mem_v(y), self.num_heads))
+        pooled = y.reshape(b, n // self.chunk_size, self.chunk_size, -1).mean(2)
+        lr = self.max_lr * torch.sigmoid(self.to_lr(pooled)).transpose(1, 2)
+        mom = torch.sigmoid(self.to_momentum(pooled)).transpose(1, 2)
+        decay = torch.sigmoid(self.to_decay(pooled)).transpose(1, 2)
+        return memory_update(weights, momentum, k, v, lr, mom, decay, self.chunk_size)
+
+    def forward(self, x: torch.Tensor, cache: TitansCache | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        if key_padding_mask is not None:
+            raise ValueError("key_padding_mask is not supported by TitansMAC (padding would enter the memory)")
+        if cache is not None and not isinstance(cache, TitansCache):
+            raise TypeError(f"cache must come from new_cache (a TitansCache), got {type(cache).__name__}")
+        b, n, _ = x.shape
+        c = self.segment_len
+        if cache is None:
+            cache = self.new_cache(b, x.device, x.dtype)
+            weights, momentum = cache.weights, cache.momentum
+            outs = []
+            for s in range(0, n, c):
+                y = self._segment(x[:, s:s + c], weights, s)
+                outs.append(y)
+                if s + c < n:  # the memory after the last segment is never read
+                    weights, momentum = self._update(weights, momentum, y)
+            return self.o_proj(torch.cat(outs, 1))
+        if x.shape[0] != cache.weights[0].shape[0]:
+            raise ValueError(f"x has batch {x.shape[0]} but the cache was made for {cache.weights[0].shape[0]}")
+        outs, i = [], 0
+        while i < n:
+            have = 0 if cache.segment is None else cache.segment.shape[1]
+            take = min(c - have, n - i)
+            seg = x[:, i:i + take] if cache.segment is None else torch.cat([cache.segment, x[:, i:i + take]], 1)
+            # the segment's earlier rows are recomputed: causal within the segment, so they are unchanged
+            y = self._segment(seg, cache.weights, cache.length - have)
+            outs.append(y[:, have:])
+            cache.length += take
+            i += take
+            if seg.shape[1] == c:
+                cache.weights, cache.momentum = self._update(cache.weights, cache.momentum, y)
+                cache.segment = None
+            else:
+                cache.segment = seg
+        return self.o_proj(torch.cat(outs, 1))
+
+
+register(Mechanism(
+    name="titans_mac", paper="Titans: Learning to Memorize at Test Time (2024)", repo="lucidrains/titans-pytorch",
+    family="local+global", dims=("1d",), causal=True, cross=False, cls=TitansMAC,
+    make=lambda dim, num_heads, **kw: TitansMAC(dim, num_heads, **kw),
+    notes="Memory as Context: segment 128, 4 persistent tokens, 2-layer MLP memory per head trained at test time "
+          "(momentum + decay, data-dependent gates); causal retrieved tokens; decode state = memory weights + "
+          "momentum + the partial segment (independent of N)"))
