@@ -64,7 +64,7 @@ class DenseCausal(torch.nn.Module):
         return self.o_proj(merge_heads(out, (n,)))
 
 
-def fill(cache, length: int, heads: int, head_dim: int) -> None:
+def fill(layer, cache, length: int, heads: int, head_dim: int) -> None:
     """A decoding state as after ``length`` tokens (random contents, the layer's own eviction)."""
     if isinstance(cache, KVCache):
         for start in range(0, length, 8192):  # in slices, as a long prefill would, so eviction keeps it bounded
@@ -82,24 +82,27 @@ def fill(cache, length: int, heads: int, head_dim: int) -> None:
         cache.raw_q = torch.randn(1, layer_heads, raw, head_dim)
         cache.raw_k, cache.raw_v = torch.randn(1, heads, raw, head_dim), torch.randn(1, heads, raw, head_dim)
         cache.length = length
-    else:  # linear-attention state: O(d^2), whatever the length
+    elif hasattr(cache, "S"):  # linear-attention state: O(d^2), whatever the length
         cache.S.normal_()
         cache.length = length
+    else:  # any other state: build it the honest way, by a chunked prefill of random inputs
+        for start in range(0, length, 4096):
+            layer(torch.randn(1, min(4096, length - start), DIM), cache=cache)
 
 
 def state_bytes(cache) -> int:
     if isinstance(cache, KVCache):
         return cache.nbytes()
-    if hasattr(cache, "core_k"):
-        return sum(t.nbytes for t in (cache.core_k, cache.core_v, cache.raw_q, cache.raw_k, cache.raw_v)
-                   if t is not None)
-    return cache.S.nbytes
+    tensors = []
+    for value in vars(cache).values():  # tensors held directly or in lists (per-layer weights, momenta)
+        tensors += value if isinstance(value, (list, tuple)) else [value]
+    return sum(t.nbytes for t in tensors if isinstance(t, torch.Tensor))
 
 
 def decode_ms(layer, length: int, steps: int = 15) -> tuple[float, int]:
     cache = layer.new_cache(1)
     kv_heads = getattr(layer, "num_kv_heads", HEADS)
-    fill(cache, length, kv_heads, DIM // HEADS)
+    fill(layer, cache, length, kv_heads, DIM // HEADS)
     x = torch.randn(1, 1, DIM)
     layer(x, cache=cache)  # warm-up step
     times = []
