@@ -65,3 +65,31 @@ def check_state_dict_round_trip(make, x: torch.Tensor) -> None:
     b.load_state_dict(a.state_dict())
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
+
+
+def check_outputs_and_grads(out: torch.Tensor, expected: torch.Tensor, inputs, rtol: float = 1e-5,
+                            grad_rtol: float = 3e-5) -> None:
+    """A fast path's ``out`` against a float64 reference ``expected`` computed from the same leaf ``inputs``:
+    values, and the gradients of a random projection of both with respect to every input."""
+    assert_close(out, expected, rtol)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * g.double()).sum(), inputs)
+    for i, (a, b) in enumerate(zip(grads, expected_grads)):
+        assert_close(a, b, grad_rtol, f"grad of input {i}")
+
+
+def check_loss_halves(model: torch.nn.Module, data: torch.Tensor, steps: int = 20, lr: float = 1e-2) -> None:
+    """``steps`` Adam steps on ``model.loss(data)``: finite losses and gradients, and the last loss below half
+    the first (the model can fit a small learnable dataset)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model.loss(data)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses

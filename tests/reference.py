@@ -317,3 +317,17 @@ def window_rpb_bias(table, grid, size, shift=0, grid_partition=False):
             same[i, j] = True
     flat_table = table.reshape(table.shape[0], -1)
     return torch.where(same, flat_table[:, idx], torch.zeros((), dtype=table.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sequence layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rope(x, pos):
+    """Rotary embedding (rotate-half layout, base 10000) of ``x (..., N, d)`` at positions ``pos (N,)``, float64."""
+    d = x.shape[-1]
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = pos.double()[:, None] * inv[None]
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)

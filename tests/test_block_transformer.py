@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from module_checks import assert_close
+from module_checks import assert_close, check_loss_halves
 
 from nearfar.block_transformer import BlockTransformer
 
@@ -110,17 +110,7 @@ def test_loss_decreases_on_repeated_pattern():
     m = BlockTransformer(V, block_len=L, dim_block=16, dim_token=16, depth_block=1, depth_token=1, num_heads=2)
     pattern = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 5])
     data = torch.stack([pattern.roll(s) for s in range(4)]).repeat(1, 2)  # (4, 24): 6 blocks
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = m.loss(data)
-        assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    check_loss_halves(m, data)
 
 
 def test_loss_is_cross_entropy_of_logits():

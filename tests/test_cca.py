@@ -22,14 +22,6 @@ from nearfar.lm import TinyLM
 from nearfar.modules.cca import CCAAttention, cca_allowed
 
 
-def _rope(x, pos):  # independent RoPE (rotate-half), float64
-    d = x.shape[-1]
-    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = pos.double()[:, None] * inv[None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
-
-
 def _qkv(m, x):
     """Rotated q, k, v in float64, k/v repeated to the query heads (GQA)."""
     b, n, _ = x.shape
@@ -42,7 +34,7 @@ def _qkv(m, x):
         return y.view(b, n, h, d).transpose(1, 2)
 
     pos = torch.arange(n)
-    q, k, v = _rope(proj(m.q_proj, hq), pos), _rope(proj(m.k_proj, hk), pos), proj(m.v_proj, hk)
+    q, k, v = ref.rope(proj(m.q_proj, hq), pos), ref.rope(proj(m.k_proj, hk), pos), proj(m.v_proj, hk)
     return q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
 
 

@@ -9,7 +9,7 @@ import copy
 import pytest
 import reference as ref
 import torch
-from module_checks import assert_close
+from module_checks import assert_close, check_loss_halves
 
 from nearfar.fit import FITAR, parse_layers
 
@@ -29,12 +29,6 @@ def tokens(b: int, n: int, seed: int = 1) -> torch.Tensor:
 
 # ---------------------------------------------------------------- float64 reference (flat sequences, dense masks)
 
-def _rope(x, pos):
-    half = x.shape[-1] // 2
-    inv = 10000.0 ** (-torch.arange(0, 2 * half, 2, dtype=torch.float64) / (2 * half))
-    ang = pos.double()[:, None] * inv[None]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
 
 
 def _heads(t, h):
@@ -45,7 +39,7 @@ def _heads(t, h):
 def _attn(wq, wk, wv, wo, xq, xk, allowed, h, pos_q=None, pos_k=None):
     q, k, v = _heads(xq @ wq.T, h), _heads(xk @ wk.T, h), _heads(xk @ wv.T, h)
     if pos_q is not None:
-        q, k = _rope(q, pos_q), _rope(k, pos_k)
+        q, k = ref.rope(q, pos_q), ref.rope(k, pos_k)
     o = ref.dense_reference(q, k, v, allowed, q.shape[-1] ** -0.5)
     return o.transpose(1, 2).reshape(xq.shape[0], xq.shape[1], -1) @ wo.T
 
@@ -193,16 +187,7 @@ def test_odd_length_padding_is_exact():
 def test_loss_decreases_with_adam():
     m = small(layers="(1)1(1)")
     data = torch.arange(24).remainder(6).repeat(4, 1)  # a periodic sequence: learnable
-    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = m.loss(data)
-        assert torch.isfinite(loss)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0], losses
+    check_loss_halves(m, data)
 
 
 def test_forward_backward_finite():

@@ -71,12 +71,6 @@ def test_block_sparse_engine_matches_the_mask(pattern):
     assert (out.double() - exp).abs().max() < 1e-5
 
 
-def _rope(x, pos):  # independent RoPE (rotate-half), float64
-    d = x.shape[-1]
-    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = pos.double()[:, None] * inv[None]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
 
 
 @pytest.mark.parametrize("make", [lambda: StreamingLLMAttention(16, 4, window=5, sinks=2, num_kv_heads=2),
@@ -98,8 +92,8 @@ def test_layer_matches_float64_reference(make):
     def heads(t, h):
         return t.view(2, 23, h, d).transpose(1, 2)
 
-    q = _rope(heads(x64 @ w["q_proj.weight"].T, hq), pos)
-    k = _rope(heads(x64 @ w["k_proj.weight"].T, hk), pos)
+    q = ref.rope(heads(x64 @ w["q_proj.weight"].T, hq), pos)
+    k = ref.rope(heads(x64 @ w["k_proj.weight"].T, hk), pos)
     v = heads(x64 @ w["v_proj.weight"].T, hk)
     o = ref.dense_reference(q, k, v, m.pattern.mask(23, 23), d ** -0.5)
     exp = o.transpose(1, 2).reshape(2, 23, 16) @ w["o_proj.weight"].T

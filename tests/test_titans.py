@@ -43,12 +43,6 @@ def _autograd_update(weights, momentum, k, v, lr, mom, decay, chunk):
     return weights, momentum
 
 
-def _rope(t, pos):
-    d = t.shape[-1]
-    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
-    ang = pos.double()[:, None] * inv[None]
-    t1, t2 = t[..., :d // 2], t[..., d // 2:]
-    return torch.cat([t1 * ang.cos() - t2 * ang.sin(), t2 * ang.cos() + t1 * ang.sin()], -1)
 
 
 def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +69,8 @@ def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
         q, k, v = heads(lin(m.q_proj, seg)), heads(lin(m.k_proj, ctx)), heads(lin(m.v_proj, ctx))
         if m.rope is not None:
             pos = torch.arange(s, s + L)
-            q = _rope(q, pos)
-            k = torch.cat([k[:, :, :p], _rope(k[:, :, p:p + L], pos), _rope(k[:, :, p + L:], pos)], 2)
+            q = ref.rope(q, pos)
+            k = torch.cat([k[:, :, :p], ref.rope(k[:, :, p:p + L], pos), ref.rope(k[:, :, p + L:], pos)], 2)
         allowed = torch.zeros(L, p + 2 * L, dtype=torch.bool)
         for i in range(L):
             allowed[i, :p] = True

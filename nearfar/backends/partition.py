@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bias import DenseBias
-from ..patterns import Blocks
 from ..plan import Plan, _allowed_heads, _to_additive, get_plan, inverse_order
 from .dense import _empty_rows, sdpa
 
@@ -83,7 +82,11 @@ def _recipe(plan: Plan):
     grid, size = layout.grid, layout.tile
     if any(n % m for n, m in zip(grid, size)):
         return None
-    shifts = pattern.shift if isinstance(pattern, Blocks) else (0,) * len(grid)
+    # the layout's cyclic axes are rolled by their offset (Swin/cyclic shifts); an offset on a non-cyclic axis
+    # means partial edge windows, which no reshape produces
+    if any(o and not w for o, w in zip(layout.offset, layout.wrap)):
+        return None
+    shifts = tuple(o if w else 0 for o, w in zip(layout.offset, layout.wrap))
     kind = "grid" if any(d > 1 for d in layout.dilation) else "block"
     shape, perm = _split(grid, size, kind)
     recipe = (grid, shifts, shape, perm)
@@ -166,9 +169,10 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
 class WindowBatch:
     """The windows of a window pattern as a batch, for modules that partition their *input* (before the
     projections, as the official window codes do) instead of q, k and v: ``split`` (B, *grid, C) -> (B*nW, T, C),
-    ``merge`` back, and ``bias`` for the relative-position table shared by all windows. Only for patterns whose
-    windows are all whole and alike (``Blocks`` on divisible extents without a region mask, cyclic ``Blocks``,
-    ``Grid``): ``WindowBatch.of`` returns None otherwise, and the module uses ``attend(..., pattern)``.
+    ``merge`` back, and ``bias`` for what ``attend`` must add inside the windows (a relative-position table shared
+    by all windows, and Swin's region mask). Only for patterns whose windows are whole (``Blocks``/``Grid`` on
+    divisible extents, shifted or cyclic): ``WindowBatch.of`` returns None otherwise, and the module uses
+    ``attend(..., pattern)``.
     """
 
     def __init__(self, win: Windows, pattern, n: int):
@@ -188,12 +192,21 @@ class WindowBatch:
         grid = self.win.recipe[0]
         return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self.win.recipe, b, 1).reshape(b, *grid, -1)
 
-    def bias(self, table: torch.Tensor) -> torch.Tensor:
-        """``(1, heads, T, T)`` bias of every window from a table ``attend`` would take with the pattern."""
-        if self._index is None:
-            first = self.win.order[0].to(table.device)
-            self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
-        return table.reshape(table.shape[0], -1)[:, self._index][None]
+    def bias(self, table: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The additive bias of the split windows: ``(1, heads, T, T)`` from a table ``attend`` would take with
+        the pattern (the same in every whole window: for Swin's shifted windows on the pairs the region mask
+        allows), plus the region mask, which differs per window: then ``(batch * nW, heads or 1, T, T)``."""
+        out = None
+        if table is not None:
+            if self._index is None:
+                first = self.win.order[0].to(table.device)
+                self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
+            out = table.reshape(table.shape[0], -1)[:, self._index][None]
+        if self.win.mask is None:
+            return out
+        mask = self.win.mask[:, None]  # (nW, 1, T, T)
+        mask = mask if out is None else mask.to(out.dtype) + out
+        return mask.expand(batch, *mask.shape).reshape(batch * mask.shape[0], *mask.shape[1:])
 
 
 @torch.compiler.disable
@@ -203,7 +216,7 @@ def _window_batch(pattern, spatial, device) -> WindowBatch | None:
     if not plan.partition:
         return None
     win = windows(plan)
-    if win.recipe is None or win.mask is not None:
+    if win.recipe is None:
         return None
     wb = plan.engine_cache.get("window_batch")
     if wb is None:

@@ -80,9 +80,9 @@ def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, sc
     ``[3, heads, d]``) or to a tuple ``(q, k, v)`` of ``(..., C')``; ``table`` is a relative-position table as
     ``attend`` takes it with the pattern.
 
-    When the windows are whole and alike, the input itself is cut into windows before ``qkv`` (one copy of C
-    channels instead of three reorders of q, k, v inside ``attend``), as the official window codes do; otherwise
-    ``attend`` runs the pattern on the whole map.
+    When the windows are whole (divisible extents; shifted windows are rolled first), the input itself is cut
+    into windows before ``qkv`` (one copy of C channels instead of three reorders of q, k, v inside ``attend``), as
+    the official window codes do; otherwise ``attend`` runs the pattern on the whole map.
     """
     spatial = tuple(x.shape[1:-1])
     wb = WindowBatch.of(pattern, spatial, x.device)
@@ -91,5 +91,5 @@ def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, sc
     q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
     if wb is None:
         return merge_heads(attend(q, k, v, pattern, scale=scale, bias=table), spatial)
-    out = attend(q, k, v, scale=scale, bias=None if table is None else wb.bias(table))
+    out = attend(q, k, v, scale=scale, bias=wb.bias(table, x.shape[0]))
     return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])

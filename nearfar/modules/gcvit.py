@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attend import attend
+from ..backends.partition import WindowBatch
 from ..patterns import Blocks
 from ..patterns.base import per_axis
 from .common import (
@@ -230,30 +231,22 @@ class GlobalQueryAttention(_GCViTWindowBase):
         qg = split_heads(q_global, self.num_heads).expand(b, -1, -1, -1)  # (B, h, ws0*ws1, d)
         (hh, ww), (m0, m1) = spatial, self.window_size
         if hh % m0 == 0 and ww % m1 == 0 and (hh, ww) != (m0, m1):
-            # whole windows (the official case): the same queries for every window of an image, so partition x
-            # once (as the official code does) and attend each window's keys with the shared queries
-            return self._attend_partitioned(x, qg, spatial)
+            # whole windows (the official case): the same queries for every window of an image, so cut x into
+            # windows once (as the official code does) and attend each window's keys with the shared queries
+            return self._attend_partitioned(x, qg, WindowBatch.of(Blocks(self.window_size, grid=spatial), spatial,
+                                                                  x.device))
         k, v = self.qkv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = qg.index_select(2, self._slots(spatial, x.device))  # each token's query: the one at its window slot
         return self._attend_windows(q, k, v, spatial)
 
-    def _attend_partitioned(self, x: torch.Tensor, qg: torch.Tensor, spatial: tuple[int, int]) -> torch.Tensor:
-        b, c = x.shape[0], self.dim
-        (hh, ww), (m0, m1) = spatial, self.window_size
-        nh, nw, t = hh // m0, ww // m1, m0 * m1
-        xw = x.reshape(b, nh, m0, nw, m1, c).transpose(2, 3).reshape(b * nh * nw, t, c)
-        k, v = self.qkv(xw).view(b * nh * nw, t, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = qg[:, None].expand(b, nh * nw, *qg.shape[1:]).reshape(b * nh * nw, *qg.shape[1:])
-        out = attend(q, k, v, scale=self.scale, bias=self._window_bias())
-        out = out.transpose(1, 2).reshape(b, nh, nw, m0, m1, c).transpose(2, 3).reshape(b, hh, ww, c)
-        return self.proj(out)
-
-    def _window_bias(self) -> torch.Tensor:
-        """The relative position bias of one whole window, ``(heads, T, T)`` (spec P4)."""
-        (m0, m1), table = self.window_size, self.rel_pos.offsets(self.window_size)
-        r, c = torch.arange(m0).repeat_interleave(m1), torch.arange(m1).repeat(m0)
-        idx = (r[None] - r[:, None] + m0 - 1) * (2 * m1 - 1) + (c[None] - c[:, None] + m1 - 1)
-        return table.reshape(self.num_heads, -1)[:, idx.to(table.device)]
+    def _attend_partitioned(self, x: torch.Tensor, qg: torch.Tensor, wb: WindowBatch) -> torch.Tensor:
+        b = x.shape[0]
+        xw = wb.split(x)  # (B * nW, T, C)
+        k, v = self.qkv(xw).view(*xw.shape[:2], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        n_win = xw.shape[0] // b
+        q = qg[:, None].expand(b, n_win, *qg.shape[1:]).reshape(b * n_win, *qg.shape[1:])
+        out = attend(q, k, v, scale=self.scale, bias=wb.bias(self.rel_pos.offsets(self.window_size), b))
+        return self.proj(wb.merge(merge_heads(out, (wb.t,)), b))
 
     def _slots(self, spatial: tuple[int, int], device: torch.device) -> torch.Tensor:
         (h, w), (m0, m1) = spatial, self.window_size

@@ -77,11 +77,8 @@ class MSWAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=out_bias), nn.Dropout(0.0)])
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        # one GEMM for the three diffusers projections (their weights stay separate, as in the checkpoints)
-        w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
-        b = None if self.to_q.bias is None else torch.cat([self.to_q.bias, self.to_k.bias, self.to_v.bias])
-        return F.linear(x, w, b)
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.to_q(x), self.to_k(x), self.to_v(x)
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] | int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -94,15 +91,10 @@ class MSWAttention(nn.Module):
         resize = grid != (h, w)
         if resize:  # odd sizes: the official bicubic resize to an even map
             x = F.interpolate(x.permute(0, 3, 1, 2), size=grid, mode="bicubic").permute(0, 2, 3, 1)
-        # the cyclic shift commutes with the per-token projections: roll the C-channel input once (as the
-        # official code does) instead of q, k and v, so the windows are plain Blocks of the rolled map. This
-        # equals Blocks(window, shift=shift, wrap=True) on the unrolled map, which the tests check.
-        shift = (shift[0] % window[0], shift[1] % window[1])
-        if any(shift):
-            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        out = self.to_out[0](window_attention(x, Blocks(window, grid=grid), self._qkv, self.num_heads, self.scale))
-        if any(shift):
-            out = torch.roll(out, shifts=shift, dims=(1, 2))
+        # window_attention rolls and cuts the C-channel input once (the cyclic windows are whole), as the official
+        # code does, instead of reordering q, k and v
+        pattern = Blocks(window, grid=grid, shift=(shift[0] % window[0], shift[1] % window[1]), wrap=True)
+        out = self.to_out[0](window_attention(x, pattern, self._qkv, self.num_heads, self.scale))
         if resize:
             out = F.interpolate(out.permute(0, 3, 1, 2), size=(h, w), mode="bicubic").permute(0, 2, 3, 1)
         return out

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from ..attend import attend
-from ..patterns import Blocks, Intersection, Pattern
+from ..patterns import Blocks, Pattern
 from ..patterns.base import per_axis
 from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, window_attention
 from .registry import Mechanism, register
@@ -187,25 +187,14 @@ class ProxyTokenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = self._check(x)
-        window = self.patterns(spatial)[0]
+        window, shifted = self.patterns(spatial)
         p = self.proxy_tokens(x)
         p = p + self.proxy_attn1(self.proxy_norm1(p))
         z = x + self.linear_1_visual(self.pvisual_attn2(self.norm_before(x), self.proxy_cross_norm(p)))
         z = z + self.attn1(self.norm1(z), pattern=window)
         if self.shift_window:
-            # roll the C-channel map once, as the official code does, instead of q, k and v inside attend: on the
-            # rolled map Swin's shifted windows are plain windows split once more at extent - shift (P5's region
-            # bands), and norm, projections and linear_2 act per token, so they commute with the roll
-            dims = tuple(range(1, 1 + self.ndim))
-            zr = torch.roll(z, tuple(-s for s in self.shift_size), dims)
-            o = self.attn3(self.shift_window_norm(zr), pattern=self.rolled_pattern(spatial))
-            z = z + self.linear_2(torch.roll(o, self.shift_size, dims))
+            z = z + self.linear_2(self.attn3(self.shift_window_norm(z), pattern=shifted))
         return z
-
-    def rolled_pattern(self, spatial: tuple[int, ...]) -> Intersection:
-        """The shifted-window pattern on the map rolled by ``-shift``: ``Blocks(window) & Blocks(extent - shift)``."""
-        cut = tuple(n - s for n, s in zip(spatial, self.shift_size))
-        return Blocks(self.compress_ratios, grid=spatial) & Blocks(cut, grid=spatial)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, compress_ratios={self.compress_ratios}, "
