@@ -3,6 +3,7 @@ SDPA (causal prefill; decoding over a full KV cache), plus each decoding state's
 
     python benchmarks/sequence.py                       # every registered causal 1D mechanism
     python benchmarks/sequence.py --mechanisms streaming_llm lightning --prefill 1024 4096 --decode 1024 131072
+    python benchmarks/sequence.py --models-only          # Block Transformer and FIT-AR against a dense TinyLM
 
 fp32, B=1, ``make(dim=256, num_heads=4)`` (head dim 64), no grad. Prefill: the layer's forward over N tokens,
 median of interleaved rounds (one timed call each above 16K tokens) against a layer with the same projections
@@ -11,6 +12,13 @@ tokens (random keys/values, or a random linear-attention state, then the layer's
 decoded per step (median of 15 steps); the dense baseline decodes over an L-long KV cache. A bounded mechanism's
 decode latency should stay flat: the "longest / shortest" column is its latency at the longest context over the
 shortest.
+
+Whole-model mechanisms (``kind="model"``: Block Transformer, FIT-AR) are timed as models against a dense
+``TinyLM`` with the same width, heads and number of layers (``dim=256``, 4 heads, vocab 256): prefill is the
+teacher-forced forward over N tokens (up to 16K: the dense model's 64K forward alone takes minutes); decode is
+the per-token cost of continuing from a state filled to L tokens with random keys (Block Transformer: one block,
+i.e. a block-decoder step and ``block_len`` token-decoder steps, divided by ``block_len``; FIT-AR: one whole
+group, ``group_size`` tokens including the group's latent update, divided by ``group_size``).
 """
 
 from __future__ import annotations
@@ -23,45 +31,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nearfar  # noqa: E402
 from nearfar.bench import interleave, load, median_ratio  # noqa: E402
-from nearfar.modules.common import merge_heads, split_heads  # noqa: E402
-from nearfar.modules.sequence import KVCache, RotaryEmbedding  # noqa: E402
+from nearfar.lm import TinyLM  # noqa: E402
+from nearfar.modules.dense import DenseAttention  # noqa: E402
+from nearfar.modules.sequence import KVCache  # noqa: E402
 
 DIM, HEADS = 256, 4
 CCA_GROUP, CCA_WINDOW = 16, 1024  # CCA's make() defaults
-
-
-class DenseCausal(torch.nn.Module):
-    """The baseline layer: q/k/v/o projections, RoPE, fused causal SDPA; decoding over the full KV cache."""
-
-    causal = True
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (torch.nn.Linear(dim, dim, bias=False) for _ in range(4))
-        self.rope = RotaryEmbedding(dim // num_heads)
-
-    def new_cache(self, batch=1, device=None, dtype=None):
-        return KVCache()
-
-    def forward(self, x, cache=None):
-        n = x.shape[1]
-        start = 0 if cache is None else cache.length
-        pos = torch.arange(start, start + n)
-        q, k, v = (split_heads(p(x), self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            cache.append(k, v)
-            out = F.scaled_dot_product_attention(q, cache.k, cache.v)  # one new token: every cached key is past
-        return self.o_proj(merge_heads(out, (n,)))
 
 
 def fill(layer, cache, length: int, heads: int, head_dim: int) -> None:
@@ -115,10 +95,10 @@ def decode_ms(layer, length: int, steps: int = 15) -> tuple[float, int]:
 
 def run(selected, prefill_lengths, decode_lengths, rounds):
     torch.manual_seed(0)
-    dense = DenseCausal(DIM, HEADS).eval()
+    dense = DenseAttention(DIM, HEADS, causal=True).eval()  # the registered "dense": fused causal SDPA
     results = []
-    for mech in nearfar.mechanisms():
-        if not hasattr(mech.cls, "new_cache") or (selected and mech.name not in selected):  # sequence layers
+    for mech in nearfar.mechanisms(kind="layer", pattern="CS"):
+        if mech.name == "dense" or not hasattr(mech.cls, "new_cache") or (selected and mech.name not in selected):
             continue
         layer = mech.make(DIM, HEADS).eval()
         res = dict(mechanism=mech.name, prefill={}, decode={}, load_before=load())
@@ -144,18 +124,95 @@ def run(selected, prefill_lengths, decode_lengths, rounds):
     return results
 
 
-def markdown(results) -> str:
+def _random_keys(cache: KVCache, n: int, heads: int, head_dim: int) -> None:
+    for start in range(0, n, 8192):
+        m = min(8192, n - start)
+        cache.append(torch.randn(1, heads, m, head_dim), torch.randn(1, heads, m, head_dim))
+
+
+def model_decoder(name: str, model, length: int):
+    """A per-token decode step function of ``model`` with a state of ``length`` tokens, its tokens per call and its
+    state bytes."""
+    tok, hd = torch.zeros(1, 1, dtype=torch.long), DIM // HEADS
+    if name == "block_transformer":
+        caches = model.new_caches(model.block_decoder)
+        for c in caches:
+            _random_keys(c, length // model.block_len, HEADS, hd)
+        h = torch.randn(1, DIM)
+
+        def step():
+            toks = model._generate_block(h)[0]
+            model.contexts(model.embed_blocks(toks), caches)
+        return step, model.block_len, sum(c.nbytes() for c in caches)
+    if name == "fit_ar":
+        cache = model.new_cache(1)
+        for caches in cache.latent.values():
+            for c in caches:
+                _random_keys(c, length // model.group_size * model.latents_per_group, HEADS, hd)
+        cache.length = length - length % model.group_size
+
+        def step():
+            for _ in range(model.group_size):
+                model(tok, cache)
+        return step, model.group_size, cache.nbytes()
+    caches = model.new_caches(1)  # the dense TinyLM
+    for c in caches:
+        _random_keys(c, length, HEADS, hd)
+    return (lambda: model(tok, caches)), 1, sum(c.nbytes() for c in caches)
+
+
+def run_models(selected, prefill_lengths, decode_lengths, rounds):
+    results = []
+    for mech in nearfar.mechanisms(kind="model"):
+        if selected and mech.name not in selected:
+            continue
+        torch.manual_seed(0)
+        model = mech.make(DIM, HEADS).eval()
+        depth = sum(isinstance(m, nearfar.modules.sequence.RotaryEmbedding) for m in model.modules())
+        dense = TinyLM(256, dim=DIM, depth=depth, num_heads=HEADS, mechanism="dense").eval()
+        res = dict(mechanism=f"{mech.name} ({depth} layers)", prefill={}, decode={}, load_before=load())
+        with torch.no_grad():
+            for n in prefill_lengths:
+                tokens = torch.randint(0, 256, (1, n))
+                t = interleave({"nearfar": lambda t=tokens, f=model: f(t),
+                                "dense SDPA": lambda t=tokens, f=dense: f(t)}, rounds=rounds)
+                res["prefill"][n] = dict(ms=1e3 * statistics.median(t["nearfar"]),
+                                         dense_ms=1e3 * statistics.median(t["dense SDPA"]),
+                                         speedup=median_ratio(t, "dense SDPA", "nearfar"))
+                print(json.dumps({"model": mech.name, "prefill": n, **res["prefill"][n]}), file=sys.stderr, flush=True)
+            for n in decode_lengths:
+                row = {}
+                for key, (name, m) in (("", (mech.name, model)), ("dense_", ("dense", dense))):
+                    step, per_call, nbytes = model_decoder(name, m, n)
+                    step()  # warm-up
+                    t = interleave({"s": step}, rounds=5, warmup=0)["s"]
+                    row[key + "ms"], row[key + "bytes"] = 1e3 * statistics.median(t) / per_call, nbytes
+                res["decode"][n] = row
+                print(json.dumps({"model": mech.name, "decode": n, **row}), file=sys.stderr, flush=True)
+        res["load_after"] = load()
+        results.append(res)
+    return results
+
+
+def markdown(results, per_row_baseline: bool = False) -> str:
+    """Prefill and decode tables; the dense baseline is one row (layers share it) or, for whole models, a row
+    after each model (each has its own dense TinyLM of the same depth)."""
     out = []
+
+    def dense_rows(rows, cell, label):
+        return [f"| {label} | " + " | ".join(cell(v) for v in rows.values())]
+
     if results and results[0]["prefill"]:
         lengths = list(results[0]["prefill"])
         out += ["Prefill (forward over N tokens), ms and speed-up vs dense causal SDPA:", "",
-                "| mechanism | " + " | ".join(f"N={n}" for n in lengths) + " |",
-                "|---|" + "---:|" * len(lengths)]
+                "| mechanism | " + " | ".join(f"N={n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
         for r in results:
-            cells = [f"{p['ms']:.0f} ({p['speedup']:.2f}x)" for p in r["prefill"].values()]
-            out.append(f"| {r['mechanism']} | " + " | ".join(cells) + " |")
-        dense = [f"{p['dense_ms']:.0f}" for p in results[0]["prefill"].values()]
-        out += ["| dense SDPA | " + " | ".join(dense) + " |", ""]
+            out.append(f"| {r['mechanism']} | " + " | ".join(f"{p['ms']:.0f} ({p['speedup']:.2f}x)"
+                                                             for p in r["prefill"].values()) + " |")
+            if per_row_baseline or r is results[-1]:
+                label = "dense TinyLM, same depth" if per_row_baseline else "dense SDPA"
+                out += [row + " |" for row in dense_rows(r["prefill"], lambda p: f"{p['dense_ms']:.0f}", label)]
+        out.append("")
     if results and results[0]["decode"]:
         lengths = list(results[0]["decode"])
         out += ["Decode (one token), ms per token and decoding-state size:", "",
@@ -163,13 +220,12 @@ def markdown(results) -> str:
                 "|---|" + "---:|" * (len(lengths) + 1)]
         for r in results:
             d = r["decode"]
-            cells = [f"{v['ms']:.2f} ({v['bytes'] / 2**20:.1f} MiB)" for v in d.values()]
-            flat = d[lengths[-1]]["ms"] / d[lengths[0]]["ms"]
-            out.append(f"| {r['mechanism']} | " + " | ".join(cells) + f" | {flat:.2f}x |")
-        d = results[0]["decode"]
-        cells = [f"{v['dense_ms']:.2f} ({v['dense_bytes'] / 2**20:.1f} MiB)" for v in d.values()]
-        flat = d[lengths[-1]]["dense_ms"] / d[lengths[0]]["dense_ms"]
-        out.append("| dense SDPA, full KV cache | " + " | ".join(cells) + f" | {flat:.2f}x |")
+            for key, label in (("", r["mechanism"]), ("dense_", "dense, full KV cache")):
+                if key and not (per_row_baseline or r is results[-1]):
+                    continue
+                cells = [f"{v[key + 'ms']:.2f} ({v[key + 'bytes'] / 2**20:.1f} MiB)" for v in d.values()]
+                flat = d[lengths[-1]][key + "ms"] / d[lengths[0]][key + "ms"]
+                out.append(f"| {label} | " + " | ".join(cells) + f" | {flat:.2f}x |")
     return "\n".join(out)
 
 
@@ -179,14 +235,22 @@ def main() -> None:
     ap.add_argument("--prefill", nargs="*", type=int, default=[1024, 4096, 16384, 65536])
     ap.add_argument("--decode", nargs="*", type=int, default=[1024, 8192, 32768, 131072])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--model-prefill", nargs="*", type=int, default=[1024, 4096, 16384])
+    ap.add_argument("--models-only", action="store_true", help="only Block Transformer / FIT-AR vs a dense TinyLM")
+    ap.add_argument("--skip-models", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    results = run(args.mechanisms, args.prefill, args.decode, args.rounds)
+    results = [] if args.models_only else run(args.mechanisms, args.prefill, args.decode, args.rounds)
+    models = [] if args.skip_models else run_models(args.mechanisms, args.model_prefill, args.decode, args.rounds)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        Path(args.json).write_text(json.dumps({"layers": results, "models": models}, indent=1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}\n")
-    print(markdown(results))
+    if results:
+        print(markdown(results))
+    if models:
+        print("\nWhole models against a dense TinyLM of the same width and depth:\n")
+        print(markdown(models, per_row_baseline=True))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """nearfar: near (local) and far (global) attention patterns through one ``attend``."""
 
-from .attend import attend
+from . import block_transformer, fit  # noqa: F401  (they register the whole-model mechanisms)
+from .attend import attend, engine_override
 from .backends import engines
 from .modules import (
     SHSA,
@@ -47,6 +48,7 @@ __all__ = [
     "RandomBlocks",
     "AgentAttention",
     "attend",
+    "engine_override",
     "Blocks",
     "Causal",
     "Dense",

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lm import Block
+from .modules.registry import DECODER_ONLY, Mechanism, register
 from .modules.sequence import KVCache
 from .modules.sparse_attention import PatternAttention
 from .patterns import Causal
@@ -173,3 +174,15 @@ class BlockTransformer(nn.Module):
             return tokens
         return tokens, {"logits": torch.cat(logits, 1), "token_cache_sizes": token_sizes,
                         "block_cache_sizes": block_sizes}
+
+
+register(Mechanism(
+    name="block_transformer", paper="Block Transformer: Global-to-Local Language Modeling for Fast Inference "
+    "(NeurIPS 2024)", repo="itsnamgyu/block-transformer", family="local+global", dims=("1d",), kind="model",
+    cls=BlockTransformer,
+    make=lambda dim, num_heads, vocab_size=256, **kw: BlockTransformer(vocab_size, dim_block=dim, dim_token=dim,
+                                                                       num_heads=num_heads, **kw),
+    patterns={"CS": {}}, why_not={"NS": "an autoregressive LM (block decoder and token decoder are causal)",
+                                  "NC": DECODER_ONLY, "CC": DECODER_ONLY},
+    notes="a whole LM: a causal block decoder over blocks of 4 tokens and a prefix token decoder inside each block; "
+          "decode state: one key per block + at most r + L - 1 token keys"))

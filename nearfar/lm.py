@@ -47,18 +47,17 @@ class TinyLM(nn.Module):
                  mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,
                  **mechanism_kwargs):
         super().__init__()
-        entries = {m.name: m for m in mechanisms() if hasattr(m.cls, "new_cache")}  # the sequence layers
+        entries = {m.name: m for m in mechanisms(kind="layer", pattern="CS") if "1d" in m.dims}
         if mechanism not in entries:
-            raise ValueError(f"mechanism must be a registered sequence mechanism, one of {sorted(entries)}; "
+            raise ValueError(f"mechanism must be a registered causal sequence layer, one of {sorted(entries)}; "
                              f"got {mechanism!r}")
-        if not entries[mechanism].causal:
-            raise ValueError(f"mechanism {mechanism!r} is not causal and cannot run a language model")
         self.mechanism = mechanism
         self.embed = nn.Embedding(vocab_size, dim)
         hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
-        make = entries[mechanism].make
+        entry = entries[mechanism]
         self.blocks = nn.ModuleList(
-            Block(dim, make(dim, num_heads, **mechanism_kwargs, **(layer_kwargs(i) if layer_kwargs else {})), hidden)
+            Block(dim, entry.build(dim, num_heads, "CS", **mechanism_kwargs,
+                                   **(layer_kwargs(i) if layer_kwargs else {})), hidden)
             for i in range(depth))
         self.norm = nn.RMSNorm(dim)
         nn.init.normal_(self.embed.weight, std=0.02)

@@ -602,3 +602,56 @@ def test_torch_compile_dense_engine():
     out = compiled(q, k, v)
     expected = ref.dense_reference(q, k, v, ref.neighborhood_mask((16,), 5), 8 ** -0.5)
     assert_close("compiled out", out, expected, torch.float32)
+
+
+def test_engine_override_routes_auto_calls_and_restores():
+    from nearfar.backends import dense as dense_backend
+
+    q, k, v = (torch.randn(1, 2, 1100, 8) for _ in range(3))  # above the size "auto" sends to the dense engine
+    pattern = nearfar.SlidingWindow(left=7) & nearfar.Causal()
+    calls = []
+    original = dense_backend.dense_attention
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    attend_module = importlib.import_module("nearfar.attend")
+    attend_module.dense_attention = spy
+    try:
+        with nearfar.engine_override("dense"):
+            inside = nearfar.attend(q, k, v, pattern)
+        assert calls, "the override did not route the call to the dense engine"
+        calls.clear()
+        nearfar.attend(q, k, v, pattern)
+        assert not calls, "outside the override auto must not pick the dense engine at this size"
+    finally:
+        attend_module.dense_attention = original
+    torch.testing.assert_close(inside, nearfar.attend(q, k, v, pattern, engine="blocksparse"), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        with nearfar.engine_override("fast"):
+            pass
+
+
+@pytest.mark.parametrize("patterns", [
+    [Causal(), Causal(), SlidingWindow(9) & Causal(), SlidingWindow(9) & Causal()],  # whole GQA groups
+    [Causal(), SlidingWindow(9) & Causal(), Causal(), Strided(5) & Causal()],  # groups split between patterns
+])
+def test_per_head_patterns_run_one_call_per_pattern_exactly(patterns):
+    """``PerHead`` on the block-sparse engine runs one call per distinct pattern (GQA kept where whole groups share a
+    pattern, K/V per query head otherwise): outputs, LSE and q/k/v gradients equal the dense reference."""
+    torch.manual_seed(7)
+    n = 200
+    q = torch.randn(1, 4, n, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, n, 8, requires_grad=True) for _ in range(2))
+    out, lse = nearfar.attend(q, k, v, PerHead(patterns), engine="blocksparse", return_lse=True)
+    mask = torch.stack([p.mask(n, n) for p in patterns])[None]
+    kr, vr = (t.repeat_interleave(2, 1) for t in (k, v))
+    out_r, lse_r = ref.dense_reference(q, kr, vr, mask, 8 ** -0.5, return_lse=True)
+    assert_close("out", out, out_r, torch.float32)
+    assert_close("lse", lse, lse_r, torch.float32)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad((out * g).sum(), (q, k, v))
+    grads_r = torch.autograd.grad((out_r * g).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, grads_r):
+        assert_close(f"d{name}", a, b, torch.float32)

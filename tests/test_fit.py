@@ -208,12 +208,34 @@ def test_state_dict_round_trip():
     assert torch.equal(a(tok), b(tok))
 
 
-def test_generate_is_greedy_without_cache():
+def test_generate_is_greedy():
     m = small()
     out = m.generate(tokens(1, 3), 3)
     assert out.shape == (1, 6)
     assert torch.equal(out[:, 3], m(out[:, :3])[:, -1].argmax(-1))
     assert torch.equal(out[:, 5], m(out[:, :5])[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("layers", ["(1)1(1)", "(2)1(1)2(1)", "(1)1(0)1"])
+@pytest.mark.parametrize("chunks", [[1] * 23, [3] * 7 + [2], [5, 1, 9, 8]])
+def test_cached_decoding_equals_teacher_forcing(layers, chunks):
+    """Any split of the sequence into calls gives the teacher-forced logits; the local caches never hold more
+    than a group and the latent caches hold one group of latents per finished group."""
+    m = small(layers=layers).double()
+    tok = tokens(2, sum(chunks), seed=4)
+    full = m(tok)
+    cache, outs, i = m.new_cache(2), [], 0
+    with torch.no_grad():
+        for c in chunks:
+            outs.append(m(tok[:, i:i + c], cache))
+            i += c
+            assert all(lc.size <= m.group_size for blocks in cache.local for lc in blocks)
+            assert all(lc.size == (i // m.group_size) * m.latents_per_group
+                       for cs in cache.latent.values() for lc in cs)
+    assert_close(torch.cat(outs, 1), full.detach(), 1e-10, 1e-10)
+    assert cache.nbytes() > 0
+    with pytest.raises(ValueError, match="new_cache"):
+        m(tok[:1, :2], cache)
 
 
 def test_parse_layers():

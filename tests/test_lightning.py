@@ -156,23 +156,32 @@ def test_half_precision_and_large_decay_finite():
 
 # --- the TNL layer -------------------------------------------------------------------------------------------------
 
-def tnl_reference(m: LightningAttention, x: torch.Tensor) -> torch.Tensor:
-    """§2 TNL layer in float64: SiLU projections, dense decayed left product, norm, low-rank gate, o_proj."""
+def tnl_reference(m: LightningAttention, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """§2 TNL layer in float64: SiLU projections, dense decayed left product (non-causal or cross: every key, no
+    decay), norm, low-rank gate, o_proj."""
     b, n, c = x.shape
     h = m.num_heads
 
-    def heads(t):
-        return t.reshape(b, n, h, c // h).transpose(1, 2)
+    def heads(t, p):
+        t = torch.nn.functional.silu(t @ p.weight.t() + (0 if p.bias is None else p.bias))
+        return t.reshape(b, t.shape[1], h, c // h).transpose(1, 2)
 
-    q, k, v = (heads(torch.nn.functional.silu(x @ p.weight.t() + (0 if p.bias is None else p.bias)))
-               for p in (m.q_proj, m.k_proj, m.v_proj))
+    src = x if context is None else context
+    q, k, v = heads(x, m.q_proj), heads(src, m.k_proj), heads(src, m.v_proj)
+    if m.cross or not m.causal:
+        o = (q @ k.transpose(-1, -2) @ v).transpose(1, 2).reshape(b, n, c)
+        return _norm_gate_out(m, x, o)
     if m.decay:
         slopes = torch.tensor([2.0 ** (-8 * i / h) for i in range(1, h + 1)], dtype=torch.float64)  # H power of 2
         depth = m.layer_idx / (m.num_layers - 1) if m.num_layers > 1 else 0.0
         s = slopes * (1 - depth + 1e-5)
     else:
         s = torch.zeros(h, dtype=torch.float64)
-    o = dense_ref(q, k, v, s).transpose(1, 2).reshape(b, n, c)
+    return _norm_gate_out(m, x, dense_ref(q, k, v, s).transpose(1, 2).reshape(b, n, c))
+
+
+def _norm_gate_out(m: LightningAttention, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    c = x.shape[-1]
     if m.norm_type == "srmsnorm":
         o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
     else:
@@ -187,6 +196,51 @@ def test_module_matches_reference(kw, n):
     torch.manual_seed(0)
     m = LightningAttention(32, 4, block_size=16, **kw)
     check_against_reference(m, torch.randn(2, n, 32), tnl_reference)
+
+
+class Split(torch.nn.Module):
+    """A cross layer on one tensor: the first ``nq`` rows are the queries, the rest the context."""
+
+    def __init__(self, layer: torch.nn.Module, nq: int):
+        super().__init__()
+        self.layer, self.nq = layer, nq
+
+    def forward(self, xc: torch.Tensor) -> torch.Tensor:
+        return self.layer(xc[:, :self.nq], context=xc[:, self.nq:])
+
+
+@pytest.mark.parametrize("causal,cross", [(False, False), (False, True), (True, True)])
+def test_noncausal_and_cross_forms_match_reference(causal, cross):
+    torch.manual_seed(0)
+    m = LinearAttention(32, 4, causal=causal, cross=cross)
+    if cross:
+        check_against_reference(Split(m, 13), torch.randn(2, 13 + 9, 32),
+                                lambda w, xc: tnl_reference(w.layer, xc[:, :13], xc[:, 13:]))
+    else:
+        check_against_reference(m, torch.randn(2, 21, 32), tnl_reference)
+
+
+def test_cross_padding_and_decoding_from_the_source_state():
+    torch.manual_seed(0)
+    m = LinearAttention(16, 2, causal=True, cross=True).double()
+    x, c = torch.randn(1, 7, 16, dtype=torch.float64), torch.randn(1, 6, 16, dtype=torch.float64)
+    keep = torch.tensor([[True, False, True, True, False, True]])
+    full = m(x, context=c, key_padding_mask=keep)
+    torch.testing.assert_close(full, m(x, context=c[:, keep[0]]), rtol=1e-12, atol=1e-12)
+    cache = m.new_cache(1)
+    with torch.no_grad():
+        outs = [m(x[:, :2], context=c, cache=cache, key_padding_mask=keep)]
+        outs += [m(x[:, i:i + 1], cache=cache) for i in range(2, 7)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-12, atol=1e-12)
+    assert cache.source and cache.length == 7 and cache.S.shape == (1, 2, 8, 8)
+    with pytest.raises(ValueError, match="needs context"):
+        m(x)
+    with pytest.raises(ValueError, match="cross=True"):
+        LinearAttention(16, 2)(x, context=c)
+    with pytest.raises(ValueError, match="decay=False"):
+        LightningAttention(16, 2, causal=False)
+    with pytest.raises(ValueError, match="no decoding cache"):
+        LinearAttention(16, 2, causal=False).new_cache(1)
 
 
 def _decode_check(m, x, prefill, step):
@@ -276,7 +330,8 @@ def test_registry_entries():
     by_name = {m.name: m for m in mechanisms()}
     for name, cls in (("lightning", LightningAttention), ("linear_attention", LinearAttention)):
         mech = by_name[name]
-        assert (mech.family, mech.dims, mech.causal, mech.cross, mech.cls) == ("dense", ("1d",), True, False, cls)
+        assert (mech.family, mech.dims, mech.cls) == ("dense", ("1d",), cls)
+        assert set(mech.patterns) == ({"CS"} if name == "lightning" else {"NS", "CS", "NC", "CC"})
         mod = mech.make(64, 4)
         assert mod.causal and mod(torch.randn(2, 10, 64)).shape == (2, 10, 64)
     assert by_name["linear_attention"].make(64, 4).slope_rate is None

@@ -1,4 +1,6 @@
-"""The mechanism registry: complete metadata, a working ``make`` for every entry, and the benchmark shapes."""
+"""The mechanism registry: complete metadata, a working ``make`` for every entry, and every CAB pattern an entry
+claims (checked on its outputs: causal patterns ignore later queries, cross patterns read the context, non-causal
+self patterns see later tokens), with the reason given for every pattern it does not claim."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 import nearfar
-from nearfar.modules.registry import FAMILIES, Mechanism, register
+from nearfar.modules.registry import CAB_PATTERNS, FAMILIES, Mechanism, register
 
 MECHANISMS = nearfar.mechanisms()
 
@@ -18,13 +20,27 @@ def test_registry_lists_every_vision_mechanism_of_issue_3():
             "uniformer_local", "uniformer_global", "shvit", "maformer", "dualtoken"} <= names
 
 
+def test_registry_lists_every_sequence_mechanism_of_issue_4():
+    names = {m.name for m in MECHANISMS}
+    assert {"streaming_llm", "longformer", "bigbird", "s2_attention", "moa", "cca", "lightning", "linear_attention",
+            "titans_mac", "dense", "block_transformer", "fit_ar"} <= names
+    assert {m.name for m in nearfar.mechanisms(kind="model")} == {"block_transformer", "fit_ar"}
+    assert {m.name for m in nearfar.mechanisms(pattern="CC")} == {"dense", "linear_attention"}
+
+
 @pytest.mark.parametrize("mech", MECHANISMS, ids=[m.name for m in MECHANISMS])
 def test_entry_metadata_and_constructor(mech: Mechanism):
     assert mech.paper and mech.repo and mech.family in FAMILIES and mech.dims
-    assert isinstance(mech.causal, bool) and isinstance(mech.cross, bool)
+    assert set(mech.patterns) | set(mech.why_not) == set(CAB_PATTERNS)
+    assert mech.causal == bool({"CS", "CC"} & set(mech.patterns))
+    assert all(len(why) > 20 for why in mech.why_not.values())
     module = mech.make(32, 2)
     assert isinstance(module, torch.nn.Module) and isinstance(module, mech.cls)
-    assert module.__class__.__doc__ and module.__module__.startswith("nearfar.modules.")
+    assert module.__class__.__doc__
+    assert module.__module__.startswith("nearfar.modules." if mech.kind == "layer" else "nearfar.")
+    for pattern in mech.why_not:
+        with pytest.raises(ValueError, match=f"does not support {pattern}"):
+            mech.build(32, 2, pattern)
     doc = __import__(module.__module__, fromlist=["_"]).__doc__
     assert doc and "differ" in doc.lower(), "the file docstring must say what differs from the official code"
 
@@ -45,5 +61,55 @@ def test_register_rejects_duplicates_and_unknown_families():
     with pytest.raises(ValueError, match="registered already"):
         register(mech)
     with pytest.raises(ValueError, match="family"):
-        register(Mechanism("x", "p", "r", "nonsense", ("2d",), False, False, make=lambda d, h: None))
+        register(Mechanism("x", "p", "r", "nonsense", ("2d",), make=lambda d, h: None, patterns={"NS": {}},
+                           why_not={"CS": "a", "NC": "b", "CC": "c"}))
+    with pytest.raises(ValueError, match="split"):
+        register(Mechanism("x", "p", "r", "dense", ("2d",), make=lambda d, h: None, patterns={"NS": {}},
+                           why_not={"CS": "a"}))
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        mech.build(32, 2, "causal")
+
+
+# ------------------------------------------------------------------------- every claimed CAB pattern, on outputs
+# small settings so that windows, blocks and segments are smaller than the test sequence
+SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
+         "bigbird": dict(block=4, global_blocks=1, random_blocks=1), "s2_attention": dict(block=4, local_blocks=2,
+                                                                                          vert_stride=2),
+         "moa": dict(total_len=24, sink_size=2, minimum_cache_size=4, split_size=2), "cca": dict(group_size=4,
+                                                                                             window_size=6),
+         "titans_mac": dict(segment_len=8, num_persistent=2), "lightning": dict(block_size=8),
+         "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1)}
+SEQ_CASES = [(m, p) for m in MECHANISMS if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
+
+
+@pytest.mark.parametrize("mech,pattern", SEQ_CASES, ids=[f"{m.name}-{p}" for m, p in SEQ_CASES])
+def test_every_claimed_cab_pattern_holds(mech: Mechanism, pattern: str):
+    torch.manual_seed(0)
+    layer = mech.build(32, 2, pattern, **SMALL.get(mech.name, {})).double()
+    x, ctx, t = torch.randn(2, 24, 32, dtype=torch.float64), torch.randn(2, 17, 32, dtype=torch.float64), 11
+    cross = pattern in ("NC", "CC")
+
+    def run(xx, cc=ctx):
+        return layer(xx, context=cc) if cross else layer(xx)
+
+    out = run(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    later = x.clone()
+    later[:, t:] += torch.randn_like(later[:, t:])
+    moved = run(later)
+    if pattern in ("CS", "CC", "NC"):  # causal: later queries change no earlier output (NC: queries independent)
+        assert torch.allclose(moved[:, :t], out[:, :t], atol=1e-12)
+    else:  # a non-causal layer sees later tokens
+        assert not torch.allclose(moved[:, :t], out[:, :t], atol=1e-6)
+    if cross:  # every output reads the context, of any length
+        assert not torch.allclose(run(x, ctx + 1)[:, :1], out[:, :1], atol=1e-6)
+        assert run(x, ctx[:, :5]).shape == x.shape
+    if pattern in ("CS", "CC") and hasattr(layer, "new_cache"):  # decoding one chunk at a time equals the forward
+        cache, outs, i = layer.new_cache(2, dtype=torch.float64), [], 0
+        with torch.no_grad():
+            for c in (5, 1, 1, 9, 8):
+                outs.append(layer(x[:, i:i + c], context=ctx, cache=cache) if cross else layer(x[:, i:i + c],
+                                                                                                cache=cache))
+                i += c
+        assert torch.allclose(torch.cat(outs, 1), out, atol=1e-10)
     assert nearfar.mechanisms("window") and all(m.family == "window" for m in nearfar.mechanisms("window"))

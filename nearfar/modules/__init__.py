@@ -6,6 +6,7 @@ from __future__ import annotations
 from .agent import AgentAttention
 from .cca import CCAAttention
 from .craft import SRWAttention
+from .dense import DenseAttention
 from .dualtoken import DualTokenAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hidiffusion import MSWAttention
@@ -30,6 +31,7 @@ __all__ = [
     "AgentAttention",
     "BigBirdAttention",
     "CCAAttention",
+    "DenseAttention",
     "DualTokenAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..attend import attend
 from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, trunc_normal_
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 def _positive_int(value: object, name: str) -> int:
@@ -146,7 +146,7 @@ class AgentAttention(nn.Module):
 
 register(Mechanism(
     name="agent", paper="Agent Attention: On the Integration of Softmax and Linear Attention (ECCV 2024)",
-    repo="LeapLabTHU/Agent-Attention", family="summary tokens", dims=("2d",), causal=False, cross=False,
+    repo="LeapLabTHU/Agent-Attention", family="summary tokens", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: AgentAttention(dim, num_heads, **kw), cls=AgentAttention,
     notes="Agent-PVT form. Position biases are built for num_patches (default 56x56, Agent-PVT stage 1 at 224^2); "
           "other map sizes resize them by linear interpolation (not in the official code). agent_num must be a "

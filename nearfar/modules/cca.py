@@ -52,7 +52,7 @@ from ..attend import attend
 from ..patterns import Causal, Pattern
 from ..patterns.base import as_positive_int
 from .common import check_dim_heads, merge_heads
-from .registry import Mechanism, register
+from .registry import POSITIONS_SHARED, Mechanism, register
 from .sequence import RotaryEmbedding, rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
@@ -265,7 +265,12 @@ class CCAAttention(nn.Module):
 
 register(Mechanism(
     name="cca", paper="Core Context Aware Transformers for Long Context Language Modeling (ICML 2025)",
-    repo="chenyaofo/CCA-Attention", family="local+global", dims=("1d",), causal=True, cross=False, cls=CCAAttention,
+    repo="chenyaofo/CCA-Attention", family="local+global", dims=("1d",), cls=CCAAttention,
+    patterns={"CS": {}}, why_not={
+        "NS": "core tokens are pooled with the weights of each group's last query, a causal construction; the paper "
+              "and its code define the causal LM form only",
+        "NC": "core tokens pool groups of keys aligned with the queries' positions and a local window around "
+              "them; a source of another length has neither", "CC": POSITIONS_SHARED},
     make=lambda dim, num_heads, **kw: CCAAttention(dim, num_heads, **kw),
     notes="group 16, window 1024, 'cca' pooling (last-query-weighted core token per group) fused with the local "
           "window in one softmax; causal only; O(N (N/g + window)) through attend's block-sparse engine; decode cache "

@@ -45,7 +45,7 @@ from ..attend import attend
 from ..patterns import Blocks
 from ..patterns.base import as_nonneg_int, per_axis
 from .common import check_channels_last, check_dim_heads, merge_heads, swin_table_as_offsets
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class DynamicPosBias(nn.Module):
@@ -146,7 +146,7 @@ register(Mechanism(
     name="craft_srwa",
     paper="Feature Modulation Transformer: Cross-Refinement and Lightweight Transformer for Efficient Image "
           "Super-Resolution (CRAFT, ICCV 2023)",
-    repo="AVC2-UESTC/CRAFT-SR", family="window", dims=("2d",), causal=False, cross=False,
+    repo="AVC2-UESTC/CRAFT-SR", family="window", dims=("2d",), **image_layer(),
     make=_make, cls=SRWAttention,
     notes="SRWAB's attention (LN, qkv, H-/V-rectangle windows on the two channel halves with a dynamic position "
           "bias, LCM, proj). H and W must be divisible by both split sizes. make() uses split_size (7, 14) "

@@ -31,7 +31,7 @@ from torch import nn
 
 from .common import check_channels_last, check_dim_heads, trunc_normal_
 from .maformer import TokenAttention, _check_pos_int, _check_scale
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class DualTokenAttention(nn.Module):
@@ -119,7 +119,7 @@ class DualTokenAttention(nn.Module):
 register(Mechanism(
     name="dualtoken",
     paper="DualToken-ViT: Position-aware Efficient Vision Transformer with Dual Token Fusion (arXiv 2309.12424)",
-    repo="(no official code found)", family="local+global", dims=("2d",), causal=False, cross=False,
+    repo="(no official code found)", family="local+global", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: DualTokenAttention(dim, num_heads, **kw), cls=DualTokenAttention,
     notes="PROVISIONAL, UNVERIFIED design from the abstract and summaries (vision.md §18): conv encoder "
           "(DW7+LN+MLP) local tokens, step-wise stride-2 DW3+PW downsampling to 7x7, 49 position-aware global "

@@ -66,7 +66,7 @@ from .common import (
     trunc_normal_,
     window_attention,
 )
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 def _se_width(channels: int) -> int:
@@ -279,12 +279,12 @@ _STAGE_NOTE = ("make(dim, num_heads) reads dim as a GC ViT-S stage at 224^2: 96 
                "(override with window_size=...). Sizes not divisible by the window: smaller, masked edge windows "
                "(the detection code zero-pads instead).")
 register(Mechanism(
-    name="gcvit_local", paper=_PAPER, repo="NVlabs/GCVit", family="window", dims=("2d",), causal=False,
-    cross=False, make=_make_local, cls=GCViTWindowAttention,
+    name="gcvit_local", paper=_PAPER, repo="NVlabs/GCVit", family="window", dims=("2d",), **image_layer(),
+     make=_make_local, cls=GCViTWindowAttention,
     notes="GC ViT's local block: W-MSA with relative position bias (timm parameter names). " + _STAGE_NOTE))
 register(Mechanism(
     name="gcvit_global", paper=_PAPER, repo="NVlabs/GCVit", family="local+global", dims=("2d",),
-    causal=False, cross=False, make=lambda dim, num_heads, **kw: GlobalQueryAttention(dim, num_heads,
+    **image_layer(), make=lambda dim, num_heads, **kw: GlobalQueryAttention(dim, num_heads,
                                                                                        **_stage(dim, kw)),
     cls=GlobalQueryAttention,
     notes="GC ViT's global block: keys/values per window, queries from a (ws x ws) map generated from the stage "

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..patterns import Blocks
 from .common import check_channels_last, check_dim_heads, window_attention
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 def msw_window(height: int, width: int) -> tuple[int, int]:
@@ -107,7 +107,7 @@ register(Mechanism(
     name="msw_msa",
     paper="HiDiffusion: Unlocking Higher-Resolution Creativity and Efficiency in Pretrained Diffusion Models "
           "(ECCV 2024)",
-    repo="megvii-research/HiDiffusion", family="window", dims=("2d",), causal=False, cross=False,
+    repo="megvii-research/HiDiffusion", family="window", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: MSWAttention(dim, num_heads, **kw), cls=MSWAttention,
     notes="2x2 windows of ceil(H/2) x ceil(W/2), cyclically shifted by a random multiple of window//4 drawn per "
           "call (pass shift=... or generator=... to forward for determinism); odd sizes are bicubic-resized as "

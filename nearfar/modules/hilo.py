@@ -39,7 +39,7 @@ from torch import nn
 from ..attend import attend
 from ..patterns.base import as_positive_int
 from .common import check_channels_last, check_dim_heads, merge_heads, split_heads
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class HiLo(nn.Module):
@@ -124,7 +124,7 @@ class HiLo(nn.Module):
 
 register(Mechanism(
     name="hilo", paper="Fast Vision Transformers with HiLo Attention (LITv2, NeurIPS 2022)", repo="ziplab/LITv2",
-    family="local+global", dims=("2d",), causal=False, cross=False,
+    family="local+global", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: HiLo(dim, num_heads, **kw), cls=HiLo,
     notes="Defaults of the official module (window_size=2, alpha=0.5, qkv_bias=False); LITv2 models use "
           "alpha=0.9, qkv_bias=True. Sizes not divisible by window_size are zero-padded as in LITv2's detection "

@@ -31,6 +31,8 @@ Differences from the official code:
   buffer), so its weights load unchanged.
 - ``num_layers == 1`` (the official formula divides by ``num_layers - 1``) uses the layer-0 factor ``1 + 1e-5``.
 - ``decay=False`` (registered as ``linear_attention``) is plain causal linear attention, the kernel's ``s=None``.
+  It also has a non-causal form (``causal=False``: ``o = q (K^T V)``) and a cross form (``cross=True``: K, V
+  from a ``context``), ours: the official kernel is causal self-attention only.
 - ``gate_rank`` (default: the head dim, as the example) sets the rank of the low-rank output gate.
 - Decoding cache and ``key_padding_mask`` are ours (the example takes neither). Masked tokens are removed as keys
   (their ``k`` is zeroed, so they enter no output and no state) while positions still count for the decay:
@@ -211,6 +213,15 @@ class LinearAttentionState:
 
     S: torch.Tensor
     length: int = 0
+    source: bool = False  # a causal cross layer's state: the source's K^T V, fixed once set
+
+
+def _check_seq(x: object, dim: int, name: str) -> tuple[int, int]:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != dim or 0 in x.shape:
+        raise ValueError(f"{name} must be (B, N, {dim}) with B, N >= 1, got {tuple(x.shape)}")
+    return x.shape[0], x.shape[1]
 
 
 def _srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -225,15 +236,18 @@ class LightningAttention(nn.Module):
     heads; ``norm_type`` ("srmsnorm" or "layernorm"); times ``sigmoid(output_gate(x))`` (low rank ``dim -> gate_rank
     -> dim``); ``o_proj``. ``forward(x, cache=new_cache(B))`` continues a sequence with any number of tokens."""
 
-    causal = True
-
     def __init__(self, dim: int, num_heads: int, bias: bool = False, norm_type: str = "srmsnorm", layer_idx: int = 0,
-                 num_layers: int = 12, decay: bool = True, gate_rank: int | None = None, block_size: int = 64):
+                 num_layers: int = 12, decay: bool = True, gate_rank: int | None = None, block_size: int = 64,
+                 causal: bool = True, cross: bool = False):
         super().__init__()
         self.head_dim = check_dim_heads(dim, num_heads)
-        for name, val in (("bias", bias), ("decay", decay)):
+        for name, val in (("bias", bias), ("decay", decay), ("causal", causal), ("cross", cross)):
             if not isinstance(val, bool):
                 raise TypeError(f"{name} must be a bool, got {val!r}")
+        if decay and (cross or not causal):
+            raise ValueError("the decay lambda^(i-j) runs over the past of one sequence: causal=False and cross=True "
+                             "need decay=False (LinearAttention)")
+        self.causal, self.cross = causal, cross
         if norm_type not in ("srmsnorm", "layernorm"):
             raise ValueError(f"norm_type must be 'srmsnorm' or 'layernorm', got {norm_type!r}")
         self.dim, self.num_heads, self.norm_type, self.decay = dim, num_heads, norm_type, decay
@@ -253,42 +267,57 @@ class LightningAttention(nn.Module):
     def new_cache(self, batch: int, device: torch.device | None = None,
                   dtype: torch.dtype | None = None) -> LinearAttentionState:
         """An empty state for ``batch`` sequences: ``S`` zeros ``[B, H, d, d]`` in fp32 (fp64 when ``dtype`` or the
-        layer is fp64)."""
+        layer is fp64). A causal cross layer's state is the source's ``K^T V``, set at the first call."""
+        if not self.causal:
+            raise ValueError(f"{type(self).__name__}(causal=False) is not causal: it has no decoding cache")
         batch = as_positive_int(batch, "batch")
         ref = self.q_proj.weight
         ct = torch.float64 if (dtype or ref.dtype) == torch.float64 else torch.float32
         s = torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=ct, device=device or ref.device)
         return LinearAttentionState(S=s)
 
-    def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None,
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                cache: LinearAttentionState | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 3 or x.shape[-1] != self.dim or 0 in x.shape:
-            raise ValueError(f"x must be (B, N, {self.dim}) with B, N >= 1, got {tuple(x.shape)}")
-        bs, n, _ = x.shape
+        bs, n = _check_seq(x, self.dim, "x")
         if cache is not None:
             if not isinstance(cache, LinearAttentionState):
                 raise TypeError(f"cache must come from new_cache (LinearAttentionState), got {type(cache).__name__}")
             if cache.S.shape[0] != bs:
                 raise ValueError(f"cache is for batch {cache.S.shape[0]}, x has batch {bs}")
-        if key_padding_mask is not None:
+        if context is not None and not self.cross:
+            raise ValueError("context is for cross-attention layers: build the layer with cross=True")
+        source_cached = cache is not None and cache.source
+        if self.cross and not source_cached:
+            if context is None:
+                raise ValueError(f"a cross layer needs context (B, M, {self.dim}) (on the first call with a cache)")
+            if _check_seq(context, self.dim, "context")[0] != bs:
+                raise ValueError(f"context must have x's batch {bs}, got {context.shape[0]}")
+        src = context if self.cross else x
+        if key_padding_mask is not None and not source_cached:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-                raise TypeError("key_padding_mask must be a bool tensor (B, N), True = keep")
-            if tuple(key_padding_mask.shape) != (bs, n):
-                raise ValueError(f"key_padding_mask must have shape (B, N) = {(bs, n)}, "
-                                 f"got {tuple(key_padding_mask.shape)}")
+                raise TypeError("key_padding_mask must be a bool tensor (B, N) (cross: (B, M)), True = keep")
+            if tuple(key_padding_mask.shape) != tuple(src.shape[:2]):
+                raise ValueError(f"key_padding_mask must have the keys' shape (B, N) (cross: (B, M)) = "
+                                 f"{tuple(src.shape[:2])}, got {tuple(key_padding_mask.shape)}")
         q = split_heads(F.silu(self.q_proj(x)), self.num_heads)
-        k = split_heads(F.silu(self.k_proj(x)), self.num_heads)
-        v = split_heads(F.silu(self.v_proj(x)), self.num_heads)
-        if key_padding_mask is not None:
-            k = k * key_padding_mask[:, None, :, None].to(k.dtype)
-        ct = _compute_dtype(v)
-        rate = (v.new_zeros(self.num_heads, 1, 1, dtype=ct) if self.slope_rate is None
-                else self.slope_rate.to(ct))
-        out, state = _lightning(q, k, v, rate, self.block_size, None if cache is None else cache.S)
+        ct = _compute_dtype(q)
+        if source_cached:  # causal cross decoding: the source's K^T V was stored at the first call
+            out, state = (q.to(ct) @ cache.S).to(q.dtype), cache.S
+        else:
+            k = split_heads(F.silu(self.k_proj(src)), self.num_heads)
+            v = split_heads(F.silu(self.v_proj(src)), self.num_heads)
+            if key_padding_mask is not None:
+                k = k * key_padding_mask[:, None, :, None].to(k.dtype)
+            if self.cross or not self.causal:  # every query sees every key: o = q (K^T V)
+                state = k.to(ct).transpose(-1, -2) @ v.to(ct)
+                out = (q.to(ct) @ state).to(v.dtype)
+            else:
+                rate = (v.new_zeros(self.num_heads, 1, 1, dtype=ct) if self.slope_rate is None
+                        else self.slope_rate.to(ct))
+                out, state = _lightning(q, k, v, rate, self.block_size, None if cache is None else cache.S)
         if cache is not None:
-            cache.S, cache.length = state.detach(), cache.length + n
+            cache.S, cache.length, cache.source = state.detach(), cache.length + n, self.cross
         out = merge_heads(out, (n,))
         out = _srms_norm(out) if self.norm is None else self.norm(out)
         out = out * torch.sigmoid(self.output_gate(x))
@@ -301,7 +330,10 @@ class LightningAttention(nn.Module):
 
 
 class LinearAttention(LightningAttention):
-    """``LightningAttention`` without decay (``decay=False``): plain causal linear attention in the TNL layer."""
+    """``LightningAttention`` without decay (``decay=False``): plain linear attention in the TNL layer; causal
+    (default) or not (``causal=False``: ``o_i = q_i K^T V`` over every key), self or cross (``cross=True``: keys and
+    values from ``context (B, M, dim)``, every query sees the whole source; with ``causal=True`` it decodes with the
+    source's ``K^T V`` as its cache)."""
 
     def __init__(self, dim: int, num_heads: int, **kwargs):
         if "decay" in kwargs:
@@ -312,14 +344,19 @@ class LinearAttention(LightningAttention):
 _REPO = "OpenNLPLab/lightning-attention"
 register(Mechanism(
     name="lightning", paper="Lightning Attention-2 / TransNormerLLM (TNL layer, Qin et al. 2023-2024)", repo=_REPO,
-    family="dense", dims=("1d",), causal=True, cross=False,
+    family="dense", dims=("1d",), patterns={"CS": {}}, why_not={
+        "NS": "the decay lambda^(i-j) runs over the past (TNL is a causal LM); linear_attention has the non-causal "
+              "form", "NC": "the decay needs positions shared by queries and keys; linear_attention has the cross form",
+        "CC": "the decay needs positions shared by queries and keys (as NC)"},
     make=lambda dim, num_heads, **kw: LightningAttention(dim, num_heads, **kw), cls=LightningAttention,
     notes="Linear attention with a fixed per-head decay (TNL's layer-scaled ALiBi slopes), no softmax; blocked "
           "Lightning-2 evaluation, linear in N; O(d^2)-per-head decoding state. SRMSNorm by default (the example "
           "layer uses LayerNorm: norm_type='layernorm')."))
 register(Mechanism(
     name="linear_attention", paper="Lightning Attention-2 / TransNormerLLM (no-decay kernel, s=None)", repo=_REPO,
-    family="dense", dims=("1d",), causal=True, cross=False,
+    family="dense", dims=("1d",), why_not={}, patterns={
+        "NS": {"causal": False}, "CS": {"causal": True}, "NC": {"causal": False, "cross": True},
+        "CC": {"causal": True, "cross": True}},
     make=lambda dim, num_heads, **kw: LinearAttention(dim, num_heads, **kw), cls=LinearAttention,
     notes="The TNL layer with plain causal linear attention (lambda = 1): outputs grow with the sequence length "
           "before the norm."))

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..attend import attend
 from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, split_qkv
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 from .swin import WindowAttention
 
 
@@ -134,7 +134,7 @@ register(Mechanism(
     name="maformer",
     paper="MAFormer: A Transformer Network with Multi-scale Attention Fusion for Visual Recognition "
           "(arXiv 2209.01620, Neurocomputing 2024)",
-    repo="(no official code found)", family="local+global", dims=("2d",), causal=False, cross=False,
+    repo="(no official code found)", family="local+global", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, down_ratio=None, **kw: MAFAttention(
         dim, num_heads, down_ratio=default_down_ratio(dim) if down_ratio is None else down_ratio, **kw),
     cls=MAFAttention,

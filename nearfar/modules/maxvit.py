@@ -37,7 +37,7 @@ from .common import (
     trunc_normal_,
     window_attention,
 )
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 _PARTITIONS = ("block", "grid")
 _REL_POS = ("bias_tf", "bias")
@@ -128,6 +128,6 @@ for _partition in _PARTITIONS:
     register(Mechanism(
         name=f"maxvit_{_partition}", paper=_MAXVIT, repo="google-research/maxvit",
         family="window" if _partition == "block" else "dilated", dims=("2d",),
-        causal=False, cross=False, cls=MaxViTAttention,
+        **image_layer(), cls=MaxViTAttention,
         make=lambda dim, num_heads, _p=_partition, **kw: MaxViTAttention(dim, _p, **kw),
         notes="head dim 32 (num_heads = dim // 32; the num_heads argument is ignored); timm AttentionCl names"))

@@ -46,7 +46,7 @@ import torch
 from ..patterns import Causal, PerHead, Sinks, SlidingWindow
 from ..patterns.base import as_positive_int
 from .common import merge_heads, split_heads
-from .registry import Mechanism, register
+from .registry import POSITIONS_SHARED, Mechanism, register
 from .sparse_attention import PatternAttention
 
 _EXHAUSTIVE_LIMIT = 65536
@@ -250,7 +250,10 @@ def moa_apply(model: torch.nn.Module, plans: Sequence[tuple[Sequence[float], Seq
 
 register(Mechanism(
     name="moa", paper="Mixture of Attention Spans: Optimizing LLM Inference Efficiency with Heterogeneous "
-    "Sliding-Window Lengths (CoLM 2025)", repo="thu-nics/MoA", family="local", dims=("1d",), causal=True, cross=False,
+    "Sliding-Window Lengths (CoLM 2025)", repo="thu-nics/MoA", family="local", dims=("1d",),
+    patterns={"CS": {}}, why_not={
+        "NS": "spans alpha + beta*N are profiled for causal decoding (sinks + the recent past); the paper defines "
+              "no bidirectional span", "NC": POSITIONS_SHARED, "CC": POSITIONS_SHARED},
     cls=MoAAttention, make=lambda dim, num_heads, **kw: MoAAttention(dim, num_heads, **kw),
     notes="per-head span S = alpha + beta * total_len (total_len 4096; rounded up to 64, >= 128): 64 sinks + the "
           "last S - 64 tokens; default alpha 0, beta 0.5 on every head (the official uniform baseline): use "

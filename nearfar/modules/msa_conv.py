@@ -41,7 +41,7 @@ from ..attend import attend
 from ..patterns import Neighborhood
 from ..patterns.base import as_nonneg_int, per_axis
 from .common import check_channels_last
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class MSAConv2d(nn.Module):
@@ -109,7 +109,7 @@ class MSAConv2d(nn.Module):
 
 register(Mechanism(
     name="msa_conv", paper="TiC: Exploring Vision Transformer in Convolution (arXiv 2310.04134)",
-    repo="zs670980918/MSA-Conv", family="local", dims=("2d",), causal=False, cross=False,
+    repo="zs670980918/MSA-Conv", family="local", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, kernel_size=3, **kw: MSAConv2d(dim, dim, kernel_size, **kw), cls=MSAConv2d,
     notes="Single head over all channels (num_heads is ignored); make() builds dim -> dim channels with a 3x3 "
           "window and the official padding 1 (same spatial size). Keys outside the image are zero and stay in "

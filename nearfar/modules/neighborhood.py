@@ -30,7 +30,7 @@ from ..patterns import Neighborhood
 from ..patterns.base import per_axis
 from ..patterns.neighborhood import as_bool
 from .common import check_channels_last, check_dim_heads, merge_heads, split_qkv, trunc_normal_
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 def dinat_dilations(depth: int, resolution: int, kernel_size: int = 7) -> list[int]:
@@ -85,6 +85,7 @@ class NeighborhoodAttention(nn.Module):
 
 register(Mechanism(
     name="neighborhood", paper="Neighborhood Attention Transformer (CVPR 2023); Dilated NAT (2022)",
-    repo="SHI-Labs/NATTEN", family="local", dims=("1d", "2d", "3d"), causal=True, cross=False,
+    repo="SHI-Labs/NATTEN", family="local", dims=("1d", "2d", "3d"),
+    **image_layer(causal={"is_causal": True, "rel_pos_bias": False}),
     make=lambda dim, num_heads, kernel_size=7, **kw: NeighborhoodAttention(dim, num_heads, kernel_size, **kw),
     cls=NeighborhoodAttention))

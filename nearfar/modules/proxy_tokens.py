@@ -63,7 +63,7 @@ from ..attend import attend
 from ..patterns import Blocks, Pattern
 from ..patterns.base import per_axis
 from .common import check_channels_last, check_dim_heads, merge_heads, split_heads, window_attention
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 PROXY_MODES = ("code_strided_mean", "paper_window_mean", "first")
 
@@ -214,7 +214,7 @@ def _make(dim: int, num_heads: int, ndim: int = 2, **kw) -> ProxyTokenAttention:
 register(Mechanism(
     name="proxy_tokens",
     paper="Qihoo-T2X: An Efficiency-Focused Diffusion Transformer via Proxy Tokens (ICLR 2025)",
-    repo="Ascend/MindSpeed-MM", family="local+global", dims=("2d", "3d"), causal=False, cross=False,
+    repo="Ascend/MindSpeed-MM", family="local+global", dims=("2d", "3d"), **image_layer(),
     make=_make, cls=ProxyTokenAttention,
     notes="Attention part of ProxyTokensTransformerBlock (proxy self-attn, visual<-proxy cross-attn, window and "
           "shifted-window attention; no text cross-attn, FFN or adaLN). make() uses 7x7 windows with one proxy each "

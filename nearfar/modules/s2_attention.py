@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from ..patterns import BlockStrided, BlockWindow, Causal, PerHead
 from ..patterns.base import as_nonneg_int, as_positive_int
-from .registry import Mechanism, register
+from .registry import POSITIONS_SHARED, Mechanism, register
 from .sparse_attention import PatternAttention
 
 
@@ -70,7 +70,10 @@ class S2Attention(PatternAttention):
 
 register(Mechanism(
     name="s2_attention", paper="S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (2024)",
-    repo="linxihui/dkernel", family="local+global", dims=("1d",), causal=True, cross=False, cls=S2Attention,
+    repo="linxihui/dkernel", family="local+global", dims=("1d",), cls=S2Attention, patterns={"CS": {}}, why_not={
+        "NS": "dkernel checks that a pattern is causal ('Only causal attention is supported now'); the spec's "
+              "'relative stride' non-causal variant is not in the official code",
+        "NC": POSITIONS_SHARED, "CC": POSITIONS_SHARED},
     make=lambda dim, num_heads, **kw: S2Attention(dim, num_heads, **kw),
     notes="block 64, 16 local blocks, vertical stride 8, heterogeneous heads (Phi-3-small); dense=True for the "
           "hybrid's dense layers (s2_layer_kwargs); causal only; the decode cache keeps every key"))

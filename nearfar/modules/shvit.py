@@ -31,7 +31,7 @@ from torch import nn
 from ..attend import attend
 from ..patterns.base import as_positive_int
 from .common import check_channels_last
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class ConvNorm(nn.Sequential):
@@ -90,7 +90,7 @@ class SHSA(nn.Module):
 
 register(Mechanism(
     name="shvit", paper="SHViT: Single-Head Vision Transformer with Memory Efficient Macro Design (CVPR 2024)",
-    repo="ysj9909/SHViT", family="dense", dims=("2d",), causal=False, cross=False,
+    repo="ysj9909/SHViT", family="dense", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: SHSA(dim, **kw), cls=SHSA,
     notes="Single head: num_heads is ignored. qk_dim=16, pdim=int(3*dim/14) (the official variants' partial "
           "dims); parameter names/shapes equal timm's SHSA, so timm checkpoints load unchanged."))

@@ -28,7 +28,7 @@ from ..attend import attend
 from ..patterns import BlockWindow, Causal, GlobalTokens, Pattern, RandomBlocks, Sinks, SlidingWindow
 from ..patterns.base import as_nonneg_int, as_positive_int
 from .common import check_dim_heads, merge_heads
-from .registry import Mechanism, register
+from .registry import POSITIONS_SHARED, Mechanism, register
 from .sequence import KVCache, RotaryEmbedding, rotary_qkv
 
 
@@ -142,21 +142,27 @@ class BigBirdAttention(PatternAttention):
         self.block, self.global_blocks, self.random_blocks, self.seed = block, g, random_blocks, seed
 
 
-_SEQ = dict(family="local+global", dims=("1d",), causal=True, cross=False)
+_NOT_CROSS = {"NC": POSITIONS_SHARED + "; the paper's encoder-decoder cross-attends densely ('dense')",
+              "CC": POSITIONS_SHARED + "; the paper's encoder-decoder cross-attends densely ('dense')"}
+_SEQ = dict(family="local+global", dims=("1d",))
+_BOTH = dict(patterns={"NS": {"causal": False}, "CS": {"causal": True}}, why_not=_NOT_CROSS)
 register(Mechanism(
     name="streaming_llm", paper="Efficient Streaming Language Models with Attention Sinks (ICLR 2024)",
     repo="mit-han-lab/streaming-llm", cls=StreamingLLMAttention,
     make=lambda dim, num_heads, **kw: StreamingLLMAttention(dim, num_heads, **kw),
     notes="window 512 + 4 sinks; decode cache <= sinks + window keys; keys keep their own rotary positions",
-    **_SEQ))
+    patterns={"CS": {}}, why_not={
+        "NS": "a decoding-time cache policy of causal LMs (sinks hold the softmax mass of a causal prefix); the "
+              "bidirectional window + global tokens is longformer(causal=False)",
+        "NC": POSITIONS_SHARED, "CC": POSITIONS_SHARED}, **_SEQ))
 register(Mechanism(
     name="longformer", paper="Longformer: The Long-Document Transformer (2020)", repo="allenai/longformer",
     cls=LongformerAttention, make=lambda dim, num_heads, **kw: LongformerAttention(dim, num_heads, **kw),
     notes="window 512 (causal: left only) + first token global; causal=False for the bidirectional form",
-    **_SEQ))
+    **_BOTH, **_SEQ))
 register(Mechanism(
     name="bigbird", paper="Big Bird: Transformers for Longer Sequences (NeurIPS 2020)",
     repo="google-research/bigbird", cls=BigBirdAttention,
     make=lambda dim, num_heads, **kw: BigBirdAttention(dim, num_heads, **kw),
     notes="block 64: neighbour blocks + 2 global blocks + 3 seeded random blocks; the decode cache keeps every key "
-          "(random blocks reach the whole past)", **_SEQ))
+          "(random blocks reach the whole past)", **_BOTH, **_SEQ))

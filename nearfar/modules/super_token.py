@@ -38,7 +38,7 @@ from torch import nn
 
 from ..attend import attend
 from .common import check_channels_last, check_dim_heads, merge_heads
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 _OFFSETS = [(dy, dx) for dy in range(3) for dx in range(3)]  # neighbour k = 3 * dy + dx, offset (dy - 1, dx - 1)
 
@@ -172,7 +172,7 @@ class SuperTokenAttention(nn.Module):
 
 register(Mechanism(
     name="super_token", paper="Vision Transformer with Super Token Sampling (CVPR 2023)",
-    repo="hhb072/STViT", family="summary tokens", dims=("2d",), causal=False, cross=False,
+    repo="hhb072/STViT", family="summary tokens", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: SuperTokenAttention(dim, num_heads, **kw), cls=SuperTokenAttention,
     notes="stoken_size='auto' follows the released STViT schedule by map size: 8x8 cells for min(H, W) >= 56, 4x4 "
           "for >= 28, else 1x1 = plain MHSA (the official stage 3 at 14x14). Maps are zero-padded to the cell and "

@@ -45,7 +45,7 @@ from .common import (
     trunc_normal_,
     window_attention,
 )
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class WindowAttention(nn.Module):
@@ -108,12 +108,12 @@ def _half(window_size):
 _SWIN = "Swin Transformer (ICCV 2021); Video Swin Transformer (CVPR 2022)"
 register(Mechanism(
     name="swin", paper=_SWIN, repo="microsoft/Swin-Transformer", family="window", dims=("2d", "3d"),
-    causal=False, cross=False, cls=WindowAttention,
+    **image_layer(), cls=WindowAttention,
     make=lambda dim, num_heads, **kw: WindowAttention(dim, num_heads, **kw),
     notes="W-MSA (window 7, no shift); timm WindowAttention parameter names"))
 register(Mechanism(
     name="swin_shifted", paper=_SWIN, repo="microsoft/Swin-Transformer", family="window", dims=("2d", "3d"),
-    causal=False, cross=False, cls=WindowAttention,
+    **image_layer(), cls=WindowAttention,
     make=lambda dim, num_heads, window_size=7, **kw: WindowAttention(
         dim, num_heads, window_size, shift_size=_half(window_size), **kw),
     notes="SW-MSA (window 7, shift 3): Swin's roll + region mask, masked pairs excluded exactly"))

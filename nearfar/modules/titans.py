@@ -220,7 +220,10 @@ class TitansMAC(nn.Module):
 
 register(Mechanism(
     name="titans_mac", paper="Titans: Learning to Memorize at Test Time (2024)", repo="lucidrains/titans-pytorch",
-    family="local+global", dims=("1d",), causal=True, cross=False, cls=TitansMAC,
+    family="local+global", dims=("1d",), cls=TitansMAC, patterns={"CS": {}}, why_not={
+        "NS": "the neural memory is trained on the segments in order at test time: a causal recurrence",
+        "NC": "the memory is written from and read by the same sequence (Memory as Context); the paper defines no "
+              "source sequence", "CC": "as NC: the paper defines no source sequence"},
     make=lambda dim, num_heads, **kw: TitansMAC(dim, num_heads, **kw),
     notes="Memory as Context: segment 128, 4 persistent tokens, 2-layer MLP memory per head trained at test time "
           "(momentum + decay, data-dependent gates); causal retrieved tokens; decode state = memory weights + "

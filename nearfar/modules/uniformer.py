@@ -33,7 +33,7 @@ from torch import nn
 from ..attend import attend
 from ..patterns.base import as_positive_int
 from .common import check_channels_last, check_dim_heads, merge_heads, split_qkv
-from .registry import Mechanism, register
+from .registry import Mechanism, image_layer, register
 
 
 class UniFormerLocalMHRA(nn.Module):
@@ -99,14 +99,14 @@ class UniFormerGlobalMHRA(nn.Module):
 _PAPER = "UniFormer: Unifying Convolution and Self-attention for Visual Recognition (ICLR 2022)"
 register(Mechanism(
     name="uniformer_local", paper=_PAPER, repo="Sense-X/UniFormer", family="local", dims=("2d",),
-    causal=False, cross=False, make=lambda dim, num_heads, **kw: UniFormerLocalMHRA(dim, **kw),
+    **image_layer(), make=lambda dim, num_heads, **kw: UniFormerLocalMHRA(dim, **kw),
     cls=UniFormerLocalMHRA,
     notes="Local MHRA of CBlock (BN -> 1x1 -> depth-wise 5x5 -> 1x1): a static, content-independent affinity "
           "(plain convolution, no softmax); each channel is its own head, so num_heads is ignored. DPE and MLP "
           "omitted."))
 register(Mechanism(
     name="uniformer_global", paper=_PAPER, repo="Sense-X/UniFormer", family="dense", dims=("2d",),
-    causal=False, cross=False, cls=UniFormerGlobalMHRA,
+    **image_layer(), cls=UniFormerGlobalMHRA,
     make=lambda dim, num_heads, **kw: UniFormerGlobalMHRA(dim, None if dim >= 64 else num_heads, **kw),
     notes="Global MHRA of SABlock (LayerNorm eps 1e-6 -> dense MHSA, qkv_bias=True). make() follows the official "
           "head rule num_heads = dim // 64 and ignores its num_heads (dim 96 -> 1 head of 96, 384 -> 6 heads of "
