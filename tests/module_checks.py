@@ -93,3 +93,15 @@ def check_loss_halves(model: torch.nn.Module, data: torch.Tensor, steps: int = 2
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+class Split(torch.nn.Module):
+    """A cross layer on one tensor: the first ``nq`` rows are the queries, the rest the context (so reference checks
+    also compare the context's gradient)."""
+
+    def __init__(self, layer: torch.nn.Module, nq: int):
+        super().__init__()
+        self.layer, self.nq = layer, nq
+
+    def forward(self, xc: torch.Tensor) -> torch.Tensor:
+        return self.layer(xc[:, :self.nq], context=xc[:, self.nq:])

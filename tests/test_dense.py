@@ -9,22 +9,10 @@ import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from module_checks import check_against_reference
+from module_checks import Split, check_against_reference
 
 from nearfar.modules.dense import DenseAttention, SourceCache
 from nearfar.modules.sequence import KVCache
-
-
-class Split(torch.nn.Module):
-    """A cross layer on one tensor: the first ``nq`` rows are the queries, the rest the context (so the reference
-    check also compares the context's gradient)."""
-
-    def __init__(self, layer: torch.nn.Module, nq: int):
-        super().__init__()
-        self.layer, self.nq = layer, nq
-
-    def forward(self, xc: torch.Tensor) -> torch.Tensor:
-        return self.layer(xc[:, :self.nq], context=xc[:, self.nq:])
 
 
 def mha_reference(m: DenseAttention, x: torch.Tensor, context: torch.Tensor | None = None,

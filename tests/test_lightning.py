@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from module_checks import (
+    Split,
     assert_close,
     check_against_reference,
     check_compile_matches_eager,
@@ -196,17 +197,6 @@ def test_module_matches_reference(kw, n):
     torch.manual_seed(0)
     m = LightningAttention(32, 4, block_size=16, **kw)
     check_against_reference(m, torch.randn(2, n, 32), tnl_reference)
-
-
-class Split(torch.nn.Module):
-    """A cross layer on one tensor: the first ``nq`` rows are the queries, the rest the context."""
-
-    def __init__(self, layer: torch.nn.Module, nq: int):
-        super().__init__()
-        self.layer, self.nq = layer, nq
-
-    def forward(self, xc: torch.Tensor) -> torch.Tensor:
-        return self.layer(xc[:, :self.nq], context=xc[:, self.nq:])
 
 
 @pytest.mark.parametrize("causal,cross", [(False, False), (False, True), (True, True)])
