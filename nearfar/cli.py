@@ -1,27 +1,101 @@
-"""``nearfar`` command line: ``nearfar bench [--full] [--rounds R]``."""
+"""``nearfar`` command line.
+
+    nearfar bench [--quick]                 # speed + quality over every registered mechanism, then the report
+    nearfar bench speed --mechanism swin local --rounds 5
+    nearfar bench quality --task mqar passkey --full
+    nearfar bench report --out nearfar-bench    # re-render report.md/html from results.json
+    nearfar bench patterns                  # correctness + speed sweep of the example patterns (the engine check)
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
+from pathlib import Path
+
+
+def _summary(results: dict) -> str:
+    """The clean table printed at the end: per mechanism, its best speed ratio per pattern and its quality."""
+    lines = []
+    speed = results.get("speed") or {}
+    best: dict = {}
+    for r in speed.get("rows", []):
+        if not r.get("peer"):
+            key = (r["mechanism"], r["pattern"])
+            best[key] = max(best.get(key, 0.0), r["ratio"])
+    if best:
+        lines += ["", f"{'mechanism':<20} {'pattern':<8} {'best speed vs dense':>20}"]
+        lines += [f"{m:<20} {p:<8} {v:>19.2f}x" for (m, p), v in sorted(best.items())]
+    for task, entry in (results.get("quality") or {}).items():
+        by: dict = {}
+        for r in entry["rows"]:
+            by.setdefault(r["name"], []).append(r["overall"])
+        if by:
+            metric = entry["task"]["metric"]
+            lines += ["", f"{task} ({entry['task']['pattern']}, {metric})"]
+            lines += [f"  {m:<20} {sum(v) / len(v):.3f}" for m, v in by.items()]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention patterns")
+    parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="correctness + speed sweep of the example patterns (prints a table)")
+    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
+    bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),
+                       help="what to run (default: all = speed + quality + report)")
     size = bench.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small sizes, about a minute (the default)")
-    size.add_argument("--full", action="store_true", help="N = 9k-16k tokens, several minutes")
-    bench.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (default 3)")
+    size.add_argument("--quick", action="store_true", help="under 10 minutes on 2 cores (the default)")
+    size.add_argument("--full", action="store_true", help="the full suite: every task, mechanism and size")
+    bench.add_argument("--mechanism", nargs="*", help="registry names or families (default: all)")
+    bench.add_argument("--task", nargs="*", help="quality tasks (default: the size's set)")
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    bench.add_argument("--out", default="nearfar-bench", help="output directory (default ./nearfar-bench)")
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.what == "patterns":
         from .bench import sweep
 
-        if args.rounds < 1:
-            parser.error("--rounds must be >= 1")
-        sweep(quick=not args.full, rounds=args.rounds)
-    return 0
+        sweep(quick=not args.full, rounds=args.rounds or 3)
+        return 0
+    import torch
+
+    from .modules.registry import FAMILIES, mechanisms
+    from .suite.tasks import TASK_NAMES
+
+    known = {m.name for m in mechanisms()} | set(FAMILIES)
+    bad = [n for n in args.mechanism or [] if n not in known]
+    if bad:
+        parser.error(f"--mechanism: unknown {bad}; registry names or families: {sorted(known)}")
+    if any(t not in TASK_NAMES for t in args.task or []):
+        parser.error(f"--task must be among {TASK_NAMES}, got {args.task}")
+    if args.device != "cpu":
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            parser.error(f"--device {args.device!r} is not available here (cpu, or cuda with a GPU build of torch)")
+        torch.set_default_device(args.device)
+    out = Path(args.out)
+    if args.what == "report":
+        from .suite.report import write_report
+
+        source = out / "results.json"
+        if not source.exists():
+            parser.error(f"no {source}: run `nearfar bench` first (or give --out)")
+        results = json.loads(source.read_text())
+        paths = write_report(results, out)
+    else:
+        from .suite.run import run_bench
+
+        command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
+                            command=command)
+        paths = {k: Path(v) for k, v in results["paths"].items()}
+    print(_summary(results))
+    print(f"\nreport: {paths['md']} and {paths['html']} (data: {paths['json']})")
+    return 130 if results.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,285 @@
+"""The report of ``nearfar bench``: results as JSON/CSV, figures (matplotlib), and one Markdown and one
+self-contained HTML page built from the same blocks (headings, paragraphs, tables, figures).
+
+Layout of ``results`` (what ``nearfar.suite.cli`` collects and saves as ``results.json``)::
+
+    {"env": environment(), "speed": run_speed(...) or None,
+     "quality": {task_name: {"task": {...task metadata...}, "rows": run_quality(...) rows}}}
+
+Speed tables follow CAB's lesson: one table per attention pattern (NS, CS, NC, CC). Quality tables show every
+mechanism with the controls (full attention, local-only, no attention) of the same task.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from ..modules.registry import CAB_PATTERNS
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+CONTROLS = ("full", "local", "none")
+
+
+def environment() -> dict:
+    """What the numbers depend on: versions, threads, CPU, load, git commit."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu": cpu, "cores": os.cpu_count(), "load": load, "git": sha, "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------------------------------------ speed blocks
+def _size_key(size) -> tuple:
+    return (0, size) if isinstance(size, int) else (1, int(str(size).split("x")[0]))
+
+
+def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
+    rows = [r for r in speed.get("rows", []) if not r.get("peer")]
+    peers = [r for r in speed.get("rows", []) if r.get("peer")]
+    out: list[Block] = [("h", 2, "Speed"), ("p", "Median per-round ratio of fused dense SDPA time to the "
+                                                   "mechanism's time, measured in the same interleaved rounds "
+                                                   "(> 1: faster than dense). Cells: forward / forward+backward.")]
+    for pattern, label in CAB_PATTERNS.items():
+        mine = [r for r in rows if r["pattern"] == pattern]
+        if not mine:
+            continue
+        sizes = sorted({r["size"] for r in mine}, key=_size_key)
+        cells: dict = defaultdict(dict)
+        for r in mine:
+            cells[r["mechanism"]][(r["size"], r["phase"])] = r["ratio"]
+        table = []
+        for mech in sorted(cells):
+            table.append([mech] + [" / ".join("-" if (s, ph) not in cells[mech] else f"{cells[mech][(s, ph)]:.2f}x"
+                                              for ph in ("fwd", "fwd+bwd")) for s in sizes])
+        out += [("h", 3, f"{pattern}: {label}"), ("table", ["mechanism"] + [str(s) for s in sizes], table)]
+        out += _speed_figures(mine, pattern, fig_dir)
+    if peers:
+        out += [("h", 3, "Peers, timed beside nearfar on the same inputs"),
+                ("table", ["peer", "beside", "pattern", "size", "phase", "peer ms", "dense ms", "dense / peer"],
+                 [[r["peer"], r["mechanism"], r["pattern"], str(r["size"]), r["phase"], f"{r['ms']:.2f}",
+                   f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x"] for r in peers])]
+    if speed.get("crossovers"):
+        out += [("h", 3, "Crossover (CAB's efficiency length): smallest measured size from which the mechanism "
+                         "stays faster / lighter than dense"),
+                ("table", ["mechanism", "pattern", "phase", "time", "memory (saved for backward)"],
+                 [[c["mechanism"], c["pattern"], c["phase"], _none(c["time_crossover"]),
+                   _none(c["memory_crossover"])] for c in speed["crossovers"]])]
+    gates = speed.get("gates", [])
+    failed = [g for g in gates if not g["passed"]]
+    out.append(("p", f"Correctness gate before timing: {len(gates) - len(failed)}/{len(gates)} passed."))
+    if failed:
+        out.append(("table", ["mechanism", "pattern", "detail"],
+                    [[g["mechanism"], g["pattern"], g["detail"]] for g in failed]))
+    if speed.get("skipped"):
+        out += [("h", 3, "Not timed"), ("table", ["mechanism", "pattern", "why"],
+                                        [[s["mechanism"], s.get("pattern", ""), s["why"]] for s in speed["skipped"]])]
+    return out
+
+
+def _none(value: object) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[Block]:
+    plt = _pyplot()
+    if plt is None:
+        return []
+    blocks = []
+    for what, key, ylabel in (("speed", "ratio", "dense time / mechanism time"),
+                              ("memory", "saved_mib", "saved for backward (MiB)")):
+        fig, axes = plt.subplots(1, 2 if what == "speed" else 1, figsize=(11 if what == "speed" else 6, 4),
+                                 squeeze=False)
+        for ax, phase in zip(axes[0], ("fwd", "fwd+bwd") if what == "speed" else ("fwd+bwd",)):
+            for mech in sorted({r["mechanism"] for r in rows}):
+                pts = sorted((r["tokens"], r[key]) for r in rows if r["mechanism"] == mech
+                              and r["phase"] == phase and r.get(key) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=mech)
+            if what == "speed":
+                ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            else:
+                dense = sorted({(r["tokens"], r["dense_saved_mib"]) for r in rows if r["phase"] == phase
+                                and r.get("dense_saved_mib") is not None})
+                if dense:
+                    ax.plot(*zip(*dense), color="k", ls="--", label="dense SDPA")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{pattern} {phase}")
+        if axes[0][-1].get_legend_handles_labels()[0]:
+            axes[0][-1].legend(fontsize=6, ncol=2)
+        path = fig_dir / f"{what}_{pattern}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        blocks.append(("img", path, f"{what} vs tokens, {pattern}"))
+    return blocks
+
+
+# ---------------------------------------------------------------------------------------------- quality blocks
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and v == v]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
+    out: list[Block] = [("h", 2, "Quality"), ("p", "Trained from scratch for a fixed number of steps; mean over "
+                                                   "seeds (min-max in brackets); controls: full attention (full), "
+                                                   "sliding window (local), no attention (none).")]
+    for name, entry in quality.items():
+        task, rows = entry["task"], entry["rows"]
+        if not rows:
+            continue
+        bins = list(task["bin_names"])
+        by_mech: dict = defaultdict(list)
+        for r in rows:
+            by_mech[r["name"]].append(r)
+        order = [m for m in CONTROLS if m in by_mech] + sorted(m for m in by_mech if m not in CONTROLS)
+        table = []
+        for mech in order:
+            rs = by_mech[mech]
+            overall = [r["overall"] for r in rs]
+            cell = f"{_mean(overall):.3f} [{min(overall):.3f}-{max(overall):.3f}]" if len(rs) > 1 else \
+                f"{overall[0]:.3f}"
+            table.append([mech, cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
+                         + [str(len(rs)), f"{_mean([r['seconds'] for r in rs]):.0f}"])
+        metric = task["metric"]
+        out += [("h", 3, f"{name} ({task['pattern']}): {task['description']}"),
+                ("table", ["mechanism", f"{metric} overall"] + bins + ["seeds", "train s"], table)]
+        out += _quality_figure(name, task, order, by_mech, fig_dir)
+    return out
+
+
+def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_dir: Path) -> list[Block]:
+    plt = _pyplot()
+    if plt is None or len(task["bin_names"]) < 2:
+        return []
+    bins = list(task["bin_names"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mech in order:
+        ys = [_mean([r["per_bin"].get(b) for r in by_mech[mech]]) for b in bins]
+        ax.plot(range(len(bins)), ys, marker="o", label=mech, ls="--" if mech in CONTROLS else "-")
+    ax.set_xticks(range(len(bins)), bins, rotation=20, fontsize=7)
+    ax.set_ylabel(task["metric"])
+    ax.set_title(f"{name}: {task['metric']} by bin")
+    ax.legend(fontsize=6, ncol=2)
+    path = fig_dir / f"quality_{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [("img", path, f"{name}: {task['metric']} by bin")]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # figures are optional: the tables still come out
+        return None
+    return plt
+
+
+# ------------------------------------------------------------------------------------------------- rendering
+def render_markdown(blocks: list[Block], base: Path) -> str:
+    lines = []
+    for b in blocks:
+        if b[0] == "h":
+            lines += ["#" * b[1] + " " + b[2], ""]
+        elif b[0] == "p":
+            lines += [b[1], ""]
+        elif b[0] == "table":
+            lines += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
+            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in b[2]] + [""]
+        elif b[0] == "img":
+            lines += [f"![{b[2]}]({Path(b[1]).relative_to(base).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
+             "</style></head><body>"]
+    for b in blocks:
+        if b[0] == "h":
+            parts.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
+        elif b[0] == "p":
+            parts.append(f"<p>{html.escape(b[1])}</p>")
+        elif b[0] == "table":
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in b[1])
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
+            parts.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif b[0] == "img":  # embedded, so the page is one self-contained file
+            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
+            parts.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'></p>")
+    return "".join(parts) + "</body></html>"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in r.items()})
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.json``, ``speed.csv``, ``quality.csv``, ``figures/*.png``, ``report.md`` and ``report.html``
+    under ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
+    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    if results.get("speed"):
+        paths["speed_csv"] = out / "speed.csv"
+        _write_csv(paths["speed_csv"], results["speed"].get("rows", []))
+    quality = results.get("quality") or {}
+    if quality:
+        paths["quality_csv"] = out / "quality.csv"
+        _write_csv(paths["quality_csv"], [{"task": t, **r} for t, e in quality.items() for r in e["rows"]])
+    env = results.get("env") or environment()
+    blocks: list[Block] = [("h", 1, "nearfar bench report"),
+                           ("p", ", ".join(f"{k}: {v}" for k, v in env.items())),
+                           ("p", "Command: " + str(results.get("command", "nearfar bench")))]
+    if results.get("interrupted"):
+        blocks.append(("p", "Interrupted (Ctrl-C): the tables hold what finished before."))
+    if results.get("speed"):
+        blocks += speed_blocks(results["speed"], fig_dir)
+    if quality:
+        blocks += quality_blocks(quality, fig_dir)
+    paths["md"].write_text(render_markdown(blocks, out))
+    paths["html"].write_text(render_html(blocks, "nearfar bench report"))
+    return paths

@@ -1,0 +1,153 @@
+"""What ``nearfar bench`` runs: the speed sweep, the quality tasks over the registered mechanisms with their
+controls, and the report, writing as it goes so that Ctrl-C leaves every finished result on disk.
+
+Quality settings: the registry's defaults are sized for long inputs (windows of 512-1024 tokens), which would make
+every mechanism dense on the suite's 64-512-token tasks. ``seq_settings`` scales each mechanism's local reach to
+the local control's window ``w`` of the task (the same reach as the "local" row) and keeps its far path (sinks,
+global tokens, random or strided blocks, core tokens, memory, linear state), so the tables compare what each design
+adds beyond a window of the same size.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..modules.registry import mechanisms
+from . import quality as Q
+from .report import environment, write_report
+from .tasks import TASK_NAMES, get_task
+
+#: --quick: the tasks' "tiny" size (about 10 s a run on 2 cores), one seed, the controls and a few mechanisms: MQAR
+#: shows the local/global separation, the character LM that they all stay close on real text. (Quick pathfinder
+#: and bidirectional MQAR need minutes a run to learn at all: they are in the full suite.)
+QUICK_TASKS = ("mqar", "char_lm")
+QUICK_SIZE = "tiny"
+QUICK_PICKS = {"CS": ("streaming_llm", "bigbird", "linear_attention", "cca"), "NS": ("longformer", "bigbird"),
+               "2d": ("swin", "maxvit_grid")}
+
+
+def seq_settings(name: str, w: int, seq_len: int) -> dict:
+    """Constructor overrides of sequence mechanism ``name`` for a task of ``seq_len`` tokens whose local control
+    sees ``w`` keys (see the module docstring)."""
+    half = max(2, w // 2)
+    return {
+        "streaming_llm": dict(window=w, sinks=4),
+        "longformer": dict(window=w, global_tokens=4),
+        "bigbird": dict(block=half, global_blocks=1, random_blocks=2),
+        "s2_attention": dict(block=half, local_blocks=2, vert_stride=4),
+        "moa": dict(total_len=seq_len, alphas=None, betas=None, sink_size=4, minimum_cache_size=w, split_size=half),
+        "cca": dict(group_size=half, window_size=w),
+        "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
+        "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
+    }.get(name, {})
+
+
+def quality_entries(task, names: list[str] | None, quick: bool) -> tuple[dict, list[dict]]:
+    """The factories of ``task`` (controls first, then every registered layer that supports the task's pattern and
+    dims, filtered by ``names``), and the mechanisms left out with the reason."""
+    hp = Q.defaults(task)
+    factories: dict = dict(Q.controls(task, hp["window"]))
+    skipped = []
+    dims = "2d" if task.kind == "2d" else "1d"
+    for mech in mechanisms(kind="layer"):
+        if mech.name == "dense" or dims not in mech.dims:
+            continue  # "dense" is the "full" control
+        if names and mech.name not in names and mech.family not in names:
+            continue
+        if quick and mech.name not in QUICK_PICKS["2d" if dims == "2d" else task.pattern]:
+            continue
+        if task.pattern not in mech.patterns:
+            skipped.append({"mechanism": mech.name, "task": task.name, "why": f"no {task.pattern}: "
+                            f"{mech.why_not[task.pattern]}"})
+            continue
+        kw = {} if dims == "2d" else seq_settings(mech.name, hp["window"], task.seq_len)
+        factories[mech.name] = _factory(mech, task.pattern, kw)
+    return factories, skipped
+
+
+def _factory(mech, pattern: str, kw: dict) -> Callable:
+    return lambda dim, heads: mech.build(dim, heads, pattern, **kw)
+
+
+class Bar:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, label: str, total: int, stream=sys.stderr):
+        self.label, self.total, self.stream, self.start = label, max(1, total), stream, time.perf_counter()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int | None = None, note: object = "") -> None:
+        total = total or self.total
+        if done < total and done - self.shown < max(1, total // 20):  # about 20 redraws a bar: logs stay short
+            return
+        self.shown = done
+        filled = int(30 * done / max(1, total))
+        extra = f"{note:.3f}" if isinstance(note, float) else str(note)
+        self.stream.write(f"\r{self.label[:40]:<40} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} "
+                          f"{time.perf_counter() - self.start:5.0f}s {extra[:30]:<30}")
+        self.stream.flush()
+        if done >= total:
+            self.stream.write("\n")
+
+
+def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, seed: int, results: dict,
+                      save: Callable[[], None]) -> None:
+    """Train every (task, mechanism, seed), one at a time, saving after each into ``results["quality"]``."""
+    seeds = (seed,) if quick else (seed, seed + 1)
+    for name in tasks:
+        task = get_task(name, QUICK_SIZE if quick else "full")
+        factories, skipped = quality_entries(task, names, quick)
+        meta = {k: getattr(task, k) for k in ("name", "pattern", "kind", "seq_len", "grid", "bin_names", "metric",
+                                              "description")}
+        entry = results["quality"].setdefault(name, {"task": meta, "rows": [], "skipped": skipped})
+        for mech, factory in factories.items():
+            for s in seeds:
+                bar = Bar(f"{name} {mech} seed {s}", Q.defaults(task)["steps"])
+                try:
+                    rows = Q.run_quality(task, {mech: factory}, seeds=(s,), progress=bar)
+                except (ValueError, RuntimeError) as err:  # e.g. an image size a window design cannot take
+                    entry["skipped"].append({"mechanism": mech, "task": name, "why": f"{type(err).__name__}: {err}"})
+                    sys.stderr.write("\n")
+                    break
+                entry["rows"] += rows
+                save()
+
+
+def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: Path, rounds: int | None,
+              tasks: list[str] | None = None, command: str = "nearfar bench") -> dict:
+    """Run ``what`` ("all", "speed" or "quality") and write the report under ``out`` (also after Ctrl-C)."""
+    from .speed import run_speed
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    results: dict = {"env": environment(), "command": command, "speed": None, "quality": {}, "interrupted": False}
+    partial = out / "results.partial.json"
+
+    def save() -> None:
+        partial.write_text(json.dumps(results, default=str))
+
+    try:
+        if what in ("all", "speed"):
+            rows: list[dict] = []
+            results["speed"] = {"rows": rows, "gates": [], "crossovers": [], "skipped": []}
+            bar = Bar("speed", 1)
+            results["speed"] = run_speed(names, quick=quick, rounds=rounds, seed=seed,
+                                         progress=lambda d, t, label="": bar(d, t, label),
+                                         on_row=lambda r: (rows.append(r), save()))
+            save()
+        if what in ("all", "quality"):
+            run_quality_suite(list(tasks or (QUICK_TASKS if quick else TASK_NAMES)), names, quick, seed, results,
+                              save)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+        sys.stderr.write("\ninterrupted: writing the report of what finished\n")
+    paths = write_report(results, out)
+    partial.unlink(missing_ok=True)
+    results["paths"] = {k: str(v) for k, v in paths.items()}
+    return results

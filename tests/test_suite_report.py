@@ -1,0 +1,70 @@
+"""The ``nearfar bench`` report: files, one speed table per CAB pattern, quality tables with controls first,
+self-contained HTML, CSV round trip."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from nearfar.suite.report import environment, render_markdown, write_report
+
+
+def _speed_row(mech, pattern, n, phase, ratio, peer=None):
+    return {"mechanism": mech, "family": "local", "pattern": pattern, "dims": "1d", "size": n, "tokens": n,
+            "phase": phase, "ms": 10 / ratio, "dense_ms": 10.0, "ratio": ratio, "ratio_min": ratio, "ratio_max": ratio,
+            "saved_mib": 1.0 if phase == "fwd+bwd" else None, "dense_saved_mib": 4.0 if phase == "fwd+bwd" else None,
+            "pairs": None, "gflops": None, "load": [1.0, 1.0], "peer": peer}
+
+
+def _results():
+    rows = [_speed_row(m, p, n, ph, r * n / 256)
+            for m, p, r in (("streaming_llm", "CS", 0.5), ("dense", "CC", 1.0), ("swin", "NS", 1.2))
+            for n in (256, 1024) for ph in ("fwd", "fwd+bwd")]
+    rows.append(_speed_row("streaming_llm", "CS", 1024, "fwd", 0.8, peer="flex"))
+    speed = {"rows": rows, "gates": [{"mechanism": "streaming_llm", "pattern": "CS", "passed": True, "max_err": 0.0,
+                                      "prefix_invariant": True, "decode_ok": True, "detail": ""},
+                                     {"mechanism": "bad", "pattern": "NS", "passed": False, "max_err": 1.0,
+                                      "prefix_invariant": None, "decode_ok": None, "detail": "differs from dense"}],
+             "crossovers": [{"mechanism": "streaming_llm", "pattern": "CS", "phase": "fwd", "time_crossover": 1024,
+                             "memory_crossover": 256}],
+             "skipped": [{"mechanism": "fit_ar", "pattern": "CS", "why": "a whole LM"}], "config": {}}
+    task = {"name": "mqar", "pattern": "CS", "bin_names": ["<=32", ">32"], "metric": "accuracy",
+            "description": "multi-query associative recall"}
+    qrows = [{"name": n, "seed": s, "steps": 10, "seconds": 1.0, "params": 100, "metric": "accuracy",
+              "overall": acc, "per_bin": {"<=32": acc, ">32": acc / 2}, "items": 1000}
+             for n, acc in (("streaming_llm", 0.5), ("full", 0.9), ("none", 0.1), ("local", 0.3)) for s in (0, 1)]
+    return {"env": environment(), "speed": speed, "quality": {"mqar": {"task": task, "rows": qrows}},
+            "command": "nearfar bench --quick", "interrupted": True}
+
+
+def test_write_report_produces_every_file(tmp_path):
+    paths = write_report(_results(), tmp_path)
+    for key in ("json", "md", "html", "speed_csv", "quality_csv"):
+        assert paths[key].exists() and paths[key].stat().st_size > 0, key
+    md = paths["md"].read_text()
+    for heading in ("### NS: non-causal self", "### CS: causal self", "### CC: causal cross"):
+        assert heading in md
+    assert "### NC" not in md  # no rows, no table
+    assert "0.50x / 0.50x" in md and "2.00x / 2.00x" in md  # fwd / fwd+bwd per size
+    assert "1/2 passed" in md and "differs from dense" in md and "a whole LM" in md and "Interrupted" in md
+    # controls first in the quality table, then the mechanisms; mean over seeds
+    quality = md[md.index("## Quality"):].splitlines()
+    rows = [line.split(" | ")[0][2:] for line in quality if line.startswith("| ") and "---" not in line][1:]
+    assert rows == ["full", "local", "none", "streaming_llm"]
+    assert "| full | 0.900 [0.900-0.900] |" in md
+    assert "figures/speed_CS.png" in md and (tmp_path / "figures" / "quality_mqar.png").exists()
+    html_text = paths["html"].read_text()
+    assert "data:image/png;base64," in html_text and "src='figures" not in html_text
+    assert json.loads(paths["json"].read_text())["command"] == "nearfar bench --quick"
+    with paths["speed_csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == len(_results()["speed"]["rows"])
+
+
+def test_markdown_tables_render(tmp_path):
+    md = render_markdown([("h", 2, "T"), ("table", ["a", "b"], [[1, 2]]), ("p", "x")], tmp_path)
+    assert md.splitlines()[:5] == ["## T", "", "| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
+def test_environment_records_versions():
+    env = environment()
+    assert env["torch"] and env["threads"] >= 1 and env["cores"] >= 1
