@@ -45,7 +45,7 @@ def test_write_report_produces_every_file(tmp_path):
     for heading in ("### NS: non-causal self", "### CS: causal self", "### CC: causal cross"):
         assert heading in md
     assert "### NC" not in md  # no rows, no table
-    assert "0.50x / 0.50x" in md and "2.00x / 2.00x" in md  # fwd / fwd+bwd per size
+    assert "0.50x / 0.50x" in md and "2.00x / 2.00x" in md and "| mechanism (1d) |" in md  # fwd / fwd+bwd
     assert "1/2 passed" in md and "differs from dense" in md and "a whole LM" in md and "Interrupted" in md
     # controls first in the quality table, then the mechanisms; mean over seeds
     quality = md[md.index("## Quality"):].splitlines()

@@ -69,15 +69,16 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
         mine = [r for r in rows if r["pattern"] == pattern]
         if not mine:
             continue
-        sizes = sorted({r["size"] for r in mine}, key=_size_key)
-        cells: dict = defaultdict(dict)
-        for r in mine:
-            cells[r["mechanism"]][(r["size"], r["phase"])] = r["ratio"]
-        table = []
-        for mech in sorted(cells):
-            table.append([mech] + [" / ".join("-" if (s, ph) not in cells[mech] else f"{cells[mech][(s, ph)]:.2f}x"
-                                              for ph in ("fwd", "fwd+bwd")) for s in sizes])
-        out += [("h", 3, f"{pattern}: {label}"), ("table", ["mechanism"] + [str(s) for s in sizes], table)]
+        out.append(("h", 3, f"{pattern}: {label}"))
+        for dims in sorted({r.get("dims", "") for r in mine}):  # one table per rank: sequences, then maps
+            same = [r for r in mine if r.get("dims", "") == dims]
+            sizes = sorted({r["size"] for r in same}, key=_size_key)
+            cells: dict = defaultdict(dict)
+            for r in same:
+                cells[r["mechanism"]][(r["size"], r["phase"])] = r["ratio"]
+            table = [[mech] + [" / ".join("-" if (s, ph) not in cells[mech] else f"{cells[mech][(s, ph)]:.2f}x"
+                                          for ph in ("fwd", "fwd+bwd")) for s in sizes] for mech in sorted(cells)]
+            out.append(("table", [f"mechanism ({dims})" if dims else "mechanism"] + [str(s) for s in sizes], table))
         out += _speed_figures(mine, pattern, fig_dir)
     if peers:
         out += [("h", 3, "Peers, timed beside nearfar on the same inputs"),
