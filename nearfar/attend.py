@@ -119,6 +119,21 @@ def engine_override(engine: str) -> Iterator[None]:
         _ENGINE_OVERRIDE.pop()
 
 
+_OBSERVERS: list[list[tuple]] = []  # ``observe_calls`` blocks in progress
+
+
+@contextlib.contextmanager
+def observe_calls() -> Iterator[list[tuple]]:
+    """Inside the block, every ``attend`` call (any engine, from any module) is listed as ``(pattern, q.shape,
+    k.shape, v.shape)``: how ``nearfar bench``'s gate sees whether a module's attention has a pattern at all."""
+    calls: list[tuple] = []
+    _OBSERVERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _OBSERVERS.remove(calls)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,6 +157,8 @@ def attend(
     biased scores, not differentiable) when ``return_lse``.
     """
     _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_lse)
+    for calls in _OBSERVERS:
+        calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)

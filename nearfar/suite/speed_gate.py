@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections import Counter
-from collections.abc import Iterator
 
 import torch
 
@@ -27,7 +26,7 @@ from ..attend import engine_override
 from ..patterns import Dense
 
 # the module, not the function ``nearfar.attend`` that shadows it in the package namespace
-_attend_module = importlib.import_module("nearfar.attend")
+_attend_module = importlib.import_module("nearfar.attend")  # the module, not the function it exports
 
 #: relative tolerance of every gate check (max abs error over max(1, max |reference|)), fp32
 TOL = 1e-4
@@ -53,24 +52,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
-@contextlib.contextmanager
-def recording_attend() -> Iterator[list[tuple]]:
-    """Every ``nearfar.attend`` call inside the block, as ``(pattern, q.shape, k.shape, v.shape)``.
-
-    Wraps ``attend``'s argument validation, which every call (any engine) goes through: the only place that sees the
-    calls of modules that imported ``attend`` by name."""
-    calls: list[tuple] = []
-    original = _attend_module._validate
-
-    def spy(q, k, v, pattern, *rest):
-        calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
-        return original(q, k, v, pattern, *rest)
-
-    _attend_module._validate = spy
-    try:
-        yield calls
-    finally:
-        _attend_module._validate = original
+def recording_attend():
+    """Every ``nearfar.attend`` call inside the block, as ``(pattern, q.shape, k.shape, v.shape)``."""
+    return _attend_module.observe_calls()
 
 
 def run_layer(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, seed: int = 0,
