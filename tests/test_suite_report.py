@@ -53,6 +53,7 @@ def test_write_report_produces_every_file(tmp_path):
     assert rows == ["full", "local", "none", "streaming_llm"]
     assert "| full | 0.900 [0.900-0.900] |" in md
     assert "figures/speed_CS.png" in md and (tmp_path / "figures" / "quality_mqar.png").exists()
+    assert "## Recall against cost" in md and (tmp_path / "figures" / "recall_vs_cost_mqar.png").exists()
     html_text = paths["html"].read_text()
     assert "data:image/png;base64," in html_text and "src='figures" not in html_text
     assert json.loads(paths["json"].read_text())["command"] == "nearfar bench --quick"

@@ -198,6 +198,45 @@ def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_
     return [("img", path, f"{name}: {task['metric']} by bin")]
 
 
+def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[Block]:
+    """Zoology's recall-memory plot with measured cost: each accuracy task's overall score against the mechanism's
+    forward+backward speed ratio to dense at the largest 1D size timed in the same pattern (dense itself at 1)."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    blocks = []
+    for name, entry in quality.items():
+        task = entry["task"]
+        if task["metric"] != "accuracy" or task.get("kind") == "2d":
+            continue
+        rows = [r for r in speed.get("rows", []) if r["pattern"] == task["pattern"] and r.get("dims") == "1d"
+                and r["phase"] == "fwd+bwd" and not r.get("peer")]
+        if not rows:
+            continue
+        largest = max(r["tokens"] for r in rows)
+        ratio = {r["mechanism"]: r["ratio"] for r in rows if r["tokens"] == largest} | {"full": 1.0}
+        scores: dict = defaultdict(list)
+        for r in entry["rows"]:
+            scores[r["name"]].append(r["overall"])
+        points = [(ratio[m], _mean(v), m) for m, v in scores.items() if m in ratio]
+        if len(points) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for x, y, m in points:
+            ax.scatter(x, y, marker="s" if m == "full" else "o")
+            ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"speed vs dense, fwd+bwd, {largest} tokens ({task['pattern']})")
+        ax.set_ylabel(f"{name} accuracy")
+        ax.set_title(f"{name}: recall against measured cost")
+        path = fig_dir / f"recall_vs_cost_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        blocks.append(("img", path, f"{name}: accuracy against speed ratio"))
+    return [("h", 2, "Recall against cost")] + blocks if blocks else []
+
+
 def _pyplot():
     try:
         import matplotlib
@@ -281,6 +320,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         blocks += speed_blocks(results["speed"], fig_dir)
     if quality:
         blocks += quality_blocks(quality, fig_dir)
+    if quality and results.get("speed"):
+        blocks += recall_vs_cost(quality, results["speed"], fig_dir)
     paths["md"].write_text(render_markdown(blocks, out))
     paths["html"].write_text(render_html(blocks, "nearfar bench report"))
     return paths
