@@ -51,9 +51,9 @@ from torch import nn
 from ..attend import attend
 from ..patterns import Causal, Pattern
 from ..patterns.base import as_positive_int
-from .common import check_dim_heads, merge_heads
+from .common import merge_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
-from .sequence import RotaryEmbedding, rotary_qkv
+from .sequence import add_projections, rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -138,23 +138,14 @@ class CCAAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, group_size: int = 16, window_size: int = 1024, pooling: str = "cca",
                  num_kv_heads: int | None = None, causal: bool = True, rope: bool = True, qkv_bias: bool = False):
         super().__init__()
-        self.head_dim = check_dim_heads(dim, num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if causal is not True:
             raise ValueError(f"causal must be True: CCA is defined for causal language models only, got {causal!r}")
         self.group_size, self.window_size = as_positive_int(group_size, "group_size"), as_positive_int(
             window_size, "window_size")
-        self.dim, self.num_heads, self.num_kv_heads, self.pooling, self.causal = (dim, num_heads, num_kv_heads,
-                                                                                 pooling, True)
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim) if rope else None
+        self.pooling, self.causal = pooling, True
+        add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
 
     def new_cache(self, batch: int = 1, device=None, dtype=None) -> CCACache:
         return CCACache()

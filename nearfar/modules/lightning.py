@@ -213,7 +213,6 @@ class LinearAttentionState:
 
     S: torch.Tensor
     length: int = 0
-    source: bool = False  # a causal cross layer's state: the source's K^T V, fixed once set
 
 
 def _check_seq(x: object, dim: int, name: str) -> tuple[int, int]:
@@ -287,7 +286,7 @@ class LightningAttention(nn.Module):
                 raise ValueError(f"cache is for batch {cache.S.shape[0]}, x has batch {bs}")
         if context is not None and not self.cross:
             raise ValueError("context is for cross-attention layers: build the layer with cross=True")
-        source_cached = cache is not None and cache.source
+        source_cached = self.cross and cache is not None and cache.length > 0  # the source's K^T V is set
         if self.cross and not source_cached:
             if context is None:
                 raise ValueError(f"a cross layer needs context (B, M, {self.dim}) (on the first call with a cache)")
@@ -317,7 +316,7 @@ class LightningAttention(nn.Module):
                         else self.slope_rate.to(ct))
                 out, state = _lightning(q, k, v, rate, self.block_size, None if cache is None else cache.S)
         if cache is not None:
-            cache.S, cache.length, cache.source = state.detach(), cache.length + n, self.cross
+            cache.S, cache.length = state.detach(), cache.length + n
         out = merge_heads(out, (n,))
         out = _srms_norm(out) if self.norm is None else self.norm(out)
         out = out * torch.sigmoid(self.output_gate(x))

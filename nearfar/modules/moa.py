@@ -47,6 +47,7 @@ from ..patterns import Causal, PerHead, Sinks, SlidingWindow
 from ..patterns.base import as_positive_int
 from .common import merge_heads, split_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
+from .sequence import kv_heads
 from .sparse_attention import PatternAttention
 
 _EXHAUSTIVE_LIMIT = 65536
@@ -85,9 +86,7 @@ def moa_pattern(alphas: Sequence[float], betas: Sequence[float], total_len: int,
 
     ``num_kv_heads`` is only checked (spans are per query head; a GQA group's heads may differ)."""
     num_heads = as_positive_int(num_heads, "num_heads")
-    kv = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
-    if num_heads % kv:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+    kv_heads(num_heads, num_kv_heads)
     if len(alphas) != num_heads or len(betas) != num_heads:
         raise ValueError(f"alphas and betas need num_heads={num_heads} entries, got {len(alphas)} and {len(betas)}")
     spans = [moa_span(a, b, total_len, sink_size=sink_size, minimum_cache_size=minimum_cache_size,

@@ -23,6 +23,7 @@ from __future__ import annotations
 from ..patterns import BlockStrided, BlockWindow, Causal, PerHead
 from ..patterns.base import as_nonneg_int, as_positive_int
 from .registry import POSITIONS_SHARED, Mechanism, register
+from .sequence import kv_heads
 from .sparse_attention import PatternAttention
 
 
@@ -59,9 +60,7 @@ class S2Attention(PatternAttention):
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, block: int = 64,
                  local_blocks: int = 16, vert_stride: int = 8, homo_head: bool = False, head_sliding_offset: int = 0,
                  num_dense_heads: int = 0, dense: bool = False):
-        kv = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
-        if num_heads % kv:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+        kv = kv_heads(num_heads, num_kv_heads)
         pattern = s2_pattern(num_heads, kv, block, local_blocks, vert_stride, homo_head, head_sliding_offset,
                              num_dense_heads, dense)
         super().__init__(dim, num_heads, pattern, kv, causal=True)

@@ -27,9 +27,9 @@ from torch import nn
 from ..attend import attend
 from ..patterns import BlockWindow, Causal, GlobalTokens, Pattern, RandomBlocks, Sinks, SlidingWindow
 from ..patterns.base import as_nonneg_int, as_positive_int
-from .common import check_dim_heads, merge_heads
+from .common import merge_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
-from .sequence import KVCache, RotaryEmbedding, rotary_qkv
+from .sequence import KVCache, add_projections, rotary_qkv
 
 
 class PatternAttention(nn.Module):
@@ -41,19 +41,10 @@ class PatternAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, pattern: Pattern, num_kv_heads: int | None = None,
                  causal: bool = True, keep=None, rope: bool = True, qkv_bias: bool = False):
         super().__init__()
-        self.head_dim = check_dim_heads(dim, num_heads)
-        num_kv_heads = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
-        if num_heads % num_kv_heads:
-            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a nearfar Pattern, got {type(pattern).__name__}")
-        self.dim, self.num_heads, self.num_kv_heads = dim, num_heads, num_kv_heads
+        add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
         self.pattern, self.causal, self.keep = pattern, causal, keep
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(dim, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim) if rope else None
 
     def new_cache(self, batch: int = 1, device=None, dtype=None) -> KVCache:
         if not self.causal:
