@@ -2,7 +2,8 @@
 
     nearfar bench [--quick]                 # speed + quality over every registered mechanism, then the report
     nearfar bench speed --mechanism swin local --rounds 5
-    nearfar bench quality --task mqar passkey --full
+    nearfar bench quality --task mqar passkey --full --jobs 2
+    nearfar bench --full --resume           # go on with an interrupted or partial run in the same --out
     nearfar bench report --out nearfar-bench    # re-render report.md/html from results.json
     nearfar bench patterns                  # correctness + speed sweep of the example patterns (the engine check)
 """
@@ -54,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     bench.add_argument("--out", default="nearfar-bench", help="output directory (default ./nearfar-bench)")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the results already in --out and run only what is missing")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="quality trainings at once, in worker processes sharing the threads (default 1)")
     args = parser.parse_args(argv)
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.what == "patterns":
         from .bench import sweep
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
-                            command=command)
+                            command=command, resume=args.resume, jobs=args.jobs)
         paths = {k: Path(v) for k, v in results["paths"].items()}
     print(_summary(results))
     print(f"\nreport: {paths['md']} and {paths['html']} (data: {paths['json']})")

@@ -85,3 +85,68 @@ def test_report_needs_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "report", "--out", str(tmp_path)])
     assert "results.json" in capsys.readouterr().err
+
+
+def _fake_rows(task, factories, seeds, progress=None, **kw):
+    (name,) = factories
+    bins = dict.fromkeys(task.bin_names, 0.5)
+    return [{"name": name, "seed": seeds[0], "steps": 1, "batch_size": 1, "lr": 1e-3, "dim": 8, "depth": 1,
+             "num_heads": 1, "params": 1, "seconds": 0.0, "final_loss": 1.0, "metric": task.metric, "overall": 0.5,
+             "per_bin": bins, "items": 1, "targets": 1, "ci": {b: (0.4, 0.6) for b in bins},
+             "ci_overall": (0.4, 0.6), "exact_match": 0.5}]
+
+
+def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
+    calls = []
+
+    def interrupt_on_third(task, factories, seeds, progress=None, **kw):
+        calls.append((task.name, *factories, *seeds))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return _fake_rows(task, factories, seeds)
+
+    monkeypatch.setattr(R.Q, "run_quality", interrupt_on_third)
+    first = R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"])
+    assert first["interrupted"] and len(first["quality"]["mqar"]["rows"]) == 2
+    calls.clear()
+    monkeypatch.setattr(R.Q, "run_quality", lambda *a, **kw: (calls.append(1), _fake_rows(*a, **kw))[1])
+    again = R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"], resume=True)
+    names = [r["name"] for r in again["quality"]["mqar"]["rows"]]
+    want = ["full", "local", "none", *R.QUICK_PICKS["CS"]]
+    assert not again["interrupted"] and sorted(names) == sorted(want) and len(calls) == len(want) - 2
+    # nothing left to do: a second resume trains nothing and keeps every row; without --resume it starts over
+    calls.clear()
+    R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"], resume=True)
+    assert not calls and len(json.loads((tmp_path / "results.json").read_text())["quality"]["mqar"]["rows"]) == 7
+    fresh = R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"])
+    assert len(calls) == 7 and len(fresh["quality"]["mqar"]["rows"]) == 7
+
+
+def test_resume_keeps_finished_speed_groups(tmp_path):
+    first = R.run_bench("speed", ["swin"], True, 0, tmp_path, 1)
+    assert first["speed"]["rows"] and first["speed"]["gates"][0]["passed"]
+    again = R.run_bench("speed", ["swin", "hilo"], True, 0, tmp_path, 1, resume=True)
+    swin = [r for r in again["speed"]["rows"] if r["mechanism"] == "swin"]
+    assert swin == first["speed"]["rows"]  # kept, not re-timed
+    assert {g["mechanism"] for g in again["speed"]["gates"]} == {"swin", "hilo"}
+    assert any(r["mechanism"] == "hilo" for r in again["speed"]["rows"])
+
+
+def test_parallel_jobs_give_the_serial_results():
+    def run(jobs):
+        results = {"quality": {}}
+        R.run_quality_suite(["mqar"], None, True, 0, results, lambda: None, jobs=jobs,
+                            overrides={"steps": 4, "batch_size": 4})
+        return {(r["name"], r["seed"]): r for r in results["quality"]["mqar"]["rows"]}
+
+    serial, parallel = run(1), run(2)
+    assert set(serial) == set(parallel) and len(serial) == 3 + len(R.QUICK_PICKS["CS"])
+    for key, row in serial.items():
+        assert abs(row["final_loss"] - parallel[key]["final_loss"]) < 1e-3, key
+        assert abs(row["overall"] - parallel[key]["overall"]) < 0.02, key
+
+
+def test_jobs_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--jobs", "0"])
+    assert "--jobs" in capsys.readouterr().err

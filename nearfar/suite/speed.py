@@ -302,10 +302,28 @@ def _time_row(base: dict, ours, dense, ours_in, dense_in, phase: str, rounds: in
     return rows
 
 
+def _finished(previous: dict | None, sizes: dict) -> dict:
+    """(mechanism, dims, pattern) -> (gate, rows, skipped) of the groups ``previous`` finished: gated, and (when
+    the gate passed) timed at the last size of ``sizes`` in the last phase."""
+    if not previous:
+        return {}
+    last = {d: sizes[d][-1] if d == "1d" else "x".join(map(str, sizes[d][-1])) for d in sizes}
+    kept = {}
+    for gate in previous.get("gates", []):
+        key = (gate["mechanism"], gate.get("dims"), gate["pattern"])
+        rows = [r for r in previous.get("rows", []) if (r["mechanism"], r["dims"], r["pattern"]) == key]
+        if gate["passed"] and not any(r["size"] == last.get(key[1]) and r["phase"] == PHASES[-1] for r in rows):
+            continue
+        skips = [s for s in previous.get("skipped", []) if (s["mechanism"].split(" (peer")[0], s.get("pattern"))
+                 == (key[0], key[2]) and str(s.get("why", "")).startswith(key[1])]
+        kept[key] = (gate, rows, skips)
+    return kept
+
+
 def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | None = None, seed: int = 0,
               peers: bool | Sequence[str] = True, progress: Callable[[int, int, str], None] | None = None,
               on_row: Callable[[dict], None] | None = None, sizes: dict | None = None,
-              widths: dict | None = None) -> dict:
+              widths: dict | None = None, previous: dict | None = None) -> dict:
     """Gate, then time every selected mechanism x CAB pattern x size x phase against dense SDPA.
 
     ``names``: registry names or families (None: every layer mechanism; whole models are skipped with a note).
@@ -315,7 +333,10 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     ``on_row(row)`` after every row. Returns ``{"rows", "gates", "crossovers", "skipped", "config"}``; besides the
     documented row keys, rows carry ``rounds`` (fewer than asked when one round exceeds the preset's row budget) and
     ``compile_s``, peer rows ``note`` and ``peer_err`` (max rel. error against ours, when it computes our function).
-    Gates and crossovers also carry ``dims`` (``neighborhood`` is swept in 1D and 2D)."""
+    Gates and crossovers also carry ``dims`` (``neighborhood`` is swept in 1D and 2D).
+
+    ``previous``: an earlier result of this function (``--resume``): each (mechanism, dims, pattern) it finished,
+    gate and last size timed, is kept as it is (its rows are passed to ``on_row`` again) and not re-run."""
     preset = QUICK if quick else FULL
     rounds = preset["rounds"] if rounds is None else rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -331,8 +352,21 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     total, done = sum(1 + len(sizes[d]) * len(PHASES) for _, d, _ in items), 0
     rows, gates = [], []
     started, load_start = time.perf_counter(), _load()
+    kept = _finished(previous, sizes)
     for mech, dims, pattern in items:
         label = f"{mech.name} {pattern} {dims}"
+        if (mech.name, dims, pattern) in kept:
+            gate, old_rows, old_skips = kept[mech.name, dims, pattern]
+            gates.append(gate)
+            skipped += old_skips
+            for row in old_rows:
+                rows.append(row)
+                if on_row:
+                    on_row(row)
+            done += 1 + len(sizes[dims]) * len(PHASES)
+            if progress:
+                progress(done, total, f"{label}: kept from the previous run")
+            continue
         gate = _gate(mech, pattern, dims, widths[dims], sizes[dims][0], seed)
         gates.append(gate)
         done += 1
@@ -375,6 +409,7 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
               "widths": {d: list(widths[d]) for d in SWEPT_DIMS},
               "gate": {"tol": TOL, "1d": GATE_1D, "2d": "x".join(map(str, GATE_2D)), "settings": GATE_SETTINGS},
               "peers": speed_peers.status(only_peers) if only_peers != set() else "off", "load": [load_start, _load()],
-              "elapsed_s": round(time.perf_counter() - started, 1),
+              "elapsed_s": round(time.perf_counter() - started
+                                 + ((previous or {}).get("config") or {}).get("elapsed_s", 0.0), 1),
               "baseline": "registered 'dense' (DenseAttention: fused SDPA) built for the same CAB pattern"}
     return {"rows": rows, "gates": gates, "crossovers": crossovers(rows), "skipped": skipped, "config": config}
