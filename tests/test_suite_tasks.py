@@ -49,7 +49,7 @@ def test_shapes_dtypes_and_ranges(name: str, size: str) -> None:
         assert t.dtype == torch.long and t.device.type == "cpu"
     if task.kind == "2d":
         assert task.grid and b.inputs.shape == (6, *task.grid) and task.seq_len == task.grid[0] * task.grid[1]
-        assert b.targets.shape == b.bins.shape == (6,)
+        assert b.targets.shape == b.bins.shape and b.targets.shape in ((6,), b.inputs.shape)  # per image or pixel
     else:
         assert task.grid == () and b.inputs.shape == b.targets.shape == b.bins.shape == (6, task.seq_len)
     assert 0 <= b.inputs.min() and b.inputs.max() < task.vocab_size
@@ -307,6 +307,38 @@ def test_pathfinder_cannot_be_decided_locally() -> None:
     assert max(best, 1 - best) < 0.65
 
 
+# --------------------------------------------------------------------------------------- 2D spatial recall
+
+
+@given(size=st.integers(8, 24), pairs=st.integers(1, 12), vocab=st.integers(8, 80), seed=st.integers(0, 99))
+def test_spatial_recall_targets_follow_from_the_image(size: int, pairs: int, vocab: int, seed: int) -> None:
+    pairs = min(pairs, vocab // 2 - 1, size * size // 8)
+    task = get_task("spatial_recall", "full", image_size=size, num_pairs=pairs, vocab_size=vocab)
+    b = draw(task, 4, seed=seed)
+    half = vocab // 2
+    for x, y, bins in zip(b.inputs, b.targets, b.bins):
+        queries = (y != -100).nonzero().tolist()
+        assert len(queries) == pairs and int((x > 0).sum()) == 3 * pairs  # pairs + queries on a blank image
+        distances = []
+        for qy, qx in queries:
+            key = int(x[qy, qx])
+            assert 1 <= key < half
+            (cell, *rest) = [c for c in (x == key).nonzero().tolist() if c != [qy, qx]]
+            assert not rest  # the key appears once besides its query, with its value right of it
+            assert int(x[cell[0], cell[1] + 1]) == int(y[qy, qx]) >= half
+            distances.append(max(abs(qy - cell[0]), abs(qx - cell[1])))
+        rows = torch.tensor(queries)
+        assert in_bin(task, bins[rows[:, 0], rows[:, 1]], torch.tensor(distances))
+
+
+def test_spatial_recall_fills_every_distance_bin_and_needs_far_context() -> None:
+    task = get_task("spatial_recall", "full")
+    b = draw(task, 64)
+    counts = torch.bincount(b.bins[b.bins >= 0], minlength=4)
+    assert (counts >= 0.2 * counts.sum()).all(), counts
+    assert task.bin_names[-1] == ">8"  # beyond two layers of the full size's 5x5 local control plus the convs
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 
@@ -329,6 +361,8 @@ def test_pathfinder_cannot_be_decided_locally() -> None:
         ("listops", {"max_depth": 1, "max_len": 60}, ValueError, "max_len"),
         ("listops", {"op_prob": 1.5}, ValueError, "op_prob"),
         ("pathfinder", {"image_size": 4}, ValueError, "image_size"),
+        ("spatial_recall", {"num_pairs": 40}, ValueError, "num_pairs"),
+        ("spatial_recall", {"image_size": 4}, ValueError, "image_size"),
         ("pathfinder", {"distractor_length": 50}, ValueError, "distractor_length"),
     ],
 )

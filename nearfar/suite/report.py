@@ -172,7 +172,12 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
             table.append([mech, cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
                          + [str(len(rs)), f"{_mean([r['seconds'] for r in rs]):.0f}"])
         metric = task["metric"]
+        longest = max(rows, key=lambda r: r["seconds"])
+        settings = ", ".join(f"{k} {longest.get(k)}"
+                             for k in ("steps", "batch_size", "lr", "dim", "depth", "num_heads"))
         out += [("h", 3, f"{name} ({task['pattern']}): {task['description']}"),
+                ("p", f"Training: {settings}. Longest run: {longest['seconds']:.0f} s ({longest['name']}, seed "
+                      f"{longest['seed']}; the suite's budget is 600 s a run on 2 cores)."),
                 ("table", ["mechanism", f"{metric} overall"] + bins + ["seeds", "train s"], table)]
         out += _quality_figure(name, task, order, by_mech, fig_dir)
     return out

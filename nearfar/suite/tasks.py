@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .pathfinder import MARKER, pathfinder_image
+from .spatial_recall import distance_edges, recall_images
 
 SIZES = ("full", "quick", "tiny")
 SPLITS = ("train", "valid")
@@ -394,6 +395,23 @@ def _pathfinder(image_size: int, snake_length: int, num_distractors: int, distra
                 f"{image_size}x{image_size} image with distractor curves? generated", _sampler(draw))
 
 
+def _spatial_recall(image_size: int, num_pairs: int, vocab_size: int) -> Task:
+    _int("image_size", image_size, 8, 256)
+    _int("vocab_size", vocab_size, 8, 1 << 16)
+    _int("num_pairs", num_pairs, 1, min(vocab_size // 2 - 1, image_size * image_size // 8))
+    edges = distance_edges(image_size)
+    names = (f"<={edges[0]}", f"{edges[0] + 1}-{edges[1]}", f"{edges[1] + 1}-{edges[2]}", f">{edges[2]}")
+
+    def draw(batch: int, g: torch.Generator, split: str) -> Batch:
+        pixels, targets, distance = recall_images(batch, image_size, num_pairs, vocab_size, _python_rng(g))
+        return Batch(pixels, targets, torch.where(targets == -100, -1, _bucket(distance, edges)))
+
+    return Task("spatial_recall", "NS", "2d", vocab_size, vocab_size, image_size * image_size,
+                (image_size, image_size), names, "accuracy", f"2D associative recall: {num_pairs} key-value pixel "
+                f"pairs and a query per key on a blank {image_size}x{image_size} image; scored at the queries by "
+                f"Chebyshev distance to the key; generated", _sampler(draw))
+
+
 _MQAR_SIZES = {"full": dict(seq_len=256, num_pairs=16, vocab_size=256),
                "quick": dict(seq_len=128, num_pairs=8, vocab_size=128),
                "tiny": dict(seq_len=64, num_pairs=4, vocab_size=64)}
@@ -411,6 +429,9 @@ _TASKS: dict[str, tuple[Callable[..., Task], dict[str, dict[str, object]]]] = { 
     "pathfinder": (_pathfinder, {"full": dict(image_size=32, snake_length=24, num_distractors=5, distractor_length=8),
                                  **{size: dict(image_size=16, snake_length=12, num_distractors=2, distractor_length=4)
                                     for size in ("quick", "tiny")}}),
+    "spatial_recall": (_spatial_recall, {size: dict(image_size=side, num_pairs=pairs, vocab_size=vocab)
+                                         for size, side, pairs, vocab in zip(SIZES, (16, 16, 12), (8, 8, 4),
+                                                                             (64, 64, 32))}),
 }
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 
