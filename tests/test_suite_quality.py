@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from nearfar.suite import quality as Q
+from nearfar.suite.stats import clustered_wilson
 from nearfar.suite.tasks import TASK_NAMES, Batch, Task, get_task
 
 
@@ -192,6 +193,33 @@ def test_bad_arguments_raise() -> None:
         Q.defaults(task, "huge")
 
 
+@given(items=st.integers(2, 60), per_item=st.integers(1, 8), frac=st.floats(0.05, 0.95), seed=st.integers(0, 99))
+def test_clustered_wilson_between_items_and_targets(items: int, per_item: int, frac: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    count = torch.full((items,), per_item)
+    # one target an item: plain Wilson
+    single = (torch.rand(items, generator=g) < frac).long()
+    assert clustered_wilson(single, torch.ones(items, dtype=torch.long)) == pytest.approx(
+        Q.wilson(int(single.sum()), items))
+    # all of an item's targets right or wrong together: the interval of as many trials as items
+    together = single * per_item
+    assert clustered_wilson(together, count) == pytest.approx(Q.wilson(int(single.sum()), items))
+    # independent targets: between the two, and items with no target are ignored
+    hits = (torch.rand(items, per_item, generator=g) < frac).sum(1)
+    k, n = int(hits.sum()), items * per_item
+    lo, hi = clustered_wilson(torch.cat([hits, torch.zeros(3, dtype=torch.long)]),
+                              torch.cat([count, torch.zeros(3, dtype=torch.long)]))
+    assert lo <= k / n <= hi
+    narrow, wide = Q.wilson(k, n), wilson_of_p(k / n, items)
+    assert narrow[1] - narrow[0] - 1e-9 <= hi - lo <= wide[1] - wide[0] + 1e-9
+
+
+def wilson_of_p(p: float, n: int) -> tuple[float, float]:
+    from nearfar.suite.stats import _wilson
+
+    return _wilson(p, n, 1.96)
+
+
 # ------------------------------------------------------------------------------------------------- evaluate
 
 
@@ -253,9 +281,15 @@ def test_evaluate_counts_accuracy_per_bin_and_exact_match() -> None:
     assert got["targets"] == sum(n for _, n in hit.values())
     for b, name in enumerate(task.bin_names):
         assert got["per_bin"][name] == pytest.approx(hit[b][0] / hit[b][1])
-        assert got["ci"][name] == pytest.approx(Q.wilson(*hit[b]))
+        lo, hi = got["ci"][name]
+        assert lo < got["per_bin"][name] < hi
     k, n = sum(h for h, _ in hit.values()), sum(n for _, n in hit.values())
-    assert got["overall"] == pytest.approx(k / n) and got["ci_overall"] == pytest.approx(Q.wilson(k, n))
+    assert got["overall"] == pytest.approx(k / n)
+    # several targets an item: the interval is no narrower than Wilson over targets, no wider than over items
+    lo, hi = got["ci_overall"]
+    assert hi - lo >= Q.wilson(k, n)[1] - Q.wilson(k, n)[0] - 1e-12
+    assert hi - lo <= Q.wilson(round(k * scored_items / n), scored_items)[1] \
+        - Q.wilson(round(k * scored_items / n), scored_items)[0] + 0.02
     assert got["exact_match"] == pytest.approx(exact / scored_items)
     assert 0.5 < got["overall"] < 0.85  # the oracle misses the flipped third
 

@@ -1,9 +1,7 @@
-"""Models, training and evaluation of the quality suite of ``nearfar bench`` (``shared/specs/benchmarks.md`` §6.0).
+"""Settings, controls, training and evaluation of the quality suite of ``nearfar bench``
+(``shared/specs/benchmarks.md`` §6.0); the model is ``backbone.py``'s, the intervals ``stats.py``'s.
 
-Every mechanism runs in the same small backbone (the Zoology/Based recipe of §3.1 and our probes of §3.5): token
-embedding, ``depth`` pre-norm blocks of [depthwise conv (kernel 3) -> attention -> MLP], a final norm and a linear
-head. The only thing that changes between rows of a table is the attention layer, given as a factory
-``(dim, num_heads) -> nn.Module``. Training uses fixed step budgets (never wall-clock: §3.5 lesson 3), AdamW with a
+Training uses fixed step budgets (never wall-clock: §3.5 lesson 3), AdamW with a
 short warm-up then a constant LR, gradient clipping at 1.0, and cross-entropy on the scored targets only.
 Evaluation draws >= 1000 fresh items from a separate generator seed and reports accuracy with Wilson 95% intervals
 per bin (or bits per character for the LM task).
@@ -27,12 +25,16 @@ from torch import nn
 from ..modules.neighborhood import NeighborhoodAttention
 from ..modules.sparse_attention import PatternAttention
 from ..patterns import Causal, Dense, SlidingWindow
+from .backbone import AttentionFactory, ImageModel, SeqModel, build_model, check_task, pos_float, pos_int
+from .stats import clustered_wilson, mean_ci, wilson  # noqa: F401 (wilson re-exported)
 
 if TYPE_CHECKING:
     from .tasks import Batch, Task
 
-AttentionFactory = Callable[[int, int], nn.Module]
+__all__ = ["SIZES", "BY_TASK", "task_size", "defaults", "controls", "train", "evaluate", "run_quality",
+           "build_model", "SeqModel", "ImageModel", "wilson"]
 Progress = Callable[[int, int, float], None]
+
 
 #: Defaults by task size, then the per-task changes of ``BY_TASK``. "full" keeps the task sizes of table 6.1 but not
 #: its step counts: one step of the full-size MQAR model at batch 64 takes 0.39 s here (2 cores), so 1,500 of them
@@ -68,34 +70,6 @@ BY_TASK: dict[tuple[str, str], dict] = {
     # after 800 steps at lr 2e-3 and stayed at 50% after 1,000 at 3e-3. Not in the --full task list
     ("full", "pathfinder"): dict(steps=1000),
 }
-_KINDS = ("seq", "cls", "2d")
-
-
-def _pos_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _pos_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_task(task: object) -> Task:
-    for field in ("name", "pattern", "kind", "vocab_size", "num_classes", "grid", "bin_names", "metric", "sample"):
-        if not hasattr(task, field):
-            raise TypeError(f"task must be a nearfar.suite.tasks.Task, got {type(task).__name__}")
-    if task.kind not in _KINDS:
-        raise ValueError(f"task.kind must be one of {_KINDS}, got {task.kind!r}")
-    if task.pattern not in ("CS", "NS"):
-        raise ValueError(f"task.pattern must be 'CS' or 'NS', got {task.pattern!r}")
-    if task.metric not in ("accuracy", "bpc"):
-        raise ValueError(f"task.metric must be 'accuracy' or 'bpc', got {task.metric!r}")
-    return task
-
-
 def task_size(task: Task) -> str:
     """The size ("full", "quick", "tiny") whose ``get_task(task.name, size)`` is closest in length to ``task``
     (ties go to the larger size, so an overridden task still gets a real budget)."""
@@ -108,7 +82,7 @@ def task_size(task: Task) -> str:
 def defaults(task: Task, size: str | None = None) -> dict:
     """The training defaults of ``task`` at ``size`` (inferred from the task when None): steps, batch_size, lr,
     dim, depth, num_heads and ``window``, the local control's window (the neighbourhood kernel for images)."""
-    task = _check_task(task)
+    task = check_task(task)
     size = task_size(task) if size is None else size
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
@@ -123,8 +97,8 @@ def controls(task: Task, window: int) -> dict[str, AttentionFactory | None]:
     """The three controls of every table (§6.0): "full" dense attention (causal for "CS" tasks), "local" attention
     to ``window`` keys (causal: the last ``window`` tokens; non-causal: ``window // 2`` each side; 2D: a
     ``window`` x ``window`` neighbourhood) and "none" (no attention: conv + MLP only)."""
-    task = _check_task(task)
-    window = _pos_int(window, "window")
+    task = check_task(task)
+    window = pos_int(window, "window")
     if task.kind == "2d":
         grid = tuple(task.grid)
         if window > min(grid):
@@ -144,130 +118,6 @@ def controls(task: Task, window: int) -> dict[str, AttentionFactory | None]:
     return {"full": lambda dim, heads: PatternAttention(dim, heads, full, causal=causal),
             "local": lambda dim, heads: PatternAttention(dim, heads, local, causal=causal),
             "none": None}
-
-
-class TokenMix(nn.Module):
-    """The "no attention" slot: a position-wise MLP with the 4 * dim^2 weights of a q/k/v/o layer, so that the
-    "none" control has the same parameter count as the attention controls and differs only in mixing tokens."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.up, self.down = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(2 * dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm ``x + conv(norm x)``, ``x + attn(norm x)``, ``x + mlp(norm x)`` on channel-last ``(B, *S, dim)``.
-
-    The conv is depthwise, kernel 3 per spatial axis: causal (left-padded) for causal sequence tasks, centred
-    otherwise. It lets single-layer attention match a key with the token next to it (the Based recipe)."""
-
-    def __init__(self, dim: int, attn: nn.Module | None, ndim: int, causal: bool, conv: bool):
-        super().__init__()
-        self.ndim, self.causal = ndim, causal
-        self.conv_norm = nn.LayerNorm(dim) if conv else None
-        conv_cls = nn.Conv1d if ndim == 1 else nn.Conv2d
-        self.conv = conv_cls(dim, dim, 3, groups=dim) if conv else None
-        self.attn_norm, self.attn = nn.LayerNorm(dim), TokenMix(dim) if attn is None else attn
-        self.mlp_norm, self.mlp = nn.LayerNorm(dim), MLP(dim)
-
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.movedim(-1, 1)
-        pad = (2, 0) if self.causal else (1, 1) * self.ndim
-        return self.conv(F.pad(h, pad)).movedim(1, -1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is not None:
-            x = x + self._conv(self.conv_norm(x))
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
-
-
-def _layer(attention: AttentionFactory | None, dim: int, num_heads: int) -> nn.Module | None:
-    if attention is None:
-        return None
-    layer = attention(dim, num_heads)
-    if not isinstance(layer, nn.Module):
-        raise TypeError(f"attention factory must return an nn.Module, got {type(layer).__name__}")
-    return layer
-
-
-class SeqModel(nn.Module):
-    """``SeqModel(vocab_size, num_classes, dim, depth, num_heads, attention, causal, conv=True)``: tokens
-    ``(B, L)`` -> logits ``(B, L, num_classes)``. Positions come from the conv and the attention layer (RoPE in
-    the controls); there is no absolute position embedding. "cls" tasks read position 0 (the CLS token)."""
-
-    def __init__(self, vocab_size: int, num_classes: int, dim: int, depth: int, num_heads: int,
-                 attention: AttentionFactory | None, causal: bool, conv: bool = True):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, _layer(attention, dim, num_heads), 1, causal, conv)
-                                    for _ in range(depth))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
-
-    def features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states ``(B, L, dim)``; the head is applied only where a target is scored."""
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(tokens))
-
-
-class ImageModel(nn.Module):
-    """``ImageModel(levels, num_classes, grid, dim, depth, num_heads, attention, conv=True)``: pixel levels
-    ``(B, H, W)`` -> logits ``(B, num_classes)``: a level embedding plus a learned 2D position embedding, pre-norm
-    blocks of [3x3 depthwise conv -> 2D attention on ``(B, H, W, dim)`` -> MLP], mean pooling, a linear head."""
-
-    def __init__(self, levels: int, num_classes: int, grid: tuple[int, int], dim: int, depth: int, num_heads: int,
-                 attention: AttentionFactory | None, conv: bool = True):
-        super().__init__()
-        self.embed = nn.Embedding(levels, dim)
-        self.pos = nn.Parameter(torch.randn(*grid, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, _layer(attention, dim, num_heads), 2, False, conv)
-                                    for _ in range(depth))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
-
-    def features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Final normed hidden states ``(B, H, W, dim)``, for tasks scored per pixel."""
-        x = self.embed(pixels) + self.pos
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(pixels).mean(dim=(1, 2)))
-
-
-def build_model(task: Task, attention: AttentionFactory | None, dim: int, depth: int, num_heads: int,
-                conv: bool = True) -> nn.Module:
-    """The shared backbone for ``task`` with ``attention`` (a factory, or None for the no-attention control)."""
-    task = _check_task(task)
-    dim, depth, num_heads = _pos_int(dim, "dim"), _pos_int(depth, "depth"), _pos_int(num_heads, "num_heads")
-    if dim % num_heads:
-        raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
-    if attention is not None and not callable(attention):
-        raise TypeError(f"attention must be a factory (dim, num_heads) -> nn.Module or None, got {attention!r}")
-    if not isinstance(conv, bool):
-        raise TypeError(f"conv must be a bool, got {conv!r}")
-    if task.kind == "2d":
-        if len(task.grid) != 2:
-            raise ValueError(f"a '2d' task needs grid (H, W), got {task.grid!r}")
-        return ImageModel(task.vocab_size, task.num_classes, tuple(task.grid), dim, depth, num_heads, attention, conv)
-    return SeqModel(task.vocab_size, task.num_classes, dim, depth, num_heads, attention, task.pattern == "CS", conv)
 
 
 def _sample(task: Task, batch_size: int, gen: torch.Generator, split: str) -> Batch:
@@ -296,8 +146,8 @@ def train(model: nn.Module, task: Task, steps: int, batch_size: int, lr: float, 
     loss of every step. AdamW (weight decay 0.1 on matrices), linear warm-up over 10% of the steps (at most 100),
     then a constant LR (see ``SIZES``), gradient norm clipped at 1.0; ``progress(step, steps, loss)`` after each
     step."""
-    task = _check_task(task)
-    steps, batch_size, lr = _pos_int(steps, "steps"), _pos_int(batch_size, "batch_size"), _pos_float(lr, "lr")
+    task = check_task(task)
+    steps, batch_size, lr = pos_int(steps, "steps"), pos_int(batch_size, "batch_size"), pos_float(lr, "lr")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     torch.manual_seed(seed)
@@ -325,40 +175,23 @@ def train(model: nn.Module, task: Task, steps: int, batch_size: int, lr: float, 
     return losses
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for ``k`` successes in ``n`` trials (95% for z=1.96); ``(0, 1)`` when ``n == 0``."""
-    if isinstance(k, bool) or isinstance(n, bool) or not isinstance(k, int) or not isinstance(n, int):
-        raise TypeError(f"k and n must be ints, got {k!r} and {n!r}")
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = _pos_float(z, "z")
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    # exact ends at k = 0 and k = n (rounding would leave e.g. 1e-18 instead of 0)
-    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, items: int = 1000, seed: int = 10_000, batch_size: int = 250) -> dict:
     """Score ``items`` fresh items of the "valid" split (held-out text for the text tasks) from a generator seeded
     with ``seed``, apart from the training seeds.
 
     Accuracy tasks: ``overall`` and ``per_bin`` are the fractions of scored targets with argmax == target, ``ci``
-    their Wilson 95% intervals (``ci_overall`` for the whole), ``exact_match`` the fraction of items whose every
+    their Wilson 95% intervals with the sample size corrected for targets that share an item
+    (``stats.clustered_wilson``; ``ci_overall`` for the whole), ``exact_match`` the fraction of items whose every
     scored target is right. "bpc" tasks: mean cross-entropy in bits per scored target, with a normal 95% interval
     over items (each item's mean in the bin) and ``exact_match`` None. An empty bin is NaN."""
-    task = _check_task(task)
-    items, batch_size = _pos_int(items, "items"), _pos_int(batch_size, "batch_size")
+    task = check_task(task)
+    items, batch_size = pos_int(items, "items"), pos_int(batch_size, "batch_size")
     gen = torch.Generator().manual_seed(seed)
     nb = len(task.bin_names)
     was_training = model.training
     model.eval()
-    bin_sum, bin_n = torch.zeros(nb, dtype=torch.float64), torch.zeros(nb, dtype=torch.float64)
-    item_bits, item_n = [], []  # bpc: per (item, bin) sums for the interval over items
-    exact = scored_items = 0
+    item_sum, item_n = [], []  # per (item, bin): sum of the score (hits or bits) and number of targets
     done = 0
     while done < items:
         b = min(batch_size, items - done)
@@ -367,43 +200,27 @@ def evaluate(model: nn.Module, task: Task, items: int = 1000, seed: int = 10_000
             raise ValueError(f"task {task.name!r} gave bins outside 0..{nb - 1} for scored targets")
         if task.metric == "accuracy":
             value = (logits.argmax(-1) == targets).double()
-            wrong = torch.zeros(b).index_add_(0, item, 1 - value.float())
-            has = torch.zeros(b).index_add_(0, item, torch.ones_like(value, dtype=torch.float32)) > 0
-            exact += int(((wrong == 0) & has).sum())
-            scored_items += int(has.sum())
         else:
             value = F.cross_entropy(logits.double(), targets, reduction="none") / math.log(2)
-            cell = item * nb + bins
-            item_bits.append(torch.zeros(b * nb, dtype=torch.float64).index_add_(0, cell, value).view(b, nb))
-            item_n.append(torch.zeros(b * nb, dtype=torch.float64).index_add_(0, cell, torch.ones_like(value))
-                          .view(b, nb))
-        bin_sum.index_add_(0, bins, value)
-        bin_n.index_add_(0, bins, torch.ones_like(value))
+        cell = item * nb + bins
+        item_sum.append(torch.zeros(b * nb, dtype=torch.float64).index_add_(0, cell, value).view(b, nb))
+        item_n.append(torch.zeros(b * nb, dtype=torch.float64).index_add_(0, cell, torch.ones_like(value)).view(b, nb))
         done += b
     model.train(was_training)
+    score, n = torch.cat(item_sum), torch.cat(item_n)
+    bin_sum, bin_n = score.sum(0), n.sum(0)
     per_bin = {name: float(bin_sum[i] / bin_n[i]) if bin_n[i] else math.nan for i, name in enumerate(task.bin_names)}
     total, count = float(bin_sum.sum()), float(bin_n.sum())
     out = {"metric": task.metric, "overall": total / count if count else math.nan, "per_bin": per_bin,
            "items": items, "targets": int(count)}
+    interval = clustered_wilson if task.metric == "accuracy" else mean_ci
+    out["ci"] = {name: interval(score[:, i], n[:, i]) for i, name in enumerate(task.bin_names)}
+    out["ci_overall"] = interval(score.sum(1), n.sum(1))
+    out["exact_match"] = None
     if task.metric == "accuracy":
-        out["ci"] = {name: wilson(round(float(bin_sum[i])), int(bin_n[i])) for i, name in enumerate(task.bin_names)}
-        out["ci_overall"] = wilson(round(total), int(count))
-        out["exact_match"] = exact / scored_items if scored_items else math.nan
-    else:
-        bits, n = torch.cat(item_bits), torch.cat(item_n)
-        out["ci"] = {name: _mean_ci(bits[:, i], n[:, i]) for i, name in enumerate(task.bin_names)}
-        out["ci_overall"] = _mean_ci(bits.sum(1), n.sum(1))
-        out["exact_match"] = None
+        has = n.sum(1) > 0
+        out["exact_match"] = float((score.sum(1) == n.sum(1))[has].double().mean()) if has.any() else math.nan
     return out
-
-
-def _mean_ci(bits: torch.Tensor, n: torch.Tensor, z: float = 1.96) -> tuple[float, float]:
-    """Normal interval of the mean over items of each item's bits per target (items with no target left out)."""
-    per_item = bits[n > 0] / n[n > 0]
-    if per_item.numel() < 2:
-        return math.nan, math.nan
-    mean, half = float(per_item.mean()), z * float(per_item.std()) / math.sqrt(per_item.numel())
-    return mean - half, mean + half
 
 
 def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds=(0, 1), steps: int | None = None,
@@ -415,7 +232,7 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
     wall time, for information only), final_loss (mean of the last 10% of steps) and the fields of ``evaluate``.
     Unset hyper-parameters come from ``defaults(task)``; the model of seed ``s`` is initialised after
     ``torch.manual_seed(s)`` and trained on data seed ``s``; evaluation always uses the seed 10,000 stream."""
-    task = _check_task(task)
+    task = check_task(task)
     if not isinstance(factories, dict) or not factories:
         raise TypeError(f"factories must be a non-empty dict name -> factory or None, got {factories!r}")
     seeds = tuple(seeds)
