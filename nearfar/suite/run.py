@@ -130,14 +130,24 @@ def _train_job(job: tuple[str, str, str, int], overrides: dict, progress: Callab
 
 
 def _worker_init(threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool and writes the report
     torch.set_num_threads(threads)
 
 
-def _record(results: dict, job: tuple, rows: list[dict] | None, err: BaseException | None) -> str:
+def _worker_job(job: tuple[str, str, str, int], overrides: dict) -> tuple[tuple, list[dict] | None, str | None]:
+    try:
+        return job, _train_job(job, overrides), None
+    except (ValueError, RuntimeError) as exc:
+        return job, None, f"{type(exc).__name__}: {exc}"
+
+
+def _record(results: dict, job: tuple, rows: list[dict] | None, err: str | None) -> str:
     entry = results["quality"][job[0]]
     if err is not None:  # e.g. an image size a window design cannot take: noted, the other runs go on
-        entry["skipped"].append({"mechanism": job[2], "task": job[0], "why": f"{type(err).__name__}: {err}"})
-        return f"left out ({type(err).__name__})"
+        entry["skipped"].append({"mechanism": job[2], "task": job[0], "why": err})
+        return f"left out ({err.split(':')[0]})"
     entry["rows"] += rows
     return f"{rows[0]['overall']:.3f} in {rows[0]['seconds']:.0f}s"
 
@@ -158,33 +168,29 @@ def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, se
             try:
                 rows, err = _train_job(job, overrides, bar), None
             except (ValueError, RuntimeError) as exc:
-                rows, err = None, exc
+                rows, err = None, f"{type(exc).__name__}: {exc}"
                 sys.stderr.write("\n")
             _record(results, job, rows, err)
             save()
         return
-    import concurrent.futures as cf
+    import functools
     import multiprocessing as mp
 
     threads = max(1, torch.get_num_threads() // jobs)
     bar = Bar(f"quality: {len(todo)} runs, {jobs} at a time", len(todo))
-    pool = cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                                  initargs=(threads,))
+    pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,))
     try:
-        futures = {pool.submit(_train_job, job, overrides): job for job in todo}
-        for i, fut in enumerate(cf.as_completed(futures), 1):
-            job = futures[fut]
-            err = fut.exception()
-            if err is not None and not isinstance(err, (ValueError, RuntimeError)):
-                raise err
-            note = _record(results, job, None if err else fut.result(), err)
+        done = pool.imap_unordered(functools.partial(_worker_job, overrides=overrides), todo)
+        for i, (job, rows, err) in enumerate(done, 1):
+            note = _record(results, job, rows, err)
             save()
             sys.stderr.write(f"\r{job[0]} {job[2]} seed {job[3]}: {note}\n")
             bar(i, len(todo))
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
+    except BaseException:
+        pool.terminate()  # Ctrl-C: the runs in flight are dropped, the finished ones are saved
         raise
-    pool.shutdown()
+    pool.close()
+    pool.join()
 
 
 def _previous(out: Path) -> dict | None:
