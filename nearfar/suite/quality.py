@@ -229,7 +229,8 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
                 progress: Progress | None = None) -> list[dict]:
     """Train and evaluate every mechanism of ``factories`` (name -> factory, None = no attention) with every seed;
     one row per (name, seed): name, seed, steps, batch_size, lr, dim, depth, num_heads, params, seconds (training
-    wall time, for information only), final_loss (mean of the last 10% of steps) and the fields of ``evaluate``.
+    wall time, for information only), threads (that it ran on), final_loss (mean of the last 10% of steps) and the
+    fields of ``evaluate``.
     Unset hyper-parameters come from ``defaults(task)``; the model of seed ``s`` is initialised after
     ``torch.manual_seed(s)`` and trained on data seed ``s``; evaluation always uses the seed 10,000 stream."""
     task = check_task(task)
@@ -253,5 +254,6 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
             rows.append({"name": name, "seed": seed, "steps": hp["steps"], "batch_size": hp["batch_size"],
                          "lr": hp["lr"], "dim": hp["dim"], "depth": hp["depth"], "num_heads": hp["num_heads"],
                          "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
-                         "final_loss": sum(tail) / len(tail), **evaluate(model, task, eval_items)})
+                         "threads": torch.get_num_threads(), "final_loss": sum(tail) / len(tail),
+                         **evaluate(model, task, eval_items)})
     return rows

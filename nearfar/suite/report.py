@@ -177,10 +177,16 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
                              for k in ("steps", "batch_size", "lr", "dim", "depth", "num_heads"))
         out += [("h", 3, f"{name} ({task['pattern']}): {task['description']}"),
                 ("p", f"Training: {settings}. Longest run: {longest['seconds']:.0f} s ({longest['name']}, seed "
-                      f"{longest['seed']}; the suite's budget is 600 s a run on 2 cores)."),
+                      f"{longest['seed']}{_threads(longest)}; the suite's budget is 600 s a run on 2 cores)."),
                 ("table", ["mechanism", f"{metric} overall"] + bins + ["seeds", "train s"], table)]
         out += _quality_figure(name, task, order, by_mech, fig_dir)
     return out
+
+
+def _threads(row: dict) -> str:
+    if "threads" not in row:
+        return ""
+    return f"; {row['threads']} thread(s)" + (f", {row['jobs']} runs at once" if row.get("jobs", 1) > 1 else "")
 
 
 def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_dir: Path) -> list[Block]:

@@ -136,9 +136,10 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _worker_job(job: tuple[str, str, str, int], overrides: dict) -> tuple[tuple, list[dict] | None, str | None]:
+def _worker_job(job: tuple[str, str, str, int], overrides: dict, jobs: int
+                ) -> tuple[tuple, list[dict] | None, str | None]:
     try:
-        return job, _train_job(job, overrides), None
+        return job, [{**row, "jobs": jobs} for row in _train_job(job, overrides)], None
     except (ValueError, RuntimeError) as exc:
         return job, None, f"{type(exc).__name__}: {exc}"
 
@@ -180,7 +181,7 @@ def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, se
     bar = Bar(f"quality: {len(todo)} runs, {jobs} at a time", len(todo))
     pool = mp.get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,))
     try:
-        done = pool.imap_unordered(functools.partial(_worker_job, overrides=overrides), todo)
+        done = pool.imap_unordered(functools.partial(_worker_job, overrides=overrides, jobs=jobs), todo)
         for i, (job, rows, err) in enumerate(done, 1):
             note = _record(results, job, rows, err)
             save()
