@@ -378,3 +378,17 @@ def test_tiny_mqar_separates_full_from_local() -> None:
         assert full["ci"][b][0] > local["ci"][b][1]
     # the window covers the near bin: the local model learns it, above chance and above its far bins
     assert local["ci"][near][0] > max(local["ci"][far1][1], local["ci"][far2][1]), local["per_bin"]
+
+
+def test_lr_sweep_keeps_the_model_best_on_validation() -> None:
+    task = get_task("mqar", "tiny")
+    kw = dict(seeds=(0,), steps=60, batch_size=8, dim=16, depth=1, num_heads=2, eval_items=50)
+    swept = Q.run_quality(task, {"full": Q.controls(task, 8)["full"]}, lrs=(1e-9, 1e-2), **kw)[0]
+    assert set(swept["lr_sweep"]) == {1e-9, 1e-2} and swept["lr"] == 1e-2  # an LR of 1e-9 learns nothing
+    assert swept["lr_sweep"][1e-2] > swept["lr_sweep"][1e-9]
+    alone = Q.run_quality(task, {"full": Q.controls(task, 8)["full"]}, lr=1e-2, **kw)[0]
+    assert swept["overall"] == alone["overall"] and "lr_sweep" not in alone  # the kept model is that run's
+    with pytest.raises(ValueError, match="lrs"):
+        Q.run_quality(task, {"none": None}, lrs=(), **kw)
+    assert not Q._better(task, math.nan, 0.5) and Q._better(task, 0.5, math.nan)
+    assert Q._better(get_task("char_lm", "tiny"), 2.0, 3.0)  # bits per character: lower is better

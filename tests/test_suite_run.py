@@ -143,10 +143,12 @@ def test_parallel_jobs_give_the_serial_results():
     assert set(serial) == set(parallel) and len(serial) == 3 + len(R.QUICK_PICKS["CS"])
     for key, row in serial.items():
         assert abs(row["final_loss"] - parallel[key]["final_loss"]) < 1e-3, key
+        assert parallel[key]["jobs"] == 2 and parallel[key]["threads"] >= 1 and "jobs" not in row
         assert abs(row["overall"] - parallel[key]["overall"]) < 0.02, key
 
 
-def test_jobs_must_be_positive(capsys):
+@pytest.mark.parametrize("argv,match", [(["--jobs", "0"], "--jobs"), (["--lr-sweep", "3"], "--lr-sweep")])
+def test_jobs_and_lr_sweep_checked(argv, match, capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "quality", "--jobs", "0"])
-    assert "--jobs" in capsys.readouterr().err
+        main(["bench", "quality", *argv])
+    assert match in capsys.readouterr().err

@@ -223,37 +223,63 @@ def evaluate(model: nn.Module, task: Task, items: int = 1000, seed: int = 10_000
     return out
 
 
+#: the validation stream of the LR sweep: apart from the training seeds (< 10,000) and the test stream (10,000)
+VALID_SEED, VALID_ITEMS = 20_000, 500
+
+
+def _better(task: Task, a: float, b: float) -> bool:
+    """Is validation score ``a`` better than ``b`` (NaN never is)?"""
+    if a != a:
+        return False
+    return b != b or (a > b if task.metric == "accuracy" else a < b)
+
+
 def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds=(0, 1), steps: int | None = None,
                 batch_size: int | None = None, lr: float | None = None, dim: int | None = None,
                 depth: int | None = None, num_heads: int | None = None, eval_items: int = 1000,
-                progress: Progress | None = None) -> list[dict]:
+                progress: Progress | None = None, lrs: tuple[float, ...] | None = None) -> list[dict]:
     """Train and evaluate every mechanism of ``factories`` (name -> factory, None = no attention) with every seed;
     one row per (name, seed): name, seed, steps, batch_size, lr, dim, depth, num_heads, params, seconds (training
     wall time, for information only), threads (that it ran on), final_loss (mean of the last 10% of steps) and the
     fields of ``evaluate``.
     Unset hyper-parameters come from ``defaults(task)``; the model of seed ``s`` is initialised after
-    ``torch.manual_seed(s)`` and trained on data seed ``s``; evaluation always uses the seed 10,000 stream."""
+    ``torch.manual_seed(s)`` and trained on data seed ``s``; evaluation always uses the seed 10,000 stream.
+
+    ``lrs``: the spec's LR sweep (§6.0, e.g. ``(1e-3, 3e-3)``): each (mechanism, seed) is trained once per LR, the
+    model with the best score on ``VALID_ITEMS`` items of a separate validation stream is kept and evaluated, and
+    the row gains ``lr_sweep`` ({lr: validation score}); ``seconds`` then counts every training."""
     task = check_task(task)
     if not isinstance(factories, dict) or not factories:
         raise TypeError(f"factories must be a non-empty dict name -> factory or None, got {factories!r}")
     seeds = tuple(seeds)
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 10_000 for s in seeds):
         raise ValueError(f"seeds must be ints in [0, 10000) (10,000 is the evaluation stream), got {seeds!r}")
+    if lrs is not None:
+        lrs = tuple(pos_float(v, "lrs") for v in lrs)
+        if not lrs:
+            raise ValueError("lrs must list at least one learning rate, got ()")
     given = dict(steps=steps, batch_size=batch_size, lr=lr, dim=dim, depth=depth, num_heads=num_heads)
     hp = defaults(task) if any(v is None for v in given.values()) else {}
     hp.update({k: v for k, v in given.items() if v is not None})
     rows = []
     for name, factory in factories.items():
         for seed in seeds:
-            torch.manual_seed(seed)
-            model = build_model(task, factory, hp["dim"], hp["depth"], hp["num_heads"])
-            start = time.perf_counter()
-            losses = train(model, task, hp["steps"], hp["batch_size"], hp["lr"], seed, progress)
-            seconds = time.perf_counter() - start
+            best, sweep, seconds = None, {}, 0.0
+            for rate in lrs or (hp["lr"],):
+                torch.manual_seed(seed)
+                model = build_model(task, factory, hp["dim"], hp["depth"], hp["num_heads"])
+                start = time.perf_counter()
+                losses = train(model, task, hp["steps"], hp["batch_size"], rate, seed, progress)
+                seconds += time.perf_counter() - start
+                if lrs:
+                    sweep[rate] = evaluate(model, task, VALID_ITEMS, seed=VALID_SEED)["overall"]
+                if best is None or (lrs and _better(task, sweep[rate], sweep[best[0]])):
+                    best = (rate, model, losses)
+            rate, model, losses = best
             tail = losses[-max(1, len(losses) // 10):]
             rows.append({"name": name, "seed": seed, "steps": hp["steps"], "batch_size": hp["batch_size"],
-                         "lr": hp["lr"], "dim": hp["dim"], "depth": hp["depth"], "num_heads": hp["num_heads"],
+                         "lr": rate, "dim": hp["dim"], "depth": hp["depth"], "num_heads": hp["num_heads"],
                          "params": sum(p.numel() for p in model.parameters()), "seconds": seconds,
                          "threads": torch.get_num_threads(), "final_loss": sum(tail) / len(tail),
-                         **evaluate(model, task, eval_items)})
+                         **({"lr_sweep": sweep} if lrs else {}), **evaluate(model, task, eval_items)})
     return rows

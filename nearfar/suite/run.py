@@ -203,7 +203,7 @@ def _previous(out: Path) -> dict | None:
 
 def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: Path, rounds: int | None,
               tasks: list[str] | None = None, command: str = "nearfar bench", resume: bool = False,
-              jobs: int = 1) -> dict:
+              jobs: int = 1, lrs: tuple[float, ...] | None = None) -> dict:
     """Run ``what`` ("all", "speed" or "quality") and write the report under ``out`` (also after Ctrl-C).
 
     ``resume``: start from ``out``'s results (``results.partial.json`` left by an interrupted run, else
@@ -237,7 +237,7 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
             save()
         if what in ("all", "quality"):
             run_quality_suite(list(tasks or (QUICK_TASKS if quick else FULL_TASKS)), names, quick, seed, results,
-                              save, jobs=jobs)
+                              save, jobs=jobs, overrides={"lrs": tuple(lrs)} if lrs else None)
     except KeyboardInterrupt:
         results["interrupted"] = True
         sys.stderr.write("\ninterrupted: writing the report of what finished (continue with --resume)\n")
