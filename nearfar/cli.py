@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device != "cpu":
         if not args.device.startswith("cuda") or not torch.cuda.is_available():
             parser.error(f"--device {args.device!r} is not available here (cpu, or cuda with a GPU build of torch)")
+        if args.jobs > 1:
+            parser.error("--jobs > 1 trains in CPU worker processes; use --jobs 1 with --device cuda")
         torch.set_default_device(args.device)
     out = Path(args.out)
     if args.what == "report":
@@ -102,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         from .suite.run import run_bench
 
         command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
-                            command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep)
+        try:
+            results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
+                                command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep)
+        except ValueError as err:
+            if not str(err).startswith("--resume"):
+                raise
+            parser.error(str(err))
         paths = {k: Path(v) for k, v in results["paths"].items()}
     print(_summary(results))
     print(f"\nreport: {paths['md']} and {paths['html']} (data: {paths['json']})")

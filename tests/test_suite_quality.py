@@ -214,6 +214,14 @@ def test_clustered_wilson_between_items_and_targets(items: int, per_item: int, f
     assert narrow[1] - narrow[0] - 1e-9 <= hi - lo <= wide[1] - wide[0] + 1e-9
 
 
+def test_clustered_wilson_with_unequal_items() -> None:
+    # one item of 9 targets all right, nine of 1 target all wrong: fully correlated, so the effective size is
+    # (sum c)^2 / sum c^2 = 18^2 / 90 = 3.6 trials, fewer than the 10 items
+    correct = torch.tensor([9] + [0] * 9)
+    count = torch.tensor([9] + [1] * 9)
+    assert clustered_wilson(correct, count) == pytest.approx(wilson_of_p(0.5, 3.6))
+
+
 def wilson_of_p(p: float, n: int) -> tuple[float, float]:
     from nearfar.suite.stats import _wilson
 

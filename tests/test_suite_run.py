@@ -49,11 +49,13 @@ def test_bar_redraws_about_twenty_times():
 def test_ctrl_c_leaves_the_finished_rows_in_a_report(tmp_path, monkeypatch):
     import nearfar.suite.speed as speed
 
-    def interrupted(*args, on_row=None, **kwargs):
-        on_row({"mechanism": "swin", "family": "window", "pattern": "NS", "dims": "2d", "size": "14x14",
+    def interrupted(*args, on_row=None, into=None, **kwargs):  # run_speed fills ``into`` as rows come
+        row = {"mechanism": "swin", "family": "window", "pattern": "NS", "dims": "2d", "size": "14x14",
                 "tokens": 196, "phase": "fwd", "ms": 1.0, "dense_ms": 2.0, "ratio": 2.0, "ratio_min": 2.0,
                 "ratio_max": 2.0, "saved_mib": None, "dense_saved_mib": None, "pairs": None, "gflops": None,
-                "load": None, "peer": None})
+                "load": None, "peer": None}
+        into["rows"].append(row)
+        on_row(row)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(speed, "run_speed", interrupted)
@@ -122,14 +124,40 @@ def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
     assert len(calls) == 7 and len(fresh["quality"]["mqar"]["rows"]) == 7
 
 
-def test_resume_keeps_finished_speed_groups(tmp_path):
-    first = R.run_bench("speed", ["swin"], True, 0, tmp_path, 1)
-    assert first["speed"]["rows"] and first["speed"]["gates"][0]["passed"]
-    again = R.run_bench("speed", ["swin", "hilo"], True, 0, tmp_path, 1, resume=True)
-    swin = [r for r in again["speed"]["rows"] if r["mechanism"] == "swin"]
-    assert swin == first["speed"]["rows"]  # kept, not re-timed
-    assert {g["mechanism"] for g in again["speed"]["gates"]} == {"swin", "hilo"}
+def test_resume_keeps_finished_speed_groups(tmp_path, monkeypatch):
+    import nearfar.suite.speed as speed
+
+    real = speed._time_row
+
+    def interrupt_at_hilo(base, *args, **kwargs):
+        if base["mechanism"] == "hilo":
+            raise KeyboardInterrupt
+        return real(base, *args, **kwargs)
+
+    monkeypatch.setattr(speed, "_time_row", interrupt_at_hilo)
+    first = R.run_bench("speed", ["swin", "hilo"], True, 0, tmp_path, 1)
+    assert first["interrupted"] and [g["mechanism"] for g in first["speed"]["gates"]] == ["swin", "hilo"]
+    swin = [r for r in first["speed"]["rows"] if r["mechanism"] == "swin"]
+    assert swin and not any(r["mechanism"] == "hilo" for r in first["speed"]["rows"])
+    monkeypatch.setattr(speed, "_time_row", real)
+    # resumed with hilo alone: swin's finished group is kept as it was, hilo's unfinished one is timed
+    again = R.run_bench("speed", ["hilo"], True, 0, tmp_path, 1, resume=True)
+    assert not again["interrupted"]
+    assert [r for r in again["speed"]["rows"] if r["mechanism"] == "swin"] == swin
+    assert sorted(g["mechanism"] for g in again["speed"]["gates"]) == ["hilo", "swin"]
     assert any(r["mechanism"] == "hilo" for r in again["speed"]["rows"])
+    assert {c["mechanism"] for c in again["speed"]["crossovers"]} >= {"swin", "hilo"}
+
+
+def test_resume_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(R.Q, "run_quality", _fake_rows)
+    R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"])
+    with pytest.raises(ValueError, match="--resume"):
+        R.run_bench("quality", None, False, 0, tmp_path, None, tasks=["mqar"], resume=True)
+    with pytest.raises(SystemExit):
+        main(["bench", "quality", "--task", "mqar", "--lr-sweep", "1e-3", "3e-3", "--resume", "--out",
+              str(tmp_path)])
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_parallel_jobs_give_the_serial_results():

@@ -247,7 +247,9 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
 
     ``lrs``: the spec's LR sweep (§6.0, e.g. ``(1e-3, 3e-3)``): each (mechanism, seed) is trained once per LR, the
     model with the best score on ``VALID_ITEMS`` items of a separate validation stream is kept and evaluated, and
-    the row gains ``lr_sweep`` ({lr: validation score}); ``seconds`` then counts every training."""
+    the row gains ``lr_sweep`` ({lr: validation score}); ``seconds`` then counts every training. The text tasks
+    have one held-out split, so there the validation and test streams are different samples of the same held-out
+    modules."""
     task = check_task(task)
     if not isinstance(factories, dict) or not factories:
         raise TypeError(f"factories must be a non-empty dict name -> factory or None, got {factories!r}")

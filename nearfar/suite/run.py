@@ -11,6 +11,7 @@ adds beyond a window of the same size.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -146,8 +147,9 @@ def _worker_job(job: tuple[str, str, str, int], overrides: dict, jobs: int
 
 def _record(results: dict, job: tuple, rows: list[dict] | None, err: str | None) -> str:
     entry = results["quality"][job[0]]
-    if err is not None:  # e.g. an image size a window design cannot take: noted, the other runs go on
-        entry["skipped"].append({"mechanism": job[2], "task": job[0], "why": err})
+    if err is not None:  # e.g. an image size a window design cannot take: noted once, the other runs go on
+        if job[2] not in {s["mechanism"] for s in entry["skipped"]}:
+            entry["skipped"].append({"mechanism": job[2], "task": job[0], "why": err})
         return f"left out ({err.split(':')[0]})"
     entry["rows"] += rows
     return f"{rows[0]['overall']:.3f} in {rows[0]['seconds']:.0f}s"
@@ -164,12 +166,16 @@ def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, se
     todo = quality_jobs(tasks, names, quick, seed, results)
     save()
     if jobs <= 1 or len(todo) <= 1:
+        failed = set()
         for job in todo:
+            if job[:3] in failed:  # a mechanism that cannot run on this task fails for every seed
+                continue
             bar = Bar(f"{job[0]} {job[2]} seed {job[3]}", 1)
             try:
                 rows, err = _train_job(job, overrides, bar), None
             except (ValueError, RuntimeError) as exc:
                 rows, err = None, f"{type(exc).__name__}: {exc}"
+                failed.add(job[:3])
                 sys.stderr.write("\n")
             _record(results, job, rows, err)
             save()
@@ -215,25 +221,33 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     previous = _previous(out) if resume else None
-    results: dict = {"env": environment(), "command": command, "speed": None, "quality": {}, "interrupted": False}
+    settings = {"size": "quick" if quick else "full", "lrs": list(lrs) if lrs else None}
+    if previous is not None and previous.get("settings", settings) != settings:
+        raise ValueError(f"--resume: {out} holds a run with settings {previous['settings']}, not {settings}; "
+                         f"give another --out or the same size and --lr-sweep")
+    results: dict = {"env": environment(), "command": command, "settings": settings, "speed": None, "quality": {},
+                     "interrupted": False}
     if previous is not None:
         results.update(speed=previous.get("speed"), quality=previous.get("quality") or {},
                        commands=[*previous.get("commands", [previous.get("command")]), command])
         results["command"] = " ; ".join(c for c in results["commands"] if c)
     partial = out / "results.partial.json"
 
-    def save() -> None:
-        partial.write_text(json.dumps(results, default=str))
+    def save() -> None:  # write then rename: a kill mid-write never leaves a truncated file for --resume
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, default=str))
+        os.replace(tmp, partial)
 
     try:
         if what in ("all", "speed"):
             before = results["speed"] or None
-            rows: list[dict] = []
-            results["speed"] = {"rows": rows, "gates": [], "crossovers": [], "skipped": []}
+            # run_speed fills these lists as it goes: an interrupted sweep leaves its finished groups resumable
+            results["speed"] = {"rows": [], "gates": [], "crossovers": [], "skipped": [],
+                                "config": (before or {}).get("config")}
             bar = Bar("speed", 1)
             results["speed"] = run_speed(names, quick=quick, rounds=rounds, seed=seed,
                                          progress=lambda d, t, label="": bar(d, t, label),
-                                         on_row=lambda r: (rows.append(r), save()), previous=before)
+                                         on_row=lambda r: save(), previous=before, into=results["speed"])
             save()
         if what in ("all", "quality"):
             run_quality_suite(list(tasks or (QUICK_TASKS if quick else FULL_TASKS)), names, quick, seed, results,

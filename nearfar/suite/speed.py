@@ -323,7 +323,7 @@ def _finished(previous: dict | None, sizes: dict) -> dict:
 def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | None = None, seed: int = 0,
               peers: bool | Sequence[str] = True, progress: Callable[[int, int, str], None] | None = None,
               on_row: Callable[[dict], None] | None = None, sizes: dict | None = None,
-              widths: dict | None = None, previous: dict | None = None) -> dict:
+              widths: dict | None = None, previous: dict | None = None, into: dict | None = None) -> dict:
     """Gate, then time every selected mechanism x CAB pattern x size x phase against dense SDPA.
 
     ``names``: registry names or families (None: every layer mechanism; whole models are skipped with a note).
@@ -336,7 +336,10 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     Gates and crossovers also carry ``dims`` (``neighborhood`` is swept in 1D and 2D).
 
     ``previous``: an earlier result of this function (``--resume``): each (mechanism, dims, pattern) it finished,
-    gate and last size timed, is kept as it is (its rows are passed to ``on_row`` again) and not re-run."""
+    gate and last size timed, is kept as it is (its rows are passed to ``on_row`` again) and not re-run; finished
+    groups of mechanisms not selected now are kept too, so a resumed sweep of other mechanisms extends the result.
+    ``into``: a dict whose "rows", "gates" and "skipped" lists receive the results as they come, so that a caller
+    interrupted mid-sweep still holds every finished group, gate included."""
     preset = QUICK if quick else FULL
     rounds = preset["rounds"] if rounds is None else rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -346,11 +349,13 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     for d in SWEPT_DIMS:
         if not sizes[d]:
             raise ValueError(f"sizes[{d!r}] must list at least one size, got {sizes[d]!r}")
-    chosen, skipped = select(names)
+    chosen, left_out = select(names)
     only_peers = speed_peers.check_names(peers)
     items = [(m, d, p) for m in chosen for d in SWEPT_DIMS if d in m.dims for p in m.patterns]
     total, done = sum(1 + len(sizes[d]) * len(PHASES) for _, d, _ in items), 0
-    rows, gates = [], []
+    into = {"rows": [], "gates": [], "skipped": []} if into is None else into
+    rows, gates, skipped = into["rows"], into["gates"], into["skipped"]
+    skipped += left_out
     started, load_start = time.perf_counter(), _load()
     kept = _finished(previous, sizes)
     for mech, dims, pattern in items:
@@ -402,6 +407,12 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
                 done += 1
                 if progress:
                     progress(done, total, f"{label} {size_label} {phase}")
+    selected = {(m.name, d, p) for m, d, p in items}
+    for key, (gate, old_rows, old_skips) in kept.items():  # finished groups of mechanisms not selected this time
+        if key not in selected:
+            gates.append(gate)
+            rows += old_rows
+            skipped += old_skips
     config = {"quick": quick, "rounds": rounds, "row_budget_s": preset["row_budget_s"], "seed": seed, "batch": 1,
               "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "phases": list(PHASES),

@@ -36,8 +36,9 @@ def clustered_wilson(correct: torch.Tensor, count: torch.Tensor, z: float = 1.96
 
     Targets of one item are not independent (an MQAR model that fails on a sequence often fails on several of its
     queries), so counting targets as trials gives too narrow an interval. The sample size is replaced by Kish's
-    effective size ``p(1-p) / var(p)``, with ``var(p)`` the ratio estimator's variance over items, kept between the
-    number of items and the number of targets: one target per item gives exactly ``wilson(k, n)``; items whose
+    effective size ``p(1-p) / var(p)``, with ``var(p)`` the ratio estimator's variance over items, kept between
+    that of fully correlated targets (``(sum count)^2 / sum count^2``, the number of items when all hold as many
+    targets) and the number of targets: one target per item gives exactly ``wilson(k, n)``; items whose
     targets are all right or all wrong together give the interval of as many trials as items (and so do all-right
     and all-wrong results, whose correlation cannot be measured)."""
     keep = count > 0
@@ -47,10 +48,13 @@ def clustered_wilson(correct: torch.Tensor, count: torch.Tensor, z: float = 1.96
     if items < 2:
         return wilson(k, round(n), z)
     p = float(correct.sum()) / n
-    if k in (0, round(n)):  # no spread to measure the correlation by: assume the worst, one trial per item
-        return _wilson(p, items, pos_float(z, "z"))
+    # fully correlated targets: an item is one trial weighted by its target count, (sum c)^2 / sum c^2 of them
+    # (the number of items when every item has as many targets)
+    floor = n * n / float((count * count).sum())
+    if k in (0, round(n)):  # no spread to measure the correlation by: assume the worst
+        return _wilson(p, floor, pos_float(z, "z"))
     var = items / (items - 1) * float(((correct - p * count) ** 2).sum()) / n**2
-    n_eff = min(n, max(items, p * (1 - p) / var)) if var > 0 else n
+    n_eff = min(n, max(floor, p * (1 - p) / var)) if var > 0 else n
     return _wilson(p, n_eff, pos_float(z, "z"))
 
 
