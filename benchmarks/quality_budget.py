@@ -66,7 +66,12 @@ def main() -> None:
         factories, _ = quality_entries(task, args.mechanism, quick=False)
         evaluation = eval_seconds(task, factories["full"], hp)  # about the same for every mechanism
         for mech, factory in factories.items():
-            step = step_seconds(task, factory, hp, args.steps)
+            try:
+                step = step_seconds(task, factory, hp, args.steps)
+            except (ValueError, RuntimeError) as err:  # e.g. an image size a window design cannot take
+                print(f"| {name} | {hp['steps']} x {hp['batch_size']} | {mech} | - | - | - | not run: "
+                      f"{str(err)[:80]} |", flush=True)
+                continue
             run = step * hp["steps"] + evaluation
             ok = run <= BUDGET_S
             if not ok:

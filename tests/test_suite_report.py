@@ -69,3 +69,15 @@ def test_markdown_tables_render(tmp_path):
 def test_environment_records_versions():
     env = environment()
     assert env["torch"] and env["threads"] >= 1 and env["cores"] >= 1
+
+
+def test_a_nan_training_loss_is_flagged(tmp_path):
+    from nearfar.suite.report import quality_blocks
+
+    bins = ("a", "b")
+    row = {"name": "x", "seed": 0, "overall": 0.0, "per_bin": dict.fromkeys(bins, 0.0), "seconds": 1.0,
+           "final_loss": float("nan"), "steps": 1, "batch_size": 1, "lr": 1e-3, "dim": 8, "depth": 1, "num_heads": 1}
+    quality = {"t": {"task": {"bin_names": bins, "metric": "accuracy", "pattern": "CS", "description": "d"},
+                     "rows": [row, {**row, "seed": 1, "final_loss": 1.0}]}}
+    tables = [b for b in quality_blocks(quality, tmp_path) if b[0] == "table"]
+    assert "NaN loss in 1 of 2 runs" in tables[0][2][0][1]

@@ -169,6 +169,9 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
             overall = [r["overall"] for r in rs]
             cell = f"{_mean(overall):.3f} [{min(overall):.3f}-{max(overall):.3f}]" if len(rs) > 1 else \
                 f"{overall[0]:.3f}"
+            diverged = sum(1 for r in rs if r.get("final_loss") != r.get("final_loss"))
+            if diverged:  # a NaN training loss: the score is that of a broken model, not of the mechanism
+                cell += f" (NaN loss in {diverged} of {len(rs)} runs)"
             table.append([mech, cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
                          + [str(len(rs)), f"{_mean([r['seconds'] for r in rs]):.0f}"])
         metric = task["metric"]
@@ -195,6 +198,7 @@ def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_
         return []
     bins = list(task["bin_names"])
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a table can hold more than the default 10 colours
     for mech in order:
         ys = [_mean([r["per_bin"].get(b) for r in by_mech[mech]]) for b in bins]
         ax.plot(range(len(bins)), ys, marker="o", label=mech, ls="--" if mech in CONTROLS else "-")
