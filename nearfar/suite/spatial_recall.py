@@ -45,25 +45,36 @@ def recall_images(batch: int, size: int, num_pairs: int, vocab_size: int, rng: r
     with -1 where not scored)``. Keys are ``1 .. vocab_size // 2 - 1`` (distinct within an image), values
     ``vocab_size // 2 .. vocab_size - 1``; a query's distance is measured to its pair's key pixel."""
     half = vocab_size // 2
-    pixels = torch.full((batch, size, size), BLANK, dtype=torch.long)
-    targets = torch.full((batch, size, size), -100, dtype=torch.long)
-    distance = torch.full((batch, size, size), -1, dtype=torch.long)
     edges = distance_edges(size)
     bounds = [(1, edges[0]), (edges[0] + 1, edges[1]), (edges[1] + 1, edges[2]), (edges[2] + 1, size - 1)]
+    at, put = [], []  # (b, y, x) and (pixel, target, distance) of every written cell, scattered at the end
     for b in range(batch):
         free = {(y, x) for y in range(size) for x in range(size)}
-        keys = rng.sample(range(1, half), num_pairs)
-        for key in keys:
-            slots = [(y, x) for (y, x) in free if x + 1 < size and (y, x + 1) in free]
-            y, x = rng.choice(slots)
+        for key in rng.sample(range(1, half), num_pairs):
+            y, x = _pair_slot(rng, free, size)
             value = rng.randrange(half, vocab_size)
             free -= {(y, x), (y, x + 1)}
-            pixels[b, y, x], pixels[b, y, x + 1] = key, value
             query = _query_cell(rng, free, size, y, x, bounds)
             if query is None:  # crowded image: any free cell
                 qy, qx = rng.choice(sorted(free))
                 query = (qy, qx, max(abs(qy - y), abs(qx - x)))
             qy, qx, d = query
             free.discard((qy, qx))
-            pixels[b, qy, qx], targets[b, qy, qx], distance[b, qy, qx] = key, value, d
-    return pixels, targets, distance
+            at += [(b, y, x), (b, y, x + 1), (b, qy, qx)]
+            put += [(key, -100, -1), (value, -100, -1), (key, value, d)]
+    out = torch.tensor([(BLANK, -100, -1)], dtype=torch.long).repeat(batch * size * size, 1)
+    if at:
+        cells = torch.tensor(at, dtype=torch.long)
+        out[(cells[:, 0] * size + cells[:, 1]) * size + cells[:, 2]] = torch.tensor(put, dtype=torch.long)
+    pixels, targets, distance = out.view(batch, size, size, 3).unbind(-1)
+    return pixels.contiguous(), targets.contiguous(), distance.contiguous()
+
+
+def _pair_slot(rng: random.Random, free: set, size: int) -> tuple[int, int]:
+    """A uniformly drawn free cell whose right neighbour is free too: by rejection (the image is mostly blank),
+    with a scan of every slot after 100 misses."""
+    for _ in range(100):
+        y, x = rng.randrange(size), rng.randrange(size - 1)
+        if (y, x) in free and (y, x + 1) in free:
+            return y, x
+    return rng.choice(sorted((y, x) for (y, x) in free if x + 1 < size and (y, x + 1) in free))
