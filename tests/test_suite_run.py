@@ -30,6 +30,27 @@ def test_quality_entries_build_every_supporting_mechanism(name, size):
             assert factory(32, 2)(x).shape == x.shape, mech
 
 
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_every_vision_mechanism_runs_on_the_2d_task(size):
+    task = get_task("spatial_recall", size)
+    factories, skipped = R.quality_entries(task, None, quick=False)
+    assert skipped == []  # image_settings fit every window design to the task's image (12x12 or 16x16)
+    assert set(factories) - {"full", "local", "none"} == {m.name for m in nearfar.mechanisms(kind="layer")
+                                                         if "2d" in m.dims} - {"dense"}
+    x = torch.randn(1, *task.grid, 32)
+    for mech, factory in factories.items():
+        if factory is not None:
+            assert factory(32, 2)(x).shape == x.shape, mech
+
+
+@pytest.mark.parametrize("grid,w,p", [((16, 16), 5, 4), ((12, 12), 5, 4), ((14, 14), 5, 2), ((7, 9), 5, 1),
+                                      ((30, 30), 7, 6)])
+def test_image_settings_window_divides_the_image_within_reach(grid, w, p):
+    assert R.image_settings("swin", w, grid) == {"window_size": p}
+    assert R.image_settings("maxvit_grid", w, grid) == {"partition_size": p}
+    assert R.image_settings("hilo", w, grid) == {}
+
+
 def test_quick_keeps_the_picks_and_the_name_filter_works():
     task = get_task("mqar", R.QUICK_SIZE)
     quick, _ = R.quality_entries(task, None, quick=True)

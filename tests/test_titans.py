@@ -18,21 +18,30 @@ from nearfar.modules.titans import TitansCache, TitansMAC, memory_update
 # ---------------------------------------------------------------- independent float64 reference
 
 
-def _mlp(weights, x):
+def _mlp(weights, x, norm=True):
+    """The memory: an MLP, then (``norm``) LayerNorm without gain plus the input."""
+    h = x
     for i, w in enumerate(weights):
-        x = torch.einsum("bhna,bhac->bhnc", x, w)
+        h = torch.einsum("bhna,bhac->bhnc", h, w)
         if i < len(weights) - 1:
-            x = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
-    return x
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    if not norm:
+        return h
+    centred = h - h.mean(-1, keepdim=True)
+    return centred / (centred.square().mean(-1, keepdim=True) + 1e-5).sqrt() + x
 
 
-def _autograd_update(weights, momentum, k, v, lr, mom, decay, chunk):
+def _rms(layer, x):
+    return x / (x.square().mean(-1, keepdim=True) + 1e-6).sqrt() * layer.weight
+
+
+def _autograd_update(weights, momentum, k, v, lr, mom, decay, chunk, norm=True):
     """One explicit gradient step per chunk on sum_t mean_dims (M(k_t) - v_t)^2, via torch.autograd."""
     for c in range(k.shape[2] // chunk):
         kc, vc = k[:, :, c * chunk:(c + 1) * chunk], v[:, :, c * chunk:(c + 1) * chunk]
         # fresh aliases: the partial derivative w.r.t. the memory, not through k/v (which may depend on it)
         alias = [w.clone() for w in weights]
-        loss = ((_mlp(alias, kc) - vc) ** 2).mean(-1).sum()
+        loss = ((_mlp(alias, kc, norm) - vc) ** 2).mean(-1).sum()
         grads = torch.autograd.grad(loss, alias, create_graph=True)
         new_m, new_w = [], []
         for w, s, g in zip(weights, momentum, grads):
@@ -61,9 +70,9 @@ def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
     for s in range(0, n, c):
         seg = x[:, s:s + c]
         L = seg.shape[1]
-        qm = heads(F.silu(lin(m.mem_q, seg)))
+        qm = heads(F.silu(lin(m.mem_q, _rms(m.retrieve_norm, seg) if m.memory_norm else seg)))
         qm = qm / qm.norm(dim=-1, keepdim=True)
-        h = _mlp(weights, qm).transpose(1, 2).reshape(b, L, dim)
+        h = _mlp(weights, qm, m.memory_norm).transpose(1, 2).reshape(b, L, dim)
         persistent = x.new_zeros(0, dim) if m.persistent is None else m.persistent
         ctx = torch.cat([persistent.unsqueeze(0).expand(b, -1, -1), h, seg], 1)
         q, k, v = heads(lin(m.q_proj, seg)), heads(lin(m.k_proj, ctx)), heads(lin(m.v_proj, ctx))
@@ -79,6 +88,7 @@ def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
         y = ref.dense_reference(q, k, v, allowed, d ** -0.5).transpose(1, 2).reshape(b, L, dim)
         outs.append(y)
         if L == c:
+            y = _rms(m.store_norm, y) if m.memory_norm else y
             kk = heads(F.silu(lin(m.mem_k, y)))
             kk = kk / kk.norm(dim=-1, keepdim=True)
             vv = heads(F.silu(lin(m.mem_v, y)))
@@ -86,7 +96,7 @@ def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
             pooled = torch.stack([y[:, i:i + ch].mean(1) for i in range(0, c, ch)], 1)  # (B, chunks, dim)
             gates = [torch.sigmoid(lin(g, pooled)).transpose(1, 2) for g in (m.to_lr, m.to_momentum, m.to_decay)]
             weights, momentum = _autograd_update(weights, momentum, kk, vv, m.max_lr * gates[0], gates[1],
-                                                 gates[2], ch)
+                                                 gates[2], ch, m.memory_norm)
     return lin(m.o_proj, torch.cat(outs, 1))
 
 
@@ -98,16 +108,17 @@ def _rand_state(b, h, sizes, dtype=torch.float64):
 # ---------------------------------------------------------------- memory update
 
 
+@pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("sizes,chunk", [([4, 8, 4], 2), ([4, 4], 1), ([4, 6, 5, 4], 3)])
-def test_memory_update_equals_autograd_steps(sizes, chunk):
+def test_memory_update_equals_autograd_steps(sizes, chunk, norm):
     torch.manual_seed(0)
     b, h, n = 2, 3, 6
     ws, ms = _rand_state(b, h, sizes)
     ws = [w.requires_grad_() for w in ws]
     k, v = torch.randn(b, h, n, sizes[0], dtype=torch.float64), torch.randn(b, h, n, sizes[-1], dtype=torch.float64)
     gates = [torch.rand(b, h, n // chunk, dtype=torch.float64) for _ in range(3)]
-    got_w, got_m = memory_update(ws, ms, k, v, *gates, chunk)
-    exp_w, exp_m = _autograd_update(ws, ms, k, v, *gates, chunk)
+    got_w, got_m = memory_update(ws, ms, k, v, *gates, chunk, norm)
+    exp_w, exp_m = _autograd_update(ws, ms, k, v, *gates, chunk, norm)
     for a, e in zip(got_w + got_m, exp_w + exp_m):
         assert_close(a, e, 1e-12, "memory")
     # the hand-written gradient is differentiable for the outer loop, like autograd's double backward
@@ -122,7 +133,7 @@ def test_linear_memory_is_delta_rule():
     w0 = torch.randn(b, h, d, d, dtype=torch.float64)
     k, v = torch.randn(b, h, n, d, dtype=torch.float64), torch.randn(b, h, n, d, dtype=torch.float64)
     zero = torch.zeros(b, h, n, dtype=torch.float64)
-    (got,), _ = memory_update([w0], [torch.zeros_like(w0)], k, v, zero + theta, zero, zero, 1)
+    (got,), _ = memory_update([w0], [torch.zeros_like(w0)], k, v, zero + theta, zero, zero, 1, norm_residual=False)
     w = w0.clone()
     for t in range(n):
         kt, vt = k[:, :, t], v[:, :, t]  # row-vector convention: M(k) = k W
@@ -148,7 +159,8 @@ def test_no_update_memory_is_fixed_and_full_decay_wipes_it():
 
 @pytest.mark.parametrize("kw,n", [(dict(segment_len=4, chunk_size=2), 11), (dict(segment_len=3, num_persistent=0,
                                                                                   memory_depth=1), 7),
-                                  (dict(segment_len=5, rope=False, memory_depth=3), 10)])
+                                  (dict(segment_len=5, rope=False, memory_depth=3), 10),
+                                  (dict(segment_len=4, memory_norm=False), 9)])
 def test_module_matches_reference(kw, n):
     torch.manual_seed(3)
     m = TitansMAC(16, 2, max_lr=0.5, **kw)
@@ -187,7 +199,7 @@ def test_fixed_memory_makes_segments_independent():
 
 def test_zero_memory_is_segment_local_attention_plus_null_keys():
     torch.manual_seed(5)
-    m = TitansMAC(16, 2, segment_len=4, num_persistent=0, max_lr=0.0, rope=False).double()
+    m = TitansMAC(16, 2, segment_len=4, num_persistent=0, max_lr=0.0, rope=False, memory_norm=False).double()
     with torch.no_grad():
         for w in m.memory:
             w.zero_()
@@ -279,6 +291,8 @@ def test_errors():
         TitansMAC(16, 2, segment_len=0)
     with pytest.raises(ValueError, match="max_lr"):
         TitansMAC(16, 2, max_lr=-1.0)
+    with pytest.raises(ValueError, match="memory_norm"):
+        TitansMAC(16, 2, memory_norm=1)
     with pytest.raises(ValueError, match="num_persistent"):
         TitansMAC(16, 2, num_persistent=-1)
     m = TitansMAC(16, 2, segment_len=4)

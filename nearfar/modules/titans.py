@@ -4,20 +4,22 @@ Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (20
 code: lucidrains/titans-pytorch (``titans_pytorch/neural_memory.py``, ``memory_models.py``, ``mac_transformer.py``).
 Spec: ``shared/specs/sequence.md`` §14.
 
-Memory (per head, ``d = dim / num_heads``): an MLP ``M(k) = W_L(gelu(... gelu(k W_1)))`` without biases (hidden
-``expansion * d``, xavier-uniform initial weights, learned in the outer loop; ``depth=1`` is a linear memory). For
-a chunk ``c`` of keys/values ``k_t = normalize(silu(y_t W_K))``, ``v_t = silu(y_t W_V)``:
+Memory (per head, ``d = dim / num_heads``): an MLP ``mlp(k) = W_L(gelu(... gelu(k W_1)))`` without biases (hidden
+``expansion * d``, xavier-uniform initial weights, learned in the outer loop; ``depth=1`` is a linear memory),
+wrapped as ``M(k) = LayerNorm(mlp(k)) + k`` (the reference's default ``ResidualNorm``, from TTT). For a chunk ``c``
+of keys/values ``k_t = normalize(silu(ŷ_t W_K))``, ``v_t = silu(ŷ_t W_V)`` with ``ŷ = RMSNorm(y)``:
 
     G_c = sum_{t in c} grad_M ||M_{c-1}(k_t) - v_t||^2 / d        (all tokens at the chunk-start weights)
     S_c = eta_c S_{c-1} - theta_c G_c                              (momentum: past + momentary surprise)
     M_c = (1 - alpha_c) M_{c-1} + S_c                              (forgetting / weight decay)
 
-with ``theta_c = max_lr * sigmoid(lin(mean_c y))``, ``eta_c = sigmoid(lin(mean_c y))``,
-``alpha_c = sigmoid(lin(mean_c y))``, one gate per head and chunk (data-dependent, shared within a chunk). The
+with ``theta_c = max_lr * sigmoid(lin(mean_c ŷ))``, ``eta_c = sigmoid(lin(mean_c ŷ))``,
+``alpha_c = sigmoid(lin(mean_c ŷ))``, one gate per head and chunk (data-dependent, shared within a chunk). The
 gradient of the MLP is written out by hand (``memory_grads``), so the update is differentiable for the outer loop
 and also runs under ``torch.no_grad`` (generation); the tests check it against autograd.
 
-MAC, per segment of ``segment_len`` tokens: retrieve ``h_j = M_{s-1}(q_j)`` with ``q_j = normalize(silu(x_j W_Q))``
+MAC, per segment of ``segment_len`` tokens: retrieve ``h_j = M_{s-1}(q_j)`` with
+``q_j = normalize(silu(RMSNorm(x_j) W_Q))``
 (memory updated through the previous segment), attend causally over ``[persistent ; h ; segment]`` (query ``i``
 sees every persistent token, ``h_j`` and ``x_j`` for ``j <= i``; RoPE at absolute positions on queries and on the
 ``h``/segment keys, persistent keys unrotated), then update the memory with the segment's attention output ``y``.
@@ -30,7 +32,13 @@ Differences from the paper / reference code (choices, documented):
   would leak later tokens to earlier ones (the reference's ``gate_attn_output`` is optional too).
 - Chunk gradients are the sum (not mean) over the chunk's tokens; ``chunk_size`` (default ``segment_len``) must
   divide ``segment_len``; momentum and decay run as a loop over chunks (no associative scan).
-- Keys are l2-normalised (the paper normalises q and k), values are not; no per-layer norms on the memory output.
+- Keys are l2-normalised (the paper normalises q and k), values are not. The norms are the reference's defaults
+  (``pre_rmsnorm``, ``mem_model_norm_add_residual``), not the paper's text; the LayerNorm has no learned gain
+  (the reference's gain is a fast weight, trained at test time). They are on by default (``memory_norm=True``)
+  because without them training diverged: on full-size MQAR (``nearfar bench --full``) the outer loop raised the
+  momentum gate and lowered the decay until the test-time updates grew the memory weights to 1e18 within one
+  forward pass, a NaN loss after ~110 steps at lr 3e-3. With the norms the output of the memory is bounded and its
+  gradient shrinks as its weights grow. ``memory_norm=False`` gives the plain MLP memory of the paper's equations.
 - The memory is updated only at full segments, in the forward pass and in decoding alike: the decode cache keeps
   the partial current segment (at most ``segment_len - 1`` input rows, recomputed each step) plus the memory
   weights and momentum, so its size does not depend on the sequence length and decoding equals the forward pass.
@@ -51,17 +59,23 @@ from .common import check_dim_heads, merge_heads, split_heads
 from .registry import Mechanism, register
 from .sequence import RotaryEmbedding
 
+LN_EPS = 1e-5  # F.layer_norm's default
+RMS_EPS = 1e-6
 
-def memory_apply(weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """The memory MLP with per-(batch, head) weights ``(B, H, d_in, d_out)`` on ``x (B, H, n, d)``."""
+
+def memory_apply(weights: list[torch.Tensor], x: torch.Tensor, norm_residual: bool = True) -> torch.Tensor:
+    """The memory on ``x (B, H, n, d)`` with per-(batch, head) weights ``(B, H, d_in, d_out)``: the MLP, then (with
+    ``norm_residual``) ``LayerNorm(mlp(x)) + x`` as the reference's default ``ResidualNorm`` (no learned gain)."""
+    h = x
     for i, w in enumerate(weights):
-        x = x @ w
+        h = h @ w
         if i < len(weights) - 1:
-            x = F.gelu(x)
-    return x
+            h = F.gelu(h)
+    return F.layer_norm(h, h.shape[-1:], eps=LN_EPS) + x if norm_residual else h
 
 
-def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]:
+def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                 norm_residual: bool = True) -> list[torch.Tensor]:
     """Gradient of ``sum_t mean_dims (M(k_t) - v_t)^2`` w.r.t. each weight, per (batch, head): backprop by hand."""
     inputs, pre = [], []
     h = k
@@ -71,7 +85,14 @@ def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor) 
         if i < len(weights) - 1:
             pre.append(h)
             h = F.gelu(h)
+    if norm_residual:
+        centred = h - h.mean(-1, keepdim=True)
+        rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + LN_EPS)
+        normed = centred * rstd
+        h = normed + k
     delta = (h - v) * (2.0 / v.shape[-1])
+    if norm_residual:  # back through the LayerNorm (the residual adds nothing: k is not a weight)
+        delta = rstd * (delta - delta.mean(-1, keepdim=True) - normed * (delta * normed).mean(-1, keepdim=True))
     grads = []
     for i in range(len(weights) - 1, -1, -1):
         grads.append(inputs[i].transpose(-1, -2) @ delta)
@@ -84,12 +105,13 @@ def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor) 
 
 
 def memory_update(weights: list[torch.Tensor], momentum: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                  lr: torch.Tensor, mom: torch.Tensor, decay: torch.Tensor, chunk_size: int):
+                  lr: torch.Tensor, mom: torch.Tensor, decay: torch.Tensor, chunk_size: int,
+                  norm_residual: bool = True):
     """Chunk-wise test-time training of the memory on ``k, v (B, H, n, d)``; ``lr``/``mom``/``decay`` are the
     per-chunk gates ``theta, eta, alpha`` ``(B, H, n // chunk_size)``. Returns the new weights and momentum."""
     for c in range(k.shape[2] // chunk_size):
         sl = slice(c * chunk_size, (c + 1) * chunk_size)
-        grads = memory_grads(weights, k[:, :, sl], v[:, :, sl])
+        grads = memory_grads(weights, k[:, :, sl], v[:, :, sl], norm_residual)
         th, et, al = (g[:, :, c, None, None] for g in (lr, mom, decay))
         momentum = [et * s - th * g for s, g in zip(momentum, grads)]
         weights = [(1 - al) * w + s for w, s in zip(weights, momentum)]
@@ -112,13 +134,15 @@ class TitansCache:
 
 class TitansMAC(nn.Module):
     """``TitansMAC(dim, num_heads, segment_len=128, num_persistent=4, memory_depth=2, memory_expansion=2,
-    chunk_size=None, max_lr=0.1, rope=True)``: causal Memory-as-Context layer on ``x (B, N, dim)``."""
+    chunk_size=None, max_lr=0.1, rope=True, memory_norm=True)``: causal Memory-as-Context layer on ``x (B, N, dim)``.
+    ``memory_norm``: the memory's output is ``LayerNorm(mlp(k)) + k`` and its inputs are RMS-normalised (the
+    reference's defaults); without them the test-time updates diverge in training (see the module docstring)."""
 
     causal = True
 
     def __init__(self, dim: int, num_heads: int, segment_len: int = 128, num_persistent: int = 4,
                  memory_depth: int = 2, memory_expansion: int = 2, chunk_size: int | None = None,
-                 max_lr: float = 0.1, rope: bool = True):
+                 max_lr: float = 0.1, rope: bool = True, memory_norm: bool = True):
         super().__init__()
         self.head_dim = d = check_dim_heads(dim, num_heads)
         self.segment_len = as_positive_int(segment_len, "segment_len")
@@ -130,7 +154,12 @@ class TitansMAC(nn.Module):
             raise ValueError(f"chunk_size ({self.chunk_size}) must divide segment_len ({self.segment_len})")
         if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr >= 0:
             raise ValueError(f"max_lr must be a number >= 0, got {max_lr!r}")
-        self.dim, self.num_heads, self.max_lr = dim, num_heads, float(max_lr)
+        if not isinstance(memory_norm, bool):
+            raise ValueError(f"memory_norm must be a bool, got {memory_norm!r}")
+        self.dim, self.num_heads, self.max_lr, self.memory_norm = dim, num_heads, float(max_lr), memory_norm
+        # the reference's store_norm / retrieve_norm: what the memory reads and writes does not grow with the model
+        self.store_norm, self.retrieve_norm = ((nn.RMSNorm(dim, eps=RMS_EPS), nn.RMSNorm(dim, eps=RMS_EPS))
+                                               if memory_norm else (nn.Identity(), nn.Identity()))
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.o_proj = nn.Linear(dim, dim, bias=False)
         self.rope = RotaryEmbedding(d) if rope else None
@@ -150,8 +179,8 @@ class TitansMAC(nn.Module):
     def _segment(self, x: torch.Tensor, weights: list[torch.Tensor], start: int) -> torch.Tensor:
         """Attention output (before ``o_proj``) of the segment rows ``x (B, L, dim)`` at positions ``start..``."""
         b, n = x.shape[:2]
-        qm = F.normalize(F.silu(split_heads(self.mem_q(x), self.num_heads)), dim=-1)
-        h = merge_heads(memory_apply(weights, qm), (n,))
+        qm = F.normalize(F.silu(split_heads(self.mem_q(self.retrieve_norm(x)), self.num_heads)), dim=-1)
+        h = merge_heads(memory_apply(weights, qm, self.memory_norm), (n,))
         ctx = [h, x] if self.persistent is None else [self.persistent.to(x.dtype).expand(b, -1, -1), h, x]
         ctx = torch.cat(ctx, 1)
         q = split_heads(self.q_proj(x), self.num_heads)
@@ -170,13 +199,14 @@ class TitansMAC(nn.Module):
     def _update(self, weights, momentum, y: torch.Tensor):
         """Memory after training on one full segment's attention output ``y (B, segment_len, dim)``."""
         b, n, _ = y.shape
+        y = self.store_norm(y)
         k = F.normalize(F.silu(split_heads(self.mem_k(y), self.num_heads)), dim=-1)
         v = F.silu(split_heads(self.mem_v(y), self.num_heads))
         pooled = y.reshape(b, n // self.chunk_size, self.chunk_size, -1).mean(2)
         lr = self.max_lr * torch.sigmoid(self.to_lr(pooled)).transpose(1, 2)
         mom = torch.sigmoid(self.to_momentum(pooled)).transpose(1, 2)
         decay = torch.sigmoid(self.to_decay(pooled)).transpose(1, 2)
-        return memory_update(weights, momentum, k, v, lr, mom, decay, self.chunk_size)
+        return memory_update(weights, momentum, k, v, lr, mom, decay, self.chunk_size, self.memory_norm)
 
     def forward(self, x: torch.Tensor, cache: TitansCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,7 +5,9 @@ Quality settings: the registry's defaults are sized for long inputs (windows of 
 every mechanism dense on the suite's 64-512-token tasks. ``seq_settings`` scales each mechanism's local reach to
 the local control's window ``w`` of the task (the same reach as the "local" row) and keeps its far path (sinks,
 global tokens, random or strided blocks, core tokens, memory, linear state), so the tables compare what each design
-adds beyond a window of the same size.
+adds beyond a window of the same size. ``image_settings`` does the same for the vision mechanisms on the 2D task:
+their defaults are sized for 56x56 feature maps (7x7 windows), which do not tile the task's 16x16 image, so their
+windows become the largest divisor of the image side within the local control's reach.
 """
 
 from __future__ import annotations
@@ -52,6 +54,24 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
     }.get(name, {})
 
 
+def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
+    """Constructor overrides of vision mechanism ``name`` on a ``grid`` image whose local control is a ``w x w``
+    neighbourhood: windows / partitions of side ``p`` (the largest divisor of the smaller image side <= ``w``,
+    e.g. 4 on 16x16 with w = 5), pooled or global maps of ``side / p`` per axis, position tables of the image size;
+    mechanisms without a size parameter keep their defaults."""
+    side = min(grid)
+    p = max(d for d in range(1, min(w, side) + 1) if side % d == 0)
+    return {
+        "swin": dict(window_size=p), "swin_shifted": dict(window_size=p), "gcvit_local": dict(window_size=p),
+        "gcvit_global": dict(window_size=p, feat_size=side), "maformer": dict(window_size=p, down_ratio=p),
+        "maxvit_block": dict(partition_size=p), "maxvit_grid": dict(partition_size=p),
+        "craft_srwa": dict(split_size=(p, 2 * p if side % (2 * p) == 0 else p)),
+        "proxy_tokens": dict(compress_ratios=(p, p)), "dualtoken": dict(global_size=side // p, kernel_size=w),
+        "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),
+        "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
+    }.get(name, {})
+
+
 def quality_entries(task, names: list[str] | None, quick: bool) -> tuple[dict, list[dict]]:
     """The factories of ``task`` (controls first, then every registered layer that supports the task's pattern and
     dims, filtered by ``names``), and the mechanisms left out with the reason."""
@@ -70,7 +90,8 @@ def quality_entries(task, names: list[str] | None, quick: bool) -> tuple[dict, l
             skipped.append({"mechanism": mech.name, "task": task.name, "why": f"no {task.pattern}: "
                             f"{mech.why_not[task.pattern]}"})
             continue
-        kw = {} if dims == "2d" else seq_settings(mech.name, hp["window"], task.seq_len)
+        kw = (image_settings(mech.name, hp["window"], tuple(task.grid)) if dims == "2d"
+              else seq_settings(mech.name, hp["window"], task.seq_len))
         factories[mech.name] = _factory(mech, task.pattern, kw)
     return factories, skipped
 
