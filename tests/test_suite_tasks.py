@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nearfar.suite import listops as L
 from nearfar.suite import tasks as T
 from nearfar.suite.tasks import TASK_NAMES, get_task
 
@@ -231,9 +232,9 @@ def evaluate_listops(expr: str) -> tuple[int, int]:
 def test_listops_labels_match_an_independent_evaluator(max_depth: int, max_args: int, seq_len: int) -> None:
     task = get_task("listops", seq_len=seq_len, max_depth=max_depth, max_args=max_args, min_len=4)
     b = draw(task, 8, seed=seq_len)
-    assert (b.inputs[:, 0] == T.CLS).all()
+    assert (b.inputs[:, 0] == L.CLS).all()
     for x, y in zip(b.inputs, b.targets):
-        tokens = [T.LISTOPS_TOKENS[i] for i in x[1:].tolist()]
+        tokens = [L.LISTOPS_TOKENS[i] for i in x[1:].tolist()]
         length = len(tokens) - tokens.count("<pad>")
         assert tokens[length:] == ["<pad>"] * (len(tokens) - length) and "<cls>" not in tokens
         value, depth = evaluate_listops(" ".join(tokens[:length]))
@@ -243,7 +244,7 @@ def test_listops_labels_match_an_independent_evaluator(max_depth: int, max_args:
 def test_listops_full_size_lengths_and_labels() -> None:
     task = get_task("listops", "full")
     b = draw(task, 64)
-    lengths = (b.inputs[:, 1:] != T.PAD).sum(1)
+    lengths = (b.inputs[:, 1:] != L.PAD).sum(1)
     assert lengths.min() >= 63 and lengths.max() <= 255
     assert len(b.targets[:, 0].unique()) >= 8  # every class occurs, not one dominant label
 

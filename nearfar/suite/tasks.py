@@ -2,7 +2,8 @@
 
 Every generator is our own reimplementation of the spec's description of its source: MQAR from Zoology (§3.1),
 selective copying from S4 (§3.2), passkey retrieval from Landmark Attention (§3.4), ListOps (§2.2) and Pathfinder
-(§2.3) from Long Range Arena. The only real text is the Python standard library's source (§5.1), present on every
+(§2.3) from Long Range Arena (their generators in ``listops.py``, ``pathfinder.py``; the 2D recall images in
+``spatial_recall.py``). The only real text is the Python standard library's source (§5.1), present on every
 machine, so nothing is downloaded at run time. All randomness comes from the ``torch.Generator`` handed to
 ``Task.sample``, so a batch is a pure function of the generator state.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .listops import LISTOPS_TOKENS, listops_batch
 from .pathfinder import MARKER, pathfinder_image
 from .spatial_recall import distance_edges, recall_images
 
@@ -302,33 +304,6 @@ def _char_lm(seq_len: int) -> Task:
                 "per position bucket", _sampler(draw))
 
 
-PAD, CLS, DIGIT0, OP0, CLOSE = 0, 1, 2, 12, 16
-LISTOPS_TOKENS = ("<pad>", "<cls>", *"0123456789", "[MIN", "[MAX", "[MED", "[SM", "]")
-
-
-def _listops_value(op: int, args: list[int]) -> int:
-    ordered = sorted(args)
-    k = len(ordered)
-    return (ordered[0], ordered[-1], (ordered[(k - 1) // 2] + ordered[k // 2]) // 2, sum(args) % 10)[op]
-
-
-def _listops_tree(rng: random.Random, depth: int, max_depth: int, max_args: int, op_prob: float,
-                  out: list[int], limit: int) -> int:
-    """Append a random prefix expression to ``out`` (LRA's recursive generator, our depth/arity) and return its
-    value. The root is always an operator; below ``max_depth`` operator levels only digits are drawn, and so they
-    are once ``out`` is past ``limit`` (such a tree is rejected anyway; this only bounds the work)."""
-    if depth == 0 or (depth < max_depth and len(out) <= limit and rng.random() < op_prob):
-        op = rng.randrange(4)
-        out.append(OP0 + op)
-        args = [_listops_tree(rng, depth + 1, max_depth, max_args, op_prob, out, limit)
-                for _ in range(rng.randint(2, max_args))]
-        out.append(CLOSE)
-        return _listops_value(op, args)
-    digit = rng.randrange(10)
-    out.append(DIGIT0 + digit)
-    return digit
-
-
 def _listops(seq_len: int, max_depth: int, max_args: int, min_len: int | None, max_len: int | None,
              op_prob: float | None) -> Task:
     _int("seq_len", seq_len, 8, 1 << 16)
@@ -348,25 +323,8 @@ def _listops(seq_len: int, max_depth: int, max_args: int, min_len: int | None, m
         raise ValueError(f"op_prob must be a float in (0, 1), got {op_prob!r}")
 
     def draw(batch: int, g: torch.Generator, split: str) -> Batch:
-        rng = _python_rng(g)
-        inputs = torch.full((batch, seq_len), PAD, dtype=torch.long)
-        targets = torch.full((batch, seq_len), -100, dtype=torch.long)
-        chance = op_prob
-        for row in range(batch):
-            for _ in range(100_000):  # rejection sampling on the length, as in LRA
-                expr: list[int] = []
-                value = _listops_tree(rng, 0, max_depth, max_args, chance, expr, max_len)
-                if min_len <= len(expr) <= max_len:
-                    break
-                # nudge the operator chance towards the length range, or deep wide trees are rarely accepted
-                chance = min(0.95, chance * 1.02) if len(expr) < min_len else max(0.02, chance / 1.02)
-            else:
-                raise RuntimeError(f"no ListOps tree of length [{min_len}, {max_len}] with op_prob={op_prob}")
-            inputs[row, 0] = CLS
-            inputs[row, 1 : 1 + len(expr)] = torch.tensor(expr)
-            targets[row, 0] = value
-        bins = torch.where(targets >= 0, 0, -1)
-        return Batch(inputs, targets, bins)
+        inputs, targets = listops_batch(_python_rng(g), batch, seq_len, min_len, max_len, max_depth, max_args, op_prob)
+        return Batch(inputs, targets, torch.where(targets >= 0, 0, -1))
 
     return Task("listops", "NS", "cls", len(LISTOPS_TOKENS), 10, seq_len, (), ("all",), "accuracy",
                 f"T5b ListOps-lite (LRA): MIN/MAX/MED/SM prefix expressions, depth <= {max_depth}, args <= "
