@@ -55,8 +55,9 @@ SIZES: dict[str, dict] = {
     "tiny": dict(steps=300, batch_size=32, lr=1e-2, dim=32, depth=2, num_heads=2, window=8, window_2d=5),
 }
 BY_TASK: dict[tuple[str, str], dict] = {
-    # T2, d=96 as in §3.5; full attention at lr 1e-2: 88% at step 300, 94% at 400-500
-    ("full", "passkey"): dict(steps=600, lr=1e-2, dim=96),
+    # T2, d=96 as in §3.5. Full attention at lr 1e-2 reached 98% with seed 0 but stayed at 17% with seed 1 (the
+    # first full run); at 3e-3 seed 0 reached 98% at step 300 and seed 1 97% at 250, 99% at 500
+    ("full", "passkey"): dict(steps=600, dim=96),
     # T4, d=128 and 4 layers as in the table, 250 steps instead of 1,500: a step takes 0.88 s with full attention
     # and 2.1 s with titans_mac (benchmarks/quality_budget.py), so 250 keep the slowest run near 9 min
     ("full", "char_lm"): dict(steps=250, batch_size=16, dim=128, depth=4),
