@@ -13,7 +13,7 @@ import nearfar
 from nearfar.modules.sparse_attention import PatternAttention
 from nearfar.patterns import Causal, SlidingWindow
 from nearfar.patterns.base import overlaps
-from nearfar.suite import speed, speed_peers
+from nearfar.suite import speed, speed_metrics, speed_peers
 from nearfar.suite.speed_gate import GATE_1D, GATE_SETTINGS, TOL, gate_layer
 
 REG = {m.name: m for m in nearfar.mechanisms()}
@@ -105,17 +105,17 @@ def test_gate_reports_a_layer_that_cannot_run():
 # --------------------------------------------------------------------------------------------------- crossovers
 def test_crossover_on_synthetic_numbers():
     sizes = [256, 512, 1024, 2048]
-    assert speed.crossover(sizes, [False, True, True, True]) == 512
-    assert speed.crossover(sizes, [True, False, True, True]) == 1024  # must win and keep winning
-    assert speed.crossover(sizes, [True, True, True, False]) == "> largest"
-    assert speed.crossover(sizes, [True] * 4) == 256
-    assert speed.crossover([], []) is None
+    assert speed_metrics.crossover(sizes, [False, True, True, True]) == 512
+    assert speed_metrics.crossover(sizes, [True, False, True, True]) == 1024  # must win and keep winning
+    assert speed_metrics.crossover(sizes, [True, True, True, False]) == "> largest"
+    assert speed_metrics.crossover(sizes, [True] * 4) == 256
+    assert speed_metrics.crossover([], []) is None
 
 
 @given(st.lists(st.booleans(), min_size=1, max_size=8))
 def test_crossover_is_the_start_of_the_final_winning_run(wins):
     labels = list(range(len(wins)))
-    got = speed.crossover(labels, wins)
+    got = speed_metrics.crossover(labels, wins)
     if got == "> largest":
         assert not wins[-1]
     else:
@@ -130,7 +130,7 @@ def test_crossovers_from_rows_time_and_memory():
     rows = [row(1024, "fwd+bwd", 1.3, 2.0, 1.0), row(256, "fwd+bwd", 0.5, 1.0, 2.0), row(512, "fwd+bwd", 1.1, 1.0, 1.5),
             row(256, "fwd", 2.0, None, None), row(512, "fwd", 0.9, None, None),
             {**row(256, "fwd", 9.0, None, None), "peer": "x"}]  # peers are left out
-    got = {c["phase"]: c for c in speed.crossovers(rows)}
+    got = {c["phase"]: c for c in speed_metrics.crossovers(rows)}
     assert got["fwd+bwd"]["time_crossover"] == 512 and got["fwd+bwd"]["memory_crossover"] == "> largest"
     assert got["fwd"]["time_crossover"] == "> largest" and got["fwd"]["memory_crossover"] is None
 
@@ -139,10 +139,10 @@ def test_crossovers_from_rows_time_and_memory():
 def test_work_counts_allowed_pairs_and_flops():
     calls = [(Causal(), (1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4)),  # 36 pairs per head
              (None, (3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 6))]  # 3 windows of 5 x 7, dv = 6
-    pairs, flops = speed.work(calls)
+    pairs, flops = speed_metrics.work(calls)
     assert pairs == 36 + 3 * 35
     assert flops == 2 * 2 * 36 * 8 + 2 * 3 * 2 * 35 * 10
-    assert speed.work([]) == (None, None)
+    assert speed_metrics.work([]) == (None, None)
 
 
 def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
@@ -151,8 +151,8 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
     def fn():
         (a * b * b).sum().backward()  # b is saved twice: counted once
 
-    assert speed.saved_bytes(fn, set()) == 400 + 400 + 400  # a, b, and the product a*b
-    assert speed.saved_bytes(fn, {a.untyped_storage().data_ptr()}) == 800
+    assert speed_metrics.saved_bytes(fn, set()) == 400 + 400 + 400  # a, b, and the product a*b
+    assert speed_metrics.saved_bytes(fn, {a.untyped_storage().data_ptr()}) == 800
 
 
 # ------------------------------------------------------------------------------------------------- selection

@@ -12,13 +12,12 @@ a slow spell of this shared machine hits both alike. Memory is the bytes saved f
 attention's allowed (query, key) pairs: ``2 (d + dv)`` per pair, head and batch element (``4 d`` per pair for
 ``d = dv``), 3.5x for forward+backward (backward = 2.5x forward, FlashAttention's convention). CAB's efficiency
 length becomes the measured crossover: the smallest size from which ours is faster (or saves fewer bytes) and
-stays so. Installed peers (``speed_peers``: compiled FlexAttention, NATTEN, local-attention, agent-attention-pytorch)
-are timed in the same rounds, on the same inputs, as extra rows.
+stays so (work, bytes and crossovers: ``speed_metrics``). Installed peers (``speed_peers``: compiled FlexAttention,
+NATTEN, local-attention, agent-attention-pytorch) are timed in the same rounds, on the same inputs, as extra rows.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import statistics
@@ -29,9 +28,9 @@ import torch
 
 from ..bench import interleave, median_ratio
 from ..modules.registry import FAMILIES, Mechanism, mechanisms
-from ..patterns import Dense
 from . import speed_peers
 from .speed_gate import GATE_1D, GATE_2D, GATE_SETTINGS, TOL, engine_check, gate_layer, recording_attend, rel_err
+from .speed_metrics import crossovers, saved_bytes, work
 
 #: quick: the sweep of ``nearfar bench --quick`` (2.5-4 min for every mechanism on this shared 2-core machine);
 #: full: CAB/FA-style lengths, head dim 64 (1D) and the 56x56x96 stage-1 map of the vision benchmarks (~40 min)
@@ -45,35 +44,6 @@ SWEPT_DIMS = ("1d", "2d")
 #: constructor arguments a mechanism needs for a spatial rank other than its default
 DIMS_ARGS = {("neighborhood", "1d"): {"ndim": 1}}
 _MIB = float(1 << 20)
-
-
-def crossover(labels: Sequence, wins: Sequence[bool]):
-    """The first label from which every later one wins; ``"> largest"`` when the largest does not; None when
-    nothing was measured."""
-    if not labels:
-        return None
-    first = None
-    for label, win in zip(labels, wins):
-        first = (first if first is not None else label) if win else None
-    return first if first is not None else "> largest"
-
-
-def crossovers(rows: list[dict]) -> list[dict]:
-    """Time and memory crossovers of every mechanism x pattern x dims x phase (peer rows left out)."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r["peer"] is None:
-            groups.setdefault((r["mechanism"], r["pattern"], r["dims"], r["phase"]), []).append(r)
-    out = []
-    for (mech, pattern, dims, phase), rs in groups.items():
-        rs = sorted(rs, key=lambda r: r["tokens"])
-        labels = [r["size"] for r in rs]
-        mem = None
-        if phase == "fwd+bwd":
-            mem = crossover(labels, [r["saved_mib"] < r["dense_saved_mib"] for r in rs])
-        out.append({"mechanism": mech, "pattern": pattern, "dims": dims, "phase": phase,
-                    "time_crossover": crossover(labels, [r["ratio"] > 1 for r in rs]), "memory_crossover": mem})
-    return out
 
 
 def select(names: Sequence[str] | None) -> tuple[list[Mechanism], list[dict]]:
@@ -108,55 +78,6 @@ def select(names: Sequence[str] | None) -> tuple[list[Mechanism], list[dict]]:
         if any(d in SWEPT_DIMS for d in m.dims):
             layers.append(m)
     return layers, skipped
-
-
-@functools.lru_cache(maxsize=256)
-def _allowed(pattern, nq: int, nk: int) -> int:
-    """Allowed pairs of ``pattern`` (summed over heads for per-head patterns), counted in row chunks."""
-    keys, total = torch.arange(nk)[None, :], 0
-    step = max(1, (1 << 22) // nk)
-    for start in range(0, nq, step):
-        q = torch.arange(start, min(nq, start + step))[:, None]
-        m = pattern.allowed(q, keys, nq, nk)
-        total += int(m.expand(*m.shape[:-2], q.shape[0], nk).sum())
-    return total
-
-
-def work(calls: list[tuple]) -> tuple[int | None, float | None]:
-    """Allowed (query, key) pairs per head (summed over attend calls and their batch, which for windowed modules
-    holds the windows: the timed input has batch 1) and forward attention FLOPs, from the calls ``recording_attend``
-    saw; (None, None) when the module never calls ``attend``."""
-    if not calls:
-        return None, None
-    pairs, flops = 0.0, 0.0
-    for pattern, (b, hq, nq, d), (_, _, nk, _), (*_, dv) in calls:
-        if pattern is None or isinstance(pattern, Dense):
-            all_heads = hq * nq * nk
-        else:
-            all_heads = _allowed(pattern, nq, nk) * (1 if pattern.heads is not None else hq)
-        pairs += b * all_heads / hq
-        flops += 2.0 * b * all_heads * (d + dv)
-    return round(pairs), flops
-
-
-def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs (``exclude``: storage
-    pointers not to count, e.g. parameters)."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            s = t.untyped_storage()
-            ptr, nbytes = s.data_ptr(), s.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-            ptr, nbytes = id(t), t.nbytes
-        if ptr not in exclude:
-            seen[ptr] = max(seen.get(ptr, 0), nbytes)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
 
 
 def _load() -> float | None:
