@@ -256,5 +256,5 @@ register(Mechanism(
               "source sequence", "CC": "as NC: the paper defines no source sequence"},
     make=lambda dim, num_heads, **kw: TitansMAC(dim, num_heads, **kw),
     notes="Memory as Context: segment 128, 4 persistent tokens, 2-layer MLP memory per head trained at test time "
-          "(momentum + decay, data-dependent gates); causal retrieved tokens; decode state = memory weights + "
-          "momentum + the partial segment (independent of N)"))
+          "(LayerNorm + residual output, RMS-normed inputs; momentum + decay, data-dependent gates); causal "
+          "retrieved tokens; decode state = memory weights + momentum + the partial segment (independent of N)"))
