@@ -92,6 +92,23 @@ def test_ctrl_c_leaves_the_finished_rows_in_a_report(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text())["interrupted"]
 
 
+def test_sigterm_ends_the_run_like_ctrl_c(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import nearfar.suite.speed as speed
+
+    def killed(*args, on_row=None, into=None, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # e.g. ``kill`` of a run started in the background
+        raise AssertionError("SIGTERM did not interrupt the run")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(speed, "run_speed", killed)
+    results = R.run_bench("speed", ["swin"], True, 0, tmp_path, None)
+    assert results["interrupted"] and (tmp_path / "report.md").exists()
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
 @pytest.mark.parametrize("argv,match", [
     (["bench", "speed", "--mechanism", "nonsense"], "unknown"),
     (["bench", "quality", "--task", "nonsense"], "--task"),

@@ -221,6 +221,22 @@ def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, se
     pool.join()
 
 
+def _terminate_as_interrupt() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, a job scheduler's stop) end the run as Ctrl-C does, report included: a run started in
+    the background by a shell ignores SIGINT. Returns the function that puts the previous handler back."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def _previous(out: Path) -> dict | None:
     for name in ("results.partial.json", "results.json"):  # a partial file is newer than the last report
         if (out / name).exists():
@@ -259,6 +275,7 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
         tmp.write_text(json.dumps(results, default=str))
         os.replace(tmp, partial)
 
+    restore = _terminate_as_interrupt()
     try:
         if what in ("all", "speed"):
             before = results["speed"] or None
@@ -276,6 +293,8 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
     except KeyboardInterrupt:
         results["interrupted"] = True
         sys.stderr.write("\ninterrupted: writing the report of what finished (continue with --resume)\n")
+    finally:
+        restore()
     paths = write_report(results, out)
     partial.unlink(missing_ok=True)
     results["paths"] = {k: str(v) for k, v in paths.items()}
