@@ -43,6 +43,15 @@ Differences from the paper / reference code (choices, documented):
   the partial current segment (at most ``segment_len - 1`` input rows, recomputed each step) plus the memory
   weights and momentum, so its size does not depend on the sequence length and decoding equals the forward pass.
 - ``key_padding_mask`` is not supported (padding would be written into the memory).
+
+Measured (``nearfar bench``, ``benchmarks/RESULTS.md``): on MQAR and passkey this layer stays at chance within the
+suite's budgets. The segments are blocks, not sliding windows, and in both MQAR sizes the key-value pairs fill
+exactly the first segment, so no query shares a segment with its key: every answer has to come through the memory.
+In probes on quick MQAR the outer loop does not learn to use it: at ``max_lr=1`` (the reference's default) the
+memory's projections carry most of the gradient for ~20 steps, then the loss settles at chance as with the memory
+frozen at zero. One test-time step stores little: on a chunk of 16 random keys it cuts ``|M(k) - v|`` by 9% at
+``theta=0.05`` (the gate's value at init) and by at most 30% (``theta`` about 0.5; the LayerNorm bounds the output's
+scale).
 """
 
 from __future__ import annotations
