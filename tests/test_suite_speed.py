@@ -18,7 +18,8 @@ from nearfar.suite.speed_gate import GATE_1D, GATE_SETTINGS, TOL, gate_layer
 
 REG = {m.name: m for m in nearfar.mechanisms()}
 ROW_KEYS = {"mechanism", "family", "pattern", "dims", "size", "tokens", "phase", "ms", "dense_ms", "ratio", "ratio_min",
-            "ratio_max", "saved_mib", "dense_saved_mib", "pairs", "gflops", "load", "peer"}
+            "ratio_max", "saved_mib", "dense_saved_mib", "peak_mib", "dense_peak_mib", "pairs", "gflops", "load",
+            "peer"}
 GATE_KEYS = {"mechanism", "pattern", "passed", "max_err", "prefix_invariant", "decode_ok", "detail"}
 
 
@@ -133,6 +134,11 @@ def test_crossovers_from_rows_time_and_memory():
     got = {c["phase"]: c for c in speed_metrics.crossovers(rows)}
     assert got["fwd+bwd"]["time_crossover"] == 512 and got["fwd+bwd"]["memory_crossover"] == "> largest"
     assert got["fwd"]["time_crossover"] == "> largest" and got["fwd"]["memory_crossover"] is None
+    assert got["fwd"]["peak_crossover"] is None  # rows from before the peak was measured
+    peaks = {256: (3.0, 2.0), 512: (1.0, 2.0), 1024: (1.0, 4.0)}
+    rows = [{**r, "peak_mib": peaks[r["tokens"]][0], "dense_peak_mib": peaks[r["tokens"]][1]} for r in rows]
+    got = {c["phase"]: c for c in speed_metrics.crossovers(rows)}
+    assert got["fwd"]["peak_crossover"] == 512 and got["fwd+bwd"]["peak_crossover"] == 512
 
 
 # --------------------------------------------------------------------------------------------- work and memory
@@ -153,6 +159,35 @@ def test_saved_bytes_counts_each_storage_once_and_skips_excluded():
 
     assert speed_metrics.saved_bytes(fn, set()) == 400 + 400 + 400  # a, b, and the product a*b
     assert speed_metrics.saved_bytes(fn, {a.untyped_storage().data_ptr()}) == 800
+
+
+def test_peak_bytes_follows_allocations_and_frees():
+    a = torch.randn(100, requires_grad=True)
+
+    def fn():
+        b = a * 2
+        c = b * 3  # b and c alive: 800 bytes
+        del b
+        d = c + 1  # b is freed: c and d, 800 again
+        return d
+
+    assert speed_metrics.peak_bytes(fn, set()) == 800
+    assert speed_metrics.peak_bytes(lambda: a.view(10, 10).t().contiguous(), set()) == 400  # views cost nothing
+
+    def train():  # forward keeps exp's output (400); backward adds its gradient (400) and the input's (400)
+        (a * 2).exp().sum().backward()
+        a.grad = None
+
+    assert 800 <= speed_metrics.peak_bytes(train, set()) <= 1208
+
+
+def test_peak_bytes_sees_a_materialised_score_matrix_and_not_fused_attention():
+    q = torch.randn(1, 2, 256, 16)
+    scores = 2 * 256 * 256 * 4  # bytes of one (heads, N, N) fp32 matrix
+    math_path = speed_metrics.peak_bytes(lambda: torch.softmax(q @ q.transpose(-1, -2), -1) @ q, set())
+    fused = speed_metrics.peak_bytes(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), set())
+    assert 2 * scores <= math_path <= 2 * scores + 3 * q.nbytes  # scores and their softmax, then the output
+    assert q.nbytes <= fused <= q.nbytes + 2 * 256 * 4  # the output and its log-sum-exp: the kernel works by blocks
 
 
 # ------------------------------------------------------------------------------------------------- selection
@@ -196,6 +231,9 @@ def test_run_speed_rows_have_the_schema():
     assert by["swin", "fwd"]["pairs"] == 4 * 49 * 49 and by["swin", "fwd"]["size"] == "14x14"
     assert by["swin", "fwd"]["tokens"] == 196 and by["streaming_llm", "fwd"]["size"] == 256
     assert by["streaming_llm", "fwd+bwd"]["saved_mib"] > 0 and by["streaming_llm", "fwd+bwd"]["dense_saved_mib"] > 0
+    for r in rows:  # the output alone is 1 x N x 32 fp32; training holds more than inference
+        assert r["peak_mib"] * 2**20 >= r["tokens"] * 32 * 4 and r["dense_peak_mib"] * 2**20 >= r["tokens"] * 32 * 4
+    assert by["swin", "fwd+bwd"]["peak_mib"] > by["swin", "fwd"]["peak_mib"]
     assert [GATE_KEYS <= set(g) and g["passed"] for g in res["gates"]] == [True, True]
     assert len(res["crossovers"]) == 4
     assert any(s["mechanism"] == "swin" and "3d" in s["why"] for s in res["skipped"])
@@ -216,6 +254,7 @@ def test_a_peer_is_timed_beside_in_the_same_rounds(monkeypatch):
     bwd = next(r for r in peers if r["phase"] == "fwd+bwd")
     ours = next(r for r in res["rows"] if r["peer"] is None and r["phase"] == "fwd+bwd")
     assert bwd["saved_mib"] == ours["saved_mib"]  # same computation, same saved bytes
+    assert bwd["peak_mib"] is None and ours["peak_mib"] > 0  # peers' peaks are not measured (compiled code)
     assert res["config"]["peers"] == {"self": "available"}
 
 

@@ -88,9 +88,9 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
     if speed.get("crossovers"):
         out += [("h", 3, "Crossover (CAB's efficiency length): smallest measured size from which the mechanism "
                          "stays faster / lighter than dense"),
-                ("table", ["mechanism", "pattern", "phase", "time", "memory (saved for backward)"],
+                ("table", ["mechanism", "pattern", "phase", "time", "peak memory", "memory saved for backward"],
                  [[c["mechanism"], c["pattern"], c["phase"], _none(c["time_crossover"]),
-                   _none(c["memory_crossover"])] for c in speed["crossovers"]])]
+                   _none(c.get("peak_crossover")), _none(c["memory_crossover"])] for c in speed["crossovers"]])]
     gates = speed.get("gates", [])
     failed = [g for g in gates if not g["passed"]]
     out.append(("p", f"Correctness gate before timing: {len(gates) - len(failed)}/{len(gates)} passed."))
@@ -107,26 +107,35 @@ def _none(value: object) -> str:
     return "n/a" if value is None else str(value)
 
 
+#: the panels of the speed figures: (phase, row key, dense row key or None, y label)
+_FIGURES = {"speed": [(ph, "ratio", None, "dense time / mechanism time") for ph in ("fwd", "fwd+bwd")],
+            "memory": [("fwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
+                       ("fwd+bwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
+                       ("fwd+bwd", "saved_mib", "dense_saved_mib", "saved for backward (MiB)")]}
+
+
 def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[Block]:
     plt = _pyplot()
     if plt is None:
         return []
     blocks = []
-    for what, key, ylabel in (("speed", "ratio", "dense time / mechanism time"),
-                              ("memory", "saved_mib", "saved for backward (MiB)")):
-        fig, axes = plt.subplots(1, 2 if what == "speed" else 1, figsize=(11 if what == "speed" else 6, 4),
-                                 squeeze=False)
-        for ax, phase in zip(axes[0], ("fwd", "fwd+bwd") if what == "speed" else ("fwd+bwd",)):
+    for what, panels in _FIGURES.items():
+        # runs made before the peak was measured have no peak rows: their panels are left out
+        panels = [p for p in panels if any(r.get(p[1]) is not None and r["phase"] == p[0] for r in rows)]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+        for ax, (phase, key, dense_key, ylabel) in zip(axes[0], panels):
             for mech in sorted({r["mechanism"] for r in rows}):
                 pts = sorted((r["tokens"], r[key]) for r in rows if r["mechanism"] == mech
                               and r["phase"] == phase and r.get(key) is not None)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=mech)
-            if what == "speed":
+            if dense_key is None:
                 ax.axhline(1.0, color="k", lw=0.8, ls="--")
             else:
-                dense = sorted({(r["tokens"], r["dense_saved_mib"]) for r in rows if r["phase"] == phase
-                                and r.get("dense_saved_mib") is not None})
+                dense = sorted({(r["tokens"], r[dense_key]) for r in rows if r["phase"] == phase
+                                and r.get(dense_key) is not None})
                 if dense:
                     ax.plot(*zip(*dense), color="k", ls="--", label="dense SDPA")
             ax.set_xscale("log", base=2)

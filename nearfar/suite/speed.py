@@ -7,8 +7,10 @@ prefix invariance, decoding vs the forward); a failed gate is reported and not t
 and the registered ``dense`` layer (``DenseAttention``, fused SDPA, same CAB pattern, dim and heads; 2D maps as
 ``H*W`` tokens) on the same inputs, warmed up, then in interleaved rounds with a rotating order
 (``nearfar.bench.interleave``): "ratio" is the median over rounds of dense time / ours (> 1: faster than dense), so
-a slow spell of this shared machine hits both alike. Memory is the bytes saved for backward (deterministic; from
-``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters excluded). Useful FLOPs count only the
+a slow spell of this shared machine hits both alike. Memory, both deterministic: the peak bytes of the tensors the
+call allocates and holds at once (forward, or forward and backward; inputs and parameters excluded; measured with a
+dispatch mode after the warm-up), and the bytes saved for backward (``torch.autograd.graph.saved_tensors_hooks``,
+each storage once, parameters excluded). Useful FLOPs count only the
 attention's allowed (query, key) pairs: ``2 (d + dv)`` per pair, head and batch element (``4 d`` per pair for
 ``d = dv``), 3.5x for forward+backward (backward = 2.5x forward, FlashAttention's convention). CAB's efficiency
 length becomes the measured crossover: the smallest size from which ours is faster (or saves fewer bytes) and
@@ -30,7 +32,7 @@ from ..bench import interleave, median_ratio
 from ..modules.registry import FAMILIES, Mechanism, mechanisms
 from . import speed_peers
 from .speed_gate import GATE_1D, GATE_2D, GATE_SETTINGS, TOL, engine_check, gate_layer, recording_attend, rel_err
-from .speed_metrics import crossovers, saved_bytes, work
+from .speed_metrics import crossovers, peak_bytes, saved_bytes, work
 
 #: quick: the sweep of ``nearfar bench --quick`` (2.5-4 min for every mechanism on this shared 2-core machine);
 #: full: CAB/FA-style lengths, head dim 64 (1D) and the 56x56x96 stage-1 map of the vision benchmarks (~40 min)
@@ -181,6 +183,9 @@ def _time_row(base: dict, ours, dense, ours_in, dense_in, phase: str, rounds: in
              "dense": _caller(_call_layer(dense), dense_in, phase, params["dense"], seed)}
     load_before = _load()
     warm = {name: _warm(fn, params[name], phase) for name, fn in calls.items()}
+    # after the warm-up, so that caches built on the first call (masks, plans) are not counted as the call's
+    peak = {name: peak_bytes(fn, {p.untyped_storage().data_ptr() for p in params[name]}) / _MIB
+            for name, fn in calls.items()}
     pairs, flops = work(warm["ours"][2])
     extra: dict[str, dict] = {}
     for peer in peers:
@@ -212,6 +217,7 @@ def _time_row(base: dict, ours, dense, ours_in, dense_in, phase: str, rounds: in
                "ratio_min": min(per_round), "ratio_max": max(per_round),
                "saved_mib": None if saved is None else saved / _MIB,
                "dense_saved_mib": None if dense_saved is None else dense_saved / _MIB,
+               "peak_mib": peak.get(name), "dense_peak_mib": peak["dense"],
                "pairs": None, "gflops": None, "load": load, "peer": None, "compile_s": None, "rounds": rounds}
         if name == "ours":
             row["pairs"] = pairs

@@ -1,6 +1,6 @@
 """What the speed suite (``speed.py``) measures besides time: the useful work of a call (allowed query-key pairs
-and attention FLOPs, from the calls ``speed_gate.recording_attend`` saw), the bytes saved for backward, and the
-crossover sizes from which a mechanism beats dense attention."""
+and attention FLOPs, from the calls ``speed_gate.recording_attend`` saw), the bytes saved for backward, the peak
+bytes of the tensors a call allocates, and the crossover sizes from which a mechanism beats dense attention."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..patterns import Dense
 
@@ -36,8 +39,12 @@ def crossovers(rows: list[dict]) -> list[dict]:
         mem = None
         if phase == "fwd+bwd":
             mem = crossover(labels, [r["saved_mib"] < r["dense_saved_mib"] for r in rs])
+        peak = None  # rows of runs before the peak was measured have none
+        if all(r.get("peak_mib") is not None and r.get("dense_peak_mib") is not None for r in rs):
+            peak = crossover(labels, [r["peak_mib"] < r["dense_peak_mib"] for r in rs])
         out.append({"mechanism": mech, "pattern": pattern, "dims": dims, "phase": phase,
-                    "time_crossover": crossover(labels, [r["ratio"] > 1 for r in rs]), "memory_crossover": mem})
+                    "time_crossover": crossover(labels, [r["ratio"] > 1 for r in rs]), "memory_crossover": mem,
+                    "peak_crossover": peak})
     return out
 
 
@@ -88,3 +95,47 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
+
+
+class _PeakTracker(TorchDispatchMode):
+    """Bytes of the storages that ops create, alive at once: a storage counts from the op that returns it until it
+    is freed (checked after each op); storages that existed before (inputs, parameters, caches) never count."""
+
+    def __init__(self, exclude: set[int]):
+        super().__init__()
+        self.outside, self.live = set(exclude), {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None and ptr[0] not in self.live:
+                self.outside.add(ptr[0])
+        out = func(*args, **(kwargs or {}))
+        for ptr, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[ptr]
+                self.current -= nbytes
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None:
+                if ptr[0] not in self.live and ptr[0] not in self.outside and ptr[1]:
+                    self.live[ptr[0]] = (StorageWeakRef(t.untyped_storage()), ptr[1])
+                    self.current += ptr[1]
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _storage(t: torch.Tensor) -> tuple[int, int] | None:
+    try:
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+        return None
+
+
+def peak_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
+    """Peak bytes of the tensors ``fn`` allocates and holds at once, forward and backward alike (the CPU analogue
+    of ``torch.cuda.max_memory_allocated`` minus the memory in use before; ``exclude``: storage pointers never to
+    count, e.g. parameters). Scratch memory inside one kernel (e.g. fused SDPA's blocks) is not seen."""
+    with _PeakTracker(exclude) as tracker:
+        fn()
+    return tracker.peak
