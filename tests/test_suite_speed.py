@@ -240,6 +240,16 @@ def test_run_speed_rows_have_the_schema():
     assert res["config"]["sizes"] == {"1d": [256], "2d": ["14x14"]} and res["config"]["peers"] == "off"
 
 
+def test_peak_is_measured_with_the_warm_up_draws():
+    # MSW-MSA draws a shift per call and caches a plan per shift: a peak call with another draw than the warm-up's
+    # would count a cold plan (larger than the training step itself)
+    # (84x84: a cold plan is ~65 MiB, the step's tensors ~5; three of four draws differ from the warm-up's)
+    torch.manual_seed(0)
+    res = speed.run_speed(["msw_msa"], rounds=1, peers=False, sizes={"2d": ((84, 84),)}, widths={"2d": (32, 2)})
+    by = {r["phase"]: r for r in res["rows"]}
+    assert by["fwd"]["peak_mib"] < 10 and by["fwd"]["peak_mib"] < by["fwd+bwd"]["peak_mib"]
+
+
 def test_a_peer_is_timed_beside_in_the_same_rounds(monkeypatch):
     # a stand-in peer (always installed): the mechanism's own layer, so it must compute the same function
     peer = speed_peers.Peer("self", "torch", frozenset({("streaming_llm", "CS", "1d")}), ("fwd", "fwd+bwd"),

@@ -182,10 +182,14 @@ def _time_row(base: dict, ours, dense, ours_in, dense_in, phase: str, rounds: in
     calls = {"ours": _caller(_call_layer(ours), ours_in, phase, params["ours"], seed),
              "dense": _caller(_call_layer(dense), dense_in, phase, params["dense"], seed)}
     load_before = _load()
+    rng = torch.get_rng_state()
     warm = {name: _warm(fn, params[name], phase) for name, fn in calls.items()}
-    # after the warm-up, so that caches built on the first call (masks, plans) are not counted as the call's
-    peak = {name: peak_bytes(fn, {p.untyped_storage().data_ptr() for p in params[name]}) / _MIB
-            for name, fn in calls.items()}
+    # after the warm-up and with its random draws (MSW-MSA draws a shift per call), so that the plans and masks
+    # cached on the first call are not counted: a cold plan of MSW-MSA at 84x84 costs 65 MiB once
+    peak = {}
+    for name, fn in calls.items():
+        torch.set_rng_state(rng)
+        peak[name] = peak_bytes(fn, {p.untyped_storage().data_ptr() for p in params[name]}) / _MIB
     pairs, flops = work(warm["ours"][2])
     extra: dict[str, dict] = {}
     for peer in peers:
