@@ -83,11 +83,7 @@ def saved_bytes(fn: Callable[[], object], exclude: set[int]) -> int:
     seen: dict[int, int] = {}
 
     def pack(t):
-        try:
-            s = t.untyped_storage()
-            ptr, nbytes = s.data_ptr(), s.nbytes()
-        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
-            ptr, nbytes = id(t), t.nbytes
+        ptr, nbytes = _storage(t) or (id(t), t.nbytes)
         if ptr not in exclude:
             seen[ptr] = max(seen.get(ptr, 0), nbytes)
         return t
