@@ -113,3 +113,22 @@ def test_every_claimed_cab_pattern_holds(mech: Mechanism, pattern: str):
                 i += c
         assert torch.allclose(torch.cat(outs, 1), out, atol=1e-10)
     assert nearfar.mechanisms("window") and all(m.family == "window" for m in nearfar.mechanisms("window"))
+
+
+LAYERS = [m for m in MECHANISMS if m.kind == "layer"]
+
+
+@pytest.mark.parametrize("mech", LAYERS, ids=[m.name for m in LAYERS])
+def test_a_layer_returns_its_update_not_the_input_plus_it(mech: Mechanism):
+    """Every layer is a token mixer whose caller adds the residual (``x + layer(norm(x))``); a layer that adds its
+    input itself puts it in the residual stream twice (PT-DiT proxy tokens did, cos 0.99 here; every other layer
+    is at |cos| <= 0.03 with its random init)."""
+    torch.manual_seed(0)
+    pattern = next(iter(mech.patterns))
+    if "2d" in mech.dims:
+        layer, x = mech.build(32, 2, pattern), torch.randn(2, 14, 14, 32)
+    else:
+        layer, x = mech.build(32, 2, pattern, **SMALL.get(mech.name, {})), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        y = layer.eval()(x)
+    assert abs(torch.nn.functional.cosine_similarity(y.flatten(), x.flatten(), dim=0)) < 0.3

@@ -41,6 +41,10 @@ Proxy modes (``proxy_mode``):
 
 Differences from the official code:
 
+- the output is the block's update ``z - x``, not ``z``: like every nearfar layer this is a token mixer whose
+  caller adds the residual (``x + layer(norm(x))`` in a pre-norm block), so the official steps 1-4 are
+  ``x + layer(x)``. Returning ``z`` put the input in the residual stream twice inside such a block (the
+  ``nearfar bench`` backbone did that until this change).
 - layout: input and output are channel-last spatial maps ``(B, H, W, C)`` / ``(B, T, H, W, C)``, not the
   official window-grouped ``(B * windows, tokens per window, C)``; the outputs are the same tokens in
   spatial order. The proxies' order differs (official: window-major), which changes nothing: proxies have
@@ -98,7 +102,8 @@ class DiffusersAttention(nn.Module):
 class ProxyTokenAttention(nn.Module):
     """``ProxyTokenAttention(dim, num_heads, compress_ratios=None, proxy_compress_ratios=None, shift_window=True,
     proxy_mode="code_strided_mean", attention_bias=False, norm_elementwise_affine=True, norm_eps=1e-5, ndim=2)``:
-    x ``(B, H, W, dim)`` (``ndim=3``: ``(B, T, H, W, dim)``) -> same shape.
+    x ``(B, H, W, dim)`` (``ndim=3``: ``(B, T, H, W, dim)``) -> the update, same shape (the official block's
+    output is ``x + layer(x)``).
 
     ``compress_ratios`` are the window sizes, ``proxy_compress_ratios`` the proxy ratios (ints or per-axis
     tuples; default ``(8, 8)``/``(4, 4)``, in 3D ``(1, 8, 8)``/``(1, 4, 4)``). See the module docstring.
@@ -186,15 +191,20 @@ class ProxyTokenAttention(nn.Module):
         return g.reshape(x.shape[0], -1, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's update ``z - x`` (the official steps 1-4 give ``x + layer(x)``)."""
         spatial = self._check(x)
         window, shifted = self.patterns(spatial)
         p = self.proxy_tokens(x)
         p = p + self.proxy_attn1(self.proxy_norm1(p))
-        z = x + self.linear_1_visual(self.pvisual_attn2(self.norm_before(x), self.proxy_cross_norm(p)))
-        z = z + self.attn1(self.norm1(z), pattern=window)
+        # the updates are summed apart from z, so that z - x is exact rather than a difference of large terms
+        update = self.linear_1_visual(self.pvisual_attn2(self.norm_before(x), self.proxy_cross_norm(p)))
+        z = x + update
+        step = self.attn1(self.norm1(z), pattern=window)
+        update = update + step
         if self.shift_window:
-            z = z + self.linear_2(self.attn3(self.shift_window_norm(z), pattern=shifted))
-        return z
+            z = z + step
+            update = update + self.linear_2(self.attn3(self.shift_window_norm(z), pattern=shifted))
+        return update
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, compress_ratios={self.compress_ratios}, "
