@@ -35,12 +35,13 @@ def _rms(layer, x):
     return x / (x.square().mean(-1, keepdim=True) + 1e-6).sqrt() * layer.weight
 
 
-def _autograd_update(weights, momentum, k, v, lr, mom, decay, chunk, norm=True):
-    """One explicit gradient step per chunk on sum_t mean_dims (M(k_t) - v_t)^2, via torch.autograd."""
+def _autograd_update(weights, momentum, k, v, lr, mom, decay, chunk, norm=True, at=None):
+    """One explicit gradient step per chunk on sum_t mean_dims (M(k_t) - v_t)^2, via torch.autograd; the gradient
+    is taken at the running memory, or at ``at`` (a fixed memory) when given."""
     for c in range(k.shape[2] // chunk):
         kc, vc = k[:, :, c * chunk:(c + 1) * chunk], v[:, :, c * chunk:(c + 1) * chunk]
         # fresh aliases: the partial derivative w.r.t. the memory, not through k/v (which may depend on it)
-        alias = [w.clone() for w in weights]
+        alias = [w.clone() for w in (weights if at is None else at)]
         loss = ((_mlp(alias, kc, norm) - vc) ** 2).mean(-1).sum()
         grads = torch.autograd.grad(loss, alias, create_graph=True)
         new_m, new_w = [], []
@@ -95,8 +96,9 @@ def reference_mac(m: TitansMAC, x: torch.Tensor) -> torch.Tensor:
             ch = m.chunk_size
             pooled = torch.stack([y[:, i:i + ch].mean(1) for i in range(0, c, ch)], 1)  # (B, chunks, dim)
             gates = [torch.sigmoid(lin(g, pooled)).transpose(1, 2) for g in (m.to_lr, m.to_momentum, m.to_decay)]
+            at = [w.unsqueeze(0).expand(b, -1, -1, -1) for w in m.memory] if m.surprise_at == "init" else None
             weights, momentum = _autograd_update(weights, momentum, kk, vv, m.max_lr * gates[0], gates[1],
-                                                 gates[2], ch, m.memory_norm)
+                                                 gates[2], ch, m.memory_norm, at)
     return lin(m.o_proj, torch.cat(outs, 1))
 
 
@@ -108,23 +110,40 @@ def _rand_state(b, h, sizes, dtype=torch.float64):
 # ---------------------------------------------------------------- memory update
 
 
+@pytest.mark.parametrize("fixed", [False, True])
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("sizes,chunk", [([4, 8, 4], 2), ([4, 4], 1), ([4, 6, 5, 4], 3)])
-def test_memory_update_equals_autograd_steps(sizes, chunk, norm):
+def test_memory_update_equals_autograd_steps(sizes, chunk, norm, fixed):
     torch.manual_seed(0)
     b, h, n = 2, 3, 6
     ws, ms = _rand_state(b, h, sizes)
     ws = [w.requires_grad_() for w in ws]
+    # the fixed memory as the layer passes it: one per head, shared by the batch
+    at = [(w[:1] * 0.7).detach().requires_grad_() for w in ws] if fixed else None
     k, v = torch.randn(b, h, n, sizes[0], dtype=torch.float64), torch.randn(b, h, n, sizes[-1], dtype=torch.float64)
     gates = [torch.rand(b, h, n // chunk, dtype=torch.float64) for _ in range(3)]
-    got_w, got_m = memory_update(ws, ms, k, v, *gates, chunk, norm)
-    exp_w, exp_m = _autograd_update(ws, ms, k, v, *gates, chunk, norm)
+    got_w, got_m = memory_update(ws, ms, k, v, *gates, chunk, norm, at)
+    exp_w, exp_m = _autograd_update(ws, ms, k, v, *gates, chunk, norm, at and [w.expand(b, -1, -1, -1) for w in at])
     for a, e in zip(got_w + got_m, exp_w + exp_m):
         assert_close(a, e, 1e-12, "memory")
     # the hand-written gradient is differentiable for the outer loop, like autograd's double backward
-    g1 = torch.autograd.grad(sum(w.sum() for w in got_w), ws[0])[0]
-    g2 = torch.autograd.grad(sum(w.sum() for w in exp_w), ws[0])[0]
-    assert_close(g1, g2, 1e-10, "outer grad")
+    for wrt in [ws[0]] + (at or []):
+        g1 = torch.autograd.grad(sum(w.sum() for w in got_w), wrt, retain_graph=True)[0]
+        g2 = torch.autograd.grad(sum(w.sum() for w in exp_w), wrt, retain_graph=True)[0]
+        assert_close(g1, g2, 1e-10, "outer grad")
+
+
+def test_fixed_surprise_memory_differs_from_running_one():
+    torch.manual_seed(8)
+    ws, ms = _rand_state(1, 2, [4, 8, 4])
+    k, v = torch.randn(1, 2, 6, 4, dtype=torch.float64), torch.randn(1, 2, 6, 4, dtype=torch.float64)
+    gates = [torch.rand(1, 2, 3, dtype=torch.float64) for _ in range(3)]
+    running, _ = memory_update(ws, ms, k, v, *gates, 2)
+    fixed, _ = memory_update(ws, ms, k, v, *gates, 2, surprise_weights=ws)
+    first, _ = memory_update(ws, ms, k[:, :, :2], v[:, :, :2], *(g[..., :1] for g in gates), 2, surprise_weights=ws)
+    assert not torch.allclose(running[0], fixed[0])  # later chunks see different memories
+    assert_close(first[0], memory_update(ws, ms, k[:, :, :2], v[:, :, :2], *(g[..., :1] for g in gates), 2)[0][0],
+                 1e-12)  # the first chunk's memory is the same either way
 
 
 def test_linear_memory_is_delta_rule():
@@ -160,7 +179,9 @@ def test_no_update_memory_is_fixed_and_full_decay_wipes_it():
 @pytest.mark.parametrize("kw,n", [(dict(segment_len=4, chunk_size=2), 11), (dict(segment_len=3, num_persistent=0,
                                                                                   memory_depth=1), 7),
                                   (dict(segment_len=5, rope=False, memory_depth=3), 10),
-                                  (dict(segment_len=4, memory_norm=False), 9)])
+                                  (dict(segment_len=4, memory_norm=False), 9),
+                                  (dict(segment_len=4, chunk_size=2, surprise_at="chunk"), 11),
+                                  (dict(segment_len=3, surprise_at="chunk", memory_norm=False), 10)])
 def test_module_matches_reference(kw, n):
     torch.manual_seed(3)
     m = TitansMAC(16, 2, max_lr=0.5, **kw)
@@ -217,15 +238,16 @@ def test_zero_memory_is_segment_local_attention_plus_null_keys():
     assert_close(m(x), expected, 1e-12)
 
 
-def _lm():
+def _lm(surprise_at="init"):
     torch.manual_seed(6)
     return TinyLM(50, dim=16, depth=2, num_heads=2, mechanism="titans_mac", segment_len=4, chunk_size=2,
-                  max_lr=0.5).double().eval()
+                  max_lr=0.5, surprise_at=surprise_at).double().eval()
 
 
+@pytest.mark.parametrize("surprise_at", ["init", "chunk"])
 @pytest.mark.parametrize("step,prefill", [(1, 0), (3, 0), (3, 6), (2, 5)])
-def test_decode_matches_teacher_forcing_through_tinylm(step, prefill):
-    lm = _lm()
+def test_decode_matches_teacher_forcing_through_tinylm(step, prefill, surprise_at):
+    lm = _lm(surprise_at)
     tokens = torch.randint(0, 50, (2, 15))
     with torch.no_grad():
         full = lm(tokens)
@@ -293,6 +315,8 @@ def test_errors():
         TitansMAC(16, 2, max_lr=-1.0)
     with pytest.raises(ValueError, match="memory_norm"):
         TitansMAC(16, 2, memory_norm=1)
+    with pytest.raises(ValueError, match="surprise_at"):
+        TitansMAC(16, 2, surprise_at="token")
     with pytest.raises(ValueError, match="num_persistent"):
         TitansMAC(16, 2, num_persistent=-1)
     m = TitansMAC(16, 2, segment_len=4)
