@@ -173,7 +173,7 @@ def test_resume_keeps_finished_speed_groups(tmp_path, monkeypatch):
         return real(base, *args, **kwargs)
 
     monkeypatch.setattr(speed, "_time_row", interrupt_at_hilo)
-    first = R.run_bench("speed", ["swin", "hilo"], True, 0, tmp_path, 1)
+    first = R.run_bench("speed", ["swin", "hilo", "block_transformer"], True, 0, tmp_path, 1)
     assert first["interrupted"] and [g["mechanism"] for g in first["speed"]["gates"]] == ["swin", "hilo"]
     swin = [r for r in first["speed"]["rows"] if r["mechanism"] == "swin"]
     assert swin and not any(r["mechanism"] == "hilo" for r in first["speed"]["rows"])
@@ -185,6 +185,9 @@ def test_resume_keeps_finished_speed_groups(tmp_path, monkeypatch):
     assert sorted(g["mechanism"] for g in again["speed"]["gates"]) == ["hilo", "swin"]
     assert any(r["mechanism"] == "hilo" for r in again["speed"]["rows"])
     assert {c["mechanism"] for c in again["speed"]["crossovers"]} >= {"swin", "hilo"}
+    # the notes on what the first run left out (swin's 3D variant, a whole model) survive the narrower resume
+    notes = [(s["mechanism"], s["why"][:2]) for s in again["speed"]["skipped"] if s["pattern"] == "*"]
+    assert sorted(notes) == [("block_transformer", "a "), ("swin", "3d")]
 
 
 def test_resume_refuses_other_settings(tmp_path, monkeypatch, capsys):

@@ -344,6 +344,10 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
             gates.append(gate)
             rows += old_rows
             skipped += old_skips
+    # and the earlier run's notes on what it left out (3D variants, whole models, the baseline), unless made again
+    noted = {s["mechanism"] for s in left_out} | {m.name for m in chosen}
+    skipped += [s for s in (previous or {}).get("skipped", [])
+                if s.get("pattern") == "*" and s["mechanism"] not in noted]
     config = {"quick": quick, "rounds": rounds, "row_budget_s": preset["row_budget_s"], "seed": seed, "batch": 1,
               "dtype": "float32", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "phases": list(PHASES),
