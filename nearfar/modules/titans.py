@@ -222,25 +222,32 @@ class TitansMAC(nn.Module):
             q, k = self.rope(q, pos), self.rope(k, pos)
         return q, k, v, qm
 
-    def _segment(self, rows: tuple[torch.Tensor, ...], weights: list[torch.Tensor], start: int) -> torch.Tensor:
+    def _context(self, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+        """What every segment of one call shares, built once per call: the persistent tokens' keys and values
+        ``(1, H, p, d)`` (not rotated; empty lists without them) and the segment masks, cached by segment length."""
+        if self.persistent is None:
+            return [], [], {}
+        pers = self.persistent.to(dtype).unsqueeze(0)
+        return [split_heads(self.k_proj(pers), self.num_heads)], [split_heads(self.v_proj(pers), self.num_heads)], {}
+
+    def _segment(self, rows: tuple[torch.Tensor, ...], weights: list[torch.Tensor], start: int,
+                 context: tuple[list[torch.Tensor], list[torch.Tensor], dict]) -> torch.Tensor:
         """Attention output (before ``o_proj``) of one segment's ``_rows`` at positions ``start..``: each query
         sees the persistent tokens, then causally the retrieved tokens ``h = M(q_mem)`` and the segment's rows."""
         q, kx, vx, qm = rows
         b, n = q.shape[0], q.shape[2]
+        pk, pv, masks = context
         h = merge_heads(memory_apply(weights, qm, self.memory_norm), (n,))
         kh, vh = split_heads(self.k_proj(h), self.num_heads), split_heads(self.v_proj(h), self.num_heads)
         if self.rope is not None:
             kh = self.rope(kh, torch.arange(start, start + n, device=q.device))
-        ks, vs = [kh, kx], [vh, vx]
-        p = self.num_persistent
-        if p:  # persistent keys are not rotated
-            pers = self.persistent.to(q.dtype).expand(b, -1, -1)
-            ks.insert(0, split_heads(self.k_proj(pers), self.num_heads))
-            vs.insert(0, split_heads(self.v_proj(pers), self.num_heads))
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        allowed = torch.cat([causal.new_ones(n, p), causal, causal], 1)
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        return merge_heads(attend(q, torch.cat(ks, 2), torch.cat(vs, 2), bias=bias), (n,))
+        if n not in masks:
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            allowed = torch.cat([causal.new_ones(n, self.num_persistent), causal, causal], 1)
+            masks[n] = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        k = torch.cat([t.expand(b, -1, -1, -1) for t in pk] + [kh, kx], 2)
+        v = torch.cat([t.expand(b, -1, -1, -1) for t in pv] + [vh, vx], 2)
+        return merge_heads(attend(q, k, v, bias=masks[n]), (n,))
 
     def _update(self, weights, momentum, y: torch.Tensor):
         """Memory after training on one full segment's attention output ``y (B, segment_len, dim)``."""
@@ -269,22 +276,22 @@ class TitansMAC(nn.Module):
             cache = self.new_cache(b, x.device, x.dtype)
             weights, momentum = cache.weights, cache.momentum
             # split, not slices: the backward of a slice writes a zero tensor of the whole sequence per segment
-            segments, outs = zip(*(t.split(c, dim=2) for t in self._rows(x, 0))), []
+            segments, outs, context = zip(*(t.split(c, dim=2) for t in self._rows(x, 0))), [], self._context(x.dtype)
             for s, rows in zip(range(0, n, c), segments):
-                y = self._segment(rows, weights, s)
+                y = self._segment(rows, weights, s, context)
                 outs.append(y)
                 if s + c < n:  # the memory after the last segment is never read
                     weights, momentum = self._update(weights, momentum, y)
             return self.o_proj(torch.cat(outs, 1))
         if x.shape[0] != cache.weights[0].shape[0]:
             raise ValueError(f"x has batch {x.shape[0]} but the cache was made for {cache.weights[0].shape[0]}")
-        outs, i = [], 0
+        outs, i, context = [], 0, self._context(x.dtype)
         while i < n:
             have = 0 if cache.segment is None else cache.segment.shape[1]
             take = min(c - have, n - i)
             seg = x[:, i:i + take] if cache.segment is None else torch.cat([cache.segment, x[:, i:i + take]], 1)
             # the segment's earlier rows are recomputed: causal within the segment, so they are unchanged
-            y = self._segment(self._rows(seg, cache.length - have), cache.weights, cache.length - have)
+            y = self._segment(self._rows(seg, cache.length - have), cache.weights, cache.length - have, context)
             outs.append(y[:, have:])
             cache.length += take
             i += take
