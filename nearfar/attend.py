@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
 from .backends.partition import partition_attention
 from .bias import DenseBias, RelativePositionBias
+from .guard import dirty_rows, exact_rows, sanitize, unsafe_tokens
 from .patterns import Dense, Pattern, PerHead
 from .patterns.spatial import SpatialPattern
 from .plan import get_plan
@@ -37,7 +39,7 @@ def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:
     return x
 
 
-def _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_lse):
+def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse):
     _check_tensor(q, "q", "(B, Hq, Nq, d)")
     _check_tensor(k, "k", "(B, Hkv, Nk, d)")
     _check_tensor(v, "v", "(B, Hkv, Nk, dv)")
@@ -80,58 +82,79 @@ def _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_ls
             raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
         if bias.device != q.device:
             raise ValueError(f"bias is on {bias.device}, q on {q.device}")
+    if rpb is not None:
+        if not isinstance(rpb, torch.Tensor):
+            raise TypeError(f"rpb must be a torch.Tensor (a relative-position-bias table), got {type(rpb).__name__}")
+        if rpb.dtype not in _FLOATS:
+            raise TypeError(f"rpb must have a floating dtype, got {rpb.dtype}")
+        if rpb.device != q.device:
+            raise ValueError(f"rpb is on {rpb.device}, q on {q.device}")
+        if bias is not None:
+            raise ValueError("pass either bias (dense, broadcastable to (B, Hq, Nq, Nk)) or rpb (a relative-position "
+                             "table), not both: add the table's values into a dense bias to combine them")
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
 
 
-def _bias_source(bias, pattern, b, hq, nq, nk):
+def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
+    """A dense bias or a relative-position table, each from its own argument: a tensor is never interpreted by its
+    shape (a (1, Nk) per-key bias can have the shape of a table)."""
+    if rpb is not None:
+        if not (isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None):
+            raise ValueError("rpb (a relative-position-bias table) needs a Neighborhood, Blocks or Grid pattern that "
+                             f"takes one, got pattern {pattern!r}")
+        if tuple(rpb.shape) != pattern.rpb_shape(hq):
+            raise ValueError(f"rpb must have shape (Hq, 2m-1, ...) = {pattern.rpb_shape(hq)} for {pattern!r} and "
+                             f"Hq={hq}, got {tuple(rpb.shape)}")
+        pattern.check_rpb()
+        return RelativePositionBias(rpb, pattern, nq)
     if bias is None:
         return None
-    takes_table = isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None
-    if takes_table and tuple(bias.shape) == pattern.rpb_shape(hq):
-        pattern.check_rpb()
-        return RelativePositionBias(bias, pattern, nq)
     target = (b, hq, nq, nk)
     ok = bias.dim() <= 4 and all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target)))
     if not ok:
-        rpb = f" or a relative-position-bias table {pattern.rpb_shape(hq)}" if takes_table else ""
+        hint = ""
+        if isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None and \
+                tuple(bias.shape) == pattern.rpb_shape(hq):
+            hint = "; a relative-position-bias table goes in rpb=, not bias="
         raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
-                         f"{(b, hq, nq, nk)}{rpb}")
+                         f"{(b, hq, nq, nk)}{hint}")
     return DenseBias(bias)
 
 
-_ENGINE_OVERRIDE: list[str] = []  # innermost ``engine_override`` last
+# per thread (and per asyncio task): one thread's override or observer never reaches another's calls
+_ENGINE_OVERRIDE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("nearfar_engine_override",
+                                                                                    default=())
+_OBSERVERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("nearfar_observers", default=())
 
 
 @contextlib.contextmanager
 def engine_override(engine: str) -> Iterator[None]:
     """Inside the block, every ``attend(..., engine="auto")`` call (so every module built on ``attend``) uses
     ``engine`` instead: e.g. ``"dense"`` runs a whole module on the materialised-mask reference engine, which is how
-    ``nearfar bench`` gates each mechanism's fast path before timing it."""
+    ``nearfar bench`` gates each mechanism's fast path before timing it. Per thread: other threads are unaffected."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
-    _ENGINE_OVERRIDE.append(engine)
+    token = _ENGINE_OVERRIDE.set(_ENGINE_OVERRIDE.get() + (engine,))
     try:
         yield
     finally:
-        _ENGINE_OVERRIDE.pop()
-
-
-_OBSERVERS: list[list[tuple]] = []  # ``observe_calls`` blocks in progress
+        _ENGINE_OVERRIDE.reset(token)
 
 
 @contextlib.contextmanager
 def observe_calls() -> Iterator[list[tuple]]:
-    """Inside the block, every ``attend`` call (any engine, from any module) is listed as ``(pattern, q.shape,
-    k.shape, v.shape)``: how ``nearfar bench``'s gate sees whether a module's attention has a pattern at all."""
+    """Inside the block, every ``attend`` call of this thread (any engine, from any module) is listed as
+    ``(pattern, q.shape, k.shape, v.shape)``: how ``nearfar bench``'s gate sees whether a module's attention has a
+    pattern at all."""
     calls: list[tuple] = []
-    _OBSERVERS.append(calls)
+    token = _OBSERVERS.set(_OBSERVERS.get() + (calls,))
     try:
         yield calls
     finally:
-        _OBSERVERS.remove(calls)
+        _OBSERVERS.reset(token)
 
 
 def attend(
@@ -142,6 +165,7 @@ def attend(
     *,
     scale: float | None = None,
     bias: torch.Tensor | None = None,
+    rpb: torch.Tensor | None = None,
     key_padding_mask: torch.Tensor | None = None,
     engine: str = "auto",
     return_lse: bool = False,
@@ -150,48 +174,84 @@ def attend(
 
     ``Hq % Hkv == 0`` (GQA/MQA); ``Nq != Nk`` is allowed (positional patterns align the last query with the
     last key). ``pattern=None`` is dense attention. ``bias`` is added to the scaled scores: a tensor
-    broadcastable to ``(B, Hq, Nq, Nk)`` or, with a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern, a
-    relative-position-bias table ``(Hq, 2k-1, ...)`` (key-minus-query offsets, see the pattern).
-    ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
-    (and LSE ``-inf``). Returns ``(B, Hq, Nq, dv)``, plus the LSE ``(B, Hq, Nq)`` (natural log, of the scaled
-    biased scores, not differentiable) when ``return_lse``.
+    broadcastable to ``(B, Hq, Nq, Nk)``. ``rpb``, with a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern, is a
+    relative-position-bias table ``(Hq, 2k-1, ...)`` (key-minus-query offsets, see the pattern) added the same way;
+    pass one of the two. ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
+    (and LSE ``-inf``). A key a query may not attend (by pattern or padding) never affects that query's output or
+    gradients, whatever it holds (NaN, Inf, garbage: see ``nearfar.guard``; not under ``torch.compile``).
+    Any layout of q/k/v (views, transposes, expanded or strided dims) gives the result of the contiguous call.
+    Meta tensors get outputs of the right shape (for tracing). Returns ``(B, Hq, Nq, dv)``, plus the LSE
+    ``(B, Hq, Nq)`` (natural log, of the scaled biased scores, not differentiable) when ``return_lse``.
     """
-    _validate(q, k, v, pattern, scale, bias, key_padding_mask, engine, return_lse)
-    for calls in _OBSERVERS:
+    _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse)
+    for calls in _OBSERVERS.get():
         calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    bias_src = _bias_source(bias, pattern, b, hq, nq, nk)
+    if q.device.type == "meta":
+        return _meta(q, k, v, scale, return_lse)
+    bias_src = _bias_source(bias, rpb, pattern, b, hq, nq, nk)
     if isinstance(pattern, Dense):
         pattern = None
+    if engine == "auto" and _ENGINE_OVERRIDE.get():
+        engine = _ENGINE_OVERRIDE.get()[-1]
+    unsafe = unsafe_tokens(q, k, v, scale)
+    if unsafe is None:
+        out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
+        return (out, lse) if return_lse else out
+    # some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
+    # attend such a key (or whose query is unsafe) are recomputed exactly
+    unsafe_q, unsafe_k = unsafe
+    out, lse = _run(sanitize(q, unsafe_q), sanitize(k, unsafe_k), sanitize(v, unsafe_k), pattern, scale, bias_src,
+                    key_padding_mask, engine, return_lse)
+    rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, nq, nk)
+    if rows.numel():
+        rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
+                                        key_padding_mask, return_lse)
+        out = out.index_copy(2, rows, out_r)
+        lse = lse.index_copy(2, rows, lse_r.to(lse.dtype)) if return_lse else None
+    return (out, lse) if return_lse else out
+
+
+def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse):
+    nq, nk = q.shape[2], k.shape[2]
     kpm = None
     if key_padding_mask is not None:
-        kpm = torch.zeros(b, nk, dtype=torch.float32, device=q.device).masked_fill_(~key_padding_mask, float("-inf"))
-    if engine == "auto" and _ENGINE_OVERRIDE:
-        engine = _ENGINE_OVERRIDE[-1]
+        kpm = torch.zeros(q.shape[0], nk, dtype=torch.float32, device=q.device)
+        kpm = kpm.masked_fill_(~key_padding_mask, float("-inf"))
     if engine == "auto":
         engine = _choose(q, pattern, nq, nk, bias_src)
         if engine == "flex":
             res = _try_flex(q, k, v, pattern, scale, kpm, bias_src, return_lse)
             if res is not None:
-                return res if return_lse else res[0]
+                return res
             engine = "blocksparse"
     if engine == "dense":
-        out, lse = dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
-    elif engine == "blocksparse" and isinstance(pattern, PerHead) and bias_src is None:
-        out, lse = _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse)
-    elif engine == "blocksparse":
+        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+    if engine == "blocksparse" and isinstance(pattern, PerHead) and bias_src is None:
+        return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse)
+    if engine == "blocksparse":
         plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
         if _is_partition(plan):
-            out, lse = partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
-        else:
-            out, lse = blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
-    else:
-        from .backends.flex import flex_attention_engine
+            return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+        return blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+    from .backends.flex import flex_attention_engine
 
-        out, lse = flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
-    return (out, lse) if return_lse else out
+    return flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+
+
+def _meta(q, k, v, scale, return_lse):
+    """Shape inference on the meta device: the dense math on meta tensors (no memory, no data), differentiable, so
+    tracing and ``torch.func`` shape checks see the real output shapes and dtypes."""
+    group = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.matmul(q, kr.transpose(-1, -2)) * scale
+    out = torch.matmul(s.softmax(-1), vr)
+    if not return_lse:
+        return out
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, torch.logsumexp(s.detach().to(acc), -1)
 
 
 def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, return_lse: bool):

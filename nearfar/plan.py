@@ -12,11 +12,11 @@ sequence) do not widen every tile. 1D lists that are runs of consecutive keys ar
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from .cache import CACHE, ByteLRU, cache_budget, nbytes_of
 from .patterns.base import Pattern, Tiles, unravel
 from .patterns.spatial import Layout
 
@@ -127,8 +127,9 @@ class Plan:
     heads: int  # Hp: 1, or Hq for per-head patterns
     #: every query tile's key list is exactly its own tokens (windows): see ``backends.partition``
     partition: bool = False
-    #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims)
-    engine_cache: dict = field(default_factory=dict, repr=False)
+    #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims), charged to the plan's
+    #: entry in ``nearfar.cache.CACHE`` and bounded by a quarter of its budget
+    engine_cache: ByteLRU = field(default_factory=lambda: ByteLRU(lambda: cache_budget() // 4), repr=False)
 
     @functools.cached_property
     def q_in_order(self) -> bool:
@@ -349,19 +350,13 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     return Plan(nq, nk, qt.idx, groups, pattern, hp, partition=partition)
 
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 16
-
-
 def get_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
-    """Cached ``build_plan``: plans depend only on the pattern and the shapes, not on the data."""
-    key = (pattern, nq, nk, tile, str(device))
-    plan = _CACHE.get(key)
+    """Cached ``build_plan``: plans depend only on the pattern and the shapes, not on the data. Kept in the
+    byte-bounded ``nearfar.cache.CACHE`` (``NEARFAR_CACHE_BYTES``)."""
+    key = ("plan", pattern, nq, nk, tile, str(device))
+    plan = CACHE.get(key)
     if plan is None:
         plan = build_plan(pattern, nq, nk, tile, torch.device(device))
-        _CACHE[key] = plan
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    else:
-        _CACHE.move_to_end(key)
+        plan.engine_cache.on_change = lambda delta: CACHE.resize(key, delta)
+        CACHE.put(key, plan, nbytes_of(plan) + plan.q_idx.numel() * 8)  # + q_inv, made on first use
     return plan

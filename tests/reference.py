@@ -331,3 +331,34 @@ def rope(x, pos):
     ang = pos.double()[:, None] * inv[None]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+
+
+def pairwise_reference(q, k, v, allowed, scale, bias=None, return_lse=False):
+    """Masked softmax attention in float64 in which a key and its value enter a query's row only where ``allowed``:
+    every product with a key, a value or a bias value sits behind ``where``, so whatever a key a query may not attend
+    holds (NaN, Inf, 1e30) reaches neither the query's output nor, through autograd, any gradient. Same arguments
+    and conventions as ``dense_reference`` (which multiplies whole rows and so spreads NaN); memory is
+    O(B·H·Nq·Nk·d), for small problems. A row whose allowed scores are all ``-inf`` returns 0 (LSE ``-inf``)."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    allowed = torch.broadcast_to(allowed.to(torch.bool), (b, hq, nq, nk))
+    zero = torch.zeros((), dtype=torch.float64)
+    neg = torch.tensor(float("-inf"), dtype=torch.float64)
+    s = (q[:, :, :, None] * torch.where(allowed[..., None], k[:, :, None], zero)).sum(-1) * scale
+    if bias is not None:
+        s = s + torch.where(allowed, torch.broadcast_to(bias.double(), s.shape), zero)
+    s = torch.where(allowed, s, neg)
+    live = ~torch.isneginf(s).all(-1, keepdim=True)
+    s = torch.where(live, s, zero)
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, zero)
+    e = torch.exp(s - m)
+    denom = e.sum(-1, keepdim=True)
+    p = e / denom * live
+    out = (p[..., None] * torch.where(allowed[..., None], v[:, :, None], zero)).sum(-2)
+    if not return_lse:
+        return out
+    return out, torch.where(live[..., 0], (m + torch.log(denom))[..., 0], neg)

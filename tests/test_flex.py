@@ -49,8 +49,8 @@ def test_flex_rpb_table():
     q, k, v = (torch.randn(1, 2, 144, 8, generator=g) for _ in range(3))
     table = torch.randn(2, 9, 9, generator=g)
     with torch.no_grad():
-        out = nf.attend(q, k, v, pattern, engine="flex", bias=table)
-        ref = nf.attend(q, k, v, pattern, engine="dense", bias=table)
+        out = nf.attend(q, k, v, pattern, engine="flex", rpb=table)
+        ref = nf.attend(q, k, v, pattern, engine="dense", rpb=table)
     assert (out - ref).abs().max() < 1e-5
 
 

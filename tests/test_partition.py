@@ -19,7 +19,7 @@ def _qkv(b, hq, hkv, n, d, dtype=torch.float32, seed=0):
 
 def _compare(pattern, allowed, n, table=None, bias_dense=None, hq=2, hkv=2, kpm=None, engine="auto", b=2):
     q, k, v = _qkv(b, hq, hkv, n, 8)
-    args = dict(bias=table, key_padding_mask=kpm, engine=engine)
+    args = dict(rpb=table, key_padding_mask=kpm, engine=engine)
     out, lse = attend(q, k, v, pattern, return_lse=True, **args)
     g = torch.randn_like(out)
     tensors = [q, k, v] + ([table] if table is not None else [])
@@ -83,8 +83,8 @@ def test_large_windows_take_the_partition_engine_and_agree_with_dense():
     assert plan.partition and plan.q_idx.shape == (30, 64)  # rolled windows: full tiles, region mask inside
     q, k, v = _qkv(1, 2, 2, 1920, 16)
     table = torch.randn(2, 15, 15)
-    a = attend(q, k, v, p, bias=table)
-    b = attend(q, k, v, p, bias=table, engine="dense")
+    a = attend(q, k, v, p, rpb=table)
+    b = attend(q, k, v, p, rpb=table, engine="dense")
     assert (a - b).abs().max() < 1e-5
 
 
@@ -103,7 +103,7 @@ def test_partition_under_torch_compile():
     table = torch.randn(2, 7, 7)
 
     def f(q, k, v):
-        return attend(q, k, v, p, bias=table)
+        return attend(q, k, v, p, rpb=table)
 
     assert (torch.compile(f)(q, k, v) - f(q, k, v)).abs().max() < 1e-5
 
@@ -116,5 +116,5 @@ def test_only_windows_are_partitions():
 
 def test_rpb_table_shape_errors():
     q, k, v = _qkv(1, 2, 2, 36, 8)
-    with pytest.raises(ValueError, match=r"relative-position-bias table \(2, 5, 5\)"):
-        attend(q, k, v, Blocks(3, grid=(6, 6)), bias=torch.randn(2, 7, 7))
+    with pytest.raises(ValueError, match=r"rpb must have shape .* = \(2, 5, 5\)"):
+        attend(q, k, v, Blocks(3, grid=(6, 6)), rpb=torch.randn(2, 7, 7))

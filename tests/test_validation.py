@@ -286,7 +286,7 @@ def test_bad_bias_type_and_dtype():
 def test_rpb_table_needs_noncausal_stride1(pattern):
     q, k, v = qkv()
     with pytest.raises(ValueError, match="relative-position-bias|rpb|causal|stride"):
-        nearfar.attend(q, k, v, pattern, bias=torch.zeros(2, 5))
+        nearfar.attend(q, k, v, pattern, rpb=torch.zeros(2, 5))
 
 
 def test_bad_pattern_and_return_lse_types():
@@ -353,7 +353,7 @@ def test_expensive_plan_is_never_built_for_invalid_input():
     n = grid[0] * grid[1]
     pattern = Neighborhood((13, 13), dilation=(3, 2), grid=grid)
     q, k, v = qkv(b=1, hq=1, hkv=1, nq=n, nk=n, d=4, dv=4)
-    before = list(nearfar.plan._CACHE.keys())
+    before = list(nearfar.cache.CACHE.keys())
     bad = [
         dict(key_padding_mask=torch.ones(1, n - 1, dtype=torch.bool)),
         dict(bias=torch.randn(1, 7, 7)),  # neither broadcastable nor the rpb table shape (1, 25, 25)
@@ -371,7 +371,7 @@ def test_expensive_plan_is_never_built_for_invalid_input():
     with pytest.raises(ValueError, match="grid"):
         nearfar.attend(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], pattern, engine="blocksparse")
     assert time.perf_counter() - t0 < 1.0
-    assert list(nearfar.plan._CACHE.keys()) == before
+    assert list(nearfar.cache.CACHE.keys()) == before
 
 
 def test_valid_calls_still_work_after_validation_tests():

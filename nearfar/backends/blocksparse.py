@@ -94,9 +94,12 @@ class Problem:
         self.grad_dtype = torch.float32 if half else q.dtype  # dK/dV accumulate over tiles
         self._q_identity = plan.q_in_order
         key = (b, self.hx, d, self.dv, q.element_size(), self.per_head, _CHUNK_BYTES)
-        if key not in plan.engine_cache:
-            plan.engine_cache[key] = self._make_chunks(q.element_size())
-        self.chunks = plan.engine_cache[key]
+        self.chunks = plan.engine_cache.get(key)
+        if self.chunks is None:
+            self.chunks = self._make_chunks(q.element_size())
+            # charged: the gather indices, and the rpb index a bias source may memoise per chunk (c*T*W int64)
+            size = sum(ch.index.numel() * 8 + ch.size * plan.tile * ch.group.width * 8 for ch in self.chunks)
+            plan.engine_cache.put(key, self.chunks, size)
         # "direct" layouts read chunks as strided views of (B, H, N, e) tensors instead of packing copies:
         # queries in tile order (the caller's tensor itself when tokens are already in tile order), and
         # keys/values when most chunks read evenly spaced runs of keys (1D windows)
@@ -195,7 +198,10 @@ class Problem:
         return x
 
     def compute(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(x.to(self.compute_dtype) for x in xs)
+        """Chunk operands in the compute dtype with unit last-dim stride: PyTorch's CPU flash-attention operators
+        (forward and backward) silently return wrong values for a view whose last dim is strided, e.g. a fused
+        qkv projection seen as ``(3, B, H, N, d)`` from a ``(..., d, 3)`` layout (issue 16)."""
+        return tuple(_unit_last(x.to(self.compute_dtype)) for x in xs)
 
     def _gather_index(self, k_idx: torch.Tensor) -> torch.Tensor:
         # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
@@ -287,6 +293,10 @@ class Problem:
 
 
 # ----- chunk kernels -----
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
 def _matmul_forward(q, k, v, mask, scale):
     s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q.dtype)).mul_(scale).add_(mask)
     m = s.amax(-1, keepdim=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ..bias import DenseBias, RelativePositionBias
+from ..cache import CACHE
 
 
 def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
@@ -23,16 +22,16 @@ def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
     return table[:, bias.pattern.rpb_index(q, k, q_len)][None]
 
 
-@functools.lru_cache(maxsize=8)
-def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> torch.Tensor:
-    """The pattern's (Nq, Nk) mask as 0 / -inf, cached: the dense engine serves small, repeated shapes."""
-    return torch.where(pattern.mask(nq, nk, device), 0.0, float("-inf")).to(dtype)
-
-
-@functools.lru_cache(maxsize=8)
-def _rows_without_keys(mask: torch.Tensor) -> torch.Tensor | None:
-    empty = torch.isinf(mask).all(-1, keepdim=True)
-    return empty if bool(empty.any()) else None
+def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pattern's (Nq, Nk) mask as 0 / -inf and its rows without keys (None if none), kept in the byte-bounded
+    ``nearfar.cache.CACHE``: the dense engine serves small, repeated shapes."""
+    key = ("dense_mask", pattern, nq, nk, str(device), dtype)
+    hit = CACHE.get(key)
+    if hit is None:
+        mask = torch.where(pattern.mask(nq, nk, device), 0.0, float("-inf")).to(dtype)
+        empty = torch.isinf(mask).all(-1, keepdim=True)
+        hit = CACHE.put(key, (mask, empty if bool(empty.any()) else None))
+    return hit
 
 
 #: on CPU, up to this many keys per query plain matmul + softmax beats SDPA's kernels (HiLo's 2x2 windows:
@@ -75,7 +74,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
     if pattern is not None:
-        mask = _additive_mask(pattern, nq, nk, q.device, acc)
+        mask, pattern_empty = _additive_mask(pattern, nq, nk, q.device, acc)
     if kpm is not None:
         kp = kpm[:, None, None, :].to(acc)
         mask = kp if mask is None else mask + kp
@@ -87,7 +86,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     if mask is None:
         mask = torch.zeros(nq, nk, dtype=acc, device=q.device)
     if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
-        empty = _rows_without_keys(mask)
+        empty = pattern_empty
     else:
         empty = _empty_rows(mask)
     if empty is not None:

@@ -18,6 +18,7 @@ import os
 import torch
 
 from ..bias import DenseBias
+from ..cache import CACHE
 from ..patterns import Dense, Tiles
 from ..plan import inverse_order, token_tiles
 
@@ -41,8 +42,24 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
-@functools.lru_cache(maxsize=16)
+def _lse_request() -> dict:
+    """``return_aux=AuxRequest(lse=True)``: PyTorch deprecated ``return_lse=True`` in favour of it (2.9); older
+    versions only have the flag."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:
+        return {"return_lse": True}
+    return {"return_aux": AuxRequest(lse=True)}
+
+
 def _block_plan(pattern, nq: int, nk: int, device: str):
+    """The BlockMask's block lists and token maps, kept in the byte-bounded ``nearfar.cache.CACHE``."""
+    key = ("flex_plan", pattern, nq, nk, device)
+    hit = CACHE.get(key)
+    return hit if hit is not None else CACHE.put(key, _make_block_plan(pattern, nq, nk, device))
+
+
+def _make_block_plan(pattern, nq: int, nk: int, device: str):
     lay = pattern.layout(nq, nk) if nq == nk else None
     tile = FLEX_TILE[len(lay.grid)] if lay is not None else FLEX_TILE[1][0]
     qt, kt = token_tiles(pattern, nq, nk, tile, torch.device(device))
@@ -99,9 +116,10 @@ def flex_attention_engine(q, k, v, pattern, scale: float, kpm=None, bias=None, r
             return score
 
     qp, kp_, vp = q.index_select(2, qm), k.index_select(2, km), v.index_select(2, km)
+    aux = _lse_request() if return_lse else None
     res = _compiled()(qp, kp_, vp, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                      enable_gqa=q.shape[1] != k.shape[1], return_lse=return_lse)
-    out, lse = res if return_lse else (res, None)
+                      enable_gqa=q.shape[1] != k.shape[1], **aux or {})
+    out, lse = (res[0], getattr(res[1], "lse", res[1])) if return_lse else (res, None)
     out = out.index_select(2, q_inv)
     if lse is not None:
         lse = lse.index_select(2, q_inv)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..bias import DenseBias
+from ..cache import nbytes_of
 from ..plan import Plan, _allowed_heads, _to_additive, get_plan, inverse_order
 from .dense import _empty_rows, sdpa
 
@@ -111,7 +112,8 @@ def windows(plan: Plan) -> Windows:
         ok |= (order < 0)[:, :, None]  # empty slots: a harmless row (their outputs are dropped)
         mask = None if bool(ok.all()) else _to_additive(ok)
         w = Windows(order, mask, order.clamp(min=0).reshape(-1), inverse_order(order, plan.nq), recipe)
-        plan.engine_cache["windows"] = w
+        # charged with the rpb index a bias source may memoise (nT*T*T int64)
+        plan.engine_cache.put("windows", w, nbytes_of(w) + order.numel() * order.shape[1] * 8)
     return w
 
 
@@ -220,5 +222,5 @@ def _window_batch(pattern, spatial, device) -> WindowBatch | None:
         return None
     wb = plan.engine_cache.get("window_batch")
     if wb is None:
-        wb = plan.engine_cache["window_batch"] = WindowBatch(win, pattern, n)
+        wb = plan.engine_cache.put("window_batch", WindowBatch(win, pattern, n), win.order.shape[1] ** 2 * 8)
     return wb

@@ -90,6 +90,6 @@ def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, sc
     p = qkv(src)
     q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
     if wb is None:
-        return merge_heads(attend(q, k, v, pattern, scale=scale, bias=table), spatial)
+        return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)
     out = attend(q, k, v, scale=scale, bias=wb.bias(table, x.shape[0]))
     return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])

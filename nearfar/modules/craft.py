@@ -127,7 +127,7 @@ class SRWAttention(nn.Module):
         for i, (branch, shift) in enumerate(zip(self.attns, ((a, c), (c, a)))):
             r, s = branch.window
             pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
-            out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, bias=branch.table())
+            out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, rpb=branch.table())
             outs.append(merge_heads(out, (h, w)))
         v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
         lcm = self.get_v(v).permute(0, 2, 3, 1)

@@ -162,7 +162,7 @@ class _GCViTWindowBase(nn.Module):
     def _attend_windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         spatial: tuple[int, int]) -> torch.Tensor:
         window = tuple(min(m, n) for m, n in zip(self.window_size, spatial))
-        out = attend(q, k, v, Blocks(window, grid=spatial), scale=self.scale, bias=self.rel_pos.offsets(window))
+        out = attend(q, k, v, Blocks(window, grid=spatial), scale=self.scale, rpb=self.rel_pos.offsets(window))
         return self.proj(merge_heads(out, spatial))
 
     def extra_repr(self) -> str:

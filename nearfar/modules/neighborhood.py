@@ -74,7 +74,7 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
-        out = attend(q, k, v, self.pattern(spatial), scale=self.scale, bias=self.rpb)
+        out = attend(q, k, v, self.pattern(spatial), scale=self.scale, rpb=self.rpb)
         return self.proj(merge_heads(out, spatial))
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ class Blocks(SpatialPattern):
     ``wrap=True`` is the cyclic, unmasked shift (window id ``((t - shift) mod extent) // size``) and
     needs extents divisible by ``size``.
 
-    A relative-position-bias table ``(heads, 2*size-1, ...)`` passed as ``attend(..., bias=table)`` is indexed
+    A relative-position-bias table ``(heads, 2*size-1, ...)`` passed as ``attend(..., rpb=table)`` is indexed
     by the key-minus-query offset of the two tokens inside their window (Swin's P4 table is query-minus-key
     and flattened: ``table_swin.T.reshape(heads, 2M-1, 2M-1).flip(1, 2)`` converts it). With ``wrap=True``
     the offset is taken in rolled coordinates, as CRAFT and HiDiffusion compute it after ``torch.roll``.
