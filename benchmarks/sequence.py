@@ -135,7 +135,7 @@ def model_decoder(name: str, model, length: int):
     state bytes."""
     tok, hd = torch.zeros(1, 1, dtype=torch.long), DIM // HEADS
     if name == "block_transformer":
-        caches = model.new_caches(model.block_decoder)
+        caches = model.new_caches(model.block_decoder, 1)
         for c in caches:
             _random_keys(c, length // model.block_len, HEADS, hd)
         h = torch.randn(1, DIM)

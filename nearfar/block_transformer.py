@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lm import Block
+from .lm import Block, layer_caches
 from .modules.registry import DECODER_ONLY, Mechanism, register
 from .modules.sequence import KVCache
 from .modules.sparse_attention import PatternAttention
@@ -132,13 +132,14 @@ class BlockTransformer(nn.Module):
         return F.cross_entropy(logits.reshape(-1, self.vocab_size), tokens[:, self.block_len:].reshape(-1).long())
 
     # -- decoding -----------------------------------------------------------------------------------------------
-    def new_caches(self, decoder: nn.ModuleList) -> list[KVCache]:
-        return [b.attn.new_cache() for b in decoder]
+    def new_caches(self, decoder: nn.ModuleList, batch: int) -> list[KVCache]:
+        """Empty caches of ``decoder`` (``self.block_decoder`` or ``self.token_decoder``) for ``batch`` sequences."""
+        return layer_caches(decoder, batch)
 
     def _generate_block(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Greedy tokens ``(B, L)`` and their logits ``(B, L, V)`` from contexts ``h (B, dim_block)``, with a
         token-decoder cache that lives for this block only; also its largest key count."""
-        caches = self.new_caches(self.token_decoder)
+        caches = self.new_caches(self.token_decoder, h.shape[0])
         x, toks, logits, most = self.prefix(h), [], [], 0
         for _ in range(self.block_len):
             step = self.lm_head(self.token_norm(_run(self.token_decoder, x, caches)[:, -1]))
@@ -158,7 +159,7 @@ class BlockTransformer(nn.Module):
         ``block_cache_sizes`` (block-decoder key count when each block was decoded)."""
         prompt = self._check_tokens(prompt, "prompt", 1)
         max_new_blocks = as_positive_int(max_new_blocks, "max_new_blocks")
-        block_caches = self.new_caches(self.block_decoder)
+        block_caches = self.new_caches(self.block_decoder, prompt.shape[0])
         h = self.contexts(self.embed_blocks(prompt), block_caches)[:, -1]
         out, logits, token_sizes, block_sizes = [prompt], [], [], []
         for i in range(max_new_blocks):

@@ -69,10 +69,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attend import attend
-from .lm import Block
+from .lm import Block, layer_caches
 from .modules.common import check_dim_heads, merge_heads, split_heads
 from .modules.registry import DECODER_ONLY, Mechanism, register
-from .modules.sequence import KVCache
+from .modules.sequence import DecodeState
 from .modules.sparse_attention import PatternAttention
 from .patterns import BlockWindow, Causal
 from .patterns.base import as_positive_int
@@ -165,13 +165,16 @@ class FITAR(nn.Module):
         n = t * self.latents_per_group
         return self.latent_pattern.mask(n, n, device=self.latent_emb.device)
 
-    def _check_tokens(self, tokens: object) -> torch.Tensor:
+    def _check_tokens(self, tokens: object, cache: object = None) -> torch.Tensor:
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"tokens must be a torch.Tensor (B, N) of token ids, got {type(tokens).__name__}")
         if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"tokens must be an integer tensor (B, N) of token ids, got {tokens.dtype}")
         if tokens.dim() != 2 or 0 in tokens.shape:
             raise ValueError(f"tokens must be a non-empty (B, N) tensor, got shape {tuple(tokens.shape)}")
+        # before the ids are read (they may be on another device); ids have no float dtype to match, the layers'
+        # own caches check the float states
+        FITCache.checked(cache, tokens, name="tokens", dtype=False)
         if bool((tokens < 0).any()) or bool((tokens >= self.vocab_size).any()):
             raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {int(tokens.min())}, "
                              f"max {int(tokens.max())}")
@@ -179,10 +182,10 @@ class FITAR(nn.Module):
 
     def new_cache(self, batch: int = 1) -> FITCache:
         """An empty decoding state for ``batch`` sequences (see the module docstring)."""
-        return FITCache(self, as_positive_int(batch, "batch"))
+        return FITCache(self, batch)
 
     def forward(self, tokens: torch.Tensor, cache: FITCache | None = None) -> torch.Tensor:
-        tokens = self._check_tokens(tokens)
+        tokens = self._check_tokens(tokens, cache)
         if cache is not None:
             return self._decode(tokens, cache)
         bsz, length = tokens.shape
@@ -218,14 +221,12 @@ class FITAR(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     def _decode(self, tokens: torch.Tensor, cache: FITCache) -> torch.Tensor:
-        if not isinstance(cache, FITCache) or cache.batch != tokens.shape[0]:
-            raise ValueError(f"cache must come from new_cache({tokens.shape[0]}) of this model")
         n, outs, i = self.group_size, [], 0
         while i < tokens.shape[1]:  # segments that stay inside one group
             start = cache.length % n
             seg = min(n - start, tokens.shape[1] - i)
             if start == 0:
-                cache.local = [[KVCache() for _ in blocks] for blocks in self.local]
+                cache.local = [layer_caches(blocks, cache.batch) for blocks in self.local]
             x = self.embed(tokens[:, i:i + seg])
             for b, blocks in enumerate(self.local):
                 for block, layer_cache in zip(blocks, cache.local[b]):
@@ -266,18 +267,19 @@ class FITAR(nn.Module):
         return torch.cat(out, 1)
 
 
-class FITCache:
+class FITCache(DecodeState):
     """FITAR's decoding state (see the module docstring): ``local`` KV caches of the current group per local layer,
     per block with a write the current group's token states ``group_x`` and the previous group's latents ``prev``,
     and ``latent`` KV caches of the finished groups' latents per global layer."""
 
     def __init__(self, model: FITAR, batch: int):
-        self.batch, self.length = batch, 0
         p = model.latent_emb
-        self.local = [[KVCache() for _ in blocks] for blocks in model.local]
+        super().__init__(batch, p.device)  # its tensors are made here, on the model's device
+        self.length = 0
+        self.local = [layer_caches(blocks, self.batch) for blocks in model.local]
         self.group_x: dict[str, list[torch.Tensor]] = {key: [] for key in model.write}
-        self.prev = {key: p.new_zeros(batch, model.latents_per_group, model.latent_dim) for key in model.write}
-        self.latent = {key: [KVCache() for _ in model.latent_blocks[key]] for key in model.write}
+        self.prev = {key: p.new_zeros(self.batch, model.latents_per_group, model.latent_dim) for key in model.write}
+        self.latent = {key: layer_caches(model.latent_blocks[key], self.batch) for key in model.write}
 
     def nbytes(self) -> int:
         caches = [c for blocks in self.local for c in blocks] + [c for cs in self.latent.values() for c in cs]

@@ -37,6 +37,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def layer_caches(blocks: nn.ModuleList, batch: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> list:
+    """One empty decoding cache per ``Block`` of ``blocks``, each made for ``batch`` sequences (and ``device`` /
+    ``dtype`` where given): every call with them is checked against that."""
+    return [b.attn.new_cache(batch, device=device, dtype=dtype) for b in blocks]
+
+
 class TinyLM(nn.Module):
     """``TinyLM(vocab_size, dim=128, depth=2, num_heads=4, mechanism="streaming_llm", mlp_hidden=None,
     layer_kwargs=None, **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is
@@ -70,7 +77,7 @@ class TinyLM(nn.Module):
 
     def new_caches(self, batch: int = 1) -> list:
         p = self.embed.weight
-        return [b.attn.new_cache(batch, device=p.device, dtype=p.dtype) for b in self.blocks]
+        return layer_caches(self.blocks, batch, p.device, p.dtype)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         logits = self(tokens[:, :-1])

@@ -6,6 +6,16 @@ import copy
 
 import torch
 
+# small settings of the 1D layers so that windows, blocks and segments are smaller than a test sequence of ~24
+SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
+         "bigbird": dict(block=4, global_blocks=1, random_blocks=1), "s2_attention": dict(block=4, local_blocks=2,
+                                                                                          vert_stride=2),
+         "moa": dict(total_len=24, sink_size=2, minimum_cache_size=4, split_size=2), "cca": dict(group_size=4,
+                                                                                             window_size=6),
+         "titans_mac": dict(segment_len=8, num_persistent=2), "lightning": dict(block_size=8),
+         "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1),
+         "fit_ar": dict(group_size=4, latents_per_group=2)}
+
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = "output") -> None:
     """Max abs error within ``rtol`` of the expected tensor's max magnitude (at least 1)."""

@@ -107,4 +107,4 @@ def test_errors():
     with pytest.raises(TypeError, match="causal must be a bool"):
         DenseAttention(16, 2, causal=1)
     with pytest.raises(TypeError, match="SourceCache"):
-        DenseAttention(16, 2, cross=True)(x, context=x, cache=KVCache())
+        DenseAttention(16, 2, cross=True)(x, context=x, cache=KVCache(1))

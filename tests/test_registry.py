@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from module_checks import SMALL
 
 import nearfar
 from nearfar.modules.registry import CAB_PATTERNS, FAMILIES, Mechanism, register
@@ -71,14 +72,6 @@ def test_register_rejects_duplicates_and_unknown_families():
 
 
 # ------------------------------------------------------------------------- every claimed CAB pattern, on outputs
-# small settings so that windows, blocks and segments are smaller than the test sequence
-SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
-         "bigbird": dict(block=4, global_blocks=1, random_blocks=1), "s2_attention": dict(block=4, local_blocks=2,
-                                                                                          vert_stride=2),
-         "moa": dict(total_len=24, sink_size=2, minimum_cache_size=4, split_size=2), "cca": dict(group_size=4,
-                                                                                             window_size=6),
-         "titans_mac": dict(segment_len=8, num_persistent=2), "lightning": dict(block_size=8),
-         "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1)}
 SEQ_CASES = [(m, p) for m in MECHANISMS if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 
 

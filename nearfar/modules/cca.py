@@ -53,7 +53,7 @@ from ..patterns import Causal, Pattern
 from ..patterns.base import as_positive_int
 from .common import merge_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
-from .sequence import add_projections, rotary_qkv
+from .sequence import DecodeState, add_projections, rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -102,11 +102,12 @@ class CoreAndWindow(Pattern):
         return ("CoreAndWindow", self.c, self.s, self.g)
 
 
-class CCACache:
+class CCACache(DecodeState):
     """Decoding state of a ``CCAAttention``: core keys/values ``(B, H, C, d)`` of the pooled groups and the raw
     queries/keys/values of positions ``raw_start .. length-1`` (keys/values with the KV heads)."""
 
-    def __init__(self):
+    def __init__(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(batch, device, dtype)
         self.length = 0  # tokens seen (the next token's position)
         self.raw_start = 0  # position of the first raw token kept
         self.core_k = self.core_v = None
@@ -147,8 +148,9 @@ class CCAAttention(nn.Module):
         self.pooling, self.causal = pooling, True
         add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
 
-    def new_cache(self, batch: int = 1, device=None, dtype=None) -> CCACache:
-        return CCACache()
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> CCACache:
+        return CCACache(batch, device, dtype)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         """KV heads -> query heads (head ``h`` reads KV head ``h // group``, as ``repeat_kv``)."""
@@ -194,6 +196,7 @@ class CCAAttention(nn.Module):
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        cache = CCACache.checked(cache, x)
         b, n, _ = x.shape
         if key_padding_mask is not None:
             if cache is not None:

@@ -23,15 +23,16 @@ from ..attend import attend
 from ..patterns import Causal, Dense
 from .common import merge_heads, split_heads
 from .registry import Mechanism, register
-from .sequence import KVCache, rotary_qkv
+from .sequence import DecodeState, KVCache, rotary_qkv
 from .sparse_attention import PatternAttention
 
 
-class SourceCache:
+class SourceCache(DecodeState):
     """A causal cross layer's decoding state: the source's projected keys/values and padding mask (set at the
     first call) and the number of target tokens seen."""
 
-    def __init__(self):
+    def __init__(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(batch, device, dtype)
         self.k = self.v = self.mask = None
         self.length = 0
 
@@ -52,10 +53,11 @@ class DenseAttention(PatternAttention):
         super().__init__(dim, num_heads, pattern, num_kv_heads, causal=causal, rope=not cross, qkv_bias=qkv_bias)
         self.cross = cross
 
-    def new_cache(self, batch: int = 1, device=None, dtype=None) -> KVCache | SourceCache:
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache | SourceCache:
         if not self.causal:
             raise ValueError("DenseAttention(causal=False) is not causal: it has no decoding cache")
-        return SourceCache() if self.cross else KVCache()
+        return (SourceCache if self.cross else KVCache)(batch, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, cache: KVCache | SourceCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,9 +66,8 @@ class DenseAttention(PatternAttention):
         if not self.cross:
             if context is not None:
                 raise ValueError("context is for cross-attention layers: build DenseAttention(..., cross=True)")
-            return self._self_attention(x, cache, key_padding_mask)
-        if cache is not None and not isinstance(cache, SourceCache):
-            raise TypeError(f"cache must come from new_cache (SourceCache), got {type(cache).__name__}")
+            return self._self_attention(x, KVCache.checked(cache, x), key_padding_mask)
+        cache = SourceCache.checked(cache, x)
         if cache is None or cache.k is None:
             k, v = self.project_source(x, context, key_padding_mask)
             if cache is not None:

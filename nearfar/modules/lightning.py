@@ -44,7 +44,6 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ from torch import nn
 from ..patterns.base import as_positive_int
 from .common import check_dim_heads, merge_heads, split_heads
 from .registry import Mechanism, register
+from .sequence import DecodeState
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -206,13 +206,16 @@ def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return ((q @ k.transpose(-1, -2)) * mask) @ v
 
 
-@dataclass
-class LinearAttentionState:
+class LinearAttentionState(DecodeState):
     """A lightning layer's decoding state: ``S`` ``[B, H, d, e]`` (fp32; fp64 for fp64 layers), the recurrent state
-    after ``length`` tokens. Its size does not depend on the sequence length."""
+    after ``length`` tokens. Its size does not depend on the sequence length. ``dtype`` is that of the inputs
+    ``x`` (``S`` may be wider), given or fixed by the first call."""
 
-    S: torch.Tensor
-    length: int = 0
+    def __init__(self, batch: int, shape: tuple[int, int, int], state_dtype: torch.dtype,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(batch, device, dtype)
+        self.S = torch.zeros(self.batch, *shape, dtype=state_dtype, device=self.device)
+        self.device, self.length = self.S.device, 0
 
 
 def _check_seq(x: object, dim: int, name: str) -> tuple[int, int]:
@@ -269,21 +272,16 @@ class LightningAttention(nn.Module):
         layer is fp64). A causal cross layer's state is the source's ``K^T V``, set at the first call."""
         if not self.causal:
             raise ValueError(f"{type(self).__name__}(causal=False) is not causal: it has no decoding cache")
-        batch = as_positive_int(batch, "batch")
         ref = self.q_proj.weight
         ct = torch.float64 if (dtype or ref.dtype) == torch.float64 else torch.float32
-        s = torch.zeros(batch, self.num_heads, self.head_dim, self.head_dim, dtype=ct, device=device or ref.device)
-        return LinearAttentionState(S=s)
+        return LinearAttentionState(batch, (self.num_heads, self.head_dim, self.head_dim), ct,
+                                    ref.device if device is None else device, dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 cache: LinearAttentionState | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         bs, n = _check_seq(x, self.dim, "x")
-        if cache is not None:
-            if not isinstance(cache, LinearAttentionState):
-                raise TypeError(f"cache must come from new_cache (LinearAttentionState), got {type(cache).__name__}")
-            if cache.S.shape[0] != bs:
-                raise ValueError(f"cache is for batch {cache.S.shape[0]}, x has batch {bs}")
+        cache = LinearAttentionState.checked(cache, x)
         if context is not None and not self.cross:
             raise ValueError("context is for cross-attention layers: build the layer with cross=True")
         source_cached = self.cross and cache is not None and cache.length > 0  # the source's K^T V is set

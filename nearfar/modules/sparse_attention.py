@@ -46,15 +46,17 @@ class PatternAttention(nn.Module):
         add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
         self.pattern, self.causal, self.keep = pattern, causal, keep
 
-    def new_cache(self, batch: int = 1, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
         if not self.causal:
             raise ValueError(f"{type(self).__name__} is not causal: it has no decoding cache")
-        return KVCache(keep=self.keep)
+        return KVCache(batch, keep=self.keep, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        cache = KVCache.checked(cache, x)
         n = x.shape[1]
         q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length)
         if cache is None:

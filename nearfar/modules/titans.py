@@ -77,7 +77,7 @@ from ..attend import attend
 from ..patterns.base import as_nonneg_int, as_positive_int
 from .common import check_dim_heads, merge_heads, split_heads
 from .registry import Mechanism, register
-from .sequence import RotaryEmbedding
+from .sequence import DecodeState, RotaryEmbedding
 
 LN_EPS = 1e-5  # F.layer_norm's default
 RMS_EPS = 1e-6
@@ -148,12 +148,16 @@ def memory_update(weights: list[torch.Tensor], momentum: list[torch.Tensor], k: 
     return weights, momentum
 
 
-class TitansCache:
+class TitansCache(DecodeState):
     """Decoding state of ``TitansMAC``: memory weights and momentum ``(B, H, d_in, d_out)`` per MLP layer, the input
     rows of the current (partial) segment, and the number of tokens seen."""
 
-    def __init__(self, weights: list[torch.Tensor], momentum: list[torch.Tensor]):
-        self.weights, self.momentum = weights, momentum
+    def __init__(self, memory: nn.ParameterList, batch: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__(batch, device, dtype)
+        self.weights = [w.to(device=self.device, dtype=dtype).expand(self.batch, -1, -1, -1) for w in memory]
+        self.momentum = [torch.zeros_like(w) for w in self.weights]
+        self.device = self.weights[0].device  # the memory lives there now, whether or not a device was given
         self.segment: torch.Tensor | None = None
         self.length = 0
 
@@ -208,9 +212,9 @@ class TitansMAC(nn.Module):
             nn.Parameter(torch.stack([nn.init.xavier_uniform_(torch.empty(a, b)) for _ in range(num_heads)]))
             for a, b in zip(sizes[:-1], sizes[1:]))
 
-    def new_cache(self, batch: int = 1, device=None, dtype=None) -> TitansCache:
-        weights = [w.to(device=device, dtype=dtype).expand(batch, -1, -1, -1) for w in self.memory]
-        return TitansCache(weights, [torch.zeros_like(w) for w in weights])
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> TitansCache:
+        return TitansCache(self.memory, batch, device, dtype)
 
     def _rows(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
         """What rows ``x (B, L, dim)`` at positions ``start..`` contribute without the memory, computed once for
@@ -268,8 +272,7 @@ class TitansMAC(nn.Module):
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask is not supported by TitansMAC (padding would enter the memory)")
-        if cache is not None and not isinstance(cache, TitansCache):
-            raise TypeError(f"cache must come from new_cache (a TitansCache), got {type(cache).__name__}")
+        cache = TitansCache.checked(cache, x)
         b, n, _ = x.shape
         c = self.segment_len
         if cache is None:
@@ -283,8 +286,6 @@ class TitansMAC(nn.Module):
                 if s + c < n:  # the memory after the last segment is never read
                     weights, momentum = self._update(weights, momentum, y)
             return self.o_proj(torch.cat(outs, 1))
-        if x.shape[0] != cache.weights[0].shape[0]:
-            raise ValueError(f"x has batch {x.shape[0]} but the cache was made for {cache.weights[0].shape[0]}")
         outs, i, context = [], 0, self._context(x.dtype)
         while i < n:
             have = 0 if cache.segment is None else cache.segment.shape[1]
