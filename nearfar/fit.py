@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attend import attend
-from .lm import Block
+from .lm import Block, check_token_ids
 from .modules.common import check_dim_heads, merge_heads, split_heads
 from .modules.registry import DECODER_ONLY, Mechanism, register
 from .modules.sequence import KVCache
@@ -172,9 +172,7 @@ class FITAR(nn.Module):
             raise TypeError(f"tokens must be an integer tensor (B, N) of token ids, got {tokens.dtype}")
         if tokens.dim() != 2 or 0 in tokens.shape:
             raise ValueError(f"tokens must be a non-empty (B, N) tensor, got shape {tuple(tokens.shape)}")
-        if bool((tokens < 0).any()) or bool((tokens >= self.vocab_size).any()):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {int(tokens.min())}, "
-                             f"max {int(tokens.max())}")
+        check_token_ids(tokens, self.vocab_size, "tokens")
         return tokens.long()
 
     def new_cache(self, batch: int = 1) -> FITCache:
