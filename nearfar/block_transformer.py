@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lm import Block, layer_caches
+from .lm import Block, check_token_ids, layer_caches
 from .modules.registry import DECODER_ONLY, Mechanism, register
 from .modules.sequence import KVCache
 from .modules.sparse_attention import PatternAttention
@@ -91,9 +91,7 @@ class BlockTransformer(nn.Module):
         if n % L or n < min_blocks * L:
             raise ValueError(f"{name} length must be a multiple of block_len ({L}) and at least {min_blocks * L} "
                              f"(left-pad it to a block boundary), got {n}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(f"{name} must hold token ids in [0, {self.vocab_size}), got "
-                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        check_token_ids(tokens, self.vocab_size, name)
         return tokens.long()
 
     def embed_blocks(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@
     nearfar bench speed --mechanism swin local --rounds 5
     nearfar bench quality --task mqar passkey --full --jobs 2
     nearfar bench --full --resume           # go on with an interrupted or partial run in the same --out
+    nearfar bench --full --force-resume --seed 1   # the same, keeping rows made with other settings
     nearfar bench report --out nearfar-bench    # re-render report.md/html from results.json
     nearfar bench patterns                  # correctness + speed sweep of the example patterns (the engine check)
 """
@@ -11,10 +12,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
+
+from .suite.files import BenchFileError
 
 
 def _summary(results: dict) -> str:
@@ -40,6 +42,25 @@ def _summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _run(args: argparse.Namespace, out: Path, argv: list[str] | None) -> tuple[dict, dict[str, Path]]:
+    if args.what == "report":
+        from .suite.files import load_results
+        from .suite.report import write_report
+
+        source = out / "results.json"
+        if not source.exists():
+            raise BenchFileError(f"no {source}: run `nearfar bench` first (or give --out)")
+        results = load_results(source)
+        return results, write_report(results, out)
+    from .suite.run import run_bench
+
+    command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
+                        command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep,
+                        force_resume=args.force_resume)
+    return results, {k: Path(v) for k, v in results["paths"].items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     bench.add_argument("--out", default="nearfar-bench", help="output directory (default ./nearfar-bench)")
     bench.add_argument("--resume", action="store_true",
-                       help="keep the results already in --out and run only what is missing")
+                       help="keep the results already in --out and run only what is missing; refuses a run made "
+                            "with other settings (size, --seed, --rounds, --lr-sweep, --device)")
+    bench.add_argument("--force-resume", action="store_true",
+                       help="--resume even if --out holds a run made with other settings: its rows are kept as "
+                            "they are, mixed with the new ones (the report says so)")
     bench.add_argument("--lr-sweep", type=float, nargs="+", default=None, metavar="LR",
                        help="train each quality run at every LR given and keep the best on a validation split "
                             "(the spec's {1e-3, 3e-3}; default: one tuned LR per task)")
@@ -92,26 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--jobs > 1 trains in CPU worker processes; use --jobs 1 with --device cuda")
         torch.set_default_device(args.device)
     out = Path(args.out)
-    if args.what == "report":
-        from .suite.report import write_report
-
-        source = out / "results.json"
-        if not source.exists():
-            parser.error(f"no {source}: run `nearfar bench` first (or give --out)")
-        results = json.loads(source.read_text())
-        paths = write_report(results, out)
-    else:
-        from .suite.run import run_bench
-
-        command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        try:
-            results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
-                                command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep)
-        except ValueError as err:
-            if not str(err).startswith("--resume"):
-                raise
-            parser.error(str(err))
-        paths = {k: Path(v) for k, v in results["paths"].items()}
+    try:
+        results, paths = _run(args, out, argv)
+    except BenchFileError as err:  # a bad --out or results file, a refused --resume: the message says it all
+        bench.exit(2, f"nearfar bench: error: {err}\n")
+    except OSError as err:
+        if err.filename is None:
+            raise
+        bench.exit(1, f"nearfar bench: error: {err.filename}: {err.strerror}\n")
     print(_summary(results))
     print(f"\nreport: {paths['md']} and {paths['html']} (data: {paths['json']})")
     return 130 if results.get("interrupted") else 0

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attend import attend
-from .lm import Block, layer_caches
+from .lm import Block, check_token_ids, layer_caches
 from .modules.common import check_dim_heads, merge_heads, split_heads
 from .modules.registry import DECODER_ONLY, Mechanism, register
 from .modules.sequence import DecodeState
@@ -175,9 +175,7 @@ class FITAR(nn.Module):
         # before the ids are read (they may be on another device); ids have no float dtype to match, the layers'
         # own caches check the float states
         FITCache.checked(cache, tokens, name="tokens", dtype=False)
-        if bool((tokens < 0).any()) or bool((tokens >= self.vocab_size).any()):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {int(tokens.min())}, "
-                             f"max {int(tokens.max())}")
+        check_token_ids(tokens, self.vocab_size, "tokens")
         return tokens.long()
 
     def new_cache(self, batch: int = 1) -> FITCache:

@@ -15,6 +15,16 @@ from torch import nn
 from .modules.registry import mechanisms
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
+    """A clear error, before any work, if ``tokens`` holds an id outside ``[0, vocab_size)``: the embedding's own
+    error is an IndexError that names neither the argument nor the range."""
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must hold token ids in [0, {vocab_size}) (vocab_size), got "
+                             f"{lo if lo < 0 else hi}")
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -59,6 +69,7 @@ class TinyLM(nn.Module):
             raise ValueError(f"mechanism must be a registered causal sequence layer, one of {sorted(entries)}; "
                              f"got {mechanism!r}")
         self.mechanism = mechanism
+        self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, dim)
         hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
         entry = entries[mechanism]
@@ -70,6 +81,7 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        check_token_ids(tokens, self.vocab_size, "tokens")
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, None if caches is None else caches[i])
@@ -80,12 +92,14 @@ class TinyLM(nn.Module):
         return layer_caches(self.blocks, batch, p.device, p.dtype)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_token_ids(tokens, self.vocab_size, "tokens")  # the last column is only a target: forward never sees it
         logits = self(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding: the prompt goes through the caches in one step, then one token per step."""
+        check_token_ids(prompt, self.vocab_size, "prompt")
         caches = self.new_caches(prompt.shape[0])
         logits = self(prompt, caches)
         out = [prompt]

@@ -4,6 +4,8 @@ self patterns see later tokens), with the reason given for every pattern it does
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from module_checks import SMALL
@@ -125,3 +127,9 @@ def test_a_layer_returns_its_update_not_the_input_plus_it(mech: Mechanism):
     with torch.no_grad():
         y = layer.eval()(x)
     assert abs(torch.nn.functional.cosine_similarity(y.flatten(), x.flatten(), dim=0)) < 0.3
+
+
+@pytest.mark.parametrize("arg,allowed", [("family", "'local+global'"), ("kind", "'model'"), ("pattern", "'CC'")])
+def test_an_unknown_filter_value_is_an_error_naming_the_allowed_ones(arg, allowed):
+    with pytest.raises(ValueError, match=f"{arg} must be None or one of .*{re.escape(allowed)}.*got 'nope'"):
+        nearfar.mechanisms(**{arg: "nope"})

@@ -51,7 +51,7 @@ def test_write_report_produces_every_file(tmp_path):
     quality = md[md.index("## Quality"):].splitlines()
     rows = [line.split(" | ")[0][2:] for line in quality if line.startswith("| ") and "---" not in line][1:]
     assert rows == ["full", "local", "none", "streaming_llm"]
-    assert "| full | 0.900 [0.900-0.900] |" in md
+    assert "| full | 0.900 \\[0.900-0.900\\] |" in md  # brackets escaped: plain text, never a link
     assert "figures/speed_CS.png" in md and (tmp_path / "figures" / "quality_mqar.png").exists()
     assert "## Recall against cost" in md and (tmp_path / "figures" / "recall_vs_cost_mqar.png").exists()
     html_text = paths["html"].read_text()
@@ -81,3 +81,42 @@ def test_a_nan_training_loss_is_flagged(tmp_path):
                      "rows": [row, {**row, "seed": 1, "final_loss": 1.0}]}}
     tables = [b for b in quality_blocks(quality, tmp_path) if b[0] == "table"]
     assert "NaN loss in 1 of 2 runs" in tables[0][2][0][1]
+
+
+def test_markdown_escapes_what_comes_from_the_data(tmp_path):
+    results = _results()
+    note = "bad | cell\nsecond line `code` <b>*x*</b> [link](http://x) _em_"
+    results["speed"]["gates"][1]["detail"] = note
+    results["quality"]["mqar"]["task"]["description"] = "recall\n# not a heading"
+    paths = write_report(results, tmp_path)
+    md = paths["md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| bad"))
+    # still a 3-cell row on one line: every "|" of the note escaped, its newline a <br>
+    assert len(row.replace("\\|", "").split("|")) == 3 + 2 and "second line" in row
+    assert "bad \\| cell<br>second line \\`code\\` \\<b\\>\\*x\\*\\</b\\> \\[link\\](http://x) \\_em\\_" in row
+    assert "\n# not a heading" not in md and "recall<br># not a heading" in md
+    assert json.loads(paths["json"].read_text())["speed"]["gates"][1]["detail"] == note  # the data as it was
+
+
+def test_rows_of_an_unregistered_mechanism_are_flagged(tmp_path, capsys):
+    results = _results()
+    results["quality"]["mqar"]["rows"].append({**results["quality"]["mqar"]["rows"][0], "name": "old_name"})
+    results["speed"]["rows"].append({**results["speed"]["rows"][0], "mechanism": "renamed_llm"})
+    md = write_report(results, tmp_path)["md"].read_text()
+    assert "| old_name (unregistered) |" in md and "| renamed_llm (unregistered) |" in md
+    assert "Not in the registry: bad, old_name, renamed_llm" in md  # "bad": the fixture's failed gate
+    assert "| streaming_llm |" in md and "| full |" in md  # registered names and the controls as they are
+    err = capsys.readouterr().err
+    assert "warning:" in err and "bad, old_name, renamed_llm" in err
+
+
+def test_every_report_file_is_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    replaced = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(os.path.basename(dst)), real(src, dst)))
+    write_report(_results(), tmp_path)
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(replaced) and {"results.json", "report.md", "report.html", "speed.csv",
+                                             "quality.csv", "quality_mqar.png"} <= set(written)

@@ -201,6 +201,29 @@ def test_resume_refuses_other_settings(tmp_path, monkeypatch, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("change,named", [({"seed": 1}, "seed 0 -> 1"), ({"rounds": 2}, "rounds 3 -> 2")])
+def test_resume_refuses_another_seed_or_rounds_unless_forced(tmp_path, monkeypatch, capsys, change, named):
+    monkeypatch.setattr(R.Q, "run_quality", _fake_rows)
+    R.run_bench("quality", None, True, 0, tmp_path, None, tasks=["mqar"])
+    args = {"seed": 0, "rounds": None, **change}
+    with pytest.raises(ValueError, match=f"--resume: .*{named}.*--force-resume"):
+        R.run_bench("quality", None, True, args["seed"], tmp_path, args["rounds"], tasks=["mqar"], resume=True)
+    flags = ["--seed", str(args["seed"])] + (["--rounds", str(args["rounds"])] if args["rounds"] else [])
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "quality", "--task", "mqar", "--resume", "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert exit_.value.code != 0 and named in err and "Traceback" not in err
+    # the rows on disk are untouched, and --force-resume keeps them, saying so in the report
+    assert len(json.loads((tmp_path / "results.json").read_text())["quality"]["mqar"]["rows"]) == 7
+    forced = R.run_bench("quality", None, True, args["seed"], tmp_path, args["rounds"], tasks=["mqar"],
+                         force_resume=True)
+    setting = next(iter(change))
+    assert [(c["setting"], c["after"]) for c in forced["resumed_with_changes"]] == [(setting, change[setting])]
+    assert "Resumed with other settings (--force-resume)" in (tmp_path / "report.md").read_text()
+    # the new settings are the run's now: resuming with them again is no change
+    R.run_bench("quality", None, True, args["seed"], tmp_path, args["rounds"], tasks=["mqar"], resume=True)
+
+
 def test_parallel_jobs_give_the_serial_results():
     def run(jobs):
         results = {"quality": {}}

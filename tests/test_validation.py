@@ -393,3 +393,16 @@ def test_device_mismatch():
         nearfar.attend(q, k, v, key_padding_mask=torch.ones(q.shape[0], k.shape[2], dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match="bias"):
         nearfar.attend(q, k, v, bias=torch.zeros(q.shape[2], k.shape[2], device="meta"))
+
+
+@pytest.mark.parametrize("call", ["forward", "loss", "generate"])
+@pytest.mark.parametrize("bad", [10, -1])
+def test_tinylm_token_ids_out_of_range(call, bad):
+    from nearfar.lm import TinyLM
+
+    lm = TinyLM(10, dim=16, depth=1, num_heads=2)
+    tokens = torch.tensor([[1, 2, 3, bad]])
+    name = "prompt" if call == "generate" else "tokens"
+    run = {"forward": lambda: lm(tokens), "loss": lambda: lm.loss(tokens), "generate": lambda: lm.generate(tokens, 2)}
+    with pytest.raises(ValueError, match=rf"{name} must hold token ids in \[0, 10\).*got {bad}"):
+        run[call]()

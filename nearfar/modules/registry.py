@@ -115,5 +115,10 @@ def image_layer(causal: Mapping[str, object] | str = IMAGE_NOT_CAUSAL,
 def mechanisms(family: str | None = None, kind: str | None = None, pattern: str | None = None) -> list[Mechanism]:
     """Every registered mechanism, or those of one ``family``, ``kind`` ("layer"/"model") or supporting one CAB
     ``pattern``: name, paper, official repo, family, dims, CAB patterns (and why not the others), constructors."""
+    # a misspelt filter would otherwise match nothing and look like "no such mechanism"
+    for name, value, allowed in (("family", family, FAMILIES), ("kind", kind, KINDS),
+                                 ("pattern", pattern, tuple(CAB_PATTERNS))):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name} must be None or one of {allowed}, got {value!r}")
     return [m for m in _REGISTRY.values() if (family is None or m.family == family)
             and (kind is None or m.kind == kind) and (pattern is None or pattern in m.patterns)]

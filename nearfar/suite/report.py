@@ -12,12 +12,12 @@ mechanism with the controls (full attention, local-only, no attention) of the sa
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
+import io
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 from collections import defaultdict
@@ -25,10 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..modules.registry import CAB_PATTERNS
+from ..modules.registry import CAB_PATTERNS, mechanisms
+from .files import warn, write_atomic
+from .render import Block, md_escape, render_html, render_markdown
 
-Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+__all__ = ["environment", "md_escape", "quality_blocks", "recall_vs_cost", "render_html", "render_markdown",
+           "speed_blocks", "unregistered", "write_report"]
+
 CONTROLS = ("full", "local", "none")
+#: how a table marks a mechanism the registry does not know (renamed or removed since the run, or edited by hand)
+UNREGISTERED = " (unregistered)"
 
 
 def environment() -> dict:
@@ -75,7 +81,7 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
             sizes = sorted({r["size"] for r in same}, key=_size_key)
             cells: dict = defaultdict(dict)
             for r in same:
-                cells[r["mechanism"]][(r["size"], r["phase"])] = r["ratio"]
+                cells[_label(r["mechanism"])][(r["size"], r["phase"])] = r["ratio"]
             table = [[mech] + [" / ".join("-" if (s, ph) not in cells[mech] else f"{cells[mech][(s, ph)]:.2f}x"
                                           for ph in ("fwd", "fwd+bwd")) for s in sizes] for mech in sorted(cells)]
             out.append(("table", [f"mechanism ({dims})" if dims else "mechanism"] + [str(s) for s in sizes], table))
@@ -83,24 +89,43 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
     if peers:
         out += [("h", 3, "Peers, timed beside nearfar on the same inputs"),
                 ("table", ["peer", "beside", "pattern", "size", "phase", "peer ms", "dense ms", "dense / peer"],
-                 [[r["peer"], r["mechanism"], r["pattern"], str(r["size"]), r["phase"], f"{r['ms']:.2f}",
+                 [[r["peer"], _label(r["mechanism"]), r["pattern"], str(r["size"]), r["phase"], f"{r['ms']:.2f}",
                    f"{r['dense_ms']:.2f}", f"{r['ratio']:.2f}x"] for r in peers])]
     if speed.get("crossovers"):
         out += [("h", 3, "Crossover (CAB's efficiency length): smallest measured size from which the mechanism "
                          "stays faster / lighter than dense"),
                 ("table", ["mechanism", "pattern", "phase", "time", "peak memory", "memory saved for backward"],
-                 [[c["mechanism"], c["pattern"], c["phase"], _none(c["time_crossover"]),
+                 [[_label(c["mechanism"]), c["pattern"], c["phase"], _none(c["time_crossover"]),
                    _none(c.get("peak_crossover")), _none(c["memory_crossover"])] for c in speed["crossovers"]])]
     gates = speed.get("gates", [])
     failed = [g for g in gates if not g["passed"]]
     out.append(("p", f"Correctness gate before timing: {len(gates) - len(failed)}/{len(gates)} passed."))
     if failed:
         out.append(("table", ["mechanism", "pattern", "detail"],
-                    [[g["mechanism"], g["pattern"], g["detail"]] for g in failed]))
+                    [[_label(g["mechanism"]), g["pattern"], g["detail"]] for g in failed]))
     if speed.get("skipped"):
-        out += [("h", 3, "Not timed"), ("table", ["mechanism", "pattern", "why"],
-                                        [[s["mechanism"], s.get("pattern", ""), s["why"]] for s in speed["skipped"]])]
+        out += [("h", 3, "Not timed"),
+                ("table", ["mechanism", "pattern", "why"],
+                 [[_label(s["mechanism"]), s.get("pattern", ""), s["why"]] for s in speed["skipped"]])]
     return out
+
+
+def _registered(name: str) -> bool:
+    # a peer's note reads "swin (peer natten)": the mechanism is the part before
+    return name.split(" (peer ")[0] in {m.name for m in mechanisms()} | set(CONTROLS)
+
+
+def _label(name: str) -> str:
+    return name if _registered(name) else name + UNREGISTERED
+
+
+def unregistered(results: dict) -> list[str]:
+    """The mechanisms ``results`` holds rows or notes of that are neither registered nor a quality control."""
+    speed = results.get("speed") or {}
+    names = {r["mechanism"] for key in ("rows", "gates", "crossovers", "skipped") for r in speed.get(key) or []}
+    for entry in (results.get("quality") or {}).values():
+        names |= {r["name"] for r in entry["rows"]} | {s["mechanism"] for s in entry.get("skipped") or []}
+    return sorted({n.split(" (peer ")[0] for n in names if not _registered(n)})
 
 
 def _none(value: object) -> str:
@@ -145,10 +170,7 @@ def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[Block]
             ax.set_title(f"{pattern} {phase}")
         if axes[0][-1].get_legend_handles_labels()[0]:
             axes[0][-1].legend(fontsize=6, ncol=2)
-        path = fig_dir / f"{what}_{pattern}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        path = _save_figure(plt, fig, fig_dir, f"{what}_{pattern}")
         blocks.append(("img", path, f"{what} vs tokens, {pattern}"))
     return blocks
 
@@ -181,7 +203,7 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
             diverged = sum(1 for r in rs if r.get("final_loss") != r.get("final_loss"))
             if diverged:  # a NaN training loss: the score is that of a broken model, not of the mechanism
                 cell += f" (NaN loss in {diverged} of {len(rs)} runs)"
-            table.append([mech, cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
+            table.append([_label(mech), cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
                          + [str(len(rs)), f"{_mean([r['seconds'] for r in rs]):.0f}"])
         metric = task["metric"]
         longest = max(rows, key=lambda r: r["seconds"])
@@ -215,10 +237,7 @@ def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_
     ax.set_ylabel(task["metric"])
     ax.set_title(f"{name}: {task['metric']} by bin")
     ax.legend(fontsize=6, ncol=2)
-    path = fig_dir / f"quality_{name}.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    path = _save_figure(plt, fig, fig_dir, f"quality_{name}")
     return [("img", path, f"{name}: {task['metric']} by bin")]
 
 
@@ -253,12 +272,20 @@ def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[Block]:
         ax.set_xlabel(f"speed vs dense, fwd+bwd, {largest} tokens ({task['pattern']})")
         ax.set_ylabel(f"{name} accuracy")
         ax.set_title(f"{name}: recall against measured cost")
-        path = fig_dir / f"recall_vs_cost_{name}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
+        path = _save_figure(plt, fig, fig_dir, f"recall_vs_cost_{name}")
         blocks.append(("img", path, f"{name}: accuracy against speed ratio"))
     return [("h", 2, "Recall against cost")] + blocks if blocks else []
+
+
+def _save_figure(plt, fig, fig_dir: Path, stem: str) -> Path:
+    # task names come from the results file: no "/" or ".." of theirs may put a figure outside fig_dir
+    path = fig_dir / (re.sub(r"[^\w.-]", "_", stem) + ".png")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
 
 
 def _pyplot():
@@ -272,51 +299,16 @@ def _pyplot():
     return plt
 
 
-# ------------------------------------------------------------------------------------------------- rendering
-def render_markdown(blocks: list[Block], base: Path) -> str:
-    lines = []
-    for b in blocks:
-        if b[0] == "h":
-            lines += ["#" * b[1] + " " + b[2], ""]
-        elif b[0] == "p":
-            lines += [b[1], ""]
-        elif b[0] == "table":
-            lines += ["| " + " | ".join(b[1]) + " |", "|" + "---|" * len(b[1])]
-            lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in b[2]] + [""]
-        elif b[0] == "img":
-            lines += [f"![{b[2]}]({Path(b[1]).relative_to(base).as_posix()})", ""]
-    return "\n".join(lines)
-
-
-def render_html(blocks: list[Block], title: str) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
-             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}"
-             "</style></head><body>"]
-    for b in blocks:
-        if b[0] == "h":
-            parts.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-        elif b[0] == "p":
-            parts.append(f"<p>{html.escape(b[1])}</p>")
-        elif b[0] == "table":
-            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in b[1])
-            body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in b[2])
-            parts.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif b[0] == "img":  # embedded, so the page is one self-contained file
-            data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            parts.append(f"<p><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'></p>")
-    return "".join(parts) + "</body></html>"
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in r.items()})
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list, tuple)) else v for k, v in r.items()})
+    write_atomic(path, buf.getvalue())
 
 
 def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
@@ -326,7 +318,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "results.json", "md": out / "report.md", "html": out / "report.html"}
-    paths["json"].write_text(json.dumps(results, indent=1, default=str))
+    write_atomic(paths["json"], json.dumps(results, indent=1, default=str))
     if results.get("speed"):
         paths["speed_csv"] = out / "speed.csv"
         _write_csv(paths["speed_csv"], results["speed"].get("rows", []))
@@ -340,12 +332,24 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
                            ("p", "Command: " + str(results.get("command", "nearfar bench")))]
     if results.get("interrupted"):
         blocks.append(("p", "Interrupted (Ctrl-C): the tables hold what finished before."))
+    changes = results.get("resumed_with_changes") or []
+    if changes:
+        blocks.append(("p", "Resumed with other settings (--force-resume): the tables mix rows made with "
+                            + ", ".join(f"{c['setting']} {c['before']!r} and {c['after']!r}" for c in changes)
+                            + "."))
+    unknown = unregistered(results)
+    if unknown:  # rows kept from a run whose mechanism was renamed or removed since, or edited by hand
+        warn(f"{paths['json']} holds rows of mechanisms not in the registry: {', '.join(unknown)}; the report "
+             f"shows them as recorded, marked '{UNREGISTERED.strip()}'")
+        blocks.append(("p", f"Not in the registry: {', '.join(unknown)} (renamed or removed since the run, or "
+                            f"edited by hand). Their rows are shown as recorded and marked "
+                            f"'{UNREGISTERED.strip()}'; no registered mechanism stands behind them."))
     if results.get("speed"):
         blocks += speed_blocks(results["speed"], fig_dir)
     if quality:
         blocks += quality_blocks(quality, fig_dir)
     if quality and results.get("speed"):
         blocks += recall_vs_cost(quality, results["speed"], fig_dir)
-    paths["md"].write_text(render_markdown(blocks, out))
-    paths["html"].write_text(render_html(blocks, "nearfar bench report"))
+    write_atomic(paths["md"], render_markdown(blocks, out))
+    write_atomic(paths["html"], render_html(blocks, "nearfar bench report"))
     return paths

@@ -13,7 +13,6 @@ windows become the largest divisor of the image side within the local control's 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +22,7 @@ import torch
 
 from ..modules.registry import mechanisms
 from . import quality as Q
+from .files import BenchFileError, check_out_dir, load_results, warn, write_atomic
 from .report import environment, write_report
 from .tasks import TASK_NAMES, get_task
 
@@ -135,6 +135,7 @@ def quality_jobs(tasks: list[str], names: list[str] | None, quick: bool, seed: i
                                               "description")}
         entry = results["quality"].setdefault(name, {"task": meta, "rows": [], "skipped": []})
         entry["task"] = meta
+        entry.setdefault("skipped", [])  # optional in a results file (files.check_results)
         known = {s["mechanism"] for s in entry["skipped"]}
         entry["skipped"] += [s for s in skipped if s["mechanism"] not in known]
         done = {(r["name"], r["seed"]) for r in entry["rows"]}
@@ -238,42 +239,67 @@ def _terminate_as_interrupt() -> Callable[[], None]:
 
 
 def _previous(out: Path) -> dict | None:
-    for name in ("results.partial.json", "results.json"):  # a partial file is newer than the last report
-        if (out / name).exists():
-            return json.loads((out / name).read_text())
-    return None
+    """The results ``--resume`` goes on from: ``results.partial.json`` (newer than the last report) if it is there
+    and sound, else ``results.json``; None if neither is there."""
+    partial, final = out / "results.partial.json", out / "results.json"
+    if partial.exists():
+        try:
+            return load_results(partial)
+        except BenchFileError as err:
+            if not final.exists():
+                raise BenchFileError(f"--resume: {err}; remove it to start over") from None
+            # a partial file is only ever written whole (write_atomic): one that is not was damaged afterwards
+            warn(f"{err}; resuming from {final} instead (the runs saved only in {partial.name} will be redone)")
+    return load_results(final) if final.exists() else None
+
+
+def _check_resume(previous: dict, settings: dict, out: Path, force: bool) -> list[dict]:
+    """The settings of ``previous`` that differ from ``settings`` (settings it did not record are taken as the
+    same: older runs recorded fewer); a ``BenchFileError`` naming them unless ``force``."""
+    before = previous.get("settings") or {}
+    changed = [{"setting": k, "before": before[k], "after": v} for k, v in settings.items()
+               if k in before and before[k] != v]
+    if changed and not force:
+        listed = ", ".join(f"{c['setting']} {c['before']!r} -> {c['after']!r}" for c in changed)
+        raise BenchFileError(f"--resume: {out} holds a run with other settings ({listed}): its rows would be kept "
+                             f"as if made with the new ones; give the same settings, another --out, or "
+                             f"--force-resume to keep them anyway")
+    return changed
 
 
 def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: Path, rounds: int | None,
               tasks: list[str] | None = None, command: str = "nearfar bench", resume: bool = False,
-              jobs: int = 1, lrs: tuple[float, ...] | None = None) -> dict:
+              jobs: int = 1, lrs: tuple[float, ...] | None = None, force_resume: bool = False) -> dict:
     """Run ``what`` ("all", "speed" or "quality") and write the report under ``out`` (also after Ctrl-C).
 
     ``resume``: start from ``out``'s results (``results.partial.json`` left by an interrupted run, else
     ``results.json``) and run only what is missing there: quality runs by (task, mechanism, seed), speed by
     (mechanism, pattern, dims). A long full run can so be done in several sittings, or extended by another
-    ``--task`` / ``--mechanism`` selection, and still give one report. ``jobs``: quality runs at once."""
-    from .speed import run_speed
+    ``--task`` / ``--mechanism`` selection, and still give one report. It refuses a run made with other settings
+    (size, seed, rounds, LR sweep, device: its rows would mean something else) unless ``force_resume``, which keeps
+    them and notes the change in the report. ``jobs``: quality runs at once."""
+    from .speed import FULL, QUICK, run_speed
 
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
+    out = Path(out)
+    check_out_dir(out)
+    resume = resume or force_resume
     previous = _previous(out) if resume else None
-    settings = {"size": "quick" if quick else "full", "lrs": list(lrs) if lrs else None}
-    if previous is not None and previous.get("settings", settings) != settings:
-        raise ValueError(f"--resume: {out} holds a run with settings {previous['settings']}, not {settings}; "
-                         f"give another --out or the same size and --lr-sweep")
+    settings = {"size": "quick" if quick else "full", "lrs": list(lrs) if lrs else None, "seed": seed,
+                "rounds": (QUICK if quick else FULL)["rounds"] if rounds is None else rounds,
+                "device": str(torch.get_default_device())}
+    changed = _check_resume(previous, settings, out, force_resume) if previous is not None else []
+    torch.manual_seed(seed)
     results: dict = {"env": environment(), "command": command, "settings": settings, "speed": None, "quality": {},
                      "interrupted": False}
     if previous is not None:
         results.update(speed=previous.get("speed"), quality=previous.get("quality") or {},
-                       commands=[*previous.get("commands", [previous.get("command")]), command])
+                       commands=[*(previous.get("commands") or [previous.get("command")]), command],
+                       resumed_with_changes=[*(previous.get("resumed_with_changes") or []), *changed])
         results["command"] = " ; ".join(c for c in results["commands"] if c)
     partial = out / "results.partial.json"
 
-    def save() -> None:  # write then rename: a kill mid-write never leaves a truncated file for --resume
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, default=str))
-        os.replace(tmp, partial)
+    def save() -> None:
+        write_atomic(partial, json.dumps(results, default=str))
 
     restore = _terminate_as_interrupt()
     try:
