@@ -40,6 +40,10 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=not (LONG or _
 LAYOUTS = ("contiguous", "bnhd", "d_major", "last_strided", "sliced", "offset", "expanded", "channels_last")
 DTYPES = (torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float64)
 GARBAGE = (float("nan"), float("inf"), float("-inf"), 1e30)
+#: half-precision gradients over many draws: a gradient that cancels to ~0 (identical keys, a global token) is
+#: a sum of terms of size ~|k|·|dP| ~ 10 each rounded to bf16 (eps 2^-8) inside the kernels, so its error reaches
+#: ~4e-2 with every engine and layout (checked against the contiguous call); the fixed bound is floored at 1
+FUZZ_GRAD_TOL = {**GRAD_TOL, torch.bfloat16: 6e-2, torch.float16: 1e-2}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,7 +201,7 @@ def check(p, engine):
     wrt = leaves + ([b] if b is not None and b.requires_grad else [])
     grads = torch.autograd.grad((out * go).sum(), wrt)
     for name, g, gr in zip(["dq", "dk", "dv", "dbias"], grads, grads_r):
-        close(f"{tag} {name}", g, gr, dtype, GRAD_TOL)
+        close(f"{tag} {name}", g, gr, dtype, FUZZ_GRAD_TOL)
 
 
 @pytest.fixture

@@ -123,5 +123,6 @@ def flex_attention_engine(q, k, v, pattern, scale: float, kpm=None, bias=None, r
     out = out.index_select(2, q_inv)
     if lse is not None:
         lse = lse.index_select(2, q_inv)
-        lse = torch.where(torch.isfinite(lse) & (lse > -1e30), lse, float("-inf"))
+        # a row without keys: -inf eagerly, about the dtype's lowest value from some compiled kernels
+        lse = torch.where(torch.isfinite(lse) & (lse > torch.finfo(lse.dtype).min / 2), lse, float("-inf"))
     return out, lse
