@@ -3,6 +3,7 @@
 from . import block_transformer, fit  # noqa: F401  (they register the whole-model mechanisms)
 from .attend import attend, engine_override
 from .backends import engines
+from .cache import cache_budget, cache_bytes, clear_caches, set_cache_budget
 from .modules import (
     SHSA,
     AgentAttention,
@@ -47,10 +48,14 @@ __all__ = [
     "BlockWindow",
     "RandomBlocks",
     "AgentAttention",
+    "set_cache_budget",
     "attend",
     "engine_override",
     "Blocks",
+    "cache_budget",
+    "cache_bytes",
     "Causal",
+    "clear_caches",
     "Dense",
     "DualTokenAttention",
     "engines",

@@ -196,22 +196,35 @@ def attend(
         pattern = None
     if engine == "auto" and _ENGINE_OVERRIDE.get():
         engine = _ENGINE_OVERRIDE.get()[-1]
-    unsafe = unsafe_tokens(q, k, v, scale)
+    masked = pattern is not None or key_padding_mask is not None  # else every key reaches every query anyway
+    # training: check the inputs first (a huge finite value at a masked pair overflows only in the backward pass);
+    # inference: any leak shows as a non-finite output, so only an output that has one is looked into
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rpb))
+    unsafe = unsafe_tokens(q, k, v, scale) if masked and trains else None
     if unsafe is None:
         out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
-        return (out, lse) if return_lse else out
-    # some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
-    # attend such a key (or whose query is unsafe) are recomputed exactly
+        if not masked or trains or torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+            return (out, lse) if return_lse else out
+        unsafe = unsafe_tokens(q, k, v, scale)
+        if unsafe is None:  # non-finite for another reason (a bias): nothing masked leaked
+            return (out, lse) if return_lse else out
+    out, lse = _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse):
+    """Some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
+    attend such a key (or whose query is unsafe) are recomputed exactly (``nearfar.guard``)."""
     unsafe_q, unsafe_k = unsafe
     out, lse = _run(sanitize(q, unsafe_q), sanitize(k, unsafe_k), sanitize(v, unsafe_k), pattern, scale, bias_src,
                     key_padding_mask, engine, return_lse)
-    rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, nq, nk)
+    rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, q.shape[2], k.shape[2])
     if rows.numel():
         rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
                                         key_padding_mask, return_lse)
         out = out.index_copy(2, rows, out_r)
         lse = lse.index_copy(2, rows, lse_r.to(lse.dtype)) if return_lse else None
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse):

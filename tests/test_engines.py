@@ -513,3 +513,20 @@ def test_per_head_patterns_run_one_call_per_pattern_exactly(patterns):
     grads_r = torch.autograd.grad((out_r * g).sum(), (q, k, v))
     for name, a, b in zip("qkv", grads, grads_r):
         assert_close(f"d{name}", a, b, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_backward_on_non_contiguous_tile_groups(dtype):
+    # found by the fuzzer: tile groups that are not runs of tiles are written back with index_copy_, which does not
+    # cast the float32 chunk results to the inputs' half dtype (RuntimeError in the backward pass)
+    torch.manual_seed(13)
+    pattern = SlidingWindow(1, 1) | nearfar.Grid((1,), grid=(3,))
+    q, k, v = (torch.randn(2, 2, 3, 8).to(dtype).requires_grad_() for _ in range(3))
+    out = nearfar.attend(q, k, v, pattern, engine="blocksparse")
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = ref.dense_reference(*leaves, pattern.mask(3, 3), 8 ** -0.5)
+    want_grads = torch.autograd.grad(want.sum(), leaves)
+    assert_close("out", out, want.detach(), dtype)
+    for g, w in zip(grads, want_grads):
+        assert_close("grad", g, w, dtype, GRAD_TOL)

@@ -166,6 +166,7 @@ class Problem:
 
     def write(self, xt: torch.Tensor, ch: Chunk, value: torch.Tensor) -> None:
         sl = ch.tile_slice()
+        value = value.to(xt.dtype)  # half-precision inputs are computed in float32; index_copy_ does not cast
         if self.direct_q:
             v = self._tile_view(xt)
             value = value.reshape(ch.size, *v.shape[:1], *v.shape[2:]).transpose(0, 1)

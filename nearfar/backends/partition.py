@@ -109,7 +109,8 @@ def windows(plan: Plan) -> Windows:
         found = _recipe(plan)
         recipe, order = found if found is not None else (None, plan.q_idx)
         ok = _allowed_heads(plan.pattern, order, order[None], plan.nq, plan.nk)[0]
-        ok |= (order < 0)[:, :, None]  # empty slots: a harmless row (their outputs are dropped)
+        # empty slots: a harmless row of one key (their outputs are dropped; see ``dense_attention`` for why one)
+        ok |= (order < 0)[:, :, None] & (torch.arange(order.shape[1], device=order.device) == 0)
         mask = None if bool(ok.all()) else _to_additive(ok)
         w = Windows(order, mask, order.clamp(min=0).reshape(-1), inverse_order(order, plan.nq), recipe)
         # charged with the rpb index a bias source may memoise (nT*T*T int64)
@@ -154,7 +155,7 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         if kpm is not None or isinstance(bias, DenseBias):
             empty = _empty_rows(mask)  # a query with no key: harmless row, zero output
             if empty is not None:
-                mask = mask.masked_fill(empty, 0.0)
+                mask = mask.masked_fill(empty & (torch.arange(t, device=mask.device) == 0), 0.0)
     lse = None
     if return_lse:
         s = torch.matmul(qt.to(acc), kt.to(acc).transpose(-1, -2)) * scale
@@ -177,10 +178,11 @@ class WindowBatch:
     ``attend(..., pattern)``.
     """
 
-    def __init__(self, win: Windows, pattern, n: int):
+    def __init__(self, win: Windows, pattern, n: int, device: torch.device | None = None):
         self.win, self.pattern, self.n = win, pattern, n
         self.t = win.order.shape[1]
         self._index: torch.Tensor | None = None
+        self.device = device or win.order.device  # where ``bias`` puts the region mask
 
     @staticmethod
     def of(pattern, spatial: tuple[int, ...], device=None) -> WindowBatch | None:
@@ -206,7 +208,7 @@ class WindowBatch:
             out = table.reshape(table.shape[0], -1)[:, self._index][None]
         if self.win.mask is None:
             return out
-        mask = self.win.mask[:, None]  # (nW, 1, T, T)
+        mask = self.win.mask[:, None].to(self.device)  # (nW, 1, T, T)
         mask = mask if out is None else mask.to(out.dtype) + out
         return mask.expand(batch, *mask.shape).reshape(batch * mask.shape[0], *mask.shape[1:])
 
@@ -214,12 +216,16 @@ class WindowBatch:
 @torch.compiler.disable
 def _window_batch(pattern, spatial, device) -> WindowBatch | None:
     n = math.prod(spatial)
-    plan = get_plan(pattern, n, n, device=device)
+    # meta tensors (shape inference): the plan is data-independent, so it is made on the CPU
+    meta = device.type == "meta"
+    plan = get_plan(pattern, n, n, device="cpu" if meta else device)
     if not plan.partition:
         return None
     win = windows(plan)
     if win.recipe is None:
         return None
+    if meta:
+        return WindowBatch(win, pattern, n, device)
     wb = plan.engine_cache.get("window_batch")
     if wb is None:
         wb = plan.engine_cache.put("window_batch", WindowBatch(win, pattern, n), win.order.shape[1] ** 2 * 8)
