@@ -75,20 +75,16 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
                              f"got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"bias must be a torch.Tensor, got {type(bias).__name__}")
-        if bias.dtype not in _FLOATS:
-            raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device}, q on {q.device}")
+    for name, x, what in (("bias", bias, ""), ("rpb", rpb, " (a relative-position-bias table)")):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor{what}, got {type(x).__name__}")
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device}, q on {q.device}")
     if rpb is not None:
-        if not isinstance(rpb, torch.Tensor):
-            raise TypeError(f"rpb must be a torch.Tensor (a relative-position-bias table), got {type(rpb).__name__}")
-        if rpb.dtype not in _FLOATS:
-            raise TypeError(f"rpb must have a floating dtype, got {rpb.dtype}")
-        if rpb.device != q.device:
-            raise ValueError(f"rpb is on {rpb.device}, q on {q.device}")
         if bias is not None:
             raise ValueError("pass either bias (dense, broadcastable to (B, Hq, Nq, Nk)) or rpb (a relative-position "
                              "table), not both: add the table's values into a dense bias to combine them")
@@ -196,14 +192,13 @@ def attend(
         pattern = None
     if engine == "auto" and _ENGINE_OVERRIDE.get():
         engine = _ENGINE_OVERRIDE.get()[-1]
-    masked = pattern is not None or key_padding_mask is not None  # else every key reaches every query anyway
     # training: check the inputs first (a huge finite value at a masked pair overflows only in the backward pass);
     # inference: any leak shows as a non-finite output, so only an output that has one is looked into
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rpb))
-    unsafe = unsafe_tokens(q, k, v, scale) if masked and trains else None
+    unsafe = unsafe_tokens(q, k, v, scale) if trains else None
     if unsafe is None:
         out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
-        if not masked or trains or torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+        if trains or torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
             return (out, lse) if return_lse else out
         unsafe = unsafe_tokens(q, k, v, scale)
         if unsafe is None:  # non-finite for another reason (a bias): nothing masked leaked

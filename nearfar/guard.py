@@ -3,10 +3,10 @@
 Fused kernels compute every score of a tile (or, in the dense engine, of a whole row) and mask afterwards, so a
 NaN or Inf in a key that a query may *not* attend still reaches that query: ``q·k`` is NaN and ``NaN + (-inf)`` is
 NaN. Padded positions of a real batch hold garbage and half-precision activations overflow, so this is not rare.
-``attend`` therefore looks, when a pattern or padding masks some pairs: when gradients are needed, at its inputs
-first (three max-abs reductions; a huge finite value can overflow in the backward pass only); otherwise only at its
-output (any forward leak makes it non-finite), so decoding pays O(Nq·dv), not a pass over the cache. Only when some
-input value is non-finite or so large that a product of two could overflow the accumulation type, it
+``attend`` therefore looks: when gradients are needed, at its inputs first (three max-abs reductions; a huge finite
+value can overflow in the backward pass only); otherwise only at its output (any forward leak makes it non-finite),
+so decoding pays O(Nq·dv), not a pass over the cache. Only when some input value is non-finite or so large that a
+product of two could overflow the accumulation type, it
 
 1. runs the engine on copies where those tokens' rows are zero, so nothing unsafe enters a kernel, and
 2. recomputes exactly, in float64 with the mask applied *before* the softmax (as the float64 reference does), every

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -26,3 +27,14 @@ settings.register_profile("dev", max_examples=200, deadline=None, derandomize=Fa
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """The Flex engine run eagerly (compiling per shape would take minutes in CI)."""
+    from nearfar.backends import flex
+
+    monkeypatch.setenv("NEARFAR_FLEX_COMPILE", "0")
+    flex._compiled.cache_clear()
+    yield
+    flex._compiled.cache_clear()

@@ -6,15 +6,11 @@ import pytest
 import torch
 
 import nearfar as nf
-from nearfar.backends import flex
 
 
 @pytest.fixture(autouse=True)
-def eager_flex(monkeypatch):
-    monkeypatch.setenv("NEARFAR_FLEX_COMPILE", "0")
-    flex._compiled.cache_clear()
+def _eager(eager_flex):
     yield
-    flex._compiled.cache_clear()
 
 
 CASES = [

@@ -28,7 +28,6 @@ from strategies import problems
 from test_engines import FLOOR, GRAD_TOL, TOL
 
 import nearfar
-from nearfar.backends import flex
 
 FUZZ_EXAMPLES = 40
 _MODE = os.environ.get("NEARFAR_FUZZ", "")
@@ -236,36 +235,11 @@ def check(p, engine):
         close(f"{tag} {name}", g, gr, dtype, FUZZ_GRAD_TOL)
 
 
-@pytest.fixture
-def eager_flex(monkeypatch):
-    monkeypatch.setenv("NEARFAR_FLEX_COMPILE", "0")
-    flex._compiled.cache_clear()
-    yield
-    flex._compiled.cache_clear()
-
-
+@pytest.mark.parametrize("engine", ["dense", "blocksparse", "auto", "flex"])
 @FUZZ
-@given(cases("dense"))
-def test_fuzz_dense(p):
-    check(p, "dense")
-
-
-@FUZZ
-@given(cases("blocksparse"))
-def test_fuzz_blocksparse(p):
-    check(p, "blocksparse")
-
-
-@FUZZ
-@given(cases("auto"))
-def test_fuzz_auto(p):
-    check(p, "auto")
-
-
-@FUZZ
-@given(cases("flex"))
-def test_fuzz_flex(eager_flex, p):
-    check(p, "flex")
+@given(data=st.data())
+def test_fuzz(engine, data, eager_flex):
+    check(data.draw(cases(engine)), engine)
 
 
 # ---------------------------------------------------------------------------------------------------------

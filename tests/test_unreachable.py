@@ -9,18 +9,9 @@ import torch
 
 import nearfar
 from nearfar import Blocks, Causal, Neighborhood, SlidingWindow
-from nearfar.backends import flex
 
 ENGINES = ["dense", "blocksparse", "auto"]
 GARBAGE = [float("nan"), float("inf"), float("-inf"), 3e38]
-
-
-@pytest.fixture
-def eager_flex(monkeypatch):
-    monkeypatch.setenv("NEARFAR_FLEX_COMPILE", "0")
-    flex._compiled.cache_clear()
-    yield
-    flex._compiled.cache_clear()
 
 
 def _grads(q, k, v, pattern, engine, go, **kw):
