@@ -13,6 +13,7 @@ hold the rest out.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import fields, is_dataclass
@@ -69,6 +70,7 @@ class ByteLRU:
         self._entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
         self.on_change = on_change
+        self._lock = threading.RLock()  # threads share the cache (their overrides and observers are their own)
 
     @property
     def budget(self) -> int:
@@ -81,37 +83,42 @@ class ByteLRU:
         return key in self._entries
 
     def get(self, key: Hashable, default: Any = None) -> Any:
-        hit = self._entries.get(key)
-        if hit is None:
-            return default
-        self._entries.move_to_end(key)
-        return hit[0]
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return default
+            self._entries.move_to_end(key)
+            return hit[0]
 
     def put(self, key: Hashable, value: Any, nbytes: int | None = None) -> Any:
         """Store ``value`` (charged ``nbytes``, by default its tensors' bytes) and return it."""
         size = nbytes_of(value) if nbytes is None else int(nbytes)
-        self._drop(key)
-        if size <= self.budget:
-            self._entries[key] = (value, size)
-            self._changed(size)
-            self._evict()
+        with self._lock:
+            self._drop(key)
+            if size <= self.budget:
+                self._entries[key] = (value, size)
+                self._changed(size)
+                self._evict()
         return value
 
     def resize(self, key: Hashable, delta: int) -> None:
         """An entry's value grew (or shrank) by ``delta`` bytes in place."""
-        hit = self._entries.get(key)
-        if hit is None:
-            return
-        self._entries[key] = (hit[0], hit[1] + delta)
-        self._changed(delta)
-        self._evict(keep=key)
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is None:
+                return
+            self._entries[key] = (hit[0], hit[1] + delta)
+            self._changed(delta)
+            self._evict(keep=key)
 
     def clear(self) -> None:
-        self._changed(-self.nbytes)
-        self._entries.clear()
+        with self._lock:
+            self._changed(-self.nbytes)
+            self._entries.clear()
 
     def keys(self) -> list:
-        return list(self._entries)
+        with self._lock:
+            return list(self._entries)
 
     def _drop(self, key: Hashable) -> None:
         hit = self._entries.pop(key, None)
@@ -150,7 +157,8 @@ def set_cache_budget(nbytes: int) -> None:
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
     _budget = nbytes
-    CACHE._evict()
+    with CACHE._lock:
+        CACHE._evict()
 
 
 #: the process-wide cache; keys start with the kind of entry ("plan", "dense_mask", "flex_plan")

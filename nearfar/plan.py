@@ -277,6 +277,8 @@ def _staged(g: TileGroup, layout: Layout, nk: int) -> list[TileGroup] | None:
         sel = torch.nonzero(band == b)[:, 0]
         keys, kv = k[sel], valid[sel]
         stage = torch.unique(keys[kv])
+        if stage.numel() == 0:  # tiles without any key: a run of width 0 would reach the kernel (SIGFPE in it)
+            return None
         order = (stage % last) * nk + stage
         order, perm = torch.sort(order)
         stage = stage[perm]
@@ -338,6 +340,8 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
                 groups += _staged(g, layout, nk) or [g]
                 continue
         groups.append(g)
+    # PyTorch's CPU flash kernel divides by the key count: a width-0 group would kill the process (SIGFPE)
+    assert all(g.width >= 1 for g in groups), "internal: a tile group without key slots"
     cached = 0
     for g in groups:
         ok = _allowed_heads(pattern, g.q_idx, g.k_idx, nq, nk)

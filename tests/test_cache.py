@@ -84,3 +84,27 @@ def test_budget_from_the_environment(monkeypatch):
         nf_cache._budget_from_env()
     with pytest.raises(ValueError, match="nbytes"):
         nf_cache.set_cache_budget(-5)
+
+
+def test_threads_share_the_cache_safely(small_budget):
+    import threading
+
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for i in range(40):
+                n = 1100 + 13 * ((seed * 7 + i) % 11)
+                q, k, v = (torch.randn(1, 1, n, 8, generator=g) for _ in range(3))
+                nearfar.attend(q, k, v, nearfar.SlidingWindow(8 + i % 3), engine="blocksparse" if i % 2 else "dense")
+                assert nf_cache.cache_bytes() <= small_budget
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors

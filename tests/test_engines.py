@@ -530,3 +530,14 @@ def test_half_precision_backward_on_non_contiguous_tile_groups(dtype):
     assert_close("out", out, want.detach(), dtype)
     for g, w in zip(grads, want_grads):
         assert_close("grad", g, w, dtype, GRAD_TOL)
+
+
+@pytest.mark.parametrize("grid", [(24, 24), (12, 20)])
+def test_2d_tiles_without_any_key(grid):
+    # found by the fuzzer: Neighborhood & GlobalTokens(1) leaves whole bands of 2D tiles without a key; they were
+    # staged as runs of width 0, and PyTorch's CPU flash kernel divides by the key count (the process died, SIGFPE)
+    torch.manual_seed(14)
+    n = grid[0] * grid[1]
+    pattern = Neighborhood((3, 3), grid=grid) & nearfar.GlobalTokens(1)
+    p = _simple_problem(pattern, pattern.mask(n, n), n, b=2, kpm_kind="random")
+    check_problem(p, torch.float32, engines=["blocksparse", "auto"])
