@@ -10,13 +10,15 @@ the median over rounds of the per-round ratio guarded / unguarded. Run from the 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 import time
 
 import torch
 
 import nearfar
-from nearfar import attend as attend_module
+
+attend_module = importlib.import_module("nearfar.attend")  # the module, not the function nearfar.attend
 
 
 def _unguarded(q, k, v, pattern):

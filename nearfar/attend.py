@@ -16,7 +16,7 @@ from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
 from .backends.partition import partition_attention
 from .bias import DenseBias, RelativePositionBias
-from .guard import dirty_rows, exact_rows, sanitize, unsafe_tokens
+from .guard import dirty_rows, exact_rows, output_finite, sanitize, unsafe_tokens
 from .patterns import Dense, Pattern, PerHead
 from .patterns.spatial import SpatialPattern
 from .plan import get_plan
@@ -198,7 +198,7 @@ def attend(
     unsafe = unsafe_tokens(q, k, v, scale) if trains else None
     if unsafe is None:
         out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
-        if trains or torch.compiler.is_compiling() or bool(torch.isfinite(out).all()):
+        if trains or torch.compiler.is_compiling() or output_finite(out):
             return (out, lse) if return_lse else out
         unsafe = unsafe_tokens(q, k, v, scale)
         if unsafe is None:  # non-finite for another reason (a bias): nothing masked leaked
