@@ -90,10 +90,11 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     else:
         empty = _empty_rows(mask)
     if empty is not None:
-        # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient). One key, not
-        # all: a lone score makes the row's probability exactly 1, where a row over garbage keys of huge finite
-        # values (padding) makes SDPA's backward NaN (its exp(s - lse) overflows on the rounding of ~1e30 logits)
+        # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient). Harmless means
+        # one key and a zero query: a row over garbage keys of huge finite values (padding) made SDPA's backward NaN
+        # (its exp(s - lse) overflows on the rounding of ~1e30 logits); a zero score has no rounding to overflow
         mask = torch.where(empty & (torch.arange(nk, device=mask.device) == 0), 0.0, mask)
+        q = torch.where(empty, torch.zeros((), dtype=q.dtype, device=q.device), q)
     lse = None
     if return_lse:
         s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask

@@ -34,6 +34,7 @@ class Windows:
     # regular partitions: (grid, shifts, view shape, permutation) to reorder by reshape/permute instead
     recipe: tuple | None = None
     memo: dict = field(default_factory=dict)  # data-independent values of bias sources
+    slot_empty: torch.Tensor | None = None  # (nT, T) window slots past the last token, None if there are none
 
 
 def _split(grid, size, kind):
@@ -109,10 +110,13 @@ def windows(plan: Plan) -> Windows:
         found = _recipe(plan)
         recipe, order = found if found is not None else (None, plan.q_idx)
         ok = _allowed_heads(plan.pattern, order, order[None], plan.nq, plan.nk)[0]
-        # empty slots: a harmless row of one key (their outputs are dropped; see ``dense_attention`` for why one)
-        ok |= (order < 0)[:, :, None] & (torch.arange(order.shape[1], device=order.device) == 0)
+        # empty slots: a harmless row of one key and a zero query (their outputs are dropped; see
+        # ``dense_attention`` for why)
+        slot_empty = order < 0
+        ok |= slot_empty[:, :, None] & (torch.arange(order.shape[1], device=order.device) == 0)
         mask = None if bool(ok.all()) else _to_additive(ok)
-        w = Windows(order, mask, order.clamp(min=0).reshape(-1), inverse_order(order, plan.nq), recipe)
+        w = Windows(order, mask, order.clamp(min=0).reshape(-1), inverse_order(order, plan.nq), recipe,
+                    slot_empty=slot_empty if bool(slot_empty.any()) else None)
         # charged with the rpb index a bias source may memoise (nT*T*T int64)
         plan.engine_cache.put("windows", w, nbytes_of(w) + order.numel() * order.shape[1] * 8)
     return w
@@ -139,6 +143,9 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         return x.reshape(b, hq, n_tiles * t, -1).index_select(2, win.inv)
 
     qt, kt, vt = tiles(q), tiles(k), tiles(v)
+    if win.slot_empty is not None:  # slots past the last token read token 0: a zero query there (see ``windows``)
+        qt = torch.where(win.slot_empty.repeat(hq, 1)[None, :, :, None], torch.zeros((), dtype=qt.dtype,
+                                                                                    device=qt.device), qt)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None if win.mask is None else win.mask.to(acc)[None, None]  # (1, 1, nT, T, T)
     if kpm is not None:
@@ -154,8 +161,9 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         # can leave a query without keys
         if kpm is not None or isinstance(bias, DenseBias):
             empty = _empty_rows(mask)  # a query with no key: harmless row, zero output
-            if empty is not None:
+            if empty is not None:  # one key, a zero query (see ``dense_attention``)
                 mask = mask.masked_fill(empty & (torch.arange(t, device=mask.device) == 0), 0.0)
+                qt = torch.where(empty, torch.zeros((), dtype=qt.dtype, device=qt.device), qt)
     lse = None
     if return_lse:
         s = torch.matmul(qt.to(acc), kt.to(acc).transpose(-1, -2)) * scale
