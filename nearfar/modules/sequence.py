@@ -16,7 +16,7 @@ Positions for rotary embeddings count from 0 at the first token of a sequence; a
 
 from __future__ import annotations
 
-from typing import Self
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from .common import check_dim_heads, split_heads
 def _same_device(expected: torch.device, got: torch.device) -> bool:
     # a device given without an index ("cuda") means whichever one of that type the first call uses
     return expected.type == got.type and (expected.index is None or expected.index == got.index)
+
+
+_State = TypeVar("_State", bound="DecodeState")  # typing.Self is 3.11+, the package supports 3.10
 
 
 class DecodeState:
@@ -50,7 +53,8 @@ class DecodeState:
         self.device, self.dtype = device, dtype
 
     @classmethod
-    def checked(cls, cache: object, x: torch.Tensor, name: str = "x", dtype: bool = True) -> Self | None:
+    def checked(cls: type[_State], cache: object, x: torch.Tensor, name: str = "x",
+                dtype: bool = True) -> _State | None:
         """``cache`` (None passes through) after checking that it is a ``cls`` made for ``x``'s batch, device and
         (``dtype=True``; not for token ids) dtype; the first call fixes the device and dtype not given."""
         if cache is None:
