@@ -166,8 +166,10 @@ CACHE = ByteLRU(cache_budget)
 
 
 def cache_bytes() -> int:
-    """Bytes held by nearfar's caches now (never more than ``cache_budget()``)."""
-    return CACHE.nbytes
+    """Bytes held by nearfar's caches now (never more than ``cache_budget()``; read under the cache's lock, as a
+    thread's insertion is over budget for an instant before it evicts)."""
+    with CACHE._lock:
+        return CACHE.nbytes
 
 
 def clear_caches() -> None:
