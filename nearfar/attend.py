@@ -16,7 +16,7 @@ from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
 from .backends.partition import partition_attention
 from .bias import DenseBias, RelativePositionBias
-from .guard import dirty_rows, exact_rows, output_finite, sanitize, unsafe_tokens
+from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_rows
 from .patterns import Dense, Pattern, PerHead
 from .patterns.spatial import SpatialPattern
 from .plan import get_plan
@@ -97,8 +97,9 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
 def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
     """A dense bias or a relative-position table, each from its own argument: a tensor is never interpreted by its
     shape (a (1, Nk) per-key bias can have the shape of a table)."""
+    takes_table = isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None
     if rpb is not None:
-        if not (isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None):
+        if not takes_table:
             raise ValueError("rpb (a relative-position-bias table) needs a Neighborhood, Blocks or Grid pattern that "
                              f"takes one, got pattern {pattern!r}")
         if tuple(rpb.shape) != pattern.rpb_shape(hq):
@@ -111,10 +112,8 @@ def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
     target = (b, hq, nq, nk)
     ok = bias.dim() <= 4 and all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target)))
     if not ok:
-        hint = ""
-        if isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None and \
-                tuple(bias.shape) == pattern.rpb_shape(hq):
-            hint = "; a relative-position-bias table goes in rpb=, not bias="
+        table_shape = takes_table and tuple(bias.shape) == pattern.rpb_shape(hq)
+        hint = "; a relative-position-bias table goes in rpb=, not bias=" if table_shape else ""
         raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
                          f"{(b, hq, nq, nk)}{hint}")
     return DenseBias(bias)
@@ -153,6 +152,11 @@ def observe_calls() -> Iterator[list[tuple]]:
         _OBSERVERS.reset(token)
 
 
+def _record(pattern, q, k, v) -> None:
+    for calls in _OBSERVERS.get():
+        calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,8 +184,7 @@ def attend(
     ``(B, Hq, Nq)`` (natural log, of the scaled biased scores, not differentiable) when ``return_lse``.
     """
     _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse)
-    for calls in _OBSERVERS.get():
-        calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+    _record(pattern, q, k, v)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
@@ -211,8 +214,9 @@ def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine
     """Some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
     attend such a key (or whose query is unsafe) are recomputed exactly (``nearfar.guard``)."""
     unsafe_q, unsafe_k = unsafe
-    out, lse = _run(sanitize(q, unsafe_q), sanitize(k, unsafe_k), sanitize(v, unsafe_k), pattern, scale, bias_src,
-                    key_padding_mask, engine, return_lse)
+    uq, uk = unsafe_q[..., None], unsafe_k[..., None]
+    out, lse = _run(zero_rows(q, uq), zero_rows(k, uk), zero_rows(v, uk), pattern, scale, bias_src, key_padding_mask,
+                    engine, return_lse)
     rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, q.shape[2], k.shape[2])
     if rows.numel():
         rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
@@ -280,10 +284,11 @@ def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, retu
             ki = torch.tensor(kv, device=q.device)
         else:  # a GQA group split between patterns: K/V per query head for this call
             ki = qi // group
-        res = attend(q.index_select(1, qi), k.index_select(1, ki), v.index_select(1, ki), p, scale=scale,
-                     key_padding_mask=key_padding_mask, engine="blocksparse", return_lse=return_lse)
-        outs.append(res[0] if return_lse else res)
-        lses.append(res[1] if return_lse else None)
+        qs, ks, vs = q.index_select(1, qi), k.index_select(1, ki), v.index_select(1, ki)
+        _record(p, qs, ks, vs)  # already validated and guarded as a whole: straight to the engine
+        out, lse = _run(qs, ks, vs, p, scale, None, key_padding_mask, "blocksparse", return_lse)
+        outs.append(out)
+        lses.append(lse)
         order += idx
     inv = torch.argsort(torch.tensor(order, device=q.device))
     lse = torch.cat(lses, 1).index_select(1, inv) if return_lse else None  # asking for the LSE costs ~1.5x

@@ -63,18 +63,17 @@ def unsafe_tokens(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor] | 
     return bad(q), bad(k) | bad(v)
 
 
-def sanitize(x: torch.Tensor, unsafe: torch.Tensor) -> torch.Tensor:
-    return torch.where(unsafe[..., None], torch.zeros((), dtype=x.dtype, device=x.device), x)
+def zero_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` with zeros where the bool ``rows`` (broadcastable to ``x``, e.g. ``(..., N, 1)``) is True."""
+    return torch.where(rows, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def _allowed(pattern: Pattern | None, rows: torch.Tensor, cols: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
     """(Hp, len(rows), len(cols)) bool, Hp = 1 or the PerHead count."""
-    if pattern is None or isinstance(pattern, Dense):
-        return torch.ones(1, rows.numel(), cols.numel(), dtype=torch.bool, device=rows.device)
-    r, c = rows[:, None], cols[None, :]
-    if pattern.heads is None:
-        return pattern.allowed(r, c, nq, nk).expand(rows.numel(), cols.numel())[None]
-    return torch.stack([p.allowed(r, c, nq, nk).expand(rows.numel(), cols.numel()) for p in pattern.patterns])
+    pattern = Dense() if pattern is None else pattern
+    ok = pattern.allowed(rows[:, None], cols[None, :], nq, nk)
+    ok = ok if pattern.heads is not None else ok[None]
+    return ok.expand(ok.shape[0], rows.numel(), cols.numel())
 
 
 def dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, nq: int, nk: int) -> torch.Tensor:
@@ -90,10 +89,9 @@ def dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, nq: int, nk: int) 
         step = max(1, _CHUNK // max(1, nq))
         for c0 in range(0, cols.numel(), step):
             c = cols[c0:c0 + step]
-            ok = _allowed(pattern, rows, c, nq, nk).to(torch.float32)  # (Hp, Nq, C)
-            hits = torch.einsum("hic,bhc->bhi", ok, per_head[:, :, c]) if ok.shape[0] > 1 else \
-                torch.einsum("ic,bhc->bhi", ok[0], per_head[:, :, c])
-            dirty |= (hits > 0).any(0).any(0)
+            ok = _allowed(pattern, rows, c, nq, nk).to(torch.float32)  # (Hp, Nq, C), Hp in {1, Hq}
+            hits = torch.matmul(per_head[:, :, None, c], ok.transpose(-1, -2))  # (B, Hq, 1, Nq)
+            dirty |= (hits > 0).flatten(0, 2).any(0)
     return torch.nonzero(dirty)[:, 0]
 
 
@@ -123,14 +121,10 @@ def exact_rows(q, k, v, unsafe_q, unsafe_k, rows: torch.Tensor, pattern, scale: 
     group = hq // hkv
     f64 = torch.float64
 
-    def heads(x):
-        return x.to(f64).repeat_interleave(group, 1)
-
     in_cols = unsafe_k.any(0).any(0)  # keys unsafe in some item and head: taken pair by pair in every one
     cols = torch.nonzero(in_cols)[:, 0]
-    every = in_cols.expand_as(unsafe_k)
-    k_all, v_all = heads(k), heads(v)
-    k_safe, v_safe = heads(sanitize(k, every)), heads(sanitize(v, every))
+    k_all, v_all = (x.to(f64).repeat_interleave(group, 1) for x in (k, v))
+    k_safe, v_safe = zero_rows(k_all, in_cols[:, None]), zero_rows(v_all, in_cols[:, None])
     k_u, v_u = k_all.index_select(2, cols), v_all.index_select(2, cols)  # (B, Hq, U, e)
     q_rows = unsafe_q.any(0).any(0)[rows]
     zero = torch.zeros((), dtype=f64, device=q.device)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..bias import DenseBias, RelativePositionBias
 from ..cache import CACHE
+from ..guard import zero_rows
 
 
 def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
@@ -65,6 +66,15 @@ def _empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def harmless_rows(q: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries ``rows`` (bool, ``(..., Nq, 1)``) zeroed and allowed the first key only, so SDPA computes a finite row
+    that the caller then drops or zeroes. One key and a zero query: a row over every key, some of them padding
+    holding huge finite garbage, made SDPA's backward NaN (its ``exp(s - lse)`` overflows on the rounding of ~1e30
+    logits), and even one such key did through the rounding of its lone logit; a zero score has nothing to round."""
+    first = torch.arange(mask.shape[-1], device=mask.device) == 0
+    return zero_rows(q, rows), mask.masked_fill(rows & first, 0.0)
+
+
 def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
@@ -89,12 +99,8 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
         empty = pattern_empty
     else:
         empty = _empty_rows(mask)
-    if empty is not None:
-        # a query with no key gets zeros: give it a harmless row, then zero its output (and gradient). Harmless means
-        # one key and a zero query: a row over garbage keys of huge finite values (padding) made SDPA's backward NaN
-        # (its exp(s - lse) overflows on the rounding of ~1e30 logits); a zero score has no rounding to overflow
-        mask = torch.where(empty & (torch.arange(nk, device=mask.device) == 0), 0.0, mask)
-        q = torch.where(empty, torch.zeros((), dtype=q.dtype, device=q.device), q)
+    if empty is not None:  # a query with no key gets zeros: a harmless row, then its output (and gradient) zeroed
+        q, mask = harmless_rows(q, mask, empty)
     lse = None
     if return_lse:
         s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask

@@ -19,8 +19,9 @@ import torch
 
 from ..bias import DenseBias
 from ..cache import nbytes_of
+from ..guard import zero_rows
 from ..plan import Plan, _allowed_heads, _to_additive, get_plan, inverse_order
-from .dense import _empty_rows, sdpa
+from .dense import _empty_rows, harmless_rows, sdpa
 
 
 @dataclass
@@ -110,8 +111,7 @@ def windows(plan: Plan) -> Windows:
         found = _recipe(plan)
         recipe, order = found if found is not None else (None, plan.q_idx)
         ok = _allowed_heads(plan.pattern, order, order[None], plan.nq, plan.nk)[0]
-        # empty slots: a harmless row of one key and a zero query (their outputs are dropped; see
-        # ``dense_attention`` for why)
+        # empty slots: a harmless row of one key and a zero query (their outputs are dropped; see ``harmless_rows``)
         slot_empty = order < 0
         ok |= slot_empty[:, :, None] & (torch.arange(order.shape[1], device=order.device) == 0)
         mask = None if bool(ok.all()) else _to_additive(ok)
@@ -144,8 +144,7 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
 
     qt, kt, vt = tiles(q), tiles(k), tiles(v)
     if win.slot_empty is not None:  # slots past the last token read token 0: a zero query there (see ``windows``)
-        qt = torch.where(win.slot_empty.repeat(hq, 1)[None, :, :, None], torch.zeros((), dtype=qt.dtype,
-                                                                                    device=qt.device), qt)
+        qt = zero_rows(qt, win.slot_empty.repeat(hq, 1)[None, :, :, None])
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None if win.mask is None else win.mask.to(acc)[None, None]  # (1, 1, nT, T, T)
     if kpm is not None:
@@ -161,9 +160,8 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         # can leave a query without keys
         if kpm is not None or isinstance(bias, DenseBias):
             empty = _empty_rows(mask)  # a query with no key: harmless row, zero output
-            if empty is not None:  # one key, a zero query (see ``dense_attention``)
-                mask = mask.masked_fill(empty & (torch.arange(t, device=mask.device) == 0), 0.0)
-                qt = torch.where(empty, torch.zeros((), dtype=qt.dtype, device=qt.device), qt)
+            if empty is not None:
+                qt, mask = harmless_rows(qt, mask, empty)
     lse = None
     if return_lse:
         s = torch.matmul(qt.to(acc), kt.to(acc).transpose(-1, -2)) * scale
