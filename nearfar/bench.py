@@ -1,8 +1,8 @@
 """Timing protocol and the built-in sweep behind ``nearfar bench``.
 
-Protocol (``shared/specs/benchmarks.md`` §4.7): every method is warmed up, then all methods are timed in
-interleaved rounds with a rotating order, so a slow spell of this shared machine hits them alike; we
-report per-method medians and the median of per-round ratios against the baseline.
+Protocol (ours): every method is warmed up, then all methods are timed in interleaved rounds with a rotating order, so a
+slow spell of this shared machine hits them alike; we report per-method medians and the median of per-round ratios
+against the baseline.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Paper: Ho et al., "Block Transformer: Global-to-Local Language Modeling for Fast Inference" (NeurIPS 2024).
 Code: itsnamgyu/block-transformer, ``model/block_transformer.py``, ``model/embedder/lookup.py``,
-``model/token_decoder/gpt_neo_x.py``, ``model/block_decoder/base.py`` (spec: ``shared/specs/sequence.md`` §1).
+``model/token_decoder/gpt_neo_x.py``, ``model/block_decoder/base.py``.
 
     lm = BlockTransformer(vocab_size=256, block_len=4)
     loss = lm.loss(tokens)                       # (B, N), N a multiple of block_len; block 0 is context only

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                             "they are, mixed with the new ones (the report says so)")
     bench.add_argument("--lr-sweep", type=float, nargs="+", default=None, metavar="LR",
                        help="train each quality run at every LR given and keep the best on a validation split "
-                            "(the spec's {1e-3, 3e-3}; default: one tuned LR per task)")
+                            "(e.g. --lr-sweep 1e-3 3e-3; default: one tuned LR per task)")
     bench.add_argument("--jobs", type=int, default=1,
                        help="quality trainings at once, in worker processes sharing the threads (default 1)")
     args = parser.parse_args(argv)

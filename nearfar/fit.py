@@ -1,6 +1,6 @@
 """FITAR: the causal (autoregressive) Far-reaching Interleaved Transformer, as a small language model.
 
-Paper: Chen & Li, "FIT: Far-reaching Interleaved Transformers" (2023); ``shared/specs/sequence.md`` §13.
+Paper: Chen & Li, "FIT: Far-reaching Interleaved Transformers" (2023).
 Official code: google-research/pix2seq ``architectures/transformers.py`` (``FITAR``, ``get_layer_config``,
 ``get_chunk_ar_mask``), TF/Keras.
 
@@ -31,7 +31,7 @@ real tokens never see later tokens of their group, and the latents of the last g
 padding) are dropped by the shift. So the logits of a length-``N`` input equal the first ``N`` rows for any
 continuation (tested).
 
-Decoding (``forward(tokens, cache=lm.new_cache(B))``, any number of tokens per call) follows the spec's plan: the
+Decoding (``forward(tokens, cache=lm.new_cache(B))``, any number of tokens per call) works as follows: the
 local layers keep a KV cache of the current group only (at most ``n`` keys, reset at each group start); each block
 with a write keeps the current group's token states (the read's input) and the previous group's latents (the
 write's source); when a group is complete its latents are read, pass the global layers, which keep a KV cache of

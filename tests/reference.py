@@ -1,4 +1,7 @@
-"""Float64 oracles, written from ``shared/specs/vision.md`` (sections 0 and 1) without using the library.
+"""Float64 references (oracles), written from the papers and the official code without using the library: NATTEN's
+neighborhood rules (SHI-Labs/NATTEN ``get_na_flex_mask``), Swin's window partition and shifted-window region mask
+(microsoft/Swin-Transformer ``window_partition``, ``SwinTransformerBlock``), MaxViT's grid partition (timm
+``maxxvit.py`` ``grid_partition``).
 
 Everything here is deliberately naive: masks are built with plain Python loops over (query, key) pairs
 (per axis, then AND-ed over axes), and attention is a plain masked softmax in float64.
@@ -76,21 +79,21 @@ def combine_axes(axis_masks):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §1 NATTEN neighborhood (rules 1-5)
+# NATTEN neighborhood (SHI-Labs/NATTEN ``get_na_flex_mask``)
 # ---------------------------------------------------------------------------------------------------------
 
 
 @cache
 def _na_axis(length, kernel, dilation, causal, stride):
-    """(L, L) bool mask of one axis, rules 1-4 of vision.md §1, written with plain loops."""
+    """(L, L) bool mask of one axis, NATTEN's per-axis window rules, written with plain loops."""
     mask = [[False] * length for _ in range(length)]
     for i in range(length):
-        g = i % dilation  # rule 1: dilation group
+        g = i % dilation  # keys of the query's dilation group only
         ip = i // dilation
         group = list(range(g, length, dilation))
         group_len = len(group)  # == ceil((L - g) / dilation)
         assert group_len == math.ceil((length - g) / dilation)
-        # rule 4: the leader of the query's run of `stride` queries (stride 1: itself)
+        # stride: the leader of the query's run of `stride` queries (stride 1: itself)
         if stride > 1:
             if causal:
                 leader = min((ip // stride) * stride + stride - 1, group_len - 1)
@@ -102,9 +105,9 @@ def _na_axis(length, kernel, dilation, causal, stride):
         right = kernel - 1 - left
         for j in group:
             jp = j // dilation
-            if causal:  # rule 3: truncated, not shifted
+            if causal:  # causal windows are truncated, not shifted
                 ok = jp <= ip and leader - jp < kernel
-            else:  # rule 2: window centre clamped so the window slides inward
+            else:  # non-causal: window centre clamped so the window slides inward
                 centre = min(max(leader, left), group_len - 1 - right)
                 ok = centre - left <= jp <= centre + right
             mask[i][j] = ok
@@ -116,7 +119,7 @@ def _tup(x, n):
 
 
 def neighborhood_mask(grid, kernel_size, dilation=1, is_causal=False, stride=1):
-    """Flat (N, N) NATTEN mask of a row-major grid (rule 5: AND over axes)."""
+    """Flat (N, N) NATTEN mask of a row-major grid (the per-axis masks AND-ed over axes)."""
     grid = _tup(grid, 1)
     nd = len(grid)
     ks, dil, cau, st = _tup(kernel_size, nd), _tup(dilation, nd), _tup(is_causal, nd), _tup(stride, nd)
@@ -161,12 +164,12 @@ def rpb_bias(table, grid, kernel_size, dilation=1):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §0 P2/P3/P5: Swin windows (shifted, region labels), cyclic shift, MaxViT grid
+# Swin windows (shifted, region labels), cyclic shift, MaxViT grid
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _band(t, extent, size, shift):
-    """P5 region label of a (padded) coordinate: 0, 1 or 2."""
+    """Swin's shifted-window region label of a (padded) coordinate: 0, 1 or 2."""
     if t < extent - size:
         return 0
     if t < extent - shift:
@@ -175,8 +178,8 @@ def _band(t, extent, size, shift):
 
 
 def swin_mask(grid, size, shift=0):
-    """Blocks(wrap=False) per P5: pad each axis to a multiple of the window, roll the token map by -shift
-    (torch.roll semantics), partition the rolled map into windows (P2), and allow a pair iff it shares a
+    """Blocks(wrap=False) as Swin's SW-MSA: pad each axis to a multiple of the window, roll the token map by -shift
+    (torch.roll semantics), partition the rolled map into windows, and allow a pair iff it shares a
     window and its region label (labels computed on the *unrolled* padded map); padded tokens are dropped."""
     grid = _tup(grid, 1)
     nd = len(grid)
@@ -213,7 +216,7 @@ def swin_mask(grid, size, shift=0):
 
 
 def cyclic_blocks_mask(grid, size, shift=0):
-    """Blocks(wrap=True): roll by -shift, partition into windows (P2), no region mask."""
+    """Blocks(wrap=True): roll by -shift, partition into windows, no region mask."""
     grid = _tup(grid, 1)
     nd = len(grid)
     size, shift = _tup(size, nd), _tup(shift, nd)
@@ -227,7 +230,7 @@ def cyclic_blocks_mask(grid, size, shift=0):
 
 
 def grid_mask(grid, size):
-    """MaxViT grid attention (P3): token coordinate r goes to window r % (extent / size) on every axis."""
+    """MaxViT grid attention: token coordinate r goes to window r % (extent / size) on every axis."""
     grid = _tup(grid, 1)
     nd = len(grid)
     size = _tup(size, nd)
@@ -278,8 +281,8 @@ def dense_mask(nq, nk):
 
 
 def _window_slots(grid, size, shift, rolled_partition):
-    """Per token (row-major): (window, slot) after rolling by -shift and partitioning into ``size`` windows (P2),
-    or the grid partition (P3) when ``rolled_partition`` is False (then ``shift`` is ignored)."""
+    """Per token (row-major): (window, slot) after rolling by -shift and partitioning into ``size`` windows (the
+    window partition), or the grid partition when ``rolled_partition`` is False (then ``shift`` is ignored)."""
     nd = len(grid)
     token = torch.arange(math.prod(grid)).view(grid)
     out = [None] * math.prod(grid)
@@ -296,9 +299,10 @@ def _window_slots(grid, size, shift, rolled_partition):
 
 
 def window_rpb_bias(table, grid, size, shift=0, grid_partition=False):
-    """Dense (H, N, N) bias of a window relative-position table ``(H, 2m-1, ...)`` (key-minus-query convention:
-    entry ``[h, s_k - s_q + m - 1, ...]`` for the window slots ``s`` of P2 after rolling by -shift, or of P3 for
-    ``grid_partition``). Pairs in different windows get 0 (they are masked). Extents must be divisible."""
+    """Dense (H, N, N) bias of a window relative-position table ``(H, 2m-1, ...)`` (key-minus-query convention: entry
+    ``[h, s_k - s_q + m - 1, ...]`` for the window slots ``s`` of the window partition after rolling by -shift, or of
+    the grid partition for ``grid_partition``). Pairs in different windows get 0 (they are masked). Extents must be
+    divisible."""
     grid = _tup(grid, 1)
     nd = len(grid)
     size, shift = _tup(size, nd), _tup(shift, nd)

@@ -1,4 +1,5 @@
-"""Agent attention (spec §7): float64 re-derivation from the spec, the §7 oracles, module hygiene, baseline."""
+"""Agent attention: float64 re-derivation from the paper's equations and the official code (LeapLabTHU/Agent-Attention
+``agent_transformer/models/agent_pvt.py`` ``AgentAttention``), its properties (oracles), module hygiene, baseline."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from nearfar.modules import agent as agent_module
 from nearfar.modules.agent import AgentAttention
 
 # ---------------------------------------------------------------------------------------------------------
-# float64 reference, from the spec's formulas (index math for interpolation and pooling, explicit softmax)
+# float64 reference, from the paper's formulas (index math for interpolation and pooling, explicit softmax)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -135,7 +136,7 @@ def test_matches_reference_hypothesis(h, w, side, sr, pool, heads):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §7 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Block Transformer (sequence.md §1): spec oracles, a per-block reference, training, caches, errors."""
+"""Block Transformer (itsnamgyu/block-transformer): properties (oracles), a per-block reference, training, caches,
+errors."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def _tokens(b: int, blocks: int, seed: int = 1) -> torch.Tensor:
 
 
 def _reference_logits(m: BlockTransformer, tokens: torch.Tensor) -> torch.Tensor:
-    """Written from the spec with loops: embed = concat of token rows; for each b the block decoder runs on blocks
-    0..b alone (no cache, no batching over b) and the token decoder on [prefix, emb(block b+1 minus its last)]."""
+    """Written from the paper and the official code with loops: embed = concat of token rows; for each b the block
+    decoder runs on blocks 0..b alone (no cache, no batching over b) and the token decoder on [prefix, emb(block b+1
+    minus its last)]."""
     B, N = tokens.shape
     M, r = N // L, m.expansion_ratio
     out = torch.zeros(B, (M - 1) * L, V, dtype=torch.float64)

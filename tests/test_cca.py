@@ -1,4 +1,5 @@
-"""Core Context Aware attention (sequence.md §3): float64 reference from the spec, oracles, decoding, padding."""
+"""Core Context Aware attention: float64 reference written from the paper's equations and the official code
+(chenyaofo/CCA-Attention ``codebase/core/cca_attn.py``, ``cca_pooling.py``), oracles, decoding, padding."""
 
 from __future__ import annotations
 
@@ -38,8 +39,9 @@ def _qkv(m, x):
     return q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
 
 
-def _spec_mask(n, s, g, num_core):
-    """§3 step 4 with 1-based rows r: core c allowed iff r > s and floor((r-s)/g) >= c; raw j iff r-w_r < j <= r."""
+def _reference_mask(n, s, g, num_core):
+    """The fused mask (official ``generate_mask``) with 1-based rows r:
+    core c allowed iff r > s and floor((r-s)/g) >= c; raw j iff r-w_r < j <= r."""
     mask = torch.zeros(n, num_core + n, dtype=torch.bool)
     for r in range(1, n + 1):
         for c in range(1, num_core + 1):
@@ -51,7 +53,8 @@ def _spec_mask(n, s, g, num_core):
 
 
 def cca_reference(m, x):
-    """The layer from the spec in float64: explicit per-group pooling loops, the spec mask, one dense softmax."""
+    """The layer in float64, from the paper and the official code: explicit per-group pooling loops, the reference
+    mask, one dense softmax."""
     q, k, v = _qkv(m, x)
     n, s, g, d = x.shape[1], m.window_size, m.group_size, m.head_dim
     num_core = (n - s) // g if n - s >= g else 0
@@ -67,7 +70,7 @@ def cca_reference(m, x):
             ck.append(kk.max(2).values), cv.append(vv.max(2).values)
     kall = torch.cat([torch.stack(ck, 2), k], 2) if ck else k
     vall = torch.cat([torch.stack(cv, 2), v], 2) if cv else v
-    o = ref.dense_reference(q, kall, vall, _spec_mask(n, s, g, num_core), d ** -0.5)
+    o = ref.dense_reference(q, kall, vall, _reference_mask(n, s, g, num_core), d ** -0.5)
     return o.transpose(1, 2).reshape(x.shape[0], n, -1) @ m.o_proj.weight.double().T
 
 
@@ -82,11 +85,11 @@ def test_matches_float64_reference(n, s, g, heads, kv, pooling):
 
 
 @given(n=st.integers(1, 40), s=st.integers(1, 12), g=st.integers(1, 6))
-def test_mask_is_the_spec_mask_and_tiles_the_causal_context(n, s, g):
+def test_mask_is_the_reference_mask_and_tiles_the_causal_context(n, s, g):
     num_core = max(0, (n - s) // g)
     pos = torch.arange(n)
     mask = cca_allowed(pos, num_core, pos, s, g)
-    assert torch.equal(mask, _spec_mask(n, s, g, num_core))
+    assert torch.equal(mask, _reference_mask(n, s, g, num_core))
     # oracle: every past position is covered exactly once, through its core token or as a raw key
     cover = mask[:, num_core:].long()
     for c in range(num_core):

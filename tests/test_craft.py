@@ -1,5 +1,6 @@
-"""CRAFT SRWAB attention: float64 reference from vision.md §15, its oracles, official names, the benchmark baseline,
-module hygiene."""
+"""CRAFT SRWAB attention: float64 reference written from the paper's equations and the official code
+(AVC2-UESTC/CRAFT-SR ``basicsr/archs/craft_arch.py`` ``SRWAB``), its properties (oracles), official names, the benchmark
+baseline, module hygiene."""
 
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ def test_position_mlp_of_width_one_is_a_constant():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §15 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
 
 

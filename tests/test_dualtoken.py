@@ -1,4 +1,5 @@
-"""DualToken-ViT mixer (PROVISIONAL design, vision.md §18) against a float64 re-derivation from the spec."""
+"""DualToken-ViT mixer (PROVISIONAL design from the paper's abstract, no official code found) against a float64
+re-derivation of that design."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from nearfar.modules.dualtoken import DualTokenAttention
 from nearfar.modules.registry import mechanisms
 
 # ---------------------------------------------------------------------------------------------------------
-# float64 reference from the spec, on the module's parameters
+# float64 reference of the design in nearfar/modules/dualtoken.py, on the module's parameters
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -110,7 +111,7 @@ def test_carried_global_tokens_match_reference():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §18 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------
 
 

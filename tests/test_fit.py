@@ -1,6 +1,7 @@
-"""FITAR (``nearfar.fit``): a float64 reference on flat token/latent sequences with explicit masks, the spec §13
-oracles (no leakage from later groups, one group = plain causal Transformer, block-causal latent mask), exact
-padding of odd lengths, training, state_dict, errors."""
+"""FITAR (``nearfar.fit``): a float64 reference on flat token/latent sequences with explicit masks (written from the
+paper and google-research/pix2seq ``architectures/transformers.py`` ``FITAR``), its properties (no leakage from later
+groups, one group = plain causal Transformer, block-causal latent mask), exact padding of odd lengths, training,
+state_dict, errors."""
 
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def test_matches_float64_reference(kw, length):
         assert_close(p.grad, p64.grad, 3e-5, f"{name}.grad")
 
 
-# ---------------------------------------------------------------- spec oracles
+# ---------------------------------------------------------------- oracles (properties any correct implementation has)
 
 @pytest.mark.parametrize("start", [4, 8, 12, 6, 9, 15])
 def test_later_tokens_do_not_change_earlier_logits(start):

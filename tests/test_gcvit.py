@@ -1,4 +1,6 @@
-"""GC ViT local and global-query window attention: float64 reference from vision.md §3 / P4, its oracles, timm names,
+"""GC ViT local and global-query window attention: float64 reference written from the paper
+and the official code (NVlabs/GCVit ``models/gc_vit.py``: ``WindowAttentionGlobal``, ``GlobalQueryGen``), its
+properties (oracles), timm names,
 the benchmark baseline, module hygiene."""
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from nearfar.modules.gcvit import GCViTWindowAttention, GlobalQueryAttention
 
 @cache
 def _windows(h: int, w: int, ws: tuple[int, int]):
-    """Allowed pairs (same ws-window; smaller edge windows), the P4 table row of every pair (query-minus-key in the
-    window), and each token's window slot, with plain loops."""
+    """Allowed pairs (same ws-window; smaller edge windows), the Swin bias-table row of every pair (query-minus-key in
+    the window), and each token's window slot, with plain loops."""
     allowed = ref.swin_mask((h, w), (min(ws[0], h), min(ws[1], w)))
     n = h * w
     idx = [[0] * n for _ in range(n)]
@@ -54,7 +56,7 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _window_attention(m, q, k, v, h, w):
     allowed, idx, _ = _windows(h, w, m.window_size)
-    bias = m.rel_pos.relative_position_bias_table[idx].permute(2, 0, 1)  # (heads, N, N), P4 lookup
+    bias = m.rel_pos.relative_position_bias_table[idx].permute(2, 0, 1)  # (heads, N, N), Swin table lookup
     out = ref.dense_reference(q, k, v, allowed, m.scale, bias)
     return F.linear(out.transpose(1, 2).reshape(q.shape[0], h, w, -1), m.proj.weight, m.proj.bias)
 
@@ -66,7 +68,8 @@ def local_reference(m: GCViTWindowAttention, x: torch.Tensor) -> torch.Tensor:
 
 
 def generator_reference(m: GlobalQueryAttention, x: torch.Tensor) -> torch.Tensor:
-    """§3 FeatExtract chain on the raw input: z + PW(SE(GELU(DW_3 z))), max-pool(3, 2, 1) per level; bicubic to ws."""
+    """The official ``FeatExtract`` chain on the raw input: z + PW(SE(GELU(DW_3 z))), max-pool(3, 2, 1) per level;
+    bicubic to ws."""
     z = x.permute(0, 3, 1, 2)
     for i in range(max(1, m.levels)):
         blk = getattr(m.global_block.blocks, f"conv{i + 1}")
@@ -146,7 +149,7 @@ def test_global_odd_size_bicubic_query_and_generator_grads():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §3 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
 
 

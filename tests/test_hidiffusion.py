@@ -1,5 +1,6 @@
-"""HiDiffusion MSW-MSA: float64 reference from vision.md §11, its oracles, the shift schedule, diffusers names, the
-benchmark baseline, module hygiene."""
+"""HiDiffusion MSW-MSA: float64 reference written from the paper's equations and the official code
+(megvii-research/HiDiffusion ``hidiffusion/hidiffusion.py``), its properties (oracles), the shift schedule, diffusers
+names, the benchmark baseline, module hygiene."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class _Fixed(torch.nn.Module):
 
 
 def _allowed(h: int, w: int, window: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
-    """§11 oracle 2 with loops: same window after the cyclic shift, rows and columns separately."""
+    """The shifted-window mask with loops: same window after the cyclic shift, rows and columns separately."""
     rows = [[((rq - shift[0]) % h) // window[0] == ((rk - shift[0]) % h) // window[0] for rk in range(h)]
             for rq in range(h)]
     cols = [[((cq - shift[1]) % w) // window[1] == ((ck - shift[1]) % w) // window[1] for ck in range(w)]
@@ -73,7 +74,7 @@ def test_matches_reference(h, w, shift, heads, bias):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §11 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""HiLo (LITv2): float64 reference from vision.md §5, its oracles, the benchmark baseline, module hygiene."""
+"""HiLo (LITv2): float64 reference written from the paper's equations and the official code (ziplab/LITv2
+``hilo.py``), its properties (oracles), the benchmark baseline, module hygiene."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _unheads(t: torch.Tensor) -> torch.Tensor:
 
 
 def hilo_reference(m: HiLo, x: torch.Tensor) -> torch.Tensor:
-    """§5 in float64 with explicit masks: pad to a multiple of s, Hi-Fi = masked dense attention over the padded
+    """HiLo in float64 with explicit masks: pad to a multiple of s, Hi-Fi = masked dense attention over the padded
     map with "same s x s cell" as the mask, Lo-Fi = dense attention over cell means computed with loops."""
     b, h, w, c = x.shape
     s = m.ws

@@ -1,4 +1,6 @@
-"""Lightning Attention / TNL layer: float64 references from sequence.md §2, its oracles, decoding, module hygiene."""
+"""Lightning Attention / TNL layer: float64 references written from the paper and the official code
+(OpenNLPLab/lightning-attention ``linear_attention.py``, ``examples/module/tnl_attn.py``), its properties (oracles),
+decoding, module hygiene."""
 
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def test_half_precision_and_large_decay_finite():
 # --- the TNL layer -------------------------------------------------------------------------------------------------
 
 def tnl_reference(m: LightningAttention, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """§2 TNL layer in float64: SiLU projections, dense decayed left product (non-causal or cross: every key, no
+    """The TNL layer in float64: SiLU projections, dense decayed left product (non-causal or cross: every key, no
     decay), norm, low-rank gate, o_proj."""
     b, n, c = x.shape
     h = m.num_heads

@@ -1,4 +1,5 @@
-"""MAFormer MAF token mixer (PROVISIONAL design, vision.md §17) against a float64 re-derivation from the spec."""
+"""MAFormer MAF token mixer (PROVISIONAL design from the paper's abstract, no official code found) against a float64
+re-derivation of that design."""
 
 from __future__ import annotations
 
@@ -21,12 +22,13 @@ from nearfar.modules.maformer import MAFAttention, default_down_ratio
 from nearfar.modules.registry import mechanisms
 
 # ---------------------------------------------------------------------------------------------------------
-# float64 reference, from the spec: plain formulas on the module's parameters, masks built with loops
+# float64 reference of the design in maformer.py: plain formulas on the module's parameters, masks built with loops
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _mha(x_q, x_kv, wq, bq, wk, bk, wv, bv, wo, bo, heads, scale, allowed=None, bias=None):
-    """P1 on token lists ``(B, N, C)``: projections, head-major split, masked softmax, merge, output Linear."""
+    """Multi-head attention on token lists ``(B, N, C)``: projections, head-major split, masked softmax, merge, output
+    Linear."""
     b, nq, c = x_q.shape
     nk = x_kv.shape[1]
 
@@ -49,7 +51,8 @@ def _split3(linear):
 
 
 def swin_window_bias(table, grid, window, full):
-    """P4 dense bias ``(heads, N, N)``: T[(qy-ky+M-1)(2M-1) + (qx-kx+M-1)] for pairs of one window, else 0."""
+    """Swin relative-position bias, dense ``(heads, N, N)``: T[(qy-ky+M-1)(2M-1) + (qx-kx+M-1)] for pairs of one window,
+    else 0."""
     h, w = grid
     heads = table.shape[1]
     rows = []
@@ -140,7 +143,7 @@ def test_matches_reference_hypothesis(h, w, window, ratio, heads):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §17 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
-"""MaxViT block / grid attention: float64 reference from vision.md §0 (P2, P3, P4) and §2, its oracles, the benchmark
-baseline, timm ``AttentionCl`` parameter names, module hygiene."""
+"""MaxViT block / grid attention: float64 reference written from the paper and the official code (google-research/maxvit
+``maxvit/models/maxvit.py``: ``window_partition``, ``grid_partition``, ``Attention``), its properties (oracles), the
+benchmark baseline, timm ``AttentionCl`` parameter names, module hygiene."""
 
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ BASELINES = baseline.BASELINES
 def _windows(m: MaxViTAttention, spatial: tuple[int, int]):
     """Padded extents and, per window, the list of (padded token coordinate, slot) pairs, with loops.
 
-    Block (P2): the map is zero-padded to a multiple of ``P`` (a window larger than the input is therefore the input
-    plus masked padding, which is what clipping means); token ``(r, c)`` -> window ``(r // P_h, c // P_w)``, slot
-    ``(r % P_h, c % P_w)``. Grid (P3, divisible extents): stride ``t = H / G``; window ``(r % t_h, c % t_w)``, slot
-    ``(r // t_h, c // t_w)``."""
+    Block (``window_partition``): the map is zero-padded to a multiple of ``P`` (a window larger than the input is
+    therefore the input plus masked padding, which is what clipping means); token ``(r, c)`` -> window
+    ``(r // P_h, c // P_w)``, slot ``(r % P_h, c % P_w)``. Grid (``grid_partition``, divisible extents): stride
+    ``t = H / G``; window ``(r % t_h, c % t_w)``, slot ``(r // t_h, c // t_w)``."""
     ps = m.partition_size
     windows: dict[tuple[int, int], list] = {}
     if m.partition == "block":
@@ -54,8 +55,9 @@ def _windows(m: MaxViTAttention, spatial: tuple[int, int]):
 
 
 def _bias(m: MaxViTAttention, slots) -> torch.Tensor | None:
-    """``(heads, n, n)`` with loops: ``bias_tf``: ``R[h, k_y - q_y + P_h - 1, k_x - q_x + P_w - 1]`` (§2, key minus
-    query); ``bias``: Swin P4 ``T[(q_y - k_y + P_h - 1) * (2 P_w - 1) + (q_x - k_x + P_w - 1), h]``."""
+    """``(heads, n, n)`` with loops: ``bias_tf``: ``R[h, k_y - q_y + P_h - 1, k_x - q_x + P_w - 1]`` (official
+    ``attention_utils.py``, key minus query); ``bias``: Swin's table
+    ``T[(q_y - k_y + P_h - 1) * (2 P_w - 1) + (q_x - k_x + P_w - 1), h]``."""
     if m.rel_pos is None:
         return None
     table, (ph, pw) = m.rel_pos.relative_position_bias_table, m.partition_size
@@ -83,8 +85,8 @@ def _split_qkv_timm(m: MaxViTAttention, t: torch.Tensor):
 
 
 def maxvit_reference(m: MaxViTAttention, x: torch.Tensor) -> torch.Tensor:
-    """§2 in float64: partition (P2/P3, loops), per-window MHA with the relative bias, masked padded keys, reverse,
-    proj."""
+    """The official attention in float64: partition (block or grid, loops), per-window MHA with the relative bias,
+    masked padded keys, reverse, proj."""
     b, h, w, c = x.shape
     padded, windows = _windows(m, (h, w))
     xp = x.new_zeros(b, *padded, c)
@@ -144,7 +146,7 @@ def test_benchmark_like_matches_reference(partition, grid, size):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §2 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -207,12 +209,12 @@ def test_oracle3_grid_with_g_k_is_dina():
     assert_close(m(x), m.proj(o.transpose(1, 2).reshape(1, h, w, 8)))
 
 
-def test_partition_round_trip_and_p2_p3_slots():
+def test_partition_round_trip_and_block_grid_slots():
     x = torch.randn(2, 6, 8, 3)
     for part, rev, size in ((baseline.block_partition, baseline.block_reverse, (3, 2)),
                             (baseline.grid_partition, baseline.grid_reverse, (2, 4))):
         assert torch.equal(rev(part(x, size), size, (6, 8)), x)
-    # P2 / P3 window and slot of every token, by loops, against the baseline's view/permute partitions
+    # block / grid window and slot of every token, by loops, against the baseline's view/permute partitions
     pos = torch.arange(48.0).view(1, 6, 8, 1)
     blocks = baseline.block_partition(pos, (3, 2))[:, :, 0].long()
     grids = baseline.grid_partition(pos, (2, 4))[:, :, 0].long()

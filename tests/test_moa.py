@@ -1,5 +1,5 @@
-"""MoA (sequence.md §8): the span rule, the per-head pattern and its oracles, engines, decoding, the influence
-formula and the profiling search."""
+"""MoA (thu-nics/MoA ``MoA/attention/cache_utils.py``): the span rule, the per-head pattern and its oracles, engines,
+decoding, the influence formula and the profiling search."""
 
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from nearfar.modules.registry import mechanisms
 from nearfar.modules.sparse_attention import StreamingLLMAttention
 
 
-def spec_span(alpha, beta, n, sink=64, minimum=128, split=64):
+def reference_span(alpha, beta, n, sink=64, minimum=128, split=64):
     s = min(int(alpha + beta * n), n)
     s = max(s, minimum)
     return -(-s // split) * split
 
 
-def spec_mask(spans, n, sink=64):
+def span_mask(spans, n, sink=64):
     """(H, N, N) from the rule on index grids: sinks of min(S, sink) tokens + the last S - min(S, sink) tokens."""
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     return torch.stack([(j <= i) & ((j < min(s, sink)) | (i - j < s - min(s, sink))) for s in spans])
@@ -39,17 +39,17 @@ def spec_mask(spans, n, sink=64):
     (128.9, 0, 1000, 128), (-1024, 0.125, 4096, 128), (1024, 0.875, 4096, 4096), (0, 1, 700, 704),
     (2048, 0.25, 8192, 4096)])
 def test_span_rounding_examples(alpha, beta, n, expected):
-    assert span(alpha, beta, n) == expected == spec_span(alpha, beta, n)
+    assert span(alpha, beta, n) == expected == reference_span(alpha, beta, n)
 
 
 @given(n=st.integers(1, 40), total=st.integers(1, 60), sink=st.integers(1, 4), extra=st.integers(1, 6),
        split=st.integers(1, 8), ab=st.lists(st.tuples(st.integers(-10, 50), st.sampled_from([0, 0.25, 0.5, 1.0])),
                                             min_size=2, max_size=2))
-def test_pattern_is_the_spec_rule(n, total, sink, extra, split, ab):
+def test_pattern_is_the_official_span_rule(n, total, sink, extra, split, ab):
     kw = dict(sink_size=sink, minimum_cache_size=sink + extra, split_size=split)
     p = moa_pattern([a for a, _ in ab], [b for _, b in ab], total, 2, 1, **kw)
-    spans = [spec_span(a, b, total, sink, sink + extra, split) for a, b in ab]
-    assert torch.equal(p.mask(n, n), spec_mask(spans, n, sink))
+    spans = [reference_span(a, b, total, sink, sink + extra, split) for a, b in ab]
+    assert torch.equal(p.mask(n, n), span_mask(spans, n, sink))
 
 
 def test_oracle_alpha_n_beta_0_is_dense_causal():
@@ -72,7 +72,7 @@ def test_oracle_beta_0_is_streaming_llm_with_64_sinks(w):
 def test_cache_sizes_follow_the_rounding_rule():
     m = MoAAttention(32, 4, alphas=[0, 130, -1024, 0], betas=[0.5, 0, 0.125, 1], total_len=4096)
     assert m.spans == [2048, 192, 128, 4096]
-    assert m.spans == [spec_span(a, b, 4096) for a, b in zip(m.alphas, m.betas)]
+    assert m.spans == [reference_span(a, b, 4096) for a, b in zip(m.alphas, m.betas)]
 
 
 @pytest.mark.parametrize("n", [700])
@@ -80,12 +80,12 @@ def test_engine_matches_the_float64_reference(n):
     torch.manual_seed(0)
     alphas, betas = [128, 200, 0, 0], [0, 0, 0.4, 1]
     p = moa_pattern(alphas, betas, n, 4, 2)
-    spans = [spec_span(a, b, n) for a, b in zip(alphas, betas)]
+    spans = [reference_span(a, b, n) for a, b in zip(alphas, betas)]
     assert spans == [128, 256, 320, 704]
     q = torch.randn(1, 4, n, 16, requires_grad=True)
     k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(2))
     out = nf.attend(q, k, v, p)
-    exp = ref.dense_reference(q, k, v, spec_mask(spans, n)[None], 0.25)
+    exp = ref.dense_reference(q, k, v, span_mask(spans, n)[None], 0.25)
     check_outputs_and_grads(out, exp, (q, k, v))
 
 
@@ -162,7 +162,7 @@ def test_profile_respects_the_budget_and_is_the_best_feasible_choice():
     plans = moa_profile(lm, tokens, cands, density_budget=0.8)
     effects, _ = moa.moa_profile_influence(lm, tokens)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
-    masks = spec_mask([spec_span(a, b, n) for a, b in cands], n)
+    masks = span_mask([reference_span(a, b, n) for a, b in cands], n)
     dens = [float(m.sum() / causal.sum()) for m in masks]
     for (alphas, betas), eff in zip(plans, effects):
         picked = [cands.index((a, b)) for a, b in zip(alphas, betas)]
@@ -178,7 +178,7 @@ def test_profile_keeps_the_high_influence_head_dense(monkeypatch):
     eff = torch.zeros(2, n, n)
     eff[0, 200:, 64:100] = 1.0  # head 0: masking the middle of the past costs; head 1: free
     monkeypatch.setattr(moa, "moa_profile_influence", lambda model, tokens: ([eff, eff.flip(0)], None))
-    sparse = float(spec_mask([128], n).sum()) / (n * (n + 1) / 2)
+    sparse = float(span_mask([128], n).sum()) / (n * (n + 1) / 2)
     plans = moa_profile(None, None, [(0, 0), (0, 1.0)], density_budget=(sparse + 1) / 2)
     assert plans == [([0.0, 0.0], [1.0, 0.0]), ([0.0, 0.0], [0.0, 1.0])]
 

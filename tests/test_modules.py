@@ -109,7 +109,7 @@ def test_registry():
     assert isinstance(na.make(dim=8, num_heads=2, kernel_size=3), torch.nn.Module)
 
 
-def test_dinat_schedule_matches_the_spec():
+def test_dinat_schedule_matches_the_official_configs():
     from nearfar.modules.neighborhood import dinat_dilations
 
     assert dinat_dilations(2, 56) == [1, 8]

@@ -1,4 +1,5 @@
-"""TiC MSA-Conv (vision.md §14) against a float64 re-derivation, the §14 oracles and module hygiene."""
+"""TiC MSA-Conv against a float64 re-derivation from the paper and the official code (zs670980918/MSA-Conv
+``core/op/Transformer_in_Convolution.py`` ``MSA_Conv_2d``), its properties (oracles) and module hygiene."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_matches_float64_reference_hypothesis(h, w, kh, kw, dh, dw):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# §14 oracles
+# oracles (properties any correct implementation has)
 # ------------------------------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ def _compare(pattern, allowed, n, table=None, bias_dense=None, hq=2, hkv=2, kpm=
 
 @given(h=st.integers(2, 9), w=st.integers(2, 9), m0=st.integers(1, 4), m1=st.integers(1, 4),
        s0=st.integers(0, 3), s1=st.integers(0, 3), engine=st.sampled_from(["auto", "blocksparse", "dense"]))
-def test_swin_windows_match_p5(h, w, m0, m1, s0, s1, engine):
+def test_swin_windows_match_the_region_mask(h, w, m0, m1, s0, s1, engine):
     m0, m1 = min(m0, h), min(m1, w)
     s0, s1 = s0 % m0, s1 % m1
     p = Blocks((m0, m1), grid=(h, w), shift=(s0, s1))
@@ -46,7 +46,7 @@ def test_swin_windows_match_p5(h, w, m0, m1, s0, s1, engine):
 @given(size=st.sampled_from([(2, 3), (3, 3), (4, 2)]), mult=st.sampled_from([(1, 2), (2, 2), (3, 1)]),
        shift=st.tuples(st.integers(0, 3), st.integers(0, 3)), wrap=st.booleans(),
        engine=st.sampled_from(["auto", "dense"]))
-def test_window_rpb_table_matches_p4_slots(size, mult, shift, wrap, engine):
+def test_window_rpb_table_matches_swin_slots(size, mult, shift, wrap, engine):
     grid = (size[0] * mult[0], size[1] * mult[1])
     shift = (shift[0] % size[0], shift[1] % size[1])
     p = Blocks(size, grid=grid, shift=shift, wrap=wrap)

@@ -1,4 +1,5 @@
-"""Every pattern's ``.mask`` against brute-force builders written from the spec (tests/reference.py)."""
+"""Every pattern's ``.mask`` against brute-force builders written from the papers and the
+official code (tests/reference.py)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def make_na(grid, ks, dil, cau, stride, with_grid=True):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Neighborhood (NATTEN semantics, vision.md §1)
+# Neighborhood (NATTEN semantics, SHI-Labs/NATTEN ``get_na_flex_mask``)
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -93,7 +94,7 @@ def test_neighborhood_kernel_equals_extent_2d_is_dense():
 
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=2))
 def test_neighborhood_dilation_extent_over_kernel_equals_grid(axes):
-    # vision.md §1 oracle 2: delta = L / k  =>  attention within the dilation group == MaxViT grid attention
+    # DiNA property: delta = L / k  =>  attention within the dilation group == MaxViT grid attention
     ks = tuple(k for k, _ in axes)
     grid = tuple(k * m for k, m in axes)
     dil = tuple(m for _, m in axes)
@@ -190,7 +191,7 @@ def make_blocks(grid, size, shift, wrap):
 
 
 @given(blocks_params(wrap=False))
-def test_blocks_swin_matches_p5_label_construction(params):
+def test_blocks_swin_matches_region_label_construction(params):
     grid, size, shift = params
     n = math.prod(grid)
     assert torch.equal(make_blocks(grid, size, shift, False).mask(n, n), ref.swin_mask(grid, size, shift))
@@ -205,7 +206,7 @@ def test_blocks_wrap_matches_cyclic_roll(params):
 
 @pytest.mark.parametrize("m", [2, 4, 6])
 def test_swin_reference_label_counts(m):
-    # vision.md §23 oracle 3 on our own oracle: H = W = 2M, shift M/2 -> windows with 1, 2, 2, 4 labels
+    # Swin region-label property, on our own reference: H = W = 2M, shift M/2 -> windows with 1, 2, 2, 4 labels
     h = 2 * m
     mask = ref.swin_mask((h, h), m, m // 2)
     token = torch.arange(h * h).view(h, h)
@@ -219,7 +220,7 @@ def test_swin_reference_label_counts(m):
     assert counts == [1, 2, 2, 4]
 
 
-def test_blocks_unshifted_is_p2_partition():
+def test_blocks_unshifted_is_the_window_partition():
     m = Blocks((2, 3), grid=(4, 6)).mask(24, 24)
     r, c = torch.arange(24) // 6, torch.arange(24) % 6
     win = (r // 2) * 2 + c // 3
@@ -240,7 +241,7 @@ def grid_params(draw):
 
 
 @given(grid_params())
-def test_grid_matches_maxvit_p3(params):
+def test_grid_matches_maxvit_grid_partition(params):
     grid, size = params
     n = math.prod(grid)
     p = Grid(size[0]) if len(grid) == 1 else Grid(size, grid=grid)

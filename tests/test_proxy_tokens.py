@@ -1,4 +1,6 @@
-"""PT-DiT proxy-token attention (vision.md §9) against a float64 re-derivation, the §9 oracles and module hygiene."""
+"""PT-DiT proxy-token attention against a float64 re-derivation from the paper's equations and the official code
+(Ascend/MindSpeed-MM ``pt_dit_diffusers.py`` ``ProxyTokensTransformerBlock``), its properties (oracles) and module
+hygiene."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from nearfar.modules.proxy_tokens import ProxyTokenAttention
 from nearfar.modules.registry import mechanisms
 
 # ------------------------------------------------------------------------------------------------------------
-# float64 reference, from the spec: plain loops for proxies and windows, dense masked softmax for attention
+# float64 reference, from the paper and the official block: loops for proxies and windows, dense masked softmax
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -127,7 +129,7 @@ def test_matches_float64_reference_hypothesis(wh, ww, ph, pw, nh, nw, mode):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# §9 oracles
+# oracles (properties any correct implementation has)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -174,7 +176,7 @@ def official_shift_mask(spatial, window):
 
 @pytest.mark.parametrize("spatial,window", [((16, 16), (8, 8)), ((8, 8), (8, 8)), ((9, 12), (3, 4)),
                                             ((2, 8, 8), (1, 4, 4)), ((4, 4, 6), (2, 2, 3))])
-def test_oracle2_shifted_mask_equals_the_p5_builder(spatial, window):
+def test_oracle2_shifted_mask_equals_the_region_mask_builder(spatial, window):
     m = ProxyTokenAttention(8, 2, window, 1, ndim=len(spatial))
     n = math.prod(spatial)
     got = m.patterns(spatial)[1].mask(n, n)
@@ -184,7 +186,7 @@ def test_oracle2_shifted_mask_equals_the_p5_builder(spatial, window):
     assert not got.all() or n == 1
 
 
-def test_shifted_window_attention_matches_dense_reference_with_p5_mask():
+def test_shifted_window_attention_matches_dense_reference_with_region_mask():
     torch.manual_seed(1)
     m = ProxyTokenAttention(16, 2, (4, 6), 2)
     spatial = (8, 12)

@@ -1,4 +1,5 @@
-"""S2-Attention (sequence.md §5): the per-head pattern from the spec formula, its oracles, engines and decoding."""
+"""S2-Attention: the per-head pattern from dkernel's rule (linxihui/dkernel ``dkernel/utils.py``
+``get_sparse_attn_mask``), its properties (oracles), engines and decoding."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from nearfar.lm import TinyLM
 from nearfar.modules.s2_attention import S2Attention, s2_layer_kwargs, s2_pattern
 
 
-def spec_mask(n, kv_heads, block, local, stride, step, offset=0, dense_heads=0):
+def reference_mask(n, kv_heads, block, local, stride, step, offset=0, dense_heads=0):
     """(Hkv, N, N) from the block rule, kron-expanded, token causality on top (plain loops)."""
     out = torch.zeros(kv_heads, n, n, dtype=torch.bool)
     for h in range(kv_heads):
@@ -28,10 +29,10 @@ def spec_mask(n, kv_heads, block, local, stride, step, offset=0, dense_heads=0):
 
 @given(n=st.integers(1, 48), kv=st.sampled_from([1, 2, 4]), block=st.integers(1, 6), local=st.integers(1, 4),
        stride=st.integers(1, 5), offset=st.integers(0, 3), dense=st.integers(0, 1), homo=st.booleans())
-def test_pattern_is_the_spec_rule(n, kv, block, local, stride, offset, dense, homo):
+def test_pattern_is_the_dkernel_rule(n, kv, block, local, stride, offset, dense, homo):
     p = s2_pattern(kv * 2, kv, block, local, stride, homo, offset, dense)
     step = 0 if homo else max(1, stride // kv)
-    expected = spec_mask(n, kv, block, local, stride, step, offset, dense).repeat_interleave(2, 0)
+    expected = reference_mask(n, kv, block, local, stride, step, offset, dense).repeat_interleave(2, 0)
     assert torch.equal(p.mask(n, n), expected)
 
 
@@ -52,7 +53,7 @@ def test_engines_match_the_reference(n):
     q = torch.randn(1, 4, n, 16, requires_grad=True)
     k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(2))
     out = nf.attend(q, k, v, p)
-    exp = ref.dense_reference(q, k, v, spec_mask(n, 2, 16, 3, 4, 2).repeat_interleave(2, 0)[None], 0.25)
+    exp = ref.dense_reference(q, k, v, reference_mask(n, 2, 16, 3, 4, 2).repeat_interleave(2, 0)[None], 0.25)
     check_outputs_and_grads(out, exp, (q, k, v))
 
 

@@ -1,4 +1,5 @@
-"""SHViT single-head attention: float64 reference from vision.md §12, its oracles, timm names, baseline, hygiene."""
+"""SHViT single-head attention: float64 reference written from the paper and the official code (ysj9909/SHViT
+``model/shvit.py`` ``SHSA``), its properties (oracles), timm names, baseline, hygiene."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _batch_norm(y: torch.Tensor, bn: torch.nn.BatchNorm2d, training: bool) -> to
 
 
 def shsa_reference(m: SHSA, x: torch.Tensor) -> torch.Tensor:
-    """§12 in float64, channel-last, with the norms written out."""
+    """SHSA in float64, channel-last, with the norms written out."""
     b, h, w, c = x.shape
     p, d = m.pdim, m.qk_dim
     x1, x2 = x[..., :p], x[..., p:]

@@ -1,4 +1,5 @@
-"""StreamingLLM, Longformer, BigBird: layers, patterns, KV-cache decoding and the TinyLM (sequence.md §18)."""
+"""StreamingLLM, Longformer, BigBird: layers, patterns, KV-cache decoding and the TinyLM (masks written from the
+papers and mit-han-lab/streaming-llm, allenai/longformer, google-research/bigbird)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ def _loops(n, rule):
 
 
 @given(n=st.integers(1, 40), w=st.integers(1, 12), s=st.integers(1, 5))
-def test_streaming_llm_pattern_is_the_spec_mask(n, w, s):
+def test_streaming_llm_pattern_is_the_reference_mask(n, w, s):
     m = StreamingLLMAttention(8, 2, window=w, sinks=s)
     assert torch.equal(m.pattern.mask(n, n), _loops(n, lambda i, j: j <= i and (j < s or i - j < w)))
 
 
 @given(n=st.integers(1, 40), w=st.integers(1, 12), g=st.integers(1, 4), causal=st.booleans())
-def test_longformer_pattern_is_the_spec_mask(n, w, g, causal):
+def test_longformer_pattern_is_the_reference_mask(n, w, g, causal):
     m = LongformerAttention(8, 2, window=w, global_tokens=g, causal=causal)
     if causal:
         rule = lambda i, j: j <= i and (i - j < w or j < g or i < g)  # noqa: E731
@@ -53,7 +54,7 @@ def test_bigbird_window_and_global_part_is_symmetric_and_random_blocks_are_seede
     assert not causal[0].any() and not torch.triu(causal).any()  # only strictly earlier blocks
 
 
-def test_bigbird_row_density_is_about_the_spec_value():
+def test_bigbird_row_density_is_about_the_expected_value():
     n, b, g, r = 2048, 64, 2, 3
     mask = BigBirdAttention(8, 2, block=b, global_blocks=g, random_blocks=r, causal=False).pattern.mask(n, n)
     rows = mask[g * b:].float().mean(-1)  # non-global rows: at most (3 + g + r) * b / N (draws may collide)

@@ -1,4 +1,5 @@
-"""Super token attention (spec §8): float64 brute-force loops from the spec, the §8 oracles, hygiene, baseline."""
+"""Super token attention: float64 brute-force loops written from the paper's equations and the official code
+(hhb072/STViT ``models/stvit.py`` ``StokenAttention``), its properties (oracles), hygiene, baseline."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from benchmarks.baselines.super_token import BASELINES
 from nearfar.modules.super_token import SuperTokenAttention
 
 # ---------------------------------------------------------------------------------------------------------
-# brute-force float64 reference: loops over cells, neighbours (and pixels for Q), per the spec's formulas
+# brute-force float64 reference: loops over cells, neighbours (and pixels for Q), per the paper's formulas
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -150,7 +151,7 @@ def test_matches_reference_hypothesis(h, w, sh, sw, n_iter, refine):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# §8 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------
 
 

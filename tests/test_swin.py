@@ -1,5 +1,7 @@
-"""Swin W-MSA / SW-MSA and Video Swin 3D: float64 reference from vision.md §0 (P2, P4, P5) and §23, its oracles, the
-benchmark baseline, timm parameter names, module hygiene."""
+"""Swin W-MSA / SW-MSA and Video Swin 3D: float64 reference written from the papers and the official code
+(microsoft/Swin-Transformer ``models/swin_transformer.py``: ``window_partition``, relative position index, region mask;
+Video-Swin-Transformer ``WindowAttention3D``), its properties (oracles), the benchmark baseline, timm parameter names,
+module hygiene."""
 
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from nearfar.modules.swin import WindowAttention
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def p4_index(window: tuple[int, ...], table_window: tuple[int, ...]) -> torch.Tensor:
-    """P4 with plain loops: ``(n, n)`` rows of the Swin table for query slot ``i`` and key slot ``j`` of a window of
-    size ``window`` (row-major slots), the table being built for ``table_window`` (``M``). 2D:
+def bias_index(window: tuple[int, ...], table_window: tuple[int, ...]) -> torch.Tensor:
+    """Swin's relative position index with plain loops: ``(n, n)`` rows of the Swin table for query slot ``i`` and key
+    slot ``j`` of a window of size ``window`` (row-major slots), the table being built for ``table_window`` (``M``). 2D:
     ``(i_y - j_y + M_h - 1) * (2 M_w - 1) + (i_x - j_x + M_w - 1)``; 3D: the same nesting with ``t`` outermost."""
     slots = list(itertools.product(*(range(w) for w in window)))
     idx = torch.zeros(len(slots), len(slots), dtype=torch.long)
@@ -45,15 +47,15 @@ def p4_index(window: tuple[int, ...], table_window: tuple[int, ...]) -> torch.Te
     return idx
 
 
-def _p5_band(t: int, extent: int, m: int, s: int) -> int:
+def _region_band(t: int, extent: int, m: int, s: int) -> int:
     return 0 if t < extent - m else (1 if t < extent - s else 2)
 
 
 def swin_reference(m: WindowAttention, x: torch.Tensor) -> torch.Tensor:
-    """§23 in float64: clip the window to the input (per axis, shift 0 on a clipped axis, as ``window_for``), zero-pad
-    bottom/right to a multiple of the window with the padded *keys masked out*, roll by ``-shift``, partition (P2)
-    with loops over windows, logits ``s q k^T`` + P4 bias (module's table) + P5 region mask (``-inf``), softmax,
-    reverse, roll back, crop, proj."""
+    """Swin (2D and 3D) in float64: clip the window to the input (per axis, shift 0 on a clipped axis, as
+    ``window_for``), zero-pad bottom/right to a multiple of the window with the padded *keys masked out*, roll by
+    ``-shift``, partition (``window_partition``) with loops over windows, logits ``s q k^T`` + relative-position bias
+    (module's table) + Swin's region mask (``-inf``), softmax, reverse, roll back, crop, proj."""
     b, *spatial, c = x.shape
     nd, heads = len(spatial), m.num_heads
     d = c // heads
@@ -69,12 +71,12 @@ def swin_reference(m: WindowAttention, x: torch.Tensor) -> torch.Tensor:
     xr = torch.roll(xp, tuple(-s for s in shift), dims)
     real_r = torch.roll(real, tuple(-s for s in shift), tuple(range(nd)))
     qkv = m.qkv(xr)  # (B, *padded, 3C): padded tokens' k, v are the qkv bias, masked below
-    bias = m.relative_position_bias_table[p4_index(window, m.window_size)].permute(2, 0, 1)  # (heads, n, n)
+    bias = m.relative_position_bias_table[bias_index(window, m.window_size)].permute(2, 0, 1)  # (heads, n, n)
     out = xr.new_zeros(b, *padded, c)
     for win in itertools.product(*(range(p // w) for p, w in zip(padded, window))):
         sl = tuple(slice(i * w, (i + 1) * w) for i, w in zip(win, window))
-        # P5 labels of the rolled (padded) positions of this window, from the *unrolled* label map
-        labels = [tuple(_p5_band(i * w + o, p, w, s) for i, w, o, p, s in zip(win, window, off, padded, shift))
+        # region labels of the rolled (padded) positions of this window, from the *unrolled* label map
+        labels = [tuple(_region_band(i * w + o, p, w, s) for i, w, o, p, s in zip(win, window, off, padded, shift))
                   for off in itertools.product(*(range(w) for w in window))]
         same = torch.tensor([[li == lj for lj in labels] for li in labels])
         allowed = same & real_r[sl].reshape(1, -1)
@@ -144,19 +146,19 @@ def test_window_for_clips_per_axis():
     assert m3.window_for((4, 14, 6)) == ((4, 7, 6), (0, 3, 0))
 
 
-def test_p4_index_matches_swin_meshgrid_construction():
-    """The loop P4 index equals the official vectorised construction (coords difference, shift, multiply)."""
+def test_bias_index_matches_swin_meshgrid_construction():
+    """The loop bias index equals the official vectorised construction (coords difference, shift, multiply)."""
     for window in ((3, 4), (7, 7)):
         coords = torch.stack(torch.meshgrid(*(torch.arange(w) for w in window), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
         rel[:, :, 0] += window[0] - 1
         rel[:, :, 1] += window[1] - 1
         rel[:, :, 0] *= 2 * window[1] - 1
-        assert torch.equal(p4_index(window, window), rel.sum(-1))
+        assert torch.equal(bias_index(window, window), rel.sum(-1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# §23 oracles
+# oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -169,12 +171,12 @@ def test_oracle1_one_window_is_full_mhsa_with_rpb():
     m = _module(12, 3, 5, 0, seed=4)
     x = torch.randn(2, 5, 5, 12)
     q, k, v = _split_p1(m, x)
-    bias = m.relative_position_bias_table[p4_index((5, 5), (5, 5))].permute(2, 0, 1)
+    bias = m.relative_position_bias_table[bias_index((5, 5), (5, 5))].permute(2, 0, 1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert_close(m(x), m.proj(o.transpose(1, 2).reshape(2, 5, 5, 12)))
 
 
-def test_oracle2_shifted_is_dense_ref_with_p5_mask():
+def test_oracle2_shifted_is_dense_ref_with_region_mask():
     m = _module(8, 2, 4, 2, seed=5)
     x = torch.randn(2, 8, 12, 8)
     q, k, v = _split_p1(m, x)
@@ -187,7 +189,7 @@ def test_oracle2_shifted_is_dense_ref_with_p5_mask():
 
 
 def test_oracle3_region_labels_per_window():
-    """H = W = 2M, shift M/2: the rolled windows hold 1, 2, 2 and 4 P5 regions; shift 0: one region each."""
+    """H = W = 2M, shift M/2: the rolled windows hold 1, 2, 2 and 4 Swin regions; shift 0: one region each."""
     mw = 4
     n = 2 * mw
     rolled = torch.roll(torch.arange(n * n).view(n, n), (-mw // 2, -mw // 2), (0, 1))
@@ -236,7 +238,7 @@ def test_state_dict_matches_timm_and_loads_official_buffers():
     # an official checkpoint also holds the derived relative_position_index buffer: loads with strict=True
     src = _module(16, 2, 3, 1, seed=7)
     sd = dict(src.state_dict())
-    sd["relative_position_index"] = p4_index((3, 3), (3, 3))
+    sd["relative_position_index"] = bias_index((3, 3), (3, 3))
     dst = WindowAttention(16, 2, 3, 1)
     dst.load_state_dict(sd, strict=True)
     assert "relative_position_index" in sd  # the caller's dict is not modified

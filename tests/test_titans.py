@@ -1,4 +1,5 @@
-"""Titans MAC (spec §14): the test-time memory update against autograd, the spec's oracles, the whole layer against
+"""Titans MAC (paper and lucidrains/titans-pytorch): the test-time memory update against autograd, its properties
+(oracles), the whole layer against
 an independent float64 reference, and decoding through TinyLM."""
 
 from __future__ import annotations

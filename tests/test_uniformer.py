@@ -1,4 +1,6 @@
-"""UniFormer local/global MHRA: float64 references from vision.md §13, its oracles, baselines, module hygiene."""
+"""UniFormer local/global MHRA: float64 references written from the paper's equations and the official code
+(Sense-X/UniFormer ``image_classification/models/uniformer.py`` ``CBlock``, ``SABlock``), its properties (oracles),
+baselines, module hygiene."""
 
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def _bn(m: UniFormerLocalMHRA, x: torch.Tensor) -> torch.Tensor:
 
 
 def local_reference(m: UniFormerLocalMHRA, x: torch.Tensor) -> torch.Tensor:
-    """§13 local MHRA in float64, channel-last: out_c(p) = sum over |delta| <= k//2 of a_c[delta] V_c(p + delta)."""
+    """Local MHRA in float64, channel-last: out_c(p) = sum over |delta| <= k//2 of a_c[delta] V_c(p + delta)."""
     b, h, w, c = x.shape
     r = m.kernel_size // 2
     v = _pointwise(_bn(m, x), m.conv1)
@@ -50,7 +52,7 @@ def local_reference(m: UniFormerLocalMHRA, x: torch.Tensor) -> torch.Tensor:
 
 
 def global_reference(m: UniFormerGlobalMHRA, x: torch.Tensor) -> torch.Tensor:
-    """§13 global MHRA in float64: LayerNorm written out, qkv split [3, heads, d], dense softmax, proj."""
+    """Global MHRA in float64: LayerNorm written out, qkv split [3, heads, d], dense softmax, proj."""
     b, h, w, c = x.shape
     t = x.reshape(b, h * w, c)
     mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)

@@ -4,8 +4,8 @@ Tokens ``(B, N, C)``, explicit ``softmax(q kᵀ · scale + bias)`` matmuls for b
 over the batch, DWC on channels-first ``v``; the module's own weights. (The per-axis bias resize for maps other
 than the construction size is not in the official code; the module's ``resize_axis`` is reused for it.)
 
-``python benchmarks/baselines/agent.py`` runs the linear-scaling check (spec §7 oracle 3): forward time and the
-largest intermediate tensor at growing N with fixed ``agent_num``.
+``python benchmarks/baselines/agent.py`` runs the linear-scaling check (no ``N x N`` tensor, as in
+``tests/test_agent.py``): forward time and the largest intermediate tensor at growing N with fixed ``agent_num``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""DualToken-ViT mixer (PROVISIONAL design, vision.md §18) computed the plain channels-first way: ConvNeXt-style
-conv encoder on ``(B, C, H, W)`` (permute for LN/MLP), stride-2 depth-wise + point-wise convs, concatenation of the
-global tokens with the downsampled tokens and explicit ``q @ k^T`` softmax attention for the refresh and the
-broadcast. No official DualToken-ViT code exists; this is the straightforward implementation of the same design
-with the module's own weights (learned initial global tokens)."""
+"""DualToken-ViT mixer (PROVISIONAL design from the paper's abstract, no official code found) computed the plain
+channels-first way: ConvNeXt-style conv encoder on ``(B, C, H, W)`` (permute for LN/MLP), stride-2 depth-wise +
+point-wise convs, concatenation of the global tokens with the downsampled tokens and explicit ``q @ k^T`` softmax
+attention for the refresh and the broadcast. No official DualToken-ViT code exists; this is the straightforward
+implementation of the same design with the module's own weights (learned initial global tokens)."""
 
 from __future__ import annotations
 

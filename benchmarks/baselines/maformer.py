@@ -1,5 +1,5 @@
-"""MAFormer MAF mixer (PROVISIONAL design, vision.md §17) computed the Swin way: pad to whole windows, window
-partition, explicit ``q @ k^T`` softmax with the relative-position bias gathered through Swin's
+"""MAFormer MAF mixer (PROVISIONAL design from the paper's abstract, no official code found) computed the Swin way: pad
+to whole windows, window partition, explicit ``q @ k^T`` softmax with the relative-position bias gathered through Swin's
 ``relative_position_index`` (padded keys masked), window reverse and crop; the GLD branch and the fusion as plain
 channels-first conv and explicit softmax attention. No official MAFormer code exists; this is the straightforward
 implementation of the same design with the module's own weights."""

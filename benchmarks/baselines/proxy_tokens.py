@@ -58,7 +58,7 @@ def _proxies(m, x: torch.Tensor) -> torch.Tensor:
 
 
 def _region_mask(spatial, window, shift, dtype, device) -> torch.Tensor:
-    """Swin/PT-DiT shifted-window mask (P5): 0 for same label, -10000 otherwise, (windows, n, n)."""
+    """Swin/PT-DiT shifted-window region mask: 0 for same label, -10000 otherwise, (windows, n, n)."""
     label = torch.zeros(spatial, device=device)
     for a, (n, w, s) in enumerate(zip(spatial, window, shift)):
         t = torch.arange(n, device=device)

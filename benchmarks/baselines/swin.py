@@ -21,7 +21,8 @@ from nearfar.modules.swin import WindowAttention
 
 
 def window_partition(x: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
-    """``(B, *S, C)`` -> ``(B * nW, prod(window), C)``, windows batch-major then row-major (P2)."""
+    """``(B, *S, C)`` -> ``(B * nW, prod(window), C)``, windows batch-major then row-major (Swin's
+    ``window_partition``)."""
     b, *spatial, c = x.shape
     nd = len(spatial)
     x = x.view(b, *itertools.chain.from_iterable((n // w, w) for n, w in zip(spatial, window)), c)

@@ -4,7 +4,7 @@ locality-preserved local window, fused into one softmax (causal, for language mo
 Paper: Chen et al., "Core Context Aware Transformers for Long Context Language Modeling" (ICML 2025). Official
 code: chenyaofo/CCA-Attention (commit 052cc8e) ``codebase/core/cca_attn.py`` (``pooling_attention_wo_cache``,
 ``pooling_attention_w_cache``, ``generate_mask``) and ``codebase/core/cca_pooling.py``
-(``fast_calculate_fusion_weights``, ``_weight_pooling``). Spec: ``shared/specs/sequence.md`` §3.
+(``fast_calculate_fusion_weights``, ``_weight_pooling``).
 
 Per query head, after RoPE on q and k (0-based positions; ``g = group_size``, ``s = window_size``):
 

@@ -59,8 +59,8 @@ def trunc_normal_(p: torch.Tensor, std: float = 0.02) -> torch.Tensor:
 
 def swin_table_as_offsets(table: torch.Tensor, window: tuple[int, ...]) -> torch.Tensor:
     """A Swin/timm ``RelPosBias`` table ``(prod(2M-1), heads)``, indexed query-minus-key and flattened row-major
-    (spec P4), as the ``(heads, 2M-1, ...)`` key-minus-query table ``nearfar.attend`` takes with window patterns.
-    Differentiable (a view and a flip), so the table trains as usual."""
+    (Swin's ``relative_position_index``), as the ``(heads, 2M-1, ...)`` key-minus-query table ``nearfar.attend``
+    takes with window patterns. Differentiable (a view and a flip), so the table trains as usual."""
     return table.t().reshape(table.shape[1], *(2 * m - 1 for m in window)).flip(tuple(range(1, len(window) + 1)))
 
 

@@ -12,7 +12,7 @@ heads, the last ``C/2`` in ``s1 x s0`` windows. ``shift_size=(a, b)`` (CRFB's od
 the first half by ``(-a, -b)`` and the second by ``(-b, -a)`` with no mask (windows wrap around the border): each half
 is one ``nearfar.attend`` call with ``Blocks(size, grid, shift, wrap=True)`` (the partition engine). The dynamic
 position bias (``attns.{0,1}.pos``: ``Linear(2, p)`` then three ``LN -> ReLU -> Linear``, ``p = dim // 2 // 4 // 4``)
-maps every offset to per-head biases each forward; CRAFT indexes it query-minus-key, so its output (a Swin P4 table)
+maps every offset to per-head biases each forward; CRAFT indexes it query-minus-key, so its output (a Swin bias table)
 is flipped into the key-minus-query table ``attend`` takes. ``get_v`` is the LCM depth-wise 3x3 conv (with bias) on
 the unshifted v of all channels.
 
@@ -65,7 +65,7 @@ class DynamicPosBias(nn.Module):
 
 class RectWindowBranch(nn.Module):
     """One orientation (official ``Attention_regular``): ``window`` rows x cols, its ``pos`` bias MLP and the
-    offsets it is evaluated on (``(2r-1)(2c-1)`` rows ``(dy, dx)``, row-major: a Swin P4 table's order)."""
+    offsets it is evaluated on (``(2r-1)(2c-1)`` rows ``(dy, dx)``, row-major: a Swin bias table's order)."""
 
     def __init__(self, dim: int, num_heads: int, window: tuple[int, int]):
         super().__init__()

@@ -2,9 +2,9 @@
 
 **PROVISIONAL / UNVERIFIED DESIGN.** Paper: Chu et al., "DualToken-ViT: Position-aware Efficient Vision
 Transformer with Dual Token Fusion" (arXiv 2309.12424, SDM 2024). No official code was found (searched the
-code/issue indexes again for this module), so this is the "provisional reference design" of
-``shared/specs/vision.md`` §18, built from the abstract and secondary summaries; it reproduces no checkpoint and
-its parameter names are our own (ConvNeXt's for the conv encoder):
+code/issue indexes again for this module), so this is our own provisional design, built from the abstract and
+secondary summaries; it reproduces no checkpoint and its parameter names are our own (ConvNeXt's for the conv
+encoder):
 
 - local tokens ``x_loc = MLP(LN(DW_7(x)))`` (``dwconv``, ``norm``, ``pwconv1`` -> GELU -> ``pwconv2``);
 - step-wise downsampling ``x_ds``: stride-2 ``DW_3`` + ``PW`` (``downsample[i]``), repeated on ``x_loc`` while
@@ -121,7 +121,7 @@ register(Mechanism(
     paper="DualToken-ViT: Position-aware Efficient Vision Transformer with Dual Token Fusion (arXiv 2309.12424)",
     repo="(no official code found)", family="local+global", dims=("2d",), **image_layer(),
     make=lambda dim, num_heads, **kw: DualTokenAttention(dim, num_heads, **kw), cls=DualTokenAttention,
-    notes="PROVISIONAL, UNVERIFIED design from the abstract and summaries (vision.md §18): conv encoder "
+    notes="PROVISIONAL, UNVERIFIED design from the abstract and summaries (no official code found): conv encoder "
           "(DW7+LN+MLP) local tokens, step-wise stride-2 DW3+PW downsampling to 7x7, 49 position-aware global "
           "tokens refreshed by MHSA over [g, x_ds], broadcast cross-attention, y = x_loc + x_glob. forward(x) "
           "returns y; forward(x, g, return_global_tokens=True) returns (y, g_new) to carry g between blocks. "

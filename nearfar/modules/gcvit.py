@@ -20,7 +20,7 @@ over hand-partitioned windows: faster at 14x14 (one window), ~15% slower at 56x5
 exact code path for every input size, so this is the way taken.
 
 Parameter names and shapes equal timm's (a timm block's ``attn.*`` and its stage's ``global_block.*`` load
-unchanged): ``qkv``, ``rel_pos.relative_position_bias_table`` (``((2ws-1)^2, heads)``, query-minus-key, P4),
+unchanged): ``qkv``, ``rel_pos.relative_position_bias_table`` (``((2ws-1)^2, heads)``, query-minus-key, as Swin's),
 ``proj``; generator ``global_block.blocks.conv{i}.{conv_dw, se.fc1, se.fc2, conv_pw}.weight`` and
 ``global_block.blocks.pool{i}`` (no weights). NVlabs names: ``relative_position_bias_table`` ->
 ``rel_pos.relative_position_bias_table`` (its ``relative_position_index`` buffer is derived: drop it);
@@ -125,7 +125,7 @@ class FeatureBlock(nn.Module):
 
 class RelPosBias(nn.Module):
     """Swin relative position bias under timm's name ``rel_pos``: ``relative_position_bias_table``
-    ``((2ws0-1)(2ws1-1), heads)``, query-minus-key (P4), trunc-normal(0.02) init."""
+    ``((2ws0-1)(2ws1-1), heads)``, query-minus-key (as Swin's), trunc-normal(0.02) init."""
 
     def __init__(self, window_size: tuple[int, int], num_heads: int):
         super().__init__()

@@ -3,8 +3,8 @@
 **PROVISIONAL / UNVERIFIED DESIGN.** Paper: Wang, Sun et al., "MAFormer: A Transformer Network with
 Multi-scale Attention Fusion for Visual Recognition" (arXiv 2209.01620; Neurocomputing 2024). No official code
 was found (searched the code/issue indexes again for this module: ``bistuxlf/MAFormer`` and ``bocaix/MAFormer``
-are unrelated projects), so this is the "provisional reference design" of ``shared/specs/vision.md`` §17, built
-from the abstract only; it reproduces no checkpoint and its parameter names are our own:
+are unrelated projects), so this is our own provisional design, built from the abstract only; it reproduces no
+checkpoint and its parameter names are our own:
 
 - local branch ``y_l = W-MSA_M(x)`` (Swin window attention, no shift, Swin relative-position bias; submodule
   ``local`` with Swin's names ``qkv``, ``relative_position_bias_table`` ``((2M-1)^2, heads)``, ``proj``, so Swin's
@@ -17,7 +17,7 @@ Open choices made here (the paper's operators may differ): all three attentions 
 ``num_heads`` heads (no channel split between branches); GLD is one strided conv without a norm; fusion is a
 residual cross-attention rather than a gated sum. Size handling: windows shrink to ``min(window_size, extent)``
 per axis (the centre of the bias table is used), and extents that are not multiples of the window end with a
-smaller window (Swin's detection code zero-pads instead and lets padded keys in, see P6); the GLD conv zero-pads
+smaller window (Swin's detection code zero-pads instead and lets the padded keys in); the GLD conv zero-pads
 bottom/right to a multiple of ``r`` (ceil mode), so the global map is ``ceil(H/r) x ceil(W/r)``. Attention and
 projection dropout are not implemented. The module is the attention part of a MAF block: the caller adds the
 outer residual, norms and MLP.
@@ -138,7 +138,7 @@ register(Mechanism(
     make=lambda dim, num_heads, down_ratio=None, **kw: MAFAttention(
         dim, num_heads, down_ratio=default_down_ratio(dim) if down_ratio is None else down_ratio, **kw),
     cls=MAFAttention,
-    notes="PROVISIONAL, UNVERIFIED design from the paper abstract only (vision.md §17): Swin W-MSA 7x7 + RPB, "
+    notes="PROVISIONAL, UNVERIFIED design from the paper abstract only (no official code found): Swin W-MSA 7x7 + RPB, "
           "GLD = strided r x r conv + MHSA, residual cross-attention fusion. make() picks down_ratio = 768/dim "
           "(8 for dim 96 on 56x56, 2 for dim 384 on 14x14: a 7x7 global map at the Swin-T stage sizes); pass "
           "down_ratio=H/7 for other sizes. Windows shrink to the extent; edge windows are smaller (not padded)."))

@@ -4,7 +4,7 @@ Paper: Fu et al., "Mixture of Attention Spans: Optimizing LLM Inference Efficien
 Sliding-Window Lengths" (CoLM 2025). Official code: thu-nics/MoA -- ``MoA/attention/cache_utils.py``
 (``moa_config_to_cache_config``: the span rule; ``StaticCircularCache``: the decode cache),
 ``MoA/models/llama/modify_llama_profile.py`` (``LlamaModel_get_attention_matrix_log``: the influence), and
-``MoA/universal/optimizer.py`` (the MILP search). ``shared/specs/sequence.md`` §8.
+``MoA/universal/optimizer.py`` (the MILP search).
 
 Head ``h`` with ``(alpha_h, beta_h)`` and total length ``N`` (prompt + new tokens) has the span
 (``moa_config_to_cache_config``, checked in the code)::

@@ -2,8 +2,7 @@
 
 Paper: Zhang et al., "TiC: Exploring Vision Transformer in Convolution" (arXiv 2310.04134). Official code:
 zs670980918/MSA-Conv, ``core/op/Transformer_in_Convolution.py`` (``MSA_Conv_2d``) with the im2col kernels of
-``core/op/msa_conv_cuda.cu`` and the padding rule of ``core/op/msa_conv_v1_1.py``. Spec: ``shared/specs/vision.md``
-§14.
+``core/op/msa_conv_cuda.cu`` and the padding rule of ``core/op/msa_conv_v1_1.py``.
 
 Computation (official): ``q, k, v = qkv_conv(x)`` (1x1 conv ``C_in -> 3 C_in`` with bias, chunked q, k, v); for
 every pixel, one head over all ``C_in`` channels attends to the ``k x k`` offsets ``(a * dilation - pad)``,

@@ -11,7 +11,7 @@ Differences from the official code: no zero-padding of inputs smaller than ``ker
 (NATTEN <= 0.14 padded them and let the padded tokens attend unmasked; we raise a clear error instead, as
 NATTEN >= 0.20 does); attention and projection dropout are not implemented (NAT uses 0).
 
-Schedules (``shared/specs/vision.md`` §1): NAT uses ``kernel_size=7, dilation=1`` everywhere. DiNAT alternates
+Schedules (official ``nat.py``, ``dinat.py``): NAT uses ``kernel_size=7, dilation=1`` everywhere. DiNAT alternates
 ``dilation=1`` and ``dilation = resolution // kernel_size`` inside each stage (224 input: 56 -> 8, 28 -> 4,
 14 -> 2, 7 -> 1); ``dinat_dilations(depth, resolution)`` gives that list. MedViTV2 ("DiNA", Omid-Nejati/MedViTV2
 ``MedViT.py``, block ``LFP``) uses NATTEN's module with ``kernel_size=7``, ``dilation=None`` (= 1), heads = C/32,

@@ -3,7 +3,7 @@
 Paper: Wang et al., "Qihoo-T2X: An Efficiency-Focused Diffusion Transformer via Proxy Tokens for
 Text-to-Any-Task" (ICLR 2025; arXiv 2409.04005). Official code: 360CVGroup/Qihoo-T2X points to
 Ascend/MindSpeed-MM, ``mindspeed_mm/models/predictor/dits/pt_dit_diffusers.py`` (``ProxyTokensTransformerBlock``,
-``PTDiTDiffuser``). Spec: ``shared/specs/vision.md`` §9 (and P2/P5 of §0).
+``PTDiTDiffuser``).
 
 What is in (the official block's steps 1-4, each with its residual, in the official order):
 
@@ -14,7 +14,7 @@ What is in (the official block's steps 1-4, each with its residual, in the offic
 3. window self-attention ``z <- z + attn1(norm1(z))`` in non-overlapping ``compress_ratios`` windows, no
    position bias;
 4. with ``shift_window``: ``z <- z + linear_2(attn3(shift_window_norm(z)))`` in the windows shifted by
-   ``compress_ratios // 2`` with Swin's region mask (P5); ``linear_2`` is zero-initialised (official).
+   ``compress_ratios // 2`` with Swin's shifted-window region mask; ``linear_2`` is zero-initialised (official).
 
 What is left out: the text cross-attention (``attn2``/``norm2`` on the T5 tokens), the feed-forward, and the
 adaLN-single timestep modulation; the output equals the official steps 1-4 with every adaLN shift and scale

@@ -4,7 +4,7 @@ Paper: Lin et al., "S2-Attention: Hardware-Aware Context Sharding Among Attentio
 linxihui/dkernel ``dkernel/utils.py::get_sparse_attn_mask`` (the pattern), ``dkernel/interface.py``; used in
 Phi-3-small (block 64, 16 local blocks, vertical stride 8, a dense layer every 2 layers).
 
-Per KV head ``h``, query block ``I`` and key block ``J`` (``shared/specs/sequence.md`` §5)::
+Per KV head ``h``, query block ``I`` and key block ``J`` (dkernel's ``get_sparse_attn_mask``)::
 
     allowed = J <= I and ((I - J) < local_blocks or (J + h * head_sliding_step + offset) % vert_stride == 0)
 
@@ -70,8 +70,8 @@ class S2Attention(PatternAttention):
 register(Mechanism(
     name="s2_attention", paper="S2-Attention: Hardware-Aware Context Sharding Among Attention Heads (2024)",
     repo="linxihui/dkernel", family="local+global", dims=("1d",), cls=S2Attention, patterns={"CS": {}}, why_not={
-        "NS": "dkernel checks that a pattern is causal ('Only causal attention is supported now'); the spec's "
-              "'relative stride' non-causal variant is not in the official code",
+        "NS": "dkernel checks that a pattern is causal ('Only causal attention is supported now'); a non-causal "
+              "'relative stride' variant is not in the official code",
         "NC": POSITIONS_SHARED, "CC": POSITIONS_SHARED},
     make=lambda dim, num_heads, **kw: S2Attention(dim, num_heads, **kw),
     notes="block 64, 16 local blocks, vertical stride 8, heterogeneous heads (Phi-3-small); dense=True for the "

@@ -11,7 +11,7 @@ on the partition engine: one gather and one batched SDPA).
 
 Parameter names and shapes equal timm's ``WindowAttention`` (``timm/models/swin_transformer.py``) and the official
 modules: ``qkv`` (Linear C -> 3C, split ``[3, heads, head_dim]``), ``proj`` (Linear C -> C) and
-``relative_position_bias_table`` (``prod(2M-1)`` x heads, query-minus-key, P4). A timm Swin block's
+``relative_position_bias_table`` (``prod(2M-1)`` x heads, query-minus-key, the official indexing). A timm Swin block's
 ``attn.*`` weights load unchanged; official checkpoints also hold the derived ``relative_position_index`` buffer,
 which is dropped on load (timm's checkpoint filter does the same).
 

@@ -2,7 +2,6 @@
 
 Paper: Behrouz, Zhong, Mirrokni, "Titans: Learning to Memorize at Test Time" (2024); no official code. Reference
 code: lucidrains/titans-pytorch (``titans_pytorch/neural_memory.py``, ``memory_models.py``, ``mac_transformer.py``).
-Spec: ``shared/specs/sequence.md`` §14.
 
 Memory (per head, ``d = dim / num_heads``): an MLP ``mlp(k) = W_L(gelu(... gelu(k W_1)))`` without biases (hidden
 ``expansion * d``, xavier-uniform initial weights, learned in the outer loop; ``depth=1`` is a linear memory),

@@ -5,7 +5,7 @@ Neighborhood Attention Transformer" (2022); stride from "Generalized Neighborhoo
 Official code: SHI-Labs/NATTEN (``get_na_flex_mask`` in ``src/natten/backends/flex.py`` is the reference
 predicate; legacy ``natten_cpu_commons.h`` holds the window/rpb start rules).
 
-Semantics follow NATTEN exactly (``shared/specs/vision.md`` §1): per axis, keys of the query's dilation
+Semantics follow NATTEN exactly (``get_na_flex_mask``): per axis, keys of the query's dilation
 group only; non-causal windows slide inward at the borders so every query sees exactly ``kernel_size``
 keys; even kernels put the extra key on the left; causal windows are truncated, not shifted; with
 ``stride`` a run of ``stride`` queries shares the window of its leader. What differs from NATTEN: we keep

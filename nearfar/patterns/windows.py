@@ -2,7 +2,7 @@
 
 Swin: Liu et al., "Swin Transformer" (ICCV 2021), microsoft/Swin-Transformer (W-MSA, SW-MSA with the
 region mask). MaxViT: Tu et al. (ECCV 2022), google-research/maxvit and timm ``maxxvit.py`` (block and grid
-partitions, ``shared/specs/vision.md`` P2/P3/§2). CRAFT and HiDiffusion use the cyclic, unmasked shift.
+partitions: ``window_partition``, ``grid_partition``). CRAFT and HiDiffusion use the cyclic, unmasked shift.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Blocks(SpatialPattern):
     needs extents divisible by ``size``.
 
     A relative-position-bias table ``(heads, 2*size-1, ...)`` passed as ``attend(..., rpb=table)`` is indexed
-    by the key-minus-query offset of the two tokens inside their window (Swin's P4 table is query-minus-key
+    by the key-minus-query offset of the two tokens inside their window (Swin's bias table is query-minus-key
     and flattened: ``table_swin.T.reshape(heads, 2M-1, 2M-1).flip(1, 2)`` converts it). With ``wrap=True``
     the offset is taken in rolled coordinates, as CRAFT and HiDiffusion compute it after ``torch.roll``.
     """

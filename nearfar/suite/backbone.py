@@ -1,9 +1,10 @@
-"""The one backbone of the quality suite of ``nearfar bench`` (``shared/specs/benchmarks.md`` §6.0).
+"""The one backbone of the quality suite of ``nearfar bench``.
 
-Every mechanism runs in the same small model (the Zoology/Based recipe of §3.1 and our probes of §3.5): token
-embedding, ``depth`` pre-norm blocks of [depthwise conv (kernel 3) -> attention -> MLP], a final norm and a linear
-head. The only thing that changes between rows of a table is the attention layer, given as a factory
-``(dim, num_heads) -> nn.Module``; the "no attention" control puts a token-wise MLP of the same size in its place.
+Every mechanism runs in the same small model (after the small recall models of Zoology and Based, HazyResearch/zoology,
+HazyResearch/based, sized by our own probes): token embedding, ``depth`` pre-norm blocks of [depthwise conv (kernel 3)
+-> attention -> MLP], a final norm and a linear head. The only thing that changes between rows of a table is the
+attention layer, given as a factory ``(dim, num_heads) -> nn.Module``; the "no attention" control puts a token-wise MLP
+of the same size in its place.
 """
 
 from __future__ import annotations

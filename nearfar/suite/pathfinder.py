@@ -1,6 +1,7 @@
-"""Pathfinder-lite images (Long Range Arena's Pathfinder, ``shared/specs/benchmarks.md`` §2.3, redrawn as our own
-generator): two long dashed curves, distractor curves, two markers; the label says whether the markers lie on one
-curve. Deciding it needs the whole curve, not a local view (tested in ``tests/test_suite_tasks.py``)."""
+"""Pathfinder-lite images (Long Range Arena's Pathfinder: Tay et al., "Long Range Arena: A Benchmark for Efficient
+Transformers", ICLR 2021, google-research/long-range-arena; redrawn as our own generator): two long dashed curves,
+distractor curves, two markers; the label says whether the markers lie on one curve. Deciding it needs the whole curve,
+not a local view (tested in ``tests/test_suite_tasks.py``)."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _chebyshev(a: int, b: int, side: int) -> int:
 
 def pathfinder_image(rng: random.Random, size: int, snake_length: int, num_distractors: int,
                       distractor_length: int, min_distance: int, connected: bool) -> bytes:
-    """One Pathfinder-lite image (LRA §2.3, redrawn): two long dashed curves, short distractor curves, and two
+    """One Pathfinder-lite image (LRA's Pathfinder, redrawn): two long dashed curves, short distractor curves, and two
     markers on curve ends - both ends of one curve when ``connected``, else one end of each long curve. The
     curves are drawn before the label is looked at, so ink, curve count and free ends do not depend on it."""
     side = size + 2

@@ -1,10 +1,10 @@
-"""Settings, controls, training and evaluation of the quality suite of ``nearfar bench``
-(``shared/specs/benchmarks.md`` §6.0); the model is ``backbone.py``'s, the intervals ``stats.py``'s.
+"""Settings, controls, training and evaluation of the quality suite of ``nearfar bench``; the model is
+``backbone.py``'s, the intervals ``stats.py``'s.
 
-Training uses fixed step budgets (never wall-clock: §3.5 lesson 3), AdamW with a
-short warm-up then a constant LR, gradient clipping at 1.0, and cross-entropy on the scored targets only.
-Evaluation draws >= 1000 fresh items from a separate generator seed and reports accuracy with Wilson 95% intervals
-per bin (or bits per character for the LM task).
+Training uses fixed step budgets (never wall-clock: a wall-clock budget would make the result depend on the machine's
+speed and load), AdamW with a short warm-up then a constant LR, gradient clipping at 1.0, and cross-entropy on the
+scored targets only. Evaluation draws >= 1000 fresh items from a separate generator seed and reports accuracy with
+Wilson 95% intervals per bin (or bits per character for the LM task).
 
     task = get_task("mqar", size="quick")
     rows = run_quality(task, controls(task, window=defaults(task)["window"]), seeds=(0, 1))
@@ -55,10 +55,10 @@ SIZES: dict[str, dict] = {
     "tiny": dict(steps=300, batch_size=32, lr=1e-2, dim=32, depth=2, num_heads=2, window=8, window_2d=5),
 }
 BY_TASK: dict[tuple[str, str], dict] = {
-    # T2, d=96 as in §3.5. Full attention at lr 1e-2 reached 98% with seed 0 but stayed at 17% with seed 1 (the
-    # first full run); at 3e-3 seed 0 reached 98% at step 300 and seed 1 97% at 250, 99% at 500
+    # T2, d=96 as in our earlier probes. Full attention at lr 1e-2 reached 98% with seed 0 but stayed at 17% with seed 1
+    # (the first full run); at 3e-3 seed 0 reached 98% at step 300 and seed 1 97% at 250, 99% at 500
     ("full", "passkey"): dict(steps=600, dim=96),
-    # T4, d=128 and 4 layers as in the table, 250 steps instead of 1,500: a step takes 0.88 s with full attention
+    # T4, d=128 and 4 layers as planned, 250 steps instead of the planned 1,500: a step takes 0.88 s with full attention
     # and 2.1 s with titans_mac (benchmarks/quality_budget.py), so 250 keep the slowest run near 9 min
     ("full", "char_lm"): dict(steps=250, batch_size=16, dim=128, depth=4),
     # T5: non-causal recall stalled at lr 1e-2 (quick: 14% after 800 steps) and learned at 3e-3 / 5e-3 (quick: 99%
@@ -96,7 +96,7 @@ def defaults(task: Task, size: str | None = None) -> dict:
 
 
 def controls(task: Task, window: int) -> dict[str, AttentionFactory | None]:
-    """The three controls of every table (§6.0): "full" dense attention (causal for "CS" tasks), "local" attention
+    """The three controls of every table: "full" dense attention (causal for "CS" tasks), "local" attention
     to ``window`` keys (causal: the last ``window`` tokens; non-causal: ``window // 2`` each side; 2D: a
     ``window`` x ``window`` neighbourhood) and "none" (no attention: conv + MLP only)."""
     task = check_task(task)
@@ -247,7 +247,7 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
     Unset hyper-parameters come from ``defaults(task)``; the model of seed ``s`` is initialised after
     ``torch.manual_seed(s)`` and trained on data seed ``s``; evaluation always uses the seed 10,000 stream.
 
-    ``lrs``: the spec's LR sweep (§6.0, e.g. ``(1e-3, 3e-3)``): each (mechanism, seed) is trained once per LR, the
+    ``lrs``: an LR sweep (e.g. ``(1e-3, 3e-3)``): each (mechanism, seed) is trained once per LR, the
     model with the best score on ``VALID_ITEMS`` items of a separate validation stream is kept and evaluated, and
     the row gains ``lr_sweep`` ({lr: validation score}); ``seconds`` then counts every training. The text tasks
     have one held-out split, so there the validation and test streams are different samples of the same held-out

@@ -1,7 +1,7 @@
 """The speed suite of ``nearfar bench``: every registered mechanism in each CAB pattern it supports, against fused
 dense SDPA, forward and forward+backward, versus sequence length (1D) and feature-map size (2D).
 
-Protocol (``shared/specs/benchmarks.md`` §1.5, §4.7): fp32, batch 1, the caller's thread count. Before anything is
+Protocol (ours, one table per CAB pattern): fp32, batch 1, the caller's thread count. Before anything is
 timed, a mechanism x pattern passes the correctness gate (``speed_gate``: fast engines vs the dense engine, CAB's
 prefix invariance, decoding vs the forward); a failed gate is reported and not timed. Each row times the mechanism
 and the registered ``dense`` layer (``DenseAttention``, fused SDPA, same CAB pattern, dim and heads; 2D maps as

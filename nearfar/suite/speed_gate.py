@@ -1,6 +1,7 @@
 """The correctness gate of ``nearfar bench``'s speed suite: nothing is timed before it passes.
 
-Protocol (``shared/specs/benchmarks.md`` §4.7, after CAB's ``test_available_pattern_for_attention.py``, §1.6):
+Protocol (ours, after the causality test of CAB, Zhang et al., "CAB: Comprehensive Attention Benchmarking on Long
+Sequence Modeling", ICML 2023, Shark-NLP/CAB ``test_available_pattern_for_attention.py``):
 
 (a) the module's outputs and input gradients on the engines the timed runs use (``"auto"``, and ``"blocksparse"``,
     which ``"auto"`` picks on CPU once a problem is past the small-problem threshold) equal those of the same module

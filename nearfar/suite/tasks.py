@@ -1,11 +1,13 @@
-"""Quality-task generators of ``nearfar bench``: T1-T5 and the 2D task of the benchmarks spec (§6.1).
+"""Quality-task generators of ``nearfar bench``: T1-T5 (our labels) and a 2D recall task.
 
-Every generator is our own reimplementation of the spec's description of its source: MQAR from Zoology (§3.1),
-selective copying from S4 (§3.2), passkey retrieval from Landmark Attention (§3.4), ListOps (§2.2) and Pathfinder
-(§2.3) from Long Range Arena (their generators in ``listops.py``, ``pathfinder.py``; the 2D recall images in
-``spatial_recall.py``). The only real text is the Python standard library's source (§5.1), present on every
-machine, so nothing is downloaded at run time. All randomness comes from the ``torch.Generator`` handed to
-``Task.sample``, so a batch is a pure function of the generator state.
+Every generator is our own reimplementation of a published task: MQAR from Zoology (Arora et al., "Zoology: Measuring
+and Improving Recall in Efficient Language Models", 2023, HazyResearch/zoology), selective copying as in S4 and Mamba
+(Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", 2023), passkey retrieval from Landmark
+Attention (Mohtashami & Jaggi, 2023, epfml/landmark-attention), ListOps and Pathfinder from Long Range Arena (Tay et
+al., ICLR 2021, google-research/long-range-arena; their generators in ``listops.py``, ``pathfinder.py``; the 2D recall
+images in ``spatial_recall.py``). The only real text is the Python standard library's source, present on every machine,
+so nothing is downloaded at run time. All randomness comes from the ``torch.Generator`` handed to ``Task.sample``, so a
+batch is a pure function of the generator state.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _python_rng(generator: torch.Generator) -> random.Random:
 
 
 def _distance_bins(seq_len: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
-    """Edges and names of the spec's distance bins [<=32, 33-96, 97-192, >192] at L=256, scaled with L so that
+    """Edges and names of our distance bins [<=32, 33-96, 97-192, >192] at L=256, scaled with L so that
     every bin stays reachable at other lengths (seq_len >= 16 keeps the edges distinct)."""
     edges = tuple(max(1, round(e * seq_len / 256)) for e in (32, 96, 192))
     inner = [f"{a + 1}-{b}" for a, b in zip(edges, edges[1:])]
@@ -395,8 +397,8 @@ TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
 
 
 def get_task(name: str, size: str = "full", **overrides: object) -> Task:
-    """The task ``name`` at ``size`` ("full": spec table 6.1, "quick": short runs, "tiny": unit tests), with any
-    generator parameter overridden by keyword (e.g. ``get_task("mqar", seq_len=1024, num_pairs=64)``)."""
+    """The task ``name`` at ``size`` ("full": the sizes of the full run, "quick": short runs, "tiny": unit tests), with
+    any generator parameter overridden by keyword (e.g. ``get_task("mqar", seq_len=1024, num_pairs=64)``)."""
     if name not in _TASKS:
         raise ValueError(f"name must be one of {TASK_NAMES}, got {name!r}")
     if size not in SIZES:
