@@ -10,15 +10,13 @@ the median over rounds of the per-round ratio guarded / unguarded. Run from the 
 from __future__ import annotations
 
 import argparse
-import importlib
 import statistics
 import time
 
 import torch
 
 import nearfar
-
-attend_module = importlib.import_module("nearfar.attend")  # the module, not the function nearfar.attend
+import nearfar.dispatch as attend_module
 
 
 def _unguarded(q, k, v, pattern):

@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from nearfar.suite import quality as Q
-from nearfar.suite.run import FULL_TASKS, quality_entries
-from nearfar.suite.tasks import get_task
+from nearfar.bench import quality as Q
+from nearfar.bench.run import FULL_TASKS, quality_entries
+from nearfar.bench.tasks import get_task
 
 BUDGET_S = 600.0
 

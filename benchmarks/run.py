@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import nearfar as nf
-from nearfar.bench import interleave, load, median_ratio
+from nearfar.bench.timing import interleave, load, median_ratio
 
 CASES = {
     "C1": dict(desc="1D Neighborhood(513), N=16384, H=4, d=64", pattern=lambda: nf.Neighborhood(513), n=16384,

@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nearfar  # noqa: E402
-from nearfar.bench import interleave, load, median_ratio  # noqa: E402
-from nearfar.lm import TinyLM  # noqa: E402
-from nearfar.modules.dense import DenseAttention  # noqa: E402
-from nearfar.modules.sequence import KVCache  # noqa: E402
+from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
+from nearfar.layers.dense import DenseAttention  # noqa: E402
+from nearfar.layers.kv_cache import KVCache  # noqa: E402
+from nearfar.models.tiny_lm import TinyLM  # noqa: E402
 
 DIM, HEADS = 256, 4
 CCA_GROUP, CCA_WINDOW = 16, 1024  # CCA's make() defaults

@@ -1,5 +1,5 @@
 """Vision mechanisms on the issue's two feature maps: each registered 2D module's forward against the
-straightforward implementation of its official approach (``benchmarks/baselines``), and NA/DiNA against the
+straightforward implementation of its official approach (``tests/oracles``), and NA/DiNA against the
 installed peers (NATTEN's module, compiled FlexAttention).
 
     python benchmarks/vision.py                        # every 2D mechanism, markdown to stdout
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the official-approach oracles
 
 import nearfar  # noqa: E402
-from nearfar.bench import interleave, load, median_ratio  # noqa: E402
+from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
 
 SHAPES = [((8, 56, 56, 96), 3), ((8, 14, 14, 384), 12)]
 #: extra settings timed beside a mechanism's defaults: DiNAT's dilation at each stage (224 input, k = 7)
@@ -40,11 +41,11 @@ VARIANTS = {"neighborhood": {
 
 
 def baselines() -> dict:
-    import baselines as pkg
+    import oracles as pkg
 
     out = {}
     for info in pkgutil.iter_modules(pkg.__path__):
-        out.update(importlib.import_module(f"baselines.{info.name}").BASELINES)
+        out.update(importlib.import_module(f"oracles.{info.name}").BASELINES)
     return out
 
 
@@ -65,7 +66,7 @@ def _peers(module, x) -> dict:
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        from nearfar.modules.common import merge_heads, split_qkv
+        from nearfar.functional import merge_heads, split_qkv
 
         spatial = tuple(x.shape[1:-1])
         pattern = module.pattern(spatial)

@@ -1,34 +1,58 @@
-"""nearfar: near (local) and far (global) attention patterns through one ``attend``."""
+"""nearfar: near (local) and far (global) attention patterns through one ``attend``.
 
-from . import block_transformer, fit  # noqa: F401  (they register the whole-model mechanisms)
-from .attend import attend, engine_override
+- ``nearfar.attend`` and the patterns (``nearfar.patterns``): which (query, key) pairs may attend, run by an engine;
+- ``nearfar.functional``: the functional layer the modules are built on (head split/merge, windows, kernels);
+- ``nearfar.layers``: one ``nn.Module`` per mechanism, listed by ``nearfar.mechanisms()``;
+- ``nearfar.models``: whole models (``TinyLM``, Block Transformer, FIT-AR);
+- ``nearfar.bench``: ``nearfar bench``, the speed and quality benchmark (the ``bench`` extra).
+"""
+
 from .backends import engines
 from .cache import cache_budget, cache_bytes, clear_caches, set_cache_budget
-from .modules import (
+from .dispatch import attend, engine_override
+from .layers import (
     SHSA,
     AgentAttention,
+    BigBirdAttention,
+    CCAAttention,
+    DenseAttention,
     DualTokenAttention,
     GCViTWindowAttention,
     GlobalQueryAttention,
     HiLo,
+    LightningAttention,
+    LinearAttention,
+    LongformerAttention,
     MAFAttention,
     MaxViTAttention,
+    Mechanism,
+    MoAAttention,
     MSAConv2d,
     MSWAttention,
     NeighborhoodAttention,
+    PatternAttention,
     ProxyTokenAttention,
+    S2Attention,
     SRWAttention,
+    StreamingLLMAttention,
     SuperTokenAttention,
+    TitansMAC,
     UniFormerGlobalMHRA,
     UniFormerLocalMHRA,
     WindowAttention,
     mechanisms,
+)
+from .models import (
+    FITAR,
+    BlockTransformer,
+    TinyLM,
 )
 from .patterns import (
     Blocks,
     BlockStrided,
     BlockWindow,
     Causal,
+    CoreAndWindow,
     Dense,
     GlobalTokens,
     Grid,
@@ -44,43 +68,59 @@ from .patterns import (
 )
 
 __all__ = [
-    "BlockStrided",
-    "BlockWindow",
-    "RandomBlocks",
     "AgentAttention",
-    "set_cache_budget",
     "attend",
-    "engine_override",
+    "BigBirdAttention",
     "Blocks",
+    "BlockStrided",
+    "BlockTransformer",
+    "BlockWindow",
     "cache_budget",
     "cache_bytes",
     "Causal",
+    "CCAAttention",
     "clear_caches",
+    "CoreAndWindow",
     "Dense",
+    "DenseAttention",
     "DualTokenAttention",
+    "engine_override",
     "engines",
+    "FITAR",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "GlobalTokens",
     "Grid",
     "HiLo",
     "Intersection",
+    "LightningAttention",
+    "LinearAttention",
+    "LongformerAttention",
     "MAFAttention",
     "MaxViTAttention",
+    "Mechanism",
     "mechanisms",
+    "MoAAttention",
     "MSAConv2d",
     "MSWAttention",
     "Neighborhood",
     "NeighborhoodAttention",
     "Pattern",
+    "PatternAttention",
     "PerHead",
     "ProxyTokenAttention",
+    "RandomBlocks",
+    "S2Attention",
+    "set_cache_budget",
     "SHSA",
     "Sinks",
     "SlidingWindow",
     "SRWAttention",
+    "StreamingLLMAttention",
     "Strided",
     "SuperTokenAttention",
+    "TinyLM",
+    "TitansMAC",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "Union",

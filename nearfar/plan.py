@@ -160,13 +160,13 @@ class Plan:
             return g.mask_b[:, t0:t1]
         if g.mask_f is not None:
             return g.mask_f[:, t0:t1] == 0
-        return _allowed_heads(self.pattern, g.q_idx[t0:t1], g.k_idx[:, t0:t1], self.nq, self.nk)
+        return allowed_heads(self.pattern, g.q_idx[t0:t1], g.k_idx[:, t0:t1], self.nq, self.nk)
 
     def additive_mask(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
         """(Hp, c, T, W) float32 mask: 0 where allowed, -inf elsewhere."""
         if g.mask_f is not None:
             return g.mask_f[:, t0:t1]
-        return _to_additive(self.allowed(g, t0, t1))
+        return to_additive(self.allowed(g, t0, t1))
 
     def density(self) -> float:
         """Fraction of the dense Nq×Nk work the block-sparse engine performs."""
@@ -183,11 +183,11 @@ def inverse_order(tiles: torch.Tensor, n: int) -> torch.Tensor:
     return inv
 
 
-def _to_additive(mask: torch.Tensor) -> torch.Tensor:
+def to_additive(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, 0.0, float("-inf"))
 
 
-def _allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+def allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
     """Exact mask ``(Hp, c, T, W)`` for query tiles ``q (c, T)`` and key lists ``k (Hp, c, W)``; -1 never attends."""
     qq, kk = q.clamp(min=0)[:, :, None], k.clamp(min=0)[:, :, None, :]
     shape = (q.shape[0], q.shape[1], k.shape[2])
@@ -344,9 +344,9 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     assert all(g.width >= 1 for g in groups), "internal: a tile group without key slots"
     cached = 0
     for g in groups:
-        ok = _allowed_heads(pattern, g.q_idx, g.k_idx, nq, nk)
+        ok = allowed_heads(pattern, g.q_idx, g.k_idx, nq, nk)
         if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
-            g.mask_f = _to_additive(ok)
+            g.mask_f = to_additive(ok)
             cached += ok.numel() * 4
         elif cached + ok.numel() <= _BOOL_BUDGET:
             g.mask_b = ok

@@ -9,9 +9,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-sys.path.insert(0, os.path.dirname(__file__))  # make ``reference`` importable from the test modules
-# and the repo root, for ``benchmarks.baselines`` (the benchmark code is not part of the installed package)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# make ``reference``, ``strategies`` and the ``oracles`` package importable from the test modules
+sys.path.insert(0, os.path.dirname(__file__))
 
 settings.register_profile(
     "ci",

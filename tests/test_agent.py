@@ -17,11 +17,11 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.agent import BASELINES, largest_intermediate
 
 import nearfar
-from benchmarks.baselines.agent import BASELINES, largest_intermediate
-from nearfar.modules import agent as agent_module
-from nearfar.modules.agent import AgentAttention
+from nearfar.layers import agent as agent_module
+from nearfar.layers.agent import AgentAttention
 
 # ---------------------------------------------------------------------------------------------------------
 # float64 reference, from the paper's formulas (index math for interpolation and pooling, explicit softmax)
@@ -177,7 +177,7 @@ def test_oracle2_one_agent_per_token_no_bias_no_dwc():
 
 def test_oracle3_no_n_by_n_tensor(monkeypatch):
     """Linear in N by construction: both attends are (n, N') and (N, n), and no op makes an N x N tensor.
-    (The timing/memory scaling check is ``python benchmarks/baselines/agent.py``.)"""
+    (The timing/memory scaling check is ``python tests/oracles/agent.py``.)"""
     calls = []
     real = agent_module.attend
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from module_checks import assert_close, check_loss_halves
 
-from nearfar.block_transformer import BlockTransformer
+from nearfar.models.block_transformer import BlockTransformer
 
 V, L = 11, 4
 

@@ -19,8 +19,9 @@ from module_checks import (
 )
 
 import nearfar as nf
-from nearfar.lm import TinyLM
-from nearfar.modules.cca import CCAAttention, cca_allowed
+from nearfar.layers.cca import CCAAttention
+from nearfar.models.tiny_lm import TinyLM
+from nearfar.patterns.core_and_window import cca_allowed
 
 
 def _qkv(m, x):

@@ -19,10 +19,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.craft import BASELINES
 
 import nearfar
-from benchmarks.baselines.craft import BASELINES
-from nearfar.modules.craft import SRWAttention
+from nearfar.layers.craft_srwa import SRWAttention
 
 #: the position MLP's LayerNorms over 3 features are ill-conditioned where the features nearly agree; its parameter
 #: gradients in float32 then differ from float64 by a few 1e-5 of their size

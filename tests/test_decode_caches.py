@@ -9,9 +9,9 @@ import torch
 from module_checks import SMALL
 
 import nearfar
-from nearfar.lm import TinyLM
-from nearfar.modules.cca import CCAAttention
-from nearfar.modules.sequence import DecodeState, KVCache
+from nearfar.layers.cca import CCAAttention
+from nearfar.layers.kv_cache import DecodeState, KVCache
+from nearfar.models.tiny_lm import TinyLM
 
 CASES = [(m, p) for m in nearfar.mechanisms() if hasattr(m.cls, "new_cache") for p in ("CS", "CC")
          if p in m.patterns]
@@ -138,7 +138,7 @@ def test_the_shared_check_directly():
     DecodeState.checked(ids, torch.zeros(2, 4, dtype=torch.long), dtype=False)
     assert ids.dtype is None and ids.device == torch.device("cpu")
     # a device type without an index accepts any index of that type, then keeps the first call's
-    from nearfar.modules.sequence import _same_device
+    from nearfar.layers.kv_cache import _same_device
     assert _same_device(torch.device("cuda"), torch.device("cuda:1"))
     assert not _same_device(torch.device("cuda:0"), torch.device("cuda:1"))
     assert not _same_device(torch.device("cuda"), torch.device("cpu"))

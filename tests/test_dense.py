@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from module_checks import Split, check_against_reference
 
-from nearfar.modules.dense import DenseAttention, SourceCache
-from nearfar.modules.sequence import KVCache
+from nearfar.layers.dense import DenseAttention, SourceCache
+from nearfar.layers.kv_cache import KVCache
 
 
 def mha_reference(m: DenseAttention, x: torch.Tensor, context: torch.Tensor | None = None,

@@ -17,14 +17,14 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.dualtoken import BASELINES
 from test_maformer import _mha, _plain_mhsa, _split3
 
-from benchmarks.baselines.dualtoken import BASELINES
-from nearfar.modules.dualtoken import DualTokenAttention
-from nearfar.modules.registry import mechanisms
+from nearfar.layers.dualtoken import DualTokenAttention
+from nearfar.layers.registry import mechanisms
 
 # ---------------------------------------------------------------------------------------------------------
-# float64 reference of the design in nearfar/modules/dualtoken.py, on the module's parameters
+# float64 reference of the design in nearfar/layers/dualtoken.py, on the module's parameters
 # ---------------------------------------------------------------------------------------------------------
 
 

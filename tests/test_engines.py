@@ -474,7 +474,7 @@ def test_engine_override_routes_auto_calls_and_restores():
         calls.append(1)
         return original(*args, **kwargs)
 
-    attend_module = importlib.import_module("nearfar.attend")
+    attend_module = importlib.import_module("nearfar.dispatch")
     attend_module.dense_attention = spy
     try:
         with nearfar.engine_override("dense"):

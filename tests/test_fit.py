@@ -1,4 +1,4 @@
-"""FITAR (``nearfar.fit``): a float64 reference on flat token/latent sequences with explicit masks (written from the
+"""FITAR (``fit_ar.py``): a float64 reference on flat token/latent sequences with explicit masks (written from the
 paper and google-research/pix2seq ``architectures/transformers.py`` ``FITAR``), its properties (no leakage from later
 groups, one group = plain causal Transformer, block-causal latent mask), exact padding of odd lengths, training,
 state_dict, errors."""
@@ -12,7 +12,7 @@ import reference as ref
 import torch
 from module_checks import assert_close, check_loss_halves
 
-from nearfar.fit import FITAR, parse_layers
+from nearfar.models.fit_ar import FITAR, parse_layers
 
 V = 37
 

@@ -21,10 +21,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.gcvit import BASELINES
 
 import nearfar
-from benchmarks.baselines.gcvit import BASELINES
-from nearfar.modules.gcvit import GCViTWindowAttention, GlobalQueryAttention
+from nearfar.layers.gcvit import GCViTWindowAttention, GlobalQueryAttention
 
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference

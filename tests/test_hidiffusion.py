@@ -17,10 +17,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.hidiffusion import BASELINES
 
 import nearfar
-from benchmarks.baselines.hidiffusion import BASELINES
-from nearfar.modules.hidiffusion import MSWAttention, draw_shift, msw_window
+from nearfar.layers.msw_msa import MSWAttention, draw_shift, msw_window
 
 
 class _Fixed(torch.nn.Module):

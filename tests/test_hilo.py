@@ -16,10 +16,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.hilo import BASELINES
 
 import nearfar
-from benchmarks.baselines.hilo import BASELINES
-from nearfar.modules.hilo import HiLo
+from nearfar.layers.hilo import HiLo
 
 
 def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:

@@ -19,17 +19,16 @@ from module_checks import (
     check_state_dict_round_trip,
 )
 
-from nearfar.modules.lightning import (
-    LightningAttention,
-    LinearAttention,
-    LinearAttentionState,
+from nearfar.layers.lightning import LightningAttention, LinearAttentionState
+from nearfar.layers.linear_attention import LinearAttention
+from nearfar.layers.registry import mechanisms
+from nearfar.ops.lightning import (
     alibi_slopes,
     lightning_attention,
     lightning_decode_step,
     linear_attention_reference,
     tnl_slopes,
 )
-from nearfar.modules.registry import mechanisms
 
 
 def decay_mask(n: int, s: torch.Tensor) -> torch.Tensor:

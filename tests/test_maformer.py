@@ -16,10 +16,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.maformer import BASELINES
 
-from benchmarks.baselines.maformer import BASELINES
-from nearfar.modules.maformer import MAFAttention, default_down_ratio
-from nearfar.modules.registry import mechanisms
+from nearfar.layers.maformer import MAFAttention, default_down_ratio
+from nearfar.layers.registry import mechanisms
 
 # ---------------------------------------------------------------------------------------------------------
 # float64 reference of the design in maformer.py: plain formulas on the module's parameters, masks built with loops

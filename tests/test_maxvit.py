@@ -19,11 +19,11 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles import maxvit as baseline
 
 import nearfar
-from benchmarks.baselines import maxvit as baseline
 from nearfar import Grid, Neighborhood, attend
-from nearfar.modules.maxvit import MaxViTAttention
+from nearfar.layers.maxvit import MaxViTAttention
 
 BASELINES = baseline.BASELINES
 

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from module_checks import check_outputs_and_grads
 
 import nearfar as nf
-import nearfar.modules.moa as moa
-from nearfar.lm import TinyLM
-from nearfar.modules.moa import MoAAttention, moa_apply, moa_influence, moa_layer_kwargs, moa_pattern, moa_profile
-from nearfar.modules.moa import moa_span as span
-from nearfar.modules.registry import mechanisms
-from nearfar.modules.sparse_attention import StreamingLLMAttention
+import nearfar.layers.moa_profile as profiler
+from nearfar.layers.moa import MoAAttention, moa_pattern
+from nearfar.layers.moa import moa_span as span
+from nearfar.layers.moa_profile import moa_apply, moa_influence, moa_layer_kwargs, moa_profile
+from nearfar.layers.registry import mechanisms
+from nearfar.layers.streaming_llm import StreamingLLMAttention
+from nearfar.models.tiny_lm import TinyLM
 
 
 def reference_span(alpha, beta, n, sink=64, minimum=128, split=64):
@@ -146,7 +147,7 @@ def test_profile_reimplementation_is_the_dense_model():
     lm = TinyLM(50, dim=32, depth=2, num_heads=4, num_kv_heads=2, mechanism="moa", total_len=200,
                 alphas=[200] * 4, betas=[0] * 4)
     tokens = torch.randint(0, 50, (2, 41))
-    effects, loss = moa.moa_profile_influence(lm, tokens)
+    effects, loss = profiler.moa_profile_influence(lm, tokens)
     assert abs(float(loss - lm.loss(tokens).detach())) < 1e-5
     assert len(effects) == 2 and effects[0].shape == (4, 40, 40)
     assert all(torch.isfinite(e).all() and not torch.triu(e, 1).any() for e in effects)
@@ -160,7 +161,7 @@ def test_profile_respects_the_budget_and_is_the_best_feasible_choice():
     tokens = torch.randint(0, 50, (2, n + 1))
     cands = [(0, 0), (192, 0), (0, 1.0)]
     plans = moa_profile(lm, tokens, cands, density_budget=0.8)
-    effects, _ = moa.moa_profile_influence(lm, tokens)
+    effects, _ = profiler.moa_profile_influence(lm, tokens)
     causal = torch.tril(torch.ones(n, n, dtype=torch.bool))
     masks = span_mask([reference_span(a, b, n) for a, b in cands], n)
     dens = [float(m.sum() / causal.sum()) for m in masks]
@@ -177,7 +178,7 @@ def test_profile_keeps_the_high_influence_head_dense(monkeypatch):
     n = 256
     eff = torch.zeros(2, n, n)
     eff[0, 200:, 64:100] = 1.0  # head 0: masking the middle of the past costs; head 1: free
-    monkeypatch.setattr(moa, "moa_profile_influence", lambda model, tokens: ([eff, eff.flip(0)], None))
+    monkeypatch.setattr(profiler, "moa_profile_influence", lambda model, tokens: ([eff, eff.flip(0)], None))
     sparse = float(span_mask([128], n).sum()) / (n * (n + 1) / 2)
     plans = moa_profile(None, None, [(0, 0), (0, 1.0)], density_budget=(sparse + 1) / 2)
     assert plans == [([0.0, 0.0], [1.0, 0.0]), ([0.0, 0.0], [0.0, 1.0])]
@@ -187,7 +188,7 @@ def test_greedy_choice_on_a_large_grid():
     loss = torch.zeros(9, 4, dtype=torch.float64)
     loss[:3, :3] = torch.tensor([3.0, 2.0, 1.0])  # heads 0-2 only lose nothing when dense
     density = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
-    pick = moa._choose(loss, density, 0.5)  # 4 ** 9 combinations: the greedy path
+    pick = profiler._choose(loss, density, 0.5)  # 4 ** 9 combinations: the greedy path
     assert pick == [3, 3, 3] + [0] * 6
 
 

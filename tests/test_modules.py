@@ -110,7 +110,7 @@ def test_registry():
 
 
 def test_dinat_schedule_matches_the_official_configs():
-    from nearfar.modules.neighborhood import dinat_dilations
+    from nearfar.layers.neighborhood import dinat_dilations
 
     assert dinat_dilations(2, 56) == [1, 8]
     assert dinat_dilations(4, 28) == [1, 4, 1, 4]

@@ -16,10 +16,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.msa_conv import BASELINES
 
-from benchmarks.baselines.msa_conv import BASELINES
-from nearfar.modules.msa_conv import MSAConv2d
-from nearfar.modules.registry import mechanisms
+from nearfar.layers.msa_conv import MSAConv2d
+from nearfar.layers.registry import mechanisms
 
 
 def window_index(h, w, kernel, dilation):

@@ -20,10 +20,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.proxy_tokens import BASELINES
 
-from benchmarks.baselines.proxy_tokens import BASELINES
-from nearfar.modules.proxy_tokens import ProxyTokenAttention
-from nearfar.modules.registry import mechanisms
+from nearfar.layers.proxy_tokens import ProxyTokenAttention
+from nearfar.layers.registry import mechanisms
 
 # ------------------------------------------------------------------------------------------------------------
 # float64 reference, from the paper and the official block: loops for proxies and windows, dense masked softmax

@@ -11,7 +11,7 @@ import torch
 from module_checks import SMALL
 
 import nearfar
-from nearfar.modules.registry import CAB_PATTERNS, FAMILIES, Mechanism, register
+from nearfar.layers.registry import CAB_PATTERNS, FAMILIES, Mechanism, register
 
 MECHANISMS = nearfar.mechanisms()
 
@@ -40,7 +40,7 @@ def test_entry_metadata_and_constructor(mech: Mechanism):
     module = mech.make(32, 2)
     assert isinstance(module, torch.nn.Module) and isinstance(module, mech.cls)
     assert module.__class__.__doc__
-    assert module.__module__.startswith("nearfar.modules." if mech.kind == "layer" else "nearfar.")
+    assert module.__module__.startswith("nearfar.layers." if mech.kind == "layer" else "nearfar.models.")
     for pattern in mech.why_not:
         with pytest.raises(ValueError, match=f"does not support {pattern}"):
             mech.build(32, 2, pattern)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from module_checks import check_outputs_and_grads
 
 import nearfar as nf
-from nearfar.lm import TinyLM
-from nearfar.modules.s2_attention import S2Attention, s2_layer_kwargs, s2_pattern
+from nearfar.layers.s2_attention import S2Attention, s2_layer_kwargs, s2_pattern
+from nearfar.models.tiny_lm import TinyLM
 
 
 def reference_mask(n, kv_heads, block, local, stride, step, offset=0, dense_heads=0):

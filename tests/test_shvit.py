@@ -16,10 +16,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.shvit import BASELINES
 
 import nearfar
-from benchmarks.baselines.shvit import BASELINES
-from nearfar.modules.shvit import SHSA
+from nearfar.layers.shvit import SHSA
 
 EPS = 1e-5  # GroupNorm and BatchNorm defaults
 

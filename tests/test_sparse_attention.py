@@ -12,8 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nearfar as nf
-from nearfar.lm import TinyLM
-from nearfar.modules.sparse_attention import BigBirdAttention, LongformerAttention, StreamingLLMAttention
+from nearfar.layers.bigbird import BigBirdAttention
+from nearfar.layers.longformer import LongformerAttention
+from nearfar.layers.streaming_llm import StreamingLLMAttention
+from nearfar.models.tiny_lm import TinyLM
 
 
 def _loops(n, rule):

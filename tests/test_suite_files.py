@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from nearfar.cli import main
-from nearfar.suite import run as R
-from nearfar.suite.report import write_report
+from nearfar.bench import run as R
+from nearfar.bench.cli import main
+from nearfar.bench.report import write_report
 
 
 def _rows(task, factories, seeds, progress=None, **kw):
@@ -67,7 +67,7 @@ def test_a_failed_save_leaves_no_temp_file(tmp_path, monkeypatch):
 
 
 def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
-    from nearfar.suite.files import write_atomic
+    from nearfar.bench.files import write_atomic
 
     path = tmp_path / "report.md"
     write_atomic(path, "old")
@@ -110,7 +110,7 @@ def test_a_damaged_results_json_is_one_clear_error(tmp_path, capsys, how, match)
     err = capsys.readouterr().err
     assert exit_.value.code != 0 and err.count("\n") == 1 and "Traceback" not in err
     assert str(path) in err and "error" in err
-    from nearfar.suite.files import load_results
+    from nearfar.bench.files import load_results
 
     with pytest.raises(ValueError, match=f"results.json: .*{match}"):
         load_results(path)

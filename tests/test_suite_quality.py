@@ -1,4 +1,4 @@
-"""Tests of the quality suite's models, training and evaluation (nearfar/suite/quality.py): the shared backbone
+"""Tests of the quality suite's models, training and evaluation (nearfar/bench/quality.py): the shared backbone
 (shapes, causality, receptive field of the local control, parameter parity of the controls), the bookkeeping of
 ``evaluate`` against counts made here, Wilson intervals, determinism, and the local/global separation on tiny MQAR."""
 
@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from nearfar.suite import quality as Q
-from nearfar.suite.stats import clustered_wilson
-from nearfar.suite.tasks import TASK_NAMES, Batch, Task, get_task
+from nearfar.bench import quality as Q
+from nearfar.bench.stats import clustered_wilson
+from nearfar.bench.tasks import TASK_NAMES, Batch, Task, get_task
 
 
 def tiny_model(task: Task, name: str, window: int | None = None, dim: int = 16, depth: int = 2, conv: bool = True):
@@ -223,7 +223,7 @@ def test_clustered_wilson_with_unequal_items() -> None:
 
 
 def wilson_of_p(p: float, n: int) -> tuple[float, float]:
-    from nearfar.suite.stats import _wilson
+    from nearfar.bench.stats import _wilson
 
     return _wilson(p, n, 1.96)
 

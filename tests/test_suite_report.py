@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from nearfar.suite.report import environment, render_markdown, write_report
+from nearfar.bench.report import environment, render_markdown, write_report
 
 
 def _speed_row(mech, pattern, n, phase, ratio, peer=None):
@@ -72,7 +72,7 @@ def test_environment_records_versions():
 
 
 def test_a_nan_training_loss_is_flagged(tmp_path):
-    from nearfar.suite.report import quality_blocks
+    from nearfar.bench.report import quality_blocks
 
     bins = ("a", "b")
     row = {"name": "x", "seed": 0, "overall": 0.0, "per_bin": dict.fromkeys(bins, 0.0), "seconds": 1.0,

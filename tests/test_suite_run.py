@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import nearfar
-from nearfar.cli import main
-from nearfar.suite import run as R
-from nearfar.suite.tasks import get_task
+from nearfar.bench import run as R
+from nearfar.bench.cli import main
+from nearfar.bench.tasks import get_task
 
 
 @pytest.mark.parametrize("name,size", [("mqar", "tiny"), ("bidir_mqar", "quick"), ("char_lm", "full")])
@@ -68,7 +68,7 @@ def test_bar_redraws_about_twenty_times():
 
 
 def test_ctrl_c_leaves_the_finished_rows_in_a_report(tmp_path, monkeypatch):
-    import nearfar.suite.speed as speed
+    import nearfar.bench.speed as speed
 
     def interrupted(*args, on_row=None, into=None, **kwargs):  # run_speed fills ``into`` as rows come
         row = {"mechanism": "swin", "family": "window", "pattern": "NS", "dims": "2d", "size": "14x14",
@@ -96,7 +96,7 @@ def test_sigterm_ends_the_run_like_ctrl_c(tmp_path, monkeypatch):
     import os
     import signal
 
-    import nearfar.suite.speed as speed
+    import nearfar.bench.speed as speed
 
     def killed(*args, on_row=None, into=None, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # e.g. ``kill`` of a run started in the background
@@ -163,7 +163,7 @@ def test_resume_runs_only_what_is_missing(tmp_path, monkeypatch):
 
 
 def test_resume_keeps_finished_speed_groups(tmp_path, monkeypatch):
-    import nearfar.suite.speed as speed
+    import nearfar.bench.speed as speed
 
     real = speed._time_row
 

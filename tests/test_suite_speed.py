@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nearfar
-from nearfar.modules.sparse_attention import PatternAttention
+from nearfar.bench import speed, speed_metrics, speed_peers
+from nearfar.bench.speed_gate import GATE_1D, GATE_SETTINGS, TOL, gate_layer
+from nearfar.layers.pattern_attention import PatternAttention
 from nearfar.patterns import Causal, SlidingWindow
 from nearfar.patterns.base import overlaps
-from nearfar.suite import speed, speed_metrics, speed_peers
-from nearfar.suite.speed_gate import GATE_1D, GATE_SETTINGS, TOL, gate_layer
 
 REG = {m.name: m for m in nearfar.mechanisms()}
 ROW_KEYS = {"mechanism", "family", "pattern", "dims", "size", "tokens", "phase", "ms", "dense_ms", "ratio", "ratio_min",

@@ -1,4 +1,4 @@
-"""Tests of the quality-task generators (nearfar/suite/tasks.py): interface, determinism, bins, and each task's
+"""Tests of the quality-task generators (nearfar/bench/tasks.py): interface, determinism, bins, and each task's
 targets checked against an independent reading of its inputs (no training)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nearfar.suite import listops as L
-from nearfar.suite import tasks as T
-from nearfar.suite.tasks import TASK_NAMES, get_task
+from nearfar.bench import listops as L
+from nearfar.bench import tasks as T
+from nearfar.bench.tasks import TASK_NAMES, get_task
 
 
 def draw(task: T.Task, batch: int = 16, seed: int = 0, split: str = "train") -> T.Batch:

@@ -16,10 +16,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.super_token import BASELINES
 
 import nearfar
-from benchmarks.baselines.super_token import BASELINES
-from nearfar.modules.super_token import SuperTokenAttention
+from nearfar.layers.super_token import SuperTokenAttention
 
 # ---------------------------------------------------------------------------------------------------------
 # brute-force float64 reference: loops over cells, neighbours (and pixels for Q), per the paper's formulas

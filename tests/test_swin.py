@@ -21,11 +21,11 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.swin import BASELINES
 
 import nearfar
-from benchmarks.baselines.swin import BASELINES
 from nearfar import Blocks
-from nearfar.modules.swin import WindowAttention
+from nearfar.layers.swin import WindowAttention
 
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference

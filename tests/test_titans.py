@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from module_checks import assert_close, check_against_reference, check_forward_backward_finite
 
-from nearfar.lm import TinyLM
-from nearfar.modules.registry import mechanisms
-from nearfar.modules.titans import TitansCache, TitansMAC, memory_update
+from nearfar.layers.registry import mechanisms
+from nearfar.layers.titans_mac import TitansCache, TitansMAC, memory_update
+from nearfar.models.tiny_lm import TinyLM
 
 # ---------------------------------------------------------------- independent float64 reference
 

@@ -17,10 +17,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.uniformer import BASELINES
 
 import nearfar
-from benchmarks.baselines.uniformer import BASELINES
-from nearfar.modules.uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+from nearfar.layers.uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
 
 
 def _pointwise(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:

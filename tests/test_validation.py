@@ -398,7 +398,7 @@ def test_device_mismatch():
 @pytest.mark.parametrize("call", ["forward", "loss", "generate"])
 @pytest.mark.parametrize("bad", [10, -1])
 def test_tinylm_token_ids_out_of_range(call, bad):
-    from nearfar.lm import TinyLM
+    from nearfar.models.tiny_lm import TinyLM
 
     lm = TinyLM(10, dim=16, depth=1, num_heads=2)
     tokens = torch.tensor([[1, 2, 3, bad]])

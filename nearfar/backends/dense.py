@@ -57,7 +57,7 @@ def sdpa(q, k, v, attn_mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :dv]
 
 
-def _empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
+def empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
     """Rows of an additive mask with no finite entry. Eagerly, None when there are none (so the output needs no
     zeroing pass); under ``torch.compile`` always the tensor, since a data-dependent branch splits the graph."""
     empty = torch.isinf(mask).all(-1, keepdim=True)
@@ -98,7 +98,7 @@ def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_
     if pattern is not None and kpm is None and db is None:  # the cached pattern mask alone: so are its empty rows
         empty = pattern_empty
     else:
-        empty = _empty_rows(mask)
+        empty = empty_rows(mask)
     if empty is not None:  # a query with no key gets zeros: a harmless row, then its output (and gradient) zeroed
         q, mask = harmless_rows(q, mask, empty)
     lse = None

@@ -20,8 +20,8 @@ import torch
 from ..bias import DenseBias
 from ..cache import nbytes_of
 from ..guard import zero_rows
-from ..plan import Plan, _allowed_heads, _to_additive, get_plan, inverse_order
-from .dense import _empty_rows, harmless_rows, sdpa
+from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
+from .dense import empty_rows, harmless_rows, sdpa
 
 
 @dataclass
@@ -110,11 +110,11 @@ def windows(plan: Plan) -> Windows:
     if w is None:
         found = _recipe(plan)
         recipe, order = found if found is not None else (None, plan.q_idx)
-        ok = _allowed_heads(plan.pattern, order, order[None], plan.nq, plan.nk)[0]
+        ok = allowed_heads(plan.pattern, order, order[None], plan.nq, plan.nk)[0]
         # empty slots: a harmless row of one key and a zero query (their outputs are dropped; see ``harmless_rows``)
         slot_empty = order < 0
         ok |= slot_empty[:, :, None] & (torch.arange(order.shape[1], device=order.device) == 0)
-        mask = None if bool(ok.all()) else _to_additive(ok)
+        mask = None if bool(ok.all()) else to_additive(ok)
         w = Windows(order, mask, order.clamp(min=0).reshape(-1), inverse_order(order, plan.nq), recipe,
                     slot_empty=slot_empty if bool(slot_empty.any()) else None)
         # charged with the rpb index a bias source may memoise (nT*T*T int64)
@@ -159,7 +159,7 @@ def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, 
         # inside a partition every query may attend itself: only a padding mask or a dense bias (with -inf)
         # can leave a query without keys
         if kpm is not None or isinstance(bias, DenseBias):
-            empty = _empty_rows(mask)  # a query with no key: harmless row, zero output
+            empty = empty_rows(mask)  # a query with no key: harmless row, zero output
             if empty is not None:
                 qt, mask = harmless_rows(qt, mask, empty)
     lse = None

@@ -1,0 +1,134 @@
+"""``nearfar`` command line.
+
+    nearfar bench [--quick]                 # speed + quality over every registered mechanism, then the report
+    nearfar bench speed --mechanism swin local --rounds 5
+    nearfar bench quality --task mqar passkey --full --jobs 2
+    nearfar bench --full --resume           # go on with an interrupted or partial run in the same --out
+    nearfar bench --full --force-resume --seed 1   # the same, keeping rows made with other settings
+    nearfar bench report --out nearfar-bench    # re-render report.md/html from results.json
+    nearfar bench patterns                  # correctness + speed sweep of the example patterns (the engine check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .files import BenchFileError
+
+
+def _summary(results: dict) -> str:
+    """The clean table printed at the end: per mechanism, its best speed ratio per pattern and its quality."""
+    lines = []
+    speed = results.get("speed") or {}
+    best: dict = {}
+    for r in speed.get("rows", []):
+        if not r.get("peer"):
+            key = (r["mechanism"], r["pattern"])
+            best[key] = max(best.get(key, 0.0), r["ratio"])
+    if best:
+        lines += ["", f"{'mechanism':<20} {'pattern':<8} {'best speed vs dense':>20}"]
+        lines += [f"{m:<20} {p:<8} {v:>19.2f}x" for (m, p), v in sorted(best.items())]
+    for task, entry in (results.get("quality") or {}).items():
+        by: dict = {}
+        for r in entry["rows"]:
+            by.setdefault(r["name"], []).append(r["overall"])
+        if by:
+            metric = entry["task"]["metric"]
+            lines += ["", f"{task} ({entry['task']['pattern']}, {metric})"]
+            lines += [f"  {m:<20} {sum(v) / len(v):.3f}" for m, v in by.items()]
+    return "\n".join(lines)
+
+
+def _run(args: argparse.Namespace, out: Path, argv: list[str] | None) -> tuple[dict, dict[str, Path]]:
+    if args.what == "report":
+        from .files import load_results
+        from .report import write_report
+
+        source = out / "results.json"
+        if not source.exists():
+            raise BenchFileError(f"no {source}: run `nearfar bench` first (or give --out)")
+        results = load_results(source)
+        return results, write_report(results, out)
+    from .run import run_bench
+
+    command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
+                        command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep,
+                        force_resume=args.force_resume)
+    return results, {k: Path(v) for k, v in results["paths"].items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
+    bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),
+                       help="what to run (default: all = speed + quality + report)")
+    size = bench.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="under 10 minutes on 2 cores (the default)")
+    size.add_argument("--full", action="store_true", help="the full suite: every task, mechanism and size")
+    bench.add_argument("--mechanism", nargs="*", help="registry names or families (default: all)")
+    bench.add_argument("--task", nargs="*", help="quality tasks (default: the size's set)")
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    bench.add_argument("--out", default="nearfar-bench", help="output directory (default ./nearfar-bench)")
+    bench.add_argument("--resume", action="store_true",
+                       help="keep the results already in --out and run only what is missing; refuses a run made "
+                            "with other settings (size, --seed, --rounds, --lr-sweep, --device)")
+    bench.add_argument("--force-resume", action="store_true",
+                       help="--resume even if --out holds a run made with other settings: its rows are kept as "
+                            "they are, mixed with the new ones (the report says so)")
+    bench.add_argument("--lr-sweep", type=float, nargs="+", default=None, metavar="LR",
+                       help="train each quality run at every LR given and keep the best on a validation split "
+                            "(e.g. --lr-sweep 1e-3 3e-3; default: one tuned LR per task)")
+    bench.add_argument("--jobs", type=int, default=1,
+                       help="quality trainings at once, in worker processes sharing the threads (default 1)")
+    args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.lr_sweep and not all(0 < v < 1 for v in args.lr_sweep):
+        parser.error(f"--lr-sweep values must be in (0, 1), got {args.lr_sweep}")
+    if args.what == "patterns":
+        from .timing import sweep
+
+        sweep(quick=not args.full, rounds=args.rounds or 3)
+        return 0
+    import torch
+
+    from ..layers.registry import FAMILIES, mechanisms
+    from .tasks import TASK_NAMES
+
+    known = {m.name for m in mechanisms()} | set(FAMILIES)
+    bad = [n for n in args.mechanism or [] if n not in known]
+    if bad:
+        parser.error(f"--mechanism: unknown {bad}; registry names or families: {sorted(known)}")
+    if any(t not in TASK_NAMES for t in args.task or []):
+        parser.error(f"--task must be among {TASK_NAMES}, got {args.task}")
+    if args.device != "cpu":
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            parser.error(f"--device {args.device!r} is not available here (cpu, or cuda with a GPU build of torch)")
+        if args.jobs > 1:
+            parser.error("--jobs > 1 trains in CPU worker processes; use --jobs 1 with --device cuda")
+        torch.set_default_device(args.device)
+    out = Path(args.out)
+    try:
+        results, paths = _run(args, out, argv)
+    except BenchFileError as err:  # a bad --out or results file, a refused --resume: the message says it all
+        bench.exit(2, f"nearfar bench: error: {err}\n")
+    except OSError as err:
+        if err.filename is None:
+            raise
+        bench.exit(1, f"nearfar bench: error: {err.filename}: {err.strerror}\n")
+    print(_summary(results))
+    print(f"\nreport: {paths['md']} and {paths['html']} (data: {paths['json']})")
+    return 130 if results.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

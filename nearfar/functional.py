@@ -1,0 +1,88 @@
+"""The public functional layer: everything a layer or model needs from nearfar besides patterns and checks.
+
+``attend`` (the one entry point of every engine), head split/merge, window partition and merge for modules that
+cut their *input* into windows (as the official window codes do), and the lightning/linear attention kernels.
+Layers and models are built only on this module, ``nearfar.patterns`` and ``nearfar.checks``; the engines behind
+``attend`` are free to change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .backends import engines
+from .backends.partition import WindowBatch
+from .dispatch import attend, engine_override, observe_calls
+from .ops.lightning import (
+    alibi_slopes,
+    compute_dtype,
+    lightning_attention,
+    lightning_blocked,
+    lightning_decode_step,
+    linear_attention_reference,
+    tnl_slopes,
+)
+
+__all__ = [
+    "WindowBatch",
+    "alibi_slopes",
+    "attend",
+    "compute_dtype",
+    "engine_override",
+    "engines",
+    "lightning_attention",
+    "lightning_blocked",
+    "lightning_decode_step",
+    "linear_attention_reference",
+    "merge_heads",
+    "observe_calls",
+    "split_heads",
+    "split_qkv",
+    "tnl_slopes",
+    "window_attention",
+]
+
+
+def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """``(B, *spatial, heads*d)`` (or ``(B, N, heads*d)``) -> ``(B, heads, N, d)``, channels head-major."""
+    b, c = t.shape[0], t.shape[-1]
+    return t.reshape(b, -1, num_heads, c // num_heads).transpose(1, 2)
+
+
+
+def merge_heads(o: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """``(B, heads, N, d)`` -> ``(B, *spatial, heads*d)``."""
+    b, h, _, d = o.shape
+    return o.transpose(1, 2).reshape(b, *spatial, h * d)
+
+
+
+def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output of a fused ``Linear(C, 3C)`` ``(B, *spatial, 3C)``, split ``[3, heads, d]`` -> three ``(B, h, N, d)``."""
+    b, c3 = qkv.shape[0], qkv.shape[-1]
+    t = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+    return t[0], t[1], t[2]
+
+
+
+def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, scale: float,
+                     table: torch.Tensor | None = None) -> torch.Tensor:
+    """Self-attention of ``x (B, *spatial, C)`` inside the windows of ``pattern`` (``Blocks``/``Grid``), before the
+    output projection: ``(B, *spatial, C')``. ``qkv`` maps ``(..., C)`` to the fused ``(..., 3C')`` (split
+    ``[3, heads, d]``) or to a tuple ``(q, k, v)`` of ``(..., C')``; ``table`` is a relative-position table as
+    ``attend`` takes it with the pattern.
+
+    When the windows are whole (divisible extents; shifted windows are rolled first), the input itself is cut
+    into windows before ``qkv`` (one copy of C channels instead of three reorders of q, k, v inside ``attend``), as
+    the official window codes do; otherwise ``attend`` runs the pattern on the whole map.
+    """
+    spatial = tuple(x.shape[1:-1])
+    wb = WindowBatch.of(pattern, spatial, x.device)
+    src = x if wb is None else wb.split(x)
+    p = qkv(src)
+    q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
+    if wb is None:
+        return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)
+    out = attend(q, k, v, scale=scale, bias=wb.bias(table, x.shape[0]))
+    return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])

@@ -1,0 +1,68 @@
+"""Attention layers (``nn.Module``), one file per mechanism named after its registry name, built only on
+``nearfar.functional``, ``nearfar.patterns`` and ``nearfar.checks``; shared pieces live in files named for what
+they hold (``kv_cache``, ``rotary``, ``projections``, ``position_bias``, ``pattern_attention``, ``registry``).
+Each file registers its mechanisms where their classes are defined."""
+
+from __future__ import annotations
+
+from .agent import AgentAttention
+from .bigbird import BigBirdAttention
+from .cca import CCAAttention
+from .craft_srwa import SRWAttention
+from .dense import DenseAttention
+from .dualtoken import DualTokenAttention
+from .gcvit import GCViTWindowAttention, GlobalQueryAttention
+from .hilo import HiLo
+from .lightning import LightningAttention
+from .linear_attention import LinearAttention
+from .longformer import LongformerAttention
+from .maformer import MAFAttention
+from .maxvit import MaxViTAttention
+from .moa import MoAAttention
+from .msa_conv import MSAConv2d
+from .msw_msa import MSWAttention
+from .neighborhood import NeighborhoodAttention
+from .pattern_attention import PatternAttention
+from .proxy_tokens import ProxyTokenAttention
+from .registry import Mechanism, mechanisms, register
+from .s2_attention import S2Attention
+from .shvit import SHSA
+from .streaming_llm import StreamingLLMAttention
+from .super_token import SuperTokenAttention
+from .swin import WindowAttention
+from .titans_mac import TitansMAC
+from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+
+__all__ = [
+    "AgentAttention",
+    "BigBirdAttention",
+    "CCAAttention",
+    "DenseAttention",
+    "DualTokenAttention",
+    "GCViTWindowAttention",
+    "GlobalQueryAttention",
+    "HiLo",
+    "LightningAttention",
+    "LinearAttention",
+    "LongformerAttention",
+    "MAFAttention",
+    "MaxViTAttention",
+    "Mechanism",
+    "mechanisms",
+    "MoAAttention",
+    "MSAConv2d",
+    "MSWAttention",
+    "NeighborhoodAttention",
+    "PatternAttention",
+    "ProxyTokenAttention",
+    "register",
+    "S2Attention",
+    "SHSA",
+    "SRWAttention",
+    "StreamingLLMAttention",
+    "SuperTokenAttention",
+    "TitansMAC",
+    "UniFormerGlobalMHRA",
+    "UniFormerLocalMHRA",
+    "WindowAttention",
+]

@@ -1,0 +1,229 @@
+"""Core Context Aware attention (CCA): globality-aware pooling of past groups into core tokens, plus a
+locality-preserved local window, fused into one softmax (causal, for language models).
+
+Paper: Chen et al., "Core Context Aware Transformers for Long Context Language Modeling" (ICML 2025). Official
+code: chenyaofo/CCA-Attention (commit 052cc8e) ``codebase/core/cca_attn.py`` (``pooling_attention_wo_cache``,
+``pooling_attention_w_cache``, ``generate_mask``) and ``codebase/core/cca_pooling.py``
+(``fast_calculate_fusion_weights``, ``_weight_pooling``).
+
+Per query head, after RoPE on q and k (0-based positions; ``g = group_size``, ``s = window_size``):
+
+- group ``c`` is tokens ``[c*g, (c+1)*g)``; its core key/value are the keys/values of the group averaged with the
+  weights ``softmax_j(q_{(c+1)g-1} . k_j / sqrt(d))`` (the group's last query; ``pooling="cca"``), or their plain
+  mean / element-wise max (``pooling="mean"``/``"max"``, the official ablations);
+- query ``i`` sees the first ``m(i) = max(0, floor((i + 1 - s) / g))`` core tokens and the raw keys
+  ``m(i)*g <= j <= i``: the two sets tile the causal context exactly once, the raw window being ``s`` to
+  ``s + g - 1`` keys long;
+- one softmax over ``[core keys; raw keys]`` with that mask, through ``nearfar.attend``.
+
+Cost: the fused softmax of a whole sequence is ``attend`` with the ``CoreAndWindow`` pattern over ``[core; raw]``
+keys, so the block-sparse engine does O(N (N/g + s)) work and never forms the ``N x (N/g + N)`` mask (the official
+code uses a dense mask below 300 tokens and a Triton kernel above); decoding steps use a small dense mask over the
+cache. Sequences shorter than ``s + g`` (no core token yet) take the
+``Causal()`` pattern path of ``attend`` instead (dense causal attention, the same function). The pooling softmax
+is ``attend`` of each group's last query over its group (one head per (head, group) pair, values ``[k; v]``).
+
+Decoding (``new_cache``/``CCACache``): the cache keeps the core keys/values (one per completed group, per query
+head), and the raw keys/values (and queries, for pooling) of the positions ``>= m(next)*g``: at most
+``s + g - 2`` raw tokens after every step, so memory is ``N/g + s + g`` tokens, as in the official cache. When a
+group leaves the window it is pooled from the cached (rotated) keys with its cached last query and evicted.
+
+Differences from the official code:
+- parameter names: ``group_size`` = official ``pooling_size`` (paper's group size ``g``), ``window_size`` = same,
+  ``pooling`` = official ``pooling_func``; layer projections are ``q_proj/k_proj/v_proj/o_proj`` (LLaMA names;
+  the official code patches LLaMA's attention, so a LLaMA layer's weights load unchanged);
+- GQA: as in the official code (which pools after ``repeat_kv``) core tokens are per *query* head, so the raw
+  keys/values are repeated to the query heads for the fused softmax (a copy when ``num_kv_heads < num_heads``);
+- ``key_padding_mask`` (whole-sequence forward only, ``pooling="cca"`` only; the official code has no padding
+  support): padded keys are left out of both the pooling softmax and the fused softmax, and a core token whose
+  group is all padding is masked; ``pooling="mean"``/``"max"`` with a mask raise ``NotImplementedError``;
+- no attention dropout; only the causal form (the paper defines no other); ``window_size >= 1`` (the official
+  decode path slices ``K[:, :, -window_size:]``, which breaks for 0);
+- the decode cache keeps all queries of the raw window (the official one does the same, ``update_kv``), and
+  pools groups with the same arithmetic as the forward pass, so decoding equals teacher forcing exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..functional import attend, merge_heads
+from ..patterns import Causal
+from ..patterns.base import as_positive_int
+from ..patterns.core_and_window import CoreAndWindow, cca_allowed, core_counts
+from .kv_cache import DecodeState
+from .projections import add_projections
+from .registry import POSITIONS_SHARED, Mechanism, register
+from .rotary import rotary_qkv
+
+POOLINGS = ("cca", "mean", "max")
+
+
+class CCACache(DecodeState):
+    """Decoding state of a ``CCAAttention``: core keys/values ``(B, H, C, d)`` of the pooled groups and the raw
+    queries/keys/values of positions ``raw_start .. length-1`` (keys/values with the KV heads)."""
+
+    def __init__(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__(batch, device, dtype)
+        self.length = 0  # tokens seen (the next token's position)
+        self.raw_start = 0  # position of the first raw token kept
+        self.core_k = self.core_v = None
+        self.raw_q = self.raw_k = self.raw_v = None
+
+    @property
+    def num_core(self) -> int:
+        return 0 if self.core_k is None else self.core_k.shape[2]
+
+    @property
+    def num_raw(self) -> int:
+        return self.length - self.raw_start
+
+    @property
+    def size(self) -> int:
+        """Tokens of keys/values held: core tokens + raw tokens."""
+        return self.num_core + self.num_raw
+
+
+def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else torch.cat([a, b], dim=2)
+
+
+class CCAAttention(nn.Module):
+    """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
+    causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;
+    decoding through ``new_cache`` keeps ``N/group_size + window_size + group_size`` tokens."""
+
+    def __init__(self, dim: int, num_heads: int, group_size: int = 16, window_size: int = 1024, pooling: str = "cca",
+                 num_kv_heads: int | None = None, causal: bool = True, rope: bool = True, qkv_bias: bool = False):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if causal is not True:
+            raise ValueError(f"causal must be True: CCA is defined for causal language models only, got {causal!r}")
+        self.group_size, self.window_size = as_positive_int(group_size, "group_size"), as_positive_int(
+            window_size, "window_size")
+        self.pooling, self.causal = pooling, True
+        add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
+
+    def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> CCACache:
+        return CCACache(batch, device, dtype)
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        """KV heads -> query heads (head ``h`` reads KV head ``h // group``, as ``repeat_kv``)."""
+        rep = self.num_heads // self.num_kv_heads
+        if rep == 1:
+            return t
+        b, h, n, d = t.shape
+        return t[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+
+    def _pool(self, q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Core tokens of ``C`` whole groups: ``q_end (B, H, C, d)`` (each group's last query), ``k/v (B, H, C*g,
+        d)``, ``keep (B, C*g)`` -> core keys and values ``(B, H, C, d)``."""
+        b, h, c, d = q_end.shape
+        g = self.group_size
+        kg, vg = k.reshape(b, h, c, g, d), v.reshape(b, h, c, g, d)
+        if self.pooling == "mean":
+            return kg.mean(-2), vg.mean(-2)
+        if self.pooling == "max":
+            return kg.amax(-2), vg.amax(-2)
+        bias = None
+        if keep is not None:
+            bias = torch.zeros(b, 1, c, 1, g, dtype=q_end.dtype, device=q_end.device)
+            bias = bias.masked_fill(~keep.view(b, 1, c, 1, g), float("-inf")).expand(b, h, c, 1, g)
+            bias = bias.reshape(b, h * c, 1, g)
+        # one head per (head, group): the group's last query attends to its own group, values = [k; v]
+        kv = torch.cat([kg, vg], dim=-1).reshape(b, h * c, g, 2 * d)
+        out = attend(q_end.reshape(b, h * c, 1, d), kg.reshape(b, h * c, g, d), kv, scale=d ** -0.5, bias=bias)
+        ck, cv = out.reshape(b, h, c, 2 * d).split(d, dim=-1)
+        return ck, cv
+
+    def _fused(self, q: torch.Tensor, q_pos: torch.Tensor, core_k, core_v, k: torch.Tensor, v: torch.Tensor,
+               k_pos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """One softmax over ``[core; raw]`` keys (raw keys already repeated to the query heads)."""
+        num_core = 0 if core_k is None else core_k.shape[2]
+        allowed = cca_allowed(q_pos, num_core, k_pos, self.window_size, self.group_size)
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        if num_core:
+            k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
+        return attend(q, k, v, bias=bias, key_padding_mask=keep)
+
+    def forward(self, x: torch.Tensor, cache: CCACache | None = None,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
+            raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        cache = CCACache.checked(cache, x)
+        b, n, _ = x.shape
+        if key_padding_mask is not None:
+            if cache is not None:
+                raise ValueError("key_padding_mask is for whole sequences; decode each sequence's real tokens")
+            if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool or tuple(
+                    key_padding_mask.shape) != (b, n):
+                raise ValueError(f"key_padding_mask must be a bool tensor of shape ({b}, {n}), got "
+                                 f"{getattr(key_padding_mask, 'shape', type(key_padding_mask).__name__)}")
+            if self.pooling != "cca":
+                raise NotImplementedError(f"key_padding_mask is supported with pooling='cca' only, got "
+                                          f"{self.pooling!r}")
+        q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length)
+        if cache is None:
+            out = self._forward_full(q, k, v, pos, key_padding_mask)
+        else:
+            out = self._forward_cached(q, k, v, pos, cache)
+        return self.o_proj(merge_heads(out, (n,)))
+
+    def _forward_full(self, q, k, v, pos, kpm):
+        n, g = q.shape[2], self.group_size
+        num_core = max(0, (n - self.window_size) // g)
+        if num_core == 0:  # no group has left the window yet: plain causal attention
+            return attend(q, k, v, Causal(), key_padding_mask=kpm)
+        k, v = self._expand(k), self._expand(v)
+        p = num_core * g
+        keep_pool = None if kpm is None else kpm[:, :p]
+        core_k, core_v = self._pool(q[:, :, g - 1:p:g], k[:, :, :p], v[:, :, :p], keep_pool)
+        keep = None if kpm is None else torch.cat([keep_pool.view(-1, num_core, g).any(-1), kpm], dim=1)
+        k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
+        return attend(q, k, v, CoreAndWindow(num_core, self.window_size, g), key_padding_mask=keep)
+
+    def _pool_cache(self, cache: CCACache, upto: int) -> None:
+        """Pool groups ``num_core .. upto-1`` from the cache's raw tokens (which must still hold them)."""
+        c0, g = cache.num_core, self.group_size
+        if upto <= c0:
+            return
+        lo, hi = c0 * g - cache.raw_start, upto * g - cache.raw_start
+        ck, cv = self._pool(cache.raw_q[:, :, lo + g - 1:hi:g], self._expand(cache.raw_k[:, :, lo:hi]),
+                            self._expand(cache.raw_v[:, :, lo:hi]))
+        cache.core_k, cache.core_v = _cat(cache.core_k, ck), _cat(cache.core_v, cv)
+
+    def _forward_cached(self, q, k, v, pos, cache: CCACache):
+        n = q.shape[2]
+        cache.raw_q, cache.raw_k, cache.raw_v = _cat(cache.raw_q, q), _cat(cache.raw_k, k), _cat(cache.raw_v, v)
+        cache.length += n
+        s, g = self.window_size, self.group_size
+        self._pool_cache(cache, int(core_counts(pos[-1:], s, g)))
+        k_pos = torch.arange(cache.raw_start, cache.length, device=q.device)
+        out = self._fused(q, pos, cache.core_k, cache.core_v, self._expand(cache.raw_k), self._expand(cache.raw_v),
+                          k_pos)
+        # the next query sees m(length) core tokens and raw keys from m(length)*g on: pool and evict the rest
+        m = int(core_counts(torch.tensor([cache.length]), s, g))
+        self._pool_cache(cache, m)
+        drop = m * g - cache.raw_start
+        if drop > 0:
+            cache.raw_q, cache.raw_k, cache.raw_v = (t[:, :, drop:] for t in (cache.raw_q, cache.raw_k, cache.raw_v))
+            cache.raw_start = m * g
+        return out
+
+
+register(Mechanism(
+    name="cca", paper="Core Context Aware Transformers for Long Context Language Modeling (ICML 2025)",
+    repo="chenyaofo/CCA-Attention", family="local+global", dims=("1d",), cls=CCAAttention,
+    patterns={"CS": {}}, why_not={
+        "NS": "core tokens are pooled with the weights of each group's last query, a causal construction; the paper "
+              "and its code define the causal LM form only",
+        "NC": "core tokens pool groups of keys aligned with the queries' positions and a local window around "
+              "them; a source of another length has neither", "CC": POSITIONS_SHARED},
+    make=lambda dim, num_heads, **kw: CCAAttention(dim, num_heads, **kw),
+    notes="group 16, window 1024, 'cca' pooling (last-query-weighted core token per group) fused with the local "
+          "window in one softmax; causal only; O(N (N/g + window)) through attend's block-sparse engine; decode cache "
+          "<= N/g + window + group tokens"))

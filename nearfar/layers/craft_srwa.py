@@ -1,0 +1,156 @@
+"""CRAFT SRWAB attention: horizontal and vertical rectangle windows on two channel halves, cyclic shift, dynamic
+position bias, locality complementary module; channel-last.
+
+Paper: Li et al., "Feature Modulation Transformer: Cross-Refinement and Lightweight Transformer for Efficient Image
+Super-Resolution" (CRAFT, ICCV 2023). Official code: AVC2-UESTC/CRAFT-SR ``basicsr/archs/craft_arch.py``
+(``SRWAB``, ``Attention_regular``, ``DynamicPosBias``, ``CRFB``, ``CRAFT.calculate_rpi_v_sa``).
+
+``SRWAttention(dim, num_heads, split_size=(4, 16), shift_size=(0, 0), qkv_bias=True, qk_scale=None)`` is the
+attention part of ``SRWAB``: ``proj(concat[A_h, A_v] + DW_3(v))`` of ``qkv = Linear(LN(x))`` (the block adds the
+residual and the MLP). The first ``C/2`` channels of q, k, v attend in ``s0 x s1`` windows with ``num_heads/2``
+heads, the last ``C/2`` in ``s1 x s0`` windows. ``shift_size=(a, b)`` (CRFB's odd blocks: ``(s0//2, s1//2)``) rolls
+the first half by ``(-a, -b)`` and the second by ``(-b, -a)`` with no mask (windows wrap around the border): each half
+is one ``nearfar.attend`` call with ``Blocks(size, grid, shift, wrap=True)`` (the partition engine). The dynamic
+position bias (``attns.{0,1}.pos``: ``Linear(2, p)`` then three ``LN -> ReLU -> Linear``, ``p = dim // 2 // 4 // 4``)
+maps every offset to per-head biases each forward; CRAFT indexes it query-minus-key, so its output (a Swin bias table)
+is flipped into the key-minus-query table ``attend`` takes. ``get_v`` is the LCM depth-wise 3x3 conv (with bias) on
+the unshifted v of all channels.
+
+Parameter names and shapes equal the official ``SRWAB``'s (``norm1``, ``qkv``, ``proj``, ``get_v``,
+``attns.{0,1}.pos.{pos_proj, pos1.{0,2}, pos2.{0,2}, pos3.{0,2}}``), so an SRWAB's weights other than ``norm2``
+and ``mlp`` load unchanged (timm does not ship CRAFT). The model's ``biases_*`` / ``relative_position_index_*``
+buffers are derived here.
+
+Sizes: ``H`` and ``W`` must each be divisible by ``s0`` and ``s1`` (the official code has no padding: the SR model
+reflect-pads the low-resolution image to a multiple of 16 at test time and crops the output). ``num_heads`` must be
+even (two halves; the official ``num_heads // 2`` per half silently drops a head when it is odd).
+
+Note (official behaviour, kept): the MLP width ``p = dim // 2 // 4 // 4`` is 1 for CRAFT's ``embed_dim`` 48, and a
+LayerNorm over one feature outputs its bias, so there the "dynamic" bias does not depend on the offset at all (width
+2: it takes two values); ``dim >= 96`` gives a position-dependent bias (``make(96, 3)``: width 3).
+
+Differences from the official code: none in the computation; a shift is taken modulo the window (equivalent); no
+dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import nn
+
+from ..checks import check_channels_last, check_dim_heads
+from ..functional import attend, merge_heads
+from ..patterns import Blocks
+from ..patterns.base import as_nonneg_int, per_axis
+from .position_bias import swin_table_as_offsets
+from .registry import Mechanism, image_layer, register
+
+
+class DynamicPosBias(nn.Module):
+    """CRAFT's (CrossFormer's) dynamic position bias, non-residual mode: ``(L, 2)`` offsets -> ``(L, num_heads)``."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.pos_dim = dim // 4
+        self.pos_proj = nn.Linear(2, self.pos_dim)
+        self.pos1 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(), nn.Linear(self.pos_dim, self.pos_dim))
+        self.pos2 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(), nn.Linear(self.pos_dim, self.pos_dim))
+        self.pos3 = nn.Sequential(nn.LayerNorm(self.pos_dim), nn.ReLU(), nn.Linear(self.pos_dim, num_heads))
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
+
+
+class RectWindowBranch(nn.Module):
+    """One orientation (official ``Attention_regular``): ``window`` rows x cols, its ``pos`` bias MLP and the
+    offsets it is evaluated on (``(2r-1)(2c-1)`` rows ``(dy, dx)``, row-major: a Swin bias table's order)."""
+
+    def __init__(self, dim: int, num_heads: int, window: tuple[int, int]):
+        super().__init__()
+        self.window = window
+        self.pos = DynamicPosBias(dim // 4, num_heads)
+        dy = torch.arange(1 - window[0], window[0], dtype=torch.float32)
+        dx = torch.arange(1 - window[1], window[1], dtype=torch.float32)
+        self.register_buffer("offsets", torch.cartesian_prod(dy, dx), persistent=False)
+
+    def table(self) -> torch.Tensor:
+        """``(heads, 2r-1, 2c-1)``, key-minus-query, as ``attend`` takes it with ``Blocks(window)``."""
+        return swin_table_as_offsets(self.pos(self.offsets), self.window)
+
+
+class SRWAttention(nn.Module):
+    """CRAFT's shift rectangle window attention (SRWAB without residual and MLP), input ``(B, H, W, dim)``."""
+
+    def __init__(self, dim: int, num_heads: int, split_size=(4, 16), shift_size=(0, 0), qkv_bias: bool = True,
+                 qk_scale: float | None = None):
+        super().__init__()
+        check_dim_heads(dim, num_heads)
+        if num_heads % 2:
+            raise ValueError(f"num_heads ({num_heads}) must be even: half the heads per window orientation")
+        if dim // 2 // 4 // 4 < 1:
+            raise ValueError(f"dim ({dim}) must be >= 32: the position-bias MLP width is dim // 2 // 4 // 4")
+        if not isinstance(qkv_bias, bool):
+            raise TypeError(f"qkv_bias must be a bool, got {qkv_bias!r}")
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real)
+                                     or not math.isfinite(qk_scale) or qk_scale <= 0):
+            raise ValueError(f"qk_scale must be a positive finite number or None, got {qk_scale!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.split_size = per_axis(split_size, 2, "split_size")
+        self.shift_size = per_axis(shift_size, 2, "shift_size", check=as_nonneg_int)
+        self.head_dim = dim // num_heads
+        self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+        s0, s1 = self.split_size
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.get_v = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.attns = nn.ModuleList([RectWindowBranch(dim // 2, num_heads // 2, (s0, s1)),
+                                    RectWindowBranch(dim // 2, num_heads // 2, (s1, s0))])
+
+    def _check_size(self, h: int, w: int) -> None:
+        s0, s1 = self.split_size
+        step = math.lcm(s0, s1)
+        if h % step or w % step:
+            raise ValueError(f"x must have H and W divisible by split_size {self.split_size} (multiples of {step}), "
+                             f"got H={h}, W={w}; pad the input (CRAFT reflect-pads images to a multiple of 16)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, (h, w), n = check_channels_last(x, 2, self.dim)
+        self._check_size(h, w)
+        qkv = self.qkv(self.norm1(x))
+        # (B, H, W, [3, half, heads/2, d]) -> (3, half, B, heads/2, N, d)
+        t = qkv.view(b, n, 3, 2, self.num_heads // 2, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        a, c = self.shift_size
+        outs = []
+        for i, (branch, shift) in enumerate(zip(self.attns, ((a, c), (c, a)))):
+            r, s = branch.window
+            pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
+            out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, rpb=branch.table())
+            outs.append(merge_heads(out, (h, w)))
+        v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
+        lcm = self.get_v(v).permute(0, 2, 3, 1)
+        return self.proj(torch.cat(outs, dim=-1) + lcm)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, split_size={self.split_size}, "
+                f"shift_size={self.shift_size}")
+
+
+def _make(dim: int, num_heads: int, **kw) -> SRWAttention:
+    return SRWAttention(dim, max(2, num_heads - num_heads % 2), **{"split_size": (7, 14), **kw})
+
+
+register(Mechanism(
+    name="craft_srwa",
+    paper="Feature Modulation Transformer: Cross-Refinement and Lightweight Transformer for Efficient Image "
+          "Super-Resolution (CRAFT, ICCV 2023)",
+    repo="AVC2-UESTC/CRAFT-SR", family="window", dims=("2d",), **image_layer(),
+    make=_make, cls=SRWAttention,
+    notes="SRWAB's attention (LN, qkv, H-/V-rectangle windows on the two channel halves with a dynamic position "
+          "bias, LCM, proj). H and W must be divisible by both split sizes. make() uses split_size (7, 14) "
+          "(official (4, 16) needs multiples of 16; 7 x 14 rectangles divide the 56x56 and 14x14 benchmark maps, "
+          "aspect 1:2, 98 tokens vs 64) and an even head count (num_heads - 1 when odd: what the official "
+          "num_heads // 2 per half computes); shift_size=(s0//2, s1//2) is CRFB's odd block."))

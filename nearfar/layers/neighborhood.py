@@ -1,0 +1,92 @@
+"""Neighborhood attention modules (NAT, DiNAT, MedViTV2's DiNA): channel-last ``(B, *spatial, C)`` in and out.
+
+Papers: Hassani et al., "Neighborhood Attention Transformer" (CVPR 2023); Hassani & Shi, "Dilated
+Neighborhood Attention Transformer" (2022). Official code: SHI-Labs/NATTEN (legacy ``natten2d.py`` /
+``natten1d.py`` / ``natten3d.py`` at tag v0.14.6 for the module with a relative-position bias) and
+SHI-Labs/Neighborhood-Attention-Transformer (``classification/nat.py``, ``dinat.py``).
+
+Parameter names and shapes follow NATTEN's legacy module, so its checkpoints load unchanged: ``qkv``
+(Linear C -> 3C, split ``[3, heads, head_dim]``), ``rpb`` (heads, 2k-1[, 2k-1[, 2k-1]]), ``proj`` (Linear C -> C).
+Differences from the official code: no zero-padding of inputs smaller than ``kernel_size * dilation``
+(NATTEN <= 0.14 padded them and let the padded tokens attend unmasked; we raise a clear error instead, as
+NATTEN >= 0.20 does); attention and projection dropout are not implemented (NAT uses 0).
+
+Schedules (official ``nat.py``, ``dinat.py``): NAT uses ``kernel_size=7, dilation=1`` everywhere. DiNAT alternates
+``dilation=1`` and ``dilation = resolution // kernel_size`` inside each stage (224 input: 56 -> 8, 28 -> 4,
+14 -> 2, 7 -> 1); ``dinat_dilations(depth, resolution)`` gives that list. MedViTV2 ("DiNA", Omid-Nejati/MedViTV2
+``MedViT.py``, block ``LFP``) uses NATTEN's module with ``kernel_size=7``, ``dilation=None`` (= 1), heads = C/32,
+qkv bias and the relative-position bias, i.e. ``NeighborhoodAttention(C, C // 32, 7)`` here. Its block reshapes the
+channels-first feature map to ``(B, H, W, C)`` without a permute before the attention (so channels and positions
+are mixed up); that quirk is the caller's and is not reproduced.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..checks import check_channels_last, check_dim_heads
+from ..functional import attend, merge_heads, split_qkv
+from ..patterns import Neighborhood
+from ..patterns.base import per_axis
+from ..patterns.neighborhood import as_bool
+from .position_bias import trunc_normal_
+from .registry import Mechanism, image_layer, register
+
+
+def dinat_dilations(depth: int, resolution: int, kernel_size: int = 7) -> list[int]:
+    """DiNAT's per-block dilations in a stage: 1, r, 1, r, ... with ``r = max(1, resolution // kernel_size)``."""
+    r = max(1, resolution // kernel_size)
+    return [1 if i % 2 == 0 else r for i in range(depth)]
+
+
+class NeighborhoodAttention(nn.Module):
+    """``NeighborhoodAttention(dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=True,
+    qkv_bias=True, qk_scale=None, ndim=2)``: x ``(B, *spatial, dim)`` -> same shape.
+
+    ``ndim`` is the number of spatial axes (1, 2 or 3); ``kernel_size``/``dilation``/``is_causal`` are ints or
+    per-axis tuples. With ``rel_pos_bias`` the NAT relative-position bias is learned (non-causal only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, is_causal=False, rel_pos_bias: bool = True,
+                 qkv_bias: bool = True, qk_scale: float | None = None, ndim: int = 2):
+        super().__init__()
+        if ndim not in (1, 2, 3):
+            raise ValueError(f"ndim must be 1, 2 or 3, got {ndim!r}")
+        head_dim = check_dim_heads(dim, num_heads)
+        self.dim, self.num_heads, self.ndim = dim, num_heads, ndim
+        self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
+        self.dilation = per_axis(dilation, ndim, "dilation")
+        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
+        if rel_pos_bias and any(self.is_causal):
+            raise ValueError("rel_pos_bias needs a non-causal neighbourhood (as in NAT/DiNAT); pass rel_pos_bias=False")
+        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in self.kernel_size)))
+            trunc_normal_(self.rpb)
+        else:
+            self.register_parameter("rpb", None)
+
+    def pattern(self, spatial: tuple[int, ...]) -> Neighborhood:
+        return Neighborhood(self.kernel_size, self.dilation, self.is_causal, grid=spatial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
+        q, k, v = split_qkv(self.qkv(x), self.num_heads)
+        out = attend(q, k, v, self.pattern(spatial), scale=self.scale, rpb=self.rpb)
+        return self.proj(merge_heads(out, spatial))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, "
+                f"dilation={self.dilation}, is_causal={self.is_causal}, rel_pos_bias={self.rpb is not None}")
+
+
+
+register(Mechanism(
+    name="neighborhood", paper="Neighborhood Attention Transformer (CVPR 2023); Dilated NAT (2022)",
+    repo="SHI-Labs/NATTEN", family="local", dims=("1d", "2d", "3d"),
+    **image_layer(causal={"is_causal": True, "rel_pos_bias": False}),
+    make=lambda dim, num_heads, kernel_size=7, **kw: NeighborhoodAttention(dim, num_heads, kernel_size, **kw),
+    cls=NeighborhoodAttention))

@@ -1,0 +1,32 @@
+"""The attention projections of the sequence layers: LLaMA-style q/k/v/o with grouped-query heads."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..checks import check_dim_heads
+from ..patterns.base import as_positive_int
+from .rotary import RotaryEmbedding
+
+
+def kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
+    """``num_kv_heads`` (None: ``num_heads``, no GQA), checked to divide ``num_heads``."""
+    kv = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
+    if num_heads % kv:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+    return kv
+
+
+
+def add_projections(layer: nn.Module, dim: int, num_heads: int, num_kv_heads: int | None, qkv_bias: bool,
+                    rope: bool) -> None:
+    """Give a sequence layer the LLaMA-style attention projections (``q_proj``, ``k_proj``, ``v_proj`` with GQA,
+    ``o_proj``) and RoPE, plus ``dim``, ``num_heads``, ``num_kv_heads``, ``head_dim``: what ``rotary_qkv`` reads."""
+    layer.head_dim = check_dim_heads(dim, num_heads)
+    layer.dim, layer.num_heads, layer.num_kv_heads = dim, num_heads, kv_heads(num_heads, num_kv_heads)
+    kv_width = layer.num_kv_heads * layer.head_dim
+    layer.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+    layer.k_proj = nn.Linear(dim, kv_width, bias=qkv_bias)
+    layer.v_proj = nn.Linear(dim, kv_width, bias=qkv_bias)
+    layer.o_proj = nn.Linear(dim, dim, bias=False)
+    layer.rope = RotaryEmbedding(layer.head_dim) if rope else None

@@ -1,0 +1,127 @@
+"""The mechanism registry behind ``nearfar.mechanisms()``: one entry per mechanism, registered by its own file.
+
+Every entry says which of CAB's four attention patterns it supports (Zhang et al., "CAB: Comprehensive Attention
+Benchmarking on Long Sequence Modeling", ICML 2023), and why not the others:
+
+- ``NS`` non-causal self (encoders), ``CS`` causal self (decoders, LMs);
+- ``NC`` non-causal cross: queries from ``x``, keys and values from a ``context`` sequence, all of it visible;
+- ``CC`` causal cross: the same inside an autoregressive decoder: the query side arrives one token at a time, so
+  output ``i`` may depend on ``x[:i+1]`` and the whole context only (CAB's code: Performer supports NS/NC/CC but
+  not CS, i.e. CC does not restrict the source; its cache holds what the context gives, computed once).
+
+A cross layer is called as ``layer(x, context=c)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+#: CAB's four attention patterns
+CAB_PATTERNS = {"NS": "non-causal self", "CS": "causal self", "NC": "non-causal cross", "CC": "causal cross"}
+#: what a mechanism's attention sees: a fixed neighbourhood, non-overlapping windows, a sparse sub-lattice
+#: spanning the input, a local path plus a global one, global context through a few summary tokens, or all tokens
+FAMILIES = ("local", "window", "dilated", "local+global", "summary tokens", "dense")
+KINDS = ("layer", "model")
+_DIMS = ("1d", "2d", "3d")
+
+#: the usual reasons, shared by many entries
+IMAGE_NOT_CAUSAL = "an image/video layer: the official module has no causal order over its tokens"
+ONE_MAP_ONLY = ("queries, keys and values are cut from one feature map (windows/neighbourhoods/pooling of the same "
+                "grid); the paper defines no second source")
+POSITIONS_SHARED = ("the pattern is defined on positions shared by queries and keys; a source of another length has "
+                    "no aligned window (CAB's local attention has no cross pattern either)")
+#: sequence layers whose paper pairs them with a dense encoder-decoder cross-attention
+ENCODER_DECODER_DENSE = {k: POSITIONS_SHARED + "; the paper's encoder-decoder cross-attends densely ('dense')"
+                         for k in ("NC", "CC")}
+DECODER_ONLY = "a decoder-only language model: there is no source sequence to cross-attend"
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One registered mechanism.
+
+    ``make(dim, num_heads, **overrides)`` builds the module with the official defaults; ``build(dim, num_heads,
+    pattern)`` builds it for one CAB pattern (``patterns[pattern]`` are the constructor arguments that select it).
+    ``why_not`` gives, for each CAB pattern it does not support, the reason. ``dims`` lists the spatial ranks ("1d",
+    "2d", "3d"); ``kind`` is "layer" (an attention layer ``x -> x``) or "model" (a whole LM, ``make`` takes
+    ``vocab_size``). ``notes`` says what a user should know when picking it."""
+
+    name: str
+    paper: str
+    repo: str
+    family: str
+    dims: tuple[str, ...]
+    make: Callable[..., object]
+    patterns: Mapping[str, Mapping[str, object]]
+    why_not: Mapping[str, str]
+    cls: type | None = None
+    notes: str = ""
+    kind: str = "layer"
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def causal(self) -> bool:
+        """Whether it can run causally (as a decoder): CS or CC."""
+        return "CS" in self.patterns or "CC" in self.patterns
+
+    @property
+    def cross(self) -> bool:
+        """Whether it can cross-attend a ``context``: NC or CC."""
+        return "NC" in self.patterns or "CC" in self.patterns
+
+    def build(self, dim: int, num_heads: int, pattern: str, **overrides):
+        """The module for CAB ``pattern`` ("NS", "CS", "NC", "CC"); a clear error if it is not supported."""
+        if pattern not in CAB_PATTERNS:
+            raise ValueError(f"pattern must be one of {tuple(CAB_PATTERNS)}, got {pattern!r}")
+        if pattern not in self.patterns:
+            raise ValueError(f"{self.name} does not support {pattern} ({CAB_PATTERNS[pattern]}): "
+                             f"{self.why_not[pattern]}")
+        return self.make(dim, num_heads, **{**self.patterns[pattern], **overrides})
+
+
+_REGISTRY: dict[str, Mechanism] = {}
+
+
+def register(mechanism: Mechanism) -> Mechanism:
+    if mechanism.family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {mechanism.family!r}")
+    if mechanism.kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {mechanism.kind!r}")
+    if not mechanism.dims or any(d not in _DIMS for d in mechanism.dims):
+        raise ValueError(f"dims must be a non-empty subset of {_DIMS}, got {mechanism.dims!r}")
+    supported, missing = set(mechanism.patterns), set(mechanism.why_not)
+    if supported & missing or supported | missing != set(CAB_PATTERNS) or not supported:
+        raise ValueError(f"patterns and why_not must split {tuple(CAB_PATTERNS)} between them (at least one "
+                         f"supported), got {sorted(supported)} and {sorted(missing)}")
+    if not all(isinstance(w, str) and w for w in mechanism.why_not.values()):
+        raise ValueError("why_not must give a reason for every unsupported pattern")
+    if mechanism.name in _REGISTRY:
+        raise ValueError(f"mechanism {mechanism.name!r} is registered already")
+    _REGISTRY[mechanism.name] = mechanism
+    return mechanism
+
+
+def image_layer(causal: Mapping[str, object] | str = IMAGE_NOT_CAUSAL,
+                cross: str = ONE_MAP_ONLY) -> dict[str, Mapping]:
+    """``patterns`` / ``why_not`` of a non-causal image layer: NS; CS if ``causal`` gives its constructor arguments
+    (else ``causal`` is the reason); never cross (``cross`` is the reason)."""
+    patterns: dict[str, Mapping] = {"NS": {}}
+    why_not = {"NC": cross, "CC": cross}
+    if isinstance(causal, str):
+        why_not["CS"] = causal
+    else:
+        patterns["CS"] = causal
+    return {"patterns": patterns, "why_not": why_not}
+
+
+def mechanisms(family: str | None = None, kind: str | None = None, pattern: str | None = None) -> list[Mechanism]:
+    """Every registered mechanism, or those of one ``family``, ``kind`` ("layer"/"model") or supporting one CAB
+    ``pattern``: name, paper, official repo, family, dims, CAB patterns (and why not the others), constructors."""
+    # a misspelt filter would otherwise match nothing and look like "no such mechanism"
+    for name, value, allowed in (("family", family, FAMILIES), ("kind", kind, KINDS),
+                                 ("pattern", pattern, tuple(CAB_PATTERNS))):
+        if value is not None and value not in allowed:
+            raise ValueError(f"{name} must be None or one of {allowed}, got {value!r}")
+    return [m for m in _REGISTRY.values() if (family is None or m.family == family)
+            and (kind is None or m.kind == kind) and (pattern is None or pattern in m.patterns)]

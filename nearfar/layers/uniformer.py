@@ -1,0 +1,113 @@
+"""UniFormer token mixers (local MHRA and global MHRA): channel-last ``(B, H, W, C)`` in and out.
+
+Paper: Li et al., "UniFormer: Unifying Convolution and Self-attention for Visual Recognition" (ICLR 2022, TPAMI).
+Official code: Sense-X/UniFormer, ``image_classification/models/uniformer.py`` (``CBlock``, ``SABlock``,
+``Attention``). timm does not ship UniFormer.
+
+Only the relation aggregators (the token mixers) are implemented; the blocks' dynamic position embedding
+(``pos_embed``, a 3x3 depth-wise conv added residually), the residual connections and the MLPs are not. Parameter
+names equal the official block's names for these parts, so a checkpoint's mixer weights load unchanged: the
+``norm1.* conv1.* attn.* conv2.*`` entries of ``blocksN.i`` (``CBlock``, stages 1-2) and the ``norm1.* attn.qkv.*
+attn.proj.*`` entries of ``blocksN.i`` (``SABlock``, stages 3-4).
+
+- ``UniFormerLocalMHRA``: ``conv2(attn(conv1(norm1(x))))`` with ``norm1`` a BatchNorm, ``conv1``/``conv2`` 1x1 convs
+  and ``attn`` the depth-wise 5x5 conv (zero padding 2): a content-independent affinity, each channel its own
+  "head". It has no softmax, so it is plain convolution (run on the channels-last memory, no copies), not
+  ``nearfar.attend``.
+- ``UniFormerGlobalMHRA``: ``attn(norm1(x))`` with ``norm1`` a LayerNorm (eps 1e-6, the model's) and ``attn`` dense
+  multi-head self-attention (fused ``qkv`` Linear with bias, as the models set ``qkv_bias=True``; ``proj``),
+  through ``nearfar.attend``. The heads follow the official rule ``num_heads = dim // head_dim`` with
+  ``head_dim=64`` unless ``num_heads`` is given.
+
+Differences from the official code: no DPE/MLP/residual (see above); attention, projection and path dropout and
+layer scale are not implemented (UniFormer's image models use none of the dropouts in their default configs).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import torch
+from torch import nn
+
+from ..checks import check_channels_last, check_dim_heads
+from ..functional import attend, merge_heads, split_qkv
+from ..patterns.base import as_positive_int
+from .registry import Mechanism, image_layer, register
+
+
+class UniFormerLocalMHRA(nn.Module):
+    """``UniFormerLocalMHRA(dim, kernel_size=5)``: x ``(B, H, W, dim)`` -> same shape, ``PW_b(DW_k(PW_a(BN(x))))``.
+
+    ``kernel_size`` must be odd (zero padding ``kernel_size // 2`` keeps the size, as in the official code)."""
+
+    def __init__(self, dim: int, kernel_size: int = 5):
+        super().__init__()
+        self.dim = as_positive_int(dim, "dim")
+        as_positive_int(kernel_size, "kernel_size")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (size-preserving zero padding), got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.attn = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_channels_last(x, 2, self.dim)
+        # the channels-first view of a channel-last tensor is channels_last memory: the convs run on it directly
+        y = x.permute(0, 3, 1, 2)
+        return self.conv2(self.attn(self.conv1(self.norm1(y)))).permute(0, 2, 3, 1)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, kernel_size={self.kernel_size}"
+
+
+class UniFormerGlobalMHRA(nn.Module):
+    """``UniFormerGlobalMHRA(dim, num_heads=None, head_dim=64, qkv_bias=True, qk_scale=None, norm_eps=1e-6)``:
+    x ``(B, H, W, dim)`` -> same shape, ``MHSA(LN(x))`` over all H*W tokens.
+
+    ``num_heads=None`` takes the official ``dim // head_dim`` heads (the head dim is then ``dim // num_heads``)."""
+
+    def __init__(self, dim: int, num_heads: int | None = None, head_dim: int = 64, qkv_bias: bool = True,
+                 qk_scale: float | None = None, norm_eps: float = 1e-6):
+        super().__init__()
+        as_positive_int(dim, "dim")
+        if num_heads is None:
+            as_positive_int(head_dim, "head_dim")
+            if dim < head_dim:
+                raise ValueError(f"dim ({dim}) must be >= head_dim ({head_dim}) to derive num_heads = dim // "
+                                 "head_dim; pass num_heads or a smaller head_dim")
+            num_heads = dim // head_dim
+        d = check_dim_heads(dim, num_heads)
+        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real) or qk_scale < 0):
+            raise ValueError(f"qk_scale must be None or a number >= 0, got {qk_scale!r}")
+        self.dim, self.num_heads = dim, num_heads
+        self.scale = qk_scale or d ** -0.5  # official: ``qk_scale or head_dim ** -0.5``
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim, bias=qkv_bias), "proj": nn.Linear(dim, dim)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, spatial, _ = check_channels_last(x, 2, self.dim)
+        q, k, v = split_qkv(self.attn["qkv"](self.norm1(x)), self.num_heads)
+        return self.attn["proj"](merge_heads(attend(q, k, v, scale=self.scale), spatial))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"
+
+
+_PAPER = "UniFormer: Unifying Convolution and Self-attention for Visual Recognition (ICLR 2022)"
+register(Mechanism(
+    name="uniformer_local", paper=_PAPER, repo="Sense-X/UniFormer", family="local", dims=("2d",),
+    **image_layer(), make=lambda dim, num_heads, **kw: UniFormerLocalMHRA(dim, **kw),
+    cls=UniFormerLocalMHRA,
+    notes="Local MHRA of CBlock (BN -> 1x1 -> depth-wise 5x5 -> 1x1): a static, content-independent affinity "
+          "(plain convolution, no softmax); each channel is its own head, so num_heads is ignored. DPE and MLP "
+          "omitted."))
+register(Mechanism(
+    name="uniformer_global", paper=_PAPER, repo="Sense-X/UniFormer", family="dense", dims=("2d",),
+    **image_layer(), cls=UniFormerGlobalMHRA,
+    make=lambda dim, num_heads, **kw: UniFormerGlobalMHRA(dim, None if dim >= 64 else num_heads, **kw),
+    notes="Global MHRA of SABlock (LayerNorm eps 1e-6 -> dense MHSA, qkv_bias=True). make() follows the official "
+          "head rule num_heads = dim // 64 and ignores its num_heads (dim 96 -> 1 head of 96, 384 -> 6 heads of "
+          "64) unless dim < 64; pass num_heads to the class to choose. DPE and MLP omitted."))

@@ -1,0 +1,110 @@
+"""A small decoder-only LM (RMSNorm, SwiGLU, pre-norm blocks) whose attention layer is any registered sequence
+mechanism, by name; used by the tests, examples and the benchmark. Decoding runs through each layer's cache.
+
+    lm = TinyLM(vocab_size=256, mechanism="streaming_llm", window=64)
+    loss = lm.loss(tokens)                                  # teacher forcing, next-token cross-entropy
+    out = lm.generate(prompt, max_new_tokens=32)            # greedy, one token at a time through the caches
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.registry import mechanisms
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
+    """A clear error, before any work, if ``tokens`` holds an id outside ``[0, vocab_size)``: the embedding's own
+    error is an IndexError that names neither the argument nor the range."""
+    if tokens.numel():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must hold token ids in [0, {vocab_size}) (vocab_size), got "
+                             f"{lo if lo < 0 else hi}")
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, attn: nn.Module, hidden: int):
+        super().__init__()
+        self.attn_norm, self.attn = nn.RMSNorm(dim), attn
+        self.mlp_norm, self.mlp = nn.RMSNorm(dim), SwiGLU(dim, hidden)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache=cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def layer_caches(blocks: nn.ModuleList, batch: int, device: torch.device | None = None,
+                 dtype: torch.dtype | None = None) -> list:
+    """One empty decoding cache per ``Block`` of ``blocks``, each made for ``batch`` sequences (and ``device`` /
+    ``dtype`` where given): every call with them is checked against that."""
+    return [b.attn.new_cache(batch, device=device, dtype=dtype) for b in blocks]
+
+
+class TinyLM(nn.Module):
+    """``TinyLM(vocab_size, dim=128, depth=2, num_heads=4, mechanism="streaming_llm", mlp_hidden=None,
+    layer_kwargs=None, **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is
+    tied to the output. ``layer_kwargs(i)`` adds per-layer arguments (e.g. S2-Attention's dense every 2nd layer:
+    ``nearfar.layers.s2_attention.s2_layer_kwargs``)."""
+
+    def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
+                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,
+                 **mechanism_kwargs):
+        super().__init__()
+        entries = {m.name: m for m in mechanisms(kind="layer", pattern="CS") if "1d" in m.dims}
+        if mechanism not in entries:
+            raise ValueError(f"mechanism must be a registered causal sequence layer, one of {sorted(entries)}; "
+                             f"got {mechanism!r}")
+        self.mechanism = mechanism
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, dim)
+        hidden = mlp_hidden or 64 * ((8 * dim // 3 + 63) // 64)
+        entry = entries[mechanism]
+        self.blocks = nn.ModuleList(
+            Block(dim, entry.build(dim, num_heads, "CS", **mechanism_kwargs,
+                                   **(layer_kwargs(i) if layer_kwargs else {})), hidden)
+            for i in range(depth))
+        self.norm = nn.RMSNorm(dim)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        check_token_ids(tokens, self.vocab_size, "tokens")
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def new_caches(self, batch: int = 1) -> list:
+        p = self.embed.weight
+        return layer_caches(self.blocks, batch, p.device, p.dtype)
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        check_token_ids(tokens, self.vocab_size, "tokens")  # the last column is only a target: forward never sees it
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: the prompt goes through the caches in one step, then one token per step."""
+        check_token_ids(prompt, self.vocab_size, "prompt")
+        caches = self.new_caches(prompt.shape[0])
+        logits = self(prompt, caches)
+        out = [prompt]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1:].argmax(-1)
+            out.append(nxt)
+            logits = self(nxt, caches)
+        return torch.cat(out, 1)

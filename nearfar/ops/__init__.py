@@ -1,0 +1,1 @@
+"""Kernels that are not softmax attention, and their naive references (``nearfar.functional`` exports them)."""
