@@ -92,6 +92,18 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
         raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    if engine == "partition" and q.device.type != "meta":
+        _check_partition(pattern, bias, rpb, q.shape[2], k.shape[2])
+
+
+def _check_partition(pattern, bias, rpb, nq: int, nk: int) -> None:
+    """``engine="partition"`` runs only patterns whose token tiles attend exactly to themselves at this size."""
+    parts = pattern.patterns if isinstance(pattern, PerHead) and bias is None and rpb is None else [pattern]
+    for p in parts:
+        if not _plan(p if p is not None else Dense(), nq, nk, "cpu").partition:
+            raise ValueError(f"engine='partition' runs patterns whose token tiles attend only to themselves (Blocks, "
+                             f"Grid, their shifted forms and intersections with them) on whole windows; {p!r} is not "
+                             f"one at Nq={nq}, Nk={nk}: use engine='blocksparse' or 'auto'")
 
 
 def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
@@ -232,8 +244,9 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
     if key_padding_mask is not None:
         kpm = torch.zeros(q.shape[0], nk, dtype=torch.float32, device=q.device)
         kpm = kpm.masked_fill_(~key_padding_mask, float("-inf"))
-    if engine == "auto":
-        engine = _choose(q, pattern, nq, nk, bias_src)
+    chosen = engine == "auto"
+    if chosen:
+        engine = choose_engine(q, pattern, nq, nk, bias_src)
         if engine == "flex":
             res = _try_flex(q, k, v, pattern, scale, kpm, bias_src, return_lse)
             if res is not None:
@@ -241,11 +254,11 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
             engine = "blocksparse"
     if engine == "dense":
         return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
-    if engine == "blocksparse" and isinstance(pattern, PerHead) and bias_src is None:
-        return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse)
-    if engine == "blocksparse":
+    if engine in ("blocksparse", "partition") and isinstance(pattern, PerHead) and bias_src is None:
+        return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse, None if chosen else engine)
+    if engine in ("blocksparse", "partition"):
         plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
-        if _is_partition(plan):
+        if engine == "partition":
             return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
         return blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
     from .backends.flex import flex_attention_engine
@@ -266,11 +279,11 @@ def _meta(q, k, v, scale, return_lse):
     return out, torch.logsumexp(s.detach().to(acc), -1)
 
 
-def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, return_lse: bool):
-    """A ``PerHead`` pattern as one block-sparse call per distinct pattern over its query heads (and their KV
-    heads). Each call keeps the shared-key-list path (strided K/V reads, GQA groups together, exact widths); one
-    per-head plan would copy K/V per query head and pad every head to the widest (S2-Attention at 16K: 2.4x
-    slower)."""
+def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, return_lse: bool, engine: str | None):
+    """A ``PerHead`` pattern as one block-sparse (or partition) call per distinct pattern over its query heads (and
+    their KV heads); ``engine`` None picks partition or block-sparse by each pattern's plan. Each call keeps the
+    shared-key-list path (strided K/V reads, GQA groups together, exact widths); one per-head plan would copy K/V
+    per query head and pad every head to the widest (S2-Attention at 16K: 2.4x slower)."""
     hq, hkv = q.shape[1], k.shape[1]
     group = hq // hkv
     heads: dict = {}
@@ -286,7 +299,8 @@ def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, retu
             ki = qi // group
         qs, ks, vs = q.index_select(1, qi), k.index_select(1, ki), v.index_select(1, ki)
         _record(p, qs, ks, vs)  # already validated and guarded as a whole: straight to the engine
-        out, lse = _run(qs, ks, vs, p, scale, None, key_padding_mask, "blocksparse", return_lse)
+        sub = engine or ("partition" if _is_partition(p, q.shape[2], k.shape[2], q.device) else "blocksparse")
+        out, lse = _run(qs, ks, vs, p, scale, None, key_padding_mask, sub, return_lse)
         outs.append(out)
         lses.append(lse)
         order += idx
@@ -300,16 +314,25 @@ def _plan(pattern, nq, nk, device):
     return get_plan(pattern, nq, nk, device=device)
 
 
-@torch.compiler.disable
-def _is_partition(plan) -> bool:
-    return plan.partition
+def _is_partition(pattern, nq: int, nk: int, device) -> bool:
+    """Whether ``pattern``'s tiles attend exactly to themselves at this size: the plan decides
+    (``Pattern.may_partition`` only says it is worth asking)."""
+    return pattern is not None and pattern.may_partition and _plan(pattern, nq, nk, device).partition
 
 
-def _choose(q, pattern, nq, nk, bias) -> str:
-    """Dense for small problems and no pattern; on CUDA compiled FlexAttention (its Triton kernels beat our
-    per-chunk kernels there); elsewhere the block-sparse engine, which beats compiled Flex on CPU and trains."""
-    if pattern is not None and pattern.is_partition:
-        return "blocksparse"  # windows: one batched attention over the tiles (``backends.partition``)
+def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int, bias=None) -> str:
+    """The ``"auto"`` rule, in one place (``attend`` applies it per call):
+
+    1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
+       windows, whatever the size; a window pattern that is not a partition here (e.g. edge windows of another
+       size) goes to ``"blocksparse"``;
+    2. no pattern, or at most ``2**20`` (query, key) pairs: ``"dense"`` (one fused kernel beats per-chunk work);
+    3. on CUDA, with FlexAttention available and no bias that needs a gradient: ``"flex"`` (its Triton kernels beat
+       our per-chunk kernels there; a pattern it fails to compile falls back to ``"blocksparse"`` with a warning);
+    4. otherwise ``"blocksparse"``, which beats compiled Flex on CPU and trains.
+    """
+    if pattern is not None and pattern.may_partition:
+        return "partition" if _is_partition(pattern, nq, nk, q.device) else "blocksparse"
     if pattern is None or nq * nk <= _SMALL:
         return "dense"
     trains_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()  # Flex: no bias gradient

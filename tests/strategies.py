@@ -51,10 +51,10 @@ def positional(draw, nq, nk):
 
 
 @st.composite
-def spatial(draw, grid):
-    """A spatial pattern on ``grid`` (1D/2D/3D)."""
+def spatial(draw, grid, kinds=("na", "na", "blocks", "grid")):
+    """A spatial pattern on ``grid`` (1D/2D/3D), of one of ``kinds``."""
     nd = len(grid)
-    kind = draw(st.sampled_from(["na", "na", "blocks", "grid"]))
+    kind = draw(st.sampled_from(kinds))
     if kind == "na":
         ks, dil, cau, stride = [], [], [], []
         for extent in grid:
@@ -98,7 +98,9 @@ def grids(draw, max_n):
 
 
 @st.composite
-def base_pattern(draw, nq, nk, grid):
+def base_pattern(draw, nq, nk, grid, windows_only=False):
+    if windows_only:  # the partition engine's patterns: windows on a grid
+        return draw(spatial(grid, kinds=("blocks", "grid")))
     if grid is not None and draw(st.integers(0, 2)) > 0:
         return draw(spatial(grid))
     return draw(positional(nq, nk))
@@ -108,18 +110,19 @@ SHAPES = ("none", "base", "union", "inter", "perhead")
 
 
 @st.composite
-def pattern_for(draw, nq, nk, grid, heads, shapes=SHAPES):
-    """Random pattern: none, a base, a union/intersection of two, or a PerHead of ``heads`` such."""
+def pattern_for(draw, nq, nk, grid, heads, shapes=SHAPES, windows_only=False):
+    """Random pattern: none, a base, a union/intersection of two, or a PerHead of ``heads`` such (``windows_only``:
+    every base pattern is a window pattern, ``Blocks`` or ``Grid``)."""
     shape = draw(st.sampled_from(shapes))
     if shape == "none":
         return None, rmask("dense_mask", nq, nk), None
     if shape in ("union", "inter"):
-        (a, ma, _), (b, mb, _) = draw(base_pattern(nq, nk, grid)), draw(base_pattern(nq, nk, grid))
+        (a, ma, _), (b, mb, _) = (draw(base_pattern(nq, nk, grid, windows_only)) for _ in range(2))
         return (a | b, ma | mb, None) if shape == "union" else (a & b, ma & mb, None)
     if shape == "perhead":
-        parts = [draw(base_pattern(nq, nk, grid)) for _ in range(heads)]
+        parts = [draw(base_pattern(nq, nk, grid, windows_only)) for _ in range(heads)]
         return PerHead([p for p, _, _ in parts]), torch.stack([m for _, m, _ in parts]), None
-    return draw(base_pattern(nq, nk, grid))
+    return draw(base_pattern(nq, nk, grid, windows_only))
 
 
 DENSE_BIAS_SHAPES = ("bhqk", "1hqk", "hqk", "qk", "b1qk", "k", "b11k", "h1k")
@@ -127,8 +130,11 @@ DENSE_BIAS_SHAPES = ("bhqk", "1hqk", "hqk", "qk", "b1qk", "k", "b11k", "h1k")
 
 @st.composite
 def problems(draw, max_n=300, modes=("self", "cross", "decode"), shapes=SHAPES, bias_kinds=("none", "dense", "rpb"),
-             kpm_kinds=("none", "random", "empty_item"), batches=(1, 2)):
-    """A whole attention problem description (no tensors yet)."""
+             kpm_kinds=("none", "random", "empty_item"), batches=(1, 2), windows_only=False):
+    """A whole attention problem description (no tensors yet); ``windows_only``: self-attention with window
+    patterns (what the partition engine runs)."""
+    if windows_only:
+        modes, shapes = ("self",), tuple(s for s in shapes if s != "none")
     b = draw(st.sampled_from(batches))
     hkv = draw(st.integers(1, 2))
     hq = hkv * draw(st.integers(1, 3))
@@ -142,7 +148,7 @@ def problems(draw, max_n=300, modes=("self", "cross", "decode"), shapes=SHAPES, 
         grid = None
         nq = 1 if mode == "decode" else draw(st.integers(1, max_n))
         nk = draw(st.integers(1, max_n))
-    pattern, mask, rpb_info = draw(pattern_for(nq, nk, grid, hq, shapes))
+    pattern, mask, rpb_info = draw(pattern_for(nq, nk, grid, hq, shapes, windows_only))
     kpm_kind = draw(st.sampled_from(kpm_kinds))
     bias_kind = draw(st.sampled_from([x for x in bias_kinds if x != "rpb" or rpb_info is not None] or ["none"]))
     bias_shape = None

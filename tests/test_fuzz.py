@@ -6,9 +6,9 @@ dtype), then a memory layout for every input (contiguous, (B, N, H, e) transpose
 every dim sliced, offset, expanded, a fused qkv projection's views, channels-last-derived), and sometimes garbage
 (NaN, Inf, 1e30) in keys, values or queries: in padded keys, in random keys, in a query. The oracle is the
 pairwise-masked float64 reference, in which a key a query may not attend cannot reach it; outputs, LSE and q/k/v/bias
-gradients must match it (non-finite exactly where it is non-finite), on ``dense``, ``blocksparse`` (and so the
-partition engine, for windows), ``auto`` and ``flex`` (forward only on CPU, run eagerly: compiling per shape would
-take minutes).
+gradients must match it (non-finite exactly where it is non-finite), on ``dense``, ``blocksparse``, ``partition``
+(window patterns only: it must match the oracle or, where the windows are not whole at that size, refuse), ``auto``
+and ``flex`` (forward only on CPU, run eagerly: compiling per shape would take minutes).
 
 Profiles: by default (CI) ``FUZZ_EXAMPLES`` examples per engine, derandomized; ``NEARFAR_FUZZ=long`` runs 10,000
 per engine with fresh random draws (release checks, ~1 h on 2 cores); ``NEARFAR_FUZZ=<n>`` runs n per engine.
@@ -22,12 +22,13 @@ import os
 import pytest
 import reference as ref
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from strategies import problems
 from test_engines import FLOOR, GRAD_TOL, TOL
 
 import nearfar
+from nearfar.plan import get_plan
 
 FUZZ_EXAMPLES = 40
 _MODE = os.environ.get("NEARFAR_FUZZ", "")
@@ -97,7 +98,7 @@ def fused_qkv(q, k, v):
 def cases(draw, engine):
     poison = draw(st.sampled_from(["none", "none", "none", "padding", "keys", "query"]))
     small = poison != "none"
-    p = draw(problems(max_n=80 if small else 200, batches=(1, 2, 3),
+    p = draw(problems(max_n=80 if small else 200, batches=(1, 2, 3), windows_only=engine == "partition",
                       kpm_kinds=("random", "empty_item") if poison == "padding" else ("none", "random", "empty_item")))
     dtypes = (torch.float32, torch.float64) if engine == "flex" else DTYPES
     p["dtype"] = draw(st.sampled_from(dtypes))
@@ -213,6 +214,12 @@ def check(p, engine):
     leaves = [t.detach().requires_grad_(train) for t in (q, k, v)]
     b = bias.detach().requires_grad_(train and p["bias_grad"]) if bias is not None else None
     kw = {"rpb" if p["bias_kind"] == "rpb" else "bias": b}
+    if engine == "partition" and not runs_on_partition(p):
+        # a window pattern whose windows are not whole at this size: the engine must refuse it, before any work
+        event("partition: refused (windows not whole)")
+        with pytest.raises(ValueError, match="engine='partition' runs patterns whose token tiles attend only"):
+            nearfar.attend(*leaves, p["pattern"], scale=p["scale"], key_padding_mask=kpm, engine=engine, **kw)
+        return
     with torch.set_grad_enabled(train):
         out, lse = nearfar.attend(*leaves, p["pattern"], scale=p["scale"], key_padding_mask=kpm, engine=engine,
                                   return_lse=True, **kw)
@@ -239,7 +246,14 @@ def check(p, engine):
         close(f"{tag} {name}", g, gr, dtype, FUZZ_GRAD_TOL, floor)
 
 
-@pytest.mark.parametrize("engine", ["dense", "blocksparse", "auto", "flex"])
+def runs_on_partition(p) -> bool:
+    """Whether every pattern of the problem is a partition at its size (what ``engine="partition"`` accepts)."""
+    pattern = p["pattern"]
+    parts = pattern.patterns if isinstance(pattern, nearfar.PerHead) and p["bias_kind"] == "none" else [pattern]
+    return all(get_plan(x if x is not None else nearfar.Dense(), p["nq"], p["nk"]).partition for x in parts)
+
+
+@pytest.mark.parametrize("engine", ["dense", "blocksparse", "partition", "auto", "flex"])
 @FUZZ
 @given(data=st.data())
 def test_fuzz(engine, data, eager_flex):

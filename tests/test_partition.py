@@ -8,7 +8,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import nearfar
+import nearfar.functional
 from nearfar import Blocks, Grid, Neighborhood, attend
+from nearfar.dispatch import choose_engine
 from nearfar.plan import get_plan
 
 
@@ -118,3 +121,28 @@ def test_rpb_table_shape_errors():
     q, k, v = _qkv(1, 2, 2, 36, 8)
     with pytest.raises(ValueError, match=r"rpb must have shape .* = \(2, 5, 5\)"):
         attend(q, k, v, Blocks(3, grid=(6, 6)), rpb=torch.randn(2, 7, 7))
+
+
+def test_partition_is_a_named_engine_and_auto_picks_it_for_windows():
+    assert nearfar.engines() == ["dense", "blocksparse", "partition", "flex"]
+    q = torch.randn(1, 2, 64, 8)
+    swin = Blocks(4, grid=(8, 8), shift=2)
+    assert choose_engine(q, swin, 64, 64) == "partition"
+    assert choose_engine(q, Blocks(3, grid=(8, 8)), 64, 64) == "partition"  # edge windows: smaller, still whole
+    assert choose_engine(q, nearfar.Causal(), 64, 64) == "dense"  # small
+    assert choose_engine(torch.randn(1, 2, 2048, 8), nearfar.Causal(), 2048, 2048) == "blocksparse"
+    assert choose_engine(q, None, 64, 64) == "dense"
+    with nearfar.functional.observe_calls():
+        out = attend(q, q, q, swin, engine="partition")
+    torch.testing.assert_close(out, attend(q, q, q, swin, engine="dense"))
+
+
+@pytest.mark.parametrize("pattern", [nearfar.Causal(), Neighborhood(3, grid=(32, 32)),
+                                     Blocks(8, grid=(32, 32)) | nearfar.GlobalTokens(1)])
+def test_partition_engine_refuses_what_is_not_windows(pattern, monkeypatch):
+    q = torch.randn(1, 2, 1024, 8)
+    import nearfar.backends.partition as engine
+
+    monkeypatch.setattr(engine, "windows", None)  # refused before any work: the engine is never reached
+    with pytest.raises(ValueError, match="engine='partition' runs patterns whose token tiles attend only"):
+        attend(q, q, q, pattern, engine="partition")

@@ -112,8 +112,9 @@ def unravel(idx: torch.Tensor, grid: Sequence[int]) -> list[torch.Tensor]:
 class Pattern:
     """Base class. Subclasses implement ``allowed`` and ``block_allowed`` and describe themselves by ``_key``."""
 
-    #: every token tile attends exactly to itself (windows): the engine runs one batched attention over tiles
-    is_partition = False
+    #: a hint that the pattern's token tiles may attend exactly to themselves (windows); whether they do for a
+    #: given size is decided once, by the plan (``Plan.partition``), and then the ``partition`` engine can run it
+    may_partition = False
 
     #: spatial layout hint ``(grid, dilation)`` for token ordering, or None (1D order is kept)
     def layout(self, nq: int, nk: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -219,8 +220,8 @@ class Intersection(_Binary):
     _op = "&"
 
     @property
-    def is_partition(self) -> bool:  # windows of windows are windows (e.g. Swin's region mask, rolled)
-        return any(p.is_partition for p in self.parts)
+    def may_partition(self) -> bool:  # windows of windows are windows (e.g. Swin's region mask, rolled)
+        return any(p.may_partition for p in self.parts)
 
     def allowed(self, q, k, nq, nk):
         out = self.parts[0].allowed(q, k, nq, nk)

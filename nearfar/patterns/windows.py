@@ -28,7 +28,7 @@ class Blocks(SpatialPattern):
     the offset is taken in rolled coordinates, as CRAFT and HiDiffusion compute it after ``torch.roll``.
     """
 
-    is_partition = True
+    may_partition = True
 
     def __init__(self, size, grid=None, shift=0, wrap=False):
         ndim = self._init_grid(grid, size=size, shift=shift)
@@ -97,7 +97,7 @@ class Grid(SpatialPattern):
     table ``(heads, 2*size-1, ...)`` is indexed by key-minus-query offsets in grid units (``t // (extent // size)``),
     as in MaxViT."""
 
-    is_partition = True
+    may_partition = True
 
     def __init__(self, size, grid=None):
         ndim = self._init_grid(grid, size=size)
