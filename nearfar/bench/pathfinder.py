@@ -1,7 +1,7 @@
 """Pathfinder-lite images (Long Range Arena's Pathfinder: Tay et al., "Long Range Arena: A Benchmark for Efficient
 Transformers", ICLR 2021, google-research/long-range-arena; redrawn as our own generator): two long dashed curves,
 distractor curves, two markers; the label says whether the markers lie on one curve. Deciding it needs the whole curve,
-not a local view (tested in ``tests/test_suite_tasks.py``)."""
+not a local view (tested in ``tests/bench/test_bench_tasks.py``)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ over the batch, DWC on channels-first ``v``; the module's own weights. (The per-
 than the construction size is not in the official code; the module's ``resize_axis`` is reused for it.)
 
 ``python tests/oracles/agent.py`` runs the linear-scaling check (no ``N x N`` tensor, as in
-``tests/test_agent.py``): forward time and the largest intermediate tensor at growing N with fixed ``agent_num``.
+``tests/layers/test_agent.py``): forward time and the largest intermediate tensor at growing N with fixed ``agent_num``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
-from oracles.hidiffusion import BASELINES
+from oracles.msw_msa import BASELINES
 
 import nearfar
 from nearfar.layers.msw_msa import MSWAttention, draw_shift, msw_window

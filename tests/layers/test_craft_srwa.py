@@ -19,7 +19,7 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
-from oracles.craft import BASELINES
+from oracles.craft_srwa import BASELINES
 
 import nearfar
 from nearfar.layers.craft_srwa import SRWAttention
