@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+import nearfar
+
 # small settings of the 1D layers so that windows, blocks and segments are smaller than a test sequence of ~24
 SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
          "bigbird": dict(block=4, global_blocks=1, random_blocks=1), "s2_attention": dict(block=4, local_blocks=2,
@@ -15,6 +17,8 @@ SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
          "titans_mac": dict(segment_len=8, num_persistent=2), "lightning": dict(block_size=8),
          "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1),
          "fit_ar": dict(group_size=4, latents_per_group=2)}
+#: every (sequence layer, CAB pattern it claims) pair of the registry
+SEQ_CASES = [(m, p) for m in nearfar.mechanisms() if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, name: str = "output") -> None:

@@ -94,7 +94,7 @@ def test_meta_tensors_give_shapes(engine, pattern):
 
 
 def _layer_cases():
-    from test_registry import SEQ_CASES
+    from module_checks import SEQ_CASES
 
     vision = [(m, None) for m in nearfar.mechanisms(kind="layer") if "2d" in m.dims]
     return vision + list(SEQ_CASES)

@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from module_checks import SMALL
+from module_checks import SEQ_CASES, SMALL
 
 import nearfar
 from nearfar.layers.registry import CAB_PATTERNS, FAMILIES, Mechanism, register
@@ -74,7 +74,6 @@ def test_register_rejects_duplicates_and_unknown_families():
 
 
 # ------------------------------------------------------------------------- every claimed CAB pattern, on outputs
-SEQ_CASES = [(m, p) for m in MECHANISMS if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 
 
 @pytest.mark.parametrize("mech,pattern", SEQ_CASES, ids=[f"{m.name}-{p}" for m, p in SEQ_CASES])
