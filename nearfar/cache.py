@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from .checks import check_nonneg_int
+
 _DEFAULT_BUDGET = 1 << 30
 
 
@@ -154,8 +156,7 @@ def cache_budget() -> int:
 def set_cache_budget(nbytes: int) -> None:
     """Change the byte budget at run time (entries over it are dropped at once)."""
     global _budget
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
-        raise ValueError(f"nbytes must be a non-negative int, got {nbytes!r}")
+    check_nonneg_int(nbytes, "nbytes")
     _budget = nbytes
     with CACHE._lock:
         CACHE._evict()

@@ -1,25 +1,284 @@
-"""Argument checks shared by every pattern, layer and model: one function per kind of argument.
+"""Argument checks shared by every pattern, layer, model and the bench: one function per kind of argument.
 
-Each raises before any work, naming the parameter and the allowed range."""
+Each check raises before any work, naming the parameter and the allowed range, and follows one rule:
+a value of the wrong type (a bool where a number is expected included) raises ``TypeError``; a value of the right
+type outside the allowed range raises ``ValueError``. Each returns the value (normalised where said) so that a
+constructor can write ``self.size = check_positive_int(size, "size")``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from numbers import Real
+from typing import TypeVar
 
 import torch
 
+T = TypeVar("T")
+
+__all__ = [
+    "check_bool",
+    "check_channels_last",
+    "check_dim_heads",
+    "check_grid",
+    "check_int_range",
+    "check_nonneg_int",
+    "check_per_axis",
+    "check_positive_float",
+    "check_positive_int",
+    "check_real_range",
+    "check_same_dtype_device",
+    "check_scale",
+]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Check that ``value`` is an int >= 1.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not an int, or is a bool.
+        ValueError: ``value`` < 1.
+    """
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
+    return value
+
+
+def check_nonneg_int(value: object, name: str) -> int:
+    """Check that ``value`` is an int >= 0.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not an int, or is a bool.
+        ValueError: ``value`` < 0.
+    """
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int (>= 0), got {value}")
+    return value
+
+
+def check_int_range(value: object, name: str, low: int, high: int) -> int:
+    """Check that ``value`` is an int in the closed range ``[low, high]``.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+        low: the smallest allowed value.
+        high: the largest allowed value.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not an int, or is a bool.
+        ValueError: ``value`` is outside ``[low, high]``.
+    """
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Check that ``value`` is a bool (not an int standing for one).
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def check_positive_float(value: object, name: str) -> float:
+    """Check that ``value`` is a positive finite real number (an int is accepted, a bool is not).
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: ``value`` is not a real number, or is a bool.
+        ValueError: ``value`` is not in ``(0, inf)`` (nan included).
+    """
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a positive finite number, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite number (0 < {name} < inf), got {value!r}")
+    return float(value)
+
+
+def check_real_range(value: object, name: str, low: float, high: float, *, open_low: bool = False,
+                     open_high: bool = False) -> float:
+    """Check that ``value`` is a real number in a range, closed unless ``open_low``/``open_high`` says otherwise.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+        low: the lower bound.
+        high: the upper bound (``math.inf`` for none).
+        open_low: exclude ``low``.
+        open_high: exclude ``high``.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        TypeError: ``value`` is not a real number, or is a bool.
+        ValueError: ``value`` is outside the range (nan included).
+    """
+    interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a number in {interval}, got {value!r}")
+    above = low < value if open_low else low <= value
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_scale(value: object, name: str = "qk_scale") -> float | None:
+    """Check an attention scale: None (the layer's default, usually ``head_dim ** -0.5``) or a positive finite number.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        None, or ``float(value)``.
+
+    Raises:
+        TypeError: ``value`` is neither None nor a real number, or is a bool.
+        ValueError: ``value`` is not in ``(0, inf)`` (nan included).
+    """
+    if value is None:
+        return None
+    if not _is_real(value):
+        raise TypeError(f"{name} must be None or a positive finite number, got {value!r}")
+    if not 0 < value < math.inf:
+        raise ValueError(f"{name} must be None or a positive finite number (0 < {name} < inf), got {value!r}")
+    return float(value)
+
+
+def check_per_axis(value: object, ndim: int, name: str,
+                   check: Callable[[object, str], T] = check_positive_int) -> tuple[T, ...]:
+    """Broadcast one value to ``ndim`` axes, or check a per-axis tuple/list; every entry goes through ``check``.
+
+    Args:
+        value: one value, or a tuple/list of ``ndim`` values.
+        ndim: the number of axes.
+        name: the parameter's name; entries are named ``name[i]``.
+        check: the check of one entry (``check_positive_int`` by default).
+
+    Returns:
+        A tuple of ``ndim`` checked values.
+
+    Raises:
+        ValueError: a tuple/list of another length than ``ndim``; or what ``check`` raises.
+        TypeError: what ``check`` raises.
+    """
+    if isinstance(value, (tuple, list)):
+        if len(value) != ndim:
+            raise ValueError(f"{name} has {len(value)} entries but the pattern is {ndim}D; "
+                             f"give an int or {ndim} values")
+        return tuple(check(v, f"{name}[{i}]") for i, v in enumerate(value))
+    return (check(value, name),) * ndim
+
+
+def check_grid(grid: object, name: str = "grid") -> tuple[int, ...] | None:
+    """Check a spatial shape: None, an int (1D) or a tuple/list of 1 to 3 positive ints.
+
+    Args:
+        grid: the argument.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        None, or the shape as a tuple.
+
+    Raises:
+        ValueError: not an int or a tuple/list of 1 to 3 entries, or an entry < 1.
+        TypeError: an entry is not an int.
+    """
+    if grid is None:
+        return None
+    if _is_int(grid):
+        grid = (grid,)
+    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
+        raise ValueError(f"{name} must be a tuple of 1 to 3 positive ints (the spatial shape), got {grid!r}")
+    return tuple(check_positive_int(g, f"{name}[{i}]") for i, g in enumerate(grid))
+
 
 def check_dim_heads(dim: object, num_heads: object) -> int:
-    """Validate ``dim``/``num_heads`` and return the head dim."""
-    if (not isinstance(dim, int) or not isinstance(num_heads, int) or isinstance(dim, bool)
-            or isinstance(num_heads, bool) or num_heads <= 0 or dim <= 0 or dim % num_heads):
+    """Check that ``dim`` is a positive multiple of ``num_heads`` (both positive ints).
+
+    Args:
+        dim: the model width.
+        num_heads: the number of heads.
+
+    Returns:
+        The head dim ``dim // num_heads``.
+
+    Raises:
+        ValueError: either is not a positive int, or ``dim % num_heads != 0``.
+    """
+    if (not _is_int(dim) or not _is_int(num_heads) or num_heads <= 0 or dim <= 0 or dim % num_heads):
         raise ValueError(f"dim ({dim!r}) must be a positive multiple of num_heads ({num_heads!r})")
     return dim // num_heads
 
 
-
 def check_channels_last(x: object, ndim: int, dim: int, name: str = "x") -> tuple[int, tuple[int, ...], int]:
-    """``x`` must be ``(B, *spatial, dim)`` with ``ndim`` spatial axes; returns ``(B, spatial, N)``."""
+    """Check that ``x`` is a non-empty channel-last tensor ``(B, *spatial, dim)`` with ``ndim`` spatial axes.
+
+    Args:
+        x: the input.
+        ndim: the number of spatial axes.
+        dim: the channel count.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``(B, spatial, N)`` with ``N`` the number of spatial positions.
+
+    Raises:
+        TypeError: ``x`` is not a tensor.
+        ValueError: another rank or channel count, or an empty axis.
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != ndim + 2 or x.shape[-1] != dim:
@@ -31,8 +290,23 @@ def check_channels_last(x: object, ndim: int, dim: int, name: str = "x") -> tupl
     return x.shape[0], spatial, math.prod(spatial)
 
 
-def check_bool(value: object, name: str) -> bool:
-    """``value`` must be a bool (not an int standing for one)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+def check_same_dtype_device(**tensors: torch.Tensor) -> tuple[torch.dtype, torch.device]:
+    """Check that the named tensors share one dtype and one device.
+
+    Args:
+        **tensors: the tensors by parameter name, e.g. ``check_same_dtype_device(q=q, k=k, v=v)``.
+
+    Returns:
+        The shared ``(dtype, device)``.
+
+    Raises:
+        TypeError: the dtypes differ.
+        ValueError: the devices differ.
+    """
+    names = ", ".join(tensors)
+    ts = list(tensors.values())
+    if any(t.dtype != ts[0].dtype for t in ts):
+        raise TypeError(f"{names} must share one dtype, got " + ", ".join(str(t.dtype) for t in ts))
+    if any(t.device != ts[0].device for t in ts):
+        raise ValueError(f"{names} must be on one device, got " + ", ".join(str(t.device) for t in ts))
+    return ts[0].dtype, ts[0].device

@@ -7,7 +7,6 @@ import contextvars
 import math
 import warnings
 from collections.abc import Iterator
-from numbers import Real
 
 import torch
 
@@ -16,6 +15,7 @@ from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
 from .backends.partition import partition_attention
 from .bias import DenseBias, RelativePositionBias
+from .checks import check_bool, check_same_dtype_device, check_scale
 from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_rows
 from .patterns import Dense, Pattern, PerHead
 from .patterns.spatial import SpatialPattern
@@ -43,10 +43,7 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
     _check_tensor(q, "q", "(B, Hq, Nq, d)")
     _check_tensor(k, "k", "(B, Hkv, Nk, d)")
     _check_tensor(v, "v", "(B, Hkv, Nk, dv)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    check_same_dtype_device(q=q, k=k, v=v)
     (b, hq, nq, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
     if not b == bk == bv:
         raise ValueError(f"batch sizes differ: q has {b}, k has {bk}, v has {bv}")
@@ -58,9 +55,7 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
         raise ValueError(f"k and v must have the same length, got Nk={nk} and {nv}")
     if d != dk:
         raise ValueError(f"q and k must have the same head dim, got {d} and {dk}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, Real) or not math.isfinite(scale)
-                              or scale <= 0):
-        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    check_scale(scale, "scale")
     if pattern is not None:
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a nearfar Pattern or None, got {type(pattern).__name__}")
@@ -90,8 +85,7 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
                              "table), not both: add the table's values into a dense bias to combine them")
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
+    check_bool(return_lse, "return_lse")
     if engine == "partition" and q.device.type != "meta":
         _check_partition(pattern, bias, rpb, q.shape[2], k.shape[2])
 

@@ -9,7 +9,6 @@ of the same size in its place.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -17,23 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_bool, check_dim_heads, check_positive_int
+
 if TYPE_CHECKING:
     from .tasks import Task
 
 AttentionFactory = Callable[[int, int], nn.Module]
 _KINDS = ("seq", "cls", "2d")
-
-
-def pos_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def pos_float(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def check_task(task: object) -> Task:
@@ -159,13 +148,12 @@ def build_model(task: Task, attention: AttentionFactory | None, dim: int, depth:
                 conv: bool = True) -> nn.Module:
     """The shared backbone for ``task`` with ``attention`` (a factory, or None for the no-attention control)."""
     task = check_task(task)
-    dim, depth, num_heads = pos_int(dim, "dim"), pos_int(depth, "depth"), pos_int(num_heads, "num_heads")
-    if dim % num_heads:
-        raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
+    dim, depth = check_positive_int(dim, "dim"), check_positive_int(depth, "depth")
+    num_heads = check_positive_int(num_heads, "num_heads")
+    check_dim_heads(dim, num_heads)
     if attention is not None and not callable(attention):
         raise TypeError(f"attention must be a factory (dim, num_heads) -> nn.Module or None, got {attention!r}")
-    if not isinstance(conv, bool):
-        raise TypeError(f"conv must be a bool, got {conv!r}")
+    check_bool(conv, "conv")
     if task.kind == "2d":
         if len(task.grid) != 2:
             raise ValueError(f"a '2d' task needs grid (H, W), got {task.grid!r}")

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int_range, check_nonneg_int, check_positive_float, check_positive_int
 from ..layers.neighborhood import NeighborhoodAttention
 from ..layers.pattern_attention import PatternAttention
 from ..patterns import Causal, Dense, SlidingWindow
-from .backbone import AttentionFactory, ImageModel, SeqModel, build_model, check_task, pos_float, pos_int
+from .backbone import AttentionFactory, ImageModel, SeqModel, build_model, check_task
 from .stats import clustered_wilson, mean_ci, wilson  # noqa: F401 (wilson re-exported)
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ def controls(task: Task, window: int) -> dict[str, AttentionFactory | None]:
     to ``window`` keys (causal: the last ``window`` tokens; non-causal: ``window // 2`` each side; 2D: a
     ``window`` x ``window`` neighbourhood) and "none" (no attention: conv + MLP only)."""
     task = check_task(task)
-    window = pos_int(window, "window")
+    window = check_positive_int(window, "window")
     if task.kind == "2d":
         grid = tuple(task.grid)
         if window > min(grid):
@@ -149,9 +150,9 @@ def train(model: nn.Module, task: Task, steps: int, batch_size: int, lr: float, 
     then a constant LR (see ``SIZES``), gradient norm clipped at 1.0; ``progress(step, steps, loss)`` after each
     step."""
     task = check_task(task)
-    steps, batch_size, lr = pos_int(steps, "steps"), pos_int(batch_size, "batch_size"), pos_float(lr, "lr")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    steps, batch_size = check_positive_int(steps, "steps"), check_positive_int(batch_size, "batch_size")
+    lr = check_positive_float(lr, "lr")
+    seed = check_nonneg_int(seed, "seed")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -188,7 +189,7 @@ def evaluate(model: nn.Module, task: Task, items: int = 1000, seed: int = 10_000
     scored target is right. "bpc" tasks: mean cross-entropy in bits per scored target, with a normal 95% interval
     over items (each item's mean in the bin) and ``exact_match`` None. An empty bin is NaN."""
     task = check_task(task)
-    items, batch_size = pos_int(items, "items"), pos_int(batch_size, "batch_size")
+    items, batch_size = check_positive_int(items, "items"), check_positive_int(batch_size, "batch_size")
     gen = torch.Generator().manual_seed(seed)
     nb = len(task.bin_names)
     was_training = model.training
@@ -256,10 +257,12 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds
     if not isinstance(factories, dict) or not factories:
         raise TypeError(f"factories must be a non-empty dict name -> factory or None, got {factories!r}")
     seeds = tuple(seeds)
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 10_000 for s in seeds):
-        raise ValueError(f"seeds must be ints in [0, 10000) (10,000 is the evaluation stream), got {seeds!r}")
+    if not seeds:
+        raise ValueError("seeds must be a non-empty sequence of ints in [0, 9999] (10,000 is the evaluation stream)")
+    for i, s in enumerate(seeds):
+        check_int_range(s, f"seeds[{i}]", 0, 9999)  # 10,000 is the evaluation stream
     if lrs is not None:
-        lrs = tuple(pos_float(v, "lrs") for v in lrs)
+        lrs = tuple(check_positive_float(v, "lrs") for v in lrs)
         if not lrs:
             raise ValueError("lrs must list at least one learning rate, got ()")
     given = dict(steps=steps, batch_size=batch_size, lr=lr, dim=dim, depth=depth, num_heads=num_heads)

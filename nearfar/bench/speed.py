@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..checks import check_positive_int
 from ..layers.registry import FAMILIES, Mechanism, mechanisms
 from . import speed_peers
 from .speed_gate import GATE_1D, GATE_2D, GATE_SETTINGS, TOL, engine_check, gate_layer, recording_attend, rel_err
@@ -273,8 +274,7 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     interrupted mid-sweep still holds every finished group, gate included."""
     preset = QUICK if quick else FULL
     rounds = preset["rounds"] if rounds is None else rounds
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    check_positive_int(rounds, "rounds")
     sizes = {**preset["sizes"], **(sizes or {})}
     widths = {**preset["widths"], **(widths or {})}
     for d in SWEPT_DIMS:

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .backbone import pos_float
+from ..checks import check_positive_float
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -16,7 +16,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
         raise TypeError(f"k and n must be ints, got {k!r} and {n!r}")
     if n < 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    z = pos_float(z, "z")
+    z = check_positive_float(z, "z")
     if n == 0:
         return 0.0, 1.0
     return _wilson(k / n, n, z)
@@ -52,10 +52,10 @@ def clustered_wilson(correct: torch.Tensor, count: torch.Tensor, z: float = 1.96
     # (the number of items when every item has as many targets)
     floor = n * n / float((count * count).sum())
     if k in (0, round(n)):  # no spread to measure the correlation by: assume the worst
-        return _wilson(p, floor, pos_float(z, "z"))
+        return _wilson(p, floor, check_positive_float(z, "z"))
     var = items / (items - 1) * float(((correct - p * count) ** 2).sum()) / n**2
     n_eff = min(n, max(floor, p * (1 - p) / var)) if var > 0 else n
-    return _wilson(p, n_eff, pos_float(z, "z"))
+    return _wilson(p, n_eff, check_positive_float(z, "z"))
 
 
 def mean_ci(bits: torch.Tensor, n: torch.Tensor, z: float = 1.96) -> tuple[float, float]:

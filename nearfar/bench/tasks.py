@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_int_range, check_real_range
 from .listops import LISTOPS_TOKENS, listops_batch
 from .pathfinder import MARKER, pathfinder_image
 from .spatial_recall import distance_edges, recall_images
@@ -62,19 +63,11 @@ class Task:
     sample: Callable[..., Batch]
 
 
-def _int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
-
-
 def _sampler(draw: Callable[[int, torch.Generator, str], Batch]) -> Callable[..., Batch]:
     """Wrap a batch drawer with the argument checks every task shares."""
 
     def sample(batch_size: int, generator: torch.Generator, split: str = "train") -> Batch:
-        _int("batch_size", batch_size, 1, 1 << 20)
+        check_int_range(batch_size, "batch_size", 1, 1 << 20)
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if split not in SPLITS:
@@ -145,9 +138,9 @@ def _place_queries(key_pos: torch.Tensor, free: torch.Tensor, edges: tuple[int, 
 
 
 def _mqar(seq_len: int, num_pairs: int, vocab_size: int, bidirectional: bool) -> Task:
-    _int("seq_len", seq_len, 16, 1 << 16)
-    _int("vocab_size", vocab_size, 8, 1 << 20)
-    _int("num_pairs", num_pairs, 1, min(seq_len // 4, vocab_size // 2 - 2))
+    check_int_range(seq_len, "seq_len", 16, 1 << 16)
+    check_int_range(vocab_size, "vocab_size", 8, 1 << 20)
+    check_int_range(num_pairs, "num_pairs", 1, min(seq_len // 4, vocab_size // 2 - 2))
     edges, names = _distance_bins(seq_len)
     num_keys = vocab_size // 2 - 1  # keys are 1 .. V/2 - 1, values V/2 .. V - 1 (Zoology's split)
 
@@ -237,13 +230,13 @@ NEEDLE_HEAD, NEEDLE_TAIL = torch.tensor(list(b"#k=")), torch.tensor(list(b";")) 
 
 
 def _passkey(seq_len: int, num_digits: int, depths: tuple[float, ...]) -> Task:
-    _int("num_digits", num_digits, 1, 8)
+    check_int_range(num_digits, "num_digits", 1, 8)
     needle_len = len(NEEDLE_HEAD) + num_digits + len(NEEDLE_TAIL)
-    _int("seq_len", seq_len, needle_len + 2 * num_digits + 16, 1 << 16)
+    check_int_range(seq_len, "seq_len", needle_len + 2 * num_digits + 16, 1 << 16)
     if not isinstance(depths, (tuple, list)) or not depths:
         raise TypeError(f"depths must be a non-empty tuple of fractions in [0, 1], got {depths!r}")
-    if not all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 <= d <= 1 for d in depths):
-        raise ValueError(f"depths must be fractions in [0, 1], got {depths!r}")
+    for i, d in enumerate(depths):
+        check_real_range(d, f"depths[{i}]", 0, 1)
     hay_len = seq_len - num_digits  # text with the needle; then the query and the teacher-forced answer digits
     starts = torch.tensor([round(d * (hay_len - needle_len)) for d in depths])
 
@@ -268,9 +261,9 @@ def _passkey(seq_len: int, num_digits: int, depths: tuple[float, ...]) -> Task:
 
 
 def _selective_copy(seq_len: int, num_tokens: int, vocab_size: int) -> Task:
-    _int("seq_len", seq_len, 16, 1 << 16)
-    _int("num_tokens", num_tokens, 1, seq_len // 4)
-    _int("vocab_size", vocab_size, 4, 1 << 16)
+    check_int_range(seq_len, "seq_len", 16, 1 << 16)
+    check_int_range(num_tokens, "num_tokens", 1, seq_len // 4)
+    check_int_range(vocab_size, "vocab_size", 4, 1 << 16)
     edges, names = _distance_bins(seq_len)
     data_len, marker = seq_len - num_tokens, vocab_size - 1  # noise is 0, tokens 1 .. V-2, then M markers
 
@@ -292,7 +285,7 @@ def _selective_copy(seq_len: int, num_tokens: int, vocab_size: int) -> Task:
 
 
 def _char_lm(seq_len: int) -> Task:
-    _int("seq_len", seq_len, 16, 1 << 16)
+    check_int_range(seq_len, "seq_len", 16, 1 << 16)
     edges = (seq_len // 8, seq_len // 2)  # 0-63, 64-255, 256-511 at L=512
 
     def draw(batch: int, g: torch.Generator, split: str) -> Batch:
@@ -308,21 +301,21 @@ def _char_lm(seq_len: int) -> Task:
 
 def _listops(seq_len: int, max_depth: int, max_args: int, min_len: int | None, max_len: int | None,
              op_prob: float | None) -> Task:
-    _int("seq_len", seq_len, 8, 1 << 16)
-    _int("max_depth", max_depth, 1, 10)
-    _int("max_args", max_args, 2, 10)
+    check_int_range(seq_len, "seq_len", 8, 1 << 16)
+    check_int_range(max_depth, "max_depth", 1, 10)
+    check_int_range(max_args, "max_args", 2, 10)
     longest = 1
     for _ in range(max_depth):
         longest = 2 + max_args * longest
-    max_len = _int("max_len", min(seq_len - 1, longest) if max_len is None else max_len, 4, min(seq_len - 1, longest))
-    min_len = _int("min_len", max(4, max_len // 4) if min_len is None else min_len, 4, max_len)
+    top = min(seq_len - 1, longest)
+    max_len = check_int_range(top if max_len is None else max_len, "max_len", 4, top)
+    min_len = check_int_range(max(4, max_len // 4) if min_len is None else min_len, "min_len", 4, max_len)
     if op_prob is None:
         # a median tree length near the geometric middle of [min_len, max_len]: measured with 5 arguments, the
         # median is 15 tokens at a mean branching (op_prob x mean arity) of 1.05 and doubles per +0.35
         branching = 1.05 + 0.35 * math.log2(math.sqrt(min_len * max_len) / 15)
         op_prob = min(0.9, max(0.05, branching / ((2 + max_args) / 2)))
-    if isinstance(op_prob, bool) or not isinstance(op_prob, (int, float)) or not 0 < op_prob < 1:
-        raise ValueError(f"op_prob must be a float in (0, 1), got {op_prob!r}")
+    check_real_range(op_prob, "op_prob", 0, 1, open_low=True, open_high=True)
 
     def draw(batch: int, g: torch.Generator, split: str) -> Batch:
         inputs, targets = listops_batch(_python_rng(g), batch, seq_len, min_len, max_len, max_depth, max_args, op_prob)
@@ -335,10 +328,10 @@ def _listops(seq_len: int, max_depth: int, max_args: int, min_len: int | None, m
 
 
 def _pathfinder(image_size: int, snake_length: int, num_distractors: int, distractor_length: int) -> Task:
-    _int("image_size", image_size, 8, 256)
-    _int("snake_length", snake_length, 4, image_size * image_size // 8)
-    _int("num_distractors", num_distractors, 0, image_size * image_size // 16)
-    _int("distractor_length", distractor_length, 2, snake_length)
+    check_int_range(image_size, "image_size", 8, 256)
+    check_int_range(snake_length, "snake_length", 4, image_size * image_size // 8)
+    check_int_range(num_distractors, "num_distractors", 0, image_size * image_size // 16)
+    check_int_range(distractor_length, "distractor_length", 2, snake_length)
     min_distance = max(3, image_size // 4)  # the markers never share a 3x3 window, and usually lie far apart
     side = image_size + 2
 
@@ -356,9 +349,9 @@ def _pathfinder(image_size: int, snake_length: int, num_distractors: int, distra
 
 
 def _spatial_recall(image_size: int, num_pairs: int, vocab_size: int) -> Task:
-    _int("image_size", image_size, 8, 256)
-    _int("vocab_size", vocab_size, 8, 1 << 16)
-    _int("num_pairs", num_pairs, 1, min(vocab_size // 2 - 1, image_size * image_size // 8))
+    check_int_range(image_size, "image_size", 8, 256)
+    check_int_range(vocab_size, "vocab_size", 8, 1 << 16)
+    check_int_range(num_pairs, "num_pairs", 1, min(vocab_size // 2 - 1, image_size * image_size // 8))
     edges = distance_edges(image_size)
     names = (f"<={edges[0]}", f"{edges[0] + 1}-{edges[1]}", f"{edges[1] + 1}-{edges[2]}", f">{edges[2]}")
 

@@ -37,16 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_channels_last, check_dim_heads, check_per_axis, check_positive_int
 from ..functional import attend, merge_heads, split_heads
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
-
-
-def _positive_int(value: object, name: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def _square_side(value: int, name: str) -> int:
@@ -78,17 +72,15 @@ class AgentAttention(nn.Module):
                  qkv_bias: bool = False, sr_ratio: int = 1, agent_num: int = 49):
         super().__init__()
         head_dim = check_dim_heads(dim, num_heads)
-        if isinstance(num_patches, tuple):
-            if len(num_patches) != 2:
-                raise ValueError(f"num_patches must be an int or an (H, W) tuple, got {num_patches!r}")
-            window = tuple(_positive_int(s, "num_patches") for s in num_patches)
+        if isinstance(num_patches, (tuple, list)):
+            window = check_per_axis(num_patches, 2, "num_patches")
         else:
-            side = _square_side(_positive_int(num_patches, "num_patches"), "num_patches")
+            side = _square_side(check_positive_int(num_patches, "num_patches"), "num_patches")
             window = (side, side)
-        sr_ratio = _positive_int(sr_ratio, "sr_ratio")
+        sr_ratio = check_positive_int(sr_ratio, "sr_ratio")
         if sr_ratio > min(window):
             raise ValueError(f"sr_ratio must be in [1, {min(window)}] for a {window} map, got {sr_ratio}")
-        self.pool_size = _square_side(_positive_int(agent_num, "agent_num"), "agent_num")
+        self.pool_size = _square_side(check_positive_int(agent_num, "agent_num"), "agent_num")
         self.dim, self.num_heads, self.agent_num, self.sr_ratio = dim, num_heads, agent_num, sr_ratio
         self.window_size = window
         self.scale = head_dim ** -0.5

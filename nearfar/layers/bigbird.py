@@ -11,9 +11,8 @@ same on every call and device), drawn among past blocks when causal; global bloc
 
 from __future__ import annotations
 
-from ..checks import check_bool
+from ..checks import check_bool, check_nonneg_int, check_positive_int
 from ..patterns import BlockWindow, Causal, GlobalTokens, RandomBlocks
-from ..patterns.base import as_nonneg_int, as_positive_int
 from .pattern_attention import PatternAttention
 from .registry import ENCODER_DECODER_DENSE, Mechanism, register
 
@@ -25,14 +24,14 @@ class BigBirdAttention(PatternAttention):
 
     def __init__(self, dim: int, num_heads: int, block: int = 64, global_blocks: int = 2, random_blocks: int = 3,
                  seed: int = 0, causal: bool = True, num_kv_heads: int | None = None):
-        block = as_positive_int(block, "block")
-        g = as_nonneg_int(global_blocks, "global_blocks")
+        block = check_positive_int(block, "block")
+        g = check_nonneg_int(global_blocks, "global_blocks")
         causal = check_bool(causal, "causal")
         pattern = BlockWindow(block, 1, 0 if causal else 1)
         if g:
             pattern = pattern | GlobalTokens(g * block)
         if random_blocks:
-            pattern = pattern | RandomBlocks(block, as_positive_int(random_blocks, "random_blocks"), seed, causal)
+            pattern = pattern | RandomBlocks(block, check_positive_int(random_blocks, "random_blocks"), seed, causal)
         if causal:
             pattern = pattern & Causal()
         super().__init__(dim, num_heads, pattern, num_kv_heads, causal=causal)

@@ -48,9 +48,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..checks import check_positive_int
 from ..functional import attend, merge_heads
 from ..patterns import Causal
-from ..patterns.base import as_positive_int
 from ..patterns.core_and_window import CoreAndWindow, cca_allowed, core_counts
 from .kv_cache import DecodeState
 from .projections import add_projections
@@ -101,8 +101,8 @@ class CCAAttention(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if causal is not True:
             raise ValueError(f"causal must be True: CCA is defined for causal language models only, got {causal!r}")
-        self.group_size, self.window_size = as_positive_int(group_size, "group_size"), as_positive_int(
-            window_size, "window_size")
+        self.group_size = check_positive_int(group_size, "group_size")
+        self.window_size = check_positive_int(window_size, "window_size")
         self.pooling, self.causal = pooling, True
         add_projections(self, dim, num_heads, num_kv_heads, qkv_bias, rope)
 

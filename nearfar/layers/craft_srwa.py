@@ -36,15 +36,13 @@ dropout.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_nonneg_int, check_per_axis, check_scale
 from ..functional import attend, merge_heads
 from ..patterns import Blocks
-from ..patterns.base import as_nonneg_int, per_axis
 from .position_bias import swin_table_as_offsets
 from .registry import Mechanism, image_layer, register
 
@@ -92,16 +90,13 @@ class SRWAttention(nn.Module):
             raise ValueError(f"num_heads ({num_heads}) must be even: half the heads per window orientation")
         if dim // 2 // 4 // 4 < 1:
             raise ValueError(f"dim ({dim}) must be >= 32: the position-bias MLP width is dim // 2 // 4 // 4")
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias must be a bool, got {qkv_bias!r}")
-        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real)
-                                     or not math.isfinite(qk_scale) or qk_scale <= 0):
-            raise ValueError(f"qk_scale must be a positive finite number or None, got {qk_scale!r}")
+        check_bool(qkv_bias, "qkv_bias")
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads = dim, num_heads
-        self.split_size = per_axis(split_size, 2, "split_size")
-        self.shift_size = per_axis(shift_size, 2, "shift_size", check=as_nonneg_int)
+        self.split_size = check_per_axis(split_size, 2, "split_size")
+        self.shift_size = check_per_axis(shift_size, 2, "shift_size", check=check_nonneg_int)
         self.head_dim = dim // num_heads
-        self.scale = float(qk_scale) if qk_scale is not None else self.head_dim ** -0.5
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         s0, s1 = self.split_size
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)

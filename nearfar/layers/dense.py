@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_bool
 from ..functional import attend, merge_heads, split_heads
 from ..patterns import Causal, Dense
 from .kv_cache import DecodeState, KVCache
@@ -46,9 +47,8 @@ class DenseAttention(PatternAttention):
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, cross: bool = False,
                  num_kv_heads: int | None = None, qkv_bias: bool = False):
-        for name, val in (("causal", causal), ("cross", cross)):
-            if not isinstance(val, bool):
-                raise TypeError(f"{name} must be a bool, got {val!r}")
+        check_bool(causal, "causal")
+        check_bool(cross, "cross")
         pattern = Causal() if causal and not cross else Dense()
         super().__init__(dim, num_heads, pattern, num_kv_heads, causal=causal, rope=not cross, qkv_bias=qkv_bias)
         self.cross = cross

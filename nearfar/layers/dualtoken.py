@@ -29,8 +29,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
-from .maformer import TokenAttention, _check_pos_int, _check_scale
+from ..checks import (
+    check_bool,
+    check_channels_last,
+    check_dim_heads,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    check_scale,
+)
+from .maformer import TokenAttention
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -44,16 +52,13 @@ class DualTokenAttention(nn.Module):
                  max_downsample_steps: int = 3, qkv_bias: bool = True, qk_scale: float | None = None):
         super().__init__()
         check_dim_heads(dim, num_heads)
-        _check_scale(qk_scale)
+        check_scale(qk_scale)
         self.dim, self.num_heads = dim, num_heads
-        self.global_size = _check_pos_int(global_size, "global_size")
-        if _check_pos_int(kernel_size, "kernel_size") % 2 == 0:
+        self.global_size = check_positive_int(global_size, "global_size")
+        if check_positive_int(kernel_size, "kernel_size") % 2 == 0:
             raise ValueError(f"kernel_size must be odd (a centred depth-wise conv), got {kernel_size}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
-        if isinstance(max_downsample_steps, bool) or not isinstance(max_downsample_steps, int) \
-                or max_downsample_steps < 0:
-            raise ValueError(f"max_downsample_steps must be an int >= 0, got {max_downsample_steps!r}")
+        check_positive_float(mlp_ratio, "mlp_ratio")
+        check_nonneg_int(max_downsample_steps, "max_downsample_steps")
         hidden = int(dim * mlp_ratio)
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim)
@@ -92,8 +97,7 @@ class DualTokenAttention(nn.Module):
                 return_global_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         b, spatial, n = check_channels_last(x, 2, self.dim)
         g = self._check_global_tokens(global_tokens, x)
-        if not isinstance(return_global_tokens, bool):
-            raise TypeError(f"return_global_tokens must be a bool, got {return_global_tokens!r}")
+        check_bool(return_global_tokens, "return_global_tokens")
         x_loc = self.local_tokens(x)
         g_new = self.aggregate(self.downsampled_tokens(x_loc), g)
         tokens = x_loc.reshape(b, n, self.dim)

@@ -46,16 +46,14 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_per_axis, check_scale
 from ..functional import WindowBatch, attend, merge_heads, split_heads, window_attention
 from ..patterns import Blocks
-from ..patterns.base import per_axis
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -138,14 +136,11 @@ class _GCViTWindowBase(nn.Module):
                  n_proj: int):
         super().__init__()
         head_dim = check_dim_heads(dim, num_heads)
-        if not isinstance(qkv_bias, bool):
-            raise TypeError(f"qkv_bias must be a bool, got {qkv_bias!r}")
-        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real)
-                                     or not math.isfinite(qk_scale) or qk_scale <= 0):
-            raise ValueError(f"qk_scale must be a positive finite number or None, got {qk_scale!r}")
+        check_bool(qkv_bias, "qkv_bias")
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.window_size = per_axis(window_size, 2, "window_size")
-        self.scale = float(qk_scale) if qk_scale is not None else head_dim ** -0.5
+        self.window_size = check_per_axis(window_size, 2, "window_size")
+        self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.rel_pos = RelPosBias(self.window_size, num_heads)
         self.qkv = nn.Linear(dim, n_proj * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -190,9 +185,8 @@ class GlobalQueryAttention(_GCViTWindowBase):
     def __init__(self, dim: int, num_heads: int, window_size=7, feat_size=56, qkv_bias: bool = True,
                  qk_scale: float | None = None, query_generator: bool = True):
         super().__init__(dim, num_heads, window_size, qkv_bias, qk_scale, n_proj=2)
-        if not isinstance(query_generator, bool):
-            raise TypeError(f"query_generator must be a bool, got {query_generator!r}")
-        self.feat_size = per_axis(feat_size, 2, "feat_size")
+        check_bool(query_generator, "query_generator")
+        self.feat_size = check_per_axis(feat_size, 2, "feat_size")
         self.levels = max(0, int(math.log2(min(self.feat_size) / min(self.window_size))))
         self.global_block = FeatureBlock(dim, self.levels) if query_generator else None
 

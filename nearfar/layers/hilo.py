@@ -29,16 +29,12 @@ LITv2 attention weights load unchanged (timm does not ship HiLo). Differences fr
 
 from __future__ import annotations
 
-import math
-from numbers import Real
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_positive_int, check_real_range, check_scale
 from ..functional import attend, merge_heads, split_heads
-from ..patterns.base import as_positive_int
 from .registry import Mechanism, image_layer, register
 
 
@@ -50,19 +46,16 @@ class HiLo(nn.Module):
                  window_size: int = 2, alpha: float = 0.5, mask_padding: bool = False):
         super().__init__()
         self.head_dim = check_dim_heads(dim, num_heads)
-        self.ws = as_positive_int(window_size, "window_size")
-        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real)
-                                     or not math.isfinite(qk_scale) or qk_scale < 0):
-            raise ValueError(f"qk_scale must be None or a finite number >= 0, got {qk_scale!r}")
-        if not isinstance(mask_padding, bool):
-            raise TypeError(f"mask_padding must be a bool, got {mask_padding!r}")
+        self.ws = check_positive_int(window_size, "window_size")
+        check_real_range(alpha, "alpha", 0, 1)
+        qk_scale = check_scale(qk_scale)
+        check_bool(mask_padding, "mask_padding")
         self.dim, self.num_heads, self.alpha, self.mask_padding = dim, num_heads, alpha, mask_padding
         self.l_heads = num_heads if self.ws == 1 else int(num_heads * alpha)
         self.h_heads = num_heads - self.l_heads
         self.l_dim, self.h_dim = self.l_heads * self.head_dim, self.h_heads * self.head_dim
-        self.scale = qk_scale or self.head_dim ** -0.5  # official: ``qk_scale or head_dim ** -0.5`` (0 means default)
+        # official: ``qk_scale or head_dim ** -0.5``
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
         if self.l_heads:
             self.l_q = nn.Linear(dim, self.l_dim, bias=qkv_bias)
             self.l_kv = nn.Linear(dim, 2 * self.l_dim, bias=qkv_bias)

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from ..patterns.base import as_positive_int
+from ..checks import check_positive_int
 
 
 def _same_device(expected: torch.device, got: torch.device) -> bool:
@@ -40,7 +40,7 @@ class DecodeState:
     some matmul without saying that the cache is the cause."""
 
     def __init__(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        self.batch = as_positive_int(batch, "batch")
+        self.batch = check_positive_int(batch, "batch")
         if device is not None:
             try:
                 device = torch.device(device)

@@ -47,9 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_dim_heads
+from ..checks import check_bool, check_dim_heads, check_positive_int
 from ..functional import compute_dtype, lightning_blocked, merge_heads, split_heads, tnl_slopes
-from ..patterns.base import as_positive_int
 from .kv_cache import DecodeState
 from .registry import Mechanism, register
 
@@ -92,8 +91,7 @@ class LightningAttention(nn.Module):
         super().__init__()
         self.head_dim = check_dim_heads(dim, num_heads)
         for name, val in (("bias", bias), ("decay", decay), ("causal", causal), ("cross", cross)):
-            if not isinstance(val, bool):
-                raise TypeError(f"{name} must be a bool, got {val!r}")
+            check_bool(val, name)
         if decay and (cross or not causal):
             raise ValueError("the decay lambda^(i-j) runs over the past of one sequence: causal=False and cross=True "
                              "need decay=False (LinearAttention)")
@@ -101,8 +99,8 @@ class LightningAttention(nn.Module):
         if norm_type not in ("srmsnorm", "layernorm"):
             raise ValueError(f"norm_type must be 'srmsnorm' or 'layernorm', got {norm_type!r}")
         self.dim, self.num_heads, self.norm_type, self.decay = dim, num_heads, norm_type, decay
-        self.block_size = as_positive_int(block_size, "block_size")
-        self.gate_rank = self.head_dim if gate_rank is None else as_positive_int(gate_rank, "gate_rank")
+        self.block_size = check_positive_int(block_size, "block_size")
+        self.gate_rank = self.head_dim if gate_rank is None else check_positive_int(gate_rank, "gate_rank")
         slopes = tnl_slopes(num_heads, layer_idx, num_layers)  # validates layer_idx/num_layers even without decay
         self.layer_idx, self.num_layers = layer_idx, num_layers
         self.q_proj = nn.Linear(dim, dim, bias=bias)

@@ -10,9 +10,8 @@ dilation. A window of ``window`` keys in the causal form is ``SlidingWindow(left
 
 from __future__ import annotations
 
-from ..checks import check_bool
+from ..checks import check_bool, check_positive_int
 from ..patterns import Causal, GlobalTokens, SlidingWindow
-from ..patterns.base import as_positive_int
 from .pattern_attention import PatternAttention
 from .registry import ENCODER_DECODER_DENSE, Mechanism, register
 
@@ -24,7 +23,7 @@ class LongformerAttention(PatternAttention):
 
     def __init__(self, dim: int, num_heads: int, window: int = 512, global_tokens: int = 1, causal: bool = True,
                  num_kv_heads: int | None = None):
-        window, g = as_positive_int(window, "window"), as_positive_int(global_tokens, "global_tokens")
+        window, g = check_positive_int(window, "window"), check_positive_int(global_tokens, "global_tokens")
         causal = check_bool(causal, "causal")
         local = SlidingWindow(left=window - 1) if causal else SlidingWindow(left=window // 2, right=window // 2)
         pattern = (local | GlobalTokens(g)) & Causal() if causal else local | GlobalTokens(g)

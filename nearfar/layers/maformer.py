@@ -31,22 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_channels_last, check_dim_heads, check_positive_int, check_scale
 from ..functional import attend, merge_heads, split_heads, split_qkv
 from .registry import Mechanism, image_layer, register
 from .swin import WindowAttention
-
-
-def _check_pos_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _check_scale(qk_scale: object) -> None:
-    if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, (int, float))
-                                 or not qk_scale > 0):
-        raise ValueError(f"qk_scale must be a positive number or None, got {qk_scale!r}")
 
 
 class TokenAttention(nn.Module):
@@ -61,7 +49,7 @@ class TokenAttention(nn.Module):
                  qk_scale: float | None = None):
         super().__init__()
         head_dim = check_dim_heads(dim, num_heads)
-        _check_scale(qk_scale)
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.cross = dim, num_heads, cross
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         if cross:
@@ -96,8 +84,9 @@ class MAFAttention(nn.Module):
         super().__init__()
         check_dim_heads(dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
-        self.down_ratio = _check_pos_int(down_ratio, "down_ratio")
-        self.local = WindowAttention(dim, num_heads, _check_pos_int(window_size, "window_size"), 0, qkv_bias, qk_scale)
+        self.down_ratio = check_positive_int(down_ratio, "down_ratio")
+        window_size = check_positive_int(window_size, "window_size")
+        self.local = WindowAttention(dim, num_heads, window_size, 0, qkv_bias, qk_scale)
         self.gld = nn.Conv2d(dim, dim, down_ratio, stride=down_ratio)
         self.global_attn = TokenAttention(dim, num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale)
         self.fusion = TokenAttention(dim, num_heads, cross=True, qkv_bias=qkv_bias, qk_scale=qk_scale)

@@ -28,10 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_channels_last
+from ..checks import check_channels_last, check_per_axis
 from ..functional import window_attention
 from ..patterns import Blocks, Grid
-from ..patterns.base import per_axis
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -84,7 +83,7 @@ class MaxViTAttention(nn.Module):
             raise ValueError(f"rel_pos_type must be one of {_REL_POS} or None, got {rel_pos_type!r}")
         self.dim, self.partition, self.dim_head, self.head_first = dim, partition, dim_head, head_first
         self.num_heads = dim // dim_head
-        self.partition_size = per_axis(partition_size, 2, "partition_size")
+        self.partition_size = check_per_axis(partition_size, 2, "partition_size")
         self.scale = dim_head ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=bias)
         self.rel_pos = _RelPos(self.num_heads, self.partition_size, rel_pos_type) if rel_pos_type else None

@@ -40,17 +40,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ..checks import check_positive_int
 from ..patterns import Causal, PerHead, Sinks, SlidingWindow
-from ..patterns.base import as_positive_int
 from .pattern_attention import PatternAttention
 from .projections import kv_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
 
 
 def _check_spans_args(sink_size: int, minimum_cache_size: int, split_size: int) -> None:
-    as_positive_int(sink_size, "sink_size")
-    as_positive_int(minimum_cache_size, "minimum_cache_size")
-    as_positive_int(split_size, "split_size")
+    check_positive_int(sink_size, "sink_size")
+    check_positive_int(minimum_cache_size, "minimum_cache_size")
+    check_positive_int(split_size, "split_size")
     if minimum_cache_size <= sink_size:
         raise ValueError(f"minimum_cache_size ({minimum_cache_size}) must be > sink_size ({sink_size}): every head "
                          f"needs a non-empty recent window")
@@ -60,7 +60,7 @@ def moa_span(alpha: float, beta: float, total_len: int, *, sink_size: int = 64, 
              split_size: int = 64) -> int:
     """The official span rule: ``int(alpha + beta * N)`` capped at ``N``, floored to ``minimum_cache_size``,
     rounded up to a multiple of ``split_size`` (so it may exceed ``N``: the head is then dense on ``N`` tokens)."""
-    total_len = as_positive_int(total_len, "total_len")
+    total_len = check_positive_int(total_len, "total_len")
     _check_spans_args(sink_size, minimum_cache_size, split_size)
     if not (math.isfinite(alpha) and math.isfinite(beta)) or beta < 0:
         raise ValueError(f"alpha must be finite and beta a finite number >= 0, got alpha={alpha}, beta={beta}")
@@ -79,7 +79,7 @@ def moa_pattern(alphas: Sequence[float], betas: Sequence[float], total_len: int,
     """A ``PerHead`` (one entry per query head) of ``(Sinks(min(S, sink)) | SlidingWindow(S - sink - 1)) & Causal``.
 
     ``num_kv_heads`` is only checked (spans are per query head; a GQA group's heads may differ)."""
-    num_heads = as_positive_int(num_heads, "num_heads")
+    num_heads = check_positive_int(num_heads, "num_heads")
     kv_heads(num_heads, num_kv_heads)
     if len(alphas) != num_heads or len(betas) != num_heads:
         raise ValueError(f"alphas and betas need num_heads={num_heads} entries, got {len(alphas)} and {len(betas)}")
@@ -99,7 +99,7 @@ class MoAAttention(PatternAttention):
     def __init__(self, dim: int, num_heads: int, alphas: Sequence[float] | None = None,
                  betas: Sequence[float] | None = None, total_len: int = 4096, num_kv_heads: int | None = None,
                  sink_size: int = 64, minimum_cache_size: int = 128, split_size: int = 64):
-        num_heads = as_positive_int(num_heads, "num_heads")
+        num_heads = check_positive_int(num_heads, "num_heads")
         alphas = [0.0] * num_heads if alphas is None else [float(a) for a in alphas]
         betas = [0.5] * num_heads if betas is None else [float(b) for b in betas]
         pattern = moa_pattern(alphas, betas, total_len, num_heads, num_kv_heads, sink_size=sink_size,

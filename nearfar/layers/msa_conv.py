@@ -36,10 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last
+from ..checks import check_bool, check_channels_last, check_nonneg_int, check_per_axis, check_positive_int
 from ..functional import attend
 from ..patterns import Neighborhood
-from ..patterns.base import as_nonneg_int, per_axis
 from .registry import Mechanism, image_layer, register
 
 
@@ -52,21 +51,19 @@ class MSAConv2d(nn.Module):
     def __init__(self, input_channel: int, output_channel: int, kernel_size, stride=1, dilation=1,
                  dropout: float = 0.0, padding=1, bias: bool = False):
         super().__init__()
-        for name, value in (("input_channel", input_channel), ("output_channel", output_channel)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.kernel_size = per_axis(kernel_size, 2, "kernel_size")
+        check_positive_int(input_channel, "input_channel")
+        check_positive_int(output_channel, "output_channel")
+        self.kernel_size = check_per_axis(kernel_size, 2, "kernel_size")
         for a, k in enumerate(self.kernel_size):
             if k % 2 == 0:
                 raise ValueError(f"kernel_size[{a}]={k} must be odd (the window is centred on its pixel)")
-        self.dilation = per_axis(dilation, 2, "dilation")
-        self.stride = per_axis(stride, 2, "stride")
-        self.padding = per_axis(padding, 2, "padding", check=as_nonneg_int)
+        self.dilation = check_per_axis(dilation, 2, "dilation")
+        self.stride = check_per_axis(stride, 2, "stride")
+        self.padding = check_per_axis(padding, 2, "padding", check=check_nonneg_int)
         if dropout != 0:
             raise ValueError(f"dropout must be 0 (nearfar.attend has no attention dropout; the official 0.1 acts "
                              f"in training only), got {dropout!r}")
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {bias!r}")
+        check_bool(bias, "bias")
         self.input_channel, self.output_channel = input_channel, output_channel
         self.scale = input_channel ** -0.5
         # the window's reach on each side (official padding rule, exact for odd kernels)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads
 from ..functional import window_attention
 from ..patterns import Blocks
 from .registry import Mechanism, image_layer, register
@@ -68,9 +68,8 @@ class MSWAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, bias: bool = False, out_bias: bool = True):
         super().__init__()
         self.head_dim = check_dim_heads(dim, num_heads)
-        for name, flag in (("bias", bias), ("out_bias", out_bias)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        check_bool(bias, "bias")
+        check_bool(out_bias, "out_bias")
         self.dim, self.num_heads = dim, num_heads
         self.scale = self.head_dim ** -0.5
         self.to_q = nn.Linear(dim, dim, bias=bias)

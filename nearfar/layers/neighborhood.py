@@ -25,11 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_per_axis, check_scale
 from ..functional import attend, merge_heads, split_qkv
 from ..patterns import Neighborhood
-from ..patterns.base import per_axis
-from ..patterns.neighborhood import as_bool
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -54,10 +52,12 @@ class NeighborhoodAttention(nn.Module):
         if ndim not in (1, 2, 3):
             raise ValueError(f"ndim must be 1, 2 or 3, got {ndim!r}")
         head_dim = check_dim_heads(dim, num_heads)
+        check_bool(rel_pos_bias, "rel_pos_bias")
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.ndim = dim, num_heads, ndim
-        self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
-        self.dilation = per_axis(dilation, ndim, "dilation")
-        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
+        self.kernel_size = check_per_axis(kernel_size, ndim, "kernel_size")
+        self.dilation = check_per_axis(dilation, ndim, "dilation")
+        self.is_causal = check_per_axis(is_causal, ndim, "is_causal", check=check_bool)
         if rel_pos_bias and any(self.is_causal):
             raise ValueError("rel_pos_bias needs a non-causal neighbourhood (as in NAT/DiNAT); pass rel_pos_bias=False")
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checks import check_dim_heads
-from ..patterns.base import as_positive_int
+from ..checks import check_dim_heads, check_positive_int
 from .rotary import RotaryEmbedding
 
 
 def kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
     """``num_kv_heads`` (None: ``num_heads``, no GQA), checked to divide ``num_heads``."""
-    kv = num_heads if num_kv_heads is None else as_positive_int(num_kv_heads, "num_kv_heads")
+    kv = num_heads if num_kv_heads is None else check_positive_int(num_kv_heads, "num_kv_heads")
     if num_heads % kv:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
     return kv

@@ -63,10 +63,9 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_per_axis
 from ..functional import attend, merge_heads, split_heads, window_attention
 from ..patterns import Blocks, Pattern
-from ..patterns.base import per_axis
 from .registry import Mechanism, image_layer, register
 
 PROXY_MODES = ("code_strided_mean", "paper_window_mean", "first")
@@ -120,13 +119,12 @@ class ProxyTokenAttention(nn.Module):
             raise ValueError(f"proxy_mode must be one of {PROXY_MODES}, got {proxy_mode!r}")
         for name, value in (("shift_window", shift_window), ("attention_bias", attention_bias),
                             ("norm_elementwise_affine", norm_elementwise_affine)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+            check_bool(value, name)
         default_c, default_p = ((1, 8, 8), (1, 4, 4)) if ndim == 3 else ((8, 8), (4, 4))
-        self.compress_ratios = per_axis(default_c if compress_ratios is None else compress_ratios, ndim,
-                                        "compress_ratios")
-        self.proxy_compress_ratios = per_axis(default_p if proxy_compress_ratios is None else proxy_compress_ratios,
-                                              ndim, "proxy_compress_ratios")
+        self.compress_ratios = check_per_axis(default_c if compress_ratios is None else compress_ratios, ndim,
+                                              "compress_ratios")
+        self.proxy_compress_ratios = check_per_axis(
+            default_p if proxy_compress_ratios is None else proxy_compress_ratios, ndim, "proxy_compress_ratios")
         for a, (c, p) in enumerate(zip(self.compress_ratios, self.proxy_compress_ratios)):
             if c % p:
                 raise ValueError(f"compress_ratios[{a}]={c} must be a multiple of proxy_compress_ratios[{a}]={p}")

@@ -20,8 +20,8 @@ all residues), where dkernel keeps per-head blocks, O(local + N / stride) per he
 
 from __future__ import annotations
 
+from ..checks import check_nonneg_int, check_positive_int
 from ..patterns import BlockStrided, BlockWindow, Causal, PerHead
-from ..patterns.base import as_nonneg_int, as_positive_int
 from .pattern_attention import PatternAttention
 from .projections import kv_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
@@ -33,10 +33,10 @@ def s2_pattern(num_heads: int, num_kv_heads: int, block: int = 64, local_blocks:
     """The per-query-head pattern (a ``PerHead`` of length ``num_heads``; ``Causal()`` when ``dense``)."""
     if dense:
         return Causal()
-    block, local_blocks = as_positive_int(block, "block"), as_positive_int(local_blocks, "local_blocks")
-    vert_stride = as_positive_int(vert_stride, "vert_stride")
-    offset, n_dense = as_nonneg_int(head_sliding_offset, "head_sliding_offset"), as_nonneg_int(num_dense_heads,
-                                                                                                 "num_dense_heads")
+    block, local_blocks = check_positive_int(block, "block"), check_positive_int(local_blocks, "local_blocks")
+    vert_stride = check_positive_int(vert_stride, "vert_stride")
+    offset = check_nonneg_int(head_sliding_offset, "head_sliding_offset")
+    n_dense = check_nonneg_int(num_dense_heads, "num_dense_heads")
     if n_dense > num_kv_heads:
         raise ValueError(f"num_dense_heads must be in [0, num_kv_heads={num_kv_heads}], got {n_dense}")
     step = 0 if homo_head else max(1, vert_stride // num_kv_heads)

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last
+from ..checks import check_channels_last, check_int_range, check_positive_int
 from ..functional import attend
-from ..patterns.base import as_positive_int
 from .registry import Mechanism, image_layer, register
 
 
@@ -64,13 +63,11 @@ class SHSA(nn.Module):
 
     def __init__(self, dim: int, qk_dim: int = 16, pdim: int | None = None):
         super().__init__()
-        self.dim = as_positive_int(dim, "dim")
-        self.qk_dim = as_positive_int(qk_dim, "qk_dim")
+        self.dim = check_positive_int(dim, "dim")
+        self.qk_dim = check_positive_int(qk_dim, "qk_dim")
         if pdim is None:
             pdim = max(1, 3 * dim // 14)
-        if isinstance(pdim, bool) or not isinstance(pdim, int) or not 1 <= pdim <= dim:
-            raise ValueError(f"pdim must be an int in [1, dim] = [1, {dim}], got {pdim!r}")
-        self.pdim = pdim
+        self.pdim = check_int_range(pdim, "pdim", 1, dim)
         self.scale = qk_dim ** -0.5
         self.pre_norm = nn.GroupNorm(1, pdim)  # timm GroupNorm1 / official GroupNorm: one group, eps 1e-5
         self.qkv = ConvNorm(pdim, 2 * qk_dim + pdim)

@@ -11,8 +11,8 @@ instead, which changes the function once tokens are evicted. Cache: ``sinks + wi
 
 from __future__ import annotations
 
+from ..checks import check_positive_int
 from ..patterns import Causal, Sinks, SlidingWindow
-from ..patterns.base import as_positive_int
 from .pattern_attention import PatternAttention
 from .registry import POSITIONS_SHARED, Mechanism, register
 
@@ -22,7 +22,7 @@ class StreamingLLMAttention(PatternAttention):
     keys ``j <= i`` with ``j < sinks`` or ``i - j < window``. The cache holds at most ``sinks + window - 1`` keys."""
 
     def __init__(self, dim: int, num_heads: int, window: int = 512, sinks: int = 4, num_kv_heads: int | None = None):
-        window, sinks = as_positive_int(window, "window"), as_positive_int(sinks, "sinks")
+        window, sinks = check_positive_int(window, "window"), check_positive_int(sinks, "sinks")
         pattern = (SlidingWindow(left=window - 1) | Sinks(sinks)) & Causal()
         super().__init__(dim, num_heads, pattern, num_kv_heads, causal=True,
                          keep=lambda p, nxt: (p < sinks) | (p > nxt - window))

@@ -36,7 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import (
+    check_bool,
+    check_channels_last,
+    check_dim_heads,
+    check_per_axis,
+    check_positive_int,
+    check_scale,
+)
 from ..functional import attend, merge_heads
 from .registry import Mechanism, image_layer, register
 
@@ -80,11 +87,9 @@ class _RefineAttention(nn.Module):
 
 
 def _cell(value: object) -> tuple[int, int]:
-    cell = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if (not isinstance(cell, tuple) or len(cell) != 2
-            or any(not isinstance(s, int) or isinstance(s, bool) or s <= 0 for s in cell)):
-        raise ValueError(f"stoken_size must be 'auto', a positive int or a (h, w) tuple of them, got {value!r}")
-    return cell
+    if isinstance(value, str):  # "auto" is handled by the caller
+        raise ValueError(f"stoken_size must be 'auto', a positive int or an (h, w) tuple of them, got {value!r}")
+    return check_per_axis(value, 2, "stoken_size")
 
 
 class SuperTokenAttention(nn.Module):
@@ -96,12 +101,9 @@ class SuperTokenAttention(nn.Module):
         super().__init__()
         check_dim_heads(dim, num_heads)
         self.stoken_size = stoken_size if stoken_size == "auto" else _cell(stoken_size)
-        if not isinstance(n_iter, int) or isinstance(n_iter, bool) or n_iter < 1:
-            raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
-        if not isinstance(refine, bool):
-            raise TypeError(f"refine must be a bool, got {refine!r}")
-        if qk_scale is not None and not (isinstance(qk_scale, (int, float)) and qk_scale > 0):
-            raise ValueError(f"qk_scale must be a positive number or None, got {qk_scale!r}")
+        check_positive_int(n_iter, "n_iter")
+        check_bool(refine, "refine")
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.n_iter, self.refine = dim, num_heads, n_iter, refine
         self.scale = dim ** -0.5  # association logits: full channel width, one "head"
         self.stoken_refine = _RefineAttention(dim, num_heads, qkv_bias, qk_scale) if refine else None

@@ -35,10 +35,9 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_channels_last, check_dim_heads, check_nonneg_int, check_per_axis, check_scale
 from ..functional import window_attention
 from ..patterns import Blocks
-from ..patterns.base import as_nonneg_int, per_axis
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -56,9 +55,10 @@ class WindowAttention(nn.Module):
         if ndim not in (2, 3):
             raise ValueError(f"ndim must be 2 (Swin) or 3 (Video Swin), got {ndim!r}")
         head_dim = check_dim_heads(dim, num_heads)
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.ndim = dim, num_heads, ndim
-        self.window_size = per_axis(window_size, ndim, "window_size")
-        self.shift_size = per_axis(shift_size, ndim, "shift_size", check=as_nonneg_int)
+        self.window_size = check_per_axis(window_size, ndim, "window_size")
+        self.shift_size = check_per_axis(shift_size, ndim, "shift_size", check=check_nonneg_int)
         for a, (s, m) in enumerate(zip(self.shift_size, self.window_size)):
             if s >= m:
                 raise ValueError(f"shift_size[{a}]={s} must be in [0, window_size[{a}]-1] = [0, {m - 1}]")

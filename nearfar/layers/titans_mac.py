@@ -68,13 +68,14 @@ init) and by at most 30% (``theta`` about 0.5; the LayerNorm bounds the output's
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_dim_heads
+from ..checks import check_bool, check_dim_heads, check_nonneg_int, check_positive_int, check_real_range
 from ..functional import attend, merge_heads, split_heads
-from ..patterns.base import as_nonneg_int, as_positive_int
 from .kv_cache import DecodeState
 from .registry import Mechanism, register
 from .rotary import RotaryEmbedding
@@ -182,17 +183,15 @@ class TitansMAC(nn.Module):
                  max_lr: float = 0.1, rope: bool = True, memory_norm: bool = True, surprise_at: str = "init"):
         super().__init__()
         self.head_dim = d = check_dim_heads(dim, num_heads)
-        self.segment_len = as_positive_int(segment_len, "segment_len")
-        self.num_persistent = as_nonneg_int(num_persistent, "num_persistent")
-        depth = as_positive_int(memory_depth, "memory_depth")
-        hidden = as_positive_int(memory_expansion, "memory_expansion") * d
-        self.chunk_size = self.segment_len if chunk_size is None else as_positive_int(chunk_size, "chunk_size")
+        self.segment_len = check_positive_int(segment_len, "segment_len")
+        self.num_persistent = check_nonneg_int(num_persistent, "num_persistent")
+        depth = check_positive_int(memory_depth, "memory_depth")
+        hidden = check_positive_int(memory_expansion, "memory_expansion") * d
+        self.chunk_size = self.segment_len if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
         if self.segment_len % self.chunk_size:
             raise ValueError(f"chunk_size ({self.chunk_size}) must divide segment_len ({self.segment_len})")
-        if isinstance(max_lr, bool) or not isinstance(max_lr, (int, float)) or not max_lr >= 0:
-            raise ValueError(f"max_lr must be a number >= 0, got {max_lr!r}")
-        if not isinstance(memory_norm, bool):
-            raise ValueError(f"memory_norm must be a bool, got {memory_norm!r}")
+        check_real_range(max_lr, "max_lr", 0, math.inf, open_high=True)
+        check_bool(memory_norm, "memory_norm")
         if surprise_at not in ("init", "chunk"):
             raise ValueError(f"surprise_at must be 'init' or 'chunk', got {surprise_at!r}")
         self.surprise_at = surprise_at

@@ -25,14 +25,11 @@ layer scale are not implemented (UniFormer's image models use none of the dropou
 
 from __future__ import annotations
 
-from numbers import Real
-
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_dim_heads
+from ..checks import check_channels_last, check_dim_heads, check_positive_int, check_scale
 from ..functional import attend, merge_heads, split_qkv
-from ..patterns.base import as_positive_int
 from .registry import Mechanism, image_layer, register
 
 
@@ -43,8 +40,8 @@ class UniFormerLocalMHRA(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int = 5):
         super().__init__()
-        self.dim = as_positive_int(dim, "dim")
-        as_positive_int(kernel_size, "kernel_size")
+        self.dim = check_positive_int(dim, "dim")
+        check_positive_int(kernel_size, "kernel_size")
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (size-preserving zero padding), got {kernel_size}")
         self.kernel_size = kernel_size
@@ -72,18 +69,17 @@ class UniFormerGlobalMHRA(nn.Module):
     def __init__(self, dim: int, num_heads: int | None = None, head_dim: int = 64, qkv_bias: bool = True,
                  qk_scale: float | None = None, norm_eps: float = 1e-6):
         super().__init__()
-        as_positive_int(dim, "dim")
+        check_positive_int(dim, "dim")
         if num_heads is None:
-            as_positive_int(head_dim, "head_dim")
+            check_positive_int(head_dim, "head_dim")
             if dim < head_dim:
                 raise ValueError(f"dim ({dim}) must be >= head_dim ({head_dim}) to derive num_heads = dim // "
                                  "head_dim; pass num_heads or a smaller head_dim")
             num_heads = dim // head_dim
         d = check_dim_heads(dim, num_heads)
-        if qk_scale is not None and (isinstance(qk_scale, bool) or not isinstance(qk_scale, Real) or qk_scale < 0):
-            raise ValueError(f"qk_scale must be None or a number >= 0, got {qk_scale!r}")
+        qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads = dim, num_heads
-        self.scale = qk_scale or d ** -0.5  # official: ``qk_scale or head_dim ** -0.5``
+        self.scale = qk_scale if qk_scale is not None else d ** -0.5  # official: ``qk_scale or head_dim ** -0.5``
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim, bias=qkv_bias), "proj": nn.Linear(dim, dim)})
 

@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_positive_int
 from ..layers.kv_cache import KVCache
 from ..layers.pattern_attention import PatternAttention
 from ..layers.registry import DECODER_ONLY, Mechanism, register
 from ..patterns import Causal
-from ..patterns.base import as_positive_int
 from .tiny_lm import Block, check_token_ids, layer_caches
 
 
@@ -60,21 +60,21 @@ class BlockTransformer(nn.Module):
     def __init__(self, vocab_size: int, block_len: int = 4, dim_block: int = 128, dim_token: int = 128,
                  depth_block: int = 2, depth_token: int = 2, num_heads: int = 4, expansion_ratio: int = 2):
         super().__init__()
-        vocab_size = as_positive_int(vocab_size, "vocab_size")
-        self.block_len = as_positive_int(block_len, "block_len")
-        self.dim_block = as_positive_int(dim_block, "dim_block")
-        self.dim_token = as_positive_int(dim_token, "dim_token")
-        self.expansion_ratio = as_positive_int(expansion_ratio, "expansion_ratio")
+        vocab_size = check_positive_int(vocab_size, "vocab_size")
+        self.block_len = check_positive_int(block_len, "block_len")
+        self.dim_block = check_positive_int(dim_block, "dim_block")
+        self.dim_token = check_positive_int(dim_token, "dim_token")
+        self.expansion_ratio = check_positive_int(expansion_ratio, "expansion_ratio")
         if dim_block % block_len:
             raise ValueError(f"dim_block ({dim_block}) must be a multiple of block_len ({block_len}): the concat "
                              f"embedder gives each token dim_block / block_len channels")
         self.vocab_size = vocab_size
         self.block_embed = nn.Embedding(vocab_size, dim_block // block_len)
-        self.block_decoder = _decoder(dim_block, as_positive_int(depth_block, "depth_block"), num_heads)
+        self.block_decoder = _decoder(dim_block, check_positive_int(depth_block, "depth_block"), num_heads)
         self.block_norm = nn.RMSNorm(dim_block)
         self.expand = nn.Linear(dim_block, self.expansion_ratio * dim_token)
         self.token_embed = nn.Embedding(vocab_size, dim_token)
-        self.token_decoder = _decoder(dim_token, as_positive_int(depth_token, "depth_token"), num_heads)
+        self.token_decoder = _decoder(dim_token, check_positive_int(depth_token, "depth_token"), num_heads)
         self.token_norm = nn.RMSNorm(dim_token)
         self.lm_head = nn.Linear(dim_token, vocab_size, bias=False)
         nn.init.normal_(self.block_embed.weight, std=0.02)
@@ -156,7 +156,7 @@ class BlockTransformer(nn.Module):
         ``(B, new, V)``, ``token_cache_sizes`` (largest token-decoder key count of each block) and
         ``block_cache_sizes`` (block-decoder key count when each block was decoded)."""
         prompt = self._check_tokens(prompt, "prompt", 1)
-        max_new_blocks = as_positive_int(max_new_blocks, "max_new_blocks")
+        max_new_blocks = check_positive_int(max_new_blocks, "max_new_blocks")
         block_caches = self.new_caches(self.block_decoder, prompt.shape[0])
         h = self.contexts(self.embed_blocks(prompt), block_caches)[:, -1]
         out, logits, token_sizes, block_sizes = [prompt], [], [], []

@@ -68,13 +68,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_dim_heads
+from ..checks import check_dim_heads, check_positive_int
 from ..functional import attend, merge_heads, split_heads
 from ..layers.kv_cache import DecodeState
 from ..layers.pattern_attention import PatternAttention
 from ..layers.registry import DECODER_ONLY, Mechanism, register
 from ..patterns import BlockWindow, Causal
-from ..patterns.base import as_positive_int
 from .tiny_lm import Block, check_token_ids, layer_caches
 
 _LAYERS = re.compile(r"\((\d+)\)(\d*)")
@@ -128,9 +127,9 @@ class FITAR(nn.Module):
     def __init__(self, vocab_size: int, group_size: int = 16, latents_per_group: int = 4, dim: int = 128,
                  latent_dim: int = 128, layers: str = "(1)1(1)", num_heads: int = 4, mlp_hidden: int | None = None):
         super().__init__()
-        self.vocab_size = as_positive_int(vocab_size, "vocab_size")
-        self.group_size = as_positive_int(group_size, "group_size")
-        self.latents_per_group = as_positive_int(latents_per_group, "latents_per_group")
+        self.vocab_size = check_positive_int(vocab_size, "vocab_size")
+        self.group_size = check_positive_int(group_size, "group_size")
+        self.latents_per_group = check_positive_int(latents_per_group, "latents_per_group")
         check_dim_heads(dim, num_heads)
         check_dim_heads(latent_dim, num_heads)
         check_dim_heads(min(dim, latent_dim), num_heads)
@@ -161,7 +160,7 @@ class FITAR(nn.Module):
 
     def latent_mask(self, num_groups: int) -> torch.Tensor:
         """The bool ``(t*m, t*m)`` mask of the global layers (True = may attend)."""
-        t = as_positive_int(num_groups, "num_groups")
+        t = check_positive_int(num_groups, "num_groups")
         n = t * self.latents_per_group
         return self.latent_pattern.mask(n, n, device=self.latent_emb.device)
 
@@ -256,7 +255,7 @@ class FITAR(nn.Module):
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding through the cache: the prompt in one call, then one token per call."""
         prompt = self._check_tokens(prompt)
-        steps = as_positive_int(max_new_tokens, "max_new_tokens")
+        steps = check_positive_int(max_new_tokens, "max_new_tokens")
         cache = self.new_cache(prompt.shape[0])
         logits, out = self(prompt, cache), [prompt]
         for _ in range(steps):

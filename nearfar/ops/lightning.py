@@ -23,13 +23,13 @@ import math
 
 import torch
 
-from ..patterns.base import as_positive_int
+from ..checks import check_int_range, check_positive_int
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi slopes ``(H,)`` (float32): ``2^(-8h/H)``, ``h = 1..H`` for ``H`` a power of 2; otherwise those of the
     nearest lower power of 2 followed by every other slope of the next power of 2 (the ALiBi rule)."""
-    n = as_positive_int(num_heads, "num_heads")
+    n = check_positive_int(num_heads, "num_heads")
 
     def pow2(m: int) -> list[float]:
         return [2.0 ** (-8.0 * h / m) for h in range(1, m + 1)]
@@ -43,11 +43,8 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def tnl_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 12) -> torch.Tensor:
     """TNL's decay rates ``(H, 1, 1)`` for layer ``layer_idx`` of ``num_layers``: ALiBi slopes scaled by
     ``1 - layer_idx / (num_layers - 1) + 1e-5`` (deeper layers decay less; 1 + 1e-5 for a single layer)."""
-    if isinstance(layer_idx, bool) or not isinstance(layer_idx, int) or layer_idx < 0:
-        raise ValueError(f"layer_idx must be an int >= 0, got {layer_idx!r}")
-    num_layers = as_positive_int(num_layers, "num_layers")
-    if layer_idx >= num_layers:
-        raise ValueError(f"layer_idx must be in [0, num_layers - 1] = [0, {num_layers - 1}], got {layer_idx}")
+    num_layers = check_positive_int(num_layers, "num_layers")
+    check_int_range(layer_idx, "layer_idx", 0, num_layers - 1)
     depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
     return (alibi_slopes(num_heads) * (1 - depth + 1e-5)).reshape(-1, 1, 1)
 
@@ -123,7 +120,7 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: to
     state after the last token (fp32, fp64 for fp64 inputs). No softmax, hence plain torch (not ``nearfar.attend``).
     """
     _check_qkv(q, k, v)
-    b = as_positive_int(block_size, "block_size")
+    b = check_positive_int(block_size, "block_size")
     bs, h, _, d = q.shape
     ct = compute_dtype(v)
     if initial_state is not None and tuple(initial_state.shape) != (bs, h, d, v.shape[-1]):

@@ -48,42 +48,6 @@ def per_query_tile(keyside: torch.Tensor, qt: Tiles) -> torch.Tensor:
     return keyside.expand(qt.idx.shape[0], keyside.shape[-1]) if keyside.dim() == 1 else keyside
 
 
-def as_positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
-    return value
-
-
-def as_nonneg_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int (>= 0), got {value}")
-    return value
-
-
-def per_axis(value: object, ndim: int, name: str, check=as_positive_int) -> tuple:
-    """Broadcast an int (or bool) to ``ndim`` axes, or check a per-axis tuple's length."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != ndim:
-            raise ValueError(f"{name} has {len(value)} entries but the pattern is {ndim}D; "
-                             f"give an int or {ndim} values")
-        return tuple(check(v, f"{name}[{i}]") for i, v in enumerate(value))
-    return (check(value, name),) * ndim
-
-
-def as_grid(grid: object) -> tuple[int, ...] | None:
-    if grid is None:
-        return None
-    if isinstance(grid, int) and not isinstance(grid, bool):
-        grid = (grid,)
-    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3:
-        raise ValueError(f"grid must be a tuple of 1 to 3 positive ints (the spatial shape), got {grid!r}")
-    return tuple(as_positive_int(g, f"grid[{i}]") for i, g in enumerate(grid))
-
-
 def spatial_ndim(grid: tuple | None, **per_axis_args: object) -> int:
     """Dimensionality implied by ``grid`` or by the per-axis tuple arguments (1D when neither)."""
     tuples = {name: len(a) for name, a in per_axis_args.items() if isinstance(a, (tuple, list))}

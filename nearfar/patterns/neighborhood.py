@@ -16,14 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import per_axis
+from ..checks import check_bool, check_per_axis
 from .spatial import Layout, SpatialPattern
 
-
-def as_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
 
 class Neighborhood(SpatialPattern):
     """``Neighborhood(kernel_size, dilation=1, is_causal=False, grid=None, stride=1)``.
@@ -34,10 +29,10 @@ class Neighborhood(SpatialPattern):
 
     def __init__(self, kernel_size, dilation=1, is_causal=False, grid=None, stride=1):
         ndim = self._init_grid(grid, kernel_size=kernel_size, dilation=dilation, is_causal=is_causal, stride=stride)
-        self.kernel_size = per_axis(kernel_size, ndim, "kernel_size")
-        self.dilation = per_axis(dilation, ndim, "dilation")
-        self.is_causal = per_axis(is_causal, ndim, "is_causal", check=as_bool)
-        self.stride = per_axis(stride, ndim, "stride")
+        self.kernel_size = check_per_axis(kernel_size, ndim, "kernel_size")
+        self.dilation = check_per_axis(dilation, ndim, "dilation")
+        self.is_causal = check_per_axis(is_causal, ndim, "is_causal", check=check_bool)
+        self.stride = check_per_axis(stride, ndim, "stride")
         for a, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
             if s > k:
                 raise ValueError(f"stride[{a}]={s} must be <= kernel_size[{a}]={k}")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pattern, Tiles, as_nonneg_int, as_positive_int, overlaps, per_query_tile
+from ..checks import check_bool, check_nonneg_int, check_positive_int
+from .base import Pattern, Tiles, overlaps, per_query_tile
 
 
 def _positions(qt: Tiles, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +38,8 @@ class SlidingWindow(Pattern):
     """
 
     def __init__(self, left: int, right: int = 0):
-        self.left = as_nonneg_int(left, "left")
-        self.right = as_nonneg_int(right, "right")
+        self.left = check_nonneg_int(left, "left")
+        self.right = check_nonneg_int(right, "right")
 
     def allowed(self, q, k, nq, nk):
         p = q + (nk - nq)
@@ -57,8 +58,8 @@ class Strided(Pattern):
     """Key ``j`` allowed iff ``(j - offset) % stride == 0`` (every query sees the same strided keys)."""
 
     def __init__(self, stride: int, offset: int = 0):
-        self.stride = as_positive_int(stride, "stride")
-        self.offset = as_nonneg_int(offset, "offset")
+        self.stride = check_positive_int(stride, "stride")
+        self.offset = check_nonneg_int(offset, "offset")
 
     def allowed(self, q, k, nq, nk):
         return torch.remainder(k - self.offset, self.stride) == 0
@@ -77,7 +78,7 @@ class Sinks(Pattern):
     """Every query may attend the first ``n`` keys (attention sinks, StreamingLLM)."""
 
     def __init__(self, n: int):
-        self.n = as_positive_int(n, "n")
+        self.n = check_positive_int(n, "n")
 
     def allowed(self, q, k, nq, nk):
         return (k < self.n) & (q >= 0)
@@ -95,7 +96,7 @@ class GlobalTokens(Pattern):
     query attends them. With ``Nq != Nk`` the first ``n`` queries and the first ``n`` keys are global."""
 
     def __init__(self, n: int):
-        self.n = as_positive_int(n, "n")
+        self.n = check_positive_int(n, "n")
 
     def allowed(self, q, k, nq, nk):
         return (q < self.n) | (k < self.n)
@@ -114,9 +115,9 @@ class BlockWindow(Pattern):
     ``b - before .. b + after`` (block-aligned, unlike ``SlidingWindow``)."""
 
     def __init__(self, block: int, before: int = 1, after: int = 1):
-        self.block = as_positive_int(block, "block")
-        self.before = as_nonneg_int(before, "before")
-        self.after = as_nonneg_int(after, "after")
+        self.block = check_positive_int(block, "block")
+        self.before = check_nonneg_int(before, "before")
+        self.after = check_nonneg_int(after, "after")
 
     def allowed(self, q, k, nq, nk):
         qb, kb = torch.div(q + (nk - nq), self.block, rounding_mode="floor"), k // self.block
@@ -147,11 +148,10 @@ class RandomBlocks(Pattern):
     Draws may repeat or coincide with window/global blocks (then fewer distinct blocks are added)."""
 
     def __init__(self, block: int, r: int = 3, seed: int = 0, causal: bool = False):
-        self.block = as_positive_int(block, "block")
-        self.r = as_positive_int(r, "r")
-        self.seed = as_nonneg_int(seed, "seed")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+        self.block = check_positive_int(block, "block")
+        self.r = check_positive_int(r, "r")
+        self.seed = check_nonneg_int(seed, "seed")
+        check_bool(causal, "causal")
         self.causal = causal
 
     def drawn(self, qb: torch.Tensor, nk: int) -> torch.Tensor:
@@ -189,9 +189,9 @@ class BlockStrided(Pattern):
     blocks at absolute block indices, so a head keeps the same blocks as the sequence grows)."""
 
     def __init__(self, block: int, stride: int, offset: int = 0):
-        self.block = as_positive_int(block, "block")
-        self.stride = as_positive_int(stride, "stride")
-        self.offset = as_nonneg_int(offset, "offset")
+        self.block = check_positive_int(block, "block")
+        self.stride = check_positive_int(stride, "stride")
+        self.offset = check_nonneg_int(offset, "offset")
 
     def allowed(self, q, k, nq, nk):
         return (torch.remainder(k // self.block + self.offset, self.stride) == 0) & (q >= 0)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pattern, Tiles, as_grid, overlaps, spatial_ndim, unravel
+from ..checks import check_grid
+from .base import Pattern, Tiles, overlaps, spatial_ndim, unravel
 
 
 class Layout:
@@ -30,7 +31,7 @@ class SpatialPattern(Pattern):
     """Base of patterns on a grid. ``grid`` is required for 2D/3D and defaults to ``(N,)`` in 1D."""
 
     def _init_grid(self, grid, **per_axis_args) -> int:
-        self.grid = as_grid(grid)
+        self.grid = check_grid(grid)
         return spatial_ndim(self.grid, **per_axis_args)
 
     def grid_for(self, n: int) -> tuple[int, ...]:

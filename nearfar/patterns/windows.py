@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import as_nonneg_int, per_axis
+from ..checks import check_bool, check_nonneg_int, check_per_axis
 from .spatial import Layout, SpatialPattern
 
 
@@ -32,10 +32,9 @@ class Blocks(SpatialPattern):
 
     def __init__(self, size, grid=None, shift=0, wrap=False):
         ndim = self._init_grid(grid, size=size, shift=shift)
-        self.size = per_axis(size, ndim, "size")
-        self.shift = per_axis(shift, ndim, "shift", check=as_nonneg_int)
-        if not isinstance(wrap, bool):
-            raise TypeError(f"wrap must be a bool, got {wrap!r}")
+        self.size = check_per_axis(size, ndim, "size")
+        self.shift = check_per_axis(shift, ndim, "shift", check=check_nonneg_int)
+        check_bool(wrap, "wrap")
         self.wrap = wrap
         for a, (s, m) in enumerate(zip(self.shift, self.size)):
             if s >= m:
@@ -101,7 +100,7 @@ class Grid(SpatialPattern):
 
     def __init__(self, size, grid=None):
         ndim = self._init_grid(grid, size=size)
-        self.size = per_axis(size, ndim, "size")
+        self.size = check_per_axis(size, ndim, "size")
         if self.grid is not None:
             self.check_extents(self.grid)
 

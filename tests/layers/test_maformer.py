@@ -244,12 +244,17 @@ def test_state_dict_round_trip_and_names():
     ({"dim": 10, "num_heads": 3}, "dim"),
     ({"dim": 16, "num_heads": 2, "window_size": 0}, "window_size"),
     ({"dim": 16, "num_heads": 2, "down_ratio": 0}, "down_ratio"),
-    ({"dim": 16, "num_heads": 2, "down_ratio": 2.0}, "down_ratio"),
     ({"dim": 16, "num_heads": 2, "qk_scale": -1.0}, "qk_scale"),
 ])
 def test_bad_constructor_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MAFAttention(**kwargs)
+
+
+def test_non_int_down_ratio_is_a_type_error():
+    # nearfar.checks' rule: a wrong type is a TypeError (it was a ValueError before the checks were unified)
+    with pytest.raises(TypeError, match="down_ratio must be a positive int"):
+        MAFAttention(16, 2, down_ratio=2.0)
 
 
 def test_bad_input():

@@ -243,8 +243,12 @@ def test_state_dict_names_and_official_checkpoint():
 def test_errors():
     with pytest.raises(ValueError, match="num_heads"):
         SuperTokenAttention(10, 3)
-    for bad in (0, (2,), (2, 0), "big", 2.0):
+    for bad in (0, (2,), (2, 0), "big"):
         with pytest.raises(ValueError, match="stoken_size"):
+            SuperTokenAttention(8, 2, stoken_size=bad)
+    # a wrong type is a TypeError (nearfar.checks' rule; it was a ValueError before the checks were unified)
+    for bad in (2.0, (2, True)):
+        with pytest.raises(TypeError, match="stoken_size"):
             SuperTokenAttention(8, 2, stoken_size=bad)
     with pytest.raises(ValueError, match="n_iter"):
         SuperTokenAttention(8, 2, n_iter=0)

@@ -314,7 +314,7 @@ def test_errors():
         TitansMAC(16, 2, segment_len=0)
     with pytest.raises(ValueError, match="max_lr"):
         TitansMAC(16, 2, max_lr=-1.0)
-    with pytest.raises(ValueError, match="memory_norm"):
+    with pytest.raises(TypeError, match="memory_norm"):  # a wrong type is a TypeError (nearfar.checks)
         TitansMAC(16, 2, memory_norm=1)
     with pytest.raises(ValueError, match="surprise_at"):
         TitansMAC(16, 2, surprise_at="token")
