@@ -34,6 +34,26 @@ class SlidingWindow(Pattern):
     """Clipped band (Mistral / Longformer / StreamingLLM): key ``j`` allowed iff ``p - left <= j <= p + right``.
 
     Unlike ``Neighborhood`` the window does not slide inward at the borders: edge queries see fewer keys.
+
+    A query sees ``left + right + 1`` keys (itself included) away from the borders, so the conventions of other
+    libraries are off by one from ``left``: Hugging Face's ``sliding_window=W`` (Mistral, Qwen2, Gemma: W keys
+    including the token itself) is ``SlidingWindow(left=W-1) & Causal()``; Longformer's ``attention_window=w`` is
+    ``SlidingWindow(w // 2, w // 2)``; StreamingLLM with ``S`` sinks and ``R`` recent tokens is
+    ``(SlidingWindow(left=R-1) | Sinks(S)) & Causal()``.
+
+    Args:
+        left: Keys before the query's position (>= 0), not counting the query itself.
+        right: Keys after it (>= 0); 0 for a causal window.
+
+    Raises:
+        TypeError: If ``left`` or ``right`` is not an int.
+        ValueError: If ``left`` or ``right`` is negative.
+
+    Example:
+        >>> import nearfar as nf
+        >>> mistral = nf.SlidingWindow(left=4096 - 1) & nf.Causal()   # HF sliding_window=4096
+        >>> nf.SlidingWindow(left=2).mask(4, 4).sum(1).tolist()
+        [1, 2, 3, 3]
     """
 
     def __init__(self, left: int, right: int = 0):
