@@ -6,5 +6,14 @@ ENGINES = ("dense", "blocksparse", "flex")
 
 
 def engines() -> list[str]:
-    """Names accepted by ``attend(..., engine=...)`` besides ``"auto"``."""
+    """Names accepted by ``attend(..., engine=...)`` besides ``"auto"``.
+
+    Returns:
+        The engine names, ``["dense", "blocksparse", "flex"]``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.engines()
+        ['dense', 'blocksparse', 'flex']
+    """
     return list(ENGINES)
