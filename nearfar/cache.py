@@ -149,12 +149,34 @@ _budget = _budget_from_env()
 
 
 def cache_budget() -> int:
-    """The byte budget of nearfar's caches (``NEARFAR_CACHE_BYTES``, default 1 GiB)."""
+    """The byte budget of nearfar's caches (``NEARFAR_CACHE_BYTES``, default 1 GiB).
+
+    Returns:
+        The budget in bytes.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.cache_budget() >= 0
+        True
+    """
     return _budget
 
 
 def set_cache_budget(nbytes: int) -> None:
-    """Change the byte budget at run time (entries over it are dropped at once)."""
+    """Change the byte budget at run time (entries over it are dropped at once).
+
+    Args:
+        nbytes: The new budget in bytes (>= 0; 0 caches nothing).
+
+    Raises:
+        ValueError: If ``nbytes`` is not a non-negative int.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> old = nf.cache_budget()
+        >>> nf.set_cache_budget(256 << 20)   # 256 MiB
+        >>> nf.set_cache_budget(old)
+    """
     global _budget
     check_nonneg_int(nbytes, "nbytes")
     _budget = nbytes
@@ -168,11 +190,27 @@ CACHE = ByteLRU(cache_budget)
 
 def cache_bytes() -> int:
     """Bytes held by nearfar's caches now (never more than ``cache_budget()``; read under the cache's lock, as a
-    thread's insertion is over budget for an instant before it evicts)."""
+    thread's insertion is over budget for an instant before it evicts).
+
+    Returns:
+        The number of bytes held.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.cache_bytes() <= nf.cache_budget()
+        True
+    """
     with CACHE._lock:
         return CACHE.nbytes
 
 
 def clear_caches() -> None:
-    """Drop every cached plan and mask."""
+    """Drop every cached plan and mask.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.clear_caches()
+        >>> nf.cache_bytes()
+        0
+    """
     CACHE.clear()

@@ -135,7 +135,27 @@ _OBSERVERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("n
 def engine_override(engine: str) -> Iterator[None]:
     """Inside the block, every ``attend(..., engine="auto")`` call (so every module built on ``attend``) uses
     ``engine`` instead: e.g. ``"dense"`` runs a whole module on the materialised-mask reference engine, which is how
-    ``nearfar bench`` gates each mechanism's fast path before timing it. Per thread: other threads are unaffected."""
+    ``nearfar bench`` gates each mechanism's fast path before timing it. Per thread: other threads are unaffected.
+
+    Args:
+        engine: One of ``nearfar.engines()``: ``"dense"``, ``"blocksparse"`` or ``"flex"``. Overrides nest; the
+            innermost wins.
+
+    Yields:
+        None.
+
+    Raises:
+        ValueError: If ``engine`` is not a known engine name.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> layer = nf.mechanisms("window")[0].make(32, 2)
+        >>> x = torch.randn(1, 14, 14, 32)
+        >>> with nf.engine_override("dense"):
+        ...     ref = layer(x)
+        >>> torch.allclose(layer(x), ref, atol=1e-5)
+        True
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {tuple(ENGINES)}, got {engine!r}")
     token = _ENGINE_OVERRIDE.set(_ENGINE_OVERRIDE.get() + (engine,))
@@ -149,7 +169,20 @@ def engine_override(engine: str) -> Iterator[None]:
 def observe_calls() -> Iterator[list[tuple]]:
     """Inside the block, every ``attend`` call of this thread (any engine, from any module) is listed as
     ``(pattern, q.shape, k.shape, v.shape)``: how ``nearfar bench``'s gate sees whether a module's attention has a
-    pattern at all."""
+    pattern at all.
+
+    Yields:
+        The list the calls are appended to, as ``(pattern, q_shape, k_shape, v_shape)`` tuples.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> from nearfar.functional import observe_calls
+        >>> q = torch.randn(1, 2, 8, 4)
+        >>> with observe_calls() as calls:
+        ...     _ = nf.attend(q, q, q, nf.Causal())
+        >>> calls[0][0], calls[0][1]
+        (Causal(), (1, 2, 8, 4))
+    """
     calls: list[tuple] = []
     token = _OBSERVERS.set(_OBSERVERS.get() + (calls,))
     try:
@@ -188,6 +221,38 @@ def attend(
     Any layout of q/k/v (views, transposes, expanded or strided dims) gives the result of the contiguous call.
     Meta tensors get outputs of the right shape (for tracing). Returns ``(B, Hq, Nq, dv)``, plus the LSE
     ``(B, Hq, Nq)`` (natural log, of the scaled biased scores, not differentiable) when ``return_lse``.
+
+    Args:
+        q: Queries ``(B, Hq, Nq, d)``, a floating dtype (float16, bfloat16, float32, float64).
+        k: Keys ``(B, Hkv, Nk, d)`` with ``Hq % Hkv == 0``; same dtype and device as ``q``.
+        v: Values ``(B, Hkv, Nk, dv)``.
+        pattern: Which (query, key) pairs may attend; None (or ``Dense()``) is dense attention. A ``PerHead``
+            pattern needs one pattern per query head.
+        scale: Score scale; default ``1 / sqrt(d)``.
+        bias: Additive bias of the scaled scores, broadcastable to ``(B, Hq, Nq, Nk)``.
+        rpb: Relative-position-bias table ``(Hq, 2m-1[, 2m-1[, 2m-1]])`` for a ``Neighborhood``, ``Blocks`` or
+            ``Grid`` pattern, indexed by key-minus-query offsets. Pass ``bias`` or ``rpb``, not both.
+        key_padding_mask: Bool ``(B, Nk)``, True = keep the key.
+        engine: ``"auto"`` (see the Engines page) or one of ``nearfar.engines()``.
+        return_lse: Also return the log-sum-exp of each row.
+
+    Returns:
+        The output ``(B, Hq, Nq, dv)`` in ``q``'s dtype; with ``return_lse``, a tuple ``(out, lse)`` with ``lse``
+        ``(B, Hq, Nq)`` (``-inf`` for a query with no allowed key).
+
+    Raises:
+        TypeError: If an argument has the wrong type or dtype (named in the message).
+        ValueError: If shapes, devices, heads, the pattern's sizes, ``scale``, ``bias``/``rpb`` or ``engine`` are out
+            of range, before any work is done.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> q = torch.randn(1, 8, 1024, 32, requires_grad=True)
+        >>> k, v = torch.randn(1, 2, 1024, 32), torch.randn(1, 2, 1024, 32)   # GQA: 4 query heads per KV head
+        >>> out = nf.attend(q, k, v, nf.SlidingWindow(left=255) & nf.Causal())   # HF sliding_window=256
+        >>> out.shape
+        torch.Size([1, 8, 1024, 32])
+        >>> out.sum().backward()
     """
     _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse)
     _record(pattern, q, k, v)

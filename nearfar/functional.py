@@ -45,21 +45,64 @@ __all__ = [
 
 
 def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """``(B, *spatial, heads*d)`` (or ``(B, N, heads*d)``) -> ``(B, heads, N, d)``, channels head-major."""
+    """``(B, *spatial, heads*d)`` (or ``(B, N, heads*d)``) -> ``(B, heads, N, d)``, channels head-major.
+
+    Args:
+        t: A channel-last tensor ``(B, *spatial, heads*d)``.
+        num_heads: Number of heads; must divide the channels.
+
+    Returns:
+        A view or copy ``(B, heads, N, d)`` with ``N = prod(spatial)``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import split_heads
+        >>> split_heads(torch.randn(2, 4, 4, 12), 3).shape
+        torch.Size([2, 3, 16, 4])
+    """
     b, c = t.shape[0], t.shape[-1]
     return t.reshape(b, -1, num_heads, c // num_heads).transpose(1, 2)
 
 
 
 def merge_heads(o: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """``(B, heads, N, d)`` -> ``(B, *spatial, heads*d)``."""
+    """``(B, heads, N, d)`` -> ``(B, *spatial, heads*d)``.
+
+    Args:
+        o: Per-head output ``(B, heads, N, d)``.
+        spatial: The spatial shape to restore, ``prod(spatial) == N``.
+
+    Returns:
+        A channel-last tensor ``(B, *spatial, heads*d)``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import merge_heads
+        >>> merge_heads(torch.randn(2, 3, 16, 4), (4, 4)).shape
+        torch.Size([2, 4, 4, 12])
+    """
     b, h, _, d = o.shape
     return o.transpose(1, 2).reshape(b, *spatial, h * d)
 
 
 
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output of a fused ``Linear(C, 3C)`` ``(B, *spatial, 3C)``, split ``[3, heads, d]`` -> three ``(B, h, N, d)``."""
+    """Output of a fused ``Linear(C, 3C)`` ``(B, *spatial, 3C)``, split ``[3, heads, d]`` -> three ``(B, h, N, d)``.
+
+    Args:
+        qkv: Output of a fused projection ``(B, *spatial, 3C)``, channels ordered ``[3, heads, d]``.
+        num_heads: Number of heads.
+
+    Returns:
+        ``(q, k, v)``, each ``(B, heads, N, C // heads)``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import split_qkv
+        >>> q, k, v = split_qkv(torch.randn(2, 4, 4, 36), 3)
+        >>> q.shape
+        torch.Size([2, 3, 16, 4])
+    """
     b, c3 = qkv.shape[0], qkv.shape[-1]
     t = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
     return t[0], t[1], t[2]
@@ -76,6 +119,25 @@ def window_attention(x: torch.Tensor, pattern, qkv: Callable, num_heads: int, sc
     When the windows are whole (divisible extents; shifted windows are rolled first), the input itself is cut
     into windows before ``qkv`` (one copy of C channels instead of three reorders of q, k, v inside ``attend``), as
     the official window codes do; otherwise ``attend`` runs the pattern on the whole map.
+
+    Args:
+        x: Channel-last input ``(B, *spatial, C)``.
+        pattern: A window pattern, ``Blocks`` or ``Grid`` (possibly intersected with others).
+        qkv: Maps ``(..., C)`` to the fused ``(..., 3C')`` or to ``(q, k, v)``, each ``(..., C')``.
+        num_heads: Number of heads.
+        scale: Score scale.
+        table: Optional relative-position table ``(heads, 2m-1, ...)``, key-minus-query, as ``attend``'s ``rpb``.
+
+    Returns:
+        The attention output before the output projection, ``(B, *spatial, C')``.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> from nearfar.functional import window_attention
+        >>> proj = torch.nn.Linear(32, 96)
+        >>> x = torch.randn(2, 14, 14, 32)
+        >>> window_attention(x, nf.Blocks(7, grid=(14, 14)), proj, num_heads=2, scale=16 ** -0.5).shape
+        torch.Size([2, 14, 14, 32])
     """
     spatial = tuple(x.shape[1:-1])
     wb = WindowBatch.of(pattern, spatial, x.device)

@@ -17,5 +17,14 @@ ENGINES: dict[str, str] = {
 
 
 def engines() -> list[str]:
-    """Names accepted by ``attend(..., engine=...)`` besides ``"auto"``: dense, blocksparse, partition, flex."""
+    """Names accepted by ``attend(..., engine=...)`` besides ``"auto"`` (what each runs: ``ENGINES``).
+
+    Returns:
+        The engine names, ``["dense", "blocksparse", "partition", "flex"]``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.engines()
+        ['dense', 'blocksparse', 'partition', 'flex']
+    """
     return list(ENGINES)

@@ -36,8 +36,10 @@ Differences from the official code:
   zero-pads after the norm, so padded tokens are unmasked keys with k/v equal to the ``qkv`` bias; here they are
   masked out (edge windows are smaller; queries keep their slot), which equals the padded computation with the
   padded keys removed. A window larger than the input is clipped to it (the centre of the bias table);
-- the global queries of image ``b`` go to the windows of image ``b`` (NVlabs after its issue #10; timm's
-  ``q_global.repeat(B // B_q, 1, 1, 1)`` interleaves images when ``B > 1`` and an image has several windows);
+- the global queries of image ``b`` go to the windows of image ``b`` (NVlabs after its issue #10). timm's
+  ``WindowAttentionGlobal`` used ``q_global.repeat(B // B_q, 1, 1, 1)``, which interleaves images when ``B > 1``
+  and an image has several windows (still so in timm 1.0.29); timm >= 1.0.31 is reported to use
+  ``repeat_interleave``, which pairs them as nearfar does;
 - SE reduction width is timm's ``make_divisible(C / 4, 8)`` (NVlabs: ``int(C / 4)``; equal for every GC ViT width);
 - ``feat_size`` smaller than the window gives 0 levels (one keep-dim block; timm adds a pooling there);
 - no attention/projection dropout, no ``global_norm`` (timm's default is none).

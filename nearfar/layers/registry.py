@@ -45,7 +45,16 @@ class Mechanism:
     pattern)`` builds it for one CAB pattern (``patterns[pattern]`` are the constructor arguments that select it).
     ``why_not`` gives, for each CAB pattern it does not support, the reason. ``dims`` lists the spatial ranks ("1d",
     "2d", "3d"); ``kind`` is "layer" (an attention layer ``x -> x``) or "model" (a whole LM, ``make`` takes
-    ``vocab_size``). ``notes`` says what a user should know when picking it."""
+    ``vocab_size``). ``notes`` says what a user should know when picking it.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> swin = {m.name: m for m in nf.mechanisms()}["swin"]
+        >>> swin.family, swin.dims, sorted(swin.patterns)
+        ('window', ('2d', '3d'), ['NS'])
+        >>> swin.make(96, 3)(torch.randn(1, 14, 14, 96)).shape
+        torch.Size([1, 14, 14, 96])
+    """
 
     name: str
     paper: str
@@ -71,7 +80,27 @@ class Mechanism:
         return "NC" in self.patterns or "CC" in self.patterns
 
     def build(self, dim: int, num_heads: int, pattern: str, **overrides):
-        """The module for CAB ``pattern`` ("NS", "CS", "NC", "CC"); a clear error if it is not supported."""
+        """The module for CAB ``pattern`` ("NS", "CS", "NC", "CC"); a clear error if it is not supported.
+
+        Args:
+            dim: Model width.
+            num_heads: Number of heads.
+            pattern: One of ``"NS"``, ``"CS"``, ``"NC"``, ``"CC"``.
+            **overrides: Constructor arguments that replace the defaults.
+
+        Returns:
+            The module.
+
+        Raises:
+            ValueError: If ``pattern`` is unknown or not supported (the message gives ``why_not[pattern]``).
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> dense = {m.name: m for m in nf.mechanisms()}["dense"]
+            >>> layer = dense.build(64, 4, "CC")   # causal cross-attention
+            >>> layer(torch.randn(2, 5, 64), context=torch.randn(2, 7, 64)).shape
+            torch.Size([2, 5, 64])
+        """
         if pattern not in CAB_PATTERNS:
             raise ValueError(f"pattern must be one of {tuple(CAB_PATTERNS)}, got {pattern!r}")
         if pattern not in self.patterns:
@@ -117,7 +146,25 @@ def image_layer(causal: Mapping[str, object] | str = IMAGE_NOT_CAUSAL,
 
 def mechanisms(family: str | None = None, kind: str | None = None, pattern: str | None = None) -> list[Mechanism]:
     """Every registered mechanism, or those of one ``family``, ``kind`` ("layer"/"model") or supporting one CAB
-    ``pattern``: name, paper, official repo, family, dims, CAB patterns (and why not the others), constructors."""
+    ``pattern``: name, paper, official repo, family, dims, CAB patterns (and why not the others), constructors.
+
+    Args:
+        family: One of ``"local"``, ``"window"``, ``"dilated"``, ``"local+global"``, ``"summary tokens"``,
+            ``"dense"``, or None for all.
+        kind: ``"layer"`` or ``"model"``, or None for both.
+        pattern: A CAB pattern (``"NS"``, ``"CS"``, ``"NC"``, ``"CC"``) the mechanism must support, or None.
+
+    Returns:
+        The matching ``Mechanism`` entries, in registration order.
+
+    Raises:
+        ValueError: If a filter is not one of its allowed values.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> [m.name for m in nf.mechanisms(pattern="CC")]
+        ['dense', 'linear_attention']
+    """
     # a misspelt filter would otherwise match nothing and look like "no such mechanism"
     for name, value, allowed in (("family", family, FAMILIES), ("kind", kind, KINDS),
                                  ("pattern", pattern, tuple(CAB_PATTERNS))):

@@ -55,7 +55,27 @@ def _run(blocks: nn.ModuleList, x: torch.Tensor, caches: list[KVCache] | None) -
 
 class BlockTransformer(nn.Module):
     """``BlockTransformer(vocab_size, block_len=4, dim_block=128, dim_token=128, depth_block=2, depth_token=2,
-    num_heads=4, expansion_ratio=2)``; ``expansion_ratio`` is ``r``, the number of prefix vectors per block."""
+    num_heads=4, expansion_ratio=2)``; ``expansion_ratio`` is ``r``, the number of prefix vectors per block.
+
+    Args:
+        vocab_size: Vocabulary size.
+        block_len: Tokens per block ``L``.
+        dim_block: Width of the block decoder.
+        dim_token: Width of the token decoder.
+        depth_block: Layers of the block decoder.
+        depth_token: Layers of the token decoder.
+        num_heads: Attention heads.
+        expansion_ratio: ``r``, prefix vectors per block.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> model = nf.BlockTransformer(256, block_len=4, dim_block=64, dim_token=64)
+        >>> tokens = torch.randint(0, 256, (2, 32))
+        >>> model.logits(tokens).shape   # block 0 is context
+        torch.Size([2, 28, 256])
+        >>> model.generate(tokens[:, :8], max_new_blocks=2).shape
+        torch.Size([2, 16])
+    """
 
     def __init__(self, vocab_size: int, block_len: int = 4, dim_block: int = 128, dim_token: int = 128,
                  depth_block: int = 2, depth_token: int = 2, num_heads: int = 4, expansion_ratio: int = 2):

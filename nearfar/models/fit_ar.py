@@ -122,7 +122,25 @@ class GroupCrossAttention(nn.Module):
 class FITAR(nn.Module):
     """``FITAR(vocab_size, group_size=16, latents_per_group=4, dim=128, latent_dim=128, layers="(1)1(1)",
     num_heads=4, mlp_hidden=None)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``, causal. See the module
-    docstring for the structure and the differences from the official code."""
+    docstring for the structure and the differences from the official code.
+
+    Args:
+        vocab_size: Vocabulary size.
+        group_size: Tokens per group.
+        latents_per_group: Latent tokens per group.
+        dim: Width of the local (token) layers.
+        latent_dim: Width of the global (latent) layers.
+        layers: The layer string, e.g. ``"(1)1(1)"`` (see the module docstring).
+        num_heads: Attention heads.
+        mlp_hidden: MLP hidden width (default from the widths).
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> model = nf.FITAR(256, group_size=8, latents_per_group=2, dim=64, latent_dim=64)
+        >>> tokens = torch.randint(0, 256, (2, 32))
+        >>> model(tokens).shape
+        torch.Size([2, 32, 256])
+    """
 
     def __init__(self, vocab_size: int, group_size: int = 16, latents_per_group: int = 4, dim: int = 128,
                  latent_dim: int = 128, layers: str = "(1)1(1)", num_heads: int = 4, mlp_hidden: int | None = None):

@@ -58,7 +58,27 @@ class TinyLM(nn.Module):
     """``TinyLM(vocab_size, dim=128, depth=2, num_heads=4, mechanism="streaming_llm", mlp_hidden=None,
     layer_kwargs=None, **mechanism_kwargs)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``; the embedding is
     tied to the output. ``layer_kwargs(i)`` adds per-layer arguments (e.g. S2-Attention's dense every 2nd layer:
-    ``nearfar.layers.s2_attention.s2_layer_kwargs``)."""
+    ``nearfar.layers.s2_attention.s2_layer_kwargs``).
+
+    Args:
+        vocab_size: Vocabulary size.
+        dim: Model width.
+        depth: Number of blocks.
+        num_heads: Attention heads per block.
+        mechanism: Registry name of a causal sequence mechanism (CS), e.g. ``"streaming_llm"``, ``"dense"``.
+        mlp_hidden: SwiGLU hidden width (default from ``dim``).
+        layer_kwargs: Optional ``layer_kwargs(i) -> dict`` of extra arguments for layer ``i``.
+        **mechanism_kwargs: Arguments of every attention layer (e.g. ``window=64``).
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> lm = nf.TinyLM(256, dim=64, depth=2, num_heads=4, mechanism="streaming_llm", window=32, sinks=4)
+        >>> tokens = torch.randint(0, 256, (2, 40))
+        >>> lm(tokens).shape
+        torch.Size([2, 40, 256])
+        >>> lm.generate(tokens[:, :8], max_new_tokens=4).shape
+        torch.Size([2, 12])
+    """
 
     def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
                  mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,

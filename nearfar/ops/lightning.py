@@ -28,7 +28,23 @@ from ..checks import check_int_range, check_positive_int
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi slopes ``(H,)`` (float32): ``2^(-8h/H)``, ``h = 1..H`` for ``H`` a power of 2; otherwise those of the
-    nearest lower power of 2 followed by every other slope of the next power of 2 (the ALiBi rule)."""
+    nearest lower power of 2 followed by every other slope of the next power of 2 (the ALiBi rule).
+
+    Args:
+        num_heads: Number of heads (>= 1).
+
+    Returns:
+        A float32 tensor ``(num_heads,)``.
+
+    Raises:
+        TypeError: If ``num_heads`` is not an int.
+        ValueError: If ``num_heads < 1``.
+
+    Examples:
+        >>> from nearfar.functional import alibi_slopes
+        >>> alibi_slopes(4).tolist()
+        [0.25, 0.0625, 0.015625, 0.00390625]
+    """
     n = check_positive_int(num_heads, "num_heads")
 
     def pow2(m: int) -> list[float]:
@@ -39,15 +55,30 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-
 def tnl_slopes(num_heads: int, layer_idx: int = 0, num_layers: int = 12) -> torch.Tensor:
     """TNL's decay rates ``(H, 1, 1)`` for layer ``layer_idx`` of ``num_layers``: ALiBi slopes scaled by
-    ``1 - layer_idx / (num_layers - 1) + 1e-5`` (deeper layers decay less; 1 + 1e-5 for a single layer)."""
+    ``1 - layer_idx / (num_layers - 1) + 1e-5`` (deeper layers decay less; 1 + 1e-5 for a single layer).
+
+    Args:
+        num_heads: Number of heads (>= 1).
+        layer_idx: This layer's index, ``0 <= layer_idx < num_layers``.
+        num_layers: Number of layers.
+
+    Returns:
+        A float32 tensor ``(num_heads, 1, 1)``.
+
+    Raises:
+        ValueError: If ``layer_idx`` or ``num_layers`` is out of range.
+
+    Examples:
+        >>> from nearfar.functional import tnl_slopes
+        >>> tnl_slopes(8, layer_idx=0, num_layers=12).shape
+        torch.Size([8, 1, 1])
+    """
     num_layers = check_positive_int(num_layers, "num_layers")
     check_int_range(layer_idx, "layer_idx", 0, num_layers - 1)
     depth = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
     return (alibi_slopes(num_heads) * (1 - depth + 1e-5)).reshape(-1, 1, 1)
-
 
 
 def _check_qkv(q: object, k: object, v: object) -> None:
@@ -59,7 +90,6 @@ def _check_qkv(q: object, k: object, v: object) -> None:
         raise ValueError(f"q and k must have the same shape [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(f"v must be [B, H, N, e] with B, H, N of q {tuple(q.shape[:3])}, got {tuple(v.shape)}")
-
 
 
 def _rates(s: torch.Tensor | float | None, heads: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -77,10 +107,22 @@ def _rates(s: torch.Tensor | float | None, heads: int, dtype: torch.dtype, devic
     return s.to(device=device, dtype=dtype).reshape(heads, 1, 1)
 
 
-
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    """The dtype the lightning kernels accumulate in for inputs like ``t``: float64 for float64, else float32.
 
+    Args:
+        t: An input tensor.
+
+    Returns:
+        ``torch.float64`` or ``torch.float32``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import compute_dtype
+        >>> compute_dtype(torch.zeros(1, dtype=torch.bfloat16))
+        torch.float32
+    """
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, state: torch.Tensor,
@@ -108,7 +150,6 @@ def _blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor, 
     return out.reshape(bs, h, n, e), state
 
 
-
 def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | float | None = None,
                         block_size: int = 64, initial_state: torch.Tensor | None = None,
                         return_state: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -118,6 +159,30 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: to
     attention). ``initial_state`` ``[B, H, d, e]``: the recurrent state of earlier tokens (as
     ``lightning_decode_step``'s). Returns ``o`` ``[B, H, N, e]`` in v's dtype, and with ``return_state`` also the
     state after the last token (fp32, fp64 for fp64 inputs). No softmax, hence plain torch (not ``nearfar.attend``).
+
+    Args:
+        q: Queries ``[B, H, N, d]``.
+        k: Keys ``[B, H, N, d]``.
+        v: Values ``[B, H, N, e]``.
+        s: Decay rates ``[H]`` or ``[H, 1, 1]`` (e.g. ``tnl_slopes``), a float, or None/0 for no decay.
+        block_size: Block length of the blocked algorithm (>= 1).
+        initial_state: Optional state ``[B, H, d, e]`` of earlier tokens.
+        return_state: Also return the state after the last token.
+
+    Returns:
+        ``o`` ``[B, H, N, e]``, or ``(o, state)`` with ``return_state``.
+
+    Raises:
+        TypeError: If q, k, v are not tensors of one floating dtype.
+        ValueError: If shapes, ``block_size`` or ``initial_state`` do not fit.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import lightning_attention, linear_attention_reference, tnl_slopes
+        >>> q, k, v = (torch.randn(1, 2, 100, 8, dtype=torch.float64) for _ in range(3))
+        >>> s = tnl_slopes(2).double()
+        >>> torch.allclose(lightning_attention(q, k, v, s, block_size=16), linear_attention_reference(q, k, v, s))
+        True
     """
     _check_qkv(q, k, v)
     b = check_positive_int(block_size, "block_size")
@@ -130,10 +195,29 @@ def lightning_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: to
     return (out, state) if return_state else out
 
 
-
 def lightning_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: torch.Tensor, b: int,
                state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lightning_attention`` on checked inputs, ``rate`` [H, 1, 1] in the compute dtype."""
+    """``lightning_attention`` on checked inputs, ``rate`` [H, 1, 1] in the compute dtype.
+
+    Args:
+        q: Queries ``[B, H, N, d]``.
+        k: Keys ``[B, H, N, d]``.
+        v: Values ``[B, H, N, e]``.
+        rate: Decay rates ``[H, 1, 1]`` in the compute dtype.
+        b: Block length.
+        state: State ``[B, H, d, e]`` of earlier tokens, or None for zeros.
+
+    Returns:
+        ``(o, state)``: ``o`` ``[B, H, N, e]`` in v's dtype and the state after the last token.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import lightning_blocked
+        >>> q = k = v = torch.randn(1, 2, 10, 4)
+        >>> o, state = lightning_blocked(q, k, v, torch.zeros(2, 1, 1), 4, None)
+        >>> o.shape, state.shape
+        (torch.Size([1, 2, 10, 4]), torch.Size([1, 2, 4, 4]))
+    """
     bs, h, n, d = q.shape
     ct, out_dtype = compute_dtype(v), v.dtype
     state = q.new_zeros(bs, h, d, v.shape[-1], dtype=ct) if state is None else state.to(ct)
@@ -149,12 +233,35 @@ def lightning_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: t
     return (outs[0] if len(outs) == 1 else torch.cat(outs, 2)).to(out_dtype), state
 
 
-
 def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | float | None,
                           state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: ``S = exp(-s) S + k^T v``, ``o = q S`` (the token itself counts with weight 1).
 
-    q, k ``[B, H, 1, d]``, v ``[B, H, 1, e]``, ``state`` ``[B, H, d, e]`` (None: zeros). Returns ``(o, new_state)``."""
+    q, k ``[B, H, 1, d]``, v ``[B, H, 1, e]``, ``state`` ``[B, H, d, e]`` (None: zeros). Returns ``(o, new_state)``.
+
+    Args:
+        q: The new token's query ``[B, H, 1, d]``.
+        k: Its key ``[B, H, 1, d]``.
+        v: Its value ``[B, H, 1, e]``.
+        s: Decay rates as in ``lightning_attention`` (None: no decay).
+        state: The state ``[B, H, d, e]`` of earlier tokens, or None for zeros.
+
+    Returns:
+        ``(o, new_state)``: ``o`` ``[B, H, 1, e]`` in v's dtype.
+
+    Raises:
+        ValueError: If more than one token is given or ``state`` has the wrong shape.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import lightning_attention, lightning_decode_step
+        >>> q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+        >>> state = None
+        >>> for t in range(5):
+        ...     o, state = lightning_decode_step(q[:, :, t:t+1], k[:, :, t:t+1], v[:, :, t:t+1], 0.1, state)
+        >>> torch.allclose(o, lightning_attention(q, k, v, 0.1)[:, :, -1:])
+        True
+    """
     _check_qkv(q, k, v)
     if q.shape[2] != 1:
         raise ValueError(f"lightning_decode_step takes one token (N = 1), got N = {q.shape[2]}")
@@ -169,11 +276,27 @@ def lightning_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: 
     return (q.to(ct) @ state).to(v.dtype), state
 
 
-
 def linear_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                s: torch.Tensor | float | None = None) -> torch.Tensor:
     """The O(N^2) left product ``((Q K^T) * M) V``, ``M_ij = exp(-s)^(i-j)`` for ``j <= i`` (else 0), in q's dtype
-    (as the official ``linear_attn`` reference; pass float64 for an oracle)."""
+    (as the official ``linear_attn`` reference; pass float64 for an oracle).
+
+    Args:
+        q: Queries ``[B, H, N, d]``.
+        k: Keys ``[B, H, N, d]``.
+        v: Values ``[B, H, N, e]``.
+        s: Decay rates as in ``lightning_attention`` (None: no decay).
+
+    Returns:
+        ``[B, H, N, e]`` in q's dtype.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import linear_attention_reference
+        >>> q = k = v = torch.ones(1, 1, 3, 1)
+        >>> linear_attention_reference(q, k, v).flatten().tolist()   # causal sums of q.k v
+        [1.0, 2.0, 3.0]
+    """
     _check_qkv(q, k, v)
     n = q.shape[2]
     rate = _rates(s, q.shape[1], q.dtype, q.device)

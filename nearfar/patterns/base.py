@@ -74,7 +74,17 @@ def unravel(idx: torch.Tensor, grid: Sequence[int]) -> list[torch.Tensor]:
 
 
 class Pattern:
-    """Base class. Subclasses implement ``allowed`` and ``block_allowed`` and describe themselves by ``_key``."""
+    """Base class. Subclasses implement ``allowed`` and ``block_allowed`` and describe themselves by ``_key``.
+
+    ``allowed(q, k, nq, nk)`` is the exact predicate on broadcastable int64 index tensors and
+    ``block_allowed(qt, kt, nq, nk)`` a conservative tile-level answer; combine patterns with ``|`` and ``&``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> p = (nf.SlidingWindow(left=1) | nf.Sinks(1)) & nf.Causal()
+        >>> p.mask(4, 4).int().tolist()
+        [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 1, 1]]
+    """
 
     #: a hint that the pattern's token tiles may attend exactly to themselves (windows); whether they do for a
     #: given size is decided once, by the plan (``Plan.partition``), and then the ``partition`` engine can run it
@@ -85,7 +95,15 @@ class Pattern:
         return None
 
     def check(self, nq: int, nk: int) -> None:
-        """Raise ValueError if the pattern cannot be applied to ``nq`` queries and ``nk`` keys."""
+        """Raise ValueError if the pattern cannot be applied to ``nq`` queries and ``nk`` keys.
+
+        Args:
+            nq: Number of queries.
+            nk: Number of keys.
+
+        Raises:
+            ValueError: If the pattern cannot be applied to these sizes (e.g. a grid whose size is not ``nq``).
+        """
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         raise NotImplementedError
@@ -99,7 +117,24 @@ class Pattern:
         return None
 
     def mask(self, nq: int, nk: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Dense bool mask ``(nq, nk)`` (``(H, nq, nk)`` for per-head patterns); True = may attend."""
+        """Dense bool mask ``(nq, nk)`` (``(H, nq, nk)`` for per-head patterns); True = may attend.
+
+        Args:
+            nq: Number of queries (rows).
+            nk: Number of keys (columns); with ``nq != nk`` positional patterns align the last query with the last key.
+            device: Device of the mask (default: CPU).
+
+        Returns:
+            A bool tensor ``(nq, nk)``, or ``(H, nq, nk)`` for a ``PerHead`` pattern; True = may attend.
+
+        Raises:
+            ValueError: If the pattern cannot be applied to ``nq`` queries and ``nk`` keys (see ``check``).
+
+        Examples:
+            >>> import nearfar as nf
+            >>> nf.Causal().mask(3, 3).int().tolist()
+            [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+        """
         self.check(nq, nk)
         q = torch.arange(nq, device=device)[:, None]
         k = torch.arange(nk, device=device)[None, :]
@@ -161,7 +196,20 @@ class _Binary(Pattern):
 
 
 class Union(_Binary):
-    """``a | b``: a pair is allowed when either pattern allows it."""
+    """``a | b``: a pair is allowed when either pattern allows it.
+
+    Built by ``a | b``; nested unions flatten into one.
+
+    Args:
+        a: The first pattern.
+        b: The second pattern.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> u = nf.SlidingWindow(left=1) | nf.Sinks(1)
+        >>> u.mask(4, 4)[3].int().tolist()
+        [1, 0, 1, 1]
+    """
 
     _op = "|"
 
@@ -179,7 +227,20 @@ class Union(_Binary):
 
 
 class Intersection(_Binary):
-    """``a & b``: a pair is allowed when both patterns allow it."""
+    """``a & b``: a pair is allowed when both patterns allow it.
+
+    Built by ``a & b``; nested intersections flatten into one.
+
+    Args:
+        a: The first pattern.
+        b: The second pattern.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> p = nf.SlidingWindow(left=1, right=1) & nf.Causal()
+        >>> p.mask(3, 3).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
 
     _op = "&"
 
@@ -204,6 +265,22 @@ class PerHead(Pattern):
     """A different pattern for each query head: ``PerHead([p_0, ..., p_{H-1}])``.
 
     ``len(patterns)`` must equal the number of query heads passed to ``attend``.
+
+    Combining a ``PerHead`` with ``|``/``&`` applies the other pattern to every head.
+
+    Args:
+        patterns: A non-empty list or tuple of (non-``PerHead``) patterns, one per query head.
+
+    Raises:
+        TypeError: If ``patterns`` is not a non-empty list/tuple of non-``PerHead`` patterns.
+        ValueError: When combined with another ``PerHead`` of a different head count.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> heads = nf.PerHead([nf.SlidingWindow(left=3), nf.SlidingWindow(left=7)]) & nf.Causal()
+        >>> q = torch.randn(1, 2, 16, 8)
+        >>> nf.attend(q, q, q, heads).shape
+        torch.Size([1, 2, 16, 8])
     """
 
     def __init__(self, patterns: Sequence[Pattern]):
@@ -243,7 +320,15 @@ class PerHead(Pattern):
 
 
 class Dense(Pattern):
-    """Every query attends every key."""
+    """Every query attends every key.
+
+    The same as ``pattern=None`` in ``attend``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> bool(nf.Dense().mask(3, 5).all())
+        True
+    """
 
     def allowed(self, q, k, nq, nk):
         return torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)

@@ -32,7 +32,19 @@ def cca_allowed(q_pos: torch.Tensor, num_core: int, k_pos: torch.Tensor, window_
 class CoreAndWindow(Pattern):
     """The fused softmax's pattern for a whole sequence: keys are ``[core tokens 0..C-1; raw tokens 0..N-1]`` and
     query ``i`` sees core tokens ``c < m(i)`` and raw tokens ``m(i)*g .. i`` (``cca_allowed`` as a pattern, so the
-    block-sparse engine never forms the ``N x (C + N)`` mask)."""
+    block-sparse engine never forms the ``N x (C + N)`` mask).
+
+    Args:
+        num_core: Number of core tokens ``C`` at the front of the keys.
+        window_size: The local window ``s`` in raw tokens.
+        group_size: Tokens per core token ``g``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> p = nf.CoreAndWindow(num_core=2, window_size=2, group_size=2)
+        >>> p.mask(6, 2 + 6)[5].int().tolist()   # query 5: core tokens 0, 1 (raw 0..3), then raw keys 4, 5
+        [1, 1, 0, 0, 0, 0, 1, 1]
+    """
 
     def __init__(self, num_core: int, window_size: int, group_size: int):
         self.c, self.s, self.g = num_core, window_size, group_size

@@ -25,6 +25,32 @@ class Neighborhood(SpatialPattern):
 
     Every argument is an int (bool for ``is_causal``) or a per-axis tuple. ``grid`` is the spatial shape
     in row-major token order, required for 2D/3D. ``kernel_size * dilation`` must not exceed any extent.
+
+    Semantics are NATTEN's (``get_na_flex_mask``): non-causal windows slide inward at the borders so every query sees
+    exactly ``kernel_size`` keys per axis; with ``dilation`` only keys of the query's dilation group count; causal
+    windows are truncated, not shifted; with ``stride`` a run of ``stride`` queries shares its leader's window.
+
+    Args:
+        kernel_size: Window size per axis (int or per-axis tuple, >= 1).
+        dilation: Dilation per axis (>= 1).
+        is_causal: Causal per axis (bool or per-axis tuple).
+        grid: The spatial shape ``(H, W)`` or ``(T, H, W)`` in row-major token order; required in 2D/3D, defaults
+            to ``(N,)`` in 1D.
+        stride: Query stride per axis (``1 <= stride <= kernel_size``).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If a value is out of range, per-axis tuples disagree on the number of axes, 2D/3D is given without
+            ``grid``, ``stride > kernel_size`` or ``kernel_size * dilation`` exceeds an extent.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> nf.Neighborhood(3).mask(5, 5)[0].int().tolist()   # the border window slides inward
+        [1, 1, 1, 0, 0]
+        >>> na = nf.Neighborhood(7, dilation=2, grid=(16, 16))   # 2D DiNA
+        >>> x = torch.randn(1, 2, 256, 32)
+        >>> nf.attend(x, x, x, na).shape
+        torch.Size([1, 2, 256, 32])
     """
 
     def __init__(self, kernel_size, dilation=1, is_causal=False, grid=None, stride=1):

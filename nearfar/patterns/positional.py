@@ -17,7 +17,15 @@ def _positions(qt: Tiles, nq: int, nk: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class Causal(Pattern):
-    """Key ``j`` allowed for the query at position ``p`` iff ``j <= p``."""
+    """Key ``j`` allowed for the query at position ``p`` iff ``j <= p``.
+
+    With ``Nq != Nk`` query ``i`` sits at position ``p = i + (Nk - Nq)`` (bottom-right alignment).
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.Causal().mask(2, 4).int().tolist()   # two new queries after two cached keys
+        [[1, 1, 1, 0], [1, 1, 1, 1]]
+    """
 
     def allowed(self, q, k, nq, nk):
         return k <= q + (nk - nq)
@@ -35,6 +43,26 @@ class SlidingWindow(Pattern):
     """Clipped band (Mistral / Longformer / StreamingLLM): key ``j`` allowed iff ``p - left <= j <= p + right``.
 
     Unlike ``Neighborhood`` the window does not slide inward at the borders: edge queries see fewer keys.
+
+    A query sees ``left + right + 1`` keys (itself included) away from the borders, so the conventions of other
+    libraries are off by one from ``left``: Hugging Face's ``sliding_window=W`` (Mistral, Qwen2, Gemma: W keys
+    including the token itself) is ``SlidingWindow(left=W-1) & Causal()``; Longformer's ``attention_window=w`` is
+    ``SlidingWindow(w // 2, w // 2)``; StreamingLLM with ``S`` sinks and ``R`` recent tokens is
+    ``(SlidingWindow(left=R-1) | Sinks(S)) & Causal()``.
+
+    Args:
+        left: Keys before the query's position (>= 0), not counting the query itself.
+        right: Keys after it (>= 0); 0 for a causal window.
+
+    Raises:
+        TypeError: If ``left`` or ``right`` is not an int.
+        ValueError: If ``left`` or ``right`` is negative.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> mistral = nf.SlidingWindow(left=4096 - 1) & nf.Causal()   # HF sliding_window=4096
+        >>> nf.SlidingWindow(left=2).mask(4, 4).sum(1).tolist()
+        [1, 2, 3, 3]
     """
 
     def __init__(self, left: int, right: int = 0):
@@ -55,7 +83,21 @@ class SlidingWindow(Pattern):
 
 
 class Strided(Pattern):
-    """Key ``j`` allowed iff ``(j - offset) % stride == 0`` (every query sees the same strided keys)."""
+    """Key ``j`` allowed iff ``(j - offset) % stride == 0`` (every query sees the same strided keys).
+
+    Args:
+        stride: Distance between the allowed keys (>= 1).
+        offset: Index of the first allowed key (>= 0).
+
+    Raises:
+        TypeError: If an argument is not an int.
+        ValueError: If ``stride < 1`` or ``offset < 0``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.Strided(3, offset=1).mask(1, 8).int().tolist()
+        [[0, 1, 0, 0, 1, 0, 0, 1]]
+    """
 
     def __init__(self, stride: int, offset: int = 0):
         self.stride = check_positive_int(stride, "stride")
@@ -75,7 +117,21 @@ class Strided(Pattern):
 
 
 class Sinks(Pattern):
-    """Every query may attend the first ``n`` keys (attention sinks, StreamingLLM)."""
+    """Every query may attend the first ``n`` keys (attention sinks, StreamingLLM).
+
+    Args:
+        n: Number of sink keys (>= 1).
+
+    Raises:
+        TypeError: If ``n`` is not an int.
+        ValueError: If ``n < 1``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> streaming = (nf.SlidingWindow(left=1023) | nf.Sinks(4)) & nf.Causal()   # 1024 recent keys + 4 sinks
+        >>> nf.Sinks(2).mask(1, 4).int().tolist()
+        [[1, 1, 0, 0]]
+    """
 
     def __init__(self, n: int):
         self.n = check_positive_int(n, "n")
@@ -93,7 +149,21 @@ class Sinks(Pattern):
 
 class GlobalTokens(Pattern):
     """The first ``n`` tokens are global (Longformer / BigBird ITC): they attend every key and every
-    query attends them. With ``Nq != Nk`` the first ``n`` queries and the first ``n`` keys are global."""
+    query attends them. With ``Nq != Nk`` the first ``n`` queries and the first ``n`` keys are global.
+
+    Args:
+        n: Number of global tokens (>= 1).
+
+    Raises:
+        TypeError: If ``n`` is not an int.
+        ValueError: If ``n < 1``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> longformer = nf.SlidingWindow(256, 256) | nf.GlobalTokens(1)   # attention_window=512, one global token
+        >>> nf.GlobalTokens(1).mask(3, 3).int().tolist()
+        [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
+    """
 
     def __init__(self, n: int):
         self.n = check_positive_int(n, "n")
@@ -112,7 +182,22 @@ class GlobalTokens(Pattern):
 
 class BlockWindow(Pattern):
     """BigBird's sliding blocks: the query in block ``b = p // block`` attends every key in blocks
-    ``b - before .. b + after`` (block-aligned, unlike ``SlidingWindow``)."""
+    ``b - before .. b + after`` (block-aligned, unlike ``SlidingWindow``).
+
+    Args:
+        block: Block size in tokens (>= 1).
+        before: Blocks before the query's block (>= 0).
+        after: Blocks after it (>= 0); 0 for a causal block window (intersect with ``Causal()``).
+
+    Raises:
+        TypeError: If an argument is not an int.
+        ValueError: If ``block < 1`` or ``before``/``after`` is negative.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.BlockWindow(2, before=1, after=0).mask(6, 6)[4].int().tolist()
+        [0, 0, 1, 1, 1, 1]
+    """
 
     def __init__(self, block: int, before: int = 1, after: int = 1):
         self.block = check_positive_int(block, "block")
@@ -145,7 +230,25 @@ def _mix(seed: int, qb: torch.Tensor, i: int) -> torch.Tensor:
 class RandomBlocks(Pattern):
     """BigBird's random attention: the query in block ``b`` attends ``r`` key blocks drawn from a fixed hash of
     ``(seed, b, draw)``: among blocks ``0 .. b-1`` when ``causal`` (block 0 draws none), else among all blocks.
-    Draws may repeat or coincide with window/global blocks (then fewer distinct blocks are added)."""
+    Draws may repeat or coincide with window/global blocks (then fewer distinct blocks are added).
+
+    Args:
+        block: Block size in tokens (>= 1).
+        r: Random key blocks drawn per query block (>= 1).
+        seed: Seed of the fixed hash (>= 0): the same blocks on every call and device.
+        causal: Draw only among earlier blocks (``0 .. b-1``).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``block``/``r`` is < 1 or ``seed`` is negative.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> bigbird = nf.BlockWindow(64) | nf.GlobalTokens(128) | nf.RandomBlocks(64, r=3)
+        >>> m = nf.RandomBlocks(4, r=1, causal=True).mask(16, 16)
+        >>> bool(m[:4].any())   # block 0 has no earlier block to draw
+        False
+    """
 
     def __init__(self, block: int, r: int = 3, seed: int = 0, causal: bool = False):
         self.block = check_positive_int(block, "block")
@@ -155,7 +258,15 @@ class RandomBlocks(Pattern):
         self.causal = causal
 
     def drawn(self, qb: torch.Tensor, nk: int) -> torch.Tensor:
-        """Random key blocks ``(..., r)`` of query blocks ``qb`` (-1 = none)."""
+        """Random key blocks ``(..., r)`` of query blocks ``qb`` (-1 = none).
+
+        Args:
+            qb: Query block indices (any shape).
+            nk: Number of keys (the non-causal draws range over ``ceil(nk / block)`` blocks).
+
+        Returns:
+            An int tensor ``(*qb.shape, r)`` of key block indices, ``-1`` where none is drawn.
+        """
         space = qb if self.causal else torch.full_like(qb, -(-nk // self.block))
         draws = [torch.where(space > 0, _mix(self.seed, qb, i) % space.clamp(min=1), -1) for i in range(self.r)]
         return torch.stack(draws, -1)
@@ -186,7 +297,22 @@ class RandomBlocks(Pattern):
 
 class BlockStrided(Pattern):
     """S2-Attention's vertical stride: key ``j`` allowed iff ``(j // block + offset) % stride == 0`` (whole key
-    blocks at absolute block indices, so a head keeps the same blocks as the sequence grows)."""
+    blocks at absolute block indices, so a head keeps the same blocks as the sequence grows).
+
+    Args:
+        block: Block size in tokens (>= 1).
+        stride: Every ``stride``-th key block is allowed (>= 1).
+        offset: Shifts which blocks (>= 0): give each head its own offset with ``PerHead``.
+
+    Raises:
+        TypeError: If an argument is not an int.
+        ValueError: If ``block``/``stride`` is < 1 or ``offset`` is negative.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.BlockStrided(2, 3).mask(1, 12).int().tolist()
+        [[1, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0]]
+    """
 
     def __init__(self, block: int, stride: int, offset: int = 0):
         self.block = check_positive_int(block, "block")

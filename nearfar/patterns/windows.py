@@ -26,6 +26,26 @@ class Blocks(SpatialPattern):
     by the key-minus-query offset of the two tokens inside their window (Swin's bias table is query-minus-key
     and flattened: ``table_swin.T.reshape(heads, 2M-1, 2M-1).flip(1, 2)`` converts it). With ``wrap=True``
     the offset is taken in rolled coordinates, as CRAFT and HiDiffusion compute it after ``torch.roll``.
+
+    Args:
+        size: Window size per axis (int or per-axis tuple); must not exceed the extent.
+        grid: The spatial shape ``(H, W)`` or ``(T, H, W)``; required in 2D/3D, ``(N,)`` in 1D by default.
+        shift: Window offset per axis, ``0 <= shift < size`` (Swin's SW-MSA: ``size // 2``).
+        wrap: ``False``: Swin's masked shift; ``True``: cyclic, unmasked shift (extents divisible by ``size``).
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If ``shift >= size``, ``size`` exceeds an extent, ``wrap=True`` with an extent not divisible by
+            ``size``, or 2D/3D without ``grid``.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> nf.Blocks(2).mask(4, 4).int().tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+        >>> swin = nf.Blocks(7, grid=(14, 14), shift=3)   # SW-MSA
+        >>> x = torch.randn(1, 3, 196, 32)
+        >>> nf.attend(x, x, x, swin, rpb=torch.zeros(3, 13, 13)).shape
+        torch.Size([1, 3, 196, 32])
     """
 
     may_partition = True
@@ -94,7 +114,21 @@ class Grid(SpatialPattern):
     """MaxViT grid attention: ``size`` tokens per axis at stride ``extent / size`` attend each other
     (token ``t`` is in window ``t % (extent // size)``). Extents must be divisible by ``size``. A relative-position
     table ``(heads, 2*size-1, ...)`` is indexed by key-minus-query offsets in grid units (``t // (extent // size)``),
-    as in MaxViT."""
+    as in MaxViT.
+
+    Args:
+        size: Tokens per window per axis (int or per-axis tuple); extents must be divisible by it.
+        grid: The spatial shape ``(H, W)`` or ``(T, H, W)``; required in 2D/3D.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If an extent is not divisible by ``size``, or 2D/3D without ``grid``.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> nf.Grid(2).mask(6, 6)[0].int().tolist()   # 1D: tokens 0 and 3 share a window
+        [1, 0, 0, 1, 0, 0]
+    """
 
     may_partition = True
 
