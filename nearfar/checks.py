@@ -37,6 +37,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _int_at_least(value: object, name: str, low: int, what: str) -> int:
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be {what} (>= {low}), got {value}")
+    return value
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
@@ -55,11 +63,7 @@ def check_positive_int(value: object, name: str) -> int:
         TypeError: ``value`` is not an int, or is a bool.
         ValueError: ``value`` < 1.
     """
-    if not _is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int (>= 1), got {value}")
-    return value
+    return _int_at_least(value, name, 1, "a positive int")
 
 
 def check_nonneg_int(value: object, name: str) -> int:
@@ -76,11 +80,7 @@ def check_nonneg_int(value: object, name: str) -> int:
         TypeError: ``value`` is not an int, or is a bool.
         ValueError: ``value`` < 0.
     """
-    if not _is_int(value):
-        raise TypeError(f"{name} must be a non-negative int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative int (>= 0), got {value}")
-    return value
+    return _int_at_least(value, name, 0, "a non-negative int")
 
 
 def check_int_range(value: object, name: str, low: int, high: int) -> int:
