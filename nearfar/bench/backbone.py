@@ -59,7 +59,7 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class Block(nn.Module):
+class BackboneBlock(nn.Module):
     """Pre-norm ``x + conv(norm x)``, ``x + attn(norm x)``, ``x + mlp(norm x)`` on channel-last ``(B, *S, dim)``.
 
     The conv is depthwise, kernel 3 per spatial axis: causal (left-padded) for causal sequence tasks, centred
@@ -104,7 +104,7 @@ class SeqModel(nn.Module):
                  attention: AttentionFactory | None, causal: bool, conv: bool = True):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
-        self.blocks = nn.ModuleList(Block(dim, _layer(attention, dim, num_heads), 1, causal, conv)
+        self.blocks = nn.ModuleList(BackboneBlock(dim, _layer(attention, dim, num_heads), 1, causal, conv)
                                     for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 
@@ -129,7 +129,7 @@ class ImageModel(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(levels, dim)
         self.pos = nn.Parameter(torch.randn(*grid, dim) * 0.02)
-        self.blocks = nn.ModuleList(Block(dim, _layer(attention, dim, num_heads), 2, False, conv)
+        self.blocks = nn.ModuleList(BackboneBlock(dim, _layer(attention, dim, num_heads), 2, False, conv)
                                     for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 

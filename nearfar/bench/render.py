@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from urllib.parse import quote
 
-Block = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
+ReportItem = tuple  # ("h", level, text) | ("p", text) | ("table", header, rows) | ("img", path, caption)
 
 #: characters that start markup anywhere in a line ("|" ends a cell, "`" opens code, "<" HTML, "[" "]" links)
 _MD_SPECIAL = re.compile(r"([\\`*\[\]|<>~])")
@@ -29,7 +29,7 @@ def md_escape(text: object) -> str:
     return _NEWLINE.sub("<br>", escaped)
 
 
-def render_markdown(blocks: list[Block], base: Path) -> str:
+def render_markdown(blocks: list[ReportItem], base: Path) -> str:
     lines = []
     for b in blocks:
         if b[0] == "h":
@@ -44,7 +44,7 @@ def render_markdown(blocks: list[Block], base: Path) -> str:
     return "\n".join(lines)
 
 
-def render_html(blocks: list[Block], title: str) -> str:
+def render_html(blocks: list[ReportItem], title: str) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}td:first-child{text-align:left}"

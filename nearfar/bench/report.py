@@ -27,7 +27,7 @@ import torch
 
 from ..layers.registry import CAB_PATTERNS, mechanisms
 from .files import warn, write_atomic
-from .render import Block, md_escape, render_html, render_markdown
+from .render import ReportItem, md_escape, render_html, render_markdown
 
 __all__ = ["environment", "md_escape", "quality_blocks", "recall_vs_cost", "render_html", "render_markdown",
            "speed_blocks", "unregistered", "write_report"]
@@ -65,10 +65,10 @@ def _size_key(size) -> tuple:
     return (0, size) if isinstance(size, int) else (1, int(str(size).split("x")[0]))
 
 
-def speed_blocks(speed: dict, fig_dir: Path) -> list[Block]:
+def speed_blocks(speed: dict, fig_dir: Path) -> list[ReportItem]:
     rows = [r for r in speed.get("rows", []) if not r.get("peer")]
     peers = [r for r in speed.get("rows", []) if r.get("peer")]
-    out: list[Block] = [("h", 2, "Speed"), ("p", "Median per-round ratio of fused dense SDPA time to the "
+    out: list[ReportItem] = [("h", 2, "Speed"), ("p", "Median per-round ratio of fused dense SDPA time to the "
                                                    "mechanism's time, measured in the same interleaved rounds "
                                                    "(> 1: faster than dense). Cells: forward / forward+backward.")]
     for pattern, label in CAB_PATTERNS.items():
@@ -139,7 +139,7 @@ _FIGURES = {"speed": [(ph, "ratio", None, "dense time / mechanism time") for ph 
                        ("fwd+bwd", "saved_mib", "dense_saved_mib", "saved for backward (MiB)")]}
 
 
-def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[Block]:
+def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[ReportItem]:
     plt = _pyplot()
     if plt is None:
         return []
@@ -181,8 +181,8 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def quality_blocks(quality: dict, fig_dir: Path) -> list[Block]:
-    out: list[Block] = [("h", 2, "Quality"), ("p", "Trained from scratch for a fixed number of steps; mean over "
+def quality_blocks(quality: dict, fig_dir: Path) -> list[ReportItem]:
+    out: list[ReportItem] = [("h", 2, "Quality"), ("p", "Trained from scratch for a fixed number of steps; mean over "
                                                    "seeds (min-max in brackets); controls: full attention (full), "
                                                    "sliding window (local), no attention (none).")]
     for name, entry in quality.items():
@@ -223,7 +223,7 @@ def _threads(row: dict) -> str:
     return f"; {row['threads']} thread(s)" + (f", {row['jobs']} runs at once" if row.get("jobs", 1) > 1 else "")
 
 
-def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_dir: Path) -> list[Block]:
+def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_dir: Path) -> list[ReportItem]:
     plt = _pyplot()
     if plt is None or len(task["bin_names"]) < 2:
         return []
@@ -241,7 +241,7 @@ def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_
     return [("img", path, f"{name}: {task['metric']} by bin")]
 
 
-def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[Block]:
+def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[ReportItem]:
     """Zoology's recall-memory plot with measured cost: each accuracy task's overall score against the mechanism's
     forward+backward speed ratio to dense at the largest 1D size timed in the same pattern (dense itself at 1)."""
     plt = _pyplot()
@@ -327,7 +327,7 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         paths["quality_csv"] = out / "quality.csv"
         _write_csv(paths["quality_csv"], [{"task": t, **r} for t, e in quality.items() for r in e["rows"]])
     env = results.get("env") or environment()
-    blocks: list[Block] = [("h", 1, "nearfar bench report"),
+    blocks: list[ReportItem] = [("h", 1, "nearfar bench report"),
                            ("p", ", ".join(f"{k}: {v}" for k, v in env.items())),
                            ("p", "Command: " + str(results.get("command", "nearfar bench")))]
     if results.get("interrupted"):
