@@ -8,6 +8,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from numbers import Real
+from typing import Literal, overload
 
 import torch
 
@@ -157,6 +158,21 @@ def _record(pattern, q, k, v) -> None:
         calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
 
 
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,

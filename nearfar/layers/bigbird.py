@@ -12,7 +12,7 @@ same on every call and device), drawn among past blocks when causal; global bloc
 from __future__ import annotations
 
 from ..checks import check_bool
-from ..patterns import BlockWindow, Causal, GlobalTokens, RandomBlocks
+from ..patterns import BlockWindow, Causal, GlobalTokens, Pattern, RandomBlocks
 from ..patterns.base import as_nonneg_int, as_positive_int
 from .pattern_attention import PatternAttention
 from .registry import ENCODER_DECODER_DENSE, Mechanism, register
@@ -28,7 +28,7 @@ class BigBirdAttention(PatternAttention):
         block = as_positive_int(block, "block")
         g = as_nonneg_int(global_blocks, "global_blocks")
         causal = check_bool(causal, "causal")
-        pattern = BlockWindow(block, 1, 0 if causal else 1)
+        pattern: Pattern = BlockWindow(block, 1, 0 if causal else 1)
         if g:
             pattern = pattern | GlobalTokens(g * block)
         if random_blocks:

@@ -32,6 +32,8 @@ Differences from the official code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,8 +51,9 @@ class MSAConv2d(nn.Module):
     k) // stride + 1`` (the final conv's size rule).
     """
 
-    def __init__(self, input_channel: int, output_channel: int, kernel_size, stride=1, dilation=1,
-                 dropout: float = 0.0, padding=1, bias: bool = False):
+    def __init__(self, input_channel: int, output_channel: int, kernel_size: int | Sequence[int],
+                 stride: int = 1, dilation: int | Sequence[int] = 1, dropout: float = 0.0, padding: int = 1,
+                 bias: bool = False):
         super().__init__()
         for name, value in (("input_channel", input_channel), ("output_channel", output_channel)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
