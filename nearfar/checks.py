@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from numbers import Real
-from typing import TypeVar
+from typing import TypeGuard, TypeVar, overload
 
 import torch
 
@@ -24,6 +24,7 @@ __all__ = [
     "check_grid",
     "check_int_range",
     "check_nonneg_int",
+    "check_pair",
     "check_per_axis",
     "check_positive_float",
     "check_positive_int",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -45,7 +46,7 @@ def _int_at_least(value: object, name: str, low: int, what: str) -> int:
     return value
 
 
-def _is_real(value: object) -> bool:
+def _is_real(value: object) -> TypeGuard[float]:  # any Real but a bool (an int or a float for the checker)
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
@@ -197,8 +198,16 @@ def check_scale(value: object, name: str = "qk_scale") -> float | None:
     return float(value)
 
 
+@overload
+def check_per_axis(value: object, ndim: int, name: str) -> tuple[int, ...]: ...
+
+
+@overload
+def check_per_axis(value: object, ndim: int, name: str, check: Callable[[object, str], T]) -> tuple[T, ...]: ...
+
+
 def check_per_axis(value: object, ndim: int, name: str,
-                   check: Callable[[object, str], T] = check_positive_int) -> tuple[T, ...]:
+                   check: Callable[[object, str], object] = check_positive_int) -> tuple[object, ...]:
     """Broadcast one value to ``ndim`` axes, or check a per-axis tuple/list; every entry goes through ``check``.
 
     Args:
@@ -220,6 +229,29 @@ def check_per_axis(value: object, ndim: int, name: str,
                              f"give an int or {ndim} values")
         return tuple(check(v, f"{name}[{i}]") for i, v in enumerate(value))
     return (check(value, name),) * ndim
+
+
+def check_pair(value: object, name: str, check: Callable[[object, str], int] = check_positive_int) -> tuple[int, int]:
+    """``check_per_axis`` for two axes (a 2D size such as a kernel or a window), typed as a pair.
+
+    Args:
+        value: one int, or a tuple/list of two.
+        name: the parameter's name; entries are named ``name[i]``.
+        check: the check of one entry (``check_positive_int`` by default).
+
+    Returns:
+        ``(a, b)``.
+
+    Raises:
+        ValueError: a tuple/list of another length than 2; or what ``check`` raises.
+        TypeError: what ``check`` raises.
+
+    Examples:
+        >>> check_pair(7, "window_size")
+        (7, 7)
+    """
+    a, b = check_per_axis(value, 2, name, check)
+    return a, b
 
 
 def check_grid(grid: object, name: str = "grid") -> tuple[int, ...] | None:

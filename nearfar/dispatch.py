@@ -7,6 +7,7 @@ import contextvars
 import math
 import warnings
 from collections.abc import Iterator
+from typing import Literal, overload
 
 import torch
 
@@ -196,6 +197,21 @@ def _record(pattern, q, k, v) -> None:
         calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
 
 
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: Literal[False] = False) -> torch.Tensor: ...
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+@overload
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
+           scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -379,7 +395,8 @@ def _is_partition(pattern, nq: int, nk: int, device) -> bool:
     return pattern is not None and pattern.may_partition and _plan(pattern, nq, nk, device).partition
 
 
-def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int, bias=None) -> str:
+def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
+                  bias: DenseBias | RelativePositionBias | None = None) -> str:
     """The ``"auto"`` rule, in one place (``attend`` applies it per call):
 
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .bias import DenseBias, RelativePositionBias
+from .bias import BiasSource, DenseBias, RelativePositionBias
 from .patterns import Dense, Pattern
 
 _CHUNK = 1 << 22  # float64 score elements per chunk of recomputed rows (32 MiB)
@@ -49,7 +49,8 @@ def output_finite(out: torch.Tensor) -> bool:
     return bool(torch.isfinite(out.detach().sum(dtype=torch.float32)))
 
 
-def unsafe_tokens(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+def unsafe_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(unsafe queries (B, Hq, Nq), unsafe keys (B, Hkv, Nk))``, or None when every value is sane."""
     if torch.compiler.is_compiling() or q.device.type == "meta":
         return None
@@ -76,7 +77,8 @@ def _allowed(pattern: Pattern | None, rows: torch.Tensor, cols: torch.Tensor, nq
     return ok.expand(ok.shape[0], rows.numel(), cols.numel())
 
 
-def dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, nq: int, nk: int) -> torch.Tensor:
+def dirty_rows(pattern: Pattern | None, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
+               key_padding_mask: torch.Tensor | None, nq: int, nk: int) -> torch.Tensor:
     """Query indices (sorted) that may attend an unsafe key in some batch item and head, or whose query is unsafe."""
     b, hq, _ = unsafe_q.shape
     group = hq // unsafe_k.shape[1]
@@ -108,8 +110,9 @@ def _bias_rows(bias, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor | Non
     return table[:, bias.pattern.rpb_index(rows[:, None], cols[None, :], nq)][None]
 
 
-def exact_rows(q, k, v, unsafe_q, unsafe_k, rows: torch.Tensor, pattern, scale: float, bias, key_padding_mask,
-               return_lse: bool):
+def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
+               rows: torch.Tensor, pattern: Pattern | None, scale: float, bias: BiasSource | None,
+               key_padding_mask: torch.Tensor | None, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of query rows ``rows`` over every key in float64, masked *before* anything multiplies a query, a key
     or a value (so a key a row may not attend contributes exactly nothing, forward and backward, whatever it or the
     query holds). Safe pairs go through plain matmuls on copies with the unsafe tokens zeroed; the unsafe keys'

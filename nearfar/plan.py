@@ -75,7 +75,8 @@ def _chunks(n: int, size: int) -> torch.Tensor:
     return torch.where(idx < n, idx, -1).view(-1, size)
 
 
-def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None, device) -> tuple[Tiles, Tiles]:
+def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None,
+                device: torch.device | str | None) -> tuple[Tiles, Tiles]:
     """Query tiles and key tiles. Spatial patterns order tokens in compact boxes (dilation groups first)."""
     layout = pattern.layout(nq, nk) if nq == nk else None
     if layout is not None:
@@ -312,7 +313,8 @@ def _groups_by_width(counts: torch.Tensor, tk: int, tq: int, budget: int) -> lis
     return groups
 
 
-def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
+def build_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None = None,
+               device: torch.device | str | None = "cpu") -> Plan:
     qt, kt = token_tiles(pattern, nq, nk, tile, device)
     n_q_tiles, tq = qt.idx.shape
     hp = pattern.heads or 1
@@ -354,7 +356,8 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> P
     return Plan(nq, nk, qt.idx, groups, pattern, hp, partition=partition)
 
 
-def get_plan(pattern: Pattern, nq: int, nk: int, tile=None, device="cpu") -> Plan:
+def get_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None = None,
+             device: torch.device | str | None = "cpu") -> Plan:
     """Cached ``build_plan``: plans depend only on the pattern and the shapes, not on the data. Kept in the
     byte-bounded ``nearfar.cache.CACHE`` (``NEARFAR_CACHE_BYTES``)."""
     key = ("plan", pattern, nq, nk, tile, str(device))

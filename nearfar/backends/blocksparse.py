@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from ..bias import BiasSource
 from ..plan import Plan, TileGroup
 
 _CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
@@ -226,7 +228,8 @@ class Problem:
             return None
         return xt.index_select(2 if self.direct_kv else 1, g.stage)
 
-    def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk, staged: torch.Tensor | None = None):
+    def gather(self, xt: torch.Tensor, index: torch.Tensor, ch: Chunk,
+               staged: torch.Tensor | None = None) -> torch.Tensor:
         """K or V of the chunk's key lists as (B*c, Hx, W, e): a strided view for evenly spaced runs, else a copy."""
         w = ch.group.width
         if ch.view is not None:  # runs of the keys themselves, or of the group's staged copy
@@ -391,7 +394,8 @@ def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
 
 class _BlockSparse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, bias_tensor, pb: Problem):
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensor: torch.Tensor | None,
+                pb: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         qt = pb.to_tiles(q)
         kt, vt = pb.kv_tokens(k), pb.kv_tokens(v)
         ot, lt = _run_forward(pb, qt, kt, vt)
@@ -403,7 +407,7 @@ class _BlockSparse(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         pb: Problem = ctx.pb
         qt, kt, vt, ot, lt = ctx.saved_tensors
         if pb.bias is not None:
@@ -429,8 +433,9 @@ def _empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
 
 
 @torch.compiler.disable  # data-independent Python control flow: run eagerly inside compiled graphs
-def blocksparse_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse=False,
-                          kernel: str = "auto"):
+def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                          kpm: torch.Tensor | None = None, bias: BiasSource | None = None, return_lse: bool = False,
+                          kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
     d, dv = q.shape[-1], v.shape[-1]
     if kernel != "matmul" and d != dv and _fused_available(q.device):

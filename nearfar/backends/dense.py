@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..bias import DenseBias, RelativePositionBias
+from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..guard import zero_rows
+from ..patterns import Pattern
 
 
-def dense_bias(bias, q_len: int, k_len: int, device) -> torch.Tensor | None:
+def dense_bias(bias: BiasSource | None, q_len: int, k_len: int,
+               device: torch.device | str | None) -> torch.Tensor | None:
     """A bias source as a dense tensor broadcastable to (B, Hq, Nq, Nk)."""
     if bias is None:
         return None
@@ -40,7 +42,8 @@ def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> tuple[torch.Tens
 _FEW_KEYS = 16
 
 
-def sdpa(q, k, v, attn_mask=None, scale=None):
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         scale: float | None = None) -> torch.Tensor:
     """SDPA for rows that have at least one key. On CPU: very short key lists go through matmul + softmax, and
     unequal q/k and v head dims are zero-padded to one size first (the fused kernel needs equal dims and PyTorch
     otherwise takes its ~5x slower math path; zero columns change neither q.k nor the output)."""
@@ -75,7 +78,9 @@ def harmless_rows(q: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tu
     return zero_rows(q, rows), mask.masked_fill(rows & first, 0.0)
 
 
-def dense_attention(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
+                    kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
+                    return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if hq != hkv:

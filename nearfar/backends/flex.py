@@ -17,9 +17,9 @@ import os
 
 import torch
 
-from ..bias import DenseBias
+from ..bias import BiasSource, DenseBias
 from ..cache import CACHE
-from ..patterns import Dense, Tiles
+from ..patterns import Dense, Pattern, Tiles
 from ..plan import inverse_order, token_tiles
 
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
@@ -75,7 +75,9 @@ def _make_block_plan(pattern, nq: int, nk: int, device: str):
     return kv_num, kv_idx, q_map, k_map, inverse_order(qt.idx, nq), qt.idx.shape[1], kt.idx.shape[1]
 
 
-def flex_attention_engine(q, k, v, pattern, scale: float, kpm=None, bias=None, return_lse: bool = False):
+def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
+                          kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
+                          return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     from torch.nn.attention.flex_attention import BlockMask
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):

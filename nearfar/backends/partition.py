@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..bias import DenseBias
+from ..bias import BiasSource, DenseBias
 from ..cache import nbytes_of
 from ..guard import zero_rows
+from ..patterns import Pattern
 from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, sdpa
 
@@ -122,7 +123,9 @@ def windows(plan: Plan) -> Windows:
     return w
 
 
-def partition_attention(q, k, v, plan: Plan, scale: float, kpm=None, bias=None, return_lse: bool = False):
+def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                        kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
+                        return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of a partition plan. ``kpm``: additive (B, Nk) float mask; ``bias``: a bias source."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
@@ -191,7 +194,8 @@ class WindowBatch:
         self.device = device or win.order.device  # where ``bias`` puts the region mask
 
     @staticmethod
-    def of(pattern, spatial: tuple[int, ...], device=None) -> WindowBatch | None:
+    def of(pattern: Pattern | None, spatial: tuple[int, ...],
+           device: torch.device | str | None = None) -> WindowBatch | None:
         return _window_batch(pattern, tuple(spatial), torch.device(device or "cpu"))
 
     def split(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -237,7 +237,8 @@ def _better(task: Task, a: float, b: float) -> bool:
     return b != b or (a > b if task.metric == "accuracy" else a < b)
 
 
-def run_quality(task: Task, factories: dict[str, AttentionFactory | None], seeds=(0, 1), steps: int | None = None,
+def run_quality(task: Task, factories: dict[str, AttentionFactory | None],
+                seeds: Sequence[int] = (0, 1), steps: int | None = None,
                 batch_size: int | None = None, lr: float | None = None, dim: int | None = None,
                 depth: int | None = None, num_heads: int | None = None, eval_items: int = 1000,
                 progress: Progress | None = None, lrs: tuple[float, ...] | None = None) -> list[dict]:

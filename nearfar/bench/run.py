@@ -24,7 +24,7 @@ from ..layers.registry import mechanisms
 from . import quality as Q
 from .files import BenchFileError, check_out_dir, load_results, warn, write_atomic
 from .report import environment, write_report
-from .tasks import TASK_NAMES, get_task
+from .tasks import TASK_NAMES, Task, get_task
 
 #: --quick: the tasks' "tiny" size (10-20 s a run on 2 cores), one seed, the controls and a few mechanisms: causal
 #: and bidirectional MQAR show the local/global separation, the character LM that they all stay close on real text.
@@ -72,7 +72,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
     }.get(name, {})
 
 
-def quality_entries(task, names: list[str] | None, quick: bool) -> tuple[dict, list[dict]]:
+def quality_entries(task: Task, names: list[str] | None, quick: bool) -> tuple[dict, list[dict]]:
     """The factories of ``task`` (controls first, then every registered layer that supports the task's pattern and
     dims, filtered by ``names``), and the mechanisms left out with the reason."""
     hp = Q.defaults(task)

@@ -49,13 +49,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
-def recording_attend():
+def recording_attend() -> contextlib.AbstractContextManager[list[tuple]]:
     """Every ``nearfar.attend`` call inside the block, as ``(pattern, q.shape, k.shape, v.shape)``."""
     return observe_calls()
 
 
 def run_layer(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, seed: int = 0,
-              **kw) -> torch.Tensor:
+              **kw: object) -> torch.Tensor:
     """``layer(x)`` (``layer(x, context=...)`` for cross layers); the first output of layers returning tuples. The
     seed makes per-call draws (HiDiffusion's random shift) equal across the compared runs."""
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from ..patterns import Dense
 
 
-def crossover(labels: Sequence, wins: Sequence[bool]):
+def crossover(labels: Sequence, wins: Sequence[bool]) -> object:
     """The first label from which every later one wins; ``"> largest"`` when the largest does not; None when
     nothing was measured."""
     if not labels:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,7 +130,7 @@ PEERS = (
 )
 
 
-def check_names(names) -> set[str] | None:
+def check_names(names: bool | Sequence[str] | None) -> set[str] | None:
     """``run_speed``'s ``peers``: True (all), False (none: the empty set) or a list of peer names."""
     if isinstance(names, bool):
         return None if names else set()

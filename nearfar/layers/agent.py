@@ -101,7 +101,7 @@ class AgentAttention(nn.Module):
         for p in (self.an_bias, self.na_bias, self.ah_bias, self.aw_bias, self.ha_bias, self.wa_bias):
             trunc_normal_(p)
 
-    def position_biases(self, size: tuple[int, int], kv_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_biases(self, size: tuple[int, ...], kv_size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive biases of the two softmaxes: agents->keys ``(1, h, n, N')`` and queries->agents ``(1, h, N, n)``."""
         h, n = self.num_heads, self.agent_num
         agent_to_key = F.interpolate(self.an_bias, size=kv_size, mode="bilinear", align_corners=False)

@@ -12,7 +12,7 @@ same on every call and device), drawn among past blocks when causal; global bloc
 from __future__ import annotations
 
 from ..checks import check_bool, check_nonneg_int, check_positive_int
-from ..patterns import BlockWindow, Causal, GlobalTokens, RandomBlocks
+from ..patterns import BlockWindow, Causal, GlobalTokens, Pattern, RandomBlocks
 from .pattern_attention import PatternAttention
 from .registry import ENCODER_DECODER_DENSE, Mechanism, register
 
@@ -27,7 +27,7 @@ class BigBirdAttention(PatternAttention):
         block = check_positive_int(block, "block")
         g = check_nonneg_int(global_blocks, "global_blocks")
         causal = check_bool(causal, "causal")
-        pattern = BlockWindow(block, 1, 0 if causal else 1)
+        pattern: Pattern = BlockWindow(block, 1, 0 if causal else 1)
         if g:
             pattern = pattern | GlobalTokens(g * block)
         if random_blocks:

@@ -55,7 +55,7 @@ from ..patterns.core_and_window import CoreAndWindow, cca_allowed, core_counts
 from .kv_cache import DecodeState
 from .projections import add_projections
 from .registry import POSITIONS_SHARED, Mechanism, register
-from .rotary import rotary_qkv
+from .rotary import RotaryEmbedding, rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -68,8 +68,11 @@ class CCACache(DecodeState):
         super().__init__(batch, device, dtype)
         self.length = 0  # tokens seen (the next token's position)
         self.raw_start = 0  # position of the first raw token kept
-        self.core_k = self.core_v = None
-        self.raw_q = self.raw_k = self.raw_v = None
+        self.core_k: torch.Tensor | None = None
+        self.core_v: torch.Tensor | None = None
+        self.raw_q: torch.Tensor | None = None
+        self.raw_k: torch.Tensor | None = None
+        self.raw_v: torch.Tensor | None = None
 
     @property
     def num_core(self) -> int:
@@ -93,6 +96,17 @@ class CCAAttention(nn.Module):
     """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;
     decoding through ``new_cache`` keeps ``N/group_size + window_size + group_size`` tokens."""
+
+    # set by add_projections
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    rope: RotaryEmbedding | None
 
     def __init__(self, dim: int, num_heads: int, group_size: int = 16, window_size: int = 1024, pooling: str = "cca",
                  num_kv_heads: int | None = None, causal: bool = True, rope: bool = True, qkv_bias: bool = False):
@@ -140,13 +154,14 @@ class CCAAttention(nn.Module):
         ck, cv = out.reshape(b, h, c, 2 * d).split(d, dim=-1)
         return ck, cv
 
-    def _fused(self, q: torch.Tensor, q_pos: torch.Tensor, core_k, core_v, k: torch.Tensor, v: torch.Tensor,
+    def _fused(self, q: torch.Tensor, q_pos: torch.Tensor, core_k: torch.Tensor | None,
+               core_v: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
                k_pos: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """One softmax over ``[core; raw]`` keys (raw keys already repeated to the query heads)."""
         num_core = 0 if core_k is None else core_k.shape[2]
         allowed = cca_allowed(q_pos, num_core, k_pos, self.window_size, self.group_size)
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        if num_core:
+        if core_k is not None and core_v is not None and num_core:
             k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
         return attend(q, k, v, bias=bias, key_padding_mask=keep)
 
@@ -173,7 +188,8 @@ class CCAAttention(nn.Module):
             out = self._forward_cached(q, k, v, pos, cache)
         return self.o_proj(merge_heads(out, (n,)))
 
-    def _forward_full(self, q, k, v, pos, kpm):
+    def _forward_full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                      kpm: torch.Tensor | None) -> torch.Tensor:
         n, g = q.shape[2], self.group_size
         num_core = max(0, (n - self.window_size) // g)
         if num_core == 0:  # no group has left the window yet: plain causal attention
@@ -182,7 +198,8 @@ class CCAAttention(nn.Module):
         p = num_core * g
         keep_pool = None if kpm is None else kpm[:, :p]
         core_k, core_v = self._pool(q[:, :, g - 1:p:g], k[:, :, :p], v[:, :, :p], keep_pool)
-        keep = None if kpm is None else torch.cat([keep_pool.view(-1, num_core, g).any(-1), kpm], dim=1)
+        keep = None if kpm is None or keep_pool is None else torch.cat([keep_pool.view(-1, num_core, g).any(-1), kpm],
+                                                                        dim=1)
         k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
         return attend(q, k, v, CoreAndWindow(num_core, self.window_size, g), key_padding_mask=keep)
 
@@ -192,24 +209,27 @@ class CCAAttention(nn.Module):
         if upto <= c0:
             return
         lo, hi = c0 * g - cache.raw_start, upto * g - cache.raw_start
+        assert cache.raw_q is not None and cache.raw_k is not None and cache.raw_v is not None  # appended before
         ck, cv = self._pool(cache.raw_q[:, :, lo + g - 1:hi:g], self._expand(cache.raw_k[:, :, lo:hi]),
                             self._expand(cache.raw_v[:, :, lo:hi]))
         cache.core_k, cache.core_v = _cat(cache.core_k, ck), _cat(cache.core_v, cv)
 
-    def _forward_cached(self, q, k, v, pos, cache: CCACache):
+    def _forward_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor,
+                        cache: CCACache) -> torch.Tensor:
         n = q.shape[2]
-        cache.raw_q, cache.raw_k, cache.raw_v = _cat(cache.raw_q, q), _cat(cache.raw_k, k), _cat(cache.raw_v, v)
+        raw_q, raw_k, raw_v = _cat(cache.raw_q, q), _cat(cache.raw_k, k), _cat(cache.raw_v, v)
+        cache.raw_q, cache.raw_k, cache.raw_v = raw_q, raw_k, raw_v
         cache.length += n
         s, g = self.window_size, self.group_size
         self._pool_cache(cache, int(core_counts(pos[-1:], s, g)))
         k_pos = torch.arange(cache.raw_start, cache.length, device=q.device)
-        out = self._fused(q, pos, cache.core_k, cache.core_v, self._expand(cache.raw_k), self._expand(cache.raw_v),
-                          k_pos)
+        out = self._fused(q, pos, cache.core_k, cache.core_v, self._expand(raw_k), self._expand(raw_v), k_pos)
         # the next query sees m(length) core tokens and raw keys from m(length)*g on: pool and evict the rest
         m = int(core_counts(torch.tensor([cache.length]), s, g))
         self._pool_cache(cache, m)
         drop = m * g - cache.raw_start
         if drop > 0:
+            assert cache.raw_q is not None and cache.raw_k is not None and cache.raw_v is not None  # appended above
             cache.raw_q, cache.raw_k, cache.raw_v = (t[:, :, drop:] for t in (cache.raw_q, cache.raw_k, cache.raw_v))
             cache.raw_start = m * g
         return out

@@ -36,6 +36,7 @@ dropout.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,8 @@ class RectWindowBranch(nn.Module):
 class SRWAttention(nn.Module):
     """CRAFT's shift rectangle window attention (SRWAB without residual and MLP), input ``(B, H, W, dim)``."""
 
-    def __init__(self, dim: int, num_heads: int, split_size=(4, 16), shift_size=(0, 0), qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, split_size: tuple[int, int] = (4, 16),
+                 shift_size: tuple[int, int] = (0, 0), qkv_bias: bool = True,
                  qk_scale: float | None = None):
         super().__init__()
         check_dim_heads(dim, num_heads)
@@ -134,7 +136,7 @@ class SRWAttention(nn.Module):
                 f"shift_size={self.shift_size}")
 
 
-def _make(dim: int, num_heads: int, **kw) -> SRWAttention:
+def _make(dim: int, num_heads: int, **kw: Any) -> SRWAttention:
     return SRWAttention(dim, max(2, num_heads - num_heads % 2), **{"split_size": (7, 14), **kw})
 
 

@@ -34,11 +34,13 @@ class SourceCache(DecodeState):
 
     def __init__(self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__(batch, device, dtype)
-        self.k = self.v = self.mask = None
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
         self.length = 0
 
     def nbytes(self) -> int:
-        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+        return 0 if self.k is None or self.v is None else self.k.nbytes + self.v.nbytes
 
 
 class DenseAttention(PatternAttention):
@@ -59,8 +61,11 @@ class DenseAttention(PatternAttention):
             raise ValueError("DenseAttention(causal=False) is not causal: it has no decoding cache")
         return (SourceCache if self.cross else KVCache)(batch, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, cache: KVCache | SourceCache | None = None,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    # PatternAttention.forward(x, cache, key_padding_mask) plus the cross layers' context, second as in the registry's
+    # cross interface: an incompatible override by design (the sequence-layer interface passes cache by keyword)
+    def forward(  # type: ignore[override]
+            self, x: torch.Tensor, context: torch.Tensor | None = None, cache: KVCache | SourceCache | None = None,
+            key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         if not self.cross:
@@ -68,7 +73,7 @@ class DenseAttention(PatternAttention):
                 raise ValueError("context is for cross-attention layers: build DenseAttention(..., cross=True)")
             return self._self_attention(x, KVCache.checked(cache, x), key_padding_mask)
         cache = SourceCache.checked(cache, x)
-        if cache is None or cache.k is None:
+        if cache is None or cache.k is None or cache.v is None:
             k, v = self.project_source(x, context, key_padding_mask)
             if cache is not None:
                 cache.k, cache.v, cache.mask = k, v, key_padding_mask
@@ -80,14 +85,17 @@ class DenseAttention(PatternAttention):
             cache.length += x.shape[1]
         return self.o_proj(merge_heads(out, (x.shape[1],)))
 
-    def _self_attention(self, x: torch.Tensor, cache: KVCache | None, key_padding_mask: torch.Tensor | None):
+    def _self_attention(self, x: torch.Tensor, cache: KVCache | None,
+                        key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         n = x.shape[1]
         q, k, v, _ = rotary_qkv(self, x, 0 if cache is None else cache.length)
         if cache is not None:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask is for whole sequences; decode each sequence's real tokens")
             cache.append(k, v)
-            k, v = cache.k, cache.v
+            ck, cv = cache.k, cache.v
+            assert ck is not None and cv is not None  # appended to just now
+            k, v = ck, cv
         if key_padding_mask is None and (cache is None or n == 1 or not self.causal):
             # the fused kernel itself (this layer is the baseline others are timed against)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and cache is None,
@@ -96,7 +104,8 @@ class DenseAttention(PatternAttention):
             out = attend(q, k, v, self.pattern, key_padding_mask=key_padding_mask)
         return self.o_proj(merge_heads(out, (n,)))
 
-    def project_source(self, x: torch.Tensor, context: object, key_padding_mask: torch.Tensor | None):
+    def project_source(self, x: torch.Tensor, context: object,
+                       key_padding_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[-1] != self.dim \
                 or context.shape[0] != x.shape[0] or context.shape[1] == 0:
             raise ValueError(f"context must be (B, M, {self.dim}) with x's batch {x.shape[0]} and M >= 1, got "

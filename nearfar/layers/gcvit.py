@@ -48,12 +48,14 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_bool, check_channels_last, check_dim_heads, check_per_axis, check_scale
+from ..checks import check_bool, check_channels_last, check_dim_heads, check_pair, check_per_axis, check_scale
 from ..functional import WindowBatch, attend, merge_heads, split_heads, window_attention
 from ..patterns import Blocks
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
@@ -125,7 +127,7 @@ class RelPosBias(nn.Module):
             torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
         trunc_normal_(self.relative_position_bias_table)
 
-    def offsets(self, window: tuple[int, int]) -> torch.Tensor:
+    def offsets(self, window: tuple[int, ...]) -> torch.Tensor:
         """The table as ``attend`` takes it with ``Blocks(window)``: ``(heads, 2w0-1, 2w1-1)``, key-minus-query."""
         return crop_offsets(swin_table_as_offsets(self.relative_position_bias_table, self.window_size),
                             self.window_size, window)
@@ -134,21 +136,21 @@ class RelPosBias(nn.Module):
 class _GCViTWindowBase(nn.Module):
     """Shared by the local and the global block: ``rel_pos``, ``proj``, and window attention of (B, h, N, d)."""
 
-    def __init__(self, dim: int, num_heads: int, window_size, qkv_bias: bool, qk_scale: float | None,
-                 n_proj: int):
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int], qkv_bias: bool,
+                 qk_scale: float | None, n_proj: int):
         super().__init__()
         head_dim = check_dim_heads(dim, num_heads)
         check_bool(qkv_bias, "qkv_bias")
         qk_scale = check_scale(qk_scale)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, head_dim
-        self.window_size = check_per_axis(window_size, 2, "window_size")
+        self.window_size = check_pair(window_size, "window_size")
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.rel_pos = RelPosBias(self.window_size, num_heads)
         self.qkv = nn.Linear(dim, n_proj * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def _attend_windows(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        spatial: tuple[int, int]) -> torch.Tensor:
+                        spatial: tuple[int, ...]) -> torch.Tensor:
         window = tuple(min(m, n) for m, n in zip(self.window_size, spatial))
         out = attend(q, k, v, Blocks(window, grid=spatial), scale=self.scale, rpb=self.rel_pos.offsets(window))
         return self.proj(merge_heads(out, spatial))
@@ -164,7 +166,7 @@ class GCViTWindowAttention(_GCViTWindowBase):
     any ``H, W``.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size=7, qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7, qkv_bias: bool = True,
                  qk_scale: float | None = None):
         super().__init__(dim, num_heads, window_size, qkv_bias, qk_scale, n_proj=3)
 
@@ -184,7 +186,8 @@ class GlobalQueryAttention(_GCViTWindowBase):
     ``global_query`` when omitted.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size=7, feat_size=56, qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7,
+                 feat_size: int | Sequence[int] = 56, qkv_bias: bool = True,
                  qk_scale: float | None = None, query_generator: bool = True):
         super().__init__(dim, num_heads, window_size, qkv_bias, qk_scale, n_proj=2)
         check_bool(query_generator, "query_generator")
@@ -220,8 +223,9 @@ class GlobalQueryAttention(_GCViTWindowBase):
         if hh % m0 == 0 and ww % m1 == 0 and (hh, ww) != (m0, m1):
             # whole windows (the official case): the same queries for every window of an image, so cut x into
             # windows once (as the official code does) and attend each window's keys with the shared queries
-            return self._attend_partitioned(x, qg, WindowBatch.of(Blocks(self.window_size, grid=spatial), spatial,
-                                                                  x.device))
+            wb = WindowBatch.of(Blocks(self.window_size, grid=spatial), spatial, x.device)
+            assert wb is not None  # whole windows
+            return self._attend_partitioned(x, qg, wb)
         k, v = self.qkv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = qg.index_select(2, self._slots(spatial, x.device))  # each token's query: the one at its window slot
         return self._attend_windows(q, k, v, spatial)
@@ -235,7 +239,7 @@ class GlobalQueryAttention(_GCViTWindowBase):
         out = attend(q, k, v, scale=self.scale, bias=wb.bias(self.rel_pos.offsets(self.window_size), b))
         return self.proj(wb.merge(merge_heads(out, (wb.t,)), b))
 
-    def _slots(self, spatial: tuple[int, int], device: torch.device) -> torch.Tensor:
+    def _slots(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
         (h, w), (m0, m1) = spatial, self.window_size
         rows = torch.arange(h, device=device) % m0
         cols = torch.arange(w, device=device) % m1
@@ -254,7 +258,7 @@ def _stage(dim: int, kw: dict) -> dict:
     return {"window_size": window, "feat_size": feat, **kw}
 
 
-def _make_local(dim: int, num_heads: int, **kw) -> GCViTWindowAttention:
+def _make_local(dim: int, num_heads: int, **kw: Any) -> GCViTWindowAttention:
     kw = _stage(dim, kw)
     kw.pop("feat_size")
     return GCViTWindowAttention(dim, num_heads, **kw)

@@ -42,6 +42,19 @@ class HiLo(nn.Module):
     """``HiLo(dim, num_heads=8, qkv_bias=False, qk_scale=None, window_size=2, alpha=0.5, mask_padding=False)``:
     x ``(B, H, W, dim)`` -> same shape. Any ``H, W >= 1`` (see the module docstring for the padding)."""
 
+    dim: int
+    num_heads: int
+    alpha: float
+    mask_padding: bool
+    l_heads: int
+    h_heads: int
+    scale: float
+    l_q: nn.Linear
+    l_kv: nn.Linear
+    l_proj: nn.Linear
+    h_qkv: nn.Linear
+    h_proj: nn.Linear
+
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
                  window_size: int = 2, alpha: float = 0.5, mask_padding: bool = False):
         super().__init__()

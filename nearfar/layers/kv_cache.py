@@ -16,6 +16,7 @@ Positions for rotary embeddings count from 0 at the first token of a sequence; a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -27,6 +28,9 @@ def _same_device(expected: torch.device, got: torch.device) -> bool:
     # a device given without an index ("cuda") means whichever one of that type the first call uses
     return expected.type == got.type and (expected.index is None or expected.index == got.index)
 
+
+#: ``keep(positions, next_position) -> bool mask`` of the keys a ``KVCache`` keeps
+KeepFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 _State = TypeVar("_State", bound="DecodeState")  # typing.Self is 3.11+, the package supports 3.10
 
@@ -81,13 +85,15 @@ class KVCache(DecodeState):
     a sliding window with sinks keeps ``sinks + window`` keys however long the sequence gets. Storage grows by
     doubling, so appending a token costs O(new tokens), not a copy of the whole cache."""
 
-    def __init__(self, batch: int, keep=None, device: torch.device | str | None = None,
+    def __init__(self, batch: int, keep: KeepFn | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__(batch, device, dtype)
         self.keep = keep
         self.length = 0  # tokens seen so far (the next token's position)
         self.size = 0  # keys kept
-        self._k = self._v = self._pos = None
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
 
     @property
     def k(self) -> torch.Tensor | None:  # (B, Hkv, L, d), rotated
@@ -109,30 +115,36 @@ class KVCache(DecodeState):
             k_buf, v_buf = k.new_empty(*k.shape[:2], cap, k.shape[3]), v.new_empty(*v.shape[:2], cap, v.shape[3])
             pos_buf = torch.empty(cap, dtype=torch.long, device=k.device)
             if self._k is not None:
-                k_buf[:, :, :self.size], v_buf[:, :, :self.size] = self.k, self.v
-                pos_buf[:self.size] = self.positions
+                assert self._v is not None and self._pos is not None  # allocated together with self._k
+                k_buf[:, :, :self.size], v_buf[:, :, :self.size] = self._k[:, :, :self.size], self._v[:, :, :self.size]
+                pos_buf[:self.size] = self._pos[:self.size]
             self._k, self._v, self._pos = k_buf, v_buf, pos_buf
-        self._k[:, :, self.size:need] = k
-        self._v[:, :, self.size:need] = v
-        self._pos[self.size:need] = torch.arange(self.length, self.length + n, device=k.device)
+        else:
+            assert self._k is not None and self._v is not None and self._pos is not None  # allocated together
+            k_buf, v_buf, pos_buf = self._k, self._v, self._pos
+        k_buf[:, :, self.size:need] = k
+        v_buf[:, :, self.size:need] = v
+        pos_buf[self.size:need] = torch.arange(self.length, self.length + n, device=k.device)
         self.size, self.length = need, self.length + n
 
     def evict(self) -> None:
         if self.keep is None or self.size == 0:
             return
-        kept = self.keep(self.positions, self.length)
+        k_buf, v_buf, pos_buf = self._k, self._v, self._pos
+        assert k_buf is not None and v_buf is not None and pos_buf is not None  # size > 0: appended before
+        kept = self.keep(pos_buf[:self.size], self.length)
         if not bool(kept.all()):
             idx = torch.nonzero(kept)[:, 0]
             m = idx.numel()
-            self._k[:, :, :m] = self._k[:, :, idx]
-            self._v[:, :, :m] = self._v[:, :, idx]
-            self._pos[:m] = self._pos[idx]
+            k_buf[:, :, :m] = k_buf[:, :, idx]
+            v_buf[:, :, :m] = v_buf[:, :, idx]
+            pos_buf[:m] = pos_buf[idx]
             self.size = m
-            if self._k.shape[2] > 4 * max(m, 16):  # a long prefill grew the buffers: give the memory back
-                self._k, self._v = self._k[:, :, :2 * m].clone(), self._v[:, :, :2 * m].clone()
-                self._pos = self._pos[:2 * m].clone()
+            if k_buf.shape[2] > 4 * max(m, 16):  # a long prefill grew the buffers: give the memory back
+                self._k, self._v = k_buf[:, :, :2 * m].clone(), v_buf[:, :, :2 * m].clone()
+                self._pos = pos_buf[:2 * m].clone()
 
     def nbytes(self) -> int:
-        return 0 if self._k is None else (self._k.nbytes + self._v.nbytes)
+        return 0 if self._k is None or self._v is None else (self._k.nbytes + self._v.nbytes)
 
 

@@ -9,6 +9,8 @@ from a ``context``) are ours, the official kernel being causal self-attention on
 
 from __future__ import annotations
 
+from typing import Any
+
 from .lightning import LightningAttention
 from .registry import Mechanism, register
 
@@ -19,7 +21,7 @@ class LinearAttention(LightningAttention):
     values from ``context (B, M, dim)``, every query sees the whole source; with ``causal=True`` it decodes with the
     source's ``K^T V`` as its cache)."""
 
-    def __init__(self, dim: int, num_heads: int, **kwargs):
+    def __init__(self, dim: int, num_heads: int, **kwargs: Any):
         if "decay" in kwargs:
             raise TypeError("LinearAttention has no decay; use LightningAttention(decay=...)")
         super().__init__(dim, num_heads, decay=False, **kwargs)

@@ -25,12 +25,14 @@ SDPA, which accumulates in float32 for half types); no dropout; ``rel_pos_type="
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from ..checks import check_channels_last, check_per_axis
+from ..checks import check_channels_last, check_pair
 from ..functional import window_attention
-from ..patterns import Blocks, Grid
+from ..patterns import Blocks, Grid, Pattern
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -52,8 +54,8 @@ class _RelPos(nn.Module):
                 torch.zeros((2 * size[0] - 1) * (2 * size[1] - 1), num_heads))
             trunc_normal_(self.relative_position_bias_table)
 
-    def offsets(self, window: tuple[int, int]) -> torch.Tensor:
-        table = self.relative_position_bias_table
+    def offsets(self, window: tuple[int, ...]) -> torch.Tensor:
+        table: torch.Tensor = self.relative_position_bias_table
         if self.kind == "bias":
             table = swin_table_as_offsets(table, self.size)
         return crop_offsets(table, self.size, window)
@@ -72,7 +74,8 @@ class MaxViTAttention(nn.Module):
     spaced ``H/G`` apart. ``num_heads = dim // dim_head`` (MaxViT: head dim 32). ``rel_pos_type=None``: no bias.
     """
 
-    def __init__(self, dim: int, partition: str = "block", partition_size=7, dim_head: int = 32, bias: bool = True,
+    def __init__(self, dim: int, partition: str = "block", partition_size: int | Sequence[int] = 7,
+                 dim_head: int = 32, bias: bool = True,
                  rel_pos_type: str | None = "bias_tf", head_first: bool = False):
         super().__init__()
         if partition not in _PARTITIONS:
@@ -83,13 +86,13 @@ class MaxViTAttention(nn.Module):
             raise ValueError(f"rel_pos_type must be one of {_REL_POS} or None, got {rel_pos_type!r}")
         self.dim, self.partition, self.dim_head, self.head_first = dim, partition, dim_head, head_first
         self.num_heads = dim // dim_head
-        self.partition_size = check_per_axis(partition_size, 2, "partition_size")
+        self.partition_size = check_pair(partition_size, "partition_size")
         self.scale = dim_head ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=bias)
         self.rel_pos = _RelPos(self.num_heads, self.partition_size, rel_pos_type) if rel_pos_type else None
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def _pattern(self, spatial: tuple[int, int]):
+    def _pattern(self, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], Pattern]:
         if self.partition == "grid":
             for a, (g, n) in enumerate(zip(self.partition_size, spatial)):
                 if n % g:
@@ -105,7 +108,7 @@ class MaxViTAttention(nn.Module):
         bias = self.rel_pos.offsets(window) if self.rel_pos is not None else None
         return self.proj(window_attention(x, pattern, self._qkv, self.num_heads, self.scale, bias))
 
-    def _qkv(self, x: torch.Tensor):
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         qkv = self.qkv(x)
         if not self.head_first:
             return qkv

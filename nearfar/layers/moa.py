@@ -41,7 +41,7 @@ import math
 from collections.abc import Sequence
 
 from ..checks import check_positive_int
-from ..patterns import Causal, PerHead, Sinks, SlidingWindow
+from ..patterns import Causal, Pattern, PerHead, Sinks, SlidingWindow
 from .pattern_attention import PatternAttention
 from .projections import kv_heads
 from .registry import POSITIONS_SHARED, Mechanism, register
@@ -68,7 +68,7 @@ def moa_span(alpha: float, beta: float, total_len: int, *, sink_size: int = 64, 
     return math.ceil(max(span, minimum_cache_size) / split_size) * split_size
 
 
-def moa_head_pattern(span: int, sink_size: int):
+def moa_head_pattern(span: int, sink_size: int) -> Pattern:
     sinks = min(span, sink_size)
     return (Sinks(sinks) | SlidingWindow(left=span - sinks - 1)) & Causal()
 

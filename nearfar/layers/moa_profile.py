@@ -9,7 +9,8 @@ Paper: Fu et al., "Mixture of Attention Spans" (CoLM 2025). Official code: thu-n
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 
@@ -18,6 +19,19 @@ from .moa import MoAAttention, moa_head_pattern, moa_span
 from .pattern_attention import PatternAttention
 
 _EXHAUSTIVE_LIMIT = 65536
+
+
+class BlockLM(Protocol):
+    """What the profiler reads of a model (a ``TinyLM``): ``blocks``, each with an ``attn`` layer, ``loss(tokens)``
+    and ``mechanism``."""
+
+    blocks: torch.nn.ModuleList
+    mechanism: str
+
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor: ...
+
+
+_LM = TypeVar("_LM", bound=BlockLM)
 
 
 
@@ -51,7 +65,7 @@ def _dense_probs_forward(attn: PatternAttention, x: torch.Tensor, store: list) -
 
 
 
-def moa_profile_influence(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+def moa_profile_influence(model: BlockLM, tokens: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Per layer the batch-mean influence ``E (H, N-1, N-1)`` of every attention entry of the dense causal model on
     the next-token loss of ``tokens (B, N)``, and that loss."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
@@ -60,15 +74,18 @@ def moa_profile_influence(model: torch.nn.Module, tokens: torch.Tensor) -> tuple
     for i, attn in enumerate(attns):
         if not isinstance(attn, PatternAttention):
             raise TypeError(f"moa_profile needs softmax PatternAttention layers; layer {i} is {type(attn).__name__}")
+    layers = cast(list[PatternAttention], attns)  # checked just above
     store: list[torch.Tensor] = []
     try:
-        for attn in attns:
-            attn.forward = lambda x, cache=None, key_padding_mask=None, _a=attn: _dense_probs_forward(_a, x, store)
+        for attn in layers:
+            # an instance attribute over the method, removed again below
+            setattr(attn, "forward",  # noqa: B010
+                    lambda x, cache=None, key_padding_mask=None, _a=attn: _dense_probs_forward(_a, x, store))
         with torch.enable_grad():
             loss = model.loss(tokens)
             grads = torch.autograd.grad(loss, store)
     finally:
-        for attn in attns:
+        for attn in layers:
             del attn.forward
     return [moa_influence(a.detach(), g).mean(0) for a, g in zip(store, grads)], loss.detach()
 
@@ -103,7 +120,7 @@ def _choose(loss: torch.Tensor, density: torch.Tensor, budget: float) -> list[in
 
 
 
-def moa_profile(model: torch.nn.Module, tokens: torch.Tensor, candidates: Sequence[tuple[float, float]],
+def moa_profile(model: BlockLM, tokens: torch.Tensor, candidates: Sequence[tuple[float, float]],
                 density_budget: float = 0.5, *, sink_size: int = 64, minimum_cache_size: int = 128,
                 split_size: int = 64) -> list[tuple[list[float], list[float]]]:
     """Per layer ``(alphas, betas)`` (one per query head) from ``candidates``: the least predicted loss increase
@@ -129,20 +146,21 @@ def moa_profile(model: torch.nn.Module, tokens: torch.Tensor, candidates: Sequen
 
 
 
-def moa_layer_kwargs(plans: Sequence[tuple[Sequence[float], Sequence[float]]], total_len: int, **kw):
+def moa_layer_kwargs(plans: Sequence[tuple[Sequence[float], Sequence[float]]], total_len: int,
+                     **kw: Any) -> Callable[[int], dict[str, Any]]:
     """``layer_kwargs`` for ``TinyLM(mechanism="moa", layer_kwargs=...)``: layer ``i`` gets ``plans[i]``."""
     return lambda i: dict(alphas=list(plans[i][0]), betas=list(plans[i][1]), total_len=total_len, **kw)
 
 
 
-def moa_apply(model: torch.nn.Module, plans: Sequence[tuple[Sequence[float], Sequence[float]]], total_len: int,
-              **kw) -> torch.nn.Module:
+def moa_apply(model: _LM, plans: Sequence[tuple[Sequence[float], Sequence[float]]], total_len: int,
+              **kw: Any) -> _LM:
     """Replace each block's attention of ``model`` (a TinyLM of softmax PatternAttention layers without biases) by an
     ``MoAAttention`` with the same weights and ``plans[i]``; in place, returns ``model``."""
     if len(plans) != len(model.blocks):
         raise ValueError(f"plans has {len(plans)} layers, the model {len(model.blocks)}")
     for block, (alphas, betas) in zip(model.blocks, plans):
-        old = block.attn
+        old = cast(PatternAttention, block.attn)  # a softmax PatternAttention, as documented
         new = MoAAttention(old.dim, old.num_heads, alphas, betas, total_len, old.num_kv_heads, **kw)
         new.load_state_dict(old.state_dict())
         block.attn = new.to(device=old.q_proj.weight.device, dtype=old.q_proj.weight.dtype)

@@ -32,11 +32,13 @@ Differences from the official code:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_bool, check_channels_last, check_nonneg_int, check_per_axis, check_positive_int
+from ..checks import check_bool, check_channels_last, check_nonneg_int, check_pair, check_positive_int
 from ..functional import attend
 from ..patterns import Neighborhood
 from .registry import Mechanism, image_layer, register
@@ -48,18 +50,19 @@ class MSAConv2d(nn.Module):
     k) // stride + 1`` (the final conv's size rule).
     """
 
-    def __init__(self, input_channel: int, output_channel: int, kernel_size, stride=1, dilation=1,
-                 dropout: float = 0.0, padding=1, bias: bool = False):
+    def __init__(self, input_channel: int, output_channel: int, kernel_size: int | Sequence[int],
+                 stride: int = 1, dilation: int | Sequence[int] = 1, dropout: float = 0.0, padding: int = 1,
+                 bias: bool = False):
         super().__init__()
         check_positive_int(input_channel, "input_channel")
         check_positive_int(output_channel, "output_channel")
-        self.kernel_size = check_per_axis(kernel_size, 2, "kernel_size")
+        self.kernel_size = check_pair(kernel_size, "kernel_size")
         for a, k in enumerate(self.kernel_size):
             if k % 2 == 0:
                 raise ValueError(f"kernel_size[{a}]={k} must be odd (the window is centred on its pixel)")
-        self.dilation = check_per_axis(dilation, 2, "dilation")
-        self.stride = check_per_axis(stride, 2, "stride")
-        self.padding = check_per_axis(padding, 2, "padding", check=check_nonneg_int)
+        self.dilation = check_pair(dilation, "dilation")
+        self.stride = check_pair(stride, "stride")
+        self.padding = check_pair(padding, "padding", check=check_nonneg_int)
         if dropout != 0:
             raise ValueError(f"dropout must be 0 (nearfar.attend has no attention dropout; the official 0.1 acts "
                              f"in training only), got {dropout!r}")

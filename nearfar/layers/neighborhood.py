@@ -22,6 +22,8 @@ are mixed up); that quirk is the caller's and is not reproduced.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -46,7 +48,8 @@ class NeighborhoodAttention(nn.Module):
     per-axis tuples. With ``rel_pos_bias`` the NAT relative-position bias is learned (non-causal only).
     """
 
-    def __init__(self, dim: int, num_heads: int, kernel_size, dilation=1, is_causal=False, rel_pos_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
+                 is_causal: bool | Sequence[bool] = False, rel_pos_bias: bool = True,
                  qkv_bias: bool = True, qk_scale: float | None = None, ndim: int = 2):
         super().__init__()
         if ndim not in (1, 2, 3):

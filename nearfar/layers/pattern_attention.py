@@ -12,9 +12,9 @@ from torch import nn
 
 from ..functional import attend, merge_heads
 from ..patterns import Pattern
-from .kv_cache import KVCache
+from .kv_cache import DecodeState, KeepFn, KVCache
 from .projections import add_projections
-from .rotary import rotary_qkv
+from .rotary import RotaryEmbedding, rotary_qkv
 
 
 class PatternAttention(nn.Module):
@@ -23,8 +23,19 @@ class PatternAttention(nn.Module):
 
     ``pattern`` must be causal to decode (``causal=True`` says so; it is checked by the decode tests)."""
 
+    # set by add_projections
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    rope: RotaryEmbedding | None
+
     def __init__(self, dim: int, num_heads: int, pattern: Pattern, num_kv_heads: int | None = None,
-                 causal: bool = True, keep=None, rope: bool = True, qkv_bias: bool = False):
+                 causal: bool = True, keep: KeepFn | None = None, rope: bool = True, qkv_bias: bool = False):
         super().__init__()
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a nearfar Pattern, got {type(pattern).__name__}")
@@ -32,7 +43,7 @@ class PatternAttention(nn.Module):
         self.pattern, self.causal, self.keep = pattern, causal, keep
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+                  dtype: torch.dtype | None = None) -> DecodeState:
         if not self.causal:
             raise ValueError(f"{type(self).__name__} is not causal: it has no decoding cache")
         return KVCache(batch, keep=self.keep, device=device, dtype=dtype)
@@ -52,8 +63,9 @@ class PatternAttention(nn.Module):
             cache.append(k, v)
             total = cache.length
             # queries sit at their absolute positions of a total-long sequence: the same pairs as the forward
-            allowed = self.pattern.allowed(pos[:, None], cache.positions[None, :], total, total)
-            ck, cv = cache.k, cache.v
+            ck, cv, kpos = cache.k, cache.v, cache.positions
+            assert ck is not None and cv is not None and kpos is not None  # appended to just now
+            allowed = self.pattern.allowed(pos[:, None], kpos[None, :], total, total)
             used = allowed.reshape(-1, allowed.shape[-1]).any(0)
             if 2 * int(used.sum()) < used.numel():  # few of the kept keys are reachable now: attend only those
                 idx = torch.nonzero(used)[:, 0]

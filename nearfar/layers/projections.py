@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch import nn
 
 from ..checks import check_dim_heads, check_positive_int
@@ -17,7 +19,21 @@ def kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
 
 
 
-def add_projections(layer: nn.Module, dim: int, num_heads: int, num_kv_heads: int | None, qkv_bias: bool,
+class ProjectedLayer(Protocol):
+    """What ``add_projections`` gives a layer and ``rotary_qkv`` reads (a layer declares these attributes)."""
+
+    dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+    o_proj: nn.Linear
+    rope: RotaryEmbedding | None
+
+
+def add_projections(layer: ProjectedLayer, dim: int, num_heads: int, num_kv_heads: int | None, qkv_bias: bool,
                     rope: bool) -> None:
     """Give a sequence layer the LLaMA-style attention projections (``q_proj``, ``k_proj``, ``v_proj`` with GQA,
     ``o_proj``) and RoPE, plus ``dim``, ``num_heads``, ``num_kv_heads``, ``head_dim``: what ``rotary_qkv`` reads."""

@@ -59,6 +59,8 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,7 +110,8 @@ class ProxyTokenAttention(nn.Module):
     tuples; default ``(8, 8)``/``(4, 4)``, in 3D ``(1, 8, 8)``/``(1, 4, 4)``). See the module docstring.
     """
 
-    def __init__(self, dim: int, num_heads: int, compress_ratios=None, proxy_compress_ratios=None,
+    def __init__(self, dim: int, num_heads: int, compress_ratios: int | Sequence[int] | None = None,
+                 proxy_compress_ratios: int | Sequence[int] | None = None,
                  shift_window: bool = True, proxy_mode: str = "code_strided_mean", attention_bias: bool = False,
                  norm_elementwise_affine: bool = True, norm_eps: float = 1e-5, ndim: int = 2):
         super().__init__()
@@ -210,7 +213,7 @@ class ProxyTokenAttention(nn.Module):
                 f"proxy_mode={self.proxy_mode!r}")
 
 
-def _make(dim: int, num_heads: int, ndim: int = 2, **kw) -> ProxyTokenAttention:
+def _make(dim: int, num_heads: int, ndim: int = 2, **kw: Any) -> ProxyTokenAttention:
     # 8x8 windows do not tile a 14x14 map; 7x7 windows with one proxy each (proxy ratio = window ratio, as the
     # released image config) tile both benchmark maps (56x56 and 14x14)
     c = (1, 7, 7) if ndim == 3 else (7, 7)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypedDict
+
+from torch import nn
 
 #: CAB's four attention patterns
 CAB_PATTERNS = {"NS": "non-causal self", "CS": "causal self", "NC": "non-causal cross", "CC": "causal cross"}
@@ -61,7 +64,7 @@ class Mechanism:
     repo: str
     family: str
     dims: tuple[str, ...]
-    make: Callable[..., object]
+    make: Callable[..., nn.Module]
     patterns: Mapping[str, Mapping[str, object]]
     why_not: Mapping[str, str]
     cls: type | None = None
@@ -79,7 +82,7 @@ class Mechanism:
         """Whether it can cross-attend a ``context``: NC or CC."""
         return "NC" in self.patterns or "CC" in self.patterns
 
-    def build(self, dim: int, num_heads: int, pattern: str, **overrides):
+    def build(self, dim: int, num_heads: int, pattern: str, **overrides: object) -> nn.Module:
         """The module for CAB ``pattern`` ("NS", "CS", "NC", "CC"); a clear error if it is not supported.
 
         Args:
@@ -131,11 +134,18 @@ def register(mechanism: Mechanism) -> Mechanism:
     return mechanism
 
 
+class CabSplit(TypedDict):
+    """The ``patterns`` and ``why_not`` fields of a ``Mechanism``, as ``image_layer`` returns them."""
+
+    patterns: Mapping[str, Mapping[str, object]]
+    why_not: Mapping[str, str]
+
+
 def image_layer(causal: Mapping[str, object] | str = IMAGE_NOT_CAUSAL,
-                cross: str = ONE_MAP_ONLY) -> dict[str, Mapping]:
+                cross: str = ONE_MAP_ONLY) -> CabSplit:
     """``patterns`` / ``why_not`` of a non-causal image layer: NS; CS if ``causal`` gives its constructor arguments
     (else ``causal`` is the reason); never cross (``cross`` is the reason)."""
-    patterns: dict[str, Mapping] = {"NS": {}}
+    patterns: dict[str, Mapping[str, object]] = {"NS": {}}
     why_not = {"NC": cross, "CC": cross}
     if isinstance(causal, str):
         why_not["CS"] = causal

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..functional import split_heads
 
+if TYPE_CHECKING:
+    from .projections import ProjectedLayer
+
 
 class RotaryEmbedding(nn.Module):
     """RoPE (Su et al.), the "rotate half" layout of GPT-NeoX/LLaMA: ``(B, H, N, d)`` at given positions."""
+
+    inv_freq: torch.Tensor
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -26,7 +33,8 @@ class RotaryEmbedding(nn.Module):
 
 
 
-def rotary_qkv(layer: nn.Module, x: torch.Tensor, start: int):
+def rotary_qkv(layer: ProjectedLayer, x: torch.Tensor,
+               start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v heads ``(B, H, N, d)`` of ``x (B, N, dim)`` at positions ``start .. start+N-1``, RoPE applied, for a
     layer with ``q_proj``/``k_proj``/``v_proj``, ``num_heads``, ``num_kv_heads`` and ``rope`` (None: no RoPE)."""
     pos = torch.arange(start, start + x.shape[1], device=x.device)

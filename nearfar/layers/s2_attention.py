@@ -50,7 +50,7 @@ def s2_pattern(num_heads: int, num_kv_heads: int, block: int = 64, local_blocks:
 
 def s2_layer_kwargs(layer: int, dense_every: int | None = 2) -> dict:
     """Phi-3-small's hybrid: every ``dense_every``-th layer (1-based) is dense, the others sparse."""
-    return {"dense": bool(dense_every) and (layer + 1) % dense_every == 0}
+    return {"dense": bool(dense_every and (layer + 1) % dense_every == 0)}
 
 
 class S2Attention(PatternAttention):

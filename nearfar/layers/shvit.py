@@ -39,6 +39,9 @@ class ConvNorm(nn.Sequential):
     Applied to a channel-last tensor: the conv is a ``Linear`` on the last axis; in training the BatchNorm runs on
     the channels-first view (no copy), in eval it is folded into the ``Linear``."""
 
+    c: nn.Conv2d
+    bn: nn.BatchNorm2d
+
     def __init__(self, in_channels: int, out_channels: int, bn_weight_init: float = 1.0):
         super().__init__()
         self.add_module("c", nn.Conv2d(in_channels, out_channels, 1, bias=False))
@@ -51,6 +54,7 @@ class ConvNorm(nn.Sequential):
         if bn.training or not bn.track_running_stats:  # batch statistics: the BatchNorm itself
             return bn(F.linear(x, w).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         # running statistics: an affine map, folded into the conv weight (timm's ``fuse()``) to save a pass
+        assert bn.running_var is not None and bn.running_mean is not None  # track_running_stats
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return F.linear(x, w * scale[:, None], bn.bias - bn.running_mean * scale)
 

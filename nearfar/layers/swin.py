@@ -31,6 +31,7 @@ Differences from the official code:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -49,7 +50,8 @@ class WindowAttention(nn.Module):
     Video Swin (window e.g. ``(8, 7, 7)``). Input ``(B, *spatial, dim)`` channel-last, any spatial size.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size=7, shift_size=0, qkv_bias: bool = True,
+    def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7,
+                 shift_size: int | Sequence[int] = 0, qkv_bias: bool = True,
                  qk_scale: float | None = None, ndim: int = 2):
         super().__init__()
         if ndim not in (2, 3):

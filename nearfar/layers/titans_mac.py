@@ -126,7 +126,8 @@ def memory_grads(weights: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
 
 def memory_update(weights: list[torch.Tensor], momentum: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                   lr: torch.Tensor, mom: torch.Tensor, decay: torch.Tensor, chunk_size: int,
-                  norm_residual: bool = True, surprise_weights: list[torch.Tensor] | None = None):
+                  norm_residual: bool = True, surprise_weights: list[torch.Tensor] | None = None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Chunk-wise test-time training of the memory on ``k, v (B, H, n, d)``; ``lr``/``mom``/``decay`` are the
     per-chunk gates ``theta, eta, alpha`` ``(B, H, n // chunk_size)``. Returns the new weights and momentum.
     ``surprise_weights``: the memory at which every chunk's gradient is taken (all chunks in one batched call);
@@ -197,6 +198,8 @@ class TitansMAC(nn.Module):
         self.surprise_at = surprise_at
         self.dim, self.num_heads, self.max_lr, self.memory_norm = dim, num_heads, float(max_lr), memory_norm
         # the reference's store_norm / retrieve_norm: what the memory reads and writes does not grow with the model
+        self.store_norm: nn.Module
+        self.retrieve_norm: nn.Module
         self.store_norm, self.retrieve_norm = ((nn.RMSNorm(dim, eps=RMS_EPS), nn.RMSNorm(dim, eps=RMS_EPS))
                                                if memory_norm else (nn.Identity(), nn.Identity()))
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
@@ -252,7 +255,8 @@ class TitansMAC(nn.Module):
         v = torch.cat([t.expand(b, -1, -1, -1) for t in pv] + [vh, vx], 2)
         return merge_heads(attend(q, k, v, bias=masks[n]), (n,))
 
-    def _update(self, weights, momentum, y: torch.Tensor):
+    def _update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor],
+                y: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Memory after training on one full segment's attention output ``y (B, segment_len, dim)``."""
         b, n, _ = y.shape
         y = self.store_norm(y)

@@ -169,7 +169,8 @@ class BlockTransformer(nn.Module):
         return torch.stack(toks, 1), torch.stack(logits, 1), most
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_blocks: int, return_info: bool = False):
+    def generate(self, prompt: torch.Tensor, max_new_blocks: int,
+                 return_info: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, object]]:
         """Greedy decoding of ``max_new_blocks * block_len`` tokens after ``prompt (B, P)`` (``P`` a positive
         multiple of ``block_len``: left-pad it). The prompt's blocks go through the block decoder's cache in one
         step, then one step per generated block. ``return_info=True`` also returns a dict with ``logits``

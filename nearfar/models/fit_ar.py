@@ -73,7 +73,7 @@ from ..functional import attend, merge_heads, split_heads
 from ..layers.kv_cache import DecodeState
 from ..layers.pattern_attention import PatternAttention
 from ..layers.registry import DECODER_ONLY, Mechanism, register
-from ..patterns import BlockWindow, Causal
+from ..patterns import BlockWindow, Causal, Pattern
 from .tiny_lm import Block, check_token_ids, layer_caches
 
 _LAYERS = re.compile(r"\((\d+)\)(\d*)")
@@ -92,7 +92,7 @@ def parse_layers(layers: str) -> list[tuple[int, int]]:
     return config
 
 
-def latent_pattern(latents_per_group: int):
+def latent_pattern(latents_per_group: int) -> Pattern:
     """Block-causal pattern over the flat latents: latent ``i`` sees latent ``j`` iff ``j // m <= i // m``."""
     return Causal() | BlockWindow(latents_per_group, before=0, after=0)
 

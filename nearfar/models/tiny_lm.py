@@ -8,6 +8,8 @@ mechanism, by name; used by the tests, examples and the benchmark. Decoding runs
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,7 +44,7 @@ class Block(nn.Module):
         self.attn_norm, self.attn = nn.RMSNorm(dim), attn
         self.mlp_norm, self.mlp = nn.RMSNorm(dim), SwiGLU(dim, hidden)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: object = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cache=cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -81,8 +83,8 @@ class TinyLM(nn.Module):
     """
 
     def __init__(self, vocab_size: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
-                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None, layer_kwargs=None,
-                 **mechanism_kwargs):
+                 mechanism: str = "streaming_llm", mlp_hidden: int | None = None,
+                 layer_kwargs: Callable[[int], Mapping[str, object]] | None = None, **mechanism_kwargs: object):
         super().__init__()
         entries = {m.name: m for m in mechanisms(kind="layer", pattern="CS") if "1d" in m.dims}
         if mechanism not in entries:

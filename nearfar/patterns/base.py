@@ -10,8 +10,12 @@ evaluating all N² pairs; a superset is always safe because the exact ``allowed`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .spatial import Layout
 
 _BIG = 1 << 60
 
@@ -24,7 +28,7 @@ class Tiles:
     write ``qvalue[:, None] OP kvalue`` so one expression serves both.
     """
 
-    def __init__(self, idx: torch.Tensor):
+    def __init__(self, idx: torch.Tensor) -> None:
         self.idx = idx
         self.valid = idx >= 0
 
@@ -88,10 +92,13 @@ class Pattern:
 
     #: a hint that the pattern's token tiles may attend exactly to themselves (windows); whether they do for a
     #: given size is decided once, by the plan (``Plan.partition``), and then the ``partition`` engine can run it
-    may_partition = False
+    #: (a property here so that a combination can compute it; subclasses may set a plain class attribute)
+    @property
+    def may_partition(self) -> bool:
+        return False
 
     #: spatial layout hint ``(grid, dilation)`` for token ordering, or None (1D order is kept)
-    def layout(self, nq: int, nk: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    def layout(self, nq: int, nk: int) -> Layout | None:
         return None
 
     def check(self, nq: int, nk: int) -> None:
@@ -160,7 +167,7 @@ class Pattern:
         return _combine(Intersection, self, other)
 
 
-def _combine(cls, a: Pattern, b: Pattern) -> Pattern:
+def _combine(cls: type[_Binary], a: Pattern, b: Pattern) -> Pattern:
     if not isinstance(b, Pattern):
         return NotImplemented
     if isinstance(a, PerHead) or isinstance(b, PerHead):
@@ -168,30 +175,35 @@ def _combine(cls, a: Pattern, b: Pattern) -> Pattern:
         hb = b.patterns if isinstance(b, PerHead) else None
         if ha is not None and hb is not None and len(ha) != len(hb):
             raise ValueError(f"PerHead patterns have different head counts: {len(ha)} and {len(hb)}")
-        n = len(ha if ha is not None else hb)
+        heads = ha if ha is not None else hb
+        assert heads is not None  # a or b is a PerHead
+        n = len(heads)
         return PerHead([cls((ha[h] if ha else a), (hb[h] if hb else b)) for h in range(n)])
     return cls(a, b)
 
 
 class _Binary(Pattern):
-    def __init__(self, a: Pattern, b: Pattern):
+    parts: tuple[Pattern, ...]
+    _op: str
+
+    def __init__(self, a: Pattern, b: Pattern) -> None:
         self.parts = tuple(p for x in (a, b) for p in (x.parts if type(x) is type(self) else (x,)))
 
-    def layout(self, nq, nk):
+    def layout(self, nq: int, nk: int) -> Layout | None:
         for p in self.parts:
             lay = p.layout(nq, nk)
             if lay is not None:
                 return lay
         return None
 
-    def check(self, nq, nk):
+    def check(self, nq: int, nk: int) -> None:
         for p in self.parts:
             p.check(nq, nk)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return (type(self).__name__, *self.parts)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "(" + f" {self._op} ".join(map(repr, self.parts)) + ")"
 
 
@@ -213,13 +225,13 @@ class Union(_Binary):
 
     _op = "|"
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         out = self.parts[0].allowed(q, k, nq, nk)
         for p in self.parts[1:]:
             out = out | p.allowed(q, k, nq, nk)
         return out
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         out = self.parts[0].block_allowed(qt, kt, nq, nk)
         for p in self.parts[1:]:
             out = out | p.block_allowed(qt, kt, nq, nk)
@@ -248,13 +260,13 @@ class Intersection(_Binary):
     def may_partition(self) -> bool:  # windows of windows are windows (e.g. Swin's region mask, rolled)
         return any(p.may_partition for p in self.parts)
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         out = self.parts[0].allowed(q, k, nq, nk)
         for p in self.parts[1:]:
             out = out & p.allowed(q, k, nq, nk)
         return out
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         out = self.parts[0].block_allowed(qt, kt, nq, nk)
         for p in self.parts[1:]:
             out = out & p.block_allowed(qt, kt, nq, nk)
@@ -283,7 +295,7 @@ class PerHead(Pattern):
         torch.Size([1, 2, 16, 8])
     """
 
-    def __init__(self, patterns: Sequence[Pattern]):
+    def __init__(self, patterns: Sequence[Pattern]) -> None:
         if isinstance(patterns, Pattern) or not isinstance(patterns, (list, tuple)) or not patterns:
             raise TypeError("PerHead takes a non-empty list of patterns, one per query head")
         for i, p in enumerate(patterns):
@@ -292,30 +304,30 @@ class PerHead(Pattern):
         self.patterns = tuple(patterns)
 
     @property
-    def heads(self):
+    def heads(self) -> int:
         return len(self.patterns)
 
-    def layout(self, nq, nk):
+    def layout(self, nq: int, nk: int) -> Layout | None:
         return self.patterns[0].layout(nq, nk)
 
-    def check(self, nq, nk):
+    def check(self, nq: int, nk: int) -> None:
         for p in self.patterns:
             p.check(nq, nk)
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return torch.stack([torch.broadcast_to(p.allowed(q, k, nq, nk), torch.broadcast_shapes(q.shape, k.shape))
                             for p in self.patterns])
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         return torch.stack([p.block_allowed(qt, kt, nq, nk) for p in self.patterns])
 
-    def mask(self, nq, nk, device=None):
+    def mask(self, nq: int, nk: int, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.stack([p.mask(nq, nk, device) for p in self.patterns])
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("PerHead", self.patterns)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"PerHead({list(self.patterns)!r})"
 
 
@@ -330,8 +342,8 @@ class Dense(Pattern):
         True
     """
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Dense",)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Pattern
+from .base import Pattern, Tiles
 
 
 def core_counts(positions: torch.Tensor, window_size: int, group_size: int) -> torch.Tensor:
@@ -52,12 +52,12 @@ class CoreAndWindow(Pattern):
     def _m(self, i: torch.Tensor) -> torch.Tensor:
         return core_counts(i, self.s, self.g)
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         m = self._m(q)
         raw = k - self.c
         return torch.where(k < self.c, k < m, (raw >= m * self.g) & (raw <= q))
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         qlo, qhi = qt.bounds(qt.idx)
         klo, khi = kt.bounds(kt.idx)
         mlo, mhi = self._m(qlo), self._m(qhi)
@@ -67,5 +67,5 @@ class CoreAndWindow(Pattern):
         raw = (khi >= self.c) & (raw_hi >= mlo * self.g) & (raw_lo <= qhi2)
         return core | raw
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("CoreAndWindow", self.c, self.s, self.g)

@@ -14,6 +14,8 @@ the relative-position bias (NATTEN ≥ 0.20 removed it) and accept any head dim,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..checks import check_bool, check_per_axis
@@ -53,7 +55,9 @@ class Neighborhood(SpatialPattern):
         torch.Size([1, 2, 256, 32])
     """
 
-    def __init__(self, kernel_size, dilation=1, is_causal=False, grid=None, stride=1):
+    def __init__(self, kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
+                 is_causal: bool | Sequence[bool] = False, grid: int | Sequence[int] | None = None,
+                 stride: int | Sequence[int] = 1) -> None:
         ndim = self._init_grid(grid, kernel_size=kernel_size, dilation=dilation, is_causal=is_causal, stride=stride)
         self.kernel_size = check_per_axis(kernel_size, ndim, "kernel_size")
         self.dilation = check_per_axis(dilation, ndim, "dilation")
@@ -65,17 +69,17 @@ class Neighborhood(SpatialPattern):
         if self.grid is not None:
             self.check_extents(self.grid)
 
-    def check_extents(self, grid):
+    def check_extents(self, grid: tuple[int, ...]) -> None:
         for a, (k, d, n) in enumerate(zip(self.kernel_size, self.dilation, grid)):
             if k * d > n:
                 raise ValueError(
                     f"kernel_size[{a}] * dilation[{a}] = {k}*{d} = {k * d} exceeds the extent {n} of axis {a}; "
                     f"need kernel_size * dilation <= {n}")
 
-    def layout(self, nq, nk):
+    def layout(self, nq: int, nk: int) -> Layout | None:
         return Layout(self.grid_for(nq), self.dilation)
 
-    def window(self, a: int, i: torch.Tensor, extent: int):
+    def window(self, a: int, i: torch.Tensor, extent: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dilation group, and the group-local key range ``[start, end]`` (closed) of queries ``i`` on axis ``a``."""
         k, d, s, causal = self.kernel_size[a], self.dilation[a], self.stride[a], self.is_causal[a]
         g = i % d
@@ -91,18 +95,18 @@ class Neighborhood(SpatialPattern):
         start = torch.minimum((leader - k // 2).clamp(min=0), group_len - k)
         return g, start, start + k - 1
 
-    def query_axis(self, a, i, extent):
+    def query_axis(self, a: int, i: torch.Tensor, extent: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         g, start, end = self.window(a, i, extent)
         return {"group": (g, g), "pos": (start, end)} if self.dilation[a] > 1 else {"pos": (start, end)}
 
-    def key_axis(self, a, j, extent):
+    def key_axis(self, a: int, j: torch.Tensor, extent: int) -> dict[str, torch.Tensor]:
         return {"group": j % self.dilation[a], "pos": j // self.dilation[a]}
 
     # relative-position bias (NAT): table (heads, 2k-1[, 2k-1[, 2k-1]]), index (j - i)/dilation + k - 1 per axis
-    def rpb_size(self):
+    def rpb_size(self) -> tuple[int, ...]:
         return self.kernel_size
 
-    def rel_coord(self, a, t, extent):
+    def rel_coord(self, a: int, t: torch.Tensor, extent: int) -> torch.Tensor:
         return torch.div(t, self.dilation[a], rounding_mode="floor")
 
     def check_rpb(self) -> None:
@@ -110,6 +114,6 @@ class Neighborhood(SpatialPattern):
             raise ValueError("a relative-position-bias table needs a non-causal Neighborhood with stride=1 "
                              "(as in NAT/DiNAT)")
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Neighborhood", self.kernel_size, self.dilation, self.is_causal, self.grid, self.stride)
 

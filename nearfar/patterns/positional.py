@@ -27,15 +27,15 @@ class Causal(Pattern):
         [[1, 1, 1, 0], [1, 1, 1, 1]]
     """
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return k <= q + (nk - nq)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         _, phi = _positions(qt, nq, nk)
         klo, _ = kt.bounds(kt.idx)
         return klo <= phi[:, None]
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Causal",)
 
 
@@ -69,16 +69,16 @@ class SlidingWindow(Pattern):
         self.left = check_nonneg_int(left, "left")
         self.right = check_nonneg_int(right, "right")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         p = q + (nk - nq)
         return (k >= p - self.left) & (k <= p + self.right)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         plo, phi = _positions(qt, nq, nk)
         klo, khi = kt.bounds(kt.idx)
         return overlaps(plo - self.left, phi + self.right, klo, khi)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("SlidingWindow", self.left, self.right)
 
 
@@ -103,16 +103,16 @@ class Strided(Pattern):
         self.stride = check_positive_int(stride, "stride")
         self.offset = check_nonneg_int(offset, "offset")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return torch.remainder(k - self.offset, self.stride) == 0
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         klo, khi = kt.bounds(kt.idx)
         s, o = self.stride, self.offset
         hits = torch.div(khi - o, s, rounding_mode="floor") - torch.div(klo - 1 - o, s, rounding_mode="floor")
         return per_query_tile(hits > 0, qt)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Strided", self.stride, self.offset)
 
 
@@ -136,14 +136,14 @@ class Sinks(Pattern):
     def __init__(self, n: int):
         self.n = check_positive_int(n, "n")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return (k < self.n) & (q >= 0)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         klo, _ = kt.bounds(kt.idx)
         return per_query_tile(klo < self.n, qt)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Sinks", self.n)
 
 
@@ -168,15 +168,15 @@ class GlobalTokens(Pattern):
     def __init__(self, n: int):
         self.n = check_positive_int(n, "n")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return (q < self.n) | (k < self.n)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         qlo, _ = qt.bounds(qt.idx)
         klo, _ = kt.bounds(kt.idx)
         return (qlo < self.n)[:, None] | (klo < self.n)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("GlobalTokens", self.n)
 
 
@@ -204,18 +204,18 @@ class BlockWindow(Pattern):
         self.before = check_nonneg_int(before, "before")
         self.after = check_nonneg_int(after, "after")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         qb, kb = torch.div(q + (nk - nq), self.block, rounding_mode="floor"), k // self.block
         return (kb >= qb - self.before) & (kb <= qb + self.after)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         plo, phi = _positions(qt, nq, nk)
         klo, khi = kt.bounds(kt.idx)
         b = self.block
         return overlaps(torch.div(plo, b, rounding_mode="floor") - self.before,
                         torch.div(phi, b, rounding_mode="floor") + self.after, klo // b, khi // b)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("BlockWindow", self.block, self.before, self.after)
 
 
@@ -271,11 +271,11 @@ class RandomBlocks(Pattern):
         draws = [torch.where(space > 0, _mix(self.seed, qb, i) % space.clamp(min=1), -1) for i in range(self.r)]
         return torch.stack(draws, -1)
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         qb = torch.div(q + (nk - nq), self.block, rounding_mode="floor")
         return (self.drawn(qb, nk) == (k // self.block)[..., None]).any(-1)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         plo, phi = _positions(qt, nq, nk)
         b = self.block
         first, last = torch.div(plo, b, rounding_mode="floor"), torch.div(phi, b, rounding_mode="floor")
@@ -291,7 +291,7 @@ class RandomBlocks(Pattern):
         c = cand[:, :, None]
         return ((c >= 0) & (c >= lo) & (c <= hi)).any(1)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("RandomBlocks", self.block, self.r, self.seed, self.causal)
 
 
@@ -319,15 +319,15 @@ class BlockStrided(Pattern):
         self.stride = check_positive_int(stride, "stride")
         self.offset = check_nonneg_int(offset, "offset")
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return (torch.remainder(k // self.block + self.offset, self.stride) == 0) & (q >= 0)
 
-    def block_allowed(self, qt, kt, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         klo, khi = kt.bounds(kt.idx)
         b, s, o = self.block, self.stride, self.offset
         first, last = klo // b + o, khi // b + o  # blocks the key tile touches, shifted by the offset
         hits = torch.div(last, s, rounding_mode="floor") - torch.div(first - 1, s, rounding_mode="floor")
         return per_query_tile(hits > 0, qt)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("BlockStrided", self.block, self.stride, self.offset)

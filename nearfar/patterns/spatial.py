@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..checks import check_grid
@@ -18,7 +20,8 @@ class Layout:
     border (cyclic shifts, and Swin's rolled windows) is one tile instead of two partial ones.
     """
 
-    def __init__(self, grid, dilation=None, tile=None, offset=None, wrap=None):
+    def __init__(self, grid: Sequence[int], dilation: Sequence[int] | None = None, tile: Sequence[int] | None = None,
+                 offset: Sequence[int] | None = None, wrap: Sequence[bool] | None = None) -> None:
         n = len(grid)
         self.grid = tuple(grid)
         self.dilation = tuple(dilation or (1,) * n)
@@ -30,14 +33,16 @@ class Layout:
 class SpatialPattern(Pattern):
     """Base of patterns on a grid. ``grid`` is required for 2D/3D and defaults to ``(N,)`` in 1D."""
 
-    def _init_grid(self, grid, **per_axis_args) -> int:
+    grid: tuple[int, ...] | None
+
+    def _init_grid(self, grid: object, **per_axis_args: object) -> int:
         self.grid = check_grid(grid)
         return spatial_ndim(self.grid, **per_axis_args)
 
     def grid_for(self, n: int) -> tuple[int, ...]:
         return self.grid if self.grid is not None else (n,)
 
-    def check(self, nq, nk):
+    def check(self, nq: int, nk: int) -> None:
         if nq != nk:
             raise ValueError(f"{type(self).__name__} needs as many queries as keys on one grid, got Nq={nq}, Nk={nk}")
         grid = self.grid_for(nq)
@@ -61,17 +66,24 @@ class SpatialPattern(Pattern):
         """The coordinate on axis ``a`` whose key-minus-query difference indexes the bias table."""
         return t
 
+    def _table_size(self) -> tuple[int, ...]:
+        size = self.rpb_size()
+        if size is None:
+            raise TypeError(f"{type(self).__name__} takes no relative-position-bias table")
+        return size
+
     def rpb_shape(self, heads: int) -> tuple[int, ...]:
-        return (heads, *(2 * m - 1 for m in self.rpb_size()))
+        return (heads, *(2 * m - 1 for m in self._table_size()))
 
     def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
         """Flat index into the spatial part of the table for allowed pairs (clamped elsewhere)."""
         grid = self.grid_for(n)
-        flat = None
-        for a, (m, qi, kj) in enumerate(zip(self.rpb_size(), unravel(q, grid), unravel(k, grid))):
+        flat: torch.Tensor | None = None
+        for a, (m, qi, kj) in enumerate(zip(self._table_size(), unravel(q, grid), unravel(k, grid))):
             rel = self.rel_coord(a, kj, grid[a]) - self.rel_coord(a, qi, grid[a])
             idx = (rel + m - 1).clamp(0, 2 * m - 2)
             flat = idx if flat is None else flat * (2 * m - 1) + idx
+        assert flat is not None  # grids have at least one axis
         return flat
 
     def check_rpb(self) -> None:
@@ -86,19 +98,20 @@ class SpatialPattern(Pattern):
     def key_axis(self, a: int, j: torch.Tensor, extent: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def allowed(self, q, k, nq, nk):
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         grid = self.grid_for(nq)
-        out = None
+        out: torch.Tensor | None = None
         for a, (qi, kj) in enumerate(zip(unravel(q, grid), unravel(k, grid))):
             qa, ka = self.query_axis(a, qi, grid[a]), self.key_axis(a, kj, grid[a])
             for name, (lo, hi) in qa.items():
                 ok = ka[name] == lo if lo is hi else (ka[name] >= lo) & (ka[name] <= hi)
                 out = ok if out is None else out & ok
+        assert out is not None  # grids have at least one axis, patterns at least one interval per axis
         return out
 
-    def block_allowed(self, qt: Tiles, kt: Tiles, nq, nk):
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         grid = self.grid_for(nq)
-        out = None
+        out: torch.Tensor | None = None
         qcoords, kcoords = unravel(qt.idx, grid), unravel(kt.idx, grid)
         for a in range(len(grid)):
             qa, ka = self.query_axis(a, qcoords[a], grid[a]), self.key_axis(a, kcoords[a], grid[a])
@@ -107,4 +120,5 @@ class SpatialPattern(Pattern):
                 _, qhi = qt.bounds(hi)
                 ok = overlaps(qlo, qhi, *kt.bounds(ka[name]))
                 out = ok if out is None else out & ok
+        assert out is not None  # grids have at least one axis, patterns at least one interval per axis
         return out

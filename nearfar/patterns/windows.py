@@ -7,6 +7,8 @@ partitions: ``window_partition``, ``grid_partition``). CRAFT and HiDiffusion use
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ..checks import check_bool, check_nonneg_int, check_per_axis
@@ -50,7 +52,8 @@ class Blocks(SpatialPattern):
 
     may_partition = True
 
-    def __init__(self, size, grid=None, shift=0, wrap=False):
+    def __init__(self, size: int | Sequence[int], grid: int | Sequence[int] | None = None,
+                 shift: int | Sequence[int] = 0, wrap: bool = False) -> None:
         ndim = self._init_grid(grid, size=size, shift=shift)
         self.size = check_per_axis(size, ndim, "size")
         self.shift = check_per_axis(shift, ndim, "shift", check=check_nonneg_int)
@@ -62,7 +65,7 @@ class Blocks(SpatialPattern):
         if self.grid is not None:
             self.check_extents(self.grid)
 
-    def check_extents(self, grid):
+    def check_extents(self, grid: tuple[int, ...]) -> None:
         for a, (m, n) in enumerate(zip(self.size, grid)):
             if m > n:
                 raise ValueError(f"size[{a}]={m} exceeds the extent {n} of axis {a}; need size <= {n}")
@@ -80,33 +83,33 @@ class Blocks(SpatialPattern):
         # what keeps the tile-level test tight on the rolled tiles (whose plain window ids span -1..n/m)
         return not self.wrap and self.shift[a] > 0 and extent % self.size[a] == 0
 
-    def query_axis(self, a, i, extent):
+    def query_axis(self, a: int, i: torch.Tensor, extent: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         w = self.window_id(a, i, extent)
         if self._rolled(a, extent):
             r = torch.remainder(i - self.shift[a], extent) // self.size[a]
             return {"win": (w, w), "roll": (r, r)}
         return {"win": (w, w)}
 
-    def key_axis(self, a, j, extent):
+    def key_axis(self, a: int, j: torch.Tensor, extent: int) -> dict[str, torch.Tensor]:
         if self._rolled(a, extent):
             return {"win": self.window_id(a, j, extent),
                     "roll": torch.remainder(j - self.shift[a], extent) // self.size[a]}
         return {"win": self.window_id(a, j, extent)}
 
-    def rpb_size(self):
+    def rpb_size(self) -> tuple[int, ...]:
         return self.size
 
-    def rel_coord(self, a, t, extent):
+    def rel_coord(self, a: int, t: torch.Tensor, extent: int) -> torch.Tensor:
         return torch.remainder(t - self.shift[a], extent) if self.wrap else t
 
-    def layout(self, nq, nk):
+    def layout(self, nq: int, nk: int) -> Layout | None:
         grid = self.grid_for(nq)
         # Swin's shifted windows on a divisible extent: tile the rolled windows (full tiles, the region mask
         # inside), as Swin does, rather than the partial windows at both borders
         wrap = tuple(self.wrap or self._rolled(a, n) for a, n in enumerate(grid))
         return Layout(grid, tile=self.size, offset=self.shift, wrap=wrap)
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Blocks", self.size, self.grid, self.shift, self.wrap)
 
 
@@ -132,33 +135,33 @@ class Grid(SpatialPattern):
 
     may_partition = True
 
-    def __init__(self, size, grid=None):
+    def __init__(self, size: int | Sequence[int], grid: int | Sequence[int] | None = None) -> None:
         ndim = self._init_grid(grid, size=size)
         self.size = check_per_axis(size, ndim, "size")
         if self.grid is not None:
             self.check_extents(self.grid)
 
-    def check_extents(self, grid):
+    def check_extents(self, grid: tuple[int, ...]) -> None:
         for a, (g, n) in enumerate(zip(self.size, grid)):
             if n % g:
                 raise ValueError(f"Grid needs the extent {n} of axis {a} divisible by size[{a}]={g}")
 
-    def query_axis(self, a, i, extent):
+    def query_axis(self, a: int, i: torch.Tensor, extent: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         w = i % (extent // self.size[a])
         return {"win": (w, w)}
 
-    def key_axis(self, a, j, extent):
+    def key_axis(self, a: int, j: torch.Tensor, extent: int) -> dict[str, torch.Tensor]:
         return {"win": j % (extent // self.size[a])}
 
-    def layout(self, nq, nk):
+    def layout(self, nq: int, nk: int) -> Layout | None:
         grid = self.grid_for(nq)
         return Layout(grid, dilation=tuple(n // g for n, g in zip(grid, self.size)), tile=self.size)
 
-    def rpb_size(self):
+    def rpb_size(self) -> tuple[int, ...]:
         return self.size
 
-    def rel_coord(self, a, t, extent):
+    def rel_coord(self, a: int, t: torch.Tensor, extent: int) -> torch.Tensor:
         return torch.div(t, extent // self.size[a], rounding_mode="floor")
 
-    def _key(self):
+    def _key(self) -> tuple:
         return ("Grid", self.size, self.grid)
