@@ -63,6 +63,15 @@ def check_positive_int(value: object, name: str) -> int:
     Raises:
         TypeError: ``value`` is not an int, or is a bool.
         ValueError: ``value`` < 1.
+
+    Examples:
+        >>> from nearfar.checks import check_positive_int
+        >>> check_positive_int(3, "window")
+        3
+        >>> check_positive_int(0, "window")
+        Traceback (most recent call last):
+            ...
+        ValueError: window must be a positive int (>= 1), got 0
     """
     return _int_at_least(value, name, 1, "a positive int")
 
@@ -80,6 +89,15 @@ def check_nonneg_int(value: object, name: str) -> int:
     Raises:
         TypeError: ``value`` is not an int, or is a bool.
         ValueError: ``value`` < 0.
+
+    Examples:
+        >>> from nearfar.checks import check_nonneg_int
+        >>> check_nonneg_int(0, "shift")
+        0
+        >>> check_nonneg_int(True, "shift")
+        Traceback (most recent call last):
+            ...
+        TypeError: shift must be a non-negative int, got True
     """
     return _int_at_least(value, name, 0, "a non-negative int")
 
@@ -99,6 +117,15 @@ def check_int_range(value: object, name: str, low: int, high: int) -> int:
     Raises:
         TypeError: ``value`` is not an int, or is a bool.
         ValueError: ``value`` is outside ``[low, high]``.
+
+    Examples:
+        >>> from nearfar.checks import check_int_range
+        >>> check_int_range(2, "layer_idx", 0, 11)
+        2
+        >>> check_int_range(12, "layer_idx", 0, 11)
+        Traceback (most recent call last):
+            ...
+        ValueError: layer_idx must be in [0, 11], got 12
     """
     if not _is_int(value):
         raise TypeError(f"{name} must be an int in [{low}, {high}], got {value!r}")
@@ -119,6 +146,15 @@ def check_bool(value: object, name: str) -> bool:
 
     Raises:
         TypeError: ``value`` is not a bool.
+
+    Examples:
+        >>> from nearfar.checks import check_bool
+        >>> check_bool(False, "causal")
+        False
+        >>> check_bool(1, "causal")
+        Traceback (most recent call last):
+            ...
+        TypeError: causal must be a bool, got 1
     """
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {value!r}")
@@ -138,6 +174,11 @@ def check_positive_float(value: object, name: str) -> float:
     Raises:
         TypeError: ``value`` is not a real number, or is a bool.
         ValueError: ``value`` is not in ``(0, inf)`` (nan included).
+
+    Examples:
+        >>> from nearfar.checks import check_positive_float
+        >>> check_positive_float(4, "mlp_ratio")
+        4.0
     """
     if not _is_real(value):
         raise TypeError(f"{name} must be a positive finite number, got {value!r}")
@@ -164,6 +205,15 @@ def check_real_range(value: object, name: str, low: float, high: float, *, open_
     Raises:
         TypeError: ``value`` is not a real number, or is a bool.
         ValueError: ``value`` is outside the range (nan included).
+
+    Examples:
+        >>> from nearfar.checks import check_real_range
+        >>> check_real_range(0.5, "alpha", 0, 1)
+        0.5
+        >>> check_real_range(0, "max_lr", 0, float("inf"), open_low=True)
+        Traceback (most recent call last):
+            ...
+        ValueError: max_lr must be a number in (0, inf], got 0
     """
     interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
     if not _is_real(value):
@@ -188,6 +238,11 @@ def check_scale(value: object, name: str = "qk_scale") -> float | None:
     Raises:
         TypeError: ``value`` is neither None nor a real number, or is a bool.
         ValueError: ``value`` is not in ``(0, inf)`` (nan included).
+
+    Examples:
+        >>> from nearfar.checks import check_scale
+        >>> check_scale(None) is None, check_scale(0.125)
+        (True, 0.125)
     """
     if value is None:
         return None
@@ -222,6 +277,13 @@ def check_per_axis(value: object, ndim: int, name: str,
     Raises:
         ValueError: a tuple/list of another length than ``ndim``; or what ``check`` raises.
         TypeError: what ``check`` raises.
+
+    Examples:
+        >>> from nearfar.checks import check_per_axis, check_nonneg_int
+        >>> check_per_axis(7, 2, "window_size")
+        (7, 7)
+        >>> check_per_axis((0, 3), 2, "shift_size", check=check_nonneg_int)
+        (0, 3)
     """
     if isinstance(value, (tuple, list)):
         if len(value) != ndim:
@@ -267,6 +329,11 @@ def check_grid(grid: object, name: str = "grid") -> tuple[int, ...] | None:
     Raises:
         ValueError: not an int or a tuple/list of 1 to 3 entries, or an entry < 1.
         TypeError: an entry is not an int.
+
+    Examples:
+        >>> from nearfar.checks import check_grid
+        >>> check_grid(16), check_grid([14, 14])
+        ((16,), (14, 14))
     """
     if grid is None:
         return None
@@ -289,6 +356,11 @@ def check_dim_heads(dim: object, num_heads: object) -> int:
 
     Raises:
         ValueError: either is not a positive int, or ``dim % num_heads != 0``.
+
+    Examples:
+        >>> from nearfar.checks import check_dim_heads
+        >>> check_dim_heads(96, 3)
+        32
     """
     if (not _is_int(dim) or not _is_int(num_heads) or num_heads <= 0 or dim <= 0 or dim % num_heads):
         raise ValueError(f"dim ({dim!r}) must be a positive multiple of num_heads ({num_heads!r})")
@@ -310,6 +382,12 @@ def check_channels_last(x: object, ndim: int, dim: int, name: str = "x") -> tupl
     Raises:
         TypeError: ``x`` is not a tensor.
         ValueError: another rank or channel count, or an empty axis.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.checks import check_channels_last
+        >>> check_channels_last(torch.zeros(2, 4, 5, 8), 2, 8)
+        (2, (4, 5), 20)
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -334,6 +412,12 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> tuple[torch.dtype, torch
     Raises:
         TypeError: the dtypes differ.
         ValueError: the devices differ.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.checks import check_same_dtype_device
+        >>> check_same_dtype_device(q=torch.zeros(1), k=torch.zeros(1))
+        (torch.float32, device(type='cpu'))
     """
     names = ", ".join(tensors)
     ts = list(tensors.values())

@@ -116,6 +116,48 @@ def _args(kwargs) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
+#: the "Build it" example: width, heads, batch, tokens of a 1D input, map of a 2D/3D input (the benchmark's 14x14
+#: map, which every registered 2D layer's defaults tile), tokens of a cross-attention source
+EXAMPLE_DIM, EXAMPLE_HEADS, EXAMPLE_BATCH, EXAMPLE_TOKENS = 64, 4, 2, 32
+EXAMPLE_MAP = {"2d": (14, 14), "3d": (4, 14, 14)}
+EXAMPLE_SOURCE = 48
+_AXES = {"1d": "N", "2d": "H, W", "3d": "T, H, W"}
+
+
+def example_input(m) -> tuple[str, tuple[int, ...]]:
+    """The spatial rank ``make`` builds a layer for and an input shape of it: a 2D layer (any entry whose ``dims``
+    holds "2d": their constructors default to 2D) takes ``(B, H, W, dim)``, a sequence layer ``(B, N, dim)``."""
+    rank = "2d" if "2d" in m.dims else m.dims[0]
+    spatial = (EXAMPLE_TOKENS,) if rank == "1d" else EXAMPLE_MAP[rank]
+    return rank, (EXAMPLE_BATCH, *spatial, EXAMPLE_DIM)
+
+
+def build_snippet(m) -> list[str]:
+    """The lines of a page's runnable "Build it" example: build the entry with its defaults and with one CAB
+    pattern, run a forward on a random input of the right shape and print the output shape (the comments give the
+    printed value; ``tests/core/test_docstring_examples.py`` runs every snippet and checks them)."""
+    lines = ["import torch", "import nearfar as nf", "", f'entry = {{m.name: m for m in nf.mechanisms()}}["{m.name}"]']
+    if m.kind == "model":
+        return lines + ["model = entry.make(128, 4, vocab_size=256)  # a whole LM: (dim, num_heads, vocab_size=...)",
+                        "tokens = torch.randint(0, 256, (2, 64))  # (B, N) token ids",
+                        "print(model.loss(tokens).shape)  # torch.Size([]) (a scalar: next-token cross-entropy)"]
+    rank, shape = example_input(m)
+    d, h = EXAMPLE_DIM, EXAMPLE_HEADS
+    out = f"torch.Size({list(shape)})"
+    lines += [f"layer = entry.make({d}, {h})  # (dim, num_heads), the official defaults otherwise",
+              f"x = torch.randn{shape}  # (B, {_AXES[rank]}, dim)" + (", channel-last" if rank != "1d" else ""),
+              f"print(layer(x).shape)  # {out}"]
+    first = next(iter(m.patterns))
+    lines += [f'layer = entry.build({d}, {h}, "{first}")  # one CAB pattern ({CAB[first]})',
+              f"print(layer(x).shape)  # {out}"]
+    cross = next((p for p in ("CC", "NC") if p in m.patterns), None)
+    if cross is not None and rank == "1d":
+        lines += [f'layer = entry.build({d}, {h}, "{cross}")  # {CAB[cross]}: keys and values from a source',
+                  f"source = torch.randn({EXAMPLE_BATCH}, {EXAMPLE_SOURCE}, {d})  # (B, M, dim)",
+                  f"print(layer(x, context=source).shape)  # {out}"]
+    return lines
+
+
 def mechanism_page(m, first_page_of_class: dict) -> str:
     """Markdown page for one registered mechanism."""
     lines = [f"# `{m.name}`", ""]
@@ -154,16 +196,7 @@ def mechanism_page(m, first_page_of_class: dict) -> str:
                          + (f": `{_md_escape(kw)}`" if kw else ": the defaults") + " |")
         else:
             lines.append(f"| `{p}` ({CAB[p]}) | no | {_md_escape(m.why_not[p])} |")
-    lines += ["", "## Build it", "", "```python", "import torch", "import nearfar as nf", "",
-              f'entry = {{m.name: m for m in nf.mechanisms()}}["{m.name}"]']
-    if m.kind == "model":
-        lines += ["model = entry.make(128, 4, vocab_size=256)  # a whole LM: (dim, num_heads, vocab_size=...)",
-                  "loss = model.loss(torch.randint(0, 256, (2, 64)))"]
-    else:
-        first = next(iter(m.patterns))
-        lines += ["layer = entry.make(dim, num_heads)  # the official defaults",
-                  f'layer = entry.build(dim, num_heads, "{first}")  # one CAB pattern']
-    lines += ["```", ""]
+    lines += ["", "## Build it", "", "```python", *build_snippet(m), "```", ""]
     if m.cls is not None:
         path = _api_path(m.cls)
         owner = first_page_of_class.setdefault(path, m.name)
@@ -172,7 +205,10 @@ def mechanism_page(m, first_page_of_class: dict) -> str:
             public = f"nearfar.models.{m.cls.__name__}"
             lines += [f"See [`{public}`](../api/models.md#{public}).", ""]
         elif owner == m.name:
-            lines += [f"::: {path}", "    options:", "      heading_level: 3", ""]
+            # a sequence layer built on PatternAttention / LightningAttention documents the forward and new_cache
+            # it inherits on its own page
+            lines += [f"::: {path}", "    options:", "      heading_level: 3",
+                      "      inherited_members: [forward, new_cache]", ""]
         else:
             lines += [f"The same class as [`{owner}`]({owner}.md#api), built with other arguments.", ""]
     return "\n".join(lines) + "\n"

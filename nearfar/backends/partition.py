@@ -185,6 +185,19 @@ class WindowBatch:
     by all windows, and Swin's region mask). Only for patterns whose windows are whole (``Blocks``/``Grid`` on
     divisible extents, shifted or cyclic): ``WindowBatch.of`` returns None otherwise, and the module uses
     ``attend(..., pattern)``.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> from nearfar.functional import WindowBatch
+        >>> wb = WindowBatch.of(nf.Blocks(7, grid=(14, 14)), (14, 14))
+        >>> x = torch.randn(2, 14, 14, 32)
+        >>> windows = wb.split(x)        # 2 images x 4 windows of 7x7 tokens
+        >>> windows.shape
+        torch.Size([8, 49, 32])
+        >>> torch.equal(wb.merge(windows, 2), x)
+        True
+        >>> WindowBatch.of(nf.Blocks(7, grid=(15, 15)), (15, 15)) is None   # partial windows
+        True
     """
 
     def __init__(self, win: Windows, pattern, n: int, device: torch.device | None = None):
@@ -196,20 +209,57 @@ class WindowBatch:
     @staticmethod
     def of(pattern: Pattern | None, spatial: tuple[int, ...],
            device: torch.device | str | None = None) -> WindowBatch | None:
+        """The window batch of ``pattern`` on a map of size ``spatial``, or None when its windows are not whole.
+
+        Args:
+            pattern: A window pattern (``Blocks``/``Grid``, shifted or cyclic, possibly intersected with others).
+            spatial: The map's spatial shape, e.g. ``(H, W)``.
+            device: Where the region mask of ``bias`` lives (default: the CPU).
+
+        Returns:
+            A ``WindowBatch`` (cached per pattern, size and device), or None: then run ``attend(..., pattern)`` on the
+            whole map.
+        """
         return _window_batch(pattern, tuple(spatial), torch.device(device or "cpu"))
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
+        """Cut a channel-last map into its windows (rolled first for shifted windows).
+
+        Args:
+            x: A map ``(B, *spatial, C)`` of the size given to ``of``.
+
+        Returns:
+            ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
+        """
         b, c = x.shape[0], x.shape[-1]
         return _reorder(x.reshape(b, 1, -1, c), self.win.recipe).reshape(-1, self.t, c)
 
     def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
+        """Put the windows back in place: the inverse of ``split``.
+
+        Args:
+            y: Per-window tokens ``(B * nW, T, C')``.
+            b: The batch size ``B``.
+
+        Returns:
+            The map ``(B, *spatial, C')``.
+        """
         grid = self.win.recipe[0]
         return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self.win.recipe, b, 1).reshape(b, *grid, -1)
 
     def bias(self, table: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The additive bias of the split windows: ``(1, heads, T, T)`` from a table ``attend`` would take with
         the pattern (the same in every whole window: for Swin's shifted windows on the pairs the region mask
-        allows), plus the region mask, which differs per window: then ``(batch * nW, heads or 1, T, T)``."""
+        allows), plus the region mask, which differs per window: then ``(batch * nW, heads or 1, T, T)``.
+
+        Args:
+            table: A relative-position table ``(heads, 2m-1, ...)`` as ``attend`` takes it with the pattern, or None.
+            batch: The batch size ``B`` (the region mask is repeated per image).
+
+        Returns:
+            None (no table, whole unshifted windows), ``(1, heads, T, T)`` (a table only), or ``(batch * nW, heads
+            or 1, T, T)`` when a region mask (-inf on masked pairs) is added.
+        """
         out = None
         if table is not None:
             if self._index is None:

@@ -66,6 +66,27 @@ class AgentAttention(nn.Module):
     ``num_patches``: the map size the position biases are built for (int perfect square, or ``(H, W)``);
     other input sizes resize them (see the module docstring). ``sr_ratio``: keys/values come from a
     ``sr_ratio x sr_ratio`` strided conv + LayerNorm (PVT spatial reduction). ``agent_num`` must be a square.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1 (default 8).
+        num_patches: The map size the position biases are built for: an int perfect square (default 3136 = 56x56)
+            or an ``(H, W)`` tuple of positive ints.
+        qkv_bias: Biases on the ``q`` and ``kv`` projections (default False).
+        sr_ratio: Spatial-reduction ratio of keys/values, in ``[1, min(H, W)]`` of ``num_patches`` (default 1: none).
+        agent_num: Number of agent tokens, a perfect square >= 1 (default 49).
+
+    Raises:
+        TypeError: ``num_patches``, ``sr_ratio`` or ``agent_num`` is not an int (or a tuple of ints).
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``num_patches`` or ``agent_num`` is not a
+            perfect square, or < 1; ``sr_ratio`` outside ``[1, min(H, W)]``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import AgentAttention
+        >>> layer = AgentAttention(64, 4, num_patches=(14, 14), sr_ratio=2, agent_num=16)
+        >>> layer(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_patches: int | tuple[int, int] = 56 * 56,
@@ -113,6 +134,18 @@ class AgentAttention(nn.Module):
         return bias1, bias2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Agent attention of a channel-last map.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, ``H, W >= sr_ratio`` (any size: the position biases are resized).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty; ``H`` or ``W`` < ``sr_ratio``.
+        """
         b, spatial, _ = check_channels_last(x, 2, self.dim)
         r = self.sr_ratio
         if r > min(spatial):

@@ -20,7 +20,33 @@ from .registry import ENCODER_DECODER_DENSE, Mechanism, register
 class BigBirdAttention(PatternAttention):
     """``BigBirdAttention(dim, num_heads, block=64, global_blocks=2, random_blocks=3, seed=0, causal=True,
     num_kv_heads=None)``: each query block sees its neighbour blocks (causal: the previous one and itself),
-    ``global_blocks`` global blocks and ``random_blocks`` random blocks (``nearfar.RandomBlocks``)."""
+    ``global_blocks`` global blocks and ``random_blocks`` random blocks (``nearfar.RandomBlocks``).
+
+    Zaheer et al., "Big Bird: Transformers for Longer Sequences" (NeurIPS 2020); official code:
+    google-research/bigbird. ``forward`` and ``new_cache`` are ``PatternAttention``'s.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` with an even head dim (RoPE).
+        num_heads: Number of query heads, >= 1.
+        block: Block size in tokens, >= 1 (default 64).
+        global_blocks: Leading global blocks, >= 0 (default 2).
+        random_blocks: Random key blocks per query block, >= 0 (default 3; 0: none).
+        seed: Seed of the random blocks (default 0): the same blocks on every call.
+        causal: Causal (CS, default True) or bidirectional (NS, False).
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+
+    Raises:
+        TypeError: ``block``, ``global_blocks`` or ``random_blocks`` is not an int, or ``causal`` not a bool.
+        ValueError: ``block`` < 1, ``global_blocks`` or ``random_blocks`` < 0; ``dim`` is not a positive multiple of
+            ``num_heads``; ``num_kv_heads`` does not divide ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import BigBirdAttention
+        >>> layer = BigBirdAttention(64, 4, block=4, global_blocks=1, random_blocks=1)
+        >>> layer(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, block: int = 64, global_blocks: int = 2, random_blocks: int = 3,
                  seed: int = 0, causal: bool = True, num_kv_heads: int | None = None):

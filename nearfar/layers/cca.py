@@ -95,7 +95,35 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
 class CCAAttention(nn.Module):
     """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;
-    decoding through ``new_cache`` keeps ``N/group_size + window_size + group_size`` tokens."""
+    decoding through ``new_cache`` keeps ``N/group_size + window_size + group_size`` tokens.
+
+    Chen et al., "Core Context Aware Transformers for Long Context Language Modeling" (ICML 2025); official code:
+    chenyaofo/CCA-Attention. Each group of ``group_size`` tokens that has left the local window is pooled into one
+    core token; a query attends to every core token and to its last ``window_size`` raw tokens in one softmax.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` (an even head dim with ``rope=True``).
+        num_heads: Number of query heads, >= 1.
+        group_size: Tokens pooled into one core token, >= 1 (default 16).
+        window_size: Raw keys of the local window, >= 1 (default 1024).
+        pooling: ``"cca"`` (default: weighted by the group's last query), ``"mean"`` or ``"max"``.
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+        causal: Must be True (CCA is defined for causal LMs only).
+        rope: Rotary position embeddings (default True).
+        qkv_bias: Biases on the q/k/v projections (default False).
+
+    Raises:
+        TypeError: ``group_size``, ``window_size`` or ``num_kv_heads`` is not an int.
+        ValueError: ``pooling`` is not one of the three; ``causal`` is not True; ``group_size`` or ``window_size`` < 1;
+            ``dim`` is not a positive multiple of ``num_heads``; ``num_kv_heads`` does not divide ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import CCAAttention
+        >>> layer = CCAAttention(64, 4, group_size=4, window_size=8)
+        >>> layer(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+    """
 
     # set by add_projections
     dim: int
@@ -122,6 +150,17 @@ class CCAAttention(nn.Module):
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> CCACache:
+        """An empty decoding state for ``batch`` sequences.
+
+        Args:
+            batch: Number of sequences, >= 1.
+            device: The state's device; None (default): fixed by the first call.
+            dtype: The state's dtype; None (default): fixed by the first call.
+
+        Returns:
+            A ``CCACache``: the core tokens of the pooled groups and the raw tokens still in reach (at most
+            ``N / group_size + window_size + group_size`` tokens).
+        """
         return CCACache(batch, device, dtype)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
@@ -167,6 +206,22 @@ class CCAAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: CCACache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal CCA attention of ``x``, or the next tokens of each sequence through ``cache``.
+
+        Args:
+            x: Input ``(B, N, dim)``, ``N >= 1``: whole sequences, or with ``cache`` the next ``N`` tokens.
+            cache: A decoding state from ``new_cache`` (None, the default: whole sequences).
+            key_padding_mask: Optional bool ``(B, N)``, True = a real token (whole sequences only, ``pooling="cca"``).
+
+        Returns:
+            The output ``(B, N, dim)``.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, N >= 1, dim)``; a ``key_padding_mask`` of another shape or dtype, or with
+                ``cache``; ``cache`` made for another batch, device or dtype.
+            NotImplementedError: A ``key_padding_mask`` with ``pooling`` other than ``"cca"``.
+            TypeError: ``cache`` does not come from ``new_cache``.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         cache = CCACache.checked(cache, x)

@@ -81,7 +81,32 @@ class RectWindowBranch(nn.Module):
 
 
 class SRWAttention(nn.Module):
-    """CRAFT's shift rectangle window attention (SRWAB without residual and MLP), input ``(B, H, W, dim)``."""
+    """CRAFT's shift rectangle window attention (SRWAB without residual and MLP), input ``(B, H, W, dim)``.
+
+    Li et al., "Feature Modulation Transformer: Cross-Refinement and Lightweight Transformer for Efficient Image
+    Super-Resolution" (CRAFT, ICCV 2023); official code: AVC2-UESTC/CRAFT-SR. Half the heads attend inside
+    ``split_size`` rectangles, the other half inside the transposed ones.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``, >= 32.
+        num_heads: Number of heads, even and >= 2.
+        split_size: The rectangle ``(rows, cols)``, an int or a pair of positive ints (default ``(4, 16)``).
+        shift_size: Cyclic shift ``(rows, cols)``, an int or a pair of ints >= 0 (default ``(0, 0)``).
+        qkv_bias: Bias on the ``qkv`` projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+
+    Raises:
+        TypeError: ``qkv_bias`` is not a bool; a split or shift entry is not an int; ``qk_scale`` is not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads`` or < 32; an odd ``num_heads``; a split entry
+            < 1 or a shift entry < 0; ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import SRWAttention
+        >>> layer = SRWAttention(64, 4, split_size=(4, 8), shift_size=(2, 4))
+        >>> layer(torch.randn(2, 16, 16, 64)).shape
+        torch.Size([2, 16, 16, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, split_size: tuple[int, int] = (4, 16),
                  shift_size: tuple[int, int] = (0, 0), qkv_bias: bool = True,
@@ -115,6 +140,19 @@ class SRWAttention(nn.Module):
                              f"got H={h}, W={w}; pad the input (CRAFT reflect-pads images to a multiple of 16)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``proj(rectangle-window attention + LCM(v))`` of a channel-last map (no residual, no MLP).
+
+        Args:
+            x: Input ``(B, H, W, dim)``, ``H`` and ``W`` multiples of ``lcm(*split_size)``.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty, or ``H``/``W`` not a multiple of
+                ``lcm(*split_size)``.
+        """
         b, (h, w), n = check_channels_last(x, 2, self.dim)
         self._check_size(h, w)
         qkv = self.qkv(self.norm1(x))

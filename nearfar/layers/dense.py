@@ -45,7 +45,32 @@ class SourceCache(DecodeState):
 
 class DenseAttention(PatternAttention):
     """``DenseAttention(dim, num_heads, causal=True, cross=False, num_kv_heads=None, qkv_bias=False)``: x
-    ``(B, N, dim)`` -> ``(B, N, dim)``; with ``cross=True`` call ``layer(x, context=(B, M, dim))``."""
+    ``(B, N, dim)`` -> ``(B, N, dim)``; with ``cross=True`` call ``layer(x, context=(B, M, dim))``.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` (an even head dim for self-attention, which uses RoPE).
+        num_heads: Number of query heads, >= 1.
+        causal: Causal self-attention (CS) or, with ``cross``, causal cross-attention (CC) (default True); False:
+            NS / NC.
+        cross: Cross-attention: keys and values from ``context (B, M, dim)``, every query sees the whole source
+            (default False).
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+        qkv_bias: Biases on the q/k/v projections (default False).
+
+    Raises:
+        TypeError: ``causal`` or ``cross`` is not a bool; ``num_kv_heads`` is not an int.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``num_kv_heads`` does not divide
+            ``num_heads``; an odd head dim for self-attention.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import DenseAttention
+        >>> DenseAttention(64, 4)(torch.randn(2, 16, 64)).shape
+        torch.Size([2, 16, 64])
+        >>> cross = DenseAttention(64, 4, causal=False, cross=True)
+        >>> cross(torch.randn(2, 16, 64), context=torch.randn(2, 24, 64)).shape
+        torch.Size([2, 16, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, causal: bool = True, cross: bool = False,
                  num_kv_heads: int | None = None, qkv_bias: bool = False):
@@ -57,6 +82,20 @@ class DenseAttention(PatternAttention):
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache | SourceCache:
+        """An empty decoding cache for ``batch`` sequences (causal layers only).
+
+        Args:
+            batch: Number of sequences, >= 1.
+            device: The cache's device; None (default): fixed by the first call.
+            dtype: The cache's dtype; None (default): fixed by the first call.
+
+        Returns:
+            A ``KVCache`` of every key (self-attention), or a ``SourceCache`` (cross-attention) that holds the source's
+            projected keys and values from the first call on (later calls may leave ``context`` out).
+
+        Raises:
+            ValueError: The layer is not causal (``causal=False``).
+        """
         if not self.causal:
             raise ValueError("DenseAttention(causal=False) is not causal: it has no decoding cache")
         return (SourceCache if self.cross else KVCache)(batch, device=device, dtype=dtype)
@@ -66,6 +105,25 @@ class DenseAttention(PatternAttention):
     def forward(  # type: ignore[override]
             self, x: torch.Tensor, context: torch.Tensor | None = None, cache: KVCache | SourceCache | None = None,
             key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense attention of ``x``: self-attention, or cross-attention to ``context`` (``cross=True``).
+
+        Args:
+            x: Queries ``(B, N, dim)``: whole sequences, or with ``cache`` the next ``N`` tokens of each sequence.
+            context: The source ``(B, M, dim)``, ``M >= 1`` (cross layers only; with a cache, needed at the first call
+                only).
+            cache: A decoding state from ``new_cache`` (None, the default: whole sequences).
+            key_padding_mask: Optional bool mask of the keys, True = real: ``(B, N)`` for self-attention (not with
+                ``cache``), ``(B, M)`` of the source for cross-attention.
+
+        Returns:
+            The output ``(B, N, dim)``.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, N, dim)``; a ``context`` given to a self-attention layer, or a cross layer's
+                ``context`` of another batch or width; ``cache`` made for another batch, device or dtype; a
+                self-attention ``key_padding_mask`` with ``cache``.
+            TypeError: ``cache`` does not come from this layer's ``new_cache``.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         if not self.cross:

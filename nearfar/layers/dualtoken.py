@@ -46,7 +46,34 @@ from .registry import Mechanism, image_layer, register
 class DualTokenAttention(nn.Module):
     """``DualTokenAttention(dim, num_heads, global_size=7, kernel_size=7, mlp_ratio=4.0, max_downsample_steps=3,
     qkv_bias=True, qk_scale=None)``: x ``(B, H, W, dim)`` (and optional global tokens ``(B, global_size^2, dim)``)
-    -> same shape. PROVISIONAL design (see the module docstring)."""
+    -> same shape. PROVISIONAL design (see the module docstring).
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads of the global attention and the broadcast, >= 1.
+        global_size: Side of the ``global_size x global_size`` global tokens, >= 1 (default 7).
+        kernel_size: Depth-wise kernel of the conv encoder, odd and >= 1 (default 7).
+        mlp_ratio: Hidden width of the encoder's MLP in ``dim`` s, a positive finite number (default 4.0).
+        max_downsample_steps: Most stride-2 downsampling steps towards ``global_size``, >= 0 (default 3).
+        qkv_bias: Biases on the attention projections (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+
+    Raises:
+        TypeError: An int argument is not an int; ``mlp_ratio`` or ``qk_scale`` is not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``global_size`` or ``kernel_size`` < 1, an
+            even ``kernel_size``; ``mlp_ratio`` <= 0 or not finite; ``max_downsample_steps`` < 0; ``qk_scale`` <= 0 or
+            not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import DualTokenAttention
+        >>> layer = DualTokenAttention(64, 4)
+        >>> y, g = layer(torch.randn(2, 14, 14, 64), return_global_tokens=True)
+        >>> y.shape, g.shape
+        (torch.Size([2, 14, 14, 64]), torch.Size([2, 49, 64]))
+        >>> layer(torch.randn(2, 14, 14, 64), g).shape   # the next block reads the refreshed tokens
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, global_size: int = 7, kernel_size: int = 7, mlp_ratio: float = 4.0,
                  max_downsample_steps: int = 3, qkv_bias: bool = True, qk_scale: float | None = None):
@@ -95,6 +122,23 @@ class DualTokenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, global_tokens: torch.Tensor | None = None,
                 return_global_tokens: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Local tokens plus the broadcast of the refreshed global tokens.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size.
+            global_tokens: The global tokens ``(B, global_size**2, dim)`` of the previous block (x's dtype and device);
+                None (default): the learned ``global_tokens``.
+            return_global_tokens: Also return the refreshed global tokens (default False).
+
+        Returns:
+            ``y (B, H, W, dim)``, or ``(y, g_new)`` with ``g_new (B, global_size**2, dim)`` when
+            ``return_global_tokens``.
+
+        Raises:
+            TypeError: ``x`` or ``global_tokens`` is not a tensor; ``return_global_tokens`` is not a bool.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty; ``global_tokens`` of another shape, dtype or
+                device.
+        """
         b, spatial, n = check_channels_last(x, 2, self.dim)
         g = self._check_global_tokens(global_tokens, x)
         check_bool(return_global_tokens, "return_global_tokens")

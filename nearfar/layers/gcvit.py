@@ -164,6 +164,26 @@ class GCViTWindowAttention(_GCViTWindowBase):
 
     ``GCViTWindowAttention(dim, num_heads, window_size=7, qkv_bias=True, qk_scale=None)``; input ``(B, H, W, dim)``,
     any ``H, W``.
+
+    Hatamizadeh et al., "Global Context Vision Transformers" (ICML 2023); official code: NVlabs/GCVit.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        window_size: Window size, an int or a pair of positive ints (default 7).
+        qkv_bias: Bias on the ``qkv`` projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+
+    Raises:
+        TypeError: ``qkv_bias`` is not a bool; a window entry is not an int; ``qk_scale`` is not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; a window entry < 1; ``qk_scale`` <= 0 or
+            not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import GCViTWindowAttention
+        >>> GCViTWindowAttention(64, 4, window_size=7)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7, qkv_bias: bool = True,
@@ -171,6 +191,18 @@ class GCViTWindowAttention(_GCViTWindowBase):
         super().__init__(dim, num_heads, window_size, qkv_bias, qk_scale, n_proj=3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Window attention (no shift) with relative position bias of a channel-last map.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size (windows larger than the map are clipped).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         window = tuple(min(m, n) for m, n in zip(self.window_size, spatial))
         return self.proj(window_attention(x, Blocks(window, grid=spatial), self.qkv, self.num_heads, self.scale,
@@ -184,6 +216,32 @@ class GlobalQueryAttention(_GCViTWindowBase):
     query_generator=True)``. ``forward(x, q_global=None)``: ``x (B, H, W, dim)`` (any ``H, W``); ``q_global``
     ``(B or 1, ws0, ws1, dim)`` channel-last, heads head-major in the channels; generated from ``x`` by
     ``global_query`` when omitted.
+
+    Hatamizadeh et al., "Global Context Vision Transformers" (ICML 2023); official code: NVlabs/GCVit.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        window_size: Window size, an int or a pair of positive ints (default 7); the global query map is
+            ``window_size``.
+        feat_size: The stage's map size, an int or a pair of positive ints (default 56): the query generator
+            downsamples ``log2(feat_size / window_size)`` times.
+        qkv_bias: Bias on the ``qkv`` (keys and values) projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+        query_generator: Build the generator of the global queries (default True); False: pass ``q_global``.
+
+    Raises:
+        TypeError: ``qkv_bias`` or ``query_generator`` is not a bool; a window or feature-size entry is not an int;
+            ``qk_scale`` is not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; a window or feature-size entry < 1;
+            ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import GlobalQueryAttention
+        >>> layer = GlobalQueryAttention(64, 4, window_size=7, feat_size=14)
+        >>> layer(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7,
@@ -216,6 +274,20 @@ class GlobalQueryAttention(_GCViTWindowBase):
         return q_global
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor | None = None) -> torch.Tensor:
+        """Window attention whose queries come from the global query map, shared by every window.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size: keys and values of each window.
+            q_global: The global queries ``(B or 1, ws0, ws1, dim)``; None (default): ``global_query(x)``.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` or ``q_global`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty; ``q_global`` of another shape; no ``q_global``
+                without a query generator.
+        """
         b, spatial, _ = check_channels_last(x, 2, self.dim)
         q_global = self.global_query(x) if q_global is None else self._check_query(q_global, b)
         qg = split_heads(q_global, self.num_heads).expand(b, -1, -1, -1)  # (B, h, ws0*ws1, d)

@@ -40,7 +40,32 @@ from .registry import Mechanism, image_layer, register
 
 class HiLo(nn.Module):
     """``HiLo(dim, num_heads=8, qkv_bias=False, qk_scale=None, window_size=2, alpha=0.5, mask_padding=False)``:
-    x ``(B, H, W, dim)`` -> same shape. Any ``H, W >= 1`` (see the module docstring for the padding)."""
+    x ``(B, H, W, dim)`` -> same shape. Any ``H, W >= 1`` (see the module docstring for the padding).
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1 (default 8); ``int(num_heads * alpha)`` of them are Lo-Fi heads, the rest
+            Hi-Fi (all Lo-Fi when ``window_size == 1``).
+        qkv_bias: Biases on the q/kv/qkv projections (default False).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+        window_size: Hi-Fi window size and Lo-Fi pooling size, >= 1 (default 2).
+        alpha: Fraction of Lo-Fi heads, a number in ``[0, 1]`` (default 0.5).
+        mask_padding: Ignore the zero padding of sizes not divisible by ``window_size`` (default False: attend it,
+            as LITv2's detection code).
+
+    Raises:
+        TypeError: ``window_size`` is not an int, ``alpha`` or ``qk_scale`` not a number, ``mask_padding`` not a
+            bool.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``window_size`` < 1; ``alpha`` outside
+            ``[0, 1]``; ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import HiLo
+        >>> layer = HiLo(64, 4, window_size=2, alpha=0.5)
+        >>> layer(torch.randn(2, 13, 13, 64)).shape   # 13 is zero-padded to 14 inside
+        torch.Size([2, 13, 13, 64])
+    """
 
     dim: int
     num_heads: int
@@ -78,6 +103,18 @@ class HiLo(nn.Module):
             self.h_proj = nn.Linear(self.h_dim, self.h_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Hi-Fi window attention and Lo-Fi pooled attention of a channel-last map, concatenated on the channels.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any ``H, W >= 1``.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         _, (h, w), _ = check_channels_last(x, 2, self.dim)
         pads = (-h % self.ws, -w % self.ws)
         parts = []

@@ -83,7 +83,40 @@ class LightningAttention(nn.Module):
 
     ``q, k, v = SiLU(x W)``; lightning attention with TNL's per-layer ALiBi decay (``decay=False``: none); merge
     heads; ``norm_type`` ("srmsnorm" or "layernorm"); times ``sigmoid(output_gate(x))`` (low rank ``dim -> gate_rank
-    -> dim``); ``o_proj``. ``forward(x, cache=new_cache(B))`` continues a sequence with any number of tokens."""
+    -> dim``); ``o_proj``. ``forward(x, cache=new_cache(B))`` continues a sequence with any number of tokens.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        bias: Biases on the q/k/v/o projections and the output gate (default False, as TNL).
+        norm_type: ``"srmsnorm"`` (default, parameter-free) or ``"layernorm"``, applied after merging the heads.
+        layer_idx: This layer's index in ``[0, num_layers - 1]`` (default 0): sets the decay rates.
+        num_layers: Number of layers of the model, >= 1 (default 12).
+        decay: TNL's per-head decay ``lambda^(i-j)`` (default True); False: plain linear attention.
+        gate_rank: Rank of the low-rank output gate, >= 1; None (default): the head dim.
+        block_size: Block length of the blocked (Lightning-2) evaluation, >= 1 (default 64); the result does not
+            depend on it.
+        causal: Causal (default True); False: every query sees every key (needs ``decay=False``).
+        cross: Keys and values from a ``context`` (default False; needs ``decay=False``).
+
+    Raises:
+        TypeError: ``bias``, ``decay``, ``causal`` or ``cross`` is not a bool; an int argument is not an int.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``decay=True`` with ``causal=False`` or
+            ``cross=True``; an unknown ``norm_type``; ``block_size``, ``gate_rank`` or ``num_layers`` < 1;
+            ``layer_idx`` outside ``[0, num_layers - 1]``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import LightningAttention
+        >>> layer = LightningAttention(64, 4, block_size=16)
+        >>> x = torch.randn(2, 40, 64)
+        >>> layer(x).shape
+        torch.Size([2, 40, 64])
+        >>> cache = layer.new_cache(2)   # the same outputs, one chunk at a time
+        >>> torch.allclose(torch.cat([layer(x[:, :25], cache=cache), layer(x[:, 25:], cache=cache)], 1), layer(x),
+        ...                atol=1e-4)
+        True
+    """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = False, norm_type: str = "srmsnorm", layer_idx: int = 0,
                  num_layers: int = 12, decay: bool = True, gate_rank: int | None = None, block_size: int = 64,
@@ -115,7 +148,19 @@ class LightningAttention(nn.Module):
     def new_cache(self, batch: int, device: torch.device | None = None,
                   dtype: torch.dtype | None = None) -> LinearAttentionState:
         """An empty state for ``batch`` sequences: ``S`` zeros ``[B, H, d, d]`` in fp32 (fp64 when ``dtype`` or the
-        layer is fp64). A causal cross layer's state is the source's ``K^T V``, set at the first call."""
+        layer is fp64). A causal cross layer's state is the source's ``K^T V``, set at the first call.
+
+        Args:
+            batch: Number of sequences, >= 1.
+            device: The state's device; None (default): the layer's.
+            dtype: The dtype of the inputs ``x``; None (default): fixed by the first call.
+
+        Returns:
+            A ``LinearAttentionState`` whose size does not depend on the sequence length.
+
+        Raises:
+            ValueError: The layer is not causal (``causal=False``).
+        """
         if not self.causal:
             raise ValueError(f"{type(self).__name__}(causal=False) is not causal: it has no decoding cache")
         ref = self.q_proj.weight
@@ -126,6 +171,24 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 cache: LinearAttentionState | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Lightning (or linear) attention of ``x``, or the next tokens of each sequence through ``cache``.
+
+        Args:
+            x: Queries (and, for self-attention, keys and values) ``(B, N, dim)``, ``B, N >= 1``.
+            context: The source ``(B, M, dim)`` of a cross layer (with a cache: needed at the first call only).
+            cache: A decoding state from ``new_cache`` (None, the default: whole sequences).
+            key_padding_mask: Optional bool mask of the keys, True = real: ``(B, N)``, or ``(B, M)`` for cross layers.
+
+        Returns:
+            The output ``(B, N, dim)``.
+
+        Raises:
+            TypeError: ``x`` or ``context`` is not a tensor; ``key_padding_mask`` is not a bool tensor; ``cache`` does
+                not come from ``new_cache``.
+            ValueError: ``x`` or ``context`` is not ``(B, N, dim)`` with ``B, N >= 1``; a ``context`` given to a self
+                layer, missing for a cross layer or with another batch; a ``key_padding_mask`` of another shape;
+                ``cache`` made for another batch, device or dtype.
+        """
         bs, n = _check_seq(x, self.dim, "x")
         cache = LinearAttentionState.checked(cache, x)
         if context is not None and not self.cross:

@@ -19,7 +19,27 @@ class LinearAttention(LightningAttention):
     """``LightningAttention`` without decay (``decay=False``): plain linear attention in the TNL layer; causal
     (default) or not (``causal=False``: ``o_i = q_i K^T V`` over every key), self or cross (``cross=True``: keys and
     values from ``context (B, M, dim)``, every query sees the whole source; with ``causal=True`` it decodes with the
-    source's ``K^T V`` as its cache)."""
+    source's ``K^T V`` as its cache).
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        **kwargs: ``LightningAttention``'s other arguments (``causal``, ``cross``, ``bias``, ``norm_type``,
+            ``gate_rank``, ``block_size``, ...), except ``decay``.
+
+    Raises:
+        TypeError: ``decay`` is given; or what ``LightningAttention`` raises.
+        ValueError: What ``LightningAttention`` raises.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import LinearAttention
+        >>> LinearAttention(64, 4)(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+        >>> cross = LinearAttention(64, 4, causal=False, cross=True)
+        >>> cross(torch.randn(2, 32, 64), context=torch.randn(2, 48, 64)).shape
+        torch.Size([2, 32, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, **kwargs: Any):
         if "decay" in kwargs:

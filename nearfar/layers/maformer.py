@@ -77,7 +77,27 @@ class MAFAttention(nn.Module):
     """``MAFAttention(dim, num_heads, window_size=7, down_ratio=8, qkv_bias=True, qk_scale=None)``: x
     ``(B, H, W, dim)`` -> same shape. PROVISIONAL design (see the module docstring): local window attention,
     GLD (``down_ratio x down_ratio`` strided conv, then MHSA over the down-sampled tokens), fused by a residual
-    cross-attention ``y = y_l + CrossAttn(y_l, y_g)``. ``down_ratio`` should make the map 7x7 (``H / 7``)."""
+    cross-attention ``y = y_l + CrossAttn(y_l, y_g)``. ``down_ratio`` should make the map 7x7 (``H / 7``).
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        window_size: Local window size, >= 1 (default 7).
+        down_ratio: Stride and kernel of the GLD conv, >= 1 (default 8).
+        qkv_bias: Biases on the attention projections (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+
+    Raises:
+        TypeError: ``window_size`` or ``down_ratio`` is not an int; ``qk_scale`` is not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``window_size`` or ``down_ratio`` < 1;
+            ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import MAFAttention
+        >>> MAFAttention(64, 4, window_size=7, down_ratio=2)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, window_size: int = 7, down_ratio: int = 8, qkv_bias: bool = True,
                  qk_scale: float | None = None):
@@ -101,6 +121,18 @@ class MAFAttention(nn.Module):
         return self.gld(t).flatten(2).transpose(1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Local window attention fused with the down-sampled global tokens by a residual cross-attention.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size (the GLD input is zero-padded to a multiple of ``down_ratio``).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         b, spatial, n = check_channels_last(x, 2, self.dim)
         y_l = self.local(x)
         y_g = self.global_attn(self.global_tokens(x))

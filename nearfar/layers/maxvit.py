@@ -72,6 +72,29 @@ class MaxViTAttention(nn.Module):
 
     ``partition="block"``: attention inside ``P x P`` windows; ``"grid"``: inside the ``G x G`` grid of tokens
     spaced ``H/G`` apart. ``num_heads = dim // dim_head`` (MaxViT: head dim 32). ``rel_pos_type=None``: no bias.
+
+    Args:
+        dim: Channels, a positive multiple of ``dim_head``.
+        partition: ``"block"`` (default, window attention) or ``"grid"`` (dilated, sparse global attention).
+        partition_size: The window / grid size ``P`` or ``G``, an int or a pair of positive ints (default 7).
+        dim_head: Channels per head, >= 1 (default 32); ``num_heads = dim // dim_head``.
+        bias: Biases on the ``qkv`` and ``proj`` Linears (default True).
+        rel_pos_type: ``"bias_tf"`` (default, MaxViT's TF table), ``"bias"`` (a Swin table) or None (no bias).
+        head_first: timm "rw" channel order of ``qkv`` ``[heads, 3, dim_head]`` (default False: ``[3, heads, d]``).
+
+    Raises:
+        TypeError: A ``partition_size`` entry is not an int.
+        ValueError: An unknown ``partition`` or ``rel_pos_type``; ``dim`` is not a positive multiple of ``dim_head``;
+            a ``partition_size`` entry < 1.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import MaxViTAttention
+        >>> x = torch.randn(2, 14, 14, 64)
+        >>> MaxViTAttention(64, "block", partition_size=7)(x).shape
+        torch.Size([2, 14, 14, 64])
+        >>> MaxViTAttention(64, "grid", partition_size=7)(x).shape
+        torch.Size([2, 14, 14, 64])
     """
 
     def __init__(self, dim: int, partition: str = "block", partition_size: int | Sequence[int] = 7,
@@ -103,6 +126,19 @@ class MaxViTAttention(nn.Module):
         return window, Blocks(window, grid=spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Block or grid attention of a channel-last map.
+
+        Args:
+            x: Input ``(B, H, W, dim)``; grid attention needs ``H``, ``W`` divisible by ``partition_size`` (block
+                windows larger than the map are clipped).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty; a grid extent not divisible by ``partition_size``.
+        """
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         window, pattern = self._pattern(spatial)
         bias = self.rel_pos.offsets(window) if self.rel_pos is not None else None

@@ -94,7 +94,40 @@ class MoAAttention(PatternAttention):
 
     Default ``alphas = 0, betas = 0.5`` for every head: the uniform half-length span of the official
     ``examples/*/streamingllm_alpha_beta.json`` baseline; pass ``moa_profile``'s result for a searched plan. The
-    decode cache keeps the largest sink and the largest recent window over the heads (``<= max span`` keys)."""
+    decode cache keeps the largest sink and the largest recent window over the heads (``<= max span`` keys).
+
+    Fu et al., "Mixture of Attention Spans" (CoLM 2025); official code: thu-nics/MoA. Head ``h`` sees
+    ``min(span_h, sink_size)`` sinks and the last ``span_h - sinks`` tokens, ``span_h = alphas[h] + betas[h] *
+    total_len`` (capped at ``total_len``, at least ``minimum_cache_size``, rounded up to a multiple of
+    ``split_size``). ``forward`` and ``new_cache`` are ``PatternAttention``'s.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` with an even head dim (RoPE).
+        num_heads: Number of query heads, >= 1.
+        alphas: Per-head span offsets, ``num_heads`` finite numbers; None (default): 0 for every head.
+        betas: Per-head span slopes, ``num_heads`` finite numbers >= 0; None (default): 0.5 for every head.
+        total_len: The sequence length the spans are planned for, >= 1 (default 4096).
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+        sink_size: Sink tokens of a head, >= 1 (default 64).
+        minimum_cache_size: Smallest span, > ``sink_size`` (default 128).
+        split_size: Spans are rounded up to a multiple of it, >= 1 (default 64).
+
+    Raises:
+        TypeError: An int argument is not an int.
+        ValueError: ``alphas``/``betas`` without ``num_heads`` entries, a non-finite alpha or beta or a beta < 0;
+            ``total_len``, ``sink_size`` or ``split_size`` < 1; ``minimum_cache_size <= sink_size``; ``dim`` is not a
+            positive multiple of ``num_heads``; ``num_kv_heads`` does not divide ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import MoAAttention
+        >>> layer = MoAAttention(64, 4, betas=[0.25, 0.25, 0.5, 1.0], total_len=64, sink_size=4,
+        ...                      minimum_cache_size=8, split_size=8)
+        >>> layer.spans
+        [16, 16, 32, 64]
+        >>> layer(torch.randn(2, 64, 64)).shape
+        torch.Size([2, 64, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, alphas: Sequence[float] | None = None,
                  betas: Sequence[float] | None = None, total_len: int = 4096, num_kv_heads: int | None = None,

@@ -48,6 +48,28 @@ class MSAConv2d(nn.Module):
     """``MSAConv2d(input_channel, output_channel, kernel_size, stride=1, dilation=1, dropout=0.0, padding=1,
     bias=False)``: x ``(B, H, W, input_channel)`` -> ``(B, H', W', output_channel)``, ``H' = (H + 2 padding -
     k) // stride + 1`` (the final conv's size rule).
+
+    Args:
+        input_channel: Input channels ``C_in``, >= 1 (one head over all of them).
+        output_channel: Output channels of the final conv, >= 1.
+        kernel_size: Attention window and final conv kernel, an odd int or a pair of odd positive ints.
+        stride: Stride of the final conv, an int or a pair of positive ints (default 1).
+        dilation: Dilation of the attention window, an int or a pair of positive ints (default 1).
+        dropout: Must be 0 (default; the official 0.1 acts in training only and is not implemented).
+        padding: Zero padding of the final conv, an int or a pair of ints >= 0 (default 1).
+        bias: Bias of the final conv (default False).
+
+    Raises:
+        TypeError: A kernel, stride, dilation or padding entry is not an int; ``bias`` is not a bool.
+        ValueError: A channel count, kernel, stride or dilation entry < 1, a padding entry < 0, an even kernel size;
+            ``dropout`` != 0.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import MSAConv2d
+        >>> layer = MSAConv2d(64, 32, kernel_size=3, stride=2)
+        >>> layer(torch.randn(2, 14, 14, 64)).shape   # (14 + 2 * 1 - 3) // 2 + 1 = 7
+        torch.Size([2, 7, 7, 32])
     """
 
     def __init__(self, input_channel: int, output_channel: int, kernel_size: int | Sequence[int],
@@ -91,6 +113,18 @@ class MSAConv2d(nn.Module):
         return out.view(b, *grid, c)[:, ph:ph + h, pw:pw + w]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``ReLU(conv(x + MSA(x)))``: window self-attention with a residual, then the strided convolution.
+
+        Args:
+            x: Input ``(B, H, W, input_channel)``; each extent + 2 * padding >= the kernel size.
+
+        Returns:
+            The output ``(B, H', W', output_channel)``, ``H' = (H + 2 padding - kernel_size) // stride + 1``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty, or an axis too small for the final conv.
+        """
         _, spatial, _ = check_channels_last(x, 2, self.input_channel)
         for a, (n, k, p) in enumerate(zip(spatial, self.kernel_size, self.padding)):
             if n + 2 * p < k:

@@ -63,7 +63,25 @@ def _as_shift(shift: object) -> tuple[int, int]:
 
 
 class MSWAttention(nn.Module):
-    """MSW-MSA with diffusers ``Attention`` weights; ``forward(x (B, H, W, dim), shift=None, generator=None)``."""
+    """MSW-MSA with diffusers ``Attention`` weights; ``forward(x (B, H, W, dim), shift=None, generator=None)``.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        bias: Biases on ``to_q``, ``to_k``, ``to_v`` (default False, as diffusers).
+        out_bias: Bias on ``to_out.0`` (default True).
+
+    Raises:
+        TypeError: ``bias`` or ``out_bias`` is not a bool.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import MSWAttention
+        >>> layer = MSWAttention(64, 4)
+        >>> layer(torch.randn(2, 14, 14, 64), generator=torch.Generator().manual_seed(0)).shape
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, bias: bool = False, out_bias: bool = True):
         super().__init__()
@@ -82,6 +100,21 @@ class MSWAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] | int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Attention inside the 2x2 windows of ``ceil(H/2) x ceil(W/2)``, cyclically shifted.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size (odd sizes are bicubic-resized to even ones and back, as HiDiffusion).
+            shift: The cyclic shift, an int or ``(rows, cols)``; None (default): HiDiffusion's random draw.
+            generator: A ``torch.Generator`` for the random shift (None: the global one).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor; ``shift`` is not None, an int or a pair of ints; ``generator`` is not a
+                ``torch.Generator``.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         _, (h, w), _ = check_channels_last(x, 2, self.dim)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

@@ -46,6 +46,33 @@ class NeighborhoodAttention(nn.Module):
 
     ``ndim`` is the number of spatial axes (1, 2 or 3); ``kernel_size``/``dilation``/``is_causal`` are ints or
     per-axis tuples. With ``rel_pos_bias`` the NAT relative-position bias is learned (non-causal only).
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        kernel_size: Neighbourhood size, an int or one positive int per spatial axis (no default; NAT uses 7).
+        dilation: Dilation, an int or one positive int per axis (default 1; DiNAT's sparse global context).
+        is_causal: Causal neighbourhood (only keys up to the query), a bool or one per axis (default False).
+        rel_pos_bias: Learned NAT relative-position bias (default True; needs a non-causal neighbourhood).
+        qkv_bias: Bias on the fused ``qkv`` projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+        ndim: Spatial axes, 1, 2 (default) or 3.
+
+    Raises:
+        TypeError: ``rel_pos_bias`` or an ``is_causal`` entry is not a bool; a kernel or dilation entry is not an
+            int; ``qk_scale`` is not a number.
+        ValueError: ``ndim`` not 1, 2 or 3; ``dim`` is not a positive multiple of ``num_heads``; a kernel or
+            dilation entry < 1, or a tuple of another length than ``ndim``; ``rel_pos_bias`` with a causal axis;
+            ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import NeighborhoodAttention
+        >>> NeighborhoodAttention(64, 4, kernel_size=7)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+        >>> causal_1d = NeighborhoodAttention(64, 4, 5, is_causal=True, rel_pos_bias=False, ndim=1)
+        >>> causal_1d(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
     """
 
     def __init__(self, dim: int, num_heads: int, kernel_size: int | Sequence[int], dilation: int | Sequence[int] = 1,
@@ -76,6 +103,19 @@ class NeighborhoodAttention(nn.Module):
         return Neighborhood(self.kernel_size, self.dilation, self.is_causal, grid=spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Neighbourhood attention of a channel-last input.
+
+        Args:
+            x: Input ``(B, *spatial, dim)`` with ``ndim`` spatial axes, each extent >= ``kernel_size * dilation``.
+
+        Returns:
+            The output, the shape of ``x``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` has another rank or channel count, is empty, or an axis is shorter than
+                ``kernel_size * dilation``.
+        """
         _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
         q, k, v = split_qkv(self.qkv(x), self.num_heads)
         out = attend(q, k, v, self.pattern(spatial), scale=self.scale, rpb=self.rpb)

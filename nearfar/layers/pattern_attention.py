@@ -21,7 +21,39 @@ class PatternAttention(nn.Module):
     """Multi-head attention of ``x (B, N, dim)`` restricted to ``pattern`` (on token indices), with rotary
     positions, GQA (``num_kv_heads``) and a KV cache that keeps what ``keep(positions, next_position)`` says.
 
-    ``pattern`` must be causal to decode (``causal=True`` says so; it is checked by the decode tests)."""
+    ``pattern`` must be causal to decode (``causal=True`` says so; it is checked by the decode tests).
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads``.
+        num_heads: Number of query heads, >= 1. With ``rope=True`` the head dim ``dim // num_heads`` must be even.
+        pattern: The ``nearfar.patterns.Pattern`` of allowed (query, key) pairs on token indices.
+        num_kv_heads: Number of key/value heads (grouped-query attention), >= 1 and dividing ``num_heads``;
+            None (default): ``num_heads``.
+        causal: Whether ``pattern`` is causal, so that the layer can decode through ``new_cache`` (default True;
+            not checked against the pattern here).
+        keep: ``keep(positions, next_position) -> bool mask`` of the cached keys a future query can still reach
+            (e.g. a window and sinks); None (default): the cache keeps every key.
+        rope: Rotary position embeddings on queries and keys (default True).
+        qkv_bias: Biases on the q/k/v projections (default False; ``o_proj`` has none).
+
+    Raises:
+        TypeError: ``pattern`` is not a ``Pattern``, or ``num_kv_heads`` is not an int.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``num_kv_heads`` < 1 or not dividing
+            ``num_heads``; an odd head dim with ``rope=True``.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> from nearfar.layers import PatternAttention
+        >>> layer = PatternAttention(64, 4, nf.SlidingWindow(left=7) & nf.Causal(), num_kv_heads=2,
+        ...                          keep=lambda p, nxt: p > nxt - 8)
+        >>> layer(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+        >>> cache = layer.new_cache(2)   # decoding: the cache keeps the last 8 keys
+        >>> layer(torch.randn(2, 20, 64), cache=cache).shape
+        torch.Size([2, 20, 64])
+        >>> layer(torch.randn(2, 1, 64), cache=cache).shape
+        torch.Size([2, 1, 64])
+    """
 
     # set by add_projections
     dim: int
@@ -44,12 +76,42 @@ class PatternAttention(nn.Module):
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> DecodeState:
+        """An empty decoding cache for ``batch`` sequences (causal layers only).
+
+        Args:
+            batch: Number of sequences, >= 1; every call with the cache must have this batch.
+            device: The cache's device; None (default): fixed by the first call.
+            dtype: The cache's dtype; None (default): fixed by the first call.
+
+        Returns:
+            A ``KVCache`` that keeps the keys ``keep`` says a future query can still reach (all keys without ``keep``).
+
+        Raises:
+            ValueError: The layer is not causal, or ``batch`` < 1, or ``device``/``dtype`` is not one.
+            TypeError: ``batch`` is not an int.
+        """
         if not self.causal:
             raise ValueError(f"{type(self).__name__} is not causal: it has no decoding cache")
         return KVCache(batch, keep=self.keep, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend ``x`` under the layer's pattern, or continue each sequence through ``cache``.
+
+        Args:
+            x: Input ``(B, N, dim)``: whole sequences, or with ``cache`` the next ``N`` tokens of each sequence.
+            cache: A decoding state from ``new_cache`` (None, the default: no state, ``x`` is the whole sequence).
+                The outputs equal the matching rows of the forward over the whole sequence.
+            key_padding_mask: Optional bool ``(B, N)``, True = a real token (whole sequences only, not with ``cache``).
+
+        Returns:
+            The output ``(B, N, dim)``.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, N, dim)``; ``cache`` was made for another batch, device or dtype; a
+                ``key_padding_mask`` together with ``cache``.
+            TypeError: ``cache`` does not come from this layer's ``new_cache``.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         cache = KVCache.checked(cache, x)

@@ -108,6 +108,33 @@ class ProxyTokenAttention(nn.Module):
 
     ``compress_ratios`` are the window sizes, ``proxy_compress_ratios`` the proxy ratios (ints or per-axis
     tuples; default ``(8, 8)``/``(4, 4)``, in 3D ``(1, 8, 8)``/``(1, 4, 4)``). See the module docstring.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        compress_ratios: Window size, an int or one positive int per axis; None (default): ``(8, 8)``, in 3D
+            ``(1, 8, 8)``.
+        proxy_compress_ratios: Proxy ratio per axis, each dividing its ``compress_ratios`` entry; None (default):
+            ``(4, 4)``, in 3D ``(1, 4, 4)``.
+        shift_window: Add the shifted-window attention (default True).
+        proxy_mode: ``"code_strided_mean"`` (default), ``"paper_window_mean"`` or ``"first"`` (module docstring).
+        attention_bias: Biases on ``to_q``, ``to_k``, ``to_v`` (default False).
+        norm_elementwise_affine: Affine LayerNorms (default True).
+        norm_eps: The LayerNorms' epsilon (default 1e-5).
+        ndim: Spatial axes, 2 (default, images) or 3 (video).
+
+    Raises:
+        TypeError: A bool argument is not a bool; a ratio entry is not an int.
+        ValueError: ``ndim`` not 2 or 3; ``dim`` is not a positive multiple of ``num_heads``; an unknown
+            ``proxy_mode``; a ratio entry < 1, a tuple of another length than ``ndim``, or a window not a multiple
+            of its proxy ratio.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import ProxyTokenAttention
+        >>> layer = ProxyTokenAttention(64, 4)   # 8x8 windows, 4x4 proxy ratio
+        >>> layer(torch.randn(2, 16, 16, 64)).shape
+        torch.Size([2, 16, 16, 64])
     """
 
     def __init__(self, dim: int, num_heads: int, compress_ratios: int | Sequence[int] | None = None,
@@ -192,7 +219,19 @@ class ProxyTokenAttention(nn.Module):
         return g.reshape(x.shape[0], -1, self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The block's update ``z - x`` (the official steps 1-4 give ``x + layer(x)``)."""
+        """The block's update ``z - x`` (the official steps 1-4 give ``x + layer(x)``).
+
+        Args:
+            x: Input ``(B, H, W, dim)`` (``ndim=3``: ``(B, T, H, W, dim)``), each extent divisible by its
+                ``compress_ratios`` entry.
+
+        Returns:
+            The update, the shape of ``x``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` has another rank or channel count, is empty, or an extent is not divisible by its window.
+        """
         spatial = self._check(x)
         window, shifted = self.patterns(spatial)
         p = self.proxy_tokens(x)

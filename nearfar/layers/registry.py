@@ -116,6 +116,30 @@ _REGISTRY: dict[str, Mechanism] = {}
 
 
 def register(mechanism: Mechanism) -> Mechanism:
+    """Add ``mechanism`` to the registry behind ``nearfar.mechanisms()``; each layer file registers its own entries.
+
+    Args:
+        mechanism: The entry. ``family``, ``kind`` and ``dims`` must be allowed values, and ``patterns`` and
+            ``why_not`` must split CAB's four patterns between them (at least one supported, a reason for each other).
+
+    Returns:
+        ``mechanism``.
+
+    Raises:
+        ValueError: An unknown ``family`` or ``kind``; empty or unknown ``dims``; ``patterns`` and ``why_not`` that
+            overlap, miss a pattern or support none; an empty reason; a name registered already.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> from nearfar.layers.registry import Mechanism, register
+        >>> entry = Mechanism(name="dense", paper="", repo="", family="dense", dims=("1d",),
+        ...                   make=nf.DenseAttention, patterns={"NS": {"causal": False}},
+        ...                   why_not={"CS": "x", "NC": "x", "CC": "x"})
+        >>> register(entry)
+        Traceback (most recent call last):
+            ...
+        ValueError: mechanism 'dense' is registered already
+    """
     if mechanism.family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {mechanism.family!r}")
     if mechanism.kind not in KINDS:
@@ -144,7 +168,22 @@ class CabSplit(TypedDict):
 def image_layer(causal: Mapping[str, object] | str = IMAGE_NOT_CAUSAL,
                 cross: str = ONE_MAP_ONLY) -> CabSplit:
     """``patterns`` / ``why_not`` of a non-causal image layer: NS; CS if ``causal`` gives its constructor arguments
-    (else ``causal`` is the reason); never cross (``cross`` is the reason)."""
+    (else ``causal`` is the reason); never cross (``cross`` is the reason).
+
+    Args:
+        causal: The constructor arguments that make the layer causal (then CS is supported), or the reason why it
+            cannot be (default: ``IMAGE_NOT_CAUSAL``).
+        cross: The reason for NC and CC (default: ``ONE_MAP_ONLY``).
+
+    Returns:
+        ``{"patterns": ..., "why_not": ...}``, to unpack into ``Mechanism(...)``.
+
+    Examples:
+        >>> from nearfar.layers.registry import image_layer
+        >>> entry = image_layer(causal={"is_causal": True})
+        >>> entry["patterns"], sorted(entry["why_not"])
+        ({'NS': {}, 'CS': {'is_causal': True}}, ['CC', 'NC'])
+    """
     patterns: dict[str, Mapping[str, object]] = {"NS": {}}
     why_not = {"NC": cross, "CC": cross}
     if isinstance(causal, str):

@@ -55,7 +55,38 @@ def s2_layer_kwargs(layer: int, dense_every: int | None = 2) -> dict:
 
 class S2Attention(PatternAttention):
     """``S2Attention(dim, num_heads, num_kv_heads=None, block=64, local_blocks=16, vert_stride=8, homo_head=False,
-    head_sliding_offset=0, num_dense_heads=0, dense=False)``: causal, RoPE, GQA; x ``(B, N, dim)``."""
+    head_sliding_offset=0, num_dense_heads=0, dense=False)``: causal, RoPE, GQA; x ``(B, N, dim)``.
+
+    Lin et al., "S2-Attention: Hardware-Aware Context Sharding Among Attention Heads" (2024); official code:
+    linxihui/dkernel. KV head ``h`` sees the last ``local_blocks`` blocks plus every ``vert_stride``-th block at its
+    own offset (``(h * max(1, vert_stride // num_kv_heads) + head_sliding_offset) % vert_stride``); a GQA group's
+    query heads share their KV head's pattern. ``forward`` and ``new_cache`` are ``PatternAttention``'s.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` with an even head dim (RoPE).
+        num_heads: Number of query heads, >= 1.
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+        block: Block size in tokens, >= 1 (default 64).
+        local_blocks: Blocks of the local window, the query's own included, >= 1 (default 16).
+        vert_stride: Stride of the vertical (strided) blocks, >= 1 (default 8).
+        homo_head: Every KV head uses the same vertical offset (default False: heterogeneous heads).
+        head_sliding_offset: Offset added to every head's vertical offset, >= 0 (default 0).
+        num_dense_heads: The last KV heads that are dense (causal), in ``[0, num_kv_heads]`` (default 0).
+        dense: The whole layer is dense causal attention (the hybrid's dense layers, default False).
+
+    Raises:
+        TypeError: An int argument is not an int.
+        ValueError: ``block``, ``local_blocks`` or ``vert_stride`` < 1; ``head_sliding_offset`` < 0;
+            ``num_dense_heads`` outside ``[0, num_kv_heads]``; ``dim`` is not a positive multiple of ``num_heads``;
+            ``num_kv_heads`` does not divide ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import S2Attention
+        >>> layer = S2Attention(64, 4, num_kv_heads=2, block=4, local_blocks=2, vert_stride=4)
+        >>> layer(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, block: int = 64,
                  local_blocks: int = 16, vert_stride: int = 8, homo_head: bool = False, head_sliding_offset: int = 0,

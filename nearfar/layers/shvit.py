@@ -63,7 +63,24 @@ class SHSA(nn.Module):
     """``SHSA(dim, qk_dim=16, pdim=None)``: x ``(B, H, W, dim)`` -> same shape; single head over all H*W tokens.
 
     ``pdim`` (attended channels) defaults to ``int(3 * dim / 14)`` (the official variants' ratio); ``pdim = dim``
-    attends every channel."""
+    attends every channel.
+
+    Args:
+        dim: Channels, >= 1.
+        qk_dim: Query/key width of the single head, >= 1 (default 16).
+        pdim: Attended channels (the first ``pdim``; the rest pass through), in ``[1, dim]``; None (default):
+            ``max(1, 3 * dim // 14)``.
+
+    Raises:
+        TypeError: ``dim``, ``qk_dim`` or ``pdim`` is not an int.
+        ValueError: ``dim`` or ``qk_dim`` < 1; ``pdim`` outside ``[1, dim]``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import SHSA
+        >>> SHSA(64, qk_dim=16).eval()(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, qk_dim: int = 16, pdim: int | None = None):
         super().__init__()
@@ -78,6 +95,18 @@ class SHSA(nn.Module):
         self.proj = nn.Sequential(nn.ReLU(inplace=True), ConvNorm(dim, dim, bn_weight_init=0))  # on the cat output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-head attention over all ``H*W`` tokens on the first ``pdim`` channels, then ``proj``.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         b, spatial, n = check_channels_last(x, 2, self.dim)
         x1, x2 = x.split([self.pdim, self.dim - self.pdim], dim=-1)
         x1 = self.pre_norm(x1.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -19,7 +19,33 @@ from .registry import POSITIONS_SHARED, Mechanism, register
 
 class StreamingLLMAttention(PatternAttention):
     """``StreamingLLMAttention(dim, num_heads, window=512, sinks=4, num_kv_heads=None)``: causal; query ``i`` sees
-    keys ``j <= i`` with ``j < sinks`` or ``i - j < window``. The cache holds at most ``sinks + window - 1`` keys."""
+    keys ``j <= i`` with ``j < sinks`` or ``i - j < window``. The cache holds at most ``sinks + window - 1`` keys.
+
+    Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024); official code:
+    mit-han-lab/streaming-llm. ``forward`` and ``new_cache`` are ``PatternAttention``'s.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` with an even head dim (RoPE).
+        num_heads: Number of query heads, >= 1.
+        window: Recent keys each query sees, itself included, >= 1 (default 512).
+        sinks: Attention-sink tokens at the start that every query sees, >= 1 (default 4).
+        num_kv_heads: Number of key/value heads (GQA), dividing ``num_heads``; None (default): ``num_heads``.
+
+    Raises:
+        TypeError: ``window``, ``sinks`` or ``num_kv_heads`` is not an int.
+        ValueError: ``window`` or ``sinks`` < 1; ``dim`` is not a positive multiple of ``num_heads``;
+            ``num_kv_heads`` does not divide ``num_heads``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import StreamingLLMAttention
+        >>> layer = StreamingLLMAttention(64, 4, window=8, sinks=2)
+        >>> layer(torch.randn(2, 32, 64)).shape
+        torch.Size([2, 32, 64])
+        >>> cache = layer.new_cache(2)
+        >>> layer(torch.randn(2, 32, 64), cache=cache).shape   # prefill; the cache keeps <= 2 + 8 - 1 keys
+        torch.Size([2, 32, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int, window: int = 512, sinks: int = 4, num_kv_heads: int | None = None):
         window, sinks = check_positive_int(window, "window"), check_positive_int(sinks, "sinks")

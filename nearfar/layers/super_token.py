@@ -94,7 +94,31 @@ def _cell(value: object) -> tuple[int, int]:
 
 class SuperTokenAttention(nn.Module):
     """``SuperTokenAttention(dim, num_heads=8, stoken_size="auto", n_iter=1, refine=True, qkv_bias=False,
-    qk_scale=None)``: x ``(B, H, W, dim)`` -> same shape. ``refine=False`` skips the super-token MHSA."""
+    qk_scale=None)``: x ``(B, H, W, dim)`` -> same shape. ``refine=False`` skips the super-token MHSA.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads of the super-token MHSA, >= 1 (default 8).
+        stoken_size: Super-token cell, ``"auto"`` (default: 8x8 for maps >= 56, 4x4 for >= 28, else 1x1), an int or
+            an ``(h, w)`` pair of positive ints.
+        n_iter: Association iterations, >= 1 (default 1).
+        refine: Run the MHSA over the super tokens (default True).
+        qkv_bias: Bias on the MHSA's ``qkv`` (default False).
+        qk_scale: The MHSA's score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+
+    Raises:
+        TypeError: ``n_iter`` or a ``stoken_size`` entry is not an int; ``refine`` is not a bool; ``qk_scale`` is
+            not a number.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; a string ``stoken_size`` other than
+            ``"auto"``, an entry < 1; ``n_iter`` < 1; ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import SuperTokenAttention
+        >>> layer = SuperTokenAttention(64, 4, stoken_size=4)
+        >>> layer(torch.randn(2, 14, 14, 64)).shape   # zero-padded to 16x16 cells, cropped back
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int = 8, stoken_size: int | tuple[int, int] | str = "auto",
                  n_iter: int = 1, refine: bool = True, qkv_bias: bool = False, qk_scale: float | None = None):
@@ -140,6 +164,18 @@ class SuperTokenAttention(nn.Module):
         return q @ gather_neighbours(s.reshape(s.shape[0], *grid, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Super-token attention: associate pixels with super tokens, refine them, map them back to the pixels.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size (zero-padded to whole cells, then cropped).
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         b, (h0, w0), _ = check_channels_last(x, 2, self.dim)
         sh, sw = self.cell_size(h0, w0)
         if (sh, sw) == (1, 1):

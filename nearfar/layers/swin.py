@@ -48,6 +48,30 @@ class WindowAttention(nn.Module):
 
     W-MSA with ``shift_size=0``, SW-MSA with ``shift_size=window_size // 2`` (Swin's odd blocks). ``ndim=3`` is
     Video Swin (window e.g. ``(8, 7, 7)``). Input ``(B, *spatial, dim)`` channel-last, any spatial size.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads, >= 1.
+        window_size: Window size, an int or one positive int per spatial axis (default 7).
+        shift_size: Cyclic shift, an int or one per axis, each in ``[0, window_size - 1]`` (default 0: W-MSA).
+        qkv_bias: Bias on the fused ``qkv`` projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``head_dim ** -0.5``.
+        ndim: Spatial axes, 2 (Swin, default) or 3 (Video Swin).
+
+    Raises:
+        TypeError: A window or shift entry is not an int; ``qk_scale`` is not a number.
+        ValueError: ``ndim`` not 2 or 3; ``dim`` is not a positive multiple of ``num_heads``; a window entry < 1, a
+            shift entry < 0 or >= its window, a tuple of another length than ``ndim``; ``qk_scale`` <= 0 or not
+            finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import WindowAttention
+        >>> WindowAttention(64, 4, window_size=7, shift_size=3)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+        >>> video = WindowAttention(64, 4, window_size=(2, 7, 7), ndim=3)   # Video Swin
+        >>> video(torch.randn(1, 4, 14, 14, 64)).shape
+        torch.Size([1, 4, 14, 14, 64])
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: int | Sequence[int] = 7,
@@ -83,6 +107,18 @@ class WindowAttention(nn.Module):
                             self.window_size, window)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Window attention of a channel-last map (windows larger than the input are clipped, and then not shifted).
+
+        Args:
+            x: Input ``(B, *spatial, dim)`` with ``ndim`` spatial axes, any size.
+
+        Returns:
+            The output, the shape of ``x``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` has another rank or channel count, or is empty.
+        """
         _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
         window, shift = self.window_for(spatial)
         out = window_attention(x, Blocks(window, grid=spatial, shift=shift), self.qkv, self.num_heads, self.scale,

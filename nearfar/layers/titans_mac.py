@@ -175,7 +175,34 @@ class TitansMAC(nn.Module):
     RMS-normalised (the reference's defaults); without them the test-time updates diverge in training.
     ``surprise_at``: where each chunk's gradient is taken: ``"init"`` at the learned initial memory ``M_0`` (the
     reference's default), ``"chunk"`` at the memory left by the previous chunk (the paper's equations); see the
-    module docstring."""
+    module docstring.
+
+    Args:
+        dim: Model width, a positive multiple of ``num_heads`` (an even head dim with ``rope=True``).
+        num_heads: Number of heads (attention and memory), >= 1.
+        segment_len: Tokens per segment (attention span and memory-update step), >= 1 (default 128).
+        num_persistent: Learned persistent tokens every query sees, >= 0 (default 4).
+        memory_depth: Layers of the memory MLP, >= 1 (default 2; 1: a linear memory).
+        memory_expansion: Hidden width of the memory MLP in head dims, >= 1 (default 2).
+        chunk_size: Tokens per surprise gradient, dividing ``segment_len``; None (default): ``segment_len``.
+        max_lr: Largest memory learning rate ``theta``, a number in ``[0, inf)`` (default 0.1).
+        rope: Rotary position embeddings (default True).
+        memory_norm: ``LayerNorm(mlp(k)) + k`` memory and RMS-normalised memory inputs (default True).
+        surprise_at: ``"init"`` (default) or ``"chunk"``: where each chunk's gradient is taken.
+
+    Raises:
+        TypeError: An int argument is not an int, ``max_lr`` is not a number or ``memory_norm`` not a bool.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``segment_len``, ``memory_depth``,
+            ``memory_expansion`` or ``chunk_size`` < 1, ``num_persistent`` < 0; ``chunk_size`` does not divide
+            ``segment_len``; ``max_lr`` < 0 or infinite; an unknown ``surprise_at``; an odd head dim with ``rope``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import TitansMAC
+        >>> layer = TitansMAC(64, 4, segment_len=8, num_persistent=2)
+        >>> layer(torch.randn(2, 20, 64)).shape
+        torch.Size([2, 20, 64])
+    """
 
     causal = True
 
@@ -216,6 +243,16 @@ class TitansMAC(nn.Module):
 
     def new_cache(self, batch: int = 1, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> TitansCache:
+        """An empty decoding state for ``batch`` sequences.
+
+        Args:
+            batch: Number of sequences, >= 1.
+            device: The state's device; None (default): the memory's.
+            dtype: The state's dtype; None (default): fixed by the first call.
+
+        Returns:
+            A ``TitansCache``: the memory weights and momentum per sequence and the current partial segment.
+        """
         return TitansCache(self.memory, batch, device, dtype)
 
     def _rows(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, ...]:
@@ -271,6 +308,21 @@ class TitansMAC(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: TitansCache | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Memory-as-Context attention of ``x``, or the next tokens of each sequence through ``cache``.
+
+        Args:
+            x: Input ``(B, N, dim)``: whole sequences, or with ``cache`` the next ``N`` tokens.
+            cache: A decoding state from ``new_cache`` (None, the default: whole sequences).
+            key_padding_mask: Must be None (padding would enter the memory).
+
+        Returns:
+            The output ``(B, N, dim)``.
+
+        Raises:
+            ValueError: ``x`` is not ``(B, N, dim)``; a ``key_padding_mask``; ``cache`` made for another batch,
+                device or dtype.
+            TypeError: ``cache`` does not come from ``new_cache``.
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be (B, N, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         if key_padding_mask is not None:

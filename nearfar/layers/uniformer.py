@@ -36,7 +36,22 @@ from .registry import Mechanism, image_layer, register
 class UniFormerLocalMHRA(nn.Module):
     """``UniFormerLocalMHRA(dim, kernel_size=5)``: x ``(B, H, W, dim)`` -> same shape, ``PW_b(DW_k(PW_a(BN(x))))``.
 
-    ``kernel_size`` must be odd (zero padding ``kernel_size // 2`` keeps the size, as in the official code)."""
+    ``kernel_size`` must be odd (zero padding ``kernel_size // 2`` keeps the size, as in the official code).
+
+    Args:
+        dim: Channels, >= 1 (each channel is its own "head").
+        kernel_size: Depth-wise kernel size, odd and >= 1 (default 5).
+
+    Raises:
+        TypeError: ``dim`` or ``kernel_size`` is not an int.
+        ValueError: ``dim`` or ``kernel_size`` < 1; an even ``kernel_size``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import UniFormerLocalMHRA
+        >>> UniFormerLocalMHRA(64, kernel_size=5)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, kernel_size: int = 5):
         super().__init__()
@@ -51,6 +66,18 @@ class UniFormerLocalMHRA(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The local affinity ``PW_b(DW_k(PW_a(BN(x))))`` of a channel-last map.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         check_channels_last(x, 2, self.dim)
         # the channels-first view of a channel-last tensor is channels_last memory: the convs run on it directly
         y = x.permute(0, 3, 1, 2)
@@ -64,7 +91,27 @@ class UniFormerGlobalMHRA(nn.Module):
     """``UniFormerGlobalMHRA(dim, num_heads=None, head_dim=64, qkv_bias=True, qk_scale=None, norm_eps=1e-6)``:
     x ``(B, H, W, dim)`` -> same shape, ``MHSA(LN(x))`` over all H*W tokens.
 
-    ``num_heads=None`` takes the official ``dim // head_dim`` heads (the head dim is then ``dim // num_heads``)."""
+    ``num_heads=None`` takes the official ``dim // head_dim`` heads (the head dim is then ``dim // num_heads``).
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads; None (default): ``dim // head_dim``.
+        head_dim: Channels per head used to derive ``num_heads`` when it is None, in ``[1, dim]`` (default 64).
+        qkv_bias: Bias on the fused ``qkv`` projection (default True).
+        qk_scale: Score scale, a positive finite number; None (default): ``(dim // num_heads) ** -0.5``.
+        norm_eps: The LayerNorm's epsilon (default 1e-6).
+
+    Raises:
+        TypeError: ``dim`` or ``head_dim`` is not an int; ``qk_scale`` is not a number.
+        ValueError: ``dim`` < 1; ``head_dim`` < 1 or > ``dim`` (with ``num_heads=None``); ``dim`` is not a positive
+            multiple of ``num_heads``; ``qk_scale`` <= 0 or not finite.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import UniFormerGlobalMHRA
+        >>> UniFormerGlobalMHRA(64, num_heads=4)(torch.randn(2, 14, 14, 64)).shape
+        torch.Size([2, 14, 14, 64])
+    """
 
     def __init__(self, dim: int, num_heads: int | None = None, head_dim: int = 64, qkv_bias: bool = True,
                  qk_scale: float | None = None, norm_eps: float = 1e-6):
@@ -84,6 +131,18 @@ class UniFormerGlobalMHRA(nn.Module):
         self.attn = nn.ModuleDict({"qkv": nn.Linear(dim, 3 * dim, bias=qkv_bias), "proj": nn.Linear(dim, dim)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``MHSA(LN(x))`` over all ``H*W`` tokens of a channel-last map.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         q, k, v = split_qkv(self.attn["qkv"](self.norm1(x)), self.num_heads)
         return self.attn["proj"](merge_heads(attend(q, k, v, scale=self.scale), spatial))

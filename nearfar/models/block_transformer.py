@@ -135,7 +135,20 @@ class BlockTransformer(nn.Module):
 
     # -- teacher forcing ----------------------------------------------------------------------------------------
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, M*L)`` -> logits ``(B, (M-1)*L, V)`` of tokens ``L ..`` (blocks 1 .. M-1); block 0 is context."""
+        """``(B, M*L)`` -> logits ``(B, (M-1)*L, V)`` of tokens ``L ..`` (blocks 1 .. M-1); block 0 is context.
+
+        Also the model's ``forward``.
+
+        Args:
+            tokens: Token ids ``(B, M*L)``, an integer tensor with ``M >= 2`` blocks of ``L = block_len`` tokens.
+
+        Returns:
+            Logits ``(B, (M-1)*L, vocab_size)`` of the tokens of blocks 1 .. M-1.
+
+        Raises:
+            ValueError: ``tokens`` is not an integer ``(B, N)`` tensor, ``N`` is not a multiple of ``block_len`` or
+                shorter than two blocks, or a token id is outside ``[0, vocab_size)``.
+        """
         tokens = self._check_tokens(tokens, "tokens", 2)
         B, L = tokens.shape[0], self.block_len
         h = self.contexts(self.embed_blocks(tokens[:, :-L]))  # h_b for b = 0 .. M-2
@@ -145,7 +158,23 @@ class BlockTransformer(nn.Module):
     forward = logits
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy over blocks 1 .. M-1."""
+        """Mean next-token cross-entropy over blocks 1 .. M-1.
+
+        Args:
+            tokens: Token ids ``(B, M*L)``, ``M >= 2`` blocks (as ``logits``).
+
+        Returns:
+            The mean cross-entropy, a scalar tensor.
+
+        Raises:
+            ValueError: What ``logits`` raises.
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> model = nf.BlockTransformer(256, block_len=4, dim_block=64, dim_token=64)
+            >>> model.loss(torch.randint(0, 256, (2, 16))).shape
+            torch.Size([])
+        """
         logits = self.logits(tokens)
         return F.cross_entropy(logits.reshape(-1, self.vocab_size), tokens[:, self.block_len:].reshape(-1).long())
 
@@ -175,7 +204,21 @@ class BlockTransformer(nn.Module):
         multiple of ``block_len``: left-pad it). The prompt's blocks go through the block decoder's cache in one
         step, then one step per generated block. ``return_info=True`` also returns a dict with ``logits``
         ``(B, new, V)``, ``token_cache_sizes`` (largest token-decoder key count of each block) and
-        ``block_cache_sizes`` (block-decoder key count when each block was decoded)."""
+        ``block_cache_sizes`` (block-decoder key count when each block was decoded).
+
+        Args:
+            prompt: Token ids ``(B, P)``, ``P`` a positive multiple of ``block_len``.
+            max_new_blocks: Blocks to generate, >= 1.
+            return_info: Also return the dict described above (default False).
+
+        Returns:
+            ``(B, P + max_new_blocks * block_len)`` tokens, or ``(tokens, info)`` with ``return_info=True``.
+
+        Raises:
+            ValueError: ``prompt`` is not an integer ``(B, P)`` tensor of whole blocks or holds an id outside
+                ``[0, vocab_size)``; ``max_new_blocks`` < 1.
+            TypeError: ``max_new_blocks`` is not an int.
+        """
         prompt = self._check_tokens(prompt, "prompt", 1)
         max_new_blocks = check_positive_int(max_new_blocks, "max_new_blocks")
         block_caches = self.new_caches(self.block_decoder, prompt.shape[0])

@@ -196,10 +196,32 @@ class FITAR(nn.Module):
         return tokens.long()
 
     def new_cache(self, batch: int = 1) -> FITCache:
-        """An empty decoding state for ``batch`` sequences (see the module docstring)."""
+        """An empty decoding state for ``batch`` sequences (see the module docstring).
+
+        Args:
+            batch: Number of sequences, >= 1 (default 1).
+
+        Returns:
+            A ``FITCache`` to pass to ``forward`` as ``cache``.
+        """
         return FITCache(self, batch)
 
     def forward(self, tokens: torch.Tensor, cache: FITCache | None = None) -> torch.Tensor:
+        """Next-token logits of ``tokens``, or of the next tokens of each sequence through ``cache``.
+
+        Args:
+            tokens: Token ids ``(B, N)``, a non-empty integer tensor, ids in ``[0, vocab_size)``; ``N`` need not be a
+                multiple of ``group_size``.
+            cache: A decoding state from ``new_cache`` (None, the default: whole sequences).
+
+        Returns:
+            Logits ``(B, N, vocab_size)``.
+
+        Raises:
+            TypeError: ``tokens`` is not an integer tensor; ``cache`` does not come from ``new_cache``.
+            ValueError: ``tokens`` is not a non-empty ``(B, N)`` tensor or holds an id outside ``[0, vocab_size)``;
+                ``cache`` made for another batch or device.
+        """
         tokens = self._check_tokens(tokens, cache)
         if cache is not None:
             return self._decode(tokens, cache)
@@ -228,7 +250,24 @@ class FITAR(nn.Module):
         return F.linear(self.norm(x), self.embed.weight)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced next-token cross-entropy of ``tokens (B, N)``, ``N >= 2``."""
+        """Teacher-forced next-token cross-entropy of ``tokens (B, N)``, ``N >= 2``.
+
+        Args:
+            tokens: Token ids ``(B, N)``, ``N >= 2`` (as ``forward``).
+
+        Returns:
+            The mean cross-entropy, a scalar tensor.
+
+        Raises:
+            TypeError: What ``forward`` raises.
+            ValueError: ``N < 2``; what ``forward`` raises.
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> model = nf.FITAR(256, group_size=8, latents_per_group=2, dim=64, latent_dim=64)
+            >>> model.loss(torch.randint(0, 256, (2, 20))).shape
+            torch.Size([])
+        """
         tokens = self._check_tokens(tokens)
         if tokens.shape[1] < 2:
             raise ValueError(f"loss needs sequences of at least 2 tokens, got N={tokens.shape[1]}")
@@ -271,7 +310,25 @@ class FITAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding through the cache: the prompt in one call, then one token per call."""
+        """Greedy decoding through the cache: the prompt in one call, then one token per call.
+
+        Args:
+            prompt: Token ids ``(B, P)``, ``P >= 1`` (as ``forward``).
+            max_new_tokens: Number of tokens to generate, >= 1.
+
+        Returns:
+            ``(B, P + max_new_tokens)``: the prompt followed by the greedy tokens.
+
+        Raises:
+            TypeError: What ``forward`` raises; ``max_new_tokens`` is not an int.
+            ValueError: What ``forward`` raises; ``max_new_tokens`` < 1.
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> model = nf.FITAR(256, group_size=8, latents_per_group=2, dim=64, latent_dim=64)
+            >>> model.generate(torch.randint(0, 256, (2, 5)), max_new_tokens=6).shape
+            torch.Size([2, 11])
+        """
         prompt = self._check_tokens(prompt)
         steps = check_positive_int(max_new_tokens, "max_new_tokens")
         cache = self.new_cache(prompt.shape[0])

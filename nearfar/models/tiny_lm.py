@@ -103,6 +103,18 @@ class TinyLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
+        """Next-token logits of ``tokens``, or of the next tokens of each sequence through ``caches``.
+
+        Args:
+            tokens: Token ids ``(B, N)`` in ``[0, vocab_size)``.
+            caches: The per-layer decoding states of ``new_caches`` (None, the default: whole sequences).
+
+        Returns:
+            Logits ``(B, N, vocab_size)``.
+
+        Raises:
+            ValueError: A token id outside ``[0, vocab_size)``; what the layers raise for a cache of another batch.
+        """
         check_token_ids(tokens, self.vocab_size, "tokens")
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
@@ -110,17 +122,53 @@ class TinyLM(nn.Module):
         return F.linear(self.norm(x), self.embed.weight)
 
     def new_caches(self, batch: int = 1) -> list:
+        """One empty decoding state per layer, on the model's device and dtype.
+
+        Args:
+            batch: Number of sequences, >= 1 (default 1).
+
+        Returns:
+            A list of ``depth`` states (each layer's ``new_cache``), to pass as ``caches``.
+        """
         p = self.embed.weight
         return layer_caches(self.blocks, batch, p.device, p.dtype)
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced next-token cross-entropy: position ``i`` predicts ``tokens[:, i + 1]``.
+
+        Args:
+            tokens: Token ids ``(B, N)``, ``N >= 2``, in ``[0, vocab_size)``.
+
+        Returns:
+            The mean cross-entropy, a scalar tensor.
+
+        Raises:
+            ValueError: A token id outside ``[0, vocab_size)``.
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> lm = nf.TinyLM(256, dim=64, depth=1, num_heads=4, mechanism="dense")
+            >>> lm.loss(torch.randint(0, 256, (2, 16))).shape
+            torch.Size([])
+        """
         check_token_ids(tokens, self.vocab_size, "tokens")  # the last column is only a target: forward never sees it
         logits = self(tokens[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: the prompt goes through the caches in one step, then one token per step."""
+        """Greedy decoding: the prompt goes through the caches in one step, then one token per step.
+
+        Args:
+            prompt: Token ids ``(B, P)``, ``P >= 1``, in ``[0, vocab_size)``.
+            max_new_tokens: Number of tokens to generate, >= 0.
+
+        Returns:
+            ``(B, P + max_new_tokens)``: the prompt followed by the greedy tokens.
+
+        Raises:
+            ValueError: A token id outside ``[0, vocab_size)``.
+        """
         check_token_ids(prompt, self.vocab_size, "prompt")
         caches = self.new_caches(prompt.shape[0])
         logits = self(prompt, caches)
