@@ -11,6 +11,7 @@ Also runnable by hand to write the pictures to a folder: ``python tools/docs_hoo
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 from pathlib import Path
@@ -197,6 +198,9 @@ def mechanism_page(m, first_page_of_class: dict) -> str:
         else:
             lines.append(f"| `{p}` ({CAB[p]}) | no | {_md_escape(m.why_not[p])} |")
     lines += ["", "## Build it", "", "```python", *build_snippet(m), "```", ""]
+    about = inspect.getdoc(sys.modules[m.cls.__module__]) if m.cls is not None else None
+    if about:  # the module's docstring: paper, official repository (file, function) and what differs from it
+        lines += ["## Paper, official code and what differs", "", about, ""]
     if m.cls is not None:
         path = _api_path(m.cls)
         owner = first_page_of_class.setdefault(path, m.name)
