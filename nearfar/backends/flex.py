@@ -23,6 +23,8 @@ from ..patterns import Dense, Pattern, Tiles
 from ..plan import inverse_order, token_tiles
 
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
+#: kv_num, kv_idx, q_map, k_map, q_inv, query tile size, key tile size
+_BlockPlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
 
 
 def available() -> bool:
@@ -52,16 +54,14 @@ def _lse_request() -> dict:
     return {"return_aux": AuxRequest(lse=True)}
 
 
-def _block_plan(pattern: Pattern, nq: int, nk: int,
-                device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+def _block_plan(pattern: Pattern, nq: int, nk: int, device: str) -> _BlockPlan:
     """The BlockMask's block lists and token maps, kept in the byte-bounded ``nearfar.cache.CACHE``."""
     key = ("flex_plan", pattern, nq, nk, device)
     hit = CACHE.get(key)
     return hit if hit is not None else CACHE.put(key, _make_block_plan(pattern, nq, nk, device))
 
 
-def _make_block_plan(pattern: Pattern, nq: int, nk: int, device: str,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+def _make_block_plan(pattern: Pattern, nq: int, nk: int, device: str) -> _BlockPlan:
     lay = pattern.layout(nq, nk) if nq == nk else None
     tile = FLEX_TILE[len(lay.grid)] if lay is not None else FLEX_TILE[1][0]
     qt, kt = token_tiles(pattern, nq, nk, tile, torch.device(device))
