@@ -6,7 +6,12 @@ tiles (``tile``) and, in the backward pass, hands back the score gradients of th
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .patterns.spatial import SpatialPattern
 
 
 class BiasSource:
@@ -21,6 +26,12 @@ class BiasSource:
     def requires_grad(self) -> bool:
         return self.tensor.requires_grad
 
+    def tile(self, q_idx: torch.Tensor, k_idx: torch.Tensor, memo: dict | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor, memo: dict | None = None) -> None:
+        raise NotImplementedError
+
     def zero_grad(self) -> None:
         self.grad = torch.zeros(self.grad_shape, dtype=torch.promote_types(self.tensor.dtype, torch.float32),
                                 device=self.tensor.device)
@@ -33,7 +44,8 @@ class DenseBias(BiasSource):
         self.b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         super().__init__(bias, tuple(self.b4.shape))
 
-    def _index(self, q_idx: torch.Tensor, k_idx: torch.Tensor):
+    def _index(self, q_idx: torch.Tensor,
+               k_idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         _, hb, nqb, nkb = self.b4.shape
         q = q_idx.clamp(min=0) * (nqb > 1)  # (c, T)
         k = k_idx.clamp(min=0) * (nkb > 1)  # (Hp, c, W)
@@ -61,6 +73,7 @@ class DenseBias(BiasSource):
             h = torch.arange(ds.shape[1], device=ds.device)[:, None, None, None]
             q, k = q[None], k[None]
         bidx = torch.arange(ds.shape[0], device=ds.device)[:, None, None, None, None]
+        assert self.grad is not None  # zero_grad() runs before the backward pass accumulates
         self.grad.index_put_((bidx, h[None], q[None], k[None]), ds.to(self.grad.dtype), accumulate=True)
 
 
@@ -68,7 +81,7 @@ class RelativePositionBias(BiasSource):
     """A relative-position-bias table ``(Hq, 2m-1[, 2m-1[, 2m-1]])`` indexed by the pattern's ``rpb_index``
     (NAT/DiNAT: ``(j-i)/dilation + k-1``; windows: the key-minus-query offset inside the window)."""
 
-    def __init__(self, table: torch.Tensor, pattern, n: int):
+    def __init__(self, table: torch.Tensor, pattern: SpatialPattern, n: int):
         super().__init__(table, tuple(table.shape))
         self.pattern = pattern
         self.n = n
@@ -92,5 +105,6 @@ class RelativePositionBias(BiasSource):
 
     def accumulate(self, q_idx: torch.Tensor, k_idx: torch.Tensor, ds: torch.Tensor, memo: dict | None = None) -> None:
         idx = self._index(q_idx, k_idx, memo).reshape(-1)
+        assert self.grad is not None  # zero_grad() runs before the backward pass accumulates
         g = ds.sum(0).reshape(ds.shape[1], -1).to(self.grad.dtype)
         self.grad.view(self.grad.shape[0], -1).index_add_(1, idx, g)

@@ -91,7 +91,8 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
         _check_partition(pattern, bias, rpb, q.shape[2], k.shape[2])
 
 
-def _check_partition(pattern, bias, rpb, nq: int, nk: int) -> None:
+def _check_partition(pattern: Pattern | None, bias: torch.Tensor | None, rpb: torch.Tensor | None, nq: int,
+                     nk: int) -> None:
     """``engine="partition"`` runs only patterns whose token tiles attend exactly to themselves at this size."""
     parts = pattern.patterns if isinstance(pattern, PerHead) and bias is None and rpb is None else [pattern]
     for p in parts:
@@ -192,7 +193,7 @@ def observe_calls() -> Iterator[list[tuple]]:
         _OBSERVERS.reset(token)
 
 
-def _record(pattern, q, k, v) -> None:
+def _record(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for calls in _OBSERVERS.get():
         calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
 
@@ -309,7 +310,11 @@ def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine
         rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
                                         key_padding_mask, return_lse)
         out = out.index_copy(2, rows, out_r)
-        lse = lse.index_copy(2, rows, lse_r.to(lse.dtype)) if return_lse else None
+        if return_lse:
+            assert lse_r is not None  # exact_rows returns an lse when asked
+            lse = lse.index_copy(2, rows, lse_r.to(lse.dtype))
+        else:
+            lse = None
     return out, lse
 
 
@@ -354,7 +359,9 @@ def _meta(q, k, v, scale, return_lse):
     return out, torch.logsumexp(s.detach().to(acc), -1)
 
 
-def _per_pattern(q, k, v, pattern: PerHead, scale: float, key_padding_mask, return_lse: bool, engine: str | None):
+def _per_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: PerHead, scale: float,
+                 key_padding_mask: torch.Tensor | None, return_lse: bool,
+                 engine: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A ``PerHead`` pattern as one block-sparse (or partition) call per distinct pattern over its query heads (and
     their KV heads); ``engine`` None picks partition or block-sparse by each pattern's plan. Each call keeps the
     shared-key-list path (strided K/V reads, GQA groups together, exact widths); one per-head plan would copy K/V
@@ -389,7 +396,7 @@ def _plan(pattern, nq, nk, device):
     return get_plan(pattern, nq, nk, device=device)
 
 
-def _is_partition(pattern, nq: int, nk: int, device) -> bool:
+def _is_partition(pattern: Pattern | None, nq: int, nk: int, device: torch.device | str) -> bool:
     """Whether ``pattern``'s tiles attend exactly to themselves at this size: the plan decides
     (``Pattern.may_partition`` only says it is worth asking)."""
     return pattern is not None and pattern.may_partition and _plan(pattern, nq, nk, device).partition

@@ -110,7 +110,7 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
 
 
 
-def window_attention(x: torch.Tensor, pattern: Pattern | None, qkv: Callable, num_heads: int, scale: float,
+def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads: int, scale: float,
                      table: torch.Tensor | None = None) -> torch.Tensor:
     """Self-attention of ``x (B, *spatial, C)`` inside the windows of ``pattern`` (``Blocks``/``Grid``), before the
     output projection: ``(B, *spatial, C')``. ``qkv`` maps ``(..., C)`` to the fused ``(..., 3C')`` (split

@@ -20,6 +20,7 @@ chunks, so memory stays bounded. Under ``torch.compile`` the check is skipped (i
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
@@ -97,7 +98,7 @@ def dirty_rows(pattern: Pattern | None, unsafe_q: torch.Tensor, unsafe_k: torch.
     return torch.nonzero(dirty)[:, 0]
 
 
-def _bias_rows(bias, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor | None:
+def _bias_rows(bias: BiasSource | None, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor | None:
     """The bias at query rows ``rows`` and every key, broadcastable to (B, Hq, R, Nk)."""
     if bias is None:
         return None
@@ -112,7 +113,8 @@ def _bias_rows(bias, rows: torch.Tensor, nq: int, nk: int) -> torch.Tensor | Non
 
 def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
                rows: torch.Tensor, pattern: Pattern | None, scale: float, bias: BiasSource | None,
-               key_padding_mask: torch.Tensor | None, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+               key_padding_mask: torch.Tensor | None,
+               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of query rows ``rows`` over every key in float64, masked *before* anything multiplies a query, a key
     or a value (so a key a row may not attend contributes exactly nothing, forward and backward, whatever it or the
     query holds). Safe pairs go through plain matmuls on copies with the unsafe tokens zeroed; the unsafe keys'
@@ -133,7 +135,7 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torc
     zero = torch.zeros((), dtype=f64, device=q.device)
     keys = torch.arange(nk, device=q.device)
 
-    def chunk(r: torch.Tensor, pairwise: bool):
+    def chunk(r: torch.Tensor, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         qr = q.index_select(2, r).to(f64)
         ok = _allowed(pattern, r, keys, nq, nk)[None]  # (1, Hp, R, Nk)
         if key_padding_mask is not None:
@@ -184,4 +186,5 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torc
             outs.append(out)
             lses.append(lse)
     out = torch.cat(outs, 2).to(q.dtype)
-    return torch.cat(order), out, (torch.cat(lses, 2) if return_lse else None)
+    # with return_lse every chunk returned its lse
+    return torch.cat(order), out, (torch.cat(cast("list[torch.Tensor]", lses), 2) if return_lse else None)

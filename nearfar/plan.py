@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import CACHE, ByteLRU, cache_budget, nbytes_of
-from .patterns.base import Pattern, Tiles, unravel
+from .patterns.base import Pattern, PerHead, Tiles, unravel
 from .patterns.spatial import Layout
 
 #: default tile extents per spatial rank (tokens per tile = product)
@@ -28,7 +28,8 @@ _BOOL_BUDGET = 256 << 20
 _CHUNK_ELEMS = 1 << 23
 
 
-def _segments(layout: Layout, tile: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(layout: Layout, tile: tuple[int, ...],
+              device: torch.device | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token order for a layout: returns (segment id, rank) per original token; sort by both to get tiles."""
     grid = layout.grid
     seg_ids, ranks, nseg = [], [], []
@@ -195,6 +196,7 @@ def allowed_heads(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, nq: int, n
     if pattern.heads is None:
         ok = pattern.allowed(qq, kk[0], nq, nk).expand(shape)[None]
     else:
+        assert isinstance(pattern, PerHead)  # the only pattern with heads
         ok = torch.stack([p.allowed(qq, kk[h], nq, nk).expand(shape) for h, p in enumerate(pattern.patterns)])
     ok = ok & (k >= 0)[:, :, None, :]
     if bool((q < 0).any()):
@@ -207,10 +209,11 @@ def _paired(pattern: Pattern, q: torch.Tensor, keys: torch.Tensor, nq: int, nk: 
     qt = Tiles(q)
     if pattern.heads is None:
         return pattern.block_allowed(qt, Tiles(keys[0]), nq, nk)[None]
+    assert isinstance(pattern, PerHead)  # the only pattern with heads
     return torch.stack([p.block_allowed(qt, Tiles(keys[h]), nq, nk) for h, p in enumerate(pattern.patterns)])
 
 
-def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int):
+def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
     blocks = pattern.block_allowed(Tiles(q), kt, nq, nk)
     return blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
 
@@ -357,7 +360,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] |
 
 
 def get_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None = None,
-             device: torch.device | str | None = "cpu") -> Plan:
+             device: torch.device | str = "cpu") -> Plan:
     """Cached ``build_plan``: plans depend only on the pattern and the shapes, not on the data. Kept in the
     byte-bounded ``nearfar.cache.CACHE`` (``NEARFAR_CACHE_BYTES``)."""
     key = ("plan", pattern, nq, nk, tile, str(device))

@@ -71,7 +71,8 @@ class Chunk:
 class Problem:
     """Everything one call needs besides q/k/v: the plan, layout modes, extra masks and the bias."""
 
-    def __init__(self, plan: Plan, q, k, v, scale: float, kpm=None, bias=None, kernel: str = "auto"):
+    def __init__(self, plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 kpm: torch.Tensor | None = None, bias: BiasSource | None = None, kernel: str = "auto"):
         self.plan = plan
         b, hq, nq, d = q.shape
         hkv = k.shape[1]
@@ -233,7 +234,9 @@ class Problem:
         """K or V of the chunk's key lists as (B*c, Hx, W, e): a strided view for evenly spaced runs, else a copy."""
         w = ch.group.width
         if ch.view is not None:  # runs of the keys themselves, or of the group's staged copy
-            return self._windows(staged if ch.group.stage is not None else xt, *ch.view, ch.size, w)
+            src = staged if ch.group.stage is not None else xt
+            assert src is not None  # a view is made only for B == 1, where a staged group has its copy
+            return self._windows(src, *ch.view, ch.size, w)
         if self.direct_kv:
             b, hx, n, e = xt.shape
             g = xt.index_select(2, index).view(b, hx, ch.size, w, e).transpose(1, 2)
@@ -248,7 +251,9 @@ class Problem:
         if ch.view is not None and (ch.size == 1 or ch.view[1] > 0):
             # tile t read keys first + t*step + w: add back in slices of ``step`` keys, whose views over the
             # tiles do not overlap, instead of a scattered index_add
-            dst = staged if ch.group.stage is not None else dst
+            into = staged if ch.group.stage is not None else dst
+            assert into is not None  # a view is made only for B == 1, where a staged group has its copy
+            dst = into
             first, step = ch.view
             w = grad.shape[2]
             step = step if ch.size > 1 else w
@@ -282,6 +287,7 @@ class Problem:
 
     def bias_tile(self, ch: Chunk) -> torch.Tensor:
         """Bias of a chunk as (B', c, H', gx', T, W), matching the 6D chunk mask layout."""
+        assert self.bias is not None
         t = self.bias.tile(ch.q_idx, ch.k_idx, ch.memo)  # (B', H', c, T, W) with H' in {1, Hq}
         t = t.to(torch.promote_types(t.dtype, torch.float32))
         bb, hh = t.shape[:2]
@@ -293,6 +299,7 @@ class Problem:
         """ds: (B*c, Hx, gx*T, W) -> the bias' own accumulation, as (B, Hq, c, T, W)."""
         t, w = self.plan.tile, ch.group.width
         ds = ds.view(self.b, ch.size, self.hx, self.gx, t, w).permute(0, 2, 3, 1, 4, 5)
+        assert self.bias is not None
         self.bias.accumulate(ch.q_idx, ch.k_idx, ds.reshape(self.b, self.hq, ch.size, t, w), ch.memo)
 
 
@@ -331,7 +338,8 @@ def _fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return mask.to(_acc_dtype(q.dtype))
 
 
-def _run_forward(pb: Problem, qt, kt, vt):
+def _run_forward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor,
+                 vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # every tile belongs to exactly one chunk, so every slot is written
     ot = qt.new_empty(*qt.shape[:-1], pb.dv)
     lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
@@ -353,7 +361,8 @@ def _run_forward(pb: Problem, qt, kt, vt):
     return ot, lt
 
 
-def _run_backward(pb: Problem, qt, kt, vt, ot, lt, dot):
+def _run_backward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, ot: torch.Tensor, lt: torch.Tensor,
+                  dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dqt = torch.empty_like(qt)
     dkt = torch.zeros_like(kt, dtype=pb.grad_dtype)
     dvt = torch.zeros_like(vt, dtype=pb.grad_dtype)
@@ -418,6 +427,7 @@ class _BlockSparse(torch.autograd.Function):
         dk, dv = pb.kv_untokens(dkt).to(kt.dtype), pb.kv_untokens(dvt).to(vt.dtype)
         dbias = None
         if pb.bias is not None and pb.bias.requires_grad:
+            assert pb.bias.grad is not None  # zero_grad() above
             dbias = pb.bias.grad.to(pb.bias.tensor.dtype).reshape(pb.bias.tensor.shape)
         return dq, dk, dv, dbias, None
 

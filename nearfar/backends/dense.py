@@ -25,7 +25,8 @@ def dense_bias(bias: BiasSource | None, q_len: int, k_len: int,
     return table[:, bias.pattern.rpb_index(q, k, q_len)][None]
 
 
-def _additive_mask(pattern, nq: int, nk: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _additive_mask(pattern: Pattern, nq: int, nk: int, device: torch.device,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The pattern's (Nq, Nk) mask as 0 / -inf and its rows without keys (None if none), kept in the byte-bounded
     ``nearfar.cache.CACHE``: the dense engine serves small, repeated shapes."""
     key = ("dense_mask", pattern, nq, nk, str(device), dtype)

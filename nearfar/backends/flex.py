@@ -17,12 +17,14 @@ import os
 
 import torch
 
-from ..bias import BiasSource, DenseBias
+from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..patterns import Dense, Pattern, Tiles
 from ..plan import inverse_order, token_tiles
 
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
+#: kv_num, kv_idx, q_map, k_map, q_inv, query tile size, key tile size
+_BlockPlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int]
 
 
 def available() -> bool:
@@ -52,14 +54,14 @@ def _lse_request() -> dict:
     return {"return_aux": AuxRequest(lse=True)}
 
 
-def _block_plan(pattern, nq: int, nk: int, device: str):
+def _block_plan(pattern: Pattern, nq: int, nk: int, device: str) -> _BlockPlan:
     """The BlockMask's block lists and token maps, kept in the byte-bounded ``nearfar.cache.CACHE``."""
     key = ("flex_plan", pattern, nq, nk, device)
     hit = CACHE.get(key)
     return hit if hit is not None else CACHE.put(key, _make_block_plan(pattern, nq, nk, device))
 
 
-def _make_block_plan(pattern, nq: int, nk: int, device: str):
+def _make_block_plan(pattern: Pattern, nq: int, nk: int, device: str) -> _BlockPlan:
     lay = pattern.layout(nq, nk) if nq == nk else None
     tile = FLEX_TILE[len(lay.grid)] if lay is not None else FLEX_TILE[1][0]
     qt, kt = token_tiles(pattern, nq, nk, tile, torch.device(device))
@@ -105,6 +107,7 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
         kp = kpm.to(q.dtype) if kpm is not None else None
         db = bias.b4 if isinstance(bias, DenseBias) else None
         table = bias.tensor.reshape(bias.tensor.shape[0], -1) if bias is not None and db is None else None
+        rpb_pattern = bias.pattern if isinstance(bias, RelativePositionBias) else None
 
         def score_mod(score, b, h, qi, ki):
             oq, ok = qm[qi], km[ki]
@@ -113,8 +116,8 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
             if db is not None:
                 score = score + db[b * (db.shape[0] > 1), h * (db.shape[1] > 1), oq * (db.shape[2] > 1),
                                    ok * (db.shape[3] > 1)]
-            if table is not None:
-                score = score + table[h, bias.pattern.rpb_index(oq, ok, nq)]
+            if table is not None and rpb_pattern is not None:  # table is set for a RelativePositionBias only
+                score = score + table[h, rpb_pattern.rpb_index(oq, ok, nq)]
             return score
 
     qp, kp_, vp = q.index_select(2, qm), k.index_select(2, km), v.index_select(2, km)

@@ -21,8 +21,12 @@ from ..bias import BiasSource, DenseBias
 from ..cache import nbytes_of
 from ..guard import zero_rows
 from ..patterns import Pattern
+from ..patterns.spatial import SpatialPattern
 from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, sdpa
+
+#: a regular partition's reordering: (grid, shifts, view shape, permutation)
+Recipe = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Windows:
     src: torch.Tensor  # (nT*T,) gather index (empty slots read token 0)
     inv: torch.Tensor  # (N,) position of each token in ``src``
     # regular partitions: (grid, shifts, view shape, permutation) to reorder by reshape/permute instead
-    recipe: tuple | None = None
+    recipe: Recipe | None = None
     memo: dict = field(default_factory=dict)  # data-independent values of bias sources
     slot_empty: torch.Tensor | None = None  # (nT, T) window slots past the last token, None if there are none
 
@@ -50,7 +54,7 @@ def _split(grid, size, kind):
     return tuple(shape), tuple(win + slot)
 
 
-def _reorder(x: torch.Tensor, recipe) -> torch.Tensor:
+def _reorder(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """(B, H, N, e) -> (B, H * nT, T, e) by roll + reshape/permute."""
     grid, shifts, shape, perm = recipe
     b, h, _, e = x.shape
@@ -63,7 +67,7 @@ def _reorder(x: torch.Tensor, recipe) -> torch.Tensor:
     return x.reshape(b, h * n_t, -1, e)
 
 
-def _restore(x: torch.Tensor, recipe, b: int, h: int) -> torch.Tensor:
+def _restore(x: torch.Tensor, recipe: Recipe, b: int, h: int) -> torch.Tensor:
     """Inverse of ``_reorder``: (B, H * nT, T, e) -> (B, H, N, e)."""
     grid, shifts, shape, perm = recipe
     nd, e = len(grid), x.shape[-1]
@@ -77,7 +81,7 @@ def _restore(x: torch.Tensor, recipe, b: int, h: int) -> torch.Tensor:
     return x.reshape(b, h, -1, e)
 
 
-def _recipe(plan: Plan):
+def _recipe(plan: Plan) -> tuple[Recipe, torch.Tensor] | None:
     """A roll + reshape/permute that produces exactly the plan's windows (as sets), or None."""
     pattern = plan.pattern
     layout = pattern.layout(plan.nq, plan.nk)
@@ -93,7 +97,7 @@ def _recipe(plan: Plan):
     shifts = tuple(o if w else 0 for o, w in zip(layout.offset, layout.wrap))
     kind = "grid" if any(d > 1 for d in layout.dilation) else "block"
     shape, perm = _split(grid, size, kind)
-    recipe = (grid, shifts, shape, perm)
+    recipe: Recipe = (grid, shifts, shape, perm)
     order = _reorder(torch.arange(plan.nq, device=plan.q_idx.device).view(1, 1, -1, 1), recipe)[0, :, :, 0]
     if order.shape != plan.q_idx.shape:
         return None
@@ -200,14 +204,14 @@ class WindowBatch:
         True
     """
 
-    def __init__(self, win: Windows, pattern, n: int, device: torch.device | None = None):
+    def __init__(self, win: Windows, pattern: Pattern, n: int, device: torch.device | None = None):
         self.win, self.pattern, self.n = win, pattern, n
         self.t = win.order.shape[1]
         self._index: torch.Tensor | None = None
         self.device = device or win.order.device  # where ``bias`` puts the region mask
 
     @staticmethod
-    def of(pattern: Pattern | None, spatial: tuple[int, ...],
+    def of(pattern: Pattern, spatial: tuple[int, ...],
            device: torch.device | str | None = None) -> WindowBatch | None:
         """The window batch of ``pattern`` on a map of size ``spatial``, or None when its windows are not whole.
 
@@ -222,6 +226,11 @@ class WindowBatch:
         """
         return _window_batch(pattern, tuple(spatial), torch.device(device or "cpu"))
 
+    @property
+    def _win_recipe(self) -> Recipe:
+        assert self.win.recipe is not None  # a WindowBatch is made only for windows with a recipe
+        return self.win.recipe
+
     def split(self, x: torch.Tensor) -> torch.Tensor:
         """Cut a channel-last map into its windows (rolled first for shifted windows).
 
@@ -232,7 +241,7 @@ class WindowBatch:
             ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
         """
         b, c = x.shape[0], x.shape[-1]
-        return _reorder(x.reshape(b, 1, -1, c), self.win.recipe).reshape(-1, self.t, c)
+        return _reorder(x.reshape(b, 1, -1, c), self._win_recipe).reshape(-1, self.t, c)
 
     def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
         """Put the windows back in place: the inverse of ``split``.
@@ -244,8 +253,8 @@ class WindowBatch:
         Returns:
             The map ``(B, *spatial, C')``.
         """
-        grid = self.win.recipe[0]
-        return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self.win.recipe, b, 1).reshape(b, *grid, -1)
+        grid = self._win_recipe[0]
+        return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self._win_recipe, b, 1).reshape(b, *grid, -1)
 
     def bias(self, table: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The additive bias of the split windows: ``(1, heads, T, T)`` from a table ``attend`` would take with
@@ -264,6 +273,7 @@ class WindowBatch:
         if table is not None:
             if self._index is None:
                 first = self.win.order[0].to(table.device)
+                assert isinstance(self.pattern, SpatialPattern)  # only spatial patterns take a table
                 self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
             out = table.reshape(table.shape[0], -1)[:, self._index][None]
         if self.win.mask is None:
@@ -274,7 +284,7 @@ class WindowBatch:
 
 
 @torch.compiler.disable
-def _window_batch(pattern, spatial, device) -> WindowBatch | None:
+def _window_batch(pattern: Pattern, spatial: tuple[int, ...], device: torch.device) -> WindowBatch | None:
     n = math.prod(spatial)
     # meta tensors (shape inference): the plan is data-independent, so it is made on the CPU
     meta = device.type == "meta"

@@ -10,7 +10,7 @@ of the same size in its place.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ def check_task(task: object) -> Task:
     for field in ("name", "pattern", "kind", "vocab_size", "num_classes", "grid", "bin_names", "metric", "sample"):
         if not hasattr(task, field):
             raise TypeError(f"task must be a nearfar.bench.tasks.Task, got {type(task).__name__}")
+    task = cast("Task", task)  # it has every field of one
     if task.kind not in _KINDS:
         raise ValueError(f"task.kind must be one of {_KINDS}, got {task.kind!r}")
     if task.pattern not in ("CS", "NS"):
@@ -75,12 +76,14 @@ class BackboneBlock(nn.Module):
         self.mlp_norm, self.mlp = nn.LayerNorm(dim), MLP(dim)
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.conv is not None  # called only when the block has a conv
         h = x.movedim(-1, 1)
         pad = (2, 0) if self.causal else (1, 1) * self.ndim
         return self.conv(F.pad(h, pad)).movedim(1, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is not None:
+            assert self.conv_norm is not None  # made with the conv
             x = x + self._conv(self.conv_norm(x))
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
@@ -157,5 +160,6 @@ def build_model(task: Task, attention: AttentionFactory | None, dim: int, depth:
     if task.kind == "2d":
         if len(task.grid) != 2:
             raise ValueError(f"a '2d' task needs grid (H, W), got {task.grid!r}")
-        return ImageModel(task.vocab_size, task.num_classes, tuple(task.grid), dim, depth, num_heads, attention, conv)
+        h, w = task.grid
+        return ImageModel(task.vocab_size, task.num_classes, (h, w), dim, depth, num_heads, attention, conv)
     return SeqModel(task.vocab_size, task.num_classes, dim, depth, num_heads, attention, task.pattern == "CS", conv)

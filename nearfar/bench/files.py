@@ -15,6 +15,7 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 
 class BenchFileError(ValueError):
@@ -94,7 +95,7 @@ def _typename(v: object) -> str:
     return "null" if v is None else type(v).__name__
 
 
-def _check(record: object, spec: dict[str, str], where: str, fail: Callable[[str, str, object], None]) -> None:
+def _check(record: object, spec: dict[str, str], where: str, fail: Callable[[str, str, object], NoReturn]) -> None:
     if not isinstance(record, dict):
         fail(where, "an object", record)
     for key, kind in spec.items():
@@ -107,7 +108,7 @@ def _check(record: object, spec: dict[str, str], where: str, fail: Callable[[str
                  record.get(key, _MISSING))
 
 
-def _records(container: dict, key: str, spec: dict[str, str], where: str, fail: Callable[[str, str, object], None],
+def _records(container: dict, key: str, spec: dict[str, str], where: str, fail: Callable[[str, str, object], NoReturn],
              required: bool = False) -> list:
     rows = container.get(key)
     if rows is None and not required:
@@ -124,13 +125,14 @@ def check_results(data: object, source: str) -> dict:
     """``data`` (a loaded results file) if it has every field the report and ``--resume`` read, with the types
     they need; else a ``BenchFileError`` naming ``source`` and the first bad field."""
 
-    def fail(field: str, what: str, got: object) -> None:
+    def fail(field: str, what: str, got: object) -> NoReturn:
         got_text = "missing" if got is _MISSING else f"got {_typename(got)}"
         if field:
             raise BenchFileError(f"{source}: field '{field}' must be {what}, {got_text}")
         raise BenchFileError(f"{source}: must hold a JSON object of results, {got_text}")
 
     _check(data, _TOP, "", fail)
+    assert isinstance(data, dict)  # _check failed otherwise
     commands = data.get("commands")
     if commands is not None and not (isinstance(commands, list)
                                      and all(c is None or isinstance(c, str) for c in commands)):

@@ -61,7 +61,7 @@ def pathfinder_image(rng: random.Random, size: int, snake_length: int, num_distr
         grid = bytearray(frame)
         first = _curve(grid, side, snake_length, rng)
         second = _curve(grid, side, snake_length, rng) if first else None
-        if second is None:
+        if first is None or second is None:  # second is None whenever first is None or empty
             continue
         curve = rng.choice((first, second))
         markers = (curve[0], curve[-1])
@@ -71,7 +71,7 @@ def pathfinder_image(rng: random.Random, size: int, snake_length: int, num_distr
             pairs = [(a, b) for a in (first[0], first[-1]) for b in (second[0], second[-1])]
             rng.shuffle(pairs)
             gap = _chebyshev(*markers, side)
-            markers = min(pairs, key=lambda pair: abs(_chebyshev(*pair, side) - gap))
+            markers = min(pairs, key=lambda pair: abs(_chebyshev(pair[0], pair[1], side) - gap))
         if _chebyshev(*markers, side) < min_distance:
             continue
         curves = [first, second]

@@ -16,7 +16,7 @@ import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from torch import nn
 from ..checks import check_int_range, check_nonneg_int, check_positive_float, check_positive_int
 from ..layers.neighborhood import NeighborhoodAttention
 from ..layers.pattern_attention import PatternAttention
-from ..patterns import Causal, Dense, SlidingWindow
+from ..patterns import Causal, Dense, Pattern, SlidingWindow
 from .backbone import AttentionFactory, ImageModel, SeqModel, build_model, check_task
 from .stats import clustered_wilson, mean_ci, wilson  # noqa: F401 (wilson re-exported)
 
@@ -111,6 +111,8 @@ def controls(task: Task, window: int) -> dict[str, AttentionFactory | None]:
         return {"full": lambda dim, heads: NeighborhoodAttention(dim, heads, grid, rel_pos_bias=False),
                 "local": lambda dim, heads: NeighborhoodAttention(dim, heads, window, rel_pos_bias=False),
                 "none": None}
+    full: Pattern
+    local: Pattern
     if task.pattern == "CS":
         full, local = Causal(), SlidingWindow(left=window - 1) & Causal()
     else:
@@ -132,13 +134,15 @@ def _sample(task: Task, batch_size: int, gen: torch.Generator, split: str) -> Ba
     return task.sample(batch_size, gen, split=split) if accepts else task.sample(batch_size, gen)
 
 
-def _scored(model: nn.Module, task: Task, batch: Batch):
+def _scored(model: nn.Module, task: Task,
+            batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits ``(n, C)``, targets, bins and item index of the ``n`` scored targets of ``batch``."""
     mask = batch.targets != -100
     if task.kind == "2d" and batch.targets.dim() == 1:  # one label per image: mean-pooled readout
         logits = model(batch.inputs)[mask]
     else:  # the head only where a target is scored: MQAR scores a few positions per sequence
-        logits = model.head(model.features(batch.inputs)[mask])
+        backbone = cast(Any, model)  # a SeqModel or ImageModel: features, then head
+        logits = backbone.head(backbone.features(batch.inputs)[mask])
     items = mask.nonzero()[:, 0]
     return logits, batch.targets[mask], batch.bins[mask], items
 
@@ -283,6 +287,7 @@ def run_quality(task: Task, factories: dict[str, AttentionFactory | None],
                     sweep[rate] = evaluate(model, task, VALID_ITEMS, seed=VALID_SEED)["overall"]
                 if best is None or (lrs and _better(task, sweep[rate], sweep[best[0]])):
                     best = (rate, model, losses)
+            assert best is not None  # the loop above ran at least once
             rate, model, losses = best
             tail = losses[-max(1, len(losses) // 10):]
             rows.append({"name": name, "seed": seed, "steps": hp["steps"], "batch_size": hp["batch_size"],

@@ -22,6 +22,7 @@ import statistics
 import subprocess
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ def environment() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ speed blocks
-def _size_key(size) -> tuple:
+def _size_key(size: object) -> tuple:
     return (0, size) if isinstance(size, int) else (1, int(str(size).split("x")[0]))
 
 
@@ -133,10 +134,11 @@ def _none(value: object) -> str:
 
 
 #: the panels of the speed figures: (phase, row key, dense row key or None, y label)
-_FIGURES = {"speed": [(ph, "ratio", None, "dense time / mechanism time") for ph in ("fwd", "fwd+bwd")],
-            "memory": [("fwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
-                       ("fwd+bwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
-                       ("fwd+bwd", "saved_mib", "dense_saved_mib", "saved for backward (MiB)")]}
+_FIGURES: dict[str, list[tuple[str, str, str | None, str]]] = {
+    "speed": [(ph, "ratio", None, "dense time / mechanism time") for ph in ("fwd", "fwd+bwd")],
+    "memory": [("fwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
+               ("fwd+bwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
+               ("fwd+bwd", "saved_mib", "dense_saved_mib", "saved for backward (MiB)")]}
 
 
 def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[ReportItem]:
@@ -277,7 +279,7 @@ def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[ReportItem
     return [("h", 2, "Recall against cost")] + blocks if blocks else []
 
 
-def _save_figure(plt, fig, fig_dir: Path, stem: str) -> Path:
+def _save_figure(plt: Any, fig: Any, fig_dir: Path, stem: str) -> Path:
     # task names come from the results file: no "/" or ".." of theirs may put a figure outside fig_dir
     path = fig_dir / (re.sub(r"[^\w.-]", "_", stem) + ".png")
     fig.tight_layout()

@@ -17,10 +17,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from ..layers.registry import mechanisms
+from ..layers.registry import Mechanism, mechanisms
 from . import quality as Q
 from .files import BenchFileError, check_out_dir, load_results, warn, write_atomic
 from .report import environment, write_report
@@ -42,7 +43,7 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
     """Constructor overrides of sequence mechanism ``name`` for a task of ``seq_len`` tokens whose local control
     sees ``w`` keys (see the module docstring)."""
     half = max(2, w // 2)
-    return {
+    by_name: dict[str, dict] = {
         "streaming_llm": dict(window=w, sinks=4),
         "longformer": dict(window=w, global_tokens=4),
         "bigbird": dict(block=half, global_blocks=1, random_blocks=2),
@@ -51,7 +52,8 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
         "cca": dict(group_size=half, window_size=w),
         "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
         "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
-    }.get(name, {})
+    }
+    return by_name.get(name, {})
 
 
 def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
@@ -61,7 +63,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
     mechanisms without a size parameter keep their defaults."""
     side = min(grid)
     p = max(d for d in range(1, min(w, side) + 1) if side % d == 0)
-    return {
+    by_name: dict[str, dict] = {
         "swin": dict(window_size=p), "swin_shifted": dict(window_size=p), "gcvit_local": dict(window_size=p),
         "gcvit_global": dict(window_size=p, feat_size=side), "maformer": dict(window_size=p, down_ratio=p),
         "maxvit_block": dict(partition_size=p), "maxvit_grid": dict(partition_size=p),
@@ -69,7 +71,8 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "proxy_tokens": dict(compress_ratios=(p, p)), "dualtoken": dict(global_size=side // p, kernel_size=w),
         "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),
         "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
-    }.get(name, {})
+    }
+    return by_name.get(name, {})
 
 
 def quality_entries(task: Task, names: list[str] | None, quick: bool) -> tuple[dict, list[dict]]:
@@ -96,14 +99,14 @@ def quality_entries(task: Task, names: list[str] | None, quick: bool) -> tuple[d
     return factories, skipped
 
 
-def _factory(mech, pattern: str, kw: dict) -> Callable:
+def _factory(mech: Mechanism, pattern: str, kw: dict) -> Callable:
     return lambda dim, heads: mech.build(dim, heads, pattern, **kw)
 
 
 class Bar:
     """A one-line progress bar on stderr (no dependency)."""
 
-    def __init__(self, label: str, total: int, stream=sys.stderr):
+    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr):
         self.label, self.total, self.stream, self.start = label, max(1, total), stream, time.perf_counter()
         self.shown = -1
 
@@ -173,6 +176,7 @@ def _record(results: dict, job: tuple, rows: list[dict] | None, err: str | None)
         if job[2] not in {s["mechanism"] for s in entry["skipped"]}:
             entry["skipped"].append({"mechanism": job[2], "task": job[0], "why": err})
         return f"left out ({err.split(':')[0]})"
+    assert rows is not None  # a job returns rows or an error
     entry["rows"] += rows
     return f"{rows[0]['overall']:.3f} in {rows[0]['seconds']:.0f}s"
 
@@ -222,7 +226,7 @@ def run_quality_suite(tasks: list[str], names: list[str] | None, quick: bool, se
     pool.join()
 
 
-def _terminate_as_interrupt() -> Callable[[], None]:
+def _terminate_as_interrupt() -> Callable[[], object]:
     """Make SIGTERM (``kill``, a job scheduler's stop) end the run as Ctrl-C does, report included: a run started in
     the background by a shell ignores SIGINT. Returns the function that puts the previous handler back."""
     import signal
@@ -310,7 +314,7 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
                                 "config": (before or {}).get("config")}
             bar = Bar("speed", 1)
             results["speed"] = run_speed(names, quick=quick, rounds=rounds, seed=seed,
-                                         progress=lambda d, t, label="": bar(d, t, label),
+                                         progress=bar,
                                          on_row=lambda r: save(), previous=before, into=results["speed"])
             save()
         if what in ("all", "quality"):

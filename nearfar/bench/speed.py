@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, TypedDict
 
 import torch
 
@@ -35,13 +36,22 @@ from .speed_gate import GATE_1D, GATE_2D, GATE_SETTINGS, TOL, engine_check, gate
 from .speed_metrics import crossovers, peak_bytes, saved_bytes, work
 from .timing import interleave, median_ratio
 
+
+class _Preset(TypedDict):
+    sizes: dict[str, tuple[Any, ...]]  # "1d": lengths N, "2d": (H, W) maps
+    widths: dict[str, tuple[int, int]]  # (dim, heads) per dims
+    rounds: int
+    row_budget_s: float
+
+
 #: quick: the sweep of ``nearfar bench --quick`` (2.5-4 min for every mechanism on this shared 2-core machine);
 #: full: CAB/FA-style lengths, head dim 64 (1D) and the 56x56x96 stage-1 map of the vision benchmarks (~40 min)
 #: ``row_budget_s``: a row whose one round (every method once) takes longer gets fewer rounds (at least one)
-QUICK = {"sizes": {"1d": (512, 2048), "2d": ((14, 14), (42, 42))}, "widths": {"1d": (64, 2), "2d": (64, 2)},
-         "rounds": 3, "row_budget_s": 8.0}
-FULL = {"sizes": {"1d": (256, 512, 1000, 1024, 2048, 4096, 8192), "2d": ((14, 14), (28, 28), (56, 56), (84, 84))},
-        "widths": {"1d": (128, 2), "2d": (96, 3)}, "rounds": 5, "row_budget_s": 30.0}
+QUICK: _Preset = {"sizes": {"1d": (512, 2048), "2d": ((14, 14), (42, 42))}, "widths": {"1d": (64, 2), "2d": (64, 2)},
+                  "rounds": 3, "row_budget_s": 8.0}
+FULL: _Preset = {"sizes": {"1d": (256, 512, 1000, 1024, 2048, 4096, 8192),
+                           "2d": ((14, 14), (28, 28), (56, 56), (84, 84))},
+                 "widths": {"1d": (128, 2), "2d": (96, 3)}, "rounds": 5, "row_budget_s": 30.0}
 PHASES = ("fwd", "fwd+bwd")
 SWEPT_DIMS = ("1d", "2d")
 #: constructor arguments a mechanism needs for a spatial rank other than its default
@@ -90,22 +100,23 @@ def _load() -> float | None:
         return None
 
 
-def _output(out):
+def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _caller(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[torch.nn.Parameter], seed: int):
+def _caller(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[torch.nn.Parameter],
+            seed: int) -> Callable[[], torch.Tensor]:
     """One timed call of ``fn(*inputs)``: forward under no_grad, or forward + backward of a fixed random cotangent
     (input and parameter gradients cleared after each call, alike for every method)."""
     if phase == "fwd":
-        def call():
+        def call_fwd() -> torch.Tensor:
             with torch.no_grad():
                 return _output(fn(*inputs))
-        return call
+        return call_fwd
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     state: dict = {}
 
-    def call():
+    def call() -> torch.Tensor:
         out = _output(fn(*leaves))
         if "g" not in state:
             state["g"] = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
@@ -116,7 +127,8 @@ def _caller(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[t
     return call
 
 
-def _inputs(dims: str, size, dim: int, pattern: str, seed: int):
+def _inputs(dims: str, size: Any, dim: int, pattern: str,
+            seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, int]:
     """(inputs of ours, inputs of dense, size label, tokens): x (1, N, dim) or (1, H, W, dim); cross: context
     (1, N, dim); dense sees a map as its H*W tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -132,11 +144,11 @@ def _dense_mechanism() -> Mechanism:
     return next(m for m in mechanisms() if m.name == "dense")
 
 
-def _call_layer(layer):
+def _call_layer(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
     return lambda x, context=None: layer(x) if context is None else layer(x, context=context)
 
 
-def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smallest, seed: int) -> dict:
+def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smallest: Any, seed: int) -> dict:
     head = {"mechanism": mech.name, "pattern": pattern, "dims": dims}
     try:
         torch.manual_seed(seed)
@@ -155,7 +167,7 @@ def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smal
             # the gate's settings exercise the structure; the timed ones (make defaults) must agree too
             timed = mech.build(*width, pattern, **extra)
             ours, _, _, _ = _inputs(dims, smallest, width[0], pattern, seed)
-            err, _ = engine_check(timed, *ours, grads=False, seed=seed)
+            err, _ = engine_check(timed, ours[0], ours[1] if len(ours) > 1 else None, grads=False, seed=seed)
             res["max_err"], res["passed"] = max(res["max_err"], err), err <= TOL
             res["detail"] += (f"; gated with {GATE_SETTINGS[mech.name]} at N={GATE_1D} (batch 2, dim 64); the timed "
                               f"make() defaults at N={smallest}: forward max rel err {err:.1e}")
@@ -165,7 +177,8 @@ def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smal
                 "detail": f"gate raised {type(exc).__name__}: {exc}"[:300]}
 
 
-def _warm(fn: Callable[[], torch.Tensor], params: list, phase: str):
+def _warm(fn: Callable[[], torch.Tensor], params: list,
+          phase: str) -> tuple[torch.Tensor, int | None, list[tuple], float]:
     """The warm-up call: its output, the bytes it saves for backward (None for "fwd"), its attend calls and
     seconds."""
     box: dict = {}
@@ -175,7 +188,8 @@ def _warm(fn: Callable[[], torch.Tensor], params: list, phase: str):
     return box["out"], (nbytes if phase != "fwd" else None), seen, time.perf_counter() - t0
 
 
-def _time_row(base: dict, ours, dense, ours_in, dense_in, phase: str, rounds: int, seed: int, peers: list,
+def _time_row(base: dict, ours: torch.nn.Module, dense: torch.nn.Module, ours_in: list[torch.Tensor],
+              dense_in: list[torch.Tensor], phase: str, rounds: int, seed: int, peers: list,
               budget_s: float = math.inf, failed: list | None = None) -> list:
     """The row of ``ours`` against ``dense`` (and one per peer) at one size and phase; a peer that fails is left
     out and appended to ``failed`` as ``(name, reason)``."""
@@ -313,8 +327,9 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
             done += len(sizes[dims]) * len(PHASES)
             continue
         torch.manual_seed(seed)
-        ours = mech.build(*widths[dims], pattern, **DIMS_ARGS.get((mech.name, dims), {})).eval()
-        dense = _dense_mechanism().build(*widths[dims], pattern).eval()
+        width: tuple[int, int] = widths[dims]
+        ours = mech.build(*width, pattern, **DIMS_ARGS.get((mech.name, dims), {})).eval()
+        dense = _dense_mechanism().build(*width, pattern).eval()
         for i, size in enumerate(sizes[dims]):
             ours_in, dense_in, size_label, tokens = _inputs(dims, size, widths[dims][0], pattern, seed)
             base = {"mechanism": mech.name, "family": mech.family, "pattern": pattern, "dims": dims,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from typing import Any, cast
 
 import torch
 
@@ -68,7 +69,7 @@ def engine_check(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor 
     """Worst relative error of outputs (and, with ``grads``, gradients of a random projection with respect to the
     inputs) under ``"auto"`` and ``"blocksparse"`` against ``engine_override("dense")``; and the attend calls."""
 
-    def outputs(engine: str | None):
+    def outputs(engine: str | None) -> tuple[list[torch.Tensor], list[tuple]]:
         leaves = [t.detach().clone().requires_grad_(grads) for t in (x, context) if t is not None]
         with contextlib.ExitStack() as stack, torch.set_grad_enabled(grads):
             if engine is not None:
@@ -105,7 +106,7 @@ def prefix_check(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor 
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         full = _flat(run_layer(layer, x, context, seed))
-        err, how = 0.0, Counter()
+        err, how = 0.0, Counter[str]()
         for i in positions:
             if x.dim() == 3:
                 try:
@@ -129,7 +130,7 @@ def decode_check(layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor 
     n = x.shape[1]
     with torch.no_grad():
         full = run_layer(layer, x, context, seed)
-        cache = layer.new_cache(x.shape[0])
+        cache = cast(Any, layer).new_cache(x.shape[0])  # a decoding layer; torch's stubs see a plain Module
         outs = [run_layer(layer, x[:, :n - steps], context, seed, cache=cache)]
         outs += [run_layer(layer, x[:, t:t + 1], context, seed, cache=cache) for t in range(n - steps, n)]
     return rel_err(torch.cat(outs, 1), full)

@@ -12,7 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..patterns import Dense
+from ..patterns import Dense, Pattern
 
 
 def crossover(labels: Sequence, wins: Sequence[bool]) -> object:
@@ -49,7 +49,7 @@ def crossovers(rows: list[dict]) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=256)
-def _allowed(pattern, nq: int, nk: int) -> int:
+def _allowed(pattern: Pattern, nq: int, nk: int) -> int:
     """Allowed pairs of ``pattern`` (summed over heads for per-head patterns), counted in row chunks."""
     keys, total = torch.arange(nk)[None, :], 0
     step = max(1, (1 << 22) // nk)
@@ -99,7 +99,8 @@ class _PeakTracker(TorchDispatchMode):
 
     def __init__(self, exclude: set[int]):
         super().__init__()
-        self.outside, self.live = set(exclude), {}
+        self.outside = set(exclude)
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage pointer -> (weak ref, bytes)
         self.current = self.peak = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -107,9 +108,9 @@ class _PeakTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None and ptr[0] not in self.live:
                 self.outside.add(ptr[0])
         out = func(*args, **(kwargs or {}))
-        for ptr, (ref, nbytes) in list(self.live.items()):
+        for key, (ref, nbytes) in list(self.live.items()):
             if ref.expired():
-                del self.live[ptr]
+                del self.live[key]
                 self.current -= nbytes
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and (ptr := _storage(t)) is not None:

@@ -130,7 +130,7 @@ PEERS = (
 )
 
 
-def check_names(names: bool | Sequence[str] | None) -> set[str] | None:
+def check_names(names: bool | Sequence[str]) -> set[str] | None:
     """``run_speed``'s ``peers``: True (all), False (none: the empty set) or a list of peer names."""
     if isinstance(names, bool):
         return None if names else set()

@@ -365,9 +365,9 @@ def _spatial_recall(image_size: int, num_pairs: int, vocab_size: int) -> Task:
                 f"Chebyshev distance to the key; generated", _sampler(draw))
 
 
-_MQAR_SIZES = {"full": dict(seq_len=256, num_pairs=16, vocab_size=256),
-               "quick": dict(seq_len=128, num_pairs=8, vocab_size=128),
-               "tiny": dict(seq_len=64, num_pairs=4, vocab_size=64)}
+_MQAR_SIZES: dict[str, dict[str, object]] = {"full": dict(seq_len=256, num_pairs=16, vocab_size=256),
+                                             "quick": dict(seq_len=128, num_pairs=8, vocab_size=128),
+                                             "tiny": dict(seq_len=64, num_pairs=4, vocab_size=64)}
 _TASKS: dict[str, tuple[Callable[..., Task], dict[str, dict[str, object]]]] = {  # builder, parameters by size
     "mqar": (functools.partial(_mqar, bidirectional=False), _MQAR_SIZES),
     "passkey": (_passkey, {size: dict(seq_len=length, num_digits=4, depths=(0.1, 0.3, 0.5, 0.7))

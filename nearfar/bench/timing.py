@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +20,8 @@ from .. import patterns as P
 from ..dispatch import attend
 
 
-def interleave(methods: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+def interleave(methods: Mapping[str, Callable[[], object]], rounds: int = 5,
+               warmup: int = 1) -> dict[str, list[float]]:
     """Seconds per call of each method, ``rounds`` interleaved rounds after ``warmup`` calls each."""
     for fn in methods.values():
         for _ in range(warmup):

@@ -36,7 +36,8 @@ dropout.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -160,7 +161,8 @@ class SRWAttention(nn.Module):
         t = qkv.view(b, n, 3, 2, self.num_heads // 2, self.head_dim).permute(2, 3, 0, 4, 1, 5)
         a, c = self.shift_size
         outs = []
-        for i, (branch, shift) in enumerate(zip(self.attns, ((a, c), (c, a)))):
+        branches = cast("Iterable[RectWindowBranch]", self.attns)
+        for i, (branch, shift) in enumerate(zip(branches, ((a, c), (c, a)))):
             r, s = branch.window
             pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
             out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, rpb=branch.table())

@@ -118,6 +118,8 @@ class LightningAttention(nn.Module):
         True
     """
 
+    slope_rate: torch.Tensor | None  # a buffer: the per-head decay rates, None without decay
+
     def __init__(self, dim: int, num_heads: int, bias: bool = False, norm_type: str = "srmsnorm", layer_idx: int = 0,
                  num_layers: int = 12, decay: bool = True, gate_rank: int | None = None, block_size: int = 64,
                  causal: bool = True, cross: bool = False):
@@ -203,14 +205,17 @@ class LightningAttention(nn.Module):
         if key_padding_mask is not None and not source_cached:
             if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
                 raise TypeError("key_padding_mask must be a bool tensor (B, N) (cross: (B, M)), True = keep")
+            assert src is not None  # a cross layer without its cached source has context (checked above)
             if tuple(key_padding_mask.shape) != tuple(src.shape[:2]):
                 raise ValueError(f"key_padding_mask must have the keys' shape (B, N) (cross: (B, M)) = "
                                  f"{tuple(src.shape[:2])}, got {tuple(key_padding_mask.shape)}")
         q = split_heads(F.silu(self.q_proj(x)), self.num_heads)
         ct = compute_dtype(q)
         if source_cached:  # causal cross decoding: the source's K^T V was stored at the first call
+            assert cache is not None  # source_cached needs a cache
             out, state = (q.to(ct) @ cache.S).to(q.dtype), cache.S
         else:
+            assert src is not None  # a cross layer without its cached source has context (checked above)
             k = split_heads(F.silu(self.k_proj(src)), self.num_heads)
             v = split_heads(F.silu(self.v_proj(src)), self.num_heads)
             if key_padding_mask is not None:

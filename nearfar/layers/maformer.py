@@ -62,6 +62,7 @@ class TokenAttention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 num_queries: int | None = None) -> torch.Tensor:
         if self.cross:
+            assert context is not None  # the cross layers of this module always get their context
             q = split_heads(self.q(x), self.num_heads)
             kv = self.kv(context).reshape(context.shape[0], context.shape[1], 2, self.num_heads, -1)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)

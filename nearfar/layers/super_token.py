@@ -32,6 +32,8 @@ per head its q, then k, then v block, as the official ``reshape(B, heads, 3 * d,
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +42,7 @@ from ..checks import (
     check_bool,
     check_channels_last,
     check_dim_heads,
-    check_per_axis,
+    check_pair,
     check_positive_int,
     check_scale,
 )
@@ -65,7 +67,8 @@ def scatter_neighbours(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     # cell (r, c) receives entry k of cell (r - dy + 1, c - dx + 1): a sum of 9 shifted slices (no in-place
     # scatter: slice-assignments make torch.compile take minutes)
     p = F.pad(t.reshape(b, hh, ww, -1), (0, 0, 1, 1, 1, 1)).reshape(b, hh + 2, ww + 2, 9, -1)
-    out = sum(p[:, 2 - dy:2 - dy + hh, 2 - dx:2 - dx + ww, k] for k, (dy, dx) in enumerate(_OFFSETS))
+    out = cast(torch.Tensor, sum(p[:, 2 - dy:2 - dy + hh, 2 - dx:2 - dx + ww, k]
+                                 for k, (dy, dx) in enumerate(_OFFSETS)))
     return out.reshape(b, hh * ww, *rest)
 
 
@@ -89,7 +92,7 @@ class _RefineAttention(nn.Module):
 def _cell(value: object) -> tuple[int, int]:
     if isinstance(value, str):  # "auto" is handled by the caller
         raise ValueError(f"stoken_size must be 'auto', a positive int or an (h, w) tuple of them, got {value!r}")
-    return check_per_axis(value, 2, "stoken_size")
+    return check_pair(value, "stoken_size")
 
 
 class SuperTokenAttention(nn.Module):
@@ -135,7 +138,7 @@ class SuperTokenAttention(nn.Module):
     def cell_size(self, height: int, width: int) -> tuple[int, int]:
         """The super-token cell used for an ``height x width`` map."""
         if self.stoken_size != "auto":
-            return self.stoken_size
+            return cast("tuple[int, int]", self.stoken_size)  # "auto" or a checked pair
         side = min(height, width)
         s = 8 if side >= 56 else 4 if side >= 28 else 1
         return (s, s)
@@ -179,7 +182,7 @@ class SuperTokenAttention(nn.Module):
         b, (h0, w0), _ = check_channels_last(x, 2, self.dim)
         sh, sw = self.cell_size(h0, w0)
         if (sh, sw) == (1, 1):
-            return self.stoken_refine(x) if self.refine else x
+            return self._refined(x) if self.refine else x
         pad_b, pad_r = -h0 % sh, -w0 % sw
         if pad_b or pad_r:
             x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
@@ -189,9 +192,13 @@ class SuperTokenAttention(nn.Module):
         q, mass = self.associate(pixels, grid)
         s = self.update(pixels, q, mass, grid)
         if self.refine:
-            s = self.stoken_refine(s.reshape(b, hh, ww, c)).reshape(b, hh * ww, c)
+            s = self._refined(s.reshape(b, hh, ww, c)).reshape(b, hh * ww, c)
         out = self.upsample(s, q, grid).reshape(b, hh, ww, sh, sw, c).transpose(2, 3).reshape(b, hh * sh, ww * sw, c)
         return out[:, :h0, :w0] if pad_b or pad_r else out
+
+    def _refined(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.stoken_refine is not None  # built when refine=True
+        return self.stoken_refine(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # official checkpoints: 1x1-conv weights (out, in, 1, 1) and frozen identity kernels we do not need

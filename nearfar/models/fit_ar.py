@@ -63,6 +63,8 @@ Differences from the official code (all deliberate, to reuse ``tiny_lm``'s piece
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,12 @@ class FITAR(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.latent_emb, std=0.02)
 
+    def _local_stacks(self) -> Iterable[nn.ModuleList]:
+        return cast("Iterable[nn.ModuleList]", self.local)  # a ModuleList of Blocks per block of the config
+
+    def _latent_stack(self, key: str) -> nn.ModuleList:
+        return cast(nn.ModuleList, self.latent_blocks[key])
+
     def latent_mask(self, num_groups: int) -> torch.Tensor:
         """The bool ``(t*m, t*m)`` mask of the global layers (True = may attend)."""
         t = check_positive_int(num_groups, "num_groups")
@@ -232,14 +240,14 @@ class FITAR(nn.Module):
             tokens = F.pad(tokens, (0, t * n - length))
         x = self.embed(tokens).reshape(bsz * t, n, self.dim)
         latents = self.latent_emb.expand(bsz * t, m, self.latent_dim)
-        for i, blocks in enumerate(self.local):
+        for i, blocks in enumerate(self._local_stacks()):
             for block in blocks:
                 x = block(x)
             key = str(i)
             if key not in self.write:  # no write after: this block's read and global layers cannot reach the logits
                 continue
             latents = self.read[key](latents, x).reshape(bsz, t * m, self.latent_dim)
-            for block in self.latent_blocks[key]:
+            for block in self._latent_stack(key):
                 latents = block(latents)
             # group g reads the latents of group g-1, group 0 zeros: no token sees its own or a later group
             prev = latents.reshape(bsz, t, m, self.latent_dim)[:, :-1]
@@ -280,9 +288,9 @@ class FITAR(nn.Module):
             start = cache.length % n
             seg = min(n - start, tokens.shape[1] - i)
             if start == 0:
-                cache.local = [layer_caches(blocks, cache.batch) for blocks in self.local]
+                cache.local = [layer_caches(blocks, cache.batch) for blocks in self._local_stacks()]
             x = self.embed(tokens[:, i:i + seg])
-            for b, blocks in enumerate(self.local):
+            for b, blocks in enumerate(self._local_stacks()):
                 for block, layer_cache in zip(blocks, cache.local[b]):
                     x = block(x, layer_cache)
                 key = str(b)
@@ -304,7 +312,7 @@ class FITAR(nn.Module):
             group = torch.cat(cache.group_x[key], 1)
             cache.group_x[key] = []
             latents = self.read[key](latents, group)
-            for block, layer_cache in zip(self.latent_blocks[key], cache.latent[key]):
+            for block, layer_cache in zip(self._latent_stack(key), cache.latent[key]):
                 latents = block(latents, layer_cache)
             cache.prev[key] = latents
 
@@ -348,10 +356,10 @@ class FITCache(DecodeState):
         p = model.latent_emb
         super().__init__(batch, p.device)  # its tensors are made here, on the model's device
         self.length = 0
-        self.local = [layer_caches(blocks, self.batch) for blocks in model.local]
+        self.local = [layer_caches(blocks, self.batch) for blocks in model._local_stacks()]
         self.group_x: dict[str, list[torch.Tensor]] = {key: [] for key in model.write}
         self.prev = {key: p.new_zeros(self.batch, model.latents_per_group, model.latent_dim) for key in model.write}
-        self.latent = {key: layer_caches(model.latent_blocks[key], self.batch) for key in model.write}
+        self.latent = {key: layer_caches(model._latent_stack(key), self.batch) for key in model.write}
 
     def nbytes(self) -> int:
         caches = [c for blocks in self.local for c in blocks] + [c for cs in self.latent.values() for c in cs]

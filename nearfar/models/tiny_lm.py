@@ -9,6 +9,7 @@ mechanism, by name; used by the tests, examples and the benchmark. Decoding runs
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,8 @@ def layer_caches(blocks: nn.ModuleList, batch: int, device: torch.device | None 
                  dtype: torch.dtype | None = None) -> list:
     """One empty decoding cache per ``Block`` of ``blocks``, each made for ``batch`` sequences (and ``device`` /
     ``dtype`` where given): every call with them is checked against that."""
-    return [b.attn.new_cache(batch, device=device, dtype=dtype) for b in blocks]
+    # Blocks whose attention layer decodes (has new_cache); torch's stubs see plain Modules
+    return [cast(Any, b).attn.new_cache(batch, device=device, dtype=dtype) for b in blocks]
 
 
 class TinyLM(nn.Module):

@@ -86,6 +86,7 @@ def _check_qkv(q: object, k: object, v: object) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor [B, H, N, d], got "
                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor)  # checked above
     if q.shape != k.shape:
         raise ValueError(f"q and k must have the same shape [B, H, N, d], got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.shape[:3] != q.shape[:3]:
