@@ -11,7 +11,8 @@ gradients must match it (non-finite exactly where it is non-finite), on ``dense`
 and ``flex`` (forward only on CPU, run eagerly: compiling per shape would take minutes).
 
 Profiles: by default (CI) ``FUZZ_EXAMPLES`` examples per engine, derandomized; ``NEARFAR_FUZZ=long`` runs 10,000
-per engine with fresh random draws (release checks, ~1 h on 2 cores); ``NEARFAR_FUZZ=<n>`` runs n per engine.
+per engine with fresh random draws (release checks: minutes per engine, over an hour for eager Flex);
+``NEARFAR_FUZZ=<n>`` runs n per engine.
 """
 
 from __future__ import annotations
