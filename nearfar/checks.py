@@ -20,6 +20,7 @@ T = TypeVar("T")
 __all__ = [
     "check_bool",
     "check_channels_last",
+    "check_choice",
     "check_dim_heads",
     "check_grid",
     "check_int_range",
@@ -31,6 +32,7 @@ __all__ = [
     "check_real_range",
     "check_same_dtype_device",
     "check_scale",
+    "check_tensor",
 ]
 
 
@@ -426,3 +428,70 @@ def check_same_dtype_device(**tensors: torch.Tensor) -> tuple[torch.dtype, torch
     if any(t.device != ts[0].device for t in ts):
         raise ValueError(f"{names} must be on one device, got " + ", ".join(str(t.device) for t in ts))
     return ts[0].dtype, ts[0].device
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Check that ``value`` is one of the strings ``choices``.
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+        choices: the allowed strings.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is not one of ``choices``.
+
+    Examples:
+        >>> from nearfar.checks import check_choice
+        >>> check_choice("max", "how", ("mean", "max"))
+        'max'
+        >>> check_choice("sum", "how", ("mean", "max"))
+        Traceback (most recent call last):
+            ...
+        ValueError: how must be one of 'mean', 'max', got 'sum'
+    """
+    allowed = ", ".join(repr(c) for c in choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be one of {allowed}, got {value!r}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def check_tensor(value: object, name: str, ndim: int, *, floating: bool = True) -> torch.Tensor:
+    """Check that ``value`` is a tensor of rank ``ndim`` (of a floating dtype when ``floating``).
+
+    Args:
+        value: the argument.
+        name: the parameter's name, used in the message.
+        ndim: the required number of dimensions.
+        floating: also require a floating dtype.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        TypeError: ``value`` is not a tensor, or (``floating``) not of a floating dtype.
+        ValueError: ``value`` has another number of dimensions.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.checks import check_tensor
+        >>> check_tensor(torch.zeros(2, 3), "x", 2).shape
+        torch.Size([2, 3])
+        >>> check_tensor(torch.zeros(2, 3), "x", 4)
+        Traceback (most recent call last):
+            ...
+        ValueError: x must have 4 dimensions, got shape (2, 3)
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    return value

@@ -1,7 +1,8 @@
 """The public functional layer: everything a layer or model needs from nearfar besides patterns and checks.
 
 ``attend`` (the one entry point of every engine), head split/merge, window partition and merge for modules that
-cut their *input* into windows (as the official window codes do), and the lightning/linear attention kernels.
+cut their *input* into windows (as the official window codes do), the lightning/linear attention kernels, and the
+routing ops of content-routed block-sparse attention (block pooling, block scores, block selection, k-means routing).
 Layers and models are built only on this module, ``nearfar.patterns`` and ``nearfar.checks``; the engines behind
 ``attend`` are free to change."""
 
@@ -23,24 +24,44 @@ from .ops.lightning import (
     linear_attention_reference,
     tnl_slopes,
 )
+from .ops.routing import (
+    block_attention_stat,
+    block_scores,
+    ema_update_centroids,
+    kmeans_route,
+    kv_blocks_from_mask,
+    nz_ratio_blocks,
+    pool_blocks,
+    threshold_blocks,
+    topk_blocks,
+)
 from .patterns import Pattern
 
 __all__ = [
     "WindowBatch",
     "alibi_slopes",
     "attend",
+    "block_attention_stat",
+    "block_scores",
     "compute_dtype",
+    "ema_update_centroids",
     "engine_override",
     "engines",
+    "kmeans_route",
+    "kv_blocks_from_mask",
     "lightning_attention",
     "lightning_blocked",
     "lightning_decode_step",
     "linear_attention_reference",
     "merge_heads",
+    "nz_ratio_blocks",
     "observe_calls",
+    "pool_blocks",
     "split_heads",
     "split_qkv",
+    "threshold_blocks",
     "tnl_slopes",
+    "topk_blocks",
     "window_attention",
 ]
 
