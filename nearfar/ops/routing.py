@@ -16,9 +16,11 @@ The pieces that NSA, MoBA, SeerAttention and the Routing Transformer share, batc
 Papers and official code: MoBA (Lu et al., 2025) -- MoonshotAI/MoBA ``moba/moba_naive.py``
 (``moba_attn_varlen_naive``); NSA (Yuan et al., 2025) -- fla-org/flash-linear-attention ``fla/ops/nsa/naive.py``
 (``naive_nsa_topk``); SeerAttention (Gao et al., 2024) -- microsoft/SeerAttention
-``seer_attn/prefill_sparse/attn_gate.py`` and ``seer_attn/modules/attention_distill.py``; Routing Transformer (Roy et
-al., 2021) -- lucidrains/routing-transformer ``routing_transformer/routing_transformer.py`` (``Kmeans``,
-``kmeans_iter``, ``ema_inplace``).
+``seer_attn/prefill_sparse/attn_gate.py`` (the AttnGate pooling), ``seer_attn/modules/common.py``
+(``get_sparse_attn_mask_from_threshold``, ``get_sparse_attn_mask_from_nz_ratio``) and
+``seer_attn/modules/attention_distill.py`` (``attention_distill_forward``: the pooled attention map); Routing
+Transformer (Roy et al., 2021) -- lucidrains/routing-transformer ``routing_transformer/routing_transformer.py``
+(``Kmeans``, ``kmeans_iter``, ``distribution``, ``ema_inplace``).
 
 **Block-list format.** A selection is ``(kv_num_blocks, kv_indices)``: ``kv_num_blocks (B, H, QB)`` int32 is the
 number of key blocks kept by each query block (row), ``kv_indices (B, H, QB, KB)`` int32 holds them in ascending
@@ -138,6 +140,7 @@ def block_scores(
     causal: bool = True,
     include_current: bool = True,
     scale: float | None = None,
+    softmax: bool = False,
     group_reduce: str | None = None,
 ) -> torch.Tensor:
     """Scores ``scale * q . k_block`` of each query row against each pooled key block, block-causally masked.
@@ -148,8 +151,11 @@ def block_scores(
     complete past blocks compete (MoBA: the current block is then added by ``topk_blocks(force_current=True)``).
     GQA: query head ``h`` scores the key blocks of KV head ``h // G``; ``group_reduce`` takes the max or the mean
     over the ``G`` query heads of a group (one selection per KV head, as NSA shares it), ``None`` keeps every
-    query head. A fully masked row stays ``-inf`` after the reduction. Differentiable in ``q`` and ``k_blocks``.
-    MoBA ranks unscaled scores: any ``scale`` gives the same ranking.
+    query head. ``softmax`` turns each query head's row into probabilities over its visible blocks first (NSA's
+    importance scores: fla ``naive_nsa_topk`` averages the per-head probabilities over the group; SeerAttention
+    thresholds the gate's probabilities); masked entries stay ``-inf`` so that the selection ops still see them as
+    masked. A fully masked row stays ``-inf`` after the reduction. Differentiable in ``q`` and ``k_blocks``. MoBA
+    ranks unscaled scores: any ``scale`` gives the same ranking.
 
     Args:
         q: Query rows ``(B, Hq, QB, d)``, floating.
@@ -160,6 +166,7 @@ def block_scores(
         causal: Mask the key blocks after each row's current block.
         include_current: With ``causal``, let the current block compete (False masks it too).
         scale: Score scale; default ``1 / sqrt(d)``.
+        softmax: Return per-head probabilities over the visible blocks (``-inf`` kept where masked).
         group_reduce: ``None``, ``"max"`` or ``"mean"`` over the query heads of each GQA group.
 
     Returns:
@@ -185,6 +192,7 @@ def block_scores(
     start = check_nonneg_int(q_start, "q_start")
     check_bool(causal, "causal")
     check_bool(include_current, "include_current")
+    check_bool(softmax, "softmax")
     scale = check_scale(scale, "scale")
     if group_reduce is not None:
         check_choice(group_reduce, "group_reduce", ("max", "mean"))
@@ -203,6 +211,10 @@ def block_scores(
         keys = torch.arange(kb, device=q.device)
         masked = keys[None, :] > cur[:, None] if include_current else keys[None, :] >= cur[:, None]
         scores = scores.masked_fill(masked, -math.inf)
+    if softmax:
+        dead = scores == -math.inf
+        probs = torch.softmax(scores.masked_fill(dead.all(dim=-1, keepdim=True), 0.0), dim=-1)
+        scores = probs.masked_fill(dead, -math.inf)
     if group_reduce == "max":
         return scores.amax(dim=2)
     if group_reduce == "mean":
@@ -367,7 +379,9 @@ def threshold_blocks(
     ``probs (B, H, QB, KB)`` is typically the softmax of the gate logits over the key blocks. Masked blocks
     (``-inf``/NaN, or with ``causal`` after the row's current block) are never kept; forced blocks (as in
     ``topk_blocks``) always are. The last ``dense_last_rows`` rows keep every visible block (SeerAttention's
-    ``last_block_dense`` keeps the last 2 query-block rows dense). ``threshold=0`` keeps every visible block.
+    ``last_block_dense`` keeps the last 2 query-block rows dense). ``threshold=0`` keeps every visible block. The
+official ``get_sparse_attn_mask_from_threshold`` compares with a strict ``>``: the two differ only for a
+probability exactly equal to the threshold.
 
     Args:
         probs: Block probabilities (or any scores) ``(B, H, QB, KB)``, floating.
@@ -424,9 +438,11 @@ def nz_ratio_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SeerAttention's ``nz_ratio`` selection: every row keeps its top ``K`` blocks, ``K`` set by a kept fraction.
 
-    With ``causal``, ``K = max(1, floor((1 - sqrt(1 - nz_ratio)) * KB))`` (SeerAttention's rule: the kept part of
-    the lower block triangle is then about ``nz_ratio``); without, ``K = max(1, floor(nz_ratio * KB))``. The rows
-    are then chosen by ``topk_blocks(scores, K, ...)`` (forced blocks included in ``K``).
+    With ``causal``, ``K = max(1, int((1 - sqrt(1 - nz_ratio)) * KB))`` (SeerAttention's
+    ``get_sparse_attn_mask_from_nz_ratio`` on its square block map: the kept part of the lower block triangle is
+    then about ``nz_ratio``); without, ``K = max(1, int(nz_ratio * KB))``. The rows are then chosen by
+    ``topk_blocks(scores, K, ...)`` (forced blocks included in ``K``; a row with fewer visible blocks keeps them
+    all, as the official top-k followed by ``tril`` does).
 
     Args:
         scores: Block scores or probabilities ``(B, H, QB, KB)``, floating.
@@ -458,7 +474,7 @@ def nz_ratio_blocks(
     check_bool(causal, "causal")
     kb = scores.shape[-1]
     frac = 1.0 - math.sqrt(1.0 - rho) if causal else rho
-    k = max(1, math.floor(frac * kb + 1e-9))
+    k = max(1, int(frac * kb))
     return topk_blocks(scores, k, force_first=force_first, force_current=force_current, force_last=force_last,
                        causal=causal, q_block_size=q_block_size, k_block_size=k_block_size, q_start=q_start)
 
@@ -587,8 +603,9 @@ def kmeans_route(x: torch.Tensor, centroids: torch.Tensor, top_w: int, *, normal
 
     Similarity ``x_hat . mu`` per head (``x_hat`` the unit-norm tokens when ``normalize``, as the Routing
     Transformer normalises q and k; the centroids are used as given, unit-norm by construction). Every cluster
-    gets exactly ``top_w`` tokens, so a token may be in several clusters or in none (lucidrains ``KmeansAttention``
-    takes ``topk`` over the tokens; run it on queries and keys separately). Ties go to the lower token index.
+    gets exactly ``top_w`` tokens, so a token may be in several clusters or in none (lucidrains ``distribution``:
+    ``topk`` over the tokens, indices sorted; ``KmeansAttention`` runs it on queries and keys separately). Ties go
+    to the lower token index.
     Not differentiable (indices).
 
     Args:

@@ -97,15 +97,17 @@ def test_pool_blocks_is_differentiable():
 @SETTINGS
 @given(b=st.integers(1, 2), hkv=st.integers(1, 2), g=st.integers(1, 3), n=st.integers(1, 13), d=st.integers(1, 4),
        qbs=st.integers(1, 4), kbs=st.integers(1, 4), start=st.integers(0, 5), causal=st.booleans(),
-       include_current=st.booleans(), reduce=st.sampled_from([None, "max", "mean"]), layout=st.integers(0, 2),
-       seed=st.integers(0, 99))
-def test_block_scores_matches_loop(b, hkv, g, n, d, qbs, kbs, start, causal, include_current, reduce, layout, seed):
+       include_current=st.booleans(), softmax=st.booleans(), reduce=st.sampled_from([None, "max", "mean"]),
+       layout=st.integers(0, 2), seed=st.integers(0, 99))
+def test_block_scores_matches_loop(b, hkv, g, n, d, qbs, kbs, start, causal, include_current, softmax, reduce,
+                                   layout, seed):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, hkv * g, n, d, generator=gen, dtype=F64)
     k = torch.randn(b, hkv, n + start, d, generator=gen, dtype=F64)
     qp, kp = pool_blocks(q, qbs), pool_blocks(k, kbs)
     got = block_scores(_layout(qp, layout), _layout(kp, layout), k_block_size=kbs, q_block_size=qbs, q_start=start,
-                       causal=causal, include_current=include_current, scale=0.5, group_reduce=reduce)
+                       causal=causal, include_current=include_current, scale=0.5, softmax=softmax,
+                       group_reduce=reduce)
     qb, kb = qp.shape[2], kp.shape[2]
     ref = torch.empty(b, hkv * g, qb, kb, dtype=F64)
     for bi in range(b):
@@ -115,6 +117,12 @@ def test_block_scores_matches_loop(b, hkv, g, n, d, qbs, kbs, start, causal, inc
                     cur = _cur(m, qbs, kbs, start)
                     masked = causal and (j > cur or (not include_current and j == cur))
                     ref[bi, hi, m, j] = -math.inf if masked else 0.5 * float(qp[bi, hi, m] @ kp[bi, hi // g, j])
+                vis = [j for j in range(kb) if ref[bi, hi, m, j] != -math.inf]
+                if softmax and vis:  # per-head probabilities over the visible blocks, masked entries kept at -inf
+                    top = max(float(ref[bi, hi, m, j]) for j in vis)
+                    e = {j: math.exp(float(ref[bi, hi, m, j]) - top) for j in vis}
+                    for j in vis:
+                        ref[bi, hi, m, j] = e[j] / sum(e.values())
     if reduce is not None:
         grouped = ref.reshape(b, hkv, g, qb, kb)
         ref = grouped.amax(2) if reduce == "max" else grouped.mean(2)
@@ -201,6 +209,36 @@ def test_moba_selection_pipeline():
             assert idx[0, hi, i].tolist()[: len(want)] == want
 
 
+def test_nsa_selection_pipeline():
+    """fla ``naive_nsa_topk``: per-head softmax over the complete blocks, mean over the GQA group, forced
+    {0, current, previous}, S slots. A block is complete at t once its last token is <= t: with token queries that
+    is ``include_current=False`` shifted by one position (``q_start=1``)."""
+    gen = torch.Generator().manual_seed(3)
+    t_len, bs, hkv, g, slots = 37, 8, 2, 3, 4
+    q = torch.randn(2, hkv * g, t_len, 5, generator=gen, dtype=F64)
+    k_cmp = pool_blocks(torch.randn(2, hkv, t_len, 5, generator=gen, dtype=F64), bs)
+    imp = block_scores(q, k_cmp, k_block_size=bs, q_start=1, include_current=False, softmax=True,
+                       group_reduce="mean")
+    num, idx = topk_blocks(imp, slots, force_first=True, force_last=2, k_block_size=bs)
+    got = _rows_to_lists(num, idx)
+    ref = []
+    for bi in range(2):
+        for h in range(hkv):
+            for t in range(t_len):
+                vis = [c for c in range(k_cmp.shape[2]) if (c + 1) * bs - 1 <= t]
+                mean = dict.fromkeys(vis, 0.0)
+                for hq in range(h * g, (h + 1) * g):
+                    logits = {c: float(q[bi, hq, t] @ k_cmp[bi, h, c]) / math.sqrt(5) for c in vis}
+                    z = sum(math.exp(v) for v in logits.values())
+                    for c in vis:
+                        mean[c] += math.exp(logits[c]) / z / g
+                forced = {c for c in (0, t // bs, t // bs - 1) if c >= 0}
+                rest = sorted((c for c in vis if c not in forced), key=lambda c: -mean[c])
+                ref.append(forced | set(rest[: slots - len(forced)]))
+    assert got == ref
+    assert all(len(r) == min(slots, t // bs + 1) for r, t in zip(got, list(range(t_len)) * 4, strict=True))
+
+
 def test_flex_attention_accepts_the_block_lists():
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -262,7 +300,7 @@ def test_nz_ratio_blocks_keeps_seerattention_count():
     scores = torch.randn(1, 2, 8, 8)
     for rho, causal in ((0.0, True), (0.5, True), (1.0, True), (0.3, False), (1.0, False)):
         frac = 1 - math.sqrt(1 - rho) if causal else rho
-        k = max(1, math.floor(frac * 8 + 1e-9))
+        k = max(1, int(frac * 8))
         got = nz_ratio_blocks(scores, rho, causal=causal)
         want = topk_blocks(scores, k, causal=causal)
         assert all(torch.equal(a, c) for a, c in zip(got, want, strict=True))
