@@ -574,7 +574,7 @@ def block_attention_stat(
         p = torch.exp(logits - lc).masked_fill(dead, 0.0)
         rpad = _num_blocks(rows, bq) * bq - rows
         p = torch.nn.functional.pad(p, (0, kpad, 0, rpad))  # P >= 0: zero padding changes no max nor sum
-        tiles = p.reshape(b, hq, -1, bq, kblocks, bk)
+        tiles = p.reshape(b, hq, _num_blocks(rows, bq), bq, kblocks, bk)
         out.append(tiles.amax(dim=(3, 5)) if how == "max" else tiles.sum(dim=(3, 5)))
     gt = torch.cat(out, dim=2) if out else q.new_zeros(b, hq, qblocks, kblocks)
     if normalize:

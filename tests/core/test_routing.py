@@ -359,6 +359,23 @@ def test_block_attention_stat_oracles():
     assert (block_attention_stat(q, k, dead, 3, 3, normalize=True) == 0).all()
 
 
+def test_block_attention_stat_empty():
+    z = torch.zeros
+    assert block_attention_stat(z(1, 2, 0, 4), z(1, 1, 5, 4), z(1, 2, 0), 2, 2).shape == (1, 2, 0, 3)
+    no_keys = block_attention_stat(z(1, 2, 3, 4), z(1, 1, 0, 4), torch.full((1, 2, 3), -math.inf), 2, 2)
+    assert no_keys.shape == (1, 2, 2, 0)
+
+
+def test_empty_shapes_elsewhere():
+    z = torch.zeros
+    assert pool_blocks(z(2, 1, 0, 3), 2, "maxminavg").shape == (2, 1, 0, 9)
+    assert block_scores(z(1, 2, 0, 4), z(1, 1, 3, 4), k_block_size=2).shape == (1, 2, 0, 3)
+    assert block_scores(z(1, 2, 3, 4), z(1, 1, 0, 4), k_block_size=2, softmax=True).shape == (1, 2, 3, 0)
+    num, idx = threshold_blocks(z(1, 1, 2, 0), 0.1, force_first=True)
+    assert num.tolist() == [[[0, 0]]] and idx.shape == (1, 1, 2, 0)
+    assert nz_ratio_blocks(z(1, 1, 2, 0), 0.5)[0].tolist() == [[[0, 0]]]
+
+
 # ---------------------------------------------------------------- k-means routing
 
 
