@@ -309,9 +309,10 @@ def topk_blocks(
     block index, so the result is deterministic. Forced blocks (those that exist, and with ``causal`` none after the
     current): block 0 (``force_first``, NSA's initial block), the current block (``force_current``, MoBA; NSA) and
     the ``force_last`` blocks up to and including the current one (NSA's two local blocks: ``force_last=2``). Row
-    positions follow the module docstring; the defaults (block sizes 1) make row ``m``'s current block ``m``, the
-    square block map of ``block_scores(pool_blocks(q, b), pool_blocks(k, b), ...)`` needs the same (or ``b``, ``b``).
-    Not differentiable (indices).
+    positions follow the module docstring: the defaults (block sizes 1, ``q_start=0``) make row ``m``'s current
+    block ``m``, as in the square map of equal query and key blocks; for token queries against blocks of ``b``
+    keys pass ``k_block_size=b``, with the same ``q_block_size``, ``k_block_size`` and ``q_start`` as given to
+    ``block_scores``. Not differentiable (indices).
 
     Args:
         scores: Block scores ``(B, H, QB, KB)``, floating, e.g. from ``block_scores``.
