@@ -148,7 +148,9 @@ def block_scores(
     A row of ``q`` is a pooled query block of ``q_block_size`` tokens, or a single query (``q_block_size=1``); see
     the module docstring for the rows' positions and current blocks. With ``causal``, a key block after the row's
     current block scores ``-inf``, and with ``include_current=False`` the current block does too, so only
-    complete past blocks compete (MoBA: the current block is then added by ``topk_blocks(force_current=True)``).
+    complete past blocks compete (MoBA: the current block is then added by ``topk_blocks(force_current=True)``;
+    fla's NSA counts a block complete once its last token is <= t: token queries with ``q_start + 1`` and
+    ``include_current=False``).
     GQA: query head ``h`` scores the key blocks of KV head ``h // G``; ``group_reduce`` takes the max or the mean
     over the ``G`` query heads of a group (one selection per KV head, as NSA shares it), ``None`` keeps every
     query head. ``softmax`` turns each query head's row into probabilities over its visible blocks first (NSA's
