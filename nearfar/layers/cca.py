@@ -46,16 +46,15 @@ Differences from the official code:
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..checks import check_positive_int
 from ..functional import attend, merge_heads
 from ..patterns import Causal
 from ..patterns.core_and_window import CoreAndWindow, cca_allowed, core_counts
 from .kv_cache import DecodeState
-from .projections import add_projections
+from .projections import ProjectedAttention, add_projections
 from .registry import POSITIONS_SHARED, Mechanism, register
-from .rotary import RotaryEmbedding, rotary_qkv
+from .rotary import rotary_qkv
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -92,7 +91,7 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=2)
 
 
-class CCAAttention(nn.Module):
+class CCAAttention(ProjectedAttention):
     """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;
     decoding through ``new_cache`` keeps ``N/group_size + window_size + group_size`` tokens.
@@ -124,17 +123,6 @@ class CCAAttention(nn.Module):
         >>> layer(torch.randn(2, 32, 64)).shape
         torch.Size([2, 32, 64])
     """
-
-    # set by add_projections
-    dim: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    o_proj: nn.Linear
-    rope: RotaryEmbedding | None
 
     def __init__(self, dim: int, num_heads: int, group_size: int = 16, window_size: int = 1024, pooling: str = "cca",
                  num_kv_heads: int | None = None, causal: bool = True, rope: bool = True, qkv_bias: bool = False):

@@ -8,16 +8,15 @@ their pattern (see ``streaming_llm.py``, ``longformer.py``, ``bigbird.py``, ...)
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..functional import attend, merge_heads
 from ..patterns import Pattern
 from .kv_cache import DecodeState, KeepFn, KVCache
-from .projections import add_projections
-from .rotary import RotaryEmbedding, rotary_qkv
+from .projections import ProjectedAttention, add_projections
+from .rotary import rotary_qkv
 
 
-class PatternAttention(nn.Module):
+class PatternAttention(ProjectedAttention):
     """Multi-head attention of ``x (B, N, dim)`` restricted to ``pattern`` (on token indices), with rotary
     positions, GQA (``num_kv_heads``) and a KV cache that keeps what ``keep(positions, next_position)`` says.
 
@@ -54,17 +53,6 @@ class PatternAttention(nn.Module):
         >>> layer(torch.randn(2, 1, 64), cache=cache).shape
         torch.Size([2, 1, 64])
     """
-
-    # set by add_projections
-    dim: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    o_proj: nn.Linear
-    rope: RotaryEmbedding | None
 
     def __init__(self, dim: int, num_heads: int, pattern: Pattern, num_kv_heads: int | None = None,
                  causal: bool = True, keep: KeepFn | None = None, rope: bool = True, qkv_bias: bool = False):

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
 from torch import nn
 
 from ..checks import check_dim_heads, check_positive_int
 from .rotary import RotaryEmbedding
 
 
-def kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
-    """``num_kv_heads`` (None: ``num_heads``, no GQA), checked to divide ``num_heads``."""
-    kv = num_heads if num_kv_heads is None else check_positive_int(num_kv_heads, "num_kv_heads")
-    if num_heads % kv:
-        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
-    return kv
+class ProjectedAttention(nn.Module):
+    """Base of the layers that ``add_projections`` equips: declares the attributes it sets (for type checkers)."""
 
-
-
-class ProjectedLayer(Protocol):
-    """What ``add_projections`` gives a layer and ``rotary_qkv`` reads (a layer declares these attributes)."""
-
+    # set by add_projections
     dim: int
     num_heads: int
     num_kv_heads: int
@@ -33,7 +23,16 @@ class ProjectedLayer(Protocol):
     rope: RotaryEmbedding | None
 
 
-def add_projections(layer: ProjectedLayer, dim: int, num_heads: int, num_kv_heads: int | None, qkv_bias: bool,
+def kv_heads(num_heads: int, num_kv_heads: int | None) -> int:
+    """``num_kv_heads`` (None: ``num_heads``, no GQA), checked to divide ``num_heads``."""
+    kv = num_heads if num_kv_heads is None else check_positive_int(num_kv_heads, "num_kv_heads")
+    if num_heads % kv:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+    return kv
+
+
+
+def add_projections(layer: ProjectedAttention, dim: int, num_heads: int, num_kv_heads: int | None, qkv_bias: bool,
                     rope: bool) -> None:
     """Give a sequence layer the LLaMA-style attention projections (``q_proj``, ``k_proj``, ``v_proj`` with GQA,
     ``o_proj``) and RoPE, plus ``dim``, ``num_heads``, ``num_kv_heads``, ``head_dim``: what ``rotary_qkv`` reads."""

@@ -10,7 +10,7 @@ from torch import nn
 from ..functional import split_heads
 
 if TYPE_CHECKING:
-    from .projections import ProjectedLayer
+    from .projections import ProjectedAttention
 
 
 class RotaryEmbedding(nn.Module):
@@ -33,7 +33,7 @@ class RotaryEmbedding(nn.Module):
 
 
 
-def rotary_qkv(layer: ProjectedLayer, x: torch.Tensor,
+def rotary_qkv(layer: ProjectedAttention, x: torch.Tensor,
                start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v heads ``(B, H, N, d)`` of ``x (B, N, dim)`` at positions ``start .. start+N-1``, RoPE applied, for a
     layer with ``q_proj``/``k_proj``/``v_proj``, ``num_heads``, ``num_kv_heads`` and ``rope`` (None: no RoPE)."""
