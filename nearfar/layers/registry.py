@@ -23,8 +23,9 @@ from torch import nn
 #: CAB's four attention patterns
 CAB_PATTERNS = {"NS": "non-causal self", "CS": "causal self", "NC": "non-causal cross", "CC": "causal cross"}
 #: what a mechanism's attention sees: a fixed neighbourhood, non-overlapping windows, a sparse sub-lattice
-#: spanning the input, a local path plus a global one, global context through a few summary tokens, or all tokens
-FAMILIES = ("local", "window", "dilated", "local+global", "summary tokens", "dense")
+#: spanning the input, a local path plus a global one, global context through a few summary tokens, keys (blocks,
+#: clusters) or heads picked from the content at run time, or all tokens
+FAMILIES = ("local", "window", "dilated", "local+global", "summary tokens", "routed", "dense")
 KINDS = ("layer", "model")
 _DIMS = ("1d", "2d", "3d")
 
@@ -199,7 +200,7 @@ def mechanisms(family: str | None = None, kind: str | None = None, pattern: str 
 
     Args:
         family: One of ``"local"``, ``"window"``, ``"dilated"``, ``"local+global"``, ``"summary tokens"``,
-            ``"dense"``, or None for all.
+            ``"routed"``, ``"dense"``, or None for all.
         kind: ``"layer"`` or ``"model"``, or None for both.
         pattern: A CAB pattern (``"NS"``, ``"CS"``, ``"NC"``, ``"CC"``) the mechanism must support, or None.
 
