@@ -66,6 +66,7 @@ from .patterns import (
     Strided,
     Union,
 )
+from .selection import SelectedBlocks
 
 __all__ = [
     "AgentAttention",
@@ -111,6 +112,7 @@ __all__ = [
     "ProxyTokenAttention",
     "RandomBlocks",
     "S2Attention",
+    "SelectedBlocks",
     "set_cache_budget",
     "SHSA",
     "Sinks",

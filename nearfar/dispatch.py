@@ -15,12 +15,14 @@ from .backends import ENGINES
 from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
 from .backends.partition import partition_attention
+from .backends.selected import selected_attention
 from .bias import DenseBias, RelativePositionBias
 from .checks import check_bool, check_same_dtype_device, check_scale
 from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_rows
 from .patterns import Dense, Pattern, PerHead
 from .patterns.spatial import SpatialPattern
 from .plan import get_plan
+from .selection import SelectedBlocks
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: up to this many (query, key) pairs "auto" uses the dense engine: below about 1024 x 1024 one fused dense
@@ -40,7 +42,7 @@ def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:
     return x
 
 
-def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse):
+def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks=None):
     _check_tensor(q, "q", "(B, Hq, Nq, d)")
     _check_tensor(k, "k", "(B, Hkv, Nk, d)")
     _check_tensor(v, "v", "(B, Hkv, Nk, dv)")
@@ -87,8 +89,26 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
     check_bool(return_lse, "return_lse")
-    if engine == "partition" and q.device.type != "meta":
+    if blocks is not None:
+        _check_blocks(blocks, pattern, rpb, engine, q, k)
+    elif engine == "partition" and q.device.type != "meta":
         _check_partition(pattern, bias, rpb, q.shape[2], k.shape[2])
+
+
+def _check_blocks(blocks: object, pattern: Pattern | None, rpb: torch.Tensor | None, engine: str, q: torch.Tensor,
+                  k: torch.Tensor) -> None:
+    if not isinstance(blocks, SelectedBlocks):
+        raise TypeError(f"blocks must be a nearfar.SelectedBlocks or None, got {type(blocks).__name__}")
+    if rpb is not None:
+        raise ValueError("rpb (a relative-position table) does not combine with blocks; pass its values as bias=")
+    if engine == "partition":
+        raise ValueError("engine='partition' runs fixed windows only; run-time blocks need engine='blocksparse', "
+                         "'dense', 'flex' or 'auto'")
+    if engine == "blocksparse" and isinstance(pattern, PerHead):
+        raise ValueError("blocks with a PerHead pattern run on engine='dense' or 'flex' only (the block-sparse "
+                         "engine of run-time blocks takes one static pattern for every head)")
+    (b, hq, nq, _), (hkv, nk) = q.shape, k.shape[1:3]
+    blocks.check(b, hq, hkv, nq, nk, q.device)
 
 
 def _check_partition(pattern: Pattern | None, bias: torch.Tensor | None, rpb: torch.Tensor | None, nq: int,
@@ -202,17 +222,18 @@ def _record(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: Literal[False] = False) -> torch.Tensor: ...
+           return_lse: Literal[False] = False, blocks: SelectedBlocks | None = None) -> torch.Tensor: ...
 @overload
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+           return_lse: Literal[True], blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+           return_lse: bool = False,
+           blocks: SelectedBlocks | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,6 +246,7 @@ def attend(
     key_padding_mask: torch.Tensor | None = None,
     engine: str = "auto",
     return_lse: bool = False,
+    blocks: SelectedBlocks | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Hq, Nq, d)`` over ``k (B, Hkv, Nk, d)``, ``v (B, Hkv, Nk, dv)`` restricted to ``pattern``.
 
@@ -252,6 +274,9 @@ def attend(
         key_padding_mask: Bool ``(B, Nk)``, True = keep the key.
         engine: ``"auto"`` (see the Engines page) or one of ``nearfar.engines()``.
         return_lse: Also return the log-sum-exp of each row.
+        blocks: Key blocks chosen at run time per (batch item, head, query block), in FlexAttention's block-list
+            format (``nearfar.SelectedBlocks``): the pairs they allow are added to ``pattern``'s (a union); with
+            ``blocks``, ``pattern=None`` adds no static pairs. No gradient flows through the indices.
 
     Returns:
         The output ``(B, Hq, Nq, dv)`` in ``q``'s dtype; with ``return_lse``, a tuple ``(out, lse)`` with ``lse``
@@ -271,7 +296,7 @@ def attend(
         torch.Size([1, 8, 1024, 32])
         >>> out.sum().backward()
     """
-    _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse)
+    _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks)
     _record(pattern, q, k, v)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -279,7 +304,7 @@ def attend(
     if q.device.type == "meta":
         return _meta(q, k, v, scale, return_lse)
     bias_src = _bias_source(bias, rpb, pattern, b, hq, nq, nk)
-    if isinstance(pattern, Dense):
+    if isinstance(pattern, Dense) and blocks is None:
         pattern = None
     if engine == "auto" and _ENGINE_OVERRIDE.get():
         engine = _ENGINE_OVERRIDE.get()[-1]
@@ -288,27 +313,27 @@ def attend(
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rpb))
     unsafe = unsafe_tokens(q, k, v, scale) if trains else None
     if unsafe is None:
-        out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
+        out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks)
         if trains or torch.compiler.is_compiling() or output_finite(out):
             return (out, lse) if return_lse else out
         unsafe = unsafe_tokens(q, k, v, scale)
         if unsafe is None:  # non-finite for another reason (a bias): nothing masked leaked
             return (out, lse) if return_lse else out
-    out, lse = _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse)
+    out, lse = _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks)
     return (out, lse) if return_lse else out
 
 
-def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse):
+def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks):
     """Some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
     attend such a key (or whose query is unsafe) are recomputed exactly (``nearfar.guard``)."""
     unsafe_q, unsafe_k = unsafe
     uq, uk = unsafe_q[..., None], unsafe_k[..., None]
     out, lse = _run(zero_rows(q, uq), zero_rows(k, uk), zero_rows(v, uk), pattern, scale, bias_src, key_padding_mask,
-                    engine, return_lse)
-    rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, q.shape[2], k.shape[2])
+                    engine, return_lse, blocks)
+    rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, q.shape[2], k.shape[2], blocks)
     if rows.numel():
         rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
-                                        key_padding_mask, return_lse)
+                                        key_padding_mask, return_lse, blocks)
         out = out.index_copy(2, rows, out_r)
         if return_lse:
             assert lse_r is not None  # exact_rows returns an lse when asked
@@ -318,12 +343,14 @@ def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine
     return out, lse
 
 
-def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse):
+def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks=None):
     nq, nk = q.shape[2], k.shape[2]
     kpm = None
     if key_padding_mask is not None:
         kpm = torch.zeros(q.shape[0], nk, dtype=torch.float32, device=q.device)
         kpm = kpm.masked_fill_(~key_padding_mask, float("-inf"))
+    if blocks is not None:
+        return _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks)
     chosen = engine == "auto"
     if chosen:
         engine = choose_engine(q, pattern, nq, nk, bias_src)
@@ -344,6 +371,27 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
     from .backends.flex import flex_attention_engine
 
     return flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+
+
+def _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks):
+    """Run-time key blocks: "auto" is dense up to ``2**20`` pairs (or with a PerHead pattern), flex on CUDA, else
+    the block-sparse engine of ``nearfar.backends.selected``."""
+    nq, nk = q.shape[2], k.shape[2]
+    if engine == "auto":
+        engine = "blocksparse"
+        if nq * nk <= _SMALL or isinstance(pattern, PerHead):
+            engine = "dense"
+        elif q.device.type == "cuda" and not (bias_src is not None and bias_src.requires_grad):
+            from .backends.flex import available
+
+            engine = "flex" if available() else engine
+    if engine == "dense":
+        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse, blocks=blocks)
+    if engine == "flex":
+        from .backends.flex import flex_selected
+
+        return flex_selected(q, k, v, pattern, blocks, scale, kpm, bias_src, return_lse)
+    return selected_attention(q, k, v, pattern, blocks, scale, kpm, bias_src, return_lse)
 
 
 def _meta(q, k, v, scale, return_lse):

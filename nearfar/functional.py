@@ -36,8 +36,10 @@ from .ops.routing import (
     topk_blocks,
 )
 from .patterns import Pattern
+from .selection import SelectedBlocks
 
 __all__ = [
+    "SelectedBlocks",
     "WindowBatch",
     "alibi_slopes",
     "attend",

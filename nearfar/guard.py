@@ -26,6 +26,7 @@ import torch
 
 from .bias import BiasSource, DenseBias, RelativePositionBias
 from .patterns import Dense, Pattern
+from .selection import SelectedBlocks
 
 _CHUNK = 1 << 22  # float64 score elements per chunk of recomputed rows (32 MiB)
 
@@ -70,16 +71,30 @@ def zero_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.where(rows, torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
-def _allowed(pattern: Pattern | None, rows: torch.Tensor, cols: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
-    """(Hp, len(rows), len(cols)) bool, Hp = 1 or the PerHead count."""
-    pattern = Dense() if pattern is None else pattern
-    ok = pattern.allowed(rows[:, None], cols[None, :], nq, nk)
-    ok = ok if pattern.heads is not None else ok[None]
-    return ok.expand(ok.shape[0], rows.numel(), cols.numel())
+def _allowed(pattern: Pattern | None, rows: torch.Tensor, cols: torch.Tensor, nq: int, nk: int,
+             blocks: SelectedBlocks | None = None, hq: int = 1, hkv: int = 1) -> torch.Tensor:
+    """(B' or 1, H' or 1, len(rows), len(cols)) bool: H' is the PerHead count or, with ``blocks``, ``hq``."""
+    ok = None
+    if pattern is not None or blocks is None:
+        pattern = Dense() if pattern is None else pattern
+        ok = pattern.allowed(rows[:, None], cols[None, :], nq, nk)
+        ok = ok if pattern.heads is not None else ok[None]
+        ok = ok.expand(ok.shape[0], rows.numel(), cols.numel())[None]
+    if blocks is not None:
+        table = blocks.block_table(nk)
+        if table.shape[1] not in (1, hq):
+            table = table.repeat_interleave(hq // hkv, dim=1)
+        sel = table[:, :, rows // blocks.q_block][..., cols // blocks.k_block]
+        if blocks.within is not None:
+            sel = sel & blocks.within.allowed(rows[:, None], cols[None, :], nq, nk)
+        ok = sel if ok is None else ok | sel
+    assert ok is not None
+    return ok
 
 
 def dirty_rows(pattern: Pattern | None, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
-               key_padding_mask: torch.Tensor | None, nq: int, nk: int) -> torch.Tensor:
+               key_padding_mask: torch.Tensor | None, nq: int, nk: int,
+               blocks: SelectedBlocks | None = None) -> torch.Tensor:
     """Query indices (sorted) that may attend an unsafe key in some batch item and head, or whose query is unsafe."""
     b, hq, _ = unsafe_q.shape
     group = hq // unsafe_k.shape[1]
@@ -92,7 +107,7 @@ def dirty_rows(pattern: Pattern | None, unsafe_q: torch.Tensor, unsafe_k: torch.
         step = max(1, _CHUNK // max(1, nq))
         for c0 in range(0, cols.numel(), step):
             c = cols[c0:c0 + step]
-            ok = _allowed(pattern, rows, c, nq, nk).to(torch.float32)  # (Hp, Nq, C), Hp in {1, Hq}
+            ok = _allowed(pattern, rows, c, nq, nk, blocks, hq, unsafe_k.shape[1]).to(torch.float32)
             hits = torch.matmul(per_head[:, :, None, c], ok.transpose(-1, -2))  # (B, Hq, 1, Nq)
             dirty |= (hits > 0).flatten(0, 2).any(0)
     return torch.nonzero(dirty)[:, 0]
@@ -113,8 +128,8 @@ def _bias_rows(bias: BiasSource | None, rows: torch.Tensor, nq: int, nk: int) ->
 
 def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
                rows: torch.Tensor, pattern: Pattern | None, scale: float, bias: BiasSource | None,
-               key_padding_mask: torch.Tensor | None,
-               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               key_padding_mask: torch.Tensor | None, return_lse: bool,
+               blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of query rows ``rows`` over every key in float64, masked *before* anything multiplies a query, a key
     or a value (so a key a row may not attend contributes exactly nothing, forward and backward, whatever it or the
     query holds). Safe pairs go through plain matmuls on copies with the unsafe tokens zeroed; the unsafe keys'
@@ -137,7 +152,7 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torc
 
     def chunk(r: torch.Tensor, pairwise: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         qr = q.index_select(2, r).to(f64)
-        ok = _allowed(pattern, r, keys, nq, nk)[None]  # (1, Hp, R, Nk)
+        ok = _allowed(pattern, r, keys, nq, nk, blocks, hq, hkv)  # (B' or 1, H' or 1, R, Nk)
         if key_padding_mask is not None:
             ok = ok & key_padding_mask[:, None, None, :]
         if pairwise:  # an unsafe query: every product behind the mask

@@ -22,16 +22,13 @@ import torch
 
 from ..bias import BiasSource
 from ..plan import Plan, TileGroup
+from .kernels import acc_dtype, fused_available, fused_mask, matmul_backward, matmul_forward, unit_last
 
 _CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
 
 
-def _fused_available(device: torch.device) -> bool:
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -87,7 +84,7 @@ class Problem:
         self.bias = bias
         need_bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         if kernel == "auto":
-            kernel = "fused" if _fused_available(q.device) and d == self.dv else "matmul"
+            kernel = "fused" if fused_available(q.device) and d == self.dv else "matmul"
         self.kernel = kernel
         self.backward_kernel = "matmul" if need_bias_grad else kernel
         # half-precision inputs are computed in float32 chunk by chunk on CPU: more accurate, and AVX2 CPUs have
@@ -205,7 +202,7 @@ class Problem:
         """Chunk operands in the compute dtype with unit last-dim stride: PyTorch's CPU flash-attention operators
         (forward and backward) silently return wrong values for a view whose last dim is strided, e.g. a fused
         qkv projection seen as ``(3, B, H, N, d)`` from a ``(..., d, 3)`` layout (issue 16)."""
-        return tuple(_unit_last(x.to(self.compute_dtype)) for x in xs)
+        return tuple(unit_last(x.to(self.compute_dtype)) for x in xs)
 
     def _gather_index(self, k_idx: torch.Tensor) -> torch.Tensor:
         # padding slots read key 0: the mask excludes them, so they add nothing forward or backward
@@ -303,46 +300,12 @@ class Problem:
         self.bias.accumulate(ch.q_idx, ch.k_idx, ds.reshape(self.b, self.hq, ch.size, t, w), ch.memo)
 
 
-# ----- chunk kernels -----
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
-def _matmul_forward(q, k, v, mask, scale):
-    s = torch.matmul(q, k.transpose(-1, -2)).to(_acc_dtype(q.dtype)).mul_(scale).add_(mask)
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isinf(m), 0.0, m)
-    p = s.sub_(m).exp_()
-    denom = p.sum(-1, keepdim=True)
-    out = torch.matmul(p.div_(denom.clamp(min=1e-30)).to(v.dtype), v)
-    return out, (m + denom.log()).squeeze(-1)
-
-
-def _matmul_backward(do, q, k, v, out, lse, mask, scale):
-    acc = _acc_dtype(q.dtype)
-    s = torch.matmul(q, k.transpose(-1, -2)).to(acc).mul_(scale).add_(mask)
-    lse = torch.where(torch.isinf(lse), float("inf"), lse)
-    p = s.sub_(lse[..., None]).exp_()
-    dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), do)
-    dp = torch.matmul(do, v.transpose(-1, -2)).to(acc)
-    delta = (do.to(acc) * out.to(acc)).sum(-1, keepdim=True)
-    ds = p.mul_(dp.sub_(delta))
-    dsd = ds.to(q.dtype)
-    dq = torch.matmul(dsd, k).mul_(scale)
-    dk = torch.matmul(dsd.transpose(-1, -2), q).mul_(scale)
-    return dq, dk, dv, ds
-
-
-def _fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """The fused operator takes a float32 mask (float64 for float64 queries)."""
-    return mask.to(_acc_dtype(q.dtype))
-
-
+# ----- chunk loops -----
 def _run_forward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor,
                  vt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # every tile belongs to exactly one chunk, so every slot is written
     ot = qt.new_empty(*qt.shape[:-1], pb.dv)
-    lt = torch.empty(qt.shape[:-1], dtype=_acc_dtype(qt.dtype), device=qt.device)
+    lt = torch.empty(qt.shape[:-1], dtype=acc_dtype(qt.dtype), device=qt.device)
     group, sk, sv = None, None, None
     for ch in pb.chunks:
         if ch.group is not group:
@@ -353,9 +316,9 @@ def _run_forward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor,
         mask = pb.chunk_mask(ch)
         if pb.kernel == "fused":
             o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qc, kc, vc, attn_mask=_fused_mask(mask, qc), scale=pb.scale)
+                qc, kc, vc, attn_mask=fused_mask(mask, qc), scale=pb.scale)
         else:
-            o, lse = _matmul_forward(qc, kc, vc, mask, pb.scale)
+            o, lse = matmul_forward(qc, kc, vc, mask, pb.scale)
         pb.write(ot, ch, o)
         pb.write(lt, ch, lse)
     return ot, lt
@@ -389,9 +352,9 @@ def _run_backward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Ten
         if pb.backward_kernel == "fused":
             # the fused op reports lse = 0 for rows with no key; its gradients there are 0 as well
             dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=_fused_mask(mask, qc), scale=pb.scale)
+                doc, qc, kc, vc, oc, lc, 0.0, False, attn_mask=fused_mask(mask, qc), scale=pb.scale)
         else:
-            dq, dk, dv, ds = _matmul_backward(doc, qc, kc, vc, oc, lc, mask, pb.scale)
+            dq, dk, dv, ds = matmul_backward(doc, qc, kc, vc, oc, lc, mask, pb.scale)
             if pb.bias is not None and pb.bias.requires_grad:
                 pb.bias_grad(ch, ds)
         pb.write(dqt, ch, dq)
@@ -448,7 +411,7 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
                           kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
     d, dv = q.shape[-1], v.shape[-1]
-    if kernel != "matmul" and d != dv and _fused_available(q.device):
+    if kernel != "matmul" and d != dv and fused_available(q.device):
         # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)
         e = max(d, dv)
         pad = torch.nn.functional.pad

@@ -9,6 +9,7 @@ from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..guard import zero_rows
 from ..patterns import Pattern
+from ..selection import SelectedBlocks
 
 
 def dense_bias(bias: BiasSource | None, q_len: int, k_len: int,
@@ -81,7 +82,8 @@ def harmless_rows(q: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tu
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
                     kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
-                    return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    return_lse: bool = False,
+                    blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if hq != hkv:
@@ -89,7 +91,13 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
         v = v.repeat_interleave(hq // hkv, dim=1)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
-    if pattern is not None:
+    if blocks is not None:  # the union of the pattern's pairs and the selected ones, materialised per call
+        pairs = blocks.pair_mask(nq, nk, hq, hkv)
+        if pattern is not None:
+            pairs = pairs | pattern.mask(nq, nk, q.device)
+        mask = torch.where(pairs, 0.0, float("-inf")).to(acc)
+        pattern = None
+    elif pattern is not None:
         mask, pattern_empty = _additive_mask(pattern, nq, nk, q.device, acc)
     if kpm is not None:
         kp = kpm[:, None, None, :].to(acc)

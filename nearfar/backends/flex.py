@@ -21,6 +21,7 @@ from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..patterns import Dense, Pattern, Tiles
 from ..plan import inverse_order, token_tiles
+from ..selection import SelectedBlocks
 
 FLEX_TILE = {1: (128,), 2: (8, 16), 3: (4, 4, 8)}
 #: kv_num, kv_idx, q_map, k_map, q_inv, query tile size, key tile size
@@ -129,5 +130,66 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     if lse is not None:
         lse = lse.index_select(2, q_inv)
         # a row without keys: -inf eagerly, about the dtype's lowest value from some compiled kernels
+        lse = torch.where(torch.isfinite(lse) & (lse > torch.finfo(lse.dtype).min / 2), lse, float("-inf"))
+    return out, lse
+
+
+def flex_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None,
+                  blocks: SelectedBlocks, scale: float, kpm: torch.Tensor | None = None,
+                  bias: BiasSource | None = None, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run-time key blocks through ``BlockMask.from_kv_blocks``: the block lists are the union of the selection's
+    and the pattern's blocks (``block_allowed`` on the selection's blocks), and the ``mask_mod`` is the exact pair
+    set, ``pattern(q, k) | (selected(q, k) & within(q, k))``, so Flex runs what the other engines run."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise ValueError("engine='flex' is forward-only on CPU (a FlexAttention limitation); "
+                         "use engine='blocksparse' to train, or call under torch.no_grad()")
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError("engine='flex' takes no gradient for bias here; use engine='blocksparse'")
+    b, hq, nq, _ = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    table = blocks.block_table(nk)  # (B', Hs, QB, KB)
+    if table.shape[1] not in (1, hq):
+        table = table.repeat_interleave(hq // hkv, dim=1)
+    union = table
+    if pattern is not None:
+        qt, kt = blocks.tiles(nq, nk)
+        static = pattern.block_allowed(qt, kt, nq, nk)
+        union = table | (static if pattern.heads is not None else static[None])[None]
+    kv_num = union.sum(-1).to(torch.int32)
+    kv_idx = torch.argsort((~union).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    tq, tk, within = blocks.q_block, blocks.k_block, blocks.within
+    bsel, hsel = table.shape[0] > 1, table.shape[1] > 1
+
+    def mask_mod(bi, h, qi, ki):
+        ok = table[bi * bsel, h * hsel, qi // tq, ki // tk]
+        if within is not None:
+            ok = ok & within.allowed(qi, ki, nq, nk)
+        if pattern is not None:
+            static_ok = pattern.allowed(qi, ki, nq, nk)
+            ok = ok | (static_ok[h] if pattern.heads is not None else static_ok)
+        return ok & (qi < nq) & (ki < nk)
+
+    block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(tq, tk), mask_mod=mask_mod,
+                                          seq_lengths=(nq, nk))
+    score_mod = None
+    if kpm is not None or bias is not None:
+        kp = kpm.to(q.dtype) if kpm is not None else None
+        db = bias.b4 if isinstance(bias, DenseBias) else None
+
+        def score_mod(score, bi, h, qi, ki):
+            if kp is not None:
+                score = score + kp[bi, ki]
+            if db is not None:
+                score = score + db[bi * (db.shape[0] > 1), h * (db.shape[1] > 1), qi * (db.shape[2] > 1),
+                                   ki * (db.shape[3] > 1)]
+            return score
+
+    aux = _lse_request() if return_lse else None
+    res = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=hq != hkv,
+                      **aux or {})
+    out, lse = (res[0], getattr(res[1], "lse", res[1])) if return_lse else (res, None)
+    if lse is not None:
         lse = torch.where(torch.isfinite(lse) & (lse > torch.finfo(lse.dtype).min / 2), lse, float("-inf"))
     return out, lse

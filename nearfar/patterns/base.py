@@ -118,6 +118,13 @@ class Pattern:
     def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         return per_query_tile(torch.ones(kt.idx.shape[:-1], dtype=torch.bool, device=qt.idx.device), qt)
 
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        """Conservative tile-level answer to "may every occupied query slot of the tile attend every occupied key
+        slot": True only where that is certain, and False is always safe (the pairs are then masked one by one).
+        Same shapes as ``block_allowed``. The engine of run-time key blocks (``SelectedBlocks``) uses it to skip
+        the token mask of whole blocks."""
+        return torch.zeros_like(self.block_allowed(qt, kt, nq, nk))
+
     @property
     def heads(self) -> int | None:
         """Number of heads for a per-head pattern, None when the same for every head."""
@@ -237,6 +244,12 @@ class Union(_Binary):
             out = out | p.block_allowed(qt, kt, nq, nk)
         return out
 
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:  # conservative: one part full
+        out = self.parts[0].block_full(qt, kt, nq, nk)
+        for p in self.parts[1:]:
+            out = out | p.block_full(qt, kt, nq, nk)
+        return out
+
 
 class Intersection(_Binary):
     """``a & b``: a pair is allowed when both patterns allow it.
@@ -270,6 +283,12 @@ class Intersection(_Binary):
         out = self.parts[0].block_allowed(qt, kt, nq, nk)
         for p in self.parts[1:]:
             out = out & p.block_allowed(qt, kt, nq, nk)
+        return out
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        out = self.parts[0].block_full(qt, kt, nq, nk)
+        for p in self.parts[1:]:
+            out = out & p.block_full(qt, kt, nq, nk)
         return out
 
 
@@ -321,6 +340,9 @@ class PerHead(Pattern):
     def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         return torch.stack([p.block_allowed(qt, kt, nq, nk) for p in self.patterns])
 
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        return torch.stack([p.block_full(qt, kt, nq, nk) for p in self.patterns])
+
     def mask(self, nq: int, nk: int, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.stack([p.mask(nq, nk, device) for p in self.patterns])
 
@@ -344,6 +366,9 @@ class Dense(Pattern):
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return torch.ones(torch.broadcast_shapes(q.shape, k.shape), dtype=torch.bool, device=q.device)
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        return self.block_allowed(qt, kt, nq, nk)
 
     def _key(self) -> tuple:
         return ("Dense",)

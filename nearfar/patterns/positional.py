@@ -35,6 +35,11 @@ class Causal(Pattern):
         klo, _ = kt.bounds(kt.idx)
         return klo <= phi[:, None]
 
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        plo, _ = _positions(qt, nq, nk)
+        _, khi = kt.bounds(kt.idx)
+        return khi <= plo[:, None]
+
     def _key(self) -> tuple:
         return ("Causal",)
 
@@ -77,6 +82,11 @@ class SlidingWindow(Pattern):
         plo, phi = _positions(qt, nq, nk)
         klo, khi = kt.bounds(kt.idx)
         return overlaps(plo - self.left, phi + self.right, klo, khi)
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        plo, phi = _positions(qt, nq, nk)
+        klo, khi = kt.bounds(kt.idx)
+        return (klo >= (phi - self.left)[:, None]) & (khi <= (plo + self.right)[:, None])
 
     def _key(self) -> tuple:
         return ("SlidingWindow", self.left, self.right)
@@ -142,6 +152,10 @@ class Sinks(Pattern):
     def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
         klo, _ = kt.bounds(kt.idx)
         return per_query_tile(klo < self.n, qt)
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        _, khi = kt.bounds(kt.idx)
+        return per_query_tile(khi < self.n, qt)
 
     def _key(self) -> tuple:
         return ("Sinks", self.n)
@@ -214,6 +228,15 @@ class BlockWindow(Pattern):
         b = self.block
         return overlaps(torch.div(plo, b, rounding_mode="floor") - self.before,
                         torch.div(phi, b, rounding_mode="floor") + self.after, klo // b, khi // b)
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        plo, phi = _positions(qt, nq, nk)
+        klo, khi = kt.bounds(kt.idx)
+        b = self.block
+        first = torch.div(phi, b, rounding_mode="floor") - self.before
+        last = torch.div(plo, b, rounding_mode="floor") + self.after
+        return (torch.div(klo, b, rounding_mode="floor") >= first[:, None]) & \
+            (torch.div(khi, b, rounding_mode="floor") <= last[:, None])
 
     def _key(self) -> tuple:
         return ("BlockWindow", self.block, self.before, self.after)

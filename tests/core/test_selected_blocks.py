@@ -1,0 +1,271 @@
+"""Run-time key blocks (``attend(..., blocks=SelectedBlocks(...))``) against the float64 dense reference of the same
+pair set: the pairs are rebuilt here from the block lists with plain loops (FlexAttention's semantics: query ``i``
+is in block ``i // q_block``, key ``j`` in ``j // kv_block``; only the first ``kv_num_blocks`` entries count; -1
+and repeats are ours), united with the static pattern's mask, restricted by ``within``, padded keys dropped."""
+
+from __future__ import annotations
+
+import pytest
+import reference as ref
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_fuzz import LAYOUTS, as_layout
+
+import nearfar as nf
+from nearfar.patterns import Tiles
+
+ENGINES = ("dense", "blocksparse")
+
+
+def pairs_by_loops(num, idx, nq, nk, q_block, kv_block, hq, hkv):
+    """(B', Hq or 1, Nq, Nk) bool from the block lists, one entry at a time."""
+    bs, hs, qb, _ = idx.shape
+    out = torch.zeros(bs, hs, nq, nk, dtype=torch.bool)
+    for b in range(bs):
+        for h in range(hs):
+            for r in range(qb):
+                for s in range(int(num[b, h, r])):
+                    j = int(idx[b, h, r, s])
+                    if j >= 0:
+                        out[b, h, r * q_block:(r + 1) * q_block, j * kv_block:(j + 1) * kv_block] = True
+    if hs not in (1, hq):
+        out = out.repeat_interleave(hq // hkv, dim=1)
+    return out
+
+
+WITHIN = {"none": None, "causal": nf.Causal(), "window": nf.SlidingWindow(left=6, right=2)}
+STATIC = {"none": lambda: None, "causal": nf.Causal, "window": lambda: nf.SlidingWindow(left=5) & nf.Causal(),
+          "sinks": lambda: (nf.SlidingWindow(left=3) | nf.Sinks(2)) & nf.Causal(), "strided": lambda: nf.Strided(5),
+          "dense": nf.Dense}
+
+
+@st.composite
+def problems(draw, max_n=70):
+    b = draw(st.integers(1, 2))
+    hkv = draw(st.integers(1, 2))
+    hq = hkv * draw(st.integers(1, 3))
+    mode = draw(st.sampled_from(["self", "self", "cross", "decode"]))
+    nk = draw(st.integers(1, max_n))
+    nq = nk if mode == "self" else draw(st.integers(1, 4)) if mode == "decode" else draw(st.integers(1, max_n))
+    q_block = draw(st.integers(1, 16))
+    kv_block = draw(st.integers(1, 16))
+    heads = draw(st.sampled_from(sorted({1, hkv, hq})))
+    bsel = draw(st.sampled_from([1, b]))
+    qb, nkb = -(-nq // q_block), -(-nk // kv_block)
+    width = draw(st.integers(0, 6))
+    return dict(b=b, hq=hq, hkv=hkv, nq=nq, nk=nk, q_block=q_block, kv_block=kv_block, heads=heads, bsel=bsel,
+                qb=qb, nkb=nkb, width=width, d=draw(st.sampled_from([4, 8])), dv=draw(st.sampled_from([4, 6])),
+                within=draw(st.sampled_from(sorted(WITHIN))), static=draw(st.sampled_from(sorted(STATIC))),
+                kpm=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                layouts=[draw(st.sampled_from(LAYOUTS)) for _ in range(3)])
+
+
+def make(p):
+    gen = torch.Generator().manual_seed(p["seed"])
+    shape = (p["bsel"], p["heads"], p["qb"])
+    idx = torch.randint(-1, p["nkb"], (*shape, p["width"]), generator=gen)  # repeats and -1 included
+    num = torch.randint(0, p["width"] + 1, shape, generator=gen)
+    sel = nf.SelectedBlocks(num.to(torch.int32), idx.to(torch.int32), q_block=p["q_block"], kv_block=p["kv_block"],
+                            within=WITHIN[p["within"]])
+    pattern = STATIC[p["static"]]()
+    allowed = pairs_by_loops(num, idx, p["nq"], p["nk"], p["q_block"], p["kv_block"], p["hq"], p["hkv"])
+    if sel.within is not None:
+        allowed = allowed & sel.within.mask(p["nq"], p["nk"])
+    if pattern is not None:
+        allowed = allowed | pattern.mask(p["nq"], p["nk"])
+    kpm = torch.rand(p["b"], p["nk"], generator=gen) > 0.25 if p["kpm"] else None
+    if kpm is not None:
+        allowed = allowed & kpm[:, None, None, :]
+    q = torch.randn(p["b"], p["hq"], p["nq"], p["d"], generator=gen, dtype=torch.float64)
+    k = torch.randn(p["b"], p["hkv"], p["nk"], p["d"], generator=gen, dtype=torch.float64)
+    v = torch.randn(p["b"], p["hkv"], p["nk"], p["dv"], generator=gen, dtype=torch.float64)
+    return sel, pattern, allowed, kpm, q, k, v, gen
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(p=problems())
+def test_selected_blocks_match_the_dense_reference(engine, p):
+    sel, pattern, allowed, kpm, q, k, v, gen = make(p)
+    scale = p["d"] ** -0.5
+    xs = [as_layout(x.float(), kind, gen).requires_grad_() for x, kind in zip((q, k, v), p["layouts"])]
+    q, k, v = (x.detach().double() for x in xs)  # "expanded" repeats values: the reference sees the same ones
+    expected, lse_ref = ref.dense_reference(q, k, v, allowed, scale, return_lse=True)
+    go = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    grads_ref = torch.autograd.grad((ref.dense_reference(*(x.requires_grad_() for x in (q, k, v)), allowed, scale)
+                                     * go).sum(), (q, k, v))
+    out, lse = nf.attend(*xs, pattern, blocks=sel, key_padding_mask=kpm, engine=engine, return_lse=True)
+    grads = torch.autograd.grad((out * go.float()).sum(), xs)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+    live = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), live)
+    torch.testing.assert_close(lse.double()[live], lse_ref[live], atol=2e-5, rtol=1e-4)
+    for g, g_ref, name in zip(grads, grads_ref, "qkv"):
+        torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_runs_in_float32_inside(dtype):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    idx = torch.randint(0, 7, (2, 2, 7, 3))
+    sel = nf.SelectedBlocks(torch.full((2, 2, 7), 3), idx, q_block=8, within=nf.Causal())
+    pattern = nf.SlidingWindow(left=7) & nf.Causal()
+    ref32 = nf.attend(q, k, v, pattern, blocks=sel, engine="dense")
+    qh, kh, vh = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    out = nf.attend(qh, kh, vh, pattern, blocks=sel, engine="blocksparse")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref32, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad).all() for x in (qh, kh, vh))
+
+
+def test_bias_and_its_gradient():
+    torch.manual_seed(1)
+    b, hq, hkv, n = 2, 4, 2, 37
+    q, k, v = torch.randn(b, hq, n, 8), torch.randn(b, hkv, n, 8), torch.randn(b, hkv, n, 8)
+    bias = torch.randn(1, hq, n, n, requires_grad=True)
+    sel = nf.SelectedBlocks(torch.full((b, hkv, 5), 2), torch.randint(-1, 5, (b, hkv, 5, 2)), q_block=8,
+                            within=nf.Causal())
+    pattern = nf.SlidingWindow(left=4) & nf.Causal()
+    allowed = sel.pair_mask(n, n, hq, hkv) | pattern.mask(n, n)
+    bias64 = bias.detach().double().requires_grad_()
+    expected = ref.dense_reference(q, k, v, allowed, 8 ** -0.5, bias=bias64)
+    expected.sum().backward()
+    out = nf.attend(q, k, v, pattern, blocks=sel, bias=bias, engine="blocksparse")
+    out.sum().backward()
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bias.grad.double(), bias64.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_an_empty_selection_gives_zeros_and_no_nan():
+    q = torch.randn(1, 2, 20, 8, requires_grad=True)
+    sel = nf.SelectedBlocks(torch.zeros(1, 2, 3, dtype=torch.int32), -torch.ones(1, 2, 3, 4, dtype=torch.int32),
+                            q_block=8)
+    for engine in ENGINES:
+        out, lse = nf.attend(q, q, q, blocks=sel, engine=engine, return_lse=True)
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all()
+        q.grad = None
+
+
+def test_a_key_outside_the_selection_cannot_leak():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    k[0, :, 20], v[0, :, 20] = float("nan"), float("inf")  # key 20 is in block 2, which nobody selects
+    sel = nf.SelectedBlocks(torch.ones(1, 1, 4, dtype=torch.int32), torch.zeros(1, 1, 4, 1, dtype=torch.int32),
+                            q_block=8)
+    for engine in ENGINES:
+        out = nf.attend(q, k, v, nf.SlidingWindow(left=2) & nf.Causal(), blocks=sel, engine=engine)
+        assert torch.isfinite(out[:, :, :20]).all() and torch.isfinite(out[:, :, 23:]).all()
+        assert torch.isnan(out[:, :, 20:23]).any()  # those queries' windows do hold key 20
+
+
+def test_decode_with_selected_pages_equals_the_full_call():
+    torch.manual_seed(3)
+    n, page = 96, 16
+    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+    idx = torch.tensor([0, 1, 2])  # pages every query past them reads (causally)
+    nsel = nf.SelectedBlocks(torch.full((1, 2, n), 3), idx.expand(1, 2, n, 3), q_block=1, kv_block=page,
+                             within=nf.Causal())
+    pattern = nf.SlidingWindow(left=7) & nf.Causal()
+    full = nf.attend(q, k, v, pattern, blocks=nsel, engine="blocksparse")
+    for t in (40, 95):
+        step = nf.SelectedBlocks(torch.full((1, 2, 1), 3), idx.expand(1, 2, 1, 3), q_block=1, kv_block=page,
+                                 within=nf.Causal())
+        one = nf.attend(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, blocks=step,
+                        engine="blocksparse")
+        torch.testing.assert_close(one, full[:, :, t:t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_engine_takes_the_same_blocks():
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 4, 48, 16), torch.randn(2, 2, 48, 16), torch.randn(2, 2, 48, 16)
+    sel = nf.SelectedBlocks(torch.full((2, 2, 3), 2), torch.randint(-1, 3, (2, 2, 3, 2)), q_block=16,
+                            within=nf.Causal())
+    pattern = nf.SlidingWindow(left=5) & nf.Causal()
+    with torch.no_grad():
+        expected = nf.attend(q, k, v, pattern, blocks=sel, engine="dense")
+        out = nf.attend(q, k, v, pattern, blocks=sel, engine="flex")
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_block_mask_round_trip():
+    from torch.nn.attention import flex_attention as flex
+
+    sel = nf.SelectedBlocks(torch.tensor([[[1, 2]]]), torch.tensor([[[[0, -1], [1, 0]]]]), q_block=4)
+    bm = flex.BlockMask.from_kv_blocks(sel.kv_num_blocks.int(), sel.kv_indices.clamp(min=0).int(), BLOCK_SIZE=4,
+                                       seq_lengths=(8, 8))
+    back = nf.SelectedBlocks.from_block_mask(bm)
+    assert torch.equal(back.block_table(8), sel.block_table(8))
+
+
+def test_attend_compiles_around_the_engine():
+    q = torch.randn(1, 2, 40, 8)
+    sel = nf.SelectedBlocks(torch.full((1, 2, 5), 2), torch.randint(0, 5, (1, 2, 5, 2)), q_block=8)
+    eager = nf.attend(q, q, q, nf.Causal(), blocks=sel, engine="blocksparse")
+    compiled = torch.compile(lambda x: nf.attend(x, x, x, nf.Causal(), blocks=sel, engine="blocksparse"))
+    torch.testing.assert_close(compiled(q), eager)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(num=torch.full((1, 2, 3), 5)), r"kv_num_blocks must be in \[0, KB=4\]"),
+    (dict(idx=torch.full((1, 2, 3, 4), 9)), r"used kv_indices must be -1 .* \[0, 3\)"),
+    (dict(idx=torch.full((1, 2, 3, 4), -2)), r"used kv_indices"),
+    (dict(num=torch.ones(1, 2, 2, dtype=torch.long)), r"QB must be ceil\(Nq / q_block\)"),
+    (dict(num=torch.ones(1, 3, 3, dtype=torch.long), idx=torch.zeros(1, 3, 3, 4, dtype=torch.long)),
+     r"head dim must be 1, Hkv=2 or Hq=4"),
+    (dict(num=torch.ones(3, 2, 3, dtype=torch.long), idx=torch.zeros(3, 2, 3, 4, dtype=torch.long)), r"batch dim"),
+])
+def test_bad_blocks_are_named(bad, match):
+    q, k = torch.randn(2, 4, 24, 8), torch.randn(2, 2, 24, 8)
+    num, idx = bad.get("num", torch.ones(1, 2, 3, dtype=torch.long)), bad.get("idx", torch.zeros(1, 2, 3, 4,
+                                                                                               dtype=torch.long))
+    if num.shape[2] != idx.shape[2]:
+        idx = torch.zeros(*num.shape, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        nf.attend(q, k, k, blocks=nf.SelectedBlocks(num, idx, q_block=8))
+
+
+def test_bad_arguments_are_named():
+    q = torch.randn(1, 2, 16, 8)
+    sel = nf.SelectedBlocks(torch.ones(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, 1, dtype=torch.long),
+                            q_block=8)
+    with pytest.raises(TypeError, match="integer tensor"):
+        nf.SelectedBlocks(torch.ones(1, 2, 2), torch.zeros(1, 2, 2, 1), q_block=8)
+    with pytest.raises(ValueError, match="q_block"):
+        nf.SelectedBlocks(torch.ones(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 2, 1, dtype=torch.long), q_block=0)
+    with pytest.raises(ValueError, match=r"\(B, H, QB\)"):
+        nf.SelectedBlocks(torch.ones(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, 1, dtype=torch.long), q_block=8)
+    with pytest.raises(TypeError, match="blocks must be"):
+        nf.attend(q, q, q, blocks=(1, 2))
+    with pytest.raises(ValueError, match="partition"):
+        nf.attend(q, q, q, blocks=sel, engine="partition")
+    with pytest.raises(ValueError, match="PerHead"):
+        nf.attend(q, q, q, nf.PerHead([nf.Causal(), nf.Causal()]), blocks=sel, engine="blocksparse")
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 60), tq=st.integers(1, 12), tk=st.integers(1, 12), nq=st.integers(1, 60),
+       which=st.sampled_from(["causal", "window", "sinks", "blockwindow", "union", "inter", "dense", "strided"]))
+def test_block_full_is_never_wrong(n, tq, tk, nq, which):
+    """``block_full`` may say False for a full tile, never True for a tile with a forbidden pair."""
+    pattern = {"causal": nf.Causal(), "window": nf.SlidingWindow(4, 2), "sinks": nf.Sinks(5),
+               "blockwindow": nf.BlockWindow(4, 1, 0), "union": nf.SlidingWindow(3) | nf.Sinks(2),
+               "inter": nf.SlidingWindow(6) & nf.Causal(), "dense": nf.Dense(), "strided": nf.Strided(3)}[which]
+    nk = n
+
+    def chunks(m, size):
+        i = torch.arange(-(-m // size) * size)
+        return torch.where(i < m, i, -1).view(-1, size)
+
+    qt, kt = Tiles(chunks(nq, tq)), Tiles(chunks(nk, tk))
+    full = pattern.block_full(qt, kt, nq, nk)
+    mask = pattern.mask(nq, nk)
+    for r in range(qt.idx.shape[0]):
+        for j in range(kt.idx.shape[0]):
+            qs, ks = qt.idx[r][qt.idx[r] >= 0], kt.idx[j][kt.idx[j] >= 0]
+            truth = bool(mask[qs][:, ks].all())
+            assert not (bool(full[r, j]) and not truth)
