@@ -11,6 +11,7 @@ from .cca import CCAAttention
 from .craft_srwa import SRWAttention
 from .dense import DenseAttention
 from .dualtoken import DualTokenAttention
+from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
 from .lightning import LightningAttention
@@ -39,6 +40,7 @@ __all__ = [
     "CCAAttention",
     "DenseAttention",
     "DualTokenAttention",
+    "GAAMAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
