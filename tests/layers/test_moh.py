@@ -124,7 +124,7 @@ def configs(draw):
                 cross=draw(st.booleans()), qkv_bias=draw(st.booleans()))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cfg=configs(), b=st.integers(1, 3), n=st.integers(1, 13), mctx=st.integers(1, 9),
        how=st.sampled_from(["contiguous", "transposed", "sliced"]), seed=st.integers(0, 99))
 def test_matches_float64_reference_forward_and_backward(cfg, b, n, mctx, how, seed):
