@@ -20,6 +20,7 @@ from .longformer import LongformerAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
+from .moh import MoHAttention
 from .msa_conv import MSAConv2d
 from .msw_msa import MSWAttention
 from .neighborhood import NeighborhoodAttention
@@ -52,6 +53,7 @@ __all__ = [
     "Mechanism",
     "mechanisms",
     "MoAAttention",
+    "MoHAttention",
     "MSAConv2d",
     "MSWAttention",
     "NeighborhoodAttention",
