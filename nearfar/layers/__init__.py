@@ -10,9 +10,11 @@ from .bigbird import BigBirdAttention
 from .cca import CCAAttention
 from .craft_srwa import SRWAttention
 from .dense import DenseAttention
+from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .kdgqa import KDGQA
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
@@ -23,6 +25,7 @@ from .msa_conv import MSAConv2d
 from .msw_msa import MSWAttention
 from .neighborhood import NeighborhoodAttention
 from .pattern_attention import PatternAttention
+from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
 from .s2_attention import S2Attention
@@ -38,10 +41,12 @@ __all__ = [
     "BigBirdAttention",
     "CCAAttention",
     "DenseAttention",
+    "DGQA",
     "DualTokenAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "KDGQA",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
@@ -54,6 +59,7 @@ __all__ = [
     "MSWAttention",
     "NeighborhoodAttention",
     "PatternAttention",
+    "PGQA",
     "ProxyTokenAttention",
     "register",
     "S2Attention",
