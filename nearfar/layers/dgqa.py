@@ -30,7 +30,7 @@ import torch
 
 from ..checks import check_choice, check_positive_int
 from ..functional import merge_heads
-from .kdgqa import GroupedQueryAttention, allocate_heads, grouped_attention, key_norms
+from .kdgqa import GroupedQueryAttention, allocate_heads, grouped_attention, squared_key_norms
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
 
@@ -115,7 +115,7 @@ class DGQA(GroupedQueryAttention):
         x = self.check_x(x)
         mask = self.check_padding(key_padding_mask, x.shape[0], x.shape[1])
         q, k, v, _ = rotary_qkv(self, x, 0)
-        norms = key_norms(k, mask).sum(0)
+        norms = squared_key_norms(k, mask).sum(-1).sqrt().sum(0)
         cache = self.cache.to(norms.dtype)
         if not self.training:
             counts = allocate_heads(dgqa_weights(norms, cache, self.kind), self.num_heads)

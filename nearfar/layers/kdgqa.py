@@ -23,11 +23,13 @@ every sequence of the batch): the sequence is cut into blocks of ``block_size`` 
 ``j`` use the allocation computed, per sequence, from the Frobenius norms of that sequence's keys at positions
 ``< j * block_size`` (the completed blocks before it); block 0 has no prefix and uses the uniform allocation (plain
 GQA). So output ``i`` depends on tokens ``<= i`` only, and sequences of a batch do not see each other. Each block
-attends its prefix through ``attend`` with K/V gathered per query head (a copy of the prefix per block, kept for
-backward: about ``N^2 / (2 block_size)`` key and value rows per query head in all). Decoding (``new_cache``) keeps
-every key (a ``KVCache``, ``G`` heads) and recomputes the prefix norms from it, so it equals the teacher-forced
-forward. Cross-attention (``cross=True``) takes the allocation from the source's keys (summed over the batch, as
-self-attention); queries are independent, so it serves NC and, with the source cached, CC.
+attends its prefix through ``attend``: for one sequence with its KV heads sliced (as above, no copy); for a batch
+with K/V gathered per query head, since each sequence has its own allocation (a copy of the prefix per block, kept
+for backward: about ``N^2 / (2 block_size)`` key and value rows per query head in all; a batched decoding step
+copies its prefix for ``H`` heads). Decoding (``new_cache``) keeps every key (a ``KVCache``, ``G`` heads) and
+recomputes the prefix norms from it, so it equals the teacher-forced forward. Cross-attention (``cross=True``) takes
+the allocation from the source's keys (summed over the batch, as self-attention); queries are independent, so it
+serves NC and, with the source cached, CC.
 
 Differences from the official code: the causal and cross forms above are ours; all-equal norms (the official
 ``0/0``, e.g. a single KV head) give the uniform allocation, which needs ``num_kv_heads`` to divide ``num_heads``
@@ -144,20 +146,18 @@ def kv_index(counts: torch.Tensor, num_heads: int) -> torch.Tensor:
     return (ends[..., None, :] <= heads[:, None]).sum(-1)
 
 
-def key_norms(k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Frobenius norms ``(B, G)`` of each sequence's keys per KV head (``k (B, G, N, d)``), over the real keys
-    (``key_padding_mask (B, N)``, True = real), in float32 or wider, without gradient."""
+def squared_key_norms(k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared norms ``(B, G, N)`` of the keys ``k (B, G, N, d)``, 0 for padded ones (``key_padding_mask (B, N)``,
+    True = real), in float32 or wider, without gradient."""
     sq = k.detach().to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1)
-    if key_padding_mask is not None:
-        sq = sq * key_padding_mask[:, None, :]
-    return sq.sum(-1).sqrt()
+    return sq if key_padding_mask is None else sq * key_padding_mask[:, None, :]
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: Sequence[int],
-                      key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      key_padding_mask: torch.Tensor | None = None, pattern: Causal | None = None) -> torch.Tensor:
     """Softmax attention of ``q (B, H, Nq, d)`` where the contiguous query heads ``counts[g]`` use KV head ``g`` of
     ``k, v (B, G, Nk, d)``: one GQA call if ``counts`` is uniform, else one ``attend`` per KV head with queries
-    (a KV head with 0 queries is skipped); K/V are never copied.
+    (a KV head with 0 queries is skipped); K/V are never copied. ``pattern``: None (dense) or ``Causal()``.
 
     Examples:
         >>> import torch
@@ -168,11 +168,12 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts:
     """
     counts = [int(c) for c in counts]
     if all(c == counts[0] for c in counts):
-        return attend(q, k, v, key_padding_mask=key_padding_mask)
+        return attend(q, k, v, pattern, key_padding_mask=key_padding_mask)
     outs, start = [], 0
     for g, c in enumerate(counts):
         if c:
-            outs.append(attend(q[:, start:start + c], k[:, g:g + 1], v[:, g:g + 1], key_padding_mask=key_padding_mask))
+            outs.append(attend(q[:, start:start + c], k[:, g:g + 1], v[:, g:g + 1], pattern,
+                               key_padding_mask=key_padding_mask))
         start += c
     return torch.cat(outs, 1)
 
@@ -181,25 +182,27 @@ def prefix_allocated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """KDGQA's causal variant: queries ``q (B, H, n, d)`` at positions ``start .. start+n-1`` over the keys of every
     position so far ``k, v (B, G, start+n, d)``; the queries of block ``j`` (positions ``[j*bs, (j+1)*bs)``) use
-    the allocation from each sequence's key norms at positions ``< j*bs`` (block 0: uniform, i.e. GQA)."""
+    the allocation from each sequence's key norms at positions ``< j*bs`` (block 0: uniform, i.e. GQA). One
+    sequence: the KV heads are sliced (``grouped_attention``); more: gathered per query head (a copy)."""
     b, h, n, d = q.shape
     total = k.shape[2]
     if k.shape[1] == 1 or total <= block_size:  # one allocation possible, or every query in block 0: GQA
         return attend(q, k, v, Causal(), key_padding_mask=key_padding_mask)
-    sq = k.detach().to(torch.promote_types(k.dtype, torch.float32)).square().sum(-1)
-    if key_padding_mask is not None:
-        sq = sq * key_padding_mask[:, None, :]
-    prefix = sq.cumsum(-1)  # (B, G, total): squared norms of the keys at positions <= t
+    prefix = squared_key_norms(k, key_padding_mask).cumsum(-1)  # (B, G, total): over the keys at positions <= t
     outs = []
     for j in range(start // block_size, (total - 1) // block_size + 1):
         s, e = max(start, j * block_size), min(total, (j + 1) * block_size)
-        kk, vv = k[:, :, :e], v[:, :, :e]
-        if j > 0:
-            idx = kv_index(key_norm_allocation(prefix[:, :, j * block_size - 1].sqrt(), h), h)  # (B, H)
-            kk = kk.gather(1, idx[:, :, None, None].expand(b, h, e, kk.shape[-1]))
-            vv = vv.gather(1, idx[:, :, None, None].expand(b, h, e, vv.shape[-1]))
+        qq, kk, vv = q[:, :, s - start:e - start], k[:, :, :e], v[:, :, :e]
         kpm = None if key_padding_mask is None else key_padding_mask[:, :e]
-        outs.append(attend(q[:, :, s - start:e - start], kk, vv, Causal(), key_padding_mask=kpm))
+        counts = key_norm_allocation(prefix[:, :, j * block_size - 1].sqrt(), h) if j else None  # (B, G)
+        if counts is None:
+            outs.append(attend(qq, kk, vv, Causal(), key_padding_mask=kpm))
+        elif b == 1:
+            outs.append(grouped_attention(qq, kk, vv, counts[0].tolist(), kpm, Causal()))
+        else:
+            idx = kv_index(counts, h)[:, :, None, None]  # (B, H, 1, 1)
+            kk, vv = kk.gather(1, idx.expand(b, h, e, d)), vv.gather(1, idx.expand(b, h, e, vv.shape[-1]))
+            outs.append(attend(qq, kk, vv, Causal(), key_padding_mask=kpm))
     return torch.cat(outs, 2)
 
 
@@ -268,7 +271,8 @@ class GroupedQueryAttention(ProjectedAttention):
 
     def batch_allocation(self, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> list[int]:
         """KDGQA's allocation from keys ``(B, G, N, d)``: per-KV-head Frobenius norms summed over the batch."""
-        return key_norm_allocation(key_norms(k, key_padding_mask).sum(0), self.num_heads).tolist()
+        norms = squared_key_norms(k, key_padding_mask).sum(-1).sqrt().sum(0)
+        return key_norm_allocation(norms, self.num_heads).tolist()
 
     @classmethod
     def from_mha(cls: type[_Layer], mha: nn.Module, num_kv_heads: int | None = None, **kwargs: object) -> _Layer:

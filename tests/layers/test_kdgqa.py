@@ -214,22 +214,24 @@ def test_causal_outputs_ignore_later_tokens(block):
         assert torch.allclose(m(x[1:])[0], out[1], atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("chunks", [[6, 1, 1, 9, 4, 2], [1] * 23, [23], [4, 19]])
-def test_decode_equals_the_teacher_forced_forward(chunks):
+def test_decode_equals_the_teacher_forced_forward(chunks, batch):
     torch.manual_seed(7)
     m = nf.KDGQA(32, 8, 4, causal=True, block_size=4, qkv_bias=True).double().eval()
     with torch.no_grad():
         m.k_proj.weight.mul_(torch.linspace(0.3, 2.0, 16, dtype=torch.float64)[:, None])
-        x = torch.randn(2, 23, 32, dtype=torch.float64)
-        full, cache, outs, i = m(x), m.new_cache(2), [], 0
+        x = torch.randn(batch, 23, 32, dtype=torch.float64)
+        full, cache, outs, i = m(x), m.new_cache(batch), [], 0
         for c in chunks:
             outs.append(m(x[:, i:i + c], cache=cache))
             i += c
         assert cache.length == 23 and cache.k.shape[1] == 4
         assert torch.allclose(torch.cat(outs, 1), full, atol=1e-10)
-        ctx = torch.randn(2, 6, 32, dtype=torch.float64)
+        assert_close(full, kdgqa_reference(m, x), rtol=1e-8)
+        ctx = torch.randn(batch, 6, 32, dtype=torch.float64)
         cross = nf.KDGQA(32, 8, 4, causal=True, cross=True).double()
-        cache, i = cross.new_cache(2), 0
+        cache, i = cross.new_cache(batch), 0
         outs = []
         for c in chunks:
             outs.append(cross(x[:, i:i + c], context=ctx if i == 0 else None, cache=cache))
