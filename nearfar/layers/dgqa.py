@@ -11,7 +11,7 @@ the cached vector (a buffer, zeros at first). The weights are ``|c - n|`` (``kin
 (``kind="ema"``), turned into an allocation by ``allocate_heads`` (``a_g = round(H w_g / sum w)``, fixed up to sum
 to ``H``), and query heads are assigned contiguously (``nearfar.layers.kdgqa``). In training, every ``window``-th
 step (steps 0, window, 2 window, ...) computes the allocation from ``c`` and ``n``, keeps it for the following
-steps, and updates ``c <- (c + n) / window`` (the official update, verbatim: with ``window=1`` it accumulates the
+steps, and updates ``c <- (c + n) / window`` (as the official update does; with ``window=1`` it accumulates the
 norms of every step); a step is one forward in training mode. In eval mode each forward computes the allocation
 from ``c`` and the current ``n``. Before the first update the allocation is uniform (plain GQA).
 

@@ -16,7 +16,8 @@ the first smallest gains one (``torch.argmax``/``argmin`` pick the first index o
 contiguously in order: the first ``a_0`` use KV head 0, the next ``a_1`` KV head 1, and so on. Attention is plain
 softmax per head through ``nearfar.attend``: one GQA call when the allocation is uniform, else one call per KV head
 on its slice of query heads, the KV head a view (no copy of K/V). The allocation is discrete: no gradient flows
-through it (the official code rounds to ints too).
+through it (the official code rounds to ints too). It is read on the host (as the official ``tolist``), so
+``torch.compile`` breaks the graph there and specialises the rest on each allocation it meets.
 
 Causal variant (``causal=True``, for language models; the paper has none, its allocation reads every token of
 every sequence of the batch): the sequence is cut into blocks of ``block_size`` positions, and the queries of block
@@ -44,7 +45,7 @@ of the source's heads becomes one KV head whose K/V projection rows (and biases)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -223,7 +224,15 @@ def mean_pool_heads(param: torch.Tensor, num_heads: int, num_groups: int) -> tor
         num_groups * d, *param.shape[1:])
 
 
-def _default_kv_heads(dim: int, num_heads: int, num_kv_heads: int | None) -> int | None:
+_MHA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv", "proj")
+
+
+def _linear(module: nn.Module, name: str) -> nn.Linear | None:
+    found = getattr(module, name, None)
+    return found if isinstance(found, nn.Linear) else None
+
+
+def _default_kv_heads(dim: int, num_heads: int, num_kv_heads: int | None) -> int:
     check_dim_heads(dim, num_heads)
     if num_kv_heads is None:
         return num_heads // 2 if num_heads % 2 == 0 else num_heads
@@ -275,7 +284,7 @@ class GroupedQueryAttention(ProjectedAttention):
         return key_norm_allocation(norms, self.num_heads).tolist()
 
     @classmethod
-    def from_mha(cls: type[_Layer], mha: nn.Module, num_kv_heads: int | None = None, **kwargs: object) -> _Layer:
+    def from_mha(cls: type[_Layer], mha: nn.Module, num_kv_heads: int | None = None, **kwargs: Any) -> _Layer:
         """The layer with ``num_kv_heads`` KV heads, initialised from a multi-head attention layer: queries and output
         copied, each KV head's K/V projection rows (and biases) the mean over a contiguous group of the source's heads
         (Khan et al.'s uptraining recipe, the official ``att_weight_conversion``).
@@ -302,27 +311,28 @@ class GroupedQueryAttention(ProjectedAttention):
             >>> torch.allclose(gqa(x), mha(x), atol=1e-5)
             True
         """
-        heads = getattr(mha, "num_heads", None)
-        if hasattr(mha, "qkv") and hasattr(mha, "proj"):
-            w = mha.qkv.weight.chunk(3, 0)
-            b = (None,) * 3 if mha.qkv.bias is None else mha.qkv.bias.chunk(3, 0)
-            o, src_kv = mha.proj, heads
-        elif all(hasattr(mha, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            lin = (mha.q_proj, mha.k_proj, mha.v_proj)
-            w, b = tuple(m.weight for m in lin), tuple(m.bias for m in lin)
-            o, src_kv = mha.o_proj, getattr(mha, "num_kv_heads", heads)
+        heads, lin = getattr(mha, "num_heads", None), {n: _linear(mha, n) for n in _MHA_LINEARS}
+        q, k, v, o, qkv, proj = (lin[n] for n in _MHA_LINEARS)
+        w: list[torch.Tensor]
+        b: list[torch.Tensor | None]
+        if qkv is not None and proj is not None:  # timm's ViT Attention
+            w, o, src_kv = list(qkv.weight.chunk(3, 0)), proj, heads
+            b = [None] * 3 if qkv.bias is None else list(qkv.bias.chunk(3, 0))
+        elif q is not None and k is not None and v is not None and o is not None:
+            w, b, src_kv = [q.weight, k.weight, v.weight], [q.bias, k.bias, v.bias], getattr(mha, "num_kv_heads",
+                                                                                              heads)
         else:
             raise ValueError("mha must have q_proj/k_proj/v_proj/o_proj Linears or a fused qkv Linear and proj, got "
                              f"{type(mha).__name__}")
         if not isinstance(heads, int) or not isinstance(src_kv, int):
             raise ValueError(f"mha must have an int num_heads, got {heads!r}")
-        kwargs.setdefault("rope", getattr(mha, "rope", None) is not None)
-        layer = cls(w[0].shape[1], heads, num_kv_heads, qkv_bias=b[0] is not None,
-                    proj_bias=o.bias is not None, **kwargs)
+        if not kwargs.get("cross"):
+            kwargs.setdefault("rope", getattr(mha, "rope", None) is not None)
+        layer = cls(w[0].shape[1], heads, num_kv_heads, qkv_bias=b[0] is not None, proj_bias=o.bias is not None,
+                    **kwargs)
         layer.to(device=w[0].device, dtype=w[0].dtype)
         with torch.no_grad():
-            targets = (layer.q_proj, layer.k_proj, layer.v_proj)
-            for i, (t, wi, bi) in enumerate(zip(targets, w, b)):
+            for i, (t, wi, bi) in enumerate(zip((layer.q_proj, layer.k_proj, layer.v_proj), w, b)):
                 t.weight.copy_(wi if i == 0 else mean_pool_heads(wi, src_kv, layer.num_kv_heads))
                 if bi is not None:
                     t.bias.copy_(bi if i == 0 else mean_pool_heads(bi, src_kv, layer.num_kv_heads))
@@ -471,6 +481,6 @@ register(Mechanism(
     make=lambda dim, num_heads, **kw: KDGQA(dim, num_heads, **kw),
     notes="GQA (num_heads // 2 KV heads) whose query heads are shared out among the KV heads by their key norms "
           "(min-max normalised, contiguous); non-causal by default (norms of the whole batch, as the paper's ViT); "
-          "causal=True: per-sequence allocation from the completed blocks before each block, "
-          "decode cache of every key (G heads); cross: allocation from the source's keys; from_mha converts an "
-            "MHA layer (mean-pooled K/V heads)"))
+          "causal=True: per-sequence allocation from the completed blocks before each block, decode cache of every "
+          "key (G heads); cross: allocation from the source's keys; from_mha converts an MHA layer (mean-pooled K/V "
+          "heads)"))
