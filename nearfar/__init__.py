@@ -11,6 +11,9 @@ from .backends import engines
 from .cache import cache_budget, cache_bytes, clear_caches, set_cache_budget
 from .dispatch import attend, engine_override
 from .layers import (
+    DGQA,
+    KDGQA,
+    PGQA,
     SHSA,
     AgentAttention,
     BigBirdAttention,
@@ -86,6 +89,7 @@ __all__ = [
     "CoreAndWindow",
     "Dense",
     "DenseAttention",
+    "DGQA",
     "DualTokenAttention",
     "engine_override",
     "engines",
@@ -97,6 +101,7 @@ __all__ = [
     "Grid",
     "HiLo",
     "Intersection",
+    "KDGQA",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
@@ -113,6 +118,7 @@ __all__ = [
     "Pattern",
     "PatternAttention",
     "PerHead",
+    "PGQA",
     "ProxyTokenAttention",
     "RandomBlocks",
     "S2Attention",

@@ -10,10 +10,12 @@ from .bigbird import BigBirdAttention
 from .cca import CCAAttention
 from .craft_srwa import SRWAttention
 from .dense import DenseAttention
+from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .kdgqa import KDGQA
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
@@ -25,6 +27,7 @@ from .msa_conv import MSAConv2d
 from .msw_msa import MSWAttention
 from .neighborhood import NeighborhoodAttention
 from .pattern_attention import PatternAttention
+from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
 from .s2_attention import S2Attention
@@ -40,11 +43,13 @@ __all__ = [
     "BigBirdAttention",
     "CCAAttention",
     "DenseAttention",
+    "DGQA",
     "DualTokenAttention",
     "GAAMAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "KDGQA",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
@@ -58,6 +63,7 @@ __all__ = [
     "MSWAttention",
     "NeighborhoodAttention",
     "PatternAttention",
+    "PGQA",
     "ProxyTokenAttention",
     "register",
     "S2Attention",

@@ -213,7 +213,7 @@ def mechanisms(family: str | None = None, kind: str | None = None, pattern: str 
     Examples:
         >>> import nearfar as nf
         >>> [m.name for m in nf.mechanisms(pattern="CC")]
-        ['dense', 'linear_attention', 'moh']
+        ['dense', 'kdgqa', 'linear_attention', 'moh']
     """
     # a misspelt filter would otherwise match nothing and look like "no such mechanism"
     for name, value, allowed in (("family", family, FAMILIES), ("kind", kind, KINDS),

@@ -28,7 +28,7 @@ def test_registry_lists_every_sequence_mechanism_of_issue_4():
     assert {"streaming_llm", "longformer", "bigbird", "s2_attention", "moa", "cca", "lightning", "linear_attention",
             "titans_mac", "dense", "block_transformer", "fit_ar"} <= names
     assert {m.name for m in nearfar.mechanisms(kind="model")} == {"block_transformer", "fit_ar"}
-    assert {m.name for m in nearfar.mechanisms(pattern="CC")} == {"dense", "linear_attention", "moh"}
+    assert {m.name for m in nearfar.mechanisms(pattern="CC")} == {"dense", "kdgqa", "linear_attention", "moh"}
 
 
 @pytest.mark.parametrize("mech", MECHANISMS, ids=[m.name for m in MECHANISMS])
