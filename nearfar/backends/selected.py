@@ -29,8 +29,8 @@ _CHUNK = 1 << 24
 class _Problem:
     """Shapes, layouts and masks of one call. Queries live as ``(QB, B, Hq, T, e)`` blocks, so a chunk of query
     blocks is a view ``(c, B * H, (Hq / H) * T, e)`` for a stream whose key lists belong to ``H`` heads (a GQA
-    group's queries stacked on one list); keys as flat blocks ``(B * Hkv * KB, kv_block, e)`` for gathers, or padded
-    rows ``(B * Hkv, front + Nk + back, e)`` for runs."""
+    group's queries stacked on one list); keys as flat tokens ``(B * Hkv * Nk, e)`` for gathers, or padded rows
+    ``(B * Hkv, front + Nk + back, e)`` for runs."""
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None,
                  sel: SelectedBlocks, scale: float, kpm: torch.Tensor | None, bias: DenseBias | None) -> None:
@@ -52,9 +52,9 @@ class _Problem:
         group = self.hq // self.hkv
         sel_kvh = torch.arange(self.hx, device=dev) // (group if self.hx == self.hq and self.hq != self.hkv else 1)
         bidx = torch.arange(self.b, device=dev)[:, None] * self.hkv
-        self.base = {self.hkv: (bidx + torch.arange(self.hkv, device=dev)) * self.nkb}  # (B, H) first flat block
+        self.base = {self.hkv: (bidx + torch.arange(self.hkv, device=dev)) * self.nk}  # (B, H) first flat key
         if self.hx != self.hkv:
-            self.base[self.hx] = (bidx + sel_kvh) * self.nkb
+            self.base[self.hx] = (bidx + sel_kvh) * self.nk
         self.chunk_list = self._chunks()
 
     def _chunks(self) -> list[tuple[int, int]]:
@@ -88,24 +88,23 @@ class _Problem:
         """A chunk of a ``(QB, B, Hq, T, ...)`` tensor as ``(c, B * heads, (Hq / heads) * T, ...)`` (a view)."""
         return xb[r0:r1].view(r1 - r0, self.b * heads, (self.hq // heads) * self.t, *xb.shape[4:])
 
-    def k_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.compute_dtype)
-        pad = self.nkb * self.kb - x.shape[2]
-        if pad:
-            x = torch.nn.functional.pad(x, (0, 0, 0, pad))
-        return x.reshape(self.b * self.hkv * self.nkb, self.kb, x.shape[-1])
+    def k_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, Nk, e) -> (B * Hkv * Nk, e): a view of a contiguous cache (decoding copies nothing O(Nk))."""
+        return x.to(self.compute_dtype).contiguous().view(-1, x.shape[-1])
 
     def k_rows(self, x: torch.Tensor) -> torch.Tensor:
         assert self.run is not None
-        x = torch.nn.functional.pad(x.to(self.compute_dtype), (0, 0, self.run.front, self.run.back))
-        return x.reshape(self.b * self.hkv, x.shape[2], x.shape[-1]).contiguous()  # as_strided assumes it
+        x = x.to(self.compute_dtype)
+        if self.run.front or self.run.back:
+            x = torch.nn.functional.pad(x, (0, 0, self.run.front, self.run.back))
+        return x.contiguous().view(self.b * self.hkv, x.shape[2], x.shape[-1])  # as_strided assumes contiguity
 
     def keys(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         out = {}
         if self.run is not None:
             out["run"] = (self.k_rows(k), self.k_rows(v))
         if self.streams:
-            out["blocks"] = (self.k_blocks(k), self.k_blocks(v))
+            out["blocks"] = (self.k_tokens(k), self.k_tokens(v))
         return out
 
     def run_view(self, xr: torch.Tensor, r0: int, r1: int, j: int = 0, width: int | None = None) -> torch.Tensor:
@@ -131,18 +130,20 @@ class _Problem:
             self.run_view(dxr, r0, r1, j, w).add_(grad[:, :, j:j + w])
 
     def flat_rows(self, st: Stream, r0: int, r1: int) -> torch.Tensor:
-        blk = st.blk[r0:r1].expand(-1, self.b, st.heads, -1)
-        return (self.base[st.heads][None, :, :, None] + torch.where(st.valid[r0:r1], blk, 0)).reshape(-1)
+        """Rows of the chunk's keys in ``k_tokens`` (B * Hkv * Nk, e), slot by slot: past the end (the last short
+        block) they read the head's last key, which the mask drops."""
+        pos = self.kpos(st, r0, r1).clamp(0, self.nk - 1).expand(-1, self.b, st.heads, -1)
+        return (self.base[st.heads][None, :, :, None] + pos).reshape(-1)
 
-    def gather(self, kb: torch.Tensor, rows: torch.Tensor, st: Stream, c: int, buf: torch.Tensor) -> torch.Tensor:
-        """Key (or value) blocks of a chunk as (c, B*H, S*kv_block, e), into ``buf``."""
+    def gather(self, kt: torch.Tensor, rows: torch.Tensor, st: Stream, c: int, buf: torch.Tensor) -> torch.Tensor:
+        """Key (or value) tokens of a chunk as (c, B*H, S*kv_block, e), into ``buf``."""
         out = buf[:rows.numel()]
-        torch.index_select(kb, 0, rows, out=out)
-        return out.view(c, self.b * st.heads, st.blocks * self.kb, kb.shape[-1])
+        torch.index_select(kt, 0, rows, out=out)
+        return out.view(c, self.b * st.heads, st.blocks * self.kb, kt.shape[-1])
 
     def buffers(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
         c = max(r1 - r0 for r0, r1 in self.chunk_list)
-        return {st.name: torch.empty(c * self.b * st.heads * st.blocks, self.kb, e, dtype=self.compute_dtype,
+        return {st.name: torch.empty(c * self.b * st.heads * st.blocks * self.kb, e, dtype=self.compute_dtype,
                                      device=device) for st in self.streams}
 
     # ----- masks -----
@@ -323,9 +324,9 @@ def _backward(pb: _Problem, qb, ob, lb, dob, keys, dbias) -> tuple[torch.Tensor,
                 pb.run_scatter(dkr, r0, r1, dk)
                 pb.run_scatter(dvr, r0, r1, dv)
             else:
-                dkb, dvb = grads["blocks"]
-                dkb.index_add_(0, rows, dk.reshape(-1, pb.kb, pb.d).to(pb.grad_dtype))
-                dvb.index_add_(0, rows, dv.reshape(-1, pb.kb, pb.dv).to(pb.grad_dtype))
+                dkb, dvb = grads["blocks"]  # slots past the end carry zero gradient (masked)
+                dkb.index_add_(0, rows, dk.reshape(-1, pb.d).to(pb.grad_dtype))
+                dvb.index_add_(0, rows, dv.reshape(-1, pb.dv).to(pb.grad_dtype))
     return dqb, grads
 
 
@@ -361,8 +362,8 @@ class _Selected(torch.autograd.Function):
             dk += grads["run"][0][:, lo:hi].view(dk.shape)
             dv += grads["run"][1][:, lo:hi].view(dv.shape)
         if "blocks" in grads:
-            dk += grads["blocks"][0].view(pb.b, pb.hkv, pb.nkb * pb.kb, -1)[:, :, :pb.nk]
-            dv += grads["blocks"][1].view(pb.b, pb.hkv, pb.nkb * pb.kb, -1)[:, :, :pb.nk]
+            dk += grads["blocks"][0].view(dk.shape)
+            dv += grads["blocks"][1].view(dv.shape)
         db = None
         if dbias is not None:
             assert pb.bias is not None

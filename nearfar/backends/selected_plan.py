@@ -122,14 +122,15 @@ def _compact(keep: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.gather(-1, order) for x in (keep, *xs))
 
 
-def static_plan(pattern: Pattern, qt: Tiles, kt: Tiles, nq: int, nk: int, t: int, kb: int, hkv: int,
-                group: int) -> Static:
+def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: int, group: int) -> Static:
     """The pattern's blocks per query block, full or partial, as runs or streams: cached per shape (the partial
     blocks' token mask already repeated over the ``group`` query heads that share a key list)."""
-    key = ("selected_static", pattern, nq, nk, t, kb, hkv, group, str(qt.idx.device))
+    t, kb = sel.q_block, sel.k_block
+    key = ("selected_static", pattern, nq, nk, t, kb, hkv, group, str(sel.kv_indices.device))
     hit = CACHE.get(key)
     if hit is not None:
         return hit
+    qt, kt = sel.tiles(nq, nk)
     qb, nkb = qt.idx.shape[0], kt.idx.shape[0]
     rows = max(1, _CHUNK // max(1, nkb))
     ok = torch.cat([pattern.block_allowed(Tiles(qt.idx[r0:r0 + rows]), kt, nq, nk) for r0 in range(0, qb, rows)])
@@ -165,16 +166,18 @@ def plan_streams(pattern: Pattern | None, sel: SelectedBlocks, b: int, hq: int, 
     hx = hq if hs == hq and hq != hkv else hkv
     if hs != hx:  # one selection for every head: one list per KV head
         idx, valid = idx.expand(-1, hx, -1, -1), valid.expand(-1, hx, -1, -1)
-    qt, kt = sel.tiles(nq, nk)
     w_full = torch.ones_like(valid)
-    if sel.within is not None and idx.numel():
-        keys = kt.idx[idx.permute(2, 0, 1, 3).reshape(idx.shape[2], -1)]  # (QB, B'*Hx*S, kb)
-        w_full = sel.within.block_full(qt, Tiles(keys), nq, nk).reshape(idx.shape[2], *idx.shape[:2], -1)
-        w_full = w_full.permute(1, 2, 0, 3)
+    if sel.within is not None and idx.numel():  # key tiles of the selected blocks only: decoding stays O(S)
+        blocks = idx.permute(2, 0, 1, 3).reshape(idx.shape[2], -1)  # (QB, B'*Hx*S)
+        keys = blocks[..., None] * kb + torch.arange(kb, device=idx.device)
+        pos = torch.arange(idx.shape[2] * sel.q_block, device=idx.device).view(-1, sel.q_block)
+        qt = Tiles(torch.where(pos < nq, pos, -1))
+        w_full = sel.within.block_full(qt, Tiles(torch.where(keys < nk, keys, -1)), nq, nk)
+        w_full = w_full.reshape(idx.shape[2], *idx.shape[:2], -1).permute(1, 2, 0, 3)
     run, gathered = None, []
     overlap = torch.zeros_like(valid)
     if pattern is not None:
-        static = static_plan(pattern, qt, kt, nq, nk, sel.q_block, kb, hkv, hq // hkv)
+        static = static_plan(pattern, sel, nq, nk, hkv, hq // hkv)
         run = static.run
         gathered += [s for s in (static.full, static.part) if s is not None]
         seq = static.sorted_blocks.expand(*idx.shape[:2], -1, -1).contiguous()
