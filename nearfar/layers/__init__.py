@@ -31,6 +31,7 @@ from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
 from .s2_attention import S2Attention
+from .seer_attention import SeerAttention
 from .shvit import SHSA
 from .streaming_llm import StreamingLLMAttention
 from .super_token import SuperTokenAttention
@@ -67,6 +68,7 @@ __all__ = [
     "ProxyTokenAttention",
     "register",
     "S2Attention",
+    "SeerAttention",
     "SHSA",
     "SRWAttention",
     "StreamingLLMAttention",
