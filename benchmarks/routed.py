@@ -131,8 +131,8 @@ def r2(rounds: int, out) -> float:
     for n in (32768, 131072):
         q, k, v = inputs(n)
         with torch.no_grad():
-            res[n] = statistics.median(interleave({"layer": lambda: layer(q, k, v)}, rounds=max(2, rounds // 2))
-                                       ["layer"])
+            res[n] = statistics.median(interleave({"layer": lambda q=q, k=k, v=v: layer(q, k, v)},
+                                                  rounds=max(2, rounds // 2))["layer"])
     ratio = res[131072] / res[32768]
     out(f"| N | layer forward s |\n|---|---|\n| 32,768 | {res[32768]:.3f} |\n| 131,072 | {res[131072]:.3f} |")
     out(f"\ngrowth {ratio:.2f}x for 4x the tokens (target <= 4.5x)")
@@ -158,8 +158,9 @@ def r3(rounds: int, out) -> float:
         q1 = q[:, :, -1:].contiguous()
         kbar = pool_blocks(k[:, :, :n // BLOCK * BLOCK], BLOCK)  # kept up to date by a cache, one mean per block
         with torch.no_grad():
-            t = interleave({"routed": lambda: decode_step(q1, k, v, kbar),
-                            "dense": lambda: F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)},
+            t = interleave({"routed": lambda q1=q1, k=k, v=v, kbar=kbar: decode_step(q1, k, v, kbar),
+                            "dense": lambda q1=q1, k=k, v=v: F.scaled_dot_product_attention(q1, k, v,
+                                                                                             enable_gqa=True)},
                            rounds=max(15, rounds), warmup=3)
         res[n], dense_t[n] = statistics.median(t["routed"]), statistics.median(t["dense"])
         out(f"| {n:,} | {res[n] * 1e3:.2f} | {dense_t[n] * 1e3:.2f} |")

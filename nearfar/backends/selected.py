@@ -12,6 +12,7 @@ and masks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ class _Problem:
         half = q.dtype in (torch.float16, torch.bfloat16)
         self.compute_dtype = torch.float32 if half and q.device.type == "cpu" else q.dtype
         self.acc = acc_dtype(self.compute_dtype)
+        self.grad_dtype = self.acc if half else self.compute_dtype  # dK/dV accumulate over chunks
         need_bias_grad = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         self.fused = fused_available(q.device) and self.d == self.dv and not need_bias_grad
         qpos = torch.arange(self.qb * self.t, device=q.device)
@@ -231,7 +233,11 @@ class _Problem:
     def bias_grad(self, grad: torch.Tensor, st: Stream | None, r0: int, r1: int, ds: torch.Tensor) -> None:
         run = self.run
         heads = self.hkv if st is None else st.heads
-        kpos = run.keys(r0, r1)[:, None, None] if st is None and run is not None else self.kpos(st, r0, r1)
+        if st is None:
+            assert run is not None
+            kpos = run.keys(r0, r1)[:, None, None]
+        else:
+            kpos = self.kpos(st, r0, r1)
         c, g = r1 - r0, self.hq // heads
         ds = ds.view(c, self.b, heads, g, self.t, -1)
         keep = (self.qpos[r0:r1] >= 0).view(c, 1, 1, 1, self.t, 1) & ((kpos >= 0) & (kpos < self.nk))[:, :, :, None,
@@ -254,7 +260,9 @@ def _kernel_forward(pb: _Problem, qc: torch.Tensor, kc: torch.Tensor, vc: torch.
     return matmul_forward(qc, kc, vc, m, pb.scale)
 
 
-def _kernel_backward(pb: _Problem, doc, qc, kc, vc, oc, lc, mask):
+def _kernel_backward(pb: _Problem, doc: torch.Tensor, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                     oc: torch.Tensor, lc: torch.Tensor,
+                     mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     qc, kc, vc = unit_last(qc), unit_last(kc), unit_last(vc)
     if pb.fused:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -264,7 +272,8 @@ def _kernel_backward(pb: _Problem, doc, qc, kc, vc, oc, lc, mask):
     return matmul_backward(doc, qc, kc, vc, oc, lc, m, pb.scale)
 
 
-def _sources(pb: _Problem, keys: dict, r0: int, r1: int, bufs: dict | None):
+def _sources(pb: _Problem, keys: dict, r0: int, r1: int,
+             bufs: dict | None) -> Iterator[tuple[Stream | None, int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """(stream or None for the run, heads, k chunk, v chunk, flat rows or None) of every stream of a chunk."""
     if pb.run is not None:
         kr, vr = keys["run"]
@@ -306,7 +315,8 @@ def _forward(pb: _Problem, qb: torch.Tensor, keys: dict) -> tuple[torch.Tensor, 
     return ob, lse
 
 
-def _backward(pb: _Problem, qb, ob, lb, dob, keys, dbias) -> tuple[torch.Tensor, dict]:
+def _backward(pb: _Problem, qb: torch.Tensor, ob: torch.Tensor, lb: torch.Tensor, dob: torch.Tensor, keys: dict,
+              dbias: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
     dqb = torch.zeros_like(qb)
     grads = {name: tuple(torch.zeros_like(x, dtype=pb.grad_dtype) for x in pair) for name, pair in keys.items()}
     bufs = {"k": pb.buffers(pb.d, qb.device), "v": pb.buffers(pb.dv, qb.device)}
@@ -325,6 +335,7 @@ def _backward(pb: _Problem, qb, ob, lb, dob, keys, dbias) -> tuple[torch.Tensor,
                 pb.run_scatter(dvr, r0, r1, dv)
             else:
                 dkb, dvb = grads["blocks"]  # slots past the end carry zero gradient (masked)
+                assert rows is not None  # a gathered stream has its rows
                 dkb.index_add_(0, rows, dk.reshape(-1, pb.d).to(pb.grad_dtype))
                 dvb.index_add_(0, rows, dv.reshape(-1, pb.dv).to(pb.grad_dtype))
     return dqb, grads
@@ -349,7 +360,6 @@ class _Selected(torch.autograd.Function):
         q, k, v, ob, lse = ctx.saved_tensors
         qb, dob = pb.q_blocks(q), pb.q_blocks(grad_out)
         lb = torch.where(torch.isneginf(lse), float("inf"), lse)  # no key: p = exp(s - inf) = 0
-        pb.grad_dtype = pb.acc if q.dtype in (torch.float16, torch.bfloat16) else pb.compute_dtype
         dbias = None
         if pb.bias is not None and pb.bias.requires_grad:
             dbias = torch.zeros(pb.bias.b4.shape, dtype=pb.acc, device=q.device)
