@@ -14,6 +14,8 @@ from .dualtoken import DualTokenAttention
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .landmark import LandmarkAttention
+from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
@@ -44,6 +46,8 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "LandmarkAttention",
+    "LandmarkTokens",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
