@@ -16,6 +16,8 @@ from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
 from .kdgqa import KDGQA
+from .landmark import LandmarkAttention
+from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
@@ -51,6 +53,8 @@ __all__ = [
     "GlobalQueryAttention",
     "HiLo",
     "KDGQA",
+    "LandmarkAttention",
+    "LandmarkTokens",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
