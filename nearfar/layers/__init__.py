@@ -26,6 +26,7 @@ from .neighborhood import NeighborhoodAttention
 from .pattern_attention import PatternAttention
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
+from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
 from .shvit import SHSA
 from .streaming_llm import StreamingLLMAttention
@@ -58,6 +59,7 @@ __all__ = [
     "PatternAttention",
     "ProxyTokenAttention",
     "register",
+    "RoutingTransformerAttention",
     "S2Attention",
     "SHSA",
     "SRWAttention",
