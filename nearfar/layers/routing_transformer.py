@@ -34,8 +34,9 @@ of windows (lucidrains' layout) and run through ``attend`` (``Causal()``: window
 clusters are laid out sorted by cluster, each cluster's run padded to a multiple of ``block_size`` so that no block
 mixes clusters; every block then selects the blocks of its own cluster (``SelectedBlocks`` with ``within=Causal()``:
 inside a run, slots are in position order) and pad slots are masked keys. Work is ``sum_c n_c^2`` pairs, plus at
-most ``C * (block_size - 1)`` pad slots; decoding lays out the cached tokens the same way and runs the new tokens'
-blocks only.
+most ``C * (block_size - 1)`` pad slots. Decoding ``block_size`` tokens or fewer attends the cached keys of their
+clusters directly (an ``(n, T)`` mask); a longer chunk lays out the cached tokens as above and runs the blocks that
+hold new tokens.
 
 Differences from the official code:
 
@@ -49,8 +50,10 @@ Differences from the official code:
 - Local heads: a token-exact sliding window with RoPE and their own key projection (lucidrains' local heads have
   their own q/k/v; the official local attention is block-local with a memory flange).
 - The centroids start as random unit vectors (the official init); lucidrains instead runs 10 k-means iterations on
-  the first batch. The commitment loss covers the shared q/k features once (the official code adds a query and a
-  key term, equal with shared QK). No dropout, no padding mask, no cross-attention form (``receives_context``).
+  the first batch. The EMA step is lucidrains' (unit-normed cluster means blended into the centroids); the official
+  code keeps EMA cluster counts and sums (VQ-VAE style, Laplace-smoothed) and divides them. The commitment loss
+  covers the shared q/k features once (the official code adds a query and a key term: twice ours with shared QK).
+- No dropout, no padding mask, no cross-attention form (lucidrains ``receives_context``).
 """
 
 from __future__ import annotations
@@ -295,7 +298,11 @@ class RoutingTransformerAttention(nn.Module):
             out = self._clustered(r, v, nearest, 0)
         else:
             first = cache.length
-            out = self._clustered(*cache.add(r, v, nearest), first)
+            r_all, v_all, c_all = cache.add(r, v, nearest)
+            if r.shape[2] <= self.block_size:  # a few new tokens: their rows over the cached keys directly
+                out = self._over_cache(r, nearest, r_all, v_all, c_all, first)
+            else:
+                out = self._clustered(r_all, v_all, c_all, first)
         if cache is None and self.training and torch.is_grad_enabled() and r.requires_grad:
             r.register_hook(self._ema_step(r.detach()))
         return out
@@ -322,6 +329,17 @@ class RoutingTransformerAttention(nn.Module):
         total = ow.new_zeros(b, h, n, dv).scatter_add(2, flat.expand(-1, -1, -1, dv), ow)
         count = ow.new_zeros(b, h, n, 1).scatter_add(2, flat, torch.ones_like(flat, dtype=ow.dtype))
         return total / count.clamp(min=1)
+
+    @staticmethod
+    def _over_cache(r: torch.Tensor, clusters: torch.Tensor, r_all: torch.Tensor, v_all: torch.Tensor,
+                    c_all: torch.Tensor, first: int) -> torch.Tensor:
+        """Decoding a few tokens: each new query over every cached key of its cluster up to its position, as a
+        ``(new, cached)`` bias."""
+        pos_q = torch.arange(first, first + r.shape[2], device=r.device)
+        allowed = (clusters[..., :, None] == c_all[..., None, :]) & (
+            torch.arange(r_all.shape[2], device=r.device) <= pos_q[:, None])
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=r.device).masked_fill_(~allowed, -math.inf)
+        return attend(r, r_all, v_all, bias=bias)
 
     def _clustered(self, r: torch.Tensor, v: torch.Tensor, clusters: torch.Tensor, first: int) -> torch.Tensor:
         """Per-token clusters: query ``i`` attends the keys of its cluster (causal: ``j <= i``), for the queries
