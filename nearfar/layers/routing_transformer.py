@@ -33,10 +33,10 @@ Computation, exact and without an ``N x N`` map: balanced windows are gathered i
 of windows (lucidrains' layout) and run through ``attend`` (``Causal()``: windows are in position order). Per-token
 clusters are laid out sorted by cluster, each cluster's run padded to a multiple of ``block_size`` so that no block
 mixes clusters; every block then selects the blocks of its own cluster (``SelectedBlocks`` with ``within=Causal()``:
-inside a run, slots are in position order) and pad slots are masked keys. Work is ``sum_c n_c^2`` pairs, plus at
-most ``C * (block_size - 1)`` pad slots. Decoding ``block_size`` tokens or fewer attends the cached keys of their
-clusters directly (an ``(n, T)`` mask); a longer chunk lays out the cached tokens as above and runs the blocks that
-hold new tokens.
+inside a run, slots are in position order) and pad slots are masked keys. Work is about ``sum_c n_c^2`` pairs
+(half when causal; ``n_c`` the cluster sizes rounded up to blocks) over at most ``N + C * (block_size - 1)``
+slots. Decoding ``block_size`` tokens or fewer attends the cached keys of their clusters directly (an ``(n, T)``
+mask); a longer chunk lays out the cached tokens as above and runs the blocks that hold new tokens.
 
 Differences from the official code:
 
@@ -49,10 +49,11 @@ Differences from the official code:
   scatter divides by ``count + 1e-2`` (lucidrains ``+ 1e-5``), ours by ``max(count, 1)``.
 - Local heads: a token-exact sliding window with RoPE and their own key projection (lucidrains' local heads have
   their own q/k/v; the official local attention is block-local with a memory flange).
-- The centroids start as random unit vectors (the official init); lucidrains instead runs 10 k-means iterations on
-  the first batch. The EMA step is lucidrains' (unit-normed cluster means blended into the centroids); the official
-  code keeps EMA cluster counts and sums (VQ-VAE style, Laplace-smoothed) and divides them. The commitment loss
-  covers the shared q/k features once (the official code adds a query and a key term: twice ours with shared QK).
+- The centroids start as random normal vectors scaled to unit norm (the official init layer-norms them instead);
+  lucidrains runs 10 k-means iterations on the first batch. The EMA step is lucidrains' (unit-normed cluster
+  means blended into the centroids); the official code keeps EMA cluster counts and sums (VQ-VAE style,
+  Laplace-smoothed) and divides them. The commitment loss covers the shared q/k features once (the official code
+  adds a query and a key term: twice ours with shared QK).
 - No dropout, no padding mask, no cross-attention form (lucidrains ``receives_context``).
 """
 
