@@ -41,6 +41,7 @@ GATE_SETTINGS = {
     "moa": dict(total_len=GATE_1D, sink_size=8, minimum_cache_size=32, split_size=32),
     "cca": dict(group_size=16, window_size=96), "titans_mac": dict(segment_len=64, num_persistent=4),
     "lightning": dict(block_size=32), "linear_attention": dict(block_size=32),
+    "routing_transformer": dict(local_window=64, num_clusters=6, block_size=16),
 }
 
 

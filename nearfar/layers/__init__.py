@@ -32,6 +32,7 @@ from .pattern_attention import PatternAttention
 from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
+from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
 from .seer_attention import SeerAttention
 from .shvit import SHSA
@@ -71,6 +72,7 @@ __all__ = [
     "PGQA",
     "ProxyTokenAttention",
     "register",
+    "RoutingTransformerAttention",
     "S2Attention",
     "SeerAttention",
     "SHSA",
