@@ -57,7 +57,10 @@ class _Problem:
         self.base = {self.hkv: (bidx + torch.arange(self.hkv, device=dev)) * self.nk}  # (B, H) first flat key
         if self.hx != self.hkv:
             self.base[self.hx] = (bidx + sel_kvh) * self.nk
+        self.whole_blocks = self.nk % self.kb == 0
         self.chunk_list = self._chunks()
+        # block-level masks of the selected full blocks, for every chunk at once (few ops, however many chunks)
+        self.block_masks = {st.name: self._block_mask(st) for st in self.streams if st.token is None}
 
     def _chunks(self) -> list[tuple[int, int]]:
         """One chunking for every stream (their results merge chunk by chunk)."""
@@ -132,16 +135,33 @@ class _Problem:
             self.run_view(dxr, r0, r1, j, w).add_(grad[:, :, j:j + w])
 
     def flat_rows(self, st: Stream, r0: int, r1: int) -> torch.Tensor:
-        """Rows of the chunk's keys in ``k_tokens`` (B * Hkv * Nk, e), slot by slot: past the end (the last short
-        block) they read the head's last key, which the mask drops."""
+        """Rows of the chunk's keys in ``k_tokens`` (B * Hkv * Nk, e): whole blocks (rows of ``kv_block`` tokens)
+        when ``Nk`` is a multiple of ``kv_block``, else token by token, where past the end (the last short block)
+        a slot reads the head's last key, which the mask drops."""
+        if self.whole_blocks:
+            blk = torch.where(st.valid[r0:r1], st.blk[r0:r1], 0).expand(-1, self.b, st.heads, -1)
+            return (self.base[st.heads][None, :, :, None] // self.kb + blk).reshape(-1)
         pos = self.kpos(st, r0, r1).clamp(0, self.nk - 1).expand(-1, self.b, st.heads, -1)
         return (self.base[st.heads][None, :, :, None] + pos).reshape(-1)
 
     def gather(self, kt: torch.Tensor, rows: torch.Tensor, st: Stream, c: int, buf: torch.Tensor) -> torch.Tensor:
         """Key (or value) tokens of a chunk as (c, B*H, S*kv_block, e), into ``buf``."""
-        out = buf[:rows.numel()]
-        torch.index_select(kt, 0, rows, out=out)
-        return out.view(c, self.b * st.heads, st.blocks * self.kb, kt.shape[-1])
+        e = kt.shape[-1]
+        if self.whole_blocks:  # one row per block: fewer, longer copies
+            out = buf[:rows.numel() * self.kb].view(-1, self.kb * e)
+            torch.index_select(kt.view(-1, self.kb * e), 0, rows, out=out)
+        else:
+            out = buf[:rows.numel()]
+            torch.index_select(kt, 0, rows, out=out)
+        return out.view(c, self.b * st.heads, st.blocks * self.kb, e)
+
+    def scatter(self, dkt: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add a chunk's key (or value) gradient back to the rows it was gathered from."""
+        e = dkt.shape[-1]
+        if self.whole_blocks:
+            dkt.view(-1, self.kb * e).index_add_(0, rows, grad.reshape(-1, self.kb * e).to(dkt.dtype))
+        else:
+            dkt.index_add_(0, rows, grad.reshape(-1, e).to(dkt.dtype))
 
     def buffers(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
         c = max(r1 - r0 for r0, r1 in self.chunk_list)
@@ -149,6 +169,12 @@ class _Problem:
                                      device=device) for st in self.streams}
 
     # ----- masks -----
+    def _block_mask(self, st: Stream) -> tuple[torch.Tensor, torch.Tensor]:
+        """(QB, B|1, H|1, 1, W) additive validity of a block-level stream's slots, and (QB, B|1, H|1, 1) rows with
+        a key."""
+        ok = st.valid[:, :, :, None, :, None].expand(-1, -1, -1, -1, -1, self.kb).flatten(-2)
+        return torch.where(ok, 0.0, float("-inf")).to(self.acc), st.valid.any(-1)[..., None]
+
     def kpos(self, st: Stream, r0: int, r1: int) -> torch.Tensor:
         """Key positions (c, B|1, H|1, W), -1 where the slot is empty."""
         pos = st.blk[r0:r1, :, :, :, None] * self.kb + torch.arange(self.kb, device=st.blk.device)
@@ -166,6 +192,9 @@ class _Problem:
             m5 = None if bool(run.all_ok[r0:r1].all()) else run.mask[r0:r1, :, :, None].to(self.acc)
         else:
             heads = st.heads
+            if st.token is None and self.kpm is None and self.bias is None:  # precomputed, block level
+                m5, live = (x[r0:r1] for x in self.block_masks[st.name])
+                return self._expand(m5, heads), self._expand(live[..., None], heads)[..., 0]
             kpos = self.kpos(st, r0, r1)
             if st.token == "static" and self.kpm is None and self.bias is None:  # cached, as the kernel takes it
                 assert st.mask is not None and st.live is not None
@@ -176,7 +205,7 @@ class _Problem:
             elif st.token == "sel":
                 m5 = self._sel_token_mask(st, kpos, r0, r1)
             else:
-                m5 = torch.where(kpos >= 0, 0.0, float("-inf")).to(self.acc)[:, :, :, None]
+                m5 = self.block_masks[st.name][0][r0:r1]
         if self.kpm is not None:
             kpe = kpos.clamp(0, self.nk - 1).expand(c, self.b, kpos.shape[2], kpos.shape[3])
             kp = self.kpm[torch.arange(self.b, device=kpos.device).view(1, -1, 1, 1), kpe]  # (c, B, H|1, W)
@@ -335,9 +364,9 @@ def _backward(pb: _Problem, qb: torch.Tensor, ob: torch.Tensor, lb: torch.Tensor
                 pb.run_scatter(dvr, r0, r1, dv)
             else:
                 dkb, dvb = grads["blocks"]  # slots past the end carry zero gradient (masked)
-                assert rows is not None  # a gathered stream has its rows
-                dkb.index_add_(0, rows, dk.reshape(-1, pb.d).to(pb.grad_dtype))
-                dvb.index_add_(0, rows, dv.reshape(-1, pb.dv).to(pb.grad_dtype))
+                assert rows is not None
+                pb.scatter(dkb, rows, dk)
+                pb.scatter(dvb, rows, dv)
     return dqb, grads
 
 
