@@ -16,7 +16,8 @@ SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
                                                                                              window_size=6),
          "titans_mac": dict(segment_len=8, num_persistent=2), "lightning": dict(block_size=8),
          "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1),
-         "fit_ar": dict(group_size=4, latents_per_group=2)}
+         "fit_ar": dict(group_size=4, latents_per_group=2), "moba": dict(chunk_size=4, topk=2),
+         "nsa": dict(block_size=4, block_counts=3, window_size=4)}
 #: every (sequence layer, CAB pattern it claims) pair of the registry
 SEQ_CASES = [(m, p) for m in nearfar.mechanisms() if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 

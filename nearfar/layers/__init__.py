@@ -20,9 +20,11 @@ from .longformer import LongformerAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
+from .moba import MoBAAttention
 from .msa_conv import MSAConv2d
 from .msw_msa import MSWAttention
 from .neighborhood import NeighborhoodAttention
+from .nsa import NSAAttention
 from .pattern_attention import PatternAttention
 from .proxy_tokens import ProxyTokenAttention
 from .registry import Mechanism, mechanisms, register
@@ -52,9 +54,11 @@ __all__ = [
     "Mechanism",
     "mechanisms",
     "MoAAttention",
+    "MoBAAttention",
     "MSAConv2d",
     "MSWAttention",
     "NeighborhoodAttention",
+    "NSAAttention",
     "PatternAttention",
     "ProxyTokenAttention",
     "register",
