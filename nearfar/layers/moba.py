@@ -45,11 +45,11 @@ import torch
 from ..checks import check_bool, check_choice, check_positive_int, check_scale, check_tensor
 from ..functional import SelectedBlocks, attend, block_scores, merge_heads, pool_blocks, topk_blocks
 from ..patterns import BlockWindow, Causal
+from .fla_layout import check_cu_seqlens, from_batch, to_batch
 from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
-from .varlen import check_cu_seqlens, from_batch, to_batch
 
 GRANULARITIES = ("token", "block")
 DECODES = ("sparse", "dense")
@@ -59,7 +59,6 @@ def _gate_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.compiler.disable  # data-dependent indices: routed eagerly inside compiled graphs
 @torch.no_grad()
 def _route(q: torch.Tensor, k: torch.Tensor, means: torch.Tensor | None, c: int, topk: int, granularity: str,
            complete: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +72,15 @@ def _route(q: torch.Tensor, k: torch.Tensor, means: torch.Tensor | None, c: int,
     scores = block_scores(rows.to(gd), means, k_block_size=c, q_block_size=rb, q_start=nk - nq,
                           include_current=False, scale=1.0)
     return topk_blocks(scores, topk - 1, q_block_size=rb, k_block_size=c, q_start=nk - nq)
+
+
+@torch.compiler.disable  # run-time block lists: validated and run eagerly inside compiled graphs
+def _routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, means: torch.Tensor | None, c: int, topk: int,
+            granularity: str, scale: float | None) -> torch.Tensor:
+    """The current block (causal) and the routed past blocks, one softmax."""
+    num, idx = _route(q, k, means, c, topk, granularity, k.shape[2] // c)
+    sel = SelectedBlocks(num, idx, q_block=1 if granularity == "token" else c, kv_block=c)
+    return attend(q, k, v, BlockWindow(c, 0, 0) & Causal(), blocks=sel, scale=scale)
 
 
 def moba_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, topk: int, *,
@@ -106,9 +114,7 @@ def moba_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: in
     current = BlockWindow(c, 0, 0) & Causal()
     if topk == 1 or nk <= c:  # no past block can be kept
         return attend(q, k, v, current, scale=scale)
-    num, idx = _route(q, k, means, c, topk, granularity, nk // c)
-    rb = 1 if granularity == "token" else c
-    return attend(q, k, v, current, blocks=SelectedBlocks(num, idx, q_block=rb, kv_block=c), scale=scale)
+    return _routed(q, k, v, means, c, topk, granularity, scale)
 
 
 def moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, topk: int,
@@ -150,15 +156,15 @@ def moba(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top
     c, kk = check_positive_int(chunk_size, "chunk_size"), check_positive_int(topk, "topk")
     scale = check_scale(scale, "scale")
     check_bool(dense_fallback, "dense_fallback")
-    b, t, hq, d = q.shape
-    if k.shape[:2] != (b, t) or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % max(1, k.shape[2]):
+    b, n, hq, d = q.shape
+    if k.shape[:2] != (b, n) or v.shape[:3] != k.shape[:3] or k.shape[3] != d or hq % max(1, k.shape[2]):
         raise ValueError(f"q (B, T, Hq, d), k (B, T, Hkv, d), v (B, T, Hkv, dv) with Hq % Hkv == 0 expected, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if cu_seqlens is None:
         out = moba_heads(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), c, kk,
                          dense_fallback=dense_fallback, scale=scale)
         return out.transpose(1, 2)
-    cu = check_cu_seqlens(cu_seqlens, t, b)
+    cu = check_cu_seqlens(cu_seqlens, n, b)
     (qb, valid), (kb, _), (vb, _) = (to_batch(x, cu) for x in (q, k, v))
     out = moba_heads(qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), c, kk,
                      dense_fallback=dense_fallback, scale=scale)
@@ -284,9 +290,9 @@ class MoBAAttention(ProjectedAttention):
         n = x.shape[1]
         start = 0 if cache is None else cache.length
         q, k, v, _ = rotary_qkv(self, x, start)
-        kw = dict(granularity=self.granularity, dense_fallback=self.dense_fallback)
         if cache is None:
-            out = moba_heads(q, k, v, self.chunk_size, self.topk, **kw)
+            out = moba_heads(q, k, v, self.chunk_size, self.topk, granularity=self.granularity,
+                             dense_fallback=self.dense_fallback)
         else:
             cache.append(k, v)
             ck, cv = cache.k, cache.v
@@ -294,8 +300,9 @@ class MoBAAttention(ProjectedAttention):
             if self.decode == "dense" and start > 0:
                 out = attend(q, ck, cv, Causal())
             else:
-                means = self._means(cache) if self.decode == "sparse" else None
-                out = moba_heads(q, ck, cv, self.chunk_size, self.topk, means=means, **kw)
+                means = self._means(cache) if self.decode == "sparse" and self.topk > 1 else None
+                out = moba_heads(q, ck, cv, self.chunk_size, self.topk, means=means, granularity=self.granularity,
+                                 dense_fallback=self.dense_fallback)
         return self.o_proj(merge_heads(out, (n,)))
 
     def extra_repr(self) -> str:

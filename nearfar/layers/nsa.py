@@ -45,18 +45,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_int_range, check_nonneg_int, check_positive_int, check_scale, check_tensor
+from ..checks import check_choice, check_int_range, check_nonneg_int, check_positive_int, check_tensor
 from ..functional import SelectedBlocks, attend, block_scores, merge_heads, pool_blocks, topk_blocks
 from ..patterns import Causal, SlidingWindow
+from .fla_layout import (
+    check_block_counts,
+    check_cu_seqlens,
+    check_fla_qkv,
+    compressed_offsets,
+    from_batch,
+    from_fla_indices,
+    heads_first,
+    to_batch,
+    to_fla_indices,
+)
 from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
-from .varlen import check_cu_seqlens, from_batch, to_batch
 
 COMPRESSORS = ("mean", "mlp")
 
 
+@torch.compiler.disable  # run-time block lists: validated and run eagerly inside compiled graphs
 def nsa_compressed_heads(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int,
                          start: int = 0, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The cmp branch, heads first: ``q (B, Hq, Nq, d)`` at positions ``start ..``, compressed ``k_cmp (B, Hkv, C,
@@ -81,6 +92,7 @@ def nsa_compressed_heads(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     return out[:, :, lead:], lse[:, :, lead:]
 
 
+@torch.compiler.disable  # data-dependent indices: routed eagerly inside compiled graphs
 def nsa_select_heads(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, block_size: int, nk: int,
                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NSA's top-n blocks per (token, KV head), fla's rule, for queries at the last ``Nq`` of ``nk`` positions.
@@ -101,10 +113,19 @@ def nsa_select_heads(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, bl
                            q_start=start)
 
 
+@torch.compiler.disable  # run-time block lists: validated and run eagerly inside compiled graphs
+def _selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num: torch.Tensor, idx: torch.Tensor,
+              block_size: int, scale: float | None) -> torch.Tensor:
+    """The slc branch: each query reads the keys ``<= t`` of its selected blocks."""
+    return attend(q, k, v, blocks=SelectedBlocks(num, idx, q_block=1, kv_block=block_size, within=Causal()),
+                  scale=scale)
+
+
 def nsa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor,
               gates: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None], block_size: int,
               block_counts: int, window_size: int, scale: float | None = None,
-              selection: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              selection: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The three NSA branches and their gated sum, heads first: ``q (B, Hq, Nq, d)`` at the last ``Nq`` of the
     ``Nk`` positions of ``k``, ``v``; compressed ``k_cmp``, ``v_cmp`` of the complete blocks; ``gates`` (cmp, slc,
     win) broadcastable to ``(B, Hq, Nq, 1)``: a None cmp gate drops the cmp branch (fla), a None slc or win gate
@@ -116,8 +137,7 @@ def nsa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Te
     nq, nk = q.shape[2], k.shape[2]
     g_cmp, g_slc, g_win = gates
     num, idx = selection if selection is not None else nsa_select_heads(q, k_cmp, block_counts, block_size, nk, scale)
-    sel = SelectedBlocks(num, idx, q_block=1, kv_block=block_size, within=Causal())
-    o_slc = attend(q, k, v, blocks=sel, scale=scale)
+    o_slc = _selected(q, k, v, num, idx, block_size, scale)
     out = o_slc if g_slc is None else g_slc * o_slc
     if g_cmp is not None:
         out = out + g_cmp * nsa_compressed_heads(q, k_cmp, v_cmp, block_size, nk - nq, scale)[0]
@@ -127,55 +147,6 @@ def nsa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Te
                        scale=scale)
         out = out + (o_win if g_win is None else g_win * o_win)
     return out, (num, idx)
-
-
-def _heads(x: torch.Tensor) -> torch.Tensor:
-    """fla's ``(B, T, H, D)`` <-> our ``(B, H, T, D)`` (a view)."""
-    return x.transpose(1, 2)
-
-
-def _check_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, block_size: int,
-               scale: float | None) -> tuple[int, float | None]:
-    """Check fla-layout tensors (``k``/``v`` may be compressed: any length) and the sizes; returns them."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t is not None:
-            check_tensor(t, name, 4)
-    bs, scale = check_positive_int(block_size, "block_size"), check_scale(scale, "scale")
-    hq, hkv = q.shape[2], k.shape[2]
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3] or hkv < 1 or hq % hkv or (
-            v is not None and v.shape[:3] != k.shape[:3]):
-        raise ValueError(f"q (B, T, Hq, d), k (B, Tk, Hkv, d), v (B, Tk, Hkv, dv) with Hq % Hkv == 0 expected, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {None if v is None else tuple(v.shape)}")
-    return bs, scale
-
-
-def _counts(block_counts: object) -> int:
-    if isinstance(block_counts, torch.Tensor):
-        raise TypeError("block_counts must be an int >= 3 (per-token count tensors are not supported)")
-    return check_int_range(block_counts, "block_counts", 3, 2 ** 31 - 1)
-
-
-def _compressed_offsets(cu: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Offsets of the packed compressed blocks: ``ceil(len / block_size)`` per sequence."""
-    lens = -(-(cu[1:] - cu[:-1]) // block_size)
-    return torch.cat([cu.new_zeros(1), lens.cumsum(0)])
-
-
-def _to_fla_indices(num: torch.Tensor, idx: torch.Tensor, s: int) -> torch.Tensor:
-    """Block lists ``(B, H, T, KB)`` -> fla's ``block_indices (B, T, H, S)`` int64, -1 padded."""
-    used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None].long()
-    idx = torch.where(used, idx.long(), -1)
-    idx = torch.nn.functional.pad(idx, (0, max(0, s - idx.shape[-1])), value=-1)[..., :s]
-    return idx.permute(0, 2, 1, 3)
-
-
-def _from_fla_indices(block_indices: torch.Tensor, nk: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fla's ``block_indices (B, T, H, S)`` -> ``(kv_num_blocks, kv_indices)``; ids outside ``[0, ceil(nk / BS))``
-    become -1 (fla drops their keys as future or padding)."""
-    check_tensor(block_indices, "block_indices", 4, floating=False)
-    idx = block_indices.permute(0, 2, 1, 3).long()
-    idx = torch.where((idx >= 0) & (idx < -(-nk // block_size)), idx, -1)
-    return torch.full(idx.shape[:3], idx.shape[-1], dtype=torch.int32, device=idx.device), idx
 
 
 def nsa_compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, block_size: int, scale: float | None,
@@ -195,18 +166,18 @@ def nsa_compression(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, b
         >>> o.shape, lse[0, :4, 0].isinf().tolist()
         (torch.Size([1, 9, 2, 4]), [True, True, True, False])
     """
-    bs, scale = _check_fla(q, k_cmp, v_cmp, block_size, scale)
+    bs, scale = check_fla_qkv(q, k_cmp, v_cmp, block_size, scale)
     if cu_seqlens is None:
-        o, lse = nsa_compressed_heads(_heads(q), _heads(k_cmp), _heads(v_cmp), bs, 0, scale)
-        return _heads(o), _heads(lse[..., None])[..., 0].float()
+        o, lse = nsa_compressed_heads(heads_first(q), heads_first(k_cmp), heads_first(v_cmp), bs, 0, scale)
+        return heads_first(o), heads_first(lse[..., None])[..., 0].float()
     cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-    cc = _compressed_offsets(cu, bs)
+    cc = compressed_offsets(cu, bs)
     if k_cmp.shape[1] != int(cc[-1]):
         raise ValueError(f"k_cmp must pack ceil(len / block_size) blocks per sequence ({int(cc[-1])}), got "
                          f"{k_cmp.shape[1]}")
     (qb, valid), (kb, _), (vb, _) = to_batch(q, cu), to_batch(k_cmp, cc), to_batch(v_cmp, cc)
-    o, lse = nsa_compressed_heads(_heads(qb), _heads(kb), _heads(vb), bs, 0, scale)
-    return from_batch(_heads(o), valid), from_batch(_heads(lse[..., None])[..., 0].float(), valid)
+    o, lse = nsa_compressed_heads(heads_first(qb), heads_first(kb), heads_first(vb), bs, 0, scale)
+    return from_batch(heads_first(o), valid), from_batch(heads_first(lse[..., None])[..., 0].float(), valid)
 
 
 def nsa_topk(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, block_size: int, scale: float | None,
@@ -222,14 +193,16 @@ def nsa_topk(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, block_size
         >>> nsa_topk(q, kc, 4, 8, None)[0, 36, 0].tolist()   # block 0, the current (4) and previous (3), one more
         [0, 1, 3, 4]
     """
-    bs, scale = _check_fla(q, k_cmp, None, block_size, scale)
-    s = _counts(block_counts)
+    bs, scale = check_fla_qkv(q, k_cmp, None, block_size, scale)
+    s = check_block_counts(block_counts)
     if cu_seqlens is None:
-        qh, kh, nk = _heads(q), _heads(k_cmp), q.shape[1]
-        return _to_fla_indices(*nsa_select_heads(qh, kh[:, :, :-(-nk // bs)], s, bs, nk, scale), s)
+        qh, kh, nk = heads_first(q), heads_first(k_cmp), q.shape[1]
+        num, idx = nsa_select_heads(qh, kh[:, :, :-(-nk // bs)], s, bs, nk, scale)
+        return to_fla_indices(num, idx, s)
     cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-    (qb, valid), (kb, _) = to_batch(q, cu), to_batch(k_cmp, _compressed_offsets(cu, bs))
-    return from_batch(_to_fla_indices(*nsa_select_heads(_heads(qb), _heads(kb), s, bs, qb.shape[1], scale), s), valid)
+    (qb, valid), (kb, _) = to_batch(q, cu), to_batch(k_cmp, compressed_offsets(cu, bs))
+    num, idx = nsa_select_heads(heads_first(qb), heads_first(kb), s, bs, qb.shape[1], scale)
+    return from_batch(to_fla_indices(num, idx, s), valid)
 
 
 def nsa_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indices: torch.Tensor,
@@ -246,7 +219,7 @@ def nsa_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
         >>> nsa_selection(q, k, v, torch.tensor([0, -1]).expand(1, 12, 1, 2), block_size=4).shape
         torch.Size([1, 12, 2, 4])
     """
-    bs, scale = _check_fla(q, k, v, block_size, scale)
+    bs, scale = check_fla_qkv(q, k, v, block_size, scale)
     if k.shape[1] != q.shape[1] or tuple(block_indices.shape[:3]) != (*q.shape[:2], k.shape[2]):
         raise ValueError(f"k must have T={q.shape[1]} tokens and block_indices be (B, T, Hkv, S), got "
                          f"{tuple(k.shape)} and {tuple(block_indices.shape)}")
@@ -254,8 +227,8 @@ def nsa_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_indic
     if cu_seqlens is not None:
         cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
         (q, valid), (k, _), (v, _), (block_indices, _) = (to_batch(x, cu) for x in (q, k, v, block_indices))
-    sel = SelectedBlocks(*_from_fla_indices(block_indices, k.shape[1], bs), q_block=1, kv_block=bs, within=Causal())
-    out = _heads(attend(_heads(q), _heads(k), _heads(v), blocks=sel, scale=scale))
+    sel = SelectedBlocks(*from_fla_indices(block_indices, k.shape[1], bs), q_block=1, kv_block=bs, within=Causal())
+    out = heads_first(attend(heads_first(q), heads_first(k), heads_first(v), blocks=sel, scale=scale))
     return out if valid is None else from_batch(out, valid)
 
 
@@ -287,8 +260,8 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         >>> o.shape, idx.shape
         (torch.Size([1, 50, 16, 8]), torch.Size([1, 50, 1, 4]))
     """
-    bs, scale = _check_fla(q, k, v, block_size, scale)
-    s, w = _counts(block_counts), check_nonneg_int(window_size, "window_size")
+    bs, scale = check_fla_qkv(q, k, v, block_size, scale)
+    s, w = check_block_counts(block_counts), check_nonneg_int(window_size, "window_size")
     if g_cmp is None and block_indices is None:
         raise ValueError("nsa needs g_cmp (the selection comes from the compressed scores) or block_indices")
     if k.shape[1] != q.shape[1]:
@@ -304,18 +277,18 @@ def nsa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: torch.Tensor |
         xs = [None if x is None else to_batch(x, cu)[0] for x in xs]
     qb, kb, vb, gc, gs, gw, bi = xs
     assert qb is not None and kb is not None and vb is not None  # given
-    selection = None if bi is None else _from_fla_indices(bi, kb.shape[1], bs)
-    kh, vh = _heads(kb), _heads(vb)
-    gates = tuple(None if g is None else _heads(g)[..., None] for g in (gc, gs, gw))
-    out, (num, idx) = nsa_heads(_heads(qb), kh, vh, pool_blocks(kh, bs), pool_blocks(vh, bs), gates, bs, s, w, scale,
-                                selection)
-    out = _heads(out)
+    selection = None if bi is None else from_fla_indices(bi, kb.shape[1], bs)
+    kh, vh = heads_first(kb), heads_first(vb)
+    gc, gs, gw = (None if g is None else heads_first(g)[..., None] for g in (gc, gs, gw))
+    out, (num, idx) = nsa_heads(heads_first(qb), kh, vh, pool_blocks(kh, bs), pool_blocks(vh, bs), (gc, gs, gw), bs,
+                                s, w, scale, selection)
+    out = heads_first(out)
     if valid is not None:
         out = from_batch(out, valid)
     if not return_block_indices:
         return out
     if block_indices is None:
-        block_indices = _to_fla_indices(num, idx, s)
+        block_indices = to_fla_indices(num, idx, s)
         block_indices = block_indices if valid is None else from_batch(block_indices, valid)
     return out, block_indices
 
@@ -443,8 +416,9 @@ class NSAAttention(ProjectedAttention):
             k_cmp, v_cmp = self.compress_blocks(k[:, :, :done * bs], v[:, :, :done * bs])
         else:
             cache.append(k, v)
-            k, v = cache.k, cache.v
-            assert k is not None and v is not None  # appended just now
+            ck, cv = cache.k, cache.v
+            assert ck is not None and cv is not None  # appended just now
+            k, v = ck, cv
             done, c0 = cache.length // bs, cache.num_compressed
             if done > c0:
                 kc, vc = self.compress_blocks(k[:, :, c0 * bs:done * bs], v[:, :, c0 * bs:done * bs])
@@ -452,8 +426,8 @@ class NSAAttention(ProjectedAttention):
                 cache.v_cmp = vc if cache.v_cmp is None else torch.cat([cache.v_cmp, vc], 2)
             if cache.k_cmp is None:
                 cache.k_cmp, cache.v_cmp = self.compress_blocks(k[:, :, :0], v[:, :, :0])
+            assert cache.k_cmp is not None and cache.v_cmp is not None  # set together just now
             k_cmp, v_cmp = cache.k_cmp, cache.v_cmp
-            assert v_cmp is not None  # set together with k_cmp
         out, _ = nsa_heads(q, k, v, k_cmp, v_cmp, (gates[0], gates[1], gates[2]), bs, self.block_counts,
                            self.window_size)
         return self.o_proj(merge_heads(out, (n,)))
