@@ -21,7 +21,9 @@ SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
          "moh": dict(shared_heads=0, top_k=1),  # 2 heads: 1 of 2 routed heads per token, not every head on
          "seer_attention": dict(block_size=4, gate_dim=8, sparsity="token_budget", token_budget=8),
          "landmark": dict(block_size=3),
-         "routing_transformer": dict(local_window=6, num_clusters=3, block_size=4)}
+         "routing_transformer": dict(local_window=6, num_clusters=3, block_size=4),
+         "moba": dict(chunk_size=4, topk=2),
+         "nsa": dict(block_size=4, block_counts=3, window_size=4)}
 #: every (sequence layer, CAB pattern it claims) pair of the registry
 SEQ_CASES = [(m, p) for m in nearfar.mechanisms() if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 

@@ -24,10 +24,12 @@ from .longformer import LongformerAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
+from .moba import MoBAAttention
 from .moh import MoHAttention
 from .msa_conv import MSAConv2d
 from .msw_msa import MSWAttention
 from .neighborhood import NeighborhoodAttention
+from .nsa import NSAAttention
 from .pattern_attention import PatternAttention
 from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
@@ -64,10 +66,12 @@ __all__ = [
     "Mechanism",
     "mechanisms",
     "MoAAttention",
+    "MoBAAttention",
     "MoHAttention",
     "MSAConv2d",
     "MSWAttention",
     "NeighborhoodAttention",
+    "NSAAttention",
     "PatternAttention",
     "PGQA",
     "ProxyTokenAttention",
