@@ -19,6 +19,7 @@ from .kdgqa import KDGQA
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
+from .longheads import LongHeadsAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
@@ -53,6 +54,7 @@ __all__ = [
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
+    "LongHeadsAttention",
     "MAFAttention",
     "MaxViTAttention",
     "Mechanism",
