@@ -21,6 +21,7 @@ from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
+from .longheads import LongHeadsAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
@@ -61,6 +62,7 @@ __all__ = [
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
+    "LongHeadsAttention",
     "MAFAttention",
     "MaxViTAttention",
     "Mechanism",
