@@ -52,6 +52,7 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
         "cca": dict(group_size=half, window_size=w),
         "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
         "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
+        "hip": dict(window=w, sinks=4, mask_k=w),
     }
     return by_name.get(name, {})
 

@@ -15,6 +15,7 @@ from .dualtoken import DualTokenAttention
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .hip import HiPAttention
 from .kdgqa import KDGQA
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
@@ -49,6 +50,7 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "HiPAttention",
     "KDGQA",
     "LightningAttention",
     "LinearAttention",
