@@ -18,7 +18,9 @@ SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
          "linear_attention": dict(block_size=8), "neighborhood": dict(kernel_size=5, ndim=1),
          "fit_ar": dict(group_size=4, latents_per_group=2), "kdgqa": dict(block_size=4, num_kv_heads=2),
          "dgqa": dict(num_kv_heads=2),
-         "moh": dict(shared_heads=0, top_k=1)}  # 2 heads: 1 of 2 routed heads per token, not every head on
+         "moh": dict(shared_heads=0, top_k=1),  # 2 heads: 1 of 2 routed heads per token, not every head on
+         # one query per block, a search at every decoded token: decoding equals the forward; 2 of up to 11 blocks
+         "hip": dict(mask_k=4, q_block=1, kv_block=2, window=3, sinks=1, refresh_interval=1)}
 #: every (sequence layer, CAB pattern it claims) pair of the registry
 SEQ_CASES = [(m, p) for m in nearfar.mechanisms() if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 
