@@ -53,6 +53,7 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
         "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
         "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
         "routing_transformer": dict(local_window=w, num_clusters=max(1, round(seq_len ** 0.5)), block_size=16),
+        "hip": dict(window=w, sinks=4, mask_k=w),
     }
     return by_name.get(name, {})
 

@@ -15,6 +15,7 @@ from .dualtoken import DualTokenAttention
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .hip import HiPAttention
 from .kdgqa import KDGQA
 from .landmark import LandmarkAttention
 from .landmark_tokens import LandmarkTokens
@@ -56,6 +57,7 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "HiPAttention",
     "KDGQA",
     "LandmarkAttention",
     "LandmarkTokens",
