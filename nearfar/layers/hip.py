@@ -177,8 +177,9 @@ class HiPAttention(ProjectedAttention):
             out = attend(q, k, v, self.pattern, blocks=blocks, key_padding_mask=key_padding_mask)
             return self.o_proj(merge_heads(out, (n,)))
         cache.append(k, v)
-        k, v = cache.k, cache.v
-        assert k is not None and v is not None  # appended to just now
+        ck, cv = cache.k, cache.v
+        assert ck is not None and cv is not None  # appended to just now
+        k, v = ck, cv
         if n > 1:
             blocks, cache.selection = self.select(q, k, self.q_block), None
         else:
