@@ -430,7 +430,7 @@ class KDGQA(GroupedQueryAttention):
                 ``key_padding_mask``, or one with a self-attention ``cache``.
             TypeError: ``cache`` does not come from this layer's ``new_cache``.
         """
-        if x.device.type == "meta":  # the routing reads values: shapes only
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
         x = self.check_x(x)
         b, n = x.shape[0], x.shape[1]

@@ -207,7 +207,7 @@ class MoHAttention(ProjectedAttention):
                 with a self-attention ``cache``.
             TypeError: ``cache`` does not come from this layer's ``new_cache``.
         """
-        if x.device.type == "meta":  # the routing reads values: shapes only
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N, {self.dim}) with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")

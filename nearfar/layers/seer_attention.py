@@ -323,7 +323,7 @@ class SeerAttention(ProjectedAttention):
                 ``gate="block"`` or made for another batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
-        if x.device.type == "meta":  # the routing reads values: shapes only
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
         self._check(x, key_padding_mask)
         if cache is not None and self.gate != "token":
