@@ -107,14 +107,14 @@ class SelectedBlocks:
             raise ValueError(f"blocks: batch dim of kv_num_blocks/kv_indices must be 1 or B={b}, got {bs}")
         if hs not in (1, hkv, hq):
             raise ValueError(f"blocks: head dim must be 1, Hkv={hkv} or Hq={hq}, got {hs}")
-        want = -(-nq // self.q_block)
+        want = (nq + self.q_block - 1) // self.q_block
         if qb != want:
             raise ValueError(f"blocks: QB must be ceil(Nq / q_block) = ceil({nq} / {self.q_block}) = {want}, got {qb}")
         if num.device != device:
             raise ValueError(f"blocks are on {num.device}, q on {device}")
         if self.within is not None:
             self.within.check(nq, nk)
-        nkb = -(-nk // self.k_block)
+        nkb = (nk + self.k_block - 1) // self.k_block
         if num.numel() == 0 or kb == 0 or num.device.type == "meta":
             return
         lo, hi = torch.aminmax(num)
@@ -141,7 +141,7 @@ class SelectedBlocks:
             ``(indices int64, valid bool)``.
         """
         num, idx = self.kv_num_blocks.long(), self.kv_indices.long()
-        nkb = -(-nk // self.k_block)
+        nkb = (nk + self.k_block - 1) // self.k_block
         s = min(idx.shape[-1], int(num.max())) if num.numel() and idx.shape[-1] else 0
         idx = idx[..., :s]
         used = (torch.arange(s, device=idx.device) < num[..., None]) & (idx >= 0)
@@ -161,7 +161,7 @@ class SelectedBlocks:
             The bool table.
         """
         idx, valid = self.normalized(nk)
-        nkb = -(-nk // self.k_block)
+        nkb = (nk + self.k_block - 1) // self.k_block
         table = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
         return table.scatter_(-1, torch.where(valid, idx, nkb), True)[..., :nkb]
 
@@ -226,7 +226,7 @@ class SelectedBlocks:
         dev = self.kv_indices.device
 
         def chunks(n: int, size: int) -> torch.Tensor:
-            i = torch.arange(-(-n // size) * size, device=dev)
+            i = torch.arange((n + size - 1) // size * size, device=dev)
             return torch.where(i < n, i, -1).view(-1, size)
 
         return Tiles(chunks(nq, self.q_block)), Tiles(chunks(nk, self.k_block))

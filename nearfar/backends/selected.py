@@ -21,10 +21,13 @@ from ..bias import DenseBias
 from ..patterns import Pattern
 from ..selection import SelectedBlocks
 from .kernels import acc_dtype, fused_available, matmul_backward, matmul_forward, unit_last
+from .selected_pairs import pairs_backward, pairs_forward
 from .selected_plan import Stream, plan_streams
 
 #: elements (gathered keys and values, masks, a chunk's queries and outputs) per chunk of query blocks
 _CHUNK = 1 << 24
+#: a list serving at most this many query rows is read pair by pair (``selected_pairs``)
+PAIR_ROWS = 16
 
 
 class _Problem:
@@ -58,6 +61,9 @@ class _Problem:
         if self.hx != self.hkv:
             self.base[self.hx] = (bidx + sel_kvh) * self.nk
         self.whole_blocks = self.nk % self.kb == 0
+        # lists that serve few query rows (per-token selections) are read key block by key block (selected_pairs)
+        self.pair_streams = {st.name for st in self.streams if st.token is None and self.whole_blocks
+                             and bias is None and (self.hq // st.heads) * self.t <= PAIR_ROWS}
         self.chunk_list = self._chunks()
         # block-level masks of the selected full blocks, for every chunk at once (few ops, however many chunks)
         self.block_masks = {st.name: self._block_mask(st) for st in self.streams if st.token is None}
@@ -166,7 +172,7 @@ class _Problem:
     def buffers(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
         c = max(r1 - r0 for r0, r1 in self.chunk_list)
         return {st.name: torch.empty(c * self.b * st.heads * st.blocks * self.kb, e, dtype=self.compute_dtype,
-                                     device=device) for st in self.streams}
+                                     device=device) for st in self.streams if st.name not in self.pair_streams}
 
     # ----- masks -----
     def _block_mask(self, st: Stream) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +314,8 @@ def _sources(pb: _Problem, keys: dict, r0: int, r1: int,
         kr, vr = keys["run"]
         yield None, pb.hkv, pb.run_view(kr, r0, r1), pb.run_view(vr, r0, r1), None
     for st in pb.streams:
+        if st.name in pb.pair_streams:
+            continue
         kb, vb = keys["blocks"]
         rows = pb.flat_rows(st, r0, r1)
         assert bufs is not None
@@ -327,6 +335,12 @@ def _forward(pb: _Problem, qb: torch.Tensor, keys: dict) -> tuple[torch.Tensor, 
             o, lc = _kernel_forward(pb, pb.rows(qb, r0, r1, heads), kc, vc, mask, live)
             outs.append(o.reshape(c, pb.b, pb.hq, pb.t, pb.dv))
             lses.append(lc.reshape(c, pb.b, pb.hq, pb.t))
+        for st in pb.streams:
+            if st.name in pb.pair_streams:
+                kt, vt = keys["blocks"]
+                o, lc = pairs_forward(pb, st, r0, r1, qb, kt.view(-1, pb.kb, pb.d), vt.view(-1, pb.kb, pb.dv))
+                outs.append(o)
+                lses.append(lc)
         if not outs:
             ob[r0:r1] = 0.0
             lse[r0:r1] = float("-inf")
@@ -367,6 +381,11 @@ def _backward(pb: _Problem, qb: torch.Tensor, ob: torch.Tensor, lb: torch.Tensor
                 assert rows is not None
                 pb.scatter(dkb, rows, dk)
                 pb.scatter(dvb, rows, dv)
+        for st in pb.streams:
+            if st.name in pb.pair_streams:
+                (kt, vt), (dkt, dvt) = keys["blocks"], grads["blocks"]
+                pairs_backward(pb, st, r0, r1, qb, ob, lb, dob, dqb, kt.view(-1, pb.kb, pb.d),
+                               vt.view(-1, pb.kb, pb.dv), dkt.view(-1, pb.kb, pb.d), dvt.view(-1, pb.kb, pb.dv))
     return dqb, grads
 
 

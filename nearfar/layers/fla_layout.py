@@ -90,7 +90,7 @@ def check_block_counts(block_counts: object) -> int:
 
 def compressed_offsets(cu: torch.Tensor, block_size: int) -> torch.Tensor:
     """Offsets of the packed compressed blocks: ``ceil(len / block_size)`` per sequence."""
-    lens = -(-(cu[1:] - cu[:-1]) // block_size)
+    lens = ((cu[1:] - cu[:-1]) + block_size - 1) // block_size
     return torch.cat([cu.new_zeros(1), lens.cumsum(0)])
 
 
@@ -107,5 +107,5 @@ def from_fla_indices(block_indices: torch.Tensor, nk: int, block_size: int) -> t
     become -1 (fla drops their keys as future or padding)."""
     check_tensor(block_indices, "block_indices", 4, floating=False)
     idx = block_indices.permute(0, 2, 1, 3).long()
-    idx = torch.where((idx >= 0) & (idx < -(-nk // block_size)), idx, -1)
+    idx = torch.where((idx >= 0) & (idx < (nk + block_size - 1) // block_size), idx, -1)
     return torch.full(idx.shape[:3], idx.shape[-1], dtype=torch.int32, device=idx.device), idx

@@ -230,7 +230,7 @@ class LongHeadsAttention(ProjectedAttention):
             outs.append(attend(self._rope(q[:, :, :n0], pos[:n0]), self._rope(k[:, :, :start + n0], keys),
                                v[:, :, :start + n0], Causal()))
         if n0 < n:
-            s0, tp = start + n0, -(-t // w) * w
+            s0, tp = start + n0, (t + w - 1) // w * w
             gp = tp // w
             slot = (torch.arange(nc, device=dev)[:, None] * w + torch.arange(tp, device=dev) % w).flatten()
             kv = self._rope(F.pad(k, (0, 0, 0, tp - t)).repeat(1, 1, nc, 1), slot)  # copy s: keys at s*w + offset

@@ -42,7 +42,7 @@ from .registry import Mechanism, image_layer, register
 
 def msw_window(height: int, width: int) -> tuple[int, int]:
     """The MSW-MSA window of an ``height x width`` map: ``(ceil(H/2), ceil(W/2))``."""
-    return -(-height // 2), -(-width // 2)
+    return (height + 1) // 2, (width + 1) // 2
 
 
 def draw_shift(window: tuple[int, int], generator: torch.Generator | None = None) -> tuple[int, int]:

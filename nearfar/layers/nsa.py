@@ -79,7 +79,7 @@ def nsa_compressed_heads(q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tens
     nq, nc, bs = q.shape[2], k_cmp.shape[2], block_size
     first = start + 1  # shifted: query at p is row p + 1, so row block r sees the blocks c < r
     lead = first % bs
-    rows = -(-(lead + nq) // bs)
+    rows = ((lead + nq) + bs - 1) // bs
     num = (torch.arange(rows, device=q.device) + first // bs).clamp(max=nc).to(torch.int32).view(1, 1, rows)
     idx = torch.arange(max(nc, 1), device=q.device, dtype=torch.int32).expand(1, 1, rows, max(nc, 1))
     if nc == 0:
@@ -102,7 +102,7 @@ def nsa_select_heads(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, bl
     """
     b, hq, nq, _ = q.shape
     hkv, nc, bs = k_cmp.shape[1], k_cmp.shape[2], block_size
-    start, nb = nk - nq, -(-nk // block_size)
+    start, nb = nk - nq, (nk + block_size - 1) // block_size
     with torch.no_grad():
         gd = torch.float64 if q.dtype == torch.float64 else torch.float32
         probs = torch.full((b, hkv, nq, nb), float("-inf"), dtype=gd, device=q.device)
@@ -197,7 +197,7 @@ def nsa_topk(q: torch.Tensor, k_cmp: torch.Tensor, block_counts: int, block_size
     s = check_block_counts(block_counts)
     if cu_seqlens is None:
         qh, kh, nk = heads_first(q), heads_first(k_cmp), q.shape[1]
-        num, idx = nsa_select_heads(qh, kh[:, :, :-(-nk // bs)], s, bs, nk, scale)
+        num, idx = nsa_select_heads(qh, kh[:, :, :(nk + bs - 1) // bs], s, bs, nk, scale)
         return to_fla_indices(num, idx, s)
     cu = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     (qb, valid), (kb, _) = to_batch(q, cu), to_batch(k_cmp, compressed_offsets(cu, bs))

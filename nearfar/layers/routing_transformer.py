@@ -322,7 +322,7 @@ class RoutingTransformerAttention(nn.Module):
         """Balanced windows: each cluster's top-``w`` tokens attend among themselves; outputs averaged."""
         b, h, n, d = r.shape
         c, dv = self.num_clusters, v.shape[-1]
-        w = min(n, self.window if self.window is not None else -(-n // c))
+        w = min(n, self.window if self.window is not None else (n + c - 1) // c)
         flat = kmeans_route(r, mu, w).reshape(b, h, c * w, 1)  # ascending within each window
         qw = r.gather(2, flat.expand(-1, -1, -1, d)).reshape(b * h * c, 1, w, d)
         vw = v.gather(2, flat.expand(-1, -1, -1, dv)).reshape(b * h * c, 1, w, dv)
@@ -355,7 +355,7 @@ class RoutingTransformerAttention(nn.Module):
         a_sorted, order = torch.sort(a, dim=1, stable=True)  # by cluster, positions ascending inside
         rank = torch.arange(t, device=dev) - (size.cumsum(1) - size).gather(1, a_sorted)
         slot = torch.empty_like(order).scatter_(1, order, begin.gather(1, a_sorted) + rank)  # (rows, t)
-        nblk = -(-(t + min(c, t) * (bs - 1)) // bs)  # bounds sum(padded) for every row
+        nblk = ((t + min(c, t) * (bs - 1)) + bs - 1) // bs  # bounds sum(padded) for every row
         length, idx = nblk * bs, slot[..., None]
         lay_r = r.new_zeros(rows, length, d).scatter(1, idx.expand(-1, -1, d), r.reshape(rows, t, d))
         lay_v = v.new_zeros(rows, length, dv).scatter(1, idx.expand(-1, -1, dv), v.reshape(rows, t, dv))

@@ -268,7 +268,7 @@ class SeerAttention(ProjectedAttention):
         q = g.token_queries(q0, start)
         logits = block_scores(q, keys.to(q.dtype), k_block_size=self.block_size, q_start=start,
                               include_current=False, scale=scale)
-        total = -(-(start + q.shape[2]) // self.block_size)
+        total = ((start + q.shape[2]) + self.block_size - 1) // self.block_size
         return torch.nn.functional.pad(logits, (0, total - logits.shape[-1]), value=-math.inf)
 
     def select(self, logits: torch.Tensor, start: int = 0) -> SelectedBlocks:

@@ -235,7 +235,7 @@ class FITAR(nn.Module):
             return self._decode(tokens, cache)
         bsz, length = tokens.shape
         n, m = self.group_size, self.latents_per_group
-        t = -(-length // n)
+        t = (length + n - 1) // n
         if t * n != length:  # exact: see the module docstring
             tokens = F.pad(tokens, (0, t * n - length))
         x = self.embed(tokens).reshape(bsz * t, n, self.dim)

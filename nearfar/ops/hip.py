@@ -65,7 +65,7 @@ def _tree_rows(q: torch.Tensor, k: torch.Tensor, kpm: torch.Tensor | None, rows:
     end = (nk - nq) + r * q_block + length  # the block's causal context: keys [0, end)
     nblocks = torch.tensor(ctx[rows.start:rows.stop], device=dev, dtype=torch.long)
     # sampled queries: the last one of the block and every stride-th before it
-    ns = -(-q_block // stride)
+    ns = (q_block + stride - 1) // stride
     off = torch.arange(ns, device=dev) * stride
     q_pos = (r * q_block + length - 1)[:, None] - off[None, :]
     q_valid = (off[None, :] < length[:, None]).view(1, 1, nr, ns, 1)
@@ -173,10 +173,10 @@ def hip_topk_blocks(q: torch.Tensor, k: torch.Tensor, mask_k: int, *, q_block: i
                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
         if tuple(key_padding_mask.shape) != (b, nk):
             raise ValueError(f"key_padding_mask must be (B, Nk) = ({b}, {nk}), got {tuple(key_padding_mask.shape)}")
-    nodes = -(-mk // bk)
-    qb = -(-nq // bq)
+    nodes = (mk + bk - 1) // bk
+    qb = (nq + bq - 1) // bq
     # context blocks per row, in Python: rows with at most `nodes` blocks keep them all, the rest (a suffix) search
-    ctx = [max(0, -(-(nk - nq + min((r + 1) * bq, nq) - w) // bk)) for r in range(qb)]
+    ctx = [max(0, ((nk - nq + min((r + 1) * bq, nq) - w) + bk - 1) // bk) for r in range(qb)]
     width = max(1, min(nodes, max(ctx, default=0)))
     dev = q.device
     col = torch.arange(width, device=dev)

@@ -65,7 +65,7 @@ __all__ = [
 
 
 def _num_blocks(n: int, block_size: int) -> int:
-    return -(-n // block_size)
+    return (n + block_size - 1) // block_size
 
 
 def _current_block(rows: int, q_block_size: int, k_block_size: int, q_start: int,
@@ -357,7 +357,8 @@ def topk_blocks(
     key = torch.where(forced, math.inf, torch.where(free, scores.detach(), -math.inf))
     n_forced = forced.sum(dim=-1, keepdim=True)
     keep = torch.maximum(n_forced, torch.clamp(n_forced + free.sum(dim=-1, keepdim=True), max=kk))
-    width = int(keep.max()) if keep.numel() else 0
+    # eagerly only the kept width is sorted back; compiled, the full width (no data-dependent shape in the graph)
+    width = kb if torch.compiler.is_compiling() or not keep.numel() else int(keep.max())
     order = key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
     kept = torch.where(torch.arange(width, device=scores.device) < keep, order, kb).sort(dim=-1).values
     idx = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)

@@ -290,7 +290,7 @@ class RandomBlocks(Pattern):
         Returns:
             An int tensor ``(*qb.shape, r)`` of key block indices, ``-1`` where none is drawn.
         """
-        space = qb if self.causal else torch.full_like(qb, -(-nk // self.block))
+        space = qb if self.causal else torch.full_like(qb, (nk + self.block - 1) // self.block)
         draws = [torch.where(space > 0, _mix(self.seed, qb, i) % space.clamp(min=1), -1) for i in range(self.r)]
         return torch.stack(draws, -1)
 
