@@ -62,8 +62,8 @@ class _Problem:
             self.base[self.hx] = (bidx + sel_kvh) * self.nk
         self.whole_blocks = self.nk % self.kb == 0
         # lists that serve few query rows (per-token selections) are read key block by key block (selected_pairs)
-        self.pair_streams = {st.name for st in self.streams if st.token is None and self.whole_blocks
-                             and bias is None and (self.hq // st.heads) * self.t <= PAIR_ROWS}
+        self.pair_streams = {st.name for st in self.streams if self.whole_blocks and bias is None
+                             and (self.hq // st.heads) * self.t <= PAIR_ROWS}
         self.chunk_list = self._chunks()
         # block-level masks of the selected full blocks, for every chunk at once (few ops, however many chunks)
         self.block_masks = {st.name: self._block_mask(st) for st in self.streams if st.token is None}
@@ -74,6 +74,9 @@ class _Problem:
         per_block = b * gt * (e + 2 * self.dv)  # the chunk's queries, outputs and each stream's output
         for st in self.streams:
             w = st.blocks * self.kb
+            if st.name in self.pair_streams:  # per pair: the query rows, their output (and mask rows); keys per tile
+                per_block += b * gt * st.blocks * (e + (self.kb if st.token or self.kpm is not None else 0))
+                continue
             per_block += b * st.heads * w * (self.d + self.dv) + (b * gt * w if st.token or self.bias is not None
                                                                    else b * st.heads * w)
         if self.run is not None:

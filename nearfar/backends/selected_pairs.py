@@ -8,7 +8,7 @@ single-query search), gathering each list's blocks copies ``kv_block`` keys per 
 (read whole, by index) and up to ``ROWS`` query rows that chose it, so keys are read once per tile and queries
 once per pair. Each pair's softmax part comes back with its log-sum-exp, and a query's parts are merged by their
 LSE (scatter max and scatter sums), which is exact since the blocks of a list are distinct; the backward pass runs
-each tile's backward with the merged output and LSE of its rows. Only full blocks (no token mask) go this way.
+each tile's backward with the merged output and LSE of its rows. Partial blocks get their token mask per tile.
 """
 
 from __future__ import annotations
@@ -23,24 +23,28 @@ from .kernels import matmul_backward, matmul_forward
 ROWS = 64
 
 
-def pair_tiles(valid: torch.Tensor, blk: torch.Tensor, base: torch.Tensor,
-               per_entry: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiles of (entry, key block) pairs: ``entries (NT, M)`` (-1 empty) and the flat key-block row of each tile.
+def pair_tiles(valid: torch.Tensor, blk: torch.Tensor, base: torch.Tensor, per_entry: int,
+               flags: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Tiles of (entry, key block) pairs: ``entries (NT, M)`` (-1 empty), the flat key-block row of each tile, and
+    ``flags`` of each pair (``(NT, M)``, when given).
 
     Args:
         valid: Bool ``(c, B, H, S)``: the chunk's list slots in use.
         blk: Key-block index of each slot ``(c, B, H, S)``.
         base: First flat key-block row of each ``(B, H)`` list.
         per_entry: Query rows of one entry (``(Hq / H) * q_block``).
+        flags: Bool ``(c, B, H, S)`` per slot, carried to its pair (the selected blocks the pattern reads partly).
 
     Returns:
-        ``(entries, rows)``: entry ``e = (query block * B + b) * H + h`` of each tile slot, and each tile's row.
+        ``(entries, rows, flags)``: entry ``e = (query block * B + b) * H + h`` of each tile slot, each tile's
+        row, the pairs' flags (None when not given).
     """
     c, b, h, s = blk.shape
     kr = (base[None, :, :, None] + blk)[valid]
     ent = torch.arange(c * b * h, device=blk.device).view(c, b, h, 1).expand(c, b, h, s)[valid]
     order = torch.argsort(kr, stable=True)
     kr, ent = kr[order], ent[order]
+    fl = flags.expand(c, b, h, s)[valid][order] if flags is not None else None
     m = max(1, ROWS // per_entry)
     uniq, counts = torch.unique_consecutive(kr, return_counts=True)
     tiles_per = (counts + m - 1) // m
@@ -49,16 +53,48 @@ def pair_tiles(valid: torch.Tensor, blk: torch.Tensor, base: torch.Tensor,
                                                                                               rounding_mode="floor")
     entries = torch.full((int(tiles_per.sum()), m), -1, dtype=torch.long, device=blk.device)
     entries[tile, pos % m] = ent
-    return entries, torch.repeat_interleave(uniq, tiles_per)
+    tile_flags = None
+    if fl is not None:
+        tile_flags = torch.zeros(entries.shape, dtype=torch.bool, device=blk.device)
+        tile_flags[tile, pos % m] = fl
+    return entries, torch.repeat_interleave(uniq, tiles_per), tile_flags
 
 
-def _tile_mask(kpm: torch.Tensor | None, rows: torch.Tensor, hkv: int, nkb: int, kb: int,
-               dtype: torch.dtype) -> torch.Tensor | None:
-    """Key padding of each tile's block, ``(NT, 1, 1, kv_block)`` additive (None without padding)."""
-    if kpm is None:
-        return None
-    keys = (rows % nkb)[:, None] * kb + torch.arange(kb, device=rows.device)
-    return kpm[torch.div(rows, hkv * nkb, rounding_mode="floor")[:, None], keys][:, None, None].to(dtype)
+def _tile_mask(pb: Any, st: Any, r0: int, entries: torch.Tensor, rows: torch.Tensor,
+               flags: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Each tile's additive mask ``(NT, 1, M * g * T or 1, kv_block)`` (key padding; the token mask of a partial
+    stream) and its rows that have a key (None: no mask)."""
+    nt, m = entries.shape
+    kpos = (rows % pb.nkb)[:, None] * pb.kb + torch.arange(pb.kb, device=rows.device)  # (NT, kb)
+    mask = None
+    if st.token is not None:
+        heads = st.heads
+        qblk = torch.div(entries.clamp(min=0), pb.b * heads, rounding_mode="floor") + r0  # (NT, M)
+        qpos = pb.qpos[qblk]  # (NT, M, T), -1 past the end
+        qp, kp = qpos.clamp(min=0)[..., None], kpos[:, None, None, :]
+        ok = (qpos >= 0)[..., None] & (entries >= 0)[:, :, None, None]
+        if st.token == "static":
+            ok = ok & pb.pattern.allowed(qp, kp, pb.nq, pb.nk)
+        else:
+            if pb.sel.within is not None:
+                ok = ok & pb.sel.within.allowed(qp, kp, pb.nq, pb.nk)
+            if pb.pattern is not None and flags is not None:
+                ok = ok & ~(flags[:, :, None, None] & pb.pattern.allowed(qp, kp, pb.nq, pb.nk))
+        g = pb.hq // heads
+        ok = ok[:, :, None].expand(nt, m, g, pb.t, pb.kb).reshape(nt, 1, m * g * pb.t, pb.kb)
+        mask = torch.where(ok, 0.0, float("-inf")).to(pb.acc)
+    if pb.kpm is not None:
+        kp = pb.kpm[torch.div(rows, pb.hkv * pb.nkb, rounding_mode="floor")[:, None], kpos][:, None, None]
+        mask = kp.to(pb.acc) if mask is None else mask + kp.to(pb.acc)
+    if mask is None:
+        return None, None
+    return mask, (mask > float("-inf")).any(-1)
+
+
+def _tiles(pb: Any, st: Any, r0: int, r1: int, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    heads = st.heads
+    return pair_tiles(st.valid[r0:r1].expand(-1, pb.b, heads, -1), st.blk[r0:r1].expand(-1, pb.b, heads, -1),
+                      pb.base[heads] // pb.kb, rows, st.overlap[r0:r1] if st.overlap is not None else None)
 
 
 def pairs_forward(pb: Any, st: Any, r0: int, r1: int, qb: torch.Tensor, kblk: torch.Tensor,
@@ -66,18 +102,17 @@ def pairs_forward(pb: Any, st: Any, r0: int, r1: int, qb: torch.Tensor, kblk: to
     """The stream's output and LSE for query blocks ``r0:r1``, ``(c, B, Hq, T, dv)`` and ``(c, B, Hq, T)``."""
     c, heads = r1 - r0, st.heads
     rows = (pb.hq // heads) * pb.t
-    entries, tkr = pair_tiles(st.valid[r0:r1].expand(-1, pb.b, heads, -1), st.blk[r0:r1].expand(-1, pb.b, heads, -1),
-                              pb.base[heads] // pb.kb, rows)
+    entries, tkr, flags = _tiles(pb, st, r0, r1, rows)
     nt, m = entries.shape
     qe = qb[r0:r1].reshape(c * pb.b * heads, rows, pb.d)
     qt = qe.index_select(0, entries.clamp(min=0).reshape(-1)).view(nt, 1, m * rows, pb.d)
     kt, vt = kblk.index_select(0, tkr)[:, None], vblk.index_select(0, tkr)[:, None]
-    mask = _tile_mask(pb.kpm, tkr, pb.hkv, pb.nkb, pb.kb, pb.acc)
+    mask, live = _tile_mask(pb, st, r0, entries, tkr, flags)
     if pb.fused:
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, attn_mask=mask,
                                                                            scale=pb.scale)
-        if mask is not None:  # a block whose keys are all padding: the fused operator reports lse = 0
-            lse = lse.masked_fill(~(mask > float("-inf")).any(-1), float("-inf"))
+        if live is not None:  # a row without keys: the fused operator reports lse = 0
+            lse = lse.masked_fill(~live, float("-inf"))
     else:
         o, lse = matmul_forward(qt, kt, vt, mask if mask is not None else torch.zeros((), dtype=pb.acc), pb.scale)
     keep = entries.reshape(-1) >= 0
@@ -102,8 +137,7 @@ def pairs_backward(pb: Any, st: Any, r0: int, r1: int, qb: torch.Tensor, ob: tor
     """The stream's share of the gradients for query blocks ``r0:r1``, from the merged output and LSE."""
     c, heads = r1 - r0, st.heads
     rows = (pb.hq // heads) * pb.t
-    entries, tkr = pair_tiles(st.valid[r0:r1].expand(-1, pb.b, heads, -1), st.blk[r0:r1].expand(-1, pb.b, heads, -1),
-                              pb.base[heads] // pb.kb, rows)
+    entries, tkr, flags = _tiles(pb, st, r0, r1, rows)
     nt, m = entries.shape
     flat = entries.clamp(min=0).reshape(-1)
     empty = (entries.reshape(-1) < 0)[:, None, None]
@@ -118,7 +152,7 @@ def pairs_backward(pb: Any, st: Any, r0: int, r1: int, qb: torch.Tensor, ob: tor
     # exp(s - lse) = inf times its zero output gradient is NaN; +inf makes its probabilities 0
     lt = take(lb[..., None], 1).masked_fill(empty, float("inf")).view(nt, 1, m * rows)
     kt, vt = kblk.index_select(0, tkr)[:, None], vblk.index_select(0, tkr)[:, None]
-    mask = _tile_mask(pb.kpm, tkr, pb.hkv, pb.nkb, pb.kb, pb.acc)
+    mask, _ = _tile_mask(pb, st, r0, entries, tkr, flags)
     if pb.fused:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dot, qt, kt, vt, ot, lt, 0.0, False, attn_mask=mask, scale=pb.scale)
