@@ -80,9 +80,12 @@ def r1(rounds: int, peers: bool, out) -> float:
     out(f"\n### R1: N={n}, Hq={HQ}, Hkv={HKV}, d={D}, blocks of {BLOCK}, top-{TOP} ∪ SlidingWindow(left={WINDOW}) "
         f"& Causal() ({load()})\n")
     out(f"streams (key blocks per query block): {', '.join(f'{k_}={v_:g}' for k_, v_ in work.items())}")
+    from nearfar.backends.selected import _Problem  # the engine's indices -> work step, timed on its own
+
     with torch.no_grad():
         times = interleave({"dense": lambda: dense(q, k, v), "layer": lambda: layer(q, k, v),
-                            "select": lambda: select(q, k)}, rounds=rounds)
+                            "select": lambda: select(q, k),
+                            "plan": lambda: _Problem(q, k, v, PATTERN, sel, D ** -0.5, None, None)}, rounds=rounds)
     qg, kg, vg = inputs(n, grad=True)
 
     def train():
@@ -97,6 +100,8 @@ def r1(rounds: int, peers: bool, out) -> float:
         f"(target >= 6x, ideal ≈ 10.7x) |")
     out(f"| selection (pool + scores + top-k) | {med['select']:.3f} | {median_ratio(times, 'select', 'layer'):.1%} "
         f"of the layer forward (target <= 20%) |")
+    out(f"| indices -> work (the engine's plan of the call: streams, lists, masks) | {med['plan']:.3f} | "
+        f"{median_ratio(times, 'plan', 'layer'):.1%} of the layer forward |")
     out(f"| layer forward + backward | {statistics.median(tt['fwd+bwd']):.3f} | "
         f"{median_ratio(tt, 'fwd+bwd', 'fwd'):.2f}x its forward (target <= 3.5x) |")
     if peers:
