@@ -207,6 +207,8 @@ def block_scores(
                          f"got {tuple(q.shape)} and {tuple(k_blocks.shape)}")
     g = hq // hkv
     s = scale if scale is not None else 1.0 / math.sqrt(d) if d else 1.0
+    if group_reduce == "mean" and not softmax:  # the mean of the group's scores is the score of its mean query
+        q, g, hq, group_reduce = q.reshape(b, hkv, g, qb, d).mean(dim=2), 1, hkv, None
     scores = torch.matmul(q.reshape(b, hkv, g, qb, d), k_blocks.unsqueeze(2).transpose(-1, -2)) * s
     if causal:
         cur = _current_block(qb, qbs, kbs, start, q.device)
@@ -248,9 +250,12 @@ def kv_blocks_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
     kb = mask.shape[-1]
-    keys = torch.arange(kb, device=mask.device, dtype=torch.int32)
-    order = torch.where(mask, keys, kb).sort(dim=-1).values
-    return mask.sum(dim=-1, dtype=torch.int32), order.masked_fill(order == kb, -1)
+    keys = torch.arange(kb, device=mask.device, dtype=torch.int32).expand(mask.shape)
+    # each kept block goes to its rank among the kept ones (a cumulative sum, no sort); the others to a spare column
+    pos = torch.where(mask, torch.cumsum(mask, dim=-1) - 1, kb)
+    out = torch.full((*mask.shape[:-1], kb + 1), -1, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, pos, keys)
+    return mask.sum(dim=-1, dtype=torch.int32), out[..., :kb]
 
 
 def _forced_mask(shape: tuple[int, ...], force_first: bool, force_current: bool, force_last: int, causal: bool,
@@ -352,18 +357,20 @@ def topk_blocks(
     forced = _forced_mask(tuple(scores.shape), force_first, force_current, force_last, causal, q_block_size,
                           k_block_size, q_start, scores.device).expand(scores.shape)
     free = _visible(scores, causal, q_block_size, k_block_size, q_start) & ~forced
-    # rank in one stable sort: forced (+inf) first, then free blocks by descending score, then the rest (-inf);
-    # stability breaks ties by index. Only the first ``keep`` of a row are kept, so only they are sorted back.
+    # forced blocks score +inf, free ones their score, the rest -inf; a row keeps its ``keep`` best, ties to the
+    # lower index: the keep-th largest value by topk (O(KB) per row, no sort), everything above it, and as many of
+    # the blocks equal to it as are still missing, lowest index first
     key = torch.where(forced, math.inf, torch.where(free, scores.detach(), -math.inf))
     n_forced = forced.sum(dim=-1, keepdim=True)
     keep = torch.maximum(n_forced, torch.clamp(n_forced + free.sum(dim=-1, keepdim=True), max=kk))
-    # eagerly only the kept width is sorted back; compiled, the full width (no data-dependent shape in the graph)
-    width = kb if torch.compiler.is_compiling() or not keep.numel() else int(keep.max())
-    order = key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
-    kept = torch.where(torch.arange(width, device=scores.device) < keep, order, kb).sort(dim=-1).values
-    idx = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)
-    idx[..., :width] = torch.where(kept < kb, kept, -1).to(torch.int32)
-    return keep[..., 0].to(torch.int32), idx
+    width = kb if torch.compiler.is_compiling() or not keep.numel() else max(1, int(keep.max()))
+    top = key.topk(min(width, kb), dim=-1).values
+    thr = top.gather(-1, (keep - 1).clamp(min=0))
+    above = key > thr
+    ties = key == thr
+    need = keep - above.sum(dim=-1, keepdim=True)
+    sel = (above | (ties & (torch.cumsum(ties.to(torch.int32), dim=-1) <= need))) & (keep > 0)
+    return kv_blocks_from_mask(sel)
 
 
 def threshold_blocks(
