@@ -198,7 +198,14 @@ class _Problem:
             assert run is not None
             heads = self.hkv
             kpos = run.keys(r0, r1)[:, None, None]  # (c, 1, 1, W)
-            m5 = None if bool(run.all_ok[r0:r1].all()) else run.mask[r0:r1, :, :, None].to(self.acc)
+            m5: torch.Tensor | None
+            if run.tok is not None:  # the run holds partial blocks: a token mask
+                assert run.uniform is not None and run.shared is not None and run.shared_live is not None
+                if self.kpm is None and self.bias is None and bool(run.uniform[r0:r1].all()):
+                    return run.shared.to(self.acc), run.shared_live  # one mask for the whole chunk
+                m5 = torch.where(run.tok[r0:r1], 0.0, float("-inf")).to(self.acc)[:, None, None]  # (c, 1, 1, T, W)
+            else:
+                m5 = None if bool(run.all_ok[r0:r1].all()) else run.mask[r0:r1, :, :, None].to(self.acc)
         else:
             heads = st.heads
             if st.token is None and self.kpm is None and self.bias is None:  # precomputed, block level

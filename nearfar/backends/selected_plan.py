@@ -41,6 +41,12 @@ class Run:
     ok: torch.Tensor  # (QB, width) bool
     mask: torch.Tensor  # (QB, 1, 1, width) additive float32
     all_ok: torch.Tensor  # (QB,) bool
+    #: when the run also holds partial blocks: the token mask (QB, T, width); the rows whose mask is the shared one,
+    #: and that mask as the kernel takes it, ``(1, 1, g*T, width)``, with its rows that have a key
+    tok: torch.Tensor | None = None
+    uniform: torch.Tensor | None = None
+    shared: torch.Tensor | None = None
+    shared_live: torch.Tensor | None = None
 
     def keys(self, r0: int, r1: int) -> torch.Tensor:
         """Key positions (c, width) of query blocks ``r0:r1``, -1 where masked."""
@@ -113,6 +119,27 @@ def _as_run(blocks: torch.Tensor, full: torch.Tensor, t: int, kb: int, nk: int) 
     return Run(first, step, width, max(0, -first), max(0, int(keys[-1, -1]) + 1 - nk), ok, mask, ok.all(-1))
 
 
+def _token_run(pattern: Pattern, qt: Tiles, blocks: torch.Tensor, live: torch.Tensor, t: int, kb: int, nq: int,
+               nk: int, group: int) -> Run | None:
+    """All the pattern's blocks (full and partial) as one run with a token mask (windows: the edge and the diagonal
+    with the blocks between), or None. Most query blocks of a window share one mask, kept once as the kernel takes
+    it; the others (the start, a short last block) get theirs from the cached token mask."""
+    run = _as_run(blocks, live, t, kb, nk)
+    if run is None:
+        return None
+    keys = run.first + torch.arange(blocks.shape[0], device=blocks.device)[:, None] * run.step + torch.arange(
+        run.width, device=blocks.device)
+    tok = pattern.allowed(qt.idx.clamp(min=0)[:, :, None], keys[:, None, :], nq, nk)
+    tok = tok & run.ok[:, None, :] & (qt.idx >= 0)[:, :, None]  # (QB, T, W)
+    ref = tok[tok.shape[0] // 2]
+    uniform = (tok == ref).flatten(1).all(-1)
+    shared_tok = ref.repeat(group, 1)  # (g*T, W)
+    run.tok, run.uniform = tok, uniform
+    run.shared = torch.where(shared_tok, 0.0, float("-inf"))[None, None]
+    run.shared_live = shared_tok.any(-1)[None, None]
+    return run
+
+
 def _compact(keep: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The kept slots of each row first, trimmed to the widest row: ``(keep, *xs)`` gathered."""
     if keep.shape[-1] == 0:
@@ -139,6 +166,9 @@ def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: in
     part = live & ~full
     kind = torch.where(full, 2, torch.where(part, 1, 0)).to(torch.int8)
     sorted_blocks = torch.where(live, blocks, 1 << 40)
+    run = _token_run(pattern, qt, blocks, live, t, kb, nq, nk, group)
+    if run is not None:  # every block of the pattern in one strided run: no static gathers at all
+        return CACHE.put(key, Static(sorted_blocks, kind, run, None, None))
     run = _as_run(blocks, full, t, kb, nk)
     full_stream = None
     if run is None and bool(full.any()):
