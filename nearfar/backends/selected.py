@@ -67,6 +67,7 @@ class _Problem:
         self.chunk_list = self._chunks()
         # block-level masks of the selected full blocks, for every chunk at once (few ops, however many chunks)
         self.block_masks = {st.name: self._block_mask(st) for st in self.streams if st.token is None}
+        self.block_full_rows = {st.name: st.valid.flatten(1).all(-1) for st in self.streams if st.token is None}
 
     def _chunks(self) -> list[tuple[int, int]]:
         """One chunking for every stream (their results merge chunk by chunk)."""
@@ -209,6 +210,8 @@ class _Problem:
         else:
             heads = st.heads
             if st.token is None and self.kpm is None and self.bias is None:  # precomputed, block level
+                if bool(self.block_full_rows[st.name][r0:r1].all()):  # every slot of the chunk in use: no mask
+                    return None, None
                 m5, live = (x[r0:r1] for x in self.block_masks[st.name])
                 return self._expand(m5, heads), self._expand(live[..., None], heads)[..., 0]
             kpos = self.kpos(st, r0, r1)
