@@ -3,11 +3,12 @@
 The union of a static pattern's pairs and a selection's pairs is cut into at most four streams whose (query, key)
 pairs are disjoint, so their attention results merge exactly by log-sum-exp:
 
-- ``run``: the pattern's **full** key blocks (every pair allowed), when each query block's are one run of keys
-  that moves by a fixed step from one query block to the next (windows) or stays put (sinks): strided views of
-  the keys, no gather, a block-level mask. Otherwise they are a gathered ``static_full`` stream.
-- ``static_part``: the pattern's partial blocks (a window's edge, the causal diagonal) with their token mask, all
-  of it cached per shape (the pattern does not change between calls).
+- ``run``: the pattern's key blocks, when each query block's are one run of keys that moves by a fixed step from
+  one query block to the next (windows) or stays put (sinks): strided views of the keys, no gather; with a token
+  mask shared by the interior query blocks when the run holds partial blocks (a window's edge, the causal
+  diagonal). Otherwise a run of its full blocks, and a gathered ``static_full`` stream when not even they run.
+- ``static_part``: the pattern's partial blocks outside a run, with their token mask, all of it cached per shape
+  (the pattern does not change between calls).
 - ``sel_full``: selected blocks whose pairs ``within`` allows entirely and the pattern allows none: gathered, a
   block-level mask broadcast over the query rows.
 - ``sel_part``: the other selected blocks, with the token mask ``within & ~pattern`` (a selected block the pattern
