@@ -53,6 +53,15 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
         "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
         "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
         "routing_transformer": dict(local_window=w, num_clusters=max(1, round(seq_len ** 0.5)), block_size=16),
+        # routed: the own block (or window) is the local reach, a few content-selected blocks the far path
+        "moba": dict(chunk_size=half, topk=3),  # own block + 2 routed blocks (w keys)
+        "nsa": dict(block_size=half, block_counts=5, window_size=w),  # block 0, 2 local, 2 routed + compressed
+        # the gate is trained by distillation only (SeerAttention's distill_loss); the bench trains on the task
+        # loss, so it routes with its initial gate: own block + the best w // half = 2 completed blocks
+        "seer_attention": dict(gate="token", block_size=half, gate_dim=32, sparsity="token_budget",
+                               token_budget=2 * half),
+        # a block of w tokens (w - 1 + its landmark); 2 blocks retrieved by landmark score in training and eval
+        "landmark": dict(block_size=max(1, w - 1), top_k=2),
     }
     return by_name.get(name, {})
 
@@ -88,7 +97,7 @@ def quality_entries(task: Task, names: list[str] | None, quick: bool) -> tuple[d
             continue  # "dense" is the "full" control
         if names and mech.name not in names and mech.family not in names:
             continue
-        if quick and mech.name not in QUICK_PICKS["2d" if dims == "2d" else task.pattern]:
+        if quick and not names and mech.name not in QUICK_PICKS["2d" if dims == "2d" else task.pattern]:
             continue
         if task.pattern not in mech.patterns:
             skipped.append({"mechanism": mech.name, "task": task.name, "why": f"no {task.pattern}: "

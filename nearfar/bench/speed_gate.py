@@ -42,6 +42,8 @@ GATE_SETTINGS = {
     "cca": dict(group_size=16, window_size=96), "titans_mac": dict(segment_len=64, num_persistent=4),
     "lightning": dict(block_size=32), "linear_attention": dict(block_size=32),
     "routing_transformer": dict(local_window=64, num_clusters=6, block_size=16),
+    "moba": dict(chunk_size=32, topk=3), "nsa": dict(block_size=32, block_counts=5, window_size=64),
+    "seer_attention": dict(block_size=32, gate_dim=32), "landmark": dict(block_size=31, top_k=2),
 }
 
 
