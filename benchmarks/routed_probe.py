@@ -81,7 +81,12 @@ def record_blocks() -> tuple[list[SelectedBlocks], list]:
 def recall(task_name: str, model: torch.nn.Module, task, window: int, items: int = 250) -> list[dict]:
     gen = torch.Generator().manual_seed(10_000)
     batch = task.sample(items, gen, split="valid")
+    from nearfar.layers.routing_transformer import RoutingTransformerAttention
+
     seen, undo = record_blocks()
+    clusters: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: clusters.append(mod.clusters(a[0])))
+             for m in model.modules() if isinstance(m, RoutingTransformerAttention)]
     try:
         model.eval()
         with torch.no_grad():
@@ -89,7 +94,9 @@ def recall(task_name: str, model: torch.nn.Module, task, window: int, items: int
     finally:
         for mod, orig in undo:
             mod.attend = orig
-    rows = []
+        for hook in hooks:
+            hook.remove()
+    rows = cluster_recall(task_name, batch, clusters, window)
     for layer, sel in enumerate(seen):
         c = sel.kv_block
         num, idx = sel.kv_num_blocks, sel.kv_indices
@@ -111,6 +118,28 @@ def recall(task_name: str, model: torch.nn.Module, task, window: int, items: int
     return rows
 
 
+def cluster_recall(task_name: str, batch, clusters: list[torch.Tensor], window: int) -> list[dict]:
+    """Routing Transformer: does a far query share a cluster with its answer (some routing head)? ``chance``: the
+    share of the query's past tokens in its cluster."""
+    rows = []
+    for layer, cl in enumerate(clusters):  # (B, H_r, N)
+        anyh, meanh, chance, n = 0.0, 0.0, 0.0, 0
+        for b, i, answers in answer_positions(task_name, batch.inputs, batch.targets):
+            if i - max(answers) < window:
+                continue
+            hits = [any(bool(cl[b, h, a] == cl[b, h, i]) for a in answers) for h in range(cl.shape[1])]
+            chance += float((cl[b, :, :i] == cl[b, :, i:i + 1]).float().mean())
+            anyh, meanh, n = anyh + any(hits), meanh + sum(hits) / len(hits), n + 1
+        rows.append({"layer": layer, "clusters": True, "far_queries": n, "recall_any_head": anyh / max(1, n),
+                     "recall_mean_head": meanh / max(1, n), "chance": chance / max(1, n)})
+    return rows
+
+
+def number(v: str) -> int | float | None:
+    """A ``--set`` value: an int, a float or None."""
+    return None if v == "None" else int(v) if v.lstrip("-").isdigit() else float(v)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("mechanism")
@@ -120,13 +149,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--distill", type=float, default=0.0, help="weight of SeerAttention's distill_loss")
-    ap.add_argument("--set", nargs="*", default=[], help="extra constructor settings, key=int")
+    ap.add_argument("--set", nargs="*", default=[], help="extra constructor settings, key=number or key=None")
     args = ap.parse_args()
     task = get_task(args.task, args.size)
     hp = Q.defaults(task, args.size)
     steps, lr = args.steps or hp["steps"], args.lr or hp["lr"]
     factories, _ = R.quality_entries(task, [args.mechanism], quick=False)
-    extra = {k: int(v) for k, v in (s.split("=") for s in args.set)}
+    extra = {k: number(v) for k, v in (s.split("=") for s in args.set)}
     factory = factories[args.mechanism]
     if extra:
         from nearfar.layers.registry import mechanisms

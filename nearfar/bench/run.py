@@ -29,6 +29,7 @@ from .tasks import TASK_NAMES, Task, get_task
 
 #: --quick: the tasks' "tiny" size (10-20 s a run on 2 cores), one seed, the controls and a few mechanisms: causal
 #: and bidirectional MQAR show the local/global separation, the character LM that they all stay close on real text.
+#: ``--mechanism`` replaces the picks (the controls and the named mechanisms or families run).
 QUICK_TASKS = ("mqar", "bidir_mqar", "char_lm")
 #: --full: every task but Pathfinder, which no control learns within a CPU budget (full attention at 67% after 800
 #: steps on 16x16 images): its table would show nothing but chance. ``--task pathfinder`` still runs it; the 2D
