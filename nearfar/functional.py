@@ -2,7 +2,8 @@
 
 ``attend`` (the one entry point of every engine), head split/merge, window partition and merge for modules that
 cut their *input* into windows (as the official window codes do), the lightning/linear attention kernels, and the
-routing ops of content-routed block-sparse attention (block pooling, block scores, block selection, k-means routing).
+routing ops of content-routed block-sparse attention (block pooling, block scores, block selection, HiP's
+hierarchical block search, k-means routing).
 Layers and models are built only on this module, ``nearfar.patterns`` and ``nearfar.checks``; the engines behind
 ``attend`` are free to change."""
 
@@ -15,6 +16,7 @@ import torch
 from .backends import engines
 from .backends.partition import WindowBatch
 from .dispatch import attend, engine_override, observe_calls
+from .ops.hip import hip_topk_blocks
 from .ops.lightning import (
     alibi_slopes,
     compute_dtype,
@@ -49,6 +51,7 @@ __all__ = [
     "ema_update_centroids",
     "engine_override",
     "engines",
+    "hip_topk_blocks",
     "kmeans_route",
     "kv_blocks_from_mask",
     "lightning_attention",

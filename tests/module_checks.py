@@ -23,7 +23,10 @@ SMALL = {"streaming_llm": dict(window=6, sinks=2), "longformer": dict(window=6),
          "landmark": dict(block_size=3),
          "routing_transformer": dict(local_window=6, num_clusters=3, block_size=4),
          "moba": dict(chunk_size=4, topk=2),
-         "nsa": dict(block_size=4, block_counts=3, window_size=4)}
+         "nsa": dict(block_size=4, block_counts=3, window_size=4),
+         "longheads": dict(chunk_size=2, num_chunks=4, begin_selective_length=8),  # chunks chosen from i = 8 on
+         # one query per block, a search at every decoded token: decoding equals the forward; 2 of up to 11 blocks
+         "hip": dict(mask_k=4, q_block=1, kv_block=2, window=3, sinks=1, refresh_interval=1)}
 #: every (sequence layer, CAB pattern it claims) pair of the registry
 SEQ_CASES = [(m, p) for m in nearfar.mechanisms() if m.kind == "layer" and "1d" in m.dims for p in m.patterns]
 

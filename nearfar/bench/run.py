@@ -63,6 +63,10 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
                                token_budget=2 * half),
         # a block of w tokens (w - 1 + its landmark); 2 blocks retrieved by landmark score in training and eval
         "landmark": dict(block_size=max(1, w - 1), top_k=2),
+        "hip": dict(window=w, sinks=4, mask_k=w, q_block=1),  # q_block > 1: a block's later queries steer the search
+        # selective from the first token (default 4096: dense at the bench's lengths); chunk 0, the previous chunk,
+        # 2 routed chunks and the own chunk
+        "longheads": dict(chunk_size=half, num_chunks=5, begin_selective_length=0),
     }
     return by_name.get(name, {})
 

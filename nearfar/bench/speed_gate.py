@@ -44,6 +44,8 @@ GATE_SETTINGS = {
     "routing_transformer": dict(local_window=64, num_clusters=6, block_size=16),
     "moba": dict(chunk_size=32, topk=3), "nsa": dict(block_size=32, block_counts=5, window_size=64),
     "seer_attention": dict(block_size=32, gate_dim=32), "landmark": dict(block_size=31, top_k=2),
+    "hip": dict(mask_k=64, window=64, sinks=4, q_block=1, refresh_interval=1),  # decoding == forward
+    "longheads": dict(chunk_size=32, num_chunks=5, begin_selective_length=64),
 }
 
 

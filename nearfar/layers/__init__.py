@@ -15,12 +15,14 @@ from .dualtoken import DualTokenAttention
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
+from .hip import HiPAttention
 from .kdgqa import KDGQA
 from .landmark import LandmarkAttention
 from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
 from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
+from .longheads import LongHeadsAttention
 from .maformer import MAFAttention
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
@@ -55,12 +57,14 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "HiLo",
+    "HiPAttention",
     "KDGQA",
     "LandmarkAttention",
     "LandmarkTokens",
     "LightningAttention",
     "LinearAttention",
     "LongformerAttention",
+    "LongHeadsAttention",
     "MAFAttention",
     "MaxViTAttention",
     "Mechanism",

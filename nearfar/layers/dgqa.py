@@ -31,6 +31,7 @@ import torch
 from ..checks import check_choice, check_positive_int
 from ..functional import merge_heads
 from .kdgqa import GroupedQueryAttention, allocate_heads, grouped_attention, squared_key_norms
+from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
 
@@ -112,6 +113,8 @@ class DGQA(GroupedQueryAttention):
         Raises:
             ValueError: ``x`` is not ``(B, N, dim)``; a bad ``key_padding_mask``.
         """
+        if x.device.type == "meta":  # the routing reads values: shapes only
+            return meta_forward(self, x)
         x = self.check_x(x)
         mask = self.check_padding(key_padding_mask, x.shape[0], x.shape[1])
         q, k, v, _ = rotary_qkv(self, x, 0)

@@ -55,7 +55,7 @@ from ..functional import attend, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
 from .kv_cache import KVCache
-from .projections import ProjectedAttention, add_projections
+from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
 
@@ -430,6 +430,8 @@ class KDGQA(GroupedQueryAttention):
                 ``key_padding_mask``, or one with a self-attention ``cache``.
             TypeError: ``cache`` does not come from this layer's ``new_cache``.
         """
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
+            return meta_forward(self, x)
         x = self.check_x(x)
         b, n = x.shape[0], x.shape[1]
         if cache is not None and not self.causal:

@@ -47,7 +47,7 @@ from ..functional import SelectedBlocks, attend, block_scores, merge_heads, pool
 from ..patterns import BlockWindow, Causal
 from .fla_layout import check_cu_seqlens, from_batch, to_batch
 from .kv_cache import KVCache
-from .projections import ProjectedAttention, add_projections
+from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
 
@@ -284,6 +284,8 @@ class MoBAAttention(ProjectedAttention):
             ValueError: ``x`` is not ``(B, N >= 1, dim)``; ``cache`` made for another batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
+            return meta_forward(self, x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         cache = MoBACache.checked(cache, x)

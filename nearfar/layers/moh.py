@@ -54,7 +54,7 @@ from ..functional import attend, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
 from .kv_cache import KVCache
-from .projections import ProjectedAttention, add_projections
+from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import Mechanism, register
 
 
@@ -207,6 +207,8 @@ class MoHAttention(ProjectedAttention):
                 with a self-attention ``cache``.
             TypeError: ``cache`` does not come from this layer's ``new_cache``.
         """
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
+            return meta_forward(self, x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N, {self.dim}) with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
         b, n, _ = x.shape

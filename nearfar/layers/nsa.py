@@ -60,7 +60,7 @@ from .fla_layout import (
     to_fla_indices,
 )
 from .kv_cache import KVCache
-from .projections import ProjectedAttention, add_projections
+from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
 
@@ -405,6 +405,8 @@ class NSAAttention(ProjectedAttention):
             ValueError: ``x`` is not ``(B, N >= 1, dim)``; ``cache`` made for another batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
+            return meta_forward(self, x)
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
             raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
         cache = NSACache.checked(cache, x)

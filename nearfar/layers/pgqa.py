@@ -27,6 +27,7 @@ import torch
 
 from ..functional import attend, merge_heads
 from .kdgqa import GroupedQueryAttention
+from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
 
@@ -108,6 +109,8 @@ class PGQA(GroupedQueryAttention):
         Raises:
             ValueError: ``x`` is not ``(B, N, dim)``; a bad ``key_padding_mask``.
         """
+        if x.device.type == "meta":  # the routing reads values: shapes only
+            return meta_forward(self, x)
         x = self.check_x(x)
         mask = self.check_padding(key_padding_mask, x.shape[0], x.shape[1])
         q, k, v, _ = rotary_qkv(self, x, 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..checks import check_dim_heads, check_positive_int
@@ -44,3 +45,20 @@ def add_projections(layer: ProjectedAttention, dim: int, num_heads: int, num_kv_
     layer.v_proj = nn.Linear(dim, kv_width, bias=qkv_bias)
     layer.o_proj = nn.Linear(dim, dim, bias=False)
     layer.rope = RotaryEmbedding(layer.head_dim) if rope else None
+
+
+def meta_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Shape inference on the meta device for a layer whose routing reads values (top-k, norms, head allocations),
+    which meta tensors do not have: the output ``(*x.shape[:-1], dim)`` through the layer's ``o_proj``.
+
+    Args:
+        module: A layer with an ``o_proj`` linear map.
+        x: The input on the meta device.
+
+    Returns:
+        A meta tensor of the layer's output shape.
+    """
+    o_proj = module.o_proj
+    assert isinstance(o_proj, nn.Linear)
+    return o_proj(x.new_empty(*x.shape[:-1], o_proj.in_features))
+

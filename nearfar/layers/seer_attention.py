@@ -74,7 +74,7 @@ from ..functional import (
 )
 from ..patterns import Causal
 from .kv_cache import KVCache
-from .projections import ProjectedAttention, add_projections
+from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import DECODER_ONLY, Mechanism, register
 from .rotary import RotaryEmbedding
 
@@ -323,6 +323,8 @@ class SeerAttention(ProjectedAttention):
                 ``gate="block"`` or made for another batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
+        if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
+            return meta_forward(self, x)
         self._check(x, key_padding_mask)
         if cache is not None and self.gate != "token":
             raise ValueError("cache is for gate='token' layers: gate='block' has no decoding cache")

@@ -352,16 +352,17 @@ def topk_blocks(
     forced = _forced_mask(tuple(scores.shape), force_first, force_current, force_last, causal, q_block_size,
                           k_block_size, q_start, scores.device).expand(scores.shape)
     free = _visible(scores, causal, q_block_size, k_block_size, q_start) & ~forced
-    # rank: forced first, then free blocks by descending score, then the rest; stable sorts break ties by index
-    key = torch.where(free, scores.detach(), -math.inf)
-    order = key.sort(dim=-1, descending=True, stable=True).indices
-    tier = (forced.to(torch.int8) * 2 + free.to(torch.int8)).gather(-1, order)
-    order = order.gather(-1, tier.sort(dim=-1, descending=True, stable=True).indices)
+    # rank in one stable sort: forced (+inf) first, then free blocks by descending score, then the rest (-inf);
+    # stability breaks ties by index. Only the first ``keep`` of a row are kept, so only they are sorted back.
+    key = torch.where(forced, math.inf, torch.where(free, scores.detach(), -math.inf))
     n_forced = forced.sum(dim=-1, keepdim=True)
     keep = torch.maximum(n_forced, torch.clamp(n_forced + free.sum(dim=-1, keepdim=True), max=kk))
-    rank_keep = torch.arange(kb, device=scores.device) < keep
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(-1, order, rank_keep)
-    return kv_blocks_from_mask(mask)
+    width = int(keep.max()) if keep.numel() else 0
+    order = key.sort(dim=-1, descending=True, stable=True).indices[..., :width]
+    kept = torch.where(torch.arange(width, device=scores.device) < keep, order, kb).sort(dim=-1).values
+    idx = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)
+    idx[..., :width] = torch.where(kept < kb, kept, -1).to(torch.int32)
+    return keep[..., 0].to(torch.int32), idx
 
 
 def threshold_blocks(
