@@ -38,7 +38,7 @@ from nearfar.bench import run as R  # noqa: E402
 from nearfar.bench.tasks import NEEDLE_HEAD, get_task  # noqa: E402
 from nearfar.functional import SelectedBlocks  # noqa: E402
 
-ROUTED_MODULES = ("moba", "nsa", "seer_attention")
+ROUTED_MODULES = ("moba", "nsa", "seer_attention", "hip", "longheads")
 
 
 def answer_positions(task_name: str, inputs: torch.Tensor, targets: torch.Tensor) -> list[tuple[int, int, tuple]]:
@@ -108,7 +108,8 @@ def recall(task_name: str, model: torch.nn.Module, task, window: int, items: int
             bb = b if num.shape[0] > 1 else 0
             hits = []
             for h in range(num.shape[1]):
-                kept = set(idx[bb, h, i, :int(num[bb, h, i])].tolist()) - {-1}
+                # LongHeads reads chunk j of copy s as block s * (L / c) + j: the chunk is the index mod L / c
+                kept = {x % (task.seq_len // c) for x in idx[bb, h, i, :int(num[bb, h, i])].tolist() if x >= 0}
                 hits.append(bool(kept & want))
             past = max(1, i // c)  # complete blocks before the own block
             chance += min(1.0, int(num[bb, :, i].float().mean()) / past)
