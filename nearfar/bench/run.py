@@ -4,10 +4,10 @@ controls, and the report, writing as it goes so that Ctrl-C leaves every finishe
 Quality settings: the registry's defaults are sized for long inputs (windows of 512-1024 tokens), which would make
 every mechanism dense on the suite's 64-512-token tasks. ``seq_settings`` scales each mechanism's local reach to
 the local control's window ``w`` of the task (the same reach as the "local" row) and keeps its far path (sinks,
-global tokens, random or strided blocks, core tokens, memory, linear state), so the tables compare what each design
-adds beyond a window of the same size. ``image_settings`` does the same for the vision mechanisms on the 2D task:
-their defaults are sized for 56x56 feature maps (7x7 windows), which do not tile the task's 16x16 image, so their
-windows become the largest divisor of the image side within the local control's reach.
+global tokens, random, strided or content-routed blocks, core tokens, memory, linear state), so the tables compare
+what each design adds beyond a window of the same size. ``image_settings`` does the same for the vision mechanisms
+on the 2D task: their defaults are sized for 56x56 feature maps (7x7 windows), which do not tile the task's 16x16
+image, so their windows become the largest divisor of the image side within the local control's reach.
 """
 
 from __future__ import annotations
