@@ -4,10 +4,10 @@ controls, and the report, writing as it goes so that Ctrl-C leaves every finishe
 Quality settings: the registry's defaults are sized for long inputs (windows of 512-1024 tokens), which would make
 every mechanism dense on the suite's 64-512-token tasks. ``seq_settings`` scales each mechanism's local reach to
 the local control's window ``w`` of the task (the same reach as the "local" row) and keeps its far path (sinks,
-global tokens, random or strided blocks, core tokens, memory, linear state), so the tables compare what each design
-adds beyond a window of the same size. ``image_settings`` does the same for the vision mechanisms on the 2D task:
-their defaults are sized for 56x56 feature maps (7x7 windows), which do not tile the task's 16x16 image, so their
-windows become the largest divisor of the image side within the local control's reach.
+global tokens, random, strided or content-routed blocks, core tokens, memory, linear state), so the tables compare
+what each design adds beyond a window of the same size. ``image_settings`` does the same for the vision mechanisms
+on the 2D task: their defaults are sized for 56x56 feature maps (7x7 windows), which do not tile the task's 16x16
+image, so their windows become the largest divisor of the image side within the local control's reach.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .tasks import TASK_NAMES, Task, get_task
 
 #: --quick: the tasks' "tiny" size (10-20 s a run on 2 cores), one seed, the controls and a few mechanisms: causal
 #: and bidirectional MQAR show the local/global separation, the character LM that they all stay close on real text.
+#: ``--mechanism`` replaces the picks (the controls and the named mechanisms or families run).
 QUICK_TASKS = ("mqar", "bidir_mqar", "char_lm")
 #: --full: every task but Pathfinder, which no control learns within a CPU budget (full attention at 67% after 800
 #: steps on 16x16 images): its table would show nothing but chance. ``--task pathfinder`` still runs it; the 2D
@@ -53,7 +54,19 @@ def seq_settings(name: str, w: int, seq_len: int) -> dict:
         "titans_mac": dict(segment_len=max(4, w), num_persistent=2),
         "neighborhood": dict(kernel_size=w + 1 - w % 2, ndim=1),
         "routing_transformer": dict(local_window=w, num_clusters=max(1, round(seq_len ** 0.5)), block_size=16),
-        "hip": dict(window=w, sinks=4, mask_k=w),
+        # routed: the own block (or window) is the local reach, a few content-selected blocks the far path
+        "moba": dict(chunk_size=half, topk=3),  # own block + 2 routed blocks (w keys)
+        "nsa": dict(block_size=half, block_counts=5, window_size=w),  # block 0, 2 local, 2 routed + compressed
+        # the gate is trained by distillation only (SeerAttention's distill_loss); the bench trains on the task
+        # loss, so it routes with its initial gate: own block + the best w // half = 2 completed blocks
+        "seer_attention": dict(gate="token", block_size=half, gate_dim=32, sparsity="token_budget",
+                               token_budget=2 * half),
+        # a block of w tokens (w - 1 + its landmark); 2 blocks retrieved by landmark score in training and eval
+        "landmark": dict(block_size=max(1, w - 1), top_k=2),
+        "hip": dict(window=w, sinks=4, mask_k=w, q_block=1),  # q_block > 1: a block's later queries steer the search
+        # selective from the first token (default 4096: dense at the bench's lengths); chunk 0, the previous chunk,
+        # 2 routed chunks and the own chunk
+        "longheads": dict(chunk_size=half, num_chunks=5, begin_selective_length=0),
     }
     return by_name.get(name, {})
 
@@ -89,7 +102,7 @@ def quality_entries(task: Task, names: list[str] | None, quick: bool) -> tuple[d
             continue  # "dense" is the "full" control
         if names and mech.name not in names and mech.family not in names:
             continue
-        if quick and mech.name not in QUICK_PICKS["2d" if dims == "2d" else task.pattern]:
+        if quick and not names and mech.name not in QUICK_PICKS["2d" if dims == "2d" else task.pattern]:
             continue
         if task.pattern not in mech.patterns:
             skipped.append({"mechanism": mech.name, "task": task.name, "why": f"no {task.pattern}: "

@@ -42,6 +42,9 @@ GATE_SETTINGS = {
     "cca": dict(group_size=16, window_size=96), "titans_mac": dict(segment_len=64, num_persistent=4),
     "lightning": dict(block_size=32), "linear_attention": dict(block_size=32),
     "routing_transformer": dict(local_window=64, num_clusters=6, block_size=16),
+    "moba": dict(chunk_size=32, topk=3), "nsa": dict(block_size=32, block_counts=5, window_size=64),
+    "seer_attention": dict(block_size=32, gate_dim=32), "landmark": dict(block_size=31, top_k=2),
+    "longheads": dict(chunk_size=32, num_chunks=5, begin_selective_length=64),
     # a search per query and at every decoded token: HiP's decoding equals its forward exactly only so (its default
     # forward searches per block of 32 queries, its decoding per token, refreshed every 8 tokens)
     "hip": dict(mask_k=64, q_block=1, kv_block=2, window=32, sinks=4, refresh_interval=1),

@@ -57,6 +57,22 @@ def test_quick_keeps_the_picks_and_the_name_filter_works():
     assert set(quick) == {"full", "local", "none", *R.QUICK_PICKS["CS"]}
     only, _ = R.quality_entries(task, ["streaming_llm"], quick=False)
     assert set(only) == {"full", "local", "none", "streaming_llm"}
+    named, _ = R.quality_entries(task, ["moba", "nsa"], quick=True)  # --quick --mechanism: the names, not the picks
+    assert set(named) == {"full", "local", "none", "moba", "nsa"}
+
+
+@pytest.mark.parametrize("w,n", [(8, 64), (16, 128), (32, 256)])
+def test_routed_settings_keep_the_local_reach_and_a_far_path(w, n):
+    """The routed mechanisms' own block / window is within the local control's ``w`` keys, and they route to at
+    least two blocks beyond it."""
+    moba = R.seq_settings("moba", w, n)
+    assert moba["chunk_size"] <= w and moba["topk"] - 1 >= 2
+    nsa = R.seq_settings("nsa", w, n)
+    assert nsa["window_size"] == w and nsa["block_size"] <= w and nsa["block_counts"] - 3 >= 2
+    seer = R.seq_settings("seer_attention", w, n)
+    assert seer["block_size"] <= w and seer["token_budget"] // seer["block_size"] >= 2
+    landmark = R.seq_settings("landmark", w, n)
+    assert landmark["block_size"] + 1 == w and landmark["top_k"] >= 2
 
 
 def test_bar_redraws_about_twenty_times():
