@@ -91,7 +91,7 @@ def r1(rounds: int, peers: bool, out) -> float:
     def train():
         layer(qg, kg, vg).sum().backward()
 
-    tt = interleave({"fwd": lambda: layer(q, k, v), "fwd+bwd": train}, rounds=max(2, rounds // 2))
+    tt = interleave({"fwd": lambda: layer(q, k, v), "fwd+bwd": train}, rounds=rounds)
     med = {name: statistics.median(t) for name, t in times.items()}
     speed = median_ratio(times, "dense", "layer")
     out("\n| what | median s | ratio |\n|---|---|---|")
@@ -126,8 +126,9 @@ def _peers(q, k, v, sel, rounds, out) -> None:
         return
     # the selection branch alone: every token reads its query block's selected blocks (token-causal), per KV head
     n = q.shape[2]
-    idx = sel.kv_indices.long().clamp(min=0)  # (1, Hkv, QB, S), all S used (complete past blocks exist from QB 16)
-    tok = idx.repeat_interleave(BLOCK, 2)[:, :, :n].permute(0, 2, 1, 3)  # (1, T, Hkv, S)
+    # fla masks a negative block (-1: none) as it masks a future key; only the TOP selected columns are passed
+    idx = sel.kv_indices.long()[..., :TOP]  # (1, Hkv, QB, TOP)
+    tok = idx.repeat_interleave(BLOCK, 2)[:, :, :n].permute(0, 2, 1, 3).contiguous()  # (1, T, Hkv, TOP)
     ours_sel = nf.SelectedBlocks(sel.kv_num_blocks, sel.kv_indices, q_block=BLOCK, within=nf.Causal())
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     with torch.no_grad():
