@@ -9,6 +9,7 @@ from .agent import AgentAttention
 from .bigbird import BigBirdAttention
 from .cca import CCAAttention
 from .craft_srwa import SRWAttention
+from .davit_channel import DaViTChannelAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
@@ -56,6 +57,7 @@ __all__ = [
     "GAAMAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
+    "DaViTChannelAttention",
     "HiLo",
     "HiPAttention",
     "KDGQA",
