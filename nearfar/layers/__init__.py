@@ -10,6 +10,7 @@ from .bigbird import BigBirdAttention
 from .cca import CCAAttention
 from .craft_srwa import SRWAttention
 from .davit_channel import DaViTChannelAttention
+from .davit_spatial import DaViTWindowAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
@@ -58,6 +59,7 @@ __all__ = [
     "GCViTWindowAttention",
     "GlobalQueryAttention",
     "DaViTChannelAttention",
+    "DaViTWindowAttention",
     "HiLo",
     "HiPAttention",
     "KDGQA",

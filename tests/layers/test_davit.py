@@ -1,11 +1,14 @@
-"""DaViT channel group attention: a float64 reference written from the paper's description and the official code
-(dingmyu/davit ``ChannelAttention``) with plain loops and an explicit softmax, its properties (oracles), the
+"""DaViT channel group attention and spatial window attention: float64 references written from the paper's
+description and the official code (dingmyu/davit ``ChannelAttention``, ``SpatialBlock``) with plain loops, explicit
+softmax and materialised window masks, its properties (oracles), the
 benchmark baseline, timm state-dict compatibility, module hygiene."""
 
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from module_checks import (
@@ -19,6 +22,7 @@ from oracles.davit import BASELINES
 
 import nearfar
 from nearfar.layers.davit_channel import DaViTChannelAttention
+from nearfar.layers.davit_spatial import DaViTWindowAttention
 
 
 def channel_reference(m: DaViTChannelAttention, x: torch.Tensor) -> torch.Tensor:
@@ -150,3 +154,132 @@ def test_channel_errors():
         m(torch.randn(1, 4, 8))
     with pytest.raises(TypeError):
         m([1.0])
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def spatial_reference(m: DaViTWindowAttention, x: torch.Tensor) -> torch.Tensor:
+    """Zero-pad to whole windows, dense attention over the padded map with "same window" (and, with mask_padding,
+    "real key") as an explicit mask, crop, output Linear."""
+    b, h, w, c = x.shape
+    s = m.window_size
+    hp, wp = -(-h // s) * s, -(-w // s) * s
+    xp = torch.zeros(b, hp, wp, c, dtype=x.dtype)
+    xp[:, :h, :w] = x
+    rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
+    cell = (rows // s * (wp // s) + cols // s).reshape(-1)
+    allowed = cell[:, None] == cell[None, :]
+    if m.mask_padding:
+        allowed = allowed & ((rows < h) & (cols < w)).reshape(1, -1)
+    qkv = F.linear(xp.reshape(b, hp * wp, c), m.qkv.weight, m.qkv.bias)
+    q, k, v = (_heads(t, m.num_heads) for t in qkv.chunk(3, dim=-1))
+    o = ref.dense_reference(q, k, v, allowed, (c // m.num_heads) ** -0.5).transpose(1, 2).reshape(b, hp, wp, c)
+    return F.linear(o[:, :h, :w], m.proj.weight, m.proj.bias)
+
+
+@settings(max_examples=20, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), heads=st.integers(1, 3),
+       ws=st.integers(1, 4), qkv_bias=st.booleans(), mask_padding=st.booleans(),
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]))
+def test_spatial_matches_reference(b, h, w, heads, ws, qkv_bias, mask_padding, layout):
+    torch.manual_seed(h * 100 + w * 10 + ws)
+    dim = 4 * heads
+    m = DaViTWindowAttention(dim, heads, window_size=ws, qkv_bias=qkv_bias, mask_padding=mask_padding)
+    _randomize_biases(m)
+    if layout == "transposed":
+        x = torch.randn(b, w, h, dim).transpose(1, 2)
+    elif layout == "sliced":
+        x = torch.randn(b, h, w, 2 * dim)[..., ::2]
+    else:
+        x = torch.randn(b, h, w, dim)
+    check_against_reference(m, x, spatial_reference)
+
+
+def test_spatial_default_window_odd_sizes():
+    torch.manual_seed(6)
+    for mask_padding in (False, True):
+        m = DaViTWindowAttention(24, 3, mask_padding=mask_padding)
+        _randomize_biases(m)
+        check_against_reference(m, torch.randn(2, 9, 11, 24), spatial_reference)
+
+
+def test_spatial_oracle3_one_window_is_mhsa():
+    torch.manual_seed(7)
+    m = DaViTWindowAttention(16, 4, window_size=5, qkv_bias=True)
+    x = torch.randn(2, 5, 5, 16)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(m.qkv.weight)
+        mha.in_proj_bias.copy_(m.qkv.bias)
+        mha.out_proj.weight.copy_(m.proj.weight)
+        mha.out_proj.bias.copy_(m.proj.bias)
+        t = x.reshape(2, 25, 16)
+        assert_close(m(x), mha(t, t, t, need_weights=False)[0].reshape(2, 5, 5, 16))
+
+
+def test_spatial_padding_is_attended_unless_masked():
+    torch.manual_seed(8)
+    a = DaViTWindowAttention(8, 2, window_size=3)
+    _randomize_biases(a)
+    b = DaViTWindowAttention(8, 2, window_size=3, mask_padding=True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 4, 6, 8)
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert_close(ya[:, :3], yb[:, :3], name="whole windows")
+    assert (ya[:, 3] - yb[:, 3]).abs().max() > 1e-3  # the last row's windows hold padded keys
+
+
+def test_spatial_baseline_matches_module():
+    torch.manual_seed(9)
+    for shape, heads, ws in (((2, 14, 14, 24), 3, 7), ((1, 9, 11, 24), 6, 7), ((2, 5, 3, 8), 2, 2)):
+        m = DaViTWindowAttention(shape[-1], heads, window_size=ws)
+        _randomize_biases(m)
+        x = torch.randn(shape)
+        with torch.no_grad():
+            assert_close(BASELINES["davit_spatial"](m, x), m(x), name=f"baseline {shape}")
+
+
+def test_spatial_state_dict_timm_names_load_strict():
+    m = DaViTWindowAttention(24, 3)
+    sd = _timm_channel_state_dict(24)  # timm's WindowAttention has the same four tensors
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    m.load_state_dict(sd, strict=True)
+    x = torch.randn(2, 9, 8, 24)
+    with torch.no_grad():
+        assert_close(m(x), BASELINES["davit_spatial"](m, x))
+    check_state_dict_round_trip(lambda: DaViTWindowAttention(24, 3, window_size=3), torch.randn(1, 5, 6, 24))
+
+
+def test_spatial_finite_and_compile():
+    torch.manual_seed(10)
+    m = DaViTWindowAttention(24, 3, window_size=3)
+    check_forward_backward_finite(m, torch.randn(2, 7, 9, 24))
+    check_compile_matches_eager(m, torch.randn(1, 6, 5, 24))
+
+
+def test_spatial_registry_entry():
+    entry = {e.name: e for e in nearfar.mechanisms()}["davit_spatial"]
+    assert entry.family == "window" and entry.dims == ("2d",) and entry.cls is DaViTWindowAttention
+    assert entry.make(16, 4).window_size == 7
+
+
+def test_spatial_errors():
+    with pytest.raises(ValueError, match="num_heads"):
+        DaViTWindowAttention(10, 3)
+    with pytest.raises(ValueError, match="window_size"):
+        DaViTWindowAttention(8, 2, window_size=0)
+    with pytest.raises(TypeError, match="window_size"):
+        DaViTWindowAttention(8, 2, window_size=7.0)
+    with pytest.raises(TypeError, match="qkv_bias"):
+        DaViTWindowAttention(8, 2, qkv_bias=None)
+    with pytest.raises(TypeError, match="mask_padding"):
+        DaViTWindowAttention(8, 2, mask_padding=1)
+    m = DaViTWindowAttention(8, 2)
+    with pytest.raises(ValueError, match="channel-last"):
+        m(torch.randn(1, 8, 4, 4))
+    with pytest.raises(ValueError):
+        m(torch.randn(1, 0, 4, 8))

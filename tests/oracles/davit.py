@@ -5,6 +5,7 @@ from the zero-padded map (padded tokens unmasked), cropped after."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def davit_channel_baseline(m, x: torch.Tensor) -> torch.Tensor:
@@ -17,4 +18,19 @@ def davit_channel_baseline(m, x: torch.Tensor) -> torch.Tensor:
     return m.proj(out.transpose(1, 2).reshape(b, n, c)).reshape(b, h, w, c)
 
 
-BASELINES = {"davit_channel": davit_channel_baseline}
+def davit_spatial_baseline(m, x: torch.Tensor) -> torch.Tensor:
+    if m.mask_padding:
+        raise NotImplementedError("the official code has no mask_padding; use mask_padding=False")
+    b, h, w, c = x.shape
+    s, heads = m.window_size, m.num_heads
+    xp = F.pad(x, (0, 0, 0, -w % s, 0, -h % s))
+    hp, wp = xp.shape[1:3]
+    windows = xp.view(b, hp // s, s, wp // s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)
+    qkv = m.qkv(windows).reshape(-1, s * s, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * m.scale, qkv[1], qkv[2]
+    o = ((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v).transpose(1, 2).reshape(-1, s * s, c)
+    o = m.proj(o).view(b, hp // s, wp // s, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+    return o[:, :h, :w]
+
+
+BASELINES = {"davit_channel": davit_channel_baseline, "davit_spatial": davit_spatial_baseline}
