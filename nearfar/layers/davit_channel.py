@@ -20,7 +20,8 @@ all ``H*W`` tokens (through the channel affinity), so in the token sense its rec
 Differences from the official code: none in the computation (the ``ConvPosEnc``, norms and MLP of
 ``ChannelBlock`` are not part of this module); the input is a channel-last map instead of a token sequence plus
 its size (the module is position-free, so the map is simply flattened). The default ``qkv_bias=False`` is the
-official class default; DaViT models pass ``qkv_bias=True``.
+official class default; DaViT models pass ``qkv_bias=True``. timm's later ``ChannelAttentionV2`` (the
+Florence-2 DaViT: ``q^T k`` affinity applied to ``v``, scale ``N ** -0.5``) is a different module, not this one.
 """
 
 from __future__ import annotations
