@@ -12,6 +12,7 @@ from .craft_srwa import SRWAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
+from .ela import ELA
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
@@ -35,6 +36,8 @@ from .nsa import NSAAttention
 from .pattern_attention import PatternAttention
 from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
+from .psa_parallel import PSAParallel
+from .psa_sequential import PSASequential
 from .registry import Mechanism, mechanisms, register
 from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
@@ -53,6 +56,7 @@ __all__ = [
     "DenseAttention",
     "DGQA",
     "DualTokenAttention",
+    "ELA",
     "GAAMAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
@@ -79,6 +83,8 @@ __all__ = [
     "PatternAttention",
     "PGQA",
     "ProxyTokenAttention",
+    "PSAParallel",
+    "PSASequential",
     "register",
     "RoutingTransformerAttention",
     "S2Attention",
