@@ -1,9 +1,10 @@
 """ELA, Efficient Local Attention: channel-last ``(B, H, W, C)`` in and out.
 
 Paper: Xu & Wan, "ELA: Efficient Local Attention for Deep Convolutional Neural Networks" (arXiv 2403.01123,
-2024). The authors published no official code; this module is written from the paper (its Figure/PyTorch listing
-of the ELA block). timm's ``timm/layers/coord_attn.py`` ``EfficientLocalAttn`` is a different variant (separate
-convs per axis, SiLU, GroupNorm with one group) and is not followed here.
+2024). The authors published no official code (we searched the stored public repositories and found only
+third-party ports, which agree with the form below); this module is written from the paper. timm's
+``timm/layers/coord_attn.py`` ``EfficientLocalAttn`` is a different variant (separate convs per axis, SiLU,
+GroupNorm with one group) and is not followed here.
 
 Each channel gets a gate along the height and one along the width, both from strip pooling and one shared 1D conv:
 
@@ -12,14 +13,15 @@ Each channel gets a gate along the height and one along the width, both from str
   groups, bias=False)`` (``conv``) and one ``GroupNorm(num_groups, C)`` (``gn``) shared by the two axes;
 * ``out[b, i, j, c] = x[b, i, j, c] * a_h[b, i, c] * a_w[b, j, c]``.
 
-The paper's variants (kernel size, conv groups, GroupNorm groups) are ELA-T ``(5, C, 32)`` and ELA-B ``(7, C,
-16)``; ELA-S and ELA-L use ``C / 8`` conv groups with ``(5, 16)`` and ``(7, 16)``. The defaults here are ELA-B's
-(``kernel_size=7``, depth-wise conv, ``num_groups=16``), as in the paper's listing. Parameter names ``conv.weight``
-``(C, C / groups, k)``, ``gn.weight``/``gn.bias`` ``(C,)`` are those of the paper's listing and of the common ports.
+The paper names variants ELA-T/B/S/L by kernel size, conv groups and GroupNorm groups. The defaults here
+(``kernel_size=7``, depth-wise conv, ``num_groups=16``) are the form the ports label ELA-B; the others are reachable
+through the arguments, but without code we could not confirm the paper's table values, so no variant presets are
+offered. Parameter names ``conv.weight`` ``(C, C / groups, k)``, ``gn.weight``/``gn.bias`` ``(C,)`` are the ones
+the ports use, so their state dicts load unchanged.
 
-What differs from the paper's listing: input and output are channel-last (the 1D conv runs on the channels-first
-view of each pooled strip); ``num_groups`` and ``groups`` are arguments (the listing fixes them); both strips
-go through the conv and the norm in one batched call (the GroupNorm statistics are still per strip).
+What differs from the paper's description: input and output are channel-last (the 1D conv runs on the
+channels-first view of each pooled strip); ``num_groups`` and ``groups`` are arguments; for square inputs both
+strips go through the conv and the norm in one batched call (the GroupNorm statistics are still per strip).
 """
 
 from __future__ import annotations
@@ -109,5 +111,5 @@ register(Mechanism(
     notes="No heads: num_heads is ignored. A gate: returns x times sigmoid weights, used in place (y = "
           "layer(x)) as in the paper, not as a residual branch. Family local: the gates come from 1D convs of "
           "kernel_size along each axis over strip means, so they mix a local band of rows/columns (plus the "
-          "strip mean over the other axis); no token-to-token attention. ELA-B defaults (k=7, depth-wise, 16 "
-          "GroupNorm groups)."))
+          "strip mean over the other axis and GroupNorm statistics over the whole strip); no token-to-token "
+          "attention. ELA-B defaults (k=7, depth-wise, 16 GroupNorm groups)."))

@@ -60,13 +60,39 @@ def _randomize(m: PSASequential) -> PSASequential:
 
 
 @settings(max_examples=20, deadline=None)
-@given(b=st.integers(2, 3), h=st.integers(1, 7), w=st.integers(1, 7), dim=st.integers(8, 20),
+@given(b=st.integers(2, 3), h=st.integers(1, 7), w=st.integers(1, 7), dim=st.integers(24, 48),
        transposed=st.booleans())
 def test_matches_reference(b, h, w, dim, transposed):
     torch.manual_seed(h * 100 + w * 10 + dim)
     m = _randomize(PSASequential(dim))
     x = torch.randn(b, w, h, dim).transpose(1, 2) if transposed else torch.randn(b, h, w, dim)
-    check_against_reference(m, x, psa_sequential_reference)
+    # conv_up's LayerNorm normalises only dim // 8 values: when they are close, 1 / std amplifies float32 rounding
+    # in the backward pass, hence dim >= 24 here and a looser gradient tolerance than the forward one (the
+    # smallest widths are checked in float64 below)
+    check_against_reference(m, x, psa_sequential_reference, grad_rtol=3e-4)
+
+
+@pytest.mark.parametrize("dim", [8, 12, 16, 20])
+def test_small_widths_match_reference_in_float64(dim):
+    torch.manual_seed(dim)
+    m = _randomize(PSASequential(dim)).double()
+    x = torch.randn(2, 5, 3, dim, dtype=torch.float64, requires_grad=True)
+    x64 = x.detach().clone().requires_grad_()
+    out, expected = m(x), psa_sequential_reference(m, x64)
+    assert_close(out, expected, 1e-10)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad((out * g).sum(), x)
+    (gx64,) = torch.autograd.grad((expected * g).sum(), x64)
+    assert_close(gx, gx64, 1e-8, "x.grad")
+
+
+def test_oracle_one_value_bottleneck_makes_the_channel_gate_constant():
+    # dim < 16: conv_up normalises a single value, so LayerNorm returns its bias whatever the input
+    torch.manual_seed(7)
+    m = _randomize(PSASequential(12))
+    with torch.no_grad():
+        a, b = m.channel_gate(torch.randn(2, 4, 5, 12)), m.channel_gate(5 * torch.randn(2, 3, 3, 12))
+    assert torch.equal(a, b)
 
 
 def test_oracle_zero_last_conv_halves_then_spatial_gate():

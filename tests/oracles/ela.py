@@ -1,6 +1,6 @@
-"""ELA the way the paper's PyTorch listing computes it (Xu & Wan, arXiv 2403.01123; no official repository):
-channels-first ``(B, C, H, W)``, strip means, the shared ``Conv1d`` and ``GroupNorm`` called once per axis,
-two broadcast products. Used for the vision benchmark's baseline and as a test oracle."""
+"""ELA the way the paper describes it and its third-party ports compute it (Xu & Wan, arXiv 2403.01123; no
+official repository): channels-first ``(B, C, H, W)``, strip means, the shared ``Conv1d`` and ``GroupNorm``
+called once per axis, two broadcast products. Used for the vision benchmark's baseline and as a test oracle."""
 
 from __future__ import annotations
 
