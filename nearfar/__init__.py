@@ -12,6 +12,7 @@ from .cache import cache_budget, cache_bytes, clear_caches, set_cache_budget
 from .dispatch import attend, engine_override
 from .layers import (
     DGQA,
+    ELA,
     KDGQA,
     PGQA,
     SHSA,
@@ -45,6 +46,8 @@ from .layers import (
     NSAAttention,
     PatternAttention,
     ProxyTokenAttention,
+    PSAParallel,
+    PSASequential,
     RoutingTransformerAttention,
     S2Attention,
     SeerAttention,
@@ -103,6 +106,7 @@ __all__ = [
     "DenseAttention",
     "DGQA",
     "DualTokenAttention",
+    "ELA",
     "engine_override",
     "engines",
     "FITAR",
@@ -138,6 +142,8 @@ __all__ = [
     "PerHead",
     "PGQA",
     "ProxyTokenAttention",
+    "PSAParallel",
+    "PSASequential",
     "RandomBlocks",
     "RoutingTransformerAttention",
     "S2Attention",

@@ -14,6 +14,7 @@ from .davit_spatial import DaViTWindowAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
 from .dualtoken import DualTokenAttention
+from .ela import ELA
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
@@ -37,6 +38,8 @@ from .nsa import NSAAttention
 from .pattern_attention import PatternAttention
 from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
+from .psa_parallel import PSAParallel
+from .psa_sequential import PSASequential
 from .registry import Mechanism, mechanisms, register
 from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
@@ -55,6 +58,7 @@ __all__ = [
     "DenseAttention",
     "DGQA",
     "DualTokenAttention",
+    "ELA",
     "GAAMAttention",
     "GCViTWindowAttention",
     "GlobalQueryAttention",
@@ -83,6 +87,8 @@ __all__ = [
     "PatternAttention",
     "PGQA",
     "ProxyTokenAttention",
+    "PSAParallel",
+    "PSASequential",
     "register",
     "RoutingTransformerAttention",
     "S2Attention",

@@ -110,6 +110,10 @@ def test_every_claimed_cab_pattern_holds(mech: Mechanism, pattern: str):
 
 
 LAYERS = [m for m in MECHANISMS if m.kind == "layer"]
+#: attention *gates*: they return ``x`` times content-dependent weights (PSA: per-channel and per-pixel sigmoid
+#: gates; ELA: per-channel row and column gates), and their papers insert them in place (``y = gate(x)``), not as a
+#: residual branch, so their output is ``x`` rescaled, not an update uncorrelated with ``x``
+GATES = {"ela", "psa_parallel", "psa_sequential"}
 
 
 @pytest.mark.parametrize("mech", LAYERS, ids=[m.name for m in LAYERS])
@@ -125,6 +129,10 @@ def test_a_layer_returns_its_update_not_the_input_plus_it(mech: Mechanism):
         layer, x = mech.build(32, 2, pattern, **SMALL.get(mech.name, {})), torch.randn(2, 24, 32)
     with torch.no_grad():
         y = layer.eval()(x)
+    if mech.name in GATES:  # x times gates in (0, 1) (PSA parallel: a sum of two, in (0, 2)), not x itself
+        ratio = y / x
+        assert ((ratio > 0) & (ratio < 2)).all() and not torch.allclose(y, x)
+        return
     assert abs(torch.nn.functional.cosine_similarity(y.flatten(), x.flatten(), dim=0)) < 0.3
 
 
