@@ -65,8 +65,10 @@ def channel_gate_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``m`` holds ``conv_q_right`` and ``conv_v_right``; ``x`` is ``(B, H, W, C)``."""
     b, c = x.shape[0], x.shape[-1]
     flat = x.reshape(b, -1, c)
-    weights = pointwise(m.conv_q_right, flat).squeeze(-1).softmax(dim=-1)  # (B, N)
-    return pointwise(m.conv_v_right, torch.einsum("bn,bnc->bc", weights, flat))
+    conv_q, conv_v = m.conv_q_right, m.conv_v_right
+    assert isinstance(conv_q, nn.Conv2d) and isinstance(conv_v, nn.Conv2d)
+    weights = pointwise(conv_q, flat).squeeze(-1).softmax(dim=-1)  # (B, N)
+    return pointwise(conv_v, torch.einsum("bn,bnc->bc", weights, flat))
 
 
 class PSAParallel(nn.Module):

@@ -65,10 +65,11 @@ class PSASequential(nn.Module):
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """``A_ch``, shape ``(B, 1, 1, dim)``."""
-        z = pointwise(self.conv_up[0], channel_gate_input(self, x))
-        norm = self.conv_up[1]
+        first, norm, last = self.conv_up[0], self.conv_up[1], self.conv_up[3]
+        assert isinstance(first, nn.Conv2d) and isinstance(norm, nn.LayerNorm) and isinstance(last, nn.Conv2d)
+        z = pointwise(first, channel_gate_input(self, x))
         z = F.relu(F.layer_norm(z, z.shape[-1:], norm.weight.flatten(), norm.bias.flatten(), norm.eps))
-        return pointwise(self.conv_up[3], z).sigmoid()[:, None, None, :]
+        return pointwise(last, z).sigmoid()[:, None, None, :]
 
     def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
         """``A_sp = sigmoid(sum_i mean(g)_i softmax_n(theta)_{n,i})``, shape ``(B, H, W, 1)``."""
