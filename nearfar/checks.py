@@ -495,3 +495,31 @@ def check_tensor(value: object, name: str, ndim: int, *, floating: bool = True) 
     if value.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
     return value
+
+
+def check_tokens(x: object, dim: int, name: str = "x") -> torch.Tensor:
+    """Check that ``x`` is a sequence batch ``(B, N, dim)`` with at least one token (the 1D layers' input).
+
+    Args:
+        x: the argument.
+        dim: the required channel count.
+        name: the parameter's name, used in the message.
+
+    Returns:
+        ``x``.
+
+    Raises:
+        ValueError: ``x`` is not a tensor ``(B, N >= 1, dim)``.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.checks import check_tokens
+        >>> check_tokens(torch.zeros(2, 0, 8), 8)
+        Traceback (most recent call last):
+            ...
+        ValueError: x must be (B, N, 8) with N >= 1, got (2, 0, 8)
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim or x.shape[1] == 0:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be (B, N, {dim}) with N >= 1, got {got}")
+    return x

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_positive_int
+from ..checks import check_positive_int, check_tokens
 from ..functional import attend, merge_heads
 from ..patterns import Causal
 from ..patterns.core_and_window import CoreAndWindow, cca_allowed, core_counts
@@ -210,8 +210,7 @@ class CCAAttention(ProjectedAttention):
             NotImplementedError: A ``key_padding_mask`` with ``pooling`` other than ``"cca"``.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         cache = CCACache.checked(cache, x)
         b, n, _ = x.shape
         if key_padding_mask is not None:

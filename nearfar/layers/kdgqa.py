@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..checks import check_bool, check_dim_heads, check_positive_int
+from ..checks import check_bool, check_dim_heads, check_positive_int, check_tokens
 from ..functional import attend, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
@@ -264,10 +264,7 @@ class GroupedQueryAttention(ProjectedAttention):
 
     def check_x(self, x: object, name: str = "x") -> torch.Tensor:
         """``x`` after checking that it is a ``(B, N, dim)`` tensor with ``N >= 1``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"{name} must be (B, N, {self.dim}) with N >= 1, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        return x
+        return check_tokens(x, self.dim, name)
 
     @staticmethod
     def check_padding(mask: object, batch: int, n: int) -> torch.Tensor | None:

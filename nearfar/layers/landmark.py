@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_bool, check_positive_int
+from ..checks import check_bool, check_positive_int, check_tokens
 from ..functional import merge_heads, split_heads
 from .kv_cache import KVCache
 from .landmark_tokens import landmark_mask
@@ -260,8 +260,7 @@ class LandmarkAttention(ProjectedAttention):
                 dtype, or given with ``cache`` or ``top_k``; ``cache`` made for another batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         cache = LandmarkCache.checked(cache, x)
         b, n, _ = x.shape
         for name, mask in (("is_mem", is_mem), ("key_padding_mask", key_padding_mask)):

@@ -59,7 +59,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..checks import check_bool, check_nonneg_int, check_positive_int
+from ..checks import check_bool, check_nonneg_int, check_positive_int, check_tokens
 from ..functional import SelectedBlocks, attend, merge_heads, split_heads
 from ..patterns import BlockWindow, Causal
 from .kv_cache import KVCache
@@ -199,8 +199,7 @@ class LongHeadsAttention(ProjectedAttention):
         """The whole chunks each (query head, query) reads: ``(B, H, N, num_chunks - 1)`` ascending chunk indices,
         -1 after the real ones; all -1 for the queries before ``begin_selective_length`` (ordinary attention).
         Every query also reads its own chunk's tokens up to itself."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N, {self.dim}) with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         with torch.no_grad():
             q, k, v = self._project(x)
             n, w = x.shape[1], self.chunk_size
@@ -305,8 +304,7 @@ class LongHeadsAttention(ProjectedAttention):
                 batch, device or dtype.
             TypeError: ``cache`` does not come from ``new_cache``.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N, {self.dim}) with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         if key_padding_mask is not None:
             raise ValueError("key_padding_mask is not supported by LongHeadsAttention (chunk summaries and the new "
                              "positions assume contiguous tokens; the layer is causal, right padding needs no mask)")

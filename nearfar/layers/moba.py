@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_bool, check_choice, check_positive_int, check_scale, check_tensor
+from ..checks import check_bool, check_choice, check_positive_int, check_scale, check_tensor, check_tokens
 from ..functional import SelectedBlocks, attend, block_scores, merge_heads, pool_blocks, topk_blocks
 from ..patterns import BlockWindow, Causal
 from .fla_layout import check_cu_seqlens, from_batch, to_batch
@@ -286,8 +286,7 @@ class MoBAAttention(ProjectedAttention):
         """
         if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         cache = MoBACache.checked(cache, x)
         n = x.shape[1]
         start = 0 if cache is None else cache.length

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_bool, check_choice, check_int_range
+from ..checks import check_bool, check_choice, check_int_range, check_tokens
 from ..functional import attend, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
@@ -209,8 +209,7 @@ class MoHAttention(ProjectedAttention):
         """
         if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N, {self.dim}) with N >= 1, got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         b, n, _ = x.shape
         start = 0
         if self.cross:

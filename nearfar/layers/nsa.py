@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_int_range, check_nonneg_int, check_positive_int, check_tensor
+from ..checks import check_choice, check_int_range, check_nonneg_int, check_positive_int, check_tensor, check_tokens
 from ..functional import SelectedBlocks, attend, block_scores, merge_heads, pool_blocks, topk_blocks
 from ..patterns import Causal, SlidingWindow
 from .fla_layout import (
@@ -407,8 +407,7 @@ class NSAAttention(ProjectedAttention):
         """
         if x.device.type == "meta" and cache is None:  # the routing reads values: shapes only (a cache checks devices)
             return meta_forward(self, x)
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or x.shape[1] == 0:
-            raise ValueError(f"x must be (B, N >= 1, {self.dim}), got {getattr(x, 'shape', type(x).__name__)}")
+        check_tokens(x, self.dim)
         cache = NSACache.checked(cache, x)
         n, bs = x.shape[1], self.block_size
         q, k, v, _ = rotary_qkv(self, x, 0 if cache is None else cache.length)
