@@ -22,7 +22,7 @@ import torch
 
 from ..bias import BiasSource
 from ..plan import Plan, TileGroup
-from .kernels import acc_dtype, fused_available, fused_mask, matmul_backward, matmul_forward, unit_last
+from .kernels import acc_dtype, equal_head_dims, fused_available, fused_mask, matmul_backward, matmul_forward, unit_last
 
 _CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
 
@@ -410,14 +410,10 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
                           kpm: torch.Tensor | None = None, bias: BiasSource | None = None, return_lse: bool = False,
                           kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
-    d, dv = q.shape[-1], v.shape[-1]
-    if kernel != "matmul" and d != dv and fused_available(q.device):
-        # the fused operator wants one head size: zero-pad the smaller side (scores and outputs unchanged)
-        e = max(d, dv)
-        pad = torch.nn.functional.pad
-        out, lse = blocksparse_attention(pad(q, (0, e - d)), pad(k, (0, e - d)), pad(v, (0, e - dv)), plan, scale,
-                                         kpm, bias, return_lse, kernel)
-        return out[..., :dv], lse
+    padded = equal_head_dims(q, k, v) if kernel != "matmul" else None
+    if padded is not None:
+        out, lse = blocksparse_attention(*padded, plan, scale, kpm, bias, return_lse, kernel)
+        return out[..., :v.shape[-1]], lse
     pb = Problem(plan, q, k, v, scale, kpm, bias, kernel)
     out, lse = _BlockSparse.apply(q, k, v, bias.tensor if bias is not None else None, pb)
     if return_lse and pb.kernel == "fused":

@@ -58,3 +58,16 @@ def matmul_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 def fused_mask(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The fused operator takes a float32 mask (float64 for float64 queries)."""
     return mask.to(acc_dtype(q.dtype))
+
+
+def equal_head_dims(q: torch.Tensor, k: torch.Tensor,
+                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """q, k and v zero-padded to one head size for the fused operator, which wants one (the scores and the first
+    ``dv`` output channels are unchanged); None when they already agree or the operator is not there."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d == dv or not fused_available(q.device):
+        return None
+    e = max(d, dv)
+    pad = torch.nn.functional.pad
+    return pad(q, (0, e - d)), pad(k, (0, e - d)), pad(v, (0, e - dv))
+

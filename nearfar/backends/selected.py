@@ -20,7 +20,7 @@ import torch
 from ..bias import DenseBias
 from ..patterns import Pattern
 from ..selection import SelectedBlocks
-from .kernels import acc_dtype, fused_available, matmul_backward, matmul_forward, unit_last
+from .kernels import acc_dtype, equal_head_dims, fused_available, matmul_backward, matmul_forward, unit_last
 from .selected_pairs import pairs_backward, pairs_forward
 from .selected_plan import Stream, plan_streams
 
@@ -450,13 +450,10 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patter
     """Attention over the union of ``pattern``'s pairs and ``blocks``' pairs (see ``nearfar.selection``).
 
     ``kpm`` is an additive (B, Nk) float mask, ``bias`` a dense bias source. Returns ``(out, lse or None)``."""
-    d, dv = q.shape[-1], v.shape[-1]
-    if d != dv and fused_available(q.device):  # the fused operator wants one head size: zero-pad the smaller
-        e = max(d, dv)
-        pad = torch.nn.functional.pad
-        out, lse = selected_attention(pad(q, (0, e - d)), pad(k, (0, e - d)), pad(v, (0, e - dv)), pattern, blocks,
-                                      scale, kpm, bias, return_lse)
-        return out[..., :dv], lse
+    padded = equal_head_dims(q, k, v)
+    if padded is not None:
+        out, lse = selected_attention(*padded, pattern, blocks, scale, kpm, bias, return_lse)
+        return out[..., :v.shape[-1]], lse
     pb = _Problem(q, k, v, pattern, blocks, scale, kpm, bias)
     out, lse = _Selected.apply(q, k, v, bias.tensor if bias is not None else None, pb)
     return out, (lse if return_lse else None)
