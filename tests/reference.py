@@ -337,6 +337,26 @@ def rope(x, pos):
     return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
 
 
+def rotary_qkv(m, x, repeat=False):
+    """A sequence layer's q, k, v in float64 from its ``q_proj``/``k_proj``/``v_proj`` (biases included) with RoPE
+    at positions ``0..N-1`` on q and k: ``(B, Hq, N, d)`` and ``(B, Hkv, N, d)``, or k/v repeated to the query
+    heads (GQA) with ``repeat``."""
+    b, n, _ = x.shape
+    hq, hk, d = m.num_heads, m.num_kv_heads, m.head_dim
+
+    def proj(lin, h):
+        y = x @ lin.weight.double().T
+        if lin.bias is not None:
+            y = y + lin.bias.double()
+        return y.view(b, n, h, d).transpose(1, 2)
+
+    pos = torch.arange(n)
+    q, k, v = rope(proj(m.q_proj, hq), pos), rope(proj(m.k_proj, hk), pos), proj(m.v_proj, hk)
+    if repeat:
+        k, v = k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
+    return q, k, v
+
+
 def pairwise_reference(q, k, v, allowed, scale, bias=None, return_lse=False):
     """Masked softmax attention in float64 in which a key and its value enter a query's row only where ``allowed``:
     every product with a key, a value or a bias value sits behind ``where``, so whatever a key a query may not attend

@@ -24,22 +24,6 @@ from nearfar.models.tiny_lm import TinyLM
 from nearfar.patterns.core_and_window import cca_allowed
 
 
-def _qkv(m, x):
-    """Rotated q, k, v in float64, k/v repeated to the query heads (GQA)."""
-    b, n, _ = x.shape
-    hq, hk, d = m.num_heads, m.num_kv_heads, m.head_dim
-
-    def proj(lin, h):
-        y = x @ lin.weight.double().T
-        if lin.bias is not None:
-            y = y + lin.bias.double()
-        return y.view(b, n, h, d).transpose(1, 2)
-
-    pos = torch.arange(n)
-    q, k, v = ref.rope(proj(m.q_proj, hq), pos), ref.rope(proj(m.k_proj, hk), pos), proj(m.v_proj, hk)
-    return q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
-
-
 def _reference_mask(n, s, g, num_core):
     """The fused mask (official ``generate_mask``) with 1-based rows r:
     core c allowed iff r > s and floor((r-s)/g) >= c; raw j iff r-w_r < j <= r."""
@@ -56,7 +40,7 @@ def _reference_mask(n, s, g, num_core):
 def cca_reference(m, x):
     """The layer in float64, from the paper and the official code: explicit per-group pooling loops, the reference
     mask, one dense softmax."""
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x, repeat=True)
     n, s, g, d = x.shape[1], m.window_size, m.group_size, m.head_dim
     num_core = (n - s) // g if n - s >= g else 0
     ck, cv = [], []
@@ -101,7 +85,7 @@ def test_mask_is_the_reference_mask_and_tiles_the_causal_context(n, s, g):
 
 
 def _dense_causal(m, x):
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x, repeat=True)
     n = x.shape[1]
     o = ref.dense_reference(q, k, v, torch.tril(torch.ones(n, n, dtype=torch.bool)), m.head_dim ** -0.5)
     return o.transpose(1, 2).reshape(x.shape[0], n, -1) @ m.o_proj.weight.double().T

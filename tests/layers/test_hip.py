@@ -140,20 +140,6 @@ def test_a_long_search_in_chunks_equals_one_pass(monkeypatch):
 # ------------------------------------------------------------------------------------------ the layer
 
 
-def _qkv(m, x):
-    """Rotated float64 q, k, v with k/v repeated to the query heads."""
-    b, n, _ = x.shape
-    hq, hk, d = m.num_heads, m.num_kv_heads, m.head_dim
-
-    def proj(lin, h):
-        y = x @ lin.weight.double().T
-        if lin.bias is not None:
-            y = y + lin.bias.double()
-        return y.view(b, n, h, d).transpose(1, 2)
-
-    pos = torch.arange(n)
-    q, k, v = ref.rope(proj(m.q_proj, hq), pos), ref.rope(proj(m.k_proj, hk), pos), proj(m.v_proj, hk)
-    return q, k.repeat_interleave(hq // hk, 1), v.repeat_interleave(hq // hk, 1)
 
 
 def hip_mask(sel, b_, h_, n, q_block, kv_block, window, sinks):
@@ -168,7 +154,7 @@ def hip_mask(sel, b_, h_, n, q_block, kv_block, window, sinks):
 
 
 def hip_reference(m, x, kpm=None):
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x, repeat=True)
     sel = ref_search(q.detach(), k.detach(), m.mask_k, m.q_block, m.kv_block, m.window, m.query_stride, kpm)
     mask = hip_mask(sel, x.shape[0], m.num_heads, x.shape[1], m.q_block, m.kv_block, m.window, m.sinks)
     if kpm is not None:
@@ -220,7 +206,7 @@ def test_a_budget_covering_the_sequence_is_dense_causal():
     for window, sinks in [(1, 0), (5, 3)]:
         m = HiPAttention(16, 4, mask_k=n, q_block=4, kv_block=3, window=window, sinks=sinks, num_kv_heads=2)
         x = torch.randn(2, n, 16, dtype=torch.float64)
-        q, k, v = _qkv(m, x)
+        q, k, v = ref.rotary_qkv(m, x, repeat=True)
         dense = ref.dense_reference(q, k, v, torch.ones(n, n, dtype=torch.bool).tril(), m.head_dim ** -0.5)
         expected = dense.transpose(1, 2).reshape(2, n, -1) @ m.o_proj.weight.double().T
         assert_close(m.double()(x), expected, 1e-9)  # (the layer's rotary angles are float32)
@@ -281,7 +267,7 @@ def test_refresh_interval_reuses_the_selection():
     r, prefill, n = 3, 6, 20
     m = HiPAttention(16, 2, mask_k=3, q_block=8, kv_block=1, window=2, sinks=1, refresh_interval=r).double().eval()
     x = torch.randn(1, n, 16, dtype=torch.float64)
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x, repeat=True)
     cache = m.new_cache(1)
     with torch.no_grad():
         m(x[:, :prefill], cache=cache)

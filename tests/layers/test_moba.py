@@ -63,19 +63,10 @@ def moba_reference(q, k, v, c, topk, dense_fallback=True, granularity="token"):
     return ref.dense_reference(q, k, v, mask, q.shape[-1] ** -0.5)
 
 
-def _qkv(m, x):
-    b, n, _ = x.shape
-
-    def proj(lin, h):
-        return (x @ lin.weight.double().T).view(b, n, h, m.head_dim).transpose(1, 2)
-
-    pos = torch.arange(n)
-    return ref.rope(proj(m.q_proj, m.num_heads), pos), ref.rope(proj(m.k_proj, m.num_kv_heads), pos), \
-        proj(m.v_proj, m.num_kv_heads)
 
 
 def layer_reference(m, x):
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x)
     o = moba_reference(q, k, v, m.chunk_size, m.topk, m.dense_fallback, m.granularity)
     return o.transpose(1, 2).reshape(*x.shape[:2], -1) @ m.o_proj.weight.double().T
 
@@ -233,7 +224,7 @@ def test_dense_decode_is_the_papers_generation():
     out, _ = _decode(m, x, [10, 1, 1, 11])
     with torch.no_grad():
         assert_close(out[:, :10], m(x)[:, :10], 1e-12)  # the prefill runs MoBA
-        q, k, v = _qkv(m, x)
+        q, k, v = ref.rotary_qkv(m, x)
         dense = _dense_causal(q, k, v).transpose(1, 2).reshape(2, 23, -1) @ m.o_proj.weight.double().T
     assert_close(out[:, 10:], dense[:, 10:], 1e-7)  # later tokens attend every cached key (float32 RoPE angles)
     blk = MoBAAttention(32, 2, chunk_size=4, topk=2, granularity="block", decode="dense").double().eval()

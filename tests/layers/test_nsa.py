@@ -89,19 +89,10 @@ def nsa_reference(q, k, v, gates, bs, s, w, scale=None, k_cmp=None, v_cmp=None, 
     return out
 
 
-def _qkv(m, x):
-    b, n, _ = x.shape
-
-    def proj(lin, h):
-        return (x @ lin.weight.double().T).view(b, n, h, m.head_dim).transpose(1, 2)
-
-    pos = torch.arange(n)
-    return ref.rope(proj(m.q_proj, m.num_heads), pos), ref.rope(proj(m.k_proj, m.num_kv_heads), pos), \
-        proj(m.v_proj, m.num_kv_heads)
 
 
 def layer_reference(m, x):
-    q, k, v = _qkv(m, x)
+    q, k, v = ref.rotary_qkv(m, x)
     b, n, _ = x.shape
     gates = torch.sigmoid(x @ m.g_proj.weight.double().T).view(b, n, m.num_heads, 3).permute(3, 0, 2, 1)
     bs, nc = m.block_size, n // m.block_size
