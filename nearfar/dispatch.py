@@ -374,17 +374,10 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
 
 
 def _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks):
-    """Run-time key blocks: "auto" is dense up to ``2**20`` pairs (or with a PerHead pattern), flex on CUDA, else
-    the block-sparse engine of ``nearfar.backends.selected``."""
-    nq, nk = q.shape[2], k.shape[2]
+    """Run-time key blocks on the engine ``choose_engine`` picks for them; "blocksparse" is
+    ``nearfar.backends.selected``."""
     if engine == "auto":
-        engine = "blocksparse"
-        if nq * nk <= _SMALL or isinstance(pattern, PerHead):
-            engine = "dense"
-        elif q.device.type == "cuda" and not (bias_src is not None and bias_src.requires_grad):
-            from .backends.flex import available
-
-            engine = "flex" if available() else engine
+        engine = choose_engine(q, pattern, q.shape[2], k.shape[2], bias_src, blocks=True)
     if engine == "dense":
         return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse, blocks=blocks)
     if engine == "flex":
@@ -451,7 +444,7 @@ def _is_partition(pattern: Pattern | None, nq: int, nk: int, device: torch.devic
 
 
 def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
-                  bias: DenseBias | RelativePositionBias | None = None) -> str:
+                  bias: DenseBias | RelativePositionBias | None = None, blocks: bool = False) -> str:
     """The ``"auto"`` rule, in one place (``attend`` applies it per call):
 
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
@@ -461,10 +454,16 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
     3. on CUDA, with FlexAttention available and no bias that needs a gradient: ``"flex"`` (its Triton kernels beat
        our per-chunk kernels there; a pattern it fails to compile falls back to ``"blocksparse"`` with a warning);
     4. otherwise ``"blocksparse"``, which beats compiled Flex on CPU and trains.
+
+    With run-time key blocks (``blocks``: ``attend(..., blocks=...)``) rule 1 does not apply (the partition engine
+    takes none) and rule 2 reads: at most ``2**20`` pairs, or a ``PerHead`` pattern, ``"dense"``.
     """
-    if pattern is not None and pattern.may_partition:
+    if blocks:
+        if nq * nk <= _SMALL or isinstance(pattern, PerHead):
+            return "dense"
+    elif pattern is not None and pattern.may_partition:
         return "partition" if _is_partition(pattern, nq, nk, q.device) else "blocksparse"
-    if pattern is None or nq * nk <= _SMALL:
+    elif pattern is None or nq * nk <= _SMALL:
         return "dense"
     trains_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()  # Flex: no bias gradient
     if q.device.type == "cuda" and not trains_bias and (pattern, nq, nk) not in _FLEX_FAILED:

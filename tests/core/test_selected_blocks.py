@@ -334,3 +334,13 @@ def test_per_token_selections_read_pair_by_pair(heads, q_block):
     torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=1e-4)
     for x, x64 in zip((q, k, v), xs64):
         torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_auto_picks_dense_for_small_and_blocksparse_for_long_calls():
+    from nearfar.dispatch import choose_engine
+
+    q = torch.zeros(1, 2, 1, 8)
+    assert choose_engine(q, nf.Causal(), 1024, 1024, blocks=True) == "dense"
+    assert choose_engine(q, None, 4096, 4096, blocks=True) == "blocksparse"  # no pattern: still sparse with blocks
+    assert choose_engine(q, nf.PerHead([nf.Causal()] * 2), 4096, 4096, blocks=True) == "dense"
+    assert choose_engine(q, nf.Blocks(64), 4096, 4096, blocks=True) == "blocksparse"  # no partition with blocks
