@@ -5,16 +5,22 @@ installed peers (NATTEN's module, compiled FlexAttention).
     python benchmarks/vision.py                        # every 2D mechanism, markdown to stdout
     python benchmarks/vision.py --mechanisms swin hilo --rounds 9
 
-fp32, no grad, B=8: (56, 56, 96) with ``make(96, 3)`` and (14, 14, 384) with ``make(384, 12)``. Methods are timed
-in interleaved rounds with a rotating order (``nearfar.bench.interleave``); "speed-up" is the median over rounds
-of baseline time / nearfar time (>= 1: nearfar no slower). Every pair passes a correctness gate first (max
-abs difference of the outputs).
+    python benchmarks/vision.py --modes fwd+bwd --mechanisms biformer   # forward+backward, with peak memory
+
+fp32, B=8: (56, 56, 96) with ``make(96, 3)`` and (14, 14, 384) with ``make(384, 12)``; ``fwd`` runs under no_grad,
+``fwd+bwd`` backpropagates a fixed random cotangent to the input and the parameters (gradients set to None before
+each call, so both sides allocate them). Methods are timed in interleaved rounds with a rotating order
+(``nearfar.bench.interleave``); "speed-up" is the median over rounds of baseline time / nearfar time (>= 1:
+nearfar no slower). Peak memory (``--memory``, default on for fwd+bwd) is the largest total of tensors alive at
+once during one call, parameters and input excluded (``nearfar.bench.speed_metrics.peak_bytes``). Every pair passes
+a correctness gate first (max abs difference of the outputs; with fwd+bwd also of the input gradients).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import json
 import pkgutil
 import statistics
@@ -28,7 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the official-approach oracles
 
 import nearfar  # noqa: E402
+from nearfar.bench.speed_metrics import peak_bytes  # noqa: E402
 from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
+
+MODES = ("fwd", "fwd+bwd")
 
 SHAPES = [((8, 56, 56, 96), 3), ((8, 14, 14, 384), 12)]
 #: extra settings timed beside a mechanism's defaults: DiNAT's dilation at each stage (224 input, k = 7)
@@ -86,36 +95,64 @@ def _peers(module, x) -> dict:
     return peers
 
 
-def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dict, peers: bool) -> dict:
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _caller(fn, module, x: torch.Tensor, mode: str):
+    """One timed call of ``fn(module, x)``: under no_grad (fwd), or forward + backward of a fixed cotangent."""
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                return _first(fn(module, x))
+        return call
+    cot = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+
+    def call():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out = _first(fn(module, x))
+        out.backward(cot.reshape(out.shape) if out.numel() == cot.numel() else torch.ones_like(out))
+        return out
+    return call
+
+
+def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dict, peers: bool,
+              mode: str = "fwd", memory: bool = False) -> dict:
     torch.manual_seed(0)
     module = make(shape[-1], heads, **kw).eval()
-    x = torch.randn(*shape)
-    res = dict(mechanism=name, shape=list(shape), kwargs=kw, load_before=load())
-    with torch.no_grad():
-        methods = {"nearfar": lambda: module(x)}
-        if baseline is not None:
-            torch.manual_seed(1)  # mechanisms that draw per call (HiDiffusion's shift) draw the same in both
-            out = module(x)
-            torch.manual_seed(1)
-            ref = baseline(module, x)
-            if isinstance(out, tuple):
-                out = out[0]
-            res["max_abs_err_vs_baseline"] = float((out - ref).abs().max())
-            methods["baseline"] = lambda: baseline(module, x)
-        if peers:
+    x = torch.randn(*shape, requires_grad=mode != "fwd")
+    res = dict(mechanism=name, mode=mode, shape=list(shape), kwargs=kw, load_before=load())
+    methods = {"nearfar": _caller(lambda m, t: m(t), module, x, mode)}
+    if baseline is not None:
+        methods["baseline"] = _caller(baseline, module, x, mode)
+        torch.manual_seed(1)  # mechanisms that draw per call (HiDiffusion's shift) draw the same in both
+        out = methods["nearfar"]().detach()
+        grad = None if x.grad is None else x.grad.clone()
+        torch.manual_seed(1)
+        ref = methods["baseline"]().detach()
+        res["max_abs_err_vs_baseline"] = float((out - ref).abs().max())
+        if grad is not None:
+            res["max_abs_grad_err_vs_baseline"] = float((grad - x.grad).abs().max())
+    if peers and mode == "fwd":
+        with torch.no_grad():
             for label, fn in _peers(module, x).items():
                 if isinstance(fn, str):
                     res[f"{label} error"] = fn
                 else:
                     methods[label] = fn
-        times = interleave(methods, rounds=rounds, warmup=1)
+    if memory:
+        keep = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+        res["peak_mib"] = {k: peak_bytes(fn, keep) / 2**20 for k, fn in methods.items()}
+    times = interleave(methods, rounds=rounds, warmup=1)
     res["ms"] = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     res["speedup"] = {k: median_ratio(times, k, "nearfar") for k in times if k != "nearfar"}
     res["load_after"] = load()
     return res
 
 
-def run(selected: list[str] | None, rounds: int, peers: bool) -> list[dict]:
+def run(selected: list[str] | None, rounds: int, peers: bool, modes: tuple[str, ...] = ("fwd",),
+        memory: bool | None = None) -> list[dict]:
     base = baselines()
     results = []
     for mech in nearfar.mechanisms():
@@ -125,14 +162,15 @@ def run(selected: list[str] | None, rounds: int, peers: bool) -> list[dict]:
             settings = {"": {}}
             for label, per_size in VARIANTS.get(mech.name, {}).items():
                 settings[label] = per_size[shape[1]]
-            for label, kw in settings.items():
+            for (label, kw), mode in itertools.product(settings.items(), modes):
                 name = mech.name + (f" ({label})" if label else "")
                 t0 = time.perf_counter()
                 try:
                     res = bench_one(name, mech.make, base.get(mech.name), shape, heads, rounds, kw,
-                                    peers and mech.name == "neighborhood")
+                                    peers and mech.name == "neighborhood", mode,
+                                    mode != "fwd" if memory is None else memory)
                 except Exception as err:  # noqa: BLE001 - one failing mechanism must not hide the others
-                    res = dict(mechanism=name, shape=list(shape), error=repr(err)[:300])
+                    res = dict(mechanism=name, mode=mode, shape=list(shape), error=repr(err)[:300])
                 res["seconds"] = round(time.perf_counter() - t0, 1)
                 print(json.dumps(res), file=sys.stderr, flush=True)
                 results.append(res)
@@ -140,19 +178,25 @@ def run(selected: list[str] | None, rounds: int, peers: bool) -> list[dict]:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| mechanism | input | nearfar ms | baseline ms | speed-up vs baseline | peers (speed-up) | max err |",
-             "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| mechanism | mode | input | nearfar ms | baseline ms | speed-up vs baseline"
+             " | peak MiB (nearfar / baseline) | peers (speed-up) | max err |",
+             "|---|---|---|---:|---:|---:|---|---|---:|"]
     for r in results:
         shape = "x".join(map(str, r["shape"][1:]))
+        head = f"| {r['mechanism']} | {r.get('mode', 'fwd')} | {shape} |"
         if "error" in r:
-            lines.append(f"| {r['mechanism']} | {shape} | error: {r['error'][:80]} | | | | |")
+            lines.append(f"{head} error: {r['error'][:80]} | | | | | |")
             continue
-        ms, sp = r["ms"], r["speedup"]
+        ms, sp, mem = r["ms"], r["speedup"], r.get("peak_mib", {})
         peers = ", ".join(f"{k} {ms[k]:.1f} ms ({sp[k]:.2f}x)" for k in ms if k not in ("nearfar", "baseline"))
         base = f"{ms['baseline']:.1f}" if "baseline" in ms else "n/a"
         bsp = f"**{sp['baseline']:.2f}x**" if "baseline" in sp else "n/a"
+        peak = (f"{mem['nearfar']:.0f} / {mem['baseline']:.0f} ({mem['nearfar'] / mem['baseline']:.2f}x)"
+                if mem.get("baseline") else (f"{mem['nearfar']:.0f}" if mem else ""))
         err = f"{r['max_abs_err_vs_baseline']:.1e}" if "max_abs_err_vs_baseline" in r else ""
-        lines.append(f"| {r['mechanism']} | {shape} | {ms['nearfar']:.1f} | {base} | {bsp} | {peers} | {err} |")
+        if "max_abs_grad_err_vs_baseline" in r:
+            err += f" (grad {r['max_abs_grad_err_vs_baseline']:.1e})"
+        lines.append(f"{head} {ms['nearfar']:.1f} | {base} | {bsp} | {peak} | {peers} | {err} |")
     return "\n".join(lines)
 
 
@@ -161,10 +205,13 @@ def main() -> None:
     ap.add_argument("--mechanisms", nargs="*", help="registry names (default: every 2D mechanism)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--skip-peers", action="store_true")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["fwd"], help="fwd and/or fwd+bwd (default fwd)")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure peak memory (default: with fwd+bwd only)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    results = run(args.mechanisms, args.rounds, not args.skip_peers)
+    results = run(args.mechanisms, args.rounds, not args.skip_peers, tuple(args.modes), args.memory)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}\n")
