@@ -111,7 +111,8 @@ class GLCAttention(nn.Module):
         k, v = kv.unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
         return k, v  # (B, heads, N, d) views
 
-    def _attend(self, tokens: torch.Tensor, rows: torch.Tensor, kv=None) -> torch.Tensor:
+    def _attend(self, tokens: torch.Tensor, rows: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         k, v = self._keys_values(tokens) if kv is None else kv
         picked = tokens.gather(1, rows.unsqueeze(-1).expand(-1, -1, self.dim))
         q = self._linear(picked, slice(0, self.dim)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
@@ -159,7 +160,8 @@ class GLCAttention(nn.Module):
         idx = scores.detach().topk(self.num_local(scores.shape[1]), dim=-1).indices
         return idx.sort(-1).values
 
-    def _scores(self, b: int, spatial: tuple[int, ...], n: int, scores, attn) -> torch.Tensor | None:
+    def _scores(self, b: int, spatial: tuple[int, ...], n: int, scores: object,
+                attn: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | None:
         if scores is not None and attn is not None:
             raise ValueError("pass scores or attn, not both")
         if scores is not None:
