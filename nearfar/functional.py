@@ -3,7 +3,8 @@
 ``attend`` (the one entry point of every engine), head split/merge, window partition and merge for modules that
 cut their *input* into windows (as the official window codes do), the lightning/linear attention kernels, and the
 routing ops of content-routed block-sparse attention (block pooling, block scores, block selection, HiP's
-hierarchical block search, k-means routing).
+hierarchical block search, k-means routing), and attention rollout (which tokens a class token draws on, to
+select queries by).
 Layers and models are built only on this module, ``nearfar.patterns`` and ``nearfar.checks``; the engines behind
 ``attend`` are free to change."""
 
@@ -26,6 +27,7 @@ from .ops.lightning import (
     linear_attention_reference,
     tnl_slopes,
 )
+from .ops.rollout import attention_rollout
 from .ops.routing import (
     block_attention_stat,
     block_scores,
@@ -45,6 +47,7 @@ __all__ = [
     "WindowBatch",
     "alibi_slopes",
     "attend",
+    "attention_rollout",
     "block_attention_stat",
     "block_scores",
     "compute_dtype",

@@ -17,6 +17,7 @@ from .dualtoken import DualTokenAttention
 from .ela import ELA
 from .gaam import GAAMAttention
 from .gcvit import GCViTWindowAttention, GlobalQueryAttention
+from .glca import GLCAttention
 from .hilo import HiLo
 from .hip import HiPAttention
 from .kdgqa import KDGQA
@@ -40,6 +41,7 @@ from .pgqa import PGQA
 from .proxy_tokens import ProxyTokenAttention
 from .psa_parallel import PSAParallel
 from .psa_sequential import PSASequential
+from .pwca import PWCAttention
 from .registry import Mechanism, mechanisms, register
 from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
@@ -63,6 +65,7 @@ __all__ = [
     "ELA",
     "GAAMAttention",
     "GCViTWindowAttention",
+    "GLCAttention",
     "GlobalQueryAttention",
     "HiLo",
     "HiPAttention",
@@ -89,6 +92,7 @@ __all__ = [
     "ProxyTokenAttention",
     "PSAParallel",
     "PSASequential",
+    "PWCAttention",
     "register",
     "RoutingTransformerAttention",
     "S2Attention",
