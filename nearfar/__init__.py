@@ -58,6 +58,7 @@ from .layers import (
     UniFormerGlobalMHRA,
     UniFormerLocalMHRA,
     WindowAttention,
+    WindowAttentionUpsample,
     mechanisms,
 )
 from .models import (
@@ -163,5 +164,6 @@ __all__ = [
     "UniFormerLocalMHRA",
     "Union",
     "WindowAttention",
+    "WindowAttentionUpsample",
 ]
 __version__ = "0.1.0"

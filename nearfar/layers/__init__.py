@@ -50,6 +50,7 @@ from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .titans_mac import TitansMAC
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+from .wau import WindowAttentionUpsample
 
 __all__ = [
     "AgentAttention",
@@ -101,4 +102,5 @@ __all__ = [
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "WindowAttention",
+    "WindowAttentionUpsample",
 ]
