@@ -202,6 +202,10 @@ class WindowAttentionUpsample(nn.Module):
         if skip is None:
             if self.skip_dim != self.dim:
                 raise ValueError(f"forward(x) without skip needs skip_dim == dim, got {self.skip_dim} and {self.dim}")
+            tile = self.scale_factor * self.window_size
+            if not self.pad and (x.shape[1] % tile or x.shape[2] % tile):
+                raise ValueError(f"forward(x) without pad needs x's height and width to be multiples of "
+                                 f"scale_factor*window_size={tile}, got {x.shape[1]}x{x.shape[2]} (pad=True pads)")
             x, skip = self.low_res(x), x
         else:
             check_channels_last(skip, 2, self.skip_dim, name="skip")

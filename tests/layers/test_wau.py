@@ -394,7 +394,9 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="multiples of window_size=2, got 3x4"):
         m(torch.randn(2, 3, 4, 16), torch.randn(2, 6, 8, 8))
     with pytest.raises(ValueError, match="multiples of window_size=8, got 7x7"):
-        WindowAttentionUpsample(16, 2)(torch.randn(1, 14, 14, 16))
+        WindowAttentionUpsample(16, 2)(torch.randn(1, 7, 7, 16), torch.randn(1, 14, 14, 16))
+    with pytest.raises(ValueError, match="multiples of scale_factor\\*window_size=16, got 14x16"):
+        WindowAttentionUpsample(16, 2)(torch.randn(1, 14, 16, 16))
     padded = WindowAttentionUpsample(16, 2, window_size=2, pad=True)
     with pytest.raises(ValueError, match=r"skip's height and width must be in \(2\*\(h-1\), 2\*h\]"):
         padded(torch.randn(1, 3, 3, 16), torch.randn(1, 4, 6, 16))
