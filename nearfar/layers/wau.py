@@ -238,14 +238,16 @@ class WindowAttentionUpsample(nn.Module):
         if self.relative_position_bias_table is not None:
             bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]
         out = attend(q, kv[0], kv[1], scale=self.scale, bias=bias, key_padding_mask=mask)
-        z = self.proj(out.transpose(1, 2).reshape(qw.shape[0], sm * sm, c))
-        if self.skip_proj is not None:
-            z = z + self.skip_proj(qw)
-        if self.ffn:
-            z = z + self.mlp(self.norm_ffn(z))
-        z = z.reshape(b, nh, nw, sm, sm, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * sm, nw * sm, c)
+        # heads and windows back to the raster map in one copy, then crop: proj and FFN run on the kept pixels only
+        heads, d = out.shape[1], out.shape[3]
+        z = out.reshape(b, nh, nw, heads, sm, sm, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * sm, nw * sm, c)
         if padded:
             z = z[:, :hs, :ws]
+        z = self.proj(z)
+        if self.skip_proj is not None:
+            z = z + self.skip_proj(skip)
+        if self.ffn:
+            z = z + self.mlp(self.norm_ffn(z))
         if self.bilinear_residual:
             z = z + self.upsample(x, (hs, ws))
         return z
