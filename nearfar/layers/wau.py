@@ -228,7 +228,10 @@ class WindowAttentionUpsample(nn.Module):
         kw = xd.reshape(b, nh, m, nw, m, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, m * m, c)
         qw = sk.reshape(b, nh, sm, nw, sm, cs).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, sm * sm, cs)
         q = split_heads(self.q(self.norm_q(qw)), self.num_heads)
-        kv = self.kv(self.norm_kv(kw)).reshape(kw.shape[0], m * m, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # keys and values head-major and contiguous (a copy of the small low-res side): attend's input checks and
+        # kernel read them in one pass, and their gradients come back without zero-filled buffers
+        k, v = self.kv(self.norm_kv(kw)).reshape(kw.shape[0], m * m, 2, self.num_heads, -1).permute(
+            2, 0, 3, 1, 4).contiguous().unbind(0)
         mask = None
         if (hp, wp) != (h, w):
             valid = torch.zeros(hp, wp, dtype=torch.bool, device=x.device)
@@ -237,7 +240,7 @@ class WindowAttentionUpsample(nn.Module):
         bias = None
         if self.relative_position_bias_table is not None:
             bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)[None]
-        out = attend(q, kv[0], kv[1], scale=self.scale, bias=bias, key_padding_mask=mask)
+        out = attend(q, k, v, scale=self.scale, bias=bias, key_padding_mask=mask)
         # heads and windows back to the raster map in one copy, then crop: proj and FFN run on the kept pixels only
         heads, d = out.shape[1], out.shape[3]
         z = out.reshape(b, nh, nw, heads, sm, sm, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * sm, nw * sm, c)
