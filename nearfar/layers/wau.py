@@ -37,6 +37,8 @@ pooling is our device to fit the one-input contract; the paper's deep map comes 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,6 +117,8 @@ class WindowAttentionUpsample(nn.Module):
         torch.Size([2, 16, 16, 64])
     """
 
+    relative_position_index: torch.Tensor  # a non-persistent buffer, with ``rpb`` only
+
     def __init__(self, dim: int, num_heads: int, scale_factor: int = 2, window_size: int = 8,
                  skip_dim: int | None = None, mlp_ratio: float = 4.0, ffn: bool = True, query_residual: bool = False,
                  bilinear_residual: bool = True, rpb: bool = False, pad: bool = False, qkv_bias: bool = True,
@@ -138,12 +142,12 @@ class WindowAttentionUpsample(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         m, s = self.window_size, self.scale_factor
-        self.relative_position_bias_table = None
+        self.relative_position_bias_table: nn.Parameter | None = None
         if rpb:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * s * m - s) ** 2, num_heads))
             trunc_normal_(self.relative_position_bias_table)
             self.register_buffer("relative_position_index", rpb_index(m, s), persistent=False)
-        self.skip_proj = (nn.Linear(self.skip_dim, dim) if self.skip_dim != dim else nn.Identity()) \
+        self.skip_proj: nn.Module | None = (nn.Linear(self.skip_dim, dim) if self.skip_dim != dim else nn.Identity()) \
             if query_residual else None
         if ffn:
             self.norm_ffn = nn.LayerNorm(dim)
@@ -264,7 +268,7 @@ class WindowAttentionUpsample(nn.Module):
 
 #: the one-input form the registry builds: windows of 7 on the pooled map (query windows 14: 56x56 and 14x14
 #: maps split into whole windows), any size (padded), and no bilinear residual (see the notes)
-REGISTRY_DEFAULTS = dict(window_size=7, pad=True, bilinear_residual=False)
+REGISTRY_DEFAULTS: dict[str, Any] = dict(window_size=7, pad=True, bilinear_residual=False)
 
 register(Mechanism(
     name="wau",
