@@ -60,6 +60,7 @@ from .layers import (
     UniFormerGlobalMHRA,
     UniFormerLocalMHRA,
     WindowAttention,
+    WindowAttentionUpsample,
     mechanisms,
 )
 from .models import (
@@ -167,5 +168,6 @@ __all__ = [
     "UniFormerLocalMHRA",
     "Union",
     "WindowAttention",
+    "WindowAttentionUpsample",
 ]
 __version__ = "0.1.0"

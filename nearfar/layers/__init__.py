@@ -52,6 +52,7 @@ from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .titans_mac import TitansMAC
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+from .wau import WindowAttentionUpsample
 
 __all__ = [
     "AgentAttention",
@@ -105,4 +106,5 @@ __all__ = [
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "WindowAttention",
+    "WindowAttentionUpsample",
 ]
