@@ -308,6 +308,10 @@ def attend(
         pattern = None
     if engine == "auto" and _ENGINE_OVERRIDE.get():
         engine = _ENGINE_OVERRIDE.get()[-1]
+    if pattern is None and blocks is None and key_padding_mask is None and bias_src is None:
+        # no masked pair that a huge value could poison: a non-finite output is the inputs' own, as in SDPA
+        out, lse = _run(q, k, v, None, scale, None, None, engine, return_lse)
+        return (out, lse) if return_lse else out
     # training: check the inputs first (a huge finite value at a masked pair overflows only in the backward pass);
     # inference: any leak shows as a non-finite output, so only an output that has one is looked into
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rpb))
