@@ -57,6 +57,7 @@ from .layers import (
     TitansMAC,
     UniFormerGlobalMHRA,
     UniFormerLocalMHRA,
+    VSAWindowAttention,
     WindowAttention,
     mechanisms,
 )
@@ -162,6 +163,7 @@ __all__ = [
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "Union",
+    "VSAWindowAttention",
     "WindowAttention",
 ]
 __version__ = "0.1.0"

@@ -50,6 +50,7 @@ from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .titans_mac import TitansMAC
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+from .vsa import VSAWindowAttention
 
 __all__ = [
     "AgentAttention",
@@ -100,5 +101,6 @@ __all__ = [
     "TitansMAC",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
+    "VSAWindowAttention",
     "WindowAttention",
 ]
