@@ -59,6 +59,13 @@ def swin_relative_position_index(ws: int) -> torch.Tensor:
     return rel[0] * (2 * ws - 1) + rel[1]
 
 
+def _last_conv(seq: nn.Module) -> nn.Conv2d:
+    """The 1x1 conv that ends a window predictor (pool, LeakyReLU, conv)."""
+    conv = seq[-1] if isinstance(seq, nn.Sequential) else None
+    assert isinstance(conv, nn.Conv2d)
+    return conv
+
+
 def _axis_coords(n: int, ws: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel coordinates on one axis of ``n`` pixels padded to ``nw * ws``: window centres ``(nw,)`` and slot
     offsets from the centre ``(ws,)``."""
@@ -96,6 +103,8 @@ class VSAWindowAttention(nn.Module):
         torch.Size([2, 14, 17, 64])
     """
 
+    relative_position_index: torch.Tensor
+
     def __init__(self, dim: int, num_heads: int, out_dim: int | None = None, window_size: int = 7,
                  qkv_bias: bool = True, qk_scale: float | None = None, zero_init: bool = True):
         super().__init__()
@@ -121,9 +130,10 @@ class VSAWindowAttention(nn.Module):
 
     def reset_sampling(self) -> None:
         """Zero the last conv of both window predictors (the official ``_reset_parameters``): plain windows."""
-        for conv in (self.sampling_offsets[-1], self.sampling_scales[-1]):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        for conv in (_last_conv(self.sampling_offsets), _last_conv(self.sampling_scales)):
+            for p in (conv.weight, conv.bias):
+                if p is not None:
+                    nn.init.zeros_(p)
 
     def window_transforms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-window, per-head ``(offsets, scales)``, each ``(B, nH, nW, heads, 2)`` with ``(x, y)`` last, as the
@@ -141,10 +151,11 @@ class VSAWindowAttention(nn.Module):
         if pb or pr:
             x = F.pad(x, (0, 0, 0, pr, 0, pb))
         pooled = F.leaky_relu(x.reshape(b, (h + pb) // ws, ws, (w + pr) // ws, ws, c).mean((2, 4)))
-        off, scl = self.sampling_offsets[-1], self.sampling_scales[-1]
-        weight = torch.cat((off.weight, scl.weight)).flatten(1)
-        pred = F.linear(pooled, weight, torch.cat((off.bias, scl.bias)))
-        return pred.unflatten(-1, (2, self.num_heads, 2)).unbind(-3)
+        convs = (_last_conv(self.sampling_offsets), _last_conv(self.sampling_scales))
+        weight = torch.cat([conv.weight.flatten(1) for conv in convs])
+        bias = torch.cat([conv.bias for conv in convs if conv.bias is not None])
+        offsets, scales = F.linear(pooled, weight, bias).unflatten(-1, (2, self.num_heads, 2)).unbind(-3)
+        return offsets, scales
 
     def sampling_grid(self, x: torch.Tensor) -> torch.Tensor:
         """Where each window's keys are sampled: ``(B * heads, nH * nW, ws * ws, 2)`` in ``grid_sample``'s

@@ -210,7 +210,7 @@ def _moved_windows(m: VSAWindowAttention, x: torch.Tensor, key_pixel) -> torch.T
         for c in range(wp // ws):
             for e in range(heads):
                 ch = slice(e * d, (e + 1) * d)
-                kk, vv = torch.zeros(b, ws * ws, d, dtype=torch.float64), torch.zeros(b, ws * ws, d, dtype=torch.float64)
+                kk, vv = (torch.zeros(b, ws * ws, d, dtype=torch.float64) for _ in range(2))
                 for j in range(ws * ws):
                     py, px = key_pixel(a, c, e, *divmod(j, ws))
                     if 0 <= py < hp and 0 <= px < wp:
