@@ -174,16 +174,15 @@ class VSAWindowAttention(nn.Module):
         cy, dy = _axis_coords(h, ws, x.device, x.dtype)
         cx, dx = _axis_coords(w, ws, x.device, x.dtype)
         nh, nw = cy.shape[0], cx.shape[0]
-        # pixels of the padded map: centre + delta * (1 + scale) + offset * (padded size - 1) / 2 / windows(unpadded)
-        per_px = torch.tensor([(nw * ws - 1) / 2 / (w // ws), (nh * ws - 1) / 2 / (h // ws)], device=x.device,
-                              dtype=x.dtype)
-        shift = (offsets * per_px).permute(0, 3, 1, 2, 4)[:, :, :, :, None, None]  # (B, heads, nH, nW, 1, 1, 2)
-        stretch = (1 + scales).permute(0, 3, 1, 2, 4)[:, :, :, :, None, None]
-        delta = torch.stack(torch.broadcast_tensors(dx[None, :], dy[:, None]), -1)  # (ws, ws, 2)
-        centre = torch.stack(torch.broadcast_tensors(cx[None, :, None, None], cy[:, None, None, None]), -1)
-        pixels = centre + delta * stretch + shift  # (B, heads, nH, nW, ws, ws, 2)
-        to_unit = torch.tensor([2 / max(w - 1, 1), 2 / max(h - 1, 1)], device=x.device, dtype=x.dtype)
-        return (pixels * to_unit - 1).reshape(b * heads, nh * nw, ws * ws, 2)
+        o = offsets.permute(4, 0, 3, 1, 2)[..., None, None]  # (2, B, heads, nH, nW, 1, 1)
+        s = scales.permute(4, 0, 3, 1, 2)[..., None, None]
+        # pixels of the padded map: centre + delta * (1 + scale) + offset * (padded size - 1) / 2 / windows(unpadded);
+        # x varies along the slot column, y along the slot row: (B, heads, nH, nW, 1, ws) and (..., ws, 1)
+        px = cx[:, None, None] + dx * (1 + s[0]) + o[0] * ((nw * ws - 1) / 2 / (w // ws))
+        py = cy[:, None, None, None] + dy[:, None] * (1 + s[1]) + o[1] * ((nh * ws - 1) / 2 / (h // ws))
+        # to the [-1, 1] coordinates of the unpadded map (the padding is zeros, as outside it)
+        ux, uy = torch.broadcast_tensors(px * (2 / max(w - 1, 1)) - 1, py * (2 / max(h - 1, 1)) - 1)
+        return torch.stack((ux, uy), -1).reshape(b * heads, nh * nw, ws * ws, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Varied-size window attention of a channel-last map.
