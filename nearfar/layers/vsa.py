@@ -35,8 +35,10 @@ official state dict loads with ``strict=True``. Differences from the official co
 - the last conv of both predictors is zero-initialised by default (``zero_init=True``), so the layer starts as
   plain window attention as the paper intends; the official ``_reset_parameters`` that does this is never called
   in the classification code (``zero_init=False`` keeps PyTorch's default conv init, as that code runs);
-- the keys sampled outside the real map are sampled from the unpadded maps (zeros outside, identical to
-  sampling the zero-padded maps), and the queries of padded positions are dropped after attention as there;
+- keys and values are sampled from the unpadded maps (zeros outside them: identical to sampling the zero-padded
+  maps); both predictors share one average pool (the official code pools twice; same values);
+- a one-pixel axis (``window_size=1`` and ``H`` or ``W`` = 1) samples its only pixel whatever the offset; the
+  official coordinates are NaN there (``2 / (size - 1)``);
 - no attention/projection dropout.
 """
 
