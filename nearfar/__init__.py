@@ -59,6 +59,7 @@ from .layers import (
     TitansMAC,
     UniFormerGlobalMHRA,
     UniFormerLocalMHRA,
+    VSAWindowAttention,
     WindowAttention,
     WindowAttentionUpsample,
     mechanisms,
@@ -167,6 +168,7 @@ __all__ = [
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
     "Union",
+    "VSAWindowAttention",
     "WindowAttention",
     "WindowAttentionUpsample",
 ]

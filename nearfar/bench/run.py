@@ -87,6 +87,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),
         "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
         "wau": dict(window_size=max(1, p // 2)),  # key windows on the 2x pooled map: p x p query windows
+        "vsa": dict(window_size=p),
     }
     return by_name.get(name, {})
 

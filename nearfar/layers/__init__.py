@@ -52,6 +52,7 @@ from .super_token import SuperTokenAttention
 from .swin import WindowAttention
 from .titans_mac import TitansMAC
 from .uniformer import UniFormerGlobalMHRA, UniFormerLocalMHRA
+from .vsa import VSAWindowAttention
 from .wau import WindowAttentionUpsample
 
 __all__ = [
@@ -105,6 +106,7 @@ __all__ = [
     "TitansMAC",
     "UniFormerGlobalMHRA",
     "UniFormerLocalMHRA",
+    "VSAWindowAttention",
     "WindowAttention",
     "WindowAttentionUpsample",
 ]

@@ -48,6 +48,7 @@ def test_every_vision_mechanism_runs_on_the_2d_task(size):
 def test_image_settings_window_divides_the_image_within_reach(grid, w, p):
     assert R.image_settings("swin", w, grid) == {"window_size": p}
     assert R.image_settings("maxvit_grid", w, grid) == {"partition_size": p}
+    assert R.image_settings("vsa", w, grid) == {"window_size": p}
     assert R.image_settings("hilo", w, grid) == {}
 
 
