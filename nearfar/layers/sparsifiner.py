@@ -65,12 +65,13 @@ from ..checks import (
     check_real_range,
     check_scale,
 )
-from ..functional import attend, merge_heads, split_qkv
+from ..functional import attend, split_qkv
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
 
 
-def resize_token_table(table: torch.Tensor, n_cls: int, size: tuple[int, int], new_size: tuple[int, int]) -> torch.Tensor:
+def resize_token_table(table: torch.Tensor, n_cls: int, size: tuple[int, int],
+                       new_size: tuple[int, int]) -> torch.Tensor:
     """A per-token table ``(n_cls + H0*W0, r)`` for a ``(H, W)`` map: the patch rows, seen as a ``(H0, W0)`` grid,
     bilinearly resized (``align_corners=False``); the ``n_cls`` leading rows kept. Identity at the same size."""
     if tuple(size) == tuple(new_size):
