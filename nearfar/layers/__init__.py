@@ -47,6 +47,7 @@ from .routing_transformer import RoutingTransformerAttention
 from .s2_attention import S2Attention
 from .seer_attention import SeerAttention
 from .shvit import SHSA
+from .sparsifiner import SparsifinerAttention
 from .streaming_llm import StreamingLLMAttention
 from .super_token import SuperTokenAttention
 from .swin import WindowAttention
@@ -100,6 +101,7 @@ __all__ = [
     "S2Attention",
     "SeerAttention",
     "SHSA",
+    "SparsifinerAttention",
     "SRWAttention",
     "StreamingLLMAttention",
     "SuperTokenAttention",
