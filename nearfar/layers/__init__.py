@@ -13,6 +13,8 @@ from .davit_channel import DaViTChannelAttention
 from .davit_spatial import DaViTWindowAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
+from .dlgsa_global import SparseGSA
+from .dlgsa_local import MHDLSA
 from .dualtoken import DualTokenAttention
 from .ela import ELA
 from .gaam import GAAMAttention
@@ -77,6 +79,7 @@ __all__ = [
     "MaxViTAttention",
     "Mechanism",
     "mechanisms",
+    "MHDLSA",
     "MoAAttention",
     "MoBAAttention",
     "MoHAttention",
@@ -94,6 +97,7 @@ __all__ = [
     "S2Attention",
     "SeerAttention",
     "SHSA",
+    "SparseGSA",
     "SRWAttention",
     "StreamingLLMAttention",
     "SuperTokenAttention",

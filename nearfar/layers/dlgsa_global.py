@@ -1,0 +1,160 @@
+"""DLGSANet SparseGSA, sparse global self-attention: channel-last ``(B, H, W, C)`` in and out.
+
+Paper: Li, Pan, Tang, Dong, "DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image
+Super-Resolution" (ICCV 2023, arXiv 2301.02031). Official code: NeonLeexiang/DLGSANet,
+``basicsr/archs/dlgsanet_arch.py`` (``SparseAttention``, the mixer of ``SparseAttentionLayerBlock``; ``Attention``,
+Restormer's MDTA, the mixer of the ``'edge'`` blocks).
+
+SparseGSA is Restormer's transposed (channel) attention with the softmax replaced by a ReLU. Per head ``h`` of
+``d = C / heads`` channels, over all ``N = H*W`` tokens:
+
+* ``qkv = qkv_dwconv(qkv(x))``: a bias-free 1x1 conv ``C -> 3C`` and a 3x3 depth-wise conv (zero padding 1), split
+  into ``q, k, v`` (in that order, heads head-major inside each);
+* ``q_hat = q / ||q||``, ``k_hat = k / ||k||``, the norms of each channel over the ``N`` tokens (``F.normalize``,
+  eps ``1e-12``);
+* ``A = act(temperature_h * q_hat^T k_hat)`` (``d x d``, ``temperature`` learnable, init 1) with ``act = ReLU``:
+  the cosine similarities that are <= 0 give exact zeros, the "sparse" of the name;
+* ``out[n, i] = sum_j A[i, j] v[n, j]``, heads concatenated, then ``project_out`` (bias-free 1x1 conv ``C -> C``).
+
+``activation`` selects ``act`` among the official options: ``'relu'`` (default, SparseGSA), ``'gelu'`` and
+``'sigmoid'`` (the paper's ablations; any other string gives the identity in the official code, ``'identity'``
+here) and ``'softmax'`` (over the last index: the official ``Attention`` class, MDTA, which the repository's
+``'edge'`` blocks use). The paper describes SparseGSA as keeping "the most useful similarity values"; the code does
+that with the ReLU only: there is no top-k selection in it, so none is offered here. Cost ``O(N C^2)`` (the
+projections) plus ``O(N C d)`` (the attention): linear in the number of tokens.
+
+Registry family "dense": the attention is over channels, not tokens; every output channel of every token reads all
+``H*W`` tokens (through the ``d x d`` affinity), and no key is selected per query by content (the ReLU zeroes
+channel pairs, not tokens), so "routed" would be wrong.
+
+Differences from the official code: the input is channel-last and the 1x1 convs run as matmuls on it; the cosine
+similarities come from the raw Gram matrix divided by the two norms instead of normalising ``q`` and ``k`` first,
+and the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out A`` applied to ``v`` in one
+matmul), the same function up to rounding. In evaluation with ``tlc_flag`` the official code runs the attention on
+overlapping ``tlc_kernel`` tiles of the map (TLC, test-time local converter, batch 1 only); this module is the same
+function in training and evaluation (the official training-time forward), so a map of at most ``tlc_kernel``
+pixels per side (48 or 96 officially) gives the official evaluation output and a larger one does not. The parameter
+names and shapes are the official ones (``temperature``, ``qkv.weight``, ``qkv_dwconv.weight``,
+``project_out.weight``, and the ``.bias`` of each conv with ``bias=True``), so an official ``SparseAttention``
+state dict loads unchanged (strict).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checks import check_bool, check_channels_last, check_choice, check_dim_heads
+from .registry import Mechanism, image_layer, register
+
+#: the affinity functions: the official ``SparseAttention`` activations and ``Attention``'s softmax
+ACTIVATIONS = ("relu", "gelu", "sigmoid", "identity", "softmax")
+
+
+class SparseGSA(nn.Module):
+    """``SparseGSA(dim, num_heads=6, bias=False, activation='relu')``: x ``(B, H, W, dim)`` -> same shape.
+
+    Channel (transposed) attention per head: the ``d x d`` affinity ``act(temperature * cos(q_i, k_j))`` of the
+    head's query and key channels (cosines over all tokens) mixes its value channels.
+
+    Args:
+        dim: Channels, a positive multiple of ``num_heads``.
+        num_heads: Number of heads (channel groups), >= 1 (default 6, official).
+        bias: Biases on ``qkv``, ``qkv_dwconv`` and ``project_out`` (default False, as DLGSANet builds it).
+        activation: The affinity function, one of ``'relu'`` (default, SparseGSA), ``'gelu'``, ``'sigmoid'``,
+            ``'identity'``, ``'softmax'`` (Restormer's MDTA).
+
+    Raises:
+        TypeError: ``bias`` is not a bool; ``activation`` is not a str.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``activation`` is not one of the above.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar import SparseGSA
+        >>> SparseGSA(96, 3)(torch.randn(2, 13, 11, 96)).shape
+        torch.Size([2, 13, 11, 96])
+    """
+
+    dim: int
+    num_heads: int
+    head_dim: int
+    activation: str
+
+    def __init__(self, dim: int, num_heads: int = 6, bias: bool = False, activation: str = "relu"):
+        super().__init__()
+        self.head_dim = check_dim_heads(dim, num_heads)
+        check_bool(bias, "bias")
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.dim, self.num_heads = dim, num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def act(self, logits: torch.Tensor) -> torch.Tensor:
+        """The affinity function on ``temperature * cosine`` logits ``(..., d, d)``."""
+        if self.activation == "relu":
+            return F.relu(logits)
+        if self.activation == "gelu":
+            return F.gelu(logits)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.activation == "softmax":
+            return logits.softmax(dim=-1)
+        return logits
+
+    def affinity(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``act(temperature * cos)`` ``(B, heads, d, d)`` of queries and keys ``(B, N, dim)`` (channel-last)."""
+        b = q.shape[0]
+        heads, d = self.num_heads, self.head_dim
+        # per head q_h^T k_h: one batched matmul over (B, heads) on (d, N) x (N, d) operands
+        gram = q.reshape(b, -1, heads, d).permute(0, 2, 3, 1) @ k.reshape(b, -1, heads, d).transpose(1, 2)
+        # F.normalize divides by max(norm, 1e-12) = sqrt(max(norm^2, 1e-24)); the sum of squares over the token
+        # axis is several times faster than vector_norm on these strided (B, N, C) views
+        nq = q.square().sum(dim=1).clamp_min(1e-24).sqrt().view(b, heads, d, 1)
+        nk = k.square().sum(dim=1).clamp_min(1e-24).sqrt().view(b, heads, 1, d)
+        return self.act(gram / (nq * nk) * self.temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel attention of a channel-last map, then ``project_out``.
+
+        Args:
+            x: Input ``(B, H, W, dim)``, any size.
+
+        Returns:
+            The output ``(B, H, W, dim)``.
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
+        """
+        b, spatial, n = check_channels_last(x, 2, self.dim)
+        c, heads, d = self.dim, self.num_heads, self.head_dim
+        qkv = F.linear(x, self.qkv.weight.flatten(1), self.qkv.bias)
+        # the channels-first view of a channel-last tensor is channels_last memory: the depth-wise conv runs on it
+        qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n, 3, c)
+        q, k, v = qkv.unbind(2)  # not slices: their backward would zero-fill three (B, N, 3C) buffers
+        attn = self.affinity(q, k)  # (B, heads, d_i, d_j)
+        # project_out(blockdiag(A) v) = v @ M with M[h*d + j, o] = sum_i A[h, i, j] W_out[o, h*d + i]
+        w_out = self.project_out.weight.view(c, heads, d)
+        mix = torch.einsum("bhij,ohi->bhjo", attn, w_out).reshape(b, c, c)
+        out = v @ mix
+        if self.project_out.bias is not None:
+            out = out + self.project_out.bias
+        return out.view(b, *spatial, c)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, activation={self.activation!r}"
+
+
+register(Mechanism(
+    name="dlgsa_global",
+    paper="DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image Super-Resolution "
+          "(ICCV 2023, arXiv 2301.02031)",
+    repo="NeonLeexiang/DLGSANet", family="dense", dims=("2d",), **image_layer(), cls=SparseGSA,
+    make=lambda dim, num_heads, **kw: SparseGSA(dim, num_heads, **kw),
+    notes="SparseGSA: Restormer-style transposed (channel) attention, d x d per head from cosine similarities "
+          "of q and k channels over all tokens, ReLU instead of softmax (exact zeros: the sparsity; no top-k in "
+          "the official code). Family dense: every channel reads all tokens, nothing is routed per query. "
+          "activation='softmax' gives Restormer's MDTA. Official SparseAttention parameter names."))
