@@ -42,6 +42,12 @@ from ..checks import check_bool, check_channels_last, check_dim_heads, check_int
 from .registry import Mechanism, image_layer, register
 
 
+def _images_per_chunk(per_image: int) -> int:
+    """Images per chunk of the shift loops: about 2^19 elements (2 MB in fp32), enough work per op to amortise its
+    dispatch (and thread start-up), small enough for the accumulator to stay in cache."""
+    return max(1, (1 << 19) // per_image)
+
+
 class _DynamicFilter(torch.autograd.Function):
     """``out[b, y, x, g, :] = sum_{a, c} w[b, y, x, g, a * k + c] * xpad[b, y + a, x + c, g, :]``: the per-pixel
     dynamic depth-wise filter as ``k^2`` fused multiply-adds of shifted views (no unfolded copy), with the matching
@@ -54,10 +60,11 @@ class _DynamicFilter(torch.autograd.Function):
         xp = F.pad(x, (0, 0, p, p, p, p)).view(b, h + 2 * p, wd + 2 * p, heads, c // heads)
         wt = w.reshape(b, h, wd, heads, kk).permute(0, 4, 1, 2, 3).contiguous().unsqueeze(-1)  # (B, k^2, H, W, G, 1)
         out = x.new_zeros(b, h, wd, heads, c // heads)
-        for i in range(b):  # one image at a time: its accumulator stays in cache over the k^2 shifts
+        step = _images_per_chunk(h * wd * c)
+        for i in range(0, b, step):  # a few images at a time: their accumulator stays in cache over the shifts
             for j in range(kk):
                 a, s = divmod(j, k)
-                out[i].addcmul_(xp[i, a:a + h, s:s + wd], wt[i, j])
+                out[i:i + step].addcmul_(xp[i:i + step, a:a + h, s:s + wd], wt[i:i + step, j])
         ctx.save_for_backward(xp, wt)
         ctx.k = k
         return out.view(b, h, wd, c)
@@ -72,10 +79,11 @@ class _DynamicFilter(torch.autograd.Function):
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             gxp = torch.zeros_like(xp)
-            for i in range(b):
+            step = _images_per_chunk(g[0].numel())
+            for i in range(0, b, step):
                 for j in range(kk):
                     a, s = divmod(j, k)
-                    gxp[i, a:a + h, s:s + wd].addcmul_(g[i], wt[i, j])
+                    gxp[i:i + step, a:a + h, s:s + wd].addcmul_(g[i:i + step], wt[i:i + step, j])
             grad_x = gxp[:, p:p + h, p:p + wd].reshape(b, h, wd, -1)
         if ctx.needs_input_grad[1]:
             gwt = g.new_empty(kk, b, h, wd, heads)
