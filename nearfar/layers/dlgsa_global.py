@@ -30,10 +30,14 @@ channel pairs, not tokens), so "routed" would be wrong.
 Differences from the official code: the input is channel-last and the 1x1 convs run as matmuls on it; the cosine
 similarities come from the raw Gram matrix divided by the two norms instead of normalising ``q`` and ``k`` first,
 and the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out A`` applied to ``v`` in one
-matmul), the same function up to rounding. In evaluation with ``tlc_flag`` the official code runs the attention on
-overlapping ``tlc_kernel`` tiles of the map (TLC, test-time local converter, batch 1 only); this module is the same
-function in training and evaluation (the official training-time forward), so a map of at most ``tlc_kernel``
-pixels per side (48 or 96 officially) gives the official evaluation output and a larger one does not. The parameter
+matmul), the same function up to rounding. TLC (the test-time local converter of Chu et al., ECCV 2022, that the
+official code applies in evaluation: the attention runs on overlapping ``tlc_kernel x tlc_kernel`` tiles, each with
+its own cosine normalisation, and the tile outputs are averaged where they overlap) is offered as ``tlc_kernel``
+with the official tile placement, for any batch (the official ``grids`` asserts batch 1); it is off by default
+(``tlc_kernel=None``: the same function in training and evaluation, the official training-time forward), while
+DLGSANet turns it on for evaluation with a kernel of 96, 72 or 48 (x2, x3, x4 models). A map of at most
+``tlc_kernel`` pixels per side is one tile, the plain forward. Averaging the tile outputs after ``project_out``
+instead of before is the same (the tile weights of a pixel sum to one). The parameter
 names and shapes are the official ones (``temperature``, ``qkv.weight``, ``qkv_dwconv.weight``,
 ``project_out.weight``, and the ``.bias`` of each conv with ``bias=True``), so an official ``SparseAttention``
 state dict loads unchanged (strict).
@@ -41,19 +45,43 @@ state dict loads unchanged (strict).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_bool, check_channels_last, check_choice, check_dim_heads
+from ..checks import check_bool, check_channels_last, check_choice, check_dim_heads, check_positive_int
 from .registry import Mechanism, image_layer, register
 
 #: the affinity functions: the official ``SparseAttention`` activations and ``Attention``'s softmax
 ACTIVATIONS = ("relu", "gelu", "sigmoid", "identity", "softmax")
 
 
+def tlc_tiles(size: int, kernel: int) -> list[int]:
+    """Start offsets of the TLC tiles along one axis of ``size`` pixels, as the official ``grids`` places them:
+    ``ceil(size / kernel)`` tiles of ``min(kernel, size)`` evenly spread, the last one flush with the end.
+
+    Examples:
+        >>> tlc_tiles(10, 4), tlc_tiles(3, 4), tlc_tiles(8, 4)
+        ([0, 3, 6], [0], [0, 4])
+    """
+    k = min(size, kernel)
+    count = (size - 1) // k + 1
+    step = k if count == 1 else math.ceil((size - k) / (count - 1) - 1e-8)
+    starts, i = [], 0
+    while i < size:
+        if i + k >= size:
+            starts.append(size - k)
+            break
+        starts.append(i)
+        i += step
+    return starts
+
+
 class SparseGSA(nn.Module):
-    """``SparseGSA(dim, num_heads=6, bias=False, activation='relu')``: x ``(B, H, W, dim)`` -> same shape.
+    """``SparseGSA(dim, num_heads=6, bias=False, activation='relu', tlc_kernel=None)``: x ``(B, H, W, dim)`` -> same
+    shape.
 
     Channel (transposed) attention per head: the ``d x d`` affinity ``act(temperature * cos(q_i, k_j))`` of the
     head's query and key channels (cosines over all tokens) mixes its value channels.
@@ -64,10 +92,14 @@ class SparseGSA(nn.Module):
         bias: Biases on ``qkv``, ``qkv_dwconv`` and ``project_out`` (default False, as DLGSANet builds it).
         activation: The affinity function, one of ``'relu'`` (default, SparseGSA), ``'gelu'``, ``'sigmoid'``,
             ``'identity'``, ``'softmax'`` (Restormer's MDTA).
+        tlc_kernel: In evaluation (``eval()``), run the attention on overlapping tiles of this side, >= 1, and
+            average (TLC, as the official code does in evaluation); None (default): never (one function in
+            training and evaluation).
 
     Raises:
-        TypeError: ``bias`` is not a bool; ``activation`` is not a str.
-        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``activation`` is not one of the above.
+        TypeError: ``bias`` is not a bool; ``activation`` is not a str; ``tlc_kernel`` is not an int or None.
+        ValueError: ``dim`` is not a positive multiple of ``num_heads``; ``activation`` is not one of the above;
+            ``tlc_kernel`` < 1.
 
     Examples:
         >>> import torch
@@ -80,12 +112,15 @@ class SparseGSA(nn.Module):
     num_heads: int
     head_dim: int
     activation: str
+    tlc_kernel: int | None
 
-    def __init__(self, dim: int, num_heads: int = 6, bias: bool = False, activation: str = "relu"):
+    def __init__(self, dim: int, num_heads: int = 6, bias: bool = False, activation: str = "relu",
+                 tlc_kernel: int | None = None):
         super().__init__()
         self.head_dim = check_dim_heads(dim, num_heads)
         check_bool(bias, "bias")
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.tlc_kernel = None if tlc_kernel is None else check_positive_int(tlc_kernel, "tlc_kernel")
         self.dim, self.num_heads = dim, num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
@@ -129,11 +164,26 @@ class SparseGSA(nn.Module):
             TypeError: ``x`` is not a tensor.
             ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
         """
-        b, spatial, n = check_channels_last(x, 2, self.dim)
-        c, heads, d = self.dim, self.num_heads, self.head_dim
+        b, (h, w), n = check_channels_last(x, 2, self.dim)
+        c = self.dim
         qkv = F.linear(x, self.qkv.weight.flatten(1), self.qkv.bias)
         # the channels-first view of a channel-last tensor is channels_last memory: the depth-wise conv runs on it
-        qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, n, 3, c)
+        qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if self.training or self.tlc_kernel is None or (h <= self.tlc_kernel and w <= self.tlc_kernel):
+            return self.attend(qkv.reshape(b, n, 3, c)).view(b, h, w, c)
+        rows, cols = tlc_tiles(h, self.tlc_kernel), tlc_tiles(w, self.tlc_kernel)
+        kh, kw = min(h, self.tlc_kernel), min(w, self.tlc_kernel)
+        tiles = torch.cat([qkv[:, i:i + kh, j:j + kw] for i in rows for j in cols])  # (tiles * B, kh, kw, 3C)
+        outs = self.attend(tiles.reshape(-1, kh * kw, 3, c)).view(len(rows) * len(cols), b, kh, kw, c)
+        total, count = x.new_zeros(b, h, w, c), x.new_zeros(1, h, w, 1)
+        for t, (i, j) in enumerate((i, j) for i in rows for j in cols):
+            total[:, i:i + kh, j:j + kw] += outs[t]
+            count[:, i:i + kh, j:j + kw] += 1
+        return total / count
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """``project_out`` of the channel attention of ``qkv`` ``(B, N, 3, dim)`` (after the depth-wise conv)."""
+        b, c, heads, d = qkv.shape[0], self.dim, self.num_heads, self.head_dim
         q, k, v = qkv.unbind(2)  # not slices: their backward would zero-fill three (B, N, 3C) buffers
         attn = self.affinity(q, k)  # (B, heads, d_i, d_j)
         # project_out(blockdiag(A) v) = v @ M with M[h*d + j, o] = sum_i A[h, i, j] W_out[o, h*d + i]
@@ -142,10 +192,11 @@ class SparseGSA(nn.Module):
         out = v @ mix
         if self.project_out.bias is not None:
             out = out + self.project_out.bias
-        return out.view(b, *spatial, c)
+        return out
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_heads={self.num_heads}, activation={self.activation!r}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, activation={self.activation!r}, "
+                f"tlc_kernel={self.tlc_kernel}")
 
 
 register(Mechanism(

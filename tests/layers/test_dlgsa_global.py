@@ -5,6 +5,8 @@ state-dict names, module hygiene."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from module_checks import (
 from oracles.dlgsa_global import BASELINES
 
 import nearfar
-from nearfar.layers.dlgsa_global import ACTIVATIONS, SparseGSA
+from nearfar.layers.dlgsa_global import ACTIVATIONS, SparseGSA, tlc_tiles
 
 
 def _act(name: str, a: torch.Tensor) -> torch.Tensor:
@@ -36,11 +38,9 @@ def _act(name: str, a: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
-    """qkv: 1x1 then 3x3 depth-wise (taps looped, zero outside); per head, A[i, j] = act(t_h * <q_i, k_j> /
-    (max(|q_i|, 1e-12) max(|k_j|, 1e-12))) over the tokens; out[n, i] = sum_j A[i, j] v[n, j]; project_out."""
+def qkv_reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
+    """1x1 conv, then the 3x3 depth-wise conv with its taps looped (zero outside the map): ``(B, H, W, 3C)``."""
     b, h, w, c = x.shape
-    heads, d = m.num_heads, c // m.num_heads
     t = x @ m.qkv.weight[:, :, 0, 0].T + (m.qkv.bias if m.qkv.bias is not None else 0)
     dw = torch.zeros_like(t) + (m.qkv_dwconv.bias if m.qkv_dwconv.bias is not None else 0)
     for a in range(3):
@@ -49,11 +49,20 @@ def reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
                 for xx in range(w):
                     if 0 <= y + a - 1 < h and 0 <= xx + s - 1 < w:
                         dw[:, y, xx] += m.qkv_dwconv.weight[:, 0, a, s] * t[:, y + a - 1, xx + s - 1]
-    tok = dw.reshape(b, h * w, 3 * c)
+    return dw
+
+
+def attention_reference(m: SparseGSA, qkv: torch.Tensor) -> torch.Tensor:
+    """Per head, A[i, j] = act(t_h * <q_i, k_j> / (max(|q_i|, 1e-12) max(|k_j|, 1e-12))) over the tokens;
+    out[n, i] = sum_j A[i, j] v[n, j]. ``qkv`` ``(B, H, W, 3C)`` -> ``(B, H, W, C)``, before ``project_out``."""
+    b, h, w, c3 = qkv.shape
+    c = c3 // 3
+    heads, d = m.num_heads, c // m.num_heads
+    tok = qkv.reshape(b, h * w, 3 * c)
     q, k, v = tok[..., :c], tok[..., c:2 * c], tok[..., 2 * c:]
-    out = torch.zeros(b, h * w, c, dtype=x.dtype)
+    out = torch.zeros(b, h * w, c, dtype=qkv.dtype)
     for head in range(heads):
-        logits = torch.zeros(b, d, d, dtype=x.dtype)
+        logits = torch.zeros(b, d, d, dtype=qkv.dtype)
         for i in range(d):
             for j in range(d):
                 qi, kj = q[:, :, head * d + i], k[:, :, head * d + j]
@@ -62,8 +71,42 @@ def reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
         attn = _act(m.activation, logits)
         for i in range(d):
             out[:, :, head * d + i] = (attn[:, i, None, :] * v[:, :, head * d:(head + 1) * d]).sum(-1)
-    out = out @ m.project_out.weight[:, :, 0, 0].T + (m.project_out.bias if m.project_out.bias is not None else 0)
     return out.reshape(b, h, w, c)
+
+
+def _project(m: SparseGSA, out: torch.Tensor) -> torch.Tensor:
+    return out @ m.project_out.weight[:, :, 0, 0].T + (m.project_out.bias if m.project_out.bias is not None else 0)
+
+
+def reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
+    """qkv, channel attention over the whole map, project_out."""
+    return _project(m, attention_reference(m, qkv_reference(m, x)))
+
+
+def tlc_reference(m: SparseGSA, x: torch.Tensor) -> torch.Tensor:
+    """TLC as the official ``grids`` / ``grids_inverse`` do it: tiles of min(kernel, side) stepped evenly with the
+    last one flush with the border, attention per tile, tile outputs averaged where they overlap, then project_out."""
+    qkv = qkv_reference(m, x)
+    b, h, w, _ = qkv.shape
+    k1, k2 = min(h, m.tlc_kernel), min(w, m.tlc_kernel)
+    nr, nc = (h - 1) // k1 + 1, (w - 1) // k2 + 1
+    step_i = k1 if nr == 1 else math.ceil((h - k1) / (nr - 1) - 1e-8)
+    step_j = k2 if nc == 1 else math.ceil((w - k2) / (nc - 1) - 1e-8)
+    total = torch.zeros(b, h, w, m.dim, dtype=x.dtype)
+    count = torch.zeros(1, h, w, 1, dtype=x.dtype)
+    i, last_i = 0, False
+    while i < h and not last_i:
+        if i + k1 >= h:
+            i, last_i = h - k1, True
+        j, last_j = 0, False
+        while j < w and not last_j:
+            if j + k2 >= w:
+                j, last_j = w - k2, True
+            total[:, i:i + k1, j:j + k2] += attention_reference(m, qkv[:, i:i + k1, j:j + k2])
+            count[:, i:i + k1, j:j + k2] += 1
+            j += step_j
+        i += step_i
+    return _project(m, total / count)
 
 
 def _randomize(m: torch.nn.Module) -> None:
@@ -91,6 +134,28 @@ def test_matches_reference(b, h, w, heads, d, bias, activation, layout):
     m = SparseGSA(heads * d, heads, bias=bias, activation=activation)
     _randomize(m)
     check_against_reference(m, _layout(torch.randn(b, h, w, heads * d), layout), reference)
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), kernel=st.integers(2, 5), activation=st.sampled_from(ACTIVATIONS))
+def test_tlc_matches_reference_in_eval(h, w, kernel, activation):
+    torch.manual_seed(h * 10 + w + kernel)
+    m = SparseGSA(6, 2, bias=True, activation=activation, tlc_kernel=kernel)
+    _randomize(m)
+    check_against_reference(m.eval(), torch.randn(2, h, w, 6), tlc_reference)
+
+
+def test_tlc_only_in_eval_and_only_past_the_kernel():
+    torch.manual_seed(7)
+    m = SparseGSA(8, 2, tlc_kernel=4)
+    plain = SparseGSA(8, 2)
+    plain.load_state_dict(m.state_dict())
+    big, small = torch.randn(2, 9, 6, 8), torch.randn(2, 4, 3, 8)
+    with torch.no_grad():
+        assert torch.equal(m.train()(big), plain(big))  # training: the whole map, as the official code
+        assert not torch.allclose(m.eval()(big), plain(big), atol=1e-4)
+        assert torch.equal(m.eval()(small), plain.eval()(small))  # one tile: the plain forward
+    assert tlc_tiles(10, 4) == [0, 3, 6] and tlc_tiles(96, 48) == [0, 48] and tlc_tiles(100, 48) == [0, 26, 52]
 
 
 def test_oracle2_softmax_is_restormer_mdta():
@@ -185,6 +250,10 @@ def test_errors():
         SparseGSA(8, 2, bias=1)
     with pytest.raises(ValueError, match="activation must be one of"):
         SparseGSA(8, 2, activation="topk")
+    with pytest.raises(ValueError, match="tlc_kernel"):
+        SparseGSA(8, 2, tlc_kernel=0)
+    with pytest.raises(TypeError, match="tlc_kernel"):
+        SparseGSA(8, 2, tlc_kernel=4.0)
     m = SparseGSA(8, 2)
     with pytest.raises(ValueError, match="channel-last"):
         m(torch.randn(1, 8, 4, 4))
