@@ -29,18 +29,17 @@ channel pairs, not tokens), so "routed" would be wrong.
 
 Differences from the official code: the input is channel-last and the 1x1 convs run as matmuls on it; the cosine
 similarities come from the raw Gram matrix divided by the two norms instead of normalising ``q`` and ``k`` first,
-and the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out A`` applied to ``v`` in one
-matmul), the same function up to rounding. TLC (the test-time local converter of Chu et al., ECCV 2022, that the
-official code applies in evaluation: the attention runs on overlapping ``tlc_kernel x tlc_kernel`` tiles, each with
-its own cosine normalisation, and the tile outputs are averaged where they overlap) is offered as ``tlc_kernel``
-with the official tile placement, for any batch (the official ``grids`` asserts batch 1); it is off by default
-(``tlc_kernel=None``: the same function in training and evaluation, the official training-time forward), while
-DLGSANet turns it on for evaluation with a kernel of 96, 72 or 48 (x2, x3, x4 models). A map of at most
-``tlc_kernel`` pixels per side is one tile, the plain forward. Averaging the tile outputs after ``project_out``
-instead of before is the same (the tile weights of a pixel sum to one). The parameter
-names and shapes are the official ones (``temperature``, ``qkv.weight``, ``qkv_dwconv.weight``,
-``project_out.weight``, and the ``.bias`` of each conv with ``bias=True``), so an official ``SparseAttention``
-state dict loads unchanged (strict).
+and on maps of more tokens than channels the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out
+A`` applied to ``v`` in one matmul), the same function up to rounding. TLC (the test-time local converter of Chu et
+al., ECCV 2022, that the official code applies in evaluation: the attention runs on overlapping ``tlc_kernel x
+tlc_kernel`` tiles, each with its own cosine normalisation, and the tile outputs are averaged where they overlap) is
+offered as ``tlc_kernel`` with the official tile placement, for any batch (the official ``grids`` asserts batch 1);
+it is off by default (``tlc_kernel=None``: the same function in training and evaluation, the official training-time
+forward), while DLGSANet turns it on for evaluation with a kernel of 96, 72 or 48 (x2, x3, x4 models). A map of at
+most ``tlc_kernel`` pixels per side is one tile, the plain forward. Averaging the tile outputs after ``project_out``
+instead of before is the same (the tile weights of a pixel sum to one). The parameter names and shapes are the
+official ones (``temperature``, ``qkv.weight``, ``qkv_dwconv.weight``, ``project_out.weight``, and the ``.bias`` of
+each conv with ``bias=True``), so an official ``SparseAttention`` state dict loads unchanged (strict).
 """
 
 from __future__ import annotations
@@ -186,6 +185,12 @@ class SparseGSA(nn.Module):
         b, c, heads, d = qkv.shape[0], self.dim, self.num_heads, self.head_dim
         q, k, v = qkv.unbind(2)  # not slices: their backward would zero-fill three (B, N, 3C) buffers
         attn = self.affinity(q, k)  # (B, heads, d_i, d_j)
+        n = q.shape[1]
+        if n <= c:  # few tokens: A v per head (N C d), then project_out (N C^2)
+            out = v.reshape(b, n, heads, d).transpose(1, 2) @ attn.transpose(-1, -2)
+            return F.linear(out.transpose(1, 2).reshape(b, n, c), self.project_out.weight.flatten(1),
+                            self.project_out.bias)
+        # many tokens: fold A into project_out (C^2 d, less than N C d):
         # project_out(blockdiag(A) v) = v @ M with M[h*d + j, o] = sum_i A[h, i, j] W_out[o, h*d + i]
         w_out = self.project_out.weight.view(c, heads, d)
         mix = torch.einsum("bhij,ohi->bhjo", attn, w_out).reshape(b, c, c)

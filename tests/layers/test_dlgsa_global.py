@@ -201,7 +201,7 @@ def test_output_depends_on_every_token():
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_baseline_matches_module(activation):
     torch.manual_seed(4)
-    for shape, heads in (((2, 8, 10, 24), 3), ((1, 7, 5, 24), 6)):
+    for shape, heads in (((2, 8, 10, 24), 3), ((1, 7, 5, 24), 6), ((2, 3, 4, 24), 4)):  # N > C and N <= C paths
         m = SparseGSA(shape[-1], heads, activation=activation)
         _randomize(m)
         x = torch.randn(shape)
