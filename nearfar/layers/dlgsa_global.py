@@ -28,13 +28,13 @@ Registry family "dense": the attention is over channels, not tokens; every outpu
 channel pairs, not tokens), so "routed" would be wrong.
 
 Differences from the official code: the input is channel-last and the 1x1 convs run as matmuls on it; the cosine
-similarities come from the raw Gram matrix divided by the two norms instead of normalising ``q`` and ``k`` first,
-and on maps of more tokens than channels the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out
-A`` applied to ``v`` in one matmul), the same function up to rounding. TLC (the test-time local converter of Chu et
-al., ECCV 2022, that the official code applies in evaluation: the attention runs on overlapping ``tlc_kernel x
-tlc_kernel`` tiles, each with its own cosine normalisation, and the tile outputs are averaged where they overlap) is
-offered as ``tlc_kernel`` with the official tile placement, for any batch (the official ``grids`` asserts batch 1);
-it is off by default (``tlc_kernel=None``: the same function in training and evaluation, the official training-time
+similarities come from the raw Gram matrix divided by the two norms instead of normalising ``q`` and ``k`` first, and
+on maps of more tokens than channels the affinity is folded into ``project_out`` (``A`` block-diagonal, ``W_out A``
+applied to ``v`` in one matmul), the same function up to rounding. TLC (the test-time local converter of Chu et al.,
+ECCV 2022, that the official code applies in evaluation: the attention runs on overlapping square tiles of side
+``tlc_kernel``, each with its own cosine normalisation, and the tile outputs are averaged where they overlap) is
+offered as ``tlc_kernel`` with the official tile placement, for any batch (the official ``grids`` asserts batch 1); it
+is off by default (``tlc_kernel=None``: the same function in training and evaluation, the official training-time
 forward), while DLGSANet turns it on for evaluation with a kernel of 96, 72 or 48 (x2, x3, x4 models). A map of at
 most ``tlc_kernel`` pixels per side is one tile, the plain forward. Averaging the tile outputs after ``project_out``
 instead of before is the same (the tile weights of a pixel sum to one). The parameter names and shapes are the
