@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_int_range, check_positive_int
 from .registry import Mechanism, image_layer, register
@@ -70,6 +71,7 @@ class _DynamicFilter(torch.autograd.Function):
         return out.view(b, h, wd, c)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         xp, wt = ctx.saved_tensors
         k = ctx.k
