@@ -44,9 +44,9 @@ from .registry import Mechanism, image_layer, register
 
 
 def _images_per_chunk(per_image: int) -> int:
-    """Images per chunk of the shift loops: about 2^19 elements (2 MB in fp32), enough work per op to amortise its
+    """Images per chunk of the shift loops: about 2^20 elements (4 MB in fp32), enough work per op to amortise its
     dispatch (and thread start-up), small enough for the accumulator to stay in cache."""
-    return max(1, (1 << 19) // per_image)
+    return max(1, (1 << 20) // per_image)
 
 
 class _DynamicFilter(torch.autograd.Function):
