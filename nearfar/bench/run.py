@@ -89,6 +89,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "wau": dict(window_size=max(1, p // 2)),  # key windows on the 2x pooled map: p x p query windows
         "vsa": dict(window_size=p),
         "sparsifiner": dict(input_size=tuple(grid)),  # token tables of the image size (no resize)
+        "dlgsa_local": dict(window_size=w),
     }
     return by_name.get(name, {})
 

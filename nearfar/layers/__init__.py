@@ -13,6 +13,8 @@ from .davit_channel import DaViTChannelAttention
 from .davit_spatial import DaViTWindowAttention
 from .dense import DenseAttention
 from .dgqa import DGQA
+from .dlgsa_global import SparseGSA
+from .dlgsa_local import MHDLSA
 from .dualtoken import DualTokenAttention
 from .ela import ELA
 from .gaam import GAAMAttention
@@ -83,6 +85,7 @@ __all__ = [
     "MaxViTAttention",
     "Mechanism",
     "mechanisms",
+    "MHDLSA",
     "MoAAttention",
     "MoBAAttention",
     "MoHAttention",
@@ -102,6 +105,7 @@ __all__ = [
     "SeerAttention",
     "SHSA",
     "SparsifinerAttention",
+    "SparseGSA",
     "SRWAttention",
     "StreamingLLMAttention",
     "SuperTokenAttention",
