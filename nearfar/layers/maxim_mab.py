@@ -181,11 +181,8 @@ class GmlpLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit = getattr(self, self.unit_name)
         b, h, w, _ = x.shape
-        y = self.LayerNorm(x)
-        weight, bias = self.in_project.weight, self.in_project.bias
-        m = weight.shape[0] // 2
-        u = gelu(F.linear(y, weight[:m], None if bias is None else bias[:m]))
-        v = gelu(F.linear(y, weight[m:], None if bias is None else bias[m:]))
+        u, v = gelu(self.in_project(self.LayerNorm(x))).chunk(2, dim=-1)
+        m = u.shape[-1]
         v = unit.intermediate_layernorm(v)
         v6 = multi_axis_mix(v, unit.Dense_0.weight, unit.Dense_0.bias, self.size, self.axis)
         u6 = blocked_view(u, self.size, self.axis)
@@ -276,11 +273,7 @@ class MaximMultiAxisGmlp(nn.Module):
         """
         check_channels_last(x, 2, self.dim)
         x, box = fit_to_sizes(x, {"block_size": self.block_size, "grid_size": self.grid_size}, self.padding)
-        y = self.LayerNorm_in(x)
-        weight, bias = self.in_project.weight, self.in_project.bias
-        c = weight.shape[0] // 2
-        u = gelu(F.linear(y, weight[:c], None if bias is None else bias[:c]))  # first half: grid branch
-        v = gelu(F.linear(y, weight[c:], None if bias is None else bias[c:]))  # second half: block branch
+        u, v = gelu(self.in_project(self.LayerNorm_in(x))).chunk(2, dim=-1)  # grid branch, block branch
         y = self.out_project(torch.cat([self.GridGmlpLayer(u), self.BlockGmlpLayer(v)], dim=-1))
         y = F.dropout(y, self.dropout_rate, self.training)
         return crop(y + x if self.residual else y, box)
