@@ -80,9 +80,7 @@ class SpatialGatingWeights(nn.Module):
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         b, h, w, c = t.shape
         t = self.LayerNorm_in(t)
-        weight, bias = self.in_project.weight, self.in_project.bias
-        u = gelu(F.linear(t, weight[:c], None if bias is None else bias[:c]))
-        v = gelu(F.linear(t, weight[c:], None if bias is None else bias[c:]))
+        u, v = gelu(self.in_project(t)).chunk(2, dim=-1)
         u6 = multi_axis_mix(u, self.Dense_0.weight, self.Dense_0.bias, self.grid_size, "grid")
         v6 = multi_axis_mix(v, self.Dense_1.weight, self.Dense_1.bias, self.block_size, "block")
         both = torch.cat([u6.reshape(b, h, w, c), v6.reshape(b, h, w, c)], dim=-1)

@@ -79,17 +79,17 @@ def multi_axis_mix(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         W / f_w, f_w)`` for the block axis, ``(g_h, H / g_h, g_w, W / g_w)`` for the grid axis.
     """
     b, h, w, m = v.shape
-    if axis == "block":
-        v6 = v.reshape(b, h // size[0], size[0], w // size[1], size[1], m)
-        t = v6.permute(0, 1, 3, 5, 2, 4)  # mixed axes (2, 4) last
-        back = (0, 1, 4, 2, 5, 3)
-    else:
-        v6 = v.reshape(b, size[0], h // size[0], size[1], w // size[1], m)
-        t = v6.permute(0, 2, 4, 5, 1, 3)  # mixed axes (1, 3) last
-        back = (0, 4, 1, 5, 2, 3)
+    n = size[0] * size[1]
+    if axis == "block":  # image (B, H/f_h, f_h, W/f_w, f_w, m): slots (f_h, f_w) first, channels stay innermost
+        t = v.reshape(b, h // size[0], size[0], w // size[1], size[1], m).permute(2, 4, 0, 1, 3, 5)
+        back = (2, 3, 0, 4, 1, 5)
+    else:  # image (B, g_h, H/g_h, g_w, W/g_w, m): grid positions (g_h, g_w) first
+        t = v.reshape(b, size[0], h // size[0], size[1], w // size[1], m).permute(1, 3, 0, 2, 4, 5)
+        back = (2, 0, 3, 1, 4, 5)
     shape = t.shape
-    t = F.linear(t.reshape(-1, size[0] * size[1]), weight, bias).view(shape)
-    return t.permute(*back)
+    t = t.reshape(n, -1)  # one copy with the channels contiguous; then one (n x n) @ (n x rest) GEMM
+    t = torch.mm(weight, t) if bias is None else torch.addmm(bias[:, None], weight, t)
+    return t.view(shape).permute(*back)
 
 
 def blocked_view(x: torch.Tensor, size: tuple[int, int], axis: str) -> torch.Tensor:
