@@ -2,12 +2,15 @@
 ``maxim/models/maxim.py``), for ``tests/layers/test_maxim_mab.py`` and ``test_maxim_cgb.py``: the blocking is an
 explicit gather built with loops (window ``(gi, gj)``, slot ``(pi, pj)``, pixel ``(gi f_h + pi, gj f_w + pj)``), the
 token-mixing Dense an einsum over the swapped axis with the Flax kernel ``[in, out]``, LayerNorm (eps 1e-6) and
-the tanh GELU written out. Nothing here calls the library's fast path."""
+the tanh GELU written out. Nothing here calls the library's fast path. Also: ``randomize`` (every parameter
+~ N(0, 0.5)) and ``flax_case`` (a case of ``tests/data/maxim_flax_parity.npz``, the official Flax modules' outputs)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import numpy as np
 import torch
 
 EPS = 1e-6
@@ -167,3 +170,24 @@ def cgb(m, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor
         top, left, h, w = box
         x, y = x[:, top:top + h, left:left + w], y[:, top:top + h, left:left + w]
     return x, y
+
+
+PARITY = Path(__file__).resolve().parent / "data" / "maxim_flax_parity.npz"
+
+
+def randomize(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter ~ N(0, 0.5) (LayerNorm affines and spatial biases included)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def flax_case(name: str):
+    data = np.load(PARITY)
+    pre = f"{name}/params/"
+    params = {k[len(pre):]: data[k] for k in data.files if k.startswith(pre)}
+    ins = [torch.from_numpy(data[f"{name}/input_{j}"]) for j in range(2) if f"{name}/input_{j}" in data.files]
+    outs = [torch.from_numpy(data[f"{name}/output_{j}"]) for j in range(2) if f"{name}/output_{j}" in data.files]
+    return params, ins, outs

@@ -61,7 +61,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def multi_axis_mix(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, size: tuple[int, int],
                    axis: str) -> torch.Tensor:
-    """MAXIM's spatial Dense along one axis of the blocked image, without blocking it.
+    """MAXIM's spatial Dense along one axis of the blocked image: one permuted copy (channels innermost), one GEMM.
 
     ``axis="block"``: ``size`` is the window ``(f_h, f_w)``; each window's ``f_h f_w`` slots (row-major) are mixed.
     ``axis="grid"``: ``size`` is the grid ``(g_h, g_w)``; the ``g_h g_w`` tokens ``(i * H/g_h + r, j * W/g_w + c)``

@@ -12,13 +12,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from maxim_reference import flax_case, randomize
 from module_checks import (
     assert_close,
     check_compile_matches_eager,
     check_state_dict_round_trip,
 )
 from oracles.maxim import BASELINES
-from test_maxim_mab import flax_case, randomize
 
 import nearfar
 from nearfar.layers.maxim_cgb import MaximCrossGating

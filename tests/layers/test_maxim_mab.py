@@ -7,7 +7,6 @@ grid = one gMLP over all tokens, grid = permuted block, dependency sets, zero mi
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import maxim_reference as ref
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from maxim_reference import flax_case, randomize
 from module_checks import (
     assert_close,
     check_against_reference,
@@ -22,30 +22,10 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
-from oracles.maxim import BASELINES
+from oracles.maxim import BASELINES, block_images_einops, unblock_images_einops
 
 import nearfar
 from nearfar.layers.maxim_mab import GmlpLayer, MaximMultiAxisGmlp, multi_axis_mix, state_dict_from_flax
-
-PARITY = Path(__file__).resolve().parents[1] / "data" / "maxim_flax_parity.npz"
-
-
-def randomize(m: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter ~ N(0, 0.5) (LayerNorm affines and spatial biases included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return m
-
-
-def flax_case(name: str):
-    data = np.load(PARITY)
-    pre = f"{name}/params/"
-    params = {k[len(pre):]: data[k] for k in data.files if k.startswith(pre)}
-    ins = [torch.from_numpy(data[f"{name}/input_{j}"]) for j in range(2) if f"{name}/input_{j}" in data.files]
-    outs = [torch.from_numpy(data[f"{name}/output_{j}"]) for j in range(2) if f"{name}/output_{j}" in data.files]
-    return params, ins, outs
 
 
 @settings(max_examples=20, deadline=None)
@@ -191,6 +171,14 @@ def test_mix_with_identity_is_identity():
         n = math.prod(size)
         out = multi_axis_mix(v, torch.eye(n), None, size, axis)
         assert torch.equal(out.reshape(v.shape), v)
+
+
+def test_baseline_blocking_is_the_official_rearrange():
+    x = torch.randn(2, 6, 8, 3)
+    for patch in ((2, 4), (3, 2), (6, 1)):
+        blocked = block_images_einops(x, patch)
+        assert torch.equal(blocked, ref.block_images(x, patch))
+        assert torch.equal(unblock_images_einops(blocked, (6 // patch[0], 8 // patch[1]), patch), x)
 
 
 def test_baseline_matches_module():

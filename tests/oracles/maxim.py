@@ -1,14 +1,14 @@
 """MAXIM's multi-axis gMLP block and cross-gating block the way the official code computes them (google-research/maxim
-``maxim/models/maxim.py``, Flax): ``block_images_einops`` / ``unblock_images_einops`` (einops rearranges) around
+``maxim/models/maxim.py``, Flax): ``block_images_einops`` / ``unblock_images_einops`` around
 every gMLP layer and every spatial gating weight, the token-mixing Dense applied after ``swapaxes`` and swapped
 back, ``jnp.split`` halves, concatenations, and the convolutions as convolutions (channels-first, as a PyTorch port
-runs them). Uses the module's own parameters; differentiable. Extents must be divisible, as there.
+runs them). The two rearranges are written as the reshape / permute / reshape that einops performs for them
+(einops is not a test dependency). Uses the module's own parameters; differentiable. Extents must be divisible.
 Used for the vision benchmark's baseline and as a test oracle.
 """
 
 from __future__ import annotations
 
-import einops
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +17,18 @@ from nearfar.layers.maxim_mab import GmlpLayer, MaximMultiAxisGmlp
 
 
 def block_images_einops(x: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
-    return einops.rearrange(x, "n (gh fh) (gw fw) c -> n (gh gw) (fh fw) c", fh=patch_size[0], fw=patch_size[1])
+    """``"n (gh fh) (gw fw) c -> n (gh gw) (fh fw) c"``."""
+    n, h, w, c = x.shape
+    fh, fw = patch_size
+    gh, gw = h // fh, w // fw
+    return x.reshape(n, gh, fh, gw, fw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, gh * gw, fh * fw, c)
 
 
 def unblock_images_einops(x: torch.Tensor, grid_size: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
-    return einops.rearrange(x, "n (gh gw) (fh fw) c -> n (gh fh) (gw fw) c", gh=grid_size[0], gw=grid_size[1],
-                            fh=patch_size[0], fw=patch_size[1])
+    """``"n (gh gw) (fh fw) c -> n (gh fh) (gw fw) c"``."""
+    n, c = x.shape[0], x.shape[-1]
+    (gh, gw), (fh, fw) = grid_size, patch_size
+    return x.reshape(n, gh, gw, fh, fw, c).permute(0, 1, 3, 2, 4, 5).reshape(n, gh * fh, gw * fw, c)
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
