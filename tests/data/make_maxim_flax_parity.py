@@ -6,7 +6,8 @@ Needs jax, flax, einops and numpy (not torch), and the official file:
 
     python tests/data/make_maxim_flax_parity.py /path/to/maxim/models/maxim.py
 
-Generated with jax 0.10.2, flax 0.12.8, the official file at commit ebcaec6.
+Generated with jax 0.10.2, flax 0.12.8 and the official file at commit 3c82651 (its MAB/CGB code equals
+the earlier 31853b9 version).
 """
 
 from __future__ import annotations
