@@ -82,6 +82,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "swin": dict(window_size=p), "swin_shifted": dict(window_size=p), "gcvit_local": dict(window_size=p),
         "gcvit_global": dict(window_size=p, feat_size=side), "maformer": dict(window_size=p, down_ratio=p),
         "maxvit_block": dict(partition_size=p), "maxvit_grid": dict(partition_size=p),
+        "maxim_mab": dict(block_size=p, grid_size=p), "maxim_cgb": dict(block_size=p, grid_size=p),
         "craft_srwa": dict(split_size=(p, 2 * p if side % (2 * p) == 0 else p)),
         "proxy_tokens": dict(compress_ratios=(p, p)), "dualtoken": dict(global_size=side // p, kernel_size=w),
         "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),

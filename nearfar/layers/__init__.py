@@ -30,6 +30,8 @@ from .linear_attention import LinearAttention
 from .longformer import LongformerAttention
 from .longheads import LongHeadsAttention
 from .maformer import MAFAttention
+from .maxim_cgb import MaximCrossGating
+from .maxim_mab import MaximMultiAxisGmlp
 from .maxvit import MaxViTAttention
 from .moa import MoAAttention
 from .moba import MoBAAttention
@@ -83,6 +85,8 @@ __all__ = [
     "LongHeadsAttention",
     "MAFAttention",
     "MaxViTAttention",
+    "MaximCrossGating",
+    "MaximMultiAxisGmlp",
     "Mechanism",
     "mechanisms",
     "MHDLSA",

@@ -114,6 +114,9 @@ LAYERS = [m for m in MECHANISMS if m.kind == "layer"]
 #: gates; ELA: per-channel row and column gates), and their papers insert them in place (``y = gate(x)``), not as a
 #: residual branch, so their output is ``x`` rescaled, not an update uncorrelated with ``x``
 GATES = {"ela", "psa_parallel", "psa_sequential"}
+# MAXIM's gated MLPs (maxim_mab, maxim_cgb) mix tokens with learned matrices, not softmax, but are not gates of x in
+# this sense: the registry builds the MAB without its closing ``+ x`` (residual=False), and the CGB's shortcuts are
+# 1x1-projected maps, so both return an update and take the test below as every attention layer does
 
 
 @pytest.mark.parametrize("mech", LAYERS, ids=[m.name for m in LAYERS])
