@@ -217,25 +217,25 @@ class BiLevelRoutingAttention(nn.Module):
         # region-major pixels: (B, S*S, rh*rw, C), region index row-major, pixels row-major inside
         xr = x.reshape(b, s, rh, s, rw, c).transpose(2, 3)
         qkv = self.qkv.qkv(xr).reshape(b, regions, t, 2 * qk + c)
-        q, k, v = qkv[..., :qk], qkv[..., qk:2 * qk], qkv[..., 2 * qk:]
-        q_win, k_win = q.mean(2), k.mean(2)  # region descriptors (B, S*S, qk_dim), k at full resolution
-        if not self.diff_routing:
-            q_win, k_win = q_win.detach(), k_win.detach()
-        q_win, k_win = self.router.emb(q_win), self.router.emb(k_win)
-        idx = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1).indices  # (B, S*S, topk)
+        q, k, v = qkv.split([qk, qk, c], dim=-1)  # one backward (a cat), where slices would each zero-fill qkv
+        with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):
+            # region descriptors (B, S*S, qk_dim), k at full resolution; detached unless diff_routing
+            q_win, k_win = self.router.emb(q.mean(2)), self.router.emb(k.mean(2))
+            idx = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1).indices  # (B, S*S, topk)
         if kb != t or self.kv_downsample_mode != "identity":
-            kv = qkv[..., qk:].reshape(b * regions, rh, rw, qk + c).permute(0, 3, 1, 2)
-            kv = self._pool(kv).permute(0, 2, 3, 1).reshape(b, regions * kb, qk + c)
-            k, v = kv[..., :qk], kv[..., qk:]
+            k, v_att = (self._pool(z.reshape(b * regions, rh, rw, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+                        .reshape(b, regions * kb, -1) for z in (k, v))  # per channel: k and v apart = together
+        else:
+            v_att = v
         qh = q.reshape(b, regions * t, m, qk // m).transpose(1, 2)
         kh = k.reshape(b, regions * kb, m, qk // m).transpose(1, 2)
-        vh = v.reshape(b, regions * kb, m, c // m).transpose(1, 2)
+        vh = v_att.reshape(b, regions * kb, m, c // m).transpose(1, 2)
         num = torch.full((1, 1, regions), self.topk, dtype=idx.dtype, device=idx.device).expand(b, 1, regions)
         blocks = SelectedBlocks(num, idx.unsqueeze(1), q_block=t, kv_block=kb)
         out = attend(qh, kh, vh, scale=self.scale, blocks=blocks)  # (B, heads, S*S*t, dv), region-major
         out = out.transpose(1, 2).reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
         if self.side_dwconv:
-            vmap = qkv[..., 2 * qk:].reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
+            vmap = v.reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
             out = out + self.lepe(vmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.wo(out)
 
