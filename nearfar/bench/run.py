@@ -86,6 +86,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "proxy_tokens": dict(compress_ratios=(p, p)), "dualtoken": dict(global_size=side // p, kernel_size=w),
         "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),
         "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
+        "biformer": dict(n_win=side // p, topk=min(4, (side // p) ** 2)),
     }
     return by_name.get(name, {})
 
