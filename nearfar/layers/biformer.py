@@ -30,11 +30,13 @@ Parameter names equal the official modules' (``qkv.qkv``, ``wo``, ``lepe``, ``ro
 
 - ``side_dwconv`` defaults to 5 (the value every official model passes; the official class default is 3); an even
   kernel is refused (the official ``padding = k // 2`` would change the map size).
-- ``soft_routing`` (multiply each gathered region's K and V by its routing weight) is not implemented: it scales
-  K/V per (query region, key region) pair, which is not a key-block selection. Without it the routing is a hard
-  top-k whose indices carry no gradient, so ``diff_routing`` (no detach) changes neither outputs nor gradients and
-  ``router.emb`` (``param_routing``, which the official code allows only with ``diff_routing``) gets no gradient;
-  the official code raises ``NotImplementedError`` for ``diff_routing`` without ``soft_routing``.
+- ``soft_routing`` (the official ``KVGather(mul_weight='soft')``: each routed region's K and V times its routing
+  weight, a softmax of the top-k affinities) runs without the K/V copy too: one query head per (head, slot) with
+  the queries times the slot's weight, GQA over the shared K/V, and the slots merged by a log-sum-exp made
+  differentiable here (``_LSE``); it costs ``topk`` copies of q and three ``attend`` passes. With ``diff_routing``
+  the weights' gradient reaches the descriptors (and ``router.emb``). Without ``soft_routing`` the routing is a
+  hard top-k whose indices carry no gradient, so ``diff_routing`` changes nothing and ``router.emb`` gets no
+  gradient; the official code raises ``NotImplementedError`` for ``diff_routing`` without ``soft_routing``.
 - For ``topk < 0`` the official ``Block`` leaves ``num_heads`` at 8 whatever the stage; here ``num_heads`` is used
   (pass 8 to match). ``kv_downsample_kernel`` (unused there) and ``ret_attn_mask`` are not implemented; the
   ``fracpool``/``conv`` kv modes raise there as well.
@@ -99,8 +101,8 @@ class BiLevelRoutingAttention(nn.Module):
             map) or ``-2`` (plain attention plus a LePE conv of the input), the official stage modes.
         param_attention: ``"qkvo"`` (default, output Linear ``wo``) or ``"qkv"`` (no output Linear).
         param_routing: A Linear on the region descriptors (``router.emb``); needs ``diff_routing`` (default False).
-        diff_routing: Do not detach the routing inputs (default False; see the module docstring).
-        soft_routing: Must be False (not implemented, see the module docstring).
+        diff_routing: Do not detach the routing inputs (default False; matters with ``soft_routing`` only).
+        soft_routing: Multiply each routed region's K and V by its routing weight (default False).
         side_dwconv: Kernel of the depth-wise LCE conv on ``v``, 0 (none) or odd (default 5).
         auto_pad: Zero-pad ``H, W`` to multiples of ``n_win`` and crop after (default False: they must divide).
 
@@ -109,7 +111,6 @@ class BiLevelRoutingAttention(nn.Module):
         ValueError: ``dim``/``qk_dim`` not a positive multiple of ``num_heads``; ``topk`` outside
             ``{-2, -1} ∪ [1, n_win ** 2]``; an unknown mode; an even ``side_dwconv``; ``param_routing`` without
             ``diff_routing``; a size < 1; a bad ``qk_scale``.
-        NotImplementedError: ``soft_routing=True``.
 
     Examples:
         >>> import torch
@@ -151,14 +152,12 @@ class BiLevelRoutingAttention(nn.Module):
             check_bool(flag, name)
         if param_routing and not diff_routing:
             raise ValueError("param_routing=True needs diff_routing=True (as the official code)")
-        if soft_routing:
-            raise NotImplementedError("soft_routing (K/V scaled by routing weights per region pair) is not "
-                                      "implemented; use soft_routing=False")
         check_nonneg_int(side_dwconv, "side_dwconv")
         if side_dwconv % 2 == 0 and side_dwconv:
             raise ValueError(f"side_dwconv must be 0 or odd (padding k // 2 keeps the size), got {side_dwconv}")
         self.dim, self.num_heads, self.topk = dim, num_heads, topk
-        self.diff_routing, self.auto_pad, self.side_dwconv = diff_routing, auto_pad, side_dwconv
+        self.diff_routing, self.soft_routing = diff_routing, soft_routing
+        self.auto_pad, self.side_dwconv = auto_pad, side_dwconv
         if topk < 0:  # official models/_common.py Attention / AttentionLePE
             self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
             self.qkv = nn.Linear(dim, 3 * dim, bias=False)
@@ -221,7 +220,8 @@ class BiLevelRoutingAttention(nn.Module):
         with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):
             # region descriptors (B, S*S, qk_dim), k at full resolution; detached unless diff_routing
             q_win, k_win = self.router.emb(q.mean(2)), self.router.emb(k.mean(2))
-            idx = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1).indices  # (B, S*S, topk)
+            top = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1)  # (B, S*S, topk)
+        idx = top.indices
         if kb != t or self.kv_downsample_mode != "identity":
             k, v_att = (self._pool(z.reshape(b * regions, rh, rw, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
                         .reshape(b, regions * kb, -1) for z in (k, v))  # per channel: k and v apart = together
@@ -230,9 +230,12 @@ class BiLevelRoutingAttention(nn.Module):
         qh = q.reshape(b, regions * t, m, qk // m).transpose(1, 2)
         kh = k.reshape(b, regions * kb, m, qk // m).transpose(1, 2)
         vh = v_att.reshape(b, regions * kb, m, c // m).transpose(1, 2)
-        num = torch.full((1, 1, regions), self.topk, dtype=idx.dtype, device=idx.device).expand(b, 1, regions)
-        blocks = SelectedBlocks(num, idx.unsqueeze(1), q_block=t, kv_block=kb)
-        out = attend(qh, kh, vh, scale=self.scale, blocks=blocks)  # (B, heads, S*S*t, dv), region-major
+        if self.soft_routing:
+            out = _soft_routed(qh, kh, vh, idx, top.values.softmax(-1), t, kb, self.scale)
+        else:
+            num = torch.full((1, 1, regions), self.topk, dtype=idx.dtype, device=idx.device).expand(b, 1, regions)
+            blocks = SelectedBlocks(num, idx.unsqueeze(1), q_block=t, kv_block=kb)
+            out = attend(qh, kh, vh, scale=self.scale, blocks=blocks)  # (B, heads, S*S*t, dv), region-major
         out = out.transpose(1, 2).reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
         if self.side_dwconv:
             vmap = v.reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
@@ -265,6 +268,47 @@ class BiLevelRoutingAttention(nn.Module):
         return (f"dim={self.dim}, num_heads={self.num_heads}, n_win={self.n_win}, qk_dim={self.qk_dim}, "
                 f"topk={self.topk}, kv_downsample_mode={self.kv_downsample_mode!r}, side_dwconv={self.side_dwconv}, "
                 f"auto_pad={self.auto_pad}")
+
+
+class _LSE(torch.autograd.Function):
+    """The log-sum-exp of ``attend(q, k, ., blocks)``, differentiable in ``q`` and ``k`` (``attend``'s is not):
+    d lse / d q = scale * E_p[k] (an attention whose values are the keys), d lse / d k_j = scale * p_j q, which is
+    the value gradient of an attention given ``dO = scale * g * q``."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, blocks: SelectedBlocks, scale: float) -> torch.Tensor:
+        ek, lse = attend(q, k, k, scale=scale, blocks=blocks, return_lse=True)
+        ctx.save_for_backward(q, k, ek)
+        ctx.blocks, ctx.scale = blocks, scale
+        return lse
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        q, k, ek = ctx.saved_tensors
+        dq = ctx.scale * g[..., None] * ek
+        with torch.enable_grad():
+            values = k.detach().requires_grad_()
+            o = attend(q.detach(), k.detach(), values, scale=ctx.scale, blocks=ctx.blocks)
+            (dk,) = torch.autograd.grad(o, values, ctx.scale * g[..., None] * q.detach())
+        return dq, dk, None, None
+
+
+def _soft_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, t: int,
+                 kb: int, scale: float) -> torch.Tensor:
+    """Soft routing (the official ``KVGather(mul_weight='soft')``: the t-th routed region's K and V times its
+    routing weight ``w_t``) without copying K/V: one query head per (head, slot t), queries times ``w_t`` (the
+    logits ``q . (w_t k)``), GQA over the shared K/V, each slot reading its one region; the slots' outputs, times
+    ``w_t``, merge by their (differentiable) log-sum-exp. Costs ``topk`` copies of q."""
+    b, m, n, dq = q.shape
+    regions, topk = idx.shape[1], idx.shape[2]
+    w_tok = weight.transpose(1, 2).repeat_interleave(t, dim=2)  # (B, topk, N): each query's slot weights
+    qs = (q[:, :, None] * w_tok[:, None, :, :, None]).reshape(b, m * topk, n, dq)  # head h * topk + slot
+    ind = idx.transpose(1, 2)[:, None].expand(b, m, topk, regions).reshape(b, m * topk, regions, 1)
+    num = torch.ones((1, 1, 1), dtype=idx.dtype, device=idx.device).expand(b, m * topk, regions)
+    blocks = SelectedBlocks(num, ind, q_block=t, kv_block=kb)
+    o = attend(qs, k, v, scale=scale, blocks=blocks).view(b, m, topk, n, -1)
+    a = _LSE.apply(qs, k, blocks, scale).view(b, m, topk, n).softmax(dim=2)  # slot shares of the joint softmax
+    return ((a * w_tok[:, None])[..., None] * o).sum(2)
 
 
 register(Mechanism(

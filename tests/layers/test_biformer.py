@@ -98,14 +98,17 @@ def routing_margin(m: BiLevelRoutingAttention, x: torch.Tensor) -> float:
 
 
 def biformer_reference(m: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
-    """Float64: pad, project, route by region loops, expand the region top-k to a pixel-to-key-pixel mask, masked
-    dense attention, LePE of v, output Linear, crop."""
+    """Float64: pad, project, route by region loops; hard routing: expand the region top-k to a pixel-to-key-pixel
+    mask, masked dense attention; soft routing: per query region, the routed regions' pooled K and V times their
+    routing weights, concatenated (a loop); then LePE of v, output Linear, crop."""
     b, h, w, c = x.shape
     s, heads = m.n_win, m.num_heads
     q, k, v = _project(m, x)
     hp, wp = q.shape[1:3]
     rh, rw = hp // s, wp // s
-    chosen = _route(m, q.detach(), k.detach(), s).topk(m.topk, dim=-1).indices  # (B, S*S, topk)
+    scores = _route(m, q, k, s) if m.diff_routing else _route(m, q.detach(), k.detach(), s)
+    top = scores.topk(m.topk, dim=-1)  # (B, S*S, topk)
+    chosen, weight = top.indices, top.values.softmax(-1)
     keys, vals, key_region = [], [], []
     for i in range(s):
         for j in range(s):
@@ -114,17 +117,28 @@ def biformer_reference(m: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Ten
             keys.append(kk)
             vals.append(vv)
             key_region += [i * s + j] * kk.shape[1]
-    keys, vals = torch.cat(keys, 1), torch.cat(vals, 1)
-    key_region = torch.tensor(key_region)
     rows, cols = torch.meshgrid(torch.arange(hp), torch.arange(wp), indexing="ij")
     q_region = (rows // rh * s + cols // rw).reshape(-1)
-    routed = torch.zeros(b, s * s, s * s, dtype=torch.bool)
-    for bi in range(b):
-        for r in range(s * s):
-            routed[bi, r, chosen[bi, r]] = True
-    allowed = routed[:, q_region][:, :, key_region][:, None]  # (B, 1, Nq, Nk)
-    o = ref.dense_reference(_heads(q.reshape(b, hp * wp, -1), heads), _heads(keys, heads), _heads(vals, heads),
-                            allowed, m.scale)
+    qh = _heads(q.reshape(b, hp * wp, -1), heads)
+    if m.soft_routing:
+        o = torch.zeros(b, heads, hp * wp, c // heads, dtype=x.dtype)
+        for bi in range(b):
+            for r in range(s * s):
+                sel = chosen[bi, r].tolist()
+                kk = torch.cat([weight[bi, r, n] * keys[g][bi] for n, g in enumerate(sel)])[None]
+                vv = torch.cat([weight[bi, r, n] * vals[g][bi] for n, g in enumerate(sel)])[None]
+                rows_r = (q_region == r).nonzero()[:, 0]
+                o_r = ref.dense_reference(qh[bi:bi + 1, :, rows_r], _heads(kk, heads), _heads(vv, heads),
+                                          torch.ones(1, dtype=torch.bool), m.scale)
+                o = o.index_put((torch.tensor([bi]), torch.arange(heads)[:, None], rows_r[None]), o_r[0])
+    else:
+        routed = torch.zeros(b, s * s, s * s, dtype=torch.bool)
+        for bi in range(b):
+            for r in range(s * s):
+                routed[bi, r, chosen[bi, r]] = True
+        allowed = routed[:, q_region][:, :, torch.tensor(key_region)][:, None]  # (B, 1, Nq, Nk)
+        o = ref.dense_reference(qh, _heads(torch.cat(keys, 1), heads), _heads(torch.cat(vals, 1), heads), allowed,
+                                m.scale)
     o = o.transpose(1, 2).reshape(b, hp, wp, c)
     if m.side_dwconv:
         o = o + F.conv2d(v.permute(0, 3, 1, 2), m.lepe.weight, m.lepe.bias, padding=m.side_dwconv // 2,
@@ -145,8 +159,10 @@ def _randomize_biases(m: torch.nn.Module) -> None:
        dq=st.integers(1, 3), dv=st.integers(1, 3), topk_frac=st.floats(0, 1), pad=st.booleans(),
        mode=st.sampled_from(["identity", "ada_avgpool", "ada_maxpool", "maxpool", "avgpool"]),
        kv=st.integers(1, 2), side=st.sampled_from([0, 3, 5]), layout=st.sampled_from(["plain", "transposed", "slice"]),
-       engine=st.sampled_from(["auto", "blocksparse"]), seed=st.integers(0, 2 ** 16))
-def test_matches_reference(b, s, rh, rw, heads, dq, dv, topk_frac, pad, mode, kv, side, layout, engine, seed):
+       engine=st.sampled_from(["auto", "blocksparse"]), seed=st.integers(0, 2 ** 16),
+       routing=st.sampled_from(["hard", "hard_diff", "soft", "soft_diff", "soft_param"]))
+def test_matches_reference(b, s, rh, rw, heads, dq, dv, topk_frac, pad, mode, kv, side, layout, engine, seed,
+                           routing):
     assume(not (mode in ("maxpool", "avgpool") and (rh < kv or rw < kv)))
     torch.manual_seed(seed)
     topk = 1 + int(topk_frac * (s * s - 1))
@@ -156,7 +172,9 @@ def test_matches_reference(b, s, rh, rw, heads, dq, dv, topk_frac, pad, mode, kv
         assume(h >= 1 and w >= 1)
     dim = heads * dv
     m = BiLevelRoutingAttention(dim, heads, n_win=s, qk_dim=heads * dq, topk=topk, kv_downsample_mode=mode,
-                                kv_per_win=kv, kv_downsample_ratio=kv, side_dwconv=side, auto_pad=pad)
+                                kv_per_win=kv, kv_downsample_ratio=kv, side_dwconv=side, auto_pad=pad,
+                                soft_routing=routing.startswith("soft"), diff_routing=routing != "hard" and
+                                routing != "soft", param_routing=routing == "soft_param")
     _randomize_biases(m)
     x = torch.randn(b, h, w, dim)
     if layout == "transposed":
@@ -169,7 +187,7 @@ def test_matches_reference(b, s, rh, rw, heads, dq, dv, topk_frac, pad, mode, kv
 
 
 def test_blocksparse_path_on_a_larger_map_matches_reference():
-    """56 // 4 regions of 2x2... a map large enough that ``attend`` picks the block-sparse engine by itself."""
+    """8x8 regions of 5x4 pixels: a map large enough (1.6M pairs) that ``attend`` picks the block-sparse engine."""
     torch.manual_seed(1)
     m = BiLevelRoutingAttention(16, 2, n_win=8, topk=5)
     _randomize_biases(m)
@@ -234,7 +252,7 @@ def test_topk_minus1_and_minus2_are_the_official_stage_attentions():
     check_forward_backward_finite(b, x)
 
 
-def test_diff_routing_routes_the_same_and_hard_indices_carry_no_gradient():
+def test_hard_diff_routing_routes_the_same_and_indices_carry_no_gradient():
     torch.manual_seed(6)
     a = BiLevelRoutingAttention(16, 2, n_win=2, topk=2)
     d = BiLevelRoutingAttention(16, 2, n_win=2, topk=2, diff_routing=True, param_routing=True)
@@ -248,7 +266,34 @@ def test_diff_routing_routes_the_same_and_hard_indices_carry_no_gradient():
     ga = torch.autograd.grad(ya.square().sum(), x)[0]
     yd.square().sum().backward()
     assert_close(x.grad, ga, name="x.grad")
-    assert d.router.emb.weight.grad is None  # top-k indices: no gradient (soft routing is not implemented)
+    assert d.router.emb.weight.grad is None  # hard top-k indices: no gradient
+
+
+def test_soft_diff_routing_gradients_reach_the_router():
+    torch.manual_seed(8)
+    m = BiLevelRoutingAttention(16, 2, n_win=2, topk=3, soft_routing=True, diff_routing=True, param_routing=True)
+    _randomize_biases(m)
+    x = torch.randn(2, 6, 4, 16)
+    assert routing_margin(m, x) > 1e-4
+    check_against_reference(m, x, biformer_reference)  # router.emb's gradient compared too
+    m(x).square().sum().backward()
+    assert m.router.emb.weight.grad is not None and m.router.emb.weight.grad.abs().max() > 0
+    detached = BiLevelRoutingAttention(16, 2, n_win=2, topk=3, soft_routing=True)
+    detached.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("router")})
+    xg = x.clone().requires_grad_()
+    g_soft = torch.autograd.grad(m(xg).square().sum(), xg)[0]
+    g_det = torch.autograd.grad(detached(xg).square().sum(), xg)[0]
+    assert (g_soft - g_det).abs().max() > 1e-6  # with diff_routing the descriptors' gradient reaches x
+
+
+def test_soft_routing_matches_the_official_gather_on_the_block_sparse_engine():
+    torch.manual_seed(9)
+    m = BiLevelRoutingAttention(16, 2, n_win=8, topk=3, soft_routing=True, diff_routing=True)
+    x = torch.randn(1, 40, 32, 16, requires_grad=True)  # 1.6M pairs: the block-sparse engine
+    y, y0 = m(x), BASELINES["biformer"](m, x)
+    assert_close(y, y0)
+    g = torch.randn_like(y)
+    assert_close(torch.autograd.grad((y * g).sum(), x)[0], torch.autograd.grad((y0 * g).sum(), x)[0], 3e-5, "x.grad")
 
 
 def test_compile_and_non_contiguous():
@@ -289,8 +334,8 @@ def test_errors():
         BiLevelRoutingAttention(16, 2, side_dwconv=4)
     with pytest.raises(ValueError, match="param_routing=True needs diff_routing"):
         BiLevelRoutingAttention(16, 2, param_routing=True)
-    with pytest.raises(NotImplementedError, match="soft_routing"):
-        BiLevelRoutingAttention(16, 2, soft_routing=True)
+    with pytest.raises(TypeError, match="soft_routing"):
+        BiLevelRoutingAttention(16, 2, soft_routing=None)
     with pytest.raises(ValueError, match="param_attention"):
         BiLevelRoutingAttention(16, 2, param_attention="none")
     with pytest.raises(TypeError, match="auto_pad"):

@@ -11,13 +11,14 @@ import torch.nn.functional as F
 from nearfar.layers.biformer import BiLevelRoutingAttention
 
 
-def _kv_gather(idx: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-    """The official ``KVGather`` (``mul_weight='none'``): ``kv (n, p2, w2, c)``, ``idx (n, p2, topk)`` ->
-    ``(n, p2, topk, w2, c)``."""
+def _kv_gather(idx: torch.Tensor, weight: torch.Tensor | None, kv: torch.Tensor) -> torch.Tensor:
+    """The official ``KVGather``: ``kv (n, p2, w2, c)``, ``idx (n, p2, topk)`` -> ``(n, p2, topk, w2, c)``, times
+    the routing weights ``(n, p2, topk)`` if given (``mul_weight='soft'``)."""
     n, p2, w2, c = kv.shape
     topk = idx.shape[-1]
-    return torch.gather(kv.view(n, 1, p2, w2, c).expand(-1, p2, -1, -1, -1), dim=2,
-                        index=idx.view(n, p2, topk, 1, 1).expand(-1, -1, -1, w2, c))
+    out = torch.gather(kv.view(n, 1, p2, w2, c).expand(-1, p2, -1, -1, -1), dim=2,
+                       index=idx.view(n, p2, topk, 1, 1).expand(-1, -1, -1, w2, c))
+    return out if weight is None else weight.view(n, p2, topk, 1, 1) * out
 
 
 def biformer_baseline(m: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +39,9 @@ def biformer_baseline(m: BiLevelRoutingAttention, x: torch.Tensor) -> torch.Tens
     lepe = m.lepe(v_map).permute(0, 2, 3, 1) if m.side_dwconv else torch.zeros_like(x[:, 0, 0, 0, 0])
     qr, kr = (q_win.detach(), k_win.detach()) if not m.diff_routing else (q_win, k_win)
     qr, kr = m.router.emb(qr), m.router.emb(kr)
-    idx = torch.topk((qr * m.scale) @ kr.transpose(-2, -1), k=m.topk, dim=-1).indices
-    sel = _kv_gather(idx, kv_pix)  # (n, p2, topk, w2, qk + c)
+    top = torch.topk((qr * m.scale) @ kr.transpose(-2, -1), k=m.topk, dim=-1)
+    # (n, p2, topk, w2, qk + c)
+    sel = _kv_gather(top.indices, top.values.softmax(-1) if m.soft_routing else None, kv_pix)
     k_sel, v_sel = sel.split([qk, c], dim=-1)
     w2 = k_sel.shape[3]
     k_sel = k_sel.reshape(n * s * s, m.topk * w2, heads, qk // heads).permute(0, 2, 3, 1)
