@@ -214,12 +214,15 @@ class BiLevelRoutingAttention(nn.Module):
         rh, rw = hp // s, wp // s
         regions, t, kb = s * s, rh * rw, kv_hw[0] * kv_hw[1]
         # region-major pixels: (B, S*S, rh*rw, C), region index row-major, pixels row-major inside
-        xr = x.reshape(b, s, rh, s, rw, c).transpose(2, 3)
-        qkv = self.qkv.qkv(xr).reshape(b, regions, t, 2 * qk + c)
+        xr = x.reshape(b, s, rh, s, rw, c).transpose(2, 3).reshape(b, regions, t, c)  # one copy of C channels
+        lin = self.qkv.qkv
+        qkv = lin(xr)
         q, k, v = qkv.split([qk, qk, c], dim=-1)  # one backward (a cat), where slices would each zero-fill qkv
         with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):
-            # region descriptors (B, S*S, qk_dim), k at full resolution; detached unless diff_routing
-            q_win, k_win = self.router.emb(q.mean(2)), self.router.emb(k.mean(2))
+            # region descriptors (B, S*S, qk_dim), the means of q and k over the region's (full-resolution) pixels,
+            # computed as the projection of the mean input (the projection is affine); detached unless diff_routing
+            qk_win = F.linear(xr.mean(2), lin.weight[:2 * qk], lin.bias[:2 * qk])
+            q_win, k_win = self.router.emb(qk_win[..., :qk]), self.router.emb(qk_win[..., qk:])
             top = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1)  # (B, S*S, topk)
         idx = top.indices
         if kb != t or self.kv_downsample_mode != "identity":
