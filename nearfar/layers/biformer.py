@@ -323,5 +323,5 @@ register(Mechanism(
     make=lambda dim, num_heads, **kw: BiLevelRoutingAttention(dim, num_heads, **kw), cls=BiLevelRoutingAttention,
     notes="Regions of an n_win x n_win grid (default 7: H, W must be multiples, or auto_pad=True); each region's "
           "pixels attend to the pixels of its topk (default 4) regions by mean-q/mean-k affinity, through run-time "
-          "key blocks (no topk-fold K/V copy). The released models use topk 1, 4, 16 in stages 1-3 and -2 (full attention + "
-          "LePE) in stage 4."))
+          "key blocks (no topk-fold K/V copy). The released models use topk 1, 4, 16 in stages 1-3 and -2 (full "
+          "attention + LePE) in stage 4."))
