@@ -91,6 +91,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "vsa": dict(window_size=p),
         "sparsifiner": dict(input_size=tuple(grid)),  # token tables of the image size (no resize)
         "dlgsa_local": dict(window_size=w),
+        "biformer": dict(n_win=side // p, topk=min(4, (side // p) ** 2)),
     }
     return by_name.get(name, {})
 

@@ -6,6 +6,7 @@ Each file registers its mechanisms where their classes are defined."""
 from __future__ import annotations
 
 from .agent import AgentAttention
+from .biformer import BiLevelRoutingAttention
 from .bigbird import BigBirdAttention
 from .cca import CCAAttention
 from .craft_srwa import SRWAttention
@@ -63,6 +64,7 @@ from .wau import WindowAttentionUpsample
 __all__ = [
     "AgentAttention",
     "BigBirdAttention",
+    "BiLevelRoutingAttention",
     "CCAAttention",
     "DaViTChannelAttention",
     "DaViTWindowAttention",
