@@ -22,7 +22,16 @@ import torch
 
 from ..bias import BiasSource
 from ..plan import Plan, TileGroup
-from .kernels import acc_dtype, equal_head_dims, fused_available, fused_mask, matmul_backward, matmul_forward, unit_last
+from .kernels import (
+    acc_dtype,
+    equal_head_dims,
+    fused_available,
+    fused_mask,
+    index_add,
+    matmul_backward,
+    matmul_forward,
+    unit_last,
+)
 
 _CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
 
@@ -261,11 +270,11 @@ class Problem:
         if self.direct_kv:
             b, hx, _, e = dst.shape
             g = grad.view(b, ch.size, hx, -1, e).transpose(1, 2).reshape(b, hx, -1, e)
-            dst.index_add_(2, index, g)
+            index_add(dst, 2, index, g)
             return
         b, _, hx, e = dst.shape
         row = e if self.per_head else hx * e
-        dst.view(b, -1, row).index_add_(1, index, grad.transpose(1, 2).reshape(b, -1, row))
+        index_add(dst.view(b, -1, row), 1, index, grad.transpose(1, 2).reshape(b, -1, row))
 
     # ----- the chunk mask: pattern (+ key padding) (+ bias), as SDPA's additive attn_mask -----
     def chunk_mask(self, ch: Chunk) -> torch.Tensor:
@@ -334,8 +343,8 @@ def _run_backward(pb: Problem, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Ten
     def flush():  # a staged group's gradients go back to their keys once, after all its chunks
         if dsk is not None:
             dim = 2 if pb.direct_kv else 1
-            dkt.index_add_(dim, group.stage, dsk)
-            dvt.index_add_(dim, group.stage, dsv)
+            index_add(dkt, dim, group.stage, dsk)
+            index_add(dvt, dim, group.stage, dsv)
 
     for ch in pb.chunks:
         if ch.group is not group:

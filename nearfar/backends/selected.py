@@ -20,7 +20,7 @@ import torch
 from ..bias import DenseBias
 from ..patterns import Pattern
 from ..selection import SelectedBlocks
-from .kernels import acc_dtype, equal_head_dims, fused_available, matmul_backward, matmul_forward, unit_last
+from .kernels import acc_dtype, equal_head_dims, fused_available, index_add, matmul_backward, matmul_forward, unit_last
 from .selected_pairs import pairs_backward, pairs_forward
 from .selected_plan import Stream, plan_streams
 
@@ -169,9 +169,9 @@ class _Problem:
         """Add a chunk's key (or value) gradient back to the rows it was gathered from."""
         e = dkt.shape[-1]
         if self.whole_blocks:
-            dkt.view(-1, self.kb * e).index_add_(0, rows, grad.reshape(-1, self.kb * e).to(dkt.dtype))
+            index_add(dkt.view(-1, self.kb * e), 0, rows, grad.reshape(-1, self.kb * e).to(dkt.dtype))
         else:
-            dkt.index_add_(0, rows, grad.reshape(-1, e).to(dkt.dtype))
+            index_add(dkt, 0, rows, grad.reshape(-1, e).to(dkt.dtype))
 
     def buffers(self, e: int, device: torch.device) -> dict[str, torch.Tensor]:
         c = max(r1 - r0 for r0, r1 in self.chunk_list)

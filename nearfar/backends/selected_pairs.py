@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .kernels import matmul_backward, matmul_forward
+from .kernels import index_add, matmul_backward, matmul_forward
 
 #: query rows per tile (pairs of one key block)
 ROWS = 64
@@ -161,6 +161,6 @@ def pairs_backward(pb: Any, st: Any, r0: int, r1: int, qb: torch.Tensor, ob: tor
                                         torch.zeros((), dtype=pb.acc), pb.scale)
     keep = ~empty[:, 0, 0]
     dqe = dqb[r0:r1].view(c * pb.b * heads, rows, pb.d)
-    dqe.index_add_(0, entries.reshape(-1)[keep], dq.reshape(nt * m, rows, pb.d)[keep].to(dqe.dtype))
-    dkblk.index_add_(0, tkr, dk[:, 0].to(dkblk.dtype))
-    dvblk.index_add_(0, tkr, dv[:, 0].to(dvblk.dtype))
+    index_add(dqe, 0, entries.reshape(-1)[keep], dq.reshape(nt * m, rows, pb.d)[keep].to(dqe.dtype))
+    index_add(dkblk, 0, tkr, dk[:, 0].to(dkblk.dtype))
+    index_add(dvblk, 0, tkr, dv[:, 0].to(dvblk.dtype))
