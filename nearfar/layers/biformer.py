@@ -49,6 +49,8 @@ Parameter names equal the official modules' (``qkv.qkv``, ``wo``, ``lepe``, ``ro
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,6 +72,8 @@ KV_MODES = ("identity", "ada_avgpool", "ada_maxpool", "maxpool", "avgpool")
 
 class _QKVLinear(nn.Module):
     """Holds the fused ``Linear(dim, 2 * qk_dim + dim)`` under the official name ``qkv.qkv``."""
+
+    qkv: nn.Linear
 
     def __init__(self, dim: int, qk_dim: int):
         super().__init__()
@@ -124,6 +128,8 @@ class BiLevelRoutingAttention(nn.Module):
         >>> BiLevelRoutingAttention(64, 2, n_win=7, auto_pad=True)(torch.randn(1, 9, 12, 64)).shape
         torch.Size([1, 9, 12, 64])
     """
+
+    qkv: nn.Module  # Linear(dim, 3 dim) for topk < 0, else the official qkv.qkv holder
 
     dim: int
     num_heads: int
@@ -218,7 +224,7 @@ class BiLevelRoutingAttention(nn.Module):
         regions, t, kb = s * s, rh * rw, kv_hw[0] * kv_hw[1]
         # region-major pixels: (B, S*S, rh*rw, C), region index row-major, pixels row-major inside
         xr = x.reshape(b, s, rh, s, rw, c).transpose(2, 3).reshape(b, regions, t, c)  # one copy of C channels
-        lin = self.qkv.qkv
+        lin = cast(_QKVLinear, self.qkv).qkv
         qkv = lin(xr)
         q, k, v = qkv.split([qk, qk, c], dim=-1)  # one backward (a cat), where slices would each zero-fill qkv
         with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):
@@ -282,14 +288,14 @@ class _LSE(torch.autograd.Function):
     the value gradient of an attention given ``dO = scale * g * q``."""
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, blocks: SelectedBlocks, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, blocks: SelectedBlocks, scale: float) -> torch.Tensor:
         ek, lse = attend(q, k, k, scale=scale, blocks=blocks, return_lse=True)
         ctx.save_for_backward(q, k, ek)
         ctx.blocks, ctx.scale = blocks, scale
         return lse
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, ek = ctx.saved_tensors
         dq = ctx.scale * g[..., None] * ek
         with torch.enable_grad():

@@ -32,7 +32,7 @@ are not part of this module.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -126,11 +126,11 @@ class _HyperNet(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """Kernels ``(B, H, W, heads * k^2)`` of a channel-last map ``u``."""
-        pw1, dw = self.conv1[0], self.conv1[1]
+        pw1, dw = cast(nn.Conv2d, self.conv1[0]), self.conv1[1]
         t = F.linear(u, pw1.weight.flatten(1), pw1.bias)
         # the channels-first view of a channel-last tensor is channels_last memory: the depth-wise conv runs on it
         t = dw(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        pw2 = self.conv2[0]
+        pw2 = cast(nn.Conv2d, self.conv2[0])
         return F.linear(t, pw2.weight.flatten(1), pw2.bias)
 
 
