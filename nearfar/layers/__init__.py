@@ -20,6 +20,7 @@ from .gcvit import GCViTWindowAttention, GlobalQueryAttention
 from .hilo import HiLo
 from .hip import HiPAttention
 from .kdgqa import KDGQA
+from .lamamba import LaMambaBlock
 from .landmark import LandmarkAttention
 from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
@@ -67,6 +68,7 @@ __all__ = [
     "HiLo",
     "HiPAttention",
     "KDGQA",
+    "LaMambaBlock",
     "LandmarkAttention",
     "LandmarkTokens",
     "LightningAttention",
