@@ -58,16 +58,15 @@ def _pick_chunk(delta: torch.Tensor, A: torch.Tensor, chunk: int) -> int:
 
 def _chunk_states(d, uu, A, Bc, H):
     """States of one chunk, token-major: ``d, uu (b, G, T, Dg)``, ``A (1, G, 1, Dg, N)``, ``Bc (b, G, T, 1, N)``,
-    entering state ``H (b, G, Dg, N)``. Returns ``h (b, G, T, Dg, N)``, the inputs ``x = d u B``, the weights
-    ``w = exp(R - A S)`` (``S`` the local cumulative sum of ``d``, ``R = A S_last / 2``) and ``S``."""
+    entering state ``H (b, G, Dg, N)``. Returns ``h (b, G, T, Dg, N)``, the weights ``w = exp(R - A S)`` (``S``
+    the local cumulative sum of ``d``, ``R = A S_last / 2``) and ``S``."""
     S = d.cumsum(2)
     ref = S[:, :, -1:] * (0.5 if d.shape[2] > 1 else 1.0)
     w = ((ref - S)[..., None] * A).exp_()
-    x = (d * uu)[..., None] * Bc
-    h = torch.mul(x, w).cumsum_(2)
+    h = ((d * uu)[..., None] * w).mul_(Bc).cumsum_(2)
     h += (ref[..., None] * A).exp_() * H[:, :, None]
     h /= w
-    return h, x, w, S
+    return h, w, S
 
 
 def _tokens_major(t: torch.Tensor, sl: slice) -> torch.Tensor:
@@ -85,7 +84,7 @@ class _Scan(torch.autograd.Function):
         for t0 in range(0, u.shape[-1], chunk):
             sl = slice(t0, t0 + chunk)
             starts.append(H)
-            h, _, _, _ = _chunk_states(_tokens_major(delta, sl), _tokens_major(u, sl), A5,
+            h, _, _ = _chunk_states(_tokens_major(delta, sl), _tokens_major(u, sl), A5,
                                        _tokens_major(B, sl)[:, :, :, None], H)
             ys.append((h @ _tokens_major(C, sl)[..., None]).squeeze(-1))
             H = h[:, :, -1]
@@ -105,7 +104,7 @@ class _Scan(torch.autograd.Function):
             sl = slice(i * chunk, min((i + 1) * chunk, length))
             d, uu, g = _tokens_major(delta, sl), _tokens_major(u, sl), _tokens_major(gy, sl)
             Bc, Cc = _tokens_major(B, sl)[:, :, :, None], _tokens_major(C, sl)[:, :, :, None]
-            h, x, w, S = _chunk_states(d, uu, A5, Bc, starts[i])
+            h, w, S = _chunk_states(d, uu, A5, Bc, starts[i])
             # g_t = sum_{s>=t} exp(A (S_s - S_t)) C_s dy_s + exp(A (S_last - S_t)) G: a reversed cumulative sum
             gh = g[..., None] * Cc
             gh /= w
@@ -117,7 +116,8 @@ class _Scan(torch.autograd.Function):
             du = d * uu
             gB[..., sl] = (du[:, :, :, None] @ gh).squeeze(3).transpose(2, 3)
             gdu = (gh @ Bc.transpose(3, 4)).squeeze(-1)
-            r = (h - x).mul_(gh)  # g_t * exp(delta_t A) h_{t-1}
+            # g_t * exp(delta_t A) h_{t-1} (not g_t (h_t - x_t): that cancels when exp(delta_t A) is tiny)
+            r = torch.cat([starts[i][:, :, None], h[:, :, :-1]], 2).mul_((d[..., None] * A5).exp_()).mul_(gh)
             gA += torch.einsum("bgtdn,bgtd->gdn", r, d)
             gu[..., sl] = (gdu * d).transpose(2, 3)
             gd[..., sl] = (gdu * uu + r.mul_(A5).sum(-1)).transpose(2, 3)
