@@ -33,7 +33,8 @@ Differences from the official code:
   instead of ``-100``: as ``nearfar.layers.swin`` (the official block requires divisibility and precomputes the
   shift mask for one resolution); ``input_resolution`` keeps the official rule that a map no larger than the
   window shrinks the window (and the bias table) to the map and drops the shift;
-- the selective scan is the chunked pure-torch scan (same function; the official code calls a CUDA kernel);
+- the selective scan is the chunked pure-torch scan (same function; the official code calls a CUDA kernel); with
+  float16/bfloat16 inputs its float32 output is cast back before ``out_norm`` (official: after);
 - the unconditioned form (no ``c``) is ours; no dropout / drop-path (the official DropPath is built but unused);
 - initialisation: PyTorch defaults and the SS2D ``v0`` init as the official block; ``official_init()`` applies
   the LaMamba-Diff model's re-initialisation (Xavier-uniform Linears with zero bias, zero adaLN output layer).
@@ -153,7 +154,7 @@ class SS2D(nn.Module):
                             self.dt_projs_bias.reshape(-1).to(dtype), True, chunk_size=self.chunk_size)
         inverse = torch.argsort(paths, dim=1)  # position of each pixel in each scan
         y = ys.view(b, 4, d, length).gather(3, inverse[None, :, None].expand(b, 4, d, length)).sum(1)
-        y = self.out_norm(y.transpose(1, 2)).view(b, h, w, d).to(x.dtype)
+        y = self.out_norm(y.transpose(1, 2).to(x.dtype)).view(b, h, w, d)
         return self.out_proj(y * F.silu(z))
 
 
