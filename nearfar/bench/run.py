@@ -85,7 +85,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "craft_srwa": dict(split_size=(p, 2 * p if side % (2 * p) == 0 else p)),
         "proxy_tokens": dict(compress_ratios=(p, p)), "dualtoken": dict(global_size=side // p, kernel_size=w),
         "agent": dict(num_patches=tuple(grid), agent_num=(side // p) ** 2),
-        "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w),
+        "neighborhood": dict(kernel_size=w), "uniformer_local": dict(kernel_size=w), "lamamba": dict(window_size=p),
     }
     return by_name.get(name, {})
 
