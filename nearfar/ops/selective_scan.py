@@ -31,6 +31,8 @@ order of floating-point operations only.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +79,9 @@ class _Scan(torch.autograd.Function):
     """``y = sum_n C h`` of the recurrence above (no ``D``, ``delta`` already softplus-ed), chunked."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, chunk):  # u, delta (b, G, Dg, L); A (G, Dg, N); B, C (b, G, N, L)
+    def forward(ctx: Any, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                C: torch.Tensor, chunk: int) -> torch.Tensor:
+        # u, delta (b, G, Dg, L); A (G, Dg, N); B, C (b, G, N, L)
         A5 = A[None, :, None]
         H = u.new_zeros(*u.shape[:3], A.shape[-1])
         ys, starts = [], []
@@ -93,7 +97,7 @@ class _Scan(torch.autograd.Function):
         return torch.cat(ys, 2).transpose(2, 3)
 
     @staticmethod
-    def backward(ctx, gy):
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         u, delta, A, B, C, *starts = ctx.saved_tensors
         chunk, length, A5 = ctx.chunk, u.shape[-1], A[None, :, None]
         gu, gd = torch.empty_like(u), torch.empty_like(delta)
