@@ -91,7 +91,7 @@ class _Scan(torch.autograd.Function):
             h, _, _ = _chunk_states(_tokens_major(delta, sl), _tokens_major(u, sl), A5,
                                        _tokens_major(B, sl)[:, :, :, None], H)
             ys.append((h @ _tokens_major(C, sl)[..., None]).squeeze(-1))
-            H = h[:, :, -1]
+            H = h[:, :, -1].clone()  # not a view: the chunk's states are freed
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.chunk = chunk
         return torch.cat(ys, 2).transpose(2, 3)
