@@ -3,8 +3,9 @@ own parameters: ``LaMambaBlock_conditioned._forward`` (``model/lamamba.py``), ``
 ``forward_corev2`` (``model/vmamba.py``) with the snake paths built by ``get_continuous_paths`` (Python loops,
 ``model/continuous_scan.py``), ``cross_scan_continuous`` (``index_select`` per path), the two einsums of
 ``x_proj`` / ``dt_projs``, the selective scan as ``selective_scan_ref`` (``kernels/selective_scan/
-test_selective_scan.py``: ``exp(einsum)`` of all steps, then a loop over tokens) -- the official code's
-reference, what runs without the compiled ``selective_scan_cuda_core`` -- and ``cross_merge_continuous``
+test_selective_scan.py``: ``exp(einsum)`` of all steps, then a loop over tokens) -- the official code has no
+CPU path (``SelectiveScanCore`` calls the compiled ``selective_scan_cuda_core``), so its kernels' float
+reference stands in for it -- and ``cross_merge_continuous``
 (``gather`` + sum); the window attention is the official Swin path (``oracles.swin.swin_baseline``: roll,
 ``window_partition``, bias gather, region mask). Square maps only (the official paths take one side), extents
 divisible by the window.
