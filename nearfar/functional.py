@@ -39,6 +39,7 @@ from .ops.routing import (
     threshold_blocks,
     topk_blocks,
 )
+from .ops.selective_scan import selective_scan
 from .patterns import Pattern
 from .selection import SelectedBlocks
 
@@ -65,6 +66,7 @@ __all__ = [
     "nz_ratio_blocks",
     "observe_calls",
     "pool_blocks",
+    "selective_scan",
     "split_heads",
     "split_qkv",
     "threshold_blocks",

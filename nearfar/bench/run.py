@@ -92,6 +92,7 @@ def image_settings(name: str, w: int, grid: tuple[int, ...]) -> dict:
         "sparsifiner": dict(input_size=tuple(grid)),  # token tables of the image size (no resize)
         "dlgsa_local": dict(window_size=w),
         "biformer": dict(n_win=side // p, topk=min(4, (side // p) ** 2)),
+        "lamamba": dict(window_size=p),
     }
     return by_name.get(name, {})
 

@@ -24,6 +24,7 @@ from .glca import GLCAttention
 from .hilo import HiLo
 from .hip import HiPAttention
 from .kdgqa import KDGQA
+from .lamamba import LaMambaBlock
 from .landmark import LandmarkAttention
 from .landmark_tokens import LandmarkTokens
 from .lightning import LightningAttention
@@ -79,6 +80,7 @@ __all__ = [
     "HiLo",
     "HiPAttention",
     "KDGQA",
+    "LaMambaBlock",
     "LandmarkAttention",
     "LandmarkTokens",
     "LightningAttention",
