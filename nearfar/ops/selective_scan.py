@@ -43,7 +43,10 @@ RANGE = {torch.float32: 80.0, torch.float64: 900.0}
 
 
 def _pick_chunk(delta: torch.Tensor, A: torch.Tensor, chunk: int) -> int:
-    """The largest ``chunk / 2^k`` whose every chunk has an exponent range within ``RANGE`` (1 always works)."""
+    """The largest ``chunk / 2^k`` whose every chunk has an exponent range within ``RANGE`` (1 always works); on the
+    meta device (shapes only: no values to read) ``chunk`` itself."""
+    if delta.device.type == "meta":
+        return chunk
     with torch.no_grad():
         bound = RANGE[delta.dtype]
         amax = A.abs().amax(-1)[:, None]  # (channels, 1)
