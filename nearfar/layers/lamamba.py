@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -249,8 +250,9 @@ class LaMambaBlock(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         if self.condition_dim is not None:
-            nn.init.zeros_(self.adaLN_modulation[1].weight)
-            nn.init.zeros_(self.adaLN_modulation[1].bias)
+            out_layer = cast(nn.Linear, self.adaLN_modulation[1])
+            nn.init.zeros_(out_layer.weight)
+            nn.init.zeros_(out_layer.bias)
         return self
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -279,8 +281,8 @@ class LaMambaBlock(nn.Module):
                 raise ValueError(f"c must be (B={b}, condition_dim={self.condition_dim}), got {tuple(c.shape)}")
             m = self.adaLN_modulation(self.condition_projection(c)[:, None, None, :]).chunk(9, dim=-1)
             mods = [m[0:3], m[3:6], m[6:9]]
-        branches = [(self.norm, self.op), (self.norm_swin, self.attn)]
-        if self.mlp is not None:
+        branches: list[tuple[nn.Module, nn.Module]] = [(self.norm, self.op), (self.norm_swin, self.attn)]
+        if self.mlp is not None and self.norm2 is not None:
             branches.append((self.norm2, self.mlp))
         update = None
         for (norm, fn), (shift, scale, gate) in zip(branches, mods):

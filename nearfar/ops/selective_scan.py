@@ -186,9 +186,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         bc.append(t)
     if bc[0].shape[1] != bc[1].shape[1]:
         raise ValueError(f"B and C must have the same groups, got {bc[0].shape[1]} and {bc[1].shape[1]}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if t is not None and (check_tensor(t, name, 1).shape[0] != channels):
-            raise ValueError(f"{name} must be ({channels},), got {tuple(t.shape)}")
+    for name, opt in (("D", D), ("delta_bias", delta_bias)):
+        if opt is not None and (check_tensor(opt, name, 1).shape[0] != channels):
+            raise ValueError(f"{name} must be ({channels},), got {tuple(opt.shape)}")
     dtype = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
     groups = bc[0].shape[1]
     uc, dc = u.to(dtype), delta.to(dtype)
