@@ -39,9 +39,11 @@ def _additive_mask(pattern: Pattern, nq: int, nk: int, device: torch.device,
     return hit
 
 
-#: on CPU, up to this many keys per query plain matmul + softmax beats SDPA's kernels (HiLo's 2x2 windows:
-#: ~1.6x at 4 keys, ~1.25x at 16, slower from ~32; float32/64 only)
-_FEW_KEYS = 16
+#: on CPU, up to this many keys per query plain matmul + softmax beats SDPA's fused kernel (float32/64 only).
+#: Measured 2026-12-06, 2 threads, no mask, ~600K score entries per call: the fused kernel takes 2.1-2.7x the
+#: matmul path's time at 25 keys, 1.6x at 49 (7x7 windows), 1.35-1.55x at 64 and 1.2-1.4x at 100, forward and
+#: forward+backward alike, at head dims 32 and 64 (an earlier rule of 16 keys came from HiLo's 2x2 windows)
+_FEW_KEYS = 64
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
