@@ -15,9 +15,12 @@ from module_checks import (
     check_forward_backward_finite,
     check_state_dict_round_trip,
 )
+from oracles.psa_parallel import BASELINES as PARALLEL_BASELINES
 from oracles.psa_sequential import BASELINES
+from test_psa_parallel import _randomize as randomize_parallel
 
 import nearfar
+from nearfar.layers.psa_parallel import PSAParallel
 from nearfar.layers.psa_sequential import PSASequential
 
 EPS = 1e-5  # LayerNorm default
@@ -119,9 +122,15 @@ def test_oracle_spatial_gate_range():
     assert_close(p_mean, g.sum(0) / 35, 1e-9)
 
 
-def test_oracle_channel_gate_permutation_invariant_and_output_equivariant():
+#: both PSA forms, randomised so that their channel gates vary (the default init keeps them near constant)
+FORMS = {"psa_parallel": (lambda dim: randomize_parallel(PSAParallel(dim)), PARALLEL_BASELINES["psa_parallel"]),
+         "psa_sequential": (lambda dim: _randomize(PSASequential(dim)), BASELINES["psa_sequential"])}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_oracle_channel_gate_permutation_invariant_and_output_equivariant(form):
     torch.manual_seed(3)
-    m = _randomize(PSASequential(12))
+    m = FORMS[form][0](12)
     x = torch.randn(2, 5, 7, 12)
     perm = torch.randperm(35)
     xp = x.reshape(2, 35, 12)[:, perm].reshape(2, 5, 7, 12)
@@ -130,17 +139,20 @@ def test_oracle_channel_gate_permutation_invariant_and_output_equivariant():
         assert_close(m(xp), m(x).reshape(2, 35, 12)[:, perm].reshape(2, 5, 7, 12), name="equivariance")
 
 
-def test_baseline_matches_module():
+@pytest.mark.parametrize("form", FORMS)
+def test_baseline_matches_module(form):
     torch.manual_seed(4)
-    m = _randomize(PSASequential(24))
+    make, baseline = FORMS[form]
+    m = make(24)
     x = torch.randn(2, 9, 7, 24)
     with torch.no_grad():
-        assert_close(BASELINES["psa_sequential"](m, x), m(x), name="baseline")
+        assert_close(baseline(m, x), m(x), name="baseline")
 
 
-def test_forward_backward_finite_and_compile():
+@pytest.mark.parametrize("form", FORMS)
+def test_forward_backward_finite_and_compile(form):
     torch.manual_seed(5)
-    m = _randomize(PSASequential(20))
+    m = FORMS[form][0](20)
     check_forward_backward_finite(m, torch.randn(2, 7, 9, 20))
     check_compile_matches_eager(m, torch.randn(1, 6, 5, 20))
 
