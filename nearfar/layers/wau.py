@@ -52,7 +52,8 @@ from ..checks import (
     check_same_dtype_device,
     check_scale,
 )
-from ..functional import attend, split_heads
+from ..functional import WindowBatch, attend, split_heads
+from ..patterns import Blocks
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -78,6 +79,13 @@ def rpb_index(window: int, scale_factor: int) -> torch.Tensor:
     off = a[:, None] - s * j[None, :] + s * (m - 1)  # (sM, M)
     idx = off[:, None, :, None] * size + off[None, :, None, :]  # (qy, qx, ky, kx)
     return idx.reshape(s * s * m * m, m * m)
+
+
+def _windows(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``(B, H, W, C)`` with ``m | H, W`` -> ``(B * nW, m * m, C)``: windows row-major, batch-major (one copy)."""
+    wb = WindowBatch.of(Blocks(m, grid=tuple(x.shape[1:3])), tuple(x.shape[1:3]), x.device)
+    assert wb is not None  # whole windows: the caller padded to multiples of m
+    return wb.split(x)
 
 
 class WindowAttentionUpsample(nn.Module):
@@ -229,8 +237,8 @@ class WindowAttentionUpsample(nn.Module):
             xd = F.pad(x, (0, 0, 0, wp - w, 0, hp - h))
             sk = F.pad(skip, (0, 0, 0, s * wp - ws, 0, s * hp - hs))
         # cut both maps into their windows before any projection (one copy of each input), batch-major windows
-        kw = xd.reshape(b, nh, m, nw, m, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, m * m, c)
-        qw = sk.reshape(b, nh, sm, nw, sm, cs).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, sm * sm, cs)
+        kw = _windows(xd, m)
+        qw = _windows(sk, sm)
         q = split_heads(self.q(self.norm_q(qw)), self.num_heads)
         # keys and values head-major and contiguous (a copy of the small low-res side): attend's input checks and
         # kernel read them in one pass, and their gradients come back without zero-filled buffers
