@@ -1,0 +1,126 @@
+"""The block-sparse engine on the compiled CPU kernel (``nearfar/csrc/sparse_attention.cpp``).
+
+The kernel reads q/k/v in place and walks each query tile's key list in sub-blocks of ``kb`` keys with an online
+softmax, skipping the sub-blocks no query of the tile sees and the rows of a sub-block that see none of its keys.
+What it needs besides the tensors is data-independent and made once per plan (cached with it): each tile's key list
+in ascending key order (so a 2D/3D box is read row by row and a sub-block spans few query rows of the tile), the
+exact mask in the same order, and per (tile, sub-block) the live row range and whether every pair in it is allowed.
+
+It covers the plan-based block-sparse path without a bias (float32, bfloat16, float16 inputs, float32
+accumulation; GQA, per-head patterns, key padding); a bias, float64 and other devices keep the PyTorch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import native
+from ..plan import Plan, TileGroup
+from .kernels import unit_last
+
+#: keys per sub-block (fixed in the kernel: one 64-bit mask word per query row); 16 and 32 were slower at C1-C3
+#: (more, smaller matrix products), 128 no faster
+KB = 64
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class NativeGroup:
+    q_idx: torch.Tensor  # (c, T) int64
+    k_idx: torch.Tensor  # (Hp, c, W) int64, ascending, -1 last
+    bits: torch.Tensor  # (Hp, c, T, nsub) int64: bit i of word s = key s*64+i of the list is allowed
+    rows: torch.Tensor  # (Hp, c, nsub, 2) int32: [r0, r1) tile rows that see any key of the sub-block
+    full: torch.Tensor  # (Hp, c, nsub) bool: every pair of the sub-block's rows [r0, r1) is allowed
+
+
+def supports(q: torch.Tensor, bias: object) -> bool:
+    """Whether the compiled kernel can run this call (and is built and loaded)."""
+    return q.device.type == "cpu" and q.dtype in DTYPES and bias is None and native.available()
+
+
+def _group(plan: Plan, g: TileGroup, kb: int) -> NativeGroup:
+    k = g.k_idx
+    order = torch.argsort(torch.where(k < 0, plan.nk, k), dim=-1, stable=True)
+    k = k.gather(-1, order)
+    mask = plan.allowed(g, 0, len(g))
+    mask = mask.gather(-1, order[:, :, None, :].expand_as(mask)).contiguous()
+    hp, c, t, w = mask.shape
+    nsub = -(-w // kb)
+    pad = nsub * kb - w
+    live = torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).any(-1)  # (Hp, c, T, nsub)
+    allowed = torch.nn.functional.pad(mask, (0, pad), value=True).view(hp, c, t, nsub, kb).all(-1)
+    any_row = live.any(2)  # (Hp, c, nsub)
+    r0 = live.int().argmax(2)
+    r1 = t - live.flip(2).int().argmax(2)
+    r0 = torch.where(any_row, r0, 0)
+    r1 = torch.where(any_row, r1, 0)
+    ar = torch.arange(t)[None, None, :, None]
+    in_range = (ar >= r0[:, :, None]) & (ar < r1[:, :, None])  # (Hp, c, T, nsub)
+    full = (allowed | ~in_range).all(2) & any_row
+    rows = torch.stack([r0, r1], -1).to(torch.int32).contiguous()
+    weights = torch.ones((), dtype=torch.int64) << torch.arange(kb)  # bit 63 wraps to the sign bit: same bits
+    bits = (torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).long() * weights).sum(-1)
+    return NativeGroup(g.q_idx.contiguous(), k.contiguous(), bits.contiguous(), rows, full.contiguous())
+
+
+def groups(plan: Plan, kb: int = KB) -> list[NativeGroup]:
+    key = ("native", kb)
+    out = plan.engine_cache.get(key)
+    if out is None:
+        out = [_group(plan, g, kb) for g in plan.groups]
+        size = sum(x.q_idx.numel() * 8 + x.k_idx.numel() * 8 + x.bits.numel() * 8 + x.rows.numel() * 4
+                   + x.full.numel() for x in out)
+        plan.engine_cache.put(key, out, size)
+    return out
+
+
+def _splits(b: int, hkv: int) -> int:
+    """dK/dV accumulators: one per (batch, kv head) owner; more when there are fewer owners than threads."""
+    threads = torch.get_num_threads()
+    return 1 if b * hkv >= threads else -(-threads // (b * hkv))
+
+
+class _Native(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        gs = groups(plan)
+        b, hq, nq, _ = q.shape
+        out = q.new_empty(b, hq, nq, v.shape[-1])
+        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+        for g in gs:
+            torch.ops.nearfar_native.forward(q, k, v, g.q_idx, g.k_idx, g.bits, g.rows, g.full, kpm, scale, out, lse)
+        ctx.plan, ctx.scale, ctx.kpm = plan, scale, kpm
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        b, hkv, nk, d = k.shape
+        s = _splits(b, hkv)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
+        dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
+        do = unit_last(grad_out.to(q.dtype))
+        for g in groups(ctx.plan):
+            torch.ops.nearfar_native.backward(q, k, v, out, do, lse, g.q_idx, g.k_idx, g.bits, g.rows, g.full,
+                                              ctx.kpm, ctx.scale, dq, dk, dv)
+        dk = dk.sum(0) if s > 1 else dk[0]
+        dv = dv.sum(0) if s > 1 else dv[0]
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                     kpm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``kpm`` an additive (B, Nk) mask. A query with no allowed key gets 0 and lse = -inf."""
+    if not native.available():
+        raise RuntimeError(native.status())
+    if kpm is not None:
+        kpm = kpm.to(torch.float32).expand(q.shape[0], k.shape[2]).contiguous()
+    out, lse = _Native.apply(unit_last(q), unit_last(k), unit_last(v), plan, float(scale), kpm)
+    return out, lse

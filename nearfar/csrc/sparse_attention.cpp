@@ -1,0 +1,522 @@
+// Fused sparse attention on CPU: online softmax over each query tile's key list, read in place.
+//
+// The block-sparse engine's plan (nearfar/plan.py) gives, per tile group, the query tile ``q_idx (c, T)`` and its key
+// list ``k_idx (Hp, c, W)``. This kernel walks each key list in sub-blocks of 64 keys. Per (tile, sub-block) the
+// caller precomputes (once per plan) the rows ``[r0, r1)`` of the tile that see any of its keys, whether all pairs
+// there are allowed, and per row a 64-bit mask of the allowed keys. A sub-block no query sees is skipped and the
+// score matrix covers only rows [r0, r1), so a neighbourhood's box corners and a causal diagonal cost little.
+// Q/K/V rows are read from the caller's tensors through their strides (no gathered copy of K/V per tile),
+// converted to float32 into small per-thread buffers, and multiplied by register-blocked micro-kernels
+// (ATen's Vectorized: AVX-512 or AVX2, as built). Forward: output and LSE. Backward: recomputes the scores from the
+// LSE (flash style); dK/dV accumulate in float32 per (batch, kv head), each owned by one thread, so no atomics and
+// no per-tile copies; with fewer (batch, kv head) pairs than threads, the tiles are split over ``nsplit``
+// accumulators that the caller sums.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int VS = Vec::size();
+constexpr int KB = 64;  // keys per sub-block: one 64-bit mask word per row
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ------------------------------------------------------------------------------------------- micro-kernels
+// C[M x N] (+)= A · B with A's element (r, k) at A[r * sar + k * sak], B row-major (ldb), N a multiple of VS.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int RB = 6, NVB = 4;  // 24 accumulators of 32 registers
+#else
+constexpr int RB = 4, NVB = 2;  // 8 accumulators of 16 registers
+#endif
+
+template <int R, int NV>
+inline void tile_kernel(int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, bool accumulate) {
+  Vec c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vec::loadu(C + r * ldc + v * VS) : Vec(0.f);
+  for (int k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * VS);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * sar + k * sak]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * VS);
+}
+
+template <int NV>
+inline void rows_kernel(int M, int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, bool acc) {
+  int r = 0;
+  for (; r + RB <= M; r += RB) tile_kernel<RB, NV>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
+  const float* a = A + r * sar;
+  float* c = C + r * ldc;
+  switch (M - r) {
+    case 1: tile_kernel<1, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 2: tile_kernel<2, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 3: tile_kernel<3, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 4: tile_kernel<4, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 5: tile_kernel<5, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    default: break;
+  }
+}
+
+inline void gemm(int M, int N, int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  int j = 0;
+  for (; j + NVB * VS <= N; j += NVB * VS) rows_kernel<NVB>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc);
+  for (; j + VS <= N; j += VS) rows_kernel<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc);
+}
+
+// ------------------------------------------------------------------------------------------------ row ops
+template <typename T>
+inline void load_row(const T* src, float* dst, int n, float mul) {
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+}
+
+template <typename T>
+inline void load_col(const T* src, float* dst, int n, int64_t ld) {  // dst[i * ld] = src[i]
+  for (int i = 0; i < n; ++i) dst[i * ld] = static_cast<float>(src[i]);
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int n, float mul) {
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
+// NaN-propagating (a NaN or Inf that reaches a score must reach the output, where attend's guard looks for it)
+inline float hmax(const Vec& v) {
+  float buf[VS];
+  v.store(buf);
+  float m = buf[0];
+  for (int i = 1; i < VS; ++i) m = (buf[i] > m || std::isnan(buf[i])) ? buf[i] : m;
+  return m;
+}
+
+inline float hsum(const Vec& v) {
+  float buf[VS];
+  v.store(buf);
+  float s = 0.f;
+  for (int i = 0; i < VS; ++i) s += buf[i];
+  return s;
+}
+
+// Scores of one row of a sub-block (np = KB padded columns, n of them real): the mask word's cleared bits and the
+// columns past n become -inf, the key padding mask is added; returns the row maximum.
+inline float mask_row(float* x, int n, uint64_t bits, bool full, const float* kp) {
+  if (n < KB) bits &= (n == 0 ? 0 : (~uint64_t(0) >> (KB - n)));
+  Vec vm(kNegInf);
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  for (int i = 0; i < KB; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (!full || n < KB) v = _mm512_mask_blend_ps(static_cast<__mmask16>(bits >> i), ninf, v);
+    if (kp) v = _mm512_add_ps(v, _mm512_loadu_ps(kp + i));
+    _mm512_storeu_ps(x + i, v);
+    vm = at::vec::maximum(vm, Vec(v));
+  }
+#else
+  for (int i = 0; i < KB; ++i) {
+    if (!((bits >> i) & 1)) x[i] = kNegInf;
+    else if (kp) x[i] += kp[i];
+  }
+  for (int i = 0; i < KB; i += VS) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+  (void)full;
+#endif
+  return hmax(vm);
+}
+
+// x = exp(x - sub) over KB columns in place (exp(-inf) = 0); returns the sum.
+inline float exp_row(float* x, float sub) {
+  const Vec vs(sub);
+  Vec acc(0.f);
+  for (int i = 0; i < KB; i += VS) {
+    const Vec e = (Vec::loadu(x + i) - vs).exp_u20();
+    e.store(x + i);
+    acc = acc + e;
+  }
+  return hsum(acc);
+}
+
+inline void scale_row(float* x, int n, float a) {
+  const Vec va(a);
+  for (int i = 0; i < n; i += VS) (Vec::loadu(x + i) * va).store(x + i);
+}
+
+inline void add_row(float* dst, const float* src, int n) {
+  int i = 0;
+  for (; i + VS <= n; i += VS) (Vec::loadu(dst + i) + Vec::loadu(src + i)).store(dst + i);
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+// ------------------------------------------------------------------------------------------------ geometry
+struct Geometry {
+  int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, W, Hp, nsub, HX, g, grp;
+  bool per_head;
+  int64_t sqb, sqh, sqn, skb, skh, skn, svb, svh, svn;
+  const int64_t* q_idx;
+  const int64_t* k_idx;
+  const int64_t* bits;
+  const int32_t* rows;
+  const bool* full;
+  const float* kpm;
+
+  Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi, const at::Tensor& ki,
+           const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f, const c10::optional<at::Tensor>& kp) {
+    B = q.size(0), Hq = q.size(1), Nq = q.size(2), d = q.size(3);
+    Hkv = k.size(1), Nk = k.size(2), dv = v.size(3);
+    dp = round_up(d, VS), dvp = round_up(dv, VS);
+    c = qi.size(0), T = qi.size(1), Hp = ki.size(0), W = ki.size(2);
+    nsub = (W + KB - 1) / KB;
+    per_head = Hp > 1;
+    grp = Hq / Hkv;
+    HX = per_head ? Hq : Hkv;
+    g = per_head ? 1 : grp;
+    sqb = q.stride(0), sqh = q.stride(1), sqn = q.stride(2);
+    skb = k.stride(0), skh = k.stride(1), skn = k.stride(2);
+    svb = v.stride(0), svh = v.stride(1), svn = v.stride(2);
+    q_idx = qi.data_ptr<int64_t>();
+    k_idx = ki.data_ptr<int64_t>();
+    bits = bt.data_ptr<int64_t>();
+    rows = r.data_ptr<int32_t>();
+    full = f.data_ptr<bool>();
+    kpm = kp.has_value() ? kp->data_ptr<float>() : nullptr;
+  }
+
+  int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
+  int64_t kv_head(int64_t hx) const { return per_head ? hx / grp : hx; }
+  uint64_t word(int64_t pt, int64_t row, int64_t s) const {
+    return static_cast<uint64_t>(bits[(pt * T + row) * nsub + s]);
+  }
+};
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
+                  const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
+                  const c10::optional<at::Tensor>& kp) {
+  TORCH_CHECK(q.device().is_cpu(), "nearfar native kernel: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, d)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need a unit last-dim stride");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(qi.is_contiguous() && ki.is_contiguous() && bt.is_contiguous() && r.is_contiguous() &&
+                  f.is_contiguous(), "plan arrays must be contiguous");
+  TORCH_CHECK(qi.scalar_type() == at::kLong && ki.scalar_type() == at::kLong && bt.scalar_type() == at::kLong &&
+                  r.scalar_type() == at::kInt && f.scalar_type() == at::kBool, "plan array dtypes");
+  TORCH_CHECK(ki.size(0) == 1 || ki.size(0) == q.size(1), "key lists: one per query head or shared");
+  TORCH_CHECK(bt.size(-1) == (ki.size(2) + KB - 1) / KB, "mask words: one per 64 keys");
+  if (kp.has_value()) TORCH_CHECK(kp->scalar_type() == at::kFloat && kp->is_contiguous(), "kpm: float32 (B, Nk)");
+}
+
+// K of a sub-block as Kt (d x KB, transposed, columns past n zero) and, when wanted, row-major Kr (n x dp); V as
+// row-major Vr (n x dvp) or transposed Vt (dv x KB); the key padding mask as kp (KB).
+template <typename T>
+struct SubBlock {
+  std::vector<float> Kt, Kr, Vr, Vt, kp;
+  SubBlock(const Geometry& G) : Kt(G.dp * KB, 0.f), Kr(KB * G.dp, 0.f), Vr(KB * G.dvp, 0.f), Vt(G.dvp * KB, 0.f),
+                                kp(KB, 0.f) {}
+
+  void load(const Geometry& G, const int64_t* keys, int n, const T* kbase, const T* vbase, int64_t b, bool rowK,
+            bool rowV) {
+    const int d = G.d, dv = G.dv;
+    for (int i = 0; i < n; ++i) {
+      const int64_t key = keys[i];
+      if (key < 0) {
+        for (int e = 0; e < d; ++e) Kt[e * KB + i] = 0.f;
+        if (rowK) std::fill(Kr.data() + i * G.dp, Kr.data() + i * G.dp + d, 0.f);
+        if (rowV) std::fill(Vr.data() + i * G.dvp, Vr.data() + i * G.dvp + dv, 0.f);
+        else for (int e = 0; e < dv; ++e) Vt[e * KB + i] = 0.f;
+        kp[i] = kNegInf;
+        continue;
+      }
+      const T* kr = kbase + key * G.skn;
+      const T* vr = vbase + key * G.svn;
+      load_col(kr, Kt.data() + i, d, KB);
+      if (rowK) load_row(kr, Kr.data() + i * G.dp, d, 1.f);
+      if (rowV) load_row(vr, Vr.data() + i * G.dvp, dv, 1.f);
+      else load_col(vr, Vt.data() + i, dv, KB);
+      kp[i] = G.kpm ? G.kpm[b * G.Nk + key] : 0.f;
+    }
+    for (int i = n; i < KB; ++i) {  // the tail of the last sub-block: zero keys (their scores are masked)
+      for (int e = 0; e < d; ++e) Kt[e * KB + i] = 0.f;
+      if (!rowV) for (int e = 0; e < dv; ++e) Vt[e * KB + i] = 0.f;
+      kp[i] = kNegInf;
+    }
+  }
+};
+
+// ------------------------------------------------------------------------------------------------ forward
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& G, float scale,
+                  at::Tensor& out, at::Tensor& lse) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  const int64_t sob = out.stride(0), soh = out.stride(1), son = out.stride(2);
+  const int64_t slb = lse.stride(0), slh = lse.stride(1), sln = lse.stride(2);
+  const int d = G.d, dv = G.dv, T_ = G.T, g = G.g;
+  const int64_t dp = G.dp, dvp = G.dvp;
+  const int64_t units = G.B * G.HX * G.c;
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    std::vector<float> Q(g * T_ * dp, 0.f), S(T_ * KB), acc(g * T_ * dvp), m(g * T_), l(g * T_);
+    std::vector<char> bad(g * T_);
+    SubBlock<T> sb(G);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t t = u % G.c, hx = (u / G.c) % G.HX, b = u / (G.c * G.HX);
+      const int64_t hp = G.per_head ? hx : 0, hkv = G.kv_head(hx), pt = hp * G.c + t;
+      const int64_t* qi = G.q_idx + t * T_;
+      const int64_t* ki = G.k_idx + pt * G.W;
+      for (int j = 0; j < g; ++j) {
+        const T* qb = qp + b * G.sqb + G.head(hx, j) * G.sqh;
+        for (int r = 0; r < T_; ++r) {
+          float* dst = Q.data() + (j * T_ + r) * dp;
+          if (qi[r] < 0) std::fill(dst, dst + d, 0.f);
+          else load_row(qb + qi[r] * G.sqn, dst, d, scale);
+        }
+      }
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(bad.begin(), bad.end(), 0);
+      const T* kbase = kp + b * G.skb + hkv * G.skh;
+      const T* vbase = vp + b * G.svb + hkv * G.svh;
+      for (int64_t s = 0; s < G.nsub; ++s) {
+        const int32_t r0 = G.rows[(pt * G.nsub + s) * 2], r1 = G.rows[(pt * G.nsub + s) * 2 + 1];
+        if (r0 >= r1) continue;
+        const int64_t k0 = s * KB;
+        const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
+        sb.load(G, ki + k0, n, kbase, vbase, b, false, true);
+        const bool full = G.full[pt * G.nsub + s];
+        const float* kpv = G.kpm ? sb.kp.data() : nullptr;
+        const int M = r1 - r0;
+        for (int j = 0; j < g; ++j) {
+          gemm(M, KB, d, Q.data() + (j * T_ + r0) * dp, dp, 1, sb.Kt.data(), KB, S.data(), KB, false);
+          for (int rr = 0; rr < M; ++rr) {
+            const int row = r0 + rr, idx = j * T_ + row;
+            float* sr = S.data() + rr * KB;
+            const float mx = mask_row(sr, n, G.word(pt, row, s), full, kpv);
+            if (std::isnan(mx) || mx == kInf) bad[idx] = 1;
+            const float mnew = std::max(m[idx], mx);
+            if (mnew == kNegInf || bad[idx]) {
+              std::fill(sr, sr + KB, 0.f);
+              continue;
+            }
+            const float sum = exp_row(sr, mnew);
+            const float alpha = std::exp(m[idx] - mnew);
+            if (alpha != 1.f) scale_row(acc.data() + idx * dvp, dvp, alpha);
+            l[idx] = l[idx] * alpha + sum;
+            m[idx] = mnew;
+          }
+          gemm(M, dvp, n, S.data(), KB, 1, sb.Vr.data(), dvp, acc.data() + (j * T_ + r0) * dvp, dvp, true);
+        }
+      }
+      for (int j = 0; j < g; ++j) {
+        const int64_t h = G.head(hx, j);
+        for (int r = 0; r < T_; ++r) {
+          if (qi[r] < 0) continue;
+          const int idx = j * T_ + r;
+          T* o = op + b * sob + h * soh + qi[r] * son;
+          float* L = lp + b * slb + h * slh + qi[r] * sln;
+          if (bad[idx]) {
+            std::fill(o, o + dv, static_cast<T>(std::numeric_limits<float>::quiet_NaN()));
+            *L = std::numeric_limits<float>::quiet_NaN();
+          } else if (l[idx] == 0.f) {
+            std::fill(o, o + dv, static_cast<T>(0.f));
+            *L = kNegInf;
+          } else {
+            store_row(acc.data() + idx * dvp, o, dv, 1.f / l[idx]);
+            *L = m[idx] + std::log(l[idx]);
+          }
+        }
+      }
+    }
+  });
+}
+
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_idx,
+             const at::Tensor& k_idx, const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
+             const c10::optional<at::Tensor>& kpm, double scale, at::Tensor out, at::Tensor lse) {
+  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.stride(3) == 1, "out: q's dtype, unit last stride");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
+  const Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  switch (q.scalar_type()) {
+    case at::kFloat: forward_impl<float>(q, k, v, G, static_cast<float>(scale), out, lse); break;
+    case at::kBFloat16: forward_impl<at::BFloat16>(q, k, v, G, static_cast<float>(scale), out, lse); break;
+    case at::kHalf: forward_impl<at::Half>(q, k, v, G, static_cast<float>(scale), out, lse); break;
+    default: TORCH_CHECK(false, "nearfar native kernel: float32, bfloat16 or float16 inputs");
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- backward
+template <typename T>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                   const at::Tensor& dout, const at::Tensor& lse, const Geometry& G, float scale, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv_acc) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const T* op = out.data_ptr<T>();
+  const T* dop = dout.data_ptr<T>();
+  const float* lp = lse.data_ptr<float>();
+  T* dqp = dq.data_ptr<T>();
+  float* dkp = dk.data_ptr<float>();
+  float* dvp_ = dv_acc.data_ptr<float>();
+  const int64_t sob = out.stride(0), soh = out.stride(1), son = out.stride(2);
+  const int64_t sdb = dout.stride(0), sdh = dout.stride(1), sdn = dout.stride(2);
+  const int64_t slb = lse.stride(0), slh = lse.stride(1), sln = lse.stride(2);
+  const int64_t sqb = dq.stride(0), sqh = dq.stride(1), sqn = dq.stride(2);
+  const int64_t nsplit = dk.size(0);
+  const int d = G.d, dv = G.dv, T_ = G.T, g = G.g;
+  const int64_t dp = G.dp, dvp = G.dvp;
+  const int64_t items = G.B * G.Hkv * nsplit;
+  const int64_t hx_per_kv = G.per_head ? G.grp : 1;
+  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> Q(g * T_ * dp, 0.f), dO(g * T_ * dvp, 0.f), Di(g * T_), L(g * T_), dQ(g * T_ * dp),
+        P(T_ * KB), dP(T_ * KB), dKb(KB * dp), dVb(KB * dvp);
+    SubBlock<T> sb(G);
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t sp = it % nsplit, hkv = (it / nsplit) % G.Hkv, b = it / (nsplit * G.Hkv);
+      const int64_t t_lo = G.c * sp / nsplit, t_hi = G.c * (sp + 1) / nsplit;
+      float* dkbase = dkp + ((sp * G.B + b) * G.Hkv + hkv) * G.Nk * d;
+      float* dvbase = dvp_ + ((sp * G.B + b) * G.Hkv + hkv) * G.Nk * dv;
+      const T* kbase = kp + b * G.skb + hkv * G.skh;
+      const T* vbase = vp + b * G.svb + hkv * G.svh;
+      for (int64_t hh = 0; hh < hx_per_kv; ++hh) {
+        const int64_t hx = G.per_head ? hkv * G.grp + hh : hkv;
+        const int64_t hp = G.per_head ? hx : 0;
+        for (int64_t t = t_lo; t < t_hi; ++t) {
+          const int64_t pt = hp * G.c + t;
+          const int64_t* qi = G.q_idx + t * T_;
+          const int64_t* ki = G.k_idx + pt * G.W;
+          for (int j = 0; j < g; ++j) {
+            const int64_t h = G.head(hx, j);
+            for (int r = 0; r < T_; ++r) {
+              const int idx = j * T_ + r;
+              float* qd = Q.data() + idx * dp;
+              float* dd = dO.data() + idx * dvp;
+              if (qi[r] < 0) {
+                std::fill(qd, qd + d, 0.f);
+                std::fill(dd, dd + dv, 0.f);
+                Di[idx] = 0.f;
+                L[idx] = kInf;
+                continue;
+              }
+              load_row(qp + b * G.sqb + h * G.sqh + qi[r] * G.sqn, qd, d, scale);
+              load_row(dop + b * sdb + h * sdh + qi[r] * sdn, dd, dv, 1.f);
+              const T* orow = op + b * sob + h * soh + qi[r] * son;
+              float di = 0.f;
+              for (int e = 0; e < dv; ++e) di += dd[e] * static_cast<float>(orow[e]);
+              Di[idx] = di;
+              const float lv = lp[b * slb + h * slh + qi[r] * sln];
+              L[idx] = lv == kNegInf ? kInf : lv;
+            }
+          }
+          std::fill(dQ.begin(), dQ.end(), 0.f);
+          for (int64_t s = 0; s < G.nsub; ++s) {
+            const int32_t r0 = G.rows[(pt * G.nsub + s) * 2], r1 = G.rows[(pt * G.nsub + s) * 2 + 1];
+            if (r0 >= r1) continue;
+            const int64_t k0 = s * KB;
+            const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
+            sb.load(G, ki + k0, n, kbase, vbase, b, true, false);
+            const bool full = G.full[pt * G.nsub + s];
+            const float* kpv = G.kpm ? sb.kp.data() : nullptr;
+            const int M = r1 - r0;
+            std::fill(dKb.begin(), dKb.begin() + n * dp, 0.f);
+            std::fill(dVb.begin(), dVb.begin() + n * dvp, 0.f);
+            for (int j = 0; j < g; ++j) {
+              const float* Qr = Q.data() + (j * T_ + r0) * dp;
+              const float* dOr = dO.data() + (j * T_ + r0) * dvp;
+              gemm(M, KB, d, Qr, dp, 1, sb.Kt.data(), KB, P.data(), KB, false);
+              for (int rr = 0; rr < M; ++rr) {
+                const int row = r0 + rr;
+                float* pr = P.data() + rr * KB;
+                mask_row(pr, n, G.word(pt, row, s), full, kpv);
+                exp_row(pr, L[j * T_ + row]);
+              }
+              gemm(n, dvp, M, P.data(), 1, KB, dOr, dvp, dVb.data(), dvp, true);  // dV += P^T dO
+              gemm(M, KB, dv, dOr, dvp, 1, sb.Vt.data(), KB, dP.data(), KB, false);  // dP = dO V^T
+              for (int rr = 0; rr < M; ++rr) {
+                const Vec di(Di[j * T_ + r0 + rr]);
+                float* pr = P.data() + rr * KB;
+                const float* dpr = dP.data() + rr * KB;
+                for (int i = 0; i < KB; i += VS) (Vec::loadu(pr + i) * (Vec::loadu(dpr + i) - di)).store(pr + i);
+              }
+              gemm(M, dp, n, P.data(), KB, 1, sb.Kr.data(), dp, dQ.data() + (j * T_ + r0) * dp, dp, true);
+              gemm(n, dp, M, P.data(), 1, KB, Qr, dp, dKb.data(), dp, true);  // dK += dS^T (scale q)
+            }
+            for (int i = 0; i < n; ++i) {
+              const int64_t key = ki[k0 + i];
+              if (key < 0) continue;
+              add_row(dkbase + key * d, dKb.data() + i * dp, d);
+              add_row(dvbase + key * dv, dVb.data() + i * dvp, dv);
+            }
+          }
+          for (int j = 0; j < g; ++j) {
+            const int64_t h = G.head(hx, j);
+            for (int r = 0; r < T_; ++r) {
+              if (qi[r] < 0) continue;
+              store_row(dQ.data() + (j * T_ + r) * dp, dqp + b * sqb + h * sqh + qi[r] * sqn, d, scale);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+              const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& q_idx, const at::Tensor& k_idx,
+              const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
+              const c10::optional<at::Tensor>& kpm, double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dq.stride(3) == 1, "unit last-dim strides");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
+                  dq.scalar_type() == q.scalar_type(), "out, dout, dq: q's dtype");
+  TORCH_CHECK(dk.scalar_type() == at::kFloat && dv.scalar_type() == at::kFloat && dk.is_contiguous() &&
+                  dv.is_contiguous() && dk.dim() == 5 && dv.dim() == 5, "dk, dv: float32 (S, B, Hkv, Nk, e)");
+  const Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  switch (q.scalar_type()) {
+    case at::kFloat: backward_impl<float>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv); break;
+    case at::kBFloat16:
+      backward_impl<at::BFloat16>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv);
+      break;
+    case at::kHalf: backward_impl<at::Half>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv); break;
+    default: TORCH_CHECK(false, "nearfar native kernel: float32, bfloat16 or float16 inputs");
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nearfar_native, m) {
+  m.def("forward(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, Tensor bits, Tensor rows, Tensor full, "
+        "Tensor? kpm, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor q_idx, Tensor k_idx, "
+        "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, float scale, Tensor(a!) dq, Tensor(b!) dk, "
+        "Tensor(c!) dv) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(nearfar_native, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
