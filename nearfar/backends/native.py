@@ -31,7 +31,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class NativeGroup:
     q_idx: torch.Tensor  # (c, T) int64
     k_idx: torch.Tensor  # (Hp, c, W) int64, ascending, -1 last
-    bits: torch.Tensor  # (Hp, c, T, nsub) int64: bit i of word s = key s*64+i of the list is allowed
+    bits: torch.Tensor  # (Hp, c, W, ceil(T/64)) int64: bit r of word w = query row 64w+r of the tile sees the key
     rows: torch.Tensor  # (Hp, c, nsub, 2) int32: [r0, r1) tile rows that see any key of the sub-block
     full: torch.Tensor  # (Hp, c, nsub) bool: every pair of the sub-block's rows [r0, r1) is allowed
 
@@ -41,29 +41,45 @@ def supports(q: torch.Tensor, bias: object) -> bool:
     return q.device.type == "cpu" and q.dtype in DTYPES and bias is None and native.available()
 
 
-def _group(plan: Plan, g: TileGroup, kb: int) -> NativeGroup:
-    k = g.k_idx
+def _words(mask: torch.Tensor) -> torch.Tensor:
+    """(Hp, c, T, W) bool -> (Hp, c, W, ceil(T/64)) int64 words, bit r of word w = row 64w + r (little-endian
+    bytes, as the kernel reads them)."""
+    hp, c, t, w = mask.shape
+    nw = -(-t // 64)
+    rows = torch.nn.functional.pad(mask, (0, 0, 0, nw * 64 - t)).view(hp, c, nw, 8, 8, w).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)[:, None]
+    byte = (rows * weights).sum(4, dtype=torch.uint8)  # (Hp, c, nw, 8, W)
+    out = torch.empty(hp, c, w, nw, 8, dtype=torch.uint8)  # fresh: standard strides even for size-1 dims
+    return out.copy_(byte.permute(0, 1, 4, 2, 3)).view(torch.int64).view(hp, c, w, nw)
+
+
+def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.Tensor, ...]:
+    k = g.k_idx[:, t0:t1]
     order = torch.argsort(torch.where(k < 0, plan.nk, k), dim=-1, stable=True)
     k = k.gather(-1, order)
-    mask = plan.allowed(g, 0, len(g))
-    mask = mask.gather(-1, order[:, :, None, :].expand_as(mask)).contiguous()
+    mask = plan.allowed(g, t0, t1)
+    mask = mask.gather(-1, order[:, :, None, :].expand_as(mask))
     hp, c, t, w = mask.shape
     nsub = -(-w // kb)
     pad = nsub * kb - w
     live = torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).any(-1)  # (Hp, c, T, nsub)
     allowed = torch.nn.functional.pad(mask, (0, pad), value=True).view(hp, c, t, nsub, kb).all(-1)
     any_row = live.any(2)  # (Hp, c, nsub)
-    r0 = live.int().argmax(2)
-    r1 = t - live.flip(2).int().argmax(2)
-    r0 = torch.where(any_row, r0, 0)
-    r1 = torch.where(any_row, r1, 0)
+    r0 = torch.where(any_row, live.int().argmax(2), 0)
+    r1 = torch.where(any_row, t - live.flip(2).int().argmax(2), 0)
     ar = torch.arange(t)[None, None, :, None]
     in_range = (ar >= r0[:, :, None]) & (ar < r1[:, :, None])  # (Hp, c, T, nsub)
     full = (allowed | ~in_range).all(2) & any_row
-    rows = torch.stack([r0, r1], -1).to(torch.int32).contiguous()
-    weights = torch.ones((), dtype=torch.int64) << torch.arange(kb)  # bit 63 wraps to the sign bit: same bits
-    bits = (torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).long() * weights).sum(-1)
-    return NativeGroup(g.q_idx.contiguous(), k.contiguous(), bits.contiguous(), rows, full.contiguous())
+    return k, _words(mask), torch.stack([r0, r1], -1).to(torch.int32), full
+
+
+def _group(plan: Plan, g: TileGroup, kb: int) -> NativeGroup:
+    """The kernel's arrays for one tile group, made a few MB of mask at a time (a 1M-token plan has 8,192 tiles)."""
+    hp, c, w = g.k_idx.shape
+    step = max(1, (4 << 20) // max(1, hp * plan.tile * w))
+    parts = [_chunk(plan, g, t0, min(c, t0 + step), kb) for t0 in range(0, c, step)]
+    k, bits, rows, full = (torch.cat([p[i] for p in parts], 1).contiguous() for i in range(4))
+    return NativeGroup(g.q_idx.contiguous(), k, bits, rows, full)
 
 
 def groups(plan: Plan, kb: int = KB) -> list[NativeGroup]:

@@ -94,67 +94,38 @@ inline void load_row(const T* src, float* dst, int n, float mul) {
 }
 
 template <typename T>
-inline void load_col(const T* src, float* dst, int n, int64_t ld) {  // dst[i * ld] = src[i]
-  for (int i = 0; i < n; ++i) dst[i * ld] = static_cast<float>(src[i]);
-}
-
-template <typename T>
 inline void store_row(const float* src, T* dst, int n, float mul) {
   for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
 }
 
-// NaN-propagating (a NaN or Inf that reaches a score must reach the output, where attend's guard looks for it)
-inline float hmax(const Vec& v) {
-  float buf[VS];
-  v.store(buf);
-  float m = buf[0];
-  for (int i = 1; i < VS; ++i) m = (buf[i] > m || std::isnan(buf[i])) ? buf[i] : m;
-  return m;
-}
+// Scores of a sub-block are kept transposed, St (keys x query columns), so that every softmax reduction runs down
+// the key rows, vectorised over queries, and K is read row by row as stored (no transposed copy of K).
 
-inline float hsum(const Vec& v) {
-  float buf[VS];
-  v.store(buf);
-  float s = 0.f;
-  for (int i = 0; i < VS; ++i) s += buf[i];
-  return s;
-}
-
-// Scores of one row of a sub-block (np = KB padded columns, n of them real): the mask word's cleared bits and the
-// columns past n become -inf, the key padding mask is added; returns the row maximum.
-inline float mask_row(float* x, int n, uint64_t bits, bool full, const float* kp) {
-  if (n < KB) bits &= (n == 0 ? 0 : (~uint64_t(0) >> (KB - n)));
-  Vec vm(kNegInf);
+// One key row of St over query columns [c0, c0 + mc): the cleared bits of the key's query mask (bit r = query
+// row r of the tile may see this key) become -inf, then the key padding value is added.
+inline void mask_key_row(float* x, int mc, int c0, const uint64_t* words, bool full, float kp) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 ninf = _mm512_set1_ps(kNegInf);
-  for (int i = 0; i < KB; i += 16) {
+  const __m512 vk = _mm512_set1_ps(kp);
+  for (int i = 0; i < mc; i += 16) {
+    const int col = c0 + i;
     __m512 v = _mm512_loadu_ps(x + i);
-    if (!full || n < KB) v = _mm512_mask_blend_ps(static_cast<__mmask16>(bits >> i), ninf, v);
-    if (kp) v = _mm512_add_ps(v, _mm512_loadu_ps(kp + i));
+    if (!full) v = _mm512_mask_blend_ps(static_cast<__mmask16>(words[col >> 6] >> (col & 63)), ninf, v);
+    if (kp != 0.f) v = _mm512_add_ps(v, vk);
     _mm512_storeu_ps(x + i, v);
-    vm = at::vec::maximum(vm, Vec(v));
   }
 #else
-  for (int i = 0; i < KB; ++i) {
-    if (!((bits >> i) & 1)) x[i] = kNegInf;
-    else if (kp) x[i] += kp[i];
+  for (int i = 0; i < mc; ++i) {
+    const int col = c0 + i;
+    if (!full && !((words[col >> 6] >> (col & 63)) & 1)) x[i] = kNegInf;
+    else x[i] += kp;
   }
-  for (int i = 0; i < KB; i += VS) vm = at::vec::maximum(vm, Vec::loadu(x + i));
-  (void)full;
 #endif
-  return hmax(vm);
 }
 
-// x = exp(x - sub) over KB columns in place (exp(-inf) = 0); returns the sum.
-inline float exp_row(float* x, float sub) {
-  const Vec vs(sub);
-  Vec acc(0.f);
-  for (int i = 0; i < KB; i += VS) {
-    const Vec e = (Vec::loadu(x + i) - vs).exp_u20();
-    e.store(x + i);
-    acc = acc + e;
-  }
-  return hsum(acc);
+// x = exp(x - sub) elementwise over n columns (sub a per-column vector)
+inline void exp_sub(float* x, const float* sub, int n) {
+  for (int i = 0; i < n; i += VS) (Vec::loadu(x + i) - Vec::loadu(sub + i)).exp_u20().store(x + i);
 }
 
 inline void scale_row(float* x, int n, float a) {
@@ -170,7 +141,7 @@ inline void add_row(float* dst, const float* src, int n) {
 
 // ------------------------------------------------------------------------------------------------ geometry
 struct Geometry {
-  int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, W, Hp, nsub, HX, g, grp;
+  int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, Tp, nw, W, Hp, nsub, HX, g, grp;
   bool per_head;
   int64_t sqb, sqh, sqn, skb, skh, skn, svb, svh, svn;
   const int64_t* q_idx;
@@ -186,6 +157,7 @@ struct Geometry {
     Hkv = k.size(1), Nk = k.size(2), dv = v.size(3);
     dp = round_up(d, VS), dvp = round_up(dv, VS);
     c = qi.size(0), T = qi.size(1), Hp = ki.size(0), W = ki.size(2);
+    Tp = round_up(T, VS), nw = (T + 63) / 64;
     nsub = (W + KB - 1) / KB;
     per_head = Hp > 1;
     grp = Hq / Hkv;
@@ -204,8 +176,9 @@ struct Geometry {
 
   int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
   int64_t kv_head(int64_t hx) const { return per_head ? hx / grp : hx; }
-  uint64_t word(int64_t pt, int64_t row, int64_t s) const {
-    return static_cast<uint64_t>(bits[(pt * T + row) * nsub + s]);
+  // the query mask words of key ``pos`` of tile ``pt``'s list
+  const uint64_t* words(int64_t pt, int64_t pos) const {
+    return reinterpret_cast<const uint64_t*>(bits + (pt * W + pos) * nw);
   }
 };
 
@@ -222,46 +195,38 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(qi.scalar_type() == at::kLong && ki.scalar_type() == at::kLong && bt.scalar_type() == at::kLong &&
                   r.scalar_type() == at::kInt && f.scalar_type() == at::kBool, "plan array dtypes");
   TORCH_CHECK(ki.size(0) == 1 || ki.size(0) == q.size(1), "key lists: one per query head or shared");
-  TORCH_CHECK(bt.size(-1) == (ki.size(2) + KB - 1) / KB, "mask words: one per 64 keys");
+  TORCH_CHECK(bt.size(-2) == ki.size(2) && bt.size(-1) == (qi.size(1) + 63) / 64,
+              "mask words: (Hp, c, W, ceil(T / 64)), one bit per query row");
   if (kp.has_value()) TORCH_CHECK(kp->scalar_type() == at::kFloat && kp->is_contiguous(), "kpm: float32 (B, Nk)");
 }
 
-// K of a sub-block as Kt (d x KB, transposed, columns past n zero) and, when wanted, row-major Kr (n x dp); V as
-// row-major Vr (n x dvp) or transposed Vt (dv x KB); the key padding mask as kp (KB).
+// K and V of a sub-block, row-major (n x dp, n x dvp; padding columns zero), and the key padding values.
 template <typename T>
 struct SubBlock {
-  std::vector<float> Kt, Kr, Vr, Vt, kp;
-  SubBlock(const Geometry& G) : Kt(G.dp * KB, 0.f), Kr(KB * G.dp, 0.f), Vr(KB * G.dvp, 0.f), Vt(G.dvp * KB, 0.f),
-                                kp(KB, 0.f) {}
+  std::vector<float> K, V, kp;
+  explicit SubBlock(const Geometry& G) : K(KB * G.dp, 0.f), V(KB * G.dvp, 0.f), kp(KB, 0.f) {}
 
-  void load(const Geometry& G, const int64_t* keys, int n, const T* kbase, const T* vbase, int64_t b, bool rowK,
-            bool rowV) {
-    const int d = G.d, dv = G.dv;
+  void load(const Geometry& G, const int64_t* keys, int n, const T* kbase, const T* vbase, int64_t b) {
     for (int i = 0; i < n; ++i) {
       const int64_t key = keys[i];
-      if (key < 0) {
-        for (int e = 0; e < d; ++e) Kt[e * KB + i] = 0.f;
-        if (rowK) std::fill(Kr.data() + i * G.dp, Kr.data() + i * G.dp + d, 0.f);
-        if (rowV) std::fill(Vr.data() + i * G.dvp, Vr.data() + i * G.dvp + dv, 0.f);
-        else for (int e = 0; e < dv; ++e) Vt[e * KB + i] = 0.f;
-        kp[i] = kNegInf;
+      if (key < 0) {  // a padding slot: its scores are masked; zero keeps 0 * value finite
+        std::fill(K.data() + i * G.dp, K.data() + i * G.dp + G.d, 0.f);
+        std::fill(V.data() + i * G.dvp, V.data() + i * G.dvp + G.dv, 0.f);
+        kp[i] = 0.f;
         continue;
       }
-      const T* kr = kbase + key * G.skn;
-      const T* vr = vbase + key * G.svn;
-      load_col(kr, Kt.data() + i, d, KB);
-      if (rowK) load_row(kr, Kr.data() + i * G.dp, d, 1.f);
-      if (rowV) load_row(vr, Vr.data() + i * G.dvp, dv, 1.f);
-      else load_col(vr, Vt.data() + i, dv, KB);
+      load_row(kbase + key * G.skn, K.data() + i * G.dp, G.d, 1.f);
+      load_row(vbase + key * G.svn, V.data() + i * G.dvp, G.dv, 1.f);
       kp[i] = G.kpm ? G.kpm[b * G.Nk + key] : 0.f;
-    }
-    for (int i = n; i < KB; ++i) {  // the tail of the last sub-block: zero keys (their scores are masked)
-      for (int e = 0; e < d; ++e) Kt[e * KB + i] = 0.f;
-      if (!rowV) for (int e = 0; e < dv; ++e) Vt[e * KB + i] = 0.f;
-      kp[i] = kNegInf;
     }
   }
 };
+
+// Rows [r0, r1) of the tile as vector-aligned query columns [c0, c0 + mc) of the transposed layouts.
+inline void columns(int r0, int r1, int Tp, int& c0, int& mc) {
+  c0 = r0 / VS * VS;
+  mc = std::min<int>(static_cast<int>(round_up(r1, VS)), Tp) - c0;
+}
 
 // ------------------------------------------------------------------------------------------------ forward
 template <typename T>
@@ -274,13 +239,15 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   float* lp = lse.data_ptr<float>();
   const int64_t sob = out.stride(0), soh = out.stride(1), son = out.stride(2);
   const int64_t slb = lse.stride(0), slh = lse.stride(1), sln = lse.stride(2);
-  const int d = G.d, dv = G.dv, T_ = G.T, g = G.g;
-  const int64_t dp = G.dp, dvp = G.dvp;
+  const int d = G.d, dv = G.dv, T_ = G.T, Tp = G.Tp, g = G.g;
+  const int64_t dvp = G.dvp;
   const int64_t units = G.B * G.HX * G.c;
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> Q(g * T_ * dp, 0.f), S(T_ * KB), acc(g * T_ * dvp), m(g * T_), l(g * T_);
-    std::vector<char> bad(g * T_);
+    // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, sub: per query column
+    std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), sub(Tp), alpha(Tp);
+    std::vector<char> bad(g * Tp);
     SubBlock<T> sb(G);
+    const int64_t ldq = g * Tp;
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t t = u % G.c, hx = (u / G.c) % G.HX, b = u / (G.c * G.HX);
       const int64_t hp = G.per_head ? hx : 0, hkv = G.kv_head(hx), pt = hp * G.c + t;
@@ -289,9 +256,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int j = 0; j < g; ++j) {
         const T* qb = qp + b * G.sqb + G.head(hx, j) * G.sqh;
         for (int r = 0; r < T_; ++r) {
-          float* dst = Q.data() + (j * T_ + r) * dp;
-          if (qi[r] < 0) std::fill(dst, dst + d, 0.f);
-          else load_row(qb + qi[r] * G.sqn, dst, d, scale);
+          float* col = Qt.data() + j * Tp + r;
+          if (qi[r] < 0) {
+            for (int e = 0; e < d; ++e) col[e * ldq] = 0.f;
+          } else {
+            const T* src = qb + qi[r] * G.sqn;
+            for (int e = 0; e < d; ++e) col[e * ldq] = static_cast<float>(src[e]) * scale;
+          }
         }
       }
       std::fill(m.begin(), m.end(), kNegInf);
@@ -305,36 +276,50 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (r0 >= r1) continue;
         const int64_t k0 = s * KB;
         const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
-        sb.load(G, ki + k0, n, kbase, vbase, b, false, true);
+        sb.load(G, ki + k0, n, kbase, vbase, b);
         const bool full = G.full[pt * G.nsub + s];
-        const float* kpv = G.kpm ? sb.kp.data() : nullptr;
-        const int M = r1 - r0;
+        int c0, mc;
+        columns(r0, r1, Tp, c0, mc);
+        // every pair allowed and no column outside [r0, r1): no mask to apply
+        const bool exact = full && c0 == r0 && c0 + mc == r1;
         for (int j = 0; j < g; ++j) {
-          gemm(M, KB, d, Q.data() + (j * T_ + r0) * dp, dp, 1, sb.Kt.data(), KB, S.data(), KB, false);
-          for (int rr = 0; rr < M; ++rr) {
-            const int row = r0 + rr, idx = j * T_ + row;
-            float* sr = S.data() + rr * KB;
-            const float mx = mask_row(sr, n, G.word(pt, row, s), full, kpv);
-            if (std::isnan(mx) || mx == kInf) bad[idx] = 1;
-            const float mnew = std::max(m[idx], mx);
-            if (mnew == kNegInf || bad[idx]) {
-              std::fill(sr, sr + KB, 0.f);
-              continue;
-            }
-            const float sum = exp_row(sr, mnew);
-            const float alpha = std::exp(m[idx] - mnew);
-            if (alpha != 1.f) scale_row(acc.data() + idx * dvp, dvp, alpha);
-            l[idx] = l[idx] * alpha + sum;
-            m[idx] = mnew;
+          const int jc = j * Tp + c0;
+          // St (n x mc) = K · Qt
+          gemm(n, mc, d, sb.K.data(), G.dp, 1, Qt.data() + jc, ldq, St.data(), mc, false);
+          for (int i = 0; i < n; ++i) mask_key_row(St.data() + i * mc, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
+          for (int cc = 0; cc < mc; cc += VS) {
+            Vec mx(kNegInf);
+            for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * mc + cc));
+            const Vec mold = Vec::loadu(m.data() + jc + cc);
+            const Vec mnew = at::vec::maximum(mold, mx);
+            mnew.store(m.data() + jc + cc);
+            // a column without any key so far subtracts 0 (exp(-inf) = 0); NaN/+inf are flagged below
+            const Vec zero(0.f);
+            const Vec safe = Vec::blendv(mnew, zero, mnew == Vec(kNegInf));
+            safe.store(sub.data() + cc);
+            Vec::blendv((mold - safe).exp_u20(), Vec(1.f), mold == mnew).store(alpha.data() + cc);
           }
-          gemm(M, dvp, n, S.data(), KB, 1, sb.Vr.data(), dvp, acc.data() + (j * T_ + r0) * dvp, dvp, true);
+          for (int cc = 0; cc < mc; ++cc) {
+            const float mv = m[jc + cc];
+            if (std::isnan(mv) || mv == kInf) bad[jc + cc] = 1;
+          }
+          for (int i = 0; i < n; ++i) exp_sub(St.data() + i * mc, sub.data(), mc);
+          for (int cc = 0; cc < mc; cc += VS) {
+            Vec sum(0.f);
+            for (int i = 0; i < n; ++i) sum = sum + Vec::loadu(St.data() + i * mc + cc);
+            (Vec::loadu(l.data() + jc + cc) * Vec::loadu(alpha.data() + cc) + sum).store(l.data() + jc + cc);
+          }
+          for (int cc = 0; cc < mc; ++cc)
+            if (alpha[cc] != 1.f) scale_row(acc.data() + (jc + cc) * dvp, dvp, alpha[cc]);
+          // acc[columns] += St^T · V
+          gemm(mc, dvp, n, St.data(), 1, mc, sb.V.data(), dvp, acc.data() + jc * dvp, dvp, true);
         }
       }
       for (int j = 0; j < g; ++j) {
         const int64_t h = G.head(hx, j);
         for (int r = 0; r < T_; ++r) {
           if (qi[r] < 0) continue;
-          const int idx = j * T_ + r;
+          const int idx = j * Tp + r;
           T* o = op + b * sob + h * soh + qi[r] * son;
           float* L = lp + b * slb + h * slh + qi[r] * sln;
           if (bad[idx]) {
@@ -387,13 +372,15 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t slb = lse.stride(0), slh = lse.stride(1), sln = lse.stride(2);
   const int64_t sqb = dq.stride(0), sqh = dq.stride(1), sqn = dq.stride(2);
   const int64_t nsplit = dk.size(0);
-  const int d = G.d, dv = G.dv, T_ = G.T, g = G.g;
+  const int d = G.d, dv = G.dv, T_ = G.T, Tp = G.Tp, g = G.g;
   const int64_t dp = G.dp, dvp = G.dvp;
   const int64_t items = G.B * G.Hkv * nsplit;
   const int64_t hx_per_kv = G.per_head ? G.grp : 1;
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> Q(g * T_ * dp, 0.f), dO(g * T_ * dvp, 0.f), Di(g * T_), L(g * T_), dQ(g * T_ * dp),
-        P(T_ * KB), dP(T_ * KB), dKb(KB * dp), dVb(KB * dvp);
+    // per query column: Q (rows, scaled) and Qt, dO and dOt, Di = rowsum(dO * O), L = LSE (+inf: no key)
+    const int64_t ldq = g * Tp;
+    std::vector<float> Q(ldq * dp, 0.f), Qt(d * ldq, 0.f), dO(ldq * dvp, 0.f), dOt(dv * ldq, 0.f), Di(ldq), L(ldq),
+        dQ(ldq * dp), P(KB * Tp), dP(KB * Tp), dKb(KB * dp), dVb(KB * dvp);
     SubBlock<T> sb(G);
     for (int64_t it = i0; it < i1; ++it) {
       const int64_t sp = it % nsplit, hkv = (it / nsplit) % G.Hkv, b = it / (nsplit * G.Hkv);
@@ -412,7 +399,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           for (int j = 0; j < g; ++j) {
             const int64_t h = G.head(hx, j);
             for (int r = 0; r < T_; ++r) {
-              const int idx = j * T_ + r;
+              const int idx = j * Tp + r;
               float* qd = Q.data() + idx * dp;
               float* dd = dO.data() + idx * dvp;
               if (qi[r] < 0) {
@@ -420,17 +407,20 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                 std::fill(dd, dd + dv, 0.f);
                 Di[idx] = 0.f;
                 L[idx] = kInf;
-                continue;
+              } else {
+                load_row(qp + b * G.sqb + h * G.sqh + qi[r] * G.sqn, qd, d, scale);
+                load_row(dop + b * sdb + h * sdh + qi[r] * sdn, dd, dv, 1.f);
+                const T* orow = op + b * sob + h * soh + qi[r] * son;
+                float di = 0.f;
+                for (int e = 0; e < dv; ++e) di += dd[e] * static_cast<float>(orow[e]);
+                Di[idx] = di;
+                const float lv = lp[b * slb + h * slh + qi[r] * sln];
+                L[idx] = lv == kNegInf ? kInf : lv;
               }
-              load_row(qp + b * G.sqb + h * G.sqh + qi[r] * G.sqn, qd, d, scale);
-              load_row(dop + b * sdb + h * sdh + qi[r] * sdn, dd, dv, 1.f);
-              const T* orow = op + b * sob + h * soh + qi[r] * son;
-              float di = 0.f;
-              for (int e = 0; e < dv; ++e) di += dd[e] * static_cast<float>(orow[e]);
-              Di[idx] = di;
-              const float lv = lp[b * slb + h * slh + qi[r] * sln];
-              L[idx] = lv == kNegInf ? kInf : lv;
+              for (int e = 0; e < d; ++e) Qt[e * ldq + idx] = qd[e];
+              for (int e = 0; e < dv; ++e) dOt[e * ldq + idx] = dd[e];
             }
+            for (int r = T_; r < Tp; ++r) L[j * Tp + r] = kInf;
           }
           std::fill(dQ.begin(), dQ.end(), 0.f);
           for (int64_t s = 0; s < G.nsub; ++s) {
@@ -438,32 +428,30 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             if (r0 >= r1) continue;
             const int64_t k0 = s * KB;
             const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
-            sb.load(G, ki + k0, n, kbase, vbase, b, true, false);
-            const bool full = G.full[pt * G.nsub + s];
-            const float* kpv = G.kpm ? sb.kp.data() : nullptr;
-            const int M = r1 - r0;
+            sb.load(G, ki + k0, n, kbase, vbase, b);
+            int c0, mc;
+            columns(r0, r1, Tp, c0, mc);
+            const bool exact = G.full[pt * G.nsub + s] && c0 == r0 && c0 + mc == r1;
             std::fill(dKb.begin(), dKb.begin() + n * dp, 0.f);
             std::fill(dVb.begin(), dVb.begin() + n * dvp, 0.f);
             for (int j = 0; j < g; ++j) {
-              const float* Qr = Q.data() + (j * T_ + r0) * dp;
-              const float* dOr = dO.data() + (j * T_ + r0) * dvp;
-              gemm(M, KB, d, Qr, dp, 1, sb.Kt.data(), KB, P.data(), KB, false);
-              for (int rr = 0; rr < M; ++rr) {
-                const int row = r0 + rr;
-                float* pr = P.data() + rr * KB;
-                mask_row(pr, n, G.word(pt, row, s), full, kpv);
-                exp_row(pr, L[j * T_ + row]);
+              const int jc = j * Tp + c0;
+              gemm(n, mc, d, sb.K.data(), dp, 1, Qt.data() + jc, ldq, P.data(), mc, false);  // St = K Qt
+              for (int i = 0; i < n; ++i) {
+                float* pr = P.data() + i * mc;
+                mask_key_row(pr, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
+                exp_sub(pr, L.data() + jc, mc);
               }
-              gemm(n, dvp, M, P.data(), 1, KB, dOr, dvp, dVb.data(), dvp, true);  // dV += P^T dO
-              gemm(M, KB, dv, dOr, dvp, 1, sb.Vt.data(), KB, dP.data(), KB, false);  // dP = dO V^T
-              for (int rr = 0; rr < M; ++rr) {
-                const Vec di(Di[j * T_ + r0 + rr]);
-                float* pr = P.data() + rr * KB;
-                const float* dpr = dP.data() + rr * KB;
-                for (int i = 0; i < KB; i += VS) (Vec::loadu(pr + i) * (Vec::loadu(dpr + i) - di)).store(pr + i);
+              gemm(n, dvp, mc, P.data(), mc, 1, dO.data() + jc * dvp, dvp, dVb.data(), dvp, true);  // dV += P dO
+              gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt.data() + jc, ldq, dP.data(), mc, false);  // dPt = V dOt
+              for (int i = 0; i < n; ++i) {
+                float* pr = P.data() + i * mc;
+                const float* dpr = dP.data() + i * mc;
+                for (int cc = 0; cc < mc; cc += VS)
+                  (Vec::loadu(pr + cc) * (Vec::loadu(dpr + cc) - Vec::loadu(Di.data() + jc + cc))).store(pr + cc);
               }
-              gemm(M, dp, n, P.data(), KB, 1, sb.Kr.data(), dp, dQ.data() + (j * T_ + r0) * dp, dp, true);
-              gemm(n, dp, M, P.data(), 1, KB, Qr, dp, dKb.data(), dp, true);  // dK += dS^T (scale q)
+              gemm(mc, dp, n, P.data(), 1, mc, sb.K.data(), dp, dQ.data() + jc * dp, dp, true);  // dQ += dSt^T K
+              gemm(n, dp, mc, P.data(), mc, 1, Q.data() + jc * dp, dp, dKb.data(), dp, true);  // dK += dSt (s q)
             }
             for (int i = 0; i < n; ++i) {
               const int64_t key = ki[k0 + i];
@@ -476,7 +464,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             const int64_t h = G.head(hx, j);
             for (int r = 0; r < T_; ++r) {
               if (qi[r] < 0) continue;
-              store_row(dQ.data() + (j * T_ + r) * dp, dqp + b * sqb + h * sqh + qi[r] * sqn, d, scale);
+              store_row(dQ.data() + (j * Tp + r) * dp, dqp + b * sqb + h * sqh + qi[r] * sqn, d, scale);
             }
           }
         }
