@@ -422,10 +422,10 @@ def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pla
                           kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source.
 
-    On CPU the compiled kernel (``nearfar.native``) runs what it covers (no bias; float32/bfloat16/float16) when it
-    is built; ``kernel="fused"`` or ``"matmul"`` asks for the PyTorch paths."""
-    if kernel in ("auto", "native") and native_supports(q, bias):
-        return native_attention(q, k, v, plan, scale, kpm)
+    On CPU the compiled kernel (``nearfar.native``) runs float32/bfloat16/float16 inputs when it is built;
+    ``kernel="fused"`` or ``"matmul"`` asks for the PyTorch paths."""
+    if kernel in ("auto", "native") and native_supports(q):
+        return native_attention(q, k, v, plan, scale, kpm, bias)
     padded = equal_head_dims(q, k, v) if kernel != "matmul" else None
     if padded is not None:
         out, lse = blocksparse_attention(*padded, plan, scale, kpm, bias, return_lse, kernel)

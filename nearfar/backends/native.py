@@ -6,18 +6,21 @@ What it needs besides the tensors is data-independent and made once per plan (ca
 in ascending key order (so a 2D/3D box is read row by row and a sub-block spans few query rows of the tile), the
 exact mask in the same order, and per (tile, sub-block) the live row range and whether every pair in it is allowed.
 
-It covers the plan-based block-sparse path without a bias (float32, bfloat16, float16 inputs, float32
-accumulation; GQA, per-head patterns, key padding); a bias, float64 and other devices keep the PyTorch path.
+It covers the plan-based block-sparse path: float32, bfloat16 and float16 inputs (float32 accumulation), GQA,
+per-head patterns, key padding, and a bias (dense or a relative-position table, with its gradient: the bias of a
+call's tiles is looked up into a (B', H', c, W, T) block, and the score gradients come back the same way, in calls
+of at most ``_BIAS_BYTES``). float64 and other devices keep the PyTorch path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .. import native
+from ..bias import BiasSource
 from ..plan import Plan, TileGroup
 from .kernels import unit_last
 
@@ -34,11 +37,13 @@ class NativeGroup:
     bits: torch.Tensor  # (Hp, c, W, ceil(T/64)) int64: bit r of word w = query row 64w+r of the tile sees the key
     rows: torch.Tensor  # (Hp, c, nsub, 2) int32: [r0, r1) tile rows that see any key of the sub-block
     full: torch.Tensor  # (Hp, c, nsub) bool: every pair of the sub-block's rows [r0, r1) is allowed
+    #: per tile range of a kernel call: what a bias source memoises (e.g. the relative-position index)
+    memos: dict = field(default_factory=dict)
 
 
-def supports(q: torch.Tensor, bias: object) -> bool:
+def supports(q: torch.Tensor) -> bool:
     """Whether the compiled kernel can run this call (and is built and loaded)."""
-    return q.device.type == "cpu" and q.dtype in DTYPES and bias is None and native.available()
+    return q.device.type == "cpu" and q.dtype in DTYPES and native.available()
 
 
 def _words(mask: torch.Tensor) -> torch.Tensor:
@@ -99,17 +104,47 @@ def _splits(b: int, hkv: int) -> int:
     return 1 if b * hkv >= threads else -(-threads // (b * hkv))
 
 
+#: bias values (and their gradients) of one kernel call: tile groups with a bias run in calls of this many bytes
+_BIAS_BYTES = 32 << 20
+
+
+def _calls(g: NativeGroup, tile: int, b: int, hq: int, bias: BiasSource | None) -> list[tuple[int, int]]:
+    """Tile ranges of one group's kernel calls: the whole group, or bias-sized pieces of it."""
+    c, w = g.q_idx.shape[0], g.k_idx.shape[2]
+    if bias is None:
+        return [(0, c)]
+    step = max(1, _BIAS_BYTES // (b * hq * w * (-(-tile // 16) * 16) * 4))
+    return [(t0, min(c, t0 + step)) for t0 in range(0, c, step)]
+
+
+def _bias_tile(bias: BiasSource, g: NativeGroup, t0: int, t1: int) -> torch.Tensor:
+    """The bias of tiles t0:t1 as the kernel reads it: (B', H', c, W, T rounded up to 16), float32."""
+    memo = g.memos.setdefault((t0, t1), {})
+    t = bias.tile(g.q_idx[t0:t1], g.k_idx[:, t0:t1], memo).to(torch.float32)  # (B', H', c, T, W)
+    pad = -(-t.shape[3] // 16) * 16 - t.shape[3]
+    return torch.nn.functional.pad(t.transpose(3, 4), (0, pad)).contiguous()
+
+
+def _slices(g: NativeGroup, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
+    if t0 == 0 and t1 == g.q_idx.shape[0]:
+        return g.q_idx, g.k_idx, g.bits, g.rows, g.full
+    return (g.q_idx[t0:t1], g.k_idx[:, t0:t1].contiguous(), g.bits[:, t0:t1].contiguous(),
+            g.rows[:, t0:t1].contiguous(), g.full[:, t0:t1].contiguous())
+
+
 class _Native(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
-                kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        gs = groups(plan)
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensor: torch.Tensor | None,
+                plan: Plan, scale: float, kpm: torch.Tensor | None,
+                bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, nq, _ = q.shape
         out = q.new_empty(b, hq, nq, v.shape[-1])
         lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-        for g in gs:
-            torch.ops.nearfar_native.forward(q, k, v, g.q_idx, g.k_idx, g.bits, g.rows, g.full, kpm, scale, out, lse)
-        ctx.plan, ctx.scale, ctx.kpm = plan, scale, kpm
+        for g in groups(plan):
+            for t0, t1 in _calls(g, plan.tile, b, hq, bias):
+                bt = _bias_tile(bias, g, t0, t1) if bias is not None else None
+                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, scale, out, lse)
+        ctx.plan, ctx.scale, ctx.kpm, ctx.bias = plan, scale, kpm, bias
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -118,25 +153,62 @@ class _Native(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         b, hkv, nk, d = k.shape
+        hq = q.shape[1]
         s = _splits(b, hkv)
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
         dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
         do = unit_last(grad_out.to(q.dtype))
+        bias: BiasSource | None = ctx.bias
+        train_bias = bias is not None and bias.requires_grad
+        if bias is not None and train_bias:
+            bias.zero_grad()
         for g in groups(ctx.plan):
-            torch.ops.nearfar_native.backward(q, k, v, out, do, lse, g.q_idx, g.k_idx, g.bits, g.rows, g.full,
-                                              ctx.kpm, ctx.scale, dq, dk, dv)
+            for t0, t1 in _calls(g, ctx.plan.tile, b, hq, bias):
+                bt = _bias_tile(bias, g, t0, t1) if bias is not None else None
+                db = None
+                if train_bias:
+                    t = ctx.plan.tile
+                    db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
+                torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.scale,
+                                                  dq, dk, dv, db)
+                if db is not None:
+                    assert bias is not None
+                    ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)
+                    bias.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
         dk = dk.sum(0) if s > 1 else dk[0]
         dv = dv.sum(0) if s > 1 else dv[0]
-        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dbias = None
+        if train_bias:
+            assert bias is not None and bias.grad is not None
+            dbias = bias.grad.to(bias.tensor.dtype).reshape(bias.tensor.shape)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
-                     kpm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)``; ``kpm`` an additive (B, Nk) mask. A query with no allowed key gets 0 and lse = -inf."""
+                     kpm: torch.Tensor | None = None,
+                     bias: BiasSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``kpm`` an additive (B, Nk) mask, ``bias`` a bias source (dense or relative-position table,
+    with its gradient). A query with no allowed key gets 0 and lse = -inf."""
     if not native.available():
         raise RuntimeError(native.status())
     if kpm is not None:
         kpm = kpm.to(torch.float32).expand(q.shape[0], k.shape[2]).contiguous()
-    out, lse = _Native.apply(unit_last(q), unit_last(k), unit_last(v), plan, float(scale), kpm)
+    bias_tensor = bias.tensor if bias is not None else None
+    out, lse = _Native.apply(unit_last(q), unit_last(k), unit_last(v), bias_tensor, plan, float(scale), kpm, bias)
     return out, lse
+
+
+def density(plan: Plan) -> float:
+    """Fraction of the dense ``Nq x Nk`` scores the kernel computes for this plan (live sub-blocks, their query
+    columns rounded to the vector width): what ``auto`` weighs against the dense engine."""
+    key = ("native-density",)
+    got = plan.engine_cache.get(key)
+    if got is None:
+        work = 0
+        for g in groups(plan):
+            r = g.rows.long()
+            work += int(((r[..., 1] - r[..., 0]).clamp(min=0)).sum()) * KB
+        got = work / max(1, plan.nq * plan.nk * plan.heads)
+        plan.engine_cache.put(key, got, 64)
+    return got

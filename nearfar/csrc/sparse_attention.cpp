@@ -84,7 +84,15 @@ inline void gemm(int M, int N, int K, const float* A, int64_t sar, int64_t sak, 
   if (M <= 0 || N <= 0) return;
   int j = 0;
   for (; j + NVB * VS <= N; j += NVB * VS) rows_kernel<NVB>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc);
-  for (; j + VS <= N; j += VS) rows_kernel<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc);
+  // the rest in one pass over A (each broadcast of A feeds every remaining column vector)
+  switch ((N - j) / VS) {
+#if defined(CPU_CAPABILITY_AVX512)
+    case 3: rows_kernel<3>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+#endif
+    case 2: rows_kernel<2>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+    case 1: rows_kernel<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+    default: break;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ row ops
@@ -150,6 +158,8 @@ struct Geometry {
   const int32_t* rows;
   const bool* full;
   const float* kpm;
+  const float* bias = nullptr;  // (Bb, Hb, c, W, Tp): per key of the list, its value for each query column
+  int64_t Bb = 1, Hb = 1;
 
   Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi, const at::Tensor& ki,
            const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f, const c10::optional<at::Tensor>& kp) {
@@ -157,7 +167,7 @@ struct Geometry {
     Hkv = k.size(1), Nk = k.size(2), dv = v.size(3);
     dp = round_up(d, VS), dvp = round_up(dv, VS);
     c = qi.size(0), T = qi.size(1), Hp = ki.size(0), W = ki.size(2);
-    Tp = round_up(T, VS), nw = (T + 63) / 64;
+    Tp = round_up(T, 16), nw = (T + 63) / 64;  // 16: the same padding for AVX2 and AVX-512 builds
     nsub = (W + KB - 1) / KB;
     per_head = Hp > 1;
     grp = Hq / Hkv;
@@ -176,6 +186,19 @@ struct Geometry {
 
   int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
   int64_t kv_head(int64_t hx) const { return per_head ? hx / grp : hx; }
+  void set_bias(const c10::optional<at::Tensor>& bt) {
+    if (!bt.has_value()) return;
+    TORCH_CHECK(bt->scalar_type() == at::kFloat && bt->is_contiguous() && bt->dim() == 5 && bt->size(2) == c &&
+                    bt->size(3) == W && bt->size(4) == Tp && (bt->size(0) == 1 || bt->size(0) == B) &&
+                    (bt->size(1) == 1 || bt->size(1) == Hq),
+                "bias: float32 (1 or B, 1 or Hq, c, W, T rounded up to the vector width)");
+    bias = bt->data_ptr<float>();
+    Bb = bt->size(0), Hb = bt->size(1);
+  }
+  // the bias of key ``pos`` of tile ``t``'s list for batch item b and query head h, from query column 0
+  const float* bias_row(int64_t b, int64_t h, int64_t t, int64_t pos) const {
+    return bias + ((((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * c + t) * W + pos) * Tp;
+  }
   // the query mask words of key ``pos`` of tile ``pt``'s list
   const uint64_t* words(int64_t pt, int64_t pos) const {
     return reinterpret_cast<const uint64_t*>(bits + (pt * W + pos) * nw);
@@ -286,6 +309,10 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const int jc = j * Tp + c0;
           // St (n x mc) = K · Qt
           gemm(n, mc, d, sb.K.data(), G.dp, 1, Qt.data() + jc, ldq, St.data(), mc, false);
+          if (G.bias) {
+            const int64_t h = G.head(hx, j);
+            for (int i = 0; i < n; ++i) add_row(St.data() + i * mc, G.bias_row(b, h, t, k0 + i) + c0, mc);
+          }
           for (int i = 0; i < n; ++i) mask_key_row(St.data() + i * mc, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
@@ -340,11 +367,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_idx,
              const at::Tensor& k_idx, const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
-             const c10::optional<at::Tensor>& kpm, double scale, at::Tensor out, at::Tensor lse) {
+             const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias, double scale, at::Tensor out,
+             at::Tensor lse) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.stride(3) == 1, "out: q's dtype, unit last stride");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
-  const Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  G.set_bias(bias);
   switch (q.scalar_type()) {
     case at::kFloat: forward_impl<float>(q, k, v, G, static_cast<float>(scale), out, lse); break;
     case at::kBFloat16: forward_impl<at::BFloat16>(q, k, v, G, static_cast<float>(scale), out, lse); break;
@@ -357,7 +386,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& dout, const at::Tensor& lse, const Geometry& G, float scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv_acc) {
+                   at::Tensor& dk, at::Tensor& dv_acc, float* dbp) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -432,26 +461,27 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             int c0, mc;
             columns(r0, r1, Tp, c0, mc);
             const bool exact = G.full[pt * G.nsub + s] && c0 == r0 && c0 + mc == r1;
-            std::fill(dKb.begin(), dKb.begin() + n * dp, 0.f);
-            std::fill(dVb.begin(), dVb.begin() + n * dvp, 0.f);
             for (int j = 0; j < g; ++j) {
               const int jc = j * Tp + c0;
               gemm(n, mc, d, sb.K.data(), dp, 1, Qt.data() + jc, ldq, P.data(), mc, false);  // St = K Qt
+              const int64_t h = G.head(hx, j);
               for (int i = 0; i < n; ++i) {
                 float* pr = P.data() + i * mc;
+                if (G.bias) add_row(pr, G.bias_row(b, h, t, k0 + i) + c0, mc);
                 mask_key_row(pr, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
                 exp_sub(pr, L.data() + jc, mc);
               }
-              gemm(n, dvp, mc, P.data(), mc, 1, dO.data() + jc * dvp, dvp, dVb.data(), dvp, true);  // dV += P dO
+              gemm(n, dvp, mc, P.data(), mc, 1, dO.data() + jc * dvp, dvp, dVb.data(), dvp, j > 0);  // dV (+)= P dO
               gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt.data() + jc, ldq, dP.data(), mc, false);  // dPt = V dOt
               for (int i = 0; i < n; ++i) {
                 float* pr = P.data() + i * mc;
                 const float* dpr = dP.data() + i * mc;
                 for (int cc = 0; cc < mc; cc += VS)
                   (Vec::loadu(pr + cc) * (Vec::loadu(dpr + cc) - Vec::loadu(Di.data() + jc + cc))).store(pr + cc);
+                if (dbp) std::copy(pr, pr + mc, dbp + ((((b * G.Hq + h) * G.c + t) * G.W + k0 + i) * Tp + c0));
               }
               gemm(mc, dp, n, P.data(), 1, mc, sb.K.data(), dp, dQ.data() + jc * dp, dp, true);  // dQ += dSt^T K
-              gemm(n, dp, mc, P.data(), mc, 1, Q.data() + jc * dp, dp, dKb.data(), dp, true);  // dK += dSt (s q)
+              gemm(n, dp, mc, P.data(), mc, 1, Q.data() + jc * dp, dp, dKb.data(), dp, j > 0);  // dK (+)= dSt (s q)
             }
             for (int i = 0; i < n; ++i) {
               const int64_t key = ki[k0 + i];
@@ -476,20 +506,32 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& q_idx, const at::Tensor& k_idx,
               const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
-              const c10::optional<at::Tensor>& kpm, double scale, at::Tensor dq, at::Tensor dk, at::Tensor dv) {
+              const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias, double scale, at::Tensor dq,
+              at::Tensor dk, at::Tensor dv, const c10::optional<at::Tensor>& dbias) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dq.stride(3) == 1, "unit last-dim strides");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   dq.scalar_type() == q.scalar_type(), "out, dout, dq: q's dtype");
   TORCH_CHECK(dk.scalar_type() == at::kFloat && dv.scalar_type() == at::kFloat && dk.is_contiguous() &&
                   dv.is_contiguous() && dk.dim() == 5 && dv.dim() == 5, "dk, dv: float32 (S, B, Hkv, Nk, e)");
-  const Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  G.set_bias(bias);
+  float* dbp = nullptr;
+  if (dbias.has_value()) {
+    TORCH_CHECK(dbias->scalar_type() == at::kFloat && dbias->is_contiguous() && dbias->dim() == 5 &&
+                    dbias->size(0) == G.B && dbias->size(1) == G.Hq && dbias->size(2) == G.c &&
+                    dbias->size(3) == G.W && dbias->size(4) == G.Tp,
+                "dbias: float32 (B, Hq, c, W, T rounded up to the vector width)");
+    dbp = dbias->data_ptr<float>();
+  }
   switch (q.scalar_type()) {
-    case at::kFloat: backward_impl<float>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv); break;
+    case at::kFloat: backward_impl<float>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp); break;
     case at::kBFloat16:
-      backward_impl<at::BFloat16>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv);
+      backward_impl<at::BFloat16>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp);
       break;
-    case at::kHalf: backward_impl<at::Half>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv); break;
+    case at::kHalf:
+      backward_impl<at::Half>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp);
+      break;
     default: TORCH_CHECK(false, "nearfar native kernel: float32, bfloat16 or float16 inputs");
   }
 }
@@ -498,10 +540,10 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 TORCH_LIBRARY(nearfar_native, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, Tensor bits, Tensor rows, Tensor full, "
-        "Tensor? kpm, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+        "Tensor? kpm, Tensor? bias, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor q_idx, Tensor k_idx, "
-        "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, float scale, Tensor(a!) dq, Tensor(b!) dk, "
-        "Tensor(c!) dv) -> ()");
+        "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, Tensor? bias, float scale, Tensor(a!) dq, Tensor(b!) dk, "
+        "Tensor(c!) dv, Tensor(d!)? dbias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nearfar_native, CPU, m) {
