@@ -7,9 +7,11 @@ in ascending key order (so a 2D/3D box is read row by row and a sub-block spans 
 exact mask in the same order, and per (tile, sub-block) the live row range and whether every pair in it is allowed.
 
 It covers the plan-based block-sparse path: float32, bfloat16 and float16 inputs (float32 accumulation), GQA,
-per-head patterns, key padding, and a bias (dense or a relative-position table, with its gradient: the bias of a
-call's tiles is looked up into a (B', H', c, W, T) block, and the score gradients come back the same way, in calls
-of at most ``_BIAS_BYTES``). float64 and other devices keep the PyTorch path.
+per-head patterns, key padding, and a bias with its gradient. A relative-position table (NAT/DiNAT, windows) is
+looked up by the kernel itself through a per-plan index, and its gradient is added into one small copy of the table
+per work item, so it costs no memory per call; any other bias is looked up into a (B', H', c, W, T) block per call
+and its score gradients come back the same way, in calls of at most ``_BIAS_BYTES``. float64 and other devices
+keep the PyTorch path.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import native
-from ..bias import BiasSource
+from ..bias import BiasSource, RelativePositionBias
 from ..plan import Plan, TileGroup
 from .kernels import unit_last
 
@@ -108,6 +110,24 @@ def _splits(b: int, hkv: int) -> int:
 _BIAS_BYTES = 32 << 20
 
 
+def _table(bias: BiasSource | None, plan: Plan) -> RelativePositionBias | None:
+    """A relative-position table the kernel looks up itself (no bias block per call), or None."""
+    return bias if isinstance(bias, RelativePositionBias) and plan.heads == 1 else None
+
+
+def _rpb_index(rpb: RelativePositionBias, g: NativeGroup, t0: int, t1: int) -> torch.Tensor:
+    """(c, W, T rounded up to 16) int32 table index of tiles t0:t1, cached with the plan."""
+    memo = g.memos.setdefault((t0, t1), {})
+    key = ("rpb", rpb.pattern, rpb.n)
+    if key not in memo:
+        q = g.q_idx[t0:t1].clamp(min=0)[:, :, None]
+        k = g.k_idx[0, t0:t1].clamp(min=0)[:, None, :]
+        idx = rpb.pattern.rpb_index(q, k, rpb.n).transpose(1, 2)  # (c, W, T)
+        pad = -(-idx.shape[2] // 16) * 16 - idx.shape[2]
+        memo[key] = torch.nn.functional.pad(idx, (0, pad)).to(torch.int32).contiguous()
+    return memo[key]
+
+
 def _calls(g: NativeGroup, tile: int, b: int, hq: int, bias: BiasSource | None) -> list[tuple[int, int]]:
     """Tile ranges of one group's kernel calls: the whole group, or bias-sized pieces of it."""
     c, w = g.q_idx.shape[0], g.k_idx.shape[2]
@@ -138,13 +158,18 @@ class _Native(torch.autograd.Function):
                 plan: Plan, scale: float, kpm: torch.Tensor | None,
                 bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
         b, hq, nq, _ = q.shape
-        out = q.new_empty(b, hq, nq, v.shape[-1])
+        # (B, N, H, dv) memory, as PyTorch's fused CPU SDPA returns it: merging the heads after is then a view
+        out = q.new_empty(b, nq, hq, v.shape[-1]).transpose(1, 2)
         lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+        rpb = _table(bias, plan)
+        table = rpb.tensor.reshape(hq, -1).to(torch.float32).contiguous() if rpb is not None else None
+        blocks = bias if rpb is None else None
         for g in groups(plan):
-            for t0, t1 in _calls(g, plan.tile, b, hq, bias):
-                bt = _bias_tile(bias, g, t0, t1) if bias is not None else None
-                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, scale, out, lse)
-        ctx.plan, ctx.scale, ctx.kpm, ctx.bias = plan, scale, kpm, bias
+            for t0, t1 in _calls(g, plan.tile, b, hq, blocks):
+                bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
+                ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
+                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, out, lse)
+        ctx.plan, ctx.scale, ctx.kpm, ctx.bias, ctx.table = plan, scale, kpm, bias, table
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
         return out, lse
@@ -155,7 +180,7 @@ class _Native(torch.autograd.Function):
         b, hkv, nk, d = k.shape
         hq = q.shape[1]
         s = _splits(b, hkv)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
         dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
         dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
         do = unit_last(grad_out.to(q.dtype))
@@ -163,19 +188,26 @@ class _Native(torch.autograd.Function):
         train_bias = bias is not None and bias.requires_grad
         if bias is not None and train_bias:
             bias.zero_grad()
+        rpb = _table(bias, ctx.plan)
+        blocks = bias if rpb is None else None
+        dtable = torch.zeros(b * hkv * s, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
         for g in groups(ctx.plan):
-            for t0, t1 in _calls(g, ctx.plan.tile, b, hq, bias):
-                bt = _bias_tile(bias, g, t0, t1) if bias is not None else None
+            for t0, t1 in _calls(g, ctx.plan.tile, b, hq, blocks):
+                bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
+                ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
                 db = None
-                if train_bias:
+                if train_bias and blocks is not None:
                     t = ctx.plan.tile
                     db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
-                torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.scale,
-                                                  dq, dk, dv, db)
+                torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.table,
+                                                  ix, ctx.scale, dq, dk, dv, db, dtable)
                 if db is not None:
-                    assert bias is not None
+                    assert blocks is not None
                     ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)
-                    bias.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
+                    blocks.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
+        if dtable is not None:
+            assert bias is not None and bias.grad is not None
+            bias.grad += dtable.sum(0).reshape(bias.grad.shape).to(bias.grad.dtype)
         dk = dk.sum(0) if s > 1 else dk[0]
         dv = dv.sum(0) if s > 1 else dv[0]
         dbias = None

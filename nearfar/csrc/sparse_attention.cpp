@@ -160,6 +160,9 @@ struct Geometry {
   const float* kpm;
   const float* bias = nullptr;  // (Bb, Hb, c, W, Tp): per key of the list, its value for each query column
   int64_t Bb = 1, Hb = 1;
+  const float* rpb = nullptr;  // a relative-position table (Hq, S) ...
+  const int32_t* rpb_idx = nullptr;  // ... and its index (c, W, Tp) per key of the list and query column
+  int64_t rpbS = 0;
 
   Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi, const at::Tensor& ki,
            const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f, const c10::optional<at::Tensor>& kp) {
@@ -194,6 +197,24 @@ struct Geometry {
                 "bias: float32 (1 or B, 1 or Hq, c, W, T rounded up to the vector width)");
     bias = bt->data_ptr<float>();
     Bb = bt->size(0), Hb = bt->size(1);
+  }
+  void set_rpb(const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& index) {
+    if (!table.has_value()) return;
+    TORCH_CHECK(index.has_value(), "rpb_table needs rpb_index");
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                    table->size(0) == Hq, "rpb_table: float32 (Hq, S)");
+    TORCH_CHECK(index->scalar_type() == at::kInt && index->is_contiguous() && index->dim() == 3 &&
+                    index->size(0) == c && index->size(1) == W && index->size(2) == Tp,
+                "rpb_index: int32 (c, W, T rounded up to 16)");
+    rpb = table->data_ptr<float>();
+    rpb_idx = index->data_ptr<int32_t>();
+    rpbS = table->size(1);
+  }
+  // x[0:mc) += the table values of key ``pos`` of tile ``t``'s list for query head h, columns c0 on
+  void add_rpb(float* x, int64_t h, int64_t t, int64_t pos, int c0, int mc) const {
+    const float* tab = rpb + h * rpbS;
+    const int32_t* ix = rpb_idx + (t * W + pos) * Tp + c0;
+    for (int i = 0; i < mc; ++i) x[i] += tab[ix[i]];
   }
   // the bias of key ``pos`` of tile ``t``'s list for batch item b and query head h, from query column 0
   const float* bias_row(int64_t b, int64_t h, int64_t t, int64_t pos) const {
@@ -313,6 +334,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const int64_t h = G.head(hx, j);
             for (int i = 0; i < n; ++i) add_row(St.data() + i * mc, G.bias_row(b, h, t, k0 + i) + c0, mc);
           }
+          if (G.rpb)
+            for (int i = 0; i < n; ++i) G.add_rpb(St.data() + i * mc, G.head(hx, j), t, k0 + i, c0, mc);
           for (int i = 0; i < n; ++i) mask_key_row(St.data() + i * mc, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
@@ -367,13 +390,15 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_idx,
              const at::Tensor& k_idx, const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
-             const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias, double scale, at::Tensor out,
-             at::Tensor lse) {
+             const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias,
+             const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
+             at::Tensor out, at::Tensor lse) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.stride(3) == 1, "out: q's dtype, unit last stride");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
   Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   G.set_bias(bias);
+  G.set_rpb(rpb_table, rpb_index);
   switch (q.scalar_type()) {
     case at::kFloat: forward_impl<float>(q, k, v, G, static_cast<float>(scale), out, lse); break;
     case at::kBFloat16: forward_impl<at::BFloat16>(q, k, v, G, static_cast<float>(scale), out, lse); break;
@@ -386,7 +411,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
                    const at::Tensor& dout, const at::Tensor& lse, const Geometry& G, float scale, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv_acc, float* dbp) {
+                   at::Tensor& dk, at::Tensor& dv_acc, float* dbp, float* drp) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -468,6 +493,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
               for (int i = 0; i < n; ++i) {
                 float* pr = P.data() + i * mc;
                 if (G.bias) add_row(pr, G.bias_row(b, h, t, k0 + i) + c0, mc);
+                if (G.rpb) G.add_rpb(pr, h, t, k0 + i, c0, mc);
                 mask_key_row(pr, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
                 exp_sub(pr, L.data() + jc, mc);
               }
@@ -479,6 +505,11 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                 for (int cc = 0; cc < mc; cc += VS)
                   (Vec::loadu(pr + cc) * (Vec::loadu(dpr + cc) - Vec::loadu(Di.data() + jc + cc))).store(pr + cc);
                 if (dbp) std::copy(pr, pr + mc, dbp + ((((b * G.Hq + h) * G.c + t) * G.W + k0 + i) * Tp + c0));
+                if (drp) {  // this work item's own copy of the table gradient: no other thread writes it
+                  float* dt = drp + (it * G.Hq + h) * G.rpbS;
+                  const int32_t* ix = G.rpb_idx + (t * G.W + k0 + i) * Tp + c0;
+                  for (int cc = 0; cc < mc; ++cc) dt[ix[cc]] += pr[cc];
+                }
               }
               gemm(mc, dp, n, P.data(), 1, mc, sb.K.data(), dp, dQ.data() + jc * dp, dp, true);  // dQ += dSt^T K
               gemm(n, dp, mc, P.data(), mc, 1, Q.data() + jc * dp, dp, dKb.data(), dp, j > 0);  // dK (+)= dSt (s q)
@@ -506,8 +537,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
 void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
               const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& q_idx, const at::Tensor& k_idx,
               const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
-              const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias, double scale, at::Tensor dq,
-              at::Tensor dk, at::Tensor dv, const c10::optional<at::Tensor>& dbias) {
+              const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias,
+              const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
+              at::Tensor dq, at::Tensor dk, at::Tensor dv, const c10::optional<at::Tensor>& dbias,
+              const c10::optional<at::Tensor>& drpb) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dq.stride(3) == 1, "unit last-dim strides");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
@@ -516,6 +549,14 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
                   dv.is_contiguous() && dk.dim() == 5 && dv.dim() == 5, "dk, dv: float32 (S, B, Hkv, Nk, e)");
   Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   G.set_bias(bias);
+  G.set_rpb(rpb_table, rpb_index);
+  float* drp = nullptr;
+  if (drpb.has_value()) {
+    TORCH_CHECK(G.rpb && drpb->scalar_type() == at::kFloat && drpb->is_contiguous() && drpb->dim() == 3 &&
+                    drpb->size(0) == G.B * G.Hkv * dk.size(0) && drpb->size(1) == G.Hq && drpb->size(2) == G.rpbS,
+                "drpb: float32 (B * Hkv * nsplit, Hq, S), with rpb_table");
+    drp = drpb->data_ptr<float>();
+  }
   float* dbp = nullptr;
   if (dbias.has_value()) {
     TORCH_CHECK(dbias->scalar_type() == at::kFloat && dbias->is_contiguous() && dbias->dim() == 5 &&
@@ -525,12 +566,14 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
     dbp = dbias->data_ptr<float>();
   }
   switch (q.scalar_type()) {
-    case at::kFloat: backward_impl<float>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp); break;
+    case at::kFloat:
+      backward_impl<float>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp, drp);
+      break;
     case at::kBFloat16:
-      backward_impl<at::BFloat16>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp);
+      backward_impl<at::BFloat16>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp, drp);
       break;
     case at::kHalf:
-      backward_impl<at::Half>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp);
+      backward_impl<at::Half>(q, k, v, out, dout, lse, G, static_cast<float>(scale), dq, dk, dv, dbp, drp);
       break;
     default: TORCH_CHECK(false, "nearfar native kernel: float32, bfloat16 or float16 inputs");
   }
@@ -540,10 +583,11 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 TORCH_LIBRARY(nearfar_native, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, Tensor bits, Tensor rows, Tensor full, "
-        "Tensor? kpm, Tensor? bias, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+        "Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, float scale, Tensor(a!) out, Tensor(b!) lse) "
+        "-> ()");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor q_idx, Tensor k_idx, "
-        "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, Tensor? bias, float scale, Tensor(a!) dq, Tensor(b!) dk, "
-        "Tensor(c!) dv, Tensor(d!)? dbias) -> ()");
+        "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, "
+        "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? dbias, Tensor(e!)? drpb) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nearfar_native, CPU, m) {
