@@ -100,10 +100,19 @@ def groups(plan: Plan, kb: int = KB) -> list[NativeGroup]:
     return out
 
 
-def _splits(b: int, hkv: int) -> int:
-    """dK/dV accumulators: one per (batch, kv head) owner; more when there are fewer owners than threads."""
+#: extra float32 dK/dV accumulators (beyond the gradients themselves) a backward call may hold
+_SPLIT_BYTES = 64 << 20
+
+
+def _splits(b: int, hkv: int, nk: int, e: int) -> int:
+    """dK/dV accumulators: one per (batch, kv head) owner, so no two threads add into the same rows; more when there
+    are fewer owners than threads (the tiles are then split over them), as many as ``_SPLIT_BYTES`` allows (a
+    1M-token single-head backward would otherwise hold two more copies of dK and dV: it runs on one thread)."""
     threads = torch.get_num_threads()
-    return 1 if b * hkv >= threads else -(-threads // (b * hkv))
+    if b * hkv >= threads:
+        return 1
+    extra = max(1, b * hkv * nk * e * 4)
+    return max(1, min(-(-threads // (b * hkv)), 1 + _SPLIT_BYTES // extra))
 
 
 #: bias values (and their gradients) of one kernel call: tile groups with a bias run in calls of this many bytes
@@ -179,7 +188,7 @@ class _Native(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         b, hkv, nk, d = k.shape
         hq = q.shape[1]
-        s = _splits(b, hkv)
+        s = _splits(b, hkv, nk, d + v.shape[-1])
         dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
         dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
         dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
@@ -208,8 +217,10 @@ class _Native(torch.autograd.Function):
         if dtable is not None:
             assert bias is not None and bias.grad is not None
             bias.grad += dtable.sum(0).reshape(bias.grad.shape).to(bias.grad.dtype)
-        dk = dk.sum(0) if s > 1 else dk[0]
-        dv = dv.sum(0) if s > 1 else dv[0]
+        for i in range(1, s):  # in place: no third copy
+            dk[0] += dk[i]
+            dv[0] += dv[i]
+        dk, dv = dk[0], dv[0]
         dbias = None
         if train_bias:
             assert bias is not None and bias.grad is not None
