@@ -141,3 +141,17 @@ def test_pytorch_path_without_the_kernel(p):
     with native.disabled():
         assert not native.available()
         check_problem(p, torch.float32, engines=["blocksparse"])
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_at_small_sizes_when_it_skips_enough():
+    from nearfar.dispatch import choose_engine
+
+    q = torch.randn(2, 3, 196, 32)
+    assert choose_engine(q, nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "blocksparse"
+    assert choose_engine(q, nf.Dense(), 196, 196) == "dense"  # nothing to skip
+    tiny = torch.randn(2, 3, 49, 32)
+    assert choose_engine(tiny, nf.Neighborhood((3, 3), grid=(7, 7)), 49, 49) == "dense"  # under 4,096 pairs
+    assert choose_engine(q.double(), nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"  # no kernel
+    with native.disabled():
+        assert choose_engine(q, nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"
