@@ -21,6 +21,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -35,6 +36,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Work items taken one at a time from a shared counter by each thread (dynamic scheduling): tiles and heads differ
+// in cost (a causal sequence's last tiles, MoA's heads of 64 to 8,192 keys), and the static halves of
+// ``at::parallel_for`` left one thread idle while the other finished the expensive half.
+template <typename F>
+void parallel_items(int64_t items, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(items, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
+}
 
 // ------------------------------------------------------------------------------------------- micro-kernels
 // C[M x N] (+)= A · B with A's element (r, k) at A[r * sar + k * sak], B row-major (ldb), N a multiple of VS.
@@ -286,13 +297,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int d = G.d, dv = G.dv, T_ = G.T, Tp = G.Tp, g = G.g;
   const int64_t dvp = G.dvp;
   const int64_t units = G.B * G.HX * G.c;
-  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+  parallel_items(units, [&](std::atomic<int64_t>& next) {
     // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, sub: per query column
     std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), sub(Tp), alpha(Tp);
     std::vector<char> bad(g * Tp);
     SubBlock<T> sb(G);
     const int64_t ldq = g * Tp;
-    for (int64_t u = u0; u < u1; ++u) {
+    for (int64_t u = next++; u < units; u = next++) {
       const int64_t t = u % G.c, hx = (u / G.c) % G.HX, b = u / (G.c * G.HX);
       const int64_t hp = G.per_head ? hx : 0, hkv = G.kv_head(hx), pt = hp * G.c + t;
       const int64_t* qi = G.q_idx + t * T_;
@@ -430,13 +441,13 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const int64_t dp = G.dp, dvp = G.dvp;
   const int64_t items = G.B * G.Hkv * nsplit;
   const int64_t hx_per_kv = G.per_head ? G.grp : 1;
-  at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+  parallel_items(items, [&](std::atomic<int64_t>& next) {
     // per query column: Q (rows, scaled) and Qt, dO and dOt, Di = rowsum(dO * O), L = LSE (+inf: no key)
     const int64_t ldq = g * Tp;
     std::vector<float> Q(ldq * dp, 0.f), Qt(d * ldq, 0.f), dO(ldq * dvp, 0.f), dOt(dv * ldq, 0.f), Di(ldq), L(ldq),
         dQ(ldq * dp), P(KB * Tp), dP(KB * Tp), dKb(KB * dp), dVb(KB * dvp);
     SubBlock<T> sb(G);
-    for (int64_t it = i0; it < i1; ++it) {
+    for (int64_t it = next++; it < items; it = next++) {
       const int64_t sp = it % nsplit, hkv = (it / nsplit) % G.Hkv, b = it / (nsplit * G.Hkv);
       const int64_t t_lo = G.c * sp / nsplit, t_hi = G.c * (sp + 1) / nsplit;
       float* dkbase = dkp + ((sp * G.B + b) * G.Hkv + hkv) * G.Nk * d;
