@@ -159,6 +159,14 @@ inline void add_row(float* dst, const float* src, int n) {
 }
 
 // ------------------------------------------------------------------------------------------------ geometry
+// One sub-block of a tile's key list: keys [k0, k0 + n), live tile rows [r0, r1) as vector-aligned query columns
+// [c0, c0 + mc), and whether every pair there is allowed with no column outside [r0, r1) (no mask to apply).
+struct Span {
+  int64_t k0;
+  int n, r0, r1, c0, mc;
+  bool exact;
+};
+
 struct Geometry {
   int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, Tp, nw, W, Hp, nsub, HX, g, grp;
   bool per_head;
@@ -231,6 +239,17 @@ struct Geometry {
   const float* bias_row(int64_t b, int64_t h, int64_t t, int64_t pos) const {
     return bias + ((((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * c + t) * W + pos) * Tp;
   }
+  // sub-block s of tile pt's list; false when no query of the tile sees any of its keys
+  bool span(int64_t pt, int64_t s, Span& sp) const {
+    sp.r0 = rows[(pt * nsub + s) * 2], sp.r1 = rows[(pt * nsub + s) * 2 + 1];
+    if (sp.r0 >= sp.r1) return false;
+    sp.k0 = s * KB;
+    sp.n = static_cast<int>(std::min<int64_t>(KB, W - sp.k0));
+    sp.c0 = sp.r0 / VS * VS;
+    sp.mc = std::min<int>(static_cast<int>(round_up(sp.r1, VS)), static_cast<int>(Tp)) - sp.c0;
+    sp.exact = full[pt * nsub + s] && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
+    return true;
+  }
   // the query mask words of key ``pos`` of tile ``pt``'s list
   const uint64_t* words(int64_t pt, int64_t pos) const {
     return reinterpret_cast<const uint64_t*>(bits + (pt * W + pos) * nw);
@@ -277,10 +296,19 @@ struct SubBlock {
   }
 };
 
-// Rows [r0, r1) of the tile as vector-aligned query columns [c0, c0 + mc) of the transposed layouts.
-inline void columns(int r0, int r1, int Tp, int& c0, int& mc) {
-  c0 = r0 / VS * VS;
-  mc = std::min<int>(static_cast<int>(round_up(r1, VS)), Tp) - c0;
+// The logits of one sub-block for query head h of tile t (list pt), transposed: St (n x mc) = K · Qt[:, jc:] plus
+// the bias, with disallowed pairs at -inf and key padding added. Forward and backward both start from these.
+template <typename T>
+inline void masked_scores(const Geometry& G, const SubBlock<T>& sb, const Span& sp, const float* Qt, int64_t ldq,
+                          int jc, int64_t b, int64_t h, int64_t t, int64_t pt, float* St) {
+  const int n = sp.n, mc = sp.mc;
+  gemm(n, mc, static_cast<int>(G.d), sb.K.data(), G.dp, 1, Qt + jc, ldq, St, mc, false);
+  for (int i = 0; i < n; ++i) {
+    float* row = St + i * mc;
+    if (G.bias) add_row(row, G.bias_row(b, h, t, sp.k0 + i) + sp.c0, mc);
+    if (G.rpb) G.add_rpb(row, h, t, sp.k0 + i, sp.c0, mc);
+    mask_key_row(row, mc, sp.c0, G.words(pt, sp.k0 + i), sp.exact, sb.kp[i]);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ forward
@@ -326,28 +354,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(bad.begin(), bad.end(), 0);
       const T* kbase = kp + b * G.skb + hkv * G.skh;
       const T* vbase = vp + b * G.svb + hkv * G.svh;
+      Span sp;
       for (int64_t s = 0; s < G.nsub; ++s) {
-        const int32_t r0 = G.rows[(pt * G.nsub + s) * 2], r1 = G.rows[(pt * G.nsub + s) * 2 + 1];
-        if (r0 >= r1) continue;
-        const int64_t k0 = s * KB;
-        const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
-        sb.load(G, ki + k0, n, kbase, vbase, b);
-        const bool full = G.full[pt * G.nsub + s];
-        int c0, mc;
-        columns(r0, r1, Tp, c0, mc);
-        // every pair allowed and no column outside [r0, r1): no mask to apply
-        const bool exact = full && c0 == r0 && c0 + mc == r1;
+        if (!G.span(pt, s, sp)) continue;
+        const int n = sp.n, mc = sp.mc;
+        sb.load(G, ki + sp.k0, n, kbase, vbase, b);
         for (int j = 0; j < g; ++j) {
-          const int jc = j * Tp + c0;
-          // St (n x mc) = K · Qt
-          gemm(n, mc, d, sb.K.data(), G.dp, 1, Qt.data() + jc, ldq, St.data(), mc, false);
-          if (G.bias) {
-            const int64_t h = G.head(hx, j);
-            for (int i = 0; i < n; ++i) add_row(St.data() + i * mc, G.bias_row(b, h, t, k0 + i) + c0, mc);
-          }
-          if (G.rpb)
-            for (int i = 0; i < n; ++i) G.add_rpb(St.data() + i * mc, G.head(hx, j), t, k0 + i, c0, mc);
-          for (int i = 0; i < n; ++i) mask_key_row(St.data() + i * mc, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
+          const int jc = j * Tp + sp.c0;
+          masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, G.head(hx, j), t, pt, St.data());
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
             for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * mc + cc));
@@ -488,26 +502,17 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             for (int r = T_; r < Tp; ++r) L[j * Tp + r] = kInf;
           }
           std::fill(dQ.begin(), dQ.end(), 0.f);
+          Span sp;
           for (int64_t s = 0; s < G.nsub; ++s) {
-            const int32_t r0 = G.rows[(pt * G.nsub + s) * 2], r1 = G.rows[(pt * G.nsub + s) * 2 + 1];
-            if (r0 >= r1) continue;
-            const int64_t k0 = s * KB;
-            const int n = static_cast<int>(std::min<int64_t>(KB, G.W - k0));
+            if (!G.span(pt, s, sp)) continue;
+            const int64_t k0 = sp.k0;
+            const int n = sp.n, c0 = sp.c0, mc = sp.mc;
             sb.load(G, ki + k0, n, kbase, vbase, b);
-            int c0, mc;
-            columns(r0, r1, Tp, c0, mc);
-            const bool exact = G.full[pt * G.nsub + s] && c0 == r0 && c0 + mc == r1;
             for (int j = 0; j < g; ++j) {
               const int jc = j * Tp + c0;
-              gemm(n, mc, d, sb.K.data(), dp, 1, Qt.data() + jc, ldq, P.data(), mc, false);  // St = K Qt
               const int64_t h = G.head(hx, j);
-              for (int i = 0; i < n; ++i) {
-                float* pr = P.data() + i * mc;
-                if (G.bias) add_row(pr, G.bias_row(b, h, t, k0 + i) + c0, mc);
-                if (G.rpb) G.add_rpb(pr, h, t, k0 + i, c0, mc);
-                mask_key_row(pr, mc, c0, G.words(pt, k0 + i), exact, sb.kp[i]);
-                exp_sub(pr, L.data() + jc, mc);
-              }
+              masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, h, t, pt, P.data());
+              for (int i = 0; i < n; ++i) exp_sub(P.data() + i * mc, L.data() + jc, mc);  // P = exp(S - LSE)
               gemm(n, dvp, mc, P.data(), mc, 1, dO.data() + jc * dvp, dvp, dVb.data(), dvp, j > 0);  // dV (+)= P dO
               gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt.data() + jc, ldq, dP.data(), mc, false);  // dPt = V dOt
               for (int i = 0; i < n; ++i) {
