@@ -1,6 +1,6 @@
 """The compiled CPU kernel of the block-sparse engine: build it ahead of time, load it if it is there.
 
-``python -m nearfar.native build`` (run by the README's set-up commands) compiles ``nearfar/csrc/*.cpp`` against the
+``python -m nearfar.native build`` (run by the README's set-up commands) compiles ``nearfar/csrc/*.cpp`` (and headers) against the
 installed torch with ``torch.utils.cpp_extension`` into ``nearfar/_native/<tag>/``, where the tag names the torch
 version, the Python version, the CPU's vector level and a hash of the sources. At import nothing is compiled: the
 library that matches the running torch and sources is loaded if it exists, and otherwise the engine keeps its
@@ -23,6 +23,8 @@ import torch
 
 _HERE = Path(__file__).resolve().parent
 SOURCES = sorted((_HERE / "csrc").glob("*.cpp"))
+#: what the build depends on: the sources and their headers (the tag hashes both)
+_INPUTS = SOURCES + sorted((_HERE / "csrc").glob("*.h"))
 _NAME = "nearfar_native"
 _state: dict[str, object] = {}
 
@@ -51,7 +53,7 @@ def _flags(cap: str) -> list[str]:
 def tag() -> str:
     """Names one build: torch and Python versions, vector level, source hash."""
     h = hashlib.sha1(" ".join(_flags(_capability())).encode())
-    for src in SOURCES:
+    for src in _INPUTS:
         h.update(src.read_bytes())
     py = f"{sys.version_info.major}{sys.version_info.minor}"
     return f"torch{torch.__version__.replace('+', '_')}-py{py}-{_capability().lower()}-{h.hexdigest()[:12]}"
