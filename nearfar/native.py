@@ -1,6 +1,6 @@
 """The compiled CPU kernel of the block-sparse engine: build it ahead of time, load it if it is there.
 
-``python -m nearfar.native build`` (run by the README's set-up commands) compiles ``nearfar/csrc/*.cpp`` (and headers) against the
+``python -m nearfar.native build`` (run by the README's set-up commands) compiles ``nearfar/csrc/`` against the
 installed torch with ``torch.utils.cpp_extension`` into ``nearfar/_native/<tag>/``, where the tag names the torch
 version, the Python version, the CPU's vector level and a hash of the sources. At import nothing is compiled: the
 library that matches the running torch and sources is loaded if it exists, and otherwise the engine keeps its
