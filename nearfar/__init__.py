@@ -95,11 +95,13 @@ from .patterns import (
     Strided,
     Union,
 )
+from .rows import attend_rows
 from .selection import SelectedBlocks
 
 __all__ = [
     "AgentAttention",
     "attend",
+    "attend_rows",
     "BigBirdAttention",
     "BiLevelRoutingAttention",
     "Blocks",

@@ -227,6 +227,24 @@ def _record(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.
         calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
 
 
+def record_call(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """List an attention call that does not go through ``attend`` (e.g. ``attend_rows``'s kernel) in the active
+    ``observe_calls`` blocks, as ``attend`` does."""
+    _record(pattern, q, k, v)
+
+
+def overriding_engine() -> str | None:
+    """The innermost ``engine_override`` of this thread, or None."""
+    active = _ENGINE_OVERRIDE.get()
+    return active[-1] if active else None
+
+
+def check_attention_inputs(q: object, k: object, v: object, scale: object = None,
+                           key_padding_mask: object = None) -> None:
+    """``attend``'s checks of ``q, k, v``, ``scale`` and ``key_padding_mask`` (the same errors), for ops beside it."""
+    _validate(q, k, v, None, scale, None, None, key_padding_mask, "auto", False)
+
+
 @overload
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,

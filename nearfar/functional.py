@@ -41,6 +41,7 @@ from .ops.routing import (
 )
 from .ops.selective_scan import selective_scan
 from .patterns import Pattern
+from .rows import attend_rows
 from .selection import SelectedBlocks
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "WindowBatch",
     "alibi_slopes",
     "attend",
+    "attend_rows",
     "attention_rollout",
     "block_attention_stat",
     "block_scores",

@@ -48,16 +48,17 @@ def supports(q: torch.Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in DTYPES and native.available()
 
 
-def _words(mask: torch.Tensor) -> torch.Tensor:
-    """(Hp, c, T, W) bool -> (Hp, c, W, ceil(T/64)) int64 words, bit r of word w = row 64w + r (little-endian
-    bytes, as the kernel reads them)."""
-    hp, c, t, w = mask.shape
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(..., T, W) bool -> (..., W, ceil(T/64)) int64 words, bit r of word w = row 64w + r (little-endian bytes, as
+    the kernel reads them)."""
+    *lead, t, w = mask.shape
     nw = -(-t // 64)
-    rows = torch.nn.functional.pad(mask, (0, 0, 0, nw * 64 - t)).view(hp, c, nw, 8, 8, w).to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)[:, None]
-    byte = (rows * weights).sum(4, dtype=torch.uint8)  # (Hp, c, nw, 8, W)
-    out = torch.empty(hp, c, w, nw, 8, dtype=torch.uint8)  # fresh: standard strides even for size-1 dims
-    return out.copy_(byte.permute(0, 1, 4, 2, 3)).view(torch.int64).view(hp, c, w, nw)
+    m = mask.reshape(-1, t, w)
+    rows = torch.nn.functional.pad(m, (0, 0, 0, nw * 64 - t)).view(m.shape[0], nw, 8, 8, w).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)[:, None]
+    byte = (rows * weights).sum(3, dtype=torch.uint8)  # (n, nw, 8, W)
+    out = torch.empty(m.shape[0], w, nw, 8, dtype=torch.uint8, device=mask.device)  # fresh: standard strides
+    return out.copy_(byte.permute(0, 3, 1, 2)).view(torch.int64).view(*lead, w, nw)
 
 
 def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.Tensor, ...]:
@@ -77,7 +78,7 @@ def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.T
     ar = torch.arange(t)[None, None, :, None]
     in_range = (ar >= r0[:, :, None]) & (ar < r1[:, :, None])  # (Hp, c, T, nsub)
     full = (allowed | ~in_range).all(2) & any_row
-    return k, _words(mask), torch.stack([r0, r1], -1).to(torch.int32), full
+    return k, pack_rows(mask), torch.stack([r0, r1], -1).to(torch.int32), full
 
 
 def _group(plan: Plan, g: TileGroup, kb: int) -> NativeGroup:
@@ -104,7 +105,7 @@ def groups(plan: Plan, kb: int = KB) -> list[NativeGroup]:
 _SPLIT_BYTES = 64 << 20
 
 
-def _splits(b: int, hkv: int, nk: int, e: int) -> int:
+def splits(b: int, hkv: int, nk: int, e: int) -> int:
     """dK/dV accumulators: one per (batch, kv head) owner, so no two threads add into the same rows; more when there
     are fewer owners than threads (the tiles are then split over them), as many as ``_SPLIT_BYTES`` allows (a
     1M-token single-head backward would otherwise hold two more copies of dK and dV: it runs on one thread)."""
@@ -155,10 +156,17 @@ def _bias_tile(bias: BiasSource, g: NativeGroup, t0: int, t1: int) -> torch.Tens
 
 
 def _slices(g: NativeGroup, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
+    """Tiles t0:t1 of a group as the kernel takes its lists: one batch item, ``q_idx`` shared by the heads."""
     if t0 == 0 and t1 == g.q_idx.shape[0]:
-        return g.q_idx, g.k_idx, g.bits, g.rows, g.full
-    return (g.q_idx[t0:t1], g.k_idx[:, t0:t1].contiguous(), g.bits[:, t0:t1].contiguous(),
-            g.rows[:, t0:t1].contiguous(), g.full[:, t0:t1].contiguous())
+        parts = (g.q_idx[None], g.k_idx, g.bits, g.rows, g.full)
+    else:
+        parts = (g.q_idx[None, t0:t1], g.k_idx[:, t0:t1], g.bits[:, t0:t1], g.rows[:, t0:t1], g.full[:, t0:t1])
+    return tuple(x.contiguous()[None] for x in parts)
+
+
+def plan_lists(plan: Plan) -> list[tuple[torch.Tensor, ...]]:
+    """The kernel's list arrays ``(q_idx, k_idx, bits, rows, full)`` of every tile group of a plan (no bias)."""
+    return [_slices(g, 0, g.q_idx.shape[0]) for g in groups(plan)]
 
 
 class _Native(torch.autograd.Function):
@@ -177,7 +185,8 @@ class _Native(torch.autograd.Function):
             for t0, t1 in _calls(g, plan.tile, b, hq, blocks):
                 bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
                 ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
-                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, out, lse)
+                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, False, 0, out,
+                                                 lse)
         ctx.plan, ctx.scale, ctx.kpm, ctx.bias, ctx.table = plan, scale, kpm, bias, table
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
@@ -188,7 +197,7 @@ class _Native(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         b, hkv, nk, d = k.shape
         hq = q.shape[1]
-        s = _splits(b, hkv, nk, d + v.shape[-1])
+        s = splits(b, hkv, nk, d + v.shape[-1])
         dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
         dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
         dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
@@ -209,7 +218,7 @@ class _Native(torch.autograd.Function):
                     t = ctx.plan.tile
                     db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
                 torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.table,
-                                                  ix, ctx.scale, dq, dk, dv, db, dtable)
+                                                  ix, ctx.scale, False, 0, dq, dk, dv, db, dtable)
                 if db is not None:
                     assert blocks is not None
                     ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)

@@ -19,8 +19,11 @@ import torch
 
 from ..bias import DenseBias
 from ..patterns import Pattern
+from ..plan import get_plan
 from ..selection import SelectedBlocks
 from .kernels import acc_dtype, equal_head_dims, fused_available, index_add, matmul_backward, matmul_forward, unit_last
+from .native import supports as native_supports
+from .native_selected import native_selected
 from .selected_pairs import pairs_backward, pairs_forward
 from .selected_plan import Stream, plan_streams
 
@@ -449,7 +452,12 @@ def selected_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patter
                        return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over the union of ``pattern``'s pairs and ``blocks``' pairs (see ``nearfar.selection``).
 
-    ``kpm`` is an additive (B, Nk) float mask, ``bias`` a dense bias source. Returns ``(out, lse or None)``."""
+    ``kpm`` is an additive (B, Nk) float mask, ``bias`` a dense bias source. Returns ``(out, lse or None)``.
+    Without a bias, on CPU with the compiled kernel loaded, the kernel runs it (``native_selected``)."""
+    if bias is None and native_supports(q):
+        plan = get_plan(pattern, q.shape[2], k.shape[2], device=q.device) if pattern is not None else None
+        out, lse = native_selected(q, k, v, pattern, blocks, scale, plan, kpm)
+        return out, (lse if return_lse else None)
     padded = equal_head_dims(q, k, v)
     if padded is not None:
         out, lse = selected_attention(*padded, pattern, blocks, scale, kpm, bias, return_lse)

@@ -150,11 +150,23 @@ def _compact(keep: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(x.gather(-1, order) for x in (keep, *xs))
 
 
-def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: int, group: int) -> Static:
-    """The pattern's blocks per query block, full or partial, as runs or streams: cached per shape (the partial
-    blocks' token mask already repeated over the ``group`` query heads that share a key list)."""
+@dataclass
+class Kinds:
+    """The pattern's key blocks per query block: ``blocks (QB, Ws)`` (ascending among the live ones), ``live`` and
+    ``full`` flags, and ``sorted_blocks``/``kind`` (1 partial, 2 full, 0 padding) for lookups by block index."""
+
+    qt: Tiles
+    blocks: torch.Tensor
+    live: torch.Tensor
+    full: torch.Tensor
+    sorted_blocks: torch.Tensor
+    kind: torch.Tensor
+
+
+def pattern_kinds(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int) -> Kinds:
+    """Which key blocks the pattern reads per query block, fully or partly: cached per shape."""
     t, kb = sel.q_block, sel.k_block
-    key = ("selected_static", pattern, nq, nk, t, kb, hkv, group, str(sel.kv_indices.device))
+    key = ("selected_kinds", pattern, nq, nk, t, kb, str(sel.kv_indices.device))
     hit = CACHE.get(key)
     if hit is not None:
         return hit
@@ -164,9 +176,22 @@ def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: in
     ok = torch.cat([pattern.block_allowed(Tiles(qt.idx[r0:r0 + rows]), kt, nq, nk) for r0 in range(0, qb, rows)])
     live, blocks = _compact(ok, torch.arange(nkb, device=ok.device).expand(qb, -1))
     full = live & pattern.block_full(qt, Tiles(kt.idx[blocks]), nq, nk) & ((blocks + 1) * kb <= nk)
+    kind = torch.where(full, 2, torch.where(live & ~full, 1, 0)).to(torch.int8)
+    return CACHE.put(key, Kinds(qt, blocks, live, full, torch.where(live, blocks, 1 << 40), kind))
+
+
+def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: int, group: int) -> Static:
+    """The pattern's blocks per query block, full or partial, as runs or streams: cached per shape (the partial
+    blocks' token mask already repeated over the ``group`` query heads that share a key list)."""
+    t, kb = sel.q_block, sel.k_block
+    key = ("selected_static", pattern, nq, nk, t, kb, hkv, group, str(sel.kv_indices.device))
+    hit = CACHE.get(key)
+    if hit is not None:
+        return hit
+    kinds = pattern_kinds(pattern, sel, nq, nk)
+    qt, blocks, live, full = kinds.qt, kinds.blocks, kinds.live, kinds.full
     part = live & ~full
-    kind = torch.where(full, 2, torch.where(part, 1, 0)).to(torch.int8)
-    sorted_blocks = torch.where(live, blocks, 1 << 40)
+    sorted_blocks, kind = kinds.sorted_blocks, kinds.kind
     run = _token_run(pattern, qt, blocks, live, t, kb, nq, nk, group)
     if run is not None:  # every block of the pattern in one strided run: no static gathers at all
         return CACHE.put(key, Static(sorted_blocks, kind, run, None, None))
@@ -188,36 +213,58 @@ def static_plan(pattern: Pattern, sel: SelectedBlocks, nq: int, nk: int, hkv: in
     return CACHE.put(key, Static(sorted_blocks, kind, run, full_stream, part_stream))
 
 
-def plan_streams(pattern: Pattern | None, sel: SelectedBlocks, b: int, hq: int, hkv: int, nq: int,
-                 nk: int) -> Streams:
-    """The streams of one call (see the module docstring)."""
+@dataclass
+class Selection:
+    """A call's selected blocks ``idx (B', H', QB, S)`` (ascending, each once) classified against the pattern and
+    ``within``: ``valid`` (read by this selection: the pattern does not already read the whole block), ``full``
+    (every pair allowed, none the pattern's: no token mask) and ``overlap`` (the pattern reads part of the block:
+    its pairs are taken out)."""
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    full: torch.Tensor
+    overlap: torch.Tensor
+
+
+def classify(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: int) -> Selection:
+    """The selection of one call against the static pattern (see ``Selection``)."""
     kb = sel.k_block
     idx, valid = sel.normalized(nk)  # (B', Hs, QB, S), ascending, each block once
-    hs = idx.shape[1]
-    hx = hq if hs == hq and hq != hkv else hkv
-    if hs != hx:  # one selection for every head: one list per KV head
-        idx, valid = idx.expand(-1, hx, -1, -1), valid.expand(-1, hx, -1, -1)
     w_full = torch.ones_like(valid)
     if sel.within is not None and idx.numel():  # key tiles of the selected blocks only: decoding stays O(S)
-        blocks = idx.permute(2, 0, 1, 3).reshape(idx.shape[2], -1)  # (QB, B'*Hx*S)
+        blocks = idx.permute(2, 0, 1, 3).reshape(idx.shape[2], -1)  # (QB, B'*Hs*S)
         keys = blocks[..., None] * kb + torch.arange(kb, device=idx.device)
         pos = torch.arange(idx.shape[2] * sel.q_block, device=idx.device).view(-1, sel.q_block)
         qt = Tiles(torch.where(pos < nq, pos, -1))
         w_full = sel.within.block_full(qt, Tiles(torch.where(keys < nk, keys, -1)), nq, nk)
         w_full = w_full.reshape(idx.shape[2], *idx.shape[:2], -1).permute(1, 2, 0, 3)
-    run, gathered = None, []
     overlap = torch.zeros_like(valid)
+    if pattern is not None:
+        kinds = pattern_kinds(pattern, sel, nq, nk)
+        seq = kinds.sorted_blocks.expand(*idx.shape[:2], -1, -1).contiguous()
+        pos = torch.searchsorted(seq, idx.contiguous()).clamp(max=seq.shape[-1] - 1)
+        found = seq.gather(-1, pos) == idx
+        kind = kinds.kind.expand(*idx.shape[:2], -1, -1).gather(-1, pos)
+        valid = valid & ~(found & (kind == 2))  # the pattern reads the whole block already
+        overlap = found & (kind == 1)
+    full = valid & ~overlap & w_full & ((idx + 1) * kb <= nk)
+    return Selection(idx, valid, full, overlap)
+
+
+def plan_streams(pattern: Pattern | None, sel: SelectedBlocks, b: int, hq: int, hkv: int, nq: int,
+                 nk: int) -> Streams:
+    """The streams of one call (see the module docstring)."""
+    cls = classify(pattern, sel, nq, nk)
+    hs = cls.idx.shape[1]
+    hx = hq if hs == hq and hq != hkv else hkv
+    idx, valid, full, overlap = cls.idx, cls.valid, cls.full, cls.overlap
+    if hs != hx:  # one selection for every head: one list per KV head
+        idx, valid, full, overlap = (x.expand(-1, hx, -1, -1) for x in (idx, valid, full, overlap))
+    run, gathered = None, []
     if pattern is not None:
         static = static_plan(pattern, sel, nq, nk, hkv, hq // hkv)
         run = static.run
         gathered += [s for s in (static.full, static.part) if s is not None]
-        seq = static.sorted_blocks.expand(*idx.shape[:2], -1, -1).contiguous()
-        pos = torch.searchsorted(seq, idx.contiguous()).clamp(max=seq.shape[-1] - 1)
-        found = seq.gather(-1, pos) == idx
-        kind = static.kind.expand(*idx.shape[:2], -1, -1).gather(-1, pos)
-        valid = valid & ~(found & (kind == 2))  # the pattern reads the whole block already
-        overlap = found & (kind == 1)
-    full = valid & ~overlap & w_full & ((idx + 1) * kb <= nk)
     part = valid & ~full
     # (B', Hx, QB, S) -> (QB, B', Hx, S): the chunk layout of the kernels
     for name, keep, token in (("sel_full", full, None), ("sel_part", part, "sel")):

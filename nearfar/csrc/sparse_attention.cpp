@@ -1,7 +1,8 @@
 // Fused sparse attention on CPU: online softmax over each query tile's key list, read in place.
 //
-// The block-sparse engine's plan (nearfar/plan.py) gives, per tile group, the query tile ``q_idx (c, T)`` and its key
-// list ``k_idx (Hp, c, W)``. This kernel walks each key list in sub-blocks of 64 keys. Per (tile, sub-block) the
+// The block-sparse engine's plan (nearfar/plan.py) gives, per tile group, the query tile ``q_idx (1, 1, c, T)`` and
+// its key list ``k_idx (1, Hp, c, W)``; run-time selections (nearfar/backends/native_selected.py) give lists per batch
+// item too, ``(B, Hp, c, W)``, and queries per (batch item, head) where only some rows attend. This kernel walks each key list in sub-blocks of 64 keys. Per (tile, sub-block) the
 // caller precomputes (once per plan) the rows ``[r0, r1)`` of the tile that see any of its keys, whether all pairs
 // there are allowed, and per row a 64-bit mask of the allowed keys. A sub-block no query sees is skipped and the
 // score matrix covers only rows [r0, r1), so a neighbourhood's box corners and a causal diagonal cost little.
@@ -37,12 +38,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, sub: per query column
     std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), sub(Tp), alpha(Tp);
     std::vector<char> bad(g * Tp);
+    std::vector<float> lim(Tp);
     SubBlock<T> sb(G);
     const int64_t ldq = g * Tp;
     for (int64_t u = next++; u < units; u = next++) {
       const int64_t t = u % G.c, hx = (u / G.c) % G.HX, b = u / (G.c * G.HX);
-      const int64_t hp = G.per_head ? hx : 0, hkv = G.kv_head(hx), pt = hp * G.c + t;
-      const int64_t* qi = G.q_idx + t * T_;
+      const int64_t hkv = G.kv_head(hx), pt = G.klist(b, hx, t);
+      const int64_t* qi = G.qrows(b, hx, t);
+      const int nv = G.row_causal ? G.tile_limits(qi, lim.data()) : 0;
       const int64_t* ki = G.k_idx + pt * G.W;
       for (int j = 0; j < g; ++j) {
         const T* qb = qp + b * G.sqb + G.head(hx, j) * G.sqh;
@@ -64,12 +67,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       const T* vbase = vp + b * G.svb + hkv * G.svh;
       Span sp;
       for (int64_t s = 0; s < G.nsub; ++s) {
-        if (!G.span(pt, s, sp)) continue;
+        if (!(G.row_causal ? G.span_causal(lim.data(), nv, s, sp) : G.span(pt, s, sp))) continue;
         const int n = sp.n, mc = sp.mc;
         sb.load(G, ki + sp.k0, n, kbase, vbase, b);
         for (int j = 0; j < g; ++j) {
           const int jc = j * Tp + sp.c0;
-          masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, G.head(hx, j), t, pt, St.data());
+          masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, G.head(hx, j), t, pt, ki, lim.data(), St.data());
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
             for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * mc + cc));
@@ -125,11 +128,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const at::Tensor& k_idx, const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
              const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias,
              const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
-             at::Tensor out, at::Tensor lse) {
-  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+             bool row_causal, int64_t offset, at::Tensor out, at::Tensor lse) {
+  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm, row_causal);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.stride(3) == 1, "out: q's dtype, unit last stride");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
   Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  G.row_causal = row_causal, G.offset = offset;
+  TORCH_CHECK(!row_causal || (!bias.has_value() && !rpb_table.has_value()), "row-causal mode: no bias");
   G.set_bias(bias);
   G.set_rpb(rpb_table, rpb_index);
   switch (q.scalar_type()) {
@@ -167,7 +172,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     // per query column: Q (rows, scaled) and Qt, dO and dOt, Di = rowsum(dO * O), L = LSE (+inf: no key)
     const int64_t ldq = g * Tp;
     std::vector<float> Q(ldq * dp, 0.f), Qt(d * ldq, 0.f), dO(ldq * dvp, 0.f), dOt(dv * ldq, 0.f), Di(ldq), L(ldq),
-        dQ(ldq * dp), P(KB * Tp), dP(KB * Tp), dKb(KB * dp), dVb(KB * dvp);
+        dQ(ldq * dp), P(KB * Tp), dP(KB * Tp), dKb(KB * dp), dVb(KB * dvp), lim(Tp);
     SubBlock<T> sb(G);
     for (int64_t it = next++; it < items; it = next++) {
       const int64_t sp = it % nsplit, hkv = (it / nsplit) % G.Hkv, b = it / (nsplit * G.Hkv);
@@ -178,10 +183,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       const T* vbase = vp + b * G.svb + hkv * G.svh;
       for (int64_t hh = 0; hh < hx_per_kv; ++hh) {
         const int64_t hx = G.per_head ? hkv * G.grp + hh : hkv;
-        const int64_t hp = G.per_head ? hx : 0;
         for (int64_t t = t_lo; t < t_hi; ++t) {
-          const int64_t pt = hp * G.c + t;
-          const int64_t* qi = G.q_idx + t * T_;
+          const int64_t pt = G.klist(b, hx, t);
+          const int64_t* qi = G.qrows(b, hx, t);
+          const int nv = G.row_causal ? G.tile_limits(qi, lim.data()) : 0;
           const int64_t* ki = G.k_idx + pt * G.W;
           for (int j = 0; j < g; ++j) {
             const int64_t h = G.head(hx, j);
@@ -212,14 +217,14 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           std::fill(dQ.begin(), dQ.end(), 0.f);
           Span sp;
           for (int64_t s = 0; s < G.nsub; ++s) {
-            if (!G.span(pt, s, sp)) continue;
+            if (!(G.row_causal ? G.span_causal(lim.data(), nv, s, sp) : G.span(pt, s, sp))) continue;
             const int64_t k0 = sp.k0;
             const int n = sp.n, c0 = sp.c0, mc = sp.mc;
             sb.load(G, ki + k0, n, kbase, vbase, b);
             for (int j = 0; j < g; ++j) {
               const int jc = j * Tp + c0;
               const int64_t h = G.head(hx, j);
-              masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, h, t, pt, P.data());
+              masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, h, t, pt, ki, lim.data(), P.data());
               for (int i = 0; i < n; ++i) exp_sub(P.data() + i * mc, L.data() + jc, mc);  // P = exp(S - LSE)
               gemm(n, dvp, mc, P.data(), mc, 1, dO.data() + jc * dvp, dvp, dVb.data(), dvp, j > 0);  // dV (+)= P dO
               gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt.data() + jc, ldq, dP.data(), mc, false);  // dPt = V dOt
@@ -263,15 +268,17 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
               const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias,
               const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
-              at::Tensor dq, at::Tensor dk, at::Tensor dv, const c10::optional<at::Tensor>& dbias,
-              const c10::optional<at::Tensor>& drpb) {
-  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+              bool row_causal, int64_t offset, at::Tensor dq, at::Tensor dk, at::Tensor dv,
+              const c10::optional<at::Tensor>& dbias, const c10::optional<at::Tensor>& drpb) {
+  check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm, row_causal);
   TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dq.stride(3) == 1, "unit last-dim strides");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   dq.scalar_type() == q.scalar_type(), "out, dout, dq: q's dtype");
   TORCH_CHECK(dk.scalar_type() == at::kFloat && dv.scalar_type() == at::kFloat && dk.is_contiguous() &&
                   dv.is_contiguous() && dk.dim() == 5 && dv.dim() == 5, "dk, dv: float32 (S, B, Hkv, Nk, e)");
   Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
+  G.row_causal = row_causal, G.offset = offset;
+  TORCH_CHECK(!row_causal || (!bias.has_value() && !rpb_table.has_value()), "row-causal mode: no bias");
   G.set_bias(bias);
   G.set_rpb(rpb_table, rpb_index);
   float* drp = nullptr;
@@ -307,11 +314,13 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 
 TORCH_LIBRARY(nearfar_native, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, Tensor bits, Tensor rows, Tensor full, "
-        "Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, float scale, Tensor(a!) out, Tensor(b!) lse) "
+        "Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, float scale, bool row_causal, int offset, "
+        "Tensor(a!) out, Tensor(b!) lse) "
         "-> ()");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor q_idx, Tensor k_idx, "
         "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, "
-        "float scale, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? dbias, Tensor(e!)? drpb) -> ()");
+        "float scale, bool row_causal, int offset, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor(d!)? dbias, "
+        "Tensor(e!)? drpb) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nearfar_native, CPU, m) {

@@ -132,6 +132,17 @@ inline void mask_key_row(float* x, int mc, int c0, const uint64_t* words, bool f
 #endif
 }
 
+// Row-causal mode: columns whose last visible key (``lim``) is before ``key`` become -inf, then the key padding
+// value is added.
+inline void causal_key_row(float* x, int mc, const float* lim, float key, float kp) {
+  const Vec vkey(key), ninf(kNegInf), vk(kp);
+  for (int i = 0; i < mc; i += VS) {
+    Vec v = Vec::blendv(Vec::loadu(x + i), ninf, Vec::loadu(lim + i) < vkey);
+    if (kp != 0.f) v = v + vk;
+    v.store(x + i);
+  }
+}
+
 // x = exp(x - sub) elementwise over n columns (sub a per-column vector)
 inline void exp_sub(float* x, const float* sub, int n) {
   for (int i = 0; i < n; i += VS) (Vec::loadu(x + i) - Vec::loadu(sub + i)).exp_u20().store(x + i);
@@ -159,7 +170,14 @@ struct Span {
 
 struct Geometry {
   int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, Tp, nw, W, Hp, nsub, HX, g, grp;
-  bool per_head;
+  // key lists (Bk, Hp, c, W) and their mask arrays, query lists (Bq, Hpq, c, T): Bk, Bq in {1, B}; Hpq in {1, Hp};
+  // Hp = 1 (shared), Hkv (a GQA group's queries on one list) or Hq (one list per query head)
+  int64_t Bk, Bq, Hpq, ck;
+  bool per_head;  // lists per query head under GQA: the work unit is one query head (g = 1)
+  // row-causal mode: query row r of a tile sees key j iff j <= q_idx[r] + offset (no mask arrays; the live rows of
+  // each sub-block are found from the ascending rows); the key lists may then be one list for every tile (ck = 1)
+  bool row_causal = false;
+  int64_t offset = 0;
   int64_t sqb, sqh, sqn, skb, skh, skn, svb, svh, svn;
   const int64_t* q_idx;
   const int64_t* k_idx;
@@ -178,11 +196,12 @@ struct Geometry {
     B = q.size(0), Hq = q.size(1), Nq = q.size(2), d = q.size(3);
     Hkv = k.size(1), Nk = k.size(2), dv = v.size(3);
     dp = round_up(d, VS), dvp = round_up(dv, VS);
-    c = qi.size(0), T = qi.size(1), Hp = ki.size(0), W = ki.size(2);
+    Bk = ki.size(0), Hp = ki.size(1), ck = ki.size(2), W = ki.size(3);
+    Bq = qi.size(0), Hpq = qi.size(1), c = qi.size(2), T = qi.size(3);
     Tp = round_up(T, 16), nw = (T + 63) / 64;  // 16: the same padding for AVX2 and AVX-512 builds
     nsub = (W + KB - 1) / KB;
-    per_head = Hp > 1;
     grp = Hq / Hkv;
+    per_head = std::max(Hp, Hpq) == Hq && Hq != Hkv;
     HX = per_head ? Hq : Hkv;
     g = per_head ? 1 : grp;
     sqb = q.stride(0), sqh = q.stride(1), sqn = q.stride(2);
@@ -196,6 +215,39 @@ struct Geometry {
     kpm = kp.has_value() ? kp->data_ptr<float>() : nullptr;
   }
 
+  // tile t's key list (and mask arrays) for batch item b, work unit hx (a query head when per_head, else a kv
+  // head): an index in [0, Bk * Hp * ck)
+  int64_t klist(int64_t b, int64_t hx, int64_t t) const {
+    return ((Bk > 1 ? b : 0) * Hp + (Hp > 1 ? hx : 0)) * ck + (ck > 1 ? t : 0);
+  }
+  // tile t's query rows for batch item b, work unit hx
+  const int64_t* qrows(int64_t b, int64_t hx, int64_t t) const {
+    return q_idx + (((Bq > 1 ? b : 0) * Hpq + (Hpq > 1 ? hx : 0)) * c + t) * T;
+  }
+  // row-causal mode: per query column its last visible key (as float: exact below 2**24; -1 for an empty row), and
+  // the number of rows (a prefix of the tile, ascending)
+  int tile_limits(const int64_t* qi, float* lim) const {
+    int nv = 0;
+    for (int r = 0; r < Tp; ++r) {
+      const bool ok = r < T && qi[r] >= 0;
+      lim[r] = ok ? static_cast<float>(qi[r] + offset) : -1.f;
+      if (ok) nv = r + 1;
+    }
+    return nv;
+  }
+  // sub-block s in row-causal mode: rows [first row that reaches k0, nv)
+  bool span_causal(const float* lim, int nv, int64_t s, Span& sp) const {
+    sp.k0 = s * KB;
+    sp.n = static_cast<int>(std::min<int64_t>(KB, W - sp.k0));
+    int r0 = 0;
+    while (r0 < nv && lim[r0] < static_cast<float>(sp.k0)) ++r0;
+    if (r0 >= nv) return false;
+    sp.r0 = r0, sp.r1 = nv;
+    sp.c0 = sp.r0 / VS * VS;
+    sp.mc = std::min<int>(static_cast<int>(round_up(sp.r1, VS)), static_cast<int>(Tp)) - sp.c0;
+    sp.exact = lim[r0] >= static_cast<float>(sp.k0 + sp.n - 1) && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
+    return true;
+  }
   int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
   int64_t kv_head(int64_t hx) const { return per_head ? hx / grp : hx; }
   void set_bias(const c10::optional<at::Tensor>& bt) {
@@ -248,20 +300,42 @@ struct Geometry {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
                   const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
-                  const c10::optional<at::Tensor>& kp) {
+                  const c10::optional<at::Tensor>& kp, bool row_causal) {
   TORCH_CHECK(q.device().is_cpu(), "nearfar native kernel: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, d)");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need a unit last-dim stride");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),
+              "q, k, v: the same B; k and v the same heads and length");
   TORCH_CHECK(qi.is_contiguous() && ki.is_contiguous() && bt.is_contiguous() && r.is_contiguous() &&
-                  f.is_contiguous(), "plan arrays must be contiguous");
+                  f.is_contiguous(), "list arrays must be contiguous");
   TORCH_CHECK(qi.scalar_type() == at::kLong && ki.scalar_type() == at::kLong && bt.scalar_type() == at::kLong &&
-                  r.scalar_type() == at::kInt && f.scalar_type() == at::kBool, "plan array dtypes");
-  TORCH_CHECK(ki.size(0) == 1 || ki.size(0) == q.size(1), "key lists: one per query head or shared");
-  TORCH_CHECK(bt.size(-2) == ki.size(2) && bt.size(-1) == (qi.size(1) + 63) / 64,
-              "mask words: (Hp, c, W, ceil(T / 64)), one bit per query row");
-  if (kp.has_value()) TORCH_CHECK(kp->scalar_type() == at::kFloat && kp->is_contiguous(), "kpm: float32 (B, Nk)");
+                  r.scalar_type() == at::kInt && f.scalar_type() == at::kBool, "list array dtypes");
+  if (kp.has_value())
+    TORCH_CHECK(kp->scalar_type() == at::kFloat && kp->is_contiguous() && kp->numel() == q.size(0) * k.size(2),
+                "kpm: float32 (B, Nk)");
+  TORCH_CHECK(ki.dim() == 4 && qi.dim() == 4, "k_idx: (Bk, Hp, c, W); q_idx: (Bq, Hpq, c, T)");
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1);
+  const int64_t Bk = ki.size(0), Hp = ki.size(1), W = ki.size(3), Hpq = qi.size(1), c = qi.size(2), T = qi.size(3);
+  TORCH_CHECK(Bk == 1 || Bk == B, "key lists: batch dim 1 or B");
+  TORCH_CHECK(qi.size(0) == 1 || qi.size(0) == B, "query lists: batch dim 1 or B");
+  for (int64_t h : {Hp, Hpq})
+    TORCH_CHECK(h == 1 || h == Hkv || h == Hq, "lists: one per query head, per kv head, or shared");
+  TORCH_CHECK(Hp == 1 || Hpq == 1 || Hp == Hpq, "key and query lists: the same heads, or one of them shared");
+  TORCH_CHECK(ki.size(2) == c || (row_causal && ki.size(2) == 1), "key lists: one per tile (or one for all, "
+              "row-causal)");
+  if (row_causal) {
+    TORCH_CHECK(k.size(2) < (1 << 24), "row-causal mode: fewer than 2**24 keys");
+    return;
+  }
+  TORCH_CHECK(bt.dim() == 5 && bt.size(0) == Bk && bt.size(1) == Hp && bt.size(2) == c && bt.size(3) == W &&
+                  bt.size(4) == (T + 63) / 64, "mask words: (Bk, Hp, c, W, ceil(T / 64)), one bit per query row");
+  const int64_t nsub = (W + KB - 1) / KB;
+  TORCH_CHECK(r.dim() == 5 && r.size(0) == Bk && r.size(1) == Hp && r.size(2) == c && r.size(3) == nsub &&
+                  r.size(4) == 2, "rows: (Bk, Hp, c, ceil(W / 64), 2)");
+  TORCH_CHECK(f.dim() == 4 && f.size(0) == Bk && f.size(1) == Hp && f.size(2) == c && f.size(3) == nsub,
+              "full: (Bk, Hp, c, ceil(W / 64))");
 }
 
 // K and V of a sub-block, row-major (n x dp, n x dvp; padding columns zero), and the key padding values.
@@ -286,18 +360,22 @@ struct SubBlock {
   }
 };
 
-// The logits of one sub-block for query head h of tile t (list pt), transposed: St (n x mc) = K · Qt[:, jc:] plus
+// The logits of one sub-block for query head h of tile t (list pt, keys ``keys``), transposed: St (n x mc) = K · Qt[:, jc:] plus
 // the bias, with disallowed pairs at -inf and key padding added. Forward and backward both start from these.
 template <typename T>
 inline void masked_scores(const Geometry& G, const SubBlock<T>& sb, const Span& sp, const float* Qt, int64_t ldq,
-                          int jc, int64_t b, int64_t h, int64_t t, int64_t pt, float* St) {
+                          int jc, int64_t b, int64_t h, int64_t t, int64_t pt, const int64_t* keys,
+                          const float* lim, float* St) {
   const int n = sp.n, mc = sp.mc;
   gemm(n, mc, static_cast<int>(G.d), sb.K.data(), G.dp, 1, Qt + jc, ldq, St, mc, false);
   for (int i = 0; i < n; ++i) {
     float* row = St + i * mc;
     if (G.bias) add_row(row, G.bias_row(b, h, t, sp.k0 + i) + sp.c0, mc);
     if (G.rpb) G.add_rpb(row, h, t, sp.k0 + i, sp.c0, mc);
-    mask_key_row(row, mc, sp.c0, G.words(pt, sp.k0 + i), sp.exact, sb.kp[i]);
+    if (G.row_causal && !sp.exact)
+      causal_key_row(row, mc, lim + sp.c0, static_cast<float>(keys[sp.k0 + i]), sb.kp[i]);
+    else
+      mask_key_row(row, mc, sp.c0, G.row_causal ? nullptr : G.words(pt, sp.k0 + i), sp.exact, sb.kp[i]);
   }
 }
 

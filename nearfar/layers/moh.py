@@ -26,15 +26,14 @@ sequence, exactly the shared and the K picked heads run, and the others' cached 
 they share under GQA is). Non-causal and
 cross-attention: a routed head also runs only the query rows of the tokens that pick it (gathered, padded to the
 most picks among the heads of the call, attended against all keys, gated and scattered back). Causal
-self-attention runs each picked head on all its rows with the causal kernel and multiplies the unpicked rows by 0:
-gathered rows need an explicit per-row causal mask, and the masked kernel on the gathered half of the rows (even
-chunked by position so that each chunk reads only its key prefix) was no faster than the causal kernel on all rows
-(CPU, 4096 tokens: 143-157 ms vs 134 ms for 8 heads; again with the masks written in one gather, chunks of 256, 512
-and 1,024 positions, 16 heads of 64, 8 shared + top-4 of 8: 0.88-0.96x the causal kernel's speed, the per-row masks
-costing what the skipped rows save). Skipping them needs a kernel that takes a per-row key bound instead of a
-mask. K/V are sliced for contiguous runs of heads (whole GQA
-groups, or one KV head), never copied. Keys and values are projected, and cached, for every head: a later token
-may pick any head. Timings: ``MoHAttention``'s docstring.
+self-attention: a routed head runs only its picked rows too, through ``attend_rows`` (the compiled CPU kernel takes
+each head's picked rows as a list and bounds every row's keys by its position, so no gathered copy and no per-row
+mask; gathering the rows for a masked dense kernel was measured no faster than the causal kernel on all rows, the
+masks costing what the skipped rows save). Where the kernel is not built, or a head is picked by more than
+``attend_rows``' density threshold of its rows, the head runs every row on the causal kernel and the unpicked rows
+are multiplied by 0. K/V are sliced for contiguous runs of heads (whole GQA groups, or one KV head), never copied.
+Keys and values are projected, and cached, for every head: a later token may pick any head. Timings:
+``MoHAttention``'s docstring.
 
 Differences from the official code: the attention inside each head is plain scaled dot-product attention with
 RoPE (self-attention), not TransNeXt's length-scaled cosine attention with query embedding and continuous position
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_choice, check_int_range, check_tokens
-from ..functional import attend, merge_heads, split_heads
+from ..functional import attend, attend_rows, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
 from .kv_cache import KVCache
@@ -297,24 +296,27 @@ class MoHAttention(ProjectedAttention):
     def mix_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gates: torch.Tensor, picked: torch.Tensor,
                   key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Gated per-head outputs ``(B, H, N, d)`` of ``q (B, H, N, d)`` over ``k, v (B, Hkv, Nk, d)`` with
-        ``gates (B, N, H)`` and ``picked (B, N, H - H_s)``: heads no token picks are not run (zeros); causal
-        self-attention runs the other heads on all rows (keys: positions ``0 .. Nk-1``, the queries the last ``N``);
-        otherwise a routed head runs only the rows of the tokens that pick it."""
+        ``gates (B, N, H)`` and ``picked (B, N, H - H_s)``: heads no token picks are not run (zeros); a routed head
+        runs only the rows of the tokens that pick it (causal: keys at positions ``0 .. Nk-1``, the queries the last
+        ``N``, through ``attend_rows``)."""
         b, h, n, d = q.shape
         hs = self.shared_heads
         gt = gates.transpose(1, 2)  # (B, H, N)
         picked = picked.transpose(1, 2)  # (B, R, N)
         active = [hs + i for i in torch.nonzero(picked.any(2).any(0))[:, 0].tolist()]  # routed heads picked
-        rows_only = not (self.causal and not self.cross)
+        causal = self.causal and not self.cross
         g = h // k.shape[1]
         outs = []
-        for run in _runs(list(range(hs)) + active, split=hs if rows_only else None):
+        for run in _runs(list(range(hs)) + active, split=hs):
             for a, e in _group_pieces(*run, g):
                 qs, ks, vs = q[:, a:e], k[:, a // g:(e - 1) // g + 1], v[:, a // g:(e - 1) // g + 1]
-                if a >= hs and rows_only:
-                    outs.append(self._rows(qs, ks, vs, gt[:, a:e], picked[:, a - hs:e - hs], key_padding_mask))
+                if a < hs:
+                    outs.append(self._dense(qs, ks, vs, causal, key_padding_mask) * gt[:, a:e, :, None])
+                elif causal:  # each row bounded by its position: the kernel's row lists
+                    rows = attend_rows(qs, ks, vs, picked[:, a - hs:e - hs], key_padding_mask=key_padding_mask)
+                    outs.append(rows * gt[:, a:e, :, None])
                 else:
-                    outs.append(self._dense(qs, ks, vs, not rows_only, key_padding_mask) * gt[:, a:e, :, None])
+                    outs.append(self._rows(qs, ks, vs, gt[:, a:e], picked[:, a - hs:e - hs], key_padding_mask))
         out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
         if hs + len(active) == h:
             return out

@@ -5,6 +5,8 @@ and repeats are ours), united with the static pattern's mask, restricted by ``wi
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import reference as ref
 import torch
@@ -13,9 +15,20 @@ from hypothesis import strategies as st
 from test_fuzz import LAYOUTS, as_layout
 
 import nearfar as nf
+from nearfar import native
 from nearfar.patterns import Tiles
 
-ENGINES = ("dense", "blocksparse")
+#: "blocksparse" runs the compiled kernel where it is built; "blocksparse-torch" the PyTorch path it falls back to
+ENGINES = ("dense", "blocksparse", "blocksparse-torch")
+
+
+def engine_context(name):
+    """(engine, context) for a name of ``ENGINES``; the kernel's name skips where the kernel is not built."""
+    if name == "blocksparse-torch":
+        return "blocksparse", native.disabled()
+    if name == "blocksparse" and not native.available():
+        pytest.skip(native.status())
+    return name, contextlib.nullcontext()
 
 
 def pairs_by_loops(num, idx, nq, nk, q_block, kv_block, hq, hkv):
@@ -95,8 +108,10 @@ def test_selected_blocks_match_the_dense_reference(engine, p):
     go = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
     grads_ref = torch.autograd.grad((ref.dense_reference(*(x.requires_grad_() for x in (q, k, v)), allowed, scale)
                                      * go).sum(), (q, k, v))
-    out, lse = nf.attend(*xs, pattern, blocks=sel, key_padding_mask=kpm, engine=engine, return_lse=True)
-    grads = torch.autograd.grad((out * go.float()).sum(), xs)
+    engine, ctx = engine_context(engine)
+    with ctx:
+        out, lse = nf.attend(*xs, pattern, blocks=sel, key_padding_mask=kpm, engine=engine, return_lse=True)
+        grads = torch.autograd.grad((out * go.float()).sum(), xs)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
     live = torch.isfinite(lse_ref)
     assert torch.equal(torch.isfinite(lse), live)
@@ -105,8 +120,9 @@ def test_selected_blocks_match_the_dense_reference(engine, p):
         torch.testing.assert_close(g.double(), g_ref, atol=1e-4, rtol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@pytest.mark.parametrize("name", ENGINES[1:])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs_in_float32_inside(dtype):
+def test_half_precision_runs_in_float32_inside(dtype, name):
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 50, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
     idx = torch.randint(0, 7, (2, 2, 7, 3))
@@ -114,10 +130,12 @@ def test_half_precision_runs_in_float32_inside(dtype):
     pattern = nf.SlidingWindow(left=7) & nf.Causal()
     ref32 = nf.attend(q, k, v, pattern, blocks=sel, engine="dense")
     qh, kh, vh = (x.to(dtype).requires_grad_() for x in (q, k, v))
-    out = nf.attend(qh, kh, vh, pattern, blocks=sel, engine="blocksparse")
-    assert out.dtype == dtype
-    torch.testing.assert_close(out.float(), ref32, atol=3e-2, rtol=3e-2)
-    out.float().sum().backward()
+    engine, ctx = engine_context(name)
+    with ctx:
+        out = nf.attend(qh, kh, vh, pattern, blocks=sel, engine=engine)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref32, atol=3e-2, rtol=3e-2)
+        out.float().sum().backward()
     assert all(x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad).all() for x in (qh, kh, vh))
 
 
@@ -143,10 +161,12 @@ def test_an_empty_selection_gives_zeros_and_no_nan():
     q = torch.randn(1, 2, 20, 8, requires_grad=True)
     sel = nf.SelectedBlocks(torch.zeros(1, 2, 3, dtype=torch.int32), -torch.ones(1, 2, 3, 4, dtype=torch.int32),
                             q_block=8)
-    for engine in ENGINES:
-        out, lse = nf.attend(q, q, q, blocks=sel, engine=engine, return_lse=True)
-        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
-        out.sum().backward()
+    for name in ENGINES:
+        engine, ctx = engine_context(name)
+        with ctx:
+            out, lse = nf.attend(q, q, q, blocks=sel, engine=engine, return_lse=True)
+            assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+            out.sum().backward()
         assert torch.isfinite(q.grad).all()
         q.grad = None
 
@@ -157,27 +177,32 @@ def test_a_key_outside_the_selection_cannot_leak():
     k[0, :, 20], v[0, :, 20] = float("nan"), float("inf")  # key 20 is in block 2, which nobody selects
     sel = nf.SelectedBlocks(torch.ones(1, 1, 4, dtype=torch.int32), torch.zeros(1, 1, 4, 1, dtype=torch.int32),
                             q_block=8)
-    for engine in ENGINES:
-        out = nf.attend(q, k, v, nf.SlidingWindow(left=2) & nf.Causal(), blocks=sel, engine=engine)
+    for name in ENGINES:
+        engine, ctx = engine_context(name)
+        with ctx:
+            out = nf.attend(q, k, v, nf.SlidingWindow(left=2) & nf.Causal(), blocks=sel, engine=engine)
         assert torch.isfinite(out[:, :, :20]).all() and torch.isfinite(out[:, :, 23:]).all()
         assert torch.isnan(out[:, :, 20:23]).any()  # those queries' windows do hold key 20
 
 
-def test_decode_with_selected_pages_equals_the_full_call():
-    torch.manual_seed(3)
-    n, page = 96, 16
-    q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
-    idx = torch.tensor([0, 1, 2])  # pages every query past them reads (causally)
-    nsel = nf.SelectedBlocks(torch.full((1, 2, n), 3), idx.expand(1, 2, n, 3), q_block=1, kv_block=page,
-                             within=nf.Causal())
-    pattern = nf.SlidingWindow(left=7) & nf.Causal()
-    full = nf.attend(q, k, v, pattern, blocks=nsel, engine="blocksparse")
-    for t in (40, 95):
-        step = nf.SelectedBlocks(torch.full((1, 2, 1), 3), idx.expand(1, 2, 1, 3), q_block=1, kv_block=page,
+@pytest.mark.parametrize("name", ENGINES[1:])
+def test_decode_with_selected_pages_equals_the_full_call(name):
+    engine, ctx = engine_context(name)
+    with ctx:
+        torch.manual_seed(3)
+        n, page = 96, 16
+        q, k, v = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8), torch.randn(1, 2, n, 8)
+        idx = torch.tensor([0, 1, 2])  # pages every query past them reads (causally)
+        nsel = nf.SelectedBlocks(torch.full((1, 2, n), 3), idx.expand(1, 2, n, 3), q_block=1, kv_block=page,
                                  within=nf.Causal())
-        one = nf.attend(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, blocks=step,
-                        engine="blocksparse")
-        torch.testing.assert_close(one, full[:, :, t:t + 1], atol=1e-5, rtol=1e-5)
+        pattern = nf.SlidingWindow(left=7) & nf.Causal()
+        full = nf.attend(q, k, v, pattern, blocks=nsel, engine="blocksparse")
+        for t in (40, 95):
+            step = nf.SelectedBlocks(torch.full((1, 2, 1), 3), idx.expand(1, 2, 1, 3), q_block=1, kv_block=page,
+                                     within=nf.Causal())
+            one = nf.attend(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], pattern, blocks=step,
+                            engine="blocksparse")
+            torch.testing.assert_close(one, full[:, :, t:t + 1], atol=1e-5, rtol=1e-5)
 
 
 def test_flex_engine_takes_the_same_blocks():
@@ -271,8 +296,9 @@ def test_block_full_is_never_wrong(n, tq, tk, nq, which):
             assert not (bool(full[r, j]) and not truth)
 
 
+@pytest.mark.parametrize("name", ENGINES[1:])
 @pytest.mark.parametrize("case", ["window", "window_cross", "sinks", "dense_static"])
-def test_every_stream_matches_the_reference(case):
+def test_every_stream_matches_the_reference(case, name):
     """Shapes where the static blocks are read as runs (moving windows, fixed sinks), with gathered full and
     partial blocks beside them; GQA, B = 2, key padding and a bias with its gradient."""
     torch.manual_seed(5)
@@ -297,16 +323,19 @@ def test_every_stream_matches_the_reference(case):
     for with_bias in (False, True):
         if not with_bias:
             exp0 = ref.dense_reference(*(x.detach() for x in xs64[:3]), allowed, d ** -0.5)
-        out = nf.attend(q, k, v, pattern, blocks=sel, key_padding_mask=kpm, bias=bias if with_bias else None,
-                        engine="blocksparse")
+        engine, ctx = engine_context(name)
+        with ctx:
+            out = nf.attend(q, k, v, pattern, blocks=sel, key_padding_mask=kpm, bias=bias if with_bias else None,
+                            engine=engine)
         torch.testing.assert_close(out.double(), expected.detach() if with_bias else exp0, atol=2e-5, rtol=1e-4)
     (out * go.float()).sum().backward()
     for x, x64 in zip((q, k, v, bias), xs64):
         torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("name", ENGINES[1:])
 @pytest.mark.parametrize("heads,q_block", [("q", 1), ("kv", 1), ("q", 2)])
-def test_per_token_selections_read_pair_by_pair(heads, q_block):
+def test_per_token_selections_read_pair_by_pair(heads, q_block, name):
     """Selections of one query (or two) per list go through the key-block-major path (``selected_pairs``), full
     and partial blocks:
     against the reference, forward and backward, with GQA, B = 2 and key padding."""
@@ -329,8 +358,10 @@ def test_per_token_selections_read_pair_by_pair(heads, q_block):
     expected = ref.dense_reference(*xs64, allowed, 8 ** -0.5)
     go = torch.randn_like(expected)
     (expected * go).sum().backward()
-    out = nf.attend(q, k, v, pattern, blocks=sel, key_padding_mask=kpm, engine="blocksparse")
-    (out * go.float()).sum().backward()
+    engine, ctx = engine_context(name)
+    with ctx:
+        out = nf.attend(q, k, v, pattern, blocks=sel, key_padding_mask=kpm, engine=engine)
+        (out * go.float()).sum().backward()
     torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=1e-4)
     for x, x64 in zip((q, k, v), xs64):
         torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-3)

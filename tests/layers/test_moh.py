@@ -25,7 +25,8 @@ from module_checks import (
 
 import nearfar as nf
 import nearfar.layers.moh as moh_module
-from nearfar import DenseAttention, MoHAttention
+import nearfar.rows as rows_module
+from nearfar import DenseAttention, MoHAttention, native
 
 D = 4  # head dim
 
@@ -225,8 +226,15 @@ def _spy(monkeypatch):
         calls.append(tuple(q.shape[1:3]))
         return attend(q, *a, **kw)
 
+    attend_rows = moh_module.attend_rows
+
+    def spy_rows(q, k, v, rows, **kw):  # (heads, most rows of a head) that the call computes
+        calls.append((q.shape[1], int(rows.sum(-1).max())))
+        return attend_rows(q, k, v, rows, **kw)
+
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy_sdpa)
     monkeypatch.setattr(moh_module, "attend", spy_attend)
+    monkeypatch.setattr(moh_module, "attend_rows", spy_rows)
     return calls
 
 
@@ -239,11 +247,19 @@ def test_unpicked_heads_and_rows_are_not_computed(monkeypatch, causal):
     m.route = lambda xx, q, kpm=None: (gates, picked)
     x = torch.randn(2, 6, 16)
     calls = _spy(monkeypatch)
+    kernel_rows = []
+    if causal and native.available():  # the rows the compiled kernel is given: each head's 3 picked rows
+        lists_attention = rows_module.lists_attention
+        monkeypatch.setattr(rows_module, "lists_attention", lambda q, k, v, parts, *a: (
+            kernel_rows.append(sorted(int((x.q_idx >= 0).sum()) for part in parts for x in part)),
+            lists_attention(q, k, v, parts, *a))[1])
     with torch.no_grad():
         out = m(x)
-    # non-causal: the shared head on 6 rows, the two picked routed heads on their 3 rows each; causal: heads 0-2 on
-    # every row (the causal kernel); head 3 never
-    assert calls == ([(3, 6)] if causal else [(1, 6), (2, 3)])
+    # the shared head on 6 rows, the two picked routed heads on their 3 rows each (causal: each row bounded by its
+    # position, through attend_rows); head 3 never
+    assert calls == [(1, 6), (2, 3)]
+    if causal and native.available():
+        assert kernel_rows == [[12]]  # B=2 x 2 heads x 3 rows, one kernel call
     monkeypatch.undo()
     assert_close(out, moh_reference(m, x.double(), gates=gates.double()))
 
