@@ -136,21 +136,22 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
         torch.Size([2, 3, 16, 4])
     """
     b, c3 = qkv.shape[0], qkv.shape[-1]
-    t = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-    return t[0], t[1], t[2]
+    q, k, v = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v  # unbind: one backward (a stack), where three slices would each zero-fill a 3C gradient
 
 
 
 def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads: int, scale: float,
-                     table: torch.Tensor | None = None) -> torch.Tensor:
+                     table: torch.Tensor | None = None, qkv_order: str = "3hd") -> torch.Tensor:
     """Self-attention of ``x (B, *spatial, C)`` inside the windows of ``pattern`` (``Blocks``/``Grid``), before the
     output projection: ``(B, *spatial, C')``. ``qkv`` maps ``(..., C)`` to the fused ``(..., 3C')`` (split
-    ``[3, heads, d]``) or to a tuple ``(q, k, v)`` of ``(..., C')``; ``table`` is a relative-position table as
-    ``attend`` takes it with the pattern.
+    ``[3, heads, d]``, or ``[heads, 3, d]`` with ``qkv_order="h3d"``) or to a tuple ``(q, k, v)`` of ``(..., C')``;
+    ``table`` is a relative-position table as ``attend`` takes it with the pattern.
 
     When the windows are whole (divisible extents; shifted windows are rolled first), the input itself is cut
     into windows before ``qkv`` (one copy of C channels instead of three reorders of q, k, v inside ``attend``), as
-    the official window codes do; otherwise ``attend`` runs the pattern on the whole map.
+    the official window codes do, and the windows attend as a batch (``WindowBatch.attend``: every head read in
+    place from the projection output); otherwise ``attend`` runs the pattern on the whole map.
 
     Args:
         x: Channel-last input ``(B, *spatial, C)``.
@@ -159,9 +160,13 @@ def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads
         num_heads: Number of heads.
         scale: Score scale.
         table: Optional relative-position table ``(heads, 2m-1, ...)``, key-minus-query, as ``attend``'s ``rpb``.
+        qkv_order: Channel order of a fused ``qkv`` output: ``"3hd"`` (default, timm/Swin) or ``"h3d"``.
 
     Returns:
         The attention output before the output projection, ``(B, *spatial, C')``.
+
+    Raises:
+        ValueError: ``qkv_order`` is not ``"3hd"`` or ``"h3d"``.
 
     Examples:
         >>> import torch, nearfar as nf
@@ -171,12 +176,18 @@ def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads
         >>> window_attention(x, nf.Blocks(7, grid=(14, 14)), proj, num_heads=2, scale=16 ** -0.5).shape
         torch.Size([2, 14, 14, 32])
     """
+    if qkv_order not in ("3hd", "h3d"):
+        raise ValueError(f"qkv_order must be '3hd' or 'h3d', got {qkv_order!r}")
     spatial = tuple(x.shape[1:-1])
     wb = WindowBatch.of(pattern, spatial, x.device)
-    src = x if wb is None else wb.split(x)
-    p = qkv(src)
-    q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
-    if wb is None:
-        return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)
-    out = attend(q, k, v, scale=scale, bias=wb.bias(table, x.shape[0]))
-    return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])
+    if wb is not None:
+        return wb.merge(wb.attend(qkv(wb.split(x)), num_heads, scale, table, qkv_order), x.shape[0])
+    p = qkv(x)
+    if isinstance(p, torch.Tensor):
+        c = p.shape[-1] // 3
+        if qkv_order == "h3d":  # [heads, 3, d] -> [3, heads, d]
+            p = p.unflatten(-1, (num_heads, 3, c // num_heads)).transpose(-3, -2).flatten(-3)
+        q, k, v = split_qkv(p, num_heads)
+    else:
+        q, k, v = (split_heads(t, num_heads) for t in p)
+    return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)

@@ -16,14 +16,16 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..bias import BiasSource, DenseBias
 from ..cache import nbytes_of
-from ..guard import zero_rows
+from ..guard import output_finite, values_sane, zero_rows
 from ..patterns import Pattern
 from ..patterns.spatial import SpatialPattern
 from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, sdpa
+from .windows import MAX_TOKENS, roles_of, window_kernel
 
 #: a regular partition's reordering: (grid, shifts, view shape, permutation)
 Recipe = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -241,6 +243,8 @@ class WindowBatch:
             ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
         """
         b, c = x.shape[0], x.shape[-1]
+        if any(self._win_recipe[1]):  # shifted: one gather instead of a roll and a permute copy
+            return _TokenGather.apply(x.reshape(b, -1, c), self.win.src, self.win.inv).view(-1, self.t, c)
         return _reorder(x.reshape(b, 1, -1, c), self._win_recipe).reshape(-1, self.t, c)
 
     def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
@@ -254,7 +258,83 @@ class WindowBatch:
             The map ``(B, *spatial, C')``.
         """
         grid = self._win_recipe[0]
+        if any(self._win_recipe[1]):
+            flat = y.reshape(b, -1, y.shape[-1])
+            return _TokenGather.apply(flat, self.win.inv, self.win.src).view(b, *grid, -1)
         return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self._win_recipe, b, 1).reshape(b, *grid, -1)
+
+    def attend(self, qkv: torch.Tensor | tuple[torch.Tensor, ...], num_heads: int, scale: float,
+               table: torch.Tensor | None = None, order: str = "3hd") -> torch.Tensor:
+        """Attention inside the windows, of projections computed on ``split``'s output.
+
+        The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
+        projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, windows of
+        up to ``MAX_TOKENS`` tokens); without a table or mask, SDPA's fused kernel reads the same strided views;
+        anything else goes through ``attend`` with ``bias``. Where the region mask excludes pairs, the inputs are
+        checked as ``attend`` checks them (a non-finite or overflowing value falls back to ``attend``'s exact
+        path), so a masked key never affects a query, whatever it holds.
+
+        Args:
+            qkv: The fused projection ``(B * nW, T, 3C')`` (channels split as ``order`` says), or ``(q, k, v)``,
+                each ``(B * nW, T, C')``.
+            num_heads: Number of heads (``C'`` is a multiple of it).
+            scale: Score scale.
+            table: A relative-position table ``(heads, 2m-1, ...)`` as ``attend`` takes it with the pattern, or None.
+            order: Channel order of a fused ``qkv``: ``"3hd"`` (``[3, heads, d]``, default) or ``"h3d"``
+                (``[heads, 3, d]``, timm's "rw" MaxViT).
+
+        Returns:
+            ``(B * nW, T, C')``: every window's output, heads in order (``merge`` puts it back in place).
+        """
+        srcs = (qkv,) if isinstance(qkv, torch.Tensor) else tuple(qkv)
+        if len(srcs) == 3:
+            order = "sep"
+        assert len(srcs) == 1 and order in ("3hd", "h3d") or len(srcs) == 3
+        bw, t = srcs[0].shape[0], srcs[0].shape[1]
+        c = srcs[0].shape[-1] // (3 if len(srcs) == 1 else 1)
+        d = c // num_heads
+        batch = bw // self.win.order.shape[0]
+        add = self._additive(table, srcs[0].dtype, srcs[0].device)
+        if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
+            q, k, v = _head_views(srcs, order, num_heads, d)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
+        src0 = srcs[0]
+        if (src0.device.type == "cpu" and src0.dtype in (torch.float32, torch.float64) and t <= MAX_TOKENS
+                and not torch.compiler.is_compiling()):
+            srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
+            masked = self.win.mask is not None
+            trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add))
+            if not (masked and trains) or values_sane(srcs, d, scale):
+                out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
+                if not masked or trains or output_finite(out):
+                    return out
+        from ..dispatch import attend  # the dispatcher imports this module
+
+        q, k, v = _head_views(srcs, order, num_heads, d)
+        out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))
+        return out.transpose(1, 2).reshape(bw, t, c)
+
+    def _table_index(self, device: torch.device) -> torch.Tensor:
+        if self._index is None:
+            first = self.win.order[0].to(device)
+            assert isinstance(self.pattern, SpatialPattern)  # only spatial patterns take a table
+            self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
+        return self._index.to(device)
+
+    def _additive(self, table: torch.Tensor | None, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
+        """``(heads or 1, nW or 1, T, T)``: the table's bias (through autograd) plus the region mask (-inf on
+        masked pairs; kept per dtype and device, not rebuilt per call), or None when there is neither."""
+        mask = None
+        if self.win.mask is not None:
+            key = ("mask", dtype, str(device))
+            mask = self.win.memo.get(key)
+            if mask is None:
+                mask = self.win.memo[key] = self.win.mask.to(device=device, dtype=dtype)[None]
+        if table is None:
+            return mask
+        bias = table.reshape(table.shape[0], -1)[:, self._table_index(table.device)].to(dtype)[:, None]
+        return bias if mask is None else bias + mask
 
     def bias(self, table: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The additive bias of the split windows: ``(1, heads, T, T)`` from a table ``attend`` would take with
@@ -271,16 +351,39 @@ class WindowBatch:
         """
         out = None
         if table is not None:
-            if self._index is None:
-                first = self.win.order[0].to(table.device)
-                assert isinstance(self.pattern, SpatialPattern)  # only spatial patterns take a table
-                self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
-            out = table.reshape(table.shape[0], -1)[:, self._index][None]
+            out = table.reshape(table.shape[0], -1)[:, self._table_index(table.device)][None]
         if self.win.mask is None:
             return out
         mask = self.win.mask[:, None].to(self.device)  # (nW, 1, T, T)
         mask = mask if out is None else mask.to(out.dtype) + out
         return mask.expand(batch, *mask.shape).reshape(batch * mask.shape[0], *mask.shape[1:])
+
+
+class _TokenGather(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index`` of the tokens, whose backward gathers with the
+    inverse permutation (``index_select``'s own backward zero-fills and scatter-adds)."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index.to(x.device))
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return g.index_select(1, inverse.to(g.device)), None, None
+
+
+def _head_views(srcs: tuple[torch.Tensor, ...], order: str, heads: int,
+                d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as ``(B * nW, heads, T, d)`` views of the projections (see ``WindowBatch.attend``)."""
+    if order == "sep":
+        q, k, v = (x.unflatten(-1, (heads, d)).transpose(1, 2) for x in srcs)
+    elif order == "3hd":
+        q, k, v = srcs[0].unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = srcs[0].unflatten(-1, (heads, 3, d)).permute(3, 0, 2, 1, 4).unbind(0)
+    return q, k, v
 
 
 @torch.compiler.disable

@@ -142,15 +142,9 @@ class MaxViTAttention(nn.Module):
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         window, pattern = self._pattern(spatial)
         bias = self.rel_pos.offsets(window) if self.rel_pos is not None else None
-        return self.proj(window_attention(x, pattern, self._qkv, self.num_heads, self.scale, bias))
-
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        qkv = self.qkv(x)
-        if not self.head_first:
-            return qkv
-        # timm "rw" models: channels [heads, 3, dim_head]
-        t = qkv.unflatten(-1, (self.num_heads, 3, self.dim_head))
-        return tuple(t[..., i, :].flatten(-2) for i in range(3))
+        # timm "rw" models (head_first) order the qkv channels [heads, 3, dim_head]
+        return self.proj(window_attention(x, pattern, self.qkv, self.num_heads, self.scale, bias,
+                                          qkv_order="h3d" if self.head_first else "3hd"))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, partition={self.partition!r}, partition_size={self.partition_size}, "
