@@ -237,15 +237,22 @@ class WindowBatch:
         """Cut a channel-last map into its windows (rolled first for shifted windows).
 
         Args:
-            x: A map ``(B, *spatial, C)`` of the size given to ``of``.
+            x: A map ``(B, *spatial, C)`` of the size given to ``of``, or ``(B, *spatial, *channels)`` (e.g. one
+                head group's ``(3, C')`` slice of a fused projection, any strides): the channels are flattened.
 
         Returns:
             ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
         """
-        b, c = x.shape[0], x.shape[-1]
-        if any(self._win_recipe[1]):  # shifted: one gather instead of a roll and a permute copy
-            return _TokenGather.apply(x.reshape(b, -1, c), self.win.src, self.win.inv).view(-1, self.t, c)
-        return _reorder(x.reshape(b, 1, -1, c), self._win_recipe).reshape(-1, self.t, c)
+        grid, shifts, shape, perm = self._win_recipe
+        b, nd = x.shape[0], len(grid)
+        rest = x.shape[1 + nd:]
+        if any(shifts):  # one gather instead of a roll and a permute copy
+            flat = x.flatten(1, nd) if nd > 1 else x
+            return _TokenGather.apply(flat, self.win.src, self.win.inv).view(-1, self.t, math.prod(rest))
+        # one permute copy, straight from a strided slice (a view splits the spatial axes whatever the strides)
+        tail = tuple(range(1 + 2 * nd, 1 + 2 * nd + len(rest)))
+        x = x.reshape(b, *shape, *rest).permute(0, *(1 + p for p in perm), *tail)
+        return x.reshape(-1, self.t, math.prod(rest))
 
     def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
         """Put the windows back in place: the inverse of ``split``.

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_nonneg_int, check_per_axis, check_scale
-from ..functional import attend, merge_heads
+from ..functional import WindowBatch
 from ..patterns import Blocks
 from .position_bias import swin_table_as_offsets
 from .registry import Mechanism, image_layer, register
@@ -157,16 +157,19 @@ class SRWAttention(nn.Module):
         b, (h, w), n = check_channels_last(x, 2, self.dim)
         self._check_size(h, w)
         qkv = self.qkv(self.norm1(x))
-        # (B, H, W, [3, half, heads/2, d]) -> (3, half, B, heads/2, N, d)
-        t = qkv.view(b, n, 3, 2, self.num_heads // 2, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        # (B, H, W, [3, half, C/2]) -> one (B, H, W, 3, C/2) view per half (unbind: one backward stack, no fills)
+        halves = qkv.view(b, h, w, 3, 2, self.dim // 2).unbind(4)
         a, c = self.shift_size
         outs = []
         branches = cast("Iterable[RectWindowBranch]", self.attns)
-        for i, (branch, shift) in enumerate(zip(branches, ((a, c), (c, a)))):
+        for half, branch, shift in zip(halves, branches, ((a, c), (c, a))):
             r, s = branch.window
             pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
-            out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, rpb=branch.table())
-            outs.append(merge_heads(out, (h, w)))
+            # the half's q, k, v cut into its (cyclically shifted) windows by one gather, attended as a batch
+            wb = WindowBatch.of(pattern, (h, w), x.device)
+            assert wb is not None  # H, W are multiples of both window sides: the windows are whole
+            out = wb.attend(wb.split(half), self.num_heads // 2, self.scale, branch.table())
+            outs.append(wb.merge(out, b))
         v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
         lcm = self.get_v(v).permute(0, 2, 3, 1)
         return self.proj(torch.cat(outs, dim=-1) + lcm)

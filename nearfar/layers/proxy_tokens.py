@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_per_axis
-from ..functional import attend, merge_heads, split_heads, window_attention
+from ..functional import attend, fused_linear, merge_heads, split_heads, window_attention
 from ..patterns import Blocks, Pattern
 from .registry import Mechanism, image_layer, register
 
@@ -91,7 +91,8 @@ class DiffusersAttention(nn.Module):
                 pattern: Pattern | None = None) -> torch.Tensor:
         """``x (B, *spatial, C)`` queries; keys/values from ``context (B, M, C)`` (default: ``x``)."""
         if context is None and pattern is not None:
-            qkv = lambda t: (self.to_q(t), self.to_k(t), self.to_v(t))  # noqa: E731
+            # q, k, v of the windows by one GEMM (channels [3, heads, d]), read in place by the attention
+            qkv = lambda t: fused_linear(t, (self.to_q, self.to_k, self.to_v))  # noqa: E731
             return self.to_out[0](window_attention(x, pattern, qkv, self.num_heads, self.scale))
         ctx = x if context is None else context
         h = self.num_heads
