@@ -277,9 +277,10 @@ class WindowBatch:
         The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
         projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, windows of
         up to ``MAX_TOKENS`` tokens); without a table or mask, SDPA's fused kernel reads the same strided views;
-        anything else goes through ``attend`` with ``bias``. Where the region mask excludes pairs, the inputs are
-        checked as ``attend`` checks them (a non-finite or overflowing value falls back to ``attend``'s exact
-        path), so a masked key never affects a query, whatever it holds.
+        anything else goes through ``attend`` with ``bias``. Where the region mask excludes pairs, values are checked
+        as ``attend`` checks them (training: the inputs; inference: the output); when one is non-finite or could
+        overflow, the windows go through ``attend`` with the pattern on the whole map, whose guard keeps it away from
+        every query the mask excludes it from, forward and backward.
 
         Args:
             qkv: The fused projection ``(B * nW, T, 3C')`` (channels split as ``order`` says), or ``(q, k, v)``,
@@ -305,21 +306,35 @@ class WindowBatch:
         if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
             q, k, v = _head_views(srcs, order, num_heads, d)
             return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
+        from ..dispatch import attend  # the dispatcher imports this module
+
         src0 = srcs[0]
+        masked = self.win.mask is not None
+        trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add))
+        if masked and trains and not values_sane(srcs, d, scale):
+            return self._exact(srcs, order, num_heads, d, scale, table, batch)
         if (src0.device.type == "cpu" and src0.dtype in (torch.float32, torch.float64) and t <= MAX_TOKENS
                 and not torch.compiler.is_compiling()):
             srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
-            masked = self.win.mask is not None
-            trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add))
-            if not (masked and trains) or values_sane(srcs, d, scale):
-                out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
-                if not masked or trains or output_finite(out):
-                    return out
-        from ..dispatch import attend  # the dispatcher imports this module
+            out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
+        else:
+            q, k, v = _head_views(srcs, order, num_heads, d)
+            out = attend(q, k, v, scale=scale, bias=self.bias(table, batch)).transpose(1, 2).reshape(bw, t, c)
+        if masked and not trains and not output_finite(out):
+            return self._exact(srcs, order, num_heads, d, scale, table, batch)
+        return out
 
-        q, k, v = _head_views(srcs, order, num_heads, d)
-        out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))
-        return out.transpose(1, 2).reshape(bw, t, c)
+    def _exact(self, srcs: tuple[torch.Tensor, ...], order: str, heads: int, d: int, scale: float,
+               table: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The windows' attention through ``attend`` with the pattern on the whole map, whose guard keeps a
+        non-finite or overflowing value away from every query the region mask excludes it from (only taken when
+        such a value is there)."""
+        from ..dispatch import attend
+
+        maps = [self.merge(x, batch) for x in srcs]
+        q, k, v = (x.reshape(batch, -1, heads, d).transpose(1, 2) for x in _head_views_map(maps, order, heads, d))
+        out = attend(q, k, v, self.pattern, scale=scale, rpb=table)
+        return self.split(out.transpose(1, 2).reshape(batch, *self._win_recipe[0], heads * d))
 
     def _table_index(self, device: torch.device) -> torch.Tensor:
         if self._index is None:
@@ -379,6 +394,18 @@ class _TokenGather(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
         return g.index_select(1, inverse.to(g.device)), None, None
+
+
+def _head_views_map(maps: list[torch.Tensor], order: str, heads: int,
+                    d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, *spatial, heads * d)`` of projection maps laid out as ``order`` says."""
+    if order == "sep":
+        q, k, v = maps
+        return q, k, v
+    split = (3, heads, d) if order == "3hd" else (heads, 3, d)
+    t = maps[0].unflatten(-1, split)
+    q, k, v = t.unbind(-3) if order == "3hd" else t.unbind(-2)
+    return q.flatten(-2), k.flatten(-2), v.flatten(-2)
 
 
 def _head_views(srcs: tuple[torch.Tensor, ...], order: str, heads: int,
