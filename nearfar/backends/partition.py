@@ -254,21 +254,34 @@ class WindowBatch:
         x = x.reshape(b, *shape, *rest).permute(0, *(1 + p for p in perm), *tail)
         return x.reshape(-1, self.t, math.prod(rest))
 
-    def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
+    def merge(self, y: torch.Tensor, b: int, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Put the windows back in place: the inverse of ``split``.
 
         Args:
             y: Per-window tokens ``(B * nW, T, C')``.
             b: The batch size ``B``.
+            add_to: A map ``(B, *spatial, C')`` (any strides, e.g. a channel slice of a larger map) that the windows
+                are added to in place instead of being returned as a new map: unshifted windows are added straight
+                from their window order, with no copy (a residual or a sum of branches costs no extra pass).
 
         Returns:
-            The map ``(B, *spatial, C')``.
+            The map ``(B, *spatial, C')``: a new one, or ``add_to`` after the in-place add.
         """
-        grid = self._win_recipe[0]
-        if any(self._win_recipe[1]):
+        grid, shifts, shape, perm = self._win_recipe
+        if add_to is not None and not any(shifts):
+            nd, e = len(grid), y.shape[-1]
+            back = [0] * (2 * nd)
+            for i, p in enumerate(perm):
+                back[p] = i
+            win = y.view(b, *(shape[p] for p in perm), e).permute(0, *(1 + i for i in back), 1 + 2 * nd)
+            add_to.view(b, *shape, e).add_(win)
+            return add_to
+        if any(shifts):
             flat = y.reshape(b, -1, y.shape[-1])
-            return _TokenGather.apply(flat, self.win.inv, self.win.src).view(b, *grid, -1)
-        return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self._win_recipe, b, 1).reshape(b, *grid, -1)
+            out = _TokenGather.apply(flat, self.win.inv, self.win.src).view(b, *grid, -1)
+        else:
+            out = _restore(y.reshape(b, -1, self.t, y.shape[-1]), self._win_recipe, b, 1).reshape(b, *grid, -1)
+        return out if add_to is None else add_to.add_(out)
 
     def attend(self, qkv: torch.Tensor | tuple[torch.Tensor, ...], num_heads: int, scale: float,
                table: torch.Tensor | None = None, order: str = "3hd") -> torch.Tensor:

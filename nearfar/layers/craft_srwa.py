@@ -159,20 +159,19 @@ class SRWAttention(nn.Module):
         qkv = self.qkv(self.norm1(x))
         # (B, H, W, [3, half, C/2]) -> one (B, H, W, 3, C/2) view per half (unbind: one backward stack, no fills)
         halves = qkv.view(b, h, w, 3, 2, self.dim // 2).unbind(4)
+        v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
+        y = self.get_v(v).permute(0, 2, 3, 1)  # LCM(v); each half's attention output is added into its channels
         a, c = self.shift_size
-        outs = []
         branches = cast("Iterable[RectWindowBranch]", self.attns)
-        for half, branch, shift in zip(halves, branches, ((a, c), (c, a))):
+        for i, (half, branch, shift) in enumerate(zip(halves, branches, ((a, c), (c, a)))):
             r, s = branch.window
             pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
-            # the half's q, k, v cut into its (cyclically shifted) windows by one gather, attended as a batch
+            # the half's q, k, v cut into its (cyclically shifted) windows by one copy, attended as a batch
             wb = WindowBatch.of(pattern, (h, w), x.device)
             assert wb is not None  # H, W are multiples of both window sides: the windows are whole
             out = wb.attend(wb.split(half), self.num_heads // 2, self.scale, branch.table())
-            outs.append(wb.merge(out, b))
-        v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
-        lcm = self.get_v(v).permute(0, 2, 3, 1)
-        return self.proj(torch.cat(outs, dim=-1) + lcm)
+            wb.merge(out, b, add_to=y[..., i * (self.dim // 2):(i + 1) * (self.dim // 2)])
+        return self.proj(y)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, split_size={self.split_size}, "
