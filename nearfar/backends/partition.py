@@ -25,7 +25,7 @@ from ..patterns import Pattern
 from ..patterns.spatial import SpatialPattern
 from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, sdpa
-from .windows import MAX_TOKENS, roles_of, window_kernel
+from .windows import roles_of, takes, window_kernel
 
 #: a regular partition's reordering: (grid, shifts, view shape, permutation)
 Recipe = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -288,12 +288,12 @@ class WindowBatch:
         """Attention inside the windows, of projections computed on ``split``'s output.
 
         The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
-        projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, windows of
-        up to ``MAX_TOKENS`` tokens); without a table or mask, SDPA's fused kernel reads the same strided views;
-        anything else goes through ``attend`` with ``bias``. Where the region mask excludes pairs, values are checked
-        as ``attend`` checks them (training: the inputs; inference: the output); when one is non-finite or could
-        overflow, the windows go through ``attend`` with the pattern on the whole map, whose guard keeps it away from
-        every query the mask excludes it from, forward and backward.
+        projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, where
+        ``windows.takes`` says it is faster); otherwise, without a table or mask, SDPA's fused kernel reads the same
+        strided views, and anything else goes through ``attend`` with ``bias``. Where the region mask excludes
+        pairs, values are checked as ``attend`` checks them (training: the inputs; inference: the output); when one
+        is non-finite or could overflow, the windows go through ``attend`` with the pattern on the whole map, whose
+        guard keeps it away from every query the mask excludes it from, forward and backward.
 
         Args:
             qkv: The fused projection ``(B * nW, T, 3C')`` (channels split as ``order`` says), or ``(q, k, v)``,
@@ -316,21 +316,19 @@ class WindowBatch:
         d = c // num_heads
         batch = bw // self.win.order.shape[0]
         add = self._additive(table, srcs[0].dtype, srcs[0].device)
-        if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
-            q, k, v = _head_views(srcs, order, num_heads, d)
-            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
-        from ..dispatch import attend  # the dispatcher imports this module
-
-        src0 = srcs[0]
         masked = self.win.mask is not None
-        trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add))
+        trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
         if masked and trains and not values_sane(srcs, d, scale):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
-        if (src0.device.type == "cpu" and src0.dtype in (torch.float32, torch.float64) and t <= MAX_TOKENS
-                and not torch.compiler.is_compiling()):
+        if takes(srcs[0], t, add is not None, trains):
             srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
             out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
+        elif add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
+            q, k, v = _head_views(srcs, order, num_heads, d)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
         else:
+            from ..dispatch import attend  # the dispatcher imports this module
+
             q, k, v = _head_views(srcs, order, num_heads, d)
             out = attend(q, k, v, scale=scale, bias=self.bias(table, batch)).transpose(1, 2).reshape(bw, t, c)
         if masked and not trains and not output_finite(out):

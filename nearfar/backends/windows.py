@@ -11,8 +11,10 @@ gradients of q, k and v straight into one buffer laid out as the projection outp
 backward reads as is. The softmax probabilities are kept for the backward pass (``heads * B*nW * T * T`` floats,
 as the matmul + softmax path keeps them).
 
-CPU, float32/float64 only; a window of up to ``MAX_TOKENS`` tokens (above it the fused SDPA kernel, which never
-materialises the scores, is faster: measured in ``tests/bench``-free micro-runs, see ``MAX_TOKENS``).
+CPU, float32/float64 only (``takes`` says when: with a bias or a region mask always, up to ``MAX_TOKENS`` tokens;
+without either only for training, where writing the gradients in place pays, up to ``MAX_TOKENS_PLAIN``). The
+scores are computed in chunks of about ``CHUNK_BYTES``, which stay in the L2 cache between the GEMM that writes them
+and the softmax and the GEMM that read them.
 """
 
 from __future__ import annotations
@@ -22,8 +24,21 @@ import torch
 #: a role's place in the sources: (source index, channel of head 0, channel step per head)
 Role = tuple[int, int, int]
 
-#: largest window (tokens) this kernel takes on CPU; larger windows go to SDPA's fused kernel
-MAX_TOKENS = 256
+#: Measured 2026-12-06 (1 thread, CPU time, 25088 tokens in windows of T, 3 heads of 32, float32): with a bias
+#: (and/or region mask) SDPA's fused kernel takes 2.0-3.7x this kernel's forward time and 1.6-2.4x its
+#: forward+backward time at T = 49 ... 784; without either it is 1.05-1.15x faster forward only, and 1.13-1.22x
+#: slower forward+backward up to T = 144 (1.0x at 256, 0.8x at 392). The probabilities kept for the backward pass
+#: grow as T (heads * tokens * T floats): windows are capped at MAX_TOKENS.
+MAX_TOKENS = 1024
+MAX_TOKENS_PLAIN = 144
+
+
+def takes(x: torch.Tensor, t: int, biased: bool, trains: bool) -> bool:
+    """Whether windows of ``t`` tokens of projections like ``x`` run on this kernel (else on SDPA): CPU, float32 or
+    float64, eager, and a bias or region mask (or training on small windows)."""
+    limit = MAX_TOKENS if biased else (MAX_TOKENS_PLAIN if trains else 0)
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and t <= limit
+            and not torch.compiler.is_compiling())
 
 
 def roles_of(order: str, heads: int, d: int) -> tuple[Role, Role, Role]:

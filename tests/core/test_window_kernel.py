@@ -87,10 +87,15 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
     qkv = (lambda t: tuple(lin(t) for lin in lins)) if order == "sep" else lins[0]
     scale = 0.7
     t = size[0] * size[1]
+    qkv_order = "h3d" if order == "h3d" else "3hd"
     with _Chunk(chunk, t), _Spy() as spy:
-        out = window_attention(x, pattern, qkv, heads, scale, table, qkv_order="h3d" if order == "h3d" else "3hd")
-    # the kernel takes every window batch with a bias or a region mask; the others go to SDPA
-    assert spy.calls == (1 if with_table or kind == "swin" else 0)
+        with torch.no_grad():
+            plain = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
+        # inference: the kernel takes the window batches with a bias or a region mask, SDPA the others
+        biased = with_table or (kind == "swin" and any(shift))  # a table or a region mask
+        assert spy.calls == (1 if biased else 0)
+        out = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
+        assert spy.calls == (2 if biased else 1)  # training: the kernel takes them all
     assert out.shape == (b, *grid, c)
     go = torch.randn(out.shape, generator=g)
     params = [x, *(p for lin in lins for p in lin.parameters())] + ([table] if with_table else [])
@@ -106,6 +111,7 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
     want = ref.dense_reference(q, k, v, allowed, scale, bias).transpose(1, 2).reshape(out.shape)
     want_grads = torch.autograd.grad((want * go.double()).sum(), params)
     assert (out.double() - want).abs().max() < 1e-5
+    assert (plain.double() - want).abs().max() < 1e-5
     for got, exp in zip(grads, want_grads):
         assert (got.double() - exp).abs().max() < 3e-5 * max(1.0, float(exp.abs().max()))
 
