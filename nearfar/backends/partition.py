@@ -297,7 +297,8 @@ class WindowBatch:
 
         Args:
             qkv: The fused projection ``(B * nW, T, 3C')`` (channels split as ``order`` says), or ``(q, k, v)``,
-                each ``(B * nW, T, C')``.
+                each ``(B * nW, T, C')``; q may be ``(B, T, C')``, one set of queries shared by the windows of each
+                image (GC ViT's global queries).
             num_heads: Number of heads (``C'`` is a multiple of it).
             scale: Score scale.
             table: A relative-position table ``(heads, 2m-1, ...)`` as ``attend`` takes it with the pattern, or None.
@@ -311,26 +312,29 @@ class WindowBatch:
         if len(srcs) == 3:
             order = "sep"
         assert len(srcs) == 1 and order in ("3hd", "h3d") or len(srcs) == 3
-        bw, t = srcs[0].shape[0], srcs[0].shape[1]
-        c = srcs[0].shape[-1] // (3 if len(srcs) == 1 else 1)
+        bw, t = srcs[-1].shape[0], srcs[-1].shape[1]
+        c = srcs[-1].shape[-1] // (3 if len(srcs) == 1 else 1)
         d = c // num_heads
         batch = bw // self.win.order.shape[0]
-        add = self._additive(table, srcs[0].dtype, srcs[0].device)
+        add = self._additive(table, srcs[-1].dtype, srcs[-1].device)
         masked = self.win.mask is not None
         trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
         if masked and trains and not values_sane(srcs, d, scale):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
-        if takes(srcs[0], t, add is not None, trains):
+        if takes(srcs[-1], t, add is not None, trains):
             srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
             out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
-        elif add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
+            if masked and not trains and not output_finite(out):
+                return self._exact(srcs, order, num_heads, d, scale, table, batch)
+            return out
+        srcs = tuple(_per_window(x, bw) for x in srcs)
+        if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
             q, k, v = _head_views(srcs, order, num_heads, d)
             return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
-        else:
-            from ..dispatch import attend  # the dispatcher imports this module
+        from ..dispatch import attend  # the dispatcher imports this module
 
-            q, k, v = _head_views(srcs, order, num_heads, d)
-            out = attend(q, k, v, scale=scale, bias=self.bias(table, batch)).transpose(1, 2).reshape(bw, t, c)
+        q, k, v = _head_views(srcs, order, num_heads, d)
+        out = attend(q, k, v, scale=scale, bias=self.bias(table, batch)).transpose(1, 2).reshape(bw, t, c)
         if masked and not trains and not output_finite(out):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
         return out
@@ -342,7 +346,7 @@ class WindowBatch:
         such a value is there)."""
         from ..dispatch import attend
 
-        maps = [self.merge(x, batch) for x in srcs]
+        maps = [self.merge(_per_window(x, srcs[-1].shape[0]), batch) for x in srcs]
         q, k, v = (x.reshape(batch, -1, heads, d).transpose(1, 2) for x in _head_views_map(maps, order, heads, d))
         out = attend(q, k, v, self.pattern, scale=scale, rpb=table)
         return self.split(out.transpose(1, 2).reshape(batch, *self._win_recipe[0], heads * d))
@@ -405,6 +409,13 @@ class _TokenGather(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
         return g.index_select(1, inverse.to(g.device)), None, None
+
+
+def _per_window(x: torch.Tensor, bw: int) -> torch.Tensor:
+    """A source with one entry per image ``(B, T, ...)`` repeated for each of its windows ``(B * nW, T, ...)``."""
+    if x.shape[0] == bw:
+        return x
+    return x[:, None].expand(x.shape[0], bw // x.shape[0], *x.shape[1:]).reshape(bw, *x.shape[1:])
 
 
 def _head_views_map(maps: list[torch.Tensor], order: str, heads: int,

@@ -63,15 +63,13 @@ def _head(srcs: tuple[torch.Tensor, ...], role: Role, h: int, d: int) -> torch.T
 CHUNK_BYTES = 1 << 20
 
 
-def _chunk(bw: int, t: int, period: int, itemsize: int) -> int:
-    """Windows per chunk: about ``CHUNK_BYTES`` of scores, a multiple or a divisor of the bias period."""
-    c = max(1, CHUNK_BYTES // (t * t * itemsize))
-    if c >= period:
-        c -= c % period
-    else:
-        while period % c:
-            c -= 1
-    return min(c, bw)
+def _chunk(bw: int, t: int, period: int, group: int, itemsize: int) -> int:
+    """Windows per chunk: about ``CHUNK_BYTES`` of scores, a multiple or a divisor of the bias period, and a divisor
+    of the group of windows that share a source (GC ViT's per-image queries), so that a chunk lies in one group."""
+    c = min(bw, max(1, CHUNK_BYTES // (t * t * itemsize)), group if group > 1 else bw)
+    while (c % period and period % c) or (group > 1 and group % c):
+        c -= 1
+    return c
 
 
 def _fill(buf: torch.Tensor, a: torch.Tensor, w0: int) -> None:
@@ -83,13 +81,28 @@ def _fill(buf: torch.Tensor, a: torch.Tensor, w0: int) -> None:
         buf.copy_(a[w0 % period:w0 % period + n])
 
 
+def _rows(x: torch.Tensor, group: int, w0: int, w1: int) -> torch.Tensor:
+    """Windows ``w0:w1`` of a source: a slice, or (a source shared by groups of windows) its group's entry
+    broadcast over the chunk (stride 0: the batched GEMM reads it once per window, no copy)."""
+    return x[w0:w1] if group == 1 else x[w0 // group].expand(w1 - w0, *x.shape[1:])
+
+
+def _geometry(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role],
+              add_shape: tuple[int, ...] | None) -> tuple[int, int, list[int], int]:
+    """``(BW, T, windows per entry of each source, chunk)``: k's source has one entry per window."""
+    k0 = srcs[roles[1][0]]
+    bw, t = k0.shape[0], k0.shape[1]
+    groups = [bw // x.shape[0] for x in srcs]
+    c = _chunk(bw, t, 1 if add_shape is None else add_shape[1], max(groups), k0.element_size())
+    return bw, t, groups, c
+
+
 def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
              add: torch.Tensor | None, scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Output ``(BW, T, heads*d)`` and, with ``keep``, the probabilities ``(heads, BW, T, T)``."""
-    q0 = srcs[roles[0][0]]
-    bw, t = q0.shape[0], q0.shape[1]
-    c = _chunk(bw, t, 1 if add is None else add.shape[1], q0.element_size())
-    opts = dict(dtype=q0.dtype, device=q0.device)
+    bw, t, groups, c = _geometry(srcs, roles, None if add is None else tuple(add.shape))
+    gq, gk, gv = (groups[r[0]] for r in roles)
+    opts = dict(dtype=srcs[0].dtype, device=srcs[0].device)
     s = torch.empty(c, t, t, **opts)
     p = torch.empty(heads, bw, t, t, **opts) if keep else torch.empty(c, t, t, **opts)
     o = torch.empty(heads, bw, t, d, **opts)
@@ -98,16 +111,26 @@ def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], hea
         a = None if add is None else add[h if add.shape[0] > 1 else 0]
         for w0 in range(0, bw, c):
             w1 = min(w0 + c, bw)
-            sc = s[:w1 - w0]
+            sc, qc, kt = s[:w1 - w0], _rows(q, gq, w0, w1), _rows(k, gk, w0, w1).transpose(1, 2)
             if a is not None:  # the bias fills the buffer; the GEMM adds the scaled scores to it
                 _fill(sc, a, w0)
-                torch.baddbmm(sc, q[w0:w1], k[w0:w1].transpose(1, 2), beta=1.0, alpha=scale, out=sc)
+                torch.baddbmm(sc, qc, kt, beta=1.0, alpha=scale, out=sc)
             else:
-                torch.baddbmm(sc, q[w0:w1], k[w0:w1].transpose(1, 2), beta=0.0, alpha=scale, out=sc)
+                torch.baddbmm(sc, qc, kt, beta=0.0, alpha=scale, out=sc)
             pc = p[h, w0:w1] if keep else p[:w1 - w0]
             torch.softmax(sc, -1, out=pc)  # not in place: an aliased softmax is ~1.3-1.5x slower on CPU
-            torch.bmm(pc, v[w0:w1], out=o[h, w0:w1])
+            torch.bmm(pc, _rows(v, gv, w0, w1), out=o[h, w0:w1])
     return o.permute(1, 2, 0, 3).reshape(bw, t, heads * d), p if keep else None
+
+
+def _put(dst: torch.Tensor | None, group: int, w0: int, w1: int, val: torch.Tensor) -> None:
+    """Write a chunk's gradient into its source's buffer (a source shared by a group of windows sums them)."""
+    if dst is None:
+        return
+    if group == 1:
+        dst[w0:w1].copy_(val)
+    else:
+        dst[w0 // group].add_(val.sum(0))
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -116,7 +139,7 @@ class _WindowAttention(torch.autograd.Function):
         out, p = _forward(srcs, roles, heads, d, add, scale, keep=True)
         ctx.save_for_backward(p, *srcs)
         ctx.roles, ctx.heads, ctx.d, ctx.scale = roles, heads, d, scale
-        ctx.add_shape = None if add is None else add.shape
+        ctx.add_shape = None if add is None else tuple(add.shape)
         return out
 
     @staticmethod
@@ -124,15 +147,17 @@ class _WindowAttention(torch.autograd.Function):
         p, *srcs = ctx.saved_tensors
         roles, heads, d, scale = ctx.roles, ctx.heads, ctx.d, ctx.scale
         g = g.contiguous()
-        bw, t = p.shape[1], p.shape[2]
+        bw, t, groups, c = _geometry(tuple(srcs), roles, ctx.add_shape)
+        gq, gk, gv = (groups[r[0]] for r in roles)
         want = ctx.needs_input_grad
-        # the gradients go straight into buffers laid out as the sources (every channel is some head's)
-        dsrcs = [torch.empty_like(s) if want[5 + i] else None for i, s in enumerate(srcs)]
+        # the gradients go straight into buffers laid out as the sources (every channel is some head's); a shared
+        # source accumulates over its windows
+        dsrcs = [None if not want[5 + i] else torch.empty_like(x) if groups[i] == 1 else torch.zeros_like(x)
+                 for i, x in enumerate(srcs)]
         dadd = None
         if ctx.add_shape is not None and want[4]:
             dadd = torch.zeros(ctx.add_shape, dtype=p.dtype, device=p.device)
         period = 1 if ctx.add_shape is None else ctx.add_shape[1]
-        c = _chunk(bw, t, period, p.element_size())
         dp = torch.empty(c, t, t, dtype=p.dtype, device=p.device)
         ds = torch.empty(c, t, t, dtype=p.dtype, device=p.device)
         tmp = torch.empty(c, t, d, dtype=p.dtype, device=p.device)
@@ -146,8 +171,8 @@ class _WindowAttention(torch.autograd.Function):
                 n, ph, gc = w1 - w0, p[h, w0:w1], gh[w0:w1]
                 tc, dpc, dsc = tmp[:n], dp[:n], ds[:n]
                 if dv is not None:
-                    dv[w0:w1].copy_(torch.bmm(ph.transpose(1, 2), gc, out=tc))
-                torch.bmm(gc, v[w0:w1].transpose(1, 2), out=dpc)
+                    _put(dv, gv, w0, w1, torch.bmm(ph.transpose(1, 2), gc, out=tc))
+                torch.bmm(gc, _rows(v, gv, w0, w1).transpose(1, 2), out=dpc)
                 torch.ops.aten._softmax_backward_data.out(dpc, ph, -1, ph.dtype, grad_input=dsc)
                 if da is not None:
                     if n >= period:
@@ -155,9 +180,10 @@ class _WindowAttention(torch.autograd.Function):
                     else:
                         da[w0 % period:w0 % period + n] += dsc
                 if dq is not None:
-                    dq[w0:w1].copy_(torch.baddbmm(tc, dsc, k[w0:w1], beta=0.0, alpha=scale, out=tc))
+                    _put(dq, gq, w0, w1, torch.baddbmm(tc, dsc, _rows(k, gk, w0, w1), beta=0.0, alpha=scale, out=tc))
                 if dk is not None:
-                    dk[w0:w1].copy_(torch.baddbmm(tc, dsc.transpose(1, 2), q[w0:w1], beta=0.0, alpha=scale, out=tc))
+                    qc = _rows(q, gq, w0, w1)
+                    _put(dk, gk, w0, w1, torch.baddbmm(tc, dsc.transpose(1, 2), qc, beta=0.0, alpha=scale, out=tc))
         return None, None, None, None, dadd, *dsrcs
 
 
@@ -166,7 +192,9 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
     """Attention of every window's tokens among themselves: ``(BW, T, heads*d)``.
 
     Args:
-        srcs: One or three ``(BW, T, channels)`` tensors (last dim contiguous) holding q, k and v as ``roles`` say.
+        srcs: One or three ``(BW, T, channels)`` tensors (last dim contiguous) holding q, k and v as ``roles`` say;
+            a source with ``BW / G`` entries is shared by each group of ``G`` consecutive windows (GC ViT's global
+            queries, one per image); k's source has one entry per window.
         roles: Where head ``h`` of q, k and v lies (``roles_of``).
         heads: Number of heads.
         d: Channels per head (q, k and v alike).
@@ -178,6 +206,13 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
     Returns:
         ``(BW, T, heads*d)``, heads in order.
     """
+    k0 = srcs[roles[1][0]]
+    bw, t = k0.shape[0], k0.shape[1]
+    free = _chunk(bw, t, 1 if add is None else add.shape[1], 1, k0.element_size())
+    # a source shared by fewer windows than a chunk holds would cut the chunks short: repeat it per window (cheap)
+    srcs = tuple(x if x.shape[0] == bw or bw // x.shape[0] >= free else
+                 x[:, None].expand(x.shape[0], bw // x.shape[0], *x.shape[1:]).reshape(bw, *x.shape[1:])
+                 for x in srcs)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None):
         return _WindowAttention.apply(roles, heads, d, scale, add, *srcs)
     return _forward(srcs, roles, heads, d, add, scale, keep=False)[0]

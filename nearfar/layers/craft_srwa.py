@@ -10,7 +10,8 @@ attention part of ``SRWAB``: ``proj(concat[A_h, A_v] + DW_3(v))`` of ``qkv = Lin
 residual and the MLP). The first ``C/2`` channels of q, k, v attend in ``s0 x s1`` windows with ``num_heads/2``
 heads, the last ``C/2`` in ``s1 x s0`` windows. ``shift_size=(a, b)`` (CRFB's odd blocks: ``(s0//2, s1//2)``) rolls
 the first half by ``(-a, -b)`` and the second by ``(-b, -a)`` with no mask (windows wrap around the border): each half
-is one ``nearfar.attend`` call with ``Blocks(size, grid, shift, wrap=True)`` (the partition engine). The dynamic
+is cut from the fused projection into the windows of ``Blocks(size, grid, shift, wrap=True)`` by one copy and
+attended as a batch (``WindowBatch``), and its output is added into ``DW_3(v)``'s channels in place. The dynamic
 position bias (``attns.{0,1}.pos``: ``Linear(2, p)`` then three ``LN -> ReLU -> Linear``, ``p = dim // 2 // 4 // 4``)
 maps every offset to per-head biases each forward; CRAFT indexes it query-minus-key, so its output (a Swin bias table)
 is flipped into the key-minus-query table ``attend`` takes. ``get_v`` is the LCM depth-wise 3x3 conv (with bias) on

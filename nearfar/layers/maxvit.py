@@ -6,7 +6,8 @@ Paper: Tu et al., "MaxViT: Multi-Axis Vision Transformer" (ECCV 2022). Official 
 (``PartitionAttentionCl``, ``AttentionCl``) with ``timm/layers/pos_embed_rel.py`` (``RelPosBiasTf``, ``RelPosBias``).
 
 Block attention is ``nearfar.Blocks(P)``, grid attention ``nearfar.Grid(G)`` (token ``(r, c)`` is in window
-``(r mod H/G, c mod W/G)``); both run on the partition engine. The relative bias is MaxViT's
+``(r mod H/G, c mod W/G)``); both run through ``window_attention`` (the input cut into windows, the windows attended
+as a batch), or ``attend`` on the whole map for partial edge windows. The relative bias is MaxViT's
 ``R[head, j - i + P - 1, ...]`` (key minus query, in window slots; for the grid one slot is ``H/G`` pixels), which is
 exactly the table ``attend`` takes, so the official/timm-TF table is used as is.
 

@@ -11,8 +11,9 @@ projections (``to_q``, ``to_k``, ``to_v`` Linear C -> C without bias, ``to_out.0
 load unchanged. The input is the normalized hidden states ``(B, H, W, C)``.
 
 Forward: window ``(ceil(H/2), ceil(W/2))`` (always 2x2 windows); roll by ``-shift``, attend inside the windows,
-roll back. No region mask: wrapped tokens attend across the image border. This is one ``nearfar.attend`` call with
-``Blocks(window, grid, shift, wrap=True)`` (the partition engine). If ``H`` or ``W`` is odd the map is
+roll back. No region mask: wrapped tokens attend across the image border. This is ``window_attention`` with
+``Blocks(window, grid, shift, wrap=True)`` (the input cut into the rolled windows by one gather, ``to_q``/``to_k``/
+``to_v`` as one GEMM, the windows attended as a batch). If ``H`` or ``W`` is odd the map is
 bicubic-resized to ``(2 ceil(H/2), 2 ceil(W/2))`` before the projections and back to ``(H, W)`` after ``to_out``
 (``F.interpolate(mode="bicubic")``, as the official code does; it warns that quality drops).
 

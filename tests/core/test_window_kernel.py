@@ -142,6 +142,40 @@ def test_split_windows_in_float64_with_and_without_grad(order, with_table, chunk
     assert (got - want).abs().max() < 1e-12
 
 
+@settings(max_examples=10, deadline=None)
+@given(chunk=st.integers(1, 9), with_table=st.booleans(), shift=st.booleans(), b=st.integers(1, 3))
+def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
+    # GC ViT's global queries: one (T, C) set per image, attended by every window of it; the reference repeats
+    # them per window (as NVlabs' q_global.repeat), gradients summed back over the windows
+    grid, size, heads, d = (4, 6), (2, 3), 2, 3
+    pattern = Blocks(size, grid=grid, shift=(1, 1) if shift else 0)
+    wb = WindowBatch.of(pattern, grid)
+    n_win, t = 4, 6
+    g = torch.Generator().manual_seed(chunk * 10 + b)
+    q = torch.randn(b, t, heads * d, generator=g, requires_grad=True)
+    kv = torch.randn(b * n_win, t, 2, heads * d, generator=g, requires_grad=True)
+    table = torch.randn(heads, 3, 5, generator=g, requires_grad=True) if with_table else None
+    with _Chunk(chunk, t), _Spy() as spy:
+        out = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
+        assert spy.calls == 1
+        with torch.no_grad():
+            plain = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
+    qw = q[:, None].expand(b, n_win, t, heads * d).reshape(b * n_win, t, heads * d)
+    want = wb.attend((qw.double(), *kv.double().unbind(2)), heads, 0.6, None if table is None else table.double())
+    # the per-window float64 path itself, against the reference on the map
+    qm, km, vm = (wb.merge(x, b).reshape(b, -1, heads, d).transpose(1, 2) for x in (qw, *kv.unbind(2)))
+    bias = ref.window_rpb_bias(table.double(), grid, size, (1, 1) if shift else (0, 0)) if with_table else None
+    mask = ref.swin_mask(grid, size, (1, 1)) if shift else ref.cyclic_blocks_mask(grid, size)
+    full = ref.dense_reference(qm, km, vm, mask, 0.6, bias).transpose(1, 2).reshape(b, *grid, heads * d)
+    assert (wb.merge(want, b) - full).abs().max() < 1e-12
+    assert (out.double() - want).abs().max() < 1e-5 and (plain.double() - want).abs().max() < 1e-5
+    go = torch.randn(out.shape, generator=g)
+    leaves = [q, kv] + ([table] if with_table else [])
+    for got, exp in zip(torch.autograd.grad((out * go).sum(), leaves),
+                        torch.autograd.grad((want * go.double()).sum(), leaves)):
+        assert (got.double() - exp).abs().max() < 3e-5 * max(1.0, float(exp.abs().max()))
+
+
 def test_strided_channel_groups_split_like_their_copy():
     # CRAFT cuts one channel half of a fused (B, H, W, [3, 2, C/2]) projection straight from its strided view
     grid = (4, 6)
