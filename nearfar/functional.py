@@ -219,7 +219,7 @@ def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads
     spatial = tuple(x.shape[1:-1])
     wb = WindowBatch.of(pattern, spatial, x.device)
     if wb is not None:
-        return wb.merge(wb.attend(qkv(wb.split(x)), num_heads, scale, table, qkv_order), x.shape[0])
+        return wb.attend(qkv(wb.split(x)), num_heads, scale, table, qkv_order, merge=True)
     p = qkv(x)
     if isinstance(p, torch.Tensor):
         c = p.shape[-1] // 3

@@ -284,7 +284,8 @@ class WindowBatch:
         return out if add_to is None else add_to.add_(out)
 
     def attend(self, qkv: torch.Tensor | tuple[torch.Tensor, ...], num_heads: int, scale: float,
-               table: torch.Tensor | None = None, order: str = "3hd") -> torch.Tensor:
+               table: torch.Tensor | None = None, order: str = "3hd", merge: bool = False,
+               add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Attention inside the windows, of projections computed on ``split``'s output.
 
         The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
@@ -304,18 +305,43 @@ class WindowBatch:
             table: A relative-position table ``(heads, 2m-1, ...)`` as ``attend`` takes it with the pattern, or None.
             order: Channel order of a fused ``qkv``: ``"3hd"`` (``[3, heads, d]``, default) or ``"h3d"``
                 (``[heads, 3, d]``, timm's "rw" MaxViT).
+            merge: Return the map ``(B, *spatial, C')`` (``merge(attend(...))``, with the heads interleaved and the
+                windows put back in place by one copy).
+            add_to: A map ``(B, *spatial, C')`` to add the output into, in place (``merge(attend(...), add_to=...)``
+                with no copy for unshifted windows).
 
         Returns:
-            ``(B * nW, T, C')``: every window's output, heads in order (``merge`` puts it back in place).
+            ``(B * nW, T, C')``, every window's output with its heads in order; with ``merge`` the map; with
+            ``add_to`` that map after the add.
         """
         srcs = (qkv,) if isinstance(qkv, torch.Tensor) else tuple(qkv)
         if len(srcs) == 3:
             order = "sep"
         assert len(srcs) == 1 and order in ("3hd", "h3d") or len(srcs) == 3
-        bw, t = srcs[-1].shape[0], srcs[-1].shape[1]
+        bw = srcs[-1].shape[0]
         c = srcs[-1].shape[-1] // (3 if len(srcs) == 1 else 1)
-        d = c // num_heads
         batch = bw // self.win.order.shape[0]
+        heads = self._heads(srcs, order, num_heads, c // num_heads, scale, table, batch)  # (heads, B * nW, T, d)
+        grid, shifts, shape, perm = self._win_recipe
+        if (merge or add_to is not None) and not any(shifts):
+            # heads interleaved and windows put back in place by one permute: (h, B, windows..., slots..., d)
+            nd, d = len(grid), heads.shape[-1]
+            back = [0] * (2 * nd)
+            for i, p in enumerate(perm):
+                back[p] = i
+            win = heads.view(num_heads, batch, *(shape[p] for p in perm), d)
+            win = win.permute(1, *(2 + i for i in back), 0, 2 + 2 * nd)  # (B, *shape, h, d)
+            if add_to is None:
+                return win.reshape(batch, *grid, c)
+            add_to.view(batch, *shape, num_heads, d).add_(win)
+            return add_to
+        out = heads.permute(1, 2, 0, 3).reshape(bw, -1, c)
+        return self.merge(out, batch, add_to) if merge or add_to is not None else out
+
+    def _heads(self, srcs: tuple[torch.Tensor, ...], order: str, num_heads: int, d: int, scale: float,
+               table: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``attend``'s engine choice and guard: every head's output ``(heads, B * nW, T, d)``."""
+        bw, t = srcs[-1].shape[0], srcs[-1].shape[1]
         add = self._additive(table, srcs[-1].dtype, srcs[-1].device)
         masked = self.win.mask is not None
         trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
@@ -328,16 +354,15 @@ class WindowBatch:
                 return self._exact(srcs, order, num_heads, d, scale, table, batch)
             return out
         srcs = tuple(_per_window(x, bw) for x in srcs)
+        q, k, v = _head_views(srcs, order, num_heads, d)
         if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
-            q, k, v = _head_views(srcs, order, num_heads, d)
-            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(bw, t, c)
+            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1)
         from ..dispatch import attend  # the dispatcher imports this module
 
-        q, k, v = _head_views(srcs, order, num_heads, d)
-        out = attend(q, k, v, scale=scale, bias=self.bias(table, batch)).transpose(1, 2).reshape(bw, t, c)
+        out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))
         if masked and not trains and not output_finite(out):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
-        return out
+        return out.transpose(0, 1)
 
     def _exact(self, srcs: tuple[torch.Tensor, ...], order: str, heads: int, d: int, scale: float,
                table: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -349,7 +374,8 @@ class WindowBatch:
         maps = [self.merge(_per_window(x, srcs[-1].shape[0]), batch) for x in srcs]
         q, k, v = (x.reshape(batch, -1, heads, d).transpose(1, 2) for x in _head_views_map(maps, order, heads, d))
         out = attend(q, k, v, self.pattern, scale=scale, rpb=table)
-        return self.split(out.transpose(1, 2).reshape(batch, *self._win_recipe[0], heads * d))
+        out = self.split(out.transpose(1, 2).reshape(batch, *self._win_recipe[0], heads * d))
+        return out.view(out.shape[0], out.shape[1], heads, d).permute(2, 0, 1, 3)
 
     def _table_index(self, device: torch.device) -> torch.Tensor:
         if self._index is None:

@@ -7,9 +7,10 @@ summed and copied back. Here every head of q, k and v is a strided ``(B*nW, T, d
 (a batched GEMM reads it as it lies); per head, the scores are one ``baddbmm`` into a buffer that holds the bias
 (and region mask) already, so scaling and the bias add cost no extra pass, the softmax writes the probabilities
 (out of place: an aliased softmax is ~1.3-1.5x slower on CPU) and ``p @ v`` a contiguous per-head output; the heads
-are interleaved back with one copy. The backward pass writes the gradients of q, k and v straight into one buffer
-laid out as the projection output, which the projection's backward reads as is. The probabilities are kept for
-the backward pass (``heads * B*nW * T * T`` floats, as the matmul + softmax path keeps them).
+are interleaved in the same copy that puts the windows back in place (``WindowBatch``). The backward pass writes
+the gradients of q, k and v straight into one buffer laid out as the projection output, which the projection's
+backward reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T`` floats, as the
+matmul + softmax path keeps them).
 
 CPU, float32/float64 only (``takes`` says when: with a bias or a region mask always, up to ``MAX_TOKENS`` tokens;
 without either only for training, where writing the gradients in place pays, up to ``MAX_TOKENS_PLAIN``). The
@@ -101,7 +102,7 @@ def _geometry(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role],
 
 def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
              add: torch.Tensor | None, scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Output ``(BW, T, heads*d)`` and, with ``keep``, the probabilities ``(heads, BW, T, T)``."""
+    """Output ``(heads, BW, T, d)`` and, with ``keep``, the probabilities ``(heads, BW, T, T)``."""
     bw, t, groups, c = _geometry(srcs, roles, None if add is None else tuple(add.shape))
     gq, gk, gv = (groups[r[0]] for r in roles)
     opts = dict(dtype=srcs[0].dtype, device=srcs[0].device)
@@ -122,7 +123,7 @@ def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], hea
             pc = p[h, w0:w1] if keep else p[:w1 - w0]
             torch.softmax(sc, -1, out=pc)  # not in place: an aliased softmax is ~1.3-1.5x slower on CPU
             torch.bmm(pc, _rows(v, gv, w0, w1), out=o[h, w0:w1])
-    return o.permute(1, 2, 0, 3).reshape(bw, t, heads * d), p if keep else None
+    return o, p if keep else None
 
 
 def _put(dst: torch.Tensor | None, group: int, w0: int, w1: int, val: torch.Tensor) -> None:
@@ -166,7 +167,7 @@ class _WindowAttention(torch.autograd.Function):
         for h in range(heads):
             q, k, v = (_head(tuple(srcs), r, h, d) for r in roles)
             dq, dk, dv = (None if dsrcs[r[0]] is None else _head(tuple(dsrcs), r, h, d) for r in roles)
-            gh = g[..., h * d:(h + 1) * d]
+            gh = g[h]
             da = None if dadd is None else dadd[h if dadd.shape[0] > 1 else 0]
             for w0 in range(0, bw, c):
                 w1 = min(w0 + c, bw)
@@ -191,7 +192,7 @@ class _WindowAttention(torch.autograd.Function):
 
 def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
                   scale: float, add: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of every window's tokens among themselves: ``(BW, T, heads*d)``.
+    """Attention of every window's tokens among themselves: ``(heads, BW, T, d)``.
 
     Args:
         srcs: One or three ``(BW, T, channels)`` tensors (last dim contiguous) holding q, k and v as ``roles`` say;
@@ -206,7 +207,8 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
             Every query must keep at least one finite entry.
 
     Returns:
-        ``(BW, T, heads*d)``, heads in order.
+        ``(heads, BW, T, d)``: each head's output, contiguous (the caller interleaves the heads, e.g. in the same
+        copy that puts the windows back in place).
     """
     k0 = srcs[roles[1][0]]
     bw, t = k0.shape[0], k0.shape[1]

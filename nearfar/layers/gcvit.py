@@ -309,8 +309,8 @@ class GlobalQueryAttention(_GCViTWindowBase):
         # image, shared by its windows (the window kernel broadcasts them, no per-window copy)
         k, v = self.qkv(wb.split(x)).unflatten(-1, (2, self.dim)).unbind(-2)
         q = q_global.reshape(q_global.shape[0], -1, self.dim).expand(b, -1, -1)
-        out = wb.attend((q, k, v), self.num_heads, self.scale, self.rel_pos.offsets(self.window_size))
-        return self.proj(wb.merge(out, b))
+        return self.proj(wb.attend((q, k, v), self.num_heads, self.scale, self.rel_pos.offsets(self.window_size),
+                                   merge=True))
 
     def _slots(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
         (h, w), (m0, m1) = spatial, self.window_size

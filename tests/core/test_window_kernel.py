@@ -189,6 +189,33 @@ def test_strided_channel_groups_split_like_their_copy():
             assert torch.equal(wb.merge(flat, 2), half.reshape(2, *grid, 15))
 
 
+@settings(max_examples=12, deadline=None)
+@given(shift=st.booleans(), with_table=st.booleans(), grad=st.booleans())
+def test_attend_merged_and_added_in_place_equal_merge_of_attend(shift, with_table, grad):
+    grid, heads, d = (4, 6), 3, 2
+    wb = WindowBatch.of(Blocks((2, 3), grid=grid, shift=(1, 1) if shift else 0), grid)
+    g = torch.Generator().manual_seed(int(shift) * 4 + int(with_table) * 2 + int(grad))
+    p = torch.randn(2 * 4, 6, 3 * heads * d, generator=g, requires_grad=grad)
+    table = torch.randn(heads, 3, 5, generator=g) if with_table else None
+    with torch.set_grad_enabled(grad):
+        want = wb.merge(wb.attend(p, heads, 0.5, table), 2)
+        merged = wb.attend(p, heads, 0.5, table, merge=True)
+        base = torch.randn(2, *grid, 2 * heads * d, generator=g)
+        added = base.clone()
+        out = wb.attend(p, heads, 0.5, table, add_to=added[..., heads * d:])
+    torch.testing.assert_close(merged, want, rtol=0, atol=0)
+    assert out.data_ptr() == added[..., heads * d:].data_ptr()
+    torch.testing.assert_close(added[..., heads * d:], base[..., heads * d:] + want, rtol=0, atol=1e-6)
+    assert torch.equal(added[..., :heads * d], base[..., :heads * d])
+    if grad:
+        go = torch.randn(want.shape, generator=g)
+        (a,) = torch.autograd.grad((want * go).sum(), p)
+        (b,) = torch.autograd.grad((merged * go).sum(), p)
+        (c,) = torch.autograd.grad((out * go).sum(), p)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=0, atol=1e-6)
+
+
 def test_split_and_merge_gradients_are_the_inverse_gathers():
     grid = (4, 6)
     wb = WindowBatch.of(Blocks((2, 3), grid=grid, shift=(1, 1)), grid)  # shifted: the token gather
