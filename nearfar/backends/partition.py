@@ -290,11 +290,12 @@ class WindowBatch:
 
         The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
         projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, where
-        ``windows.takes`` says it is faster); otherwise, without a table or mask, SDPA's fused kernel reads the same
-        strided views, and anything else goes through ``attend`` with ``bias``. Where the region mask excludes
-        pairs, values are checked as ``attend`` checks them (training: the inputs; inference: the output); when one
-        is non-finite or could overflow, the windows go through ``attend`` with the pattern on the whole map, whose
-        guard keeps it away from every query the mask excludes it from, forward and backward.
+        ``windows.takes`` says it is faster); otherwise, without a region mask, SDPA's fused kernel reads the same
+        strided views (with the table as a broadcast mask), and anything else goes through ``attend`` with
+        ``bias``. Where the region mask excludes pairs, values are checked as ``attend`` checks them (training: the
+        inputs; inference: the output); when one is non-finite or could overflow, the windows go through ``attend``
+        with the pattern on the whole map, whose guard keeps it away from every query the mask excludes it from,
+        forward and backward.
 
         Args:
             qkv: The fused projection ``(B * nW, T, 3C')`` (channels split as ``order`` says), or ``(q, k, v)``,
@@ -347,7 +348,7 @@ class WindowBatch:
         trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
         if masked and trains and not values_sane(srcs, d, scale):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
-        if takes(srcs[-1], t, add is not None, trains):
+        if takes(srcs[-1], t, add is not None, masked, trains):
             srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
             out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
             if masked and not trains and not output_finite(out):
@@ -355,8 +356,10 @@ class WindowBatch:
             return out
         srcs = tuple(_per_window(x, bw) for x in srcs)
         q, k, v = _head_views(srcs, order, num_heads, d)
-        if add is None:  # no pair masked, no bias: the fused kernel reads the strided heads as they lie
-            return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1)
+        if not masked and (add is None or not add.requires_grad):
+            # no pair masked: the fused kernel reads the strided heads as they lie (the table as a broadcast mask)
+            mask = None if add is None else add.transpose(0, 1)  # (1, heads, T, T)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
         from ..dispatch import attend  # the dispatcher imports this module
 
         out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))

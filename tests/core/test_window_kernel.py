@@ -92,10 +92,10 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
         with torch.no_grad():
             plain = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
         # inference: the kernel takes the window batches with a bias or a region mask, SDPA the others
-        biased = with_table or (kind == "swin" and any(shift))  # a table or a region mask
-        assert spy.calls == (1 if biased else 0)
+        masked = kind == "swin" and any(shift)  # a region mask
+        assert spy.calls == (1 if masked else 0)  # inference: the kernel takes masked windows, SDPA the others
         out = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
-        assert spy.calls == (2 if biased else 1)  # training: the kernel takes them all
+        assert spy.calls == (2 if masked else 1)  # training: the kernel takes them all
     assert out.shape == (b, *grid, c)
     go = torch.randn(out.shape, generator=g)
     params = [x, *(p for lin in lins for p in lin.parameters())] + ([table] if with_table else [])
@@ -160,6 +160,7 @@ def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
         assert spy.calls == 1
         with torch.no_grad():
             plain = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
+        assert spy.calls == (2 if shift else 1)
     qw = q[:, None].expand(b, n_win, t, heads * d).reshape(b * n_win, t, heads * d)
     want = wb.attend((qw.double(), *kv.double().unbind(2)), heads, 0.6, None if table is None else table.double())
     # the per-window float64 path itself, against the reference on the map
