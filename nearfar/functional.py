@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .backends import engines
-from .backends.partition import WindowBatch
+from .backends.window_batch import WindowBatch
 from .dispatch import attend, engine_override, observe_calls
 from .ops.hip import hip_topk_blocks
 from .ops.lightning import (

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import nearfar.backends.partition as partition
+import nearfar.backends.window_batch as window_batch
 import nearfar.backends.windows as windows
 from nearfar import Blocks, Grid
 from nearfar.functional import WindowBatch, fused_linear, window_attention
@@ -55,17 +55,17 @@ class _Chunk:
 
 class _Spy:
     def __init__(self):
-        self.calls, self.real = 0, partition.window_kernel
+        self.calls, self.real = 0, window_batch.window_kernel
 
     def __enter__(self):
         def spy(*args, **kw):
             self.calls += 1
             return self.real(*args, **kw)
-        partition.window_kernel = spy
+        window_batch.window_kernel = spy
         return self
 
     def __exit__(self, *exc):
-        partition.window_kernel = self.real
+        window_batch.window_kernel = self.real
 
 
 @settings(max_examples=30, deadline=None)
