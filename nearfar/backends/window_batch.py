@@ -187,7 +187,7 @@ class WindowBatch:
         if takes(srcs[-1], t, add is not None, masked, trains):
             srcs = tuple(x if x.stride(-1) == 1 else x.contiguous() for x in srcs)
             out = window_kernel(srcs, roles_of(order, num_heads, d), num_heads, d, scale, add)
-            if masked and not trains and not output_finite(out):
+            if masked and not trains and not _finite(out):
                 return self._exact(srcs, order, num_heads, d, scale, table, batch)
             return out
         srcs = tuple(_per_window(x, bw) for x in srcs)
@@ -199,7 +199,7 @@ class WindowBatch:
         from ..dispatch import attend  # the dispatcher imports this module
 
         out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))
-        if masked and not trains and not output_finite(out):
+        if masked and not trains and not _finite(out):
             return self._exact(srcs, order, num_heads, d, scale, table, batch)
         return out.transpose(0, 1)
 
@@ -274,6 +274,12 @@ class _TokenGather(torch.autograd.Function):
     def backward(ctx, g):  # type: ignore[override]
         (inverse,) = ctx.saved_tensors
         return g.index_select(1, inverse.to(g.device)), None, None
+
+
+def _finite(out: torch.Tensor) -> bool:
+    """The inference check of a region-masked output (``attend``'s): skipped on meta tensors and under
+    ``torch.compile``, where it would read data."""
+    return out.device.type == "meta" or torch.compiler.is_compiling() or output_finite(out)
 
 
 def _per_window(x: torch.Tensor, bw: int) -> torch.Tensor:
