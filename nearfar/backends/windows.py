@@ -12,9 +12,8 @@ the gradients of q, k and v straight into one buffer laid out as the projection 
 backward reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T`` floats, as the
 matmul + softmax path keeps them).
 
-CPU, float32/float64 only (``takes`` says when: for training, where writing the gradients in place pays, up to
-``MAX_TOKENS`` tokens with a bias or region mask and ``MAX_TOKENS_PLAIN`` without; for inference with a region
-mask, which SDPA could only take materialised per window). The
+CPU, float32/float64 only (``takes`` says when: small windows always; larger ones, up to ``MAX_TOKENS`` tokens, for
+training with a bias and wherever a region mask is, which SDPA could only take materialised per window). The
 scores are computed in chunks of about ``CHUNK_BYTES``, which stay in the L2 cache between the GEMM that writes them
 and the softmax and the GEMM that read them.
 """
@@ -26,25 +25,24 @@ import torch
 #: a role's place in the sources: (source index, channel of head 0, channel step per head)
 Role = tuple[int, int, int]
 
-#: Measured 2026-12-06 (1 thread, CPU time, float32, 25088 tokens in windows of T tokens, 3 heads of 32; also 1568
-#: tokens with 12 heads, and 1 head of 48). Forward+backward: with a bias table SDPA (whose mask then needs a gradient,
-#: which sends it to its math path) takes 1.4-2.1x this kernel's time at T = 49 ... 784; without a bias 1.05-1.2x up to
-#: T = 144, 1.0x at 196-256, 0.85x at 784. Forward only: SDPA's fused kernel is 0-10% faster with a table (a broadcast
-#: mask) or without one, so it takes those; a region mask differs per window, which SDPA could only take
-#: materialised per window and image (B * nW * T * T per call), so masked windows stay here. The probabilities kept
-#: for the backward pass grow as T (heads * tokens * T floats): windows are capped at MAX_TOKENS.
+#: Measured 2026-12-06 against SDPA on the same strided heads (float32; 25088 tokens in windows of T, 3 heads of 32;
+#: 1568 tokens, 12 heads of 32; 1 head of 48). Forward+backward, with a bias table (SDPA's mask then needs a gradient,
+#: which sends it to its math path): SDPA takes 1.4-2.6x this kernel's time at T = 49 ... 784, 1 and 2 threads;
+#: without a bias 1.05-1.6x up to T = 144, 1.0-1.1x at 196, 0.75-0.85x at 784. Forward only, at 2 threads (the
+#: benchmarks' setting): 1.2-1.35x up to T = 98 with or without a table, 0.95-1.05x at 196, 0.85-0.95x at 784; at
+#: 1 thread SDPA's fused kernel is 0-14% faster there. A region mask differs per window, which SDPA could only take
+#: materialised per window and image (B * nW * T * T per call), so masked windows stay here at every size. The
+#: probabilities kept for the backward pass grow as T (heads * tokens * T floats): windows are capped at MAX_TOKENS.
 MAX_TOKENS = 1024
 MAX_TOKENS_PLAIN = 144
 
 
 def takes(x: torch.Tensor, t: int, biased: bool, masked: bool, trains: bool) -> bool:
     """Whether windows of ``t`` tokens of projections like ``x`` run on this kernel (else on SDPA): CPU, float32 or
-    float64, eager; for training with a bias (or a region mask), or small windows without; for inference with a
-    region mask (``biased``: a table or a region mask is added; ``masked``: a region mask is)."""
-    if trains:
-        limit = MAX_TOKENS if biased else MAX_TOKENS_PLAIN
-    else:
-        limit = MAX_TOKENS if masked else 0
+    float64, eager; windows of up to ``MAX_TOKENS_PLAIN`` tokens, and up to ``MAX_TOKENS`` for training with a bias
+    or a region mask and for inference with a region mask (``biased``: a table or a region mask is added;
+    ``masked``: a region mask is)."""
+    limit = MAX_TOKENS if masked or (trains and biased) else MAX_TOKENS_PLAIN
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and t <= limit
             and not torch.compiler.is_compiling())
 

@@ -92,10 +92,9 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
         with torch.no_grad():
             plain = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
         # inference: the kernel takes the window batches with a bias or a region mask, SDPA the others
-        masked = kind == "swin" and any(shift)  # a region mask
-        assert spy.calls == (1 if masked else 0)  # inference: the kernel takes masked windows, SDPA the others
+        assert spy.calls == 1  # small windows: the kernel, with or without a bias, mask or gradient
         out = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
-        assert spy.calls == (2 if masked else 1)  # training: the kernel takes them all
+        assert spy.calls == 2
     assert out.shape == (b, *grid, c)
     go = torch.randn(out.shape, generator=g)
     params = [x, *(p for lin in lins for p in lin.parameters())] + ([table] if with_table else [])
@@ -114,6 +113,45 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
     assert (plain.double() - want).abs().max() < 1e-5
     for got, exp in zip(grads, want_grads):
         assert (got.double() - exp).abs().max() < 3e-5 * max(1.0, float(exp.abs().max()))
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), with_table=st.booleans(), order=st.sampled_from(["3hd", "h3d", "sep"]),
+       grad=st.booleans())
+def test_without_the_kernel_sdpa_and_attend_give_the_reference(kind, with_table, order, grad):
+    # large windows, other devices and torch.compile go to SDPA (no region mask) or attend with the bias
+    grid, size, shift, heads, d = (4, 6), (2, 3), (1, 2), 2, 3
+    pattern, allowed = _pattern(kind, size, grid, shift)
+    wb = WindowBatch.of(pattern, grid)
+    g = torch.Generator().manual_seed(KINDS.index(kind) * 12 + ["3hd", "h3d", "sep"].index(order) * 4
+                                      + int(with_table) * 2 + int(grad))
+    maps = [torch.randn(2, *grid, heads * d if order == "sep" else 3 * heads * d, generator=g)
+            for _ in range(3 if order == "sep" else 1)]
+    table = torch.randn(heads, 3, 5, generator=g) if with_table else None
+    srcs = [wb.split(m).requires_grad_(grad) for m in maps]
+    real = window_batch.takes
+    window_batch.takes = lambda *args: False
+    try:
+        with _Spy() as spy:
+            out = wb.attend(srcs if order == "sep" else srcs[0], heads, 0.5, table,
+                            "h3d" if order == "h3d" else "3hd", merge=True)
+        assert spy.calls == 0
+    finally:
+        window_batch.takes = real
+    back = [wb.merge(x, 2).double() for x in srcs]  # the maps again, differentiable in the window batches
+    q, k, v = _heads(back if order == "sep" else back[0], order, heads, d)
+    bias = None
+    if with_table:
+        bias = ref.window_rpb_bias(table.double(), grid, size, shift if kind in ("swin", "cyclic") else (0, 0),
+                                   grid_partition=kind == "grid")
+    want = ref.dense_reference(q, k, v, allowed, 0.5, bias).transpose(1, 2).reshape(out.shape)
+    assert (out.double() - want).abs().max() < 1e-5
+    if grad:
+        go = torch.randn(out.shape, generator=g)
+        got = torch.autograd.grad((out * go).sum(), srcs)
+        exp = torch.autograd.grad((want * go.double()).sum(), srcs)
+        for a, b in zip(got, exp):
+            assert (a.double() - b).abs().max() < 3e-5
 
 
 @settings(max_examples=10, deadline=None)
@@ -160,7 +198,7 @@ def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
         assert spy.calls == 1
         with torch.no_grad():
             plain = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
-        assert spy.calls == (2 if shift else 1)
+        assert spy.calls == 2
     qw = q[:, None].expand(b, n_win, t, heads * d).reshape(b * n_win, t, heads * d)
     want = wb.attend((qw.double(), *kv.double().unbind(2)), heads, 0.6, None if table is None else table.double())
     # the per-window float64 path itself, against the reference on the map
