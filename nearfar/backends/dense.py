@@ -44,12 +44,6 @@ def _additive_mask(pattern: Pattern, nq: int, nk: int, device: torch.device,
 #: matmul path's time at 25 keys, 1.6x at 49 (7x7 windows), 1.35-1.55x at 64 and 1.2-1.4x at 100, forward and
 #: forward+backward alike, at head dims 32 and 64 (an earlier rule of 16 keys came from HiLo's 2x2 windows)
 _FEW_KEYS = 64
-#: ... but only up to this many score entries per call without a mask: above it the fused kernel, which keeps each
-#: tile in cache and allocates no score tensor, is as fast or faster (measured 2026-12-06, 1 thread, no mask, head
-#: dim 32: at 14.7M entries (512 x 3 heads x 49 x 49) it takes 0.89x the forward time and 1.0x forward+backward,
-#: at 19M (8 x 3 x 3136 x 64, PT-DiT's proxy cross-attention) 0.82x and 0.91x; up to ~4M entries the matmul path
-#: stays ahead forward+backward by 1.05-1.2x). With a mask the matmul path is faster at every size measured.
-_FEW_KEYS_ENTRIES = 1 << 23
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -58,10 +52,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     unequal q/k and v head dims are zero-padded to one size first (the fused kernel needs equal dims and PyTorch
     otherwise takes its ~5x slower math path; zero columns change neither q.k nor the output)."""
     d, dv = q.shape[-1], v.shape[-1]
-    entries = q.shape[:-1].numel() * k.shape[-2]
-    few = k.shape[-2] <= _FEW_KEYS and (attn_mask is not None or entries <= _FEW_KEYS_ENTRIES)
-    if q.device.type == "cpu" and few and q.dtype in (torch.float32, torch.float64):
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(d ** -0.5 if scale is None else scale)
+    if q.device.type == "cpu" and k.shape[-2] <= _FEW_KEYS and q.dtype in (torch.float32, torch.float64):
+        s = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
         if attn_mask is not None:
             s = s + attn_mask
         return torch.matmul(s.softmax(-1), v)
