@@ -20,6 +20,8 @@ and the softmax and the GEMM that read them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: a role's place in the sources: (source index, channel of head 0, channel step per head)
@@ -64,89 +66,80 @@ def _head(srcs: tuple[torch.Tensor, ...], role: Role, h: int, d: int) -> torch.T
     return srcs[i][..., base + h * step:base + h * step + d]
 
 
-#: bytes of one chunk's scores: the scores, probabilities and their gradients of a chunk of windows stay in the
-#: L2 cache between the GEMM that writes them and the softmax and GEMM that read them (measured 2026-12-06, 1 thread,
-#: against whole-batch buffers: 1.2-1.3x faster forward and forward+backward at 98 tokens and 1 head of 48,
-#: 1.05-1.1x at 49 tokens and 3 heads of 32; 256 KiB chunks were slower, 512 KiB-2 MiB alike)
-CHUNK_BYTES = 1 << 20
+#: bytes of one chunk's scores, all heads together. Every operation of this kernel is a parallel region (OpenMP),
+#: and on a machine shared with other work each one waits at its end for a descheduled thread: measured 2026-12-06 at
+#: load ~3.5 on 2 cores, 2 threads, GC ViT's 56x56x96 block forward took 544 ms with 1 MiB chunks (one GEMM, softmax
+#: and GEMM per head per chunk), 160 ms with one chunk and 136 ms for the official-style code (quiet: 23, 24 and
+#: 30 ms; chunk size made no difference there). So with several threads the kernel issues as few operations as it can:
+#: whole batches (all heads' softmax, and its backward, as one call), chunked only past this size.
+CHUNK_BYTES = 1 << 26
+#: single-threaded there are no parallel regions to wait on, and chunks whose scores, probabilities and their
+#: gradients stay in the L2 cache between the GEMM that writes them and the softmax and GEMM that read them pay
+#: (1 thread, against whole batches: 1.2-1.3x faster at 98 tokens and 1 head of 48, 1.05-1.15x at 49 tokens and
+#: 3 heads of 32, forward and forward+backward; 256 KiB chunks were slower, 512 KiB-2 MiB alike)
+CHUNK_BYTES_SERIAL = 1 << 20
 
 
-def _chunk(bw: int, t: int, period: int, group: int, itemsize: int) -> int:
-    """Windows per chunk: about ``CHUNK_BYTES`` of scores, a multiple or a divisor of the bias period, and a divisor
-    of the group of windows that share a source (GC ViT's per-image queries), so that a chunk lies in one group."""
-    c = min(bw, max(1, CHUNK_BYTES // (t * t * itemsize)), group if group > 1 else bw)
-    while (c % period and period % c) or (group > 1 and group % c):
+def _chunk(bw: int, t: int, heads: int, period: int, itemsize: int) -> int:
+    """Windows per chunk: at most ``CHUNK_BYTES`` (one thread: ``CHUNK_BYTES_SERIAL``) of scores over all heads, a
+    multiple or a divisor of the period of the additive term."""
+    size = CHUNK_BYTES_SERIAL if torch.get_num_threads() == 1 else CHUNK_BYTES
+    c = min(bw, max(1, size // (heads * t * t * itemsize)))
+    while c % period and period % c:
         c -= 1
     return c
 
 
-def _fill(buf: torch.Tensor, a: torch.Tensor, w0: int) -> None:
-    """Copy the additive term of windows ``w0 ...`` (period ``a.shape[0]``) into the chunk buffer ``buf``."""
-    period, n = a.shape[0], buf.shape[0]
+def _fill(buf: torch.Tensor, add: torch.Tensor, w0: int) -> None:
+    """Copy the additive term ``(heads or 1, W', T, T)`` of windows ``w0 ...`` into ``buf (heads, c, T, T)``."""
+    period, n = add.shape[1], buf.shape[1]
     if n >= period:
-        buf.view(-1, *a.shape).copy_(a)
+        buf.view(buf.shape[0], -1, *add.shape[1:]).copy_(add[:, None])
     else:
-        buf.copy_(a[w0 % period:w0 % period + n])
+        buf.copy_(add[:, w0 % period:w0 % period + n])
 
 
-def _rows(x: torch.Tensor, group: int, w0: int, w1: int) -> torch.Tensor:
-    """Windows ``w0:w1`` of a source: a slice, or (a source shared by groups of windows) its group's entry
-    broadcast over the chunk (stride 0: the batched GEMM reads it once per window, no copy)."""
-    return x[w0:w1] if group == 1 else x[w0 // group].expand(w1 - w0, *x.shape[1:])
-
-
-def _geometry(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role],
-              add_shape: tuple[int, ...] | None) -> tuple[int, int, list[int], int]:
-    """``(BW, T, windows per entry of each source, chunk)``: k's source has one entry per window."""
-    k0 = srcs[roles[1][0]]
-    bw, t = k0.shape[0], k0.shape[1]
-    groups = [bw // x.shape[0] for x in srcs]
-    c = _chunk(bw, t, 1 if add_shape is None else add_shape[1], max(groups), k0.element_size())
-    return bw, t, groups, c
+def _block(flat: torch.Tensor, w0: int, w1: int, *shape: int) -> torch.Tensor:
+    """Windows ``w0:w1`` of a chunk-major buffer: a contiguous ``(shape[0], w1 - w0, *shape[1:])`` block (the
+    softmax backward's ``out=`` variant computes wrong values on non-contiguous tensors, PyTorch 2.13)."""
+    per = math.prod(shape)
+    return flat[w0 * per:w1 * per].view(shape[0], w1 - w0, *shape[1:])
 
 
 def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
-             add: torch.Tensor | None, scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Output ``(heads, BW, T, d)`` and, with ``keep``, the probabilities ``(heads, BW, T, T)``."""
-    bw, t, groups, c = _geometry(srcs, roles, None if add is None else tuple(add.shape))
-    gq, gk, gv = (groups[r[0]] for r in roles)
-    opts = dict(dtype=srcs[0].dtype, device=srcs[0].device)
-    s = torch.empty(c, t, t, **opts)
-    p = torch.empty(heads, bw, t, t, **opts) if keep else torch.empty(c, t, t, **opts)
+             add: torch.Tensor | None, scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Output ``(heads, BW, T, d)``, with ``keep`` the probabilities (chunk-major: each chunk's ``(heads, c, T, T)``
+    block contiguous, flat), and the chunk ``c`` (the backward pass reads the probabilities in the same chunks)."""
+    q0 = srcs[0]
+    bw, t = q0.shape[0], q0.shape[1]
+    c = _chunk(bw, t, heads, 1 if add is None else add.shape[1], q0.element_size())
+    opts = dict(dtype=q0.dtype, device=q0.device)
+    s = torch.empty(heads * c * t * t, **opts)
+    # the probabilities chunk-major, each chunk's (heads, c, T, T) block contiguous
+    p = torch.empty(heads * (bw if keep else c) * t * t, **opts)
     o = torch.empty(heads, bw, t, d, **opts)
-    for h in range(heads):
-        q, k, v = (_head(srcs, r, h, d) for r in roles)
-        a = None if add is None else add[h if add.shape[0] > 1 else 0]
-        for w0 in range(0, bw, c):
-            w1 = min(w0 + c, bw)
-            sc, qc, kt = s[:w1 - w0], _rows(q, gq, w0, w1), _rows(k, gk, w0, w1).transpose(1, 2)
-            if a is not None:  # the bias fills the buffer; the GEMM adds the scaled scores to it
-                _fill(sc, a, w0)
-                torch.baddbmm(sc, qc, kt, beta=1.0, alpha=scale, out=sc)
-            else:
-                torch.baddbmm(sc, qc, kt, beta=0.0, alpha=scale, out=sc)
-            pc = p[h, w0:w1] if keep else p[:w1 - w0]
-            torch.softmax(sc, -1, out=pc)  # not in place: an aliased softmax is ~1.3-1.5x slower on CPU
-            torch.bmm(pc, _rows(v, gv, w0, w1), out=o[h, w0:w1])
-    return o, p if keep else None
-
-
-def _put(dst: torch.Tensor | None, group: int, w0: int, w1: int, val: torch.Tensor) -> None:
-    """Write a chunk's gradient into its source's buffer (a source shared by a group of windows sums them)."""
-    if dst is None:
-        return
-    if group == 1:
-        dst[w0:w1].copy_(val)
-    else:
-        dst[w0 // group].add_(val.sum(0))
+    views = [[_head(srcs, r, h, d) for r in roles] for h in range(heads)]
+    for w0 in range(0, bw, c):
+        w1 = min(w0 + c, bw)
+        sc = _block(s, 0, w1 - w0, heads, t, t)
+        if add is not None:  # the bias fills the buffer; the GEMMs add the scaled scores to it
+            _fill(sc, add, w0)
+        for h, (q, k, _) in enumerate(views):
+            torch.baddbmm(sc[h], q[w0:w1], k[w0:w1].transpose(1, 2), beta=0.0 if add is None else 1.0, alpha=scale,
+                          out=sc[h])
+        pc = _block(p, w0, w1, heads, t, t) if keep else _block(p, 0, w1 - w0, heads, t, t)
+        torch.softmax(sc, -1, out=pc)  # all heads at once, not in place (an aliased softmax is ~1.3-1.5x slower)
+        for h, (_, _, v) in enumerate(views):
+            torch.bmm(pc[h], v[w0:w1], out=o[h, w0:w1])
+    return o, p if keep else None, c
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, roles, heads, d, scale, add, *srcs):  # type: ignore[override]
-        out, p = _forward(srcs, roles, heads, d, add, scale, keep=True)
+        out, p, c = _forward(srcs, roles, heads, d, add, scale, keep=True)
         ctx.save_for_backward(p, *srcs)
-        ctx.roles, ctx.heads, ctx.d, ctx.scale = roles, heads, d, scale
+        ctx.roles, ctx.heads, ctx.d, ctx.scale, ctx.chunk = roles, heads, d, scale, c
         ctx.add_shape = None if add is None else tuple(add.shape)
         return out
 
@@ -155,44 +148,51 @@ class _WindowAttention(torch.autograd.Function):
         p, *srcs = ctx.saved_tensors
         roles, heads, d, scale = ctx.roles, ctx.heads, ctx.d, ctx.scale
         g = g.contiguous()
-        bw, t, groups, c = _geometry(tuple(srcs), roles, ctx.add_shape)
-        gq, gk, gv = (groups[r[0]] for r in roles)
-        want = ctx.needs_input_grad
-        # the gradients go straight into buffers laid out as the sources (every channel is some head's); a shared
-        # source accumulates over its windows
-        dsrcs = [None if not want[5 + i] else torch.empty_like(x) if groups[i] == 1 else torch.zeros_like(x)
-                 for i, x in enumerate(srcs)]
-        dadd = None
-        if ctx.add_shape is not None and want[4]:
-            dadd = torch.zeros(ctx.add_shape, dtype=p.dtype, device=p.device)
+        bw, t = g.shape[1], g.shape[2]
         period = 1 if ctx.add_shape is None else ctx.add_shape[1]
-        dp = torch.empty(c, t, t, dtype=p.dtype, device=p.device)
-        ds = torch.empty(c, t, t, dtype=p.dtype, device=p.device)
-        tmp = torch.empty(c, t, d, dtype=p.dtype, device=p.device)
-        for h in range(heads):
-            q, k, v = (_head(tuple(srcs), r, h, d) for r in roles)
-            dq, dk, dv = (None if dsrcs[r[0]] is None else _head(tuple(dsrcs), r, h, d) for r in roles)
-            gh = g[h]
-            da = None if dadd is None else dadd[h if dadd.shape[0] > 1 else 0]
-            for w0 in range(0, bw, c):
-                w1 = min(w0 + c, bw)
-                n, ph, gc = w1 - w0, p[h, w0:w1], gh[w0:w1]
-                tc, dpc, dsc = tmp[:n], dp[:n], ds[:n]
-                if dv is not None:
-                    _put(dv, gv, w0, w1, torch.bmm(ph.transpose(1, 2), gc, out=tc))
-                torch.bmm(gc, _rows(v, gv, w0, w1).transpose(1, 2), out=dpc)
-                torch.ops.aten._softmax_backward_data.out(dpc, ph, -1, ph.dtype, grad_input=dsc)
-                if da is not None:
-                    if n >= period:
-                        da += dsc.view(-1, *da.shape).sum(0)
-                    else:
-                        da[w0 % period:w0 % period + n] += dsc
-                if dq is not None:
-                    _put(dq, gq, w0, w1, torch.baddbmm(tc, dsc, _rows(k, gk, w0, w1), beta=0.0, alpha=scale, out=tc))
-                if dk is not None:
-                    qc = _rows(q, gq, w0, w1)
-                    _put(dk, gk, w0, w1, torch.baddbmm(tc, dsc.transpose(1, 2), qc, beta=0.0, alpha=scale, out=tc))
-        return None, None, None, None, dadd, *dsrcs
+        c = ctx.chunk
+        opts = dict(dtype=p.dtype, device=p.device)
+        # per chunk, the gradients of q, k and v of every head go to one buffer, then into buffers laid out as the
+        # sources by one copy (every channel of a source is some head's)
+        buf = torch.empty(3 * heads * c * t * d, **opts)
+        dp = torch.empty(heads * c * t * t, **opts)
+        ds = torch.empty(heads * c * t * t, **opts)
+        dsrcs = [torch.empty_like(x) for x in srcs]
+        if len(srcs) == 1:  # fused: channels [3, heads, d] or [heads, 3, d]
+            split = (3, heads, d) if roles[1][2] == d else (heads, 3, d)
+            targets = [dsrcs[0].view(bw, t, *split).permute((2, 3, 0, 1, 4) if roles[1][2] == d else (3, 2, 0, 1, 4))]
+        else:
+            targets = [x.view(bw, t, heads, d).permute(2, 0, 1, 3) for x in dsrcs]  # (heads, BW, T, d) each
+        dadd = None
+        if ctx.add_shape is not None and ctx.needs_input_grad[4]:
+            dadd = torch.zeros(heads, *ctx.add_shape[1:], **opts)
+        views = [[_head(tuple(srcs), r, h, d) for r in roles] for h in range(heads)]
+        for w0 in range(0, bw, c):
+            w1 = min(w0 + c, bw)
+            n, pc = w1 - w0, _block(p, w0, w1, heads, t, t)
+            dpc, dsc = _block(dp, 0, n, heads, t, t), _block(ds, 0, n, heads, t, t)
+            bc = buf[:3 * heads * n * t * d].view(3, heads, n, t, d)
+            for h, (_, _, v) in enumerate(views):
+                torch.bmm(pc[h].transpose(1, 2), g[h, w0:w1], out=bc[2, h])
+                torch.bmm(g[h, w0:w1], v[w0:w1].transpose(1, 2), out=dpc[h])
+            torch.ops.aten._softmax_backward_data.out(dpc, pc, -1, p.dtype, grad_input=dsc)
+            if dadd is not None:
+                if n >= period:
+                    dadd += dsc.view(heads, -1, period, t, t).sum(1)
+                else:
+                    dadd[:, w0 % period:w0 % period + n] += dsc
+            for h, (q, k, _) in enumerate(views):
+                torch.baddbmm(bc[0, h], dsc[h], k[w0:w1], beta=0.0, alpha=scale, out=bc[0, h])
+                torch.baddbmm(bc[1, h], dsc[h].transpose(1, 2), q[w0:w1], beta=0.0, alpha=scale, out=bc[1, h])
+            if len(srcs) == 1:
+                targets[0][:, :, w0:w1].copy_(bc)
+            else:
+                for i in range(3):
+                    targets[i][:, w0:w1].copy_(bc[i])
+        if dadd is not None and ctx.add_shape[0] == 1:
+            dadd = dadd.sum(0, keepdim=True)
+        want = ctx.needs_input_grad
+        return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
 
 def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
@@ -200,9 +200,9 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
     """Attention of every window's tokens among themselves: ``(heads, BW, T, d)``.
 
     Args:
-        srcs: One or three ``(BW, T, channels)`` tensors (last dim contiguous) holding q, k and v as ``roles`` say;
-            a source with ``BW / G`` entries is shared by each group of ``G`` consecutive windows (GC ViT's global
-            queries, one per image); k's source has one entry per window.
+        srcs: One ``(BW, T, 3 * heads * d)`` or three ``(BW, T, heads * d)`` tensors (last dim contiguous) holding
+            q, k and v as ``roles`` say (every channel is some head's); a q source with ``BW / G`` entries is
+            shared by each group of ``G`` consecutive windows (GC ViT's global queries, one per image).
         roles: Where head ``h`` of q, k and v lies (``roles_of``).
         heads: Number of heads.
         d: Channels per head (q, k and v alike).
@@ -215,11 +215,9 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
         ``(heads, BW, T, d)``: each head's output, contiguous (the caller interleaves the heads, e.g. in the same
         copy that puts the windows back in place).
     """
-    k0 = srcs[roles[1][0]]
-    bw, t = k0.shape[0], k0.shape[1]
-    free = _chunk(bw, t, 1 if add is None else add.shape[1], 1, k0.element_size())
-    # a source shared by fewer windows than a chunk holds would cut the chunks short: repeat it per window (cheap)
-    srcs = tuple(x if x.shape[0] == bw or bw // x.shape[0] >= free else
+    bw = srcs[-1].shape[0]
+    # a shared q source is repeated per window (one copy; its gradient is summed back over the windows)
+    srcs = tuple(x if x.shape[0] == bw else
                  x[:, None].expand(x.shape[0], bw // x.shape[0], *x.shape[1:]).reshape(bw, *x.shape[1:])
                  for x in srcs)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None):

@@ -41,16 +41,17 @@ def _heads(p, order, heads, d):
 
 
 class _Chunk:
-    """Run the window kernel in chunks of ``windows`` windows (more than one chunk, a partial last one)."""
+    """Run the window kernel in chunks of about ``n`` windows' scores per head (several chunks, a partial last one),
+    whatever the thread count."""
 
-    def __init__(self, n_windows, t):
-        self.bytes, self.old = n_windows * t * t * 4, windows.CHUNK_BYTES
+    def __init__(self, n, t):
+        self.bytes, self.old = n * t * t * 4, (windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL)
 
     def __enter__(self):
-        windows.CHUNK_BYTES = self.bytes
+        windows.CHUNK_BYTES = windows.CHUNK_BYTES_SERIAL = self.bytes
 
     def __exit__(self, *exc):
-        windows.CHUNK_BYTES = self.old
+        windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL = self.old
 
 
 class _Spy:
@@ -213,6 +214,32 @@ def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
     for got, exp in zip(torch.autograd.grad((out * go).sum(), leaves),
                         torch.autograd.grad((want * go.double()).sum(), leaves)):
         assert (got.double() - exp).abs().max() < 3e-5 * max(1.0, float(exp.abs().max()))
+
+
+def test_chunks_of_every_size_give_the_whole_batch_result():
+    # several heads, chunks that do not divide the batch (a partial last chunk), an additive term with a period
+    g = torch.Generator().manual_seed(7)
+    heads, d, t, bw = 3, 4, 5, 24
+    for order, n_src in (("3hd", 1), ("h3d", 1), ("sep", 3)):
+        srcs = [torch.randn(bw, t, (3 if n_src == 1 else 1) * heads * d, dtype=torch.float64, generator=g,
+                            requires_grad=True) for _ in range(n_src)]
+        for period in (1, 6):
+            add = torch.randn(heads, period, t, t, dtype=torch.float64, generator=g, requires_grad=True)
+            go = torch.randn(heads, bw, t, d, dtype=torch.float64, generator=g)
+            results = []
+            for windows_per_chunk in (bw, 1, 2, 3, 5, 7, 13):
+                with _Chunk(windows_per_chunk * heads * 2, t):  # float64: 2x the float32 bytes
+                    out = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3, add)
+                    with torch.no_grad():
+                        plain = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3,
+                                                      add)
+                    inside = torch.autograd.grad(out, [*srcs, add], go, retain_graph=True)
+                # the backward pass reads the probabilities in the forward's chunks whatever the setting is by then
+                outside = torch.autograd.grad(out, [*srcs, add], go)
+                results.append((out, plain, *inside, *outside))
+            for other in results[1:]:
+                for a, b in zip(results[0], other):
+                    assert (a - b).abs().max() < 1e-12
 
 
 def test_strided_channel_groups_split_like_their_copy():
