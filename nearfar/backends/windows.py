@@ -5,17 +5,17 @@ The official window codes (Swin, MaxViT, GC ViT, HiDiffusion, PT-DiT, CRAFT) pro
 v forward, and backward a zero-filled ``(3, ...)`` gradient per slice taken (``qkv[0]``, ``qkv[1]``, ``qkv[2]``),
 summed and copied back. Here every head of q, k and v is a strided ``(B*nW, T, d)`` view of the projection output
 (a batched GEMM reads it as it lies); per head, the scores are one ``baddbmm`` into a buffer that holds the bias
-(and region mask) already, so scaling and the bias add cost no extra pass, the softmax writes the probabilities
-(out of place: an aliased softmax is ~1.3-1.5x slower on CPU) and ``p @ v`` a contiguous per-head output; the heads
-are interleaved in the same copy that puts the windows back in place (``WindowBatch``). The backward pass writes
-the gradients of q, k and v straight into one buffer laid out as the projection output, which the projection's
-backward reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T`` floats, as the
-matmul + softmax path keeps them).
+(and region mask) already, so scaling and the bias add cost no extra pass; one softmax call for all heads writes
+the probabilities (out of place: an aliased softmax is ~1.3-1.5x slower on CPU) and ``p @ v`` a contiguous per-head
+output; the heads are interleaved in the same copy that puts the windows back in place (``WindowBatch``). The
+backward pass writes the gradients of q, k and v into a buffer laid out as the projection output, which the
+projection's backward reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T``
+floats, as the matmul + softmax path keeps them).
 
 CPU, float32/float64 only (``takes`` says when: small windows always; larger ones, up to ``MAX_TOKENS`` tokens, for
-training with a bias and wherever a region mask is, which SDPA could only take materialised per window). The
-scores are computed in chunks of about ``CHUNK_BYTES``, which stay in the L2 cache between the GEMM that writes them
-and the softmax and the GEMM that read them.
+training with a bias and wherever a region mask is, which SDPA could only take materialised per window). With
+several threads the kernel runs on whole batches (few operations: each is a parallel region, see ``CHUNK_BYTES``);
+single-threaded, in chunks that stay in the L2 cache (``CHUNK_BYTES_SERIAL``).
 """
 
 from __future__ import annotations
