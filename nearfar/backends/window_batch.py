@@ -8,6 +8,7 @@ heads and the windows back in place in one copy or add them into a map in place.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -266,12 +267,12 @@ class _TokenGather(torch.autograd.Function):
     inverse permutation (``index_select``'s own backward zero-fills and scatter-adds)."""
 
     @staticmethod
-    def forward(ctx, x, index, inverse):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         return x.index_select(1, index.to(x.device))
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (inverse,) = ctx.saved_tensors
         return g.index_select(1, inverse.to(g.device)), None, None
 

@@ -21,6 +21,7 @@ single-threaded, in chunks that stay in the L2 cache (``CHUNK_BYTES_SERIAL``).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -136,7 +137,8 @@ def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], hea
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, roles, heads, d, scale, add, *srcs):  # type: ignore[override]
+    def forward(ctx: Any, roles: tuple[Role, Role, Role], heads: int, d: int, scale: float,
+                add: torch.Tensor | None, *srcs: torch.Tensor) -> torch.Tensor:
         out, p, c = _forward(srcs, roles, heads, d, add, scale, keep=True)
         ctx.save_for_backward(p, *srcs)
         ctx.roles, ctx.heads, ctx.d, ctx.scale, ctx.chunk = roles, heads, d, scale, c
@@ -144,7 +146,7 @@ class _WindowAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         p, *srcs = ctx.saved_tensors
         roles, heads, d, scale = ctx.roles, ctx.heads, ctx.d, ctx.scale
         g = g.contiguous()
