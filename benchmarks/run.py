@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import nearfar as nf
+from nearfar import native
 from nearfar.bench.timing import interleave, load, median_ratio
 
 CASES = {
@@ -88,12 +89,20 @@ def _flex(pattern, q, k, v):
     return (lambda: compiled(q, k, v, block_mask=block_mask)), t_mask, t_compile
 
 
-def run_case(name: str, rounds: int, peers: bool, out) -> dict:
+def _without_kernel(pattern, q, k, v):
+    """The block-sparse engine's PyTorch path, as where the compiled kernel is not built (the issue-2 engine)."""
+    def run():
+        with native.disabled():
+            nf.attend(q, k, v, pattern)
+    return run
+
+
+def run_case(name: str, rounds: int, peers: bool, out, dtype: torch.dtype = torch.float32) -> dict:
     case = CASES[name]
     pattern = case["pattern"]()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, case["heads"], case["n"], case["dim"], generator=g) for _ in range(3))
-    res = dict(case=name, desc=case["desc"], load_before=load())
+    q, k, v = (torch.randn(1, case["heads"], case["n"], case["dim"], generator=g).to(dtype) for _ in range(3))
+    res = dict(case=name, desc=case["desc"] + ("" if dtype == torch.float32 else f", {dtype}"), load_before=load())
     with torch.no_grad():
         ours = nf.attend(q, k, v, pattern)
         ref = nf.attend(q, k, v, pattern, engine="dense")
@@ -101,6 +110,8 @@ def run_case(name: str, rounds: int, peers: bool, out) -> dict:
         del ref
         fast = {"dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
                 "nearfar": lambda: nf.attend(q, k, v, pattern)}
+        if native.available():
+            fast["nearfar without the kernel"] = _without_kernel(pattern, q, k, v)
         slow = {}
         if peers:
             mask = pattern.mask(case["n"], case["n"])
@@ -132,7 +143,7 @@ def run_case(name: str, rounds: int, peers: bool, out) -> dict:
     res["speedup_vs_dense"] = median_ratio(times, "dense SDPA", "nearfar")
     if "compiled Flex" in times:
         res["speedup_vs_flex"] = median_ratio(times, "compiled Flex", "nearfar")
-    if name in ("C1", "C2"):
+    if name in ("C1", "C2", "C3"):
         res["fwd_bwd_over_fwd"] = _fwd_bwd(pattern, q, k, v, rounds)
     res["load_after"] = load()
     out(_format(res))
@@ -243,12 +254,16 @@ def main() -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-fresh", action="store_true", help="skip the first-call and memory subprocesses")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="q/k/v dtype of the cases (the fresh-process checks stay float32)")
     args = parser.parse_args()
     out = print
     out(f"## nearfar core benchmark\n\n`python benchmarks/run.py {' '.join(sys.argv[1:])}`\n\n"
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"nearfar {nf.__version__}, {time.strftime('%Y-%m-%d %H:%M')}\n")
-    results = dict(cases=[run_case(c, args.rounds, not args.skip_peers, out) for c in args.cases])
+    out(f"{native.status()}\n")
+    dtype = getattr(torch, args.dtype)
+    results = dict(cases=[run_case(c, args.rounds, not args.skip_peers, out, dtype) for c in args.cases])
     if not args.skip_fresh:
         results["first_call"] = first_call([c for c in args.cases if c in ("C1", "C2")], out)
         results["memory_1m"] = memory(out)

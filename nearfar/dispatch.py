@@ -14,6 +14,8 @@ import torch
 from .backends import ENGINES
 from .backends.blocksparse import blocksparse_attention
 from .backends.dense import dense_attention
+from .backends.native import density as native_density
+from .backends.native import supports as native_supports
 from .backends.partition import partition_attention
 from .backends.selected import selected_attention
 from .bias import DenseBias, RelativePositionBias
@@ -28,6 +30,13 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: up to this many (query, key) pairs "auto" uses the dense engine: below about 1024 x 1024 one fused dense
 #: kernel beats per-chunk work on this CPU even at ~15% density (``nearfar bench``: 2D 7x7 on 32x32)
 _SMALL = 1 << 20
+#: ... except that the compiled CPU kernel (``nearfar.native``) computes a pattern's scores at about the cost per
+#: score of fused dense SDPA, so below ``_SMALL`` pairs "auto" takes it when the plan's scored fraction is under
+#: this: measured with ``benchmarks/small.py`` (2 threads, fp32): causal at 256 tokens (fraction 0.63) 1.6x
+#: faster than dense SDPA forward and forward+backward, 2D 7x7 at 14x14 (0.60) 1.6x, 28x28 (0.17) 3.6-3.9x
+_NATIVE_DENSITY = 0.85
+#: and the problem is not tiny (where one dense call's lower fixed cost wins)
+_NATIVE_MIN_PAIRS = 1 << 12
 
 
 def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:
@@ -365,7 +374,8 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
             engine = "blocksparse"
     if engine == "dense":
         return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
-    if engine in ("blocksparse", "partition") and isinstance(pattern, PerHead) and bias_src is None:
+    if engine in ("blocksparse", "partition") and isinstance(pattern, PerHead) and bias_src is None \
+            and not _one_native_call(q, pattern, engine):
         return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse, None if chosen else engine)
     if engine in ("blocksparse", "partition"):
         plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
@@ -454,7 +464,10 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
        windows, whatever the size; a window pattern that is not a partition here (e.g. edge windows of another
        size) goes to ``"blocksparse"``;
-    2. no pattern, or at most ``2**20`` (query, key) pairs: ``"dense"`` (one fused kernel beats per-chunk work);
+    2. no pattern, or at most ``2**20`` (query, key) pairs: ``"dense"`` (one fused kernel beats per-chunk work),
+       unless the compiled CPU kernel is loaded and the pattern's plan scores under 85% of the pairs (and the problem
+       has at least 4,096 pairs): then ``"blocksparse"`` (measured faster than dense SDPA there, ``benchmarks/
+       small.py``);
     3. on CUDA, with FlexAttention available and no bias that needs a gradient: ``"flex"`` (its Triton kernels beat
        our per-chunk kernels there; a pattern it fails to compile falls back to ``"blocksparse"`` with a warning);
     4. otherwise ``"blocksparse"``, which beats compiled Flex on CPU and trains.
@@ -467,8 +480,10 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
             return "dense"
     elif pattern is not None and pattern.may_partition:
         return "partition" if _is_partition(pattern, nq, nk, q.device) else "blocksparse"
-    elif pattern is None or nq * nk <= _SMALL:
+    elif pattern is None:
         return "dense"
+    elif nq * nk <= _SMALL:
+        return "blocksparse" if _native_pays(q, pattern, nq, nk) else "dense"
     trains_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()  # Flex: no bias gradient
     if q.device.type == "cuda" and not trains_bias and (pattern, nq, nk) not in _FLEX_FAILED:
         from .backends.flex import available
@@ -479,6 +494,22 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
 
 
 _FLEX_FAILED: dict = {}
+
+
+def _one_native_call(q: torch.Tensor, pattern: PerHead, engine: str) -> bool:
+    """A ``PerHead`` pattern runs as one call of the compiled kernel (per-head key lists, each head's sub-blocks
+    skipped on its own) instead of one call per distinct pattern over gathered heads: no copies of q/k/v per head
+    group (MoA at 8,192 tokens held 1.33x dense SDPA's forward peak that way). Not for windows, which the
+    per-pattern split may send to the partition engine."""
+    return engine == "blocksparse" and native_supports(q) and not any(p.may_partition for p in pattern.patterns)
+
+
+def _native_pays(q: torch.Tensor, pattern: Pattern, nq: int, nk: int) -> bool:
+    """Whether the compiled CPU kernel beats the dense engine here: it is loaded, the problem is not tiny, and the
+    plan's scored fraction (``backends.native.density``) is under ``_NATIVE_DENSITY``."""
+    if q.device.type != "cpu" or nq * nk < _NATIVE_MIN_PAIRS or not native_supports(q):
+        return False
+    return native_density(_plan(pattern, nq, nk, q.device)) < _NATIVE_DENSITY
 
 
 def _try_flex(q, k, v, pattern, scale, kpm, bias, return_lse):

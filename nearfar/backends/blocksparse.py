@@ -32,6 +32,8 @@ from .kernels import (
     matmul_forward,
     unit_last,
 )
+from .native import native_attention
+from .native import supports as native_supports
 
 _CHUNK_BYTES = int(os.environ.get("NEARFAR_CHUNK_BYTES", 16 << 20))
 
@@ -418,7 +420,12 @@ def _empty_rows_lse(pb: Problem, lse: torch.Tensor) -> torch.Tensor:
 def blocksparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
                           kpm: torch.Tensor | None = None, bias: BiasSource | None = None, return_lse: bool = False,
                           kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source."""
+    """Run the block-sparse engine. ``kpm`` is an additive (B, Nk) float mask, ``bias`` a bias source.
+
+    On CPU the compiled kernel (``nearfar.native``) runs float32/bfloat16/float16 inputs when it is built;
+    ``kernel="fused"`` or ``"matmul"`` asks for the PyTorch paths."""
+    if kernel in ("auto", "native") and native_supports(q):
+        return native_attention(q, k, v, plan, scale, kpm, bias)
     padded = equal_head_dims(q, k, v) if kernel != "matmul" else None
     if padded is not None:
         out, lse = blocksparse_attention(*padded, plan, scale, kpm, bias, return_lse, kernel)

@@ -95,7 +95,8 @@ def test_gate_fails_a_layer_whose_fast_engine_differs_from_the_dense_one():
     layer = PatternAttention(32, 2, _TileBlind(100) & Causal(), causal=True)
     res = gate_layer(layer, "CS", _x(2, GATE_1D, 32))
     assert res["max_err"] > 100 * TOL and not res["passed"], res
-    assert res["prefix_invariant"] is True  # still causal: (a) alone catches it
+    # (a) alone catches it; whether prefix invariance holds too depends on the engine "auto" picks at this size
+    # (the block-sparse one drops keys differently for a prefix, whose last tile is shorter)
 
 
 def test_gate_reports_a_layer_that_cannot_run():

@@ -1,10 +1,15 @@
 """The library needs only torch: importing nearfar, running attend, every registered layer's constructor and the
-bench modules never import matplotlib (the ``bench`` extra: the report's figures only)."""
+bench modules never import matplotlib (the ``bench`` extra: the report's figures only). The torch release the package
+metadata claims as its floor is the one CI installs and tests."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = """
 import sys
@@ -24,3 +29,21 @@ print("ok")
 def test_nearfar_works_without_matplotlib():
     res = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.match(r"\d+(?:\.\d+)*", version).group().split("."))
+
+
+def test_torch_floor_is_the_tested_release():
+    """pyproject's ``torch>=X`` equals constraints.txt's ``torch==X`` (what ``.ci/run`` and the README install), so
+    the metadata never claims an older torch than CI runs; the torch running these tests satisfies both."""
+    deps = re.findall(r'^dependencies = \[(.*)\]', (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    floors = re.findall(r'"torch>=([\d.]+)"', deps[0]) if len(deps) == 1 else []
+    pins = re.findall(r"^torch==([\d.]+)\s*$", (ROOT / "constraints.txt").read_text(), flags=re.M)
+    assert len(floors) == 1 and len(pins) == 1, (deps, floors, pins)
+    floor, pin = _release(floors[0]), _release(pins[0])
+    assert floor == pin[: len(floor)], f"pyproject claims torch>={floors[0]} but CI tests torch=={pins[0]}"
+    import torch
+
+    assert _release(torch.__version__) >= floor, torch.__version__

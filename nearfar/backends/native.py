@@ -1,0 +1,257 @@
+"""The block-sparse engine on the compiled CPU kernel (``nearfar/csrc/sparse_attention.cpp``).
+
+The kernel reads q/k/v in place and walks each query tile's key list in sub-blocks of ``kb`` keys with an online
+softmax, skipping the sub-blocks no query of the tile sees and the rows of a sub-block that see none of its keys.
+What it needs besides the tensors is data-independent and made once per plan (cached with it): each tile's key list
+in ascending key order (so a 2D/3D box is read row by row and a sub-block spans few query rows of the tile), the
+exact mask in the same order, and per (tile, sub-block) the live row range and whether every pair in it is allowed.
+
+It covers the plan-based block-sparse path: float32, bfloat16 and float16 inputs (float32 accumulation), GQA,
+per-head patterns, key padding, and a bias with its gradient. A relative-position table (NAT/DiNAT, windows) is
+looked up by the kernel itself through a per-plan index, and its gradient is added into one small copy of the table
+per work item, so it costs no memory per call; any other bias is looked up into a (B', H', c, W, T) block per call
+and its score gradients come back the same way, in calls of at most ``_BIAS_BYTES``. float64 and other devices
+keep the PyTorch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .. import native
+from ..bias import BiasSource, RelativePositionBias
+from ..plan import Plan, TileGroup
+from .kernels import unit_last
+
+#: keys per sub-block (fixed in the kernel: one 64-bit mask word per query row); 16 and 32 were slower at C1-C3
+#: (more, smaller matrix products), 128 no faster
+KB = 64
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class NativeGroup:
+    q_idx: torch.Tensor  # (c, T) int64
+    k_idx: torch.Tensor  # (Hp, c, W) int64, ascending, -1 last
+    bits: torch.Tensor  # (Hp, c, W, ceil(T/64)) int64: bit r of word w = query row 64w+r of the tile sees the key
+    rows: torch.Tensor  # (Hp, c, nsub, 2) int32: [r0, r1) tile rows that see any key of the sub-block
+    full: torch.Tensor  # (Hp, c, nsub) bool: every pair of the sub-block's rows [r0, r1) is allowed
+    #: per tile range of a kernel call: what a bias source memoises (e.g. the relative-position index)
+    memos: dict = field(default_factory=dict)
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the compiled kernel can run this call (and is built and loaded)."""
+    return q.device.type == "cpu" and q.dtype in DTYPES and native.available()
+
+
+def _words(mask: torch.Tensor) -> torch.Tensor:
+    """(Hp, c, T, W) bool -> (Hp, c, W, ceil(T/64)) int64 words, bit r of word w = row 64w + r (little-endian
+    bytes, as the kernel reads them)."""
+    hp, c, t, w = mask.shape
+    nw = -(-t // 64)
+    rows = torch.nn.functional.pad(mask, (0, 0, 0, nw * 64 - t)).view(hp, c, nw, 8, 8, w).to(torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)[:, None]
+    byte = (rows * weights).sum(4, dtype=torch.uint8)  # (Hp, c, nw, 8, W)
+    out = torch.empty(hp, c, w, nw, 8, dtype=torch.uint8)  # fresh: standard strides even for size-1 dims
+    return out.copy_(byte.permute(0, 1, 4, 2, 3)).view(torch.int64).view(hp, c, w, nw)
+
+
+def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.Tensor, ...]:
+    k = g.k_idx[:, t0:t1]
+    order = torch.argsort(torch.where(k < 0, plan.nk, k), dim=-1, stable=True)
+    k = k.gather(-1, order)
+    mask = plan.allowed(g, t0, t1)
+    mask = mask.gather(-1, order[:, :, None, :].expand_as(mask))
+    hp, c, t, w = mask.shape
+    nsub = -(-w // kb)
+    pad = nsub * kb - w
+    live = torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).any(-1)  # (Hp, c, T, nsub)
+    allowed = torch.nn.functional.pad(mask, (0, pad), value=True).view(hp, c, t, nsub, kb).all(-1)
+    any_row = live.any(2)  # (Hp, c, nsub)
+    r0 = torch.where(any_row, live.int().argmax(2), 0)
+    r1 = torch.where(any_row, t - live.flip(2).int().argmax(2), 0)
+    ar = torch.arange(t)[None, None, :, None]
+    in_range = (ar >= r0[:, :, None]) & (ar < r1[:, :, None])  # (Hp, c, T, nsub)
+    full = (allowed | ~in_range).all(2) & any_row
+    return k, _words(mask), torch.stack([r0, r1], -1).to(torch.int32), full
+
+
+def _group(plan: Plan, g: TileGroup, kb: int) -> NativeGroup:
+    """The kernel's arrays for one tile group, made a few MB of mask at a time (a 1M-token plan has 8,192 tiles)."""
+    hp, c, w = g.k_idx.shape
+    step = max(1, (4 << 20) // max(1, hp * plan.tile * w))
+    parts = [_chunk(plan, g, t0, min(c, t0 + step), kb) for t0 in range(0, c, step)]
+    k, bits, rows, full = (torch.cat([p[i] for p in parts], 1).contiguous() for i in range(4))
+    return NativeGroup(g.q_idx.contiguous(), k, bits, rows, full)
+
+
+def groups(plan: Plan, kb: int = KB) -> list[NativeGroup]:
+    key = ("native", kb)
+    out = plan.engine_cache.get(key)
+    if out is None:
+        out = [_group(plan, g, kb) for g in plan.groups]
+        size = sum(x.q_idx.numel() * 8 + x.k_idx.numel() * 8 + x.bits.numel() * 8 + x.rows.numel() * 4
+                   + x.full.numel() for x in out)
+        plan.engine_cache.put(key, out, size)
+    return out
+
+
+#: extra float32 dK/dV accumulators (beyond the gradients themselves) a backward call may hold
+_SPLIT_BYTES = 64 << 20
+
+
+def _splits(b: int, hkv: int, nk: int, e: int) -> int:
+    """dK/dV accumulators: one per (batch, kv head) owner, so no two threads add into the same rows; more when there
+    are fewer owners than threads (the tiles are then split over them), as many as ``_SPLIT_BYTES`` allows (a
+    1M-token single-head backward would otherwise hold two more copies of dK and dV: it runs on one thread)."""
+    threads = torch.get_num_threads()
+    if b * hkv >= threads:
+        return 1
+    extra = max(1, b * hkv * nk * e * 4)
+    return max(1, min(-(-threads // (b * hkv)), 1 + _SPLIT_BYTES // extra))
+
+
+#: bias values (and their gradients) of one kernel call: tile groups with a bias run in calls of this many bytes
+_BIAS_BYTES = 32 << 20
+
+
+def _table(bias: BiasSource | None, plan: Plan) -> RelativePositionBias | None:
+    """A relative-position table the kernel looks up itself (no bias block per call), or None."""
+    return bias if isinstance(bias, RelativePositionBias) and plan.heads == 1 else None
+
+
+def _rpb_index(rpb: RelativePositionBias, g: NativeGroup, t0: int, t1: int) -> torch.Tensor:
+    """(c, W, T rounded up to 16) int32 table index of tiles t0:t1, cached with the plan."""
+    memo = g.memos.setdefault((t0, t1), {})
+    key = ("rpb", rpb.pattern, rpb.n)
+    if key not in memo:
+        q = g.q_idx[t0:t1].clamp(min=0)[:, :, None]
+        k = g.k_idx[0, t0:t1].clamp(min=0)[:, None, :]
+        idx = rpb.pattern.rpb_index(q, k, rpb.n).transpose(1, 2)  # (c, W, T)
+        pad = -(-idx.shape[2] // 16) * 16 - idx.shape[2]
+        memo[key] = torch.nn.functional.pad(idx, (0, pad)).to(torch.int32).contiguous()
+    return memo[key]
+
+
+def _calls(g: NativeGroup, tile: int, b: int, hq: int, bias: BiasSource | None) -> list[tuple[int, int]]:
+    """Tile ranges of one group's kernel calls: the whole group, or bias-sized pieces of it."""
+    c, w = g.q_idx.shape[0], g.k_idx.shape[2]
+    if bias is None:
+        return [(0, c)]
+    step = max(1, _BIAS_BYTES // (b * hq * w * (-(-tile // 16) * 16) * 4))
+    return [(t0, min(c, t0 + step)) for t0 in range(0, c, step)]
+
+
+def _bias_tile(bias: BiasSource, g: NativeGroup, t0: int, t1: int) -> torch.Tensor:
+    """The bias of tiles t0:t1 as the kernel reads it: (B', H', c, W, T rounded up to 16), float32."""
+    memo = g.memos.setdefault((t0, t1), {})
+    t = bias.tile(g.q_idx[t0:t1], g.k_idx[:, t0:t1], memo).to(torch.float32)  # (B', H', c, T, W)
+    pad = -(-t.shape[3] // 16) * 16 - t.shape[3]
+    return torch.nn.functional.pad(t.transpose(3, 4), (0, pad)).contiguous()
+
+
+def _slices(g: NativeGroup, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
+    if t0 == 0 and t1 == g.q_idx.shape[0]:
+        return g.q_idx, g.k_idx, g.bits, g.rows, g.full
+    return (g.q_idx[t0:t1], g.k_idx[:, t0:t1].contiguous(), g.bits[:, t0:t1].contiguous(),
+            g.rows[:, t0:t1].contiguous(), g.full[:, t0:t1].contiguous())
+
+
+class _Native(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_tensor: torch.Tensor | None,
+                plan: Plan, scale: float, kpm: torch.Tensor | None,
+                bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
+        b, hq, nq, _ = q.shape
+        # (B, N, H, dv) memory, as PyTorch's fused CPU SDPA returns it: merging the heads after is then a view
+        out = q.new_empty(b, nq, hq, v.shape[-1]).transpose(1, 2)
+        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+        rpb = _table(bias, plan)
+        table = rpb.tensor.reshape(hq, -1).to(torch.float32).contiguous() if rpb is not None else None
+        blocks = bias if rpb is None else None
+        for g in groups(plan):
+            for t0, t1 in _calls(g, plan.tile, b, hq, blocks):
+                bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
+                ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
+                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, out, lse)
+        ctx.plan, ctx.scale, ctx.kpm, ctx.bias, ctx.table = plan, scale, kpm, bias, table
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        b, hkv, nk, d = k.shape
+        hq = q.shape[1]
+        s = _splits(b, hkv, nk, d + v.shape[-1])
+        dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
+        dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
+        dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
+        do = unit_last(grad_out.to(q.dtype))
+        bias: BiasSource | None = ctx.bias
+        train_bias = bias is not None and bias.requires_grad
+        if bias is not None and train_bias:
+            bias.zero_grad()
+        rpb = _table(bias, ctx.plan)
+        blocks = bias if rpb is None else None
+        dtable = torch.zeros(b * hkv * s, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
+        for g in groups(ctx.plan):
+            for t0, t1 in _calls(g, ctx.plan.tile, b, hq, blocks):
+                bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
+                ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
+                db = None
+                if train_bias and blocks is not None:
+                    t = ctx.plan.tile
+                    db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
+                torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.table,
+                                                  ix, ctx.scale, dq, dk, dv, db, dtable)
+                if db is not None:
+                    assert blocks is not None
+                    ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)
+                    blocks.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
+        if dtable is not None:
+            assert bias is not None and bias.grad is not None
+            bias.grad += dtable.sum(0).reshape(bias.grad.shape).to(bias.grad.dtype)
+        for i in range(1, s):  # in place: no third copy
+            dk[0] += dk[i]
+            dv[0] += dv[i]
+        dk, dv = dk[0], dv[0]
+        dbias = None
+        if train_bias:
+            assert bias is not None and bias.grad is not None
+            dbias = bias.grad.to(bias.tensor.dtype).reshape(bias.tensor.shape)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
+
+
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
+                     kpm: torch.Tensor | None = None,
+                     bias: BiasSource | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``kpm`` an additive (B, Nk) mask, ``bias`` a bias source (dense or relative-position table,
+    with its gradient). A query with no allowed key gets 0 and lse = -inf."""
+    if not native.available():
+        raise RuntimeError(native.status())
+    if kpm is not None:
+        kpm = kpm.to(torch.float32).expand(q.shape[0], k.shape[2]).contiguous()
+    bias_tensor = bias.tensor if bias is not None else None
+    out, lse = _Native.apply(unit_last(q), unit_last(k), unit_last(v), bias_tensor, plan, float(scale), kpm, bias)
+    return out, lse
+
+
+def density(plan: Plan) -> float:
+    """Fraction of the dense ``Nq x Nk`` scores the kernel computes for this plan (live sub-blocks, their query
+    columns rounded to the vector width): what ``auto`` weighs against the dense engine."""
+    key = ("native-density",)
+    got = plan.engine_cache.get(key)
+    if got is None:
+        work = 0
+        for g in groups(plan):
+            r = g.rows.long()
+            work += int(((r[..., 1] - r[..., 0]).clamp(min=0)).sum()) * KB
+        got = work / max(1, plan.nq * plan.nk * plan.heads)
+        plan.engine_cache.put(key, got, 64)
+    return got

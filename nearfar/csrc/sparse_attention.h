@@ -1,0 +1,304 @@
+// Building blocks of the fused sparse attention kernel (sparse_attention.cpp): register-blocked micro-kernels,
+// row operations, the plan geometry of one call and the per-sub-block loads shared by forward and backward.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace nearfar_native {
+
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int VS = Vec::size();
+constexpr int KB = 64;  // keys per sub-block: one 64-bit mask word per row
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Work items taken one at a time from a shared counter by each thread (dynamic scheduling): tiles and heads differ
+// in cost (a causal sequence's last tiles, MoA's heads of 64 to 8,192 keys), and the static halves of
+// ``at::parallel_for`` left one thread idle while the other finished the expensive half.
+template <typename F>
+void parallel_items(int64_t items, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(items, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
+}
+
+// ------------------------------------------------------------------------------------------- micro-kernels
+// C[M x N] (+)= A · B with A's element (r, k) at A[r * sar + k * sak], B row-major (ldb), N a multiple of VS.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int RB = 6, NVB = 4;  // 24 accumulators of 32 registers
+#else
+constexpr int RB = 4, NVB = 2;  // 8 accumulators of 16 registers
+#endif
+
+template <int R, int NV>
+inline void tile_kernel(int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, bool accumulate) {
+  Vec c[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v] = accumulate ? Vec::loadu(C + r * ldc + v * VS) : Vec(0.f);
+  for (int k = 0; k < K; ++k) {
+    Vec b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Vec::loadu(B + k * ldb + v * VS);
+    for (int r = 0; r < R; ++r) {
+      const Vec a(A[r * sar + k * sak]);
+      for (int v = 0; v < NV; ++v) c[r][v] = at::vec::fmadd(a, b[v], c[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) c[r][v].store(C + r * ldc + v * VS);
+}
+
+template <int NV>
+inline void rows_kernel(int M, int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb, float* C,
+                        int64_t ldc, bool acc) {
+  int r = 0;
+  for (; r + RB <= M; r += RB) tile_kernel<RB, NV>(K, A + r * sar, sar, sak, B, ldb, C + r * ldc, ldc, acc);
+  const float* a = A + r * sar;
+  float* c = C + r * ldc;
+  switch (M - r) {
+    case 1: tile_kernel<1, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 2: tile_kernel<2, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 3: tile_kernel<3, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 4: tile_kernel<4, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    case 5: tile_kernel<5, NV>(K, a, sar, sak, B, ldb, c, ldc, acc); break;
+    default: break;
+  }
+}
+
+inline void gemm(int M, int N, int K, const float* A, int64_t sar, int64_t sak, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool acc) {
+  if (M <= 0 || N <= 0) return;
+  int j = 0;
+  for (; j + NVB * VS <= N; j += NVB * VS) rows_kernel<NVB>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc);
+  // the rest in one pass over A (each broadcast of A feeds every remaining column vector)
+  switch ((N - j) / VS) {
+#if defined(CPU_CAPABILITY_AVX512)
+    case 3: rows_kernel<3>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+#endif
+    case 2: rows_kernel<2>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+    case 1: rows_kernel<1>(M, K, A, sar, sak, B + j, ldb, C + j, ldc, acc); break;
+    default: break;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ row ops
+template <typename T>
+inline void load_row(const T* src, float* dst, int n, float mul) {
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int n, float mul) {
+  for (int i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
+// Scores of a sub-block are kept transposed, St (keys x query columns), so that every softmax reduction runs down
+// the key rows, vectorised over queries, and K is read row by row as stored (no transposed copy of K).
+
+// One key row of St over query columns [c0, c0 + mc): the cleared bits of the key's query mask (bit r = query
+// row r of the tile may see this key) become -inf, then the key padding value is added.
+inline void mask_key_row(float* x, int mc, int c0, const uint64_t* words, bool full, float kp) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  const __m512 vk = _mm512_set1_ps(kp);
+  for (int i = 0; i < mc; i += 16) {
+    const int col = c0 + i;
+    __m512 v = _mm512_loadu_ps(x + i);
+    if (!full) v = _mm512_mask_blend_ps(static_cast<__mmask16>(words[col >> 6] >> (col & 63)), ninf, v);
+    if (kp != 0.f) v = _mm512_add_ps(v, vk);
+    _mm512_storeu_ps(x + i, v);
+  }
+#else
+  for (int i = 0; i < mc; ++i) {
+    const int col = c0 + i;
+    if (!full && !((words[col >> 6] >> (col & 63)) & 1)) x[i] = kNegInf;
+    else x[i] += kp;
+  }
+#endif
+}
+
+// x = exp(x - sub) elementwise over n columns (sub a per-column vector)
+inline void exp_sub(float* x, const float* sub, int n) {
+  for (int i = 0; i < n; i += VS) (Vec::loadu(x + i) - Vec::loadu(sub + i)).exp_u20().store(x + i);
+}
+
+inline void scale_row(float* x, int n, float a) {
+  const Vec va(a);
+  for (int i = 0; i < n; i += VS) (Vec::loadu(x + i) * va).store(x + i);
+}
+
+inline void add_row(float* dst, const float* src, int n) {
+  int i = 0;
+  for (; i + VS <= n; i += VS) (Vec::loadu(dst + i) + Vec::loadu(src + i)).store(dst + i);
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
+// ------------------------------------------------------------------------------------------------ geometry
+// One sub-block of a tile's key list: keys [k0, k0 + n), live tile rows [r0, r1) as vector-aligned query columns
+// [c0, c0 + mc), and whether every pair there is allowed with no column outside [r0, r1) (no mask to apply).
+struct Span {
+  int64_t k0;
+  int n, r0, r1, c0, mc;
+  bool exact;
+};
+
+struct Geometry {
+  int64_t B, Hq, Hkv, Nq, Nk, d, dv, dp, dvp, c, T, Tp, nw, W, Hp, nsub, HX, g, grp;
+  bool per_head;
+  int64_t sqb, sqh, sqn, skb, skh, skn, svb, svh, svn;
+  const int64_t* q_idx;
+  const int64_t* k_idx;
+  const int64_t* bits;
+  const int32_t* rows;
+  const bool* full;
+  const float* kpm;
+  const float* bias = nullptr;  // (Bb, Hb, c, W, Tp): per key of the list, its value for each query column
+  int64_t Bb = 1, Hb = 1;
+  const float* rpb = nullptr;  // a relative-position table (Hq, S) ...
+  const int32_t* rpb_idx = nullptr;  // ... and its index (c, W, Tp) per key of the list and query column
+  int64_t rpbS = 0;
+
+  Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi, const at::Tensor& ki,
+           const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f, const c10::optional<at::Tensor>& kp) {
+    B = q.size(0), Hq = q.size(1), Nq = q.size(2), d = q.size(3);
+    Hkv = k.size(1), Nk = k.size(2), dv = v.size(3);
+    dp = round_up(d, VS), dvp = round_up(dv, VS);
+    c = qi.size(0), T = qi.size(1), Hp = ki.size(0), W = ki.size(2);
+    Tp = round_up(T, 16), nw = (T + 63) / 64;  // 16: the same padding for AVX2 and AVX-512 builds
+    nsub = (W + KB - 1) / KB;
+    per_head = Hp > 1;
+    grp = Hq / Hkv;
+    HX = per_head ? Hq : Hkv;
+    g = per_head ? 1 : grp;
+    sqb = q.stride(0), sqh = q.stride(1), sqn = q.stride(2);
+    skb = k.stride(0), skh = k.stride(1), skn = k.stride(2);
+    svb = v.stride(0), svh = v.stride(1), svn = v.stride(2);
+    q_idx = qi.data_ptr<int64_t>();
+    k_idx = ki.data_ptr<int64_t>();
+    bits = bt.data_ptr<int64_t>();
+    rows = r.data_ptr<int32_t>();
+    full = f.data_ptr<bool>();
+    kpm = kp.has_value() ? kp->data_ptr<float>() : nullptr;
+  }
+
+  int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
+  int64_t kv_head(int64_t hx) const { return per_head ? hx / grp : hx; }
+  void set_bias(const c10::optional<at::Tensor>& bt) {
+    if (!bt.has_value()) return;
+    TORCH_CHECK(bt->scalar_type() == at::kFloat && bt->is_contiguous() && bt->dim() == 5 && bt->size(2) == c &&
+                    bt->size(3) == W && bt->size(4) == Tp && (bt->size(0) == 1 || bt->size(0) == B) &&
+                    (bt->size(1) == 1 || bt->size(1) == Hq),
+                "bias: float32 (1 or B, 1 or Hq, c, W, T rounded up to the vector width)");
+    bias = bt->data_ptr<float>();
+    Bb = bt->size(0), Hb = bt->size(1);
+  }
+  void set_rpb(const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& index) {
+    if (!table.has_value()) return;
+    TORCH_CHECK(index.has_value(), "rpb_table needs rpb_index");
+    TORCH_CHECK(table->scalar_type() == at::kFloat && table->is_contiguous() && table->dim() == 2 &&
+                    table->size(0) == Hq, "rpb_table: float32 (Hq, S)");
+    TORCH_CHECK(index->scalar_type() == at::kInt && index->is_contiguous() && index->dim() == 3 &&
+                    index->size(0) == c && index->size(1) == W && index->size(2) == Tp,
+                "rpb_index: int32 (c, W, T rounded up to 16)");
+    rpb = table->data_ptr<float>();
+    rpb_idx = index->data_ptr<int32_t>();
+    rpbS = table->size(1);
+  }
+  // x[0:mc) += the table values of key ``pos`` of tile ``t``'s list for query head h, columns c0 on
+  void add_rpb(float* x, int64_t h, int64_t t, int64_t pos, int c0, int mc) const {
+    const float* tab = rpb + h * rpbS;
+    const int32_t* ix = rpb_idx + (t * W + pos) * Tp + c0;
+    for (int i = 0; i < mc; ++i) x[i] += tab[ix[i]];
+  }
+  // the bias of key ``pos`` of tile ``t``'s list for batch item b and query head h, from query column 0
+  const float* bias_row(int64_t b, int64_t h, int64_t t, int64_t pos) const {
+    return bias + ((((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * c + t) * W + pos) * Tp;
+  }
+  // sub-block s of tile pt's list; false when no query of the tile sees any of its keys
+  bool span(int64_t pt, int64_t s, Span& sp) const {
+    sp.r0 = rows[(pt * nsub + s) * 2], sp.r1 = rows[(pt * nsub + s) * 2 + 1];
+    if (sp.r0 >= sp.r1) return false;
+    sp.k0 = s * KB;
+    sp.n = static_cast<int>(std::min<int64_t>(KB, W - sp.k0));
+    sp.c0 = sp.r0 / VS * VS;
+    sp.mc = std::min<int>(static_cast<int>(round_up(sp.r1, VS)), static_cast<int>(Tp)) - sp.c0;
+    sp.exact = full[pt * nsub + s] && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
+    return true;
+  }
+  // the query mask words of key ``pos`` of tile ``pt``'s list
+  const uint64_t* words(int64_t pt, int64_t pos) const {
+    return reinterpret_cast<const uint64_t*>(bits + (pt * W + pos) * nw);
+  }
+};
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
+                  const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
+                  const c10::optional<at::Tensor>& kp) {
+  TORCH_CHECK(q.device().is_cpu(), "nearfar native kernel: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, d)");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need a unit last-dim stride");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
+  TORCH_CHECK(qi.is_contiguous() && ki.is_contiguous() && bt.is_contiguous() && r.is_contiguous() &&
+                  f.is_contiguous(), "plan arrays must be contiguous");
+  TORCH_CHECK(qi.scalar_type() == at::kLong && ki.scalar_type() == at::kLong && bt.scalar_type() == at::kLong &&
+                  r.scalar_type() == at::kInt && f.scalar_type() == at::kBool, "plan array dtypes");
+  TORCH_CHECK(ki.size(0) == 1 || ki.size(0) == q.size(1), "key lists: one per query head or shared");
+  TORCH_CHECK(bt.size(-2) == ki.size(2) && bt.size(-1) == (qi.size(1) + 63) / 64,
+              "mask words: (Hp, c, W, ceil(T / 64)), one bit per query row");
+  if (kp.has_value()) TORCH_CHECK(kp->scalar_type() == at::kFloat && kp->is_contiguous(), "kpm: float32 (B, Nk)");
+}
+
+// K and V of a sub-block, row-major (n x dp, n x dvp; padding columns zero), and the key padding values.
+template <typename T>
+struct SubBlock {
+  std::vector<float> K, V, kp;
+  explicit SubBlock(const Geometry& G) : K(KB * G.dp, 0.f), V(KB * G.dvp, 0.f), kp(KB, 0.f) {}
+
+  void load(const Geometry& G, const int64_t* keys, int n, const T* kbase, const T* vbase, int64_t b) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t key = keys[i];
+      if (key < 0) {  // a padding slot: its scores are masked; zero keeps 0 * value finite
+        std::fill(K.data() + i * G.dp, K.data() + i * G.dp + G.d, 0.f);
+        std::fill(V.data() + i * G.dvp, V.data() + i * G.dvp + G.dv, 0.f);
+        kp[i] = 0.f;
+        continue;
+      }
+      load_row(kbase + key * G.skn, K.data() + i * G.dp, G.d, 1.f);
+      load_row(vbase + key * G.svn, V.data() + i * G.dvp, G.dv, 1.f);
+      kp[i] = G.kpm ? G.kpm[b * G.Nk + key] : 0.f;
+    }
+  }
+};
+
+// The logits of one sub-block for query head h of tile t (list pt), transposed: St (n x mc) = K · Qt[:, jc:] plus
+// the bias, with disallowed pairs at -inf and key padding added. Forward and backward both start from these.
+template <typename T>
+inline void masked_scores(const Geometry& G, const SubBlock<T>& sb, const Span& sp, const float* Qt, int64_t ldq,
+                          int jc, int64_t b, int64_t h, int64_t t, int64_t pt, float* St) {
+  const int n = sp.n, mc = sp.mc;
+  gemm(n, mc, static_cast<int>(G.d), sb.K.data(), G.dp, 1, Qt + jc, ldq, St, mc, false);
+  for (int i = 0; i < n; ++i) {
+    float* row = St + i * mc;
+    if (G.bias) add_row(row, G.bias_row(b, h, t, sp.k0 + i) + sp.c0, mc);
+    if (G.rpb) G.add_rpb(row, h, t, sp.k0 + i, sp.c0, mc);
+    mask_key_row(row, mc, sp.c0, G.words(pt, sp.k0 + i), sp.exact, sb.kp[i]);
+  }
+}
+
+}  // namespace nearfar_native

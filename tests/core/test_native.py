@@ -1,0 +1,157 @@
+"""The compiled CPU kernel of the block-sparse engine (``nearfar/csrc/sparse_attention.cpp``).
+
+The engine tests (``test_engines.py``, ``test_fuzz.py``) already run it wherever ``attend`` picks the block-sparse
+engine; here: that CI really has it, multi-sub-block key lists (W > 64, T = 128) against the float64 reference
+with every input layout, half precision, key padding with fully padded rows, non-finite inputs reaching the
+output, and the PyTorch path that stays for machines without the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from strategies import problems
+from test_engines import check_problem
+
+import nearfar as nf
+from nearfar import native
+from nearfar.backends.native import native_attention
+from nearfar.plan import get_plan
+
+needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
+
+
+def test_kernel_is_built_where_required():
+    # .ci/run sets NEARFAR_REQUIRE_NATIVE=1: the README's set-up must have built it, or CI fails here
+    if os.environ.get("NEARFAR_REQUIRE_NATIVE") == "1":
+        assert native.available(), native.status()
+    assert "native kernel" in native.status()
+
+
+PATTERNS = [
+    lambda n: nf.Neighborhood(65),
+    lambda n: nf.Neighborhood(33, dilation=3),
+    lambda n: nf.Causal(),
+    lambda n: (nf.SlidingWindow(left=90) | nf.Sinks(3)) & nf.Causal(),
+    lambda n: nf.SlidingWindow(left=20, right=70) | nf.GlobalTokens(2),
+    lambda n: nf.PerHead([nf.Neighborhood(21), nf.Causal()]),
+]
+
+
+def _view(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The same values in another memory layout (what a projection or a permute hands to attend)."""
+    if kind == "bnhd":
+        return x.transpose(1, 2).contiguous().transpose(1, 2)
+    if kind == "sliced":
+        wide = torch.zeros(*x.shape[:-1], x.shape[-1] + 3, dtype=x.dtype)
+        wide[..., 1:-2] = x
+        return wide[..., 1:-2]
+    if kind == "last_strided":
+        wide = torch.zeros(*x.shape, 2, dtype=x.dtype)
+        wide[..., 0] = x
+        return wide[..., 0]
+    return x
+
+
+def _reference(q, k, v, pattern, scale, kpm):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask = None if kpm is None else kpm
+    out, lse = nf.attend(q64, k64, v64, pattern, scale=scale, key_padding_mask=mask, engine="dense", return_lse=True)
+    return (q64, k64, v64), out, lse
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(which=st.integers(0, len(PATTERNS) - 1), n=st.integers(100, 400), b=st.integers(1, 2),
+       heads=st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 1)]), d=st.sampled_from([8, 32, 37]),
+       dv=st.sampled_from([None, 16]), layout=st.sampled_from(["contiguous", "bnhd", "sliced", "last_strided"]),
+       padding=st.sampled_from(["none", "random", "whole_item"]), seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference(which, n, b, heads, d, dv, layout, padding, seed):
+    hq, hkv = heads
+    pattern = PATTERNS[which](n)
+    if isinstance(pattern, nf.PerHead) and len(pattern.patterns) != hq:
+        pattern = nf.PerHead([pattern.patterns[i % 2] for i in range(hq)])
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, d, generator=g)
+    k = torch.randn(b, hkv, n, d, generator=g)
+    v = torch.randn(b, hkv, n, dv or d, generator=g)
+    kpm = None
+    if padding != "none":
+        kpm = torch.rand(b, n, generator=g) > 0.3
+        if padding == "whole_item":
+            kpm[0] = False  # every query of item 0 has no key: zeros, lse = -inf
+    leaves = [_view(t, layout).requires_grad_() for t in (q, k, v)]
+    scale = d ** -0.5
+    additive = None if kpm is None else torch.where(kpm, 0.0, float("-inf"))
+    out, lse = native_attention(*leaves, get_plan(pattern, n, n), scale, additive)
+    refs, out_r, lse_r = _reference(q, k, v, pattern, scale, kpm)
+    go = torch.randn(out.shape, generator=g)
+    torch.testing.assert_close(out.double(), out_r, atol=2e-5, rtol=1e-5)
+    empty = torch.isneginf(lse_r)
+    assert torch.equal(torch.isneginf(lse), empty)
+    assert (out[empty] == 0).all()
+    torch.testing.assert_close(lse[~empty].double(), lse_r[~empty], atol=2e-5, rtol=1e-5)
+    grads = torch.autograd.grad((out * go).sum(), leaves)
+    grads_r = torch.autograd.grad((out_r * go.double()).sum(), refs)
+    for name, a, r in zip("qkv", grads, grads_r):
+        torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_accumulates_in_float32(dtype):
+    # inputs rounded to the dtype first, so the only error left is the output's own rounding
+    n, pattern = 300, nf.Neighborhood(101)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 32, generator=g).to(dtype) for _ in range(3))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, _ = native_attention(*leaves, get_plan(pattern, n, n), 32 ** -0.5)
+    assert out.dtype == dtype
+    refs, out_r, _ = _reference(q, k, v, pattern, 32 ** -0.5, None)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
+    go = torch.randn(out.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad((out * go).sum(), leaves)
+    grads_r = torch.autograd.grad((out_r * go.double()).sum(), refs)
+    for a, r in zip(grads, grads_r):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), r, atol=4 * tol, rtol=4 * tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_non_finite_score_reaches_the_output(poison):
+    # attend's guard looks at the output for non-finite values; a poisoned key a query attends must show there
+    n = 200
+    q, k, v = (torch.randn(1, 1, n, 16) for _ in range(3))
+    k[0, 0, 50] = poison
+    out, _ = native_attention(q, k, v, get_plan(nf.Neighborhood(9), n, n), 0.25)
+    bad = ~torch.isfinite(out[0, 0]).all(-1)
+    assert bad[46:55].all() and not bad[:40].any() and not bad[60:].any()
+
+
+@settings(max_examples=20, deadline=None)
+@given(problems(max_n=200, bias_kinds=("none",)))
+def test_pytorch_path_without_the_kernel(p):
+    # machines where the kernel is not built run the engine's PyTorch path: it stays correct
+    with native.disabled():
+        assert not native.available()
+        check_problem(p, torch.float32, engines=["blocksparse"])
+
+
+@needs_kernel
+def test_auto_takes_the_kernel_at_small_sizes_when_it_skips_enough():
+    from nearfar.dispatch import choose_engine
+
+    q = torch.randn(2, 3, 196, 32)
+    assert choose_engine(q, nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "blocksparse"
+    assert choose_engine(q, nf.Dense(), 196, 196) == "dense"  # nothing to skip
+    tiny = torch.randn(2, 3, 49, 32)
+    assert choose_engine(tiny, nf.Neighborhood((3, 3), grid=(7, 7)), 49, 49) == "dense"  # under 4,096 pairs
+    assert choose_engine(q.double(), nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"  # no kernel
+    with native.disabled():
+        assert choose_engine(q, nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"
