@@ -178,7 +178,23 @@ class WindowBatch:
 
     def _heads(self, srcs: tuple[torch.Tensor, ...], order: str, num_heads: int, d: int, scale: float,
                table: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """``attend``'s engine choice and guard: every head's output ``(heads, B * nW, T, d)``."""
+        """``attend``'s engine choice and guard: every head's output ``(heads, B * nW, T, d)``.
+
+        Seen from outside as ``attend(q, k, v, self.pattern, rpb=table)`` on the whole map: that is the call
+        ``observe_calls`` lists (whichever path runs), and inside ``engine_override`` that call runs, on the forced
+        engine, instead of the window kernel (so that the bench's gate compares this kernel with another engine)."""
+        from ..dispatch import forced_engine, record_call, unobserved  # the dispatcher imports this module
+
+        if forced_engine() is not None:
+            return self._exact(srcs, order, num_heads, d, scale, table, batch)  # attend lists it and takes the engine
+        whole = (batch, num_heads, self.n, d)
+        record_call(self.pattern, whole, whole, whole)
+        with unobserved():  # already listed, as one call on the whole map
+            return self._windows(srcs, order, num_heads, d, scale, table, batch)
+
+    def _windows(self, srcs: tuple[torch.Tensor, ...], order: str, num_heads: int, d: int, scale: float,
+                 table: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``_heads`` on the window kernel, SDPA, or ``attend`` over the windows (unlisted)."""
         bw, t = srcs[-1].shape[0], srcs[-1].shape[1]
         add = self._additive(table, srcs[-1].dtype, srcs[-1].device)
         masked = self.win.mask is not None
@@ -197,7 +213,7 @@ class WindowBatch:
             # no pair masked: the fused kernel reads the strided heads as they lie (the table as a broadcast mask)
             mask = None if add is None else add.transpose(0, 1)  # (1, heads, T, T)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
-        from ..dispatch import attend  # the dispatcher imports this module
+        from ..dispatch import attend
 
         out = attend(q, k, v, scale=scale, bias=self.bias(table, batch))
         if masked and not trains and not _finite(out):

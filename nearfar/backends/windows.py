@@ -114,7 +114,7 @@ def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], hea
     q0 = srcs[0]
     bw, t = q0.shape[0], q0.shape[1]
     c = _chunk(bw, t, heads, 1 if add is None else add.shape[1], q0.element_size())
-    opts = dict(dtype=q0.dtype, device=q0.device)
+    opts: dict[str, Any] = dict(dtype=q0.dtype, device=q0.device)
     s = torch.empty(heads * c * t * t, **opts)
     # the probabilities chunk-major, each chunk's (heads, c, T, T) block contiguous
     p = torch.empty(heads * (bw if keep else c) * t * t, **opts)
@@ -153,7 +153,7 @@ class _WindowAttention(torch.autograd.Function):
         bw, t = g.shape[1], g.shape[2]
         period = 1 if ctx.add_shape is None else ctx.add_shape[1]
         c = ctx.chunk
-        opts = dict(dtype=p.dtype, device=p.device)
+        opts: dict[str, Any] = dict(dtype=p.dtype, device=p.device)
         # per chunk, the gradients of q, k and v of every head go to one buffer, then into buffers laid out as the
         # sources by one copy (every channel of a source is some head's)
         buf = torch.empty(3 * heads * c * t * d, **opts)

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +109,7 @@ class DiffusersAttention(nn.Module):
         return self._out(merge_heads(out, tuple(x.shape[1:-1])), then)
 
     def _out(self, o: torch.Tensor, then: nn.Linear | None) -> torch.Tensor:
-        out = self.to_out[0]
+        out = cast(nn.Linear, self.to_out[0])  # a ModuleList's item is typed Module
         if then is None:
             return out(o)
         return F.linear(o, then.weight @ out.weight, then.weight @ out.bias + then.bias)

@@ -6,16 +6,19 @@ backward, in chunks of every size, on non-contiguous inputs; masked keys holding
 
 from __future__ import annotations
 
+import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nearfar
 import nearfar.backends.window_batch as window_batch
 import nearfar.backends.windows as windows
 from nearfar import Blocks, Grid
-from nearfar.functional import WindowBatch, fused_linear, window_attention
+from nearfar.bench.speed_gate import gate_layer
+from nearfar.functional import WindowBatch, engine_override, fused_linear, observe_calls, window_attention
 
 KINDS = ["block", "swin", "cyclic", "grid"]
 
@@ -331,6 +334,50 @@ def test_masked_keys_holding_garbage_change_nothing():
             if grad:  # nothing flows from or to the poisoned region's tokens into the others
                 assert torch.isfinite(grads[0][far]).all(), (garbage, grad)
                 torch.testing.assert_close(grads[0][far], clean_grads[0][far], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["kernel", "sdpa", "attend"])
+@pytest.mark.parametrize("shift", [0, 2])
+def test_observed_as_one_attend_call_on_the_whole_map(path, shift, monkeypatch):
+    """Whichever path runs, ``observe_calls`` lists the windows as the ``attend`` call they stand for: the pattern on
+    the whole map, q, k and v ``(B, heads, N, d)``; once (the ``attend`` calls inside are not listed again)."""
+    if path != "kernel":
+        monkeypatch.setattr(window_batch, "takes", lambda *a: False)
+    # SDPA runs windows without a region mask; with one they go to attend over the windows
+    grid, pattern = (8, 12), Blocks(4, grid=(8, 12), shift=shift if path != "sdpa" else 0)
+    heads, d = 3, 4
+    lin = torch.nn.Linear(6, 3 * heads * d)
+    x = torch.randn(2, *grid, 6)
+    with observe_calls() as calls:
+        out = window_attention(x, pattern, lin, heads, d ** -0.5)
+    assert calls == [(pattern, (2, heads, 96, d), (2, heads, 96, d), (2, heads, 96, d))]
+    with engine_override("dense"), observe_calls() as forced:
+        torch.testing.assert_close(window_attention(x, pattern, lin, heads, d ** -0.5), out, rtol=1e-5, atol=1e-5)
+    assert forced == calls
+
+
+@pytest.mark.parametrize("engine", ["dense", "blocksparse"])
+def test_a_forced_engine_runs_instead_of_the_window_kernel(engine, monkeypatch):
+    """Inside ``engine_override`` the windows run as ``attend`` with the pattern on the forced engine (so the bench's
+    gate compares the window kernel with another engine): a broken kernel fails the gate."""
+    torch.manual_seed(0)
+    layer = {m.name: m for m in nearfar.mechanisms()}["swin_shifted"].build(16, 2, "NS")
+    x = torch.randn(2, 14, 14, 16)  # whole shifted windows of 7x7
+    want = layer(x)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the window kernel ran under engine_override")
+
+    real = window_batch.window_kernel
+    monkeypatch.setattr(window_batch, "window_kernel", refuse)
+    with engine_override(engine):
+        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert gate_layer(layer, "NS", x)["passed"] is False  # the kernel is called outside the override
+    monkeypatch.setattr(window_batch, "window_kernel", lambda *a, **k: real(*a, **k) * 1.001)
+    res = gate_layer(layer, "NS", x)
+    assert not res["passed"] and res["max_err"] > 1e-4 and "Blocks" in res["detail"], res
+    monkeypatch.setattr(window_batch, "window_kernel", real)
+    assert gate_layer(layer, "NS", x)["passed"]
 
 
 def test_fused_linear_is_the_layers_side_by_side():
