@@ -166,7 +166,9 @@ _OBSERVERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("n
 def engine_override(engine: str) -> Iterator[None]:
     """Inside the block, every ``attend(..., engine="auto")`` call (so every module built on ``attend``) uses
     ``engine`` instead: e.g. ``"dense"`` runs a whole module on the materialised-mask reference engine, which is how
-    ``nearfar bench`` gates each mechanism's fast path before timing it. Per thread: other threads are unaffected.
+    ``nearfar bench`` gates each mechanism's fast path before timing it. Windows attended as a batch
+    (``WindowBatch``, ``window_attention``) run as the ``attend`` call with their pattern on the whole map instead of
+    the window kernel. Per thread: other threads are unaffected.
 
     Args:
         engine: One of ``nearfar.engines()``: ``"dense"``, ``"blocksparse"`` or ``"flex"``. Overrides nest; the
@@ -200,7 +202,8 @@ def engine_override(engine: str) -> Iterator[None]:
 def observe_calls() -> Iterator[list[tuple]]:
     """Inside the block, every ``attend`` call of this thread (any engine, from any module) is listed as
     ``(pattern, q.shape, k.shape, v.shape)``: how ``nearfar bench``'s gate sees whether a module's attention has a
-    pattern at all.
+    pattern at all, and counts its work. Windows attended as a batch (``WindowBatch``, ``window_attention``) are
+    listed as the ``attend`` call they stand for: their pattern on the whole map.
 
     Yields:
         The list the calls are appended to, as ``(pattern, q_shape, k_shape, v_shape)`` tuples.
@@ -223,8 +226,47 @@ def observe_calls() -> Iterator[list[tuple]]:
 
 
 def _record(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    record_call(pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape))
+
+
+def record_call(pattern: Pattern | None, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+                v_shape: tuple[int, ...]) -> None:
+    """List one attention call with this thread's ``observe_calls`` blocks, as ``attend`` lists its own: for a
+    kernel that computes what ``attend(q, k, v, pattern)`` of these shapes would, without calling it
+    (``WindowBatch``'s window kernel), so that the bench still counts its work.
+
+    Args:
+        pattern: The pattern of the equivalent ``attend`` call (None: dense).
+        q_shape: ``(B, Hq, Nq, d)`` of that call.
+        k_shape: ``(B, Hkv, Nk, d)``.
+        v_shape: ``(B, Hkv, Nk, dv)``.
+    """
     for calls in _OBSERVERS.get():
-        calls.append((pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        calls.append((pattern, tuple(q_shape), tuple(k_shape), tuple(v_shape)))
+
+
+@contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Inside the block, ``attend`` calls of this thread are not listed by the enclosing ``observe_calls`` blocks:
+    for a kernel that has listed its work as one call (``record_call``) and runs it, or part of it, through
+    ``attend`` in other pieces.
+
+    Yields:
+        None.
+    """
+    token = _OBSERVERS.set(())
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(token)
+
+
+def forced_engine() -> str | None:
+    """The engine the innermost ``engine_override`` of this thread forces, or None outside one: a kernel that
+    ``attend`` would not reach (``WindowBatch``'s window kernel) asks it, and runs the equivalent ``attend`` call
+    (which takes that engine) instead of itself when one is forced."""
+    stack = _ENGINE_OVERRIDE.get()
+    return stack[-1] if stack else None
 
 
 def record_call(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -10,12 +10,12 @@ Layers and models are built only on this module, ``nearfar.patterns`` and ``near
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .backends import engines
-from .backends.partition import WindowBatch
+from .backends.window_batch import WindowBatch
 from .dispatch import attend, engine_override, observe_calls
 from .ops.hip import hip_topk_blocks
 from .ops.lightning import (
@@ -57,6 +57,7 @@ __all__ = [
     "ema_update_centroids",
     "engine_override",
     "engines",
+    "fused_linear",
     "hip_topk_blocks",
     "kmeans_route",
     "kv_blocks_from_mask",
@@ -120,6 +121,43 @@ def merge_heads(o: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
 
 
 
+def fused_linear(x: torch.Tensor, layers: Sequence[torch.nn.Linear]) -> torch.Tensor:
+    """``torch.cat([layer(x) for layer in layers], -1)`` as one GEMM over the concatenated weights.
+
+    For separate q/k/v projections of one input (diffusers' ``to_q``/``to_k``/``to_v``): one pass over ``x`` with
+    ``N = sum(out_features)`` instead of one per layer, and backward one GEMM for the input gradient instead of
+    one per layer plus their sum (measured 2026-12-06, 1 thread, 25088 x 96 -> 3 x 96: 1.2x faster forward and
+    forward+backward). The parameters stay the layers' own (gradients flow to them through the concatenation).
+
+    Args:
+        x: Input ``(..., in_features)``.
+        layers: ``nn.Linear`` layers with the same ``in_features`` (biases may be absent on some).
+
+    Returns:
+        ``(..., sum of out_features)``, the layers' outputs side by side in order.
+
+    Raises:
+        ValueError: ``layers`` is empty or their ``in_features`` differ.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.functional import fused_linear
+        >>> q, k = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6, bias=False)
+        >>> x = torch.randn(2, 8)
+        >>> torch.allclose(fused_linear(x, [q, k]), torch.cat([q(x), k(x)], -1), atol=1e-6)
+        True
+    """
+    if not layers or len({layer.in_features for layer in layers}) != 1:
+        raise ValueError(f"layers must be a non-empty sequence of nn.Linear with equal in_features, got "
+                         f"{[getattr(layer, 'in_features', None) for layer in layers]}")
+    weight = torch.cat([layer.weight for layer in layers])
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
+                          for layer in layers])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output of a fused ``Linear(C, 3C)`` ``(B, *spatial, 3C)``, split ``[3, heads, d]`` -> three ``(B, h, N, d)``.
 
@@ -138,21 +176,22 @@ def split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Te
         torch.Size([2, 3, 16, 4])
     """
     b, c3 = qkv.shape[0], qkv.shape[-1]
-    t = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-    return t[0], t[1], t[2]
+    q, k, v = qkv.reshape(b, -1, 3, num_heads, c3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v  # unbind: one backward (a stack), where three slices would each zero-fill a 3C gradient
 
 
 
 def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads: int, scale: float,
-                     table: torch.Tensor | None = None) -> torch.Tensor:
+                     table: torch.Tensor | None = None, qkv_order: str = "3hd") -> torch.Tensor:
     """Self-attention of ``x (B, *spatial, C)`` inside the windows of ``pattern`` (``Blocks``/``Grid``), before the
     output projection: ``(B, *spatial, C')``. ``qkv`` maps ``(..., C)`` to the fused ``(..., 3C')`` (split
-    ``[3, heads, d]``) or to a tuple ``(q, k, v)`` of ``(..., C')``; ``table`` is a relative-position table as
-    ``attend`` takes it with the pattern.
+    ``[3, heads, d]``, or ``[heads, 3, d]`` with ``qkv_order="h3d"``) or to a tuple ``(q, k, v)`` of ``(..., C')``;
+    ``table`` is a relative-position table as ``attend`` takes it with the pattern.
 
     When the windows are whole (divisible extents; shifted windows are rolled first), the input itself is cut
     into windows before ``qkv`` (one copy of C channels instead of three reorders of q, k, v inside ``attend``), as
-    the official window codes do; otherwise ``attend`` runs the pattern on the whole map.
+    the official window codes do, and the windows attend as a batch (``WindowBatch.attend``: every head read in
+    place from the projection output); otherwise ``attend`` runs the pattern on the whole map.
 
     Args:
         x: Channel-last input ``(B, *spatial, C)``.
@@ -161,9 +200,13 @@ def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads
         num_heads: Number of heads.
         scale: Score scale.
         table: Optional relative-position table ``(heads, 2m-1, ...)``, key-minus-query, as ``attend``'s ``rpb``.
+        qkv_order: Channel order of a fused ``qkv`` output: ``"3hd"`` (default, timm/Swin) or ``"h3d"``.
 
     Returns:
         The attention output before the output projection, ``(B, *spatial, C')``.
+
+    Raises:
+        ValueError: ``qkv_order`` is not ``"3hd"`` or ``"h3d"``.
 
     Examples:
         >>> import torch, nearfar as nf
@@ -173,12 +216,18 @@ def window_attention(x: torch.Tensor, pattern: Pattern, qkv: Callable, num_heads
         >>> window_attention(x, nf.Blocks(7, grid=(14, 14)), proj, num_heads=2, scale=16 ** -0.5).shape
         torch.Size([2, 14, 14, 32])
     """
+    if qkv_order not in ("3hd", "h3d"):
+        raise ValueError(f"qkv_order must be '3hd' or 'h3d', got {qkv_order!r}")
     spatial = tuple(x.shape[1:-1])
     wb = WindowBatch.of(pattern, spatial, x.device)
-    src = x if wb is None else wb.split(x)
-    p = qkv(src)
-    q, k, v = split_qkv(p, num_heads) if isinstance(p, torch.Tensor) else (split_heads(t, num_heads) for t in p)
-    if wb is None:
-        return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)
-    out = attend(q, k, v, scale=scale, bias=wb.bias(table, x.shape[0]))
-    return wb.merge(merge_heads(out, (wb.t,)), x.shape[0])
+    if wb is not None:
+        return wb.attend(qkv(wb.split(x)), num_heads, scale, table, qkv_order, merge=True)
+    p = qkv(x)
+    if isinstance(p, torch.Tensor):
+        c = p.shape[-1] // 3
+        if qkv_order == "h3d":  # [heads, 3, d] -> [3, heads, d]
+            p = p.unflatten(-1, (num_heads, 3, c // num_heads)).transpose(-3, -2).flatten(-3)
+        q, k, v = split_qkv(p, num_heads)
+    else:
+        q, k, v = (split_heads(t, num_heads) for t in p)
+    return merge_heads(attend(q, k, v, pattern, scale=scale, rpb=table), spatial)

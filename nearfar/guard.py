@@ -31,11 +31,11 @@ from .selection import SelectedBlocks
 _CHUNK = 1 << 22  # float64 score elements per chunk of recomputed rows (32 MiB)
 
 
-def _limit(q: torch.Tensor, scale: float) -> float:
+def _limit(dtype: torch.dtype, d: int, scale: float) -> float:
     """Largest |value| for which no score, score gradient or output can overflow the accumulation type: below it,
     ``d * |q|max * |k|max * scale`` stays under a quarter of the type's maximum (and likewise ``do . v``)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return math.sqrt(torch.finfo(acc).max / (4 * q.shape[-1] * max(scale, 1.0)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return math.sqrt(torch.finfo(acc).max / (4 * d * max(scale, 1.0)))
 
 
 def _sane(x: torch.Tensor, limit: float) -> bool:
@@ -51,12 +51,22 @@ def output_finite(out: torch.Tensor) -> bool:
     return bool(torch.isfinite(out.detach().sum(dtype=torch.float32)))
 
 
+def values_sane(tensors: tuple[torch.Tensor, ...], d: int, scale: float) -> bool:
+    """True when every value of ``tensors`` (queries, keys and values of head dim ``d``, e.g. a fused projection
+    output) is finite and below the bound of ``unsafe_tokens``: no score, score gradient or output can overflow.
+    One ``aminmax`` pass per tensor; always True under ``torch.compile`` and on meta tensors, as there."""
+    if torch.compiler.is_compiling() or any(t.device.type == "meta" for t in tensors):
+        return True
+    limit = _limit(tensors[0].dtype, d, scale)
+    return all(_sane(t, limit) for t in tensors)
+
+
 def unsafe_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(unsafe queries (B, Hq, Nq), unsafe keys (B, Hkv, Nk))``, or None when every value is sane."""
     if torch.compiler.is_compiling() or q.device.type == "meta":
         return None
-    limit = _limit(q, scale)
+    limit = _limit(q.dtype, q.shape[-1], scale)
     if _sane(q, limit) and _sane(k, limit) and _sane(v, limit):
         return None
 

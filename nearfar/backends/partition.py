@@ -20,9 +20,7 @@ import torch
 from ..bias import BiasSource, DenseBias
 from ..cache import nbytes_of
 from ..guard import zero_rows
-from ..patterns import Pattern
-from ..patterns.spatial import SpatialPattern
-from ..plan import Plan, allowed_heads, get_plan, inverse_order, to_additive
+from ..plan import Plan, allowed_heads, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, sdpa
 
 #: a regular partition's reordering: (grid, shifts, view shape, permutation)
@@ -54,7 +52,7 @@ def _split(grid, size, kind):
     return tuple(shape), tuple(win + slot)
 
 
-def _reorder(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
+def reorder(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     """(B, H, N, e) -> (B, H * nT, T, e) by roll + reshape/permute."""
     grid, shifts, shape, perm = recipe
     b, h, _, e = x.shape
@@ -67,8 +65,8 @@ def _reorder(x: torch.Tensor, recipe: Recipe) -> torch.Tensor:
     return x.reshape(b, h * n_t, -1, e)
 
 
-def _restore(x: torch.Tensor, recipe: Recipe, b: int, h: int) -> torch.Tensor:
-    """Inverse of ``_reorder``: (B, H * nT, T, e) -> (B, H, N, e)."""
+def restore(x: torch.Tensor, recipe: Recipe, b: int, h: int) -> torch.Tensor:
+    """Inverse of ``reorder``: (B, H * nT, T, e) -> (B, H, N, e)."""
     grid, shifts, shape, perm = recipe
     nd, e = len(grid), x.shape[-1]
     x = x.view(b, h, *(shape[p] for p in perm), e)
@@ -98,7 +96,7 @@ def _recipe(plan: Plan) -> tuple[Recipe, torch.Tensor] | None:
     kind = "grid" if any(d > 1 for d in layout.dilation) else "block"
     shape, perm = _split(grid, size, kind)
     recipe: Recipe = (grid, shifts, shape, perm)
-    order = _reorder(torch.arange(plan.nq, device=plan.q_idx.device).view(1, 1, -1, 1), recipe)[0, :, :, 0]
+    order = reorder(torch.arange(plan.nq, device=plan.q_idx.device).view(1, 1, -1, 1), recipe)[0, :, :, 0]
     if order.shape != plan.q_idx.shape:
         return None
     # windows are sets: the plan's tiles must be full and each must lie in one recipe window
@@ -141,12 +139,12 @@ def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
 
     def tiles(x):  # (B, H, N, e) -> (B, H * nT, T, e)
         if win.recipe is not None:
-            return _reorder(x, win.recipe)
+            return reorder(x, win.recipe)
         return x.index_select(2, win.src).view(x.shape[0], x.shape[1] * n_tiles, t, x.shape[-1])
 
     def untiles(x):  # (B, H * nT, T, e) -> (B, H, N, e)
         if win.recipe is not None:
-            return _restore(x, win.recipe, b, hq)
+            return restore(x, win.recipe, b, hq)
         return x.reshape(b, hq, n_tiles * t, -1).index_select(2, win.inv)
 
     qt, kt, vt = tiles(q), tiles(k), tiles(v)
@@ -180,123 +178,3 @@ def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return untiles(out), lse
-
-
-class WindowBatch:
-    """The windows of a window pattern as a batch, for modules that partition their *input* (before the
-    projections, as the official window codes do) instead of q, k and v: ``split`` (B, *grid, C) -> (B*nW, T, C),
-    ``merge`` back, and ``bias`` for what ``attend`` must add inside the windows (a relative-position table shared
-    by all windows, and Swin's region mask). Only for patterns whose windows are whole (``Blocks``/``Grid`` on
-    divisible extents, shifted or cyclic): ``WindowBatch.of`` returns None otherwise, and the module uses
-    ``attend(..., pattern)``.
-
-    Examples:
-        >>> import torch, nearfar as nf
-        >>> from nearfar.functional import WindowBatch
-        >>> wb = WindowBatch.of(nf.Blocks(7, grid=(14, 14)), (14, 14))
-        >>> x = torch.randn(2, 14, 14, 32)
-        >>> windows = wb.split(x)        # 2 images x 4 windows of 7x7 tokens
-        >>> windows.shape
-        torch.Size([8, 49, 32])
-        >>> torch.equal(wb.merge(windows, 2), x)
-        True
-        >>> WindowBatch.of(nf.Blocks(7, grid=(15, 15)), (15, 15)) is None   # partial windows
-        True
-    """
-
-    def __init__(self, win: Windows, pattern: Pattern, n: int, device: torch.device | None = None):
-        self.win, self.pattern, self.n = win, pattern, n
-        self.t = win.order.shape[1]
-        self._index: torch.Tensor | None = None
-        self.device = device or win.order.device  # where ``bias`` puts the region mask
-
-    @staticmethod
-    def of(pattern: Pattern, spatial: tuple[int, ...],
-           device: torch.device | str | None = None) -> WindowBatch | None:
-        """The window batch of ``pattern`` on a map of size ``spatial``, or None when its windows are not whole.
-
-        Args:
-            pattern: A window pattern (``Blocks``/``Grid``, shifted or cyclic, possibly intersected with others).
-            spatial: The map's spatial shape, e.g. ``(H, W)``.
-            device: Where the region mask of ``bias`` lives (default: the CPU).
-
-        Returns:
-            A ``WindowBatch`` (cached per pattern, size and device), or None: then run ``attend(..., pattern)`` on the
-            whole map.
-        """
-        return _window_batch(pattern, tuple(spatial), torch.device(device or "cpu"))
-
-    @property
-    def _win_recipe(self) -> Recipe:
-        assert self.win.recipe is not None  # a WindowBatch is made only for windows with a recipe
-        return self.win.recipe
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """Cut a channel-last map into its windows (rolled first for shifted windows).
-
-        Args:
-            x: A map ``(B, *spatial, C)`` of the size given to ``of``.
-
-        Returns:
-            ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
-        """
-        b, c = x.shape[0], x.shape[-1]
-        return _reorder(x.reshape(b, 1, -1, c), self._win_recipe).reshape(-1, self.t, c)
-
-    def merge(self, y: torch.Tensor, b: int) -> torch.Tensor:
-        """Put the windows back in place: the inverse of ``split``.
-
-        Args:
-            y: Per-window tokens ``(B * nW, T, C')``.
-            b: The batch size ``B``.
-
-        Returns:
-            The map ``(B, *spatial, C')``.
-        """
-        grid = self._win_recipe[0]
-        return _restore(y.reshape(b, -1, self.t, y.shape[-1]), self._win_recipe, b, 1).reshape(b, *grid, -1)
-
-    def bias(self, table: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """The additive bias of the split windows: ``(1, heads, T, T)`` from a table ``attend`` would take with
-        the pattern (the same in every whole window: for Swin's shifted windows on the pairs the region mask
-        allows), plus the region mask, which differs per window: then ``(batch * nW, heads or 1, T, T)``.
-
-        Args:
-            table: A relative-position table ``(heads, 2m-1, ...)`` as ``attend`` takes it with the pattern, or None.
-            batch: The batch size ``B`` (the region mask is repeated per image).
-
-        Returns:
-            None (no table, whole unshifted windows), ``(1, heads, T, T)`` (a table only), or ``(batch * nW, heads
-            or 1, T, T)`` when a region mask (-inf on masked pairs) is added.
-        """
-        out = None
-        if table is not None:
-            if self._index is None:
-                first = self.win.order[0].to(table.device)
-                assert isinstance(self.pattern, SpatialPattern)  # only spatial patterns take a table
-                self._index = self.pattern.rpb_index(first[:, None], first[None, :], self.n)
-            out = table.reshape(table.shape[0], -1)[:, self._index][None]
-        if self.win.mask is None:
-            return out
-        mask = self.win.mask[:, None].to(self.device)  # (nW, 1, T, T)
-        mask = mask if out is None else mask.to(out.dtype) + out
-        return mask.expand(batch, *mask.shape).reshape(batch * mask.shape[0], *mask.shape[1:])
-
-
-@torch.compiler.disable
-def _window_batch(pattern: Pattern, spatial: tuple[int, ...], device: torch.device) -> WindowBatch | None:
-    n = math.prod(spatial)
-    # meta tensors (shape inference): the plan is data-independent, so it is made on the CPU
-    meta = device.type == "meta"
-    plan = get_plan(pattern, n, n, device="cpu" if meta else device)
-    if not plan.partition:
-        return None
-    win = windows(plan)
-    if win.recipe is None:
-        return None
-    if meta:
-        return WindowBatch(win, pattern, n, device)
-    wb = plan.engine_cache.get("window_batch")
-    if wb is None:
-        wb = plan.engine_cache.put("window_batch", WindowBatch(win, pattern, n), win.order.shape[1] ** 2 * 8)
-    return wb

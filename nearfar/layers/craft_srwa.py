@@ -10,7 +10,8 @@ attention part of ``SRWAB``: ``proj(concat[A_h, A_v] + DW_3(v))`` of ``qkv = Lin
 residual and the MLP). The first ``C/2`` channels of q, k, v attend in ``s0 x s1`` windows with ``num_heads/2``
 heads, the last ``C/2`` in ``s1 x s0`` windows. ``shift_size=(a, b)`` (CRFB's odd blocks: ``(s0//2, s1//2)``) rolls
 the first half by ``(-a, -b)`` and the second by ``(-b, -a)`` with no mask (windows wrap around the border): each half
-is one ``nearfar.attend`` call with ``Blocks(size, grid, shift, wrap=True)`` (the partition engine). The dynamic
+is cut from the fused projection into the windows of ``Blocks(size, grid, shift, wrap=True)`` by one copy and
+attended as a batch (``WindowBatch``), and its output is added into ``DW_3(v)``'s channels in place. The dynamic
 position bias (``attns.{0,1}.pos``: ``Linear(2, p)`` then three ``LN -> ReLU -> Linear``, ``p = dim // 2 // 4 // 4``)
 maps every offset to per-head biases each forward; CRAFT indexes it query-minus-key, so its output (a Swin bias table)
 is flipped into the key-minus-query table ``attend`` takes. ``get_v`` is the LCM depth-wise 3x3 conv (with bias) on
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_nonneg_int, check_per_axis, check_scale
-from ..functional import attend, merge_heads
+from ..functional import WindowBatch
 from ..patterns import Blocks
 from .position_bias import swin_table_as_offsets
 from .registry import Mechanism, image_layer, register
@@ -157,19 +158,21 @@ class SRWAttention(nn.Module):
         b, (h, w), n = check_channels_last(x, 2, self.dim)
         self._check_size(h, w)
         qkv = self.qkv(self.norm1(x))
-        # (B, H, W, [3, half, heads/2, d]) -> (3, half, B, heads/2, N, d)
-        t = qkv.view(b, n, 3, 2, self.num_heads // 2, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        # (B, H, W, [3, half, C/2]) -> one (B, H, W, 3, C/2) view per half (unbind: one backward stack, no fills)
+        halves = qkv.view(b, h, w, 3, 2, self.dim // 2).unbind(4)
+        v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
+        y = self.get_v(v).permute(0, 2, 3, 1)  # LCM(v); each half's attention output is added into its channels
         a, c = self.shift_size
-        outs = []
         branches = cast("Iterable[RectWindowBranch]", self.attns)
-        for i, (branch, shift) in enumerate(zip(branches, ((a, c), (c, a)))):
+        for i, (half, branch, shift) in enumerate(zip(halves, branches, ((a, c), (c, a)))):
             r, s = branch.window
             pattern = Blocks((r, s), grid=(h, w), shift=(shift[0] % r, shift[1] % s), wrap=True)
-            out = attend(t[0, i], t[1, i], t[2, i], pattern, scale=self.scale, rpb=branch.table())
-            outs.append(merge_heads(out, (h, w)))
-        v = qkv[..., 2 * self.dim:].permute(0, 3, 1, 2)  # the unshifted v of all channels, channel-last memory
-        lcm = self.get_v(v).permute(0, 2, 3, 1)
-        return self.proj(torch.cat(outs, dim=-1) + lcm)
+            # the half's q, k, v cut into its (cyclically shifted) windows by one copy, attended as a batch
+            wb = WindowBatch.of(pattern, (h, w), x.device)
+            assert wb is not None  # H, W are multiples of both window sides: the windows are whole
+            wb.attend(wb.split(half), self.num_heads // 2, self.scale, branch.table(),
+                      add_to=y[..., i * (self.dim // 2):(i + 1) * (self.dim // 2)])
+        return self.proj(y)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, split_size={self.split_size}, "

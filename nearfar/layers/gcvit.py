@@ -14,10 +14,11 @@ generates ``q_global`` from ``x`` itself with ``global_block`` when it is not gi
 ``q = attn.global_query(stage_input)`` once and pass it to every global block, as GC ViT does.
 ``query_generator=False`` leaves the generator out (then ``q_global`` is required).
 
-Both run as one ``nearfar.attend`` call with a ``Blocks`` pattern (the partition engine: one gather and one
-batched SDPA); the global queries are gathered to the token layout first. Measured on CPU against expanding them
-over hand-partitioned windows: faster at 14x14 (one window), ~15% slower at 56x56 (the engine's gathers), and one
-exact code path for every input size, so this is the way taken.
+When the windows are whole (sizes divisible by the window, as in the classification code) both cut the input into
+windows once, as the official code does, and attend the windows as a batch (``WindowBatch``: every head read in
+place from the projection output, the bias added inside the score GEMM); the global queries are not repeated per
+window but read once per image by every window of it. Other sizes run as one ``nearfar.attend`` call with a
+``Blocks`` pattern on the whole map (the global queries gathered to the token layout first).
 
 Parameter names and shapes equal timm's (a timm block's ``attn.*`` and its stage's ``global_block.*`` load
 unchanged): ``qkv``, ``rel_pos.relative_position_bias_table`` (``((2ws-1)^2, heads)``, query-minus-key, as Swin's),
@@ -292,24 +293,24 @@ class GlobalQueryAttention(_GCViTWindowBase):
         q_global = self.global_query(x) if q_global is None else self._check_query(q_global, b)
         qg = split_heads(q_global, self.num_heads).expand(b, -1, -1, -1)  # (B, h, ws0*ws1, d)
         (hh, ww), (m0, m1) = spatial, self.window_size
-        if hh % m0 == 0 and ww % m1 == 0 and (hh, ww) != (m0, m1):
-            # whole windows (the official case): the same queries for every window of an image, so cut x into
-            # windows once (as the official code does) and attend each window's keys with the shared queries
+        if hh % m0 == 0 and ww % m1 == 0:
+            # whole windows (the official case, one window included): the same queries for every window of an image,
+            # so cut x into windows once (as the official code does) and attend each window's keys with them
             wb = WindowBatch.of(Blocks(self.window_size, grid=spatial), spatial, x.device)
             assert wb is not None  # whole windows
-            return self._attend_partitioned(x, qg, wb)
+            return self._attend_partitioned(x, q_global, wb)
         k, v = self.qkv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q = qg.index_select(2, self._slots(spatial, x.device))  # each token's query: the one at its window slot
         return self._attend_windows(q, k, v, spatial)
 
-    def _attend_partitioned(self, x: torch.Tensor, qg: torch.Tensor, wb: WindowBatch) -> torch.Tensor:
+    def _attend_partitioned(self, x: torch.Tensor, q_global: torch.Tensor, wb: WindowBatch) -> torch.Tensor:
         b = x.shape[0]
-        xw = wb.split(x)  # (B * nW, T, C)
-        k, v = self.qkv(xw).view(*xw.shape[:2], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        n_win = xw.shape[0] // b
-        q = qg[:, None].expand(b, n_win, *qg.shape[1:]).reshape(b * n_win, *qg.shape[1:])
-        out = attend(q, k, v, scale=self.scale, bias=wb.bias(self.rel_pos.offsets(self.window_size), b))
-        return self.proj(wb.merge(merge_heads(out, (wb.t,)), b))
+        # keys and values of every window (unbind: one backward stack, no zero-filled slices); the queries once per
+        # image, shared by its windows (the window kernel broadcasts them, no per-window copy)
+        k, v = self.qkv(wb.split(x)).unflatten(-1, (2, self.dim)).unbind(-2)
+        q = q_global.reshape(q_global.shape[0], -1, self.dim).expand(b, -1, -1)
+        return self.proj(wb.attend((q, k, v), self.num_heads, self.scale, self.rel_pos.offsets(self.window_size),
+                                   merge=True))
 
     def _slots(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
         (h, w), (m0, m1) = spatial, self.window_size

@@ -6,7 +6,8 @@ Paper: Tu et al., "MaxViT: Multi-Axis Vision Transformer" (ECCV 2022). Official 
 (``PartitionAttentionCl``, ``AttentionCl``) with ``timm/layers/pos_embed_rel.py`` (``RelPosBiasTf``, ``RelPosBias``).
 
 Block attention is ``nearfar.Blocks(P)``, grid attention ``nearfar.Grid(G)`` (token ``(r, c)`` is in window
-``(r mod H/G, c mod W/G)``); both run on the partition engine. The relative bias is MaxViT's
+``(r mod H/G, c mod W/G)``); both run through ``window_attention`` (the input cut into windows, the windows attended
+as a batch), or ``attend`` on the whole map for partial edge windows. The relative bias is MaxViT's
 ``R[head, j - i + P - 1, ...]`` (key minus query, in window slots; for the grid one slot is ``H/G`` pixels), which is
 exactly the table ``attend`` takes, so the official/timm-TF table is used as is.
 
@@ -142,15 +143,9 @@ class MaxViTAttention(nn.Module):
         _, spatial, _ = check_channels_last(x, 2, self.dim)
         window, pattern = self._pattern(spatial)
         bias = self.rel_pos.offsets(window) if self.rel_pos is not None else None
-        return self.proj(window_attention(x, pattern, self._qkv, self.num_heads, self.scale, bias))
-
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        qkv = self.qkv(x)
-        if not self.head_first:
-            return qkv
-        # timm "rw" models: channels [heads, 3, dim_head]
-        t = qkv.unflatten(-1, (self.num_heads, 3, self.dim_head))
-        return tuple(t[..., i, :].flatten(-2) for i in range(3))
+        # timm "rw" models (head_first) order the qkv channels [heads, 3, dim_head]
+        return self.proj(window_attention(x, pattern, self.qkv, self.num_heads, self.scale, bias,
+                                          qkv_order="h3d" if self.head_first else "3hd"))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, partition={self.partition!r}, partition_size={self.partition_size}, "

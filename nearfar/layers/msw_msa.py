@@ -11,8 +11,9 @@ projections (``to_q``, ``to_k``, ``to_v`` Linear C -> C without bias, ``to_out.0
 load unchanged. The input is the normalized hidden states ``(B, H, W, C)``.
 
 Forward: window ``(ceil(H/2), ceil(W/2))`` (always 2x2 windows); roll by ``-shift``, attend inside the windows,
-roll back. No region mask: wrapped tokens attend across the image border. This is one ``nearfar.attend`` call with
-``Blocks(window, grid, shift, wrap=True)`` (the partition engine). If ``H`` or ``W`` is odd the map is
+roll back. No region mask: wrapped tokens attend across the image border. This is ``window_attention`` with
+``Blocks(window, grid, shift, wrap=True)`` (the input cut into the rolled windows by one gather, ``to_q``/``to_k``/
+``to_v`` as one GEMM, the windows attended as a batch). If ``H`` or ``W`` is odd the map is
 bicubic-resized to ``(2 ceil(H/2), 2 ceil(W/2))`` before the projections and back to ``(H, W)`` after ``to_out``
 (``F.interpolate(mode="bicubic")``, as the official code does; it warns that quality drops).
 
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads
-from ..functional import window_attention
+from ..functional import fused_linear, window_attention
 from ..patterns import Blocks
 from .registry import Mechanism, image_layer, register
 
@@ -95,8 +96,9 @@ class MSWAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim, bias=out_bias), nn.Dropout(0.0)])
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.to_q(x), self.to_k(x), self.to_v(x)
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        # one GEMM for the three projections: channels [3, heads, d], as window_attention reads them
+        return fused_linear(x, (self.to_q, self.to_k, self.to_v))
 
     def forward(self, x: torch.Tensor, shift: tuple[int, int] | int | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:

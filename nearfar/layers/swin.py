@@ -6,8 +6,9 @@ al., "Video Swin Transformer" (CVPR 2022). Official code: microsoft/Swin-Transfo
 Video-Swin-Transformer ``mmaction/models/backbones/swin_transformer.py`` (``WindowAttention3D``, ``get_window_size``).
 
 The module is the block's token mixer: (shift) + window partition + attention with relative position bias +
-reverse, on ``nearfar.attend`` with a ``Blocks`` pattern (Swin's roll and region mask are the pattern; windows run
-on the partition engine: one gather and one batched SDPA).
+reverse, through ``window_attention`` with a ``Blocks`` pattern (Swin's roll and region mask are the pattern): the
+input is cut into windows (one gather with the roll), the windows attend as a batch with the bias table and region
+mask added inside the score GEMM, and partial edge windows go to ``attend`` on the whole map.
 
 Parameter names and shapes equal timm's ``WindowAttention`` (``timm/models/swin_transformer.py``) and the official
 modules: ``qkv`` (Linear C -> 3C, split ``[3, heads, head_dim]``), ``proj`` (Linear C -> C) and

@@ -19,7 +19,8 @@ import nearfar
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.patterns")
-MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.backends.partition")
+MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.backends.partition",
+           "nearfar.backends.window_batch")
 
 
 def _modules() -> list[str]:

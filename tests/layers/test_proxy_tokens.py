@@ -214,7 +214,8 @@ def test_oracle3_equal_proxies_give_the_same_cross_attention_output_everywhere()
     out = seen["out"].reshape(-1, 16)
     assert seen["q"].reshape(-1, 16).std(0).max() > 0.1  # the queries do differ
     kv = seen["kv"][0, 0]
-    expected = m.pvisual_attn2.to_out[0](m.pvisual_attn2.to_v(kv))  # W_o W_v p, independent of q
+    # W_1 W_o W_v p, independent of q (the module runs linear_1_visual merged into pvisual_attn2's output GEMM)
+    expected = m.linear_1_visual(m.pvisual_attn2.to_out[0](m.pvisual_attn2.to_v(kv)))
     assert_close(out, expected.expand_as(out), 1e-5, "cross-attention output")
 
 
