@@ -269,18 +269,6 @@ def forced_engine() -> str | None:
     return stack[-1] if stack else None
 
 
-def record_call(pattern: Pattern | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """List an attention call that does not go through ``attend`` (e.g. ``attend_rows``'s kernel) in the active
-    ``observe_calls`` blocks, as ``attend`` does."""
-    _record(pattern, q, k, v)
-
-
-def overriding_engine() -> str | None:
-    """The innermost ``engine_override`` of this thread, or None."""
-    active = _ENGINE_OVERRIDE.get()
-    return active[-1] if active else None
-
-
 def check_attention_inputs(q: object, k: object, v: object, scale: object = None,
                            key_padding_mask: object = None) -> None:
     """``attend``'s checks of ``q, k, v``, ``scale`` and ``key_padding_mask`` (the same errors), for ops beside it."""

@@ -15,7 +15,7 @@ import torch
 from .backends.native import supports as native_supports
 from .backends.native_selected import causal_rows, lists_attention
 from .checks import check_bool
-from .dispatch import attend, check_attention_inputs, overriding_engine, record_call
+from .dispatch import attend, check_attention_inputs, forced_engine, record_call
 from .guard import output_finite, unsafe_tokens
 from .patterns import Causal
 
@@ -69,10 +69,10 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
         return out * rows[..., None].to(out.dtype)
 
     trains = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if overriding_engine() is not None or not native_supports(q) or torch.compiler.is_compiling() \
+    if forced_engine() is not None or not native_supports(q) or torch.compiler.is_compiling() \
             or rows.float().mean() > ROWS_DENSITY or (trains and unsafe_tokens(q, k, v, scale) is not None):
         return every_row()
-    record_call(pattern, q, k, v)
+    record_call(pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape))
     nk = k.shape[2]
     lists = causal_rows(rows, nk)
     if not causal:  # every row sees every key: the bound past the last key
