@@ -375,3 +375,15 @@ def test_auto_picks_dense_for_small_and_blocksparse_for_long_calls():
     assert choose_engine(q, None, 4096, 4096, blocks=True) == "blocksparse"  # no pattern: still sparse with blocks
     assert choose_engine(q, nf.PerHead([nf.Causal()] * 2), 4096, 4096, blocks=True) == "dense"
     assert choose_engine(q, nf.Blocks(64), 4096, 4096, blocks=True) == "blocksparse"  # no partition with blocks
+
+
+def test_auto_takes_the_kernel_for_small_sparse_selections():
+    from nearfar.dispatch import _native_blocks_pay
+
+    q = torch.randn(1, 2, 196, 8)
+    few = nf.SelectedBlocks(torch.full((1, 1, 49), 4), torch.randint(0, 49, (1, 1, 49, 4)), q_block=4)
+    many = nf.SelectedBlocks(torch.full((1, 1, 49), 30), torch.randint(0, 49, (1, 1, 49, 30)), q_block=4)
+    assert _native_blocks_pay(q, None, few, 196, 196) == native.available()  # 8% of the pairs
+    assert not _native_blocks_pay(q, None, many, 196, 196)  # 61%: the dense engine
+    assert not _native_blocks_pay(q, nf.Causal(), few, 196, 196)  # the pattern's half of the pairs counts
+    assert not _native_blocks_pay(q.double(), None, few, 196, 196)  # float64: the PyTorch engines
