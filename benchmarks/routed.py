@@ -80,12 +80,24 @@ def r1(rounds: int, peers: bool, out) -> float:
     out(f"\n### R1: N={n}, Hq={HQ}, Hkv={HKV}, d={D}, blocks of {BLOCK}, top-{TOP} ∪ SlidingWindow(left={WINDOW}) "
         f"& Causal() ({load()})\n")
     out(f"streams (key blocks per query block): {', '.join(f'{k_}={v_:g}' for k_, v_ in work.items())}")
+    from nearfar.backends.native_selected import selected_lists
     from nearfar.backends.selected import _Problem  # the engine's indices -> work step, timed on its own
 
+    def plan():  # the kernel's per-call lists, or the PyTorch path's streams where the kernel is not built
+        if nf.native.available():
+            return selected_lists(PATTERN, sel, n, n)
+        return _Problem(q, k, v, PATTERN, sel, D ** -0.5, None, None)
+
+    def torch_path():
+        with nf.native.disabled():
+            return layer(q, k, v)
+
     with torch.no_grad():
-        times = interleave({"dense": lambda: dense(q, k, v), "layer": lambda: layer(q, k, v),
-                            "select": lambda: select(q, k),
-                            "plan": lambda: _Problem(q, k, v, PATTERN, sel, D ** -0.5, None, None)}, rounds=rounds)
+        jobs = {"dense": lambda: dense(q, k, v), "layer": lambda: layer(q, k, v), "select": lambda: select(q, k),
+                "plan": plan}
+        if nf.native.available():
+            jobs["torch"] = torch_path
+        times = interleave(jobs, rounds=rounds)
     qg, kg, vg = inputs(n, grad=True)
 
     def train():
@@ -100,8 +112,12 @@ def r1(rounds: int, peers: bool, out) -> float:
         f"(target >= 6x, ideal ≈ 10.7x) |")
     out(f"| selection (pool + scores + top-k) | {med['select']:.3f} | {median_ratio(times, 'select', 'layer'):.1%} "
         f"of the layer forward (target <= 20%) |")
-    out(f"| indices -> work (the engine's plan of the call: streams, lists, masks) | {med['plan']:.3f} | "
+    out(f"| indices -> work (the engine's plan of the call: kernel lists and masks, or streams) | {med['plan']:.3f} | "
         f"{median_ratio(times, 'plan', 'layer'):.1%} of the layer forward |")
+    if "torch" in med:
+        out(f"| layer forward without the compiled kernel (PyTorch streams) | {med['torch']:.3f} | "
+            f"{median_ratio(times, 'dense', 'torch'):.2f}x faster than dense; the kernel "
+            f"{median_ratio(times, 'torch', 'layer'):.2f}x faster |")
     out(f"| layer forward + backward | {statistics.median(tt['fwd+bwd']):.3f} | "
         f"{median_ratio(tt, 'fwd+bwd', 'fwd'):.2f}x its forward (target <= 3.5x) |")
     if peers:

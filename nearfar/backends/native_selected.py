@@ -80,11 +80,13 @@ def selected_lists(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: in
     valid, idx, full, overlap = (x.gather(-1, order) for x in (keep, cls.idx, cls.full, cls.overlap))
     t, kb, dev = sel.q_block, sel.k_block, idx.device
     bs, hs, qb, s = idx.shape
-    keys = idx[..., None] * kb + torch.arange(kb, device=dev)  # (B', H', QB, S, kb)
-    k_idx = torch.where(valid[..., None] & (keys < nk), keys, -1)
+    k_idx = idx[..., None] * kb + torch.arange(kb, device=dev)  # (B', H', QB, S, kb)
+    k_idx.masked_fill_(~valid[..., None], -1)
+    if nk % kb:  # the short last block
+        k_idx.masked_fill_(k_idx >= nk, -1)
     nw = -(-t // 64)
-    bits = torch.zeros(bs, hs, qb, s, kb, nw, dtype=torch.int64, device=dev)
-    bits.masked_fill_(full[..., None, None], -1)  # every row of a whole block
+    # every row of a whole block: all-ones words (one write of the lists' size)
+    bits = torch.where(full, -1, 0)[..., None, None].expand(bs, hs, qb, s, kb, nw).contiguous()
     r0 = torch.zeros(bs, hs, qb, s, dtype=torch.int64, device=dev)
     r1 = torch.where(valid, t, 0)
     part = valid & ~full
@@ -108,8 +110,23 @@ def selected_lists(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: in
             r0[a] = torch.where(anyrow, live.int().argmax(-1), 0).long()
             r1[a] = torch.where(anyrow, t - live.flip(-1).int().argmax(-1), 0).long()
     k_idx = k_idx.flatten(-2)
-    per_key = [x[..., None].expand(-1, -1, -1, -1, kb).flatten(-2) for x in (r0, r1, full)]
-    rows, whole = sub_blocks(k_idx, per_key[0], per_key[1], per_key[2], t)
+    if kb % native.KB == 0:  # each 64-key sub-block inside one block: the block's rows and flag
+        rep = kb // native.KB
+        rows = torch.stack([r0, r1], -1).repeat_interleave(rep, 3).to(torch.int32).contiguous()
+        whole = full.repeat_interleave(rep, 3).contiguous()
+    elif native.KB % kb == 0:  # whole blocks per sub-block: min/max of their rows, exact if every one is whole
+        per = native.KB // kb
+        pad = -s % per
+        live = valid & (r1 > r0)
+        lo = torch.nn.functional.pad(torch.where(live, r0, t), (0, pad), value=t).unflatten(-1, (-1, per)).amin(-1)
+        hi = torch.nn.functional.pad(torch.where(live, r1, 0), (0, pad)).unflatten(-1, (-1, per)).amax(-1)
+        whole = torch.nn.functional.pad(full, (0, pad), value=True).unflatten(-1, (-1, per)).all(-1)
+        empty = lo >= hi
+        rows = torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], -1).to(torch.int32).contiguous()
+        whole = (whole & ~empty).contiguous()
+    else:  # blocks that straddle sub-blocks: per key
+        per_key = [x[..., None].expand(-1, -1, -1, -1, kb).flatten(-2) for x in (r0, r1, full)]
+        rows, whole = sub_blocks(k_idx, per_key[0], per_key[1], per_key[2], t)
     qrows = torch.arange(qb * t, device=dev)
     q_idx = torch.where(qrows < nq, qrows, -1).view(1, 1, qb, t)
     return Lists(q_idx, k_idx.contiguous(), bits.flatten(3, 4).contiguous(), rows, whole)

@@ -387,3 +387,29 @@ def test_auto_takes_the_kernel_for_small_sparse_selections():
     assert not _native_blocks_pay(q, None, many, 196, 196)  # 61%: the dense engine
     assert not _native_blocks_pay(q, nf.Causal(), few, 196, 196)  # the pattern's half of the pairs counts
     assert not _native_blocks_pay(q.double(), None, few, 196, 196)  # float64: the PyTorch engines
+
+
+@pytest.mark.parametrize("kb,t", [(64, 64), (128, 32), (96, 16), (32, 100)])
+def test_large_blocks_against_the_reference(kb, t):
+    """Blocks of a whole 64-key sub-block or more (each sub-block inside one block), blocks that straddle
+    sub-blocks, and query blocks over 64 rows (two mask words), with a window, GQA, B = 2 and key padding."""
+    torch.manual_seed(7)
+    b, hq, hkv, n = 2, 4, 2, 400
+    nkb, qb = -(-n // kb), -(-n // t)
+    sel = nf.SelectedBlocks(torch.randint(0, 4, (b, hkv, qb)), torch.randint(-1, nkb, (b, hkv, qb, 3)), q_block=t,
+                            kv_block=kb, within=nf.Causal())
+    pattern = nf.SlidingWindow(left=50) & nf.Causal()
+    kpm = torch.rand(b, n) > 0.1
+    allowed = (sel.pair_mask(n, n, hq, hkv) | pattern.mask(n, n)) & kpm[:, None, None, :]
+    xs = [torch.randn(b, h, n, 16, requires_grad=True) for h in (hq, hkv, hkv)]
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    expected = ref.dense_reference(*xs64, allowed, 0.25)
+    go = torch.randn_like(expected)
+    (expected * go).sum().backward()
+    engine, ctx = engine_context("blocksparse")
+    with ctx:
+        out = nf.attend(*xs, pattern, blocks=sel, key_padding_mask=kpm, scale=0.25, engine=engine)
+        (out * go.float()).sum().backward()
+    torch.testing.assert_close(out.double(), expected.detach(), atol=2e-5, rtol=1e-4)
+    for x, x64 in zip(xs, xs64):
+        torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-4, rtol=1e-3)
