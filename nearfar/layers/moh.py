@@ -29,9 +29,9 @@ most picks among the heads of the call, attended against all keys, gated and sca
 self-attention: a routed head runs only its picked rows too, through ``attend_rows`` (the compiled CPU kernel takes
 each head's picked rows as a list and bounds every row's keys by its position, so no gathered copy and no per-row
 mask; gathering the rows for a masked dense kernel was measured no faster than the causal kernel on all rows, the
-masks costing what the skipped rows save). Where the kernel is not built, or a head is picked by more than
-``attend_rows``' density threshold of its rows, the head runs every row on the causal kernel and the unpicked rows
-are multiplied by 0. K/V are sliced for contiguous runs of heads (whole GQA groups, or one KV head), never copied.
+masks costing what the skipped rows save). Where the kernel is not built, the head runs every row on the causal
+kernel and the unpicked rows are multiplied by 0. K/V are sliced for contiguous runs of heads (whole GQA groups,
+or one KV head), never copied.
 Keys and values are projected, and cached, for every head: a later token may pick any head. Timings:
 ``MoHAttention``'s docstring.
 
