@@ -6,7 +6,8 @@ import contextlib
 import contextvars
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
@@ -269,6 +270,64 @@ def forced_engine() -> str | None:
     return stack[-1] if stack else None
 
 
+_INTERCEPTORS: contextvars.ContextVar[tuple[Callable[[AttendCall], object], ...]] = contextvars.ContextVar(
+    "nearfar_interceptors", default=())
+
+
+@dataclass
+class AttendCall:
+    """One ``attend`` call as an interceptor sees it (``intercept_calls``): its arguments, which the interceptor may
+    replace before ``run()`` runs the call (without this thread's interceptors, so no recursion)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: Pattern | None
+    scale: float | None
+    bias: torch.Tensor | None
+    rpb: torch.Tensor | None
+    key_padding_mask: torch.Tensor | None
+    engine: str
+    return_lse: bool
+    blocks: SelectedBlocks | None
+
+    def run(self, return_lse: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``attend`` with the current arguments (``return_lse`` overrides the call's own)."""
+        token = _INTERCEPTORS.set(())
+        try:
+            return attend(self.q, self.k, self.v, self.pattern, scale=self.scale, bias=self.bias, rpb=self.rpb,
+                          key_padding_mask=self.key_padding_mask, engine=self.engine,
+                          return_lse=self.return_lse if return_lse is None else return_lse, blocks=self.blocks)
+        finally:
+            _INTERCEPTORS.reset(token)
+
+
+@contextlib.contextmanager
+def intercept_calls(fn: Callable[[AttendCall], object]) -> Iterator[None]:
+    """Inside the block, every ``attend`` call of this thread (after its arguments are checked) goes to
+    ``fn(call)``, whose return value ``attend`` returns; ``call.run()`` performs it. The innermost interceptor wins.
+    ``nearfar.steer`` edits and captures attention this way, so every layer built on ``attend`` can be steered.
+
+    Args:
+        fn: Takes an ``AttendCall``; returns what ``attend`` must return (the output, or ``(out, lse)`` when
+            ``call.return_lse``).
+
+    Yields:
+        None.
+    """
+    token = _INTERCEPTORS.set(_INTERCEPTORS.get() + (fn,))
+    try:
+        yield
+    finally:
+        _INTERCEPTORS.reset(token)
+
+
+def intercepted() -> bool:
+    """Whether ``attend`` calls of this thread go to an interceptor now: kernels that run without ``attend``
+    (``WindowBatch``, ``attend_rows``, MoH's and the dense layer's fused calls) then call ``attend`` instead."""
+    return bool(_INTERCEPTORS.get())
+
+
 def check_attention_inputs(q: object, k: object, v: object, scale: object = None,
                            key_padding_mask: object = None) -> None:
     """``attend``'s checks of ``q, k, v``, ``scale`` and ``key_padding_mask`` (the same errors), for ops beside it."""
@@ -354,6 +413,10 @@ def attend(
         >>> out.sum().backward()
     """
     _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks)
+    hooks = _INTERCEPTORS.get()
+    if hooks and q.device.type != "meta":
+        return hooks[-1](AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse,
+                                    blocks))  # type: ignore[return-value]
     _record(pattern, q, k, v)
     b, hq, nq, d = q.shape
     nk = k.shape[2]

@@ -16,7 +16,7 @@ import torch
 
 from .backends import engines
 from .backends.window_batch import WindowBatch
-from .dispatch import attend, engine_override, observe_calls
+from .dispatch import AttendCall, attend, engine_override, intercept_calls, intercepted, observe_calls
 from .ops.hip import hip_topk_blocks
 from .ops.lightning import (
     alibi_slopes,
@@ -45,6 +45,7 @@ from .rows import attend_rows
 from .selection import SelectedBlocks
 
 __all__ = [
+    "AttendCall",
     "SelectedBlocks",
     "WindowBatch",
     "alibi_slopes",
@@ -59,6 +60,8 @@ __all__ = [
     "engines",
     "fused_linear",
     "hip_topk_blocks",
+    "intercept_calls",
+    "intercepted",
     "kmeans_route",
     "kv_blocks_from_mask",
     "lightning_attention",

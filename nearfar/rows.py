@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .backends.native import supports as native_supports
 from .backends.native_selected import causal_rows, lists_attention
 from .checks import check_bool
-from .dispatch import attend, check_attention_inputs, forced_engine, record_call
+from .dispatch import attend, check_attention_inputs, forced_engine, intercepted, record_call
 from .guard import output_finite, unsafe_tokens
 from .patterns import Causal
 
@@ -64,7 +64,7 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
 
     nq, nk = q.shape[2], k.shape[2]
-    forced = forced_engine()
+    forced = forced_engine() or ("auto" if intercepted() else None)  # an interceptor sees attend calls only
     trains = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     unsafe = trains and unsafe_tokens(q, k, v, scale) is not None
 

@@ -183,9 +183,9 @@ class WindowBatch:
         Seen from outside as ``attend(q, k, v, self.pattern, rpb=table)`` on the whole map: that is the call
         ``observe_calls`` lists (whichever path runs), and inside ``engine_override`` that call runs, on the forced
         engine, instead of the window kernel (so that the bench's gate compares this kernel with another engine)."""
-        from ..dispatch import forced_engine, record_call, unobserved  # the dispatcher imports this module
+        from ..dispatch import forced_engine, intercepted, record_call, unobserved  # the dispatcher imports this
 
-        if forced_engine() is not None:
+        if forced_engine() is not None or intercepted():  # an interceptor (nearfar.steer) sees attend calls only
             return self._exact(srcs, order, num_heads, d, scale, table, batch)  # attend lists it and takes the engine
         whole = (batch, num_heads, self.n, d)
         record_call(self.pattern, whole, whole, whole)

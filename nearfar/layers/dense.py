@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_bool
-from ..functional import attend, merge_heads, split_heads
+from ..functional import attend, intercepted, merge_heads, split_heads
 from ..patterns import Causal, Dense
 from .kv_cache import DecodeState, KVCache
 from .pattern_attention import PatternAttention
@@ -154,7 +154,7 @@ class DenseAttention(PatternAttention):
             ck, cv = cache.k, cache.v
             assert ck is not None and cv is not None  # appended to just now
             k, v = ck, cv
-        if key_padding_mask is None and (cache is None or n == 1 or not self.causal):
+        if key_padding_mask is None and (cache is None or n == 1 or not self.causal) and not intercepted():
             # the fused kernel itself (this layer is the baseline others are timed against)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and cache is None,
                                                  enable_gqa=self.num_kv_heads != self.num_heads)

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_choice, check_int_range, check_tokens
-from ..functional import attend, attend_rows, merge_heads, split_heads
+from ..functional import attend, attend_rows, intercepted, merge_heads, split_heads
 from ..patterns import Causal
 from .dense import SourceCache
 from .kv_cache import KVCache
@@ -328,7 +328,7 @@ class MoHAttention(ProjectedAttention):
                key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """All rows; causal: the queries are the last ``Nq`` positions of the ``Nk`` keys."""
         nq, nk = q.shape[2], k.shape[2]
-        if key_padding_mask is None and (not causal or nq == nk or nq == 1):  # the fused kernel, as DenseAttention
+        if key_padding_mask is None and (not causal or nq == nk or nq == 1) and not intercepted():  # as DenseAttention
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal and nq == nk and nq > 1,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         return attend(q, k, v, Causal() if causal else None, key_padding_mask=key_padding_mask)

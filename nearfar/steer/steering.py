@@ -1,0 +1,264 @@
+"""``control``: apply edits and captures to chosen attention sites of a model, on a schedule, inside a ``with`` block.
+
+    with control(model, [(selector, edit, when), ...]) as run:
+        model(inputs)                     # each call of the model is one step (run.step), unless set_step is used
+    run.records                           # what Capture edits recorded, per site name
+
+Every nearfar layer computes its attention through ``nearfar.attend`` (the layers with their own fused calls, the
+window kernel and ``attend_rows`` call ``attend`` instead while an interceptor is active), so ``control`` sees each
+call through ``nearfar.functional.intercept_calls`` together with the site whose forward is running (forward hooks
+on the sites). An edit runs when its selector selects the site and its ``when(state)`` holds (``state.step``,
+``state.site.layer``, ``state.call``): ``steps(a, b)``, ``layers(a, b)`` or any predicate. Edits act in the order
+given: K/V hooks, then score biases (summed into ``attend``'s bias), then the engine runs once, then head hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..bias import RelativePositionBias
+from ..dispatch import AttendCall, intercept_calls
+from ..patterns.spatial import SpatialPattern
+from .edits import Edit, State
+from .sites import Site, SiteSelector, find_sites, matches
+
+When = Callable[[State], bool]
+
+
+def steps(start: int, stop: int | None = None) -> When:
+    """Active at steps ``start <= step < stop`` (``stop`` None: from ``start`` on)."""
+    return lambda s: s.step >= start and (stop is None or s.step < stop)
+
+
+def layers(start: int, stop: int | None = None) -> When:
+    """Active at sites whose layer index is in ``[start, stop)``."""
+    return lambda s: getattr(s.site, "layer", -1) >= start and (stop is None or getattr(s.site, "layer", -1) < stop)
+
+
+FIELDS = ("q", "k", "v", "lse", "head_out", "pattern")
+
+
+class Capture(Edit):
+    """Record fields of the calls it is applied to, into ``run.records[site.name]`` (one dict per call, with
+    ``"step"`` and ``"call"``), bounded by ``budget_bytes``.
+
+    Args:
+        fields: Among ``"q"``, ``"k"``, ``"v"`` (as the call sees them at this edit's place in the list),
+            ``"lse"``, ``"head_out"`` (the per-head outputs at this place: before later head edits) and
+            ``"pattern"``.
+        heads: Keep only these query heads (q, lse, head_out; k/v keep their KV heads).
+        reduce: None, ``"mean_heads"`` or ``"max_heads"`` (over the heads kept).
+        to: Device to store on (default ``"cpu"``).
+        dtype: Store floating tensors in this dtype (default: as computed).
+        differentiable: Keep the autograd graph (A-STAR-style losses on captured values); default detach.
+        budget_bytes: Most bytes of stored tensors; ``on_over_budget="error"`` raises a RuntimeError naming it,
+            ``"skip"`` stops recording (``self.over_budget`` becomes True).
+    """
+
+    def __init__(self, fields: Sequence[str] = ("lse", "head_out"), heads: Sequence[int] | None = None,
+                 reduce: str | None = None, to: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 differentiable: bool = False, budget_bytes: int | None = None, on_over_budget: str = "error") -> None:
+        bad = [f for f in fields if f not in FIELDS]
+        if bad:
+            raise ValueError(f"fields must be among {FIELDS}, got {bad}")
+        if reduce not in (None, "mean_heads", "max_heads"):
+            raise ValueError(f"reduce must be None, 'mean_heads' or 'max_heads', got {reduce!r}")
+        if on_over_budget not in ("error", "skip"):
+            raise ValueError(f"on_over_budget must be 'error' or 'skip', got {on_over_budget!r}")
+        self.fields, self.heads_sel, self.reduce = tuple(fields), heads, reduce
+        self.to, self.dtype, self.differentiable = to, dtype, differentiable
+        self.budget_bytes, self.on_over_budget = budget_bytes, on_over_budget
+        self.used_bytes, self.over_budget = 0, False
+        self.sink: Callable[[State, dict], None] | None = None
+        self._pending: dict | None = None
+
+    def _keep(self, name: str, x: torch.Tensor, per_query_head: bool) -> torch.Tensor:
+        if not self.differentiable:
+            x = x.detach()
+        if per_query_head and self.heads_sel is not None:
+            x = x[:, torch.as_tensor(list(self.heads_sel), dtype=torch.long, device=x.device)]
+        if per_query_head and self.reduce is not None:
+            x = x.mean(1) if self.reduce == "mean_heads" else x.amax(1)
+        if self.dtype is not None and x.is_floating_point():
+            x = x.to(self.dtype)
+        return x.to(self.to)
+
+    def _store(self, state: State, values: dict) -> None:
+        size = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+        if self.over_budget:
+            return
+        if self.budget_bytes is not None and self.used_bytes + size > self.budget_bytes:
+            if self.on_over_budget == "error":
+                raise RuntimeError(f"Capture: budget_bytes={self.budget_bytes} exceeded ({self.used_bytes} stored, "
+                                   f"{size} more at site {getattr(state.site, 'name', '?')} step {state.step}); "
+                                   "capture fewer fields, heads or sites, reduce over heads, or raise the budget")
+            self.over_budget = True
+            return
+        self.used_bytes += size
+        assert self.sink is not None
+        self.sink(state, values)
+
+    def kv(self, call: AttendCall, state: State) -> None:
+        got: dict = {}
+        for name in ("q", "k", "v"):
+            if name in self.fields:
+                got[name] = self._keep(name, getattr(call, name), name == "q")
+        if "pattern" in self.fields:
+            got["pattern"] = call.pattern
+        self._pending = got
+
+    def heads(self, out: torch.Tensor, lse: torch.Tensor, call: AttendCall, state: State) -> torch.Tensor:
+        got = self._pending or {}
+        self._pending = None
+        if "lse" in self.fields:
+            got["lse"] = self._keep("lse", lse, True)
+        if "head_out" in self.fields:
+            got["head_out"] = self._keep("head_out", out, True)
+        self._store(state, got)
+        return out
+
+
+def _dense_rpb(call: AttendCall) -> torch.Tensor:
+    """A relative-position table as the dense bias it adds, ``(1, Hq, Nq, Nk)`` (for sites where score edits meet
+    a table: the bias then carries both)."""
+    assert call.rpb is not None
+    nq, nk = call.q.shape[2], call.k.shape[2]
+    assert isinstance(call.pattern, SpatialPattern)  # attend took the table, so the pattern takes one
+    src = RelativePositionBias(call.rpb, call.pattern, nq)
+    qi = torch.arange(nq, device=call.q.device)[None]
+    ki = torch.arange(nk, device=call.q.device)[None, None]
+    return src.tile(qi, ki)[:, :, 0]
+
+
+@dataclass
+class Control:
+    """The state of a ``control`` block: ``step`` (model calls so far, or as set), ``records`` (site name -> list
+    of recorded dicts) and the sites it watches."""
+
+    sites: list[Site]
+    edits: list[tuple[SiteSelector, Edit, When | None]]
+    step: int = 0
+    records: dict[str, list[dict]] = field(default_factory=dict)
+    _stack: list[Site] = field(default_factory=list)
+    _calls: dict[tuple[str, int], int] = field(default_factory=dict)
+    _auto_step: bool = True
+
+    def set_step(self, step: int) -> None:
+        """Set the step (e.g. the denoising step) and stop counting model calls as steps."""
+        self.step, self._auto_step = int(step), False
+
+    def _record(self, state: State, values: dict) -> None:
+        site = state.site
+        assert isinstance(site, Site)
+        self.records.setdefault(site.name, []).append({"step": state.step, "call": state.call, **values})
+
+    def intercept(self, call: AttendCall) -> object:
+        if not self._stack:
+            return call.run()
+        site = self._stack[-1]
+        key = (site.name, self.step)
+        state = State(site, self.step, self._calls.get(key, 0))
+        self._calls[key] = state.call + 1
+        active = [e for sel, e, when in self.edits if matches(sel, site) and (when is None or when(state))]
+        if not active:
+            return call.run()
+        for e in active:
+            if isinstance(e, Capture):
+                e.sink = self._record
+            e.kv(call, state)
+        own = {id(e): b for e in active if (b := e.scores(call, state)) is not None}
+        base_bias, base_rpb = call.bias, call.rpb
+        if own:
+            total = base_bias
+            if call.rpb is not None:
+                total = _dense_rpb(call) + (0 if total is None else total)
+                call.rpb = None
+            for b in own.values():
+                total = b if total is None else total + b
+            call.bias = total
+        out, lse = call.run(return_lse=True)
+
+        def lse_without(edit: Edit) -> torch.Tensor:
+            saved = (call.bias, call.rpb)
+            rest = [b for i, b in own.items() if i != id(edit)]
+            call.bias, call.rpb = base_bias, base_rpb
+            if rest:
+                if call.rpb is not None:
+                    call.bias = _dense_rpb(call) + (0 if call.bias is None else call.bias)
+                    call.rpb = None
+                for b in rest:
+                    call.bias = b if call.bias is None else call.bias + b
+            try:
+                return call.run(return_lse=True)[1]
+            finally:
+                call.bias, call.rpb = saved
+
+        state.lse_without = lse_without
+        for e in active:
+            out = e.heads(out, lse, call, state)
+        return (out, lse) if call.return_lse else out
+
+
+@contextlib.contextmanager
+def control(model: nn.Module, edits: Sequence[tuple[SiteSelector, Edit] | tuple[SiteSelector, Edit, When | None]],
+            sites: Sequence[Site] | None = None) -> Iterator[Control]:
+    """Apply ``edits`` (``(selector, edit)`` or ``(selector, edit, when)``, in this order) to the attention calls of
+    ``model``'s sites inside the block.
+
+    Args:
+        model: The model; its sites are ``find_sites(model)`` unless ``sites`` is given.
+        edits: Each a site selector (None, a name glob, a ``Site``, sites, or a predicate), an ``Edit`` and
+            optionally ``when(state) -> bool`` (``steps``, ``layers``, ...).
+        sites: The sites to watch (default: every site of the model).
+
+    Yields:
+        The ``Control``: ``step``, ``set_step``, ``records``.
+
+    Raises:
+        TypeError: An entry that is not ``(selector, Edit[, when])``.
+
+    Examples:
+        >>> import torch, nearfar as nf
+        >>> from nearfar.steer import control, AblateHeads, Capture
+        >>> lm = nf.TinyLM(64, dim=32, depth=2, num_heads=2, mechanism="dense")
+        >>> tokens = torch.randint(0, 64, (1, 12))
+        >>> with control(lm, [("blocks.1.*", AblateHeads([0])), (None, Capture(("lse",)))]) as run:
+        ...     _ = lm(tokens)
+        >>> sorted(run.records), run.records["blocks.0.attn"][0]["lse"].shape
+        (['blocks.0.attn', 'blocks.1.attn'], torch.Size([1, 2, 12]))
+    """
+    parsed: list[tuple[SiteSelector, Edit, When | None]] = []
+    for entry in edits:
+        if not isinstance(entry, tuple) or len(entry) not in (2, 3) or not isinstance(entry[1], Edit):
+            raise TypeError(f"each edit must be (selector, Edit) or (selector, Edit, when), got {entry!r}")
+        parsed.append((entry[0], entry[1], entry[2] if len(entry) == 3 else None))
+    run = Control(list(sites) if sites is not None else find_sites(model), parsed)
+    handles = []
+    def enter(site: Site) -> Callable[[nn.Module, object], None]:
+        def hook(m: nn.Module, a: object) -> None:
+            run._stack.append(site)
+        return hook
+
+    def leave(m: nn.Module, a: object, o: object) -> None:
+        run._stack.pop()
+
+    for site in run.sites:
+        handles.append(site.module.register_forward_pre_hook(enter(site)))
+        handles.append(site.module.register_forward_hook(leave, always_call=True))
+
+    def next_step(m: nn.Module, a: object, o: object) -> None:
+        if run._auto_step:
+            run.step += 1
+
+    handles.append(model.register_forward_hook(next_step, always_call=True))
+    try:
+        with intercept_calls(run.intercept):
+            yield run
+    finally:
+        for h in handles:
+            h.remove()

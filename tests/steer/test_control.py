@@ -1,0 +1,230 @@
+"""``nearfar.steer.control`` (``nearfar/steer/steering.py``): every edit on the dense, block-sparse and partition engines equals the edit applied to
+the materialised probabilities in float64; schedules, captures and their budget; the layers whose attention does
+not run through ``attend`` (fused SDPA calls, the window kernel, ``attend_rows``) are still seen."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import nearfar as nf
+from nearfar.steer import (
+    AblateHeads,
+    Bias,
+    Capture,
+    KeyMask,
+    Rescale,
+    ScaleHeads,
+    Site,
+    Temperature,
+    TokenGroups,
+    control,
+    find_sites,
+    layers,
+    steps,
+)
+
+GRID = (6, 6)
+N = GRID[0] * GRID[1]
+CASES = {  # name: (pattern, engine, takes a relative-position table)
+    "dense-causal": (nf.Causal(), "dense", False),
+    "blocksparse-window": (nf.SlidingWindow(left=7) & nf.Causal(), "blocksparse", False),
+    "blocksparse-na-rpb": (nf.Neighborhood(3, grid=GRID), "blocksparse", True),
+    "partition-blocks-rpb": (nf.Blocks(3, grid=GRID), "partition", True),
+}
+
+
+class Probe(nn.Module):
+    """One attention call with a fixed pattern, engine and inputs: the site the edits act on."""
+
+    def __init__(self, case: str, hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0):
+        super().__init__()
+        self.pattern, self.engine, takes = CASES[case]
+        g = torch.Generator().manual_seed(seed)
+        self.q = torch.randn(2, hq, N, d, generator=g)
+        self.k, self.v = torch.randn(2, hkv, N, d, generator=g), torch.randn(2, hkv, N, d, generator=g)
+        self.rpb = torch.randn(*self.pattern.rpb_shape(hq), generator=g) if takes else None
+        self.kpm = torch.rand(2, N, generator=g) > 0.15
+
+    def forward(self) -> torch.Tensor:
+        return nf.attend(self.q, self.k, self.v, self.pattern, rpb=self.rpb, key_padding_mask=self.kpm,
+                         engine=self.engine)
+
+    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
+        """The float64 probabilities ``(B, Hq, N, N)`` (fully masked rows 0), optionally with a bias."""
+        q = (self.q if q is None else q).double()
+        g = q.shape[1] // self.k.shape[1]
+        k = self.k.double().repeat_interleave(g, 1)
+        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        if self.rpb is not None:
+            s = s + nf.bias.RelativePositionBias(self.rpb.double(), self.pattern, N).tile(
+                torch.arange(N)[None], torch.arange(N)[None, None])[:, :, 0]
+        if extra_bias is not None:
+            s = s + extra_bias.double()
+        allowed = self.pattern.mask(N, N)[None, None] & self.kpm[:, None, None, :]
+        s = s.masked_fill(~allowed, float("-inf"))
+        p = torch.softmax(s, -1)
+        return torch.nan_to_num(p, nan=0.0)
+
+    def out(self, p: torch.Tensor) -> torch.Tensor:
+        g = p.shape[1] // self.v.shape[1]
+        return p @ self.v.double().repeat_interleave(g, 1)
+
+
+def run_with(probe: Probe, edits) -> torch.Tensor:
+    with control(probe, edits, sites=[Site("probe", probe, 0, "self")]):
+        return probe()
+
+
+def keys_mask(idx):
+    return torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.tensor(idx), True)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_each_edit_equals_the_edited_probabilities(case, data):
+    probe = Probe(case, seed=data.draw(st.integers(0, 1000)))
+    keys = data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=8, unique=True))
+    heads = data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True))
+    rows = data.draw(st.lists(st.integers(0, N - 1), min_size=1, max_size=10, unique=True))
+    factor = data.draw(st.floats(0.0, 4.0))
+    kind = data.draw(st.sampled_from(["keymask", "bias", "bias_fn", "temperature", "rescale", "rescale_raw",
+                                      "scale_heads", "ablate_zero", "ablate_mean", "composed"]))
+    km, hsel = keys_mask(keys), torch.tensor(heads)
+    hmask = torch.zeros(4, dtype=torch.bool).index_fill_(0, hsel, True)
+    rmask = keys_mask(rows)
+    p = probe.probabilities()
+    if kind == "keymask":
+        edits = [(None, KeyMask(keys, heads=heads, rows=rows))]
+        forbid = km[None, None, None, :] & hmask[None, :, None, None] & rmask[None, None, :, None]
+        expected = probe.out(probe.probabilities(torch.zeros(forbid.shape).masked_fill(forbid, float("-inf"))))
+    elif kind in ("bias", "bias_fn"):
+        bias = torch.randn(1, 4, N, N)
+        edits = [(None, Bias(bias if kind == "bias" else lambda b, h, q, k: bias[0][h, q, k]))]
+        expected = probe.out(probe.probabilities(bias))
+    elif kind == "temperature":
+        t = torch.tensor([0.5, 1.0, 2.0, 3.0])
+        edits = [(None, Temperature(t))]
+        expected = probe.out(probe.probabilities(q=probe.q / t[None, :, None, None]))
+    elif kind in ("rescale", "rescale_raw"):
+        edits = [(None, Rescale(keys, factor, heads=heads, renormalize=kind == "rescale"))]
+        c = torch.where(km[None, None, None, :] & hmask[None, :, None, None], factor, 1.0).double()
+        pc = p * c
+        if kind == "rescale":
+            pc = pc / pc.sum(-1, keepdim=True).clamp_min(1e-300) * (p.sum(-1, keepdim=True) > 0)
+        expected = probe.out(pc)
+    elif kind == "scale_heads":
+        f = [0.0, 2.0, -1.0, 0.5]
+        edits = [(None, ScaleHeads(f))]
+        expected = probe.out(p) * torch.tensor(f, dtype=torch.float64)[None, :, None, None]
+    elif kind in ("ablate_zero", "ablate_mean"):
+        edits = [(None, AblateHeads(heads, mode=kind.split("_")[1]))]
+        o = probe.out(p)
+        repl = torch.zeros_like(o) if kind == "ablate_zero" else o.mean(2, keepdim=True).expand_as(o)
+        expected = torch.where(hmask[None, :, None, None], repl, o)
+    else:  # temperature, then a key mask, then an unnormalised rescale, then a head scale: in this order
+        t = 2.0
+        edits = [(None, Temperature(t)), (None, KeyMask(keys[:1])), (None, Rescale(keys, factor, renormalize=False)),
+                 (None, ScaleHeads([1.0, 0.0, 3.0, 1.0]))]
+        forbid = keys_mask(keys[:1])[None, None, None, :].expand(1, 4, N, N)
+        base = probe.probabilities(torch.zeros(forbid.shape).masked_fill(forbid, float("-inf")), q=probe.q / t)
+        c = torch.where(km, factor, 1.0).double()
+        expected = probe.out(base * c) * torch.tensor([1.0, 0.0, 3.0, 1.0], dtype=torch.float64)[None, :, None, None]
+    out = run_with(probe, edits)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-4)
+    assert torch.isfinite(out).all()
+
+
+def test_capture_records_inputs_and_outputs_in_order():
+    probe = Probe("blocksparse-na-rpb")
+    first, last = Capture(("q", "k", "v", "pattern", "head_out")), Capture(("head_out", "lse"))
+    with control(probe, [(None, first), (None, Temperature(2.0)), (None, ScaleHeads([2.0] * 4)), (None, last)],
+                 sites=[Site("probe", probe, 0, "self")]) as run:
+        out = probe()
+    rec = run.records["probe"]
+    assert len(rec) == 2 and rec[0]["pattern"] == probe.pattern  # the first capture, then the last
+    torch.testing.assert_close(rec[0]["q"], probe.q)  # before the temperature edit
+    torch.testing.assert_close(rec[1]["head_out"], out)  # after the head scale
+    torch.testing.assert_close(rec[0]["head_out"] * 2, out)  # before it
+    p = probe.probabilities(q=probe.q / 2.0)
+    lse_ok = p.sum(-1) > 0
+    assert torch.isneginf(rec[1]["lse"][~lse_ok]).all()
+
+
+def test_capture_reduces_selects_and_keeps_its_budget():
+    probe = Probe("dense-causal")
+    cap = Capture(("head_out",), heads=[1, 3], reduce="mean_heads")
+    with control(probe, [(None, cap)], sites=[Site("probe", probe, 0, "self")]) as run:
+        out = probe()
+    torch.testing.assert_close(run.records["probe"][0]["head_out"], out[:, [1, 3]].mean(1))
+    tight = Capture(("q",), budget_bytes=100)
+    with pytest.raises(RuntimeError, match="budget_bytes=100"):
+        run_with(probe, [(None, tight)])
+    skip = Capture(("q",), budget_bytes=100, on_over_budget="skip")
+    with control(probe, [(None, skip)], sites=[Site("probe", probe, 0, "self")]) as run:
+        probe()
+    assert skip.over_budget and not run.records
+
+
+def test_schedules_pick_steps_and_layers():
+    torch.manual_seed(0)
+    lm = nf.TinyLM(64, dim=32, depth=3, num_heads=2, mechanism="streaming_llm", window=8, sinks=2).eval()
+    tokens = torch.randint(0, 64, (1, 20))
+    cap = Capture(("lse",))
+    with control(lm, [(None, cap, steps(1, 2)), ("blocks.2.*", AblateHeads([0, 1]), layers(1))]) as run:
+        outs = [lm(tokens) for _ in range(3)]
+    assert sorted(r["step"] for rs in run.records.values() for r in rs) == [1, 1, 1]
+    assert run.step == 3
+    torch.testing.assert_close(outs[0], outs[2])
+    with control(lm, [(None, AblateHeads([0, 1]), layers(2))]):
+        ablated = lm(tokens)
+    torch.testing.assert_close(outs[0], ablated)  # the glob and layers(1) both select layer 2 only
+
+
+def test_sites_of_models_and_nested_layers():
+    lm = nf.TinyLM(64, dim=32, depth=2, num_heads=2, mechanism="dense")
+    assert [s.name for s in find_sites(lm, layers=-1)] == ["blocks.1.attn"]
+    assert find_sites(lm, kind="cross") == [] and len(find_sites(lm, name_glob="blocks.0.*")) == 1
+    layer = nf.mechanisms("local")[0].make(16, 2)
+    assert [s.name for s in find_sites(layer)] == [""]  # a layer is its own site
+    with pytest.raises(ValueError, match="kind must be among"):
+        find_sites(lm, kind="other")
+    with pytest.raises(TypeError, match="selector, Edit"):
+        with control(lm, [(None, "not an edit")]):
+            pass
+
+
+@pytest.mark.parametrize("name", ["dense", "swin", "moh"])
+def test_layers_with_their_own_kernels_are_seen(name):
+    """DenseAttention's fused SDPA call, Swin's window kernel and MoH's row lists call attend under control, so
+    an edit there equals the same edit on the dense engine."""
+    torch.manual_seed(1)
+    entry = next(m for m in nf.mechanisms() if m.name == name)
+    layer = entry.make(32, 4).eval()
+    x = torch.randn(2, 8, 8, 32) if "2d" in entry.dims and "1d" not in entry.dims else torch.randn(2, 40, 32)
+    # MoH calls attend per run of heads (head edits would number the heads of each call): no head edit there
+    heads = [] if name == "moh" else [(None, ScaleHeads([1.0, 0.0, 2.0, 1.0]))]
+    edits = [(None, Temperature(3.0)), *heads, (None, cap := Capture(("lse",)))]
+    with torch.no_grad(), control(layer, edits):
+        out = layer(x)
+    assert cap.used_bytes > 0
+    with torch.no_grad(), control(layer, edits), nf.engine_override("dense"):
+        ref = layer(x)
+    with torch.no_grad():
+        plain = layer(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out, plain, atol=1e-3)
+
+
+def test_token_groups():
+    g = TokenGroups(10, sinks=[0], image=slice(1, 7), grid=(2, 3), offset=1)
+    assert g.names == ["sinks", "image"] and g.mask("sinks").sum() == 1
+    assert g.to_grid(torch.arange(10)).tolist() == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="positions must be in"):
+        TokenGroups(4, bad=[5])
+    with pytest.raises(KeyError, match="no token group"):
+        g.mask("text")
