@@ -9,7 +9,8 @@
 
 from .backends import engines
 from .cache import cache_budget, cache_bytes, clear_caches, set_cache_budget
-from .dispatch import attend, engine_override
+from .calls import engine_override
+from .dispatch import attend
 from .layers import (
     DGQA,
     ELA,

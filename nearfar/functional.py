@@ -16,7 +16,8 @@ import torch
 
 from .backends import engines
 from .backends.window_batch import WindowBatch
-from .dispatch import AttendCall, attend, engine_override, intercept_calls, intercepted, observe_calls
+from .calls import AttendCall, engine_override, intercept_calls, intercepted, observe_calls
+from .dispatch import attend
 from .ops.hip import hip_topk_blocks
 from .ops.lightning import (
     alibi_slopes,

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from .backends.native import supports as native_supports
 from .backends.native_selected import causal_rows, lists_attention
+from .calls import forced_engine, intercepted, record_call
 from .checks import check_bool
-from .dispatch import attend, check_attention_inputs, forced_engine, intercepted, record_call
+from .dispatch import attend, check_attention_inputs
 from .guard import output_finite, unsafe_tokens
 from .patterns import Causal
 

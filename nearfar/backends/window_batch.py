@@ -183,7 +183,7 @@ class WindowBatch:
         Seen from outside as ``attend(q, k, v, self.pattern, rpb=table)`` on the whole map: that is the call
         ``observe_calls`` lists (whichever path runs), and inside ``engine_override`` that call runs, on the forced
         engine, instead of the window kernel (so that the bench's gate compares this kernel with another engine)."""
-        from ..dispatch import forced_engine, intercepted, record_call, unobserved  # the dispatcher imports this
+        from ..calls import forced_engine, intercepted, record_call, unobserved
 
         if forced_engine() is not None or intercepted():  # an interceptor (nearfar.steer) sees attend calls only
             return self._exact(srcs, order, num_heads, d, scale, table, batch)  # attend lists it and takes the engine

@@ -14,9 +14,9 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 
 from __future__ import annotations
 
-from .steering import Capture, Control, control, layers, steps
 from .edits import AblateHeads, Bias, Edit, KeyMask, Rescale, ScaleHeads, State, Temperature
 from .sites import Site, TokenGroups, find_sites
+from .steering import Capture, Control, control, layers, steps
 
 __all__ = [
     "AblateHeads",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dispatch import AttendCall
+from ..calls import AttendCall
 
 
 @dataclass

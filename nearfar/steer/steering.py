@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..bias import RelativePositionBias
-from ..dispatch import AttendCall, intercept_calls
+from ..calls import AttendCall, intercept_calls
 from ..patterns.spatial import SpatialPattern
 from .edits import Edit, State
 from .sites import Site, SiteSelector, find_sites, matches

@@ -11,7 +11,7 @@ import torch
 
 import nearfar
 from nearfar import Blocks, Causal, Neighborhood, SlidingWindow
-from nearfar.dispatch import _ENGINE_OVERRIDE, observe_calls
+from nearfar.calls import _ENGINE_OVERRIDE, observe_calls
 
 ENGINES = ["dense", "blocksparse", "auto"]
 

@@ -1,6 +1,7 @@
-"""``nearfar.steer.control`` (``nearfar/steer/steering.py``): every edit on the dense, block-sparse and partition engines equals the edit applied to
-the materialised probabilities in float64; schedules, captures and their budget; the layers whose attention does
-not run through ``attend`` (fused SDPA calls, the window kernel, ``attend_rows``) are still seen."""
+"""``nearfar.steer.control`` (``nearfar/steer/steering.py``): every edit on the dense, block-sparse and partition
+engines equals the edit applied to the materialised probabilities in float64; schedules, captures and their
+budget; the layers whose attention does not run through ``attend`` (fused SDPA calls, the window kernel,
+``attend_rows``) are still seen."""
 
 from __future__ import annotations
 
