@@ -31,8 +31,19 @@ from ..checks import check_int_range, check_real_range, check_same_dtype_device
 __all__ = ["attention_rollout"]
 
 
-def _stack_maps(maps: object) -> torch.Tensor:
-    """``maps`` as one ``(L, B, heads, N, N)`` tensor (a view when it is one already), after checking them."""
+def stack_layer_maps(maps: object) -> torch.Tensor:
+    """``maps`` as one ``(L, B, heads, N, N)`` tensor (a view when it is one already), after checking them.
+
+    Args:
+        maps: a sequence of ``(B, heads, N, N)`` tensors (one per layer) or one ``(L, B, heads, N, N)`` tensor.
+
+    Returns:
+        The ``(L, B, heads, N, N)`` tensor.
+
+    Raises:
+        TypeError: not a tensor or a sequence of tensors, or not of a floating dtype.
+        ValueError: another rank, unequal shapes, non-square or empty maps, or several devices.
+    """
     if isinstance(maps, torch.Tensor):
         if maps.dim() != 5:
             raise ValueError(f"maps must be a (L, B, heads, N, N) tensor or a sequence of (B, heads, N, N) tensors, "
@@ -60,7 +71,7 @@ def _stack_maps(maps: object) -> torch.Tensor:
 
 
 def attention_rollout(maps: torch.Tensor | Sequence[torch.Tensor], *, residual: float = 0.5,
-                      row: int | None = None) -> torch.Tensor:
+                      row: int | Sequence[int] | None = None) -> torch.Tensor:
     """Attention rollout of per-layer attention maps (first layer first): head mean, ``(1 - residual) S +
     residual I``, rows normalised, multiplied through the layers (the last layer on the left).
 
@@ -71,11 +82,13 @@ def attention_rollout(maps: torch.Tensor | Sequence[torch.Tensor], *, residual: 
         residual: Weight of the identity (the residual connection), in ``[0, 1]``; 0.5 (default) as in Abnar &
             Zuidema and DCAL.
         row: None for the whole ``(B, N, N)`` rollout; a token index in ``[0, N)`` for that row alone ``(B, N)``
-            (e.g. 0, the class token's: DCAL's selection scores), computed as a row vector in ``O(L N^2)``.
+            (e.g. 0, the class token's: DCAL's selection scores), computed as a row vector in ``O(L N^2)``; a
+            sequence of ``R`` token indices for those rows ``(B, R, N)``, in ``O(L R N^2)``.
 
     Returns:
-        ``(B, N, N)`` (or ``(B, N)`` with ``row``), each row summing to 1, in the maps' dtype (float16 and
-        bfloat16 maps are multiplied in float32). Differentiable with respect to the maps.
+        ``(B, N, N)`` (or ``(B, N)`` with an int ``row``, ``(B, R, N)`` with a sequence), each row summing to 1,
+        in the maps' dtype (float16 and bfloat16 maps are multiplied in float32). Differentiable with respect to
+        the maps.
 
     Raises:
         TypeError: ``maps`` is not a tensor or a sequence of tensors, or not floating; ``residual`` or ``row`` of
@@ -93,23 +106,30 @@ def attention_rollout(maps: torch.Tensor | Sequence[torch.Tensor], *, residual: 
         >>> bool(torch.allclose(cls, attention_rollout(maps)[:, 0], atol=1e-6))
         True
     """
-    stacked = _stack_maps(maps)
+    stacked = stack_layer_maps(maps)
     residual = check_real_range(residual, "residual", 0.0, 1.0)
     n = stacked.shape[-1]
-    if row is not None:
-        row = check_int_range(row, "row", 0, n - 1)
+    rows: list[int] | None = None
+    if isinstance(row, Sequence) and not isinstance(row, str):
+        if not row:
+            raise ValueError("row must be None, an int or a non-empty sequence of ints in [0, N), got []")
+        rows = [check_int_range(r, f"row[{i}]", 0, n - 1) for i, r in enumerate(row)]
+    elif row is not None:
+        rows = [check_int_range(row, "row", 0, n - 1)]
     out_dtype = stacked.dtype
     if out_dtype in (torch.float16, torch.bfloat16):
         stacked = stacked.float()
     mixed = stacked.mean(2) * (1.0 - residual)  # (L, B, N, N)
     mixed = mixed + residual * torch.eye(n, dtype=mixed.dtype, device=mixed.device)
     mixed = mixed / mixed.sum(-1, keepdim=True)
-    if row is None:
+    if rows is None:
         out = mixed[0]
         for layer in mixed[1:]:
             out = layer @ out
     else:
-        out = mixed[-1][:, row]  # e_row^T S'_L
+        out = mixed[-1][:, rows]  # (B, R, N): e_r^T S'_L for every asked row r
         for layer in range(mixed.shape[0] - 2, -1, -1):
-            out = (out.unsqueeze(1) @ mixed[layer]).squeeze(1)
+            out = out @ mixed[layer]
+        if not isinstance(row, Sequence):
+            out = out.squeeze(1)
     return out.to(out_dtype)

@@ -9,14 +9,41 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 - sites and token groups: ``find_sites``, ``Site``, ``TokenGroups``;
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
-- edits: ``Bias``, ``KeyMask``, ``Temperature``, ``Rescale``, ``ScaleHeads``, ``AblateHeads``; ``Capture``.
+- edits: ``Bias``, ``KeyMask``, ``Temperature``, ``Rescale``, ``ScaleHeads``, ``AblateHeads``; ``Capture``;
+- aggregation over heads and layers: ``head_weights``, ``rollout``, ``attention_flow``;
+- metrics: ``head_divergence``, ``massive_dims``, ``sink_tokens``, ``map_overlap``, ``map_retention``,
+  ``entropy``, ``spatial_entropy``, ``mass_on``;
+- selection and masks from maps: ``topk_tokens``, ``smooth_map``, ``mask_from_map``, ``argmax_masks``,
+  ``sample_points``, ``attention_gradcam``.
 """
 
 from __future__ import annotations
 
+from .aggregate import attention_flow, head_weights, rollout
 from .edits import AblateHeads, Bias, Edit, KeyMask, Rescale, ScaleHeads, State, Temperature
+from .masks import (
+    PointPrompts,
+    TopTokens,
+    argmax_masks,
+    attention_gradcam,
+    mask_from_map,
+    sample_points,
+    smooth_map,
+    topk_tokens,
+)
+from .metrics import (
+    entropy,
+    head_divergence,
+    map_overlap,
+    map_retention,
+    mass_on,
+    massive_dims,
+    sink_tokens,
+    spatial_entropy,
+)
 from .sites import Site, TokenGroups, find_sites
 from .steering import Capture, Control, control, layers, steps
+from .tokens import TokenSelection, token_mask
 
 __all__ = [
     "AblateHeads",
@@ -25,14 +52,35 @@ __all__ = [
     "Control",
     "Edit",
     "KeyMask",
+    "PointPrompts",
     "Rescale",
     "ScaleHeads",
     "Site",
     "State",
     "Temperature",
     "TokenGroups",
+    "TokenSelection",
+    "TopTokens",
+    "argmax_masks",
+    "attention_flow",
+    "attention_gradcam",
     "control",
+    "entropy",
     "find_sites",
+    "head_divergence",
+    "head_weights",
     "layers",
+    "map_overlap",
+    "map_retention",
+    "mask_from_map",
+    "mass_on",
+    "massive_dims",
+    "rollout",
+    "sample_points",
+    "sink_tokens",
+    "smooth_map",
+    "spatial_entropy",
     "steps",
+    "token_mask",
+    "topk_tokens",
 ]

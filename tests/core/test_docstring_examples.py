@@ -18,9 +18,9 @@ import torch
 import nearfar
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.patterns")
-MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.backends.partition",
-           "nearfar.backends.window_batch")
+PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.patterns", "nearfar.steer")
+MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.calls", "nearfar.rows",
+           "nearfar.backends.partition", "nearfar.backends.window_batch")
 
 
 def _modules() -> list[str]:
