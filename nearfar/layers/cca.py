@@ -22,6 +22,10 @@ code uses a dense mask below 300 tokens and a Triton kernel above); decoding ste
 cache. Sequences shorter than ``s + g`` (no core token yet) take the
 ``Causal()`` pattern path of ``attend`` instead (dense causal attention, the same function). The pooling softmax
 is ``attend`` of each group's last query over its group (one head per (head, group) pair, values ``[k; v]``).
+Memory (whole sequences): ``[core; raw]`` keys and values are built in one buffer each, which the fused softmax
+saves, and the pooling's backward is written by hand from them (``_CoreAndRaw``), so training holds no other copy
+of the keys/values; q and k are rotated with one cos/sin table (``benchmarks/memory.py`` compares the peaks with
+the dense layer's).
 
 Decoding (``new_cache``/``CCACache``): the cache keeps the core keys/values (one per completed group, per query
 head), and the raw keys/values (and queries, for pooling) of the positions ``>= m(next)*g``: at most
@@ -91,6 +95,111 @@ def _cat(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     return b if a is None else torch.cat([a, b], dim=2)
 
 
+def _expand(t: torch.Tensor, rep: int) -> torch.Tensor:
+    """KV heads -> query heads (head ``h`` reads KV head ``h // rep``, as ``repeat_kv``): a copy unless ``rep == 1``."""
+    if rep == 1:
+        return t
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+
+
+def pool_groups(q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int, pooling: str,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Core keys and values ``(B, H, C, d)`` of ``C`` whole groups: ``q_end (B, H, C, d)`` (each group's last
+    query), ``k/v (B, H, C*g, d)``, ``keep (B, C*g)`` (True = a real token; ``pooling="cca"`` only)."""
+    b, h, c, d = q_end.shape
+    g = group_size
+    kg, vg = k.reshape(b, h, c, g, d), v.reshape(b, h, c, g, d)
+    if pooling == "mean":
+        return kg.mean(-2), vg.mean(-2)
+    if pooling == "max":
+        return kg.amax(-2), vg.amax(-2)
+    bias = None
+    if keep is not None:
+        bias = torch.zeros(b, 1, c, 1, g, dtype=q_end.dtype, device=q_end.device)
+        bias = bias.masked_fill(~keep.view(b, 1, c, 1, g), float("-inf")).expand(b, h, c, 1, g)
+        bias = bias.reshape(b, h * c, 1, g)
+    # one head per (head, group): the group's last query attends to its own group, values = [k; v]
+    kv = torch.cat([kg, vg], dim=-1).reshape(b, h * c, g, 2 * d)
+    out = attend(q_end.reshape(b, h * c, 1, d), kg.reshape(b, h * c, g, d), kv, scale=d ** -0.5, bias=bias)
+    ck, cv = out.reshape(b, h, c, 2 * d).split(d, dim=-1)
+    return ck, cv
+
+
+class _CoreAndRaw(torch.autograd.Function):
+    """``[core; raw]`` keys and values ``(B, H, C + N, d)`` of a whole sequence, each in one buffer: the raw
+    keys/values (repeated to the query heads) with the ``C`` core tokens pooled from them in front.
+
+    Memory: autograd through ``pool_groups`` and ``torch.cat`` saved the pooling's ``[k; v]`` values and a copy of
+    its keys, and the concatenations copied the raw keys/values once more, beside the buffers the fused softmax
+    saves. Here nothing is saved but the two output buffers (which the fused softmax saves anyway) and a view of q:
+    the backward reads the raw keys/values back from the buffers, recomputes the pooling weights (``B*H*C*g``
+    numbers) and writes the gradients of the pooling (softmax-weighted sum, mean or max, as autograd would) by hand.
+    The forward is ``pool_groups`` itself, so outputs are unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                group_size: int, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+        b, h, c, d = q_end.shape
+        n, p, rep = k.shape[2], c * group_size, h // k.shape[1]
+        ck, cv = pool_groups(q_end, _expand(k[:, :, :p], rep), _expand(v[:, :, :p], rep), group_size, pooling, keep)
+        out = []
+        for core, raw in ((ck, k), (cv, v)):
+            buf = raw.new_empty(b, h, c + n, d)
+            buf[:, :, :c] = core
+            buf[:, :, c:].unflatten(1, (h // rep, rep)).copy_(raw[:, :, None])
+            out.append(buf)
+        ctx.save_for_backward(q_end, out[0], out[1], keep)
+        ctx.group_size, ctx.pooling, ctx.rep = group_size, pooling, rep
+        return out[0], out[1]
+
+    @staticmethod
+    def backward(ctx, dk_all: torch.Tensor, dv_all: torch.Tensor):  # type: ignore[override]
+        q_end, k_all, v_all, keep = ctx.saved_tensors
+        b, h, c, d = q_end.shape
+        g, rep = ctx.group_size, ctx.rep
+        p = c * g
+        dck, dcv = dk_all[:, :, :c], dv_all[:, :, :c]
+        kg, vg = k_all[:, :, c:c + p].unflatten(2, (c, g)), v_all[:, :, c:c + p].unflatten(2, (c, g))
+        dq_end = w = ds = None
+        if ctx.pooling == "cca":  # core = sum_j w_j [k_j; v_j], w = softmax_j(scale q_end . k_j) over real tokens
+            scale = d ** -0.5
+            s = (kg @ q_end.unsqueeze(-1)).squeeze(-1) * scale  # (B, H, C, g)
+            if keep is not None:
+                s = s.masked_fill(~keep.view(b, 1, c, g), float("-inf"))
+            w = torch.softmax(s, dim=-1)
+            if keep is not None:  # a group of padding only: no weights (attend gives it a zero core token)
+                w = w.masked_fill(~keep.view(b, 1, c, g).any(-1, keepdim=True), 0.0)
+            dw = (kg @ dck.unsqueeze(-1)).squeeze(-1) + (vg @ dcv.unsqueeze(-1)).squeeze(-1)
+            ds = w * (dw - (w * dw).sum(-1, keepdim=True)) * scale
+            dq_end = (ds.unsqueeze(-2) @ kg).squeeze(-2)
+        # the raw keys' gradient: the incoming one (copied: grad_outputs are not ours to modify; after the
+        # temporaries above, so they never coexist) plus the pooling's share added in place into its first p rows
+        # (through a query-head buffer with GQA)
+        if rep == 1:
+            dk, dv = dk_all[:, :, c:].clone(), dv_all[:, :, c:].clone()
+            dkg, dvg = dk[:, :, :p].unflatten(2, (c, g)), dv[:, :, :p].unflatten(2, (c, g))
+        else:
+            dk, dv = (t[:, :, c:].unflatten(1, (h // rep, rep)).sum(2) for t in (dk_all, dv_all))
+            dkg, dvg = kg.new_zeros(kg.shape), vg.new_zeros(vg.shape)
+        if ctx.pooling == "mean":  # as autograd's mean: the gradient / g to each member
+            dkg.add_((dck / g).unsqueeze(-2))
+            dvg.add_((dcv / g).unsqueeze(-2))
+        elif ctx.pooling == "max":  # as autograd's amax: shared evenly between the tied maxima
+            for xg, core, dcore, dxg in ((kg, k_all[:, :, :c], dck, dkg), (vg, v_all[:, :, :c], dcv, dvg)):
+                hit = xg == core.unsqueeze(-2)
+                dxg.add_(hit * (dcore / hit.sum(-2)).unsqueeze(-2))
+        else:
+            assert w is not None and ds is not None
+            dkg.addcmul_(w.unsqueeze(-1), dck.unsqueeze(-2)).addcmul_(ds.unsqueeze(-1), q_end.unsqueeze(-2))
+            dvg.addcmul_(w.unsqueeze(-1), dcv.unsqueeze(-2))
+        if rep > 1:  # query heads -> their KV head
+            dk[:, :, :p] += dkg.flatten(2, 3).unflatten(1, (h // rep, rep)).sum(2)
+            dv[:, :, :p] += dvg.flatten(2, 3).unflatten(1, (h // rep, rep)).sum(2)
+        return dq_end, dk, dv, None, None, None
+
+
 class CCAAttention(ProjectedAttention):
     """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;
@@ -153,33 +262,13 @@ class CCAAttention(ProjectedAttention):
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         """KV heads -> query heads (head ``h`` reads KV head ``h // group``, as ``repeat_kv``)."""
-        rep = self.num_heads // self.num_kv_heads
-        if rep == 1:
-            return t
-        b, h, n, d = t.shape
-        return t[:, :, None].expand(b, h, rep, n, d).reshape(b, h * rep, n, d)
+        return _expand(t, self.num_heads // self.num_kv_heads)
 
     def _pool(self, q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Core tokens of ``C`` whole groups: ``q_end (B, H, C, d)`` (each group's last query), ``k/v (B, H, C*g,
         d)``, ``keep (B, C*g)`` -> core keys and values ``(B, H, C, d)``."""
-        b, h, c, d = q_end.shape
-        g = self.group_size
-        kg, vg = k.reshape(b, h, c, g, d), v.reshape(b, h, c, g, d)
-        if self.pooling == "mean":
-            return kg.mean(-2), vg.mean(-2)
-        if self.pooling == "max":
-            return kg.amax(-2), vg.amax(-2)
-        bias = None
-        if keep is not None:
-            bias = torch.zeros(b, 1, c, 1, g, dtype=q_end.dtype, device=q_end.device)
-            bias = bias.masked_fill(~keep.view(b, 1, c, 1, g), float("-inf")).expand(b, h, c, 1, g)
-            bias = bias.reshape(b, h * c, 1, g)
-        # one head per (head, group): the group's last query attends to its own group, values = [k; v]
-        kv = torch.cat([kg, vg], dim=-1).reshape(b, h * c, g, 2 * d)
-        out = attend(q_end.reshape(b, h * c, 1, d), kg.reshape(b, h * c, g, d), kv, scale=d ** -0.5, bias=bias)
-        ck, cv = out.reshape(b, h, c, 2 * d).split(d, dim=-1)
-        return ck, cv
+        return pool_groups(q_end, k, v, self.group_size, self.pooling, keep)
 
     def _fused(self, q: torch.Tensor, q_pos: torch.Tensor, core_k: torch.Tensor | None,
                core_v: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor,
@@ -223,7 +312,7 @@ class CCAAttention(ProjectedAttention):
             if self.pooling != "cca":
                 raise NotImplementedError(f"key_padding_mask is supported with pooling='cca' only, got "
                                           f"{self.pooling!r}")
-        q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length)
+        q, k, v, pos = rotary_qkv(self, x, 0 if cache is None else cache.length, shared_tables=True)
         if cache is None:
             out = self._forward_full(q, k, v, pos, key_padding_mask)
         else:
@@ -236,13 +325,11 @@ class CCAAttention(ProjectedAttention):
         num_core = max(0, (n - self.window_size) // g)
         if num_core == 0:  # no group has left the window yet: plain causal attention
             return attend(q, k, v, Causal(), key_padding_mask=kpm)
-        k, v = self._expand(k), self._expand(v)
         p = num_core * g
         keep_pool = None if kpm is None else kpm[:, :p]
-        core_k, core_v = self._pool(q[:, :, g - 1:p:g], k[:, :, :p], v[:, :, :p], keep_pool)
         keep = None if kpm is None or keep_pool is None else torch.cat([keep_pool.view(-1, num_core, g).any(-1), kpm],
                                                                         dim=1)
-        k, v = torch.cat([core_k, k], dim=2), torch.cat([core_v, v], dim=2)
+        k, v = _CoreAndRaw.apply(q[:, :, g - 1:p:g], k, v, keep_pool, g, self.pooling)
         return attend(q, k, v, CoreAndWindow(num_core, self.window_size, g), key_padding_mask=keep)
 
     def _pool_cache(self, cache: CCACache, upto: int) -> None:

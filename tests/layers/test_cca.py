@@ -19,7 +19,7 @@ from module_checks import (
 )
 
 import nearfar as nf
-from nearfar.layers.cca import CCAAttention
+from nearfar.layers.cca import CCAAttention, _CoreAndRaw, pool_groups
 from nearfar.models.tiny_lm import TinyLM
 from nearfar.patterns.core_and_window import cca_allowed
 
@@ -195,3 +195,40 @@ def test_registry_entry_and_errors():
         CCAAttention(10, 4)
     with pytest.raises(ValueError, match="x must be"):
         m(torch.randn(1, 9, 16))
+
+
+@pytest.mark.parametrize("pooling,kv,pad,ties", [("cca", 4, False, False), ("cca", 2, True, False),
+                                                 ("mean", 2, False, False), ("max", 4, False, True)],
+                         ids=["cca", "cca-gqa-padding", "mean-gqa", "max-ties"])
+def test_core_and_raw_buffers_match_autograd_through_pooling_and_cat(pooling, kv, pad, ties):
+    """The layer builds ``[core; raw]`` keys/values in one buffer each with a hand-written backward (for memory):
+    its outputs and gradients equal autograd through ``pool_groups``, the GQA repeat and ``torch.cat``."""
+    torch.manual_seed(7)
+    b, h, n, d, g, c = 2, 4, 23, 8, 3, 5
+    q, k, v = (torch.randn(b, hh, n, d, dtype=torch.float64) for hh in (h, kv, kv))
+    if ties:  # few distinct values: tied maxima share the gradient
+        k, v = k.round(), v.round()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    keep = None
+    if pad:  # group 0 all padding, group 1 partly, the rest real
+        keep = torch.ones(b, c * g, dtype=torch.bool)
+        keep[1, :5] = False
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = _CoreAndRaw.apply(q[:, :, g - 1:c * g:g], k, v, keep, g, pooling)
+    # memory: it saves its two output buffers (the fused softmax saves them too), a view of q and the mask, no copy
+    storage = {t.untyped_storage().data_ptr() for t in saved}
+    assert storage == {t.untyped_storage().data_ptr() for t in (q, *out, *([] if keep is None else [keep]))}
+    rep = h // kv
+    ke, ve = (t.repeat_interleave(rep, 1) for t in (k, v))
+    ck, cv = pool_groups(q[:, :, g - 1:c * g:g], ke[:, :, :c * g], ve[:, :, :c * g], g, pooling, keep)
+    expected = torch.cat([ck, ke], 2), torch.cat([cv, ve], 2)
+    grads = [torch.randn_like(t) for t in expected]
+    for got, want in zip(out, expected):
+        assert torch.equal(got, want)
+    got = torch.autograd.grad(out, (q, k, v), grads, allow_unused=True)
+    want = torch.autograd.grad(expected, (q, k, v), grads, allow_unused=True)
+    assert (got[0] is None) == (want[0] is None) == (pooling != "cca")  # mean/max pooling does not read q
+    for name, a, w in zip("qkv", got, want):
+        if w is not None:
+            assert_close(a, w, 1e-10, f"{name}.grad")
