@@ -49,6 +49,8 @@ Differences from the official code:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..checks import check_positive_int, check_tokens
@@ -139,7 +141,7 @@ class _CoreAndRaw(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+    def forward(ctx: Any, q_end: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
                 group_size: int, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
         b, h, c, d = q_end.shape
         n, p, rep = k.shape[2], c * group_size, h // k.shape[1]
@@ -155,7 +157,7 @@ class _CoreAndRaw(torch.autograd.Function):
         return out[0], out[1]
 
     @staticmethod
-    def backward(ctx, dk_all: torch.Tensor, dv_all: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, dk_all: torch.Tensor, dv_all: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q_end, k_all, v_all, keep = ctx.saved_tensors
         b, h, c, d = q_end.shape
         g, rep = ctx.group_size, ctx.rep
