@@ -9,4 +9,6 @@ log-sum-exp, from which exact rows, group masses and column aggregates of ``P`` 
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from .stats import group_mass, prob_rows, received
+
+__all__ = ["group_mass", "prob_rows", "received"]
