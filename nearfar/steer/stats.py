@@ -28,7 +28,10 @@ approximations, and none materialises the ``(Nq, Nk)`` matrix:
    backward pass that recomputes ``P`` and, in fused kernels, computes ``dQ`` and ``dK`` beside ``dV``; with GQA,
    ``dV`` sums over each group's query heads, so ``k`` would have to be copied per query head; and it would use
    the engine's own probabilities in the input's precision, not the given LSE in float32. The chunked route does
-   one score pass and one ``P^T r`` product.
+   one score GEMM (the LSE subtracted in it), a masked exp and one ``P^T r`` product per chunk. Measured on CPU
+   (1 thread, 8 heads, 4,096 tokens, d = 64, the backward route on nearfar's compiled kernel): causal 0.82 s
+   against 0.96 s, dense 1.7 s against 2.7 s; a 256-token causal window, where the chunks still evaluate the
+   pattern on every key, 0.21 s against 0.16 s.
 
 What differs from the kernels that define the LSE: nothing in the math; all three ops compute in float32 (float64
 inputs stay float64) and return that dtype, whichever dtype ``q`` and ``k`` have, so bf16/fp16 results match the
@@ -54,8 +57,9 @@ from ..patterns import Dense, Pattern, PerHead
 
 __all__ = ["group_mass", "prob_rows", "received"]
 
-#: ``received``'s default chunk: about this many scores at once (64 MiB in float32)
-_CHUNK_ELEMENTS = 1 << 24
+#: ``received``'s default chunk: about this many scores at once (8 MiB in float32; 8 heads x 4,096 tokens, 1 thread:
+#: 64-row chunks ran causal attention's ``P^T r`` 1.5x faster than 512-row ones)
+_CHUNK_ELEMENTS = 1 << 21
 _INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
@@ -162,22 +166,21 @@ def _allowed(pattern: Pattern | None, idx: torch.Tensor, keys: torch.Tensor, nq:
     return torch.broadcast_to(pattern.allowed(qi, keys, nq, nk), shape)
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, lo: int, hi: int, pattern: Pattern | None,
-            kpm: torch.Tensor | None, b4: torch.Tensor | None, scale: float, nq: int,
-            keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Masked scaled biased scores of query rows ``idx`` against keys ``lo:hi`` in ``k``'s dtype (the caller's
-    float32/64 copy): ``(B, Hq, R, hi - lo)``, ``-inf`` at every pair ``attend`` would mask."""
+def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Pattern | None, kpm: torch.Tensor | None,
+            b4: torch.Tensor | None, scale: float, nq: int) -> torch.Tensor:
+    """Masked scaled biased scores of query rows ``idx`` against every key, in ``k``'s dtype (the caller's
+    float32/64 copy): ``(B, Hq, R, Nk)``, ``-inf`` at every pair ``attend`` would mask."""
     nk = k.shape[2]
     qr = _take_rows(q, idx).to(k.dtype)  # (B, Hq, R, d)
     b, hq, r, d = qr.shape
     hkv = k.shape[1]
     qr = qr.reshape(b, hkv, (hq // hkv) * r, d)  # query head h = kv * G + g reads KV head kv
-    s = torch.matmul(qr, k[:, :, lo:hi].transpose(-1, -2)).reshape(b, hq, r, hi - lo) * scale
+    s = torch.matmul(qr, k.transpose(-1, -2)).reshape(b, hq, r, nk) * scale
     if b4 is not None:
-        s = s + _take_rows(b4 if b4.shape[-1] == 1 else b4[..., lo:hi], idx).to(s.dtype)
-    allowed = keep if keep is not None else _allowed(pattern, idx, torch.arange(lo, hi, device=q.device), nq, nk)
+        s = s + _take_rows(b4, idx).to(s.dtype)
+    allowed = _allowed(pattern, idx, torch.arange(nk, device=q.device), nq, nk)
     if kpm is not None:
-        pad = kpm[:, None, None, lo:hi]
+        pad = kpm[:, None, None, :]
         allowed = pad if allowed is None else allowed & pad
     if allowed is not None:
         s = torch.where(allowed, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
@@ -249,7 +252,7 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
     idx = _rows_index(rows, b, hq, nq, q.device)
     acc = _acc(q.dtype)
     kf = k.to(acc)
-    logits = _logits(q, kf, idx, 0, k.shape[2], pattern, key_padding_mask, b4, s, nq)
+    logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq)
     return _RowSoftmax.apply(logits, _take_rows(lse[..., None], idx).to(acc))
 
 
@@ -393,7 +396,7 @@ def received(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, r: torch.Tenso
         scale: Score scale; default ``1 / sqrt(d)``.
         key_padding_mask: Bool ``(B, Nk)``, True = keep.
         bias: Additive score bias broadcastable to ``(B, Hq, Nq, Nk)``.
-        chunk_size: Query rows per chunk; default: as many as keep one chunk's scores near ``2**24`` elements.
+        chunk_size: Query rows per chunk; default: as many as keep one chunk's scores near ``2**21`` elements.
 
     Returns:
         ``(B, Hq, Nk)`` (or ``(B, Hq, Nk, m)``) in float32 (float64 for float64 inputs).
@@ -425,14 +428,15 @@ def received(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, r: torch.Tenso
         check_positive_int(chunk_size, "chunk_size")
     step = chunk_size or max(1, _CHUNK_ELEMENTS // (max(b * hq, 4) * nk))  # the chunk's mask: ~4 scores' bytes
     acc = _acc(q.dtype)
-    r4 = r if r.dim() == 4 else r[..., None]
-    out = torch.zeros(b, hq, nk, r4.shape[-1], dtype=acc, device=q.device)
+    hkv, m = k.shape[1], r.shape[3] if r.dim() == 4 else 1
+    g = hq // hkv
+    out = torch.zeros(b, hq, nk, m, dtype=acc, device=q.device)
     with torch.no_grad():
-        kf = k.to(acc)
+        kt = k.to(acc).transpose(-1, -2)  # (B, Hkv, d, Nk)
         keys = torch.arange(nk, device=q.device)
         for i0 in range(0, nq, step):
             i1 = min(nq, i0 + step)
-            idx = torch.arange(i0, i1, device=q.device).view(1, 1, -1)
+            c, idx = i1 - i0, torch.arange(i0, i1, device=q.device).view(1, 1, -1)
             allowed = _allowed(pattern, idx, keys, nq, nk)
             lo, hi = 0, nk
             if allowed is not None:
@@ -441,7 +445,20 @@ def received(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, r: torch.Tenso
                     continue
                 lo, hi = int(cols[0]), int(cols[-1]) + 1
                 allowed = allowed[..., lo:hi]
-            logits = _logits(q, kf, idx, lo, hi, pattern, key_padding_mask, b4, s, nq, keep=allowed)
-            p = _probs(logits, lse[:, :, i0:i1, None].to(acc))
-            out[:, :, lo:hi] += torch.matmul(p.transpose(-1, -2), r4[:, :, i0:i1].to(acc))
+            if key_padding_mask is not None:
+                pad = key_padding_mask[:, None, None, lo:hi]
+                allowed = pad if allowed is None else allowed & pad
+            lc = lse[:, :, i0:i1].to(acc)
+            dead = torch.isneginf(lc)  # rows without keys: P = 0 (their r is zeroed too, against NaN)
+            lc = torch.where(dead, torch.zeros((), dtype=acc, device=q.device), lc)
+            qc = (q[:, :, i0:i1].to(acc) * s).reshape(b * hkv, g * c, q.shape[3])
+            # the scores minus the LSE in one GEMM (its beta term adds -lse), then mask, exp and P^T r in place
+            p = torch.baddbmm(-lc.reshape(b * hkv, g * c, 1), qc, kt[..., lo:hi].reshape(b * hkv, -1, hi - lo))
+            p = p.view(b, hq, c, hi - lo)
+            if b4 is not None:
+                p += _take_rows(b4[..., lo:hi] if b4.shape[-1] > 1 else b4, idx).to(acc)
+            if allowed is not None:
+                p.masked_fill_(~allowed, float("-inf"))
+            rc = r[:, :, i0:i1].to(acc).reshape(b, hq, c, m).masked_fill(dead[..., None], 0.0)
+            out[:, :, lo:hi] += torch.matmul(p.exp_().transpose(-1, -2), rc)
     return out if r.dim() == 4 else out[..., 0]

@@ -168,6 +168,16 @@ def test_fully_masked_rows_give_zeros_not_nan():
         assert not t.isnan().any()
     assert (rows[1] == 0).all() and (got[1] == 0).all() and (mass[1] == 0).all() and (mass[..., 1] == 0).all()
     assert torch.allclose(rows[0].sum(-1), torch.ones(2, 3)) and torch.allclose(mass[0, ..., 0], torch.ones(2, 9))
+    # a row whose every allowed score is -inf through the bias is dead too
+    bias = torch.zeros(2, 1, 9, 9)
+    bias[:, :, 3] = float("-inf")
+    _, lse = nf.attend(q, k, v, bias=bias, return_lse=True)
+    assert torch.isneginf(lse[:, :, 3]).all()
+    rows = prob_rows(q, k, lse, slice(None), bias=bias)
+    got = received(q, k, lse, torch.ones(2, 2, 9), bias=bias)
+    mass = group_mass(q, k, None, lse, torch.ones(1, 9, dtype=torch.bool), bias=bias)
+    assert (rows[:, :, 3] == 0).all() and (mass[:, :, 3] == 0).all() and not rows.isnan().any()
+    assert torch.allclose(got.sum(-1), torch.full((2, 2), 8.0)) and torch.allclose(mass[:, :, 4], torch.ones(2, 2, 1))
 
 
 def test_per_item_and_head_rows_and_prob_rows_gradients():
