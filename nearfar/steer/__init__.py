@@ -6,6 +6,7 @@ attention probabilities, which fused kernels never materialise. Every nearfar en
 log-sum-exp, from which exact rows, group masses and column aggregates of ``P`` can be recomputed in bounded memory;
 edits compile to what fused engines take (a bias, a pattern, changed K/V, changed head outputs).
 
+- statistics of ``P`` from q, k and the LSE, without the matrix: ``prob_rows``, ``group_mass``, ``received``;
 - sites and token groups: ``find_sites``, ``Site``, ``TokenGroups``;
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
@@ -42,6 +43,7 @@ from .metrics import (
     spatial_entropy,
 )
 from .sites import Site, TokenGroups, find_sites
+from .stats import group_mass, prob_rows, received
 from .steering import Capture, Control, control, layers, steps
 from .tokens import TokenSelection, token_mask
 
@@ -67,6 +69,7 @@ __all__ = [
     "control",
     "entropy",
     "find_sites",
+    "group_mass",
     "head_divergence",
     "head_weights",
     "layers",
@@ -75,6 +78,8 @@ __all__ = [
     "mask_from_map",
     "mass_on",
     "massive_dims",
+    "prob_rows",
+    "received",
     "rollout",
     "sample_points",
     "sink_tokens",
