@@ -130,7 +130,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
              bool row_causal, int64_t offset, at::Tensor out, at::Tensor lse) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm, row_causal);
-  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.stride(3) == 1, "out: q's dtype, unit last stride");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && unit_last(out), "out: q's dtype, unit last stride");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
   Geometry G(q, k, v, q_idx, k_idx, bits, rows, full, kpm);
   G.row_causal = row_causal, G.offset = offset;
@@ -271,7 +271,7 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
               bool row_causal, int64_t offset, at::Tensor dq, at::Tensor dk, at::Tensor dv,
               const c10::optional<at::Tensor>& dbias, const c10::optional<at::Tensor>& drpb) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm, row_causal);
-  TORCH_CHECK(out.stride(3) == 1 && dout.stride(3) == 1 && dq.stride(3) == 1, "unit last-dim strides");
+  TORCH_CHECK(unit_last(out) && unit_last(dout) && unit_last(dq), "unit last-dim strides");
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type() &&
                   dq.scalar_type() == q.scalar_type(), "out, dout, dq: q's dtype");
   TORCH_CHECK(dk.scalar_type() == at::kFloat && dv.scalar_type() == at::kFloat && dk.is_contiguous() &&

@@ -298,12 +298,15 @@ struct Geometry {
   }
 };
 
+// rows are read as contiguous runs: a unit last-dim stride, or a last dim of one element (any stride)
+inline bool unit_last(const at::Tensor& x) { return x.stride(3) == 1 || x.size(3) == 1; }
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
                   const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
                   const c10::optional<at::Tensor>& kp, bool row_causal) {
   TORCH_CHECK(q.device().is_cpu(), "nearfar native kernel: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, d)");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "q, k, v need a unit last-dim stride");
+  TORCH_CHECK(unit_last(q) && unit_last(k) && unit_last(v), "q, k, v need a unit last-dim stride");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "query heads must be a multiple of kv heads");
   TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2),

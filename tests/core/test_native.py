@@ -155,3 +155,15 @@ def test_auto_takes_the_kernel_at_small_sizes_when_it_skips_enough():
     assert choose_engine(q.double(), nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"  # no kernel
     with native.disabled():
         assert choose_engine(q, nf.Neighborhood((7, 7), grid=(14, 14)), 196, 196) == "dense"
+
+
+@needs_kernel
+def test_a_last_dim_of_one_with_any_stride():
+    # a broadcast scalar value per key (stride 0 in its size-1 last dim) is a valid layout: the kernel reads it
+    q, k = torch.randn(1, 2, 100, 8, requires_grad=True), torch.randn(1, 2, 100, 8)
+    v = torch.randn(()).expand(1, 2, 100, 1)
+    pattern = nf.SlidingWindow(left=5) & nf.Causal()
+    out = nf.attend(q, k, v, pattern, engine="blocksparse")
+    torch.testing.assert_close(out, nf.attend(q, k, v.contiguous(), pattern, engine="dense"))
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
