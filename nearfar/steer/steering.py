@@ -26,6 +26,7 @@ from ..calls import AttendCall, intercept_calls
 from ..patterns.spatial import SpatialPattern
 from .edits import Edit, State
 from .sites import Site, SiteSelector, find_sites, matches
+from .stats import prob_rows
 
 When = Callable[[State], bool]
 
@@ -40,7 +41,7 @@ def layers(start: int, stop: int | None = None) -> When:
     return lambda s: getattr(s.site, "layer", -1) >= start and (stop is None or getattr(s.site, "layer", -1) < stop)
 
 
-FIELDS = ("q", "k", "v", "lse", "head_out", "pattern")
+FIELDS = ("q", "k", "v", "lse", "head_out", "pattern", "probs")
 
 
 class Capture(Edit):
@@ -49,8 +50,9 @@ class Capture(Edit):
 
     Args:
         fields: Among ``"q"``, ``"k"``, ``"v"`` (as the call sees them at this edit's place in the list),
-            ``"lse"``, ``"head_out"`` (the per-head outputs at this place: before later head edits) and
-            ``"pattern"``.
+            ``"lse"``, ``"head_out"`` (the per-head outputs at this place: before later head edits), ``"pattern"``
+            and ``"probs"``: the exact probability rows ``rows`` of the call as it runs (all its edits), recomputed
+            from q, k and the LSE (``prob_rows``): ``(B, Hq, R, Nk)``, never a matrix of more rows.
         heads: Keep only these query heads (q, lse, head_out; k/v keep their KV heads).
         reduce: None, ``"mean_heads"`` or ``"max_heads"`` (over the heads kept).
         to: Device to store on (default ``"cpu"``).
@@ -60,7 +62,8 @@ class Capture(Edit):
             ``"skip"`` stops recording (``self.over_budget`` becomes True).
     """
 
-    def __init__(self, fields: Sequence[str] = ("lse", "head_out"), heads: Sequence[int] | None = None,
+    def __init__(self, fields: Sequence[str] = ("lse", "head_out"), rows: object = None,
+                 heads: Sequence[int] | None = None,
                  reduce: str | None = None, to: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  differentiable: bool = False, budget_bytes: int | None = None, on_over_budget: str = "error") -> None:
         bad = [f for f in fields if f not in FIELDS]
@@ -70,7 +73,10 @@ class Capture(Edit):
             raise ValueError(f"reduce must be None, 'mean_heads' or 'max_heads', got {reduce!r}")
         if on_over_budget not in ("error", "skip"):
             raise ValueError(f"on_over_budget must be 'error' or 'skip', got {on_over_budget!r}")
-        self.fields, self.heads_sel, self.reduce = tuple(fields), heads, reduce
+        if "probs" in fields and rows is None:
+            raise ValueError("fields with 'probs' need rows= (the query rows to recompute, e.g. [0, -1] or a bool "
+                             "mask): all rows of a long sequence are the matrix fused kernels never form")
+        self.fields, self.rows, self.heads_sel, self.reduce = tuple(fields), rows, heads, reduce
         self.to, self.dtype, self.differentiable = to, dtype, differentiable
         self.budget_bytes, self.on_over_budget = budget_bytes, on_over_budget
         self.used_bytes, self.over_budget = 0, False
@@ -119,6 +125,11 @@ class Capture(Edit):
             got["lse"] = self._keep("lse", lse, True)
         if "head_out" in self.fields:
             got["head_out"] = self._keep("head_out", out, True)
+        if "probs" in self.fields:
+            bias = call.bias if call.rpb is None else _dense_rpb(call) + (0 if call.bias is None else call.bias)
+            p = prob_rows(call.q, call.k, lse, self.rows, call.pattern, scale=call.scale,  # type: ignore[arg-type]
+                          key_padding_mask=call.key_padding_mask, bias=bias)
+            got["probs"] = self._keep("probs", p, True)
         self._store(state, got)
         return out
 

@@ -156,6 +156,21 @@ def test_capture_records_inputs_and_outputs_in_order():
     assert torch.isneginf(rec[1]["lse"][~lse_ok]).all()
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_captured_probability_rows_are_the_edited_ones(case):
+    probe = Probe(case)
+    rows = [0, 5, N - 1]
+    cap = Capture(("probs",), rows=rows)
+    run_with(probe, [(None, KeyMask([3, 4])), (None, cap)])
+    forbid = keys_mask([3, 4])[None, None, None, :].expand(1, 4, N, N)
+    expected = probe.probabilities(torch.zeros(forbid.shape).masked_fill(forbid, float("-inf")))[:, :, rows]
+    with control(probe, [(None, KeyMask([3, 4])), (None, cap)], sites=[Site("probe", probe, 0, "self")]) as run:
+        probe()
+    torch.testing.assert_close(run.records["probe"][0]["probs"].double(), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="need rows="):
+        Capture(("probs",))
+
+
 def test_capture_reduces_selects_and_keeps_its_budget():
     probe = Probe("dense-causal")
     cap = Capture(("head_out",), heads=[1, 3], reduce="mean_heads")
