@@ -17,6 +17,9 @@ How it runs here: the pixels are reordered region-major (each region's pixels co
 "patchify"), so a region is one query block of ``region_h * region_w`` tokens and one key block (of
 ``kv_h * kv_w`` tokens after kv downsampling); the routing indices become a ``SelectedBlocks`` list
 ``(B, 1, n_win**2, topk)`` shared by the heads, and the token attention is one ``attend(..., blocks=...)`` call.
+The descriptors are reduced from the ``q`` and ``k`` already projected or, at large regions, computed as the
+projection of the region-mean input (the same means, fewer values read: see ``_route``); the attention's output
+goes back to ``(B, H, W, C)`` inside the sum with the LCE conv (one pass, no separate reorder or head merge).
 The official ``KVGather`` copies the routed regions' K/V ``topk`` times (and its backward scatters into a
 ``(B, S*S, S*S, pixels, C)`` zero tensor); the layer makes no such copy (the block-sparse engine reads the routed
 blocks chunk by chunk). Measured at B=8 (CPU, one thread, fp32, forward+backward): 56x56x96, 3 heads, topk 4:
@@ -267,23 +270,26 @@ class BiLevelRoutingAttention(nn.Module):
         they are also the projection of the region-mean input, which reads ``t * dim`` input values per region of
         ``t`` pixels plus a ``dim x 2 qk_dim`` product, against ``t * 2 qk_dim`` values of ``q`` and ``k``.
         Measured (fp32, CPU, B=8, 7x7 regions): the means of q and k 11x cheaper at 14x14x384 (t = 4), the projection
-        3.6x cheaper at 56x56x96 (t = 64), even near ``t = dim / 3`` (with ``qk_dim = dim``). Without ``router.emb``
-        (and in float32/float64) the sums' ``1 / t`` goes into the scale of the small ``S*S x S*S`` score map, and
-        the scale is applied there rather than to ``q_r`` (the same products, one pass over fewer values)."""
+        3.6x cheaper at 56x56x96 (t = 64), even near ``t = dim / 3`` (with ``qk_dim = dim``). The scale multiplies
+        the small ``S*S x S*S`` score map rather than ``q_r`` (the same products); without ``router.emb`` (which is
+        affine) and in float32/float64 (whose range holds ``t**2`` times larger products) the region sums are used
+        and their ``1 / t`` goes into that scale too."""
         t, c, qk = xr.shape[2], xr.shape[3], self.qk_dim
-        if 3 * t * (2 * qk - c) < c * qk:  # sums of q and k
-            if torch.is_grad_enabled():  # diff_routing: the gradient reaches qkv through the split's outputs
-                q_d, k_d = q.sum(2), k.sum(2)
-            else:
-                qk_sum = qkv[..., :2 * qk].sum(2)  # one reduction for both
-                q_d, k_d = qk_sum[..., :qk], qk_sum[..., qk:]
-            inv = 1.0 / t
-        else:  # the projection of the region-mean input
-            qk_mean = F.linear(xr.mean(2), lin.weight[:2 * qk], lin.bias[:2 * qk])
-            q_d, k_d, inv = qk_mean[..., :qk], qk_mean[..., qk:], 1.0
         emb = self.router.emb
-        if inv != 1.0 and (not isinstance(emb, nn.Identity) or q_d.dtype in (torch.float16, torch.bfloat16)):
-            q_d, k_d, inv = q_d * inv, k_d * inv, 1.0  # means: emb is affine; half precision: keep the range
+        inv = 1.0
+        if 3 * t * (2 * qk - c) < c * qk:  # from q and k
+            # sums, their 1 / t folded into the score scale, where emb is the identity and the range is float32's
+            sums = isinstance(emb, nn.Identity) and q.dtype in (torch.float32, torch.float64)
+            inv = 1.0 / t if sums else 1.0
+            if torch.is_grad_enabled():  # diff_routing: the gradient reaches qkv through the split's outputs
+                q_d, k_d = (q.sum(2), k.sum(2)) if sums else (q.mean(2), k.mean(2))
+            else:
+                both = qkv[..., :2 * qk]
+                qk_d = both.sum(2) if sums else both.mean(2)  # one reduction for both
+                q_d, k_d = qk_d[..., :qk], qk_d[..., qk:]
+        else:  # the projection of the region-mean input
+            qk_d = F.linear(xr.mean(2), lin.weight[:2 * qk], lin.bias[:2 * qk])
+            q_d, k_d = qk_d[..., :qk], qk_d[..., qk:]
         scores = (emb(q_d) @ emb(k_d).transpose(-2, -1)) * (self.scale * inv * inv)
         return scores.topk(self.topk, dim=-1)
 
