@@ -269,11 +269,11 @@ class BiLevelRoutingAttention(nn.Module):
         The means are computed whichever way reads less (same values up to rounding): the projection is affine, so
         they are also the projection of the region-mean input, which reads ``t * dim`` input values per region of
         ``t`` pixels plus a ``dim x 2 qk_dim`` product, against ``t * 2 qk_dim`` values of ``q`` and ``k``.
-        Measured (fp32, CPU, B=8, 7x7 regions): the means of q and k 11x cheaper at 14x14x384 (t = 4), the projection
-        3.6x cheaper at 56x56x96 (t = 64), even near ``t = dim / 3`` (with ``qk_dim = dim``). The scale multiplies
-        the small ``S*S x S*S`` score map rather than ``q_r`` (the same products); without ``router.emb`` (which is
-        affine) and in float32/float64 (whose range holds ``t**2`` times larger products) the region sums are used
-        and their ``1 / t`` goes into that scale too."""
+        Measured (fp32, CPU, one thread, B=8, 7x7 regions): the means of q and k 11x cheaper at 14x14x384 (t = 4),
+        the projection 3.6x cheaper at 56x56x96 (t = 64), even near ``t = dim / 3`` (with ``qk_dim = dim``). The
+        scale multiplies the small ``S*S x S*S`` score map rather than ``q_r`` (the same products); without
+        ``router.emb`` (which is affine) and in float32/float64 (whose range holds ``t**2`` times larger products)
+        the region sums are used and their ``1 / t`` goes into that scale too."""
         t, c, qk = xr.shape[2], xr.shape[3], self.qk_dim
         emb = self.router.emb
         inv = 1.0
