@@ -17,6 +17,9 @@ How it runs here: the pixels are reordered region-major (each region's pixels co
 "patchify"), so a region is one query block of ``region_h * region_w`` tokens and one key block (of
 ``kv_h * kv_w`` tokens after kv downsampling); the routing indices become a ``SelectedBlocks`` list
 ``(B, 1, n_win**2, topk)`` shared by the heads, and the token attention is one ``attend(..., blocks=...)`` call.
+The descriptors are reduced from the ``q`` and ``k`` already projected or, at large regions, computed as the
+projection of the region-mean input (the same means, fewer values read: see ``_route``); the attention's output
+goes back to ``(B, H, W, C)`` inside the sum with the LCE conv (one pass, no separate reorder or head merge).
 The official ``KVGather`` copies the routed regions' K/V ``topk`` times (and its backward scatters into a
 ``(B, S*S, S*S, pixels, C)`` zero tensor); the layer makes no such copy (the block-sparse engine reads the routed
 blocks chunk by chunk). Measured at B=8 (CPU, one thread, fp32, forward+backward): 56x56x96, 3 heads, topk 4:
@@ -227,12 +230,8 @@ class BiLevelRoutingAttention(nn.Module):
         lin = cast(_QKVLinear, self.qkv).qkv
         qkv = lin(xr)
         q, k, v = qkv.split([qk, qk, c], dim=-1)  # one backward (a cat), where slices would each zero-fill qkv
-        with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):
-            # region descriptors (B, S*S, qk_dim), the means of q and k over the region's (full-resolution) pixels,
-            # computed as the projection of the mean input (the projection is affine); detached unless diff_routing
-            qk_win = F.linear(xr.mean(2), lin.weight[:2 * qk], lin.bias[:2 * qk])
-            q_win, k_win = self.router.emb(qk_win[..., :qk]), self.router.emb(qk_win[..., qk:])
-            top = ((q_win * self.scale) @ k_win.transpose(-2, -1)).topk(self.topk, dim=-1)  # (B, S*S, topk)
+        with torch.set_grad_enabled(self.diff_routing and torch.is_grad_enabled()):  # detached unless diff_routing
+            top = self._route(xr, qkv, q, k, lin)  # (B, S*S, topk)
         idx = top.indices
         if kb != t or self.kv_downsample_mode != "identity":
             k, v_att = (self._pool(z.reshape(b * regions, rh, rw, -1).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -248,11 +247,51 @@ class BiLevelRoutingAttention(nn.Module):
             num = torch.full((1, 1, regions), self.topk, dtype=idx.dtype, device=idx.device).expand(b, 1, regions)
             blocks = SelectedBlocks(num, idx.unsqueeze(1), q_block=t, kv_block=kb)
             out = attend(qh, kh, vh, scale=self.scale, blocks=blocks)  # (B, heads, S*S*t, dv), region-major
-        out = out.transpose(1, 2).reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
-        if self.side_dwconv:
-            vmap = v.reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)
-            out = out + self.lepe(vmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.wo(out)
+        # back to (B, H, W, C) as a view: (B, s, rh, s, rw, heads, dv); the reorder is read by the next op
+        o = out.unflatten(2, (s, s, rh, rw)).permute(0, 2, 4, 3, 5, 1, 6)
+        if not self.side_dwconv:
+            return self.wo(o.reshape(b, hp, wp, c))  # one copy
+        vmap = v.reshape(b, s, s, rh, rw, c).transpose(2, 3).reshape(b, hp, wp, c)  # one copy, NHWC
+        lepe = self.lepe(vmap.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # channels-last conv: NHWC out, no copy
+        lepe = lepe.reshape(b, s, rh, s, rw, m, c // m)  # a view (a copy only if the conv returned NCHW)
+        if torch.is_grad_enabled() and (lepe.requires_grad or o.requires_grad):
+            y = lepe + o  # out of place: an in-place add on the conv's output view costs copies in backward
+        else:
+            y = lepe.add_(o)  # inference: the attention's reorder and the LCE sum in one pass, no new tensor
+        return self.wo(y.reshape(b, hp, wp, c))
+
+    def _route(self, xr: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+               lin: nn.Linear) -> Any:
+        """The ``topk`` key regions of each query region: the top of ``(scale * q_r) k_r^T`` over region descriptors
+        ``q_r, k_r (B, S*S, qk_dim)``, the means of ``q`` and ``k`` over each region's (full-resolution) pixels (the
+        official ``q.mean`` / ``k.mean``), through ``router.emb``.
+
+        The means are computed whichever way reads less (same values up to rounding): the projection is affine, so
+        they are also the projection of the region-mean input, which reads ``t * dim`` input values per region of
+        ``t`` pixels plus a ``dim x 2 qk_dim`` product, against ``t * 2 qk_dim`` values of ``q`` and ``k``.
+        Measured (fp32, CPU, one thread, B=8, 7x7 regions): the means of q and k 11x cheaper at 14x14x384 (t = 4),
+        the projection 3.6x cheaper at 56x56x96 (t = 64), even near ``t = dim / 3`` (with ``qk_dim = dim``). The
+        scale multiplies the small ``S*S x S*S`` score map rather than ``q_r`` (the same products); without
+        ``router.emb`` (which is affine) and in float32/float64 (whose range holds ``t**2`` times larger products)
+        the region sums are used and their ``1 / t`` goes into that scale too."""
+        t, c, qk = xr.shape[2], xr.shape[3], self.qk_dim
+        emb = self.router.emb
+        inv = 1.0
+        if 3 * t * (2 * qk - c) < c * qk:  # from q and k
+            # sums, their 1 / t folded into the score scale, where emb is the identity and the range is float32's
+            sums = isinstance(emb, nn.Identity) and q.dtype in (torch.float32, torch.float64)
+            inv = 1.0 / t if sums else 1.0
+            if torch.is_grad_enabled():  # diff_routing: the gradient reaches qkv through the split's outputs
+                q_d, k_d = (q.sum(2), k.sum(2)) if sums else (q.mean(2), k.mean(2))
+            else:
+                both = qkv[..., :2 * qk]
+                qk_d = both.sum(2) if sums else both.mean(2)  # one reduction for both
+                q_d, k_d = qk_d[..., :qk], qk_d[..., qk:]
+        else:  # the projection of the region-mean input
+            qk_d = F.linear(xr.mean(2), lin.weight[:2 * qk], lin.bias[:2 * qk])
+            q_d, k_d = qk_d[..., :qk], qk_d[..., qk:]
+        scores = (emb(q_d) @ emb(k_d).transpose(-2, -1)) * (self.scale * inv * inv)
+        return scores.topk(self.topk, dim=-1)
 
     def _pool(self, kv: torch.Tensor) -> torch.Tensor:
         """The official kv downsampling of one region's k/v ``(N, C, rh, rw)``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from unittest import mock
 
 import pytest
 import reference as ref
@@ -194,6 +195,65 @@ def test_blocksparse_path_on_a_larger_map_matches_reference():
     x = torch.randn(2, 40, 32, 16)  # 1280 pixels: 1.6M pairs > the dense engine's limit
     assert routing_margin(m, x) > 1e-5
     check_against_reference(m, x, biformer_reference)
+
+
+def _projects_descriptors(m: BiLevelRoutingAttention, x: torch.Tensor) -> bool:
+    """Whether a no-grad forward computes the region descriptors as the projection of the region-mean input (an
+    ``F.linear`` with the ``(2 qk_dim, dim)`` q/k rows of the weight) rather than from q and k."""
+    real, shapes = F.linear, []
+
+    def spy(inp, weight, bias=None):
+        shapes.append(tuple(weight.shape))
+        return real(inp, weight, bias)
+
+    with mock.patch.object(F, "linear", spy), torch.no_grad():
+        m(x)
+    return (2 * m.qk_dim, m.dim) in shapes
+
+
+@pytest.mark.parametrize("dim, qk_dim, rh, projected", [
+    (24, 24, 1, False),  # 1 pixel per region: the means of q and k
+    (24, 24, 3, True),  # 9 pixels >= dim / 3: the projection of the region-mean input
+    (8, 24, 1, False),
+    (8, 24, 2, True),  # qk_dim > dim: the projection from 2x2 regions on
+    (24, 4, 3, False),  # 2 qk_dim < dim: always from q and k
+])
+@pytest.mark.parametrize("routing", ["hard", "soft_diff", "soft_param"])
+def test_region_descriptors_either_way_match_reference(dim, qk_dim, rh, projected, routing):
+    """The region descriptors (means of q and k) are read from q and k at small regions and computed as the
+    projection of the region-mean input at large ones: both paths match the float64 reference, forward and backward
+    (with diff_routing the descriptors' gradient reaches x, the qkv weights and router.emb), and without autograd."""
+    torch.manual_seed(10 + rh)
+    m = BiLevelRoutingAttention(dim, 2, n_win=3, qk_dim=qk_dim, topk=3, soft_routing=routing != "hard",
+                                diff_routing=routing != "hard", param_routing=routing == "soft_param",
+                                side_dwconv=0 if routing == "soft_diff" else 5)
+    _randomize_biases(m)
+    x = torch.randn(2, 3 * rh, 3 * rh, dim)
+    assert _projects_descriptors(m, x) == projected
+    assert routing_margin(m, x) > 1e-4
+    check_against_reference(m, x, biformer_reference)
+    with torch.no_grad():
+        assert_close(m(x), biformer_reference(copy.deepcopy(m).double(), x.double()), name="no-grad output")
+
+
+def test_float16_descriptors_keep_the_range():
+    """In float16 the region means of q and k (not their sums, whose score products are ``t**2`` larger) are used:
+    large q and k over 4x4 regions, where most of the sums' scores overflow float16 (and would route otherwise),
+    route as the float64 reference."""
+    torch.manual_seed(11)
+    m = BiLevelRoutingAttention(64, 2, n_win=3, topk=1, side_dwconv=3)
+    with torch.no_grad():
+        m.qkv.qkv.weight[:128].mul_(50)
+    x = torch.randn(2, 12, 12, 64)
+    assert not _projects_descriptors(m, x)
+    assert routing_margin(m, x) > 1e-2
+    q, k, _ = _project(copy.deepcopy(m).double(), x.double())
+    q_sum, k_sum = (t.reshape(2, 3, 4, 3, 4, 64).sum((2, 4)).flatten(1, 2) for t in (q, k))
+    assert ((q_sum @ k_sum.transpose(1, 2)).abs() > 65504).double().mean() > 0.5  # beyond the float16 maximum
+    with torch.no_grad():
+        out = m.half()(x.half())
+    # float16 rounds these large logits (a 5% error); a wrong region is an error the size of the output itself
+    assert_close(out, biformer_reference(m.double(), x.double()), 0.2, "float16 output")
 
 
 def test_baseline_matches_module():
