@@ -91,9 +91,11 @@ class MoHAttention(ProjectedAttention):
     Measured (CPU, one thread, B=1, dim 512, 16 heads, learned router; the same layer with every head on,
     ``shared_heads=8, top_k=8``, vs 8 shared + top-4 of 8 (75% of the (token, head) pairs) and 4 shared + top-4 of 12
     (50%)): non-causal forward at 4096 tokens 657 / 514 / 405 ms, forward + backward at 2048 tokens 621 / 524 /
-    415 ms; causal: no gain (431 / 443 / 447 ms at 4096: every routed head is picked by some token and runs all its
-    rows). Decoding one sequence after 16384 tokens (dim 1024, 16 heads, ``router="query_norm"``, 8 shared + top-4 of
-    8): 10.7 vs 8.1 ms per token, and with 4 KV heads 7.3 vs 6.6 ms.
+    415 ms; causal, with the compiled kernel's row lists (2 threads, ``benchmarks/moh_rows.py``): forward at 4096
+    tokens 200 / 169 / 146 ms, forward + backward at 2048 tokens 235 / 205 / 170 ms (every routed row computed and
+    zeroed, as without the kernel: 219 / 213 / 207 and 250 / 258 / 253 ms). Decoding one sequence after 16384
+    tokens (dim 1024, 16 heads, ``router="query_norm"``, 8 shared + top-4 of 8): 10.7 vs 8.1 ms per token, and
+    with 4 KV heads 7.3 vs 6.6 ms.
 
     Args:
         dim: Model width, a positive multiple of ``num_heads`` (an even head dim for self-attention: RoPE).
