@@ -342,7 +342,10 @@ def attention_flow(maps: torch.Tensor | Sequence[torch.Tensor], residual: float 
     Python (Dinic), so this is for small graphs only: at most ``max_edges`` edges ``L * N * N``.
 
     Args:
-        maps, residual, head_weights, causal_correction: as ``rollout``.
+        maps: as ``rollout``.
+        residual: as ``rollout``.
+        head_weights: as ``rollout``.
+        causal_correction: as ``rollout``.
         rows: the output tokens: None (all, ``(B, N, N)``), an int (``(B, N)``) or a sequence (``(B, R, N)``).
         normalize: divide each output token's flows by their sum (as Abnar & Zuidema's ``compute_flows``).
         max_edges: the largest graph accepted, ``L * N * N <= max_edges`` (default 4096, e.g. 4 layers of 32

@@ -247,7 +247,9 @@ def mask_from_map(maps: torch.Tensor, *, threshold: float | None = None, quantil
         quantile: in ``[0, 1]``: keep the ``round((1 - quantile) * H' W')`` highest pixels (ties: lower flat index
             first), i.e. exactly the share ``1 - quantile`` up to one pixel.
         method: "otsu": keep pixels above Otsu's threshold of the normalised map.
-        smooth_sigma, out_size, mode: as ``smooth_map`` (sigma in output pixels).
+        smooth_sigma: as ``smooth_map``'s ``sigma`` (in output pixels).
+        out_size: as ``smooth_map``.
+        mode: as ``smooth_map``.
         dilate: grow the mask by this many pixels (a ``(2 dilate + 1)^2`` square), >= 0.
         normalize: min-max normalise every map to ``[0, 1]`` before a fixed threshold (a constant map becomes 0).
 

@@ -70,8 +70,8 @@ def head_divergence(out_a: torch.Tensor, out_b: torch.Tensor, metric: str = "l2"
     """Per-head divergence between two runs' head outputs (VHD: with vs without the image).
 
     Args:
-        out_a, out_b: per-head outputs before the output projection, the same shape, e.g. ``(B, H, N, d)``;
-            floating, one dtype.
+        out_a: per-head outputs before the output projection, e.g. ``(B, H, N, d)``, floating.
+        out_b: the other run's, the same shape and dtype.
         metric: "l2" (VHD: the Euclidean distance) or "cos" (``1 - cosine similarity``; 1 where a vector is 0).
         dim: the feature axis reduced (default the last).
 
