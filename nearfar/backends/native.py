@@ -185,8 +185,8 @@ class _Native(torch.autograd.Function):
             for t0, t1 in _calls(g, plan.tile, b, hq, blocks):
                 bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
                 ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
-                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, False, 0, out,
-                                                 lse)
+                torch.ops.nearfar_native.forward(q, k, v, *_slices(g, t0, t1), kpm, bt, table, ix, scale, False, 0,
+                                                 False, out, lse)
         ctx.plan, ctx.scale, ctx.kpm, ctx.bias, ctx.table = plan, scale, kpm, bias, table
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)

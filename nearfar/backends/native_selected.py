@@ -171,14 +171,20 @@ class _Lists(torch.autograd.Function):
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[list[Lists]], scale: float,
                 kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         outs, lses = [], []
-        for part in parts:
-            out, lse = _blank(q, v.shape[-1], any(x.rows_only for x in part))
+        # parts that each list every query row once continue the first part's softmax inside the kernel (its
+        # output and LSE as the starting state): no second output and no merge pass
+        chain = not any(x.rows_only for part in parts for x in part)
+        for i, part in enumerate(parts):
+            if chain and i:
+                out, lse = outs[0], lses[0]
+            else:
+                out, lse = _blank(q, v.shape[-1], any(x.rows_only for x in part))
+                outs.append(out)
+                lses.append(lse)
             for x in part:
                 torch.ops.nearfar_native.forward(q, k, v, *x.arrays(), kpm, None, None, None, scale, x.row_causal,
-                                                 x.offset, out, lse)
-            outs.append(out)
-            lses.append(lse)
-        out, lse = (outs[0], lses[0]) if len(parts) == 1 else _merge(outs, lses)
+                                                 x.offset, chain and i > 0, out, lse)
+        out, lse = (outs[0], lses[0]) if len(outs) == 1 else _merge(outs, lses)
         ctx.parts, ctx.scale, ctx.kpm = parts, scale, kpm
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)

@@ -23,7 +23,7 @@ using namespace nearfar_native;
 // ------------------------------------------------------------------------------------------------ forward
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Geometry& G, float scale,
-                  at::Tensor& out, at::Tensor& lse) {
+                  bool accumulate, at::Tensor& out, at::Tensor& lse) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
@@ -63,6 +63,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(bad.begin(), bad.end(), 0);
+      if (accumulate) {  // continue the softmax of an earlier call over other keys: its (out, lse) as the state
+        for (int j = 0; j < g; ++j) {
+          const int64_t h = G.head(hx, j);
+          for (int r = 0; r < T_; ++r) {
+            if (qi[r] < 0) continue;
+            const int idx = j * Tp + r;
+            const float L = lp[b * slb + h * slh + qi[r] * sln];
+            if (std::isnan(L)) {
+              bad[idx] = 1;
+            } else if (L != kNegInf) {
+              m[idx] = L, l[idx] = 1.f;
+              load_row(op + b * sob + h * soh + qi[r] * son, acc.data() + idx * dvp, dv, 1.f);
+            }
+          }
+        }
+      }
       const T* kbase = kp + b * G.skb + hkv * G.skh;
       const T* vbase = vp + b * G.svb + hkv * G.svh;
       Span sp;
@@ -128,7 +144,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const at::Tensor& k_idx, const at::Tensor& bits, const at::Tensor& rows, const at::Tensor& full,
              const c10::optional<at::Tensor>& kpm, const c10::optional<at::Tensor>& bias,
              const c10::optional<at::Tensor>& rpb_table, const c10::optional<at::Tensor>& rpb_index, double scale,
-             bool row_causal, int64_t offset, at::Tensor out, at::Tensor lse) {
+             bool row_causal, int64_t offset, bool accumulate, at::Tensor out, at::Tensor lse) {
   check_inputs(q, k, v, q_idx, k_idx, bits, rows, full, kpm, row_causal);
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && unit_last(out), "out: q's dtype, unit last stride");
   TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse: float32");
@@ -138,9 +154,9 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   G.set_bias(bias);
   G.set_rpb(rpb_table, rpb_index);
   switch (q.scalar_type()) {
-    case at::kFloat: forward_impl<float>(q, k, v, G, static_cast<float>(scale), out, lse); break;
-    case at::kBFloat16: forward_impl<at::BFloat16>(q, k, v, G, static_cast<float>(scale), out, lse); break;
-    case at::kHalf: forward_impl<at::Half>(q, k, v, G, static_cast<float>(scale), out, lse); break;
+    case at::kFloat: forward_impl<float>(q, k, v, G, static_cast<float>(scale), accumulate, out, lse); break;
+    case at::kBFloat16: forward_impl<at::BFloat16>(q, k, v, G, static_cast<float>(scale), accumulate, out, lse); break;
+    case at::kHalf: forward_impl<at::Half>(q, k, v, G, static_cast<float>(scale), accumulate, out, lse); break;
     default: TORCH_CHECK(false, "nearfar native kernel: float32, bfloat16 or float16 inputs");
   }
 }
@@ -315,7 +331,7 @@ void backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, con
 TORCH_LIBRARY(nearfar_native, m) {
   m.def("forward(Tensor q, Tensor k, Tensor v, Tensor q_idx, Tensor k_idx, Tensor bits, Tensor rows, Tensor full, "
         "Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, float scale, bool row_causal, int offset, "
-        "Tensor(a!) out, Tensor(b!) lse) "
+        "bool accumulate, Tensor(a!) out, Tensor(b!) lse) "
         "-> ()");
   m.def("backward(Tensor q, Tensor k, Tensor v, Tensor out, Tensor dout, Tensor lse, Tensor q_idx, Tensor k_idx, "
         "Tensor bits, Tensor rows, Tensor full, Tensor? kpm, Tensor? bias, Tensor? rpb_table, Tensor? rpb_index, "
