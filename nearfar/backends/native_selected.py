@@ -170,7 +170,8 @@ class _Lists(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[list[Lists]], scale: float,
                 kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        outs, lses = [], []
+        outs: list[torch.Tensor] = []
+        lses: list[torch.Tensor] = []
         # parts that each list every query row once continue the first part's softmax inside the kernel (its
         # output and LSE as the starting state): no second output and no merge pass
         chain = not any(x.rows_only for part in parts for x in part)
