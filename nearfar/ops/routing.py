@@ -354,23 +354,36 @@ def topk_blocks(
     kb = scores.shape[-1]
     if kb == 0:
         return kv_blocks_from_mask(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device))
-    forced = _forced_mask(tuple(scores.shape), force_first, force_current, force_last, causal, q_block_size,
-                          k_block_size, q_start, scores.device).expand(scores.shape)
-    free = _visible(scores, causal, q_block_size, k_block_size, q_start) & ~forced
-    # forced blocks score +inf, free ones their score, the rest -inf; a row keeps its ``keep`` best, ties to the
-    # lower index: the keep-th largest value by topk (O(KB) per row, no sort), everything above it, and as many of
-    # the blocks equal to it as are still missing, lowest index first
-    key = torch.where(forced, math.inf, torch.where(free, scores.detach(), -math.inf))
-    n_forced = forced.sum(dim=-1, keepdim=True)
-    keep = torch.maximum(n_forced, torch.clamp(n_forced + free.sum(dim=-1, keepdim=True), max=kk))
+    forced2 = _forced_mask(tuple(scores.shape), force_first, force_current, force_last, causal, q_block_size,
+                           k_block_size, q_start, scores.device)  # (QB, KB), shared by the batch and heads
+    # forced blocks score +inf, visible ones their score, the rest (NaN, -inf, after the current block) -inf; a row
+    # keeps its ``keep`` best, ties to the lower index
+    key = scores.detach().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    if causal:
+        cur = _current_block(scores.shape[-2], q_block_size, k_block_size, q_start, scores.device)
+        key.masked_fill_(torch.arange(kb, device=scores.device)[None, :] > cur[:, None], -math.inf)  # own copy
+    key.masked_fill_(forced2, math.inf)
+    n_forced = forced2.sum(dim=-1, keepdim=True)
+    free_and_forced = (key > -math.inf).sum(dim=-1, keepdim=True)  # a +inf score counts as free: it is visible
+    keep = torch.maximum(n_forced, torch.clamp(free_and_forced, max=kk))
     width = kb if torch.compiler.is_compiling() or not keep.numel() else max(1, int(keep.max()))
-    top = key.topk(min(width, kb), dim=-1).values
-    thr = top.gather(-1, (keep - 1).clamp(min=0))
-    above = key > thr
+    top = key.topk(min(width, kb), dim=-1)
+    thr = top.values.gather(-1, (keep - 1).clamp(min=0))
     ties = key == thr
-    need = keep - above.sum(dim=-1, keepdim=True)
-    sel = (above | (ties & (torch.cumsum(ties.to(torch.int32), dim=-1) <= need))) & (keep > 0)
-    return kv_blocks_from_mask(sel)
+    rank = torch.arange(top.values.shape[-1], device=scores.device)
+    in_prefix = (rank < keep) & (top.values == thr)
+    ambiguous = (keep > 0) & (ties.sum(-1, keepdim=True) > in_prefix.sum(-1, keepdim=True))
+    if torch.compiler.is_compiling() or bool(ambiguous.any()):
+        # some row has more blocks at its threshold than it keeps: the lowest-index ones, by a cumulative count
+        above = key > thr
+        need = keep - above.sum(dim=-1, keepdim=True)
+        sel = (above | (ties & (torch.cumsum(ties.to(torch.int32), dim=-1) <= need))) & (keep > 0)
+        return kv_blocks_from_mask(sel)
+    # no such tie: the row's selection is topk's first ``keep`` indices, listed in ascending order
+    chosen = torch.where(rank < keep, top.indices, kb).sort(dim=-1).values
+    out = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)
+    out[..., :chosen.shape[-1]] = torch.where(chosen < kb, chosen, -1).to(torch.int32)
+    return keep.squeeze(-1).to(torch.int32), out
 
 
 def threshold_blocks(
