@@ -154,10 +154,11 @@ def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
     return DenseBias(bias)
 
 
-def check_attention_inputs(q: object, k: object, v: object, scale: object = None,
-                           key_padding_mask: object = None) -> None:
-    """``attend``'s checks of ``q, k, v``, ``scale`` and ``key_padding_mask`` (the same errors), for ops beside it."""
-    _validate(q, k, v, None, scale, None, None, key_padding_mask, "auto", False)
+def check_attention_inputs(q: object, k: object, v: object, scale: object = None, key_padding_mask: object = None,
+                           pattern: object = None, bias: object = None) -> None:
+    """``attend``'s checks of ``q, k, v``, ``scale``, ``key_padding_mask``, ``pattern`` (type, heads, sizes) and
+    ``bias`` (type, dtype, device), with the same errors, for ops beside it."""
+    _validate(q, k, v, pattern, scale, bias, None, key_padding_mask, "auto", False)
 
 
 @overload

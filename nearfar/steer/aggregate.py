@@ -38,15 +38,12 @@ import torch
 
 from ..checks import check_bool, check_choice, check_int_range, check_positive_int, check_real_range
 from ..ops.rollout import attention_rollout, stack_layer_maps
-from .tokens import TokenSelection, token_mask
+from .tokens import TokenSelection, token_mask, upcast
 
 __all__ = ["attention_flow", "head_weights", "rollout"]
 
 RULES = ("mean_max", "entropy", "group_mass")
 
-
-def _work(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _lead_mask(sel: TokenSelection, n: int, name: str, batch_ndim: int, extra: int, device: torch.device
@@ -175,7 +172,7 @@ def head_weights(maps_or_stats: torch.Tensor, rule: str | torch.Tensor = "mean_m
     _check_rule_args(maps_or_stats, rule, group, rows, row_stats)
     if isinstance(rule, torch.Tensor):
         _check_weight_shape(rule, maps_or_stats.shape[:-1] if row_stats else maps_or_stats.shape[:-2], "rule")
-    x = _work(maps_or_stats)
+    x = upcast(maps_or_stats)
     return _weights(x, rule, group, rows, row_stats, normalize).to(maps_or_stats.dtype)
 
 
@@ -193,7 +190,7 @@ def _aggregate(maps: torch.Tensor | Sequence[torch.Tensor], weights: str | torch
             _check_weight_shape(weights, (layers, b, h), "head_weights")
         elif not isinstance(weights, str):
             raise TypeError(f"head_weights must be None, a rule name or a tensor, got {type(weights).__name__}")
-    x = _work(stacked)
+    x = upcast(stacked)
     if weights is None:
         agg = x.mean(2)
     else:

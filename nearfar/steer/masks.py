@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_choice, check_int_range, check_nonneg_int, check_pair, check_real_range
-from .tokens import TokenSelection, token_mask
+from .tokens import TokenSelection, floating_tensor, token_mask, upcast
 
 __all__ = ["PointPrompts", "TopTokens", "argmax_masks", "attention_gradcam", "mask_from_map", "sample_points",
            "smooth_map", "topk_tokens"]
@@ -67,18 +67,6 @@ class PointPrompts(NamedTuple):
     """``(..., n_pos + n_neg)`` int64: 1 positive, 0 negative, -1 padding (no pixel was left)."""
 
 
-def _floating(x: object, name: str, min_dim: int) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.dim() < min_dim or 0 in x.shape:
-        raise ValueError(f"{name} must be non-empty with at least {min_dim} dimensions, got {tuple(x.shape)}")
-    return x
-
-
-def _work(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _rank(key: torch.Tensor) -> torch.Tensor:
@@ -120,7 +108,7 @@ def topk_tokens(scores: torch.Tensor, k: int | None = None, *, ratio: float | No
         >>> topk_tokens(s, 2, among=[0, 2, 4]).selected.tolist()       # only tokens 0, 2, 4 may be picked
         [False, False, True, False, True]
     """
-    s = _floating(scores, "scores", 1)
+    s = floating_tensor(scores, "scores", 1)
     if (k is None) == (ratio is None):
         raise ValueError("give exactly one of k (a count) and ratio (a share of the candidates)")
     if k is not None:
@@ -194,11 +182,11 @@ def smooth_map(maps: torch.Tensor, sigma: float = 0.0, *, out_size: int | tuple[
         >>> smooth_map(torch.rand(2, 16, 16), 1.5, out_size=64).shape
         torch.Size([2, 64, 64])
     """
-    x = _floating(maps, "maps", 2)
+    x = floating_tensor(maps, "maps", 2)
     sigma = check_real_range(sigma, "sigma", 0.0, math.inf)
     size = None if out_size is None else check_pair(out_size, "out_size")
     mode = check_choice(mode, "mode", ("bilinear", "bicubic", "nearest"))
-    flat = _smooth(_work(x).reshape(-1, *x.shape[-2:]), sigma, size, mode)
+    flat = _smooth(upcast(x).reshape(-1, *x.shape[-2:]), sigma, size, mode)
     return flat.reshape(*x.shape[:-2], *flat.shape[-2:]).to(x.dtype)
 
 
@@ -268,7 +256,7 @@ def mask_from_map(maps: torch.Tensor, *, threshold: float | None = None, quantil
         >>> int(mask_from_map(m).sum()), int(mask_from_map(m, quantile=0.75).sum())
         (9, 16)
     """
-    x = _floating(maps, "maps", 2)
+    x = floating_tensor(maps, "maps", 2)
     if sum(v is not None for v in (threshold, quantile, method)) > 1:
         raise ValueError("give at most one of threshold, quantile and method")
     if threshold is not None:
@@ -283,7 +271,7 @@ def mask_from_map(maps: torch.Tensor, *, threshold: float | None = None, quantil
     sigma = check_real_range(smooth_sigma, "smooth_sigma", 0.0, math.inf)
     size = None if out_size is None else check_pair(out_size, "out_size")
     mode = check_choice(mode, "mode", ("bilinear", "bicubic", "nearest"))
-    smoothed = _smooth(_work(x).detach().reshape(-1, *x.shape[-2:]), sigma, size, mode)
+    smoothed = _smooth(upcast(x).detach().reshape(-1, *x.shape[-2:]), sigma, size, mode)
     h, w = smoothed.shape[-2:]
     flat = smoothed.reshape(-1, h * w)
     if quantile is not None:
@@ -324,12 +312,12 @@ def argmax_masks(maps_per_token: torch.Tensor, tau: float, *, dim: int = -3, nor
         >>> argmax_masks(a, 0.2).int().tolist()       # pixel (1, 1): 0.2 / 0.9 > 0.2 beats 0.1 / 0.8
         [[[1, 0], [0, 1]], [[0, 1], [0, 0]]]
     """
-    x = _floating(maps_per_token, "maps_per_token", 2)
+    x = floating_tensor(maps_per_token, "maps_per_token", 2)
     d = check_int_range(dim, "dim", -x.dim(), x.dim() - 2) % x.dim()
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     tau = check_real_range(tau, "tau", 0.0, 1.0) if normalize else check_real_range(tau, "tau", -math.inf, math.inf)
-    w = _work(x).detach()
+    w = upcast(x).detach()
     if normalize:
         peak = w.amax(tuple(range(d + 1, w.dim())), keepdim=True)
         w = torch.where(peak > 0, w / torch.where(peak > 0, peak, torch.ones_like(peak)), w)
@@ -370,14 +358,14 @@ def sample_points(maps: torch.Tensor, n_pos: int, n_neg: int = 0, min_dist: floa
         >>> p.coords.tolist(), p.labels.tolist()
         ([[3, 1], [0, 4], [0, 0]], [1, 1, 0])
     """
-    x = _floating(maps, "maps", 2)
+    x = floating_tensor(maps, "maps", 2)
     n_pos = check_nonneg_int(n_pos, "n_pos")
     n_neg = check_nonneg_int(n_neg, "n_neg")
     if n_pos + n_neg == 0:
         raise ValueError("ask for at least one point (n_pos + n_neg >= 1)")
     min_dist = check_real_range(min_dist, "min_dist", 0.0, math.inf)
     h, w = x.shape[-2:]
-    unit = _minmax(_work(x).detach().reshape(-1, h * w))
+    unit = _minmax(upcast(x).detach().reshape(-1, h * w))
     m = unit.shape[0]
     ys = torch.arange(h * w, device=x.device) // w
     xs = torch.arange(h * w, device=x.device) % w
@@ -428,8 +416,8 @@ def attention_gradcam(probs: torch.Tensor, grads: torch.Tensor, *, rows: TokenSe
         >>> attention_gradcam(p, g, rows=slice(1, 3)).shape
         torch.Size([1, 4])
     """
-    p = _floating(probs, "probs", 3)
-    g = _floating(grads, "grads", 3)
+    p = floating_tensor(probs, "probs", 3)
+    g = floating_tensor(grads, "grads", 3)
     if p.shape != g.shape:
         raise ValueError(f"probs and grads must have one shape, got {tuple(p.shape)} and {tuple(g.shape)}")
     if p.dtype != g.dtype:
@@ -441,7 +429,7 @@ def attention_gradcam(probs: torch.Tensor, grads: torch.Tensor, *, rows: TokenSe
             raise ValueError(f"rows as a boolean mask must be (Nq,) or (*batch, Nq), got {tuple(mask.shape)}")
         if not bool(mask.any(-1).all()):
             raise ValueError("rows must select at least one query row (in every batch item)")
-    cam = (_work(g).clamp_min(0) * _work(p)).mean(-3)
+    cam = (upcast(g).clamp_min(0) * upcast(p)).mean(-3)
     if mask is not None:
         weight = mask.to(cam.dtype).unsqueeze(-1)
         cam = (cam * weight).sum(-2) / weight.sum(-2)

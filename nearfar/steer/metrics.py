@@ -41,24 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import check_choice, check_int_range, check_positive_int, check_real_range
-from .tokens import TokenSelection, token_mask
+from .tokens import TokenSelection, floating_tensor, token_mask, upcast
 
 __all__ = ["entropy", "head_divergence", "map_overlap", "map_retention", "mass_on", "massive_dims",
            "sink_tokens", "spatial_entropy"]
 
 
-def _floating(x: object, name: str, min_dim: int = 1) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
-    if x.dim() < min_dim or 0 in x.shape:
-        raise ValueError(f"{name} must be non-empty with at least {min_dim} dimensions, got {tuple(x.shape)}")
-    return x
-
-
-def _work(x: torch.Tensor) -> torch.Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _dim(dim: object, ndim: int, name: str = "dim") -> int:
@@ -89,14 +77,14 @@ def head_divergence(out_a: torch.Tensor, out_b: torch.Tensor, metric: str = "l2"
         >>> head_divergence(a, b).flatten().tolist()                   # head 1 moved by 3
         [0.0, 3.0]
     """
-    a, b = _floating(out_a, "out_a"), _floating(out_b, "out_b")
+    a, b = floating_tensor(out_a, "out_a"), floating_tensor(out_b, "out_b")
     if a.shape != b.shape:
         raise ValueError(f"out_a and out_b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.dtype != b.dtype:
         raise TypeError(f"out_a and out_b must share one dtype, got {a.dtype} and {b.dtype}")
     metric = check_choice(metric, "metric", ("l2", "cos"))
     d = _dim(dim, a.dim())
-    wa, wb = _work(a), _work(b)
+    wa, wb = upcast(a), upcast(b)
     if metric == "l2":
         out = torch.linalg.vector_norm(wa - wb, dim=d)
     else:
@@ -135,7 +123,7 @@ def massive_dims(hidden: torch.Tensor, topk: int, *, norm: str = "rms", eps: flo
         >>> massive_dims(h, 2).tolist()
         [11, 5]
     """
-    h = _floating(hidden, "hidden", 2)
+    h = floating_tensor(hidden, "hidden", 2)
     topk = check_int_range(topk, "topk", 1, h.shape[-1])
     norm = check_choice(norm, "norm", ("rms", "none"))
     eps = check_real_range(eps, "eps", 0.0, math.inf, open_low=True)
@@ -169,7 +157,7 @@ def sink_tokens(hidden: torch.Tensor, dims: Sequence[int] | torch.Tensor | None 
         >>> sink_tokens(h, dims=[7]).tolist()
         [[False, False, True, False, False]]
     """
-    h = _floating(hidden, "hidden", 2)
+    h = floating_tensor(hidden, "hidden", 2)
     d_model = h.shape[-1]
     tau = check_real_range(tau, "tau", 0.0, math.inf)
     norm = check_choice(norm, "norm", ("rms", "none"))
@@ -219,7 +207,7 @@ def map_overlap(a: torch.Tensor, b: torch.Tensor | None = None, *, dims: int = 2
         >>> map_overlap(x, y).item(), map_overlap(x, x).item()
         (0.0, 0.5)
     """
-    a = _floating(a, "a")
+    a = floating_tensor(a, "a")
     axes = _spatial_dims(a, dims)
     if b is None:
         if a.dim() < len(axes) + 1:
@@ -227,18 +215,18 @@ def map_overlap(a: torch.Tensor, b: torch.Tensor | None = None, *, dims: int = 2
                              f"got {tuple(a.shape)}")
         c = a.shape[-len(axes) - 1]
         i, j = torch.triu_indices(c, c, 1, device=a.device)
-        x = _work(a)
+        x = upcast(a)
         cdim = x.dim() - len(axes) - 1
         pair = map_overlap(x.index_select(cdim, i), x.index_select(cdim, j), dims=dims)
         return pair.sum(-1).to(a.dtype)
-    b = _floating(b, "b")
+    b = floating_tensor(b, "b")
     if a.dtype != b.dtype:
         raise TypeError(f"a and b must share one dtype, got {a.dtype} and {b.dtype}")
     try:
         torch.broadcast_shapes(a.shape, b.shape)
     except RuntimeError:
         raise ValueError(f"a and b must broadcast, got {tuple(a.shape)} and {tuple(b.shape)}") from None
-    wa, wb = _work(a), _work(b)
+    wa, wb = upcast(a), upcast(b)
     num = torch.minimum(wa, wb).sum(axes)
     den = (wa + wb).sum(axes)
     return _safe_div(num, den, 0.0).to(a.dtype)
@@ -267,7 +255,7 @@ def map_retention(a_t: torch.Tensor, m_prev: torch.Tensor, *, dims: int = 2) -> 
         >>> map_retention(m.float(), m).item(), map_retention(1 - m.float(), m).item()
         (0.0, 1.0)
     """
-    a = _floating(a_t, "a_t")
+    a = floating_tensor(a_t, "a_t")
     axes = _spatial_dims(a, dims)
     if not isinstance(m_prev, torch.Tensor):
         raise TypeError(f"m_prev must be a torch.Tensor, got {type(m_prev).__name__}")
@@ -277,7 +265,7 @@ def map_retention(a_t: torch.Tensor, m_prev: torch.Tensor, *, dims: int = 2) -> 
         torch.broadcast_shapes(a.shape, m_prev.shape)
     except RuntimeError:
         raise ValueError(f"a_t and m_prev must broadcast, got {tuple(a.shape)} and {tuple(m_prev.shape)}") from None
-    wa = _work(a)
+    wa = upcast(a)
     m = m_prev.to(wa.dtype)
     inter = (wa * m).sum(axes)
     union = (wa + m - wa * m).sum(axes)
@@ -305,11 +293,11 @@ def entropy(probs: torch.Tensor, dim: int = -1, *, normalize: bool = False) -> t
         >>> entropy(torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4]), normalize=True).tolist()
         [0.5, 1.0]
     """
-    p = _floating(probs, "probs")
+    p = floating_tensor(probs, "probs")
     d = _dim(dim, p.dim())
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    w = _work(p)
+    w = upcast(p)
     logp = torch.log(torch.where(w > 0, w, torch.ones_like(w)))
     h = -(w * logp).sum(d)
     if normalize:
@@ -359,11 +347,11 @@ def spatial_entropy(maps: torch.Tensor, *, offset: float = 1.0, threshold: float
         >>> round(spatial_entropy(one).item(), 4), round(spatial_entropy(two).item(), 4)   # 0 and log 2
         (0.0, 0.6931)
     """
-    x = _floating(maps, "maps", 2)
+    x = floating_tensor(maps, "maps", 2)
     offset = check_real_range(offset, "offset", 0.0, math.inf)
     threshold = check_real_range(threshold, "threshold", 0.0, math.inf)
     h, w = x.shape[-2:]
-    flat = _work(x).reshape(-1, h, w)
+    flat = upcast(x).reshape(-1, h, w)
     r = torch.relu(flat - offset * flat.mean((-2, -1), keepdim=True))
     labels = _components((r > threshold).detach())
     mass = torch.zeros(flat.shape[0], h * w + 1, dtype=r.dtype, device=r.device)
@@ -396,12 +384,12 @@ def mass_on(probs: torch.Tensor, group: TokenSelection) -> torch.Tensor:
         >>> mass_on(torch.tensor([[0.1, 0.2, 0.3, 0.4]]), [0, 3])
         tensor([0.5000])
     """
-    p = _floating(probs, "probs")
+    p = floating_tensor(probs, "probs")
     check_positive_int(p.shape[-1], "probs.shape[-1]")
     mask = token_mask(group, p.shape[-1], name="group", device=p.device)
     try:
         torch.broadcast_shapes(mask.shape, p.shape)
     except RuntimeError:
         raise ValueError(f"group as a mask {tuple(mask.shape)} must broadcast to probs {tuple(p.shape)}") from None
-    w = _work(p)
+    w = upcast(p)
     return (w * mask).sum(-1).to(p.dtype)

@@ -51,6 +51,7 @@ from typing import Any, Literal, overload
 
 import torch
 
+from ..backends.kernels import acc_dtype
 from ..checks import check_bool, check_positive_int, check_same_dtype_device, check_scale
 from ..dispatch import attend, check_attention_inputs
 from ..patterns import Dense, Pattern, PerHead
@@ -63,17 +64,13 @@ _CHUNK_ELEMENTS = 1 << 21
 _INT = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check(q: object, k: object, lse: object, pattern: object, scale: object, kpm: object,
            bias: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
     """``attend``'s checks of q, k, scale and the key padding mask, then lse, pattern and bias; returns the bias as
     a 4D view and the scale."""
     if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
         check_same_dtype_device(q=q, k=k)
-    check_attention_inputs(q, k, k, scale, kpm)
+    check_attention_inputs(q, k, k, scale, kpm, pattern, bias)
     assert isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
@@ -84,22 +81,12 @@ def _check(q: object, k: object, lse: object, pattern: object, scale: object, kp
     if tuple(lse.shape) != (b, hq, nq) or lse.device != q.device:
         raise ValueError(f"lse must be (B, Hq, Nq) = {(b, hq, nq)} on {q.device}, got {tuple(lse.shape)} on "
                          f"{lse.device}")
-    if pattern is not None:
-        if not isinstance(pattern, Pattern):
-            raise TypeError(f"pattern must be a nearfar Pattern or None, got {type(pattern).__name__}")
-        if pattern.heads is not None and pattern.heads != hq:
-            raise ValueError(f"pattern is a PerHead of {pattern.heads} patterns but q has Hq={hq} heads")
-        pattern.check(nq, nk)
     b4 = None
     if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise TypeError(f"bias must be a floating tensor broadcastable to (B, Hq, Nq, Nk), got {got}")
+        assert isinstance(bias, torch.Tensor)  # attend's checks: a floating tensor on q's device
         target = (b, hq, nq, nk)
         if bias.dim() > 4 or any(s not in (1, t) for s, t in zip(reversed(bias.shape), reversed(target))):
             raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, Nq, Nk) = {target}")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device}, q on {q.device}")
         b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     given = check_scale(scale, "scale")
     return q, k, lse, b4, given if given is not None else 1.0 / math.sqrt(d)
@@ -250,7 +237,7 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
     q, k, lse, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
     b, hq, nq, _ = q.shape
     idx = _rows_index(rows, b, hq, nq, q.device)
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     kf = k.to(acc)
     logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq)
     return _RowSoftmax.apply(logits, _take_rows(lse[..., None], idx).to(acc))
@@ -362,7 +349,7 @@ def group_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, lse: to
         check_attention_inputs(q, k, v, scale, key_padding_mask)
     b, hq, nq, _ = q.shape
     member = _groups(groups, b, k.shape[2], q.device)
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     masses, outs = [], []
     with torch.no_grad():
         for g in range(member.shape[1]):
@@ -427,7 +414,7 @@ def received(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, r: torch.Tenso
     if chunk_size is not None:
         check_positive_int(chunk_size, "chunk_size")
     step = chunk_size or max(1, _CHUNK_ELEMENTS // (max(b * hq, 4) * nk))  # the chunk's mask: ~4 scores' bytes
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     hkv, m = k.shape[1], r.shape[3] if r.dim() == 4 else 1
     g = hq // hkv
     out = torch.zeros(b, hq, nk, m, dtype=acc, device=q.device)

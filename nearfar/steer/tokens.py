@@ -1,5 +1,6 @@
 """Token selections (a group of keys, a set of query rows) as boolean masks, shared by the metrics, the
-aggregations and the mask makers of ``nearfar.steer``.
+aggregations and the mask makers of ``nearfar.steer``, with the argument helpers they share (``floating_tensor``,
+``upcast``).
 
 A selection is given the way users hold it: a ``slice`` (``slice(1, 577)``: LLaVA's image tokens), a sequence or
 1D integer tensor of indices, or a boolean tensor whose last axis is the token axis (one mask for all, or one per
@@ -15,10 +16,27 @@ import torch
 
 from ..checks import check_int_range, check_positive_int
 
-__all__ = ["TokenSelection", "token_mask"]
+__all__ = ["TokenSelection", "floating_tensor", "token_mask", "upcast"]
 
 TokenSelection = slice | Sequence[int] | torch.Tensor
 """A slice, a sequence / 1D integer tensor of indices, or a boolean tensor ``(..., N)``."""
+
+
+def floating_tensor(x: object, name: str, min_dim: int = 1) -> torch.Tensor:
+    """``x`` if it is a non-empty floating tensor of at least ``min_dim`` dimensions, else a TypeError/ValueError
+    naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.dim() < min_dim or 0 in x.shape:
+        raise ValueError(f"{name} must be non-empty with at least {min_dim} dimensions, got {tuple(x.shape)}")
+    return x
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype the statistics are computed in: float16/bfloat16 as float32, others as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def token_mask(selection: TokenSelection, n: int, *, name: str = "selection",
