@@ -116,6 +116,22 @@ def splits(b: int, hkv: int, nk: int, e: int) -> int:
     return max(1, min(-(-threads // (b * hkv)), 1 + _SPLIT_BYTES // extra))
 
 
+def kv_grads(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zeroed float32 dK/dV accumulators ``(nsplit, B, Hkv, Nk, e)`` of a backward pass (``splits``)."""
+    b, hkv, nk, d = k.shape
+    s = splits(b, hkv, nk, d + v.shape[-1])
+    f32 = torch.float32
+    return torch.zeros(s, b, hkv, nk, d, dtype=f32), torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=f32)
+
+
+def summed(dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The accumulators of ``kv_grads`` summed over their splits, in place (no third copy)."""
+    for i in range(1, dk.shape[0]):
+        dk[0] += dk[i]
+        dv[0] += dv[i]
+    return dk[0], dv[0]
+
+
 #: bias values (and their gradients) of one kernel call: tile groups with a bias run in calls of this many bytes
 _BIAS_BYTES = 32 << 20
 
@@ -195,12 +211,11 @@ class _Native(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        b, hkv, nk, d = k.shape
+        b, hkv = k.shape[:2]
         hq = q.shape[1]
-        s = splits(b, hkv, nk, d + v.shape[-1])
         dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
-        dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
-        dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
+        dk, dv = kv_grads(k, v)
+        s = dk.shape[0]
         do = unit_last(grad_out.to(q.dtype))
         bias: BiasSource | None = ctx.bias
         train_bias = bias is not None and bias.requires_grad
@@ -226,10 +241,7 @@ class _Native(torch.autograd.Function):
         if dtable is not None:
             assert bias is not None and bias.grad is not None
             bias.grad += dtable.sum(0).reshape(bias.grad.shape).to(bias.grad.dtype)
-        for i in range(1, s):  # in place: no third copy
-            dk[0] += dk[i]
-            dv[0] += dv[i]
-        dk, dv = dk[0], dv[0]
+        dk, dv = summed(dk, dv)
         dbias = None
         if train_bias:
             assert bias is not None and bias.grad is not None

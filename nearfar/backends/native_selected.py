@@ -52,21 +52,19 @@ class Lists:
         return self.q_idx, self.k_idx, self.bits, self.rows, self.full
 
 
-def sub_blocks(k_idx: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, exact: torch.Tensor,
-               t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per 64-key sub-block of each list: its live rows ``[min r0, max r1)`` over its keys and whether no mask is
-    needed (every key there is exact: all rows ``[0, t)`` allowed). ``r0, r1, exact`` are per key, like ``k_idx``."""
-    w = k_idx.shape[-1]
-    nsub = max(1, -(-w // native.KB))
-    pad = nsub * native.KB - w
-    live = (k_idx >= 0) & (r1 > r0)
-    lo = torch.nn.functional.pad(torch.where(live, r0, t), (0, pad), value=t).unflatten(-1, (nsub, native.KB))
-    hi = torch.nn.functional.pad(torch.where(live, r1, 0), (0, pad)).unflatten(-1, (nsub, native.KB))
-    ex = torch.nn.functional.pad(exact & (k_idx >= 0), (0, pad), value=True).unflatten(-1, (nsub, native.KB))
-    lo, hi = lo.amin(-1), hi.amax(-1)
+def sub_blocks(ok: torch.Tensor, r0: torch.Tensor, r1: torch.Tensor, exact: torch.Tensor, t: int,
+               per: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per 64-key sub-block of each list, made of ``per`` consecutive entries (keys, or whole blocks of
+    ``64 / per`` keys): its live rows ``[min r0, max r1)`` over its entries that are ``ok`` and whether no mask is
+    needed (every entry ``ok`` and ``exact``: all rows ``[0, t)`` allowed)."""
+    pad = -ok.shape[-1] % per
+    live = ok & (r1 > r0)
+    lo = torch.nn.functional.pad(torch.where(live, r0, t), (0, pad), value=t).unflatten(-1, (-1, per)).amin(-1)
+    hi = torch.nn.functional.pad(torch.where(live, r1, 0), (0, pad)).unflatten(-1, (-1, per)).amax(-1)
+    ex = torch.nn.functional.pad(exact & ok, (0, pad), value=True).unflatten(-1, (-1, per)).all(-1)
     empty = lo >= hi
     rows = torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], -1).to(torch.int32)
-    return rows.contiguous(), (ex.all(-1) & ~empty).contiguous()
+    return rows.contiguous(), (ex & ~empty).contiguous()
 
 
 def selected_lists(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: int) -> Lists | None:
@@ -115,18 +113,10 @@ def selected_lists(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: in
         rows = torch.stack([r0, r1], -1).repeat_interleave(rep, 3).to(torch.int32).contiguous()
         whole = full.repeat_interleave(rep, 3).contiguous()
     elif native.KB % kb == 0:  # whole blocks per sub-block: min/max of their rows, exact if every one is whole
-        per = native.KB // kb
-        pad = -s % per
-        live = valid & (r1 > r0)
-        lo = torch.nn.functional.pad(torch.where(live, r0, t), (0, pad), value=t).unflatten(-1, (-1, per)).amin(-1)
-        hi = torch.nn.functional.pad(torch.where(live, r1, 0), (0, pad)).unflatten(-1, (-1, per)).amax(-1)
-        whole = torch.nn.functional.pad(full, (0, pad), value=True).unflatten(-1, (-1, per)).all(-1)
-        empty = lo >= hi
-        rows = torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], -1).to(torch.int32).contiguous()
-        whole = (whole & ~empty).contiguous()
+        rows, whole = sub_blocks(valid, r0, r1, full, t, native.KB // kb)
     else:  # blocks that straddle sub-blocks: per key
-        per_key = [x[..., None].expand(-1, -1, -1, -1, kb).flatten(-2) for x in (r0, r1, full)]
-        rows, whole = sub_blocks(k_idx, per_key[0], per_key[1], per_key[2], t)
+        r0k, r1k, fullk = (x[..., None].expand(-1, -1, -1, -1, kb).flatten(-2) for x in (r0, r1, full))
+        rows, whole = sub_blocks(k_idx >= 0, r0k, r1k, fullk, t, native.KB)
     qrows = torch.arange(qb * t, device=dev)
     q_idx = torch.where(qrows < nq, qrows, -1).view(1, 1, qb, t)
     return Lists(q_idx, k_idx.contiguous(), bits.flatten(3, 4).contiguous(), rows, whole)
@@ -147,16 +137,6 @@ def causal_rows(picked: torch.Tensor, nk: int, tile: int = 64) -> Lists:
                  offset=nk - nq)
 
 
-def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention results over disjoint key sets, merged exactly by their log-sum-exp (float32 weights)."""
-    lse = torch.stack(lses).logsumexp(0)
-    safe = torch.where(torch.isinf(lse), 0.0, lse)
-    out = sum((o.float() * torch.exp(x - safe)[..., None] for o, x in zip(outs, lses, strict=True)),
-              torch.zeros((), device=lse.device))
-    assert isinstance(out, torch.Tensor)
-    return out.to(outs[0].dtype), lse
-
-
 def _blank(q: torch.Tensor, dv: int, rows_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, nq, _ = q.shape
     # (B, N, H, dv) memory, as PyTorch's fused CPU SDPA returns it
@@ -170,22 +150,15 @@ class _Lists(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[list[Lists]], scale: float,
                 kpm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        outs: list[torch.Tensor] = []
-        lses: list[torch.Tensor] = []
-        # parts that each list every query row once continue the first part's softmax inside the kernel (its
-        # output and LSE as the starting state): no second output and no merge pass
-        chain = not any(x.rows_only for part in parts for x in part)
+        # the parts after the first continue its softmax inside the kernel (its output and LSE as the starting
+        # state), so each of them must list every query row once
+        if len(parts) > 1 and any(x.rows_only for part in parts for x in part):
+            raise ValueError("lists_attention: only a single part may list some query rows (rows_only)")
+        out, lse = _blank(q, v.shape[-1], any(x.rows_only for x in parts[0]))
         for i, part in enumerate(parts):
-            if chain and i:
-                out, lse = outs[0], lses[0]
-            else:
-                out, lse = _blank(q, v.shape[-1], any(x.rows_only for x in part))
-                outs.append(out)
-                lses.append(lse)
             for x in part:
                 torch.ops.nearfar_native.forward(q, k, v, *x.arrays(), kpm, None, None, None, scale, x.row_causal,
-                                                 x.offset, chain and i > 0, out, lse)
-        out, lse = (outs[0], lses[0]) if len(outs) == 1 else _merge(outs, lses)
+                                                 x.offset, i > 0, out, lse)
         ctx.parts, ctx.scale, ctx.kpm = parts, scale, kpm
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
@@ -194,28 +167,24 @@ class _Lists(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        b, hkv, nk, d = k.shape
-        s = native.splits(b, hkv, nk, d + v.shape[-1])
-        dk = torch.zeros(s, b, hkv, nk, d, dtype=torch.float32)
-        dv = torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=torch.float32)
+        dk, dv = native.kv_grads(k, v)
         do = unit_last(grad_out.to(q.dtype))
         dq_sum = None
         for part in ctx.parts:
-            dq, _ = _blank(q, d, any(x.rows_only for x in part))
+            dq, _ = _blank(q, q.shape[-1], any(x.rows_only for x in part))
             for x in part:
                 torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *x.arrays(), ctx.kpm, None, None, None,
                                                   ctx.scale, x.row_causal, x.offset, dq, dk, dv, None, None)
             dq_sum = dq if dq_sum is None else dq_sum.add_(dq)
-        for i in range(1, s):  # in place: no third copy
-            dk[0] += dk[i]
-            dv[0] += dv[i]
-        return dq_sum, dk[0].to(k.dtype), dv[0].to(v.dtype), None, None, None
+        dk, dv = native.summed(dk, dv)
+        return dq_sum, dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 def lists_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: list[list[Lists]], scale: float,
                     kpm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of attention over the pairs of ``parts``: each part a list of kernel calls over disjoint
-    query rows, the parts over disjoint pairs (merged by LSE). ``kpm``: an additive (B, Nk) key mask."""
+    query rows, the parts over disjoint pairs (each after the first continues the softmax of those before it, so
+    it lists every query row; only a lone part may list some rows). ``kpm``: an additive (B, Nk) key mask."""
     if not build.available():
         raise RuntimeError(build.status())
     if kpm is not None:
