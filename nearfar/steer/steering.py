@@ -184,30 +184,24 @@ class Control:
             e.kv(call, state)
         own = {id(e): b for e in active if (b := e.scores(call, state)) is not None}
         base_bias, base_rpb = call.bias, call.rpb
-        if own:
-            total = base_bias
-            if call.rpb is not None:
-                total = _dense_rpb(call) + (0 if total is None else total)
-                call.rpb = None
-            for b in own.values():
-                total = b if total is None else total + b
-            call.bias = total
+        rpb_dense = _dense_rpb(call) if own and base_rpb is not None else None  # a table meeting biases: dense, once
+
+        def with_biases(extra: list[torch.Tensor]) -> None:
+            """The call's own bias (and table) plus ``extra``, summed into one bias when there is any."""
+            call.bias, call.rpb = base_bias, base_rpb
+            if extra:
+                terms = [t for t in (rpb_dense, base_bias) if t is not None] + extra
+                call.bias, call.rpb = sum(terms[1:], terms[0]), None
+
+        with_biases(list(own.values()))
         out, lse = call.run(return_lse=True)
 
         def lse_without(edit: Edit) -> torch.Tensor:
-            saved = (call.bias, call.rpb)
-            rest = [b for i, b in own.items() if i != id(edit)]
-            call.bias, call.rpb = base_bias, base_rpb
-            if rest:
-                if call.rpb is not None:
-                    call.bias = _dense_rpb(call) + (0 if call.bias is None else call.bias)
-                    call.rpb = None
-                for b in rest:
-                    call.bias = b if call.bias is None else call.bias + b
+            with_biases([b for i, b in own.items() if i != id(edit)])
             try:
                 return call.run(return_lse=True)[1]
             finally:
-                call.bias, call.rpb = saved
+                with_biases(list(own.values()))
 
         state.lse_without = lse_without
         for e in active:
