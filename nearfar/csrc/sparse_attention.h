@@ -243,9 +243,14 @@ struct Geometry {
     while (r0 < nv && lim[r0] < static_cast<float>(sp.k0)) ++r0;
     if (r0 >= nv) return false;
     sp.r0 = r0, sp.r1 = nv;
+    return columns(lim[r0] >= static_cast<float>(sp.k0 + sp.n - 1), sp);
+  }
+  // the vector-aligned query columns of rows [r0, r1), and whether no mask is needed there (``all`` pairs allowed
+  // and no column outside the rows)
+  bool columns(bool all, Span& sp) const {
     sp.c0 = sp.r0 / VS * VS;
     sp.mc = std::min<int>(static_cast<int>(round_up(sp.r1, VS)), static_cast<int>(Tp)) - sp.c0;
-    sp.exact = lim[r0] >= static_cast<float>(sp.k0 + sp.n - 1) && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
+    sp.exact = all && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
     return true;
   }
   int64_t head(int64_t hx, int64_t j) const { return per_head ? hx : hx * g + j; }
@@ -287,10 +292,7 @@ struct Geometry {
     if (sp.r0 >= sp.r1) return false;
     sp.k0 = s * KB;
     sp.n = static_cast<int>(std::min<int64_t>(KB, W - sp.k0));
-    sp.c0 = sp.r0 / VS * VS;
-    sp.mc = std::min<int>(static_cast<int>(round_up(sp.r1, VS)), static_cast<int>(Tp)) - sp.c0;
-    sp.exact = full[pt * nsub + s] && sp.c0 == sp.r0 && sp.c0 + sp.mc == sp.r1;
-    return true;
+    return columns(full[pt * nsub + s], sp);
   }
   // the query mask words of key ``pos`` of tile ``pt``'s list
   const uint64_t* words(int64_t pt, int64_t pos) const {
