@@ -84,9 +84,7 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.T
     if forced is not None or not native_supports(q) or torch.compiler.is_compiling() or unsafe:
         return every_row()
     record_call(pattern, tuple(q.shape), tuple(k.shape), tuple(v.shape))
-    lists = causal_rows(rows, nk)
-    if not causal:  # every row sees every key: the bound past the last key
-        lists.offset = nk
+    lists = causal_rows(rows, nk, causal=causal)
     kpm = None
     if key_padding_mask is not None:
         kpm = torch.zeros(q.shape[0], nk).masked_fill_(~key_padding_mask, float("-inf"))

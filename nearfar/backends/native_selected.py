@@ -122,9 +122,10 @@ def selected_lists(pattern: Pattern | None, sel: SelectedBlocks, nq: int, nk: in
     return Lists(q_idx, k_idx.contiguous(), bits.flatten(3, 4).contiguous(), rows, whole)
 
 
-def causal_rows(picked: torch.Tensor, nk: int, tile: int = 64) -> Lists:
-    """Causal attention of only the query rows ``picked (B, H, Nq)`` (bool; the queries are the last ``Nq`` of the
-    ``nk`` key positions): each (batch item, head)'s picked rows in tiles of ``tile``, row-causal over the keys."""
+def causal_rows(picked: torch.Tensor, nk: int, tile: int = 64, causal: bool = True) -> Lists:
+    """Attention of only the query rows ``picked (B, H, Nq)`` (bool): each (batch item, head)'s picked rows in tiles
+    of ``tile``, row-causal over the keys (the queries are the last ``Nq`` of the ``nk`` key positions), or with
+    every key visible (``causal=False``: the bound past the last key)."""
     b, h, nq = picked.shape
     m = max(1, int(picked.sum(-1).max()))
     c = -(-m // tile)
@@ -134,7 +135,7 @@ def causal_rows(picked: torch.Tensor, nk: int, tile: int = 64) -> Lists:
     k_idx = torch.arange(nk).view(1, 1, 1, nk)
     none = torch.empty(0, dtype=torch.int64)
     return Lists(q_idx.contiguous(), k_idx, none, none.int(), none.bool(), rows_only=True, row_causal=True,
-                 offset=nk - nq)
+                 offset=nk - nq if causal else nk)
 
 
 def _blank(q: torch.Tensor, dv: int, rows_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
