@@ -59,7 +59,7 @@ def select(q: torch.Tensor, k: torch.Tensor) -> nf.SelectedBlocks:
         s = block_scores(pool_blocks(q, BLOCK), pool_blocks(k, BLOCK), k_block_size=BLOCK, q_block_size=BLOCK,
                          include_current=False, group_reduce="mean")
         rows, cols = torch.arange(s.shape[-2])[:, None], torch.arange(s.shape[-1])
-        s = s.masked_fill(cols > rows - NEAR, float("-inf"))
+        s.masked_fill_(cols > rows - NEAR, float("-inf"))
         num, idx = topk_blocks(s, TOP, q_block_size=BLOCK, k_block_size=BLOCK)
     return nf.SelectedBlocks(num, idx, q_block=BLOCK)
 

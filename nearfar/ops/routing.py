@@ -209,12 +209,13 @@ def block_scores(
     s = scale if scale is not None else 1.0 / math.sqrt(d) if d else 1.0
     if group_reduce == "mean" and not softmax:  # the mean of the group's scores is the score of its mean query
         q, g, hq, group_reduce = q.reshape(b, hkv, g, qb, d).mean(dim=2), 1, hkv, None
-    scores = torch.matmul(q.reshape(b, hkv, g, qb, d), k_blocks.unsqueeze(2).transpose(-1, -2)) * s
+    # the scale goes on the (few) query rows, the mask in place: each pass over a long map's scores costs
+    scores = torch.matmul(q.reshape(b, hkv, g, qb, d) * s, k_blocks.unsqueeze(2).transpose(-1, -2))
     if causal:
         cur = _current_block(qb, qbs, kbs, start, q.device)
         keys = torch.arange(kb, device=q.device)
         masked = keys[None, :] > cur[:, None] if include_current else keys[None, :] >= cur[:, None]
-        scores = scores.masked_fill(masked, -math.inf)
+        scores = scores.masked_fill_(masked, -math.inf)  # the product's backward does not need its output
     if softmax:
         dead = scores == -math.inf
         probs = torch.softmax(scores.masked_fill(dead.all(dim=-1, keepdim=True), 0.0), dim=-1)
@@ -351,39 +352,66 @@ def topk_blocks(
     _check_selection_args(scores, "scores", force_first, force_current, force_last, causal, q_block_size,
                           k_block_size, q_start)
     kk = check_nonneg_int(k, "k")
-    kb = scores.shape[-1]
-    if kb == 0:
-        return kv_blocks_from_mask(torch.zeros(scores.shape, dtype=torch.bool, device=scores.device))
-    forced2 = _forced_mask(tuple(scores.shape), force_first, force_current, force_last, causal, q_block_size,
-                           k_block_size, q_start, scores.device)  # (QB, KB), shared by the batch and heads
+    qb, kb = scores.shape[-2], scores.shape[-1]
+    num = torch.zeros(scores.shape[:-1], dtype=torch.int32, device=scores.device)
+    out = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)
+    if kb == 0 or not scores.numel():
+        return num, out
+    # rows in chunks that stay in cache: each chunk makes a few passes over its scores (the whole map at 2,048 x
+    # 2,048 blocks and 2 heads is 32 MiB, and every pass over it in memory cost ~10 ms)
+    rows_per = qb if torch.compiler.is_compiling() else max(1, _TOPK_CHUNK // (scores[..., 0, :].numel()))
+    for r0 in range(0, qb, rows_per):
+        r1 = min(qb, r0 + rows_per)
+        n_r, i_r = _topk_rows(scores[..., r0:r1, :].detach(), kk, r0, force_first, force_current, force_last,
+                              causal, q_block_size, k_block_size, q_start)
+        num[..., r0:r1] = n_r
+        out[..., r0:r1, :i_r.shape[-1]] = i_r
+    return num, out
+
+
+#: score elements per chunk of rows in ``topk_blocks`` (1 MiB of float32)
+_TOPK_CHUNK = 1 << 18
+
+
+def _topk_rows(scores: torch.Tensor, kk: int, r0: int, force_first: bool, force_current: bool, force_last: int,
+               causal: bool, q_block_size: int, k_block_size: int, q_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk_blocks`` of the rows ``[r0, r0 + R)`` given as ``scores (..., R, KB)``: ``(num (..., R), kv_indices
+    (..., R, W))`` with ``W <= KB`` (the columns after ``W`` are all -1)."""
+    rows, kb, dev = scores.shape[-2], scores.shape[-1], scores.device
+    # the rows' positions are those of rows [r0, r0 + R) of the whole map: shift the first query
+    start = q_start + r0 * q_block_size
+    forced2 = _forced_mask((rows, kb), force_first, force_current, force_last, causal, q_block_size, k_block_size,
+                           start, dev)  # (R, KB), shared by the batch and heads
     # forced blocks score +inf, visible ones their score, the rest (NaN, -inf, after the current block) -inf; a row
     # keeps its ``keep`` best, ties to the lower index
-    key = scores.detach().nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    key = scores.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     if causal:
-        cur = _current_block(scores.shape[-2], q_block_size, k_block_size, q_start, scores.device)
-        key.masked_fill_(torch.arange(kb, device=scores.device)[None, :] > cur[:, None], -math.inf)  # own copy
+        cur = _current_block(rows, q_block_size, k_block_size, start, dev)
+        key.masked_fill_(torch.arange(kb, device=dev)[None, :] > cur[:, None], -math.inf)  # own copy
     key.masked_fill_(forced2, math.inf)
     n_forced = forced2.sum(dim=-1, keepdim=True)
-    free_and_forced = (key > -math.inf).sum(dim=-1, keepdim=True)  # a +inf score counts as free: it is visible
-    keep = torch.maximum(n_forced, torch.clamp(free_and_forced, max=kk))
-    width = kb if torch.compiler.is_compiling() or not keep.numel() else max(1, int(keep.max()))
-    top = key.topk(min(width, kb), dim=-1)
+    compiling = torch.compiler.is_compiling()
+    # one column past the widest possible selection, to see whether the last kept score ties with the next one
+    width = kb if compiling else min(kb, max(kk, int(n_forced.max())) + 1)
+    top = key.topk(width, dim=-1)
+    # visible blocks (a +inf score counts as visible) among the best ``kk``: topk sorts them first
+    free = (top.values[..., :kk] > -math.inf).sum(dim=-1, keepdim=True)
+    keep = torch.maximum(n_forced, free)
     thr = top.values.gather(-1, (keep - 1).clamp(min=0))
-    ties = key == thr
-    rank = torch.arange(top.values.shape[-1], device=scores.device)
-    in_prefix = (rank < keep) & (top.values == thr)
-    ambiguous = (keep > 0) & (ties.sum(-1, keepdim=True) > in_prefix.sum(-1, keepdim=True))
-    if torch.compiler.is_compiling() or bool(ambiguous.any()):
-        # some row has more blocks at its threshold than it keeps: the lowest-index ones, by a cumulative count
+    # a row is ambiguous when a block it does not keep ties with its last kept one: the (keep+1)-th best equals it
+    after = top.values.gather(-1, keep.clamp(max=width - 1))
+    ambiguous = (keep > 0) & (keep < width) & (after == thr)
+    if compiling or bool(ambiguous.any()):
+        # the lowest-index blocks at the threshold, by a cumulative count
         above = key > thr
+        ties = key == thr
         need = keep - above.sum(dim=-1, keepdim=True)
         sel = (above | (ties & (torch.cumsum(ties.to(torch.int32), dim=-1) <= need))) & (keep > 0)
         return kv_blocks_from_mask(sel)
     # no such tie: the row's selection is topk's first ``keep`` indices, listed in ascending order
+    rank = torch.arange(width, device=dev)
     chosen = torch.where(rank < keep, top.indices, kb).sort(dim=-1).values
-    out = torch.full(scores.shape, -1, dtype=torch.int32, device=scores.device)
-    out[..., :chosen.shape[-1]] = torch.where(chosen < kb, chosen, -1).to(torch.int32)
-    return keep.squeeze(-1).to(torch.int32), out
+    return keep.squeeze(-1).to(torch.int32), torch.where(chosen < kb, chosen, -1).to(torch.int32)
 
 
 def threshold_blocks(

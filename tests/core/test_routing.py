@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import doctest
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -168,9 +169,9 @@ def _topk_ref(scores, k, first, current, last, causal, qbs, kbs, start):
 @given(b=st.integers(1, 2), h=st.integers(1, 3), qb=st.integers(1, 6), kb=st.integers(1, 7), k=st.integers(0, 8),
        first=st.booleans(), current=st.booleans(), last=st.integers(0, 3), causal=st.booleans(),
        qbs=st.integers(1, 3), kbs=st.integers(1, 3), start=st.integers(0, 3), ties=st.booleans(),
-       holes=st.booleans(), layout=st.integers(0, 2), seed=st.integers(0, 99))
+       holes=st.booleans(), layout=st.integers(0, 2), chunk=st.sampled_from([0, 1, 9]), seed=st.integers(0, 99))
 def test_topk_blocks_matches_loop(b, h, qb, kb, k, first, current, last, causal, qbs, kbs, start, ties, holes,
-                                  layout, seed):
+                                  layout, chunk, seed):
     gen = torch.Generator().manual_seed(seed)
     scores = torch.randn(b, h, qb, kb, generator=gen, dtype=F64)
     if ties:  # many exact ties: the lower block index must win
@@ -178,8 +179,10 @@ def test_topk_blocks_matches_loop(b, h, qb, kb, k, first, current, last, causal,
     if holes:  # masked (-inf) and NaN scores are never selected unless forced
         r = torch.rand(b, h, qb, kb, generator=gen)
         scores = scores.masked_fill(r < 0.25, -math.inf).masked_fill(r > 0.9, math.nan)
-    num, idx = topk_blocks(_layout(scores, layout), k, force_first=first, force_current=current, force_last=last,
-                           causal=causal, q_block_size=qbs, k_block_size=kbs, q_start=start)
+    # chunk: score elements per chunk of rows (0: the default; 1 and 9: a row or a few per chunk)
+    with mock.patch.object(routing, "_TOPK_CHUNK", chunk or routing._TOPK_CHUNK):
+        num, idx = topk_blocks(_layout(scores, layout), k, force_first=first, force_current=current,
+                               force_last=last, causal=causal, q_block_size=qbs, k_block_size=kbs, q_start=start)
     assert num.shape == (b, h, qb) and idx.shape == (b, h, qb, kb)
     assert _rows_to_lists(num, idx) == _topk_ref(scores, k, first, current, last, causal, qbs, kbs, start)
 
