@@ -23,12 +23,17 @@ from ..calls import AttendCall
 class State:
     """Where and when an edit is asked to act: the site, the step (model calls since ``control`` began, or what
     ``Control.set_step`` set) and which ``attend`` call of the site this is within the step (0-based).
-    ``lse_without(edit)``, inside ``Edit.heads``: the call's LSE without that edit's bias (one more pass)."""
+
+    Inside ``Edit.heads``: ``lse_without(edit)`` is the call's LSE without that edit's bias (one more pass), and
+    ``rerun(edit=None, extra_bias=None, q=None, k=None, v=None)`` runs the call once more (``(out, lse)``) with the
+    score biases of the active edits (without ``edit``'s own), plus ``extra_bias``, and with ``q``/``k``/``v``
+    replaced where given."""
 
     site: object
     step: int
     call: int
     lse_without: Callable[[Edit], torch.Tensor] | None = None
+    rerun: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Edit:

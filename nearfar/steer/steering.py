@@ -196,14 +196,20 @@ class Control:
         with_biases(list(own.values()))
         out, lse = call.run(return_lse=True)
 
-        def lse_without(edit: Edit) -> torch.Tensor:
-            with_biases([b for i, b in own.items() if i != id(edit)])
+        def rerun(edit: Edit | None = None, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                  k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            kept = [b for i, b in own.items() if edit is None or i != id(edit)]
+            with_biases(kept + ([] if extra_bias is None else [extra_bias]))
+            saved = call.q, call.k, call.v
+            call.q, call.k, call.v = (x if x is not None else y for x, y in zip((q, k, v), saved))
             try:
-                return call.run(return_lse=True)[1]
+                return call.run(return_lse=True)  # type: ignore[return-value]  # return_lse=True: a pair
             finally:
+                call.q, call.k, call.v = saved
                 with_biases(list(own.values()))
 
-        state.lse_without = lse_without
+        state.rerun = rerun
+        state.lse_without = lambda edit: rerun(edit)[1]
         for e in active:
             out = e.heads(out, lse, call, state)
         return (out, lse) if call.return_lse else out

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from probe import CASES, N, Probe, keys_mask, run_with
 
 import nearfar as nf
 from nearfar.steer import (
@@ -27,61 +27,6 @@ from nearfar.steer import (
     layers,
     steps,
 )
-
-GRID = (6, 6)
-N = GRID[0] * GRID[1]
-CASES = {  # name: (pattern, engine, takes a relative-position table)
-    "dense-causal": (nf.Causal(), "dense", False),
-    "blocksparse-window": (nf.SlidingWindow(left=7) & nf.Causal(), "blocksparse", False),
-    "blocksparse-na-rpb": (nf.Neighborhood(3, grid=GRID), "blocksparse", True),
-    "partition-blocks-rpb": (nf.Blocks(3, grid=GRID), "partition", True),
-}
-
-
-class Probe(nn.Module):
-    """One attention call with a fixed pattern, engine and inputs: the site the edits act on."""
-
-    def __init__(self, case: str, hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0):
-        super().__init__()
-        self.pattern, self.engine, takes = CASES[case]
-        g = torch.Generator().manual_seed(seed)
-        self.q = torch.randn(2, hq, N, d, generator=g)
-        self.k, self.v = torch.randn(2, hkv, N, d, generator=g), torch.randn(2, hkv, N, d, generator=g)
-        self.rpb = torch.randn(*self.pattern.rpb_shape(hq), generator=g) if takes else None
-        self.kpm = torch.rand(2, N, generator=g) > 0.15
-
-    def forward(self) -> torch.Tensor:
-        return nf.attend(self.q, self.k, self.v, self.pattern, rpb=self.rpb, key_padding_mask=self.kpm,
-                         engine=self.engine)
-
-    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
-        """The float64 probabilities ``(B, Hq, N, N)`` (fully masked rows 0), optionally with a bias."""
-        q = (self.q if q is None else q).double()
-        g = q.shape[1] // self.k.shape[1]
-        k = self.k.double().repeat_interleave(g, 1)
-        s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
-        if self.rpb is not None:
-            s = s + nf.bias.RelativePositionBias(self.rpb.double(), self.pattern, N).tile(
-                torch.arange(N)[None], torch.arange(N)[None, None])[:, :, 0]
-        if extra_bias is not None:
-            s = s + extra_bias.double()
-        allowed = self.pattern.mask(N, N)[None, None] & self.kpm[:, None, None, :]
-        s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, -1)
-        return torch.nan_to_num(p, nan=0.0)
-
-    def out(self, p: torch.Tensor) -> torch.Tensor:
-        g = p.shape[1] // self.v.shape[1]
-        return p @ self.v.double().repeat_interleave(g, 1)
-
-
-def run_with(probe: Probe, edits) -> torch.Tensor:
-    with control(probe, edits, sites=[Site("probe", probe, 0, "self")]):
-        return probe()
-
-
-def keys_mask(idx):
-    return torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.tensor(idx), True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
