@@ -6,11 +6,13 @@ attention probabilities, which fused kernels never materialise. Every nearfar en
 log-sum-exp, from which exact rows, group masses and column aggregates of ``P`` can be recomputed in bounded memory;
 edits compile to what fused engines take (a bias, a pattern, changed K/V, changed head outputs).
 
-- statistics of ``P`` from q, k and the LSE, without the matrix: ``prob_rows``, ``group_mass``, ``received``;
+- statistics of ``P`` from q, k and the LSE, without the matrix: ``prob_rows``, ``group_mass``, ``received``
+  (and ``score_rows``, the masked scores of chosen rows);
 - sites and token groups: ``find_sites``, ``Site``, ``TokenGroups``;
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
-- edits: ``Bias``, ``KeyMask``, ``Temperature``, ``Rescale``, ``ScaleHeads``, ``AblateHeads``; ``Capture``;
+- edits: ``Bias``, ``KeyMask``, ``PairMask``, ``Modulate``, ``Temperature`` (scores); ``Rescale`` (probabilities);
+  ``ScaleHeads``, ``AblateHeads`` (heads); ``Capture``;
 - aggregation over heads and layers: ``head_weights``, ``rollout``, ``attention_flow``;
 - metrics: ``head_divergence``, ``massive_dims``, ``sink_tokens``, ``map_overlap``, ``map_retention``,
   ``entropy``, ``spatial_entropy``, ``mass_on``;
@@ -21,7 +23,7 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 from __future__ import annotations
 
 from .aggregate import attention_flow, head_weights, rollout
-from .edits import AblateHeads, Bias, Edit, KeyMask, Rescale, ScaleHeads, State, Temperature
+from .edits import AblateHeads, Bias, Edit, KeyMask, Modulate, PairMask, Rescale, ScaleHeads, State, Temperature
 from .masks import (
     PointPrompts,
     TopTokens,
@@ -43,7 +45,7 @@ from .metrics import (
     spatial_entropy,
 )
 from .sites import Site, TokenGroups, find_sites
-from .stats import group_mass, prob_rows, received
+from .stats import group_mass, prob_rows, received, score_rows
 from .steering import Capture, Control, control, layers, steps
 from .tokens import TokenSelection, token_mask
 
@@ -54,6 +56,8 @@ __all__ = [
     "Control",
     "Edit",
     "KeyMask",
+    "Modulate",
+    "PairMask",
     "PointPrompts",
     "Rescale",
     "ScaleHeads",
@@ -82,6 +86,7 @@ __all__ = [
     "received",
     "rollout",
     "sample_points",
+    "score_rows",
     "sink_tokens",
     "smooth_map",
     "spatial_entropy",

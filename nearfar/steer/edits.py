@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..bias import RelativePositionBias
 from ..calls import AttendCall
+from ..patterns.spatial import SpatialPattern
+from .stats import score_rows
 
 
 @dataclass
@@ -85,6 +88,18 @@ def _per_head(values: float | Sequence[float] | torch.Tensor, heads: torch.Tenso
         raise ValueError(f"{name}: one value or one per selected head ({target.numel()}), got {v.numel()}")
     out[target] = v.expand(target.numel()) if v.numel() == 1 else v
     return out
+
+
+def dense_rpb(call: AttendCall) -> torch.Tensor:
+    """A relative-position table as the dense bias it adds, ``(1, Hq, Nq, Nk)`` (for sites where score edits meet
+    a table: the bias then carries both)."""
+    assert call.rpb is not None
+    nq, nk = call.q.shape[2], call.k.shape[2]
+    assert isinstance(call.pattern, SpatialPattern)  # attend took the table, so the pattern takes one
+    src = RelativePositionBias(call.rpb, call.pattern, nq)
+    qi = torch.arange(nq, device=call.q.device)[None]
+    ki = torch.arange(nk, device=call.q.device)[None, None]
+    return src.tile(qi, ki)[:, :, 0]
 
 
 class Bias(Edit):
@@ -207,3 +222,129 @@ class AblateHeads(Edit):
         sel = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device).index_fill_(0, idx.to(out.device), True)
         repl = torch.zeros_like(out) if self.mode == "zero" else out.mean(2, keepdim=True).expand_as(out)
         return torch.where(sel[None, :, None, None], repl, out)
+
+
+def _pair_tensor(spec: torch.Tensor | Callable[..., torch.Tensor], call: AttendCall, name: str) -> torch.Tensor:
+    """A bool pair mask broadcastable to ``(B, Hq, Nq, Nk)``: the tensor itself, or ``fn(b, h, q, k)`` of broadcast
+    index tensors (FlexAttention's ``mask_mod``)."""
+    b, hq, nq, _ = call.q.shape
+    nk, dev = call.k.shape[2], call.q.device
+    if callable(spec) and not isinstance(spec, torch.Tensor):
+        spec = spec(*(torch.arange(n, device=dev).view([-1 if i == j else 1 for j in range(4)])
+                      for i, n in enumerate((b, hq, nq, nk))))
+    if not isinstance(spec, torch.Tensor) or spec.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor or fn(b, h, q, k) returning one")
+    try:
+        torch.broadcast_shapes(spec.shape, (b, hq, nq, nk))
+    except RuntimeError:
+        raise ValueError(f"{name} of shape {tuple(spec.shape)} must be broadcastable to (B, Hq, Nq, Nk) = "
+                         f"{(b, hq, nq, nk)}") from None
+    return spec.to(dev)
+
+
+def _groups(groups: Sequence[torch.Tensor | Sequence[int] | slice], n: int, name: str) -> torch.Tensor:
+    """Token groups as a float membership ``(B|1, G, n)``."""
+    masks = [_key_mask(g, n).float() for g in groups]
+    if not masks:
+        raise ValueError(f"{name}: at least one group")
+    b = max(m.shape[0] for m in masks)
+    return torch.stack([m.expand(b, n) for m in masks], 1)
+
+
+def _heads_only(mask: torch.Tensor, heads: int | Sequence[int] | None, hq: int) -> torch.Tensor:
+    """``mask (.., Hq|1, Nq, Nk)`` kept only at the query heads ``heads`` (all when None)."""
+    idx = _head_index(heads, hq, "heads")
+    if idx is None:
+        return mask
+    hm = torch.zeros(hq, dtype=torch.bool, device=mask.device).index_fill_(0, idx.to(mask.device), True)
+    return mask & hm[None, :, None, None]
+
+
+def _neg_inf_where(forbid: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(forbid.shape, dtype=torch.float32, device=forbid.device).masked_fill_(forbid, float("-inf"))
+
+
+class PairMask(Edit):
+    """Forbid query-key pairs (IR-Diffusion's isolation, DiffUHaul's masking, PrimeComposer's region constraint).
+
+    Either ``allowed`` is a bool tensor broadcastable to ``(B, Hq, Nq, Nk)`` or ``fn(b, h, q, k)`` returning one
+    (FlexAttention's ``mask_mod``), True where the pair may attend; or ``allowed`` is a bool table ``(Gq, Gk)``
+    over groups: a query of ``query_groups[i]`` may see a key of ``key_groups[j]`` only where ``allowed[i, j]``
+    (each group a slice, positions or a bool mask ``(N,)``/``(B, N)``; pairs whose query or key is in no group
+    are left as they are). ``heads`` limits the edit to these query heads. A row left without keys returns 0.
+    """
+
+    def __init__(self, allowed: torch.Tensor | Callable[..., torch.Tensor],
+                 query_groups: Sequence[torch.Tensor | Sequence[int] | slice] | None = None,
+                 key_groups: Sequence[torch.Tensor | Sequence[int] | slice] | None = None,
+                 heads: int | Sequence[int] | None = None) -> None:
+        if (query_groups is None) != (key_groups is None):
+            raise ValueError("query_groups and key_groups go together (a group table), or neither (a pair mask)")
+        if query_groups is not None and key_groups is not None:
+            if not isinstance(allowed, torch.Tensor) or allowed.dtype != torch.bool or \
+                    tuple(allowed.shape) != (len(query_groups), len(key_groups)):
+                raise ValueError(f"allowed must be a bool table (Gq, Gk) = ({len(query_groups)}, {len(key_groups)}) "
+                                 f"with groups")
+        self.allowed, self.query_groups, self.key_groups, self.heads_sel = allowed, query_groups, key_groups, heads
+
+    def scores(self, call: AttendCall, state: State) -> torch.Tensor:
+        hq, nq = call.q.shape[1], call.q.shape[2]
+        nk, dev = call.k.shape[2], call.q.device
+        if self.query_groups is not None and self.key_groups is not None:
+            assert isinstance(self.allowed, torch.Tensor)
+            qg = _groups(self.query_groups, nq, "query_groups").to(dev)
+            kg = _groups(self.key_groups, nk, "key_groups").to(dev)
+            bad = (~self.allowed).float().to(dev)
+            forbid = (torch.einsum("bin,ij,bjm->bnm", qg, bad, kg) > 0)[:, None]  # (B|1, 1, Nq, Nk)
+        else:
+            forbid = ~_pair_tensor(self.allowed, call, "allowed")
+        return _neg_inf_where(_heads_only(forbid, self.heads_sel, hq))
+
+
+class Modulate(Edit):
+    """Push the scores of ``pos`` pairs up and of ``neg`` pairs down (MAKIMA's and DenseDiffusion's attention
+    modulation; ``pos``/``neg``: bool pair masks broadcastable to ``(B, Hq, Nq, Nk)`` or ``fn(b, h, q, k)``).
+
+    ``relative_to="const"``: ``S' = S + strength * (pos - neg)``. ``"row_range"`` (DenseDiffusion, Kim et al., ICCV
+    2023, arXiv 2308.12964, eq. 4): a positive pair moves the fraction ``strength`` of its way to the row's highest
+    score, a negative pair to the row's lowest, ``S' = S + strength * (pos * (max S - S) - neg * (S - min S))``,
+    max and min over the keys the row may see; ``S`` is the call's score matrix as the engine sees it (after K/V
+    edits such as ``Temperature``, with the call's own bias, before the other score edits), formed here once:
+    a ``(B, Hq, Nq, Nk)`` tensor, meant for the low-resolution sites where these methods act; gradients flow through
+    it. A pair in both masks gets both terms. ``heads`` limits the edit to these query heads.
+    """
+
+    def __init__(self, pos: torch.Tensor | Callable[..., torch.Tensor] | None = None,
+                 neg: torch.Tensor | Callable[..., torch.Tensor] | None = None, strength: float = 1.0,
+                 relative_to: str = "const", heads: int | Sequence[int] | None = None) -> None:
+        if relative_to not in ("const", "row_range"):
+            raise ValueError(f"relative_to must be 'const' or 'row_range', got {relative_to!r}")
+        if pos is None and neg is None:
+            raise ValueError("Modulate needs pos or neg pairs")
+        if not isinstance(strength, (int, float)) or not torch.isfinite(torch.tensor(float(strength))):
+            raise ValueError(f"strength must be a finite number, got {strength!r}")
+        self.pos, self.neg, self.strength, self.relative_to, self.heads_sel = pos, neg, float(strength), \
+            relative_to, heads
+
+    def scores(self, call: AttendCall, state: State) -> torch.Tensor:
+        hq = call.q.shape[1]
+        masks = [None if m is None else _heads_only(_pair_tensor(m, call, n), self.heads_sel, hq).float()
+                 for m, n in ((self.pos, "pos"), (self.neg, "neg"))]
+        if self.relative_to == "const":
+            terms = [sign * m for sign, m in zip((1.0, -1.0), masks) if m is not None]
+            return self.strength * sum(terms[1:], terms[0])
+        if call.blocks is not None:
+            raise ValueError("Modulate(relative_to='row_range') needs the call's scores; calls with run-time "
+                             "selected blocks are not supported")
+        bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
+        s = score_rows(call.q, call.k, slice(None), call.pattern,
+                       scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+        seen = torch.isfinite(s)
+        top = torch.where(seen, s, float("-inf")).amax(-1, keepdim=True)
+        low = torch.where(seen, s, float("inf")).amin(-1, keepdim=True)
+        delta = torch.zeros_like(s)
+        if masks[0] is not None:
+            delta = delta + masks[0] * torch.where(seen, top - s, 0.0)
+        if masks[1] is not None:
+            delta = delta - masks[1] * torch.where(seen, s - low, 0.0)
+        return self.strength * delta

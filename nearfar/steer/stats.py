@@ -56,7 +56,7 @@ from ..checks import check_bool, check_positive_int, check_same_dtype_device, ch
 from ..dispatch import attend, check_attention_inputs
 from ..patterns import Dense, Pattern, PerHead
 
-__all__ = ["group_mass", "prob_rows", "received"]
+__all__ = ["group_mass", "prob_rows", "received", "score_rows"]
 
 #: ``received``'s default chunk: about this many scores at once (8 MiB in float32; 8 heads x 4,096 tokens, 1 thread:
 #: 64-row chunks ran causal attention's ``P^T r`` 1.5x faster than 512-row ones)
@@ -241,6 +241,35 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
     kf = k.to(acc)
     logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq)
     return _RowSoftmax.apply(logits, _take_rows(lse[..., None], idx).to(acc))
+
+
+def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[int] | torch.Tensor,
+               pattern: Pattern | None = None, *, scale: float | None = None,
+               key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores of query rows as ``attend`` forms them, ``scale q_i K^T + bias_i``, with ``-inf`` at every pair
+    the pattern or the key padding masks: the logits ``prob_rows`` exponentiates. ``O(R Nk d)``.
+
+    Args:
+        q: Queries ``(B, Hq, Nq, d)``.
+        k: Keys ``(B, Hkv, Nk, d)``, ``Hq % Hkv == 0``.
+        rows: The query rows, as in ``prob_rows``.
+        pattern: The pattern of the ``attend`` call (None: dense).
+        scale: Score scale; default ``1 / sqrt(d)``.
+        key_padding_mask: Bool ``(B, Nk)``, True = keep.
+        bias: Additive score bias broadcastable to ``(B, Hq, Nq, Nk)``.
+
+    Returns:
+        ``(B, Hq, R, Nk)`` in float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: If a tensor has the wrong type or dtype.
+        ValueError: If shapes, devices or the row indices are out of range.
+    """
+    lse = torch.zeros(q.shape[:3], device=q.device) if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    q, k, _, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
+    b, hq, nq, _ = q.shape
+    idx = _rows_index(rows, b, hq, nq, q.device)
+    return _logits(q, k.to(acc_dtype(q.dtype)), idx, pattern, key_padding_mask, b4, s, nq)
 
 
 def _groups(groups: object, b: int, nk: int, device: torch.device) -> torch.Tensor:

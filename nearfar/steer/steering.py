@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..bias import RelativePositionBias
 from ..calls import AttendCall, intercept_calls
-from ..patterns.spatial import SpatialPattern
-from .edits import Edit, State
+from .edits import Edit, State, dense_rpb
 from .sites import Site, SiteSelector, find_sites, matches
 from .stats import prob_rows
 
@@ -126,24 +124,12 @@ class Capture(Edit):
         if "head_out" in self.fields:
             got["head_out"] = self._keep("head_out", out, True)
         if "probs" in self.fields:
-            bias = call.bias if call.rpb is None else _dense_rpb(call) + (0 if call.bias is None else call.bias)
+            bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
             p = prob_rows(call.q, call.k, lse, self.rows, call.pattern, scale=call.scale,  # type: ignore[arg-type]
                           key_padding_mask=call.key_padding_mask, bias=bias)
             got["probs"] = self._keep("probs", p, True)
         self._store(state, got)
         return out
-
-
-def _dense_rpb(call: AttendCall) -> torch.Tensor:
-    """A relative-position table as the dense bias it adds, ``(1, Hq, Nq, Nk)`` (for sites where score edits meet
-    a table: the bias then carries both)."""
-    assert call.rpb is not None
-    nq, nk = call.q.shape[2], call.k.shape[2]
-    assert isinstance(call.pattern, SpatialPattern)  # attend took the table, so the pattern takes one
-    src = RelativePositionBias(call.rpb, call.pattern, nq)
-    qi = torch.arange(nq, device=call.q.device)[None]
-    ki = torch.arange(nk, device=call.q.device)[None, None]
-    return src.tile(qi, ki)[:, :, 0]
 
 
 @dataclass
@@ -184,7 +170,7 @@ class Control:
             e.kv(call, state)
         own = {id(e): b for e in active if (b := e.scores(call, state)) is not None}
         base_bias, base_rpb = call.bias, call.rpb
-        rpb_dense = _dense_rpb(call) if own and base_rpb is not None else None  # a table meeting biases: dense, once
+        rpb_dense = dense_rpb(call) if own and base_rpb is not None else None  # a table meeting biases: dense, once
 
         def with_biases(extra: list[torch.Tensor]) -> None:
             """The call's own bias (and table) plus ``extra``, summed into one bias when there is any."""

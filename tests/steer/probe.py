@@ -35,25 +35,31 @@ class Probe(nn.Module):
         return nf.attend(self.q, self.k, self.v, self.pattern, rpb=self.rpb, key_padding_mask=self.kpm,
                          engine=self.engine)
 
-    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
-        """The float64 probabilities ``(B, Hq, N, N)`` (fully masked rows 0), optionally with a bias."""
+    def scores(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None,
+               k: torch.Tensor | None = None) -> torch.Tensor:
+        """The float64 scores ``(B, Hq, N, Nk)`` as the engine forms them, ``-inf`` where masked."""
         q = (self.q if q is None else q).double()
-        g = q.shape[1] // self.k.shape[1]
-        k = self.k.double().repeat_interleave(g, 1)
+        k = (self.k if k is None else k).double()
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         if self.rpb is not None:
             s = s + nf.bias.RelativePositionBias(self.rpb.double(), self.pattern, N).tile(
                 torch.arange(N)[None], torch.arange(N)[None, None])[:, :, 0]
         if extra_bias is not None:
             s = s + extra_bias.double()
-        allowed = self.pattern.mask(N, N)[None, None] & self.kpm[:, None, None, :]
-        s = s.masked_fill(~allowed, float("-inf"))
-        p = torch.softmax(s, -1)
-        return torch.nan_to_num(p, nan=0.0)
+        allowed = self.kpm[:, None, None, :]
+        if self.pattern is not None:
+            allowed = self.pattern.mask(N, k.shape[2])[None, None] & allowed
+        return s.masked_fill(~allowed, float("-inf"))
 
-    def out(self, p: torch.Tensor) -> torch.Tensor:
-        g = p.shape[1] // self.v.shape[1]
-        return p @ self.v.double().repeat_interleave(g, 1)
+    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                      k: torch.Tensor | None = None) -> torch.Tensor:
+        """The float64 probabilities ``(B, Hq, N, Nk)`` (fully masked rows 0), optionally with a bias."""
+        return torch.nan_to_num(torch.softmax(self.scores(extra_bias, q, k), -1), nan=0.0)
+
+    def out(self, p: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        v = (self.v if v is None else v).double()
+        return p @ v.repeat_interleave(p.shape[1] // v.shape[1], 1)
 
 
 def run_with(probe: Probe, edits) -> torch.Tensor:
