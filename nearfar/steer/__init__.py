@@ -11,8 +11,8 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 - sites and token groups: ``find_sites``, ``Site``, ``TokenGroups``;
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
-- edits: ``Bias``, ``KeyMask``, ``PairMask``, ``Modulate``, ``Temperature`` (scores); ``Rescale`` (probabilities);
-  ``ScaleHeads``, ``AblateHeads`` (heads); ``Capture``;
+- edits: ``Bias``, ``KeyMask``, ``PairMask``, ``Modulate``, ``Temperature`` (scores); ``Rescale``,
+  ``Redistribute`` (probabilities); ``ScaleHeads``, ``AblateHeads`` (heads); ``Capture``;
 - aggregation over heads and layers: ``head_weights``, ``rollout``, ``attention_flow``;
 - metrics: ``head_divergence``, ``massive_dims``, ``sink_tokens``, ``map_overlap``, ``map_retention``,
   ``entropy``, ``spatial_entropy``, ``mass_on``;
@@ -44,6 +44,7 @@ from .metrics import (
     sink_tokens,
     spatial_entropy,
 )
+from .redistribute import Redistribute
 from .sites import Site, TokenGroups, find_sites
 from .stats import group_mass, prob_rows, received, score_rows
 from .steering import Capture, Control, control, layers, steps
@@ -59,6 +60,7 @@ __all__ = [
     "Modulate",
     "PairMask",
     "PointPrompts",
+    "Redistribute",
     "Rescale",
     "ScaleHeads",
     "Site",

@@ -66,8 +66,9 @@ def _head_index(heads: int | Sequence[int] | torch.Tensor | None, hq: int, name:
     return idx % hq
 
 
-def _key_mask(keys: torch.Tensor | Sequence[int] | slice, nk: int) -> torch.Tensor:
-    """Keys as a bool ``(B or 1, Nk)`` mask."""
+def key_mask_of(keys: torch.Tensor | Sequence[int] | slice, nk: int) -> torch.Tensor:
+    """Keys (or query rows) as a bool ``(B or 1, Nk)`` mask: a bool mask ``(Nk,)``/``(B, Nk)``, positions or a
+    slice."""
     if isinstance(keys, torch.Tensor) and keys.dtype == torch.bool:
         if keys.shape[-1] != nk or keys.dim() not in (1, 2):
             raise ValueError(f"keys: a bool mask must be (Nk,) or (B, Nk) with Nk={nk}, got {tuple(keys.shape)}")
@@ -76,6 +77,14 @@ def _key_mask(keys: torch.Tensor | Sequence[int] | slice, nk: int) -> torch.Tens
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= nk):
         raise ValueError(f"keys: positions must be in [0, {nk}), got {idx.tolist()}")
     return torch.zeros(1, nk, dtype=torch.bool).index_fill_(1, idx, True)
+
+
+def selected_heads(heads: int | Sequence[int] | None, hq: int, device: torch.device) -> torch.Tensor:
+    """Bool ``(Hq,)``: the query heads ``heads`` (every head when None)."""
+    idx = _head_index(heads, hq, "heads")
+    if idx is None:
+        return torch.ones(hq, dtype=torch.bool, device=device)
+    return torch.zeros(hq, dtype=torch.bool, device=device).index_fill_(0, idx.to(device), True)
 
 
 def _per_head(values: float | Sequence[float] | torch.Tensor, heads: torch.Tensor | None, hq: int,
@@ -133,14 +142,10 @@ class KeyMask(Edit):
     def scores(self, call: AttendCall, state: State) -> torch.Tensor:
         b, hq, nq, _ = call.q.shape
         nk = call.k.shape[2]
-        km = _key_mask(self.keys, nk).to(call.q.device)[:, None, None, :]  # (B|1, 1, 1, Nk)
-        hsel = _head_index(self.heads_sel, hq, "heads")
-        if hsel is not None:
-            hm = torch.zeros(hq, dtype=torch.bool, device=call.q.device).index_fill_(0, hsel.to(call.q.device), True)
-            km = km & hm[None, :, None, None]
+        km = key_mask_of(self.keys, nk).to(call.q.device)[:, None, None, :]  # (B|1, 1, 1, Nk)
         if self.rows is not None:
-            km = km & _key_mask(self.rows, nq).to(call.q.device)[:, None, :, None]
-        return torch.zeros(km.shape, dtype=torch.float32, device=call.q.device).masked_fill_(km, float("-inf"))
+            km = km & key_mask_of(self.rows, nq).to(call.q.device)[:, None, :, None]
+        return _neg_inf_where(_heads_only(km, self.heads_sel, hq))
 
 
 class Temperature(Edit):
@@ -161,9 +166,9 @@ class Temperature(Edit):
 class Rescale(Edit):
     """Multiply the probabilities of ``keys`` by ``factor`` (a float, or one per selected head) for the heads
     ``heads``; ``renormalize=True`` (VAR, "fixing imbalanced attention", P2P reweighting): the rows sum to 1 again,
-    i.e. ``softmax(S + log c)``; False: the rows keep the other keys' probabilities (one more LSE pass)."""
-
-    needs_lse = True
+    i.e. ``softmax(S + log c)``, one biased call; False: the rows keep the other keys' probabilities, ``(P c) V =
+    o + (c - 1) A`` with ``A = sum_{j in keys} P_j v_j`` from one more run of the call over the values masked to
+    ``keys`` (gradients flow through it)."""
 
     def __init__(self, keys: torch.Tensor | Sequence[int] | slice, factor: float | Sequence[float] | torch.Tensor,
                  heads: int | Sequence[int] | None = None, renormalize: bool = True) -> None:
@@ -172,21 +177,25 @@ class Rescale(Edit):
             raise ValueError(f"factor must be >= 0, got {f.tolist()}")
         self.keys, self.factor, self.heads_sel, self.renormalize = keys, f, heads, renormalize
 
-    def scores(self, call: AttendCall, state: State) -> torch.Tensor:
+    def _factors(self, hq: int) -> torch.Tensor:
+        return _per_head(self.factor, _head_index(self.heads_sel, hq, "heads"), hq, "factor")  # (Hq,)
+
+    def scores(self, call: AttendCall, state: State) -> torch.Tensor | None:
+        if not self.renormalize:
+            return None
         hq, nk = call.q.shape[1], call.k.shape[2]
-        c = _per_head(self.factor, _head_index(self.heads_sel, hq, "heads"), hq, "factor")  # (Hq,)
-        km = _key_mask(self.keys, nk).to(call.q.device)[:, None, None, :]
-        logc = torch.log(c).to(torch.float32).to(call.q.device)[None, :, None, None]
+        km = key_mask_of(self.keys, nk).to(call.q.device)[:, None, None, :]
+        logc = torch.log(self._factors(hq)).to(torch.float32).to(call.q.device)[None, :, None, None]
         return torch.where(km, logc, torch.zeros((), device=call.q.device))
 
     def heads(self, out: torch.Tensor, lse: torch.Tensor, call: AttendCall, state: State) -> torch.Tensor:
         if self.renormalize:
             return out
-        # (P * c) V = softmax(S + log c) V * exp(lse_edited - lse_original): the original LSE from a call without
-        # this edit's bias (the other edits' biases kept)
-        assert state.lse_without is not None
-        w = torch.exp(lse - state.lse_without(self)).nan_to_num(0.0)
-        return out * w[..., None].to(out.dtype)
+        assert state.rerun is not None
+        km = key_mask_of(self.keys, call.k.shape[2]).to(call.v)[:, None, :, None]  # (B|1, 1, Nk, 1)
+        part = state.rerun(v=call.v * km)[0]
+        c = self._factors(out.shape[1]).to(out)[None, :, None, None]
+        return out + (c - 1) * part
 
 
 class ScaleHeads(Edit):
@@ -244,7 +253,7 @@ def _pair_tensor(spec: torch.Tensor | Callable[..., torch.Tensor], call: AttendC
 
 def _groups(groups: Sequence[torch.Tensor | Sequence[int] | slice], n: int, name: str) -> torch.Tensor:
     """Token groups as a float membership ``(B|1, G, n)``."""
-    masks = [_key_mask(g, n).float() for g in groups]
+    masks = [key_mask_of(g, n).float() for g in groups]
     if not masks:
         raise ValueError(f"{name}: at least one group")
     b = max(m.shape[0] for m in masks)
@@ -253,11 +262,7 @@ def _groups(groups: Sequence[torch.Tensor | Sequence[int] | slice], n: int, name
 
 def _heads_only(mask: torch.Tensor, heads: int | Sequence[int] | None, hq: int) -> torch.Tensor:
     """``mask (.., Hq|1, Nq, Nk)`` kept only at the query heads ``heads`` (all when None)."""
-    idx = _head_index(heads, hq, "heads")
-    if idx is None:
-        return mask
-    hm = torch.zeros(hq, dtype=torch.bool, device=mask.device).index_fill_(0, idx.to(mask.device), True)
-    return mask & hm[None, :, None, None]
+    return mask if heads is None else mask & selected_heads(heads, hq, mask.device)[None, :, None, None]
 
 
 def _neg_inf_where(forbid: torch.Tensor) -> torch.Tensor:

@@ -170,13 +170,15 @@ class Control:
             e.kv(call, state)
         own = {id(e): b for e in active if (b := e.scores(call, state)) is not None}
         base_bias, base_rpb = call.bias, call.rpb
-        rpb_dense = dense_rpb(call) if own and base_rpb is not None else None  # a table meeting biases: dense, once
+        rpb_dense: list[torch.Tensor] = []  # a table meeting biases: made dense once, when first needed
 
         def with_biases(extra: list[torch.Tensor]) -> None:
             """The call's own bias (and table) plus ``extra``, summed into one bias when there is any."""
             call.bias, call.rpb = base_bias, base_rpb
             if extra:
-                terms = [t for t in (rpb_dense, base_bias) if t is not None] + extra
+                if base_rpb is not None and not rpb_dense:
+                    rpb_dense.append(dense_rpb(call))
+                terms = [t for t in (*rpb_dense, base_bias) if t is not None] + extra
                 call.bias, call.rpb = sum(terms[1:], terms[0]), None
 
         with_biases(list(own.values()))
