@@ -11,6 +11,10 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
 - edits: ``Bias``, ``KeyMask``, ``Temperature``, ``Rescale``, ``ScaleHeads``, ``AblateHeads``; ``Capture``;
+- patching: ``PatchHeads`` (head outputs, q/k/v or maps from ``FromBatch``/``FromRecord`` sources),
+  ``ForcePattern``, ``path_patch``;
+- branches: ``run_branches`` (several inputs in one batched forward), ``combine_logits`` (contrastive or additive
+  logits with the adaptive plausibility constraint);
 - aggregation over heads and layers: ``head_weights``, ``rollout``, ``attention_flow``;
 - metrics: ``head_divergence``, ``massive_dims``, ``sink_tokens``, ``map_overlap``, ``map_retention``,
   ``entropy``, ``spatial_entropy``, ``mass_on``;
@@ -21,6 +25,7 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 from __future__ import annotations
 
 from .aggregate import attention_flow, head_weights, rollout
+from .branches import combine_logits, run_branches
 from .edits import AblateHeads, Bias, Edit, KeyMask, Rescale, ScaleHeads, State, Temperature
 from .masks import (
     PointPrompts,
@@ -42,7 +47,9 @@ from .metrics import (
     sink_tokens,
     spatial_entropy,
 )
+from .patching import ForcePattern, PatchHeads, path_patch
 from .sites import Site, TokenGroups, find_sites
+from .sources import FromBatch, FromRecord
 from .stats import group_mass, prob_rows, received
 from .steering import Capture, Control, control, layers, steps
 from .tokens import TokenSelection, token_mask
@@ -53,7 +60,11 @@ __all__ = [
     "Capture",
     "Control",
     "Edit",
+    "ForcePattern",
+    "FromBatch",
+    "FromRecord",
     "KeyMask",
+    "PatchHeads",
     "PointPrompts",
     "Rescale",
     "ScaleHeads",
@@ -66,6 +77,7 @@ __all__ = [
     "argmax_masks",
     "attention_flow",
     "attention_gradcam",
+    "combine_logits",
     "control",
     "entropy",
     "find_sites",
@@ -78,9 +90,11 @@ __all__ = [
     "mask_from_map",
     "mass_on",
     "massive_dims",
+    "path_patch",
     "prob_rows",
     "received",
     "rollout",
+    "run_branches",
     "sample_points",
     "sink_tokens",
     "smooth_map",

@@ -35,11 +35,14 @@ class Probe(nn.Module):
         return nf.attend(self.q, self.k, self.v, self.pattern, rpb=self.rpb, key_padding_mask=self.kpm,
                          engine=self.engine)
 
-    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None) -> torch.Tensor:
-        """The float64 probabilities ``(B, Hq, N, N)`` (fully masked rows 0), optionally with a bias."""
+    def probabilities(self, extra_bias: torch.Tensor | None = None, q: torch.Tensor | None = None,
+                      k: torch.Tensor | None = None) -> torch.Tensor:
+        """The float64 probabilities ``(B, Hq, N, N)`` (fully masked rows 0), optionally with a bias, other queries
+        or other keys."""
         q = (self.q if q is None else q).double()
-        g = q.shape[1] // self.k.shape[1]
-        k = self.k.double().repeat_interleave(g, 1)
+        k = self.k if k is None else k
+        g = q.shape[1] // k.shape[1]
+        k = k.double().repeat_interleave(g, 1)
         s = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
         if self.rpb is not None:
             s = s + nf.bias.RelativePositionBias(self.rpb.double(), self.pattern, N).tile(
@@ -51,9 +54,10 @@ class Probe(nn.Module):
         p = torch.softmax(s, -1)
         return torch.nan_to_num(p, nan=0.0)
 
-    def out(self, p: torch.Tensor) -> torch.Tensor:
-        g = p.shape[1] // self.v.shape[1]
-        return p @ self.v.double().repeat_interleave(g, 1)
+    def out(self, p: torch.Tensor, v: torch.Tensor | None = None) -> torch.Tensor:
+        v = self.v if v is None else v
+        g = p.shape[1] // v.shape[1]
+        return p @ v.double().repeat_interleave(g, 1)
 
 
 def run_with(probe: Probe, edits) -> torch.Tensor:
