@@ -12,7 +12,12 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 - ``control(model, [(selector, edit, when)])``: edits and captures at chosen sites and steps (``steps``,
   ``layers``);
 - edits: ``Bias``, ``KeyMask``, ``PairMask``, ``Modulate``, ``Temperature`` (scores); ``Rescale``,
-  ``Redistribute`` (probabilities); ``ScaleHeads``, ``AblateHeads`` (heads); ``Capture``;
+  ``Redistribute``, ``ReplaceMap`` (probabilities); ``InjectKV`` (keys and values); ``ScaleHeads``,
+  ``AblateHeads`` (heads); ``Capture``;
+- patching: ``PatchHeads`` (head outputs, q/k/v or maps from ``FromBatch``/``FromRecord`` sources),
+  ``ForcePattern``, ``path_patch``;
+- branches: ``run_branches`` (several inputs in one batched forward), ``combine_logits`` (contrastive or additive
+  logits with the adaptive plausibility constraint);
 - aggregation over heads and layers: ``head_weights``, ``rollout``, ``attention_flow``;
 - metrics: ``head_divergence``, ``massive_dims``, ``sink_tokens``, ``map_overlap``, ``map_retention``,
   ``entropy``, ``spatial_entropy``, ``mass_on``;
@@ -23,7 +28,9 @@ edits compile to what fused engines take (a bias, a pattern, changed K/V, change
 from __future__ import annotations
 
 from .aggregate import attention_flow, head_weights, rollout
+from .branches import combine_logits, run_branches
 from .edits import AblateHeads, Bias, Edit, KeyMask, Modulate, PairMask, Rescale, ScaleHeads, State, Temperature
+from .inject import InjectKV
 from .masks import (
     PointPrompts,
     TopTokens,
@@ -44,8 +51,10 @@ from .metrics import (
     sink_tokens,
     spatial_entropy,
 )
+from .patching import ForcePattern, PatchHeads, ReplaceMap, path_patch
 from .redistribute import Redistribute
 from .sites import Site, TokenGroups, find_sites
+from .sources import FromBatch, FromRecord
 from .stats import group_mass, prob_rows, received, score_rows
 from .steering import Capture, Control, control, layers, steps
 from .tokens import TokenSelection, token_mask
@@ -56,11 +65,17 @@ __all__ = [
     "Capture",
     "Control",
     "Edit",
+    "ForcePattern",
+    "FromBatch",
+    "FromRecord",
+    "InjectKV",
     "KeyMask",
     "Modulate",
     "PairMask",
+    "PatchHeads",
     "PointPrompts",
     "Redistribute",
+    "ReplaceMap",
     "Rescale",
     "ScaleHeads",
     "Site",
@@ -72,6 +87,7 @@ __all__ = [
     "argmax_masks",
     "attention_flow",
     "attention_gradcam",
+    "combine_logits",
     "control",
     "entropy",
     "find_sites",
@@ -84,9 +100,11 @@ __all__ = [
     "mask_from_map",
     "mass_on",
     "massive_dims",
+    "path_patch",
     "prob_rows",
     "received",
     "rollout",
+    "run_branches",
     "sample_points",
     "score_rows",
     "sink_tokens",

@@ -218,18 +218,29 @@ class ScaleHeads(Edit):
 
 class AblateHeads(Edit):
     """Ablate head outputs (before the output projection): ``mode="zero"`` sets them to 0, ``"mean"`` to their mean
-    over the query positions of each batch item (mean ablation, as in circuit analysis)."""
+    over the query positions of each batch item (mean ablation, as in circuit analysis), ``"resample"`` to those of
+    another batch item (resample ablation): item ``p[i]`` takes item ``p[i + 1]``'s (cyclically) for a permutation
+    ``p`` drawn from ``seed``, the same at every call with that batch size, so no item keeps its own (a batch of
+    at least 2)."""
 
-    def __init__(self, heads: int | Sequence[int], mode: str = "zero") -> None:
-        if mode not in ("zero", "mean"):
-            raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
-        self.heads_sel, self.mode = heads, mode
+    def __init__(self, heads: int | Sequence[int], mode: str = "zero", seed: int = 0) -> None:
+        if mode not in ("zero", "mean", "resample"):
+            raise ValueError(f"mode must be 'zero', 'mean' or 'resample', got {mode!r}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.heads_sel, self.mode, self.seed = heads, mode, seed
 
     def heads(self, out: torch.Tensor, lse: torch.Tensor, call: AttendCall, state: State) -> torch.Tensor:
         idx = _head_index(self.heads_sel, out.shape[1], "heads")
         assert idx is not None
         sel = torch.zeros(out.shape[1], dtype=torch.bool, device=out.device).index_fill_(0, idx.to(out.device), True)
-        repl = torch.zeros_like(out) if self.mode == "zero" else out.mean(2, keepdim=True).expand_as(out)
+        if self.mode == "resample":
+            if out.shape[0] < 2:
+                raise ValueError("AblateHeads: mode='resample' needs a batch of at least 2 items, got 1")
+            p = torch.randperm(out.shape[0], generator=torch.Generator().manual_seed(self.seed))
+            repl = out[torch.empty_like(p).index_copy_(0, p, p.roll(-1)).to(out.device)]
+        else:
+            repl = torch.zeros_like(out) if self.mode == "zero" else out.mean(2, keepdim=True).expand_as(out)
         return torch.where(sel[None, :, None, None], repl, out)
 
 
