@@ -53,7 +53,7 @@ from .metrics import (
 )
 from .patching import ForcePattern, PatchHeads, ReplaceMap, path_patch
 from .redistribute import Redistribute
-from .sites import Site, TokenGroups, find_sites
+from .sites import Site, TokenGroups, find_sites, register_site_rule
 from .sources import FromBatch, FromRecord
 from .stats import group_mass, prob_rows, received, score_rows
 from .steering import Capture, Control, control, layers, steps
@@ -103,6 +103,7 @@ __all__ = [
     "path_patch",
     "prob_rows",
     "received",
+    "register_site_rule",
     "rollout",
     "run_branches",
     "sample_points",

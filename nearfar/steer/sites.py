@@ -51,6 +51,31 @@ def _attention_classes() -> tuple[type, ...]:
     return tuple({m.cls for m in mechanisms() if m.cls is not None})
 
 
+#: rules that make other libraries' attention modules sites: ``rule(module) -> (kind, num_heads, num_kv_heads)``
+#: or None (``register_site_rule``; the integrations with Hugging Face transformers and diffusers add theirs)
+_SITE_RULES: list[Callable[[nn.Module], tuple[str, int | None, int | None] | None]] = []
+
+
+def register_site_rule(rule: Callable[[nn.Module], tuple[str, int | None, int | None] | None]) -> None:
+    """Make modules of another library sites of ``find_sites``: ``rule(module)`` returns ``(kind, num_heads,
+    num_kv_heads)`` for a module that is an attention site, else None. Such a module's attention must run through
+    ``nearfar.attend`` (an integration's attention function or processor) for ``control`` to see its calls."""
+    if not callable(rule):
+        raise TypeError(f"rule must be callable, got {type(rule).__name__}")
+    if rule not in _SITE_RULES:
+        _SITE_RULES.append(rule)
+
+
+def _site_of(module: nn.Module, classes: tuple[type, ...]) -> tuple[str, int | None, int | None] | None:
+    if isinstance(module, classes):
+        return _kind(module), getattr(module, "num_heads", None), getattr(module, "num_kv_heads", None)
+    for rule in _SITE_RULES:
+        got = rule(module)
+        if got is not None:
+            return got
+    return None
+
+
 def _kind(module: nn.Module) -> str:
     if getattr(module, "joint", False):
         return "joint"
@@ -66,7 +91,8 @@ def find_sites(model: nn.Module, kind: str | Iterable[str] | None = None, layers
         kind: Keep only these kinds (``"self"``, ``"cross"``, ``"joint"``).
         layers: Keep only these layer indices (an int or an iterable of ints; negative counts from the end).
         name_glob: Keep only sites whose name matches this ``fnmatch`` pattern (e.g. ``"blocks.*.attn"``).
-        classes: The module classes that are sites (default: every registered nearfar mechanism class).
+        classes: The module classes that are sites (default: every registered nearfar mechanism class); the rules
+            of ``register_site_rule`` add other libraries' attention modules.
 
     Returns:
         The sites, in ``named_modules`` order, their ``layer`` numbered before filtering.
@@ -88,12 +114,12 @@ def find_sites(model: nn.Module, kind: str | Iterable[str] | None = None, layers
     if kinds is not None and not kinds <= set(KINDS):
         raise ValueError(f"kind must be among {KINDS}, got {sorted(kinds)}")
     classes = classes if classes is not None else _attention_classes()
-    found: list[tuple[str, nn.Module]] = []  # (name, module)
+    found: list[tuple[str, nn.Module, tuple[str, int | None, int | None]]] = []  # (name, module, what)
     for name, module in model.named_modules():
-        if isinstance(module, classes) and not any(name.startswith(outer + ".") or outer == "" for outer, _ in found):
-            found.append((str(name), cast(nn.Module, module)))
-    sites = [Site(name, m, i, _kind(m), getattr(m, "num_heads", None), getattr(m, "num_kv_heads", None))
-             for i, (name, m) in enumerate(found)]
+        what = _site_of(cast(nn.Module, module), classes)
+        if what is not None and not any(name.startswith(outer + ".") or outer == "" for outer, _, _ in found):
+            found.append((str(name), cast(nn.Module, module), what))
+    sites = [Site(name, m, i, *what) for i, (name, m, what) in enumerate(found)]
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         wanted = {i % len(sites) if sites else i for i in wanted}
