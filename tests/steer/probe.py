@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import nearfar as nf
 from nearfar.steer import Site, control
@@ -69,3 +71,18 @@ def run_with(probe: Probe, edits) -> torch.Tensor:
 
 def keys_mask(idx):
     return torch.zeros(N, dtype=torch.bool).index_fill_(0, torch.tensor(idx), True)
+
+
+class LargestStorage(TorchDispatchMode):
+    """The largest storage any op returns (bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out

@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from probe import CASES, N, Probe, keys_mask, run_with
+from probe import CASES, LargestStorage, N, Probe, keys_mask, run_with
+from torch import nn
 
 import nearfar as nf
 from nearfar.steer import (
@@ -17,6 +18,7 @@ from nearfar.steer import (
     Bias,
     Capture,
     KeyMask,
+    Redistribute,
     Rescale,
     ScaleHeads,
     Site,
@@ -189,3 +191,34 @@ def test_token_groups():
         TokenGroups(4, bad=[5])
     with pytest.raises(KeyError, match="no token group"):
         g.mask("text")
+
+
+class Long(nn.Module):
+    """One sliding-window call over 1,024 tokens: a map of every row would be 4 MiB per head."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q, self.k, self.v = (torch.randn(1, 2, 1024, 16, generator=g) for _ in range(3))
+
+    def forward(self) -> torch.Tensor:
+        return nf.attend(self.q, self.k, self.v, nf.SlidingWindow(left=63) & nf.Causal(), engine="blocksparse")
+
+
+def test_capture_and_edits_never_form_the_map_of_more_rows_than_asked():
+    """Under a dispatch mode that sees every tensor made: captured probability rows, the LSE, a redistribution and
+    an unnormalised rescale (each one more fused call) stay far below one (N, N) map of a head."""
+    m = Long()
+    n = 1024
+    edits = [(None, Capture(("probs", "lse"), rows=[0, 500, -1])), (None, Redistribute([0, 1], slice(2, 64))),
+             (None, Rescale([5], 3.0, renormalize=False))]
+    with LargestStorage() as plain:
+        m()
+    with LargestStorage() as seen, control(m, edits, sites=[Site("m", m, 0, "self")]) as run:
+        m()
+    assert run.records["m"][0]["probs"].shape == (1, 2, 3, n)
+    # a map of one head would be n * n * 4 bytes; the engine's own chunk workspace is the largest thing made
+    assert seen.largest <= max(plain.largest, 2 * n * 40 * 4) < n * n, (seen.largest, plain.largest)
+    with LargestStorage() as dense:  # the tracker sees a materialised map: it can fail
+        torch.softmax(m.q @ m.k.transpose(-1, -2), -1)
+    assert dense.largest >= n * n * 4

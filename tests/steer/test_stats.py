@@ -18,9 +18,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from probe import LargestStorage
 from strategies import problems
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import nearfar as nf
 from nearfar import native
@@ -232,21 +231,6 @@ def test_group_forms_and_outputs():
     assert torch.allclose((mass2[..., None] * outs2).sum(3), full, atol=1e-5)
 
 
-class _Largest(TorchDispatchMode):
-    """The largest storage any op returns (bytes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-        return out
-
-
 def test_no_nq_by_nk_allocation():
     n, d = 2048, 64
     gen = torch.Generator().manual_seed(4)
@@ -254,13 +238,13 @@ def test_no_nq_by_nk_allocation():
     kpm = torch.rand(1, n, generator=gen) > 0.1
     _, lse = nf.attend(q, k, v, nf.Causal(), key_padding_mask=kpm, return_lse=True)
     limit = n * n * 4 // 8
-    with _Largest() as seen:  # the tracker sees a materialised map: it can fail
+    with LargestStorage() as seen:  # the tracker sees a materialised map: it can fail
         torch.matmul(q, k.transpose(-1, -2))
     assert seen.largest >= n * n * 4
-    with _Largest() as seen:
+    with LargestStorage() as seen:
         rows = prob_rows(q, k, lse, [5, n - 1], nf.Causal(), key_padding_mask=kpm)
     assert rows.shape == (1, 1, 2, n) and seen.largest < limit, seen.largest
-    with _Largest() as seen:
+    with LargestStorage() as seen:
         got = received(q, k, lse, torch.ones(1, 1, n), nf.Causal(), key_padding_mask=kpm, chunk_size=64)
     assert seen.largest < limit, seen.largest
     assert torch.allclose(got.sum(), torch.tensor(float(n)), rtol=1e-4)
