@@ -40,6 +40,10 @@ def layers(start: int, stop: int | None = None) -> When:
 
 
 FIELDS = ("q", "k", "v", "lse", "head_out", "pattern", "probs")
+REDUCTIONS = (None, "mean_heads", "max_heads", "running_mean_steps")
+OVER_BUDGET = ("error", "skip", "reduce_heads", "offload")
+#: the fields with a query-head axis (dim 1), which ``heads`` selects and the head reductions reduce
+PER_QUERY_HEAD = ("q", "lse", "head_out", "probs")
 
 
 class Capture(Edit):
@@ -52,60 +56,102 @@ class Capture(Edit):
             and ``"probs"``: the exact probability rows ``rows`` of the call as it runs (all its edits), recomputed
             from q, k and the LSE (``prob_rows``): ``(B, Hq, R, Nk)``, never a matrix of more rows.
         heads: Keep only these query heads (q, lse, head_out; k/v keep their KV heads).
-        reduce: None, ``"mean_heads"`` or ``"max_heads"`` (over the heads kept).
+        reduce: None, ``"mean_heads"`` or ``"max_heads"`` (over the heads kept), ``"running_mean_steps"`` (one
+            record per site and call index, holding the mean over the steps seen so far and their count in
+            ``"steps"``: DAAM's and prompt-to-prompt's aggregation over denoising steps, in the memory of one step),
+            or ``fn(field, tensor) -> tensor`` applied to each stored tensor.
         to: Device to store on (default ``"cpu"``).
         dtype: Store floating tensors in this dtype (default: as computed).
         differentiable: Keep the autograd graph (A-STAR-style losses on captured values); default detach.
-        budget_bytes: Most bytes of stored tensors; ``on_over_budget="error"`` raises a RuntimeError naming it,
-            ``"skip"`` stops recording (``self.over_budget`` becomes True).
+        budget_bytes: Most bytes of stored tensors. What happens when a record would pass it, by
+            ``on_over_budget``: ``"error"`` raises a RuntimeError naming the budget; ``"skip"`` stops recording
+            (``self.over_budget`` becomes True); ``"reduce_heads"`` stores the record averaged over the query heads
+            instead (``self.fallbacks`` counts it), and raises if that is still too big; ``"offload"`` stores its
+            floating tensors in float16 (on ``to``), and raises if that is still too big.
     """
 
     def __init__(self, fields: Sequence[str] = ("lse", "head_out"), rows: object = None,
                  heads: Sequence[int] | None = None,
-                 reduce: str | None = None, to: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 reduce: str | Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                 to: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  differentiable: bool = False, budget_bytes: int | None = None, on_over_budget: str = "error") -> None:
         bad = [f for f in fields if f not in FIELDS]
         if bad:
             raise ValueError(f"fields must be among {FIELDS}, got {bad}")
-        if reduce not in (None, "mean_heads", "max_heads"):
-            raise ValueError(f"reduce must be None, 'mean_heads' or 'max_heads', got {reduce!r}")
-        if on_over_budget not in ("error", "skip"):
-            raise ValueError(f"on_over_budget must be 'error' or 'skip', got {on_over_budget!r}")
+        if reduce not in REDUCTIONS and not callable(reduce):
+            raise ValueError(f"reduce must be one of {REDUCTIONS} or a function fn(field, tensor), got {reduce!r}")
+        if on_over_budget not in OVER_BUDGET:
+            raise ValueError(f"on_over_budget must be one of {OVER_BUDGET}, got {on_over_budget!r}")
         if "probs" in fields and rows is None:
             raise ValueError("fields with 'probs' need rows= (the query rows to recompute, e.g. [0, -1] or a bool "
                              "mask): all rows of a long sequence are the matrix fused kernels never form")
         self.fields, self.rows, self.heads_sel, self.reduce = tuple(fields), rows, heads, reduce
         self.to, self.dtype, self.differentiable = to, dtype, differentiable
         self.budget_bytes, self.on_over_budget = budget_bytes, on_over_budget
-        self.used_bytes, self.over_budget = 0, False
-        self.sink: Callable[[State, dict], None] | None = None
+        self.used_bytes, self.over_budget, self.fallbacks = 0, False, 0
+        self.sink: Callable[[State, dict], dict] | None = None
         self._pending: dict | None = None
+        self._running: dict[tuple[str, int], dict] = {}
 
     def _keep(self, name: str, x: torch.Tensor, per_query_head: bool) -> torch.Tensor:
         if not self.differentiable:
             x = x.detach()
         if per_query_head and self.heads_sel is not None:
             x = x[:, torch.as_tensor(list(self.heads_sel), dtype=torch.long, device=x.device)]
-        if per_query_head and self.reduce is not None:
+        if per_query_head and self.reduce in ("mean_heads", "max_heads"):
             x = x.mean(1) if self.reduce == "mean_heads" else x.amax(1)
+        elif callable(self.reduce):
+            x = self.reduce(name, x)
         if self.dtype is not None and x.is_floating_point():
             x = x.to(self.dtype)
         return x.to(self.to)
 
+    @staticmethod
+    def _size(values: dict) -> int:
+        return sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
+
+    def _fallback(self, values: dict) -> dict:
+        """The record in its over-budget form (``on_over_budget``): averaged over the query heads, or float16."""
+        self.fallbacks += 1
+        if self.on_over_budget == "offload":
+            return {n: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                    for n, v in values.items()}
+        heads_kept = self.reduce not in ("mean_heads", "max_heads")
+        return {n: v.float().mean(1).to(v.dtype) if heads_kept and n in PER_QUERY_HEAD and isinstance(v, torch.Tensor)
+                else v for n, v in values.items()}
+
     def _store(self, state: State, values: dict) -> None:
-        size = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
         if self.over_budget:
             return
-        if self.budget_bytes is not None and self.used_bytes + size > self.budget_bytes:
-            if self.on_over_budget == "error":
-                raise RuntimeError(f"Capture: budget_bytes={self.budget_bytes} exceeded ({self.used_bytes} stored, "
-                                   f"{size} more at site {getattr(state.site, 'name', '?')} step {state.step}); "
-                                   "capture fewer fields, heads or sites, reduce over heads, or raise the budget")
-            self.over_budget = True
+        key = (getattr(state.site, "name", "?"), state.call)
+        if self.reduce == "running_mean_steps" and key in self._running:  # fold into the running mean: no new bytes
+            entry = self._running[key]
+            n = entry["steps"] + 1
+            for name, v in values.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    entry[name] = entry[name] + (v.to(entry[name].dtype) - entry[name]) / n
+            entry["steps"], entry["step"] = n, state.step
             return
+        size = self._size(values)
+        if self.budget_bytes is not None and self.used_bytes + size > self.budget_bytes:
+            if self.on_over_budget == "skip":
+                self.over_budget = True
+                return
+            if self.on_over_budget in ("reduce_heads", "offload"):
+                values = self._fallback(values)
+                size = self._size(values)
+            if self.used_bytes + size > self.budget_bytes:
+                raise RuntimeError(f"Capture: budget_bytes={self.budget_bytes} exceeded ({self.used_bytes} stored, "
+                                   f"{size} more at site {key[0]} step {state.step}, on_over_budget="
+                                   f"{self.on_over_budget!r}); capture fewer fields, heads or sites, reduce over "
+                                   "heads, or raise the budget")
         self.used_bytes += size
         assert self.sink is not None
-        self.sink(state, values)
+        if self.reduce == "running_mean_steps":
+            values["steps"] = 1
+        entry = self.sink(state, values)
+        if self.reduce == "running_mean_steps":
+            self._running[key] = entry
 
     def kv(self, call: AttendCall, state: State) -> None:
         got: dict = {}
@@ -149,10 +195,12 @@ class Control:
         """Set the step (e.g. the denoising step) and stop counting model calls as steps."""
         self.step, self._auto_step = int(step), False
 
-    def _record(self, state: State, values: dict) -> None:
+    def _record(self, state: State, values: dict) -> dict:
         site = state.site
         assert isinstance(site, Site)
-        self.records.setdefault(site.name, []).append({"step": state.step, "call": state.call, **values})
+        entry = {"step": state.step, "call": state.call, **values}
+        self.records.setdefault(site.name, []).append(entry)
+        return entry
 
     def intercept(self, call: AttendCall) -> object:
         if not self._stack:

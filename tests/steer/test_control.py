@@ -133,6 +133,46 @@ def test_capture_reduces_selects_and_keeps_its_budget():
     assert skip.over_budget and not run.records
 
 
+def test_capture_over_budget_fallbacks_and_step_means():
+    probe = Probe("blocksparse-window")
+    site = [Site("probe", probe, 0, "self")]
+    q_bytes = probe.q.numel() * 4
+    # over budget, the record is stored averaged over the heads (a quarter of the bytes), or in float16 (half)
+    for policy, shape, dtype in (("reduce_heads", (2, N, 8), torch.float32), ("offload", (2, 4, N, 8), torch.float16)):
+        cap = Capture(("q",), budget_bytes=q_bytes * 3 // 4, on_over_budget=policy)
+        with control(probe, [(None, cap)], sites=site) as run:
+            probe()
+        got = run.records["probe"][0]["q"]
+        assert got.shape == shape and got.dtype == dtype and cap.fallbacks == 1
+        want = probe.q.mean(1) if policy == "reduce_heads" else probe.q.half()
+        torch.testing.assert_close(got, want)
+        with pytest.raises(RuntimeError, match=f"on_over_budget='{policy}'"):  # still too big: a clear error
+            run_with(probe, [(None, Capture(("q",), budget_bytes=100, on_over_budget=policy))])
+    # a running mean over steps: one record, the mean of the per-step values, in the bytes of one step
+    mean_cap, each = Capture(("head_out", "lse"), reduce="running_mean_steps"), Capture(("head_out", "lse"))
+    with control(probe, [(None, mean_cap), (None, each)], sites=site) as run:
+        for step in range(3):
+            run.set_step(step)
+            probe.q = probe.q + 0.5  # each step sees other queries
+            probe()
+    records = run.records["probe"]
+    means = [r for r in records if "steps" in r]
+    steps = [r for r in records if "steps" not in r]
+    assert len(means) == 1 and means[0]["steps"] == 3 and len(steps) == 3
+    for name in ("head_out", "lse"):
+        torch.testing.assert_close(means[0][name], torch.stack([r[name] for r in steps]).mean(0))
+    assert mean_cap.used_bytes == each.used_bytes // 3
+    # any reduction as a function of (field, tensor)
+    fn = Capture(("lse",), reduce=lambda name, x: x.amax(-1))
+    with control(probe, [(None, fn)], sites=site) as run:
+        probe()
+    assert run.records["probe"][0]["lse"].shape == (2, 4)
+    with pytest.raises(ValueError, match="on_over_budget must be one of"):
+        Capture(("q",), on_over_budget="rows_only")
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        Capture(("q",), reduce="median")
+
+
 def test_schedules_pick_steps_and_layers():
     torch.manual_seed(0)
     lm = nf.TinyLM(64, dim=32, depth=3, num_heads=2, mechanism="streaming_llm", window=8, sinks=2).eval()
