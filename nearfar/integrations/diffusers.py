@@ -295,6 +295,7 @@ def use_nearfar(model: nn.Module, processor_factory: Callable[[str, Any], object
             ``hidden_states`` and the other keyword arguments).
 
     Raises:
+        ImportError: diffusers is not installed.
         TypeError: ``model`` is not an ``nn.Module`` or ``processor_factory`` not callable.
         ValueError: ``model`` has no diffusers ``Attention`` module, or ``default_processor`` refuses one.
     """
@@ -303,8 +304,9 @@ def use_nearfar(model: nn.Module, processor_factory: Callable[[str, Any], object
     if processor_factory is not None and not callable(processor_factory):
         raise TypeError(f"processor_factory must be callable, got {type(processor_factory).__name__}")
     attention = _attention_class()
-    modules: list[tuple[str, Any]] = [(n, m) for n, m in model.named_modules()
-                                      if attention is not None and isinstance(m, attention)]
+    if attention is None:
+        raise ImportError("use_nearfar needs diffusers: pip install 'nearfar[diffusers]'")
+    modules: list[tuple[str, Any]] = [(n, m) for n, m in model.named_modules() if isinstance(m, attention)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no diffusers Attention module")
     factory = processor_factory or default_processor

@@ -213,7 +213,7 @@ def test_windowed_unet_gets_each_level_grid():
     assert (out - dense).abs().max().item() > 1e-3
 
 
-def test_argument_and_conversion_errors():
+def test_argument_and_conversion_errors(monkeypatch):
     with pytest.raises(TypeError, match="pattern"):
         NearfarAttnProcessor(pattern=3)  # type: ignore[arg-type]
     attn = Attention(16, heads=2, dim_head=8)
@@ -233,6 +233,9 @@ def test_argument_and_conversion_errors():
         use_nearfar(holder)
     use_nearfar(holder, lambda name, a: None)  # None keeps the module's processor: not a site
     assert type(added.processor) is AttnAddedKVProcessor and find_sites(holder) == []
+    monkeypatch.setattr(nfd, "_attention_class", lambda: None)  # as without diffusers installed
+    with pytest.raises(ImportError, match="needs diffusers"):
+        use_nearfar(holder)
 
 
 def test_find_sites_lists_converted_modules_with_their_kinds():
