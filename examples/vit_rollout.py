@@ -124,8 +124,8 @@ def main() -> None:
         print(f"  {name:36s} {score(m):.3f}")
     binary = mask_from_map(to_pixels(roll)[:, None], quantile=0.85)[:, 0]
     print(f"  rollout, mask_from_map(quantile=0.85)  {iou(binary, masks):.3f}")
-    top = topk_tokens(roll, 4).indices  # DCAL-style top-R patches
-    inside = to_pixels(torch.zeros_like(roll).scatter_(1, top, 1.0)).bool() & masks
+    top = topk_tokens(roll, 4).selected  # DCAL-style top-R patches, a bool mask over the patches
+    inside = to_pixels(top.float()).bool() & masks
     share = float(inside.flatten(1).sum(1).float().mean() / (4 * PATCH * PATCH))
     print(f"top-4 rollout patches: {share:.3f} of their pixels inside the object (object area share "
           f"{float(area.float().mean()) / SIZE ** 2:.3f})")
