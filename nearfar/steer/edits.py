@@ -165,10 +165,10 @@ class Temperature(Edit):
 
 class Rescale(Edit):
     """Multiply the probabilities of ``keys`` by ``factor`` (a float, or one per selected head) for the heads
-    ``heads``; ``renormalize=True`` (VAR, "fixing imbalanced attention", P2P reweighting): the rows sum to 1 again,
-    i.e. ``softmax(S + log c)``, one biased call; False: the rows keep the other keys' probabilities, ``(P c) V =
-    o + (c - 1) A`` with ``A = sum_{j in keys} P_j v_j`` from one more run of the call over the values masked to
-    ``keys`` (gradients flow through it)."""
+    ``heads``; ``renormalize=True``: the rows sum to 1 again, i.e. ``softmax(S + log c)``, one biased call; False
+    (prompt-to-prompt's ``AttentionReweight`` scales the map this way, without renormalising): the rows keep the
+    other keys' probabilities, ``(P c) V = o + (c - 1) A`` with ``A = sum_{j in keys} P_j v_j`` from one more run of
+    the call over the values masked to ``keys`` (gradients flow through it)."""
 
     def __init__(self, keys: torch.Tensor | Sequence[int] | slice, factor: float | Sequence[float] | torch.Tensor,
                  heads: int | Sequence[int] | None = None, renormalize: bool = True) -> None:

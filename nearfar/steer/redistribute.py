@@ -1,10 +1,10 @@
 """``Redistribute``: move attention mass from one group of keys to another, exactly, on any engine.
 
 VAR (Kang, Kim, Kim, Hwang, "See What You Are Told: Visual Attention Sink in Large Multimodal Models", ICLR 2025,
-arXiv 2503.03321; official code: ``MICV-yonsei/VisAttnSink``) takes a share of the attention that image-centric heads give to
-the *visual sink* tokens and gives it to the other image tokens, in proportion to the attention they already get.
-On a row ``P`` with masses ``M_f`` on the ``from`` keys and ``M_t`` on the ``to`` keys, keeping ``keep`` of the
-``from`` mass:
+arXiv 2503.03321; official code: ``MICV-yonsei/VisAttnSink``) takes a share of the attention that image-centric
+heads give to the *visual sink* tokens and gives it to the other image tokens, in proportion to the attention they
+already get. On a row ``P`` with masses ``M_f`` on the ``from`` keys and ``M_t`` on the ``to`` keys, keeping
+``keep`` of the ``from`` mass:
 
     P'_j = keep * P_j                         (j in from)
     P'_j = P_j * (1 + (1 - keep) M_f / M_t)   (j in to)
