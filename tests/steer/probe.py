@@ -86,3 +86,26 @@ class LargestStorage(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.untyped_storage().nbytes())
         return out
+
+
+def assert_grads_match(probe: Probe, edits, reference, seed: int = 0) -> None:
+    """The gradients of q, k and v through ``run_with(probe, edits)`` equal those of ``reference(q, k, v)``, the
+    edited output computed in float64 from the materialised probabilities (one random cotangent)."""
+    cot = torch.randn(probe.q.shape[0], probe.q.shape[1], N, probe.v.shape[-1],
+                      generator=torch.Generator().manual_seed(seed))
+    base = (probe.q, probe.k, probe.v)
+    grads = []
+    for ref in (False, True):
+        q, k, v = (x.detach().clone().double() if ref else x.detach().clone() for x in base)
+        for x in (q, k, v):
+            x.requires_grad_(True)
+        if ref:
+            out = reference(q, k, v)
+        else:
+            probe.q, probe.k, probe.v = q, k, v
+            out = run_with(probe, edits)
+        out.backward(cot.to(out.dtype))
+        grads.append([x.grad.double() for x in (q, k, v)])
+    probe.q, probe.k, probe.v = base
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from probe import CASES, N, Probe, keys_mask, run_with
+from probe import CASES, N, Probe, assert_grads_match, keys_mask, run_with
 
 from nearfar.steer import Bias, KeyMask, Redistribute, Rescale
 
@@ -66,23 +66,12 @@ def test_redistribute_moves_the_mass_and_keeps_rows_summing_to_one():
 def test_redistribute_gradients_match_the_reference():
     probe = Probe("blocksparse-window", seed=4)
     src, dst = [0, 1], list(range(2, 30))
-    cot = torch.randn(2, 4, N, 8, generator=torch.Generator().manual_seed(2))
-    grads = []
-    for ref in (False, True):
-        q, k, v = (x.detach().clone().double() if ref else x.detach().clone() for x in (probe.q, probe.k, probe.v))
-        for x in (q, k, v):
-            x.requires_grad_(True)
-        if ref:
-            p = torch.nan_to_num(torch.softmax(probe.scores(q=q, k=k), -1), nan=0.0)
-            out = probe.out(redistributed(p, keys_mask(src), keys_mask(dst), 0.3, torch.ones(1, 4, N, dtype=bool)),
-                            v=v)
-        else:
-            probe.q, probe.k, probe.v = q, k, v
-            out = run_with(probe, [(None, Redistribute(src, dst, keep=0.3))])
-        out.backward(cot.to(out.dtype))
-        grads.append([x.grad.double() for x in (q, k, v)])
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+    def reference(q, k, v):
+        p = torch.nan_to_num(torch.softmax(probe.scores(q=q, k=k), -1), nan=0.0)
+        return probe.out(redistributed(p, keys_mask(src), keys_mask(dst), 0.3, torch.ones(1, 4, N, dtype=bool)), v=v)
+
+    assert_grads_match(probe, [(None, Redistribute(src, dst, keep=0.3))], reference, seed=2)
 
 
 def test_redistribute_leaves_rows_without_targets_and_checks_keep():
@@ -101,18 +90,8 @@ def test_unnormalised_rescale_gradients_match_the_reference(case):
     probe = Probe(case, seed=6)
     keys, heads = [0, 3, 9, 20], [1, 2]
     c = torch.where(keys_mask(keys)[None, None, None, :] & keys_mask(heads)[:4][None, :, None, None], 2.5, 1.0)
-    cot = torch.randn(2, 4, N, 8, generator=torch.Generator().manual_seed(3))
-    grads = []
-    for ref in (False, True):
-        q, k, v = (x.detach().clone().double() if ref else x.detach().clone() for x in (probe.q, probe.k, probe.v))
-        for x in (q, k, v):
-            x.requires_grad_(True)
-        if ref:
-            out = probe.out(torch.nan_to_num(torch.softmax(probe.scores(q=q, k=k), -1), nan=0.0) * c.double(), v=v)
-        else:
-            probe.q, probe.k, probe.v = q, k, v
-            out = run_with(probe, [(None, Rescale(keys, 2.5, heads=heads, renormalize=False))])
-        out.backward(cot.to(out.dtype))
-        grads.append([x.grad.double() for x in (q, k, v)])
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+    def reference(q, k, v):
+        return probe.out(torch.nan_to_num(torch.softmax(probe.scores(q=q, k=k), -1), nan=0.0) * c.double(), v=v)
+
+    assert_grads_match(probe, [(None, Rescale(keys, 2.5, heads=heads, renormalize=False))], reference, seed=3)

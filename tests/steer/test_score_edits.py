@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from probe import CASES, N, Probe, keys_mask, run_with
+from probe import CASES, N, Probe, assert_grads_match, keys_mask, run_with
 
 from nearfar.steer import Modulate, PairMask
 
@@ -89,23 +89,13 @@ def test_modulate_row_range_gradients(case):
     probe = Probe(case, seed=3)
     gen = torch.Generator().manual_seed(5)
     pos, neg = torch.rand(1, 4, N, N, generator=gen) < 0.3, torch.rand(1, 4, N, N, generator=gen) < 0.2
-    cot = torch.randn(2, 4, N, 8, generator=gen)
-    grads = []
-    for ref in (False, True):
-        q, k, v = (x.detach().clone().double() if ref else x.detach().clone() for x in (probe.q, probe.k, probe.v))
-        for x in (q, k, v):
-            x.requires_grad_(True)
-        if ref:
-            s = probe.scores(q=q, k=k)
-            p = torch.nan_to_num(torch.softmax(s + _row_range_delta(s, pos, neg, 0.6).nan_to_num(0.0), -1), nan=0.0)
-            out = probe.out(p, v=v)
-        else:
-            probe.q, probe.k, probe.v = q, k, v
-            out = run_with(probe, [(None, Modulate(pos, neg, 0.6, relative_to="row_range"))])
-        out.backward(cot.to(out.dtype))
-        grads.append([x.grad.double() for x in (q, k, v)])
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+
+    def reference(q, k, v):
+        s = probe.scores(q=q, k=k)
+        return probe.out(torch.nan_to_num(torch.softmax(s + _row_range_delta(s, pos, neg, 0.6).nan_to_num(0.0), -1),
+                                          nan=0.0), v=v)
+
+    assert_grads_match(probe, [(None, Modulate(pos, neg, 0.6, relative_to="row_range"))], reference, seed=5)
 
 
 def test_score_edit_errors():
