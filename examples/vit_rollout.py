@@ -1,6 +1,6 @@
 """Where does a tiny ViT look? Attention rollout from exact captured rows, scored against ground-truth masks.
 
-Offline, CPU, ~1 minute. Images of 16 x 16 noise hold one square whose texture (solid or striped) is the class;
+Offline, CPU, ~1-2 minutes. Images of 16 x 16 noise hold one square whose texture (solid or striped) is the class;
 a 3-layer ViT built from ``nf.DenseAttention`` learns to classify them. With ``nearfar.steer`` on the trained
 model:
 
@@ -12,7 +12,18 @@ model:
    the last layer's raw CLS attention and a random map; ``topk_tokens`` picks DCAL-style top-R patches, whose
    share inside the object is measured too.
 
-Run ``python examples/vit_rollout.py``; it prints each measured number.
+Run ``python examples/vit_rollout.py``; it prints each measured number. One run (seed 0, one thread, on a busy
+2-core machine) printed::
+
+    trained 400 steps in 140 s; test accuracy 1.000; captured 3 layers of exact rows (256, 4, 65, 65)
+    IoU of the map thresholded at the object's area, against the true square:
+      rollout, heads averaged              0.624
+      rollout, heads weighted (mean_max)   0.631
+      last layer's CLS attention           0.333
+      random map                           0.055
+      rollout, mask_from_map(quantile=0.85)  0.529
+    top-4 rollout patches: 0.850 of their pixels inside the object (object area share 0.099)
+    head weights (mean_max) of the last layer, batch mean: [0.428, 0.157, 0.217, 0.198]
 """
 
 from __future__ import annotations
