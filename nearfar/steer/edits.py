@@ -199,18 +199,27 @@ class Rescale(Edit):
 
 
 class ScaleHeads(Edit):
-    """Multiply head outputs (before the output projection) by ``factors``: one per query head, or a dict
-    head -> factor (VHR-style head rescaling)."""
+    """Multiply head outputs (before the output projection) by ``factors`` (VHR-style head rescaling): one per query
+    head, a dict head -> factor, a table ``(L, Hq)`` whose row ``site.layer`` is used (one table for every layer of
+    a model), or ``fn(out, lse, call, state) -> (Hq,)`` factors computed from the call (e.g. from head statistics)."""
 
-    def __init__(self, factors: Sequence[float] | torch.Tensor | dict[int, float]) -> None:
+    def __init__(self,
+                 factors: Sequence[float] | torch.Tensor | dict[int, float] | Callable[..., torch.Tensor]) -> None:
         self.factors = factors
 
     def heads(self, out: torch.Tensor, lse: torch.Tensor, call: AttendCall, state: State) -> torch.Tensor:
         hq = out.shape[1]
-        if isinstance(self.factors, dict):
-            f = _per_head(list(self.factors.values()), _head_index(list(self.factors), hq, "factors"), hq, "factors")
+        factors = self.factors(out, lse, call, state) if callable(self.factors) else self.factors
+        if isinstance(factors, dict):
+            f = _per_head(list(factors.values()), _head_index(list(factors), hq, "factors"), hq, "factors")
         else:
-            f = torch.as_tensor(self.factors, dtype=torch.float64).flatten()
+            f = torch.as_tensor(factors, dtype=torch.float64)
+            if f.dim() == 2:  # a table over layers: this site's row
+                layer = getattr(state.site, "layer", None)
+                if layer is None or not 0 <= layer < f.shape[0]:
+                    raise ValueError(f"factors: a table (L, Hq) of {f.shape[0]} layers has no row for layer {layer}")
+                f = f[layer]
+            f = f.flatten()
             if f.numel() != hq:
                 raise ValueError(f"factors: one per query head ({hq}), got {f.numel()}")
         return out * f.to(out)[None, :, None, None]

@@ -262,3 +262,25 @@ def test_capture_and_edits_never_form_the_map_of_more_rows_than_asked():
     with LargestStorage() as dense:  # the tracker sees a materialised map: it can fail
         torch.softmax(m.q @ m.k.transpose(-1, -2), -1)
     assert dense.largest >= n * n * 4
+
+
+def test_scale_heads_by_layer_table_and_function():
+    """A table (L, Hq) scales each site by its own row; a function of the call computes the factors."""
+    torch.manual_seed(0)
+    lm = nf.TinyLM(64, dim=32, depth=2, num_heads=2, mechanism="dense").eval()
+    tokens = torch.randint(0, 64, (2, 10))
+    table = torch.tensor([[1.0, 0.0], [2.0, 0.5]])
+    with torch.no_grad():
+        with control(lm, [(None, ScaleHeads(table))]):
+            got = lm(tokens)
+        with control(lm, [("blocks.0.attn", ScaleHeads([1.0, 0.0])), ("blocks.1.attn", ScaleHeads([2.0, 0.5]))]):
+            want = lm(tokens)
+        torch.testing.assert_close(got, want)
+        with control(lm, [(None, ScaleHeads(lambda out, lse, call, state: torch.tensor([0.0, 3.0])))]):
+            got = lm(tokens)
+        with control(lm, [(None, ScaleHeads([0.0, 3.0]))]):
+            want = lm(tokens)
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="has no row for layer 1"):
+            with control(lm, [(None, ScaleHeads(table[:1]))]):
+                lm(tokens)
