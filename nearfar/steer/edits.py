@@ -164,7 +164,8 @@ class Temperature(Edit):
 
 
 class Rescale(Edit):
-    """Multiply the probabilities of ``keys`` by ``factor`` (a float, or one per selected head) for the heads
+    """Multiply the probabilities of ``keys`` by ``factor`` (a float, one per selected head, or a table ``(L, ...)``
+    whose row ``site.layer`` is used: "fixing imbalanced attention"'s per-layer, per-head strengths) for the heads
     ``heads``; ``renormalize=True``: the rows sum to 1 again, i.e. ``softmax(S + log c)``, one biased call; False
     (prompt-to-prompt's ``AttentionReweight`` scales the map this way, without renormalising): the rows keep the
     other keys' probabilities, ``(P c) V = o + (c - 1) A`` with ``A = sum_{j in keys} P_j v_j`` from one more run of
@@ -177,15 +178,21 @@ class Rescale(Edit):
             raise ValueError(f"factor must be >= 0, got {f.tolist()}")
         self.keys, self.factor, self.heads_sel, self.renormalize = keys, f, heads, renormalize
 
-    def _factors(self, hq: int) -> torch.Tensor:
-        return _per_head(self.factor, _head_index(self.heads_sel, hq, "heads"), hq, "factor")  # (Hq,)
+    def _factors(self, hq: int, state: State) -> torch.Tensor:
+        factor = self.factor
+        if factor.dim() == 2:  # a table over layers (L, one per selected head): this site's row
+            layer = getattr(state.site, "layer", None)
+            if layer is None or not 0 <= layer < factor.shape[0]:
+                raise ValueError(f"factor: a table of {factor.shape[0]} layers has no row for layer {layer}")
+            factor = factor[layer]
+        return _per_head(factor, _head_index(self.heads_sel, hq, "heads"), hq, "factor")  # (Hq,)
 
     def scores(self, call: AttendCall, state: State) -> torch.Tensor | None:
         if not self.renormalize:
             return None
         hq, nk = call.q.shape[1], call.k.shape[2]
         km = key_mask_of(self.keys, nk).to(call.q.device)[:, None, None, :]
-        logc = torch.log(self._factors(hq)).to(torch.float32).to(call.q.device)[None, :, None, None]
+        logc = torch.log(self._factors(hq, state)).to(torch.float32).to(call.q.device)[None, :, None, None]
         return torch.where(km, logc, torch.zeros((), device=call.q.device))
 
     def heads(self, out: torch.Tensor, lse: torch.Tensor, call: AttendCall, state: State) -> torch.Tensor:
@@ -194,7 +201,7 @@ class Rescale(Edit):
         assert state.rerun is not None
         km = key_mask_of(self.keys, call.k.shape[2]).to(call.v)[:, None, :, None]  # (B|1, 1, Nk, 1)
         part = state.rerun(v=call.v * km)[0]
-        c = self._factors(out.shape[1]).to(out)[None, :, None, None]
+        c = self._factors(out.shape[1], state).to(out)[None, :, None, None]
         return out + (c - 1) * part
 
 

@@ -264,7 +264,7 @@ def test_capture_and_edits_never_form_the_map_of_more_rows_than_asked():
     assert dense.largest >= n * n * 4
 
 
-def test_scale_heads_by_layer_table_and_function():
+def test_head_and_rescale_tables_by_layer_and_functions():
     """A table (L, Hq) scales each site by its own row; a function of the call computes the factors."""
     torch.manual_seed(0)
     lm = nf.TinyLM(64, dim=32, depth=2, num_heads=2, mechanism="dense").eval()
@@ -284,3 +284,10 @@ def test_scale_heads_by_layer_table_and_function():
         with pytest.raises(ValueError, match="has no row for layer 1"):
             with control(lm, [(None, ScaleHeads(table[:1]))]):
                 lm(tokens)
+        # Rescale with a per-layer table of per-head factors: each site uses its row
+        with control(lm, [(None, Rescale([0, 1], torch.tensor([[2.0, 1.0], [0.5, 3.0]])))]):
+            got = lm(tokens)
+        per_site = [("blocks.0.attn", Rescale([0, 1], [2.0, 1.0])), ("blocks.1.attn", Rescale([0, 1], [0.5, 3.0]))]
+        with control(lm, per_site):
+            want = lm(tokens)
+        torch.testing.assert_close(got, want)
