@@ -7,6 +7,9 @@ library that matches the running torch and sources is loaded if it exists, and o
 PyTorch path (slower, same results). ``python -m nearfar.native status`` says which.
 
 ``NEARFAR_NATIVE=0`` turns the kernel off; ``NEARFAR_NATIVE_DIR`` moves the build folder (e.g. a read-only install).
+Installed from a wheel, the default folder is ``nearfar/_native/`` inside site-packages: writable in a virtual
+environment, often not in a system-wide one, and not listed in the wheel's RECORD: ``pip uninstall`` leaves it, and the
+left ``nearfar/`` folder then shadows a later editable install of nearfar as an empty namespace package (delete it).
 """
 
 from __future__ import annotations
@@ -133,7 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(f"built {build(args.verbose)}")
         except Exception as e:  # noqa: BLE001 - no compiler here: the package still works, slower
-            print(f"nearfar: the native kernel was not built ({e!r}); the engine will use its PyTorch path",
+            hint = ("; the build folder is not writable (an install in a read-only site-packages): set "
+                    "NEARFAR_NATIVE_DIR to a writable folder, for the build and for every run") \
+                if isinstance(e, PermissionError) else ""
+            print(f"nearfar: the native kernel was not built ({e!r}){hint}; the engine will use its PyTorch path",
                   file=sys.stderr)
             return 0 if os.environ.get("NEARFAR_REQUIRE_NATIVE") != "1" else 1
     print(status())

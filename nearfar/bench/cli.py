@@ -7,6 +7,7 @@
     nearfar bench --full --force-resume --seed 1   # the same, keeping rows made with other settings
     nearfar bench report --out nearfar-bench    # re-render report.md/html from results.json
     nearfar bench patterns                  # correctness + speed sweep of the example patterns (the engine check)
+    nearfar --version
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import __version__
 from .files import BenchFileError
 
 
@@ -63,6 +65,7 @@ def _run(args: argparse.Namespace, out: Path, argv: list[str] | None) -> tuple[d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
+    parser.add_argument("--version", action="version", version=f"nearfar {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
     bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),

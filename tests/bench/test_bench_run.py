@@ -138,6 +138,13 @@ def test_cli_errors_name_the_option(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
+def test_cli_version_prints_the_package_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nearfar {nearfar.__version__}"
+
+
 def test_report_needs_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "report", "--out", str(tmp_path)])

@@ -47,3 +47,16 @@ def test_torch_floor_is_the_tested_release():
     import torch
 
     assert _release(torch.__version__) >= floor, torch.__version__
+
+
+def test_one_version_source():
+    """The version lives in ``nearfar.__version__`` only: pyproject reads it from there (no second copy to forget)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    tables = dict(re.findall(r"^\[([\w.-]+)\]\n(.*?)(?=^\[|\Z)", text, flags=re.M | re.S))
+    project, dynamic = tables["project"], tables["tool.setuptools.dynamic"]
+    assert not re.search(r"^version\s*=", project, flags=re.M), "[project] has a static version"
+    assert re.search(r'^dynamic = \[[^\]]*"version"', project, flags=re.M), project
+    assert re.search(r'^version = \{ attr = "nearfar.__version__" \}', dynamic, flags=re.M), dynamic
+    import nearfar
+
+    assert re.fullmatch(r"\d+\.\d+\.\d+", nearfar.__version__)
