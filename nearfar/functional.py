@@ -28,6 +28,7 @@ from .ops.lightning import (
     linear_attention_reference,
     tnl_slopes,
 )
+from .ops.pointwise import pointwise_linear
 from .ops.rollout import attention_rollout
 from .ops.routing import (
     block_attention_stat,
@@ -72,6 +73,7 @@ __all__ = [
     "merge_heads",
     "nz_ratio_blocks",
     "observe_calls",
+    "pointwise_linear",
     "pool_blocks",
     "selective_scan",
     "split_heads",

@@ -17,8 +17,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from .. import __version__
 from .files import BenchFileError
+
+
+def nearfar_version() -> str:
+    """The package's version (``nearfar.__version__``, the one version source)."""
+    import nearfar
+
+    return str(nearfar.__version__)
 
 
 def _summary(results: dict) -> str:
@@ -65,7 +71,7 @@ def _run(args: argparse.Namespace, out: Path, argv: list[str] | None) -> tuple[d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
-    parser.add_argument("--version", action="version", version=f"nearfar {__version__}")
+    parser.add_argument("--version", action="version", version=f"nearfar {nearfar_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
     bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads
+from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
 
 
@@ -66,8 +67,8 @@ class DaViTChannelAttention(nn.Module):
         check_bool(qkv_bias, "qkv_bias")
         self.dim, self.num_heads = dim, num_heads
         self.scale = self.head_dim ** -0.5  # channels per group, not tokens (official)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = PointwiseLinear(dim, dim * 3, bias=qkv_bias)
+        self.proj = PointwiseLinear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Channel group attention of a channel-last map, then ``proj``.

@@ -31,6 +31,7 @@ from torch import nn
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_positive_int
 from ..functional import window_attention
 from ..patterns import Blocks
+from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
 
 
@@ -72,8 +73,8 @@ class DaViTWindowAttention(nn.Module):
         self.mask_padding = check_bool(mask_padding, "mask_padding")
         self.dim, self.num_heads = dim, num_heads
         self.scale = head_dim ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = PointwiseLinear(dim, dim * 3, bias=qkv_bias)
+        self.proj = PointwiseLinear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Window attention of a channel-last map (padded or masked to whole windows), then ``proj``.

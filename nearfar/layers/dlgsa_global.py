@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_choice, check_dim_heads, check_positive_int
+from ..functional import pointwise_linear
 from .registry import Mechanism, image_layer, register
 
 #: the affinity functions: the official ``SparseAttention`` activations and ``Attention``'s softmax
@@ -165,7 +166,7 @@ class SparseGSA(nn.Module):
         """
         b, (h, w), n = check_channels_last(x, 2, self.dim)
         c = self.dim
-        qkv = F.linear(x, self.qkv.weight.flatten(1), self.qkv.bias)
+        qkv = pointwise_linear(x, self.qkv.weight.flatten(1), self.qkv.bias)
         # the channels-first view of a channel-last tensor is channels_last memory: the depth-wise conv runs on it
         qkv = self.qkv_dwconv(qkv.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         if self.training or self.tlc_kernel is None or (h <= self.tlc_kernel and w <= self.tlc_kernel):
@@ -188,7 +189,7 @@ class SparseGSA(nn.Module):
         n = q.shape[1]
         if n <= c:  # few tokens: A v per head (N C d), then project_out (N C^2)
             out = v.reshape(b, n, heads, d).transpose(1, 2) @ attn.transpose(-1, -2)
-            return F.linear(out.transpose(1, 2).reshape(b, n, c), self.project_out.weight.flatten(1),
+            return pointwise_linear(out.transpose(1, 2).reshape(b, n, c), self.project_out.weight.flatten(1),
                             self.project_out.bias)
         # many tokens: fold A into project_out (C^2 d, less than N C d):
         # project_out(blockdiag(A) v) = v @ M with M[h*d + j, o] = sum_i A[h, i, j] W_out[o, h*d + i]

@@ -45,6 +45,7 @@ from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_choice, check_pair, check_positive_int, check_real_range
 from .maxim_mab import LN_EPS, PADDINGS, crop, dense_init_, fit_to_sizes, gelu, multi_axis_mix
+from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
 
 
@@ -55,7 +56,7 @@ def lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
 
 
 def flax_linear(cin: int, cout: int, bias: bool) -> nn.Linear:
-    layer = nn.Linear(cin, cout, bias=bias)
+    layer = PointwiseLinear(cin, cout, bias=bias)
     lecun_normal_(layer.weight, cin)
     if layer.bias is not None:
         nn.init.zeros_(layer.bias)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_choice, check_pair, check_positive_int, check_real_range
+from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
 
 #: Flax ``nn.LayerNorm``'s default epsilon (PyTorch's 1e-5 would change the outputs)
@@ -173,10 +174,10 @@ class GmlpLayer(nn.Module):
         self.axis, self.size, self.dropout_rate = axis, size, dropout_rate
         hidden = channels * factor
         self.LayerNorm = nn.LayerNorm(channels, eps=LN_EPS)
-        self.in_project = dense_init_(nn.Linear(channels, hidden, bias=use_bias))
+        self.in_project = dense_init_(PointwiseLinear(channels, hidden, bias=use_bias))
         self.unit_name = "BlockGatingUnit" if axis == "block" else "GridGatingUnit"
         self.add_module(self.unit_name, GatingUnit(hidden // 2, size[0] * size[1], use_bias))
-        self.out_project = dense_init_(nn.Linear(hidden // 2, channels, bias=use_bias))
+        self.out_project = dense_init_(PointwiseLinear(hidden // 2, channels, bias=use_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unit = getattr(self, self.unit_name)
@@ -252,11 +253,11 @@ class MaximMultiAxisGmlp(nn.Module):
                 raise ValueError(f"dim * input_proj_factor / 2 * {name} must be even (the gating unit splits it), "
                                  f"got {branch} * {factors[name]}")
         self.LayerNorm_in = nn.LayerNorm(dim, eps=LN_EPS)
-        self.in_project = dense_init_(nn.Linear(dim, width, bias=use_bias))
+        self.in_project = dense_init_(PointwiseLinear(dim, width, bias=use_bias))
         self.GridGmlpLayer = GmlpLayer(branch, "grid", self.grid_size, grid_gmlp_factor, use_bias, self.dropout_rate)
         self.BlockGmlpLayer = GmlpLayer(branch, "block", self.block_size, block_gmlp_factor, use_bias,
                                         self.dropout_rate)
-        self.out_project = dense_init_(nn.Linear(width, dim, bias=use_bias))
+        self.out_project = dense_init_(PointwiseLinear(width, dim, bias=use_bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The block on a channel-last map.

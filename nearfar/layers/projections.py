@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 from ..checks import check_dim_heads, check_positive_int
+from ..functional import pointwise_linear
 from .rotary import RotaryEmbedding
+
+
+class PointwiseLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose forward is ``nearfar.functional.pointwise_linear``: a
+    1x1 convolution on channel-last maps and token batches where oneDNN runs it faster than ``F.linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pointwise_linear(x, self.weight, self.bias)
 
 
 class ProjectedAttention(nn.Module):

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_positive_int, check_scale
-from ..functional import attend
+from ..functional import attend, pointwise_linear
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
 
@@ -208,7 +208,7 @@ class VSAWindowAttention(nn.Module):
         nh, nw, t = (h + pb) // ws, (w + pr) // ws, ws * ws
         grid = self.sampling_grid(x)
         weight, bias = self.qkv.weight.flatten(1), self.qkv.bias  # output channels [3, heads, d]
-        q = F.linear(x, weight[:co], None if bias is None else bias[:co])
+        q = pointwise_linear(x, weight[:co], None if bias is None else bias[:co])
         # k and v straight into B * heads channel-first maps of 2d channels (the layout grid_sample reads): rows
         # reordered [2, heads, d] -> [heads, 2, d], and the map's transpose as the right operand, so no copy
         w_kv = weight[co:].view(2, heads, d, -1).transpose(0, 1).reshape(2 * co, -1)
@@ -230,7 +230,7 @@ class VSAWindowAttention(nn.Module):
         out = out.view(b, nh, nw, heads, ws, ws, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, nh * ws, nw * ws, co)
         if pb or pr:
             out = out[:, :h, :w]
-        return F.linear(out, self.proj.weight.flatten(1), self.proj.bias)
+        return pointwise_linear(out, self.proj.weight.flatten(1), self.proj.bias)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, out_dim={self.out_dim}, "

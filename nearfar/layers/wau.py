@@ -55,6 +55,7 @@ from ..checks import (
 from ..functional import WindowBatch, attend, split_heads
 from ..patterns import Blocks
 from .position_bias import trunc_normal_
+from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
 
 
@@ -63,7 +64,7 @@ class _Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1, self.act, self.fc2 = PointwiseLinear(dim, hidden), nn.GELU(), PointwiseLinear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -146,9 +147,9 @@ class WindowAttentionUpsample(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.scale = qk_scale if qk_scale is not None else head_dim ** -0.5
         self.norm_q, self.norm_kv = nn.LayerNorm(self.skip_dim), nn.LayerNorm(dim)
-        self.q = nn.Linear(self.skip_dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = PointwiseLinear(self.skip_dim, dim, bias=qkv_bias)
+        self.kv = PointwiseLinear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = PointwiseLinear(dim, dim)
         m, s = self.window_size, self.scale_factor
         self.relative_position_bias_table: nn.Parameter | None = None
         if rpb:
