@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from nearfar.layers.maxim_cgb import MaximCrossGating, SpatialGatingWeights
 from nearfar.layers.maxim_mab import GmlpLayer, MaximMultiAxisGmlp
 
+from . import nn_linear
+
 
 def block_images_einops(x: torch.Tensor, patch_size: tuple[int, int]) -> torch.Tensor:
     """``"n (gh fh) (gw fw) c -> n (gh gw) (fh fw) c"``."""
@@ -45,13 +47,13 @@ def gmlp_layer(layer: GmlpLayer, x: torch.Tensor) -> torch.Tensor:
         fh, fw = layer.size
         gh, gw = h // fh, w // fw
     x = block_images_einops(x, (fh, fw))
-    y = gelu(layer.in_project(layer.LayerNorm(x)))
+    y = gelu(nn_linear(layer.in_project, layer.LayerNorm(x)))
     unit = getattr(layer, layer.unit_name)
     u, v = y.chunk(2, dim=-1)
     v = unit.intermediate_layernorm(v)
     swap = -3 if layer.axis == "grid" else -2
     v = unit.Dense_0(v.swapaxes(-1, swap)).swapaxes(-1, swap)
-    y = layer.out_project(u * (v + 1.0))
+    y = nn_linear(layer.out_project, u * (v + 1.0))
     y = F.dropout(y, layer.dropout_rate, layer.training)
     return unblock_images_einops(x + y, (gh, gw), (fh, fw))
 
@@ -59,17 +61,17 @@ def gmlp_layer(layer: GmlpLayer, x: torch.Tensor) -> torch.Tensor:
 def mab_baseline(m: MaximMultiAxisGmlp, x: torch.Tensor) -> torch.Tensor:
     """``ResidualSplitHeadMultiAxisGmlpLayer``."""
     shortcut = x
-    x = gelu(m.in_project(m.LayerNorm_in(x)))
+    x = gelu(nn_linear(m.in_project, m.LayerNorm_in(x)))
     u, v = x.chunk(2, dim=-1)
     x = torch.cat([gmlp_layer(m.GridGmlpLayer, u), gmlp_layer(m.BlockGmlpLayer, v)], dim=-1)
-    x = F.dropout(m.out_project(x), m.dropout_rate, m.training)
+    x = F.dropout(nn_linear(m.out_project, x), m.dropout_rate, m.training)
     return x + shortcut if m.residual else x
 
 
 def spatial_gating_weights(g: SpatialGatingWeights, x: torch.Tensor) -> torch.Tensor:
     """``GetSpatialGatingWeights``."""
     n, h, w, c = x.shape
-    x = gelu(g.in_project(g.LayerNorm_in(x)))
+    x = gelu(nn_linear(g.in_project, g.LayerNorm_in(x)))
     u, v = x.chunk(2, dim=-1)
     gh, gw = g.grid_size
     fh, fw = h // gh, w // gw
@@ -81,7 +83,7 @@ def spatial_gating_weights(g: SpatialGatingWeights, x: torch.Tensor) -> torch.Te
     v = block_images_einops(v, (fh, fw))
     v = g.Dense_1(v.swapaxes(-1, -2)).swapaxes(-1, -2)
     v = unblock_images_einops(v, (gh, gw), (fh, fw))
-    x = g.out_project(torch.cat([u, v], dim=-1))
+    x = nn_linear(g.out_project, torch.cat([u, v], dim=-1))
     return F.dropout(x, g.dropout_rate, g.training)
 
 
@@ -99,12 +101,12 @@ def cgb_baseline(m: MaximCrossGating, x: torch.Tensor, y: torch.Tensor | None = 
     y = conv_nhwc(m.Conv_1, y)
     assert y.shape == x.shape
     shortcut_x, shortcut_y = x, y
-    x = gelu(m.in_project_x(m.LayerNorm_x(x)))
+    x = gelu(nn_linear(m.in_project_x, m.LayerNorm_x(x)))
     gx = spatial_gating_weights(m.SplitHeadMultiAxisGating_x, x)
-    y = gelu(m.in_project_y(m.LayerNorm_y(y)))
+    y = gelu(nn_linear(m.in_project_y, m.LayerNorm_y(y)))
     gy = spatial_gating_weights(m.SplitHeadMultiAxisGating_y, y)
-    y = F.dropout(m.out_project_y(y * gx), m.dropout_rate, m.training) + shortcut_y
-    x = F.dropout(m.out_project_x(x * gy), m.dropout_rate, m.training) + y + shortcut_x
+    y = F.dropout(nn_linear(m.out_project_y, y * gx), m.dropout_rate, m.training) + shortcut_y
+    x = F.dropout(nn_linear(m.out_project_x, x * gy), m.dropout_rate, m.training) + y + shortcut_x
     return (x, y) if return_y else x
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import nn_linear
+
 
 def _window_partition(x: torch.Tensor, m: int) -> torch.Tensor:
     """``(B, H, W, C)`` -> ``(B * H/m * W/m, m*m, C)``, windows batch-major (Swin's ``window_partition``)."""
@@ -31,8 +33,8 @@ def wau_baseline(module, x: torch.Tensor, skip: torch.Tensor | None = None) -> t
     hs, ws = skip.shape[1:3]
     hp, wp = -(-h // m) * m, -(-w // m) * m
     d = c // heads
-    q = module.q(module.norm_q(skip))
-    kv = module.kv(module.norm_kv(x))
+    q = nn_linear(module.q, module.norm_q(skip))
+    kv = nn_linear(module.kv, module.norm_kv(x))
     q = F.pad(q, (0, 0, 0, s * wp - ws, 0, s * hp - hs))
     kv = F.pad(kv, (0, 0, 0, wp - w, 0, hp - h))
     qw = _window_partition(q.contiguous(), s * m)  # (Bw, Nq, C)
@@ -51,11 +53,11 @@ def wau_baseline(module, x: torch.Tensor, skip: torch.Tensor | None = None) -> t
         attn = attn.masked_fill(keep[:, None, None, :] == 0, float("-inf"))
     out = (attn.softmax(-1) @ kvh[1]).transpose(1, 2).reshape(nwin, nq, c)
     out = _window_reverse(out, s * m, b, s * hp, s * wp)[:, :hs, :ws]
-    z = module.proj(out)
+    z = nn_linear(module.proj, out)
     if module.skip_proj is not None:
-        z = z + module.skip_proj(skip)
+        z = z + nn_linear(module.skip_proj, skip)
     if module.ffn:
-        z = z + module.mlp.fc2(F.gelu(module.mlp.fc1(module.norm_ffn(z))))
+        z = z + nn_linear(module.mlp.fc2, F.gelu(nn_linear(module.mlp.fc1, module.norm_ffn(z))))
     if module.bilinear_residual:
         up = x if s == 1 else F.interpolate(x.permute(0, 3, 1, 2), scale_factor=s, mode="bilinear",
                                             align_corners=False).permute(0, 2, 3, 1)
