@@ -1,7 +1,8 @@
 """Cross-attention maps, key masking and K/V injection in a tiny text-conditioned diffusion model.
 
-Offline, CPU. 16 x 16 RGB images hold one red, green or blue square or disc in one of four quadrants; the prompt is
-three tokens (colour, shape, position) embedded by an ``nn.Embedding`` as ``encoder_hidden_states`` of a tiny
+Offline; on a 2-core CPU it does not learn in ~10 minutes (measured, see below). 16 x 16 RGB images hold one
+red, green or blue square or disc in one of four quadrants; the prompt is three tokens (colour, shape, position)
+embedded by an ``nn.Embedding`` as ``encoder_hidden_states`` of a tiny
 diffusers ``UNet2DConditionModel`` (Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion
 Models", CVPR 2022, arXiv 2112.10752; here on pixels) run on nearfar by ``use_nearfar``. It is trained as a DDPM
 (Ho et al., "Denoising Diffusion Probabilistic Models", NeurIPS 2020, arXiv 2006.11239: epsilon prediction, 100
@@ -9,27 +10,58 @@ steps, linear betas 1e-3..0.2) and sampled with 25 deterministic DDIM steps (Son
 Implicit Models", ICLR 2021, arXiv 2010.02502). A sample is read by a fixed classifier: its foreground is the
 pixels whose brightest channel is > 0; colour = the channel with the largest foreground sum, position = the
 quadrant of the foreground's centroid, shape = disc when it has < 30 pixels (disc 24, square 36). With
-``nearfar.steer`` on the trained model:
+``nearfar.steer``: 0. the edits' exactness on a random-init UNet (KeyMask against diffusers' own
+``encoder_attention_mask``; InjectKV against a hand-written processor where item 1 attends over item 0's keys and
+values); then on the trained model: 1. colour / shape / position accuracy of samples of random prompts; 2.
+``Capture(("probs",), rows=slice(None), reduce="running_mean_steps")`` at the cross-attention sites: every query row's
+map over the tokens, averaged over steps as DAAM does (Tang et al., "What the DAAM: Interpreting Stable Diffusion Using
+Cross Attention", ACL 2023, arXiv 2210.04885) and over heads; each token's ``mask_from_map`` (Otsu) is scored by IoU
+against the sample's foreground; 3. ``KeyMask`` of the colour or position token at every cross-attention site (cross-
+attention as the place a token acts: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention Control", ICLR
+2023, arXiv 2208.01626): the accuracies; 4. MasaCtrl-style (Cao et al., "MasaCtrl: Tuning-Free Mutual Self-Attention
+Control for Consistent Image Synthesis and Editing", ICCV 2023, arXiv 2304.08465) ``InjectKV(FromBatch(source,
+target))`` at the self-attention sites for the first k steps: pairs share the initial noise, branch 1's prompt differs
+in colour and position and it reads branch 0's keys/values; measured: pixel RMS to branch 0, ``map_overlap`` of the
+foregrounds (0.5 = identical), whose colour / position branch 1 shows, and that branch 0 does not change. It does not
+train in a CPU budget here, measured: on the project's 2-core machine (shared with a benchmark) a step of batch 32 took
+0.65-0.74 s on one thread alone, 2.4 s and 6.5 s under contention in the runs below. A first run (``--seconds 480``, 64
+samples, 25 DDIM steps, stopped after section 3: one sampling took 76 s) trained 205 steps to a loss of 0.062 with
+samples at chance (colour 0.391, shape 0.422, position 0.266; chance 0.333, 0.5, 0.25) and token-map IoUs 0.25-0.40
+against a random map's 0.334. So sections 1-4 below describe an untrained model (noise-like samples, no change with k):
+the pipeline, not the edits' effect on a prompt-following model; section 0 and 3's exactness line hold regardless. How
+many steps it needs was not measured. One run (``--seconds 480 --samples 32 --sample-steps 10``, two threads; long lines
+wrapped) printed::
 
-1. prompt following: colour / shape / position accuracy of samples of random prompts;
-2. ``Capture(("probs",), rows=slice(None), reduce="running_mean_steps")`` at the cross-attention sites: every
-   query row's map over the three tokens, averaged over the denoising steps as DAAM does (Tang et al., "What the
-   DAAM: Interpreting Stable Diffusion Using Cross Attention", ACL 2023, arXiv 2210.04885) and over heads;
-   ``mask_from_map`` (Otsu) turns each token's map into a mask, scored by IoU against the sample's foreground;
-3. ``KeyMask`` of the position or the colour token at every cross-attention site (Prompt-to-Prompt's view of
-   cross-attention as the place a token acts: Hertz et al., "Prompt-to-Prompt Image Editing with Cross Attention
-   Control", ICLR 2023, arXiv 2208.01626): how the accuracies change; and its exactness against diffusers' own
-   ``encoder_attention_mask``;
-4. ``InjectKV(FromBatch(source, target))`` at the self-attention sites during the first k steps, MasaCtrl-style
-   (Cao et al., "MasaCtrl: Tuning-Free Mutual Self-Attention Control for Consistent Image Synthesis and Editing",
-   ICCV 2023, arXiv 2304.08465): pairs of branches share the initial noise, branch 1's prompt differs from branch
-   0's in colour and position, and branch 1 reads branch 0's self-attention keys and values; measured: how close
-   branch 1's sample comes to branch 0's (pixel RMS, ``map_overlap`` of the foregrounds, 0.5 = identical) and whose
-   colour / position it shows. Branch 0 must not change (printed: max |diff|).
-
-Run ``python examples/diffusion_edits.py`` (``--help``: steps, time budget, seed). One run printed::
-
-    (output pasted below after a run)
+    0. random-init UNet, one call: KeyMask([2]) at the 4 cross sites vs diffusers' encoder_attention_mask max |diff|
+      0.0e+00 (edit's effect 2.5e-01)
+       InjectKV(FromBatch([0], [1])) at the 4 self sites vs a hand-written processor max |diff| 9.5e-07; items 0, 2 vs
+         no edit 0.0e+00; item 1's change 4.8e-02
+    trained 74 steps (batch 32) in 481 s; loss of the last 50 steps 0.1333
+    1. 32 samples, 10 DDIM steps (31.6 s with the capture); accuracy colour 0.375, shape 0.562, position 0.094 (chance
+      0.333, 0.5, 0.25)
+       training images read by the same classifier: [1.0, 1.0, 1.0]
+    2. IoU of mask_from_map (Otsu) of each token's cross-attention map (heads and steps averaged) with the sample's
+      foreground
+       down_blocks.0.attentions.0.transformer_blocks.0.attn2 16x16, 10 steps: colour 0.444, shape 0.397, position 0.399
+       up_blocks.1.attentions.0.transformer_blocks.0.attn2 16x16, 10 steps: colour 0.358, shape 0.454, position 0.440
+       up_blocks.1.attentions.1.transformer_blocks.0.attn2 16x16, 10 steps: colour 0.442, shape 0.437, position 0.348
+       mid_block.attentions.0.transformer_blocks.0.attn2 8x8, 10 steps: colour 0.388, shape 0.451, position 0.394
+       mean of the sites                                  colour 0.452, shape 0.416, position 0.389
+       random map 0.424; foreground share of the image 0.727
+    3. KeyMask of one token at every cross-attention site: accuracy colour / shape / position
+       no edit                  0.375 / 0.562 / 0.094
+       colour token masked      0.375 / 0.562 / 0.094
+       position token masked    0.438 / 0.562 / 0.094
+       exactness, one UNet call: KeyMask([2]) vs diffusers' encoder_attention_mask max |diff| 0.00e+00 (the edit
+         itself changes the output by 1.19e-01)
+    4. InjectKV(FromBatch(source=branch 0, target=branch 1)) at the 4 self-attention sites for the first k of 10
+      steps, 16 pairs (branch 1's prompt: another colour and position)
+       k   RMS(b1 - b0)  overlap(b1, b0)  b1 colour: own / b0's  b1 position: own / b0's  b0 max|diff|
+       0          0.043            0.480      0.438 / 0.312         0.125 / 0.438   0.0e+00
+       3          0.044            0.480      0.438 / 0.312         0.125 / 0.438   0.0e+00
+       6          0.043            0.480      0.438 / 0.312         0.125 / 0.438   0.0e+00
+       10         0.044            0.480      0.438 / 0.312         0.125 / 0.438   0.0e+00
+    total 615 s
 """
 
 from __future__ import annotations
@@ -104,20 +136,63 @@ def sample(unet: nn.Module, enc: torch.Tensor, noise: torch.Tensor, edits: list,
     return x, run
 
 
+class SharedKV:
+    """A hand-written reference processor (``AttnProcessor``'s self-attention, plain matmuls): batch item ``b``
+    attends over the keys and values of item ``kv_from[b]``."""
+
+    def __init__(self, kv_from: list[int]) -> None:
+        self.kv_from = kv_from
+
+    def __call__(self, attn: nn.Module, h: torch.Tensor, encoder_hidden_states: None = None,
+                 **_: object) -> torch.Tensor:
+        b, n, _ = h.shape
+        q, k, v = (f(h).view(b, n, attn.heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        k, v = k[self.kv_from], v[self.kv_from]
+        o = ((q @ k.transpose(-1, -2) * attn.scale).softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1)
+        return attn.to_out[0](o)
+
+
+@torch.no_grad()
+def exactness() -> None:
+    """KeyMask and InjectKV on a random-init UNet against what diffusers computes with the edit done by hand."""
+    torch.manual_seed(0)
+    unet = use_nearfar(make_unet()).eval()
+    cross, self_sites = find_sites(unet, kind="cross"), find_sites(unet, kind="self")
+    x, enc, t = torch.randn(3, 3, SIZE, SIZE), torch.randn(3, 3, DIM), torch.tensor(50)
+    keep = torch.ones(3, 3, dtype=torch.long)
+    keep[:, 2] = 0
+    plain = unet(x, t, enc).sample
+    ref = unet(x, t, enc, encoder_attention_mask=keep).sample
+    with control(unet, [(cross, KeyMask([2]))]):
+        out = unet(x, t, enc).sample
+    print(f"0. random-init UNet, one call: KeyMask([2]) at the {len(cross)} cross sites vs diffusers' "
+          f"encoder_attention_mask max |diff| {float((out - ref).abs().max()):.1e} (edit's effect "
+          f"{float((out - plain).abs().max()):.1e})")
+    with control(unet, [(self_sites, InjectKV(FromBatch([0], [1])))]):
+        out = unet(x, t, enc).sample
+    saved = [s.module.processor for s in self_sites]
+    for s in self_sites:
+        s.module.set_processor(SharedKV([0, 0, 2]))
+    ref = unet(x, t, enc).sample
+    for s, proc in zip(self_sites, saved):
+        s.module.set_processor(proc)
+    print(f"   InjectKV(FromBatch([0], [1])) at the {len(self_sites)} self sites vs a hand-written processor max "
+          f"|diff| {float((out - ref).abs().max()):.1e}; items 0, 2 vs no edit "
+          f"{float((out[[0, 2]] - plain[[0, 2]]).abs().max()):.1e}; item 1's change "
+          f"{float((out[1] - plain[1]).abs().max()):.1e}")
+
+
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a & b).flatten(1).sum(1).float() / (a | b).flatten(1).sum(1).clamp(min=1).float()).mean())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3000, help="most training steps")
-    parser.add_argument("--seconds", type=float, default=420.0, help="training time budget (stops early)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--sample-steps", type=int, default=25)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    for flag, default in (("--steps", 3000), ("--seconds", 420.0), ("--batch", 32), ("--samples", 64),
+                          ("--sample-steps", 25), ("--lr", 1e-3), ("--seed", 0)):  # --steps/--seconds: training budget
+        parser.add_argument(flag, type=type(default), default=default)
     args = parser.parse_args()
+    exactness()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     embed, unet = nn.Embedding(int(OFFSETS[-1]) + len(PLACES), DIM), use_nearfar(make_unet())
@@ -144,8 +219,7 @@ def main() -> None:
     n, k = args.samples, args.sample_steps
     test = torch.Generator().manual_seed(1000 + args.seed)
     prompts, noise = random_prompts(n, test), torch.randn(n, 3, SIZE, SIZE, generator=test)
-    with torch.no_grad():
-        enc = embed(prompts + OFFSETS)
+    enc = embed(prompts + OFFSETS).detach()
     cross, self_sites = find_sites(unet, kind="cross"), find_sites(unet, kind="self")
     t1 = time.perf_counter()
     cap = Capture(("probs",), rows=slice(None), reduce="running_mean_steps")
@@ -200,8 +274,7 @@ def main() -> None:
     b[:, 2] = (a[:, 2] + torch.randint(1, 4, (half,), generator=test)) % 4
     pair_prompts = torch.stack([a, b], 1).reshape(n // 2 * 2, 3)
     pair_noise = torch.randn(half, 3, SIZE, SIZE, generator=test).repeat_interleave(2, 0)
-    with torch.no_grad():
-        pair_enc = embed(pair_prompts + OFFSETS)
+    pair_enc = embed(pair_prompts + OFFSETS).detach()
     src, tgt = list(range(0, 2 * half, 2)), list(range(1, 2 * half, 2))
     print(f"4. InjectKV(FromBatch(source=branch 0, target=branch 1)) at the {len(self_sites)} self-attention sites "
           f"for the first k of {k} steps, {half} pairs (branch 1's prompt: another colour and position)")
