@@ -43,7 +43,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -212,7 +212,8 @@ def mask_builder(batch_size: int, q_length: int, kv_length: int, q_offset: int |
         return None if bool(pad.all()) else pad
     for name in ("allow_is_causal_skip", "allow_is_bidirectional_skip"):
         kwargs.pop(name, None)
-    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+    # static caches hand over a tensor offset, which sdpa_mask takes although its annotation says int
+    return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=cast(int, q_offset),
                         kv_offset=kv_offset, mask_function=mask_function or mu.causal_mask_function,
                         attention_mask=attention_mask, allow_is_causal_skip=False,
                         allow_is_bidirectional_skip=False, **kwargs)
