@@ -24,7 +24,7 @@ from torch import nn
 from ..calls import AttendCall, intercept_calls
 from .edits import Edit, State, dense_rpb
 from .sites import Site, SiteSelector, find_sites, matches
-from .stats import prob_rows
+from .stats import prob_rows, score_rows
 
 When = Callable[[State], bool]
 
@@ -39,11 +39,11 @@ def layers(start: int, stop: int | None = None) -> When:
     return lambda s: getattr(s.site, "layer", -1) >= start and (stop is None or getattr(s.site, "layer", -1) < stop)
 
 
-FIELDS = ("q", "k", "v", "lse", "head_out", "pattern", "probs")
+FIELDS = ("q", "k", "v", "lse", "head_out", "pattern", "probs", "scores")
 REDUCTIONS = (None, "mean_heads", "max_heads", "running_mean_steps")
 OVER_BUDGET = ("error", "skip", "reduce_heads", "offload")
 #: the fields with a query-head axis (dim 1), which ``heads`` selects and the head reductions reduce
-PER_QUERY_HEAD = ("q", "lse", "head_out", "probs")
+PER_QUERY_HEAD = ("q", "lse", "head_out", "probs", "scores")
 
 
 class Capture(Edit):
@@ -54,7 +54,8 @@ class Capture(Edit):
         fields: Among ``"q"``, ``"k"``, ``"v"`` (as the call sees them at this edit's place in the list),
             ``"lse"``, ``"head_out"`` (the per-head outputs at this place: before later head edits), ``"pattern"``
             and ``"probs"``: the exact probability rows ``rows`` of the call as it runs (all its edits), recomputed
-            from q, k and the LSE (``prob_rows``): ``(B, Hq, R, Nk)``, never a matrix of more rows.
+            from q, k and the LSE (``prob_rows``): ``(B, Hq, R, Nk)``, never a matrix of more rows; ``"scores"``: the
+            same rows' logits as the engine forms them (``score_rows``; ``-inf`` where masked).
         heads: Keep only these query heads (q, lse, head_out; k/v keep their KV heads).
         reduce: None, ``"mean_heads"`` or ``"max_heads"`` (over the heads kept), ``"running_mean_steps"`` (one
             record per site and call index, holding the mean over the steps seen so far and their count in
@@ -82,9 +83,9 @@ class Capture(Edit):
             raise ValueError(f"reduce must be one of {REDUCTIONS} or a function fn(field, tensor), got {reduce!r}")
         if on_over_budget not in OVER_BUDGET:
             raise ValueError(f"on_over_budget must be one of {OVER_BUDGET}, got {on_over_budget!r}")
-        if "probs" in fields and rows is None:
-            raise ValueError("fields with 'probs' need rows= (the query rows to recompute, e.g. [0, -1] or a bool "
-                             "mask): all rows of a long sequence are the matrix fused kernels never form")
+        if ("probs" in fields or "scores" in fields) and rows is None:
+            raise ValueError("fields with 'probs' or 'scores' need rows= (the query rows to recompute, e.g. [0, -1] "
+                             "or a bool mask): all rows of a long sequence are the matrix fused kernels never form")
         self.fields, self.rows, self.heads_sel, self.reduce = tuple(fields), rows, heads, reduce
         self.to, self.dtype, self.differentiable = to, dtype, differentiable
         self.budget_bytes, self.on_over_budget = budget_bytes, on_over_budget
@@ -169,11 +170,16 @@ class Capture(Edit):
             got["lse"] = self._keep("lse", lse, True)
         if "head_out" in self.fields:
             got["head_out"] = self._keep("head_out", out, True)
-        if "probs" in self.fields:
+        if "probs" in self.fields or "scores" in self.fields:
             bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
-            p = prob_rows(call.q, call.k, lse, self.rows, call.pattern, scale=call.scale,  # type: ignore[arg-type]
-                          key_padding_mask=call.key_padding_mask, bias=bias)
-            got["probs"] = self._keep("probs", p, True)
+            if "probs" in self.fields:
+                p = prob_rows(call.q, call.k, lse, self.rows, call.pattern,  # type: ignore[arg-type]
+                              scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+                got["probs"] = self._keep("probs", p, True)
+            if "scores" in self.fields:
+                sc = score_rows(call.q, call.k, self.rows, call.pattern,  # type: ignore[arg-type]
+                                scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+                got["scores"] = self._keep("scores", sc, True)
         self._store(state, got)
         return out
 

@@ -107,15 +107,19 @@ def test_capture_records_inputs_and_outputs_in_order():
 def test_captured_probability_rows_are_the_edited_ones(case):
     probe = Probe(case)
     rows = [0, 5, N - 1]
-    cap = Capture(("probs",), rows=rows)
-    run_with(probe, [(None, KeyMask([3, 4])), (None, cap)])
+    cap = Capture(("probs", "scores"), rows=rows)
     forbid = keys_mask([3, 4])[None, None, None, :].expand(1, 4, N, N)
-    expected = probe.probabilities(torch.zeros(forbid.shape).masked_fill(forbid, float("-inf")))[:, :, rows]
+    edit_bias = torch.zeros(forbid.shape).masked_fill(forbid, float("-inf"))
+    expected = probe.probabilities(edit_bias)[:, :, rows]
     with control(probe, [(None, KeyMask([3, 4])), (None, cap)], sites=[Site("probe", probe, 0, "self")]) as run:
         probe()
     torch.testing.assert_close(run.records["probe"][0]["probs"].double(), expected, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="need rows="):
-        Capture(("probs",))
+    scores, want = run.records["probe"][0]["scores"].double(), probe.scores(edit_bias)[:, :, rows]
+    assert torch.equal(torch.isinf(scores), torch.isinf(want))  # the same masked pairs
+    torch.testing.assert_close(scores.nan_to_num(neginf=0.0), want.nan_to_num(neginf=0.0), atol=1e-5, rtol=1e-4)
+    for fields in (("probs",), ("scores",)):
+        with pytest.raises(ValueError, match="need rows="):
+            Capture(fields)
 
 
 def test_capture_reduces_selects_and_keeps_its_budget():
