@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_bool, check_channels_last, check_choice, check_pair, check_positive_int, check_real_range
+from ..functional import pointwise_linear
 from .maxim_mab import LN_EPS, PADDINGS, crop, dense_init_, fit_to_sizes, gelu, multi_axis_mix
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
@@ -87,12 +88,6 @@ class SpatialGatingWeights(nn.Module):
         v6 = multi_axis_mix(v, self.Dense_1.weight, self.Dense_1.bias, self.block_size, "block")
         both = torch.cat([u6.reshape(b, h, w, c), v6.reshape(b, h, w, c)], dim=-1)
         return F.dropout(self.out_project(both), self.dropout_rate, self.training)
-
-
-def _conv1x1(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """A 1x1 convolution of channel-last ``x``: the NCHW view of ``x`` is channels-last memory, which oneDNN's
-    convolution takes as it is (measured here faster than ``F.linear`` for 384 -> 384 channels)."""
-    return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias).permute(0, 2, 3, 1)
 
 
 class MaximCrossGating(nn.Module):
@@ -201,7 +196,9 @@ class MaximCrossGating(nn.Module):
                              f"got {tuple(y.shape)}")
         if self.upsample_y:
             y = self._upsample(y)
-        x, y = _conv1x1(self.Conv_0, x), _conv1x1(self.Conv_1, y)
+        # 1x1 convolutions: the same product as a pointwise linear layer on the channel-last map
+        x = pointwise_linear(x, self.Conv_0.weight.flatten(1), self.Conv_0.bias)
+        y = pointwise_linear(y, self.Conv_1.weight.flatten(1), self.Conv_1.bias)
         sizes = {"block_size": self.block_size, "grid_size": self.grid_size}
         s_x, box = fit_to_sizes(x, sizes, self.padding)
         s_y, _ = fit_to_sizes(y, sizes, self.padding)
