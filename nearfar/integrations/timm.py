@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ def _timm() -> Any:
 
 def _timm_attention() -> type | None:
     try:
-        return importlib.import_module("timm.layers").Attention  # type: ignore[no-any-return]
+        return importlib.import_module("timm.layers").Attention
     except ImportError:
         return None
 
@@ -79,7 +79,7 @@ def _as_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-def _pattern_for(module: nn.Module, n: int) -> Pattern | None:
+def _pattern_for(module: Any, n: int) -> Pattern | None:
     pattern = module.nearfar_pattern
     if pattern is None or isinstance(pattern, Pattern):
         return pattern
@@ -111,7 +111,7 @@ def _attention_forward(self: Any, x: torch.Tensor, attn_mask: torch.Tensor | Non
     out = getattr(self, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return self.proj_drop(self.proj(out))  # type: ignore[no-any-return]
+    return self.proj_drop(self.proj(out))
 
 
 def _subclass(cls: type) -> type:
@@ -163,6 +163,7 @@ def use_nearfar(model: nn.Module, pattern: PatternArg = None, engine: str = "aut
     modules = [m for m in model.modules() if type(m) is attention or isinstance(m, ours)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no timm.layers.Attention module")
+    m: Any
     for m in modules:
         if not isinstance(m, ours):
             m.__class__ = _subclass(type(m))
@@ -173,7 +174,7 @@ def use_nearfar(model: nn.Module, pattern: PatternArg = None, engine: str = "aut
 def site_rule(module: nn.Module) -> tuple[str, int | None, int | None] | None:
     """``find_sites``' rule for timm: an attention module switched by ``use_nearfar`` is a ``"self"`` site."""
     if _SUBCLASSES and isinstance(module, tuple(_SUBCLASSES.values())):
-        heads = int(module.num_heads)
+        heads = int(cast(Any, module).num_heads)
         return "self", heads, heads
     return None
 
@@ -185,8 +186,7 @@ def _entrypoint(spec: BackboneSpec) -> Callable[..., nn.Module]:
             raise ValueError(f"nearfar ships no weights for {spec.name}: pass pretrained_cfg_overlay="
                              "{'file': path} (a state dict saved with torch.save) or pretrained=False")
         build = importlib.import_module("timm.models").build_model_with_cfg
-        return build(spec.cls, spec.name, pretrained, feature_cfg=dict(spec.feature_cfg),  # type: ignore[no-any-return]
-                     **{**spec.kwargs, **kwargs})
+        return build(spec.cls, spec.name, pretrained, feature_cfg=dict(spec.feature_cfg), **{**spec.kwargs, **kwargs})
 
     entry.__name__ = entry.__qualname__ = spec.name
     entry.__module__ = __name__

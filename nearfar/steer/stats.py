@@ -92,7 +92,7 @@ def _check(q: object, k: object, lse: object, pattern: object, scale: object, kp
     return q, k, lse, b4, given if given is not None else 1.0 / math.sqrt(d)
 
 
-def _rows_index(rows: object, b: int, hq: int, nq: int, device: torch.device, name: str = "rows",
+def rows_index(rows: object, b: int, hq: int, nq: int, device: torch.device, name: str = "rows",
                 n: str = "Nq") -> torch.Tensor:
     """``rows`` as int64 indices ``(B|1, Hq|1, R)`` into ``nq`` (named ``n``), negatives wrapped, after checking
     them (``name``: the parameter in messages)."""
@@ -129,7 +129,7 @@ def _rows_index(rows: object, b: int, hq: int, nq: int, device: torch.device, na
     return torch.where(idx < 0, idx + nq, idx)
 
 
-def _take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx (B'', H'', R)`` of ``t (b', h', N, X)`` along dim 2: ``(max(b', B''), max(h', H''), R, X)``; with
     ``N = 1`` (one row, or a bias broadcast over the rows) the row repeated, ``(b', h', R, X)``."""
     if t.shape[2] == 1:
@@ -158,13 +158,13 @@ def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Patter
     """Masked scaled biased scores of query rows ``idx`` against every key, in ``k``'s dtype (the caller's
     float32/64 copy): ``(B, Hq, R, Nk)``, ``-inf`` at every pair ``attend`` would mask."""
     nk = k.shape[2]
-    qr = _take_rows(q, idx).to(k.dtype)  # (B, Hq, R, d)
+    qr = take_rows(q, idx).to(k.dtype)  # (B, Hq, R, d)
     b, hq, r, d = qr.shape
     hkv = k.shape[1]
     qr = qr.reshape(b, hkv, (hq // hkv) * r, d)  # query head h = kv * G + g reads KV head kv
     s = torch.matmul(qr, k.transpose(-1, -2)).reshape(b, hq, r, nk) * scale
     if b4 is not None:
-        s = s + _take_rows(b4, idx).to(s.dtype)
+        s = s + take_rows(b4, idx).to(s.dtype)
     allowed = _allowed(pattern, idx, torch.arange(nk, device=q.device), nq, nk)
     if kpm is not None:
         pad = kpm[:, None, None, :]
@@ -236,11 +236,11 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
     """
     q, k, lse, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
     b, hq, nq, _ = q.shape
-    idx = _rows_index(rows, b, hq, nq, q.device)
+    idx = rows_index(rows, b, hq, nq, q.device)
     acc = acc_dtype(q.dtype)
     kf = k.to(acc)
     logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq)
-    return _RowSoftmax.apply(logits, _take_rows(lse[..., None], idx).to(acc))
+    return _RowSoftmax.apply(logits, take_rows(lse[..., None], idx).to(acc))
 
 
 def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[int] | torch.Tensor,
@@ -268,7 +268,7 @@ def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[in
     lse = torch.zeros(q.shape[:3], device=q.device) if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     q, k, _, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
     b, hq, nq, _ = q.shape
-    idx = _rows_index(rows, b, hq, nq, q.device)
+    idx = rows_index(rows, b, hq, nq, q.device)
     return _logits(q, k.to(acc_dtype(q.dtype)), idx, pattern, key_padding_mask, b4, s, nq)
 
 
@@ -301,7 +301,7 @@ def _groups(groups: object, b: int, nk: int, device: torch.device) -> torch.Tens
             continue
         if isinstance(keys, torch.Tensor) and keys.dim() != 1:
             raise ValueError(f"{where} as an index tensor must be 1D (R,), got {tuple(keys.shape)}")
-        idx = _rows_index(keys, 1, 1, nk, device, where, "Nk")
+        idx = rows_index(keys, 1, 1, nk, device, where, "Nk")
         m = torch.zeros(nk, dtype=torch.bool, device=device)
         m[idx.view(-1)] = True
         masks.append(m.expand(b, nk))
@@ -472,7 +472,7 @@ def received(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, r: torch.Tenso
             p = torch.baddbmm(-lc.reshape(b * hkv, g * c, 1), qc, kt[..., lo:hi].reshape(b * hkv, -1, hi - lo))
             p = p.view(b, hq, c, hi - lo)
             if b4 is not None:
-                p += _take_rows(b4[..., lo:hi] if b4.shape[-1] > 1 else b4, idx).to(acc)
+                p += take_rows(b4[..., lo:hi] if b4.shape[-1] > 1 else b4, idx).to(acc)
             if allowed is not None:
                 p.masked_fill_(~allowed, float("-inf"))
             rc = r[:, :, i0:i1].to(acc).reshape(b, hq, c, m).masked_fill(dead[..., None], 0.0)

@@ -24,7 +24,7 @@ from torch import nn
 from ..calls import AttendCall, intercept_calls
 from .edits import Edit, State, dense_rpb
 from .sites import Site, SiteSelector, find_sites, matches
-from .stats import prob_rows, score_rows
+from .stats import prob_rows, rows_index, score_rows, take_rows
 
 When = Callable[[State], bool]
 
@@ -41,7 +41,7 @@ def layers(start: int, stop: int | None = None) -> When:
 
 FIELDS = ("q", "k", "v", "lse", "head_out", "pattern", "probs", "scores")
 REDUCTIONS = (None, "mean_heads", "max_heads", "running_mean_steps")
-OVER_BUDGET = ("error", "skip", "reduce_heads", "offload")
+OVER_BUDGET = ("error", "skip", "reduce_heads", "offload", "rows_only")
 #: the fields with a query-head axis (dim 1), which ``heads`` selects and the head reductions reduce
 PER_QUERY_HEAD = ("q", "lse", "head_out", "probs", "scores")
 
@@ -68,14 +68,19 @@ class Capture(Edit):
             ``on_over_budget``: ``"error"`` raises a RuntimeError naming the budget; ``"skip"`` stops recording
             (``self.over_budget`` becomes True); ``"reduce_heads"`` stores the record averaged over the query heads
             instead (``self.fallbacks`` counts it), and raises if that is still too big; ``"offload"`` stores its
-            floating tensors in float16 (on ``to``), and raises if that is still too big.
+            floating tensors in float16 (on ``to``), and raises if that is still too big; ``"rows_only"`` (needs
+            ``rows``) stores only the rows ``rows`` of the per-query fields (q, lse, head_out; probs and scores are
+            those rows already) and drops k, v and the pattern, and raises if that is still too big.
+
+    ``fields`` may be one name (``Capture("probs", rows=[0])``) or several.
     """
 
-    def __init__(self, fields: Sequence[str] = ("lse", "head_out"), rows: object = None,
+    def __init__(self, fields: str | Sequence[str] = ("lse", "head_out"), rows: object = None,
                  heads: Sequence[int] | None = None,
                  reduce: str | Callable[[str, torch.Tensor], torch.Tensor] | None = None,
                  to: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                  differentiable: bool = False, budget_bytes: int | None = None, on_over_budget: str = "error") -> None:
+        fields = (fields,) if isinstance(fields, str) else fields
         bad = [f for f in fields if f not in FIELDS]
         if bad:
             raise ValueError(f"fields must be among {FIELDS}, got {bad}")
@@ -86,12 +91,15 @@ class Capture(Edit):
         if ("probs" in fields or "scores" in fields) and rows is None:
             raise ValueError("fields with 'probs' or 'scores' need rows= (the query rows to recompute, e.g. [0, -1] "
                              "or a bool mask): all rows of a long sequence are the matrix fused kernels never form")
+        if on_over_budget == "rows_only" and rows is None:
+            raise ValueError("on_over_budget='rows_only' needs rows= (the query rows to keep when over budget)")
         self.fields, self.rows, self.heads_sel, self.reduce = tuple(fields), rows, heads, reduce
         self.to, self.dtype, self.differentiable = to, dtype, differentiable
         self.budget_bytes, self.on_over_budget = budget_bytes, on_over_budget
         self.used_bytes, self.over_budget, self.fallbacks = 0, False, 0
         self.sink: Callable[[State, dict], dict] | None = None
         self._pending: dict | None = None
+        self._raw: dict[str, torch.Tensor] = {}  # this call's per-query fields as computed, for "rows_only"
         self._running: dict[tuple[str, int], dict] = {}
 
     def _keep(self, name: str, x: torch.Tensor, per_query_head: bool) -> torch.Tensor:
@@ -114,6 +122,14 @@ class Capture(Edit):
     def _fallback(self, values: dict) -> dict:
         """The record in its over-budget form (``on_over_budget``): averaged over the query heads, or float16."""
         self.fallbacks += 1
+        if self.on_over_budget == "rows_only":
+            kept = {n: v for n, v in values.items() if n not in ("q", "k", "v", "pattern", "lse", "head_out")}
+            for name, raw in self._raw.items():
+                idx = rows_index(self.rows, raw.shape[0], raw.shape[1], raw.shape[2], raw.device)
+                flat = raw.unsqueeze(-1) if raw.dim() == 3 else raw  # lse (B, Hq, Nq) -> (B, Hq, Nq, 1)
+                picked = take_rows(flat, idx)
+                kept[name] = self._keep(name, picked.squeeze(-1) if raw.dim() == 3 else picked, True)
+            return kept
         if self.on_over_budget == "offload":
             return {n: v.half() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                     for n, v in values.items()}
@@ -138,7 +154,7 @@ class Capture(Edit):
             if self.on_over_budget == "skip":
                 self.over_budget = True
                 return
-            if self.on_over_budget in ("reduce_heads", "offload"):
+            if self.on_over_budget in ("reduce_heads", "offload", "rows_only"):
                 values = self._fallback(values)
                 size = self._size(values)
             if self.used_bytes + size > self.budget_bytes:
@@ -156,9 +172,12 @@ class Capture(Edit):
 
     def kv(self, call: AttendCall, state: State) -> None:
         got: dict = {}
+        self._raw = {}
         for name in ("q", "k", "v"):
             if name in self.fields:
                 got[name] = self._keep(name, getattr(call, name), name == "q")
+        if "q" in self.fields and self.on_over_budget == "rows_only":
+            self._raw["q"] = call.q
         if "pattern" in self.fields:
             got["pattern"] = call.pattern
         self._pending = got
@@ -170,6 +189,8 @@ class Capture(Edit):
             got["lse"] = self._keep("lse", lse, True)
         if "head_out" in self.fields:
             got["head_out"] = self._keep("head_out", out, True)
+        if self.on_over_budget == "rows_only":
+            self._raw.update({n: t for n, t in (("lse", lse), ("head_out", out)) if n in self.fields})
         if "probs" in self.fields or "scores" in self.fields:
             bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
             if "probs" in self.fields:
@@ -181,6 +202,7 @@ class Capture(Edit):
                                 scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
                 got["scores"] = self._keep("scores", sc, True)
         self._store(state, got)
+        self._raw = {}
         return out
 
 

@@ -172,7 +172,34 @@ def test_capture_over_budget_fallbacks_and_step_means():
         probe()
     assert run.records["probe"][0]["lse"].shape == (2, 4)
     with pytest.raises(ValueError, match="on_over_budget must be one of"):
+        Capture(("q",), on_over_budget="rows")
+    with pytest.raises(ValueError, match="'rows_only' needs rows="):
         Capture(("q",), on_over_budget="rows_only")
+
+
+@pytest.mark.parametrize("rows", [[0, -1, 5], torch.arange(N) % 7 == 3])
+def test_capture_over_budget_keeps_only_the_asked_rows(rows):
+    probe = Probe("blocksparse-window")
+    site = [Site("probe", probe, 0, "self")]
+    fields = ("q", "k", "lse", "head_out", "probs")
+    full = Capture(fields, rows=rows)
+    with control(probe, [(None, full)], sites=site) as run:
+        out = probe()
+    whole = run.records["probe"][0]
+    cap = Capture(fields, rows=rows, budget_bytes=full.used_bytes - 1, on_over_budget="rows_only")
+    with control(probe, [(None, cap)], sites=site) as run:
+        probe()
+    got = run.records["probe"][0]
+    idx = torch.tensor(rows) if isinstance(rows, list) else rows.nonzero()[:, 0]
+    idx = torch.where(idx < 0, idx + N, idx)
+    assert cap.fallbacks == 1 and "k" not in got and cap.used_bytes < full.used_bytes
+    torch.testing.assert_close(got["q"], probe.q[:, :, idx])
+    torch.testing.assert_close(got["head_out"], out[:, :, idx])
+    torch.testing.assert_close(got["lse"], whole["lse"][:, :, idx])
+    torch.testing.assert_close(got["probs"], whole["probs"])
+    with pytest.raises(RuntimeError, match="on_over_budget='rows_only'"):  # the rows alone still too big
+        run_with(probe, [(None, Capture(fields, rows=rows, budget_bytes=16, on_over_budget="rows_only"))])
+    assert Capture("lse").fields == ("lse",)  # one field by name
     with pytest.raises(ValueError, match="reduce must be one of"):
         Capture(("q",), reduce="median")
 
