@@ -23,16 +23,17 @@ pattern built from the feature map's size; cross-attention stays dense. HiDiffus
 arXiv 2311.17528; official code megvii-research/HiDiffusion, ``hidiffusion/hidiffusion.py``,
 ``make_diffusers_transformer_block``) is such a call: it records the latent size of the UNet call, infers each
 level's ``(h, w)`` from the token count (downsample ratio ``sqrt(H W / N)``), rolls the tokens by a random shift
-of 0, 1/4, 1/2 or 3/4 window and attends within ``(h/2, w/2)`` windows.
+of 0, 1/4, 1/2 or 3/4 window and attends within ``(h/2, w/2)`` windows; ``nearfar.integrations.hidiffusion``
+applies it as HiDiffusion does (its blocks, its random shift).
 
 What differs from diffusers' and HiDiffusion's code: the scale is ``attn.scale`` (``AttnProcessor2_0`` leaves
 SDPA's default ``1/sqrt(head_dim)``, the same value whenever diffusers picks that processor, i.e. ``scale_qk=True``;
 with ``scale_qk=False`` diffusers falls back to ``AttnProcessor``, whose unit scale this follows); a bool attention
 mask becomes an additive 0/-inf bias (SDPA's meaning of True = keep); attention dropout is never applied (diffusers
 passes ``dropout_p=0.0`` too); there is no ``scale``/``*args`` deprecation path (diffusers warns about and drops
-the keyword arguments a processor does not take). HiDiffusion partitions the tokens into windows and picks the shift
-at random per call; here the window is a pattern on the unpartitioned sequence (``Blocks(..., wrap=True)`` is the
-rolled window), the shift is the callable's choice, and ``use_nearfar`` records the latent size of each model call
+the keyword arguments a processor does not take). HiDiffusion partitions the tokens into windows; here the window
+is a pattern on the unpartitioned sequence (``Blocks(..., wrap=True)`` is the rolled window), and ``use_nearfar``
+records the latent size of each model call
 (a forward pre-hook) so 3D token sequences get their grid the same way. Not covered: diffusers' other attention
 classes (``FluxAttention``, ``WanAttention`` and the other ``AttentionModuleMixin`` modules with their own
 processors and ``dispatch_attention_fn``), the added-KV, IP-Adapter, fused-QKV and PAG processors, and the joint
