@@ -21,6 +21,14 @@ from pathlib import Path
 
 from .files import BenchFileError
 
+_EXAMPLES = """examples:
+  nearfar bench                                     # --quick: every mechanism, under 10 minutes on 2 cores
+  nearfar bench speed --mechanism swin hilo --sizes 28x28 56x56
+  nearfar bench --compare streaming_llm longformer --sizes 1024 4096   # head-to-head, ratios between them
+  nearfar bench quality --task mqar char_lm --mechanism cca
+  nearfar bench report --out nearfar-bench          # re-render the report from results.json
+"""
+
 
 def nearfar_version() -> str:
     """The package's version (``nearfar.__version__``, the one version source)."""
@@ -74,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
     parser.add_argument("--version", action="version", version=f"nearfar {nearfar_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
+    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report",
+                           description="Speed (against fused dense SDPA) and quality (small models trained from "
+                                       "scratch) of the registered mechanisms; the report opens with a summary.",
+                           epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),
                        help="what to run (default: all = speed + quality + report)")
     size = bench.add_mutually_exclusive_group()
