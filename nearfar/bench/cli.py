@@ -2,6 +2,8 @@
 
     nearfar bench [--quick]                 # speed + quality over every registered mechanism, then the report
     nearfar bench speed --mechanism swin local --rounds 5
+    nearfar bench speed --mechanism streaming_llm --sizes 256 1024      # choose the sizes (HxW for images)
+    nearfar bench --compare swin maxvit_grid neighborhood --sizes 28x28 56x56   # head-to-head, same rounds
     nearfar bench quality --task mqar passkey --full --jobs 2
     nearfar bench --full --resume           # go on with an interrupted or partial run in the same --out
     nearfar bench --full --force-resume --seed 1   # the same, keeping rows made with other settings
@@ -19,6 +21,14 @@ from pathlib import Path
 
 from .files import BenchFileError
 
+_EXAMPLES = """examples:
+  nearfar bench                                     # --quick: every mechanism, under 10 minutes on 2 cores
+  nearfar bench speed --mechanism swin hilo --sizes 28x28 56x56
+  nearfar bench --compare streaming_llm longformer --sizes 1024 4096   # head-to-head, ratios between them
+  nearfar bench quality --task mqar char_lm --mechanism cca
+  nearfar bench report --out nearfar-bench          # re-render the report from results.json
+"""
+
 
 def nearfar_version() -> str:
     """The package's version (``nearfar.__version__``, the one version source)."""
@@ -28,25 +38,24 @@ def nearfar_version() -> str:
 
 
 def _summary(results: dict) -> str:
-    """The clean table printed at the end: per mechanism, its best speed ratio per pattern and its quality."""
+    """What the command prints at the end: per mechanism and rank its best speed ratio per pattern, the fastest
+    per pattern and size, each quality task ranked with intervals, and the head-to-head's ratios."""
+    from .compare import compare_lines
+    from .summary import summary_lines
+
     lines = []
     speed = results.get("speed") or {}
     best: dict = {}
     for r in speed.get("rows", []):
         if not r.get("peer"):
-            key = (r["mechanism"], r["pattern"])
+            key = (r["mechanism"], r.get("dims") or "1d", r["pattern"])
             best[key] = max(best.get(key, 0.0), r["ratio"])
     if best:
-        lines += ["", f"{'mechanism':<20} {'pattern':<8} {'best speed vs dense':>20}"]
-        lines += [f"{m:<20} {p:<8} {v:>19.2f}x" for (m, p), v in sorted(best.items())]
-    for task, entry in (results.get("quality") or {}).items():
-        by: dict = {}
-        for r in entry["rows"]:
-            by.setdefault(r["name"], []).append(r["overall"])
-        if by:
-            metric = entry["task"]["metric"]
-            lines += ["", f"{task} ({entry['task']['pattern']}, {metric})"]
-            lines += [f"  {m:<20} {sum(v) / len(v):.3f}" for m, v in by.items()]
+        lines += ["", f"{'mechanism':<20} {'rank':<5} {'pattern':<8} {'best speed vs dense':>20}"]
+        lines += [f"{m:<20} {d:<5} {p:<8} {v:>19.2f}x" for (m, d, p), v in sorted(best.items())]
+    lines += summary_lines(results)
+    if results.get("compare"):
+        lines += compare_lines(results["compare"])
     return "\n".join(lines)
 
 
@@ -65,7 +74,7 @@ def _run(args: argparse.Namespace, out: Path, argv: list[str] | None) -> tuple[d
     command = "nearfar " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = run_bench(args.what, args.mechanism, not args.full, args.seed, out, args.rounds, args.task,
                         command=command, resume=args.resume, jobs=args.jobs, lrs=args.lr_sweep,
-                        force_resume=args.force_resume)
+                        force_resume=args.force_resume, sizes=args.sizes, compare=args.compare)
     return results, {k: Path(v) for k, v in results["paths"].items()}
 
 
@@ -73,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearfar", description="nearfar: near/far attention mechanisms")
     parser.add_argument("--version", action="version", version=f"nearfar {nearfar_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report")
+    bench = sub.add_parser("bench", help="speed and quality of every registered mechanism, with a report",
+                           description="Speed (against fused dense SDPA) and quality (small models trained from "
+                                       "scratch) of the registered mechanisms; the report opens with a summary.",
+                           epilog=_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     bench.add_argument("what", nargs="?", default="all", choices=("all", "speed", "quality", "report", "patterns"),
                        help="what to run (default: all = speed + quality + report)")
     size = bench.add_mutually_exclusive_group()
@@ -83,7 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--task", nargs="*", help="quality tasks (default: the size's set)")
     bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    bench.add_argument("--rounds", type=int, default=None,
+                       help="interleaved timing rounds (default 3 with --quick, 5 with --full or --compare)")
+    bench.add_argument("--sizes", nargs="+", metavar="SIZE",
+                       help="the sizes to time instead of the preset's: sequence lengths (integers in [16, 131072]) "
+                            "and image sizes HxW (sides in [4, 512]), e.g. --sizes 256 1024 14x14; a rank not "
+                            "given keeps the preset's sizes (quick: 512 2048 and 14x14 42x42)")
+    bench.add_argument("--compare", nargs="+", metavar="NAME",
+                       help="head-to-head: time only these mechanisms (two or more registry names) on the same "
+                            "inputs in the same interleaved rounds as dense SDPA, in every CAB pattern and rank they "
+                            "share, and report the ratio of each pair and against dense, with the verdict 'not "
+                            "separable here' when the rounds disagree (speed only)")
     bench.add_argument("--out", default="nearfar-bench", help="output directory (default ./nearfar-bench)")
     bench.add_argument("--resume", action="store_true",
                        help="keep the results already in --out and run only what is missing; refuses a run made "
@@ -103,6 +125,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.lr_sweep and not all(0 < v < 1 for v in args.lr_sweep):
         parser.error(f"--lr-sweep values must be in (0, 1), got {args.lr_sweep}")
+    if args.sizes is not None:
+        if args.what not in ("all", "speed"):
+            parser.error(f"--sizes sets the speed suite's sizes: use it with `nearfar bench`, `nearfar bench speed` "
+                         f"or --compare, not `{args.what}`")
+        from .shape import parse_sizes
+
+        try:
+            args.sizes = parse_sizes(args.sizes)
+        except ValueError as err:
+            parser.error(str(err))
+    if args.compare is not None:
+        clash = [flag for flag, given in (("--mechanism", args.mechanism), ("--task", args.task),
+                                          ("--resume", args.resume), ("--force-resume", args.force_resume),
+                                          ("--lr-sweep", args.lr_sweep)) if given]
+        if args.what not in ("all", "speed") or clash:
+            parser.error(f"--compare is a speed head-to-head of the mechanisms it names: it cannot go with "
+                         f"{', '.join(clash) or '`' + args.what + '`'}")
+        from .compare import compare_plan
+
+        try:
+            compare_plan(args.compare)
+        except ValueError as err:
+            parser.error(str(err))
     if args.what == "patterns":
         from .timing import sweep
 

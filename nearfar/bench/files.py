@@ -67,6 +67,9 @@ _KINDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "bins": (lambda v: isinstance(v, dict) and all(x is None or _is_number(x) for x in v.values()),
              "an object of numbers by bin"),
+    "times": (lambda v: isinstance(v, dict) and bool(v) and all(
+        isinstance(x, list) and x and all(_is_number(t) and t > 0 for t in x) for x in v.values()),
+        "an object of lists of positive times by method"),
     "any": (lambda v: True, "present"),
 }
 
@@ -83,8 +86,10 @@ _SKIPPED = {"mechanism": "text", "why": "text", "pattern": "text?"}
 _TASK = {"pattern": "text", "metric": "text", "bin_names": "texts", "description": "text", "kind": "text?"}
 _QUALITY_ROW = {"name": "text", "seed": "int", "overall": "number", "per_bin": "bins", "seconds": "number",
                 "final_loss": "number?", "threads": "int?", "jobs": "int?"}
+_COMPARE_ROW = {"pattern": "text", "dims": "text", "size": "size", "tokens": "int", "phase": "text", "rounds": "int",
+                "times_ms": "times"}
 _TOP = {"env": "object?", "command": "text?", "settings": "object?", "interrupted": "bool?", "speed": "object?",
-        "quality": "object?"}
+        "quality": "object?", "compare": "object?"}
 
 
 #: stands for a missing field in the error message
@@ -148,6 +153,15 @@ def check_results(data: object, source: str) -> dict:
         _records(speed, "skipped", _SKIPPED, "speed", fail)
         if speed.get("config") is not None and not isinstance(speed["config"], dict):
             fail("speed.config", "an object or null", speed["config"])
+    comparison = data.get("compare")
+    if comparison is not None:
+        for i, row in enumerate(_records(comparison, "rows", _COMPARE_ROW, "compare", fail)):
+            counts = {len(v) for v in row["times_ms"].values()}
+            if counts != {row["rounds"]} or "dense" not in row["times_ms"]:
+                fail(f"compare.rows[{i}].times_ms", f"{row['rounds']} times (rounds) for every method, dense "
+                     f"included", row["times_ms"])
+        _records(comparison, "gates", _GATE, "compare", fail)
+        _records(comparison, "skipped", _SKIPPED, "compare", fail)
     for name, entry in (data.get("quality") or {}).items():
         where = f"quality.{name}"
         _check(entry, {"task": "object"}, where, fail)

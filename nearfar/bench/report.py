@@ -4,10 +4,13 @@ self-contained HTML page built from the same blocks (headings, paragraphs, table
 Layout of ``results`` (what ``nearfar.bench.cli`` collects and saves as ``results.json``)::
 
     {"env": environment(), "speed": run_speed(...) or None,
-     "quality": {task_name: {"task": {...task metadata...}, "rows": run_quality(...) rows}}}
+     "quality": {task_name: {"task": {...task metadata...}, "rows": run_quality(...) rows}},
+     "compare": run_compare(...) (``--compare`` only)}
 
-Speed tables follow CAB's lesson: one table per attention pattern (NS, CS, NC, CC). Quality tables show every
-mechanism with the controls (full attention, local-only, no attention) of the same task.
+The report opens with a summary (``summary.py``: per pattern and size the fastest mechanism, per task the best one,
+what this run cannot tell apart from them, the shape and the machine). Speed tables follow CAB's lesson: one table
+per attention pattern (NS, CS, NC, CC) and rank. Quality tables show every mechanism with the controls (full
+attention, local-only, no attention) of the same task, with intervals (``noise.py``).
 """
 
 from __future__ import annotations
@@ -17,23 +20,24 @@ import io
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..layers.registry import CAB_PATTERNS, mechanisms
+from .compare import compare_blocks, compare_summary, compare_table
+from .figures import quality_figure, recall_figure, save_figure, speed_figures
 from .files import warn, write_atomic
+from .noise import joined_interval, row_interval, versus_one
 from .render import ReportItem, md_escape, render_html, render_markdown
+from .summary import CONTROLS, ranking, summary_blocks
 
 __all__ = ["environment", "md_escape", "quality_blocks", "recall_vs_cost", "render_html", "render_markdown",
            "speed_blocks", "unregistered", "write_report"]
 
-CONTROLS = ("full", "local", "none")
 #: how a table marks a mechanism the registry does not know (renamed or removed since the run, or edited by hand)
 UNREGISTERED = " (unregistered)"
 
@@ -57,7 +61,10 @@ def environment() -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+    import nearfar
+
+    return {"nearfar": nearfar.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
             "cpu": cpu, "cores": os.cpu_count(), "load": load, "git": sha, "platform": platform.platform()}
 
 
@@ -71,7 +78,11 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[ReportItem]:
     peers = [r for r in speed.get("rows", []) if r.get("peer")]
     out: list[ReportItem] = [("h", 2, "Speed"), ("p", "Median per-round ratio of fused dense SDPA time to the "
                                                    "mechanism's time, measured in the same interleaved rounds "
-                                                   "(> 1: faster than dense). Cells: forward / forward+backward.")]
+                                                   "(> 1: faster than dense). Cells: forward / forward+backward; "
+                                                   "'~' marks a ratio whose per-round ratios straddle 1 (or that "
+                                                   "had fewer than 3 rounds): not separable from dense here. The "
+                                                   "min-max over rounds of every ratio is in speed.csv (ratio_min, "
+                                                   "ratio_max) and drawn as error bars.")]
     for pattern, label in CAB_PATTERNS.items():
         mine = [r for r in rows if r["pattern"] == pattern]
         if not mine:
@@ -82,11 +93,11 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[ReportItem]:
             sizes = sorted({r["size"] for r in same}, key=_size_key)
             cells: dict = defaultdict(dict)
             for r in same:
-                cells[_label(r["mechanism"])][(r["size"], r["phase"])] = r["ratio"]
-            table = [[mech] + [" / ".join("-" if (s, ph) not in cells[mech] else f"{cells[mech][(s, ph)]:.2f}x"
-                                          for ph in ("fwd", "fwd+bwd")) for s in sizes] for mech in sorted(cells)]
+                cells[_label(r["mechanism"])][(r["size"], r["phase"])] = _ratio_cell(r)
+            table = [[mech] + [" / ".join(cells[mech].get((s, ph), "-") for ph in ("fwd", "fwd+bwd")) for s in sizes]
+                     for mech in sorted(cells)]
             out.append(("table", [f"mechanism ({dims})" if dims else "mechanism"] + [str(s) for s in sizes], table))
-        out += _speed_figures(mine, pattern, fig_dir)
+        out += speed_figures(mine, pattern, fig_dir)
     if peers:
         out += [("h", 3, "Peers, timed beside nearfar on the same inputs"),
                 ("table", ["peer", "beside", "pattern", "size", "phase", "peer ms", "dense ms", "dense / peer"],
@@ -95,8 +106,9 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[ReportItem]:
     if speed.get("crossovers"):
         out += [("h", 3, "Crossover (CAB's efficiency length): smallest measured size from which the mechanism "
                          "stays faster / lighter than dense"),
-                ("table", ["mechanism", "pattern", "phase", "time", "peak memory", "memory saved for backward"],
-                 [[_label(c["mechanism"]), c["pattern"], c["phase"], _none(c["time_crossover"]),
+                ("table", ["mechanism", "pattern", "rank", "phase", "time", "peak memory",
+                           "memory saved for backward"],
+                 [[_label(c["mechanism"]), c["pattern"], c.get("dims") or "", c["phase"], _none(c["time_crossover"]),
                    _none(c.get("peak_crossover")), _none(c["memory_crossover"])] for c in speed["crossovers"]])]
     gates = speed.get("gates", [])
     failed = [g for g in gates if not g["passed"]]
@@ -109,6 +121,10 @@ def speed_blocks(speed: dict, fig_dir: Path) -> list[ReportItem]:
                 ("table", ["mechanism", "pattern", "why"],
                  [[_label(s["mechanism"]), s.get("pattern", ""), s["why"]] for s in speed["skipped"]])]
     return out
+
+
+def _ratio_cell(row: dict) -> str:
+    return f"{row['ratio']:.2f}x" + ("~" if versus_one(row_interval(row)) not in ("faster", "slower") else "")
 
 
 def _registered(name: str) -> bool:
@@ -133,50 +149,6 @@ def _none(value: object) -> str:
     return "n/a" if value is None else str(value)
 
 
-#: the panels of the speed figures: (phase, row key, dense row key or None, y label)
-_FIGURES: dict[str, list[tuple[str, str, str | None, str]]] = {
-    "speed": [(ph, "ratio", None, "dense time / mechanism time") for ph in ("fwd", "fwd+bwd")],
-    "memory": [("fwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
-               ("fwd+bwd", "peak_mib", "dense_peak_mib", "peak (MiB)"),
-               ("fwd+bwd", "saved_mib", "dense_saved_mib", "saved for backward (MiB)")]}
-
-
-def _speed_figures(rows: list[dict], pattern: str, fig_dir: Path) -> list[ReportItem]:
-    plt = _pyplot()
-    if plt is None:
-        return []
-    blocks = []
-    for what, panels in _FIGURES.items():
-        # runs made before the peak was measured have no peak rows: their panels are left out
-        panels = [p for p in panels if any(r.get(p[1]) is not None and r["phase"] == p[0] for r in rows)]
-        if not panels:
-            continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-        for ax, (phase, key, dense_key, ylabel) in zip(axes[0], panels):
-            for mech in sorted({r["mechanism"] for r in rows}):
-                pts = sorted((r["tokens"], r[key]) for r in rows if r["mechanism"] == mech
-                              and r["phase"] == phase and r.get(key) is not None)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", label=mech)
-            if dense_key is None:
-                ax.axhline(1.0, color="k", lw=0.8, ls="--")
-            else:
-                dense = sorted({(r["tokens"], r[dense_key]) for r in rows if r["phase"] == phase
-                                and r.get(dense_key) is not None})
-                if dense:
-                    ax.plot(*zip(*dense), color="k", ls="--", label="dense SDPA")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("tokens")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{pattern} {phase}")
-        if axes[0][-1].get_legend_handles_labels()[0]:
-            axes[0][-1].legend(fontsize=6, ncol=2)
-        path = _save_figure(plt, fig, fig_dir, f"{what}_{pattern}")
-        blocks.append(("img", path, f"{what} vs tokens, {pattern}"))
-    return blocks
-
-
 # ---------------------------------------------------------------------------------------------- quality blocks
 def _mean(values: list[float]) -> float:
     values = [v for v in values if v is not None and v == v]
@@ -186,7 +158,11 @@ def _mean(values: list[float]) -> float:
 def quality_blocks(quality: dict, fig_dir: Path) -> list[ReportItem]:
     out: list[ReportItem] = [("h", 2, "Quality"), ("p", "Trained from scratch for a fixed number of steps; mean over "
                                                    "seeds (min-max in brackets); controls: full attention (full), "
-                                                   "sliding window (local), no attention (none).")]
+                                                   "sliding window (local), no attention (none). 95% interval: "
+                                                   "Wilson (accuracy) or normal (bits per character) at evaluation, "
+                                                   "from the lowest seed's lower end to the highest seed's upper "
+                                                   "end. 'vs best': against the best mechanism; 'not separable': "
+                                                   "the intervals overlap, so this run cannot rank the two.")]
     for name, entry in quality.items():
         task, rows = entry["task"], entry["rows"]
         if not rows:
@@ -196,6 +172,7 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[ReportItem]:
         for r in rows:
             by_mech[r["name"]].append(r)
         order = [m for m in CONTROLS if m in by_mech] + sorted(m for m in by_mech if m not in CONTROLS)
+        rank = ranking(rows, task["metric"])
         table = []
         for mech in order:
             rs = by_mech[mech]
@@ -205,7 +182,9 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[ReportItem]:
             diverged = sum(1 for r in rs if r.get("final_loss") != r.get("final_loss"))
             if diverged:  # a NaN training loss: the score is that of a broken model, not of the mechanism
                 cell += f" (NaN loss in {diverged} of {len(rs)} runs)"
-            table.append([_label(mech), cell] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
+            iv = rank["intervals"][mech]
+            table.append([_label(mech), cell, f"{iv.lo:.3f}-{iv.hi:.3f}" if iv.measured else "n/a",
+                          rank["verdict"][mech]] + [f"{_mean([r['per_bin'].get(b) for r in rs]):.3f}" for b in bins]
                          + [str(len(rs)), f"{_mean([r['seconds'] for r in rs]):.0f}"])
         metric = task["metric"]
         longest = max(rows, key=lambda r: r["seconds"])
@@ -214,7 +193,8 @@ def quality_blocks(quality: dict, fig_dir: Path) -> list[ReportItem]:
         out += [("h", 3, f"{name} ({task['pattern']}): {task['description']}"),
                 ("p", f"Training: {settings}. Longest run: {longest['seconds']:.0f} s ({longest['name']}, seed "
                       f"{longest['seed']}{_threads(longest)}; the suite's budget is 600 s a run on 2 cores)."),
-                ("table", ["mechanism", f"{metric} overall"] + bins + ["seeds", "train s"], table)]
+                ("table", ["mechanism", f"{metric} overall", "95% interval", "vs best"] + bins
+                 + ["seeds", "train s"], table)]
         out += _quality_figure(name, task, order, by_mech, fig_dir)
     return out
 
@@ -225,30 +205,23 @@ def _threads(row: dict) -> str:
     return f"; {row['threads']} thread(s)" + (f", {row['jobs']} runs at once" if row.get("jobs", 1) > 1 else "")
 
 
+def _bin_interval(rows: list[dict], name: str) -> tuple[float, float] | None:
+    """The seeds' 95% intervals of bin ``name`` joined (lowest to highest end), None where one is missing."""
+    return joined_interval([(r.get("ci") or {}).get(name) for r in rows])
+
+
 def _quality_figure(name: str, task: dict, order: list[str], by_mech: dict, fig_dir: Path) -> list[ReportItem]:
-    plt = _pyplot()
-    if plt is None or len(task["bin_names"]) < 2:
+    scores = {m: [_mean([r["per_bin"].get(b) for r in by_mech[m]]) for b in task["bin_names"]] for m in order}
+    fig = quality_figure(name, task, order, scores, {m: [_bin_interval(by_mech[m], b) for b in task["bin_names"]]
+                                                     for m in order})
+    if fig is None:
         return []
-    bins = list(task["bin_names"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a table can hold more than the default 10 colours
-    for mech in order:
-        ys = [_mean([r["per_bin"].get(b) for r in by_mech[mech]]) for b in bins]
-        ax.plot(range(len(bins)), ys, marker="o", label=mech, ls="--" if mech in CONTROLS else "-")
-    ax.set_xticks(range(len(bins)), bins, rotation=20, fontsize=7)
-    ax.set_ylabel(task["metric"])
-    ax.set_title(f"{name}: {task['metric']} by bin")
-    ax.legend(fontsize=6, ncol=2)
-    path = _save_figure(plt, fig, fig_dir, f"quality_{name}")
-    return [("img", path, f"{name}: {task['metric']} by bin")]
+    return [("img", save_figure(fig, fig_dir, f"quality_{name}"), f"{name}: {task['metric']} by bin")]
 
 
 def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[ReportItem]:
     """Zoology's recall-memory plot with measured cost: each accuracy task's overall score against the mechanism's
     forward+backward speed ratio to dense at the largest 1D size timed in the same pattern (dense itself at 1)."""
-    plt = _pyplot()
-    if plt is None:
-        return []
     blocks = []
     for name, entry in quality.items():
         task = entry["task"]
@@ -264,41 +237,11 @@ def recall_vs_cost(quality: dict, speed: dict, fig_dir: Path) -> list[ReportItem
         for r in entry["rows"]:
             scores[r["name"]].append(r["overall"])
         points = [(ratio[m], _mean(v), m) for m, v in scores.items() if m in ratio]
-        if len(points) < 2:
-            continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for x, y, m in points:
-            ax.scatter(x, y, marker="s" if m == "full" else "o")
-            ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(f"speed vs dense, fwd+bwd, {largest} tokens ({task['pattern']})")
-        ax.set_ylabel(f"{name} accuracy")
-        ax.set_title(f"{name}: recall against measured cost")
-        path = _save_figure(plt, fig, fig_dir, f"recall_vs_cost_{name}")
-        blocks.append(("img", path, f"{name}: accuracy against speed ratio"))
+        fig = recall_figure(name, task, points, largest) if len(points) >= 2 else None
+        if fig is not None:
+            path = save_figure(fig, fig_dir, f"recall_vs_cost_{name}")
+            blocks.append(("img", path, f"{name}: accuracy against speed ratio"))
     return [("h", 2, "Recall against cost")] + blocks if blocks else []
-
-
-def _save_figure(plt: Any, fig: Any, fig_dir: Path, stem: str) -> Path:
-    # task names come from the results file: no "/" or ".." of theirs may put a figure outside fig_dir
-    path = fig_dir / (re.sub(r"[^\w.-]", "_", stem) + ".png")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
-    return path
-
-
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # figures are optional: the tables still come out
-        return None
-    return plt
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -328,12 +271,15 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
     if quality:
         paths["quality_csv"] = out / "quality.csv"
         _write_csv(paths["quality_csv"], [{"task": t, **r} for t, e in quality.items() for r in e["rows"]])
+    comparison = results.get("compare")
+    if comparison:
+        paths["compare_csv"] = out / "compare.csv"
+        _write_csv(paths["compare_csv"], compare_table(comparison))
     env = results.get("env") or environment()
-    blocks: list[ReportItem] = [("h", 1, "nearfar bench report"),
-                           ("p", ", ".join(f"{k}: {v}" for k, v in env.items())),
-                           ("p", "Command: " + str(results.get("command", "nearfar bench")))]
+    blocks: list[ReportItem] = [("h", 1, "nearfar bench report")]
     if results.get("interrupted"):
         blocks.append(("p", "Interrupted (Ctrl-C): the tables hold what finished before."))
+    blocks += summary_blocks({**results, "env": env}, compare_summary(comparison) if comparison else None)
     changes = results.get("resumed_with_changes") or []
     if changes:
         blocks.append(("p", "Resumed with other settings (--force-resume): the tables mix rows made with "
@@ -346,6 +292,9 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, Path]:
         blocks.append(("p", f"Not in the registry: {', '.join(unknown)} (renamed or removed since the run, or "
                             f"edited by hand). Their rows are shown as recorded and marked "
                             f"'{UNREGISTERED.strip()}'; no registered mechanism stands behind them."))
+    blocks += [("h", 2, "Environment"), ("p", ", ".join(f"{k}: {v}" for k, v in env.items()))]
+    if comparison:
+        blocks += compare_blocks(comparison)
     if results.get("speed"):
         blocks += speed_blocks(results["speed"], fig_dir)
     if quality:

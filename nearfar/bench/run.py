@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -25,6 +25,7 @@ from ..layers.registry import Mechanism, mechanisms
 from . import quality as Q
 from .files import BenchFileError, check_out_dir, load_results, warn, write_atomic
 from .report import environment, write_report
+from .shape import check_sizes
 from .tasks import TASK_NAMES, Task, get_task
 
 #: --quick: the tasks' "tiny" size (10-20 s a run on 2 cores), one seed, the controls and a few mechanisms: causal
@@ -128,8 +129,10 @@ def _factory(mech: Mechanism, pattern: str, kw: dict) -> Callable:
 class Bar:
     """A one-line progress bar on stderr (no dependency)."""
 
-    def __init__(self, label: str, total: int, stream: TextIO = sys.stderr):
-        self.label, self.total, self.stream, self.start = label, max(1, total), stream, time.perf_counter()
+    def __init__(self, label: str, total: int, stream: TextIO | None = None):
+        # sys.stderr as it is now, not as it was at import (a test's or a caller's replacement of it)
+        self.label, self.total, self.start = label, max(1, total), time.perf_counter()
+        self.stream = sys.stderr if stream is None else stream
         self.shown = -1
 
     def __call__(self, done: int, total: int | None = None, note: object = "") -> None:
@@ -295,7 +298,8 @@ def _check_resume(previous: dict, settings: dict, out: Path, force: bool) -> lis
 
 def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: Path, rounds: int | None,
               tasks: list[str] | None = None, command: str = "nearfar bench", resume: bool = False,
-              jobs: int = 1, lrs: tuple[float, ...] | None = None, force_resume: bool = False) -> dict:
+              jobs: int = 1, lrs: tuple[float, ...] | None = None, force_resume: bool = False,
+              sizes: dict | None = None, compare: list[str] | None = None) -> dict:
     """Run ``what`` ("all", "speed" or "quality") and write the report under ``out`` (also after Ctrl-C).
 
     ``resume``: start from ``out``'s results (``results.partial.json`` left by an interrupted run, else
@@ -303,16 +307,28 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
     (mechanism, pattern, dims). A long full run can so be done in several sittings, or extended by another
     ``--task`` / ``--mechanism`` selection, and still give one report. It refuses a run made with other settings
     (size, seed, rounds, LR sweep, device: its rows would mean something else) unless ``force_resume``, which keeps
-    them and notes the change in the report. ``jobs``: quality runs at once."""
+    them and notes the change in the report. ``jobs``: quality runs at once. ``sizes``: the speed sizes to time
+    instead of the preset's (``shape.check_sizes``). ``compare``: a head-to-head of these mechanisms
+    (``compare.run_compare``) instead of the speed and quality suites; it runs in one go (no ``resume``)."""
+    from .compare import ROUNDS, run_compare
     from .speed import FULL, QUICK, run_speed
 
     out = Path(out)
-    check_out_dir(out)
     resume = resume or force_resume
+    if compare and resume:
+        raise BenchFileError("--compare runs in one go: --resume and --force-resume do not apply to it")
+    sizes = check_sizes(sizes) if sizes else None
+    check_out_dir(out)
     previous = _previous(out) if resume else None
-    settings = {"size": "quick" if quick else "full", "lrs": list(lrs) if lrs else None, "seed": seed,
-                "rounds": (QUICK if quick else FULL)["rounds"] if rounds is None else rounds,
-                "device": str(torch.get_default_device())}
+    default_rounds = ROUNDS if compare else (QUICK if quick else FULL)["rounds"]
+    settings: dict[str, Any] = {"size": "quick" if quick else "full", "lrs": list(lrs) if lrs else None,
+                                "seed": seed,
+                                "rounds": default_rounds if rounds is None else rounds,
+                                "device": str(torch.get_default_device()),
+                                "sizes": None if sizes is None else {d: [list(s) if isinstance(s, tuple) else s
+                                                                         for s in v] for d, v in sizes.items()}}
+    if compare:
+        settings["compare"] = list(compare)
     changed = _check_resume(previous, settings, out, force_resume) if previous is not None else []
     torch.manual_seed(seed)
     results: dict = {"env": environment(), "command": command, "settings": settings, "speed": None, "quality": {},
@@ -329,17 +345,22 @@ def run_bench(what: str, names: list[str] | None, quick: bool, seed: int, out: P
 
     restore = _terminate_as_interrupt()
     try:
-        if what in ("all", "speed"):
+        if compare:
+            results["compare"] = {}
+            run_compare(compare, quick=quick, rounds=rounds, seed=seed, sizes=sizes, progress=Bar("compare", 1),
+                        into=results["compare"])
+            save()
+        elif what in ("all", "speed"):
             before = results["speed"] or None
             # run_speed fills these lists as it goes: an interrupted sweep leaves its finished groups resumable
             results["speed"] = {"rows": [], "gates": [], "crossovers": [], "skipped": [],
                                 "config": (before or {}).get("config")}
             bar = Bar("speed", 1)
-            results["speed"] = run_speed(names, quick=quick, rounds=rounds, seed=seed,
+            results["speed"] = run_speed(names, quick=quick, rounds=rounds, seed=seed, sizes=sizes,
                                          progress=bar,
                                          on_row=lambda r: save(), previous=before, into=results["speed"])
             save()
-        if what in ("all", "quality"):
+        if what in ("all", "quality") and not compare:
             run_quality_suite(list(tasks or (QUICK_TASKS if quick else FULL_TASKS)), names, quick, seed, results,
                               save, jobs=jobs, overrides={"lrs": tuple(lrs)} if lrs else None)
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ import torch
 from ..checks import check_positive_int
 from ..layers.registry import FAMILIES, Mechanism, mechanisms
 from . import speed_peers
+from .shape import SWEPT_DIMS, check_sizes
 from .speed_gate import GATE_1D, GATE_2D, GATE_SETTINGS, TOL, engine_check, gate_layer, recording_attend, rel_err
 from .speed_metrics import crossovers, peak_bytes, saved_bytes, work
 from .timing import interleave, median_ratio
@@ -53,7 +54,6 @@ FULL: _Preset = {"sizes": {"1d": (256, 512, 1000, 1024, 2048, 4096, 8192),
                            "2d": ((14, 14), (28, 28), (56, 56), (84, 84))},
                  "widths": {"1d": (128, 2), "2d": (96, 3)}, "rounds": 5, "row_budget_s": 30.0}
 PHASES = ("fwd", "fwd+bwd")
-SWEPT_DIMS = ("1d", "2d")
 #: constructor arguments a mechanism needs for a spatial rank other than its default
 DIMS_ARGS = {("neighborhood", "1d"): {"ndim": 1}}
 _MIB = float(1 << 20)
@@ -104,8 +104,8 @@ def _output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _caller(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[torch.nn.Parameter],
-            seed: int) -> Callable[[], torch.Tensor]:
+def timed_call(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[torch.nn.Parameter],
+               seed: int) -> Callable[[], torch.Tensor]:
     """One timed call of ``fn(*inputs)``: forward under no_grad, or forward + backward of a fixed random cotangent
     (input and parameter gradients cleared after each call, alike for every method)."""
     if phase == "fwd":
@@ -127,8 +127,8 @@ def _caller(fn: Callable, inputs: list[torch.Tensor], phase: str, params: list[t
     return call
 
 
-def _inputs(dims: str, size: Any, dim: int, pattern: str,
-            seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, int]:
+def make_inputs(dims: str, size: Any, dim: int, pattern: str,
+                seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], Any, int]:
     """(inputs of ours, inputs of dense, size label, tokens): x (1, N, dim) or (1, H, W, dim); cross: context
     (1, N, dim); dense sees a map as its H*W tokens."""
     g = torch.Generator().manual_seed(seed)
@@ -140,15 +140,20 @@ def _inputs(dims: str, size: Any, dim: int, pattern: str,
     return ours, dense, (size if dims == "1d" else "x".join(map(str, shape))), tokens
 
 
-def _dense_mechanism() -> Mechanism:
+def dense_mechanism() -> Mechanism:
+    """The registered ``dense`` layer (fused SDPA), the baseline of every row."""
     return next(m for m in mechanisms() if m.name == "dense")
 
 
-def _call_layer(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
+def call_layer(layer: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``layer`` as a function of ``(x, context=None)``, the inputs of ``make_inputs``."""
     return lambda x, context=None: layer(x) if context is None else layer(x, context=context)
 
 
-def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smallest: Any, seed: int) -> dict:
+def gate_mechanism(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smallest: Any,
+                   seed: int) -> dict:
+    """The correctness gate of ``mech`` in ``pattern`` at rank ``dims`` (``speed_gate.gate_layer``), as a record
+    with ``mechanism``, ``pattern`` and ``dims``; a mechanism that cannot even be built fails it."""
     head = {"mechanism": mech.name, "pattern": pattern, "dims": dims}
     try:
         torch.manual_seed(seed)
@@ -166,7 +171,7 @@ def _gate(mech: Mechanism, pattern: str, dims: str, width: tuple[int, int], smal
         if dims == "1d" and mech.name in GATE_SETTINGS and res["passed"]:
             # the gate's settings exercise the structure; the timed ones (make defaults) must agree too
             timed = mech.build(*width, pattern, **extra)
-            ours, _, _, _ = _inputs(dims, smallest, width[0], pattern, seed)
+            ours, _, _, _ = make_inputs(dims, smallest, width[0], pattern, seed)
             err, _ = engine_check(timed, ours[0], ours[1] if len(ours) > 1 else None, grads=False, seed=seed)
             res["max_err"], res["passed"] = max(res["max_err"], err), err <= TOL
             res["detail"] += (f"; gated with {GATE_SETTINGS[mech.name]} at N={GATE_1D} (batch 2, dim 64); the timed "
@@ -194,8 +199,8 @@ def _time_row(base: dict, ours: torch.nn.Module, dense: torch.nn.Module, ours_in
     """The row of ``ours`` against ``dense`` (and one per peer) at one size and phase; a peer that fails is left
     out and appended to ``failed`` as ``(name, reason)``."""
     params = {"ours": list(ours.parameters()), "dense": list(dense.parameters())}
-    calls = {"ours": _caller(_call_layer(ours), ours_in, phase, params["ours"], seed),
-             "dense": _caller(_call_layer(dense), dense_in, phase, params["dense"], seed)}
+    calls = {"ours": timed_call(call_layer(ours), ours_in, phase, params["ours"], seed),
+             "dense": timed_call(call_layer(dense), dense_in, phase, params["dense"], seed)}
     load_before = _load()
     rng = torch.get_rng_state()
     warm = {name: _warm(fn, params[name], phase) for name, fn in calls.items()}
@@ -211,7 +216,7 @@ def _time_row(base: dict, ours: torch.nn.Module, dense: torch.nn.Module, ours_in
         try:
             run, same = peer.make(ours, ours_in[0])
             peer_params = params["ours"] + (list(run.parameters()) if isinstance(run, torch.nn.Module) else [])
-            call = _caller(run, ours_in[:1], phase, peer_params, seed)
+            call = timed_call(run, ours_in[:1], phase, peer_params, seed)
             warm[peer.name] = _warm(call, peer_params, phase)
         except Exception as exc:  # noqa: BLE001 - peers are optional: a failing one must not cost our row
             if failed is not None:
@@ -274,7 +279,8 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
 
     ``names``: registry names or families (None: every layer mechanism; whole models are skipped with a note).
     ``peers``: time the installed peers beside ours (True), none (False) or those named (``speed_peers.PEERS``).
-    ``sizes`` / ``widths`` override the preset's ``{"1d": (N, ...), "2d": ((H, W), ...)}`` and
+    ``sizes`` / ``widths`` override the preset's ``{"1d": (N, ...), "2d": ((H, W), ...)}`` (per rank given: a rank
+    left out keeps the preset's sizes; ``check_sizes`` says what is allowed) and
     ``{"1d": (dim, heads), "2d": (dim, heads)}``. ``progress(done, total, label)`` is called as work finishes,
     ``on_row(row)`` after every row. Returns ``{"rows", "gates", "crossovers", "skipped", "config"}``; besides the
     documented row keys, rows carry ``rounds`` (fewer than asked when one round exceeds the preset's row budget) and
@@ -289,11 +295,8 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
     preset = QUICK if quick else FULL
     rounds = preset["rounds"] if rounds is None else rounds
     check_positive_int(rounds, "rounds")
-    sizes = {**preset["sizes"], **(sizes or {})}
+    sizes = {**preset["sizes"], **check_sizes(sizes or {})}
     widths = {**preset["widths"], **(widths or {})}
-    for d in SWEPT_DIMS:
-        if not sizes[d]:
-            raise ValueError(f"sizes[{d!r}] must list at least one size, got {sizes[d]!r}")
     chosen, left_out = select(names)
     only_peers = speed_peers.check_names(peers)
     items = [(m, d, p) for m in chosen for d in SWEPT_DIMS if d in m.dims for p in m.patterns]
@@ -317,7 +320,7 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
             if progress:
                 progress(done, total, f"{label}: kept from the previous run")
             continue
-        gate = _gate(mech, pattern, dims, widths[dims], sizes[dims][0], seed)
+        gate = gate_mechanism(mech, pattern, dims, widths[dims], sizes[dims][0], seed)
         gates.append(gate)
         done += 1
         if progress:
@@ -329,9 +332,9 @@ def run_speed(names: list[str] | None = None, quick: bool = True, rounds: int | 
         torch.manual_seed(seed)
         width: tuple[int, int] = widths[dims]
         ours = mech.build(*width, pattern, **DIMS_ARGS.get((mech.name, dims), {})).eval()
-        dense = _dense_mechanism().build(*width, pattern).eval()
+        dense = dense_mechanism().build(*width, pattern).eval()
         for i, size in enumerate(sizes[dims]):
-            ours_in, dense_in, size_label, tokens = _inputs(dims, size, widths[dims][0], pattern, seed)
+            ours_in, dense_in, size_label, tokens = make_inputs(dims, size, widths[dims][0], pattern, seed)
             base = {"mechanism": mech.name, "family": mech.family, "pattern": pattern, "dims": dims,
                     "size": size_label, "tokens": tokens}
             for phase in PHASES:

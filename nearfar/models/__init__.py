@@ -5,6 +5,6 @@ from __future__ import annotations
 
 from .block_transformer import BlockTransformer
 from .fit_ar import FITAR
-from .tiny_lm import TinyLM
+from .tiny_lm import TinyLM, filter_logits
 
-__all__ = ["BlockTransformer", "FITAR", "TinyLM"]
+__all__ = ["BlockTransformer", "FITAR", "TinyLM", "filter_logits"]

@@ -4,10 +4,16 @@ mechanism, by name; used by the tests, examples and the benchmark. Decoding runs
     lm = TinyLM(vocab_size=256, mechanism="streaming_llm", window=64)
     loss = lm.loss(tokens)                                  # teacher forcing, next-token cross-entropy
     out = lm.generate(prompt, max_new_tokens=32)            # greedy, one token at a time through the caches
+    out = lm.generate(prompt, 32, do_sample=True, temperature=0.8, top_p=0.95, generator=g)   # sampled
+
+Sampling follows Hugging Face's ``generate``: greedy unless ``do_sample=True``; then temperature, top-k and top-p
+(nucleus) filter the logits in that order (``filter_logits``) and the next token is drawn from the softmax of what
+is left.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -15,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_bool, check_nonneg_int, check_positive_float, check_positive_int, check_real_range
 from ..layers.registry import mechanisms
 
 
@@ -26,6 +33,52 @@ def check_token_ids(tokens: torch.Tensor, vocab_size: int, name: str) -> None:
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must hold token ids in [0, {vocab_size}) (vocab_size), got "
                              f"{lo if lo < 0 else hi}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> torch.Tensor:
+    """Next-token logits ``(..., V)`` divided by ``temperature``, then limited to the ``top_k`` largest (ties with
+    the k-th kept) and to the nucleus of ``top_p``: the most probable tokens, in order, until their probability
+    reaches ``top_p`` (a token is kept when the tokens before it hold less than ``top_p``; the most probable one
+    always is). What is left out becomes ``-inf``; ``softmax`` of the result is the sampling distribution. The order
+    and the rules are those of Hugging Face's ``TemperatureLogitsWarper``, ``TopKLogitsWarper`` and
+    ``TopPLogitsWarper`` (``min_tokens_to_keep=1``).
+
+    Args:
+        logits: Float logits, the vocabulary last.
+        temperature: > 0 (1: unchanged; lower: sharper).
+        top_k: Keep the ``top_k`` >= 1 largest logits (None: all; more than ``V``: all).
+        top_p: Nucleus mass in ``(0, 1]`` (None or 1: all).
+
+    Returns:
+        The filtered logits, same shape and dtype.
+
+    Raises:
+        ValueError: ``temperature``, ``top_k`` or ``top_p`` out of range.
+        TypeError: one of them of the wrong type.
+
+    Examples:
+        >>> import torch
+        >>> from nearfar.models.tiny_lm import filter_logits
+        >>> filter_logits(torch.tensor([2.0, 1.0, 0.0, -1.0]), top_k=2)
+        tensor([2., 1., -inf, -inf])
+        >>> filter_logits(torch.log(torch.tensor([0.5, 0.3, 0.2])), top_p=0.7).softmax(-1)
+        tensor([0.6250, 0.3750, 0.0000])
+    """
+    temperature = check_positive_float(temperature, "temperature")
+    logits = logits / temperature
+    if top_k is not None:
+        top_k = min(check_positive_int(top_k, "top_k"), logits.shape[-1])
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and check_real_range(top_p, "top_p", 0, 1, open_low=True) < 1:
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+        probs = ordered.softmax(-1)
+        before = probs.cumsum(-1) - probs  # the mass of the more probable tokens
+        drop = before >= top_p
+        drop[..., 0] = False  # the most probable token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    return logits
 
 
 class SwiGLU(nn.Module):
@@ -158,25 +211,70 @@ class TinyLM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: the prompt goes through the caches in one step, then one token per step.
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy decoding (the default) or sampling: the prompt goes through the caches in one step, then one token
+        per step.
+
+        The convention is Hugging Face's: ``do_sample=False`` picks the most probable token (argmax) and takes no
+        sampling argument; ``do_sample=True`` draws each token from ``softmax(filter_logits(logits, temperature,
+        top_k, top_p))`` with ``torch.multinomial`` (``generator``: its random stream, for reproducible samples).
 
         Args:
             prompt: Token ids ``(B, P)``, ``P >= 1``, in ``[0, vocab_size)``.
             max_new_tokens: Number of tokens to generate, >= 0.
+            do_sample: Sample instead of greedy decoding (default False).
+            temperature: Sampling temperature, > 0 (default 1).
+            top_k: Sample among the ``top_k`` >= 1 most probable tokens (default None: all).
+            top_p: Sample from the nucleus of probability ``top_p`` in ``(0, 1]`` (default None: all).
+            generator: A ``torch.Generator`` on the model's device for the draws (default: torch's global one).
 
         Returns:
-            ``(B, P + max_new_tokens)``: the prompt followed by the greedy tokens.
+            ``(B, P + max_new_tokens)``: the prompt followed by the new tokens.
 
         Raises:
-            ValueError: A token id outside ``[0, vocab_size)``.
+            ValueError: A token id outside ``[0, vocab_size)``; ``max_new_tokens``, ``temperature``, ``top_k`` or
+                ``top_p`` out of range; a sampling argument given with ``do_sample=False``.
+            TypeError: An argument of the wrong type.
+
+        Examples:
+            >>> import torch, nearfar as nf
+            >>> lm = nf.TinyLM(64, dim=32, depth=1, num_heads=2, mechanism="dense")
+            >>> prompt = torch.randint(0, 64, (2, 5))
+            >>> g = torch.Generator().manual_seed(0)
+            >>> out = lm.generate(prompt, 8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, generator=g)
+            >>> out.shape
+            torch.Size([2, 13])
+            >>> _ = g.manual_seed(0)  # the same stream: the same tokens
+            >>> torch.equal(out, lm.generate(prompt, 8, do_sample=True, temperature=0.7, top_k=20, top_p=0.9,
+            ...                              generator=g))
+            True
         """
         check_token_ids(prompt, self.vocab_size, "prompt")
+        max_new_tokens = check_nonneg_int(max_new_tokens, "max_new_tokens")
+        if not check_bool(do_sample, "do_sample"):
+            given = [name for name, value, default in (("temperature", temperature, 1.0), ("top_k", top_k, None),
+                                                       ("top_p", top_p, None), ("generator", generator, None))
+                     if value is not default and value != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to sampling: pass do_sample=True (greedy decoding, "
+                                 f"the default, takes the most probable token)")
+        else:
+            filter_logits(torch.zeros(1), temperature, top_k, top_p)  # argument errors before any work
+            if generator is not None and not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         caches = self.new_caches(prompt.shape[0])
         logits = self(prompt, caches)
         out = [prompt]
         for _ in range(max_new_tokens):
-            nxt = logits[:, -1:].argmax(-1)
+            last = logits[:, -1]
+            if do_sample:
+                last = last.to(torch.promote_types(last.dtype, torch.float32))  # half precision: draw in float32
+                probs = filter_logits(last, temperature, top_k, top_p).softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            else:
+                nxt = last.argmax(-1, keepdim=True)
             out.append(nxt)
             logits = self(nxt, caches)
         return torch.cat(out, 1)

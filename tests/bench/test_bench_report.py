@@ -11,7 +11,8 @@ from nearfar.bench.report import environment, render_markdown, write_report
 
 def _speed_row(mech, pattern, n, phase, ratio, peer=None):
     return {"mechanism": mech, "family": "local", "pattern": pattern, "dims": "1d", "size": n, "tokens": n,
-            "phase": phase, "ms": 10 / ratio, "dense_ms": 10.0, "ratio": ratio, "ratio_min": ratio, "ratio_max": ratio,
+            "phase": phase, "ms": 10 / ratio, "dense_ms": 10.0, "ratio": ratio, "ratio_min": 0.9 * ratio,
+            "ratio_max": 1.1 * ratio, "rounds": 3,
             "saved_mib": 1.0 if phase == "fwd+bwd" else None, "dense_saved_mib": 4.0 if phase == "fwd+bwd" else None,
             "pairs": None, "gflops": None, "load": [1.0, 1.0], "peer": peer}
 

@@ -89,9 +89,9 @@ def test_ctrl_c_leaves_the_finished_rows_in_a_report(tmp_path, monkeypatch):
 
     def interrupted(*args, on_row=None, into=None, **kwargs):  # run_speed fills ``into`` as rows come
         row = {"mechanism": "swin", "family": "window", "pattern": "NS", "dims": "2d", "size": "14x14",
-                "tokens": 196, "phase": "fwd", "ms": 1.0, "dense_ms": 2.0, "ratio": 2.0, "ratio_min": 2.0,
-                "ratio_max": 2.0, "saved_mib": None, "dense_saved_mib": None, "pairs": None, "gflops": None,
-                "load": None, "peer": None}
+                "tokens": 196, "phase": "fwd", "ms": 1.0, "dense_ms": 2.0, "ratio": 2.0, "ratio_min": 1.9,
+                "ratio_max": 2.1, "rounds": 3, "saved_mib": None, "dense_saved_mib": None, "pairs": None,
+                "gflops": None, "load": None, "peer": None}
         into["rows"].append(row)
         on_row(row)
         raise KeyboardInterrupt
