@@ -325,8 +325,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     where = None if state is None else _positions(module, state, query.shape[2], key.shape[2])
     if state is None or state.pattern is None:
         mask = masks.exact() if masks is not None else given
-        return hf.attention_forward(module, query, key, value, mask, dropout, scaling, is_causal, sliding_window,
-                                    softcap, **kwargs)
+        return hf.attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
+                                    is_causal=is_causal, sliding_window=sliding_window, softcap=softcap, **kwargs)
     _unsupported(dropout, softcap, kwargs)
     bias = None
     if given is not None:  # a 4D mask the caller built (the mask builder is skipped for those)
