@@ -109,7 +109,7 @@ def scored_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=q.device))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
-    out = torch.matmul(e / den.clamp(min=torch.finfo(acc).tiny), v.to(acc)).to(q.dtype)
+    out = (torch.matmul(e, v.to(acc)) / torch.where(den > 0, den, 1.0)).to(q.dtype)  # no key: e = 0, divide by 1
     return out, ((m + den.detach().log())[..., 0] if return_lse else None)
 
 

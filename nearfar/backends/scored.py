@@ -5,8 +5,8 @@ tanh soft-capping, relative-position tables). The fast chunk kernels of the bloc
 CPU flash-attention operators, the compiled kernel of ``nearfar.native``) take an additive mask, not a Python
 function, so a call with a ``score_mod`` runs here instead. Each chunk of query tiles gathers its tiles' queries
 and key lists, forms the scores ``(B, Hq, c, T, W)`` (``q . k * scale``), applies ``score_mod`` to them with the
-tokens' own indices, adds the bias, masks with ``where`` (what a masked pair holds never reaches the softmax) and
-takes a safe softmax (a query with no key gets 0 and LSE ``-inf``); nothing of size ``Nq x Nk`` is formed.
+tokens' own indices, adds the mask (0 / -inf, as the other chunk kernels) and the bias, and takes a safe softmax
+(a query with no key gets 0 and LSE ``-inf``); nothing of size ``Nq x Nk`` is formed.
 
 For training each chunk is recomputed in the backward pass (``torch.utils.checkpoint``, non-reentrant), so memory
 stays one chunk's plus the outputs, and autograd differentiates everything: ``q``, ``k``, ``v``, the bias and every
@@ -34,7 +34,8 @@ from .kernels import acc_dtype
 #: score-sized elements (scores, their exponentials, the probabilities) per chunk, about; a single tile may exceed it
 _CHUNK_ELEMS = 1 << 22
 
-#: (query index (c, T), key index (Bs, Hs, c, W), exact mask (Bs, Hs|1, c, T, W) when called)
+#: (query index (c, T), key index (Bs, Hs, c, W), exact additive mask (Bs, Hs|1, c, T, W) when called: 0 where the
+#: pair may attend, -inf elsewhere, empty query and key slots included)
 Lists = tuple[torch.Tensor, torch.Tensor, Callable[[], torch.Tensor]]
 
 
@@ -52,7 +53,7 @@ def _bias_values(bias: BiasSource, b: torch.Tensor, h: torch.Tensor, q: torch.Te
 def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, scale: float, score_mod: Callable | None,
            kpm: torch.Tensor | None, bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out (B, Hq, c, T, dv), lse (B, Hq, c, T))`` of one chunk of query tiles."""
-    q_idx, k_idx, ok_fn = lists
+    q_idx, k_idx, mask_fn = lists
     b, hq, nq, _ = q.shape
     group = hq // k.shape[1]
     acc = acc_dtype(q.dtype)
@@ -64,24 +65,26 @@ def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, scal
     hkv = (torch.arange(hq, device=dev) // group).view(1, hq, 1, 1)
     qc = q[:, :, qi].to(acc)  # (B, Hq, c, T, d)
     kc, vc = k[bi, hkv, ki].to(acc), v[bi, hkv, ki].to(acc)  # (B, Hq, c, W, e)
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale  # (B, Hq, c, T, W)
+    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)  # (B, Hq, c, T, W)
     b5, h5 = bi[..., None], torch.arange(hq, device=dev).view(1, hq, 1, 1, 1)
     q5, k5 = qi[None, None, :, :, None], ki[:, :, :, None, :]
     if score_mod is not None:
         s = call_score_mod(score_mod, s, b5, h5, q5, k5)
-    ok = ok_fn()
-    ok = ok[:, hsel] if ok.shape[1] > 1 else ok
-    valid = ok & (kpos >= 0)[:, :, :, None, :] & (q_idx >= 0)[None, None, :, :, None]
+    # the mask is added, not applied with ``where``: one pass fewer over the scores; a masked score is finite here
+    # (the guard keeps non-finite and huge inputs out of the engines), unless the score_mod makes it +inf or NaN
+    mask = mask_fn()
+    s = s + (mask[:, hsel] if mask.shape[1] > 1 else mask)
     if kpm is not None:
-        valid = valid & (kpm[bi, ki] == 0)[:, :, :, None, :]
+        s = s + kpm[bi, ki][:, :, :, None, :]
     if bias is not None:
         s = s + _bias_values(bias, b5, h5, q5, k5, nq).to(acc)
-    s = torch.where(valid, s, torch.tensor(float("-inf"), dtype=acc, device=dev))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=dev))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
-    out = torch.matmul(e / den.clamp(min=torch.finfo(acc).tiny), vc)
+    # normalised on (T, dv), not on (T, W); a row with no key has e = 0 and divides by 1 (a tiny divisor would send
+    # inf * 0 = NaN into the gradients)
+    out = torch.matmul(e, vc) / torch.where(den > 0, den, 1.0)
     lse = (m + den.detach().log())[..., 0]
     return out.to(q.dtype), lse
 
@@ -120,11 +123,11 @@ def plan_lists(plan: Plan, b: int, hq: int, d: int, dv: int) -> Iterator[Lists]:
         for t0 in range(0, len(g), step):
             t1 = min(len(g), t0 + step)
             yield g.q_idx[t0:t1], g.k_idx[None, :, t0:t1], (
-                lambda g=g, t0=t0, t1=t1: plan.allowed(g, t0, t1)[None])
+                lambda g=g, t0=t0, t1=t1: plan.additive_mask(g, t0, t1)[None])
 
 
 def selected_lists(pattern: Pattern | None, blocks: SelectedBlocks, b: int, hq: int, hkv: int, nq: int, nk: int,
-                   d: int, dv: int) -> Iterator[Lists]:
+                   d: int, dv: int, dtype: torch.dtype) -> Iterator[Lists]:
     """Chunks of query blocks over the union of the selected blocks and the pattern's blocks (at the selection's
     block sizes), with the exact mask ``pattern | (selected & within)``."""
     table = blocks.block_table(nk)  # (Bt, Ht, QB, KB)
@@ -145,7 +148,7 @@ def selected_lists(pattern: Pattern | None, blocks: SelectedBlocks, b: int, hq: 
     kpos = torch.where(live[..., None] & (kpos < nk), kpos, -1).flatten(-2)  # (Bt, Hs, QB, W)
     qpos = qt.idx
 
-    def exact(r0: int, r1: int) -> torch.Tensor:
+    def exact(r0: int, r1: int, acc: torch.dtype) -> torch.Tensor:
         kp, qp = kpos[:, :, r0:r1], qpos[r0:r1]
         q5, k5 = qp.clamp(min=0)[None, None, :, :, None], kp.clamp(min=0)[:, :, :, None, :]
         ok = table[:, :, r0:r1].gather(-1, kp.clamp(min=0) // kb)[:, :, :, None, :]
@@ -158,12 +161,14 @@ def selected_lists(pattern: Pattern | None, blocks: SelectedBlocks, b: int, hq: 
                                    for i, p in enumerate(pattern.patterns)], 1)
         elif pattern is not None:
             ok = ok | pattern.allowed(q5, k5, nq, nk)
-        return ok
+        ok = ok & (kp >= 0)[:, :, :, None, :] & (qp >= 0)[None, None, :, :, None]
+        return torch.where(ok, 0.0, float("-inf")).to(acc)
 
     step = _per_chunk(b, hq, t, kpos.shape[-1], d, dv)
+    acc = acc_dtype(dtype)
     for r0 in range(0, qpos.shape[0], step):
         r1 = min(qpos.shape[0], r0 + step)
-        yield qpos[r0:r1], kpos[:, :, r0:r1], (lambda r0=r0, r1=r1: exact(r0, r1))
+        yield qpos[r0:r1], kpos[:, :, r0:r1], (lambda r0=r0, r1=r1: exact(r0, r1, acc))
 
 
 def scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan | None, scale: float,
@@ -176,7 +181,7 @@ def scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Pl
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if blocks is not None:
-        chunks = selected_lists(pattern, blocks, b, hq, hkv, nq, nk, d, dv)
+        chunks = selected_lists(pattern, blocks, b, hq, hkv, nq, nk, d, dv, q.dtype)
     else:
         assert plan is not None
         chunks = plan_lists(plan, b, hq, d, dv)

@@ -108,9 +108,13 @@ def scan(fn: Callable, b: int, h: int, nq: int, nk: int, device: torch.device | 
             by_h = by_h or not bool((m == m[:, :1]).all())
         m = m.expand(m.shape[0], m.shape[1], r1 - r0, nk)
         pad = (0, kb * g - nk, 0, -(-(r1 - r0) // g) * g - (r1 - r0))
-        blk = (m.shape[0], m.shape[1], -1, g, kb, g)
-        anys.append(torch.nn.functional.pad(m, pad, value=False).view(blk).any(5).any(3))
-        fulls.append(torch.nn.functional.pad(m, pad, value=True).view(blk).all(5).all(3))
+        rows_first = (m.shape[0], m.shape[1], -1, g, kb * g)  # rows first: 16 long slices, then a 16x smaller tensor
+        cols = (m.shape[0], m.shape[1], -1, kb, g)
+        padded = any(pad)  # (a copy each, so only where the ends are not whole blocks)
+        m_any = torch.nn.functional.pad(m, pad, value=False) if padded else m.contiguous()
+        m_all = torch.nn.functional.pad(m, pad, value=True) if padded else m_any
+        anys.append(m_any.view(rows_first).any(3).view(cols).any(4))
+        fulls.append(m_all.view(rows_first).all(3).view(cols).all(4))
     bb, hh = (b if by_b else 1), (h if by_h else 1)
 
     def whole(parts: list[torch.Tensor]) -> torch.Tensor:
