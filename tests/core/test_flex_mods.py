@@ -318,3 +318,49 @@ def test_garbage_keys_with_a_score_mod(engine):
     out = nf.attend(*leaves, causal, key_padding_mask=kpm, score_mod=mod, engine=engine)
     ref = dense64(*leaves, causal.fn(*grid(2, 2, 64, 64)), 8 ** -0.5, mod, kpm)
     assert torch.isfinite(out).all() and (out - ref).abs().max() < 1e-5
+
+
+def test_docs_page_examples_run():
+    """Every code block of docs/flex.md runs as written, in order (the page is copy-paste material)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "flex.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) >= 5
+    env: dict = {}
+    torch.manual_seed(0)
+    exec(compile("\n".join(blocks), "docs/flex.md", "exec"), env)
+    assert env["out"].shape == (2, 4, 512, 32)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 200), st.sampled_from([1, 5, 16, 64, 128]), st.sampled_from(
+    ["causal", "sliding", "document", "prefix_lm"]), st.integers(0, 2 ** 16))
+def test_tile_answers_are_conservative(nq, nk, tile, kind, seed):
+    """``block_allowed`` from the scan never misses an allowed pair, ``block_full`` never claims a forbidden one,
+    for tiles of any size and offset (the engines ask at 128 tokens, the key-by-key narrowing at 1, run-time blocks
+    at their own sizes), and both are exact at the scan's own 16-token blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    fn = make_mask(kind, 1, 1, nq, nk, gen)
+    p = nf.MaskMod(fn)
+    exact = fn(*grid(1, 1, nq, nk))[0, 0]
+
+    def chunks(n, t, start):
+        i = torch.arange(-start, n + t)
+        i = i[: (i.numel() // t) * t].view(-1, t)
+        return torch.where((i >= 0) & (i < n), i, -1)
+
+    for t, start in ((tile, 0), (tile, tile // 2), (16, 0)):
+        qt, kt = nf.patterns.Tiles(chunks(nq, t, start)), nf.patterns.Tiles(chunks(nk, t, start))
+        qi, ki = qt.idx.clamp(min=0), kt.idx.clamp(min=0)
+        pairs = exact[qi[:, None, :, None], ki[None, :, None, :]]  # (nTq, nTk, t, t)
+        both = (qt.idx >= 0)[:, None, :, None] & (kt.idx >= 0)[None, :, None, :]
+        any_ok, all_ok = (pairs & both).flatten(2).any(-1), (pairs | ~both).flatten(2).all(-1)
+        live = both.flatten(2).any(-1)
+        got_any, got_full = p.block_allowed(qt, kt, nq, nk), p.block_full(qt, kt, nq, nk)
+        assert not (any_ok & ~got_any).any() and not (got_full & ~(all_ok & live)).any()
+        if t == 16 and start == 0:  # the scan's own blocks: exact
+            assert torch.equal(got_any, any_ok) and torch.equal(got_full, all_ok & live)
+        paired = p.block_allowed(qt, nf.patterns.Tiles(kt.idx.expand(qt.idx.shape[0], -1, -1)), nq, nk)
+        assert torch.equal(paired, got_any)  # the paired form (nTq, M, t) gives the same answers
