@@ -32,7 +32,7 @@ from ..selection import SelectedBlocks
 from .kernels import acc_dtype
 
 #: score-sized elements (scores, their exponentials, the probabilities) per chunk, about; a single tile may exceed it
-_CHUNK_ELEMS = 1 << 22
+_CHUNK_ELEMS = 1 << 20
 
 #: (query index (c, T), key index (Bs, Hs, c, W), exact additive mask (Bs, Hs|1, c, T, W) when called: 0 where the
 #: pair may attend, -inf elsewhere, empty query and key slots included)
@@ -50,43 +50,66 @@ def _bias_values(bias: BiasSource, b: torch.Tensor, h: torch.Tensor, q: torch.Te
     return table[h, bias.pattern.rpb_index(q, k, nq)]
 
 
-def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lists: Lists, scale: float, score_mod: Callable | None,
-           kpm: torch.Tensor | None, bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, Hq, c, T, dv), lse (B, Hq, c, T))`` of one chunk of query tiles."""
+def _heads(x: torch.Tensor, hkv: int, g: int) -> torch.Tensor:
+    """A per-list tensor ``(Bs, Hs, c, ...)`` (``Hs`` 1, ``Hkv`` or ``Hq = Hkv * g``) in the chunk layout
+    ``(Bs, Hs or Hkv, c, 1 or g, ...)``: query heads grouped under their KV head."""
+    bs, hs, c, *rest = x.shape
+    if hs in (1, hkv):
+        return x.view(bs, hs, c, 1, *rest)
+    return x.view(bs, hkv, g, c, *rest).transpose(2, 3)
+
+
+def _chunk(q: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, hkv: int, lists: Lists, scale: float,
+           score_mod: Callable | None, kpm: torch.Tensor | None,
+           bias: BiasSource | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, c, T, dv), lse (B, Hq, c, T))`` of one chunk of query tiles. ``kf``/``vf``: the keys and values
+    as rows ``(B * Hkv * Nk, e)``. Scores live as ``(B, Hkv, c, g, T, W)`` (a GQA group's queries under their KV
+    head, so shared key lists are gathered once per KV head); the score_mod gets index tensors of that layout."""
     q_idx, k_idx, mask_fn = lists
-    b, hq, nq, _ = q.shape
-    group = hq // k.shape[1]
+    b, hq, nq, d = q.shape
+    g, nk, dv = hq // hkv, kf.shape[0] // (b * hkv), vf.shape[-1]
+    c, t = q_idx.shape
     acc = acc_dtype(q.dtype)
     dev = q.device
-    hsel = torch.arange(hq, device=dev) // (hq // k_idx.shape[1])
-    kpos = k_idx[:, hsel]  # (Bs, Hq, c, W)
-    ki, qi = kpos.clamp(min=0), q_idx.clamp(min=0)
-    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
-    hkv = (torch.arange(hq, device=dev) // group).view(1, hq, 1, 1)
-    qc = q[:, :, qi].to(acc)  # (B, Hq, c, T, d)
-    kc, vc = k[bi, hkv, ki].to(acc), v[bi, hkv, ki].to(acc)  # (B, Hq, c, W, e)
-    s = torch.matmul(qc, kc.transpose(-1, -2)).mul_(scale)  # (B, Hq, c, T, W)
-    b5, h5 = bi[..., None], torch.arange(hq, device=dev).view(1, hq, 1, 1, 1)
-    q5, k5 = qi[None, None, :, :, None], ki[:, :, :, None, :]
+    qi = q_idx.clamp(min=0)
+    ki = _heads(k_idx.clamp(min=0), hkv, g)  # (Bs, Hk, c, gk, W)
+    gk, w = ki.shape[3], ki.shape[4]
+    rows = ((torch.arange(b, device=dev).view(b, 1, 1, 1, 1) * hkv + torch.arange(hkv, device=dev).view(
+        1, hkv, 1, 1, 1)) * nk + ki).reshape(-1)  # (B, Hkv, c, gk, W) rows of kf
+    kc = kf.index_select(0, rows).view(b, hkv, c, gk, w, d).to(acc)
+    vc = vf.index_select(0, rows).view(b, hkv, c, gk, w, dv).to(acc)
+    qc = q.index_select(2, qi.reshape(-1)).view(b, hkv, g, c, t, d).transpose(2, 3).to(acc) * scale
+    if gk == 1:  # one key list per KV head: its g query heads in one product
+        s = torch.matmul(qc.reshape(b, hkv, c, g * t, d), kc[:, :, :, 0].transpose(-1, -2)).view(b, hkv, c, g, t, w)
+    else:
+        s = torch.matmul(qc, kc.transpose(-1, -2))  # (B, Hkv, c, g, T, W)
+    b6 = torch.arange(b, device=dev).view(b, 1, 1, 1, 1, 1)
+    h6 = (torch.arange(hkv, device=dev).view(hkv, 1) * g + torch.arange(g, device=dev)).view(1, hkv, 1, g, 1, 1)
+    q6, k6 = qi.view(1, 1, c, 1, t, 1), ki[:, :, :, :, None, :]
     if score_mod is not None:
-        s = call_score_mod(score_mod, s, b5, h5, q5, k5)
-    # the mask is added, not applied with ``where``: one pass fewer over the scores; a masked score is finite here
-    # (the guard keeps non-finite and huge inputs out of the engines), unless the score_mod makes it +inf or NaN
-    mask = mask_fn()
-    s = s + (mask[:, hsel] if mask.shape[1] > 1 else mask)
+        s = call_score_mod(score_mod, s, b6, h6, q6, k6)
+    # the mask is added, not applied with ``where``: a pass fewer over the scores; a masked score is finite here (the
+    # guard keeps non-finite and huge inputs out of the engines) unless the score_mod makes it +inf or NaN. ``s`` is
+    # then a fresh tensor of this function, so the rest runs in place
+    s = s + _heads(mask_fn(), hkv, g)
     if kpm is not None:
-        s = s + kpm[bi, ki][:, :, :, None, :]
+        s.add_(kpm[b6[..., 0], ki][:, :, :, :, None, :])
     if bias is not None:
-        s = s + _bias_values(bias, b5, h5, q5, k5, nq).to(acc)
+        s.add_(_bias_values(bias, b6, h6, q6, k6, nq).to(acc))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=dev))
-    e = torch.exp(s - m)
+    e = s.sub_(m).exp_()
     den = e.sum(-1, keepdim=True)
+    if gk == 1:
+        o = torch.matmul(e.view(b, hkv, c, g * t, w), vc[:, :, :, 0]).view(b, hkv, c, g, t, dv)
+    else:
+        o = torch.matmul(e, vc)
     # normalised on (T, dv), not on (T, W); a row with no key has e = 0 and divides by 1 (a tiny divisor would send
     # inf * 0 = NaN into the gradients)
-    out = torch.matmul(e, vc) / torch.where(den > 0, den, 1.0)
+    o = o / torch.where(den > 0, den, 1.0)
     lse = (m + den.detach().log())[..., 0]
-    return out.to(q.dtype), lse
+    out = o.transpose(2, 3).reshape(b, hq, c, t, dv).to(q.dtype)
+    return out, lse.transpose(2, 3).reshape(b, hq, c, t)
 
 
 def run_lists(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Iterator[Lists], nq: int, scale: float,
@@ -94,12 +117,14 @@ def run_lists(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunks: Iterato
               return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention over chunks of query tiles with their key lists; every query is in exactly one tile."""
     train = torch.is_grad_enabled()  # also for a score_mod capturing a tensor that requires grad (not seen here)
+    hkv = k.shape[1]
+    kf, vf = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])  # rows for index_select (a copy if strided)
     outs, lses, rows = [], [], []
     for lists in chunks:
         if train:
-            out, lse = checkpoint(_chunk, q, k, v, lists, scale, score_mod, kpm, bias, use_reentrant=False)
+            out, lse = checkpoint(_chunk, q, kf, vf, hkv, lists, scale, score_mod, kpm, bias, use_reentrant=False)
         else:
-            out, lse = _chunk(q, k, v, lists, scale, score_mod, kpm, bias)
+            out, lse = _chunk(q, kf, vf, hkv, lists, scale, score_mod, kpm, bias)
         outs.append(out.flatten(2, 3))
         lses.append(lse.detach().flatten(2, 3))
         rows.append(lists[0].reshape(-1))
