@@ -213,10 +213,11 @@ def attend(
     ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's) rewrites each score before the softmax: it gets the
     scaled score ``q . k * scale`` (float32, float64 for float64 inputs), as Flex applies it, and its result is
     what ``bias`` is added to and the mask then applies to, so the probabilities are ``softmax(score_mod(q . k *
-    scale) + bias)`` over the allowed keys. A pattern may be a ``MaskMod`` (Flex's ``mask_mod``).
+    scale) + bias)`` over the allowed keys. A pattern may be a ``MaskMod`` (Flex's ``mask_mod``, which sees the
+    indices of the ``q`` and ``k`` tensors as they are, as in Flex).
     Any layout of q/k/v (views, transposes, expanded or strided dims) gives the result of the contiguous call.
     Meta tensors get outputs of the right shape (for tracing). Returns ``(B, Hq, Nq, dv)``, plus the LSE
-    ``(B, Hq, Nq)`` (natural log, of the scaled biased scores, not differentiable) when ``return_lse``.
+    ``(B, Hq, Nq)`` (natural log, of the scores the softmax takes, not differentiable) when ``return_lse``.
 
     Args:
         q: Queries ``(B, Hq, Nq, d)``, a floating dtype (float16, bfloat16, float32, float64).
@@ -235,8 +236,9 @@ def attend(
             format (``nearfar.SelectedBlocks``): the pairs they allow are added to ``pattern``'s (a union); with
             ``blocks``, ``pattern=None`` adds no static pairs. No gradient flows through the indices.
         score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, called on broadcastable index
-            tensors (``nearfar.mods``): ALiBi, tanh soft-capping, relative-position tables. Gradients flow through
-            it to ``q``/``k`` and to the tensors it captures. Every engine takes it; the block-sparse engine
+            tensors (``nearfar.mods``): ALiBi, tanh soft-capping, relative-position tables. It should return finite
+            scores or ``-inf`` (which masks the pair, as in Flex). Gradients flow through it to ``q``/``k`` and to
+            the tensors it captures. Every engine takes it; the block-sparse engine
             evaluates it chunk by chunk through PyTorch ops (``nearfar.backends.scored``: the compiled CPU kernel
             and the fused chunk kernels take no Python function, so such a call runs without them).
 
@@ -272,7 +274,10 @@ def attend(
     nk = k.shape[2]
     if q.device.type == "meta":
         return _meta(q, k, v, float(scale) if scale is not None else 1.0 / math.sqrt(d), return_lse)
-    pattern, items = bind(pattern, b, hq, nq, k.shape[2], q.device)
+    bound, items = bind(pattern, b, hq, nq, k.shape[2], q.device)
+    if engine == "partition" and items is None and bound is not pattern:  # a MaskMod per head: check every head
+        _check_partition(bound, bias, rpb, nq, k.shape[2])
+    pattern = bound
     if items is not None:  # a MaskMod that varies over the batch: one call per item, each with its own plan
         with unobserved():
             return _per_item(q, k, v, items, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks,

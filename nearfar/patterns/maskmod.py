@@ -145,8 +145,8 @@ class MaskMod(Pattern):
         name: Shown in ``repr`` (default: the function's ``__name__``).
 
     Raises:
-        TypeError: If ``fn`` is not a callable of four positional arguments; when a call of ``attend`` finds that
-            it does not return a bool tensor.
+        TypeError: If ``fn`` is not a hashable callable of four positional arguments; when a call of ``attend``
+            finds that it does not return a bool tensor.
         ValueError: When its result does not broadcast to the shape of its index arguments.
 
     Examples:
@@ -163,10 +163,16 @@ class MaskMod(Pattern):
 
     def __init__(self, fn: Callable, name: str | None = None) -> None:
         self.fn = check_mod(fn, "mask_mod", "mask_mod")
+        try:
+            hash(fn)
+        except TypeError:
+            raise TypeError(f"mask_mod must be hashable (its scans are cached by it), got an unhashable "
+                            f"{type(fn).__name__}") from None
         if name is not None and not isinstance(name, str):
             raise TypeError(f"name must be a str or None, got {type(name).__name__}")
         self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
 
+    @torch.compiler.disable  # data-dependent: run eagerly inside compiled graphs, as plans are built
     def scan(self, b: int, h: int, nq: int, nk: int, device: torch.device | str) -> Scan:
         """The cached scan of this mask over ``b`` items, ``h`` heads, ``nq`` queries and ``nk`` keys.
 

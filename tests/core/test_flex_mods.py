@@ -364,3 +364,24 @@ def test_tile_answers_are_conservative(nq, nk, tile, kind, seed):
             assert torch.equal(got_any, any_ok) and torch.equal(got_full, all_ok & live)
         paired = p.block_allowed(qt, nf.patterns.Tiles(kt.idx.expand(qt.idx.shape[0], -1, -1)), nq, nk)
         assert torch.equal(paired, got_any)  # the paired form (nTq, M, t) gives the same answers
+
+
+def test_unhashable_mask_mod_is_refused():
+    class Unhashable:
+        __hash__ = None  # type: ignore[assignment]
+
+        def __call__(self, b, h, qi, ki):
+            return qi >= ki
+
+    with pytest.raises(TypeError, match="mask_mod must be hashable"):
+        nf.MaskMod(Unhashable())
+
+
+def test_partition_checks_every_head_of_a_head_dependent_mask_mod():
+    q = torch.randn(1, 2, 256, 8)
+    windows = nf.MaskMod(lambda b, h, qi, ki: torch.where(h == 0, qi // 128 == ki // 128, (qi - ki).abs() < 9))
+    with pytest.raises(ValueError, match="partition"):  # head 0 is windows, head 1 is not
+        nf.attend(q, q, q, windows, engine="partition")
+    same = nf.MaskMod(lambda b, h, qi, ki: (qi // (64 * (h + 1)) == ki // (64 * (h + 1))))
+    out = nf.attend(q, q, q, same, engine="partition")
+    assert (out - dense64(q, q, q, same.fn(*grid(1, 2, 256, 256)), 8 ** -0.5)).abs().max() < 1e-5
