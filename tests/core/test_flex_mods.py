@@ -387,3 +387,39 @@ def test_partition_checks_every_head_of_a_head_dependent_mask_mod():
     same = nf.MaskMod(lambda b, h, qi, ki: (qi // (64 * (h + 1)) == ki // (64 * (h + 1))))
     out = nf.attend(q, q, q, same, engine="partition")
     assert (out - dense64(q, q, q, same.fn(*grid(1, 2, 256, 256)), 8 ** -0.5)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ENGINES + ("partition", "table-blocksparse"))
+def test_score_mod_with_a_bias_or_a_table_and_their_gradients(name):
+    """``softmax(score_mod(q . k * scale) + bias)``: a dense bias and a relative-position table both get their
+    gradients beside the score_mod's captured tensor."""
+    tables = {"partition": ("partition", nf.Blocks(8, grid=(8, 8)), 15),
+              "table-blocksparse": ("blocksparse", nf.Neighborhood(5, grid=(8, 8)), 9)}
+    engine, ctx = engine_context(name) if name not in tables else (tables[name][0], native.disabled())
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 2, 64, 8, generator=gen).requires_grad_() for _ in range(3))
+    slopes = torch.tensor([0.2, 0.05], requires_grad=True)
+    mod = lambda s, b, h, qi, ki: 2.0 * torch.tanh(s / 2.0) - slopes[h] * (qi - ki).abs()  # noqa: E731
+    if name in tables:
+        _, pattern, m = tables[name]
+        extra = {"rpb": torch.randn(2, m, m, generator=gen).requires_grad_()}
+    else:
+        pattern, extra = nf.MaskMod(lambda b, h, qi, ki: qi >= ki), {
+            "bias": torch.randn(2, 1, 64, 64, generator=gen).requires_grad_()}
+    with ctx:
+        out = nf.attend(q, k, v, pattern, score_mod=mod, engine=engine, **extra)
+    leaves = [q, k, v, slopes, *extra.values()]
+    grads = torch.autograd.grad(out.sum(), leaves)
+    # the reference: the same call on the dense engine, in float64 (the bias or table looked up by it)
+    with torch.no_grad():
+        allowed = pattern.mask(64, 64)
+    values = extra.get("bias")
+    if values is None:  # the table as the dense bias it adds, through the dense engine's own lookup
+        from nearfar.backends.dense import dense_bias
+        from nearfar.bias import RelativePositionBias
+        values = dense_bias(RelativePositionBias(extra["rpb"], pattern, 64), 64, 64, "cpu")
+    ref = dense64(q, k, v, allowed, 8 ** -0.5, lambda s, *i: mod(s, *i) + values.double())
+    ref_grads = torch.autograd.grad(ref.sum(), leaves)
+    assert (out - ref).abs().max() < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert (a - b).abs().max() < 1e-4 * max(1.0, b.abs().max())
