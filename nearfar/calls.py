@@ -155,6 +155,7 @@ class AttendCall:
     engine: str
     return_lse: bool
     blocks: SelectedBlocks | None
+    score_mod: Callable | None = None
 
     def run(self, return_lse: bool | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``attend`` with the current arguments (``return_lse`` overrides the call's own)."""
@@ -164,7 +165,8 @@ class AttendCall:
         try:
             return attend(self.q, self.k, self.v, self.pattern, scale=self.scale, bias=self.bias, rpb=self.rpb,
                           key_padding_mask=self.key_padding_mask, engine=self.engine,
-                          return_lse=self.return_lse if return_lse is None else return_lse, blocks=self.blocks)
+                          return_lse=self.return_lse if return_lse is None else return_lse, blocks=self.blocks,
+                          score_mod=self.score_mod)
         finally:
             _INTERCEPTORS.reset(token)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Literal, overload
 
 import torch
@@ -14,12 +15,15 @@ from .backends.dense import dense_attention
 from .backends.native import density as native_density
 from .backends.native import supports as native_supports
 from .backends.partition import partition_attention
+from .backends.scored import scored_attention
 from .backends.selected import selected_attention
 from .bias import DenseBias, RelativePositionBias
-from .calls import AttendCall, forced_engine, interceptor, record_tensors
+from .calls import AttendCall, forced_engine, interceptor, record_tensors, unobserved
 from .checks import check_bool, check_same_dtype_device, check_scale
 from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_rows
+from .mods import at_batch, at_heads, check_mod
 from .patterns import Dense, Pattern, PerHead
+from .patterns.maskmod import bind
 from .patterns.spatial import SpatialPattern
 from .plan import get_plan
 from .selection import SelectedBlocks
@@ -49,7 +53,8 @@ def _check_tensor(x: object, name: str, shape_doc: str) -> torch.Tensor:
     return x
 
 
-def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks=None):
+def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks=None,
+              score_mod=None):
     _check_tensor(q, "q", "(B, Hq, Nq, d)")
     _check_tensor(k, "k", "(B, Hkv, Nk, d)")
     _check_tensor(v, "v", "(B, Hkv, Nk, dv)")
@@ -96,6 +101,8 @@ def _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, retu
     if not isinstance(engine, str) or (engine != "auto" and engine not in ENGINES):
         raise ValueError(f"engine must be 'auto' or one of {list(ENGINES)}, got {engine!r}")
     check_bool(return_lse, "return_lse")
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
     if blocks is not None:
         _check_blocks(blocks, pattern, rpb, engine, q, k)
     elif engine == "partition" and q.device.type != "meta":
@@ -165,18 +172,20 @@ def check_attention_inputs(q: object, k: object, v: object, scale: object = None
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: Literal[False] = False, blocks: SelectedBlocks | None = None) -> torch.Tensor: ...
+           return_lse: Literal[False] = False, blocks: SelectedBlocks | None = None,
+           score_mod: Callable | None = None) -> torch.Tensor: ...
 @overload
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: Literal[True], blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+           return_lse: Literal[True], blocks: SelectedBlocks | None = None,
+           score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 @overload
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *,
            scale: float | None = None, bias: torch.Tensor | None = None, rpb: torch.Tensor | None = None,
            key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: bool = False,
-           blocks: SelectedBlocks | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+           return_lse: bool = False, blocks: SelectedBlocks | None = None,
+           score_mod: Callable | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -190,6 +199,7 @@ def attend(
     engine: str = "auto",
     return_lse: bool = False,
     blocks: SelectedBlocks | None = None,
+    score_mod: Callable | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q (B, Hq, Nq, d)`` over ``k (B, Hkv, Nk, d)``, ``v (B, Hkv, Nk, dv)`` restricted to ``pattern``.
 
@@ -200,9 +210,14 @@ def attend(
     pass one of the two. ``key_padding_mask (B, Nk)``: True = keep. A query with no allowed key returns 0
     (and LSE ``-inf``). A key a query may not attend (by pattern or padding) never affects that query's output or
     gradients, whatever it holds (NaN, Inf, garbage: see ``nearfar.guard``; not under ``torch.compile``).
+    ``score_mod(score, b, h, q_idx, kv_idx)`` (FlexAttention's) rewrites each score before the softmax: it gets the
+    scaled score ``q . k * scale`` (float32, float64 for float64 inputs), as Flex applies it, and its result is
+    what ``bias`` is added to and the mask then applies to, so the probabilities are ``softmax(score_mod(q . k *
+    scale) + bias)`` over the allowed keys. A pattern may be a ``MaskMod`` (Flex's ``mask_mod``, which sees the
+    indices of the ``q`` and ``k`` tensors as they are, as in Flex).
     Any layout of q/k/v (views, transposes, expanded or strided dims) gives the result of the contiguous call.
     Meta tensors get outputs of the right shape (for tracing). Returns ``(B, Hq, Nq, dv)``, plus the LSE
-    ``(B, Hq, Nq)`` (natural log, of the scaled biased scores, not differentiable) when ``return_lse``.
+    ``(B, Hq, Nq)`` (natural log, of the scores the softmax takes, not differentiable) when ``return_lse``.
 
     Args:
         q: Queries ``(B, Hq, Nq, d)``, a floating dtype (float16, bfloat16, float32, float64).
@@ -220,13 +235,20 @@ def attend(
         blocks: Key blocks chosen at run time per (batch item, head, query block), in FlexAttention's block-list
             format (``nearfar.SelectedBlocks``): the pairs they allow are added to ``pattern``'s (a union); with
             ``blocks``, ``pattern=None`` adds no static pairs. No gradient flows through the indices.
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, called on broadcastable index
+            tensors (``nearfar.mods``): ALiBi, tanh soft-capping, relative-position tables. It should return finite
+            scores or ``-inf`` (which masks the pair, as in Flex). Gradients flow through it to ``q``/``k`` and to
+            the tensors it captures. Every engine takes it; the block-sparse engine
+            evaluates it chunk by chunk through PyTorch ops (``nearfar.backends.scored``: the compiled CPU kernel
+            and the fused chunk kernels take no Python function, so such a call runs without them).
 
     Returns:
         The output ``(B, Hq, Nq, dv)`` in ``q``'s dtype; with ``return_lse``, a tuple ``(out, lse)`` with ``lse``
         ``(B, Hq, Nq)`` (``-inf`` for a query with no allowed key).
 
     Raises:
-        TypeError: If an argument has the wrong type or dtype (named in the message).
+        TypeError: If an argument has the wrong type or dtype (named in the message), ``score_mod`` is not a
+            callable of five arguments, or it (or a ``MaskMod``'s function) returns a tensor of the wrong dtype.
         ValueError: If shapes, devices, heads, the pattern's sizes, ``scale``, ``bias``/``rpb`` or ``engine`` are out
             of range, before any work is done.
 
@@ -238,18 +260,29 @@ def attend(
         >>> out.shape
         torch.Size([1, 8, 1024, 32])
         >>> out.sum().backward()
+        >>> softcap = lambda s, b, h, q_idx, kv_idx: 50.0 * torch.tanh(s / 50.0)   # Gemma 2
+        >>> nf.attend(q, k, v, nf.Causal(), score_mod=softcap).shape
+        torch.Size([1, 8, 1024, 32])
     """
-    _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks)
+    _validate(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks, score_mod)
     hook = interceptor()
     if hook is not None and q.device.type != "meta":
         return hook(AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse,
-                               blocks))  # type: ignore[return-value]
+                               blocks, score_mod))  # type: ignore[return-value]
     record_tensors(pattern, q, k, v)
     b, hq, nq, d = q.shape
     nk = k.shape[2]
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     if q.device.type == "meta":
-        return _meta(q, k, v, scale, return_lse)
+        return _meta(q, k, v, float(scale) if scale is not None else 1.0 / math.sqrt(d), return_lse)
+    bound, items = bind(pattern, b, hq, nq, k.shape[2], q.device)
+    if engine == "partition" and items is None and bound is not pattern:  # a MaskMod per head: check every head
+        _check_partition(bound, bias, rpb, nq, k.shape[2])
+    pattern = bound
+    if items is not None:  # a MaskMod that varies over the batch: one call per item, each with its own plan
+        with unobserved():
+            return _per_item(q, k, v, items, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks,
+                             score_mod)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     bias_src = _bias_source(bias, rpb, pattern, b, hq, nq, nk)
     if isinstance(pattern, Dense) and blocks is None:
         pattern = None
@@ -258,34 +291,56 @@ def attend(
         engine = forced
     if pattern is None and blocks is None and key_padding_mask is None and bias_src is None:
         # no masked pair that a huge value could poison: a non-finite output is the inputs' own, as in SDPA
-        out, lse = _run(q, k, v, None, scale, None, None, engine, return_lse)
+        out, lse = _run(q, k, v, None, scale, None, None, engine, return_lse, None, score_mod)
         return (out, lse) if return_lse else out
     # training: check the inputs first (a huge finite value at a masked pair overflows only in the backward pass);
     # inference: any leak shows as a non-finite output, so only an output that has one is looked into
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, rpb))
     unsafe = unsafe_tokens(q, k, v, scale) if trains else None
     if unsafe is None:
-        out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks)
+        out, lse = _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks, score_mod)
         if trains or torch.compiler.is_compiling() or output_finite(out):
             return (out, lse) if return_lse else out
         unsafe = unsafe_tokens(q, k, v, scale)
         if unsafe is None:  # non-finite for another reason (a bias): nothing masked leaked
             return (out, lse) if return_lse else out
-    out, lse = _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks)
+    out, lse = _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks,
+                        score_mod)
     return (out, lse) if return_lse else out
 
 
-def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks):
+def _per_item(q, k, v, items, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks, score_mod):
+    """``attend`` item by item (each with its own pattern), concatenated over the batch: the slices of every
+    per-item argument, and a ``score_mod`` that sees the items' own batch indices."""
+    outs, lses = [], []
+    for i, p in enumerate(items):
+        one = slice(i, i + 1)
+        bias_i = bias[one] if bias is not None and bias.dim() == 4 and bias.shape[0] > 1 else bias
+        kpm_i = key_padding_mask[one] if key_padding_mask is not None else None
+        blocks_i = blocks
+        if blocks is not None and blocks.kv_num_blocks.shape[0] > 1:
+            blocks_i = SelectedBlocks(blocks.kv_num_blocks[one], blocks.kv_indices[one], blocks.q_block,
+                                      blocks.kv_block, blocks.within)
+        mod_i = at_batch(score_mod, i) if score_mod is not None else None
+        out, lse = attend(q[one], k[one], v[one], p, scale=scale, bias=bias_i, rpb=rpb, key_padding_mask=kpm_i,
+                          engine=engine, return_lse=True, blocks=blocks_i, score_mod=mod_i)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs)
+    return (out, torch.cat(lses)) if return_lse else out
+
+
+def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks, score_mod):
     """Some value could poison scores it is masked out of: the engine sees zeros there, and the rows that may
     attend such a key (or whose query is unsafe) are recomputed exactly (``nearfar.guard``)."""
     unsafe_q, unsafe_k = unsafe
     uq, uk = unsafe_q[..., None], unsafe_k[..., None]
     out, lse = _run(zero_rows(q, uq), zero_rows(k, uk), zero_rows(v, uk), pattern, scale, bias_src, key_padding_mask,
-                    engine, return_lse, blocks)
+                    engine, return_lse, blocks, score_mod)
     rows = dirty_rows(pattern, unsafe_q, unsafe_k, key_padding_mask, q.shape[2], k.shape[2], blocks)
     if rows.numel():
         rows, out_r, lse_r = exact_rows(q, k, v, unsafe_q, unsafe_k, rows, pattern, scale, bias_src,
-                                        key_padding_mask, return_lse, blocks)
+                                        key_padding_mask, return_lse, blocks, score_mod)
         out = out.index_copy(2, rows, out_r)
         if return_lse:
             assert lse_r is not None  # exact_rows returns an lse when asked
@@ -295,50 +350,57 @@ def _guarded(q, k, v, unsafe, pattern, scale, bias_src, key_padding_mask, engine
     return out, lse
 
 
-def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks=None):
+def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse, blocks=None, score_mod=None):
     nq, nk = q.shape[2], k.shape[2]
     kpm = None
     if key_padding_mask is not None:
         kpm = torch.zeros(q.shape[0], nk, dtype=torch.float32, device=q.device)
         kpm = kpm.masked_fill_(~key_padding_mask, float("-inf"))
     if blocks is not None:
-        return _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks)
+        return _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks, score_mod)
     chosen = engine == "auto"
     if chosen:
-        engine = choose_engine(q, pattern, nq, nk, bias_src)
+        engine = choose_engine(q, pattern, nq, nk, bias_src, scored=score_mod is not None)
         if engine == "flex":
-            res = _try_flex(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+            res = _try_flex(q, k, v, pattern, scale, kpm, bias_src, return_lse, score_mod)
             if res is not None:
                 return res
             engine = "blocksparse"
     if engine == "dense":
-        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse, score_mod=score_mod)
     if engine in ("blocksparse", "partition") and isinstance(pattern, PerHead) and bias_src is None \
-            and not _one_native_call(q, pattern, engine):
-        return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse, None if chosen else engine)
+            and not (score_mod is None and _one_native_call(q, pattern, engine)):
+        return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse, None if chosen else engine,
+                            score_mod)
     if engine in ("blocksparse", "partition"):
         plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
         if engine == "partition":
-            return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
+            return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse, score_mod)
+        if score_mod is not None:  # a Python function per score: the PyTorch tile path, not the fused kernels
+            return scored_attention(q, k, v, plan, scale, score_mod, kpm, bias_src, return_lse)
         return blocksparse_attention(q, k, v, plan, scale, kpm, bias_src, return_lse)
     from .backends.flex import flex_attention_engine
 
-    return flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse)
+    return flex_attention_engine(q, k, v, pattern, scale, kpm, bias_src, return_lse, score_mod)
 
 
-def _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks):
+def _run_blocks(q, k, v, pattern, scale, bias_src, kpm, engine, return_lse, blocks, score_mod=None):
     """Run-time key blocks on the engine ``choose_engine`` picks for them; "blocksparse" is
-    ``nearfar.backends.selected``."""
+    ``nearfar.backends.selected`` (``nearfar.backends.scored`` with a ``score_mod``)."""
     if engine == "auto":
         engine = choose_engine(q, pattern, q.shape[2], k.shape[2], bias_src, blocks=True)
-        if engine == "dense" and bias_src is None and _native_blocks_pay(q, pattern, blocks, q.shape[2], k.shape[2]):
+        if engine == "dense" and bias_src is None and score_mod is None and \
+                _native_blocks_pay(q, pattern, blocks, q.shape[2], k.shape[2]):
             engine = "blocksparse"
     if engine == "dense":
-        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse, blocks=blocks)
+        return dense_attention(q, k, v, pattern, scale, kpm, bias_src, return_lse, blocks=blocks,
+                               score_mod=score_mod)
     if engine == "flex":
         from .backends.flex import flex_selected
 
-        return flex_selected(q, k, v, pattern, blocks, scale, kpm, bias_src, return_lse)
+        return flex_selected(q, k, v, pattern, blocks, scale, kpm, bias_src, return_lse, score_mod)
+    if score_mod is not None or isinstance(pattern, PerHead):  # (a PerHead here: a MaskMod bound per head)
+        return scored_attention(q, k, v, None, scale, score_mod, kpm, bias_src, return_lse, pattern, blocks)
     return selected_attention(q, k, v, pattern, blocks, scale, kpm, bias_src, return_lse)
 
 
@@ -356,8 +418,8 @@ def _meta(q, k, v, scale, return_lse):
 
 
 def _per_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: PerHead, scale: float,
-                 key_padding_mask: torch.Tensor | None, return_lse: bool,
-                 engine: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 key_padding_mask: torch.Tensor | None, return_lse: bool, engine: str | None,
+                 score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A ``PerHead`` pattern as one block-sparse (or partition) call per distinct pattern over its query heads (and
     their KV heads); ``engine`` None picks partition or block-sparse by each pattern's plan. Each call keeps the
     shared-key-list path (strided K/V reads, GQA groups together, exact widths); one per-head plan would copy K/V
@@ -378,7 +440,8 @@ def _per_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Per
         qs, ks, vs = q.index_select(1, qi), k.index_select(1, ki), v.index_select(1, ki)
         record_tensors(p, qs, ks, vs)  # already validated and guarded as a whole: straight to the engine
         sub = engine or ("partition" if _is_partition(p, q.shape[2], k.shape[2], q.device) else "blocksparse")
-        out, lse = _run(qs, ks, vs, p, scale, None, key_padding_mask, sub, return_lse)
+        mod = at_heads(score_mod, qi) if score_mod is not None else None  # the heads' own indices
+        out, lse = _run(qs, ks, vs, p, scale, None, key_padding_mask, sub, return_lse, None, mod)
         outs.append(out)
         lses.append(lse)
         order += idx
@@ -399,7 +462,8 @@ def _is_partition(pattern: Pattern | None, nq: int, nk: int, device: torch.devic
 
 
 def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
-                  bias: DenseBias | RelativePositionBias | None = None, blocks: bool = False) -> str:
+                  bias: DenseBias | RelativePositionBias | None = None, blocks: bool = False,
+                  scored: bool = False) -> str:
     """The ``"auto"`` rule, in one place (``attend`` applies it per call):
 
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
@@ -416,6 +480,10 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
     With run-time key blocks (``blocks``: ``attend(..., blocks=...)``) rule 1 does not apply (the partition engine
     takes none) and rule 2 reads: at most ``2**20`` pairs, or a ``PerHead`` pattern, ``"dense"`` (``attend`` still
     takes the compiled kernel when the call reads under a quarter of the pairs: ``_native_blocks_pay``).
+
+    With a ``score_mod`` (``scored``) the compiled kernel cannot run the call, so rule 2 is ``"dense"`` up to
+    ``2**20`` pairs, and a call without a pattern goes to ``"blocksparse"`` above that (the dense engine would
+    materialise the scores to apply the function to them).
     """
     if blocks:
         if nq * nk <= _SMALL or isinstance(pattern, PerHead):
@@ -423,9 +491,9 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
     elif pattern is not None and pattern.may_partition:
         return "partition" if _is_partition(pattern, nq, nk, q.device) else "blocksparse"
     elif pattern is None:
-        return "dense"
+        return "blocksparse" if scored and nq * nk > _SMALL else "dense"
     elif nq * nk <= _SMALL:
-        return "blocksparse" if _native_pays(q, pattern, nq, nk) else "dense"
+        return "blocksparse" if not scored and _native_pays(q, pattern, nq, nk) else "dense"
     trains_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()  # Flex: no bias gradient
     if q.device.type == "cuda" and not trains_bias and (pattern, nq, nk) not in _FLEX_FAILED:
         from .backends.flex import available
@@ -474,12 +542,12 @@ def _native_blocks_pay(q: torch.Tensor, pattern: Pattern | None, blocks: Selecte
     return share < _NATIVE_BLOCKS_DENSITY
 
 
-def _try_flex(q, k, v, pattern, scale, kpm, bias, return_lse):
+def _try_flex(q, k, v, pattern, scale, kpm, bias, return_lse, score_mod=None):
     """Flex on "auto": if it cannot compile this pattern, say so once and use the block-sparse engine."""
     from .backends.flex import flex_attention_engine
 
     try:
-        return flex_attention_engine(q, k, v, pattern, scale, kpm, bias, return_lse)
+        return flex_attention_engine(q, k, v, pattern, scale, kpm, bias, return_lse, score_mod)
     except Exception as err:  # noqa: BLE001 - any compile failure means: use the engine that always works
         _FLEX_FAILED[(pattern, q.shape[2], k.shape[2])] = repr(err)
         warnings.warn(f"nearfar: FlexAttention failed for {pattern!r} ({type(err).__name__}); using the "

@@ -20,11 +20,13 @@ chunks, so memory stays bounded. Under ``torch.compile`` the check is skipped (i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import cast
 
 import torch
 
 from .bias import BiasSource, DenseBias, RelativePositionBias
+from .mods import call_score_mod
 from .patterns import Dense, Pattern
 from .selection import SelectedBlocks
 
@@ -138,14 +140,14 @@ def _bias_rows(bias: BiasSource | None, rows: torch.Tensor, nq: int, nk: int) ->
 
 def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torch.Tensor, unsafe_k: torch.Tensor,
                rows: torch.Tensor, pattern: Pattern | None, scale: float, bias: BiasSource | None,
-               key_padding_mask: torch.Tensor | None, return_lse: bool,
-               blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               key_padding_mask: torch.Tensor | None, return_lse: bool, blocks: SelectedBlocks | None = None,
+               score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Attention of query rows ``rows`` over every key in float64, masked *before* anything multiplies a query, a key
     or a value (so a key a row may not attend contributes exactly nothing, forward and backward, whatever it or the
     query holds). Safe pairs go through plain matmuls on copies with the unsafe tokens zeroed; the unsafe keys'
     scores and values, and the whole rows of unsafe queries, are taken pair by pair behind ``where`` (a product
     outside ``where`` would send ``0 * NaN`` into gradients). Returns ``(order, out (B, Hq, R, dv), lse)``: the
-    rows in the order of ``out``."""
+    rows in the order of ``out``. A ``score_mod`` rewrites the scaled scores (before the bias), as in the engines."""
     b, hq, nq, d = q.shape
     hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
@@ -175,6 +177,11 @@ def exact_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, unsafe_q: torc
                 s_u = (torch.where(ok_u, qr[:, :, :, None], zero) * torch.where(ok_u, k_u[:, :, None], zero)).sum(-1)
                 s = s.index_copy(-1, cols, s_u)
         s = s * scale
+        if score_mod is not None:
+            dev = q.device
+            s = call_score_mod(score_mod, s, torch.arange(b, device=dev).view(-1, 1, 1, 1),
+                               torch.arange(hq, device=dev).view(1, -1, 1, 1), r.view(1, 1, -1, 1),
+                               keys.view(1, 1, 1, -1))
         br = _bias_rows(bias, r, nq, nk)
         if br is not None:
             s = s + br.to(f64)

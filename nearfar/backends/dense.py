@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..guard import zero_rows
+from ..mods import call_score_mod, index_grid
 from ..patterns import Pattern
 from ..selection import SelectedBlocks
+from .kernels import acc_dtype
 
 
 def dense_bias(bias: BiasSource | None, q_len: int, k_len: int,
@@ -84,10 +88,35 @@ def harmless_rows(q: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tu
     return zero_rows(q, rows), mask.masked_fill(rows & first, 0.0)
 
 
+def scored_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                   score_mod: Callable, return_lse: bool,
+                   index: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention with a ``score_mod`` on materialised scores: ``q (B, Hq, Nq, d)``, ``k``/``v`` with ``Hq`` heads,
+    ``mask`` additive (``-inf`` = masked), broadcastable to ``(B, Hq, Nq, Nk)``. The score_mod sees ``q . k *
+    scale`` (in float32, float64 for float64) and the whole ``(B, Hq, Nq, Nk)`` index grid; the mask is applied
+    after it with ``where`` (what a masked pair holds never reaches the softmax); a row with no key gets 0 and LSE
+    ``-inf``. Differentiable, through the score_mod too. ``index``: the score_mod's ``(b, h, q_idx, kv_idx)``
+    when the rows and columns are not the tokens in order (windows)."""
+    acc = acc_dtype(q.dtype)
+    b, hq, nq, _ = q.shape
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    s = call_score_mod(score_mod, s, *(index if index is not None else index_grid(b, hq, nq, k.shape[2], q.device)))
+    neg = torch.tensor(float("-inf"), dtype=acc, device=q.device)
+    if mask is not None:
+        mask = mask.to(acc)
+        s = torch.where(mask == neg, neg, s + mask)
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=acc, device=q.device))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    out = (torch.matmul(e, v.to(acc)) / torch.where(den > 0, den, 1.0)).to(q.dtype)  # no key: e = 0, divide by 1
+    return out, ((m + den.detach().log())[..., 0] if return_lse else None)
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
                     kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
-                    return_lse: bool = False,
-                    blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    return_lse: bool = False, blocks: SelectedBlocks | None = None,
+                    score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, hq, nq, _ = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     if hq != hkv:
@@ -109,6 +138,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     db = dense_bias(bias, nq, nk, q.device)
     if db is not None:
         mask = db.to(acc) if mask is None else mask + db.to(acc)
+    if score_mod is not None:
+        return scored_softmax(q, k, v, mask, scale, score_mod, return_lse)
     if mask is None and not return_lse:
         return sdpa(q, k, v, scale=scale), None
     if mask is None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 
 from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
+from ..mods import call_score_mod
 from ..patterns import Dense, Pattern, Tiles
 from ..plan import inverse_order, token_tiles
 from ..selection import SelectedBlocks
@@ -80,7 +82,10 @@ def _make_block_plan(pattern: Pattern, nq: int, nk: int, device: str) -> _BlockP
 
 def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
                           kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
-                          return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          return_lse: bool = False,
+                          user_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pattern through ``flex_attention``; ``user_mod`` is a caller's ``score_mod``, handed the original token
+    indices (the engine runs on tokens in tile order) and applied before the bias and the key padding."""
     from torch.nn.attention.flex_attention import BlockMask
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
@@ -104,7 +109,7 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(tq, tk), mask_mod=mask_mod,
                                           seq_lengths=(q_map.numel(), k_map.numel()))
     score_mod = None
-    if kpm is not None or bias is not None:
+    if kpm is not None or bias is not None or user_mod is not None:
         kp = kpm.to(q.dtype) if kpm is not None else None
         db = bias.b4 if isinstance(bias, DenseBias) else None
         table = bias.tensor.reshape(bias.tensor.shape[0], -1) if bias is not None and db is None else None
@@ -112,6 +117,8 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
 
         def score_mod(score, b, h, qi, ki):
             oq, ok = qm[qi], km[ki]
+            if user_mod is not None:
+                score = call_score_mod(user_mod, score, b, h, oq, ok)
             if kp is not None:
                 score = score + kp[b, ok]
             if db is not None:
@@ -136,7 +143,8 @@ def flex_attention_engine(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
 
 def flex_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None,
                   blocks: SelectedBlocks, scale: float, kpm: torch.Tensor | None = None,
-                  bias: BiasSource | None = None, return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  bias: BiasSource | None = None, return_lse: bool = False,
+                  user_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run-time key blocks through ``BlockMask.from_kv_blocks``: the block lists are the union of the selection's
     and the pattern's blocks (``block_allowed`` on the selection's blocks), and the ``mask_mod`` is the exact pair
     set, ``pattern(q, k) | (selected(q, k) & within(q, k))``, so Flex runs what the other engines run."""
@@ -174,11 +182,13 @@ def flex_selected(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pa
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=(tq, tk), mask_mod=mask_mod,
                                           seq_lengths=(nq, nk))
     score_mod = None
-    if kpm is not None or bias is not None:
+    if kpm is not None or bias is not None or user_mod is not None:
         kp = kpm.to(q.dtype) if kpm is not None else None
         db = bias.b4 if isinstance(bias, DenseBias) else None
 
         def score_mod(score, bi, h, qi, ki):
+            if user_mod is not None:
+                score = call_score_mod(user_mod, score, bi, h, qi, ki)
             if kp is not None:
                 score = score + kp[bi, ki]
             if db is not None:

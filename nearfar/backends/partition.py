@@ -13,6 +13,7 @@ autograd) and a key padding mask become one additive ``(…, T, T)`` mask. Plain
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from ..bias import BiasSource, DenseBias
 from ..cache import nbytes_of
 from ..guard import zero_rows
 from ..plan import Plan, allowed_heads, inverse_order, to_additive
-from .dense import empty_rows, harmless_rows, sdpa
+from .dense import empty_rows, harmless_rows, scored_softmax, sdpa
 
 #: a regular partition's reordering: (grid, shifts, view shape, permutation)
 Recipe = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -127,8 +128,10 @@ def windows(plan: Plan) -> Windows:
 
 def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,
                         kpm: torch.Tensor | None = None, bias: BiasSource | None = None,
-                        return_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Attention of a partition plan. ``kpm``: additive (B, Nk) float mask; ``bias``: a bias source."""
+                        return_lse: bool = False,
+                        score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of a partition plan. ``kpm``: additive (B, Nk) float mask; ``bias``: a bias source; ``score_mod``:
+    applied to each window's materialised ``(T, T)`` scores with the tokens' own indices."""
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     win = windows(plan)
@@ -161,6 +164,14 @@ def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
     empty = None
     if mask is not None:
         mask = mask.expand(mask.shape[0], hq, n_tiles, t, t).reshape(mask.shape[0], hq * n_tiles, t, t)
+    if score_mod is not None:  # each window's scores through the score_mod, with the tokens' (b, h, q, k)
+        order = win.order.clamp(min=0).repeat(hq, 1)  # (Hq * nT, T): head-major, as ``tiles``
+        heads = torch.arange(hq, device=q.device).repeat_interleave(n_tiles).view(1, -1, 1, 1)
+        index = (torch.arange(b, device=q.device).view(-1, 1, 1, 1), heads, order[None, :, :, None],
+                 order[None, :, None, :])
+        out, lse = scored_softmax(qt, kt, vt, mask, scale, score_mod, return_lse, index)
+        return untiles(out), (untiles(lse[..., None])[..., 0] if lse is not None else None)
+    if mask is not None:
         # inside a partition every query may attend itself: only a padding mask or a dense bias (with -inf)
         # can leave a query without keys
         if kpm is not None or isinstance(bias, DenseBias):

@@ -25,8 +25,12 @@ grouped-query attention natively, K/V are never repeated). What maps to what:
   past the queries) gets transformers' own exact boolean mask, passed as an additive ``bias`` (slower, exact);
 - a 4D mask the model or user built itself is used as given (bool: True = attend; float: added to the scores).
 
-Not supported, with a clear ``NotImplementedError``: tanh soft-capping of the scores (``softcap``, Gemma 2's
-``attn_logit_softcapping``: not expressible as a bias), attention-probability dropout (``dropout > 0``: the
+Tanh soft-capping of the scores (``softcap``, Gemma 2's ``attn_logit_softcapping``) is a ``score_mod`` of
+``attend``: ``softcap * tanh(score / softcap)`` on the scaled scores, before the mask and any 4D mask or position
+bias are added, as transformers' eager attention does it. Such a layer cannot use the fused kernels (the function
+of each score runs through PyTorch ops: the dense engine, or the block-sparse engine's tile path for long inputs).
+
+Not supported, with a clear ``NotImplementedError``: attention-probability dropout (``dropout > 0``: the
 engines return ``P @ V``, never ``P``; evaluate with ``model.eval()`` or set ``attention_dropout=0``) and learned
 attention sinks (``s_aux`` / ``sinks``, gpt-oss). ``output_attentions`` returns no weights (as for ``"sdpa"``): read
 maps with ``nearfar.steer.Capture`` instead. A query with no key to attend (a left-padding position) returns zeros,
@@ -113,22 +117,22 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         scaling: Score scale (default ``1 / sqrt(d)``).
         is_causal: Whether the layer is causal (default ``module.is_causal``, else True).
         sliding_window: ``W`` keys per query including its own (``SlidingWindow(left=W-1) & Causal()``), or None.
-        softcap: Must be None (tanh soft-capping is not supported).
+        softcap: Tanh soft-capping of the scaled scores, ``softcap * tanh(score / softcap)`` (> 0), or None.
         **kwargs: ``position_bias`` (added to the scores); ``s_aux``/``sinks`` must be None; the rest is ignored.
 
     Returns:
         ``(output (B, Nq, Hq, dv), None)``: no attention weights.
 
     Raises:
-        NotImplementedError: ``softcap``, ``dropout > 0``, attention sinks, or a non-causal sliding window without a
-            4D mask.
-        ValueError: A mask of the wrong shape, or what ``nearfar.attend`` rejects.
+        NotImplementedError: ``dropout > 0``, attention sinks, or a non-causal sliding window without a 4D mask.
+        ValueError: A ``softcap`` that is not a positive number, a mask of the wrong shape, or what
+            ``nearfar.attend`` rejects.
     """
+    score_mod = None
     if softcap is not None:
-        raise NotImplementedError(f"attn_implementation={NAME!r} does not support soft-capping of the attention "
-                                  f"scores (softcap={softcap}, e.g. Gemma 2's attn_logit_softcapping): tanh capping "
-                                  "is not an additive bias; set config.attn_logit_softcapping=None (changes the "
-                                  "model) or use 'eager'")
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+            raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+        score_mod = _softcap(float(softcap))
     if dropout:
         raise NotImplementedError(f"attn_implementation={NAME!r} has no attention-probability dropout (dropout="
                                   f"{dropout}): the engines never form the probabilities; call model.eval() or set "
@@ -144,8 +148,18 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
-    out = attend(query, key, value, pattern, scale=scaling, bias=bias, key_padding_mask=kpm)
+    out = attend(query, key, value, pattern, scale=scaling, bias=bias, key_padding_mask=kpm, score_mod=score_mod)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _softcap(cap: float) -> Callable[..., torch.Tensor]:
+    """The ``score_mod`` of tanh soft-capping at ``cap``."""
+
+    def softcap_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                    kv_idx: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(score / cap) * cap
+
+    return softcap_mod
 
 
 def _nonlocals(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -211,10 +211,8 @@ def test_mask_builder_passes_padding_only_for_plain_masks():
         assert got.shape == (b, 1, nq, nk) and torch.equal(got, ref)
 
 
-def test_gemma2_softcapping_raises_and_without_it_equals_eager():
+def test_gemma2_without_softcapping_equals_eager():
     ids, mask = _batch()
-    with pytest.raises(NotImplementedError, match="soft-capping"):
-        _model("gemma2", impl="nearfar")(ids, attention_mask=mask)
     model = _model("gemma2", impl="eager", attn_logit_softcapping=None)
     with torch.no_grad():
         ref = model(ids, attention_mask=mask).logits
@@ -224,6 +222,33 @@ def test_gemma2_softcapping_raises_and_without_it_equals_eager():
     keep = mask.bool()  # eager's finite fill averages a padding query's values; nearfar (and SDPA) give 0
     torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
     assert [c[0] for c in seen] == [_window(W), nf.Causal()]
+
+
+def test_gemma2_softcapping_equals_eager():
+    """Gemma 2's tanh soft-capping as a score_mod: prefill and greedy decoding equal eager's. Larger initial weights
+    and a cap of 2 (the released models use 50) so that the cap changes this random-init model's outputs."""
+    ids, mask = _batch()
+    model = _model("gemma2", impl="eager", attn_logit_softcapping=2.0, initializer_range=0.2)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True,
+              return_dict_in_generate=True, pad_token_id=0)
+    keep = mask.bool()
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        ref_gen = model.generate(ids, **kw)
+        uncapped = _model("gemma2", impl="eager", attn_logit_softcapping=None,
+                          initializer_range=0.2)(ids, attention_mask=mask).logits
+        assert (uncapped[keep] - ref[keep]).abs().max() > 1e-2  # the cap matters here: without it the logits move
+        model.set_attn_implementation("nearfar")
+        with _calls() as seen:
+            out = model(ids, attention_mask=mask).logits
+        gen = model.generate(ids, **kw)
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
+    assert torch.equal(gen.sequences, ref_gen.sequences)
+    for a, b in zip(gen.logits, ref_gen.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert [c[0] for c in seen] == [_window(W), nf.Causal()]
+    with pytest.raises(ValueError, match="softcap"):
+        hf.attention_forward(torch.nn.Module(), *(torch.randn(1, 2, 3, 8) for _ in range(3)), None, softcap=0.0)
 
 
 def test_unsupported_arguments_raise():
