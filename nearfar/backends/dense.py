@@ -100,7 +100,8 @@ def scored_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     acc = acc_dtype(q.dtype)
     b, hq, nq, _ = q.shape
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
-    s = call_score_mod(score_mod, s, *(index if index is not None else index_grid(b, hq, nq, k.shape[2], q.device)))
+    bi, hi, qi, ki = index if index is not None else index_grid(b, hq, nq, k.shape[2], q.device)
+    s = call_score_mod(score_mod, s, bi, hi, qi, ki)
     neg = torch.tensor(float("-inf"), dtype=acc, device=q.device)
     if mask is not None:
         mask = mask.to(acc)

@@ -19,6 +19,7 @@ blocks (``SelectedBlocks``: per item and head, joined with the pattern's blocks 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..mods import call_score_mod
 from ..patterns import Pattern, PerHead
-from ..plan import Plan
+from ..plan import Plan, TileGroup
 from ..selection import SelectedBlocks
 from .kernels import acc_dtype
 
@@ -141,14 +142,17 @@ def _per_chunk(b: int, hq: int, t: int, w: int, d: int, dv: int) -> int:
     return max(1, _CHUNK_ELEMS // max(1, b * hq * (3 * t * w + w * (d + dv) + t * (d + dv))))
 
 
+def _group_mask(plan: Plan, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
+    return plan.additive_mask(g, t0, t1)[None]
+
+
 def plan_lists(plan: Plan, b: int, hq: int, d: int, dv: int) -> Iterator[Lists]:
     """The chunks of a plan's tile groups."""
     for g in plan.groups:
         step = _per_chunk(b, hq, plan.tile, g.width, d, dv)
         for t0 in range(0, len(g), step):
             t1 = min(len(g), t0 + step)
-            yield g.q_idx[t0:t1], g.k_idx[None, :, t0:t1], (
-                lambda g=g, t0=t0, t1=t1: plan.additive_mask(g, t0, t1)[None])
+            yield g.q_idx[t0:t1], g.k_idx[None, :, t0:t1], functools.partial(_group_mask, plan, g, t0, t1)
 
 
 def selected_lists(pattern: Pattern | None, blocks: SelectedBlocks, b: int, hq: int, hkv: int, nq: int, nk: int,
@@ -193,7 +197,7 @@ def selected_lists(pattern: Pattern | None, blocks: SelectedBlocks, b: int, hq: 
     acc = acc_dtype(dtype)
     for r0 in range(0, qpos.shape[0], step):
         r1 = min(qpos.shape[0], r0 + step)
-        yield qpos[r0:r1], kpos[:, :, r0:r1], (lambda r0=r0, r1=r1: exact(r0, r1, acc))
+        yield qpos[r0:r1], kpos[:, :, r0:r1], functools.partial(exact, r0, r1, acc)
 
 
 def scored_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan | None, scale: float,
