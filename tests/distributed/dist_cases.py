@@ -162,6 +162,20 @@ def fail_mid_call(rank: int, world: int) -> dict:
     return {"error": None, "seconds": time.perf_counter() - t0}
 
 
+def run_example(rank: int, world: int) -> float:
+    """``examples/distributed_attend.py`` as written (smaller sequence)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed_attend.py"
+    spec = importlib.util.spec_from_file_location("distributed_attend", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(rank, world, n=512)
+
+
 def suite_then_fail(rank: int, world: int, names: list[str] | None = None) -> dict:
-    """The suite, then (the group is broken after it) the failure injection."""
-    return {"suite": run_suite(rank, world, names), "failure": fail_mid_call(rank, world)}
+    """The suite and the example, then (the group is broken after it) the failure injection."""
+    return {"suite": run_suite(rank, world, names), "example": run_example(rank, world),
+            "failure": fail_mid_call(rank, world)}

@@ -150,6 +150,10 @@ def test_rank_failing_mid_call_gives_every_rank_a_clear_error(world2):
     assert fail[0]["seconds"] < PG_TIMEOUT + 10
 
 
+def test_the_example_runs(world2):
+    assert all(r["example"] < 1e-5 for r in world2)
+
+
 def test_one_rank_is_plain_attend():
     q, k, v = torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
     lay = nd.Layout.contiguous(16, 1)
