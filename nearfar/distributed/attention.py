@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ..checks import check_choice
-from ..dispatch import attend as local_attend
+from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
 from ..patterns import Causal, Dense, Pattern, PerHead
 from .gather import broadcast_tokens
@@ -29,7 +29,7 @@ from .layout import Layout, Ranges
 from .merge import merge, partial
 from .plan import CommPlan, make_plan, rs_intersect, rs_size
 from .ring import ring_attention
-from .view import global_view
+from .view import global_view, local_attend
 
 
 class _Tie(torch.autograd.Function):
@@ -157,8 +157,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         raise TypeError(f"layout must be a nearfar.distributed.Layout, got {type(layout).__name__}")
     check_choice(method, "method", ("auto", "gather", "ring"))
     if layout.world == 1 and layout.n_real == layout.n:
-        return local_attend(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, engine=engine,
-                            return_lse=return_lse)
+        return single_attend(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, engine=engine,
+                             return_lse=return_lse)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     if world != layout.world:
         raise ValueError(f"the layout splits the tokens over {layout.world} ranks but the group has {world}")
@@ -212,8 +212,7 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         if rp.keys:
             kx = _gather_keys(kv, plan, layout, me, halo, bc)
             view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-            o, l_ = local_attend(q.index_select(2, idx), kx[..., :d], kx[..., d:], view, scale=scale,
-                                 key_padding_mask=kpm_ext, engine=engine, return_lse=True)
+            o, l_ = local_attend(q.index_select(2, idx), kx[..., :d], kx[..., d:], view, scale, kpm_ext, engine)
             out = out.index_copy(2, idx, o)
             lse = lse.index_copy(2, idx, l_.to(acc))
     if plan.global_rows:

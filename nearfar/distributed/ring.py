@@ -22,12 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..dispatch import attend
 from ..patterns import Causal
 from . import comm
 from .layout import Layout, Ranges
 from .merge import merge_into
-from .view import GlobalView
+from .view import GlobalView, local_attend
 
 _ROWS = 256  # query rows per chunk of the backward block math
 
@@ -135,8 +134,7 @@ class RingAttention(torch.autograd.Function):
                 mask = _keys(valid, layout, src, kr).bool() if valid is not None else None
                 pat = None if full else GlobalView(Causal(), ((qa, qb),), kr, n)
                 with torch.no_grad():
-                    o, l_ = attend(q[:, :, rows], ks[..., :d], ks[..., d:], pat, scale=scale, key_padding_mask=mask,
-                                   engine=engine, return_lse=True)
+                    o, l_ = local_attend(q[:, :, rows], ks[..., :d], ks[..., d:], pat, scale, mask, engine)
                 merge_into(out[:, :, rows], lse[:, :, rows], o, l_)
             wait()
             if i < world - 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..calls import AttendCall
 from ..patterns import Pattern, PerHead, Tiles
 from .layout import Ranges
 
@@ -86,3 +87,12 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
     if isinstance(pattern, PerHead):
         return PerHead([GlobalView(p, q_ranges, k_ranges, n) for p in pattern.patterns])
     return GlobalView(pattern, q_ranges, k_ranges, n)
+
+
+def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
+                 key_padding_mask: torch.Tensor | None, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearfar.attend(..., return_lse=True)`` on this rank's tensors, past this thread's interceptors: the local
+    step of a distributed call is not itself a call to distribute (``sharded``) or to steer."""
+    out = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, True, None).run()
+    assert isinstance(out, tuple)
+    return out

@@ -175,7 +175,50 @@ def run_example(rank: int, world: int) -> float:
     return module.run(rank, world, n=512)
 
 
+def train_tiny_lm(rank: int, world: int, steps: int = 5) -> dict[str, list[tuple[float, float]]]:
+    """``TinyLM`` trained by SGD on the sequence split over the ranks (``nearfar.distributed.sharded``, gradients
+    summed across ranks as data parallelism would) next to the same model trained in one process: the loss curves
+    ``[(sharded, one process), ...]`` per mechanism (float64)."""
+    import copy
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    curves = {}
+    for mech, kw, layout in (("streaming_llm", {"window": 6, "sinks": 2}, nd.Layout.contiguous(32, world)),
+                             ("dense", {}, nd.Layout.head_tail(32, world))):
+        torch.manual_seed(0)
+        lm = nf.TinyLM(64, dim=32, depth=2, num_heads=4, mechanism=mech, **kw).double()
+        ref = copy.deepcopy(lm)
+        opt, opt_ref = torch.optim.SGD(lm.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
+        tokens = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(1))  # one batch, memorised
+        curve = []
+        for _ in range(steps):
+            opt_ref.zero_grad()
+            loss_ref = ref.loss(tokens)
+            loss_ref.backward()
+            opt_ref.step()
+            opt.zero_grad()
+            x, y = (nd.shard(t, layout, rank, dim=1) for t in (tokens[:, :-1], tokens[:, 1:]))
+            with nd.sharded(layout):
+                logits = lm(x)
+            loss = F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1), reduction="sum") / (2 * 32)
+            loss.backward()
+            for p in lm.parameters():
+                dist.all_reduce(p.grad)
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            opt.step()
+            curve.append((total.item(), loss_ref.item()))
+        curves[mech] = curve
+    return curves
+
+
 def suite_then_fail(rank: int, world: int, names: list[str] | None = None) -> dict:
-    """The suite and the example, then (the group is broken after it) the failure injection."""
+    """The suite, the example and TinyLM, then (the group is broken after it) the failure injection."""
     return {"suite": run_suite(rank, world, names), "example": run_example(rank, world),
-            "failure": fail_mid_call(rank, world)}
+            "lm": train_tiny_lm(rank, world), "failure": fail_mid_call(rank, world)}
+
+
+def suite_and_lm(rank: int, world: int) -> dict:
+    return {"suite": run_suite(rank, world), "lm": train_tiny_lm(rank, world)}

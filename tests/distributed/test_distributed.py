@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_cases import Case, cases, run_suite, suite_then_fail
+from dist_cases import Case, cases, suite_and_lm, suite_then_fail
 from dist_harness import run_ranks
 
 import nearfar as nf
@@ -28,7 +28,7 @@ def _results(world: int, fn) -> list:
 
 @pytest.fixture(scope="module")
 def world4() -> list[dict]:
-    return _results(4, run_suite)
+    return _results(4, suite_and_lm)
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +148,18 @@ def test_rank_failing_mid_call_gives_every_rank_a_clear_error(world2):
     assert fail[0]["error"] == "DistributedAttentionError", fail[0]
     assert "kv.halo.fwd" in fail[0]["message"] and "rank 0" in fail[0]["message"]
     assert fail[0]["seconds"] < PG_TIMEOUT + 10
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("mechanism", ["streaming_llm", "dense"])
+def test_tiny_lm_loss_curve_equals_one_process(world, mechanism, world2, world4):
+    """TinyLM trained on the sequence split over 2 and 4 ranks (sliding window + sinks on contiguous shards, dense
+    causal by the ring on head-tail shards) follows the one-process loss curve (float64)."""
+    for r, res in enumerate(world2 if world == 2 else world4):
+        curve = res["lm"][mechanism]
+        assert len(curve) == 5 and curve[0][1] > curve[-1][1]  # it trains
+        for step, (got, want) in enumerate(curve):
+            assert abs(got - want) < 1e-9, (r, step, got, want)
 
 
 def test_the_example_runs(world2):
