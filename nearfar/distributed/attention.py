@@ -27,7 +27,7 @@ from .gather import broadcast_tokens
 from .halo import exchange
 from .layout import Layout, Ranges
 from .merge import merge, partial
-from .plan import CommPlan, make_plan, rs_intersect, rs_size
+from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_union
 from .ring import ring_attention
 from .view import global_view, local_attend
 
@@ -39,7 +39,7 @@ class _Tie(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, *deps: torch.Tensor) -> torch.Tensor:
         ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
-        return out.clone()
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -52,9 +52,53 @@ def _local_index(layout: Layout, rank: int, ranges: Ranges, device: torch.device
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
+def _rows(x: torch.Tensor, local: Ranges) -> torch.Tensor:
+    """``x``'s tokens (dim 2) at the local ranges, concatenated; a view when there is one range."""
+    if len(local) == 1:
+        return x[:, :, local[0][0]:local[0][1]]
+    return torch.cat([x[:, :, a:b] for a, b in local], 2) if local else x[:, :, :0]
+
+
+class _Packed:
+    """This rank's tokens that leave it (messages and broadcasts), K and V side by side in one buffer: only they
+    are copied, and their gradients flow back to ``k`` and ``v`` through the packing."""
+
+    def __init__(self, tensors: list[torch.Tensor], local: Ranges) -> None:
+        self.segs = rs_union(local)
+        self.x = torch.cat([_rows(t, self.segs) for t in tensors], -1) if len(tensors) > 1 else \
+            _rows(tensors[0], self.segs)
+
+    def at(self, a: int) -> int:
+        """Position in the buffer of local token ``a`` (which it holds)."""
+        base = 0
+        for lo, hi in self.segs:
+            if lo <= a < hi:
+                return base + a - lo
+            base += hi - lo
+        raise KeyError(a)
+
+
+def _fetch(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int, group: dist.ProcessGroup | None,
+           what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Receive this rank's remote keys: the halo buffer (point to point) and the broadcast buffer, channels of
+    ``tensors`` concatenated."""
+    out_local = {m: tuple(r for lo, hi in m.ranges for r in layout.local(me, lo, hi))
+                 for m in plan.messages if m.src == me}
+    mine = [layout.local(me, b.lo, b.hi)[0] for b in plan.bcasts if b.src == me]
+    pack = _Packed(tensors, tuple(r for rs in out_local.values() for r in rs) + tuple(mine))
+    sends = tuple((m.dst, tuple((pack.at(a), pack.at(a) + b - a) for a, b in rs)) for m, rs in out_local.items())
+    recvs = tuple((m.src, rs_size(m.ranges)) for m in plan.messages if m.dst == me)
+    halo = exchange(pack.x, sends, recvs, group, f"{what}.halo")
+    pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
+                   for b in plan.bcasts)
+    bc = broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
+    return halo, bc
+
+
 def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo: torch.Tensor,
                  bc: torch.Tensor) -> torch.Tensor:
-    """This rank's keys in global order, from its own tokens, the halo buffer and the broadcast buffer."""
+    """This rank's keys in global order, from its own tokens ``x`` and the halo and broadcast buffers (already
+    sliced to ``x``'s channels)."""
     offsets, pos = {}, 0
     for i, m in enumerate(plan.messages):
         if m.dst == me:
@@ -75,26 +119,19 @@ def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo:
         else:
             o = boff[i] + lo - plan.bcasts[i].lo
             parts.append(bc[:, :, o:o + hi - lo])
-    return torch.cat(parts, 2)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
-def _fetch(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, group: dist.ProcessGroup | None, what: str,
-           after: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    sends = tuple((m.dst, tuple(r for lo, hi in m.ranges for r in layout.local(me, lo, hi)))
-                  for m in plan.messages if m.src == me)
-    recvs = tuple((m.src, rs_size(m.ranges)) for m in plan.messages if m.dst == me)
-    halo = exchange(x, sends, recvs, group, f"{what}.halo", after)
-    bc = broadcast_tokens(x, plan.bcasts, layout, group, f"{what}.bcast", halo)
-    return halo, bc
-
-
-def _global_queries(q, kv, d, kpm, pattern, plan, layout, me, group, scale, acc, after):
+def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, after):
     """Outputs ``(O, L)`` of the global queries this rank owns, and the communication outputs to tie."""
     n = plan.n
-    qg = broadcast_tokens(q, plan.q_bcasts, layout, group, "q.bcast", after)
+    pieces = tuple((b.src, layout.local(me, b.lo, b.hi)[0][0] if b.src == me else -1, b.hi - b.lo)
+                   for b in plan.q_bcasts)
+    qg = broadcast_tokens(q, pieces, group, "q.bcast", after)
     own = rs_intersect(layout.ranges[me], ((0, n),))
     idx = _local_index(layout, me, own, q.device)
-    kown = kv.index_select(2, idx)
+    kown, vown = k.index_select(2, idx), v.index_select(2, idx)
+    d = k.shape[-1]
     if own:
         qi = torch.arange(plan.global_rows, device=q.device)[:, None]
         kg = torch.cat([torch.arange(a, b, device=q.device) for a, b in own])[None, :]
@@ -104,9 +141,9 @@ def _global_queries(q, kv, d, kpm, pattern, plan, layout, me, group, scale, acc,
         allowed = allowed.expand(-1, *shape)[None] if per_head else allowed.expand(shape)[None, None]
         if kpm is not None:
             allowed = allowed & kpm.index_select(1, idx)[:, None, None, :]
-        o, lse = partial(qg, kown[..., :d], kown[..., d:], allowed, scale, acc)
+        o, lse = partial(qg, kown, vown, allowed, scale, acc)
     else:  # no own keys: an empty partial that still depends on the queries (fixes the backward order)
-        o = torch.matmul(qg.to(acc), qg.new_zeros(d, kv.shape[-1] - d, dtype=acc))
+        o = torch.matmul(qg.to(acc), qg.new_zeros(d, v.shape[-1], dtype=acc))
         lse = torch.full(o.shape[:-1], -torch.inf, dtype=acc, device=q.device)
     part = torch.cat([o, lse[..., None]], -1)
     mine = tuple((b.lo, b.hi) for b in plan.q_bcasts if b.src == me)
@@ -200,23 +237,29 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
     if kpm is not None:  # the mask travels with its keys (no gradient)
         m = kpm.to(torch.uint8)[:, None, :, None]
         with torch.no_grad():
-            mh, mb = _fetch(m, plan, layout, me, group, "mask")
+            mh, mb = _fetch([m], plan, layout, me, group, "mask")
         kpm_ext = _gather_keys(m, plan, layout, me, mh, mb)[:, 0, :, 0].bool() if rp.keys else None
-    kv = torch.cat([k, v], -1)
-    halo, bc = _fetch(kv, plan, layout, me, group, "kv")
+    halo, bc = _fetch([k, v], plan, layout, me, group, "kv")
     deps = [halo, bc]
-    out = q.new_zeros(b, hq, n_local, v.shape[-1])
+    out: torch.Tensor | None = None
     lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
-    if rp.queries:
-        idx = _local_index(layout, me, rp.queries, q.device)
-        if rp.keys:
-            kx = _gather_keys(kv, plan, layout, me, halo, bc)
-            view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-            o, l_ = local_attend(q.index_select(2, idx), kx[..., :d], kx[..., d:], view, scale, kpm_ext, engine)
-            out = out.index_copy(2, idx, o)
-            lse = lse.index_copy(2, idx, l_.to(acc))
+    if rp.queries and rp.keys:
+        rows = tuple(r for lo, hi in rp.queries for r in layout.local(me, lo, hi))
+        kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
+        vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
+        view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
+        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse)
+        if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
+            out = o
+            lse = l_.to(acc) if l_ is not None else lse
+        else:
+            idx = _local_index(layout, me, rp.queries, q.device)
+            out = q.new_zeros(b, hq, n_local, v.shape[-1]).index_copy(2, idx, o)
+            lse = lse.index_copy(2, idx, l_.to(acc)) if l_ is not None else lse
+    if out is None:
+        out = q.new_zeros(b, hq, n_local, v.shape[-1])
     if plan.global_rows:
-        o_g, l_g, more = _global_queries(q, kv, d, kpm, pattern, plan, layout, me, group, scale, acc, bc)
+        o_g, l_g, more = _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, bc)
         deps += list(more)
         if o_g is not None:
             mine = tuple((x.lo, x.hi) for x in plan.q_bcasts if x.src == me)

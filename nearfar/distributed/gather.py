@@ -15,32 +15,23 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .layout import Layout
-from .plan import Bcast
 
-
-def _local(layout: Layout, rank: int, b: Bcast) -> tuple[int, int]:
-    (lo, hi), = layout.local(rank, b.lo, b.hi)  # a broadcast piece lies in one range of its owner
-    return lo, hi
+Pieces = tuple[tuple[int, int, int], ...]
 
 
 class Broadcast(torch.autograd.Function):
-    """``Broadcast.apply(x, after, pieces, layout, group, what)``: see ``broadcast_tokens``."""
+    """``Broadcast.apply(x, after, pieces, group, what)``: see ``broadcast_tokens``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, after: torch.Tensor | None, pieces: tuple[Bcast, ...], layout: Layout,
+    def forward(ctx: Any, x: torch.Tensor, after: torch.Tensor | None, pieces: Pieces,
                 group: dist.ProcessGroup | None, what: str) -> torch.Tensor:
-        ctx.pieces, ctx.layout, ctx.group, ctx.what, ctx.shape = pieces, layout, group, what, x.shape
+        ctx.pieces, ctx.group, ctx.what, ctx.shape = pieces, group, what, x.shape
         me = dist.get_rank(group)
         b, h, _, c = x.shape
         bufs = []
-        for p in pieces:
-            if p.src == me:
-                lo, hi = _local(layout, me, p)
-                t = x[:, :, lo:hi].contiguous()
-            else:
-                t = x.new_empty(b, h, p.hi - p.lo, c)
-            comm.broadcast(t, p.src, group, f"{what}.fwd")
+        for src, start, length in pieces:
+            t = x[:, :, start:start + length].contiguous() if src == me else x.new_empty(b, h, length, c)
+            comm.broadcast(t, src, group, f"{what}.fwd")
             bufs.append(t)
         return torch.cat(bufs, 2) if bufs else x.new_empty(b, h, 0, c)
 
@@ -49,24 +40,23 @@ class Broadcast(torch.autograd.Function):
         me = dist.get_rank(ctx.group)
         gx = grad.new_zeros(ctx.shape)
         pos = 0
-        for p in ctx.pieces:
-            t = grad[:, :, pos:pos + p.hi - p.lo].contiguous()
-            pos += p.hi - p.lo
-            comm.reduce(t, p.src, ctx.group, f"{ctx.what}.bwd")
-            if p.src == me:
-                lo, hi = _local(ctx.layout, me, p)
-                gx[:, :, lo:hi] += t
-        return gx, None, None, None, None, None
+        for src, start, length in ctx.pieces:
+            t = grad[:, :, pos:pos + length].contiguous()
+            pos += length
+            comm.reduce(t, src, ctx.group, f"{ctx.what}.bwd")
+            if src == me:
+                gx[:, :, start:start + length] += t
+        return gx, None, None, None, None
 
 
-def broadcast_tokens(x: torch.Tensor, pieces: tuple[Bcast, ...], layout: Layout, group: dist.ProcessGroup | None,
-                     what: str = "bcast", after: torch.Tensor | None = None) -> torch.Tensor:
-    """Broadcast token ranges of ``x`` from their owners to every rank; differentiable (gradients reduced back).
+def broadcast_tokens(x: torch.Tensor, pieces: Pieces, group: dist.ProcessGroup | None, what: str = "bcast",
+                     after: torch.Tensor | None = None) -> torch.Tensor:
+    """Broadcast token runs of ``x`` from their owners to every rank; differentiable (gradients reduced back).
 
     Args:
         x: ``(B, H, n, c)``, this rank's tokens on dim 2 (same ``B, H, c`` on every rank).
-        pieces: The global ranges to broadcast and their owners, in a fixed order.
-        layout: The layout (maps a global range to the owner's local positions).
+        pieces: ``((source rank, start in the source's x, tokens), ...)`` in a fixed order (the start is read on
+            the source only).
         group: The process group (None: the world).
         what: The operation's name for counting and errors.
         after: As in ``halo.exchange``: a dummy input that orders the backward collectives.
@@ -74,4 +64,4 @@ def broadcast_tokens(x: torch.Tensor, pieces: tuple[Bcast, ...], layout: Layout,
     Returns:
         ``(B, H, total tokens of pieces, c)`` on every rank, the pieces in order.
     """
-    return Broadcast.apply(x, after, pieces, layout, group, what)
+    return Broadcast.apply(x, after, pieces, group, what)

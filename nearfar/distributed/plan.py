@@ -172,8 +172,14 @@ def _spatial_rows(p: SpatialPattern, r0: int, r1: int, x0: int) -> Ranges:
     """Rows (first-axis coordinates) of keys that query rows ``[r0, r1)`` may reach."""
     i = torch.arange(r0, r1)
     if isinstance(p, Neighborhood):
+        d, edge = p.dilation[0], 2 * p.dilation[0] * p.stride[0] + 4
+        if r1 - r0 > 2 * edge:
+            # window starts and ends grow with the query row within a dilation group, and consecutive rows'
+            # windows overlap or touch: the reach is the hull of the first and last rows' windows
+            i = torch.cat([i[:edge], i[-edge:]])
+            g, start, end = p.window(0, i, x0)
+            return ((int((start * d + g).min()), int((end * d + g).max()) + 1),)
         g, start, end = p.window(0, i, x0)
-        d = p.dilation[0]
         return _merge(start * d + g, end * d + g + 1)  # one interval per query row (other residues included)
     j = torch.arange(x0)
     qa, ka = p.query_axis(0, i, x0), p.key_axis(0, j, x0)

@@ -135,6 +135,7 @@ class RingAttention(torch.autograd.Function):
                 pat = None if full else GlobalView(Causal(), ((qa, qb),), kr, n)
                 with torch.no_grad():
                     o, l_ = local_attend(q[:, :, rows], ks[..., :d], ks[..., d:], pat, scale, mask, engine)
+                    assert l_ is not None  # asked for
                 merge_into(out[:, :, rows], lse[:, :, rows], o, l_)
             wait()
             if i < world - 1:

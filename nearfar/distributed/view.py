@@ -90,9 +90,11 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
 
 
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
-                 key_padding_mask: torch.Tensor | None, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``nearfar.attend(..., return_lse=True)`` on this rank's tensors, past this thread's interceptors: the local
-    step of a distributed call is not itself a call to distribute (``sharded``) or to steer."""
-    out = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, True, None).run()
-    assert isinstance(out, tuple)
-    return out
+                 key_padding_mask: torch.Tensor | None, engine: str,
+                 return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
+    call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
+    res = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, return_lse, None).run()
+    if isinstance(res, tuple):
+        return res
+    return res, None
