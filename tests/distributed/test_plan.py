@@ -127,3 +127,23 @@ def test_attend_rejects_bad_arguments():
         nd.attend(q, q, q, layout="contiguous")
     with pytest.raises(ValueError, match="method"):
         nd.attend(q, q, q, layout=lay, method="alltoall")
+
+
+def test_scaling_model_reads_the_plan():
+    """``benchmarks/distributed_scaling.py``: halo tokens from the plan equal the closed form, and the model's
+    efficiency stays at most 1 and below a ring's communication."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "distributed_scaling.py"
+    spec = importlib.util.spec_from_file_location("distributed_scaling", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod._traffic("na1d", 1 << 16, 8) == (512, 2, 1 << 13)          # (k - 1) tokens from two neighbours
+    assert mod._traffic("na2d", 256, 8) == (12 * 256, 2, 32 * 256)       # (k0 - 1) rows of 256 tokens
+    fit = {"fwd": (1e-3, 1e-9), "fwd+bwd": (3e-3, 3e-9)}
+    rows = mod.model_rows("na1d", [1 << 16], fit)
+    assert [r["ranks"] for r in rows] == list(mod.RANKS)
+    for r in rows:
+        assert 0 < r["eff@25"] <= 1 + 1e-12 and r["halo_s@25"] <= r["ring_s@25"]
