@@ -201,3 +201,50 @@ def intercepted() -> bool:
     """Whether ``attend`` calls of this thread go to an interceptor now: kernels that run without ``attend``
     (``WindowBatch``, ``attend_rows``, MoH's and the dense layer's fused calls) then call ``attend`` instead."""
     return bool(_INTERCEPTORS.get())
+
+
+_POSITIONS: contextvars.ContextVar[Callable[[int, int, torch.device], torch.Tensor] | None] = contextvars.ContextVar(
+    "nearfar_positions", default=None)
+
+
+def token_positions(start: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Positions ``(n,)`` of a layer's ``n`` tokens that begin at sequence position ``start``: ``start .. start+n-1``,
+    unless a ``positions_override`` block of this thread says otherwise (a rank of a sequence split across processes
+    holds tokens at global positions, which RoPE and absolute embeddings must use).
+
+    Args:
+        start: Position of the first token (the length of a decoding cache, 0 for whole sequences).
+        n: Number of tokens.
+        device: Device of the result.
+
+    Returns:
+        An int64 tensor ``(n,)``.
+
+    Examples:
+        >>> from nearfar.functional import token_positions
+        >>> token_positions(3, 4).tolist()
+        [3, 4, 5, 6]
+    """
+    fn = _POSITIONS.get()
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if fn is None:
+        return torch.arange(start, start + n, device=dev)
+    return fn(start, n, dev)
+
+
+@contextlib.contextmanager
+def positions_override(fn: Callable[[int, int, torch.device], torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``token_positions(start, n, device)`` of this thread returns ``fn(start, n, device)``
+    (``nearfar.distributed.sharded`` gives each rank's layers the global positions of its tokens this way).
+
+    Args:
+        fn: ``(start, n, device) -> positions (n,)``.
+
+    Yields:
+        None.
+    """
+    token = _POSITIONS.set(fn)
+    try:
+        yield
+    finally:
+        _POSITIONS.reset(token)

@@ -16,7 +16,15 @@ import torch
 
 from .backends import engines
 from .backends.window_batch import WindowBatch
-from .calls import AttendCall, engine_override, intercept_calls, intercepted, observe_calls
+from .calls import (
+    AttendCall,
+    engine_override,
+    intercept_calls,
+    intercepted,
+    observe_calls,
+    positions_override,
+    token_positions,
+)
 from .dispatch import attend
 from .ops.hip import hip_topk_blocks
 from .ops.lightning import (
@@ -75,11 +83,13 @@ __all__ = [
     "observe_calls",
     "pointwise_linear",
     "pool_blocks",
+    "positions_override",
     "selective_scan",
     "split_heads",
     "split_qkv",
     "threshold_blocks",
     "tnl_slopes",
+    "token_positions",
     "topk_blocks",
     "window_attention",
 ]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..functional import split_heads
+from ..functional import split_heads, token_positions
 
 if TYPE_CHECKING:
     from .projections import ProjectedAttention
@@ -49,7 +49,7 @@ def rotary_qkv(layer: ProjectedAttention, x: torch.Tensor, start: int,
     layer with ``q_proj``/``k_proj``/``v_proj``, ``num_heads``, ``num_kv_heads`` and ``rope`` (None: no RoPE).
     ``shared_tables``: one cos/sin pair rotates both q and k (the same values; autograd saves one pair instead of
     two, and the unrotated q is released before k is projected)."""
-    pos = torch.arange(start, start + x.shape[1], device=x.device)
+    pos = token_positions(start, x.shape[1], x.device)  # global positions on a rank of a split sequence
     if shared_tables and layer.rope is not None:
         cos, sin = layer.rope.tables(pos, x.dtype)
         q = layer.rope.rotate(split_heads(layer.q_proj(x), layer.num_heads), cos, sin)

@@ -1,0 +1,271 @@
+"""``nearfar.distributed.attend``: ``nearfar.attend`` over a sequence split across the ranks of a process group.
+
+Each rank passes its own tokens' q, k, v (``layout`` says which global tokens those are) and gets its own tokens'
+output. Fixed local patterns fetch exactly the keys their queries can reach (``plan.make_plan``): boundary keys
+point to point from the neighbouring ranks (``halo``), sink and global keys by broadcast from their owner
+(``gather``), then one ``attend`` call runs on the local queries and the gathered keys through the offset view
+(``view.GlobalView``), so no merge is needed and the engine's own backward gives every gradient; the gradients of
+fetched keys go back to their owners in the backward pass. The global queries of ``GlobalTokens`` are computed as
+partials on every rank and merged on their owner (``merge``). Dense and causal attention rotate K/V around a ring
+(``ring``), as PyTorch's ``context_parallel`` does. Every rank must call this with the same pattern, layout and
+shapes (but its own tensors), and run the backward pass through its output too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..checks import check_choice
+from ..dispatch import attend as single_attend
+from ..dispatch import check_attention_inputs
+from ..patterns import Causal, Dense, Pattern, PerHead
+from .gather import broadcast_tokens
+from .halo import exchange
+from .layout import Layout, Ranges
+from .merge import merge, partial
+from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_union
+from .ring import ring_attention
+from .view import global_view, local_attend
+
+
+class _Tie(torch.autograd.Function):
+    """Returns ``out``; its backward hands zero gradients to ``deps`` so that every communication op of this call
+    runs its backward on this rank too, even when its output was not used here (the peers wait for it)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, *deps: torch.Tensor) -> torch.Tensor:
+        ctx.deps = [(d.shape, d.dtype, d.device) for d in deps]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (grad, *(torch.zeros(s, dtype=t, device=dv) for s, t, dv in ctx.deps))
+
+
+def _local_index(layout: Layout, rank: int, ranges: Ranges, device: torch.device) -> torch.Tensor:
+    loc = [r for lo, hi in ranges for r in layout.local(rank, lo, hi)]
+    parts = [torch.arange(a, b, device=device) for a, b in loc]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _rows(x: torch.Tensor, local: Ranges) -> torch.Tensor:
+    """``x``'s tokens (dim 2) at the local ranges, concatenated; a view when there is one range."""
+    if len(local) == 1:
+        return x[:, :, local[0][0]:local[0][1]]
+    return torch.cat([x[:, :, a:b] for a, b in local], 2) if local else x[:, :, :0]
+
+
+class _Packed:
+    """This rank's tokens that leave it (messages and broadcasts), K and V side by side in one buffer: only they
+    are copied, and their gradients flow back to ``k`` and ``v`` through the packing."""
+
+    def __init__(self, tensors: list[torch.Tensor], local: Ranges) -> None:
+        self.segs = rs_union(local)
+        self.x = torch.cat([_rows(t, self.segs) for t in tensors], -1) if len(tensors) > 1 else \
+            _rows(tensors[0], self.segs)
+
+    def at(self, a: int) -> int:
+        """Position in the buffer of local token ``a`` (which it holds)."""
+        base = 0
+        for lo, hi in self.segs:
+            if lo <= a < hi:
+                return base + a - lo
+            base += hi - lo
+        raise KeyError(a)
+
+
+def _fetch(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int, group: dist.ProcessGroup | None,
+           what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Receive this rank's remote keys: the halo buffer (point to point) and the broadcast buffer, channels of
+    ``tensors`` concatenated."""
+    out_local = {m: tuple(r for lo, hi in m.ranges for r in layout.local(me, lo, hi))
+                 for m in plan.messages if m.src == me}
+    mine = [layout.local(me, b.lo, b.hi)[0] for b in plan.bcasts if b.src == me]
+    pack = _Packed(tensors, tuple(r for rs in out_local.values() for r in rs) + tuple(mine))
+    sends = tuple((m.dst, tuple((pack.at(a), pack.at(a) + b - a) for a, b in rs)) for m, rs in out_local.items())
+    recvs = tuple((m.src, rs_size(m.ranges)) for m in plan.messages if m.dst == me)
+    halo = exchange(pack.x, sends, recvs, group, f"{what}.halo")
+    pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
+                   for b in plan.bcasts)
+    bc = broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
+    return halo, bc
+
+
+def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo: torch.Tensor,
+                 bc: torch.Tensor) -> torch.Tensor:
+    """This rank's keys in global order, from its own tokens ``x`` and the halo and broadcast buffers (already
+    sliced to ``x``'s channels)."""
+    offsets, pos = {}, 0
+    for i, m in enumerate(plan.messages):
+        if m.dst == me:
+            for lo, hi in m.ranges:
+                offsets[(i, lo)] = pos
+                pos += hi - lo
+    boff, pos = [], 0
+    for b in plan.bcasts:
+        boff.append(pos)
+        pos += b.hi - b.lo
+    parts = []
+    for lo, hi, kind, i in plan.ranks[me].pieces:
+        if kind == "own":
+            parts += [x[:, :, a:b] for a, b in layout.local(me, lo, hi)]
+        elif kind == "p2p":
+            o = offsets[(i, lo)]
+            parts.append(halo[:, :, o:o + hi - lo])
+        else:
+            o = boff[i] + lo - plan.bcasts[i].lo
+            parts.append(bc[:, :, o:o + hi - lo])
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, after):
+    """Outputs ``(O, L)`` of the global queries this rank owns, and the communication outputs to tie."""
+    n = plan.n
+    pieces = tuple((b.src, layout.local(me, b.lo, b.hi)[0][0] if b.src == me else -1, b.hi - b.lo)
+                   for b in plan.q_bcasts)
+    qg = broadcast_tokens(q, pieces, group, "q.bcast", after)
+    own = rs_intersect(layout.ranges[me], ((0, n),))
+    idx = _local_index(layout, me, own, q.device)
+    kown, vown = k.index_select(2, idx), v.index_select(2, idx)
+    d = k.shape[-1]
+    if own:
+        qi = torch.arange(plan.global_rows, device=q.device)[:, None]
+        kg = torch.cat([torch.arange(a, b, device=q.device) for a, b in own])[None, :]
+        shape = (plan.global_rows, kg.shape[1])
+        allowed = pattern.allowed(qi, kg, n, n)
+        per_head = isinstance(pattern, PerHead)
+        allowed = allowed.expand(-1, *shape)[None] if per_head else allowed.expand(shape)[None, None]
+        if kpm is not None:
+            allowed = allowed & kpm.index_select(1, idx)[:, None, None, :]
+        o, lse = partial(qg, kown, vown, allowed, scale, acc)
+    else:  # no own keys: an empty partial that still depends on the queries (fixes the backward order)
+        o = torch.matmul(qg.to(acc), qg.new_zeros(d, v.shape[-1], dtype=acc))
+        lse = torch.full(o.shape[:-1], -torch.inf, dtype=acc, device=q.device)
+    part = torch.cat([o, lse[..., None]], -1)
+    mine = tuple((b.lo, b.hi) for b in plan.q_bcasts if b.src == me)
+    sends = tuple((src, tuple((b.lo, b.hi) for b in plan.q_bcasts if b.src == src))
+                  for src in sorted({b.src for b in plan.q_bcasts}) if src != me)
+    recvs = tuple((r, rs_size(mine)) for r in range(layout.world) if r != me and mine)
+    got = exchange(part, sends, recvs, group, "partial")
+    if not mine:
+        return None, None, (qg, got)
+    rows = torch.cat([part[:, :, lo:hi] for lo, hi in mine], 2)
+    stack = torch.stack([rows, *got.split(rs_size(mine), 2)])
+    o_g, l_g = merge(stack[..., :-1], stack[..., -1])
+    return o_g, l_g, (qg, got)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *, layout: Layout,
+           group: dist.ProcessGroup | None = None, scale: float | None = None,
+           key_padding_mask: torch.Tensor | None = None, engine: str = "auto", return_lse: bool = False,
+           method: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of this rank's queries over the keys of every rank, restricted to ``pattern`` (at the global
+    length ``layout.n_real``); the result equals ``nearfar.attend`` on the whole sequence, restricted to this rank.
+
+    Args:
+        q: This rank's queries ``(B, Hq, n_local, d)``, ``n_local = layout.size(rank)``, in the layout's order.
+        k: This rank's keys ``(B, Hkv, n_local, d)`` (``Hq % Hkv == 0``).
+        v: This rank's values ``(B, Hkv, n_local, dv)``.
+        pattern: The pattern on the global sequence (None: dense).
+        layout: Which global tokens each rank holds (``Layout.contiguous``, ``slabs`` or ``head_tail``); the same
+            on every rank.
+        group: The process group (None: the default group); its size must be ``layout.world``.
+        scale: Score scale (default ``1 / sqrt(d)``).
+        key_padding_mask: This rank's keys' mask ``(B, n_local)``, True = keep.
+        engine: The local engine (as in ``nearfar.attend``).
+        return_lse: Also return the (detached) LSE ``(B, Hq, n_local)``.
+        method: ``"auto"`` (ring for dense and causal, gather otherwise), ``"gather"`` or ``"ring"`` (dense and
+            causal only).
+
+    Returns:
+        The output ``(B, Hq, n_local, dv)`` (0 on padding tokens), and the LSE with ``return_lse``.
+
+    Raises:
+        TypeError: If an argument has the wrong type.
+        ValueError: If shapes disagree with the layout or each other, the group's size differs from the layout's,
+            the pattern does not fit ``layout.n_real`` or ``method`` is unknown.
+        nearfar.distributed.DistributedAttentionError: If a peer fails or the group's timeout passes mid-call.
+    """
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a nearfar.distributed.Layout, got {type(layout).__name__}")
+    check_choice(method, "method", ("auto", "gather", "ring"))
+    if layout.world == 1 and layout.n_real == layout.n:
+        return single_attend(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, engine=engine,
+                             return_lse=return_lse)
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    if world != layout.world:
+        raise ValueError(f"the layout splits the tokens over {layout.world} ranks but the group has {world}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[2] != layout.size(me):
+            raise ValueError(f"{name} must be 4D with layout.size({me}) = {layout.size(me)} tokens on dim 2, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    if pattern is not None:
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a nearfar Pattern or None, got {type(pattern).__name__}")
+        if layout.n_real:
+            pattern.check(layout.n_real, layout.n_real)
+    if isinstance(pattern, Dense):
+        pattern = None
+    if isinstance(pattern, PerHead) and pattern.heads != q.shape[1]:
+        raise ValueError(f"PerHead has {pattern.heads} patterns but q has Hq={q.shape[1]} heads")
+    if q.shape[2]:  # the local shapes, dtypes, heads, mask and scale through attend's own checks
+        check_attention_inputs(q, k, v, scale, key_padding_mask)
+    elif key_padding_mask is not None and tuple(key_padding_mask.shape) != (q.shape[0], 0):
+        raise ValueError(f"key_padding_mask must have shape (B, 0) on a rank with no tokens, "
+                         f"got {tuple(key_padding_mask.shape)}")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    ring = method == "ring" or (method == "auto" and (pattern is None or isinstance(pattern, Causal)))
+    if ring:
+        if pattern is not None and not isinstance(pattern, Causal):
+            raise ValueError(f"method='ring' runs dense or Causal() attention, got {pattern!r}")
+        out, lse = ring_attention(q, k, v, layout, causal=pattern is not None, scale=scale,
+                                  key_padding_mask=key_padding_mask, group=group, engine=engine)
+        return (out, lse) if return_lse else out
+    return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me)
+
+
+def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me):
+    plan = make_plan(pattern, layout)
+    n, rp, d = plan.n, plan.ranks[me], k.shape[-1]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    b, hq, n_local, _ = q.shape
+    kpm_ext = None
+    if kpm is not None:  # the mask travels with its keys (no gradient)
+        m = kpm.to(torch.uint8)[:, None, :, None]
+        with torch.no_grad():
+            mh, mb = _fetch([m], plan, layout, me, group, "mask")
+        kpm_ext = _gather_keys(m, plan, layout, me, mh, mb)[:, 0, :, 0].bool() if rp.keys else None
+    halo, bc = _fetch([k, v], plan, layout, me, group, "kv")
+    deps = [halo, bc]
+    out: torch.Tensor | None = None
+    lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
+    if rp.queries and rp.keys:
+        rows = tuple(r for lo, hi in rp.queries for r in layout.local(me, lo, hi))
+        kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
+        vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
+        view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
+        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse)
+        if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
+            out = o
+            lse = l_.to(acc) if l_ is not None else lse
+        else:
+            idx = _local_index(layout, me, rp.queries, q.device)
+            out = q.new_zeros(b, hq, n_local, v.shape[-1]).index_copy(2, idx, o)
+            lse = lse.index_copy(2, idx, l_.to(acc)) if l_ is not None else lse
+    if out is None:
+        out = q.new_zeros(b, hq, n_local, v.shape[-1])
+    if plan.global_rows:
+        o_g, l_g, more = _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, bc)
+        deps += list(more)
+        if o_g is not None:
+            mine = tuple((x.lo, x.hi) for x in plan.q_bcasts if x.src == me)
+            gidx = _local_index(layout, me, mine, q.device)
+            out = out.index_copy(2, gidx, o_g.to(q.dtype))
+            lse = lse.index_copy(2, gidx, l_g.detach())
+    if any(t.requires_grad for t in deps):
+        out = _Tie.apply(out, *deps)
+    return (out, lse) if return_lse else out

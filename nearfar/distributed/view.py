@@ -1,0 +1,100 @@
+"""The offset view: a pattern asked about local indices answers for the global ones they stand for.
+
+A rank computes its queries (global ranges ``q_ranges``) against the keys it holds or fetched (global ranges
+``k_ranges``, concatenated in global order) with one ordinary ``attend`` call. Called on those tensors directly, a
+pattern would see a short sequence: positional patterns would align the last query with the last key and a
+neighborhood would clamp its windows at the shard edge. ``GlobalView`` maps local query and key indices to global
+ones and asks the wrapped pattern at the global length ``n``, so every engine (dense, block-sparse, Flex) runs the
+exact global pattern on the local tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..calls import AttendCall
+from ..patterns import Pattern, PerHead, Tiles
+from .layout import Ranges
+
+
+def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
+    parts = [torch.arange(lo, hi, device=device) for lo, hi in ranges]
+    return torch.cat(parts) if parts else torch.zeros(1, dtype=torch.long, device=device)
+
+
+class GlobalView(Pattern):
+    """``pattern`` at global length ``n`` seen through local indices: local query ``i`` is the ``i``-th index of
+    ``q_ranges``, local key ``j`` the ``j``-th index of ``k_ranges``.
+
+    Args:
+        pattern: A (non-``PerHead``) pattern on the global sequence.
+        q_ranges: Global half-open ranges of the local queries, in local order.
+        k_ranges: Global half-open ranges of the local keys, in local order.
+        n: The global length the pattern is evaluated at.
+
+    Examples:
+        >>> import nearfar as nf
+        >>> from nearfar.distributed.view import GlobalView
+        >>> v = GlobalView(nf.Causal(), ((4, 6),), ((0, 2), (4, 6)), 8)
+        >>> v.mask(2, 4).int().tolist()   # global queries 4, 5; keys 0, 1, 4, 5
+        [[1, 1, 1, 0], [1, 1, 1, 1]]
+    """
+
+    def __init__(self, pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> None:
+        if isinstance(pattern, PerHead):
+            raise TypeError("GlobalView wraps one pattern; use global_view() for a PerHead pattern")
+        self.pattern, self.q_ranges, self.k_ranges, self.n = pattern, q_ranges, k_ranges, n
+        self._maps: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def _map(self, which: str, idx: torch.Tensor) -> torch.Tensor:
+        key = (which, idx.device)
+        m = self._maps.get(key)
+        if m is None:
+            m = self._maps[key] = _index(self.q_ranges if which == "q" else self.k_ranges, idx.device)
+        return m[idx.clamp(0, m.numel() - 1)]
+
+    def _tiles(self, which: str, t: Tiles) -> Tiles:
+        return Tiles(torch.where(t.valid, self._map(which, t.idx), -1))
+
+    def check(self, nq: int, nk: int) -> None:
+        pass  # the global pattern is checked once, at the global length
+
+    def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
+        return self.pattern.allowed(self._map("q", q), self._map("k", k), self.n, self.n)
+
+    def block_allowed(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        return self.pattern.block_allowed(self._tiles("q", qt), self._tiles("k", kt), self.n, self.n)
+
+    def block_full(self, qt: Tiles, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+        return self.pattern.block_full(self._tiles("q", qt), self._tiles("k", kt), self.n, self.n)
+
+    def _key(self) -> tuple:
+        return ("GlobalView", self.pattern, self.q_ranges, self.k_ranges, self.n)
+
+
+def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> Pattern:
+    """``GlobalView`` of ``pattern``; a ``PerHead`` pattern becomes a ``PerHead`` of views (one per head).
+
+    Args:
+        pattern: The global pattern.
+        q_ranges: Global ranges of the local queries.
+        k_ranges: Global ranges of the local keys.
+        n: The global length.
+
+    Returns:
+        The view.
+    """
+    if isinstance(pattern, PerHead):
+        return PerHead([GlobalView(p, q_ranges, k_ranges, n) for p in pattern.patterns])
+    return GlobalView(pattern, q_ranges, k_ranges, n)
+
+
+def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
+                 key_padding_mask: torch.Tensor | None, engine: str,
+                 return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
+    call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
+    res = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, return_lse, None).run()
+    if isinstance(res, tuple):
+        return res
+    return res, None

@@ -1,0 +1,224 @@
+"""What each rank runs: the distributed ``attend`` on its shard against single-process ``nearfar.attend`` on the whole
+sequence (outputs, LSE, dQ/dK/dV), with the bytes it sent and received.
+
+Every rank builds the same global inputs from a seed, computes the single-process reference, runs the distributed
+call on its own tokens and compares its slice. Padding tokens (beyond ``n_real``) hold random values: they must
+not leak into any real output or gradient. Results come back as plain dicts (pickled to the parent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+import nearfar as nf
+import nearfar.distributed as nd
+
+
+@dataclasses.dataclass
+class Case:
+    pattern: object
+    layout: object
+    heads: tuple[int, int] = (4, 2)
+    d: int = 8
+    kpm: bool = False
+    method: str = "auto"
+    dtype: torch.dtype = torch.float64
+
+
+def _na2(grid, k, **kw):
+    return nf.Neighborhood(k, grid=grid, **kw)
+
+
+def cases(world: int) -> dict[str, Case]:
+    L = nd.Layout
+    c = {
+        "na1d": Case(nf.Neighborhood(7), L.contiguous(37, world)),
+        "na1d_dilated": Case(nf.Neighborhood(5, dilation=2), L.contiguous(41, world)),
+        "na1d_causal": Case(nf.Neighborhood(7, is_causal=True), L.contiguous(37, world)),
+        "na1d_strided": Case(nf.Neighborhood(7, stride=2), L.contiguous(37, world)),
+        "na1d_wider_than_shard": Case(nf.Neighborhood(13), L.contiguous(max(5 * world, 14), world)),
+        "na1d_fp32_mask": Case(nf.Neighborhood(7), L.contiguous(37, world), kpm=True, dtype=torch.float32),
+        "na1d_mqa": Case(nf.Neighborhood(5), L.contiguous(30, world), heads=(4, 1)),
+        "sliding_window": Case(nf.SlidingWindow(5, 3), L.contiguous(37, world)),
+        "sliding_window_causal": Case(nf.SlidingWindow(6) & nf.Causal(), L.contiguous(37, world), kpm=True),
+        "causal_ring_head_tail": Case(nf.Causal(), L.head_tail(37, world), kpm=True),
+        "causal_ring_contiguous": Case(nf.Causal(), L.contiguous(37, world), dtype=torch.float32),
+        "dense_ring": Case(None, L.contiguous(30, world), kpm=True),
+        "causal_gather": Case(nf.Causal(), L.head_tail(37, world), method="gather"),
+        "blocks_aligned": Case(nf.Blocks(8), L.contiguous(8 * world, world)),
+        "blocks_shifted": Case(nf.Blocks(8, shift=4), L.contiguous(8 * world, world)),
+        "grid": Case(nf.Grid(4), L.contiguous(32, world)),
+        "sinks_window": Case((nf.SlidingWindow(3) | nf.Sinks(4)) & nf.Causal(), L.contiguous(37, world)),
+        "global_window": Case(nf.SlidingWindow(2, 2) | nf.GlobalTokens(3), L.contiguous(37, world), kpm=True),
+        "global_spanning": Case(nf.Neighborhood(5) | nf.GlobalTokens(12), L.contiguous(37, world)),
+        "global_causal": Case((nf.SlidingWindow(3) | nf.GlobalTokens(2)) & nf.Causal(), L.contiguous(37, world)),
+        "per_head": Case(nf.PerHead([nf.SlidingWindow(2), nf.SlidingWindow(5), nf.Sinks(2), nf.SlidingWindow(1, 3)])
+                         & nf.Causal(), L.contiguous(37, world)),
+        "na2d_slabs": Case(_na2((10, 6), (5, 3)), L.slabs((10, 6), world)),
+        "na2d_dilated_causal": Case(_na2((13, 5), (3, 3), dilation=(2, 1), is_causal=(True, False)),
+                                    L.slabs((13, 5), world)),
+        "padding_rank": Case(nf.Neighborhood(5), L.contiguous(8 * world, world, n_real=8 * world - 8), kpm=True),
+        "padding_ring": Case(nf.Causal(), L.head_tail(8 * world, world, n_real=8 * world - 8)),
+    }
+    if world >= 4:
+        c["zero_tokens"] = Case(nf.Neighborhood(3), L.contiguous(3, world))
+        c["zero_tokens_ring"] = Case(nf.Causal(), L.contiguous(3, world))
+    return c
+
+
+def _inputs(case: Case, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lay = case.layout
+    n, nr = lay.n, lay.n_real
+    hq, hkv = case.heads
+    b, d = 2, case.d
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=case.dtype)
+
+    q, k, v, w = r(b, hq, n, d), r(b, hkv, n, d), r(b, hkv, n, d), r(b, hq, n, d)
+    kpm = torch.rand(b, n, generator=g) > 0.25 if case.kpm else None
+    return q, k, v, w, kpm, nr
+
+
+def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dict:
+    q, k, v, w, kpm, nr = _inputs(case, seed)
+    lay = case.layout
+    tol = dict(atol=1e-10, rtol=1e-10) if case.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    # reference: the real tokens only, one process
+    qr, kr, vr = (x[:, :, :nr].clone().requires_grad_() for x in (q, k, v))
+    ref, ref_lse = nf.attend(qr, kr, vr, case.pattern, key_padding_mask=None if kpm is None else kpm[:, :nr],
+                             return_lse=True)
+    (ref * w[:, :, :nr]).sum().backward()
+
+    def pad(x, fill=0.0):
+        extra = list(x.shape)
+        extra[2] = lay.n - nr
+        return torch.cat([x.detach(), x.new_full(extra, fill)], 2)
+
+    want = {"out": pad(ref), "lse": pad(ref_lse[..., None], float("-inf"))[..., 0].to(torch.float64),
+            "dq": pad(qr.grad), "dk": pad(kr.grad), "dv": pad(vr.grad)}
+    # distributed: this rank's shard (padding holds random values)
+    ql, kl, vl = (nd.shard(x, lay, rank).requires_grad_() for x in (q, k, v))
+    kpml = nd.shard(kpm, lay, rank, dim=1) if kpm is not None else None
+    t0 = time.perf_counter()
+    with nd.count_bytes() as stats:
+        out, lse = nd.attend(ql, kl, vl, case.pattern, layout=lay, key_padding_mask=kpml, return_lse=True,
+                             method=case.method)
+        (out * nd.shard(w, lay, rank)).sum().backward()
+    seconds = time.perf_counter() - t0
+    got = {"out": out.detach(), "lse": lse.to(torch.float64), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+    errors = []
+    for key, ref_full in want.items():
+        exp = nd.shard(ref_full, lay, rank, dim=2)
+        g_ = got[key]
+        if g_ is None:
+            g_ = torch.zeros_like(exp)
+        try:
+            torch.testing.assert_close(g_.to(exp.dtype), exp, **tol)
+        except AssertionError as err:
+            errors.append(f"{key}: {str(err)[:400]}")
+    traffic = nd.make_plan(case.pattern, lay).traffic(rank) if case.method != "ring" else None
+    return {"errors": errors, "sent": dict(stats.sent), "recv": dict(stats.recv), "messages": dict(stats.messages),
+            "traffic": traffic, "seconds": seconds}
+
+
+def run_suite(rank: int, world: int, names: list[str] | None = None) -> dict[str, dict]:
+    out = {}
+    for name, case in cases(world).items():
+        if names is not None and name not in names:
+            continue
+        try:
+            out[name] = run_case(rank, world, name, case)
+        except Exception as err:  # noqa: BLE001 - reported per case; the group may be broken after this
+            import traceback
+
+            out[name] = {"errors": [f"raised {type(err).__name__}: {err}\n{traceback.format_exc()[-1500:]}"]}
+            break
+    return out
+
+
+def fail_mid_call(rank: int, world: int) -> dict:
+    """Rank 1 raises inside ``attend`` (while packing its halo); every other rank must get a clear
+    ``DistributedAttentionError`` from the same call, soon, never a hang."""
+    import nearfar.distributed.halo as halo
+
+    case = cases(world)["na1d"]
+    q, k, v, _, _, _ = _inputs(case, 1)
+    ql, kl, vl = (nd.shard(x, case.layout, rank) for x in (q, k, v))
+    if rank == 1:
+        def broken(x, ranges):
+            raise ValueError("injected failure on rank 1")
+
+        halo._take = broken
+    t0 = time.perf_counter()
+    try:
+        nd.attend(ql, kl, vl, case.pattern, layout=case.layout)
+    except Exception as err:  # noqa: BLE001 - the error is the result
+        return {"error": type(err).__name__, "message": str(err), "seconds": time.perf_counter() - t0}
+    return {"error": None, "seconds": time.perf_counter() - t0}
+
+
+def run_example(rank: int, world: int) -> float:
+    """``examples/distributed_attend.py`` as written (smaller sequence)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "distributed_attend.py"
+    spec = importlib.util.spec_from_file_location("distributed_attend", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run(rank, world, n=512)
+
+
+def train_tiny_lm(rank: int, world: int, steps: int = 5) -> dict[str, list[tuple[float, float]]]:
+    """``TinyLM`` trained by SGD on the sequence split over the ranks (``nearfar.distributed.sharded``, gradients
+    summed across ranks as data parallelism would) next to the same model trained in one process: the loss curves
+    ``[(sharded, one process), ...]`` per mechanism (float64)."""
+    import copy
+
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    curves = {}
+    for mech, kw, layout in (("streaming_llm", {"window": 6, "sinks": 2}, nd.Layout.contiguous(32, world)),
+                             ("dense", {}, nd.Layout.head_tail(32, world))):
+        torch.manual_seed(0)
+        lm = nf.TinyLM(64, dim=32, depth=2, num_heads=4, mechanism=mech, **kw).double()
+        ref = copy.deepcopy(lm)
+        opt, opt_ref = torch.optim.SGD(lm.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
+        tokens = torch.randint(0, 64, (2, 33), generator=torch.Generator().manual_seed(1))  # one batch, memorised
+        curve = []
+        for _ in range(steps):
+            opt_ref.zero_grad()
+            loss_ref = ref.loss(tokens)
+            loss_ref.backward()
+            opt_ref.step()
+            opt.zero_grad()
+            x, y = (nd.shard(t, layout, rank, dim=1) for t in (tokens[:, :-1], tokens[:, 1:]))
+            with nd.sharded(layout):
+                logits = lm(x)
+            loss = F.cross_entropy(logits.reshape(-1, 64), y.reshape(-1), reduction="sum") / (2 * 32)
+            loss.backward()
+            for p in lm.parameters():
+                dist.all_reduce(p.grad)
+            total = loss.detach().clone()
+            dist.all_reduce(total)
+            opt.step()
+            curve.append((total.item(), loss_ref.item()))
+        curves[mech] = curve
+    return curves
+
+
+def suite_then_fail(rank: int, world: int, names: list[str] | None = None) -> dict:
+    """The suite, the example and TinyLM, then (the group is broken after it) the failure injection."""
+    return {"suite": run_suite(rank, world, names), "example": run_example(rank, world),
+            "lm": train_tiny_lm(rank, world), "failure": fail_mid_call(rank, world)}
+
+
+def suite_and_lm(rank: int, world: int) -> dict:
+    return {"suite": run_suite(rank, world), "lm": train_tiny_lm(rank, world)}
