@@ -18,7 +18,7 @@ import torch
 import nearfar
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.patterns", "nearfar.steer")
+PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.models.vision", "nearfar.patterns", "nearfar.steer")
 MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.calls", "nearfar.rows",
            "nearfar.backends.partition", "nearfar.backends.window_batch")
 
