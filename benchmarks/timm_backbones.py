@@ -40,6 +40,7 @@ MODELS = [
     {"name": "nearfar_nat_tiny", "reference": "oracle:nat_model:nat_tiny"},
     {"name": "nearfar_dinat_mini", "reference": "oracle:nat_model:dinat_mini"},
     {"name": "nearfar_dinat_tiny", "reference": "oracle:nat_model:dinat_tiny"},
+    {"name": "nearfar_biformer_tiny", "reference": "oracle:biformer_model:biformer_tiny"},
 ]
 
 
