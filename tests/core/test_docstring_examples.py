@@ -18,7 +18,8 @@ import torch
 import nearfar
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.patterns", "nearfar.steer", "nearfar.distributed")
+PACKAGES = ("nearfar.layers", "nearfar.models", "nearfar.models.vision", "nearfar.patterns", "nearfar.steer",
+            "nearfar.distributed")
 MODULES = ("nearfar.checks", "nearfar.functional", "nearfar.dispatch", "nearfar.calls", "nearfar.rows",
            "nearfar.backends.partition", "nearfar.backends.window_batch")
 
