@@ -29,6 +29,7 @@ from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
 #: one entry per model: the nearfar name and the timm model it mirrors (one line each)
 MODELS = [
     {"name": "nearfar_gcvit_xxtiny", "timm": "gcvit_xxtiny"},
+    {"name": "nearfar_shvit_s1", "timm": "shvit_s1"},
 ]
 
 

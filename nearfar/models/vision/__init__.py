@@ -3,7 +3,8 @@ registers every variant; ``nearfar.integrations.timm.register_models()`` makes t
 
 from __future__ import annotations
 
-from . import gcvit  # noqa: F401  (registers nearfar_gcvit_*)
+from .gcvit import GlobalContextViT  # noqa: F401  (registers nearfar_gcvit_*)
+from .shvit import SHViT  # noqa: F401  (registers nearfar_shvit_*)
 from .spec import BackboneSpec, backbones, create_backbone, register_backbone
 
 __all__ = ["BackboneSpec", "backbones", "create_backbone", "register_backbone"]
