@@ -9,8 +9,10 @@ official-style plain-PyTorch model, for backbones timm does not have). The refer
 and its state dict is loaded into the nearfar model with ``strict=True``, so both compute the same function; a
 correctness gate compares the logits and the input gradient before timing.
 
-Timed: float32 CPU, eval mode (no dropout), batch 8 at 224x224 by default; one call = forward, then backward of a
-fixed random cotangent of the logits to the input and every parameter (gradients set to None before each call).
+Timed: float32 CPU, training mode (batch-norm statistics from the batch, as in a training step; dropout and
+drop-path are 0 in these configs), batch 8 at 224x224 by default; one call = forward, then backward of a fixed
+random cotangent of the logits to the input and every parameter (gradients set to None before each call). The gate
+runs in eval mode.
 Methods run in interleaved rounds with a rotating order (``nearfar.bench.timing.interleave``) after warm-up;
 "speed-up" is the median over rounds of reference time / nearfar time (>= 1: nearfar no slower). The machine is
 shared: read the ratio, not the absolute times.
@@ -41,6 +43,8 @@ MODELS = [
     {"name": "nearfar_dinat_mini", "reference": "oracle:nat_model:dinat_mini"},
     {"name": "nearfar_dinat_tiny", "reference": "oracle:nat_model:dinat_tiny"},
     {"name": "nearfar_biformer_tiny", "reference": "oracle:biformer_model:biformer_tiny"},
+    {"name": "nearfar_gcvit_xxtiny", "reference": "timm:gcvit_xxtiny"},
+    {"name": "nearfar_shvit_s1", "reference": "timm:shvit_s1"},
 ]
 
 
@@ -75,6 +79,7 @@ def bench(entry: dict, batch: int, size: int, rounds: int, warmup: int) -> dict:
     a, ga = _step(ref, x, cot)
     b, gb = _step(ours, x, cot)
     err = max(float((a - b).abs().max()), float((ga - gb).abs().max() / ga.abs().max()))
+    ref.train(), ours.train()
     times = interleave({"reference": lambda: _step(ref, x, cot), "nearfar": lambda: _step(ours, x, cot)},
                        rounds=rounds, warmup=warmup)
     return {"name": entry["name"], "reference": entry["reference"], "err": err,

@@ -57,6 +57,21 @@ class _Chunk:
         windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL = self.old
 
 
+class _Batched:
+    """Run every head through each step of the window kernel together (one copy to a head-major layout, then one
+    GEMM per step: what several threads get when every window fits one chunk), or one head at a time, whatever the
+    thread count."""
+
+    def __init__(self, on):
+        self.on, self.old = on, windows._batched
+
+    def __enter__(self):
+        windows._batched = (lambda heads, c, bw: heads > 1 and c == bw) if self.on else (lambda *args: False)
+
+    def __exit__(self, *exc):
+        windows._batched = self.old
+
+
 class _Spy:
     def __init__(self):
         self.calls, self.real = 0, window_batch.window_kernel
@@ -76,9 +91,10 @@ class _Spy:
 @given(kind=st.sampled_from(KINDS), size=st.sampled_from([(2, 3), (3, 3), (4, 2)]),
        mult=st.sampled_from([(1, 2), (2, 2), (3, 1)]), shift=st.tuples(st.integers(1, 3), st.integers(0, 3)),
        heads=st.integers(1, 3), d=st.sampled_from([2, 5]), order=st.sampled_from(["3hd", "h3d", "sep"]),
-       with_table=st.booleans(), b=st.integers(1, 3), transposed=st.booleans(), chunk=st.integers(1, 5))
+       with_table=st.booleans(), b=st.integers(1, 3), transposed=st.booleans(), chunk=st.integers(1, 5),
+       batched=st.booleans())
 def test_window_attention_matches_the_float64_reference(kind, size, mult, shift, heads, d, order, with_table, b,
-                                                        transposed, chunk):
+                                                        transposed, chunk, batched):
     grid = (size[0] * mult[0], size[1] * mult[1])
     shift = (shift[0] % size[0], shift[1] % size[1])
     pattern, allowed = _pattern(kind, size, grid, shift)
@@ -92,17 +108,18 @@ def test_window_attention_matches_the_float64_reference(kind, size, mult, shift,
     scale = 0.7
     t = size[0] * size[1]
     qkv_order = "h3d" if order == "h3d" else "3hd"
-    with _Chunk(chunk, t), _Spy() as spy:
+    # batched: all windows in one chunk, every head through each step at once
+    with _Chunk(10**6 if batched else chunk, t), _Batched(batched), _Spy() as spy:
         with torch.no_grad():
             plain = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
         # inference: the kernel takes the window batches with a bias or a region mask, SDPA the others
         assert spy.calls == 1  # small windows: the kernel, with or without a bias, mask or gradient
         out = window_attention(x, pattern, qkv, heads, scale, table, qkv_order)
         assert spy.calls == 2
-    assert out.shape == (b, *grid, c)
-    go = torch.randn(out.shape, generator=g)
-    params = [x, *(p for lin in lins for p in lin.parameters())] + ([table] if with_table else [])
-    grads = torch.autograd.grad((out * go).sum(), params)
+        assert out.shape == (b, *grid, c)
+        go = torch.randn(out.shape, generator=g)
+        params = [x, *(p for lin in lins for p in lin.parameters())] + ([table] if with_table else [])
+        grads = torch.autograd.grad((out * go).sum(), params)
 
     xd = x.double()
     p = [F.linear(xd, lin.weight.double(), lin.bias.double()) for lin in lins]
@@ -185,8 +202,9 @@ def test_split_windows_in_float64_with_and_without_grad(order, with_table, chunk
 
 
 @settings(max_examples=10, deadline=None)
-@given(chunk=st.integers(1, 9), with_table=st.booleans(), shift=st.booleans(), b=st.integers(1, 3))
-def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
+@given(chunk=st.integers(1, 9), with_table=st.booleans(), shift=st.booleans(), b=st.integers(1, 3),
+       batched=st.booleans())
+def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b, batched):
     # GC ViT's global queries: one (T, C) set per image, attended by every window of it; the reference repeats
     # them per window (as NVlabs' q_global.repeat), gradients summed back over the windows
     grid, size, heads, d = (4, 6), (2, 3), 2, 3
@@ -197,12 +215,15 @@ def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
     q = torch.randn(b, t, heads * d, generator=g, requires_grad=True)
     kv = torch.randn(b * n_win, t, 2, heads * d, generator=g, requires_grad=True)
     table = torch.randn(heads, 3, 5, generator=g, requires_grad=True) if with_table else None
-    with _Chunk(chunk, t), _Spy() as spy:
+    with _Chunk(10**6 if batched else chunk, t), _Batched(batched), _Spy() as spy:
         out = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
         assert spy.calls == 1
         with torch.no_grad():
             plain = wb.attend((q, *kv.unbind(2)), heads, 0.6, table)
         assert spy.calls == 2
+        go = torch.randn(out.shape, generator=g)
+        leaves = [q, kv] + ([table] if with_table else [])
+        grads = torch.autograd.grad((out * go).sum(), leaves)
     qw = q[:, None].expand(b, n_win, t, heads * d).reshape(b * n_win, t, heads * d)
     want = wb.attend((qw.double(), *kv.double().unbind(2)), heads, 0.6, None if table is None else table.double())
     # the per-window float64 path itself, against the reference on the map
@@ -212,10 +233,7 @@ def test_queries_shared_by_the_windows_of_an_image(chunk, with_table, shift, b):
     full = ref.dense_reference(qm, km, vm, mask, 0.6, bias).transpose(1, 2).reshape(b, *grid, heads * d)
     assert (wb.merge(want, b) - full).abs().max() < 1e-12
     assert (out.double() - want).abs().max() < 1e-5 and (plain.double() - want).abs().max() < 1e-5
-    go = torch.randn(out.shape, generator=g)
-    leaves = [q, kv] + ([table] if with_table else [])
-    for got, exp in zip(torch.autograd.grad((out * go).sum(), leaves),
-                        torch.autograd.grad((want * go.double()).sum(), leaves)):
+    for got, exp in zip(grads, torch.autograd.grad((want * go.double()).sum(), leaves)):
         assert (got.double() - exp).abs().max() < 3e-5 * max(1.0, float(exp.abs().max()))
 
 
@@ -230,8 +248,10 @@ def test_chunks_of_every_size_give_the_whole_batch_result():
             add = torch.randn(heads, period, t, t, dtype=torch.float64, generator=g, requires_grad=True)
             go = torch.randn(heads, bw, t, d, dtype=torch.float64, generator=g)
             results = []
-            for windows_per_chunk in (bw, 1, 2, 3, 5, 7, 13):
-                with _Chunk(windows_per_chunk * heads * 2, t):  # float64: 2x the float32 bytes
+            # all heads at once (head-major, one chunk), then one head at a time in chunks of every size
+            for windows_per_chunk, batched in ((bw, True), (bw, False), (1, False), (2, False), (3, False),
+                                               (5, False), (7, False), (13, False)):
+                with _Chunk(windows_per_chunk * heads * 2, t), _Batched(batched):  # float64: 2x the float32 bytes
                     out = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3, add)
                     with torch.no_grad():
                         plain = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3,
@@ -320,11 +340,13 @@ def _poisoned(garbage, grad):
     return out, grads, reach
 
 
-def test_masked_keys_holding_garbage_change_nothing():
+@pytest.mark.parametrize("batched", [False, True])
+def test_masked_keys_holding_garbage_change_nothing(batched):
     for garbage in (float("nan"), float("inf"), 3e38):
         for grad in (False, True):
-            out, grads, reach = _poisoned(garbage, grad)
-            clean, clean_grads, _ = _poisoned(0.0, grad)
+            with _Batched(batched):
+                out, grads, reach = _poisoned(garbage, grad)
+                clean, clean_grads, _ = _poisoned(0.0, grad)
             far = ~reach  # tokens that may not attend token 0 (other windows, or another region of its window)
             assert far.sum() > 27  # its region is 4 tokens: the rest of its window is masked from it
             assert torch.isfinite(out[0][far]).all(), (garbage, grad)
