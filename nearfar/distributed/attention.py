@@ -23,6 +23,8 @@ from ..checks import check_choice
 from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
 from ..patterns import Causal, Dense, Pattern, PerHead
+from ..patterns.spatial import SpatialPattern
+from ..selection import SelectedBlocks
 from .gather import broadcast_tokens
 from .halo import exchange
 from .layout import Layout, Ranges
@@ -49,6 +51,11 @@ class _Tie(torch.autograd.Function):
 def _local_index(layout: Layout, rank: int, ranges: Ranges, device: torch.device) -> torch.Tensor:
     loc = [r for lo, hi in ranges for r in layout.local(rank, lo, hi)]
     parts = [torch.arange(a, b, device=device) for a, b in loc]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
+    parts = [torch.arange(lo, hi, device=device) for lo, hi in ranges]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
@@ -160,9 +167,10 @@ def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *, layout: Layout,
-           group: dist.ProcessGroup | None = None, scale: float | None = None,
-           key_padding_mask: torch.Tensor | None = None, engine: str = "auto", return_lse: bool = False,
-           method: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           group: dist.ProcessGroup | None = None, scale: float | None = None, bias: torch.Tensor | None = None,
+           rpb: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: bool = False, method: str = "auto",
+           blocks: SelectedBlocks | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the keys of every rank, restricted to ``pattern`` (at the global
     length ``layout.n_real``); the result equals ``nearfar.attend`` on the whole sequence, restricted to this rank.
 
@@ -175,11 +183,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
             on every rank.
         group: The process group (None: the default group); its size must be ``layout.world``.
         scale: Score scale (default ``1 / sqrt(d)``).
+        bias: Additive bias of this rank's query rows over every key: broadcastable to ``(B, Hq, n_local,
+            layout.n_real)``, rows in local order, columns the global key indices. Each rank reads only the columns
+            of the keys it fetches (no communication); its gradient covers this rank's rows.
+        rpb: Relative-position-bias table of a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern (as in
+            ``nearfar.attend``), the same on every rank; each rank's gradient holds its queries' part (sum it over
+            the ranks, as data parallelism sums parameter gradients). Pass ``bias`` or ``rpb``, not both.
         key_padding_mask: This rank's keys' mask ``(B, n_local)``, True = keep.
         engine: The local engine (as in ``nearfar.attend``).
         return_lse: Also return the (detached) LSE ``(B, Hq, n_local)``.
         method: ``"auto"`` (ring for dense and causal, gather otherwise), ``"gather"`` or ``"ring"`` (dense and
-            causal only).
+            causal only). With ``bias``, ``rpb`` or ``blocks``, ``"auto"`` gathers.
+        blocks: Key blocks chosen at run time (``nearfar.SelectedBlocks``) for the **global** query blocks, indexed
+            in global query and key blocks: the same tensors on every rank (replicated, e.g. routed from replicated
+            pooled keys, or all-gathered by the caller). Each rank fetches the selected blocks of its own query
+            blocks beside the pattern's reach.
 
     Returns:
         The output ``(B, Hq, n_local, dv)`` (0 on padding tokens), and the LSE with ``return_lse``.
@@ -187,15 +205,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If shapes disagree with the layout or each other, the group's size differs from the layout's,
-            the pattern does not fit ``layout.n_real`` or ``method`` is unknown.
+            the pattern does not fit ``layout.n_real``, ``method`` is unknown, ``bias``/``rpb`` do not fit, or
+            ``bias``, ``rpb`` or ``blocks`` come with ``method="ring"`` or with ``GlobalTokens`` queries.
         nearfar.distributed.DistributedAttentionError: If a peer fails or the group's timeout passes mid-call.
     """
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a nearfar.distributed.Layout, got {type(layout).__name__}")
     check_choice(method, "method", ("auto", "gather", "ring"))
     if layout.world == 1 and layout.n_real == layout.n:
-        return single_attend(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, engine=engine,
-                             return_lse=return_lse)
+        return single_attend(q, k, v, pattern, scale=scale, bias=bias, rpb=rpb, key_padding_mask=key_padding_mask,
+                             engine=engine, return_lse=return_lse, blocks=blocks)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     if world != layout.world:
         raise ValueError(f"the layout splits the tokens over {layout.world} ranks but the group has {world}")
@@ -218,18 +237,73 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         raise ValueError(f"key_padding_mask must have shape (B, 0) on a rank with no tokens, "
                          f"got {tuple(key_padding_mask.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    ring = method == "ring" or (method == "auto" and (pattern is None or isinstance(pattern, Causal)))
+    extras = _check_extras(q, pattern, layout, me, bias, rpb, blocks)
+    ring = method == "ring" or (method == "auto" and not extras and (pattern is None or isinstance(pattern, Causal)))
     if ring:
+        if extras:
+            raise ValueError("method='ring' runs without bias, rpb or blocks; use method='gather'")
         if pattern is not None and not isinstance(pattern, Causal):
             raise ValueError(f"method='ring' runs dense or Causal() attention, got {pattern!r}")
         out, lse = ring_attention(q, k, v, layout, causal=pattern is not None, scale=scale,
                                   key_padding_mask=key_padding_mask, group=group, engine=engine)
         return (out, lse) if return_lse else out
-    return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me)
+    return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me,
+                     bias, rpb, blocks)
 
 
-def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me):
+def _check_extras(q: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int, bias: torch.Tensor | None,
+                  rpb: torch.Tensor | None, blocks: SelectedBlocks | None) -> bool:
+    """Check ``bias``, ``rpb`` and ``blocks`` against the global shapes; True if any is given."""
+    if bias is not None and rpb is not None:
+        raise ValueError("pass either bias or rpb, not both")
+    hq, n_local, n = q.shape[1], q.shape[2], layout.n_real
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
+        target = (q.shape[0], hq, n_local, n)
+        if bias.dim() > 4 or not all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target))):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, n_local, "
+                             f"layout.n_real) = {target}: this rank's query rows over the global keys")
+    if rpb is not None:
+        if not isinstance(pattern, SpatialPattern) or pattern.rpb_size() is None:
+            raise ValueError("rpb (a relative-position-bias table) needs a Neighborhood, Blocks or Grid pattern that "
+                             f"takes one, got pattern {pattern!r}")
+        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != pattern.rpb_shape(hq):
+            raise ValueError(f"rpb must have shape {pattern.rpb_shape(hq)} for {pattern!r} and Hq={hq}, "
+                             f"got {tuple(getattr(rpb, 'shape', ()))}")
+        pattern.check_rpb()
+    if blocks is not None:
+        if not isinstance(blocks, SelectedBlocks):
+            raise TypeError(f"blocks must be a nearfar.SelectedBlocks, got {type(blocks).__name__}")
+        if bias is not None or rpb is not None:
+            raise ValueError("nearfar.distributed.attend takes blocks without bias or rpb")
+        blocks.check(q.shape[0], hq, hq, n, n, q.device)
+    return bias is not None or rpb is not None or blocks is not None
+
+
+def _extra_bias(bias: torch.Tensor | None, rpb: torch.Tensor | None, pattern: Pattern | None, rows: Ranges,
+                queries: Ranges, keys: Ranges, n: int, device: torch.device) -> torch.Tensor | None:
+    """The local call's dense bias over this rank's query rows (``rows`` local, ``queries`` global) and its keys
+    (``keys`` global): a slice of ``bias``, or the values of ``rpb`` at those pairs."""
+    kidx = _index(keys, device)
+    if bias is not None:
+        b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        if b4.shape[2] > 1:
+            b4 = _rows(b4, rows)
+        return b4.index_select(3, kidx) if b4.shape[3] > 1 else b4
+    if rpb is not None:
+        assert isinstance(pattern, SpatialPattern)
+        idx = pattern.rpb_index(_index(queries, device)[:, None], kidx[None, :], n)
+        return rpb.reshape(rpb.shape[0], -1)[:, idx][None]  # (1, Hq, queries, keys)
+    return None
+
+
+def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
+              blocks=None):
     plan = make_plan(pattern, layout)
+    if plan.global_rows and (bias is not None or rpb is not None or blocks is not None):
+        raise ValueError("bias, rpb and blocks do not combine with the global queries of GlobalTokens that read "
+                         "past their rank's reach (they are merged from partials)")
     n, rp, d = plan.n, plan.ranks[me], k.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq, n_local, _ = q.shape
@@ -248,7 +322,8 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
         view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse)
+        extra = _extra_bias(bias, rpb, pattern, rows, rp.queries, rp.keys, n, q.device)
+        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse, extra)
         if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
             out = o
             lse = l_.to(acc) if l_ is not None else lse

@@ -14,6 +14,7 @@ import torch
 
 from ..calls import AttendCall
 from ..patterns import Pattern, PerHead, Tiles
+from ..selection import SelectedBlocks
 from .layout import Ranges
 
 
@@ -90,11 +91,12 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
 
 
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
-                 key_padding_mask: torch.Tensor | None, engine: str,
-                 return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 key_padding_mask: torch.Tensor | None, engine: str, return_lse: bool = True,
+                 bias: torch.Tensor | None = None,
+                 blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
     call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
-    res = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, return_lse, None).run()
+    res = AttendCall(q, k, v, pattern, scale, bias, None, key_padding_mask, engine, return_lse, blocks).run()
     if isinstance(res, tuple):
         return res
     return res, None

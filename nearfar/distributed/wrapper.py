@@ -36,9 +36,9 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         None.
 
     Raises:
-        ValueError: (from the calls inside) an ``attend`` call with a bias, a relative-position table or run-time
-            key blocks, or with a sequence length other than this rank's share; a layer asking for positions of
-            a decoding step.
+        ValueError: (from the calls inside) an ``attend`` call with a ``score_mod``, a bias not over the global
+            keys, or a sequence length other than this rank's share; a layer asking for positions of a decoding
+            step.
     """
     rank = dist.get_rank(group) if layout.world > 1 else 0
     mine = layout.size(rank)
@@ -51,15 +51,14 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         return layout.positions(rank, device)
 
     def run(call: AttendCall) -> object:
-        if call.bias is not None or call.rpb is not None or call.blocks is not None:
-            raise ValueError("nearfar.distributed.sharded runs attend calls without bias, rpb or blocks; "
-                             "this layer passes one")
         if call.q.shape[2] != mine or call.k.shape[2] != mine:
             raise ValueError(f"nearfar.distributed.sharded: attend got Nq={call.q.shape[2]}, Nk={call.k.shape[2]}; "
                              f"each must be this rank's {mine} tokens")
+        if call.score_mod is not None:
+            raise ValueError("nearfar.distributed.sharded runs attend calls without score_mod; this layer passes one")
         return attend(call.q, call.k, call.v, call.pattern, layout=layout, group=group, scale=call.scale,
-                      key_padding_mask=call.key_padding_mask, engine=call.engine, return_lse=call.return_lse,
-                      method=method)
+                      bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
+                      return_lse=call.return_lse, method=method, blocks=call.blocks)
 
     with positions_override(positions), intercept_calls(run):
         yield

@@ -26,6 +26,7 @@ class Case:
     kpm: bool = False
     method: str = "auto"
     dtype: torch.dtype = torch.float64
+    extra: str | None = None  # "bias" (B, Hq, N, N), "bias_keys" (N,), "rpb" (the pattern's table)
 
 
 def _na2(grid, k, **kw):
@@ -62,6 +63,14 @@ def cases(world: int) -> dict[str, Case]:
                                     L.slabs((13, 5), world)),
         "padding_rank": Case(nf.Neighborhood(5), L.contiguous(8 * world, world, n_real=8 * world - 8), kpm=True),
         "padding_ring": Case(nf.Causal(), L.head_tail(8 * world, world, n_real=8 * world - 8)),
+        "bias_na1d": Case(nf.Neighborhood(7), L.contiguous(37, world), kpm=True, extra="bias"),
+        "bias_keys_window": Case(nf.SlidingWindow(4) & nf.Causal(), L.head_tail(37, world), extra="bias_keys"),
+        "bias_dense_gather": Case(None, L.contiguous(30, world, n_real=27), extra="bias"),
+        "bias_sinks_fp32": Case(nf.SlidingWindow(3) | nf.Sinks(2), L.contiguous(37, world), extra="bias",
+                                dtype=torch.float32),
+        "rpb_na1d": Case(nf.Neighborhood(7, dilation=2), L.contiguous(37, world), extra="rpb"),
+        "rpb_na2d": Case(_na2((10, 6), (5, 3)), L.slabs((10, 6), world), extra="rpb"),
+        "rpb_blocks": Case(nf.Blocks(8, shift=4), L.contiguous(8 * world, world), extra="rpb"),
     }
     if world >= 4:
         c["zero_tokens"] = Case(nf.Neighborhood(3), L.contiguous(3, world))
@@ -81,17 +90,30 @@ def _inputs(case: Case, seed: int):
 
     q, k, v, w = r(b, hq, n, d), r(b, hkv, n, d), r(b, hkv, n, d), r(b, hq, n, d)
     kpm = torch.rand(b, n, generator=g) > 0.25 if case.kpm else None
-    return q, k, v, w, kpm, nr
+    extra = None
+    if case.extra == "bias":
+        extra = r(b, hq, n, nr)
+    elif case.extra == "bias_keys":
+        extra = r(nr)
+    elif case.extra == "rpb":
+        extra = r(*case.pattern.rpb_shape(hq))
+    return q, k, v, w, kpm, nr, extra
 
 
 def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dict:
-    q, k, v, w, kpm, nr = _inputs(case, seed)
+    import torch.distributed as dist
+
+    q, k, v, w, kpm, nr, extra = _inputs(case, seed)
     lay = case.layout
     tol = dict(atol=1e-10, rtol=1e-10) if case.dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
     # reference: the real tokens only, one process
     qr, kr, vr = (x[:, :, :nr].clone().requires_grad_() for x in (q, k, v))
+    er = None
+    if extra is not None:
+        er = (extra[:, :, :nr] if case.extra == "bias" else extra).clone().requires_grad_()
+    kw = {"rpb" if case.extra == "rpb" else "bias": er} if er is not None else {}
     ref, ref_lse = nf.attend(qr, kr, vr, case.pattern, key_padding_mask=None if kpm is None else kpm[:, :nr],
-                             return_lse=True)
+                             return_lse=True, **kw)
     (ref * w[:, :, :nr]).sum().backward()
 
     def pad(x, fill=0.0):
@@ -104,16 +126,28 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
     # distributed: this rank's shard (padding holds random values)
     ql, kl, vl = (nd.shard(x, lay, rank).requires_grad_() for x in (q, k, v))
     kpml = nd.shard(kpm, lay, rank, dim=1) if kpm is not None else None
+    el, kw = None, {}
+    if extra is not None:  # bias: this rank's rows over every key; a per-key bias and a table: the same everywhere
+        el = (nd.shard(extra, lay, rank) if case.extra == "bias" else extra.clone()).requires_grad_()
+        kw = {"rpb" if case.extra == "rpb" else "bias": el}
     t0 = time.perf_counter()
     with nd.count_bytes() as stats:
         out, lse = nd.attend(ql, kl, vl, case.pattern, layout=lay, key_padding_mask=kpml, return_lse=True,
-                             method=case.method)
+                             method=case.method, **kw)
         (out * nd.shard(w, lay, rank)).sum().backward()
     seconds = time.perf_counter() - t0
     got = {"out": out.detach(), "lse": lse.to(torch.float64), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+    if el is not None:
+        gb = el.grad if el.grad is not None else torch.zeros_like(el)
+        if case.extra == "bias":
+            want["dbias"] = pad(er.grad)
+        else:  # each rank holds its queries' part of a shared tensor's gradient: summed, the whole of it
+            dist.all_reduce(gb)
+            want["dbias"] = er.grad
+        got["dbias"] = gb
     errors = []
     for key, ref_full in want.items():
-        exp = nd.shard(ref_full, lay, rank, dim=2)
+        exp = nd.shard(ref_full, lay, rank, dim=2) if key != "dbias" or case.extra == "bias" else ref_full
         g_ = got[key]
         if g_ is None:
             g_ = torch.zeros_like(exp)
@@ -147,7 +181,7 @@ def fail_mid_call(rank: int, world: int) -> dict:
     import nearfar.distributed.halo as halo
 
     case = cases(world)["na1d"]
-    q, k, v, _, _, _ = _inputs(case, 1)
+    q, k, v, _, _, _, _ = _inputs(case, 1)
     ql, kl, vl = (nd.shard(x, case.layout, rank) for x in (q, k, v))
     if rank == 1:
         def broken(x, ranges):

@@ -61,8 +61,8 @@ def _beta(case: Case) -> int:
 
 
 def _is_ring(case: Case) -> bool:
-    return case.method == "ring" or (case.method == "auto" and (case.pattern is None
-                                                                 or isinstance(case.pattern, nf.Causal)))
+    return case.method == "ring" or (case.method == "auto" and case.extra is None
+                                     and (case.pattern is None or isinstance(case.pattern, nf.Causal)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
