@@ -237,7 +237,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         raise ValueError(f"key_padding_mask must have shape (B, 0) on a rank with no tokens, "
                          f"got {tuple(key_padding_mask.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    extras = _check_extras(q, pattern, layout, me, bias, rpb, blocks)
+    extras = _check_extras(q, k, pattern, layout, me, bias, rpb, blocks)
     ring = method == "ring" or (method == "auto" and not extras and (pattern is None or isinstance(pattern, Causal)))
     if ring:
         if extras:
@@ -251,12 +251,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
                      bias, rpb, blocks)
 
 
-def _check_extras(q: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int, bias: torch.Tensor | None,
-                  rpb: torch.Tensor | None, blocks: SelectedBlocks | None) -> bool:
+def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int,
+                  bias: torch.Tensor | None, rpb: torch.Tensor | None, blocks: SelectedBlocks | None) -> bool:
     """Check ``bias``, ``rpb`` and ``blocks`` against the global shapes; True if any is given."""
     if bias is not None and rpb is not None:
         raise ValueError("pass either bias or rpb, not both")
     hq, n_local, n = q.shape[1], q.shape[2], layout.n_real
+    hkv = k.shape[1]
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
             raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
@@ -277,7 +278,7 @@ def _check_extras(q: torch.Tensor, pattern: Pattern | None, layout: Layout, me: 
             raise TypeError(f"blocks must be a nearfar.SelectedBlocks, got {type(blocks).__name__}")
         if bias is not None or rpb is not None:
             raise ValueError("nearfar.distributed.attend takes blocks without bias or rpb")
-        blocks.check(q.shape[0], hq, hq, n, n, q.device)
+        blocks.check(q.shape[0], hq, hkv, n, n, q.device)
     return bias is not None or rpb is not None or blocks is not None
 
 
@@ -298,9 +299,53 @@ def _extra_bias(bias: torch.Tensor | None, rpb: torch.Tensor | None, pattern: Pa
     return None
 
 
+def _whole(ranges: Ranges, size: int, n: int) -> Ranges:
+    """``ranges`` widened to whole blocks of ``size`` (the last one may pass ``n``)."""
+    return rs_union(tuple((lo // size * size, -(-hi // size) * size) for lo, hi in ranges))
+
+
+def _positions(inner: Ranges, outer: Ranges, device: torch.device) -> torch.Tensor:
+    """Positions of the (global) indices of ``inner`` in the concatenation of ``outer`` (which covers them)."""
+    g = _index(inner, device)
+    starts = torch.tensor([lo for lo, _ in outer], device=device)
+    base = torch.tensor([0] + [hi - lo for lo, hi in outer[:-1]], device=device).cumsum(0)
+    seg = torch.searchsorted(starts, g, right=True) - 1
+    return base[seg] + g - starts[seg]
+
+
+def _blocked(q, k, v, kpm, pattern, blocks, queries, keys, n, scale, engine, return_lse):
+    """The local call with run-time blocks: queries and keys widened to whole global blocks (zero rows, masked
+    keys), so the global block lists index local blocks; ``(out, lse)`` of the real queries."""
+    qb, kb = blocks.q_block, blocks.k_block
+    qw, kw = _whole(queries, qb, n), _whole(keys, kb, n)
+    dev, (b, hq, _, d), hkv = q.device, q.shape, k.shape[1]
+    qpos, kpos = _positions(queries, qw, dev), _positions(keys, kw, dev)
+    nqw, nkw = rs_size(qw), rs_size(kw)
+    qx = q.new_zeros(b, hq, nqw, d).index_copy(2, qpos, q)
+    kx = k.new_zeros(b, hkv, nkw, d).index_copy(2, kpos, k)
+    vx = v.new_zeros(b, hkv, nkw, v.shape[-1]).index_copy(2, kpos, v)
+    real = kpm if kpm is not None else torch.ones(b, kpos.numel(), dtype=torch.bool, device=dev)
+    mask = torch.zeros(b, nkw, dtype=torch.bool, device=dev).index_copy(1, kpos, real)
+    # local block lists: the rows of the local query blocks, global key blocks renumbered (-1 if not here)
+    nkb = -(-n // kb)
+    local_kb = torch.full((nkb + 1,), -1, dtype=torch.long, device=dev)
+    kblocks = _index(tuple((lo // kb, hi // kb) for lo, hi in kw), dev)
+    local_kb[kblocks.clamp(max=nkb)] = torch.arange(kblocks.numel(), device=dev)
+    local_kb[nkb] = -1
+    rows = _index(tuple((lo // qb, hi // qb) for lo, hi in qw), blocks.kv_num_blocks.device)
+    num = blocks.kv_num_blocks.index_select(2, rows)
+    idx = blocks.kv_indices.index_select(2, rows).long()
+    idx = local_kb[torch.where((idx >= 0) & (idx < nkb), idx, nkb)].to(blocks.kv_indices.dtype)
+    within = global_view(blocks.within, qw, kw, n) if blocks.within is not None else None
+    sel = SelectedBlocks(num, idx, q_block=qb, kv_block=kb, within=within)
+    view = global_view(pattern, qw, kw, n) if pattern is not None else None
+    o, lse = local_attend(qx, kx, vx, view, scale, mask, engine, return_lse, None, sel)
+    return o.index_select(2, qpos), (lse.index_select(2, qpos) if lse is not None else None)
+
+
 def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
               blocks=None):
-    plan = make_plan(pattern, layout)
+    plan = make_plan(pattern, layout, blocks)
     if plan.global_rows and (bias is not None or rpb is not None or blocks is not None):
         raise ValueError("bias, rpb and blocks do not combine with the global queries of GlobalTokens that read "
                          "past their rank's reach (they are merged from partials)")
@@ -321,9 +366,13 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         rows = tuple(r for lo, hi in rp.queries for r in layout.local(me, lo, hi))
         kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
-        view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-        extra = _extra_bias(bias, rpb, pattern, rows, rp.queries, rp.keys, n, q.device)
-        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse, extra)
+        if blocks is not None:
+            o, l_ = _blocked(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, rp.queries, rp.keys, n, scale, engine,
+                             return_lse)
+        else:
+            view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
+            extra = _extra_bias(bias, rpb, pattern, rows, rp.queries, rp.keys, n, q.device)
+            o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse, extra)
         if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
             out = o
             lse = l_.to(acc) if l_ is not None else lse

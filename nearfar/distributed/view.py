@@ -51,7 +51,8 @@ class GlobalView(Pattern):
         key = (which, idx.device)
         m = self._maps.get(key)
         if m is None:
-            m = self._maps[key] = _index(self.q_ranges if which == "q" else self.k_ranges, idx.device)
+            m = _index(self.q_ranges if which == "q" else self.k_ranges, idx.device)
+            m = self._maps[key] = m.clamp(max=max(self.n - 1, 0))  # whole-block padding past the end
         return m[idx.clamp(0, m.numel() - 1)]
 
     def _tiles(self, which: str, t: Tiles) -> Tiles:

@@ -26,7 +26,8 @@ class Case:
     kpm: bool = False
     method: str = "auto"
     dtype: torch.dtype = torch.float64
-    extra: str | None = None  # "bias" (B, Hq, N, N), "bias_keys" (N,), "rpb" (the pattern's table)
+    extra: str | None = None  # "bias" (B, Hq, N, N), "bias_keys" (N,), "rpb" (the pattern's table), "blocks"
+    sel: tuple = ()  # blocks: (q_block, kv_block, within, batch dim, head dim)
 
 
 def _na2(grid, k, **kw):
@@ -71,6 +72,11 @@ def cases(world: int) -> dict[str, Case]:
         "rpb_na1d": Case(nf.Neighborhood(7, dilation=2), L.contiguous(37, world), extra="rpb"),
         "rpb_na2d": Case(_na2((10, 6), (5, 3)), L.slabs((10, 6), world), extra="rpb"),
         "rpb_blocks": Case(nf.Blocks(8, shift=4), L.contiguous(8 * world, world), extra="rpb"),
+        "sel_window_causal": Case(nf.SlidingWindow(2) & nf.Causal(), L.contiguous(37, world), extra="blocks",
+                                  sel=(4, 4, nf.Causal(), 2, 4)),
+        "sel_only_head_tail": Case(None, L.head_tail(37, world), extra="blocks", sel=(3, 5, None, 2, 2)),
+        "sel_na_padding_mask": Case(nf.Neighborhood(5), L.contiguous(8 * world, world, n_real=8 * world - 5),
+                                    kpm=True, extra="blocks", sel=(5, 3, None, 1, 1), dtype=torch.float32),
     }
     if world >= 4:
         c["zero_tokens"] = Case(nf.Neighborhood(3), L.contiguous(3, world))
@@ -97,6 +103,12 @@ def _inputs(case: Case, seed: int):
         extra = r(nr)
     elif case.extra == "rpb":
         extra = r(*case.pattern.rpb_shape(hq))
+    elif case.extra == "blocks":  # random lists over the real tokens: counts, -1 entries, repeats, junk past the count
+        qb, kb, within, bb, hb = case.sel
+        nqb, nkb = -(-nr // qb), -(-nr // kb)
+        num = torch.randint(0, 4, (bb, hb, nqb), generator=g)
+        idx = torch.randint(-1, nkb, (bb, hb, nqb, 3), generator=g)
+        extra = nf.SelectedBlocks(num.clamp(max=3), idx, q_block=qb, kv_block=kb, within=within)
     return q, k, v, w, kpm, nr, extra
 
 
@@ -109,9 +121,11 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
     # reference: the real tokens only, one process
     qr, kr, vr = (x[:, :, :nr].clone().requires_grad_() for x in (q, k, v))
     er = None
-    if extra is not None:
+    if extra is not None and case.extra != "blocks":
         er = (extra[:, :, :nr] if case.extra == "bias" else extra).clone().requires_grad_()
     kw = {"rpb" if case.extra == "rpb" else "bias": er} if er is not None else {}
+    if case.extra == "blocks":  # the global block lists, the same on every rank
+        kw = {"blocks": extra}
     ref, ref_lse = nf.attend(qr, kr, vr, case.pattern, key_padding_mask=None if kpm is None else kpm[:, :nr],
                              return_lse=True, **kw)
     (ref * w[:, :, :nr]).sum().backward()
@@ -126,8 +140,8 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
     # distributed: this rank's shard (padding holds random values)
     ql, kl, vl = (nd.shard(x, lay, rank).requires_grad_() for x in (q, k, v))
     kpml = nd.shard(kpm, lay, rank, dim=1) if kpm is not None else None
-    el, kw = None, {}
-    if extra is not None:  # bias: this rank's rows over every key; a per-key bias and a table: the same everywhere
+    el, kw = None, {"blocks": extra} if case.extra == "blocks" else {}
+    if extra is not None and case.extra != "blocks":  # bias: my rows; else shared
         el = (nd.shard(extra, lay, rank) if case.extra == "bias" else extra.clone()).requires_grad_()
         kw = {"rpb" if case.extra == "rpb" else "bias": el}
     t0 = time.perf_counter()
@@ -155,7 +169,8 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
             torch.testing.assert_close(g_.to(exp.dtype), exp, **tol)
         except AssertionError as err:
             errors.append(f"{key}: {str(err)[:400]}")
-    traffic = nd.make_plan(case.pattern, lay).traffic(rank) if case.method != "ring" else None
+    plan = nd.make_plan(case.pattern, lay, extra if case.extra == "blocks" else None)
+    traffic = plan.traffic(rank) if case.method != "ring" else None
     return {"errors": errors, "sent": dict(stats.sent), "recv": dict(stats.recv), "messages": dict(stats.messages),
             "traffic": traffic, "seconds": seconds}
 
