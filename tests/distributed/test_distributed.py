@@ -171,3 +171,13 @@ def test_one_rank_is_plain_attend():
     lay = nd.Layout.contiguous(16, 1)
     out = nd.attend(q, k, v, nf.Neighborhood(5), layout=lay)
     assert torch.equal(out, nf.attend(q, k, v, nf.Neighborhood(5)))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["na2d_rpb", "na2d_dilated", "na1d_rpb", "swin_shifted", "swin"])
+def test_vision_layers_under_sharded_equal_one_process(world, name, world2, world4):
+    """NeighborhoodAttention (1D, 2D, dilated, with its table) and Swin's WindowAttention (shifted too) on slabs of
+    the map, run unmodified inside ``sharded``: output, input gradient and parameter gradients (summed over ranks)
+    equal the one-process layer; on 4 ranks the 10-row map's slabs (3, 3, 2, 2 rows) are narrower than the kernel."""
+    for r, res in enumerate(world2 if world == 2 else world4):
+        assert res["vision"][name] == [], (r, res["vision"][name])
