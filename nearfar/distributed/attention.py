@@ -14,22 +14,23 @@ shapes (but its own tensors), and run the backward pass through its output too.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..checks import check_choice
+from ..checks import check_bool, check_choice
 from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
 from ..patterns import Causal, Dense, Pattern, PerHead
 from ..patterns.spatial import SpatialPattern
 from ..selection import SelectedBlocks
 from .gather import broadcast_tokens
-from .halo import exchange
+from .halo import exchange, start
 from .layout import Layout, Ranges
 from .merge import merge, partial
-from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_union
+from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_subtract, rs_union
 from .ring import ring_attention
 from .view import global_view, local_attend
 
@@ -89,17 +90,28 @@ def _fetch(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int,
            what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Receive this rank's remote keys: the halo buffer (point to point) and the broadcast buffer, channels of
     ``tensors`` concatenated."""
+    return _fetch_start(tensors, plan, layout, me, group, what)()
+
+
+def _fetch_start(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int,
+                 group: dist.ProcessGroup | None, what: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """``_fetch`` in two steps: the halo messages are posted now; the returned function waits for them, then runs
+    the broadcasts."""
     out_local = {m: tuple(r for lo, hi in m.ranges for r in layout.local(me, lo, hi))
                  for m in plan.messages if m.src == me}
     mine = [layout.local(me, b.lo, b.hi)[0] for b in plan.bcasts if b.src == me]
     pack = _Packed(tensors, tuple(r for rs in out_local.values() for r in rs) + tuple(mine))
     sends = tuple((m.dst, tuple((pack.at(a), pack.at(a) + b - a) for a, b in rs)) for m, rs in out_local.items())
     recvs = tuple((m.src, rs_size(m.ranges)) for m in plan.messages if m.dst == me)
-    halo = exchange(pack.x, sends, recvs, group, f"{what}.halo")
-    pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
-                   for b in plan.bcasts)
-    bc = broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
-    return halo, bc
+    pending = start(pack.x, sends, recvs, group, f"{what}.halo")
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor]:
+        halo = pending.finish()
+        pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
+                       for b in plan.bcasts)
+        return halo, broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
+
+    return finish
 
 
 def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo: torch.Tensor,
@@ -169,8 +181,8 @@ def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *, layout: Layout,
            group: dist.ProcessGroup | None = None, scale: float | None = None, bias: torch.Tensor | None = None,
            rpb: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
-           return_lse: bool = False, method: str = "auto",
-           blocks: SelectedBlocks | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           return_lse: bool = False, method: str = "auto", blocks: SelectedBlocks | None = None,
+           overlap: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the keys of every rank, restricted to ``pattern`` (at the global
     length ``layout.n_real``); the result equals ``nearfar.attend`` on the whole sequence, restricted to this rank.
 
@@ -198,6 +210,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
             in global query and key blocks: the same tensors on every rank (replicated, e.g. routed from replicated
             pooled keys, or all-gathered by the caller). Each rank fetches the selected blocks of its own query
             blocks beside the pattern's reach.
+        overlap: Post the halo messages, then compute the queries that read only this rank's keys (the plan's
+            ``interior``) while they are in flight, then the rest on the gathered keys (two local calls instead of
+            one; the same result). Not with ``blocks``; the backward pass is not overlapped.
 
     Returns:
         The output ``(B, Hq, n_local, dv)`` (0 on padding tokens), and the LSE with ``return_lse``.
@@ -212,6 +227,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a nearfar.distributed.Layout, got {type(layout).__name__}")
     check_choice(method, "method", ("auto", "gather", "ring"))
+    check_bool(overlap, "overlap")
     if layout.world == 1 and layout.n_real == layout.n:
         return single_attend(q, k, v, pattern, scale=scale, bias=bias, rpb=rpb, key_padding_mask=key_padding_mask,
                              engine=engine, return_lse=return_lse, blocks=blocks)
@@ -248,7 +264,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
                                   key_padding_mask=key_padding_mask, group=group, engine=engine)
         return (out, lse) if return_lse else out
     return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me,
-                     bias, rpb, blocks)
+                     bias, rpb, blocks, overlap)
 
 
 def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int,
@@ -344,7 +360,7 @@ def _blocked(q, k, v, kpm, pattern, blocks, queries, keys, n, scale, engine, ret
 
 
 def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
-              blocks=None):
+              blocks=None, overlap=False):
     plan = make_plan(pattern, layout, blocks)
     if plan.global_rows and (bias is not None or rpb is not None or blocks is not None):
         raise ValueError("bias, rpb and blocks do not combine with the global queries of GlobalTokens that read "
@@ -358,27 +374,45 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         with torch.no_grad():
             mh, mb = _fetch([m], plan, layout, me, group, "mask")
         kpm_ext = _gather_keys(m, plan, layout, me, mh, mb)[:, 0, :, 0].bool() if rp.keys else None
-    halo, bc = _fetch([k, v], plan, layout, me, group, "kv")
+    finish = _fetch_start([k, v], plan, layout, me, group, "kv")
+    parts = []  # (global query ranges, output, lse) of each local call
+    inner = rp.interior if overlap and blocks is None and any(m.dst == me for m in plan.messages) else ()
+    if inner:  # the queries that read only this rank's keys run while the halo is in flight
+        own = rs_intersect(rs_union(layout.ranges[me]), ((0, n),))
+        irows = tuple(r for lo, hi in inner for r in layout.local(me, lo, hi))
+        krows = tuple(r for lo, hi in own for r in layout.local(me, lo, hi))
+        kpm_own = kpm.index_select(1, _local_index(layout, me, own, q.device)) if kpm is not None else None
+        iview = global_view(pattern, inner, own, n)
+        extra = _extra_bias(bias, rpb, pattern, irows, inner, own, n, q.device)
+        parts.append((inner, *local_attend(_rows(q, irows), _rows(k, krows), _rows(v, krows), iview, scale, kpm_own,
+                                           engine, return_lse, extra)))
+    halo, bc = finish()
     deps = [halo, bc]
-    out: torch.Tensor | None = None
-    lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
-    if rp.queries and rp.keys:
-        rows = tuple(r for lo, hi in rp.queries for r in layout.local(me, lo, hi))
+    outer = rs_subtract(rp.queries, inner)
+    if outer and rp.keys:
+        rows = tuple(r for lo, hi in outer for r in layout.local(me, lo, hi))
         kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
         if blocks is not None:
-            o, l_ = _blocked(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, rp.queries, rp.keys, n, scale, engine,
+            o, l_ = _blocked(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, outer, rp.keys, n, scale, engine,
                              return_lse)
         else:
-            view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-            extra = _extra_bias(bias, rpb, pattern, rows, rp.queries, rp.keys, n, q.device)
+            view = global_view(pattern, outer, rp.keys, n) if pattern is not None else None
+            extra = _extra_bias(bias, rpb, pattern, rows, outer, rp.keys, n, q.device)
             o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse, extra)
-        if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
-            out = o
-            lse = l_.to(acc) if l_ is not None else lse
-        else:
-            idx = _local_index(layout, me, rp.queries, q.device)
-            out = q.new_zeros(b, hq, n_local, v.shape[-1]).index_copy(2, idx, o)
+        parts.append((outer, o, l_))
+    out: torch.Tensor | None = None
+    lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
+    whole = len(parts) == 1 and rs_union(tuple(r for lo, hi in parts[0][0] for r in layout.local(me, lo, hi))) \
+        == ((0, n_local),)
+    if whole:  # every local row in one call: the output as it is
+        out, l_ = parts[0][1], parts[0][2]
+        lse = l_.to(acc) if l_ is not None else lse
+    elif parts:
+        out = q.new_zeros(b, hq, n_local, v.shape[-1])
+        for qs, o, l_ in parts:
+            idx = _local_index(layout, me, qs, q.device)
+            out = out.index_copy(2, idx, o)
             lse = lse.index_copy(2, idx, l_.to(acc)) if l_ is not None else lse
     if out is None:
         out = q.new_zeros(b, hq, n_local, v.shape[-1])

@@ -195,6 +195,18 @@ def _spatial_rows(p: SpatialPattern, r0: int, r1: int, x0: int) -> Ranges:
     return _mask_ranges(ok1)
 
 
+def _interior(pattern: Pattern, queries: Ranges, own: Ranges, n: int, chunks: int = 16) -> Ranges:
+    """The queries whose reach lies in ``own``, found chunk by chunk (``chunks`` per query range)."""
+    out = []
+    for lo, hi in queries:
+        step = max(1, -(-(hi - lo) // chunks))
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            if not rs_subtract(reach(pattern, ((a, b),), n), own):
+                out.append((a, b))
+    return rs_union(tuple(out))
+
+
 # ---- the plan -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Message:
@@ -217,11 +229,14 @@ class Bcast:
 @dataclass(frozen=True)
 class RankPlan:
     """One rank's part: the query rows its main call computes, the keys it reads (sorted, own ones included) and
-    where each key range comes from: ``("own", -1)``, ``("p2p", message index)`` or ``("bcast", bcast index)``."""
+    where each key range comes from: ``("own", -1)``, ``("p2p", message index)`` or ``("bcast", bcast index)``;
+    ``interior``: queries (a subset of ``queries``, in chunks) that read only the rank's own keys, which can run
+    while the halo is in flight."""
 
     queries: Ranges
     keys: Ranges
     pieces: tuple[tuple[int, int, str, int], ...]
+    interior: Ranges = ()
 
 
 @dataclass(frozen=True)
@@ -337,6 +352,7 @@ def _make_plan(pattern: Pattern | None, layout: Layout, selected: tuple[Ranges, 
         for src in sorted(by_src):
             messages.append(Message(src, r, rs_union(tuple(by_src[src]))))
             pieces += [(a, b, "p2p", len(messages) - 1) for a, b in messages[-1].ranges]
-        ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces))))
+        inner = _interior(pat, queries[r], real[r], n) if static and selected is None else ()
+        ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces)), inner))
     q_bcasts = tuple(Bcast(src, lo, hi) for src, lo, hi in layout.owners(0, m_g)) if qo else ()
     return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g if qo else 0, q_bcasts)

@@ -59,7 +59,8 @@ def whole_map(pattern: Pattern | None, layout: Layout, n_local: int) -> Pattern 
 
 
 @contextlib.contextmanager
-def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str = "auto") -> Iterator[None]:
+def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str = "auto",
+            overlap: bool = False) -> Iterator[None]:
     """Inside the block, layers built on ``nearfar.attend`` compute this rank's tokens of the split sequence.
 
     Args:
@@ -67,6 +68,7 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
             ``layout.size(rank)`` of them, in the layout's order.
         group: The process group (None: the default group).
         method: As in ``nearfar.distributed.attend``.
+        overlap: As in ``nearfar.distributed.attend``.
 
     Yields:
         None.
@@ -96,7 +98,7 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
             pattern = whole_map(call.pattern, layout, mine)
             return attend(call.q, call.k, call.v, pattern, layout=layout, group=group, scale=call.scale,
                           bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
-                          return_lse=call.return_lse, method=method, blocks=call.blocks)
+                          return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap)
 
     with positions_override(positions), intercept_calls(run), partial_grids():
         yield

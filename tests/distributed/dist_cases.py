@@ -28,6 +28,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     extra: str | None = None  # "bias" (B, Hq, N, N), "bias_keys" (N,), "rpb" (the pattern's table), "blocks"
     sel: tuple = ()  # blocks: (q_block, kv_block, within, batch dim, head dim)
+    overlap: bool = False
 
 
 def _na2(grid, k, **kw):
@@ -72,6 +73,12 @@ def cases(world: int) -> dict[str, Case]:
         "rpb_na1d": Case(nf.Neighborhood(7, dilation=2), L.contiguous(37, world), extra="rpb"),
         "rpb_na2d": Case(_na2((10, 6), (5, 3)), L.slabs((10, 6), world), extra="rpb"),
         "rpb_blocks": Case(nf.Blocks(8, shift=4), L.contiguous(8 * world, world), extra="rpb"),
+        "overlap_na1d": Case(nf.Neighborhood(7), L.contiguous(77, world), kpm=True, overlap=True),
+        "overlap_na2d_rpb": Case(_na2((24, 4), (3, 3)), L.slabs((24, 4), world), extra="rpb", overlap=True),
+        "overlap_window_head_tail": Case(nf.SlidingWindow(3) & nf.Causal(), L.head_tail(77, world), extra="bias",
+                                         overlap=True, dtype=torch.float32),
+        "overlap_sinks_padding": Case(nf.SlidingWindow(3) | nf.Sinks(2),
+                                      L.contiguous(16 * world, world, n_real=16 * world - 5), overlap=True),
         "sel_window_causal": Case(nf.SlidingWindow(2) & nf.Causal(), L.contiguous(37, world), extra="blocks",
                                   sel=(4, 4, nf.Causal(), 2, 4)),
         "sel_only_head_tail": Case(None, L.head_tail(37, world), extra="blocks", sel=(3, 5, None, 2, 2)),
@@ -147,7 +154,7 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
     t0 = time.perf_counter()
     with nd.count_bytes() as stats:
         out, lse = nd.attend(ql, kl, vl, case.pattern, layout=lay, key_padding_mask=kpml, return_lse=True,
-                             method=case.method, **kw)
+                             method=case.method, overlap=case.overlap, **kw)
         (out * nd.shard(w, lay, rank)).sum().backward()
     seconds = time.perf_counter() - t0
     got = {"out": out.detach(), "lse": lse.to(torch.float64), "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
@@ -172,7 +179,8 @@ def run_case(rank: int, world: int, name: str, case: Case, seed: int = 0) -> dic
     plan = nd.make_plan(case.pattern, lay, extra if case.extra == "blocks" else None)
     traffic = plan.traffic(rank) if case.method != "ring" else None
     return {"errors": errors, "sent": dict(stats.sent), "recv": dict(stats.recv), "messages": dict(stats.messages),
-            "traffic": traffic, "seconds": seconds}
+            "traffic": traffic, "seconds": seconds, "waited": dict(stats.waited),
+            "interior": plan.ranks[rank].interior}
 
 
 def run_suite(rank: int, world: int, names: list[str] | None = None) -> dict[str, dict]:

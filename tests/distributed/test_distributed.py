@@ -181,3 +181,16 @@ def test_vision_layers_under_sharded_equal_one_process(world, name, world2, worl
     equal the one-process layer; on 4 ranks the 10-row map's slabs (3, 3, 2, 2 rows) are narrower than the kernel."""
     for r, res in enumerate(world2 if world == 2 else world4):
         assert res["vision"][name] == [], (r, res["vision"][name])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_overlap_cases_run_an_interior_call(world, world2, world4):
+    """The overlap cases (equal to one process above) had queries to run while the halo was in flight on every rank
+    that receives a halo, and the wait for the halo was timed."""
+    for name in ("overlap_na1d", "overlap_na2d_rpb", "overlap_window_head_tail"):
+        case = cases(world)[name]
+        for r, res in enumerate(_suite(world2 if world == 2 else world4)):
+            res = res[name]
+            if res["recv"].get("kv.halo.fwd", 0) and case.layout.size(r) >= 12:
+                assert res["interior"], (name, r)
+                assert "kv.halo.fwd" in res["waited"], (name, r)
