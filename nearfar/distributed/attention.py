@@ -7,8 +7,12 @@ point to point from the neighbouring ranks (``halo``), sink and global keys by b
 (``view.GlobalView``), so no merge is needed and the engine's own backward gives every gradient; the gradients of
 fetched keys go back to their owners in the backward pass. The global queries of ``GlobalTokens`` are computed as
 partials on every rank and merged on their owner (``merge``). Dense and causal attention rotate K/V around a ring
-(``ring``), as PyTorch's ``context_parallel`` does. Every rank must call this with the same pattern, layout and
-shapes (but its own tensors), and run the backward pass through its output too.
+(``ring``), as PyTorch's ``context_parallel`` does. A bias is passed as this rank's rows over the global keys and
+sliced to the fetched columns; a relative-position table is read through the view (``view.TableView``); run-time
+selected key blocks (global lists, replicated) add their blocks to the plan, and the local call runs on queries and
+keys widened to whole blocks. With ``overlap`` the halo is posted, the plan's interior queries (those that read only
+this rank's keys) are computed, and the rest follows the wait. Every rank must call this with the same pattern,
+layout and shapes (but its own tensors), and run the backward pass through its output too.
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ from ..dispatch import check_attention_inputs
 from ..patterns import Causal, Dense, Pattern, PerHead
 from ..patterns.spatial import SpatialPattern
 from ..selection import SelectedBlocks
+from .blocks import blocked_attend
 from .gather import broadcast_tokens
 from .halo import exchange, start
 from .layout import Layout, Ranges
 from .merge import merge, partial
 from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_subtract, rs_union
 from .ring import ring_attention
-from .view import global_view, local_attend
+from .view import TableView, global_view, local_attend
 
 
 class _Tie(torch.autograd.Function):
@@ -298,65 +303,22 @@ def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, lay
     return bias is not None or rpb is not None or blocks is not None
 
 
-def _extra_bias(bias: torch.Tensor | None, rpb: torch.Tensor | None, pattern: Pattern | None, rows: Ranges,
-                queries: Ranges, keys: Ranges, n: int, device: torch.device) -> torch.Tensor | None:
-    """The local call's dense bias over this rank's query rows (``rows`` local, ``queries`` global) and its keys
-    (``keys`` global): a slice of ``bias``, or the values of ``rpb`` at those pairs."""
-    kidx = _index(keys, device)
+def _local_call(q, k, v, pattern, bias, rpb, rows, queries, keys, n, scale, kpm, engine, return_lse):
+    """One local ``attend`` of this rank's query rows ``rows`` (local; ``queries`` global) over the keys ``keys``
+    (global, in ``k`` and ``v``): the pattern through the offset view, ``bias``'s rows and the columns of those keys,
+    or the table through the view's index (tile by tile, as on one process)."""
+    if rpb is not None:
+        view: Pattern | None = TableView(pattern, queries, keys, n)
+    else:
+        view = global_view(pattern, queries, keys, n) if pattern is not None else None
+    b4 = None
     if bias is not None:
         b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         if b4.shape[2] > 1:
             b4 = _rows(b4, rows)
-        return b4.index_select(3, kidx) if b4.shape[3] > 1 else b4
-    if rpb is not None:
-        assert isinstance(pattern, SpatialPattern)
-        idx = pattern.rpb_index(_index(queries, device)[:, None], kidx[None, :], n)
-        return rpb.reshape(rpb.shape[0], -1)[:, idx][None]  # (1, Hq, queries, keys)
-    return None
-
-
-def _whole(ranges: Ranges, size: int, n: int) -> Ranges:
-    """``ranges`` widened to whole blocks of ``size`` (the last one may pass ``n``)."""
-    return rs_union(tuple((lo // size * size, -(-hi // size) * size) for lo, hi in ranges))
-
-
-def _positions(inner: Ranges, outer: Ranges, device: torch.device) -> torch.Tensor:
-    """Positions of the (global) indices of ``inner`` in the concatenation of ``outer`` (which covers them)."""
-    g = _index(inner, device)
-    starts = torch.tensor([lo for lo, _ in outer], device=device)
-    base = torch.tensor([0] + [hi - lo for lo, hi in outer[:-1]], device=device).cumsum(0)
-    seg = torch.searchsorted(starts, g, right=True) - 1
-    return base[seg] + g - starts[seg]
-
-
-def _blocked(q, k, v, kpm, pattern, blocks, queries, keys, n, scale, engine, return_lse):
-    """The local call with run-time blocks: queries and keys widened to whole global blocks (zero rows, masked
-    keys), so the global block lists index local blocks; ``(out, lse)`` of the real queries."""
-    qb, kb = blocks.q_block, blocks.k_block
-    qw, kw = _whole(queries, qb, n), _whole(keys, kb, n)
-    dev, (b, hq, _, d), hkv = q.device, q.shape, k.shape[1]
-    qpos, kpos = _positions(queries, qw, dev), _positions(keys, kw, dev)
-    nqw, nkw = rs_size(qw), rs_size(kw)
-    qx = q.new_zeros(b, hq, nqw, d).index_copy(2, qpos, q)
-    kx = k.new_zeros(b, hkv, nkw, d).index_copy(2, kpos, k)
-    vx = v.new_zeros(b, hkv, nkw, v.shape[-1]).index_copy(2, kpos, v)
-    real = kpm if kpm is not None else torch.ones(b, kpos.numel(), dtype=torch.bool, device=dev)
-    mask = torch.zeros(b, nkw, dtype=torch.bool, device=dev).index_copy(1, kpos, real)
-    # local block lists: the rows of the local query blocks, global key blocks renumbered (-1 if not here)
-    nkb = -(-n // kb)
-    local_kb = torch.full((nkb + 1,), -1, dtype=torch.long, device=dev)
-    kblocks = _index(tuple((lo // kb, hi // kb) for lo, hi in kw), dev)
-    local_kb[kblocks.clamp(max=nkb)] = torch.arange(kblocks.numel(), device=dev)
-    local_kb[nkb] = -1
-    rows = _index(tuple((lo // qb, hi // qb) for lo, hi in qw), blocks.kv_num_blocks.device)
-    num = blocks.kv_num_blocks.index_select(2, rows)
-    idx = blocks.kv_indices.index_select(2, rows).long()
-    idx = local_kb[torch.where((idx >= 0) & (idx < nkb), idx, nkb)].to(blocks.kv_indices.dtype)
-    within = global_view(blocks.within, qw, kw, n) if blocks.within is not None else None
-    sel = SelectedBlocks(num, idx, q_block=qb, kv_block=kb, within=within)
-    view = global_view(pattern, qw, kw, n) if pattern is not None else None
-    o, lse = local_attend(qx, kx, vx, view, scale, mask, engine, return_lse, None, sel)
-    return o.index_select(2, qpos), (lse.index_select(2, qpos) if lse is not None else None)
+        if b4.shape[3] > 1:
+            b4 = b4.index_select(3, _index(keys, q.device))
+    return local_attend(_rows(q, rows), k, v, view, scale, kpm, engine, return_lse, b4, None, rpb)
 
 
 def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
@@ -382,10 +344,8 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         irows = tuple(r for lo, hi in inner for r in layout.local(me, lo, hi))
         krows = tuple(r for lo, hi in own for r in layout.local(me, lo, hi))
         kpm_own = kpm.index_select(1, _local_index(layout, me, own, q.device)) if kpm is not None else None
-        iview = global_view(pattern, inner, own, n)
-        extra = _extra_bias(bias, rpb, pattern, irows, inner, own, n, q.device)
-        parts.append((inner, *local_attend(_rows(q, irows), _rows(k, krows), _rows(v, krows), iview, scale, kpm_own,
-                                           engine, return_lse, extra)))
+        parts.append((inner, *_local_call(q, _rows(k, krows), _rows(v, krows), pattern, bias, rpb, irows, inner, own,
+                                          n, scale, kpm_own, engine, return_lse)))
     halo, bc = finish()
     deps = [halo, bc]
     outer = rs_subtract(rp.queries, inner)
@@ -394,12 +354,11 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
         if blocks is not None:
-            o, l_ = _blocked(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, outer, rp.keys, n, scale, engine,
+            o, l_ = blocked_attend(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, outer, rp.keys, n, scale, engine,
                              return_lse)
         else:
-            view = global_view(pattern, outer, rp.keys, n) if pattern is not None else None
-            extra = _extra_bias(bias, rpb, pattern, rows, outer, rp.keys, n, q.device)
-            o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse, extra)
+            o, l_ = _local_call(q, kx, vx, pattern, bias, rpb, rows, outer, rp.keys, n, scale, kpm_ext, engine,
+                                return_lse)
         parts.append((outer, o, l_))
     out: torch.Tensor | None = None
     lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)

@@ -14,6 +14,7 @@ import torch
 
 from ..calls import AttendCall
 from ..patterns import Pattern, PerHead, Tiles
+from ..patterns.spatial import SpatialPattern
 from ..selection import SelectedBlocks
 from .layout import Ranges
 
@@ -74,6 +75,31 @@ class GlobalView(Pattern):
         return ("GlobalView", self.pattern, self.q_ranges, self.k_ranges, self.n)
 
 
+class TableView(GlobalView):
+    """``GlobalView`` of a spatial pattern that takes a relative-position table: the table's index of a local pair
+    is the wrapped pattern's index of the global pair, so ``attend(..., rpb=table)`` on the local tensors reads the
+    table tile by tile as on one process (no dense bias)."""
+
+    def __init__(self, pattern: SpatialPattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> None:
+        super().__init__(pattern, q_ranges, k_ranges, n)
+        self.spatial = pattern
+
+    def rpb_size(self) -> tuple[int, ...] | None:
+        return self.spatial.rpb_size()
+
+    def rpb_shape(self, heads: int) -> tuple[int, ...]:
+        return self.spatial.rpb_shape(heads)
+
+    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return self.spatial.rpb_index(self._map("q", q), self._map("k", k), self.n)
+
+    def check_rpb(self) -> None:
+        self.spatial.check_rpb()
+
+    def _key(self) -> tuple:
+        return ("TableView", *super()._key()[1:])
+
+
 def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> Pattern:
     """``GlobalView`` of ``pattern``; a ``PerHead`` pattern becomes a ``PerHead`` of views (one per head).
 
@@ -93,11 +119,11 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
 
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
                  key_padding_mask: torch.Tensor | None, engine: str, return_lse: bool = True,
-                 bias: torch.Tensor | None = None,
-                 blocks: SelectedBlocks | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 bias: torch.Tensor | None = None, blocks: SelectedBlocks | None = None,
+                 rpb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
     call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
-    res = AttendCall(q, k, v, pattern, scale, bias, None, key_padding_mask, engine, return_lse, blocks).run()
+    res = AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks).run()
     if isinstance(res, tuple):
         return res
     return res, None
