@@ -271,11 +271,48 @@ def train_tiny_lm(rank: int, world: int, steps: int = 5) -> dict[str, list[tuple
     return curves
 
 
+def bad_arguments(rank: int, world: int) -> list[tuple[str, str]]:
+    """Each bad call's exception ``(type, message)``: raised on every rank before any message (the group stays
+    usable, which the next call checks)."""
+    lay = nd.Layout.contiguous(24, world)
+    n_local = lay.size(rank)
+    q = torch.randn(1, 2, n_local, 4)
+    sel = nf.SelectedBlocks(torch.ones(1, 1, 6, dtype=torch.long), torch.zeros(1, 1, 6, 1, dtype=torch.long),
+                            q_block=4)
+    calls = [
+        lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, bias=torch.randn(1, 2, n_local, 23)),
+        lambda: nd.attend(q, q, q, nf.SlidingWindow(2), layout=lay, rpb=torch.randn(2, 9)),
+        lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, rpb=torch.randn(2, 7)),
+        lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, rpb=torch.randn(2, 9), bias=torch.randn(24)),
+        lambda: nd.attend(q, q, q, nf.Causal(), layout=lay, bias=torch.randn(24), method="ring"),
+        lambda: nd.attend(q, q, q, nf.SlidingWindow(1) | nf.GlobalTokens(2), layout=lay, blocks=sel),
+        lambda: nd.attend(q, q, q, None, layout=lay, blocks=sel, bias=torch.randn(24)),
+        lambda: nd.attend(q, q, q, None, layout=lay, overlap=1),
+    ]
+    out = []
+    for call in calls:
+        try:
+            call()
+            out.append(("none", ""))
+        except Exception as err:  # noqa: BLE001 - the error is the result
+            out.append((type(err).__name__, str(err)))
+    odd = nd.Layout((((0, 10),), ((10, 24),)), 24, 24) if world == 2 else lay
+    try:  # a map of rows of 4 split after 10 tokens: rank 0 sees (2, 5), rank 1 (2, 7): not whole rows
+        with nd.sharded(odd):
+            nf.NeighborhoodAttention(8, 2, 3)(torch.randn(1, 2, odd.size(rank) // 2, 8))
+        out.append(("none", ""))
+    except Exception as err:  # noqa: BLE001 - the error is the result
+        out.append((type(err).__name__, str(err)))
+    ok = nd.attend(q, q, q, nf.Neighborhood(5), layout=lay)  # the group still works
+    out.append(("ok", str(tuple(ok.shape))))
+    return out
+
+
 def suite_then_fail(rank: int, world: int, names: list[str] | None = None) -> dict:
     """The suite, the example and TinyLM, then (the group is broken after it) the failure injection."""
     return {"suite": run_suite(rank, world, names), "example": run_example(rank, world),
             "lm": train_tiny_lm(rank, world), "vision": vision_layers(rank, world),
-            "failure": fail_mid_call(rank, world)}
+            "bad": bad_arguments(rank, world), "failure": fail_mid_call(rank, world)}
 
 
 def suite_and_lm(rank: int, world: int) -> dict:

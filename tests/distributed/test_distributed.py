@@ -194,3 +194,20 @@ def test_overlap_cases_run_an_interior_call(world, world2, world4):
             if res["recv"].get("kv.halo.fwd", 0) and case.layout.size(r) >= 12:
                 assert res["interior"], (name, r)
                 assert "kv.halo.fwd" in res["waited"], (name, r)
+
+
+def test_bad_bias_table_blocks_and_slabs_raise_clear_errors_on_every_rank(world2):
+    want = [("ValueError", "broadcastable to (B, Hq, n_local, layout.n_real)"),
+            ("ValueError", "needs a Neighborhood, Blocks or Grid"),
+            ("ValueError", "rpb must have shape (2, 9)"),
+            ("ValueError", "either bias or rpb"),
+            ("ValueError", "method='ring' runs without bias"),
+            ("ValueError", "global queries of GlobalTokens"),
+            ("ValueError", "blocks without bias or rpb"),
+            ("TypeError", "overlap must be a bool"),
+            ("ValueError", "does not split the map into whole rows"),
+            ("ok", "(1, 2, 12, 4)")]
+    for r, res in enumerate(world2):
+        assert len(res["bad"]) == len(want), (r, res["bad"])
+        for (kind, msg), (got_kind, got_msg) in zip(want, res["bad"]):
+            assert got_kind == kind and msg in got_msg, (r, kind, msg, got_kind, got_msg)
