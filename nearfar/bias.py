@@ -6,12 +6,23 @@ tiles (``tile``) and, in the backward pass, hands back the score gradients of th
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import torch
 
-if TYPE_CHECKING:
-    from .patterns.spatial import SpatialPattern
+
+@runtime_checkable
+class TablePattern(Protocol):
+    """A pattern that indexes a relative-position-bias table: the spatial patterns, and views of them (the offset
+    view of ``nearfar.distributed``, which maps local indices to global ones first)."""
+
+    def rpb_size(self) -> tuple[int, ...] | None: ...
+
+    def rpb_shape(self, heads: int) -> tuple[int, ...]: ...
+
+    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor: ...
+
+    def check_rpb(self) -> None: ...
 
 
 class BiasSource:
@@ -81,7 +92,7 @@ class RelativePositionBias(BiasSource):
     """A relative-position-bias table ``(Hq, 2m-1[, 2m-1[, 2m-1]])`` indexed by the pattern's ``rpb_index``
     (NAT/DiNAT: ``(j-i)/dilation + k-1``; windows: the key-minus-query offset inside the window)."""
 
-    def __init__(self, table: torch.Tensor, pattern: SpatialPattern, n: int):
+    def __init__(self, table: torch.Tensor, pattern: TablePattern, n: int):
         super().__init__(table, tuple(table.shape))
         self.pattern = pattern
         self.n = n

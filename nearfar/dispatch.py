@@ -17,14 +17,13 @@ from .backends.native import supports as native_supports
 from .backends.partition import partition_attention
 from .backends.scored import scored_attention
 from .backends.selected import selected_attention
-from .bias import DenseBias, RelativePositionBias
+from .bias import DenseBias, RelativePositionBias, TablePattern
 from .calls import AttendCall, forced_engine, interceptor, record_tensors, unobserved
 from .checks import check_bool, check_same_dtype_device, check_scale
 from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_rows
 from .mods import at_batch, at_heads, check_mod
 from .patterns import Dense, Pattern, PerHead
 from .patterns.maskmod import bind
-from .patterns.spatial import SpatialPattern
 from .plan import get_plan
 from .selection import SelectedBlocks
 
@@ -139,7 +138,7 @@ def _check_partition(pattern: Pattern | None, bias: torch.Tensor | None, rpb: to
 def _bias_source(bias, rpb, pattern, b, hq, nq, nk):
     """A dense bias or a relative-position table, each from its own argument: a tensor is never interpreted by its
     shape (a (1, Nk) per-key bias can have the shape of a table)."""
-    takes_table = isinstance(pattern, SpatialPattern) and pattern.rpb_size() is not None
+    takes_table = isinstance(pattern, TablePattern) and pattern.rpb_size() is not None
     if rpb is not None:
         if not takes_table:
             raise ValueError("rpb (a relative-position-bias table) needs a Neighborhood, Blocks or Grid pattern that "

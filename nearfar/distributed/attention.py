@@ -7,29 +7,37 @@ point to point from the neighbouring ranks (``halo``), sink and global keys by b
 (``view.GlobalView``), so no merge is needed and the engine's own backward gives every gradient; the gradients of
 fetched keys go back to their owners in the backward pass. The global queries of ``GlobalTokens`` are computed as
 partials on every rank and merged on their owner (``merge``). Dense and causal attention rotate K/V around a ring
-(``ring``), as PyTorch's ``context_parallel`` does. Every rank must call this with the same pattern, layout and
-shapes (but its own tensors), and run the backward pass through its output too.
+(``ring``), as PyTorch's ``context_parallel`` does. A bias is passed as this rank's rows over the global keys and
+sliced to the fetched columns; a relative-position table is read through the view (``view.TableView``); run-time
+selected key blocks (global lists, replicated) add their blocks to the plan, and the local call runs on queries and
+keys widened to whole blocks. With ``overlap`` the halo is posted, the plan's interior queries (those that read only
+this rank's keys) are computed, and the rest follows the wait. Every rank must call this with the same pattern,
+layout and shapes (but its own tensors), and run the backward pass through its output too.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ..checks import check_choice
+from ..checks import check_bool, check_choice
 from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
 from ..patterns import Causal, Dense, Pattern, PerHead
+from ..patterns.spatial import SpatialPattern
+from ..selection import SelectedBlocks
+from .blocks import blocked_attend
 from .gather import broadcast_tokens
-from .halo import exchange
+from .halo import exchange, start
 from .layout import Layout, Ranges
 from .merge import merge, partial
-from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_union
+from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_subtract, rs_union
 from .ring import ring_attention
-from .view import global_view, local_attend
+from .view import TableView, global_view, local_attend
 
 
 class _Tie(torch.autograd.Function):
@@ -49,6 +57,11 @@ class _Tie(torch.autograd.Function):
 def _local_index(layout: Layout, rank: int, ranges: Ranges, device: torch.device) -> torch.Tensor:
     loc = [r for lo, hi in ranges for r in layout.local(rank, lo, hi)]
     parts = [torch.arange(a, b, device=device) for a, b in loc]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
+    parts = [torch.arange(lo, hi, device=device) for lo, hi in ranges]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
@@ -82,17 +95,28 @@ def _fetch(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int,
            what: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Receive this rank's remote keys: the halo buffer (point to point) and the broadcast buffer, channels of
     ``tensors`` concatenated."""
+    return _fetch_start(tensors, plan, layout, me, group, what)()
+
+
+def _fetch_start(tensors: list[torch.Tensor], plan: CommPlan, layout: Layout, me: int,
+                 group: dist.ProcessGroup | None, what: str) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """``_fetch`` in two steps: the halo messages are posted now; the returned function waits for them, then runs
+    the broadcasts."""
     out_local = {m: tuple(r for lo, hi in m.ranges for r in layout.local(me, lo, hi))
                  for m in plan.messages if m.src == me}
     mine = [layout.local(me, b.lo, b.hi)[0] for b in plan.bcasts if b.src == me]
     pack = _Packed(tensors, tuple(r for rs in out_local.values() for r in rs) + tuple(mine))
     sends = tuple((m.dst, tuple((pack.at(a), pack.at(a) + b - a) for a, b in rs)) for m, rs in out_local.items())
     recvs = tuple((m.src, rs_size(m.ranges)) for m in plan.messages if m.dst == me)
-    halo = exchange(pack.x, sends, recvs, group, f"{what}.halo")
-    pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
-                   for b in plan.bcasts)
-    bc = broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
-    return halo, bc
+    pending = start(pack.x, sends, recvs, group, f"{what}.halo")
+
+    def finish() -> tuple[torch.Tensor, torch.Tensor]:
+        halo = pending.finish()
+        pieces = tuple((b.src, pack.at(layout.local(me, b.lo, b.hi)[0][0]) if b.src == me else -1, b.hi - b.lo)
+                       for b in plan.bcasts)
+        return halo, broadcast_tokens(pack.x, pieces, group, f"{what}.bcast", halo)
+
+    return finish
 
 
 def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo: torch.Tensor,
@@ -160,9 +184,10 @@ def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, 
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *, layout: Layout,
-           group: dist.ProcessGroup | None = None, scale: float | None = None,
-           key_padding_mask: torch.Tensor | None = None, engine: str = "auto", return_lse: bool = False,
-           method: str = "auto") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           group: dist.ProcessGroup | None = None, scale: float | None = None, bias: torch.Tensor | None = None,
+           rpb: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
+           return_lse: bool = False, method: str = "auto", blocks: SelectedBlocks | None = None,
+           overlap: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the keys of every rank, restricted to ``pattern`` (at the global
     length ``layout.n_real``); the result equals ``nearfar.attend`` on the whole sequence, restricted to this rank.
 
@@ -175,11 +200,24 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
             on every rank.
         group: The process group (None: the default group); its size must be ``layout.world``.
         scale: Score scale (default ``1 / sqrt(d)``).
+        bias: Additive bias of this rank's query rows over every key: broadcastable to ``(B, Hq, n_local,
+            layout.n_real)``, rows in local order, columns the global key indices. Each rank reads only the columns
+            of the keys it fetches (no communication); its gradient covers this rank's rows.
+        rpb: Relative-position-bias table of a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern (as in
+            ``nearfar.attend``), the same on every rank; each rank's gradient holds its queries' part (sum it over
+            the ranks, as data parallelism sums parameter gradients). Pass ``bias`` or ``rpb``, not both.
         key_padding_mask: This rank's keys' mask ``(B, n_local)``, True = keep.
         engine: The local engine (as in ``nearfar.attend``).
         return_lse: Also return the (detached) LSE ``(B, Hq, n_local)``.
         method: ``"auto"`` (ring for dense and causal, gather otherwise), ``"gather"`` or ``"ring"`` (dense and
-            causal only).
+            causal only). With ``bias``, ``rpb`` or ``blocks``, ``"auto"`` gathers.
+        blocks: Key blocks chosen at run time (``nearfar.SelectedBlocks``) for the **global** query blocks, indexed
+            in global query and key blocks: the same tensors on every rank (replicated, e.g. routed from replicated
+            pooled keys, or all-gathered by the caller). Each rank fetches the selected blocks of its own query
+            blocks beside the pattern's reach.
+        overlap: Post the halo messages, then compute the queries that read only this rank's keys (the plan's
+            ``interior``) while they are in flight, then the rest on the gathered keys (two local calls instead of
+            one; the same result). Not with ``blocks``; the backward pass is not overlapped.
 
     Returns:
         The output ``(B, Hq, n_local, dv)`` (0 on padding tokens), and the LSE with ``return_lse``.
@@ -187,15 +225,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
     Raises:
         TypeError: If an argument has the wrong type.
         ValueError: If shapes disagree with the layout or each other, the group's size differs from the layout's,
-            the pattern does not fit ``layout.n_real`` or ``method`` is unknown.
+            the pattern does not fit ``layout.n_real``, ``method`` is unknown, ``bias``/``rpb`` do not fit, or
+            ``bias``, ``rpb`` or ``blocks`` come with ``method="ring"`` or with ``GlobalTokens`` queries.
         nearfar.distributed.DistributedAttentionError: If a peer fails or the group's timeout passes mid-call.
     """
     if not isinstance(layout, Layout):
         raise TypeError(f"layout must be a nearfar.distributed.Layout, got {type(layout).__name__}")
     check_choice(method, "method", ("auto", "gather", "ring"))
+    check_bool(overlap, "overlap")
     if layout.world == 1 and layout.n_real == layout.n:
-        return single_attend(q, k, v, pattern, scale=scale, key_padding_mask=key_padding_mask, engine=engine,
-                             return_lse=return_lse)
+        return single_attend(q, k, v, pattern, scale=scale, bias=bias, rpb=rpb, key_padding_mask=key_padding_mask,
+                             engine=engine, return_lse=return_lse, blocks=blocks)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     if world != layout.world:
         raise ValueError(f"the layout splits the tokens over {layout.world} ranks but the group has {world}")
@@ -218,18 +258,75 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         raise ValueError(f"key_padding_mask must have shape (B, 0) on a rank with no tokens, "
                          f"got {tuple(key_padding_mask.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    ring = method == "ring" or (method == "auto" and (pattern is None or isinstance(pattern, Causal)))
+    extras = _check_extras(q, k, pattern, layout, me, bias, rpb, blocks)
+    ring = method == "ring" or (method == "auto" and not extras and (pattern is None or isinstance(pattern, Causal)))
     if ring:
+        if extras:
+            raise ValueError("method='ring' runs without bias, rpb or blocks; use method='gather'")
         if pattern is not None and not isinstance(pattern, Causal):
             raise ValueError(f"method='ring' runs dense or Causal() attention, got {pattern!r}")
         out, lse = ring_attention(q, k, v, layout, causal=pattern is not None, scale=scale,
                                   key_padding_mask=key_padding_mask, group=group, engine=engine)
         return (out, lse) if return_lse else out
-    return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me)
+    return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me,
+                     bias, rpb, blocks, overlap)
 
 
-def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me):
-    plan = make_plan(pattern, layout)
+def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int,
+                  bias: torch.Tensor | None, rpb: torch.Tensor | None, blocks: SelectedBlocks | None) -> bool:
+    """Check ``bias``, ``rpb`` and ``blocks`` against the global shapes; True if any is given."""
+    if bias is not None and rpb is not None:
+        raise ValueError("pass either bias or rpb, not both")
+    hq, n_local, n = q.shape[1], q.shape[2], layout.n_real
+    hkv = k.shape[1]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating-point tensor, got {getattr(bias, 'dtype', type(bias))}")
+        target = (q.shape[0], hq, n_local, n)
+        if bias.dim() > 4 or not all(s in (1, t) for s, t in zip(reversed(bias.shape), reversed(target))):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} must be broadcastable to (B, Hq, n_local, "
+                             f"layout.n_real) = {target}: this rank's query rows over the global keys")
+    if rpb is not None:
+        if not isinstance(pattern, SpatialPattern) or pattern.rpb_size() is None:
+            raise ValueError("rpb (a relative-position-bias table) needs a Neighborhood, Blocks or Grid pattern that "
+                             f"takes one, got pattern {pattern!r}")
+        if not isinstance(rpb, torch.Tensor) or tuple(rpb.shape) != pattern.rpb_shape(hq):
+            raise ValueError(f"rpb must have shape {pattern.rpb_shape(hq)} for {pattern!r} and Hq={hq}, "
+                             f"got {tuple(getattr(rpb, 'shape', ()))}")
+        pattern.check_rpb()
+    if blocks is not None:
+        if not isinstance(blocks, SelectedBlocks):
+            raise TypeError(f"blocks must be a nearfar.SelectedBlocks, got {type(blocks).__name__}")
+        if bias is not None or rpb is not None:
+            raise ValueError("nearfar.distributed.attend takes blocks without bias or rpb")
+        blocks.check(q.shape[0], hq, hkv, n, n, q.device)
+    return bias is not None or rpb is not None or blocks is not None
+
+
+def _local_call(q, k, v, pattern, bias, rpb, rows, queries, keys, n, scale, kpm, engine, return_lse):
+    """One local ``attend`` of this rank's query rows ``rows`` (local; ``queries`` global) over the keys ``keys``
+    (global, in ``k`` and ``v``): the pattern through the offset view, ``bias``'s rows and the columns of those keys,
+    or the table through the view's index (tile by tile, as on one process)."""
+    if rpb is not None:
+        view: Pattern | None = TableView(pattern, queries, keys, n)
+    else:
+        view = global_view(pattern, queries, keys, n) if pattern is not None else None
+    b4 = None
+    if bias is not None:
+        b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        if b4.shape[2] > 1:
+            b4 = _rows(b4, rows)
+        if b4.shape[3] > 1:
+            b4 = b4.index_select(3, _index(keys, q.device))
+    return local_attend(_rows(q, rows), k, v, view, scale, kpm, engine, return_lse, b4, None, rpb)
+
+
+def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
+              blocks=None, overlap=False):
+    plan = make_plan(pattern, layout, blocks)
+    if plan.global_rows and (bias is not None or rpb is not None or blocks is not None):
+        raise ValueError("bias, rpb and blocks do not combine with the global queries of GlobalTokens that read "
+                         "past their rank's reach (they are merged from partials)")
     n, rp, d = plan.n, plan.ranks[me], k.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq, n_local, _ = q.shape
@@ -239,22 +336,42 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         with torch.no_grad():
             mh, mb = _fetch([m], plan, layout, me, group, "mask")
         kpm_ext = _gather_keys(m, plan, layout, me, mh, mb)[:, 0, :, 0].bool() if rp.keys else None
-    halo, bc = _fetch([k, v], plan, layout, me, group, "kv")
+    finish = _fetch_start([k, v], plan, layout, me, group, "kv")
+    parts = []  # (global query ranges, output, lse) of each local call
+    inner = rp.interior if overlap and blocks is None and any(m.dst == me for m in plan.messages) else ()
+    if inner:  # the queries that read only this rank's keys run while the halo is in flight
+        own = rs_intersect(rs_union(layout.ranges[me]), ((0, n),))
+        irows = tuple(r for lo, hi in inner for r in layout.local(me, lo, hi))
+        krows = tuple(r for lo, hi in own for r in layout.local(me, lo, hi))
+        kpm_own = kpm.index_select(1, _local_index(layout, me, own, q.device)) if kpm is not None else None
+        parts.append((inner, *_local_call(q, _rows(k, krows), _rows(v, krows), pattern, bias, rpb, irows, inner, own,
+                                          n, scale, kpm_own, engine, return_lse)))
+    halo, bc = finish()
     deps = [halo, bc]
-    out: torch.Tensor | None = None
-    lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
-    if rp.queries and rp.keys:
-        rows = tuple(r for lo, hi in rp.queries for r in layout.local(me, lo, hi))
+    outer = rs_subtract(rp.queries, inner)
+    if outer and rp.keys:
+        rows = tuple(r for lo, hi in outer for r in layout.local(me, lo, hi))
         kx = _gather_keys(k, plan, layout, me, halo[..., :d], bc[..., :d])
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
-        view = global_view(pattern, rp.queries, rp.keys, n) if pattern is not None else None
-        o, l_ = local_attend(_rows(q, rows), kx, vx, view, scale, kpm_ext, engine, return_lse)
-        if rs_union(rows) == ((0, n_local),):  # every local row: the output as it is
-            out = o
-            lse = l_.to(acc) if l_ is not None else lse
+        if blocks is not None:
+            o, l_ = blocked_attend(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, outer, rp.keys, n, scale, engine,
+                             return_lse)
         else:
-            idx = _local_index(layout, me, rp.queries, q.device)
-            out = q.new_zeros(b, hq, n_local, v.shape[-1]).index_copy(2, idx, o)
+            o, l_ = _local_call(q, kx, vx, pattern, bias, rpb, rows, outer, rp.keys, n, scale, kpm_ext, engine,
+                                return_lse)
+        parts.append((outer, o, l_))
+    out: torch.Tensor | None = None
+    lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
+    whole = len(parts) == 1 and rs_union(tuple(r for lo, hi in parts[0][0] for r in layout.local(me, lo, hi))) \
+        == ((0, n_local),)
+    if whole:  # every local row in one call: the output as it is
+        out, l_ = parts[0][1], parts[0][2]
+        lse = l_.to(acc) if l_ is not None else lse
+    elif parts:
+        out = q.new_zeros(b, hq, n_local, v.shape[-1])
+        for qs, o, l_ in parts:
+            idx = _local_index(layout, me, qs, q.device)
+            out = out.index_copy(2, idx, o)
             lse = lse.index_copy(2, idx, l_.to(acc)) if l_ is not None else lse
     if out is None:
         out = q.new_zeros(b, hq, n_local, v.shape[-1])

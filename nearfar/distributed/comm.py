@@ -10,6 +10,7 @@ and the rank, with the backend's message attached.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,11 +26,13 @@ class DistributedAttentionError(RuntimeError):
 
 @dataclass
 class CommStats:
-    """Bytes and messages of one rank, keyed by ``"op.pass"`` (e.g. ``"halo.fwd"``)."""
+    """Bytes and messages of one rank, keyed by ``"op.pass"`` (e.g. ``"halo.fwd"``), and the seconds this rank
+    spent blocked on each (``waited``: in a collective, or waiting for posted point-to-point messages)."""
 
     sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     recv: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     messages: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    waited: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def total(self, what: str = "sent", prefix: str = "") -> int:
         """Sum of ``sent`` or ``recv`` over the keys starting with ``prefix``."""
@@ -55,11 +58,12 @@ def count_bytes() -> Iterator[CommStats]:
         _ACTIVE.remove(stats)
 
 
-def _record(what: str, sent: int, recv: int, messages: int) -> None:
+def _record(what: str, sent: int, recv: int, messages: int, waited: float = 0.0) -> None:
     for s in _ACTIVE:
         s.sent[what] += sent
         s.recv[what] += recv
         s.messages[what] += messages
+        s.waited[what] += waited
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -106,31 +110,37 @@ def p2p_start(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torc
         raise _fail(what, peers, group, err) from err
 
     def wait() -> None:
+        t0 = time.perf_counter()
         try:
             for w in works:
                 w.wait()
         except RuntimeError as err:
             raise _fail(what, peers, group, err) from err
-        _record(what, sum(_nbytes(t) for _, t in sends), sum(_nbytes(t) for _, t in recvs), len(sends))
+        _record(what, sum(_nbytes(t) for _, t in sends), sum(_nbytes(t) for _, t in recvs), len(sends),
+                time.perf_counter() - t0)
 
     return wait
 
 
 def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup | None, what: str) -> None:
     """``dist.broadcast`` from group rank ``src`` (in place)."""
+    t0 = time.perf_counter()
     try:
         dist.broadcast(t, _global(group, src), group=group)
     except RuntimeError as err:
         raise _fail(what, f"source {src}", group, err) from err
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    _record(what, _nbytes(t) * (world - 1) if me == src else 0, 0 if me == src else _nbytes(t), int(me == src))
+    _record(what, _nbytes(t) * (world - 1) if me == src else 0, 0 if me == src else _nbytes(t), int(me == src),
+            time.perf_counter() - t0)
 
 
 def reduce(t: torch.Tensor, dst: int, group: dist.ProcessGroup | None, what: str) -> None:
     """``dist.reduce`` (sum) onto group rank ``dst`` (in place)."""
+    t0 = time.perf_counter()
     try:
         dist.reduce(t, _global(group, dst), op=dist.ReduceOp.SUM, group=group)
     except RuntimeError as err:
         raise _fail(what, f"destination {dst}", group, err) from err
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    _record(what, 0 if me == dst else _nbytes(t), _nbytes(t) * (world - 1) if me == dst else 0, int(me != dst))
+    _record(what, 0 if me == dst else _nbytes(t), _nbytes(t) * (world - 1) if me == dst else 0, int(me != dst),
+            time.perf_counter() - t0)

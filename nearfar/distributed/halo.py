@@ -30,14 +30,12 @@ class Exchange(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, sends: Sends, recvs: Recvs, group: dist.ProcessGroup | None, what: str,
-                after: torch.Tensor | None) -> torch.Tensor:
+                after: torch.Tensor | None, pending: Pending | None = None) -> torch.Tensor:
         ctx.sends, ctx.recvs, ctx.group, ctx.what = sends, recvs, group, what
         ctx.shape, ctx.has_after = x.shape, after is not None
-        b, h, _, c = x.shape
-        bufs = [x.new_empty(b, h, length, c) for _, length in recvs]
-        comm.p2p([(p, _take(x, rs)) for p, rs in sends], [(p, t) for (p, _), t in zip(recvs, bufs)], group,
-                 f"{what}.fwd")
-        return torch.cat(bufs, 2) if bufs else x.new_empty(b, h, 0, c)
+        if pending is None:
+            pending = Pending(x, sends, recvs, group, what)
+        return pending.wait()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -55,7 +53,48 @@ class Exchange(torch.autograd.Function):
             for lo, hi in rs:
                 gx[:, :, lo:hi] += t[:, :, pos:pos + hi - lo]
                 pos += hi - lo
-        return gx, None, None, None, None, None
+        return gx, None, None, None, None, None, None
+
+
+class Pending:
+    """A forward halo exchange posted but not yet waited for (``start``): compute can run meanwhile."""
+
+    def __init__(self, x: torch.Tensor, sends: Sends, recvs: Recvs, group: dist.ProcessGroup | None,
+                 what: str) -> None:
+        b, h, _, c = x.shape
+        self.x, self.sends, self.recvs, self.group, self.what = x, sends, recvs, group, what
+        with torch.no_grad():
+            self.bufs = [x.new_empty(b, h, length, c) for _, length in recvs]
+            self.done = comm.p2p_start([(p, _take(x, rs)) for p, rs in sends],
+                                       [(p, t) for (p, _), t in zip(recvs, self.bufs)], group, f"{what}.fwd")
+
+    def wait(self) -> torch.Tensor:
+        """The received buffers, concatenated in ``recvs`` order (waits for the messages)."""
+        self.done()
+        b, h, _, c = self.x.shape
+        return torch.cat(self.bufs, 2) if self.bufs else self.x.new_empty(b, h, 0, c)
+
+    def finish(self, after: torch.Tensor | None = None) -> torch.Tensor:
+        """Wait, and return what ``exchange`` returns (differentiable: the backward pass is the reverse
+        exchange)."""
+        return Exchange.apply(self.x, self.sends, self.recvs, self.group, self.what, after, self)
+
+
+def start(x: torch.Tensor, sends: Sends, recvs: Recvs, group: dist.ProcessGroup | None,
+          what: str = "halo") -> Pending:
+    """``exchange`` split in two: post the messages now, ``.finish()`` later (the same result and backward).
+
+    Args:
+        x: As in ``exchange``.
+        sends: As in ``exchange``.
+        recvs: As in ``exchange``.
+        group: As in ``exchange``.
+        what: As in ``exchange``.
+
+    Returns:
+        The pending exchange.
+    """
+    return Pending(x, sends, recvs, group, what)
 
 
 def exchange(x: torch.Tensor, sends: Sends, recvs: Recvs, group: dist.ProcessGroup | None, what: str = "halo",

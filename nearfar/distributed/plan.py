@@ -35,6 +35,7 @@ from ..patterns import (
     Union,
 )
 from ..patterns.spatial import SpatialPattern
+from ..selection import SelectedBlocks
 from .layout import Layout, Ranges
 
 #: brute-force the first-axis reach of a spatial pattern up to this many (query row, key row) pairs
@@ -194,6 +195,18 @@ def _spatial_rows(p: SpatialPattern, r0: int, r1: int, x0: int) -> Ranges:
     return _mask_ranges(ok1)
 
 
+def _interior(pattern: Pattern, queries: Ranges, own: Ranges, n: int, chunks: int = 16) -> Ranges:
+    """The queries whose reach lies in ``own``, found chunk by chunk (``chunks`` per query range)."""
+    out = []
+    for lo, hi in queries:
+        step = max(1, -(-(hi - lo) // chunks))
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            if not rs_subtract(reach(pattern, ((a, b),), n), own):
+                out.append((a, b))
+    return rs_union(tuple(out))
+
+
 # ---- the plan -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Message:
@@ -216,11 +229,14 @@ class Bcast:
 @dataclass(frozen=True)
 class RankPlan:
     """One rank's part: the query rows its main call computes, the keys it reads (sorted, own ones included) and
-    where each key range comes from: ``("own", -1)``, ``("p2p", message index)`` or ``("bcast", bcast index)``."""
+    where each key range comes from: ``("own", -1)``, ``("p2p", message index)`` or ``("bcast", bcast index)``;
+    ``interior``: queries (a subset of ``queries``, in chunks) that read only the rank's own keys, which can run
+    while the halo is in flight."""
 
     queries: Ranges
     keys: Ranges
     pieces: tuple[tuple[int, int, str, int], ...]
+    interior: Ranges = ()
 
 
 @dataclass(frozen=True)
@@ -257,17 +273,51 @@ class CommPlan:
         return {"p2p": (p2p_s, p2p_r), "bcast": bc(self.bcasts), "q": bc(self.q_bcasts), "partial": part}
 
 
-@functools.lru_cache(maxsize=64)
-def make_plan(pattern: Pattern | None, layout: Layout) -> CommPlan:
+def selected_keys(blocks: SelectedBlocks, layout: Layout) -> tuple[Ranges, ...]:
+    """Per rank, the global keys of the blocks that ``blocks`` (global query and key blocks, the same on every rank)
+    selects for the query blocks holding that rank's real tokens, in any batch item and head; cut to the reach of
+    ``blocks.within`` when it has one."""
+    n, qb, kb = layout.n_real, blocks.q_block, blocks.k_block
+    nkb = (n + kb - 1) // kb
+    num, idx = blocks.kv_num_blocks, blocks.kv_indices.long()
+    used = (torch.arange(idx.shape[-1], device=idx.device) < num[..., None]) & (idx >= 0) & (idx < nkb)
+    idx = torch.where(used, idx, nkb)
+    out: list[Ranges] = []
+    for r in range(layout.world):
+        real = rs_intersect(rs_union(layout.ranges[r]), ((0, n),))
+        if not real:
+            out.append(())
+            continue
+        rows = torch.cat([torch.arange(lo // qb, (hi - 1) // qb + 1) for lo, hi in real]).unique().to(idx.device)
+        hit = torch.zeros(nkb + 1, dtype=torch.bool, device=idx.device)
+        hit[idx.index_select(2, rows).flatten()] = True
+        keys = tuple((a * kb, min(b * kb, n)) for a, b in _mask_ranges(hit[:nkb].cpu()))
+        if blocks.within is not None:
+            keys = rs_intersect(keys, reach(blocks.within, real, n))
+        out.append(keys)
+    return tuple(out)
+
+
+def make_plan(pattern: Pattern | None, layout: Layout, blocks: SelectedBlocks | None = None) -> CommPlan:
     """The ``CommPlan`` of ``pattern`` over ``layout`` (cached; every rank computes the same one).
 
     Args:
-        pattern: The pattern at the global length ``layout.n_real`` (None = dense).
+        pattern: The pattern at the global length ``layout.n_real`` (None = dense, or no static pairs with
+            ``blocks``).
         layout: How the tokens are split.
+        blocks: Run-time selected key blocks over the global sequence (the same on every rank), read beside the
+            pattern.
 
     Returns:
         The plan.
     """
+    if blocks is None:
+        return _make_plan(pattern, layout, None)
+    return _make_plan(pattern, layout, selected_keys(blocks, layout))
+
+
+@functools.lru_cache(maxsize=64)
+def _make_plan(pattern: Pattern | None, layout: Layout, selected: tuple[Ranges, ...] | None) -> CommPlan:
     n, world = layout.n_real, layout.world
     pat = pattern if pattern is not None else Dense()
     real = [rs_intersect(rs_union(layout.ranges[r]), ((0, n),)) for r in range(world)]
@@ -279,7 +329,10 @@ def make_plan(pattern: Pattern | None, layout: Layout) -> CommPlan:
             base = rs_union(real[r], reach(pat, rs_subtract(real[r], g), n))
             qo = qo or rs_size(rs_subtract(reach(pat, g, n), base)) > m_g
     queries = [rs_subtract(real[r], ((0, m_g),)) if qo else real[r] for r in range(world)]
-    keys = [reach(pat, queries[r], n) if queries[r] else () for r in range(world)]
+    static = pattern is not None or selected is None
+    keys = [reach(pat, queries[r], n) if queries[r] and static else () for r in range(world)]
+    if selected is not None:
+        keys = [rs_union(keys[r], selected[r]) if queries[r] else () for r in range(world)]
     m_s = min(sink_keys(pat), n)
     bcasts = tuple(Bcast(src, lo, hi) for src, lo, hi in layout.owners(0, m_s)
                    if any(rs_intersect(keys[r], ((lo, hi),)) for r in range(world) if r != src))
@@ -299,6 +352,7 @@ def make_plan(pattern: Pattern | None, layout: Layout) -> CommPlan:
         for src in sorted(by_src):
             messages.append(Message(src, r, rs_union(tuple(by_src[src]))))
             pieces += [(a, b, "p2p", len(messages) - 1) for a, b in messages[-1].ranges]
-        ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces))))
+        inner = _interior(pat, queries[r], real[r], n) if static and selected is None else ()
+        ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces)), inner))
     q_bcasts = tuple(Bcast(src, lo, hi) for src, lo, hi in layout.owners(0, m_g)) if qo else ()
     return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g if qo else 0, q_bcasts)

@@ -14,6 +14,8 @@ import torch
 
 from ..calls import AttendCall
 from ..patterns import Pattern, PerHead, Tiles
+from ..patterns.spatial import SpatialPattern
+from ..selection import SelectedBlocks
 from .layout import Ranges
 
 
@@ -50,7 +52,8 @@ class GlobalView(Pattern):
         key = (which, idx.device)
         m = self._maps.get(key)
         if m is None:
-            m = self._maps[key] = _index(self.q_ranges if which == "q" else self.k_ranges, idx.device)
+            m = _index(self.q_ranges if which == "q" else self.k_ranges, idx.device)
+            m = self._maps[key] = m.clamp(max=max(self.n - 1, 0))  # whole-block padding past the end
         return m[idx.clamp(0, m.numel() - 1)]
 
     def _tiles(self, which: str, t: Tiles) -> Tiles:
@@ -72,6 +75,31 @@ class GlobalView(Pattern):
         return ("GlobalView", self.pattern, self.q_ranges, self.k_ranges, self.n)
 
 
+class TableView(GlobalView):
+    """``GlobalView`` of a spatial pattern that takes a relative-position table: the table's index of a local pair
+    is the wrapped pattern's index of the global pair, so ``attend(..., rpb=table)`` on the local tensors reads the
+    table tile by tile as on one process (no dense bias)."""
+
+    def __init__(self, pattern: SpatialPattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> None:
+        super().__init__(pattern, q_ranges, k_ranges, n)
+        self.spatial = pattern
+
+    def rpb_size(self) -> tuple[int, ...] | None:
+        return self.spatial.rpb_size()
+
+    def rpb_shape(self, heads: int) -> tuple[int, ...]:
+        return self.spatial.rpb_shape(heads)
+
+    def rpb_index(self, q: torch.Tensor, k: torch.Tensor, n: int) -> torch.Tensor:
+        return self.spatial.rpb_index(self._map("q", q), self._map("k", k), self.n)
+
+    def check_rpb(self) -> None:
+        self.spatial.check_rpb()
+
+    def _key(self) -> tuple:
+        return ("TableView", *super()._key()[1:])
+
+
 def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) -> Pattern:
     """``GlobalView`` of ``pattern``; a ``PerHead`` pattern becomes a ``PerHead`` of views (one per head).
 
@@ -90,11 +118,12 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
 
 
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
-                 key_padding_mask: torch.Tensor | None, engine: str,
-                 return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 key_padding_mask: torch.Tensor | None, engine: str, return_lse: bool = True,
+                 bias: torch.Tensor | None = None, blocks: SelectedBlocks | None = None,
+                 rpb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
     call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
-    res = AttendCall(q, k, v, pattern, scale, None, None, key_padding_mask, engine, return_lse, None).run()
+    res = AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks).run()
     if isinstance(res, tuple):
         return res
     return res, None

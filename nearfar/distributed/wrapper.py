@@ -3,7 +3,11 @@
 Inside the block, every ``nearfar.attend`` call of this thread (so every layer built on it) becomes
 ``nearfar.distributed.attend`` over the group, and ``nearfar.functional.token_positions`` (the positions RoPE reads
 in the sequence layers, ``rotary_qkv``) returns the global positions of this rank's tokens. Per-token work
-(projections, norms, MLPs, the output head) needs nothing else. What a layer does across tokens other than
+(projections, norms, MLPs, the output head) needs nothing else. Spatial layers on a map split into slabs
+(``Layout.slabs``) build their patterns on the rank's slab; each call's pattern is rebuilt on the whole map
+(``whole_map``), and the slab's own extents are not checked against the kernel or window (``partial_grids``).
+Windows and neighbourhoods whose fast paths bypass ``attend`` take ``attend`` when a call is intercepted. What a
+layer does across tokens other than
 ``attend`` (pooling, convolutions along the sequence, content routing over all tokens) is not distributed: such
 layers are not correct inside the block. The sequence layers of ``PatternAttention`` (``dense``,
 ``streaming_llm``, ``longformer``, ...) and ``TinyLM`` on them are tested; decoding with caches is not sharded.
@@ -12,18 +16,51 @@ layers are not correct inside the block. The sequence layers of ``PatternAttenti
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from ..functional import AttendCall, intercept_calls, positions_override
+from ..patterns import Intersection, Pattern, PerHead, Union
+from ..patterns.spatial import SpatialPattern, partial_grids
 from .attention import attend
 from .layout import Layout
 
 
+def whole_map(pattern: Pattern | None, layout: Layout, n_local: int) -> Pattern | None:
+    """``pattern`` rebuilt on the whole map: a spatial pattern whose grid is this rank's slab (``n_local`` tokens,
+    whole rows of the map) gets the grid of all ``layout.n_real`` tokens (same trailing extents), extents checked."""
+    if isinstance(pattern, (Union, Intersection)):
+        group = copy.copy(pattern)
+        group.parts = tuple(whole_map(p, layout, n_local) for p in pattern.parts)  # type: ignore[misc]
+        return group
+    if isinstance(pattern, PerHead):
+        heads = copy.copy(pattern)
+        heads.patterns = tuple(whole_map(p, layout, n_local) for p in pattern.patterns)
+        return heads
+    if not isinstance(pattern, SpatialPattern) or pattern.grid is None:
+        return pattern
+    grid = pattern.grid
+    row = 1
+    for g in grid[1:]:
+        row *= g
+    if row * grid[0] != n_local:
+        return pattern  # a grid of another sequence: attend's own checks answer for it
+    ok = layout.n_real % row == 0 and all(x % row == 0 for rs in layout.ranges for r in rs for x in r)
+    if not ok:
+        raise ValueError(f"nearfar.distributed.sharded: {pattern!r} is on a grid with rows of {row} tokens, but the "
+                         "layout does not split the map into whole rows (use Layout.slabs(grid, world))")
+    out = copy.copy(pattern)
+    out.grid = (layout.n_real // row, *grid[1:])
+    out.check_extents(out.grid)
+    return out
+
+
 @contextlib.contextmanager
-def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str = "auto") -> Iterator[None]:
+def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str = "auto",
+            overlap: bool = False) -> Iterator[None]:
     """Inside the block, layers built on ``nearfar.attend`` compute this rank's tokens of the split sequence.
 
     Args:
@@ -31,14 +68,15 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
             ``layout.size(rank)`` of them, in the layout's order.
         group: The process group (None: the default group).
         method: As in ``nearfar.distributed.attend``.
+        overlap: As in ``nearfar.distributed.attend``.
 
     Yields:
         None.
 
     Raises:
-        ValueError: (from the calls inside) an ``attend`` call with a bias, a relative-position table or run-time
-            key blocks, or with a sequence length other than this rank's share; a layer asking for positions of
-            a decoding step.
+        ValueError: (from the calls inside) an ``attend`` call with a ``score_mod``, a bias not over the global
+            keys, or a sequence length other than this rank's share; a layer asking for positions of a decoding
+            step.
     """
     rank = dist.get_rank(group) if layout.world > 1 else 0
     mine = layout.size(rank)
@@ -51,15 +89,16 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         return layout.positions(rank, device)
 
     def run(call: AttendCall) -> object:
-        if call.bias is not None or call.rpb is not None or call.blocks is not None:
-            raise ValueError("nearfar.distributed.sharded runs attend calls without bias, rpb or blocks; "
-                             "this layer passes one")
         if call.q.shape[2] != mine or call.k.shape[2] != mine:
             raise ValueError(f"nearfar.distributed.sharded: attend got Nq={call.q.shape[2]}, Nk={call.k.shape[2]}; "
                              f"each must be this rank's {mine} tokens")
-        return attend(call.q, call.k, call.v, call.pattern, layout=layout, group=group, scale=call.scale,
-                      key_padding_mask=call.key_padding_mask, engine=call.engine, return_lse=call.return_lse,
-                      method=method)
+        if call.score_mod is not None:
+            raise ValueError("nearfar.distributed.sharded runs attend calls without score_mod; this layer passes one")
+        with partial_grids(False):  # the call is on the whole map: its checks apply
+            pattern = whole_map(call.pattern, layout, mine)
+            return attend(call.q, call.k, call.v, pattern, layout=layout, group=group, scale=call.scale,
+                          bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
+                          return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap)
 
-    with positions_override(positions), intercept_calls(run):
+    with positions_override(positions), intercept_calls(run), partial_grids():
         yield

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_bool, check_per_axis
-from .spatial import Layout, SpatialPattern
+from .spatial import Layout, SpatialPattern, grids_are_partial
 
 
 class Neighborhood(SpatialPattern):
@@ -66,7 +66,7 @@ class Neighborhood(SpatialPattern):
         for a, (k, s) in enumerate(zip(self.kernel_size, self.stride)):
             if s > k:
                 raise ValueError(f"stride[{a}]={s} must be <= kernel_size[{a}]={k}")
-        if self.grid is not None:
+        if self.grid is not None and not grids_are_partial():
             self.check_extents(self.grid)
 
     def check_extents(self, grid: tuple[int, ...]) -> None:

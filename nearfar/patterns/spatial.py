@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..checks import check_grid
 from .base import Pattern, Tiles, overlaps, spatial_ndim, unravel
+
+_PARTIAL_GRIDS: contextvars.ContextVar[bool] = contextvars.ContextVar("nearfar_partial_grids", default=False)
+
+
+@contextlib.contextmanager
+def partial_grids(partial: bool = True) -> Iterator[None]:
+    """Inside the block, grids given to spatial patterns are parts of a larger map (a rank's slab of a map split
+    across processes): a window or kernel may be larger than such a grid's extents, so the patterns skip their extent
+    checks (``nearfar.distributed.sharded`` rebuilds each pattern on the whole map, where they are checked).
+
+    Args:
+        partial: False restores the checks inside the block (for calls on the whole map).
+
+    Yields:
+        None.
+    """
+    token = _PARTIAL_GRIDS.set(partial)
+    try:
+        yield
+    finally:
+        _PARTIAL_GRIDS.reset(token)
+
+
+def grids_are_partial() -> bool:
+    """Whether this thread is inside ``partial_grids``."""
+    return _PARTIAL_GRIDS.get()
 
 
 class Layout:
@@ -51,7 +79,8 @@ class SpatialPattern(Pattern):
             numel *= g
         if numel != nq:
             raise ValueError(f"grid {grid} has {numel} tokens but the sequence has N={nq}")
-        self.check_extents(grid)
+        if not grids_are_partial():
+            self.check_extents(grid)
 
     def check_extents(self, grid: tuple[int, ...]) -> None:
         pass

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..checks import check_bool, check_nonneg_int, check_per_axis
-from .spatial import Layout, SpatialPattern
+from .spatial import Layout, SpatialPattern, grids_are_partial
 
 
 class Blocks(SpatialPattern):
@@ -62,7 +62,7 @@ class Blocks(SpatialPattern):
         for a, (s, m) in enumerate(zip(self.shift, self.size)):
             if s >= m:
                 raise ValueError(f"shift[{a}]={s} must be in [0, size[{a}]-1] = [0, {m - 1}]")
-        if self.grid is not None:
+        if self.grid is not None and not grids_are_partial():
             self.check_extents(self.grid)
 
     def check_extents(self, grid: tuple[int, ...]) -> None:
@@ -138,7 +138,7 @@ class Grid(SpatialPattern):
     def __init__(self, size: int | Sequence[int], grid: int | Sequence[int] | None = None) -> None:
         ndim = self._init_grid(grid, size=size)
         self.size = check_per_axis(size, ndim, "size")
-        if self.grid is not None:
+        if self.grid is not None and not grids_are_partial():
             self.check_extents(self.grid)
 
     def check_extents(self, grid: tuple[int, ...]) -> None:

@@ -61,8 +61,8 @@ def _beta(case: Case) -> int:
 
 
 def _is_ring(case: Case) -> bool:
-    return case.method == "ring" or (case.method == "auto" and (case.pattern is None
-                                                                 or isinstance(case.pattern, nf.Causal)))
+    return case.method == "ring" or (case.method == "auto" and case.extra is None
+                                     and (case.pattern is None or isinstance(case.pattern, nf.Causal)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -171,3 +171,43 @@ def test_one_rank_is_plain_attend():
     lay = nd.Layout.contiguous(16, 1)
     out = nd.attend(q, k, v, nf.Neighborhood(5), layout=lay)
     assert torch.equal(out, nf.attend(q, k, v, nf.Neighborhood(5)))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", ["na2d_rpb", "na2d_dilated", "na1d_rpb", "swin_shifted", "swin"])
+def test_vision_layers_under_sharded_equal_one_process(world, name, world2, world4):
+    """NeighborhoodAttention (1D, 2D, dilated, with its table) and Swin's WindowAttention (shifted too) on slabs of
+    the map, run unmodified inside ``sharded``: output, input gradient and parameter gradients (summed over ranks)
+    equal the one-process layer; on 4 ranks the 10-row map's slabs (3, 3, 2, 2 rows) are narrower than the kernel."""
+    for r, res in enumerate(world2 if world == 2 else world4):
+        assert res["vision"][name] == [], (r, res["vision"][name])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_overlap_cases_run_an_interior_call(world, world2, world4):
+    """The overlap cases (equal to one process above) had queries to run while the halo was in flight on every rank
+    that receives a halo, and the wait for the halo was timed."""
+    for name in ("overlap_na1d", "overlap_na2d_rpb", "overlap_window_head_tail"):
+        case = cases(world)[name]
+        for r, res in enumerate(_suite(world2 if world == 2 else world4)):
+            res = res[name]
+            if res["recv"].get("kv.halo.fwd", 0) and case.layout.size(r) >= 12:
+                assert res["interior"], (name, r)
+                assert "kv.halo.fwd" in res["waited"], (name, r)
+
+
+def test_bad_bias_table_blocks_and_slabs_raise_clear_errors_on_every_rank(world2):
+    want = [("ValueError", "broadcastable to (B, Hq, n_local, layout.n_real)"),
+            ("ValueError", "needs a Neighborhood, Blocks or Grid"),
+            ("ValueError", "rpb must have shape (2, 9)"),
+            ("ValueError", "either bias or rpb"),
+            ("ValueError", "method='ring' runs without bias"),
+            ("ValueError", "global queries of GlobalTokens"),
+            ("ValueError", "blocks without bias or rpb"),
+            ("TypeError", "overlap must be a bool"),
+            ("ValueError", "does not split the map into whole rows"),
+            ("ok", "(1, 2, 12, 4)")]
+    for r, res in enumerate(world2):
+        assert len(res["bad"]) == len(want), (r, res["bad"])
+        for (kind, msg), (got_kind, got_msg) in zip(want, res["bad"]):
+            assert got_kind == kind and msg in got_msg, (r, kind, msg, got_kind, got_msg)

@@ -147,3 +147,38 @@ def test_scaling_model_reads_the_plan():
     assert [r["ranks"] for r in rows] == list(mod.RANKS)
     for r in rows:
         assert 0 < r["eff@25"] <= 1 + 1e-12 and r["halo_s@25"] <= r["ring_s@25"]
+
+
+def test_interior_queries_read_only_own_keys():
+    """``RankPlan.interior``: NA(7) on 4 contiguous shards of 16: a middle rank's queries 19..28 read keys 16..31
+    only; an edge rank's queries reach its map border; a window's on head-tail chunks lie in each chunk."""
+    plan = nd.make_plan(nf.Neighborhood(7), nd.Layout.contiguous(64, 4))
+    assert plan.ranks[1].interior == ((19, 29),)
+    assert plan.ranks[0].interior == ((0, 13),)
+    lay = nd.Layout.head_tail(80, 4)
+    plan = nd.make_plan(nf.SlidingWindow(3) & nf.Causal(), lay)
+    for r in range(4):
+        for lo, hi in plan.ranks[r].interior:
+            assert not rs_subtract(nd.reach(nf.SlidingWindow(3) & nf.Causal(), ((lo, hi),), 80), lay.ranges[r])
+        exact = 17 if r in (0, 3) else 14  # chunks of 10 but their first 3 rows (rank 0's first chunk, rank 3's pair)
+        assert exact - 2 <= rs_size(plan.ranks[r].interior) <= exact  # found in chunks of 1 or 2 rows
+    assert nd.make_plan(nf.Sinks(2) | nf.SlidingWindow(1), nd.Layout.contiguous(64, 4)).ranks[2].interior == ()
+
+
+def test_selected_blocks_add_their_keys_to_the_plan():
+    """Each rank fetches the selected key blocks of its query blocks (any item, head), cut by ``within``'s reach;
+    -1 entries and entries past the count add nothing."""
+    lay = nd.Layout.contiguous(32, 4)  # ranks hold 8 tokens; query blocks of 4, key blocks of 2
+    num = torch.tensor([[[1, 0, 2, 0, 0, 0, 1, 1]], [[0, 0, 0, 0, 0, 0, 0, 1]]])
+    idx = torch.full((2, 1, 8, 3), -1)
+    idx[0, 0, 0, 0] = 15          # query block 0 (rank 0) reads keys 30, 31
+    idx[0, 0, 2, :3] = torch.tensor([1, -1, 9])  # block 2 (rank 1): keys 2, 3 (the count is 2: 9 is junk)
+    idx[0, 0, 6, 0] = 0           # block 6 (rank 3): keys 0, 1
+    idx[1, 0, 7, 0] = 3           # block 7, item 1 (rank 3): keys 6, 7
+    sel = nf.SelectedBlocks(num, idx, q_block=4, kv_block=2)
+    assert nd.plan.selected_keys(sel, lay) == (((30, 32),), ((2, 4),), (), ((0, 2), (6, 8)))
+    causal = nf.SelectedBlocks(num, idx, q_block=4, kv_block=2, within=nf.Causal())
+    assert nd.plan.selected_keys(causal, lay)[0] == ()  # key 30 is after every query of rank 0
+    plan = nd.make_plan(nf.SlidingWindow(1), lay, sel)
+    assert plan.ranks[3].keys == ((0, 2), (6, 8), (23, 32))
+    assert nd.make_plan(None, lay, sel).ranks[2].keys == ()  # no static pairs with blocks
