@@ -36,6 +36,7 @@ from nearfar.bench.timing import load  # noqa: E402
 
 MODELS = [
     {"nearfar": "nearfar_swin_tiny_patch4_window7_224", "timm": "swin_tiny_patch4_window7_224", "kwargs": {}},
+    {"nearfar": "nearfar_maxvit_tiny_tf_224", "timm": "maxvit_tiny_tf_224", "kwargs": {}},
 ]
 
 MODES = ("fwd", "fwd+bwd")

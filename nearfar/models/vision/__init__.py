@@ -3,7 +3,10 @@ registers every variant; ``nearfar.integrations.timm.register_models()`` makes t
 
 from __future__ import annotations
 
-from . import swin  # noqa: F401  (registers its variants)
+from . import (
+    maxvit,  # noqa: F401  (registers its variants)
+    swin,  # noqa: F401  (registers its variants)
+)
 from .spec import BackboneSpec, backbones, create_backbone, register_backbone
 
 __all__ = ["BackboneSpec", "backbones", "create_backbone", "register_backbone"]

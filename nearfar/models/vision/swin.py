@@ -30,104 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...checks import check_choice, check_nonneg_int, check_pair, check_positive_int, check_real_range
+from ...checks import check_nonneg_int, check_pair, check_positive_int, check_real_range
 from ...layers import WindowAttention
+from .parts import ClassifierHead, Mlp, drop_path_or_identity, drop_path_rates, init_vit_weights
 from .spec import BackboneSpec, register_backbone
 
-__all__ = ["ClassifierHead", "DropPath", "Mlp", "PatchMerging", "SwinTransformer", "SwinTransformerBlock",
-           "SwinTransformerStage", "drop_path_rates", "init_vit_weights"]
-
-POOLS = ("avg", "max", "avgmax", "catavgmax", "")
-
-
-def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
-    """Stochastic-depth rates growing linearly from 0 to ``rate`` over all blocks, split per stage (timm's
-    ``calculate_drop_path_rates(rate, depths, stagewise=True)``)."""
-    return [x.tolist() for x in torch.linspace(0, rate, sum(depths)).split(list(depths))]
-
-
-def init_vit_weights(module: nn.Module) -> None:
-    """timm's ViT init for Linears (truncated normal, std 0.02, zero bias); other modules keep their own."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero a sample's residual branch with probability ``drop_prob`` and scale the
-    kept ones by ``1 / (1 - drop_prob)`` (timm's ``DropPath``); the identity in eval mode."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = check_real_range(drop_prob, "drop_prob", 0.0, 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * (mask / keep if keep > 0 else mask)
-
-    def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob:.3f}"
-
-
-def drop_path_or_identity(rate: float) -> nn.Module:
-    return DropPath(rate) if rate > 0 else nn.Identity()
-
-
-class Mlp(nn.Module):
-    """timm's ``Mlp``: ``fc2(act(fc1(x)))`` over the last axis (GELU by default)."""
-
-    def __init__(self, dim: int, hidden: int, out: int | None = None, act: type[nn.Module] = nn.GELU,
-                 bias: bool = True):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = act()
-        self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def global_pool(x: torch.Tensor, pool: str, dims: tuple[int, int]) -> torch.Tensor:
-    """timm's ``SelectAdaptivePool2d`` to one vector per image, over the spatial ``dims``."""
-    if pool == "avg":
-        return x.mean(dims)
-    if pool == "max":
-        return x.amax(dims)
-    if pool == "avgmax":
-        return 0.5 * (x.mean(dims) + x.amax(dims))
-    if pool == "catavgmax":
-        return torch.cat([x.mean(dims), x.amax(dims)], dim=-1)
-    return x
-
-
-class ClassifierHead(nn.Module):
-    """timm's ``ClassifierHead``: global pooling (``"avg"``, ``"max"``, ``"avgmax"``, ``"catavgmax"`` or ``""``:
-    none), dropout, ``fc`` (a Linear, or the identity with ``num_classes=0``). ``input_fmt`` is ``"NHWC"`` or
-    ``"NCHW"``."""
-
-    def __init__(self, in_features: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
-                 input_fmt: str = "NHWC"):
-        super().__init__()
-        self.in_features, self.input_fmt = in_features, check_choice(input_fmt, "input_fmt", ("NHWC", "NCHW"))
-        self.drop = nn.Dropout(drop_rate)
-        self.reset(num_classes, pool_type)
-
-    def reset(self, num_classes: int, pool_type: str | None = None) -> None:
-        """A new classifier for ``num_classes`` (0: none), and a new pooling when ``pool_type`` is given."""
-        check_nonneg_int(num_classes, "num_classes")
-        if pool_type is not None:
-            self.pool_type = check_choice(pool_type, "global_pool", POOLS)
-        self.num_features = self.in_features * (2 if self.pool_type == "catavgmax" else 1)
-        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(global_pool(x, self.pool_type, (1, 2) if self.input_fmt == "NHWC" else (2, 3)))
-        return x if pre_logits else self.fc(x)
-
+__all__ = ["PatchEmbed", "PatchMerging", "SwinTransformer", "SwinTransformerBlock", "SwinTransformerStage"]
 
 class PatchEmbed(nn.Module):
     """Patchify ``(B, C, H, W)`` -> ``(B, H/p, W/p, D)``: a stride-``p`` convolution, then LayerNorm (timm's
