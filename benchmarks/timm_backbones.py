@@ -45,6 +45,8 @@ MODELS = [
     {"name": "nearfar_biformer_tiny", "reference": "oracle:biformer_model:biformer_tiny"},
     {"name": "nearfar_gcvit_xxtiny", "reference": "timm:gcvit_xxtiny"},
     {"name": "nearfar_shvit_s1", "reference": "timm:shvit_s1"},
+    {"name": "nearfar_swin_tiny_patch4_window7_224", "reference": "timm:swin_tiny_patch4_window7_224"},
+    {"name": "nearfar_maxvit_tiny_tf_224", "reference": "timm:maxvit_tiny_tf_224"},
 ]
 
 

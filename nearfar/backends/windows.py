@@ -14,10 +14,10 @@ floats, as the matmul + softmax path keeps them).
 
 CPU, float32/float64 only (``takes`` says when: small windows always; larger ones, up to ``MAX_TOKENS`` tokens, for
 training with a bias and wherever a region mask is, which SDPA could only take materialised per window). With
-several threads the kernel runs on whole batches (few operations: each is a parallel region, see ``CHUNK_BYTES``),
-and when every window fits one chunk the heads too are one batch: q, k and v are gathered head-major by one copy
-and each step (score GEMM, softmax, output GEMM, and their backward) is one operation for all heads (``_head_major``);
-single-threaded, one head at a time in chunks that stay in the L2 cache (``CHUNK_BYTES_SERIAL``).
+several threads the kernel runs on whole batches with all heads in each operation (few operations: each is a
+parallel region, see ``CHUNK_BYTES`` and ``HEADS_BATCHED_THREADS``): q, k and v are first copied out head-major
+``(3, heads, BW, T, d)`` (one copy, as the official codes' reorder) and every GEMM covers all heads; single-threaded,
+per head in chunks that stay in the L2 cache (``CHUNK_BYTES_SERIAL``), read in place.
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ CHUNK_BYTES = 1 << 26
 CHUNK_BYTES_SERIAL = 1 << 20
 
 
+#: from this many threads on, a batch whose scores (all heads) fit in ``CHUNK_BYTES`` runs with all heads in each
+#: operation (``_heads_forward``): one GEMM for all heads instead of one per head, at the price of one copy of q, k
+#: and v. Measured 2026-12-07 at load ~8 on 2 cores, 2 threads: Swin-T forward+backward (224x224, batch 8) spent
+#: 6.7 s of 17 s in the per-head GEMMs (414 + 414 calls, 12-24 heads of 8-32 windows in the last stages: each call
+#: a parallel region that waits for a descheduled thread) where timm's batched GEMMs took 0.9 s; the model took
+#: 0.85-0.9x timm's time, against 1.0x at 1 thread (where the per-head chunks stay the faster way).
+HEADS_BATCHED_THREADS = 2
+
+
 def _chunk(bw: int, t: int, heads: int, period: int, itemsize: int) -> int:
     """Windows per chunk: at most ``CHUNK_BYTES`` (one thread: ``CHUNK_BYTES_SERIAL``) of scores over all heads, a
     multiple or a divisor of the period of the additive term."""
@@ -109,74 +118,13 @@ def _block(flat: torch.Tensor, w0: int, w1: int, *shape: int) -> torch.Tensor:
     return flat[w0 * per:w1 * per].view(shape[0], w1 - w0, *shape[1:])
 
 
-def _batched(heads: int, c: int, bw: int) -> bool:
-    """Whether all heads go through each step as one operation (see ``_head_major``): several threads, several
-    heads, and every window in one chunk."""
-    return heads > 1 and c == bw and torch.get_num_threads() > 1
-
-
-def _head_major(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int,
-                d: int) -> torch.Tensor:
-    """q, k and v of every head gathered into one contiguous ``(3, heads, BW, T, d)`` tensor (one copy of a fused
-    source). With several threads each operation is a parallel region whose end waits for every thread, and on a
-    shared machine a descheduled one keeps the others waiting: measured 2026-12-07 at load ~7 on 2 cores, 2 threads,
-    GC ViT-XXT's 7x7x512 block (16 heads) forward+backward took 1.9x the time of the official-style code with one
-    GEMM per head, about the same as it with all heads batched (one copy, then one GEMM, softmax and GEMM)."""
-    bw, t = srcs[-1].shape[0], srcs[-1].shape[1]
-    if len(srcs) == 1:
-        fused = roles[1][2] == d  # [3, heads, d]; else [heads, 3, d]
-        split, perm = ((3, heads, d), (2, 3, 0, 1, 4)) if fused else ((heads, 3, d), (3, 2, 0, 1, 4))
-        return srcs[0].view(bw, t, *split).permute(perm).contiguous()
-    out = torch.empty(3, heads, bw, t, d, dtype=srcs[0].dtype, device=srcs[0].device)
-    for i, x in enumerate(srcs):
-        out[i].copy_(x.view(bw, t, heads, d).permute(2, 0, 1, 3))
-    return out
-
-
-def _forward_batched(hm: torch.Tensor, add: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_forward`` of head-major q, k, v ``(3, heads, BW, T, d)``: the output and the probabilities."""
-    _, heads, bw, t, d = hm.shape
-    q, k, v = (x.view(heads * bw, t, d) for x in hm.unbind(0))
-    s = torch.empty(heads, bw, t, t, dtype=hm.dtype, device=hm.device)
-    if add is not None:
-        _fill(s, add, 0)
-    s = s.view(heads * bw, t, t)
-    torch.baddbmm(s, q, k.transpose(1, 2), beta=0.0 if add is None else 1.0, alpha=scale, out=s)
-    p = torch.softmax(s, -1)
-    return torch.bmm(p, v).view(heads, bw, t, d), p
-
-
-def _backward_batched(g: torch.Tensor, p: torch.Tensor, hm: torch.Tensor, scale: float, period: int,
-                      want_add: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Gradients of the head-major q, k, v ``(3, heads, BW, T, d)`` and, with ``want_add``, of the additive term
-    summed over its period ``(heads, period, T, T)``."""
-    _, heads, bw, t, d = hm.shape
-    q, k, v = (x.view(heads * bw, t, d) for x in hm.unbind(0))
-    g = g.reshape(heads * bw, t, d)
-    out = torch.empty_like(hm)
-    dq, dk, dv = (x.view(heads * bw, t, d) for x in out.unbind(0))
-    torch.bmm(p.transpose(1, 2), g, out=dv)
-    dp = torch.bmm(g, v.transpose(1, 2))
-    ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)
-    torch.baddbmm(dq, ds, k, beta=0.0, alpha=scale, out=dq)
-    torch.baddbmm(dk, ds.transpose(1, 2), q, beta=0.0, alpha=scale, out=dk)
-    dadd = ds.view(heads, -1, period, t, t).sum(1) if want_add else None
-    return out, dadd
-
-
 def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
-             add: torch.Tensor | None, scale: float,
-             keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, int, torch.Tensor | None]:
+             add: torch.Tensor | None, scale: float, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Output ``(heads, BW, T, d)``, with ``keep`` the probabilities (chunk-major: each chunk's ``(heads, c, T, T)``
-    block contiguous, flat), the chunk ``c`` (the backward pass reads the probabilities in the same chunks), and
-    the head-major q, k, v where all heads went through each step together (``_batched``; else None)."""
+    block contiguous, flat), and the chunk ``c`` (the backward pass reads the probabilities in the same chunks)."""
     q0 = srcs[0]
     bw, t = q0.shape[0], q0.shape[1]
     c = _chunk(bw, t, heads, 1 if add is None else add.shape[1], q0.element_size())
-    if _batched(heads, c, bw):
-        hm = _head_major(srcs, roles, heads, d)
-        o, pb = _forward_batched(hm, add, scale)
-        return o, pb if keep else None, c, hm
     opts: dict[str, Any] = dict(dtype=q0.dtype, device=q0.device)
     s = torch.empty(heads * c * t * t, **opts)
     # the probabilities chunk-major, each chunk's (heads, c, T, T) block contiguous
@@ -195,19 +143,17 @@ def _forward(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], hea
         torch.softmax(sc, -1, out=pc)  # all heads at once, not in place (an aliased softmax is ~1.3-1.5x slower)
         for h, (_, _, v) in enumerate(views):
             torch.bmm(pc[h], v[w0:w1], out=o[h, w0:w1])
-    return o, p if keep else None, c, None
+    return o, p if keep else None, c
 
 
 class _WindowAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, roles: tuple[Role, Role, Role], heads: int, d: int, scale: float,
                 add: torch.Tensor | None, *srcs: torch.Tensor) -> torch.Tensor:
-        out, p, c, hm = _forward(srcs, roles, heads, d, add, scale, keep=True)
-        ctx.batched = hm is not None
-        ctx.save_for_backward(p, *((hm,) if ctx.batched else srcs))  # head-major: the copy, not the sources
+        out, p, c = _forward(srcs, roles, heads, d, add, scale, keep=True)
+        ctx.save_for_backward(p, *srcs)
         ctx.roles, ctx.heads, ctx.d, ctx.scale, ctx.chunk = roles, heads, d, scale, c
         ctx.add_shape = None if add is None else tuple(add.shape)
-        ctx.src_shapes = [tuple(x.shape) for x in srcs]
         return out
 
     @staticmethod
@@ -217,12 +163,6 @@ class _WindowAttention(torch.autograd.Function):
         g = g.contiguous()
         bw, t = g.shape[1], g.shape[2]
         period = 1 if ctx.add_shape is None else ctx.add_shape[1]
-        want = ctx.needs_input_grad
-        if ctx.batched:
-            dhm, dadd = _backward_batched(g, p, srcs[0], scale, period, ctx.add_shape is not None and want[4])
-            if dadd is not None and ctx.add_shape[0] == 1:
-                dadd = dadd.sum(0, keepdim=True)
-            return None, None, None, None, dadd, *_from_head_major(dhm, roles, d, ctx.src_shapes, want[5:])
         c = ctx.chunk
         opts: dict[str, Any] = dict(dtype=p.dtype, device=p.device)
         # per chunk, the gradients of q, k and v of every head go to one buffer, then into buffers laid out as the
@@ -264,20 +204,89 @@ class _WindowAttention(torch.autograd.Function):
                     targets[i][:, w0:w1].copy_(bc[i])
         if dadd is not None and ctx.add_shape[0] == 1:
             dadd = dadd.sum(0, keepdim=True)
+        want = ctx.needs_input_grad
         return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
 
-def _from_head_major(dhm: torch.Tensor, roles: tuple[Role, Role, Role], d: int, shapes: list[tuple[int, ...]],
-                     want: tuple[bool, ...]) -> list[torch.Tensor | None]:
-    """Head-major gradients ``(3, heads, BW, T, d)`` laid out as the sources (one copy per source)."""
-    _, heads, bw, t, _ = dhm.shape
-    if len(shapes) == 1:
-        fused = roles[1][2] == d
-        out = torch.empty(shapes[0], dtype=dhm.dtype, device=dhm.device)
-        split, perm = ((3, heads, d), (2, 3, 0, 1, 4)) if fused else ((heads, 3, d), (3, 2, 0, 1, 4))
-        out.view(bw, t, *split).permute(perm).copy_(dhm)
-        return [out if want[0] else None]
-    return [dhm[i].permute(1, 2, 0, 3).reshape(shapes[i]) if want[i] else None for i in range(3)]
+def _heads_batched(bw: int, t: int, heads: int, itemsize: int) -> bool:
+    """Whether the batch runs with all heads in each operation (several threads, one chunk of scores)."""
+    return torch.get_num_threads() >= HEADS_BATCHED_THREADS and heads * bw * t * t * itemsize <= CHUNK_BYTES
+
+
+def _head_major(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int) -> torch.Tensor:
+    """q, k and v copied out head-major: ``(3, heads, BW, T, d)``, contiguous (one copy)."""
+    bw, t = srcs[0].shape[0], srcs[0].shape[1]
+    if len(srcs) == 3:
+        return torch.stack([x.view(bw, t, heads, d).permute(2, 0, 1, 3) for x in srcs])
+    if roles[1][2] == d:  # [3, heads, d]
+        return srcs[0].view(bw, t, 3, heads, d).permute(2, 3, 0, 1, 4).contiguous()
+    return srcs[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).contiguous()  # [heads, 3, d]
+
+
+def _to_sources(dqkv: torch.Tensor, shapes: list[torch.Size], roles: tuple[Role, Role, Role], heads: int,
+                d: int) -> list[torch.Tensor]:
+    """The head-major gradients ``(3, heads, BW, T, d)`` laid out as sources of ``shapes`` (the inverse of
+    ``_head_major``)."""
+    bw, t = dqkv.shape[2], dqkv.shape[3]
+    out = [torch.empty(shape, dtype=dqkv.dtype, device=dqkv.device) for shape in shapes]
+    if len(shapes) == 3:
+        for i in range(3):
+            out[i].view(bw, t, heads, d).permute(2, 0, 1, 3).copy_(dqkv[i])
+    elif roles[1][2] == d:
+        out[0].view(bw, t, 3, heads, d).permute(2, 3, 0, 1, 4).copy_(dqkv)
+    else:
+        out[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).copy_(dqkv)
+    return out
+
+
+def _heads_forward(qkv: torch.Tensor, add: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """All heads at once from head-major ``qkv (3, heads, BW, T, d)``: the output ``(heads, BW, T, d)`` and the
+    probabilities ``(heads, BW, T, T)``."""
+    _, heads, bw, t, d = qkv.shape
+    q, k, v = (x.view(heads * bw, t, d) for x in qkv.unbind(0))
+    s = torch.empty(heads, bw, t, t, dtype=qkv.dtype, device=qkv.device)
+    if add is not None:  # the bias fills the buffer; the GEMM adds the scaled scores to it
+        s.view(heads, bw // add.shape[1], *add.shape[1:]).copy_(add[:, None])
+    s3 = s.view(heads * bw, t, t)
+    torch.baddbmm(s3, q, k.transpose(1, 2), beta=0.0 if add is None else 1.0, alpha=scale, out=s3)
+    p = torch.softmax(s, -1)  # not in place (an aliased softmax is ~1.3-1.5x slower)
+    return torch.bmm(p.view(heads * bw, t, t), v).view(heads, bw, t, d), p
+
+
+class _WindowAttentionHeads(torch.autograd.Function):
+    """``_WindowAttention`` with all heads in each operation (see ``HEADS_BATCHED_THREADS``)."""
+
+    @staticmethod
+    def forward(ctx: Any, roles: tuple[Role, Role, Role], heads: int, d: int, scale: float,
+                add: torch.Tensor | None, *srcs: torch.Tensor) -> torch.Tensor:
+        qkv = _head_major(srcs, roles, heads, d)
+        out, p = _heads_forward(qkv, add, scale)
+        ctx.save_for_backward(p, qkv)
+        ctx.roles, ctx.heads, ctx.d, ctx.scale = roles, heads, d, scale
+        ctx.add_shape = None if add is None else tuple(add.shape)
+        ctx.src_shapes = [x.shape for x in srcs]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        p, qkv = ctx.saved_tensors
+        _, heads, bw, t, d = qkv.shape
+        q, k, v = (x.view(heads * bw, t, d) for x in qkv.unbind(0))
+        g3, p3 = g.contiguous().view(heads * bw, t, d), p.view(heads * bw, t, t)
+        dqkv = torch.empty_like(qkv)
+        dq, dk, dv = (x.view(heads * bw, t, d) for x in dqkv.unbind(0))
+        torch.bmm(p3.transpose(1, 2), g3, out=dv)
+        ds = torch._softmax_backward_data(torch.bmm(g3, v.transpose(1, 2)), p3, -1, p.dtype)
+        torch.baddbmm(dq, ds, k, beta=0.0, alpha=ctx.scale, out=dq)
+        torch.baddbmm(dk, ds.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=dk)
+        dadd = None
+        if ctx.add_shape is not None and ctx.needs_input_grad[4]:
+            dadd = ds.view(heads, -1, *ctx.add_shape[1:]).sum(1)
+            if ctx.add_shape[0] == 1:
+                dadd = dadd.sum(0, keepdim=True)
+        dsrcs = _to_sources(dqkv, ctx.src_shapes, ctx.roles, heads, d)
+        want = ctx.needs_input_grad
+        return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
 
 def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
@@ -305,6 +314,11 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
     srcs = tuple(x if x.shape[0] == bw else
                  x[:, None].expand(x.shape[0], bw // x.shape[0], *x.shape[1:]).reshape(bw, *x.shape[1:])
                  for x in srcs)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None):
+    trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
+    if _heads_batched(bw, srcs[-1].shape[1], heads, srcs[-1].element_size()):
+        if trains:
+            return _WindowAttentionHeads.apply(roles, heads, d, scale, add, *srcs)
+        return _heads_forward(_head_major(srcs, roles, heads, d), add, scale)[0]
+    if trains:
         return _WindowAttention.apply(roles, heads, d, scale, add, *srcs)
     return _forward(srcs, roles, heads, d, add, scale, keep=False)[0]

@@ -63,13 +63,13 @@ class _Batched:
     thread count."""
 
     def __init__(self, on):
-        self.on, self.old = on, windows._batched
+        self.on, self.old = on, windows.HEADS_BATCHED_THREADS
 
     def __enter__(self):
-        windows._batched = (lambda heads, c, bw: heads > 1 and c == bw) if self.on else (lambda *args: False)
+        windows.HEADS_BATCHED_THREADS = 1 if self.on else 10**9
 
     def __exit__(self, *exc):
-        windows._batched = self.old
+        windows.HEADS_BATCHED_THREADS = self.old
 
 
 class _Spy:
@@ -263,6 +263,61 @@ def test_chunks_of_every_size_give_the_whole_batch_result():
             for other in results[1:]:
                 for a, b in zip(results[0], other):
                     assert (a - b).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("order", ["3hd", "h3d", "sep"])
+def test_heads_batched_path_equals_the_per_head_path(order, monkeypatch):
+    # with several threads the kernel copies q, k and v out head-major and runs every GEMM on all heads at once:
+    # the same sums as the per-head path (float64: equal to 1e-12), forward, no-grad and backward, with an
+    # additive term per head or shared, with a period, none, and with queries shared by the windows of an image
+    g = torch.Generator().manual_seed(11)
+    heads, d, t, bw = 3, 4, 5, 12
+    n_src = 3 if order == "sep" else 1
+    ran = []
+    real = windows._heads_forward
+    monkeypatch.setattr(windows, "_heads_forward", lambda *a: ran.append(1) or real(*a))
+    for add_shape, shared in (((heads, 1), False), ((1, 4), False), ((heads, 4), True), (None, False)):
+        srcs = [torch.randn(bw, t, (3 if n_src == 1 else 1) * heads * d, dtype=torch.float64, generator=g,
+                            requires_grad=True) for _ in range(n_src)]
+        if shared and order == "sep":  # one q per image of 4 windows (GC ViT)
+            srcs[0] = torch.randn(bw // 4, t, heads * d, dtype=torch.float64, generator=g, requires_grad=True)
+        add = None if add_shape is None else torch.randn(*add_shape, t, t, dtype=torch.float64, generator=g,
+                                                         requires_grad=True)
+        leaves = [*srcs] + ([add] if add is not None else [])
+        go = torch.randn(heads, bw, t, d, dtype=torch.float64, generator=g)
+        results = []
+        for threshold in (10 ** 9, 1):  # per head, then all heads batched
+            monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", threshold)
+            before = len(ran)
+            out = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3, add)
+            with torch.no_grad():
+                plain = windows.window_kernel(tuple(srcs), windows.roles_of(order, heads, d), heads, d, 0.3, add)
+            assert len(ran) - before == (2 if threshold == 1 else 0)
+            results.append((out, plain, *torch.autograd.grad(out, leaves, go)))
+        for a, b in zip(*results):
+            assert a.shape == b.shape and (a - b).abs().max() < 1e-12
+
+
+def test_heads_batched_only_with_several_threads_and_one_chunk(monkeypatch):
+    ran = []
+    real = windows._heads_forward
+    monkeypatch.setattr(windows, "_heads_forward", lambda *a: ran.append(1) or real(*a))
+    srcs = (torch.randn(8, 6, 3 * 2 * 4),)
+    roles = windows.roles_of("3hd", 2, 4)
+    monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", torch.get_num_threads() + 1)
+    windows.window_kernel(srcs, roles, 2, 4, 0.5)
+    assert not ran
+    monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", torch.get_num_threads())
+    windows.window_kernel(srcs, roles, 2, 4, 0.5)
+    assert len(ran) == 1
+    with _Chunk(4, 6):  # the scores of all heads no longer fit in one chunk: per head, in chunks
+        windows.window_kernel(srcs, roles, 2, 4, 0.5)
+    assert len(ran) == 1
+
+
+def test_heads_batched_masked_keys_holding_garbage_change_nothing(monkeypatch):
+    monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", 1)
+    test_masked_keys_holding_garbage_change_nothing()
 
 
 def test_strided_channel_groups_split_like_their_copy():

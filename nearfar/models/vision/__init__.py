@@ -3,10 +3,13 @@ registers every variant; ``nearfar.integrations.timm.register_models()`` makes t
 
 from __future__ import annotations
 
-from .biformer import BiFormer  # noqa: F401  (registers nearfar_biformer_tiny)
-from .gcvit import GlobalContextViT  # noqa: F401  (registers nearfar_gcvit_*)
-from .nat import NAT, DiNAT  # noqa: F401  (registers nearfar_nat_* / nearfar_dinat_*)
-from .shvit import SHViT  # noqa: F401  (registers nearfar_shvit_*)
+from .biformer import BiFormer
+from .gcvit import GlobalContextViT
+from .maxvit import MaxViT
+from .nat import NAT, DiNAT
+from .shvit import SHViT
 from .spec import BackboneSpec, backbones, create_backbone, register_backbone
+from .swin import SwinTransformer
 
-__all__ = ["BackboneSpec", "backbones", "create_backbone", "register_backbone"]
+__all__ = ["NAT", "BackboneSpec", "BiFormer", "DiNAT", "GlobalContextViT", "MaxViT", "SHViT", "SwinTransformer",
+           "backbones", "create_backbone", "register_backbone"]
