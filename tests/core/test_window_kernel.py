@@ -315,11 +315,6 @@ def test_heads_batched_only_with_several_threads_and_one_chunk(monkeypatch):
     assert len(ran) == 1
 
 
-def test_heads_batched_masked_keys_holding_garbage_change_nothing(monkeypatch):
-    monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", 1)
-    test_masked_keys_holding_garbage_change_nothing()
-
-
 def test_strided_channel_groups_split_like_their_copy():
     # CRAFT cuts one channel half of a fused (B, H, W, [3, 2, C/2]) projection straight from its strided view
     grid = (4, 6)
