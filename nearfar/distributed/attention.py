@@ -27,9 +27,9 @@ import torch.distributed as dist
 from ..checks import check_bool, check_choice
 from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
+from ..functional import SelectedBlocks
 from ..patterns import Causal, Dense, Pattern, PerHead
 from ..patterns.spatial import SpatialPattern
-from ..selection import SelectedBlocks
 from .blocks import blocked_attend
 from .gather import broadcast_tokens
 from .halo import exchange, start

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..functional import SelectedBlocks
 from ..patterns import (
     BlockWindow,
     Causal,
@@ -35,7 +36,6 @@ from ..patterns import (
     Union,
 )
 from ..patterns.spatial import SpatialPattern
-from ..selection import SelectedBlocks
 from .layout import Layout, Ranges
 
 #: brute-force the first-axis reach of a spatial pattern up to this many (query row, key row) pairs
