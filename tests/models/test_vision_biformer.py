@@ -6,14 +6,13 @@ stage maps, timm's conventions; and through ``timm.create_model`` where timm is 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import biformer_model as ref_mod
+from timm_required import import_timm
 
 from nearfar.models.vision import create_backbone
 from nearfar.models.vision.biformer import BiFormer
@@ -22,16 +21,6 @@ NAME = "nearfar_biformer_tiny"
 SMALL = dict(depth=[1, 2, 1, 1], embed_dim=[16, 32, 32, 64], mlp_ratios=[2, 2, 2, 2], n_win=2,
              kv_downsample_mode="identity", kv_per_wins=[-1, -1, -1, -1], topks=[1, 2, 3, -2], side_dwconv=5,
              qk_dims=[16, 32, 32, 64], head_dim=8, num_classes=7)
-
-
-def import_timm():
-    """timm, or a skip; with NEARFAR_REQUIRE_TIMM=1 a missing timm fails instead."""
-    if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-        import timm  # noqa: F401 - an ImportError here is the failure asked for
-    timm = pytest.importorskip("timm")
-    warnings.filterwarnings("ignore", module="torchvision")
-    from nearfar.integrations import timm as _  # noqa: F401 - registers the nearfar_* names
-    return timm
 
 
 ORACLE_KEYS = ("depth", "embed_dim", "mlp_ratios", "n_win", "topks", "side_dwconv", "qk_dims", "head_dim",

@@ -7,32 +7,16 @@ without timm (``create_backbone``)."""
 from __future__ import annotations
 
 import importlib
-import os
-import warnings
 
 import pytest
 import torch
+from timm_required import timm_or_none
 
 from nearfar.models.vision import backbones, create_backbone
 from nearfar.models.vision.gcvit import GlobalContextViT
 
-
-def import_timm():
-    """timm, or None when it is absent; with ``NEARFAR_REQUIRE_TIMM=1`` a missing timm fails instead."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # timm imports torchvision, whose ops may not load against this torch
-        if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-            return importlib.import_module("timm")
-        try:
-            return importlib.import_module("timm")
-        except ImportError:
-            return None
-
-
-timm = import_timm()
+timm = timm_or_none()
 needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (NEARFAR_REQUIRE_TIMM=1 makes it fail)")
-if timm is not None:
-    import nearfar.integrations.timm  # noqa: F401  (registers the nearfar_* names)
 
 #: a tiny GC ViT (64x64 input: windows 2, 2, 4, 2; query generators of 3, 2, 0, 0 levels), both global and local
 #: blocks in every stage

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import os
-import warnings
 from types import ModuleType
 
 import pytest
 import torch
+from timm_required import import_timm
 
 import nearfar.models.vision.maxvit as maxvit_module
 from nearfar.functional import observe_calls
@@ -24,15 +23,6 @@ NAME, TIMM_NAME = "nearfar_maxvit_tiny_tf_224", "maxvit_tiny_tf_224"
 # a small MaxViT: 64x64 input, windows and grids of 2x2 on maps of 16, 8, 4 and 2
 TINY = dict(img_size=64, embed_dim=(32, 32, 64, 64), depths=(1, 1, 2, 1), stem_width=16, head_hidden_size=64)
 TOL = 1e-5
-
-
-def import_timm() -> ModuleType:
-    """timm, or a skip where it is absent; with ``NEARFAR_REQUIRE_TIMM=1`` a missing timm fails instead."""
-    with warnings.catch_warnings():  # timm imports torchvision, whose ops may not load beside a CPU torch build
-        warnings.simplefilter("ignore")
-        if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-            return importlib.import_module("timm")
-        return pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")

@@ -6,30 +6,19 @@ timm's conventions; and through ``timm.create_model`` where timm is installed.""
 from __future__ import annotations
 
 import math
-import os
-import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import nat_model as ref_mod
+from timm_required import import_timm
 
 from nearfar.models.vision import create_backbone
 from nearfar.models.vision.nat import NAT, DiNAT, feature_take_indices
 
 NAMES = ("nearfar_nat_mini", "nearfar_nat_tiny", "nearfar_dinat_mini", "nearfar_dinat_tiny")
 SMALL = dict(embed_dim=16, mlp_ratio=2, depths=[2, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=3)
-
-
-def import_timm():
-    """timm, or a skip; with NEARFAR_REQUIRE_TIMM=1 a missing timm fails instead."""
-    if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-        import timm  # noqa: F401 - an ImportError here is the failure asked for
-    timm = pytest.importorskip("timm")
-    warnings.filterwarnings("ignore", module="torchvision")
-    from nearfar.integrations import timm as _  # noqa: F401 - registers the nearfar_* names
-    return timm
 
 
 def _pair(name: str, dtype=torch.float32, seed: int = 0, **kw):

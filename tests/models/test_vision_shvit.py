@@ -6,33 +6,15 @@ Tiny configurations plus the real ``shvit_s1`` at 224x224; the timm-free tests r
 
 from __future__ import annotations
 
-import importlib
-import os
-import warnings
-
 import pytest
 import torch
+from timm_required import timm_or_none
 
 from nearfar.models.vision import backbones, create_backbone
 from nearfar.models.vision.shvit import SHViT
 
-
-def import_timm():
-    """timm, or None when it is absent; with ``NEARFAR_REQUIRE_TIMM=1`` a missing timm fails instead."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # timm imports torchvision, whose ops may not load against this torch
-        if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-            return importlib.import_module("timm")
-        try:
-            return importlib.import_module("timm")
-        except ImportError:
-            return None
-
-
-timm = import_timm()
+timm = timm_or_none()
 needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (NEARFAR_REQUIRE_TIMM=1 makes it fail)")
-if timm is not None:
-    import nearfar.integrations.timm  # noqa: F401  (registers the nearfar_* names)
 
 #: a tiny SHViT: attention in the second and third stages (as S1), 64x64 input -> 4x4, 2x2, 1x1 maps
 TINY = dict(embed_dim=(16, 24, 32), partial_dim=(4, 6, 8), qk_dim=(4, 4, 4), depth=(1, 2, 2), types=("i", "s", "s"))

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import doctest
 import importlib
-import os
-import warnings
 from types import ModuleType
 
 import pytest
 import torch
+from timm_required import import_timm
 
 import nearfar.models.vision.swin as swin_module
 from nearfar.functional import observe_calls
@@ -23,15 +22,6 @@ NAME, TIMM_NAME = "nearfar_swin_tiny_patch4_window7_224", "swin_tiny_patch4_wind
 # a small Swin: 16x16 patches, windows of 4 (stages 0-1 shifted, stage 2 one 4x4 window, stage 3 clipped to 2x2)
 TINY = dict(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4)
 TOL = 1e-5
-
-
-def import_timm() -> ModuleType:
-    """timm, or a skip where it is absent; with ``NEARFAR_REQUIRE_TIMM=1`` a missing timm fails instead."""
-    with warnings.catch_warnings():  # timm imports torchvision, whose ops may not load beside a CPU torch build
-        warnings.simplefilter("ignore")
-        if os.environ.get("NEARFAR_REQUIRE_TIMM") == "1":
-            return importlib.import_module("timm")
-        return pytest.importorskip("timm")
 
 
 @pytest.fixture(scope="module")
