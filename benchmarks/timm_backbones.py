@@ -14,8 +14,9 @@ drop-path are 0 in these configs), batch 8 at 224x224 by default; one call = for
 random cotangent of the logits to the input and every parameter (gradients set to None before each call). The gate
 runs in eval mode.
 Methods run in interleaved rounds with a rotating order (``nearfar.bench.timing.interleave``) after warm-up;
-"speed-up" is the median over rounds of reference time / nearfar time (>= 1: nearfar no slower). The machine is
-shared: read the ratio, not the absolute times.
+"speed-up" is the median over rounds of reference time / nearfar time (>= 1: nearfar no slower), with the quartiles
+and the range of the per-round ratios beside it (the spread of this machine's noise). The machine is shared: read
+the ratio, not the absolute times.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def bench(entry: dict, batch: int, size: int, rounds: int, warmup: int) -> dict:
                        rounds=rounds, warmup=warmup)
     return {"name": entry["name"], "reference": entry["reference"], "err": err,
             "ours_ms": 1e3 * statistics.median(times["nearfar"]), "ref_ms": 1e3 * statistics.median(times["reference"]),
-            "speedup": median_ratio(times, "reference", "nearfar")}
+            "speedup": median_ratio(times, "reference", "nearfar"),
+            "ratios": sorted(a / b for a, b in zip(times["reference"], times["nearfar"]))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,12 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.models and len(entries) != len(set(args.models)):
         p.error(f"unknown model; known: {[e['name'] for e in MODELS]}")
     print(f"fwd+bwd, fp32, B={args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, {load()}")
-    print("\n| model | reference | nearfar ms | reference ms | speed-up | max err (logits / rel. input grad) |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| model | reference | nearfar ms | reference ms | speed-up | rounds: quartiles (min-max) "
+          "| max err (logits / rel. input grad) |")
+    print("|---|---|---:|---:|---:|---|---:|")
     for e in entries:
         r = bench(e, args.batch, args.size, args.rounds, args.warmup)
+        q1, _, q3 = statistics.quantiles(r["ratios"], n=4) if len(r["ratios"]) > 1 else [r["speedup"]] * 3
         print(f"| {r['name']} | {r['reference']} | {r['ours_ms']:.0f} | {r['ref_ms']:.0f} | **{r['speedup']:.2f}x** "
-              f"| {r['err']:.1e} |", flush=True)
+              f"| {q1:.2f}-{q3:.2f} ({r['ratios'][0]:.2f}-{r['ratios'][-1]:.2f}) | {r['err']:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
