@@ -365,12 +365,9 @@ class Modulate(Edit):
         if self.relative_to == "const":
             terms = [sign * m for sign, m in zip((1.0, -1.0), masks) if m is not None]
             return self.strength * sum(terms[1:], terms[0])
-        if call.blocks is not None:
-            raise ValueError("Modulate(relative_to='row_range') needs the call's scores; calls with run-time "
-                             "selected blocks are not supported")
         bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
-        s = score_rows(call.q, call.k, slice(None), call.pattern,
-                       scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+        s = score_rows(call.q, call.k, slice(None), call.pattern, scale=call.scale,
+                       key_padding_mask=call.key_padding_mask, bias=bias, blocks=call.blocks, score_mod=call.score_mod)
         seen = torch.isfinite(s)
         top = torch.where(seen, s, float("-inf")).amax(-1, keepdim=True)
         low = torch.where(seen, s, float("inf")).amin(-1, keepdim=True)

@@ -37,8 +37,11 @@ What differs from the kernels that define the LSE: nothing in the math; all thre
 inputs stay float64) and return that dtype, whichever dtype ``q`` and ``k`` have, so bf16/fp16 results match the
 engines' to their precision. The mask is the one ``attend`` applies, mirrored exactly: ``pattern`` (evaluated on
 the asked rows only, ``Nq != Nk`` aligned as ``attend`` aligns it), ``key_padding_mask`` and an additive ``bias``;
-GQA reads KV head ``h // (Hq // Hkv)`` for query head ``h`` (``repeat_kv``). A relative-position table (``rpb``)
-and run-time blocks are not mirrored: pass a table's values as ``bias``. A row whose LSE is ``-inf`` (no allowed
+GQA reads KV head ``h // (Hq // Hkv)`` for query head ``h`` (``repeat_kv``). ``prob_rows`` and ``score_rows`` also
+take the call's run-time ``blocks`` (``SelectedBlocks``: the pairs are the pattern's OR the selected ones, as
+``attend`` joins them) and its ``score_mod`` (applied to ``scale q.k`` with the tokens' own indices, before the mask
+and bias, as ``attend`` does). A relative-position table (``rpb``) is not mirrored: pass a table's values as
+``bias``; ``group_mass`` and ``received`` take neither blocks nor a score_mod. A row whose LSE is ``-inf`` (no allowed
 key) gives zeros, never NaN. ``group_mass`` and ``received`` are not differentiable (no gradient flows through an
 LSE).
 """
@@ -54,7 +57,9 @@ import torch
 from ..backends.kernels import acc_dtype
 from ..checks import check_bool, check_positive_int, check_same_dtype_device, check_scale
 from ..dispatch import attend, check_attention_inputs
+from ..mods import call_score_mod, check_mod
 from ..patterns import Dense, Pattern, PerHead
+from ..selection import SelectedBlocks
 
 __all__ = ["group_mass", "prob_rows", "received", "score_rows"]
 
@@ -90,6 +95,16 @@ def _check(q: object, k: object, lse: object, pattern: object, scale: object, kp
         b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
     given = check_scale(scale, "scale")
     return q, k, lse, b4, given if given is not None else 1.0 / math.sqrt(d)
+
+
+def _check_extras(blocks: object, score_mod: object, q: torch.Tensor, k: torch.Tensor) -> None:
+    """``attend``'s checks of run-time ``blocks`` and a ``score_mod``."""
+    if blocks is not None:
+        if not isinstance(blocks, SelectedBlocks):
+            raise TypeError(f"blocks must be a nearfar.SelectedBlocks or None, got {type(blocks).__name__}")
+        blocks.check(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.device)
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
 
 
 def rows_index(rows: object, b: int, hq: int, nq: int, device: torch.device, name: str = "rows",
@@ -153,8 +168,22 @@ def _allowed(pattern: Pattern | None, idx: torch.Tensor, keys: torch.Tensor, nq:
     return torch.broadcast_to(pattern.allowed(qi, keys, nq, nk), shape)
 
 
+def _selected(blocks: SelectedBlocks, idx: torch.Tensor, keys: torch.Tensor, nq: int, nk: int, hq: int,
+              hkv: int) -> torch.Tensor:
+    """The pairs run-time ``blocks`` select for query rows ``idx (B'', H'', R)``, ``within`` included: bool
+    ``(B'|B'', Hq|1, R, Nk)`` (``SelectedBlocks.pair_mask`` on the asked rows only)."""
+    table = blocks.block_table(nk)  # (B', H', QB, KB)
+    if table.shape[1] not in (1, hq):  # a per-KV-head selection serves its group of query heads
+        table = table.repeat_interleave(hq // hkv, dim=1)
+    pairs = take_rows(table, idx // blocks.q_block)[..., keys // blocks.k_block]
+    if blocks.within is not None:
+        pairs = pairs & blocks.within.allowed(idx[..., None], keys, nq, nk)
+    return pairs
+
+
 def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Pattern | None, kpm: torch.Tensor | None,
-            b4: torch.Tensor | None, scale: float, nq: int) -> torch.Tensor:
+            b4: torch.Tensor | None, scale: float, nq: int, blocks: SelectedBlocks | None = None,
+            score_mod: Any = None) -> torch.Tensor:
     """Masked scaled biased scores of query rows ``idx`` against every key, in ``k``'s dtype (the caller's
     float32/64 copy): ``(B, Hq, R, Nk)``, ``-inf`` at every pair ``attend`` would mask."""
     nk = k.shape[2]
@@ -163,9 +192,20 @@ def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Patter
     hkv = k.shape[1]
     qr = qr.reshape(b, hkv, (hq // hkv) * r, d)  # query head h = kv * G + g reads KV head kv
     s = torch.matmul(qr, k.transpose(-1, -2)).reshape(b, hq, r, nk) * scale
+    keys = torch.arange(nk, device=q.device)
+    if score_mod is not None:  # on scale q.k, with the tokens' own indices, before mask and bias (as attend)
+        dev = q.device
+        s = call_score_mod(score_mod, s, torch.arange(b, device=dev).view(-1, 1, 1, 1),
+                           torch.arange(hq, device=dev).view(1, -1, 1, 1), idx[..., None], keys.view(1, 1, 1, -1))
     if b4 is not None:
         s = s + take_rows(b4, idx).to(s.dtype)
-    allowed = _allowed(pattern, idx, torch.arange(nk, device=q.device), nq, nk)
+    allowed = _allowed(pattern, idx, keys, nq, nk)
+    if blocks is not None:  # the pattern's pairs OR the selected ones (no pattern: the selected ones only)
+        sel = _selected(blocks, idx, keys, nq, nk, hq, hkv)
+        if pattern is None:
+            allowed = sel
+        elif allowed is not None:
+            allowed = allowed | sel
     if kpm is not None:
         pad = kpm[:, None, None, :]
         allowed = pad if allowed is None else allowed & pad
@@ -199,7 +239,8 @@ class _RowSoftmax(torch.autograd.Function):
 
 def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | slice | Sequence[int] | torch.Tensor,
               pattern: Pattern | None = None, *, scale: float | None = None,
-              key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+              blocks: SelectedBlocks | None = None, score_mod: Any = None) -> torch.Tensor:
     """Exact rows of the attention probabilities, ``P[i, :] = exp(scale q_i K^T + bias_i + mask_i - lse_i)``.
 
     Costs ``O(R Nk d)`` for ``R`` rows; nothing of size ``(Nq, Nk)`` is formed. Differentiable in ``q``, ``k`` and
@@ -217,6 +258,8 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
         scale: Score scale; default ``1 / sqrt(d)``.
         key_padding_mask: Bool ``(B, Nk)``, True = keep, as given to ``attend``.
         bias: Additive score bias broadcastable to ``(B, Hq, Nq, Nk)``, as given to ``attend``.
+        blocks: Run-time selected key blocks (``SelectedBlocks``), as given to ``attend``.
+        score_mod: The ``score_mod(score, b, h, q_idx, kv_idx)`` given to ``attend``.
 
     Returns:
         ``(B, Hq, R, Nk)`` in float32 (float64 for float64 inputs); a row with ``lse = -inf`` is all zeros.
@@ -236,16 +279,18 @@ def prob_rows(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, rows: int | s
     """
     q, k, lse, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
     b, hq, nq, _ = q.shape
+    _check_extras(blocks, score_mod, q, k)
     idx = rows_index(rows, b, hq, nq, q.device)
     acc = acc_dtype(q.dtype)
     kf = k.to(acc)
-    logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq)
+    logits = _logits(q, kf, idx, pattern, key_padding_mask, b4, s, nq, blocks, score_mod)
     return _RowSoftmax.apply(logits, take_rows(lse[..., None], idx).to(acc))
 
 
 def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[int] | torch.Tensor,
                pattern: Pattern | None = None, *, scale: float | None = None,
-               key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+               key_padding_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               blocks: SelectedBlocks | None = None, score_mod: Any = None) -> torch.Tensor:
     """The scores of query rows as ``attend`` forms them, ``scale q_i K^T + bias_i``, with ``-inf`` at every pair
     the pattern or the key padding masks: the logits ``prob_rows`` exponentiates. ``O(R Nk d)``.
 
@@ -257,6 +302,8 @@ def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[in
         scale: Score scale; default ``1 / sqrt(d)``.
         key_padding_mask: Bool ``(B, Nk)``, True = keep.
         bias: Additive score bias broadcastable to ``(B, Hq, Nq, Nk)``.
+        blocks: Run-time selected key blocks (``SelectedBlocks``), as given to ``attend``.
+        score_mod: The ``score_mod(score, b, h, q_idx, kv_idx)`` given to ``attend``.
 
     Returns:
         ``(B, Hq, R, Nk)`` in float32 (float64 for float64 inputs).
@@ -268,8 +315,9 @@ def score_rows(q: torch.Tensor, k: torch.Tensor, rows: int | slice | Sequence[in
     lse = torch.zeros(q.shape[:3], device=q.device) if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     q, k, _, b4, s = _check(q, k, lse, pattern, scale, key_padding_mask, bias)
     b, hq, nq, _ = q.shape
+    _check_extras(blocks, score_mod, q, k)
     idx = rows_index(rows, b, hq, nq, q.device)
-    return _logits(q, k.to(acc_dtype(q.dtype)), idx, pattern, key_padding_mask, b4, s, nq)
+    return _logits(q, k.to(acc_dtype(q.dtype)), idx, pattern, key_padding_mask, b4, s, nq, blocks, score_mod)
 
 
 def _groups(groups: object, b: int, nk: int, device: torch.device) -> torch.Tensor:

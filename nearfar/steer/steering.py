@@ -195,11 +195,13 @@ class Capture(Edit):
             bias = call.bias if call.rpb is None else dense_rpb(call) + (0 if call.bias is None else call.bias)
             if "probs" in self.fields:
                 p = prob_rows(call.q, call.k, lse, self.rows, call.pattern,  # type: ignore[arg-type]
-                              scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+                              scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias,
+                              blocks=call.blocks, score_mod=call.score_mod)
                 got["probs"] = self._keep("probs", p, True)
             if "scores" in self.fields:
                 sc = score_rows(call.q, call.k, self.rows, call.pattern,  # type: ignore[arg-type]
-                                scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias)
+                                scale=call.scale, key_padding_mask=call.key_padding_mask, bias=bias,
+                                blocks=call.blocks, score_mod=call.score_mod)
                 got["scores"] = self._keep("scores", sc, True)
         self._store(state, got)
         self._raw = {}
