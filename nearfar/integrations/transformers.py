@@ -128,11 +128,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         ValueError: A ``softcap`` that is not a positive number, a mask of the wrong shape, or what
             ``nearfar.attend`` rejects.
     """
-    score_mod = None
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
-            raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
-        score_mod = _softcap(float(softcap))
+    score_mod = softcap_mod(softcap)
     if dropout:
         raise NotImplementedError(f"attn_implementation={NAME!r} has no attention-probability dropout (dropout="
                                   f"{dropout}): the engines never form the probabilities; call model.eval() or set "
@@ -150,6 +146,15 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         bias = position_bias if bias is None else bias + position_bias
     out = attend(query, key, value, pattern, scale=scaling, bias=bias, key_padding_mask=kpm, score_mod=score_mod)
     return out.transpose(1, 2).contiguous(), None
+
+
+def softcap_mod(softcap: object) -> Callable[..., torch.Tensor] | None:
+    """The ``score_mod`` of tanh soft-capping at ``softcap`` (None: none), after checking it is a positive number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    return _softcap(float(softcap))
 
 
 def _softcap(cap: float) -> Callable[..., torch.Tensor]:

@@ -290,10 +290,7 @@ def _positions(module: nn.Module, state: _Layer, nq: int, nk: int) -> tuple[torc
     return torch.arange(total - nq, total, device=kpos.device), kpos
 
 
-def _unsupported(dropout: float, softcap: float | None, kwargs: dict[str, Any]) -> None:
-    if softcap is not None:
-        raise NotImplementedError(f"attn_implementation={NAME!r} does not support soft-capping of the scores "
-                                  f"(softcap={softcap}); set config.attn_logit_softcapping=None or use 'eager'")
+def _unsupported(dropout: float, kwargs: dict[str, Any]) -> None:
     if dropout:
         raise NotImplementedError(f"attn_implementation={NAME!r} has no attention-probability dropout (dropout="
                                   f"{dropout}): call model.eval() or set config.attention_dropout=0")
@@ -315,9 +312,11 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         ``(output (B, Nq, Hq, dv), None)``.
 
     Raises:
-        NotImplementedError: softcap, dropout > 0, learned sinks, or a cache other than DynamicCache /
-            SinkWindowCache under a patterned layer.
-        ValueError: The layer's cache no longer holds keys its pattern reaches, or padding of another length.
+        NotImplementedError: dropout > 0, learned sinks, or a cache other than DynamicCache / SinkWindowCache
+            under a patterned layer.
+        ValueError: The layer's cache no longer holds keys its pattern reaches, padding of another length, or a
+            ``softcap`` (Gemma 2's ``attn_logit_softcapping``, a ``score_mod`` of ``attend`` here) that is not a
+            positive number.
     """
     state = _state(module)
     masks = attention_mask if isinstance(attention_mask, _Masks) else None
@@ -327,7 +326,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         mask = masks.exact() if masks is not None else given
         return hf.attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling,
                                     is_causal=is_causal, sliding_window=sliding_window, softcap=softcap, **kwargs)
-    _unsupported(dropout, softcap, kwargs)
+    _unsupported(dropout, kwargs)
+    score_mod = hf.softcap_mod(softcap)
     bias = None
     if given is not None:  # a 4D mask the caller built (the mask builder is skipped for those)
         if not isinstance(given, torch.Tensor) or given.dim() != 4:
@@ -344,7 +344,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 raise ValueError(f"the 2D attention_mask must cover every position, {key.shape[2]}, got "
                                  f"{pad.shape[1]}")
             kpm = pad.to(query.device)
-        out = attend(query, key, value, state.pattern, scale=scaling, bias=bias, key_padding_mask=kpm)
+        out = attend(query, key, value, state.pattern, scale=scaling, bias=bias, key_padding_mask=kpm,
+                     score_mod=score_mod)
     else:
         qpos, kpos = (p.to(query.device) for p in where)
         total = int(qpos[-1]) + 1
@@ -358,7 +359,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             if pad.shape[1] != total:
                 raise ValueError(f"the 2D attention_mask must cover every position seen, {total}, got {pad.shape[1]}")
             kpm = pad.to(query.device)[:, kpos]
-        out = attend(query, key, value, None, scale=scaling, bias=bias, key_padding_mask=kpm)
+        out = attend(query, key, value, None, scale=scaling, bias=bias, key_padding_mask=kpm, score_mod=score_mod)
     return out.transpose(1, 2).contiguous(), None
 
 

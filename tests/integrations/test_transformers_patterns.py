@@ -40,6 +40,9 @@ def _config(family: str, **over):
         cfg = c.MistralConfig(**COMMON, sliding_window=W)
     elif family == "qwen2":  # layer 0 full, layer 1 sliding
         cfg = c.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=W, max_window_layers=1)
+    elif family == "gemma2":  # tanh soft-capping of scores large enough that it changes them
+        cfg = c.Gemma2Config(**COMMON, head_dim=16, sliding_window=W, attn_logit_softcapping=1.0,
+                             query_pre_attn_scalar=1, initializer_range=0.3)
     else:
         raise ValueError(family)
     for k, v in over.items():
@@ -49,6 +52,7 @@ def _config(family: str, **over):
 
 def _model(family: str = "llama", impl: str = "sdpa", **over):
     torch.manual_seed(0)
+    impl = "eager" if family == "gemma2" else impl  # transformers runs Gemma 2 on eager (no sdpa with soft-capping)
     return transformers.AutoModelForCausalLM.from_config(_config(family, **over), attn_implementation=impl).eval()
 
 
@@ -153,7 +157,7 @@ def test_the_models_own_pattern_equals_sdpa(family):
 # ---------------------------------------------------------------------- (b, c) StreamingLLM, bounded
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_sinks_window_prefill_equals_masked_eager_float64(family):
     ids, mask = _ids(pad=(0, 4))
     model = use_pattern(_model(family), _sink_window(S, W))
@@ -342,3 +346,15 @@ def test_cache_layer_bookkeeping():
     assert layer.get_mask_sizes(1) == (12, 0) and not math.isnan(layer.get_max_length())
     layer.reset()
     assert layer.keys is None and layer.get_seq_length() == 0
+
+
+def test_soft_capped_bounded_generation_equals_teacher_forcing():
+    """Gemma 2's soft-capping runs as attend's score_mod in a patterned layer, prefill and decode (the cache slots'
+    positions): generation equals the teacher-forced float64 eager model with the same mask."""
+    ids, mask = _ids(pad=(0, 4))
+    model = use_pattern(_model("gemma2"), _sink_window(S, W))
+    steps = 5
+    out = _generate(model, ids, mask, steps=steps, past_key_values=SinkWindowCache(S, W))
+    mask_new = _extend(mask, steps)
+    ref = _eager64("gemma2", out.sequences, mask_new, _allowed_sink_window(N + steps, S, W)).float()
+    _check_decode(out, ref, N)
