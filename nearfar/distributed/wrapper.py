@@ -16,6 +16,7 @@ layers are not correct inside the block. The sequence layers of ``PatternAttenti
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 from collections.abc import Iterator
 
@@ -23,10 +24,25 @@ import torch
 import torch.distributed as dist
 
 from ..functional import AttendCall, intercept_calls, positions_override
+from ..layers.sharding import layer_hook
 from ..patterns import Intersection, Pattern, PerHead, Union
 from ..patterns.spatial import SpatialPattern, partial_grids
 from .attention import attend
 from .layout import Layout
+from .whole import make_extent, make_hook
+
+#: True while a whole-sequence layer runs inside ``sharded``: its attend calls stay local, its positions are plain
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("nearfar_sharded_suspended", default=False)
+
+
+@contextlib.contextmanager
+def _suspend() -> Iterator[None]:
+    token = _SUSPENDED.set(True)
+    try:
+        with partial_grids(False):  # the whole map: the patterns' own checks apply
+            yield
+    finally:
+        _SUSPENDED.reset(token)
 
 
 def whole_map(pattern: Pattern | None, layout: Layout, n_local: int) -> Pattern | None:
@@ -82,6 +98,8 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
     mine = layout.size(rank)
 
     def positions(start: int, n: int, device: torch.device) -> torch.Tensor:
+        if _SUSPENDED.get():
+            return torch.arange(start, start + n, device=device)
         if start != 0 or n != mine:
             raise ValueError(f"inside nearfar.distributed.sharded a layer must see this rank's {mine} tokens of the "
                              f"whole sequence (start 0), got {n} tokens from position {start}: decoding with caches "
@@ -89,6 +107,8 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         return layout.positions(rank, device)
 
     def run(call: AttendCall) -> object:
+        if _SUSPENDED.get():
+            return call.run()
         if call.q.shape[2] != mine or call.k.shape[2] != mine:
             raise ValueError(f"nearfar.distributed.sharded: attend got Nq={call.q.shape[2]}, Nk={call.k.shape[2]}; "
                              f"each must be this rank's {mine} tokens")
@@ -100,5 +120,10 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
                           bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
                           return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap)
 
-    with positions_override(positions), intercept_calls(run), partial_grids():
-        yield
+    token = _SUSPENDED.set(False)
+    try:
+        with positions_override(positions), intercept_calls(run), partial_grids(), \
+                layer_hook(make_hook(layout, group, rank, _suspend), make_extent(layout, rank)):
+            yield
+    finally:
+        _SUSPENDED.reset(token)
