@@ -5,12 +5,14 @@ Inside the block, every ``nearfar.attend`` call of this thread (so every layer b
 in the sequence layers, ``rotary_qkv``) returns the global positions of this rank's tokens. Per-token work
 (projections, norms, MLPs, the output head) needs nothing else. Spatial layers on a map split into slabs
 (``Layout.slabs``) build their patterns on the rank's slab; each call's pattern is rebuilt on the whole map
-(``whole_map``), and the slab's own extents are not checked against the kernel or window (``partial_grids``).
-Windows and neighbourhoods whose fast paths bypass ``attend`` take ``attend`` when a call is intercepted. What a
-layer does across tokens other than
-``attend`` (pooling, convolutions along the sequence, content routing over all tokens) is not distributed: such
-layers are not correct inside the block. The sequence layers of ``PatternAttention`` (``dense``,
-``streaming_llm``, ``longformer``, ...) and ``TinyLM`` on them are tested; decoding with caches is not sharded.
+(``whole_map``), the slab's own extents are not checked against the kernel or window (``partial_grids``), and layers
+that clip windows to the map ask for the whole map's extents (``nearfar.layers.sharding.whole_extent``).
+
+Every registered layer class declares how it runs here (``nearfar.layers.sharding``): natively, as above, when
+``attend`` is its only work across tokens; on the whole sequence (``@whole_sequence``) when it also pools,
+convolves, routes or scans over tokens: its inputs are all-gathered, it runs on every token with local ``attend``
+calls and plain positions, and this rank's tokens of its output are kept (``whole.py``); or not at all
+(``@not_sharded``: a clear error). Decoding with caches is not sharded.
 """
 
 from __future__ import annotations
@@ -89,10 +91,18 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
     Yields:
         None.
 
+    Layers whose only cross-token work is ``attend`` (``PatternAttention`` and its subclasses: ``dense``,
+    ``streaming_llm``, ``longformer``, ``bigbird``, ``s2_attention``, ``moa``; ``NeighborhoodAttention``, Swin,
+    GC ViT's local windows, MaxViT, UniFormer's global MHRA) run natively: halo or ring messages only. Every other
+    registered layer (pooling, convolutions, routing, scans) runs on the whole sequence: its input is all-gathered
+    (each rank receives the other ranks' tokens), it runs on every rank over all tokens (``P`` times the one-process
+    compute in all), and the backward pass all-reduces the input's gradient. ``BlockTransformer`` raises.
+
     Raises:
         ValueError: (from the calls inside) an ``attend`` call with a ``score_mod``, a bias not over the global
             keys, or a sequence length other than this rank's share; a layer asking for positions of a decoding
-            step.
+            step, or given a decoding cache; a whole-sequence layer given an argument it cannot split, or a map
+            not split into whole rows; a layer declared ``@not_sharded``.
     """
     rank = dist.get_rank(group) if layout.world > 1 else 0
     mine = layout.size(rank)
