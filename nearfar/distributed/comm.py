@@ -144,3 +144,27 @@ def reduce(t: torch.Tensor, dst: int, group: dist.ProcessGroup | None, what: str
     world, me = dist.get_world_size(group), dist.get_rank(group)
     _record(what, 0 if me == dst else _nbytes(t), _nbytes(t) * (world - 1) if me == dst else 0, int(me != dst),
             time.perf_counter() - t0)
+
+
+def all_gather(bufs: list[torch.Tensor], t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+    """``dist.all_gather`` of equal-sized contiguous buffers; counts ``size`` sent to and received from each peer."""
+    t0 = time.perf_counter()
+    try:
+        dist.all_gather(bufs, t, group=group)
+    except RuntimeError as err:
+        raise _fail(what, "all", group, err) from err
+    peers = dist.get_world_size(group) - 1
+    _record(what, _nbytes(t) * peers, _nbytes(t) * peers, peers, time.perf_counter() - t0)
+
+
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+    """``dist.all_reduce`` (sum, in place); counted as a reduce-scatter plus an all-gather (``2 (P-1)/P`` of the
+    buffer sent and received)."""
+    t0 = time.perf_counter()
+    try:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    except RuntimeError as err:
+        raise _fail(what, "all", group, err) from err
+    world = dist.get_world_size(group)
+    size = 2 * _nbytes(t) * (world - 1) // world
+    _record(what, size, size, world - 1, time.perf_counter() - t0)

@@ -5,17 +5,20 @@ Inside the block, every ``nearfar.attend`` call of this thread (so every layer b
 in the sequence layers, ``rotary_qkv``) returns the global positions of this rank's tokens. Per-token work
 (projections, norms, MLPs, the output head) needs nothing else. Spatial layers on a map split into slabs
 (``Layout.slabs``) build their patterns on the rank's slab; each call's pattern is rebuilt on the whole map
-(``whole_map``), and the slab's own extents are not checked against the kernel or window (``partial_grids``).
-Windows and neighbourhoods whose fast paths bypass ``attend`` take ``attend`` when a call is intercepted. What a
-layer does across tokens other than
-``attend`` (pooling, convolutions along the sequence, content routing over all tokens) is not distributed: such
-layers are not correct inside the block. The sequence layers of ``PatternAttention`` (``dense``,
-``streaming_llm``, ``longformer``, ...) and ``TinyLM`` on them are tested; decoding with caches is not sharded.
+(``whole_map``), the slab's own extents are not checked against the kernel or window (``partial_grids``), and layers
+that clip windows to the map ask for the whole map's extents (``nearfar.layers.sharding.whole_extent``).
+
+Every registered layer class declares how it runs here (``nearfar.layers.sharding``): natively, as above, when
+``attend`` is its only work across tokens; on the whole sequence (``@whole_sequence``) when it also pools,
+convolves, routes or scans over tokens: its inputs are all-gathered, it runs on every token with local ``attend``
+calls and plain positions, and this rank's tokens of its output are kept (``whole.py``); or not at all
+(``@not_sharded``: a clear error). Decoding with caches is not sharded.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 from collections.abc import Iterator
 
@@ -23,10 +26,25 @@ import torch
 import torch.distributed as dist
 
 from ..functional import AttendCall, intercept_calls, positions_override
+from ..layers.sharding import layer_hook
 from ..patterns import Intersection, Pattern, PerHead, Union
 from ..patterns.spatial import SpatialPattern, partial_grids
 from .attention import attend
 from .layout import Layout
+from .whole import make_extent, make_hook
+
+#: True while a whole-sequence layer runs inside ``sharded``: its attend calls stay local, its positions are plain
+_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("nearfar_sharded_suspended", default=False)
+
+
+@contextlib.contextmanager
+def _suspend() -> Iterator[None]:
+    token = _SUSPENDED.set(True)
+    try:
+        with partial_grids(False):  # the whole map: the patterns' own checks apply
+            yield
+    finally:
+        _SUSPENDED.reset(token)
 
 
 def whole_map(pattern: Pattern | None, layout: Layout, n_local: int) -> Pattern | None:
@@ -73,15 +91,25 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
     Yields:
         None.
 
+    Layers whose only cross-token work is ``attend`` (``PatternAttention`` and its subclasses: ``dense``,
+    ``streaming_llm``, ``longformer``, ``bigbird``, ``s2_attention``, ``moa``; ``NeighborhoodAttention``, Swin,
+    GC ViT's local windows, MaxViT, UniFormer's global MHRA) run natively: halo or ring messages only. Every other
+    registered layer (pooling, convolutions, routing, scans) runs on the whole sequence: its input is all-gathered
+    (each rank receives the other ranks' tokens), it runs on every rank over all tokens (``P`` times the one-process
+    compute in all), and the backward pass all-reduces the input's gradient. ``BlockTransformer`` raises.
+
     Raises:
         ValueError: (from the calls inside) an ``attend`` call with a ``score_mod``, a bias not over the global
             keys, or a sequence length other than this rank's share; a layer asking for positions of a decoding
-            step.
+            step, or given a decoding cache; a whole-sequence layer given an argument it cannot split, or a map
+            not split into whole rows; a layer declared ``@not_sharded``.
     """
     rank = dist.get_rank(group) if layout.world > 1 else 0
     mine = layout.size(rank)
 
     def positions(start: int, n: int, device: torch.device) -> torch.Tensor:
+        if _SUSPENDED.get():
+            return torch.arange(start, start + n, device=device)
         if start != 0 or n != mine:
             raise ValueError(f"inside nearfar.distributed.sharded a layer must see this rank's {mine} tokens of the "
                              f"whole sequence (start 0), got {n} tokens from position {start}: decoding with caches "
@@ -89,6 +117,8 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         return layout.positions(rank, device)
 
     def run(call: AttendCall) -> object:
+        if _SUSPENDED.get():
+            return call.run()
         if call.q.shape[2] != mine or call.k.shape[2] != mine:
             raise ValueError(f"nearfar.distributed.sharded: attend got Nq={call.q.shape[2]}, Nk={call.k.shape[2]}; "
                              f"each must be this rank's {mine} tokens")
@@ -100,5 +130,10 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
                           bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
                           return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap)
 
-    with positions_override(positions), intercept_calls(run), partial_grids():
-        yield
+    token = _SUSPENDED.set(False)
+    try:
+        with positions_override(positions), intercept_calls(run), partial_grids(), \
+                layer_hook(make_hook(layout, group, rank, _suspend), make_extent(layout, rank)):
+            yield
+    finally:
+        _SUSPENDED.reset(token)

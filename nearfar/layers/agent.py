@@ -41,6 +41,7 @@ from ..checks import check_channels_last, check_dim_heads, check_per_axis, check
 from ..functional import attend, merge_heads, split_heads
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def _square_side(value: int, name: str) -> int:
@@ -59,6 +60,7 @@ def resize_axis(t: torch.Tensor, axis: int, size: int) -> torch.Tensor:
     return out.reshape(*moved.shape[:-1], size).movedim(-1, axis)
 
 
+@whole_sequence()
 class AgentAttention(nn.Module):
     """``AgentAttention(dim, num_heads=8, num_patches=3136, qkv_bias=False, sr_ratio=1, agent_num=49)``:
     x ``(B, H, W, dim)`` -> same shape.

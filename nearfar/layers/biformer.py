@@ -69,6 +69,7 @@ from ..checks import (
 )
 from ..functional import SelectedBlocks, attend, merge_heads, split_qkv
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 KV_MODES = ("identity", "ada_avgpool", "ada_maxpool", "maxpool", "avgpool")
 
@@ -91,6 +92,7 @@ class _TopkRouting(nn.Module):
         self.emb: nn.Module = nn.Linear(qk_dim, qk_dim) if param_routing else nn.Identity()
 
 
+@whole_sequence()
 class BiLevelRoutingAttention(nn.Module):
     """``BiLevelRoutingAttention(dim, num_heads=8, n_win=7, qk_dim=None, qk_scale=None, kv_per_win=4,
     kv_downsample_ratio=4, kv_downsample_mode="identity", topk=4, param_attention="qkvo", param_routing=False,

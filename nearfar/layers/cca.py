@@ -61,6 +61,7 @@ from .kv_cache import DecodeState
 from .projections import ProjectedAttention, add_projections
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 POOLINGS = ("cca", "mean", "max")
 
@@ -202,6 +203,7 @@ class _CoreAndRaw(torch.autograd.Function):
         return dq_end, dk, dv, None, None, None
 
 
+@whole_sequence()
 class CCAAttention(ProjectedAttention):
     """``CCAAttention(dim, num_heads, group_size=16, window_size=1024, pooling="cca", num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal CCA self-attention of ``x (B, N, dim)`` with RoPE and GQA;

@@ -48,6 +48,7 @@ from ..functional import WindowBatch
 from ..patterns import Blocks
 from .position_bias import swin_table_as_offsets
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 class DynamicPosBias(nn.Module):
@@ -82,6 +83,7 @@ class RectWindowBranch(nn.Module):
         return swin_table_as_offsets(self.pos(self.offsets), self.window)
 
 
+@whole_sequence()
 class SRWAttention(nn.Module):
     """CRAFT's shift rectangle window attention (SRWAB without residual and MLP), input ``(B, H, W, dim)``.
 

@@ -32,8 +32,10 @@ from torch import nn
 from ..checks import check_bool, check_channels_last, check_dim_heads
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()
 class DaViTChannelAttention(nn.Module):
     """``DaViTChannelAttention(dim, num_heads=8, qkv_bias=False)``: x ``(B, H, W, dim)`` -> same shape.
 

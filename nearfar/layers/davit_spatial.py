@@ -33,8 +33,10 @@ from ..functional import window_attention
 from ..patterns import Blocks
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()  # padded windows attend to the zero tokens of the padding: not only attend
 class DaViTWindowAttention(nn.Module):
     """``DaViTWindowAttention(dim, num_heads, window_size=7, qkv_bias=True, mask_padding=False)``:
     x ``(B, H, W, dim)`` -> same shape, any ``H, W >= 1``.

@@ -34,6 +34,7 @@ from .kdgqa import GroupedQueryAttention, allocate_heads, grouped_attention, squ
 from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 KINDS = ("diff", "ema")
 
@@ -51,6 +52,7 @@ def dgqa_weights(norms: torch.Tensor, cache: torch.Tensor, kind: str) -> torch.T
     return (cache - norms).abs() if kind == "diff" else 0.9 * norms + 0.1 * cache
 
 
+@whole_sequence()
 class DGQA(GroupedQueryAttention):
     """``DGQA(dim, num_heads, num_kv_heads=None, kind="diff", window=1, ...)``: x ``(B, N, dim)`` -> same shape;
     query heads shared out among the KV heads from a cached key-norm vector (see the module docstring).

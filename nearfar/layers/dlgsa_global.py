@@ -53,6 +53,7 @@ from torch import nn
 from ..checks import check_bool, check_channels_last, check_choice, check_dim_heads, check_positive_int
 from ..functional import pointwise_linear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 #: the affinity functions: the official ``SparseAttention`` activations and ``Attention``'s softmax
 ACTIVATIONS = ("relu", "gelu", "sigmoid", "identity", "softmax")
@@ -79,6 +80,7 @@ def tlc_tiles(size: int, kernel: int) -> list[int]:
     return starts
 
 
+@whole_sequence()
 class SparseGSA(nn.Module):
     """``SparseGSA(dim, num_heads=6, bias=False, activation='relu', tlc_kernel=None)``: x ``(B, H, W, dim)`` -> same
     shape.

@@ -41,6 +41,7 @@ from torch.autograd.function import once_differentiable
 
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_int_range, check_positive_int
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def _images_per_chunk(per_image: int) -> int:
@@ -134,6 +135,7 @@ class _HyperNet(nn.Module):
         return F.linear(t, pw2.weight.flatten(1), pw2.bias)
 
 
+@whole_sequence()
 class MHDLSA(nn.Module):
     """``MHDLSA(dim, num_heads=None, window_size=7, bias=True)``: x ``(B, H, W, dim)`` -> same shape.
 

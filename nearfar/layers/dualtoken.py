@@ -41,8 +41,10 @@ from ..checks import (
 from .maformer import TokenAttention
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence(replicated=("global_tokens", "return_global_tokens"))
 class DualTokenAttention(nn.Module):
     """``DualTokenAttention(dim, num_heads, global_size=7, kernel_size=7, mlp_ratio=4.0, max_downsample_steps=3,
     qkv_bias=True, qk_scale=None)``: x ``(B, H, W, dim)`` (and optional global tokens ``(B, global_size^2, dim)``)

@@ -31,8 +31,10 @@ from torch import nn
 
 from ..checks import check_channels_last, check_int_range, check_positive_int
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()
 class ELA(nn.Module):
     """``ELA(dim, kernel_size=7, groups=None, num_groups=16)``: x ``(B, H, W, dim)`` -> same shape, gated per channel
     along each axis.

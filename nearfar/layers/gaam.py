@@ -63,6 +63,7 @@ from torch import nn
 from ..checks import check_bool, check_positive_float, check_positive_int
 from .kv_cache import DecodeState
 from .registry import Mechanism, register
+from .sharding import whole_sequence
 
 #: a causal layer's running sums after a call: count, shift, sum (x - shift), sum (x - shift)^2
 _Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -84,6 +85,7 @@ class GAAMCache(DecodeState):
         self.device, self.length = self.count.device, 0
 
 
+@whole_sequence()
 class GAAMAttention(nn.Module):
     """``GAAMAttention(dim, num_heads, n_gaussians=5, eps=1e-8, causal=False)``: Gaussian Adaptive Attention of
     ``x (B, N, dim)`` along the sequence, ``out = x * w`` with per-channel weights ``w`` that sum to 1 over the

@@ -61,6 +61,7 @@ from ..functional import WindowBatch, attend, merge_heads, split_heads, window_a
 from ..patterns import Blocks
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import shards_natively, whole_extent, whole_sequence
 
 
 def _se_width(channels: int) -> int:
@@ -168,6 +169,7 @@ class _GCViTWindowBase(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, window_size={self.window_size}"
 
 
+@shards_natively
 class GCViTWindowAttention(_GCViTWindowBase):
     """GC ViT local block attention: W-MSA (no shift) with relative position bias, ``qkv`` Linear C -> 3C.
 
@@ -213,11 +215,13 @@ class GCViTWindowAttention(_GCViTWindowBase):
             ValueError: ``x`` is not ``(B, H, W, dim)`` or is empty.
         """
         _, spatial, _ = check_channels_last(x, 2, self.dim)
-        window = tuple(min(m, n) for m, n in zip(self.window_size, spatial))
+        # a rank's slab inside sharded: clip to the whole map's extents, not the slab's
+        window = tuple(min(m, n) for m, n in zip(self.window_size, whole_extent(spatial)))
         return self.proj(window_attention(x, Blocks(window, grid=spatial), self.qkv, self.num_heads, self.scale,
                                           self.rel_pos.offsets(window)))
 
 
+@whole_sequence(replicated=("q_global",))
 class GlobalQueryAttention(_GCViTWindowBase):
     """GC ViT global-query window attention (keys/values from ``x``, queries from the global query map).
 

@@ -46,8 +46,10 @@ from torch import nn
 from ..checks import check_channels_last, check_dim_heads, check_real_range, check_scale, check_tokens
 from ..functional import attend, attention_rollout, merge_heads
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()
 class GLCAttention(nn.Module):
     """``GLCAttention(dim, num_heads, local_ratio=0.1, qkv_bias=True, qk_scale=None)``: DCAL's global-local
     cross-attention (PROVISIONAL, from the paper): the top ``R = round(local_ratio * N)`` tokens by a rollout score

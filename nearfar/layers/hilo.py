@@ -36,8 +36,10 @@ from torch import nn
 from ..checks import check_bool, check_channels_last, check_dim_heads, check_positive_int, check_real_range, check_scale
 from ..functional import attend, merge_heads, split_heads
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()
 class HiLo(nn.Module):
     """``HiLo(dim, num_heads=8, qkv_bias=False, qk_scale=None, window_size=2, alpha=0.5, mask_padding=False)``:
     x ``(B, H, W, dim)`` -> same shape. Any ``H, W >= 1`` (see the module docstring for the padding).

@@ -42,6 +42,7 @@ from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 
 class HiPCache(KVCache):
@@ -54,6 +55,7 @@ class HiPCache(KVCache):
         self.age = 0
 
 
+@whole_sequence()
 class HiPAttention(ProjectedAttention):
     """``HiPAttention(dim, num_heads, mask_k=512, q_block=32, kv_block=2, window=128, sinks=32, query_stride=2,
     refresh_interval=8, num_kv_heads=None, qkv_bias=False)``: causal ``(B, N, dim) -> (B, N, dim)``, training-free.

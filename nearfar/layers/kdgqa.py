@@ -58,6 +58,7 @@ from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 _Layer = TypeVar("_Layer", bound="GroupedQueryAttention")
 
@@ -339,6 +340,7 @@ class GroupedQueryAttention(ProjectedAttention):
         return layer
 
 
+@whole_sequence()
 class KDGQA(GroupedQueryAttention):
     """``KDGQA(dim, num_heads, num_kv_heads=None, causal=False, cross=False, block_size=128, ...)``: x
     ``(B, N, dim)`` -> ``(B, N, dim)``; query heads shared out among the KV heads by their key norms (see the module

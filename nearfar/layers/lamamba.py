@@ -64,6 +64,7 @@ from ..checks import (
 )
 from ..functional import selective_scan
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 from .swin import WindowAttention
 
 
@@ -173,6 +174,7 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+@whole_sequence()
 class LaMambaBlock(nn.Module):
     """LaMamba block: ``x + SS2D``, then ``+ window attention``, then ``+ MLP``, optionally adaLN-conditioned.
 

@@ -62,6 +62,7 @@ from .kv_cache import KVCache
 from .landmark_tokens import landmark_mask
 from .projections import ProjectedAttention, add_projections
 from .registry import Mechanism, register
+from .sharding import whole_sequence
 
 #: scores of one chunk of queries (``B * H * queries * keys``) that the grouped softmax forms at a time
 CHUNK_ELEMENTS = 1 << 22
@@ -162,6 +163,7 @@ class LandmarkCache(KVCache):
     the official memory cache (retrieval reduces the work per token, not the memory)."""
 
 
+@whole_sequence(tokens=("key_padding_mask", "is_mem"))
 class LandmarkAttention(ProjectedAttention):
     """``LandmarkAttention(dim, num_heads, block_size=50, top_k=None, reposition=True, num_kv_heads=None,
     causal=True, rope=True, qkv_bias=False)``: causal landmark attention of ``x (B, N, dim)`` whose landmarks sit

@@ -51,6 +51,7 @@ from ..checks import check_bool, check_dim_heads, check_positive_int
 from ..functional import compute_dtype, lightning_blocked, merge_heads, split_heads, tnl_slopes
 from .kv_cache import DecodeState
 from .registry import Mechanism, register
+from .sharding import whole_sequence
 
 
 class LinearAttentionState(DecodeState):
@@ -77,6 +78,7 @@ def _srms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
+@whole_sequence()
 class LightningAttention(nn.Module):
     """TNL attention layer ``LightningAttention(dim, num_heads, bias=False, norm_type="srmsnorm", layer_idx=0,
     num_layers=12, decay=True, gate_rank=None, block_size=64)``: x ``(B, N, dim)`` -> ``(B, N, dim)``, causal.

@@ -65,6 +65,7 @@ from ..patterns import BlockWindow, Causal
 from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections
 from .registry import DECODER_ONLY, Mechanism, register
+from .sharding import whole_sequence
 
 _NONE = 1 << 40  # a chunk index past every real one (sorts last)
 
@@ -83,6 +84,7 @@ class LongHeadsCache(KVCache):
         return super().nbytes() + extra
 
 
+@whole_sequence()
 class LongHeadsAttention(ProjectedAttention):
     """``LongHeadsAttention(dim, num_heads, chunk_size=256, num_chunks=16, begin_selective_length=4096,
     num_kv_heads=None, qkv_bias=False)``: causal self-attention ``(B, N, dim) -> (B, N, dim)`` in which each query

@@ -34,6 +34,7 @@ from torch import nn
 from ..checks import check_channels_last, check_dim_heads, check_positive_int, check_scale
 from ..functional import attend, merge_heads, split_heads, split_qkv
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 from .swin import WindowAttention
 
 
@@ -74,6 +75,7 @@ class TokenAttention(nn.Module):
         return self.proj(merge_heads(out, (out.shape[2],)))
 
 
+@whole_sequence()
 class MAFAttention(nn.Module):
     """``MAFAttention(dim, num_heads, window_size=7, down_ratio=8, qkv_bias=True, qk_scale=None)``: x
     ``(B, H, W, dim)`` -> same shape. PROVISIONAL design (see the module docstring): local window attention,

@@ -48,6 +48,7 @@ from ..functional import pointwise_linear
 from .maxim_mab import LN_EPS, PADDINGS, crop, dense_init_, fit_to_sizes, gelu, multi_axis_mix
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def lecun_normal_(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -90,6 +91,7 @@ class SpatialGatingWeights(nn.Module):
         return F.dropout(self.out_project(both), self.dropout_rate, self.training)
 
 
+@whole_sequence(tokens=("y",), replicated=("return_y",))
 class MaximCrossGating(nn.Module):
     """``MaximCrossGating(features, block_size=8, grid_size=8, in_features=None, y_features=None, upsample_y=True,
     use_bias=True, dropout_rate=0.0, padding=None)``: MAXIM's cross-gating block (``CrossGatingBlock``);

@@ -48,6 +48,7 @@ from torch import nn
 from ..checks import check_bool, check_channels_last, check_choice, check_pair, check_positive_int, check_real_range
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 #: Flax ``nn.LayerNorm``'s default epsilon (PyTorch's 1e-5 would change the outputs)
 LN_EPS = 1e-6
@@ -192,6 +193,7 @@ class GmlpLayer(nn.Module):
         return x + y
 
 
+@whole_sequence()
 class MaximMultiAxisGmlp(nn.Module):
     """``MaximMultiAxisGmlp(dim, block_size=8, grid_size=8, block_gmlp_factor=2, grid_gmlp_factor=2,
     input_proj_factor=2, use_bias=True, dropout_rate=0.0, residual=True, padding=None)``: MAXIM's multi-axis gated

@@ -36,6 +36,7 @@ from ..functional import window_attention
 from ..patterns import Blocks, Grid, Pattern
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import shards_natively, whole_extent
 
 _PARTITIONS = ("block", "grid")
 _REL_POS = ("bias_tf", "bias")
@@ -67,6 +68,7 @@ class _RelPos(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+@shards_natively
 class MaxViTAttention(nn.Module):
     """``MaxViTAttention(dim, partition="block", partition_size=7, dim_head=32, bias=True, rel_pos_type="bias_tf",
     head_first=False)``: x ``(B, H, W, dim)`` -> same.
@@ -117,13 +119,17 @@ class MaxViTAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def _pattern(self, spatial: tuple[int, ...]) -> tuple[tuple[int, ...], Pattern]:
+        whole = whole_extent(spatial)  # a rank's slab inside sharded: checks and clipping on the whole map
         if self.partition == "grid":
-            for a, (g, n) in enumerate(zip(self.partition_size, spatial)):
+            for a, (g, n) in enumerate(zip(self.partition_size, whole)):
                 if n % g:
                     raise ValueError(f"grid attention needs the input extent {n} of axis {a} divisible by "
                                      f"partition_size[{a}]={g}")
+            if spatial[0] % self.partition_size[0]:  # the window batch is planned on the slab: whole groups only
+                raise ValueError(f"grid attention inside nearfar.distributed.sharded needs each rank's slab to hold "
+                                 f"a multiple of partition_size[0]={self.partition_size[0]} rows, got {spatial[0]}")
             return self.partition_size, Grid(self.partition_size, grid=spatial)
-        window = tuple(min(p, n) for p, n in zip(self.partition_size, spatial))
+        window = tuple(min(p, n) for p, n in zip(self.partition_size, whole))
         return window, Blocks(window, grid=spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

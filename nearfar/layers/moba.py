@@ -50,6 +50,7 @@ from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 GRANULARITIES = ("token", "block")
 DECODES = ("sparse", "dense")
@@ -184,6 +185,7 @@ class MoBACache(KVCache):
         return 0 if self.means is None else self.means.shape[2]
 
 
+@whole_sequence()
 class MoBAAttention(ProjectedAttention):
     """``MoBAAttention(dim, num_heads, chunk_size=512, topk=3, num_kv_heads=None, granularity="token",
     dense_fallback=True, decode="sparse", rope=True, qkv_bias=False)``: causal MoBA self-attention of

@@ -58,6 +58,7 @@ from .dense import SourceCache
 from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import Mechanism, register
+from .sharding import whole_sequence
 
 
 def _runs(heads: list[int] | range, split: int | None = None) -> list[tuple[int, int]]:
@@ -82,6 +83,7 @@ def _group_pieces(a: int, e: int, group: int) -> list[tuple[int, int]]:
     return pieces
 
 
+@whole_sequence()
 class MoHAttention(ProjectedAttention):
     """``MoHAttention(dim, num_heads, causal=True, cross=False, shared_heads=None, top_k=None, router="learned",
     num_kv_heads=None, qkv_bias=False)``: x ``(B, N, dim)`` -> ``(B, N, dim)``; with ``cross=True`` call

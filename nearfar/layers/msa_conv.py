@@ -42,8 +42,10 @@ from ..checks import check_bool, check_channels_last, check_nonneg_int, check_pa
 from ..functional import attend
 from ..patterns import Neighborhood
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence()
 class MSAConv2d(nn.Module):
     """``MSAConv2d(input_channel, output_channel, kernel_size, stride=1, dilation=1, dropout=0.0, padding=1,
     bias=False)``: x ``(B, H, W, input_channel)`` -> ``(B, H', W', output_channel)``, ``H' = (H + 2 padding -

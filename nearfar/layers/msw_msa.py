@@ -39,6 +39,7 @@ from ..checks import check_bool, check_channels_last, check_dim_heads
 from ..functional import fused_linear, window_attention
 from ..patterns import Blocks
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def msw_window(height: int, width: int) -> tuple[int, int]:
@@ -63,6 +64,7 @@ def _as_shift(shift: object) -> tuple[int, int]:
     raise TypeError(f"shift must be None, an int or a pair of ints (rows, cols), got {shift!r}")
 
 
+@whole_sequence(replicated=("shift", "generator"))
 class MSWAttention(nn.Module):
     """MSW-MSA with diffusers ``Attention`` weights; ``forward(x (B, H, W, dim), shift=None, generator=None)``.
 

@@ -32,6 +32,7 @@ from ..functional import attend, merge_heads, split_qkv
 from ..patterns import Neighborhood
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import shards_natively
 
 
 def dinat_dilations(depth: int, resolution: int, kernel_size: int = 7) -> list[int]:
@@ -40,6 +41,7 @@ def dinat_dilations(depth: int, resolution: int, kernel_size: int = 7) -> list[i
     return [1 if i % 2 == 0 else r for i in range(depth)]
 
 
+@shards_natively
 class NeighborhoodAttention(nn.Module):
     """``NeighborhoodAttention(dim, num_heads, kernel_size, dilation=1, is_causal=False, rel_pos_bias=True,
     qkv_bias=True, qk_scale=None, ndim=2)``: x ``(B, *spatial, dim)`` -> same shape.

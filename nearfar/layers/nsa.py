@@ -63,6 +63,7 @@ from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import POSITIONS_SHARED, Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 COMPRESSORS = ("mean", "mlp")
 
@@ -307,6 +308,7 @@ class NSACache(KVCache):
         return 0 if self.k_cmp is None else self.k_cmp.shape[2]
 
 
+@whole_sequence()
 class NSAAttention(ProjectedAttention):
     """``NSAAttention(dim, num_heads, num_kv_heads=None, block_size=64, block_counts=16, window_size=512,
     compress="mean", rope=True, qkv_bias=False)``: causal NSA self-attention of ``x (B, N, dim)`` with RoPE and GQA.

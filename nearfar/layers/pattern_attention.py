@@ -14,8 +14,10 @@ from ..patterns import Pattern
 from .kv_cache import DecodeState, KeepFn, KVCache
 from .projections import ProjectedAttention, add_projections
 from .rotary import rotary_qkv
+from .sharding import shards_natively
 
 
+@shards_natively
 class PatternAttention(ProjectedAttention):
     """Multi-head attention of ``x (B, N, dim)`` restricted to ``pattern`` (on token indices), with rotary
     positions, GQA (``num_kv_heads``) and a KV cache that keeps what ``keep(positions, next_position)`` says.

@@ -30,6 +30,7 @@ from .kdgqa import GroupedQueryAttention
 from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv
+from .sharding import whole_sequence
 
 
 def perturb_heads(out: torch.Tensor, group_size: int, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +67,7 @@ def perturb_heads(out: torch.Tensor, group_size: int, noise: torch.Tensor | None
     return noisy.reshape(b, h, n, d)
 
 
+@whole_sequence()
 class PGQA(GroupedQueryAttention):
     """``PGQA(dim, num_heads, num_kv_heads=None, ...)``: x ``(B, N, dim)`` -> same shape; GQA with contiguous groups,
     whose per-head outputs are perturbed in training mode (see the module docstring).

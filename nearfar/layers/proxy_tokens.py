@@ -74,6 +74,7 @@ from ..checks import check_bool, check_channels_last, check_dim_heads, check_per
 from ..functional import attend, fused_linear, merge_heads, split_heads, window_attention
 from ..patterns import Blocks, Pattern
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 PROXY_MODES = ("code_strided_mean", "paper_window_mean", "first")
 
@@ -115,6 +116,7 @@ class DiffusersAttention(nn.Module):
         return F.linear(o, then.weight @ out.weight, then.weight @ out.bias + then.bias)
 
 
+@whole_sequence()
 class ProxyTokenAttention(nn.Module):
     """``ProxyTokenAttention(dim, num_heads, compress_ratios=None, proxy_compress_ratios=None, shift_window=True,
     proxy_mode="code_strided_mean", attention_bias=False, norm_elementwise_affine=True, norm_eps=1e-5, ndim=2)``:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..checks import check_channels_last, check_positive_int
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def check_psa_dim(dim: object, low: int) -> int:
@@ -71,6 +72,7 @@ def channel_gate_input(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pointwise(conv_v, torch.einsum("bn,bnc->bc", weights, flat))
 
 
+@whole_sequence()
 class PSAParallel(nn.Module):
     """``PSAParallel(dim)``: x ``(B, H, W, dim)`` -> same shape; ``x * A_ch + x * A_sp`` (official ``PSA_p``).
 

@@ -29,10 +29,12 @@ from torch import nn
 from ..checks import check_channels_last
 from .psa_parallel import channel_gate_input, check_psa_dim, init_psa_convs, pointwise
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 RATIO = 4  # the official bottleneck ratio of conv_up
 
 
+@whole_sequence()
 class PSASequential(nn.Module):
     """``PSASequential(dim)``: x ``(B, H, W, dim)`` -> same shape; ``y = x * A_ch(x)``, ``y * A_sp(y)`` (``PSA_s``).
 

@@ -33,8 +33,10 @@ from torch import nn
 from ..checks import check_channels_last, check_dim_heads, check_scale, check_tokens
 from ..functional import attend, merge_heads, split_qkv
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
+@whole_sequence(tokens=("pair",))
 class PWCAttention(nn.Module):
     """``PWCAttention(dim, num_heads, qkv_bias=True, qk_scale=None)``: DCAL's pair-wise cross-attention
     (PROVISIONAL, from the paper), a training-time regulariser sharing the self-attention's weights: ``x``'s

@@ -20,6 +20,8 @@ from typing import TypedDict
 
 from torch import nn
 
+from .sharding import sharding_of
+
 #: CAB's four attention patterns
 CAB_PATTERNS = {"NS": "non-causal self", "CS": "causal self", "NC": "non-causal cross", "CC": "causal cross"}
 #: what a mechanism's attention sees: a fixed neighbourhood, non-overlapping windows, a sparse sub-lattice
@@ -128,7 +130,8 @@ def register(mechanism: Mechanism) -> Mechanism:
 
     Raises:
         ValueError: An unknown ``family`` or ``kind``; empty or unknown ``dims``; ``patterns`` and ``why_not`` that
-            overlap, miss a pattern or support none; an empty reason; a name registered already.
+            overlap, miss a pattern or support none; an empty reason; a name registered already; a ``cls`` that does
+            not declare how it runs inside ``nearfar.distributed.sharded`` (``nearfar.layers.sharding``).
 
     Examples:
         >>> import nearfar as nf
@@ -155,6 +158,11 @@ def register(mechanism: Mechanism) -> Mechanism:
         raise ValueError("why_not must give a reason for every unsupported pattern")
     if mechanism.name in _REGISTRY:
         raise ValueError(f"mechanism {mechanism.name!r} is registered already")
+    if mechanism.cls is not None and sharding_of(mechanism.cls) is None:
+        # a layer that mixes tokens outside attend would be silently wrong inside nearfar.distributed.sharded
+        raise ValueError(f"{mechanism.cls.__name__} must declare how it runs inside nearfar.distributed.sharded: "
+                         "@shards_natively (tokens mix only through attend), @whole_sequence (it mixes them "
+                         "otherwise too) or @not_sharded(reason), from nearfar.layers.sharding")
     _REGISTRY[mechanism.name] = mechanism
     return mechanism
 

@@ -72,6 +72,7 @@ from ..patterns import Causal, Pattern, SlidingWindow
 from .kv_cache import DecodeState, KVCache
 from .registry import Mechanism, register
 from .rotary import RotaryEmbedding
+from .sharding import whole_sequence
 
 
 class RoutingCache(DecodeState):
@@ -101,6 +102,7 @@ class RoutingCache(DecodeState):
         return self.local.nbytes() + self.routed.nbytes() + ids
 
 
+@whole_sequence()
 class RoutingTransformerAttention(nn.Module):
     """``RoutingTransformerAttention(dim, num_heads, local_heads=None, num_clusters=16, ...)``: ``x (B, N, dim)`` ->
     ``(B, N, dim)`` with ``local_heads`` sliding-window heads and ``num_heads - local_heads`` routing heads that

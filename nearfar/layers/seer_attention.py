@@ -77,6 +77,7 @@ from .kv_cache import KVCache
 from .projections import ProjectedAttention, add_projections, meta_forward
 from .registry import DECODER_ONLY, Mechanism, register
 from .rotary import RotaryEmbedding
+from .sharding import whole_sequence
 
 GATES = ("block", "token")
 SPARSITY = ("threshold", "nz_ratio", "token_budget")
@@ -133,6 +134,7 @@ class SeerCache(KVCache):
         return super().nbytes() + extra
 
 
+@whole_sequence()
 class SeerAttention(ProjectedAttention):
     """``SeerAttention(dim, num_heads, num_kv_heads=None, block_size=64, gate_dim=128, gate="block",
     sparsity="threshold", threshold=2e-3, nz_ratio=0.5, token_budget=4096, last_block_dense=True)``: causal

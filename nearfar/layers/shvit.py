@@ -31,6 +31,7 @@ from torch import nn
 from ..checks import check_channels_last, check_int_range, check_positive_int
 from ..functional import attend
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 class ConvNorm(nn.Sequential):
@@ -59,6 +60,7 @@ class ConvNorm(nn.Sequential):
         return F.linear(x, w * scale[:, None], bn.bias - bn.running_mean * scale)
 
 
+@whole_sequence()
 class SHSA(nn.Module):
     """``SHSA(dim, qk_dim=16, pdim=None)``: x ``(B, H, W, dim)`` -> same shape; single head over all H*W tokens.
 

@@ -71,6 +71,7 @@ from ..checks import (
 from ..functional import attend, split_qkv
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def resize_token_table(table: torch.Tensor, n_cls: int, size: tuple[int, int],
@@ -132,6 +133,7 @@ class MaskPredictor(nn.Module):
         return coef, coef @ basis
 
 
+@whole_sequence(replicated=("cls",))
 class SparsifinerAttention(nn.Module):
     """``SparsifinerAttention(dim, num_heads=8, input_size=14, cls_token=False, attn_keep_rate=0.25,
     reduce_n_factor=8, reduce_c_factor=2, share_inout_proj=False, basis_threshold=0.02, basis_coef_topk=8,

@@ -48,6 +48,7 @@ from ..checks import (
 )
 from ..functional import attend, merge_heads
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 _OFFSETS = [(dy, dx) for dy in range(3) for dx in range(3)]  # neighbour k = 3 * dy + dx, offset (dy - 1, dx - 1)
 
@@ -95,6 +96,7 @@ def _cell(value: object) -> tuple[int, int]:
     return check_pair(value, "stoken_size")
 
 
+@whole_sequence()
 class SuperTokenAttention(nn.Module):
     """``SuperTokenAttention(dim, num_heads=8, stoken_size="auto", n_iter=1, refine=True, qkv_bias=False,
     qk_scale=None)``: x ``(B, H, W, dim)`` -> same shape. ``refine=False`` skips the super-token MHSA.

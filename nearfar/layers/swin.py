@@ -42,8 +42,10 @@ from ..functional import window_attention
 from ..patterns import Blocks
 from .position_bias import crop_offsets, swin_table_as_offsets, trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import shards_natively, whole_extent
 
 
+@shards_natively
 class WindowAttention(nn.Module):
     """``WindowAttention(dim, num_heads, window_size=7, shift_size=0, qkv_bias=True, qk_scale=None, ndim=2)``.
 
@@ -121,7 +123,7 @@ class WindowAttention(nn.Module):
             ValueError: ``x`` has another rank or channel count, or is empty.
         """
         _, spatial, _ = check_channels_last(x, self.ndim, self.dim)
-        window, shift = self.window_for(spatial)
+        window, shift = self.window_for(whole_extent(spatial))  # a rank's slab inside sharded: the whole map's
         out = window_attention(x, Blocks(window, grid=spatial, shift=shift), self.qkv, self.num_heads, self.scale,
                                self.offset_table(window))
         return self.proj(out)

@@ -79,6 +79,7 @@ from ..functional import attend, merge_heads, split_heads
 from .kv_cache import DecodeState
 from .registry import Mechanism, register
 from .rotary import RotaryEmbedding
+from .sharding import whole_sequence
 
 LN_EPS = 1e-5  # F.layer_norm's default
 RMS_EPS = 1e-6
@@ -168,6 +169,7 @@ class TitansCache(DecodeState):
         return sum(t.nbytes for t in self.weights + self.momentum) + seg
 
 
+@whole_sequence()
 class TitansMAC(nn.Module):
     """``TitansMAC(dim, num_heads, segment_len=128, num_persistent=4, memory_depth=2, memory_expansion=2,
     chunk_size=None, max_lr=0.1, rope=True, memory_norm=True, surprise_at="init")``: causal Memory-as-Context layer

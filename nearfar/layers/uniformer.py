@@ -31,8 +31,10 @@ from torch import nn
 from ..checks import check_channels_last, check_dim_heads, check_positive_int, check_scale
 from ..functional import attend, merge_heads, split_qkv
 from .registry import Mechanism, image_layer, register
+from .sharding import shards_natively, whole_sequence
 
 
+@whole_sequence()
 class UniFormerLocalMHRA(nn.Module):
     """``UniFormerLocalMHRA(dim, kernel_size=5)``: x ``(B, H, W, dim)`` -> same shape, ``PW_b(DW_k(PW_a(BN(x))))``.
 
@@ -87,6 +89,7 @@ class UniFormerLocalMHRA(nn.Module):
         return f"dim={self.dim}, kernel_size={self.kernel_size}"
 
 
+@shards_natively
 class UniFormerGlobalMHRA(nn.Module):
     """``UniFormerGlobalMHRA(dim, num_heads=None, head_dim=64, qkv_bias=True, qk_scale=None, norm_eps=1e-6)``:
     x ``(B, H, W, dim)`` -> same shape, ``MHSA(LN(x))`` over all H*W tokens.

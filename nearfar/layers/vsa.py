@@ -52,6 +52,7 @@ from ..checks import check_bool, check_channels_last, check_dim_heads, check_pos
 from ..functional import attend, pointwise_linear
 from .position_bias import trunc_normal_
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 def swin_relative_position_index(ws: int) -> torch.Tensor:
@@ -76,6 +77,7 @@ def _axis_coords(n: int, ws: int, device: torch.device, dtype: torch.dtype) -> t
     return centres, torch.arange(ws, device=device, dtype=dtype) - half
 
 
+@whole_sequence()
 class VSAWindowAttention(nn.Module):
     """``VSAWindowAttention(dim, num_heads, out_dim=None, window_size=7, qkv_bias=True, qk_scale=None,
     zero_init=True)``: x ``(B, H, W, dim)`` -> ``(B, H, W, out_dim)``, any ``H, W >= window_size``.

@@ -57,6 +57,7 @@ from ..patterns import Blocks
 from .position_bias import trunc_normal_
 from .projections import PointwiseLinear
 from .registry import Mechanism, image_layer, register
+from .sharding import whole_sequence
 
 
 class _Mlp(nn.Module):
@@ -89,6 +90,7 @@ def _windows(x: torch.Tensor, m: int) -> torch.Tensor:
     return wb.split(x)
 
 
+@whole_sequence()
 class WindowAttentionUpsample(nn.Module):
     """``WindowAttentionUpsample(dim, num_heads, scale_factor=2, window_size=8, ...)``: WAU, window attention
     upsampling. PROVISIONAL design (see the module docstring). ``forward(x, skip)``: the deep map ``x (B, h, w,

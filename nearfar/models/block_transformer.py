@@ -38,6 +38,7 @@ from ..checks import check_positive_int
 from ..layers.kv_cache import KVCache
 from ..layers.pattern_attention import PatternAttention
 from ..layers.registry import DECODER_ONLY, Mechanism, register
+from ..layers.sharding import not_sharded
 from ..patterns import Causal
 from .tiny_lm import Block, check_token_ids, layer_caches
 
@@ -53,6 +54,8 @@ def _run(blocks: nn.ModuleList, x: torch.Tensor, caches: list[KVCache] | None) -
     return x
 
 
+@not_sharded("its logits start at the second block, so they are not aligned with its input tokens; run it "
+             "on one process", methods=("forward", "logits", "loss"))
 class BlockTransformer(nn.Module):
     """``BlockTransformer(vocab_size, block_len=4, dim_block=128, dim_token=128, depth_block=2, depth_token=2,
     num_heads=4, expansion_ratio=2)``; ``expansion_ratio`` is ``r``, the number of prefix vectors per block.

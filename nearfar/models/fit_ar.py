@@ -75,6 +75,7 @@ from ..functional import attend, merge_heads, split_heads
 from ..layers.kv_cache import DecodeState
 from ..layers.pattern_attention import PatternAttention
 from ..layers.registry import DECODER_ONLY, Mechanism, register
+from ..layers.sharding import whole_sequence
 from ..patterns import BlockWindow, Causal, Pattern
 from .tiny_lm import Block, check_token_ids, layer_caches
 
@@ -121,6 +122,7 @@ class GroupCrossAttention(nn.Module):
         return x + self.o_proj(merge_heads(attend(q, k, v), (x.shape[1],)))
 
 
+@whole_sequence(channels=False)
 class FITAR(nn.Module):
     """``FITAR(vocab_size, group_size=16, latents_per_group=4, dim=128, latent_dim=128, layers="(1)1(1)",
     num_heads=4, mlp_hidden=None)``: tokens ``(B, N)`` -> logits ``(B, N, vocab_size)``, causal. See the module
