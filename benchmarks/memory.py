@@ -8,7 +8,7 @@ Each registered mechanism is built as ``nearfar bench speed --full`` builds it (
 for the same pattern, and ``nearfar.bench.speed_metrics.peak_bytes`` measures the largest total of tensors each
 call holds at once (after a warm-up call, so cached plans are not counted; parameters and inputs excluded), forward
 under ``no_grad`` and forward+backward. ``--no-native`` runs the block-sparse engine's PyTorch path instead of the
-compiled kernel, for comparison.
+compiled kernel, for comparison. ``--dtype bfloat16`` (or ``float16``) casts both layers and the input.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _call(layer: torch.nn.Module, x: torch.Tensor, ctx: torch.Tensor | None, pha
             return out
         out = layer(leaf) if ctx is None else layer(leaf, context=ctx)
         out = out[0] if isinstance(out, tuple) else out
-        out.backward(torch.randn(out.shape, generator=g))
+        out.backward(torch.randn(out.shape, generator=g).to(out.dtype))
         leaf.grad = None
         for p in layer.parameters():
             p.grad = None
@@ -52,7 +52,7 @@ def _call(layer: torch.nn.Module, x: torch.Tensor, ctx: torch.Tensor | None, pha
     return peak_bytes(run, params) / 2**20
 
 
-def measure(name: str, dims: str) -> list[tuple]:
+def measure(name: str, dims: str, dtype: torch.dtype = torch.float32) -> list[tuple]:
     mech = next(m for m in nf.mechanisms() if m.name == name)
     dense = next(m for m in nf.mechanisms() if m.name == "dense")
     rows = []
@@ -62,10 +62,10 @@ def measure(name: str, dims: str) -> list[tuple]:
         dim, heads = WIDTH_1D if dims == "1d" else WIDTH_2D
         extra = {"ndim": 1} if (name, dims) == ("neighborhood", "1d") else {}
         torch.manual_seed(0)
-        ours = mech.build(dim, heads, pattern, **extra)
-        ref = dense.build(dim, heads, pattern if pattern in dense.patterns else "NS")
+        ours = mech.build(dim, heads, pattern, **extra).to(dtype)
+        ref = dense.build(dim, heads, pattern if pattern in dense.patterns else "NS").to(dtype)
         shape = (SIZE_1D,) if dims == "1d" else SIZE_2D
-        x = torch.randn(1, *shape, dim, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(1, *shape, dim, generator=torch.Generator().manual_seed(1)).to(dtype)
         for phase in ("fwd", "fwd+bwd"):
             a = _call(ours, x, None, phase)
             b = _call(ref, x.reshape(1, -1, dim), None, phase)
@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mechanisms", nargs="*", default=DEFAULT)
     parser.add_argument("--no-native", action="store_true", help="the block-sparse engine's PyTorch path")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, native kernel in use: {native.available() and not args.no_native}\n")
+    dtype = getattr(torch, args.dtype)
+    print(f"torch {torch.__version__}, {args.dtype}, native kernel in use: {native.available() and not args.no_native}"
+          "\n")
     print("| mechanism | pattern | size | phase | ours MiB | dense MiB | ours / dense |")
     print("|---|---|---|---|---|---|---|")
     for name in args.mechanisms:
@@ -86,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
         for dims in [d for d in ("1d", "2d") if d in mech.dims]:
             if args.no_native:
                 with native.disabled():
-                    rows = measure(name, dims)
+                    rows = measure(name, dims, dtype)
             else:
-                rows = measure(name, dims)
+                rows = measure(name, dims, dtype)
             for r in rows:
                 print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.2f} |", flush=True)
 
