@@ -15,6 +15,7 @@ on the default device)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from torch import nn
 from ...checks import check_choice, check_nonneg_int
 from .parts import ClassifierHead, NormMlpClassifierHead, feature_take_indices
 
-__all__ = ["Backbone", "HeadModuleBackbone", "LinearHeadBackbone", "run_stages"]
+__all__ = ["Backbone", "HeadModuleBackbone", "LinearHeadBackbone", "PlainStagesBackbone", "run_stages"]
 
 Emit = Callable[[int, torch.Tensor], torch.Tensor]
 
@@ -59,6 +60,20 @@ class Backbone(nn.Module):
         """Logits ``(B, num_classes)`` of images ``(B, in_chans, H, W)`` (the pooled features without classes)."""
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing on or off in every stage that has it (a ``grad_checkpointing`` flag).
+
+        Raises:
+            ValueError: ``enable`` on a model none of whose stages checkpoints (timm asserts the same).
+        """
+        # Any: the flag is a plain attribute of the stage modules, not declared on nn.Module
+        stages: list[Any] = [m for m in self.modules() if hasattr(m, "grad_checkpointing") and m is not self]
+        if enable and not stages:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        for m in stages:
+            m.grad_checkpointing = enable
+
     def _follow_device(self, module: nn.Module) -> None:
         """Move a newly built head ``module`` to the device of the model's parameters."""
         param = next(self.parameters(), None)
@@ -73,6 +88,11 @@ class HeadModuleBackbone(Backbone):
     num_classes: int
     global_pool: str
     head_hidden_size: int
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The relative-position bias tables (timm's list for these models)."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -95,6 +115,30 @@ class HeadModuleBackbone(Backbone):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool (and classify unless ``pre_logits``) the output of ``forward_features``."""
         return self.head(x, pre_logits=pre_logits)
+
+
+class PlainStagesBackbone(Backbone):
+    """``forward_features`` and ``forward_intermediates`` of a model whose features are its ``stages`` run on the
+    output of its stem (``embed``), without a final norm (timm's GC ViT and SHViT)."""
+
+    stages: nn.Sequential
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map ``(B, num_features, h, w)``."""
+        return self.stages(self.embed(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
+                              intermediates_only: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", norm: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates``: the stage outputs at ``indices`` (the last ``n`` if an int, all if
+        None), NCHW; with the final map unless ``intermediates_only`` (``norm`` has nothing to apply)."""
+        check_choice(output_fmt, "output_fmt", ("NCHW",))
+        x, out, _ = run_stages(self.embed(x), list(self.stages), indices, stop_early)
+        return out if intermediates_only else (x, out)
 
 
 class LinearHeadBackbone(Backbone):

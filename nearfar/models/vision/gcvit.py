@@ -41,7 +41,7 @@ from ...checks import (
     check_real_range,
 )
 from ...layers.gcvit import FeatureBlock, GCViTWindowAttention, GlobalQueryAttention, MbConvBlock
-from .backbone import HeadModuleBackbone, run_stages
+from .backbone import HeadModuleBackbone, PlainStagesBackbone
 from .parts import POOLS, ClassifierHead, LayerNorm2d, LayerScale, Mlp, drop_path_or_identity
 from .spec import BackboneSpec, register_backbone
 
@@ -141,7 +141,7 @@ class GlobalContextViTStage(nn.Module):
         return self.norm(x).permute(0, 3, 1, 2).contiguous()
 
 
-class GlobalContextViT(HeadModuleBackbone):
+class GlobalContextViT(HeadModuleBackbone, PlainStagesBackbone):
     """GC ViT (timm ``GlobalContextVit``) on nearfar's GC ViT attention layers; timm's parameter names.
 
     Args:
@@ -225,19 +225,9 @@ class GlobalContextViT(HeadModuleBackbone):
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NCHW")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map ``(B, num_features, H/32, W/32)``."""
-        return self.stages(self.stem(x))
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", norm: bool = False
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates``: the stage outputs at ``indices`` (the last ``n`` if an int, all if
-        None), NCHW; with the final map unless ``intermediates_only``."""
-        check_choice(output_fmt, "output_fmt", ("NCHW",))
-        x, out, _ = run_stages(self.stem(x), list(self.stages), indices, stop_early)
-        return out if intermediates_only else (x, out)
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: ``(B, C, H, W)`` -> the first stage's input map."""
+        return self.stem(x)
 
 
 _CFG = dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",

@@ -32,7 +32,7 @@ from torch import nn
 
 from ...checks import check_choice, check_int_range, check_positive_int, check_real_range
 from ...layers.shvit import SHSA
-from .backbone import Backbone, run_stages
+from .backbone import PlainStagesBackbone
 from .parts import global_pool as pool_map  # the name global_pool is the constructor argument here
 from .spec import BackboneSpec, register_backbone
 
@@ -192,7 +192,7 @@ class NormLinear(nn.Sequential):
         nn.init.constant_(self.l.bias, 0)
 
 
-class SHViT(Backbone):
+class SHViT(PlainStagesBackbone):
     """SHViT (timm ``SHViT``) with nearfar's ``SHSA`` as the mixer; timm's parameter and buffer names.
 
     Args:
@@ -271,9 +271,9 @@ class SHViT(Backbone):
         self.head.train(self.training)
         self.num_classes = num_classes
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map ``(B, num_features, H/64, W/64)`` (channels-last memory)."""
-        return self.stages(self.patch_embed(x.contiguous(memory_format=CL)))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional stem (stride 16), in channels-last memory."""
+        return self.patch_embed(x.contiguous(memory_format=CL))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool (``global_pool``), dropout and classify a ``forward_features`` map (``pre_logits``: stop before
@@ -281,17 +281,6 @@ class SHViT(Backbone):
         x = pool_map(x, self.pool_type, (2, 3))
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", norm: bool = False
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates``: the stage outputs at ``indices`` (the last ``n`` if an int, all if
-        None), NCHW; with the final map unless ``intermediates_only``."""
-        check_choice(output_fmt, "output_fmt", ("NCHW",))
-        x, out, _ = run_stages(self.patch_embed(x.contiguous(memory_format=CL)), list(self.stages), indices,
-                               stop_early)
-        return out if intermediates_only else (x, out)
 
 
 def _per_stage(value: object, n: int, name: str) -> tuple[int, ...]:

@@ -204,20 +204,9 @@ class SwinTransformer(HeadModuleBackbone):
         self.apply(init_vit_weights)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The relative-position bias tables (timm's list)."""
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
             (r"^layers\.(\d+).downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            assert isinstance(stage, SwinTransformerStage)
-            stage.grad_checkpointing = enable
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
