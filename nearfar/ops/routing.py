@@ -38,8 +38,10 @@ decoding). Its *current* key block is the one holding its last query token, ``(q
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
+from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; torch depends on typing_extensions
 
 from ..checks import (
     check_bool,
@@ -477,42 +479,42 @@ probability exactly equal to the threshold.
     return kv_blocks_from_mask(keep)
 
 
-def nz_ratio_blocks(
-    scores: torch.Tensor,
-    nz_ratio: float,
-    *,
-    force_first: bool = False,
-    force_current: bool = False,
-    force_last: int = 0,
-    causal: bool = True,
-    q_block_size: int = 1,
-    k_block_size: int = 1,
-    q_start: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class BlockSelection(TypedDict, total=False):
+    """The keyword options of ``topk_blocks`` that ``nz_ratio_blocks`` passes on to it unchanged (see
+    ``topk_blocks`` for each; ``causal`` defaults to True)."""
+
+    force_first: bool
+    force_current: bool
+    force_last: int
+    causal: bool
+    q_block_size: int
+    k_block_size: int
+    q_start: int
+
+
+def nz_ratio_blocks(scores: torch.Tensor, nz_ratio: float, **selection: Unpack[BlockSelection]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """SeerAttention's ``nz_ratio`` selection: every row keeps its top ``K`` blocks, ``K`` set by a kept fraction.
 
     With ``causal``, ``K = max(1, int((1 - sqrt(1 - nz_ratio)) * KB))`` (SeerAttention's
     ``get_sparse_attn_mask_from_nz_ratio`` on its square block map: the kept part of the lower block triangle is
     then about ``nz_ratio``); without, ``K = max(1, int(nz_ratio * KB))``. The rows are then chosen by
-    ``topk_blocks(scores, K, ...)`` (forced blocks included in ``K``; a row with fewer visible blocks keeps them
-    all, as the official top-k followed by ``tril`` does).
+    ``topk_blocks(scores, K, **selection)`` (forced blocks included in ``K``; a row with fewer visible blocks keeps
+    them all, as the official top-k followed by ``tril`` does).
 
     Args:
         scores: Block scores or probabilities ``(B, H, QB, KB)``, floating.
         nz_ratio: The fraction to keep, in ``[0, 1]``.
-        force_first: Always keep key block 0.
-        force_current: Always keep the row's current block.
-        force_last: Always keep the last ``force_last`` blocks up to the current one (>= 0).
-        causal: Never keep a block after the row's current block.
-        q_block_size: Tokens per row (>= 1).
-        k_block_size: Tokens per key block (>= 1).
-        q_start: Position of the first query token (>= 0).
+        **selection: ``topk_blocks``' keyword options, passed on: ``force_first``, ``force_current``,
+            ``force_last``, ``causal`` (default True; it also picks the formula for ``K``), ``q_block_size``,
+            ``k_block_size``, ``q_start``.
 
     Returns:
         ``(kv_num_blocks (B, H, QB), kv_indices (B, H, QB, KB))`` int32, ascending, -1 padded.
 
     Raises:
-        TypeError: If ``scores`` is not a floating tensor or an argument has the wrong type.
+        TypeError: If ``scores`` is not a floating tensor, an option is not one of ``topk_blocks``' or an argument
+            has the wrong type.
         ValueError: If ``scores`` is not 4-D or an argument is out of range.
 
     Examples:
@@ -524,12 +526,14 @@ def nz_ratio_blocks(
     """
     rho = check_real_range(nz_ratio, "nz_ratio", 0.0, 1.0)
     check_tensor(scores, "scores", 4)
-    check_bool(causal, "causal")
+    unknown = sorted(set(selection) - BlockSelection.__optional_keys__)
+    if unknown:
+        raise TypeError(f"nz_ratio_blocks got unexpected keyword arguments {unknown}; the options are topk_blocks': "
+                        f"{sorted(BlockSelection.__optional_keys__)}")
+    causal = check_bool(selection.get("causal", True), "causal")
     kb = scores.shape[-1]
     frac = 1.0 - math.sqrt(1.0 - rho) if causal else rho
-    k = max(1, int(frac * kb))
-    return topk_blocks(scores, k, force_first=force_first, force_current=force_current, force_last=force_last,
-                       causal=causal, q_block_size=q_block_size, k_block_size=k_block_size, q_start=q_start)
+    return topk_blocks(scores, max(1, int(frac * kb)), **selection)
 
 
 def block_attention_stat(
