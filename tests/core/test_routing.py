@@ -456,6 +456,8 @@ def test_ema_update_centroids_matches_loop(b, h, n, c, d, decay, layout, seed):
     (lambda: topk_blocks(torch.zeros(1, 1, 2, 2), 1, force_last=-1), ValueError, "force_last"),
     (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), -0.1), ValueError, "threshold"),
     (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), "0.1"), TypeError, "threshold"),
+    (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), 0.1, q_stat=1), TypeError, "q_stat"),
+    (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), 0.1, k_block_size=0), ValueError, "k_block_size"),
     (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 1.5), ValueError, "nz_ratio"),
     (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 0.5, force_frist=True), TypeError, "force_frist"),
     (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 0.5, causal=1), TypeError, "causal must be a bool"),
