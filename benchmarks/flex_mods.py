@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nearfar as nf  # noqa: E402
 from nearfar import native  # noqa: E402
-from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
+from nearfar.bench.timing import attention_call, interleave, load, median_ratio  # noqa: E402
 
 
 class PackedCausal(nf.Pattern):
@@ -115,15 +115,7 @@ def run_case(name: str, n: int, w: int, h: int, d: int, rounds: int, flex_grad: 
         leaves = [t.clone().requires_grad_(mode == "fwd+bwd") for t in (q, k, v)]
 
         def call(fn, leaves=leaves, mode=mode):
-            def run():
-                if mode == "fwd":
-                    with torch.no_grad():
-                        fn(*leaves)
-                else:
-                    for t in leaves:
-                        t.grad = None
-                    fn(*leaves).backward(go)
-            return run
+            return attention_call(fn, leaves, mode, go)
 
         fns = {"MaskMod": call(lambda a, b, c: nf.attend(a, b, c, pattern, score_mod=score_mod)),
                "built-in": call(lambda a, b, c: nf.attend(a, b, c, built, score_mod=score_mod))}

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nearfar as nf  # noqa: E402
 from nearfar import native  # noqa: E402
-from nearfar.bench.timing import interleave, load, median_ratio  # noqa: E402
+from nearfar.bench.timing import attention_call, interleave, load, median_ratio  # noqa: E402
 from nearfar.dispatch import choose_engine  # noqa: E402
 
 # name: (pattern, batch, heads, tokens, head dim) -- vision stages at B=8 (NAT-mini: 3 heads of 32 at 28x28,
@@ -56,15 +56,7 @@ def run_case(name: str, rounds: int) -> list[tuple]:
         leaves = [t.clone().requires_grad_(mode == "fwd+bwd") for t in (q, k, v)]
 
         def call(fn, leaves=leaves, mode=mode):
-            def run():
-                if mode == "fwd":
-                    with torch.no_grad():
-                        fn(*leaves)
-                else:
-                    for t in leaves:
-                        t.grad = None
-                    fn(*leaves).backward(go)
-            return run
+            return attention_call(fn, leaves, mode, go)
 
         fns = {"dense SDPA": call(F.scaled_dot_product_attention),
                "auto": call(lambda a, b_, c: nf.attend(a, b_, c, pattern)),

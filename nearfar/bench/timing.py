@@ -37,6 +37,24 @@ def interleave(methods: Mapping[str, Callable[[], object]], rounds: int = 5,
     return times
 
 
+def attention_call(fn: Callable[..., torch.Tensor], leaves: list[torch.Tensor], mode: str,
+                   grad_out: torch.Tensor) -> Callable[[], None]:
+    """One timed call of an attention ``fn(q, k, v)`` on ``leaves``: ``"fwd"`` runs it under ``no_grad``;
+    ``"fwd+bwd"`` clears the leaves' gradients and backpropagates ``grad_out`` into them."""
+    if mode not in ("fwd", "fwd+bwd"):
+        raise ValueError(f"mode must be 'fwd' or 'fwd+bwd', got {mode!r}")
+
+    def run() -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*leaves)
+        else:
+            for t in leaves:
+                t.grad = None
+            fn(*leaves).backward(grad_out)
+    return run
+
+
 def median_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of ``times[num][r] / times[den][r]`` (round-paired, robust to machine drift)."""
     return statistics.median(a / b for a, b in zip(times[num], times[den]))

@@ -38,8 +38,10 @@ decoding). Its *current* key block is the one holding its last query token, ``(q
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
+from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; torch depends on typing_extensions
 
 from ..checks import (
     check_bool,
@@ -297,6 +299,31 @@ def _visible(scores: torch.Tensor, causal: bool, q_block_size: int, k_block_size
     return ok
 
 
+class BlockSelection(TypedDict, total=False):
+    """The keyword options of ``topk_blocks`` that ``threshold_blocks`` and ``nz_ratio_blocks`` take too (see
+    ``topk_blocks`` for each; ``causal`` defaults to True, the others to no forced block, sizes 1 and start 0)."""
+
+    force_first: bool
+    force_current: bool
+    force_last: int
+    causal: bool
+    q_block_size: int
+    k_block_size: int
+    q_start: int
+
+
+def _selection_options(selection: BlockSelection, fn: str) -> tuple[bool, bool, int, bool, int, int, int]:
+    """``selection`` with the defaults filled in: ``(force_first, force_current, force_last, causal, q_block_size,
+    k_block_size, q_start)``; an option that is not one of ``BlockSelection``'s raises TypeError naming it."""
+    unknown = sorted(set(selection) - BlockSelection.__optional_keys__)
+    if unknown:
+        raise TypeError(f"{fn} got unexpected keyword arguments {unknown}; the options are topk_blocks': "
+                        f"{sorted(BlockSelection.__optional_keys__)}")
+    return (selection.get("force_first", False), selection.get("force_current", False),
+            selection.get("force_last", 0), selection.get("causal", True), selection.get("q_block_size", 1),
+            selection.get("k_block_size", 1), selection.get("q_start", 0))
+
+
 def topk_blocks(
     scores: torch.Tensor,
     k: int,
@@ -414,19 +441,8 @@ def _topk_rows(scores: torch.Tensor, kk: int, r0: int, force_first: bool, force_
     return keep.squeeze(-1).to(torch.int32), torch.where(chosen < kb, chosen, -1).to(torch.int32)
 
 
-def threshold_blocks(
-    probs: torch.Tensor,
-    threshold: float,
-    *,
-    force_first: bool = False,
-    force_current: bool = False,
-    force_last: int = 0,
-    dense_last_rows: int = 0,
-    causal: bool = True,
-    q_block_size: int = 1,
-    k_block_size: int = 1,
-    q_start: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def threshold_blocks(probs: torch.Tensor, threshold: float, *, dense_last_rows: int = 0,
+                     **selection: Unpack[BlockSelection]) -> tuple[torch.Tensor, torch.Tensor]:
     """SeerAttention's threshold selection: keep each block whose gate probability is ``>= threshold``.
 
     ``probs (B, H, QB, KB)`` is typically the softmax of the gate logits over the key blocks. Masked blocks
@@ -439,20 +455,16 @@ probability exactly equal to the threshold.
     Args:
         probs: Block probabilities (or any scores) ``(B, H, QB, KB)``, floating.
         threshold: Keep blocks with ``probs >= threshold``; a number in ``[0, inf)``.
-        force_first: Always keep key block 0.
-        force_current: Always keep the row's current block.
-        force_last: Always keep the last ``force_last`` blocks up to the current one (>= 0).
         dense_last_rows: Number of last rows that keep every visible block (>= 0).
-        causal: Never keep a block after the row's current block.
-        q_block_size: Tokens per row (>= 1).
-        k_block_size: Tokens per key block (>= 1).
-        q_start: Position of the first query token (>= 0).
+        **selection: ``topk_blocks``' keyword options (``BlockSelection``): ``force_first``, ``force_current``,
+            ``force_last``, ``causal`` (default True), ``q_block_size``, ``k_block_size``, ``q_start``.
 
     Returns:
         ``(kv_num_blocks (B, H, QB), kv_indices (B, H, QB, KB))`` int32, ascending, -1 padded.
 
     Raises:
-        TypeError: If ``probs`` is not a floating tensor or an argument has the wrong type.
+        TypeError: If ``probs`` is not a floating tensor, an option is not one of ``topk_blocks``' or an argument
+            has the wrong type.
         ValueError: If ``probs`` is not 4-D or an argument is out of range.
 
     Examples:
@@ -462,6 +474,8 @@ probability exactly equal to the threshold.
         >>> threshold_blocks(p, 0.5)[1].tolist()
         [[[[0, -1], [1, -1]]]]
     """
+    force_first, force_current, force_last, causal, q_block_size, k_block_size, q_start = _selection_options(
+        selection, "threshold_blocks")
     _check_selection_args(probs, "probs", force_first, force_current, force_last, causal, q_block_size,
                           k_block_size, q_start)
     tau = check_real_range(threshold, "threshold", 0.0, math.inf)
@@ -477,42 +491,29 @@ probability exactly equal to the threshold.
     return kv_blocks_from_mask(keep)
 
 
-def nz_ratio_blocks(
-    scores: torch.Tensor,
-    nz_ratio: float,
-    *,
-    force_first: bool = False,
-    force_current: bool = False,
-    force_last: int = 0,
-    causal: bool = True,
-    q_block_size: int = 1,
-    k_block_size: int = 1,
-    q_start: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nz_ratio_blocks(scores: torch.Tensor, nz_ratio: float, **selection: Unpack[BlockSelection]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """SeerAttention's ``nz_ratio`` selection: every row keeps its top ``K`` blocks, ``K`` set by a kept fraction.
 
     With ``causal``, ``K = max(1, int((1 - sqrt(1 - nz_ratio)) * KB))`` (SeerAttention's
     ``get_sparse_attn_mask_from_nz_ratio`` on its square block map: the kept part of the lower block triangle is
     then about ``nz_ratio``); without, ``K = max(1, int(nz_ratio * KB))``. The rows are then chosen by
-    ``topk_blocks(scores, K, ...)`` (forced blocks included in ``K``; a row with fewer visible blocks keeps them
-    all, as the official top-k followed by ``tril`` does).
+    ``topk_blocks(scores, K, **selection)`` (forced blocks included in ``K``; a row with fewer visible blocks keeps
+    them all, as the official top-k followed by ``tril`` does).
 
     Args:
         scores: Block scores or probabilities ``(B, H, QB, KB)``, floating.
         nz_ratio: The fraction to keep, in ``[0, 1]``.
-        force_first: Always keep key block 0.
-        force_current: Always keep the row's current block.
-        force_last: Always keep the last ``force_last`` blocks up to the current one (>= 0).
-        causal: Never keep a block after the row's current block.
-        q_block_size: Tokens per row (>= 1).
-        k_block_size: Tokens per key block (>= 1).
-        q_start: Position of the first query token (>= 0).
+        **selection: ``topk_blocks``' keyword options (``BlockSelection``), passed on: ``force_first``,
+            ``force_current``, ``force_last``, ``causal`` (default True; it also picks the formula for ``K``),
+            ``q_block_size``, ``k_block_size``, ``q_start``.
 
     Returns:
         ``(kv_num_blocks (B, H, QB), kv_indices (B, H, QB, KB))`` int32, ascending, -1 padded.
 
     Raises:
-        TypeError: If ``scores`` is not a floating tensor or an argument has the wrong type.
+        TypeError: If ``scores`` is not a floating tensor, an option is not one of ``topk_blocks``' or an argument
+            has the wrong type.
         ValueError: If ``scores`` is not 4-D or an argument is out of range.
 
     Examples:
@@ -524,12 +525,10 @@ def nz_ratio_blocks(
     """
     rho = check_real_range(nz_ratio, "nz_ratio", 0.0, 1.0)
     check_tensor(scores, "scores", 4)
-    check_bool(causal, "causal")
+    causal = check_bool(_selection_options(selection, "nz_ratio_blocks")[3], "causal")
     kb = scores.shape[-1]
     frac = 1.0 - math.sqrt(1.0 - rho) if causal else rho
-    k = max(1, int(frac * kb))
-    return topk_blocks(scores, k, force_first=force_first, force_current=force_current, force_last=force_last,
-                       causal=causal, q_block_size=q_block_size, k_block_size=k_block_size, q_start=q_start)
+    return topk_blocks(scores, max(1, int(frac * kb)), **selection)
 
 
 def block_attention_stat(

@@ -307,6 +307,13 @@ def test_nz_ratio_blocks_keeps_seerattention_count():
         got = nz_ratio_blocks(scores, rho, causal=causal)
         want = topk_blocks(scores, k, causal=causal)
         assert all(torch.equal(a, c) for a, c in zip(got, want, strict=True))
+    # every other option goes to topk_blocks unchanged (token rows against blocks of 4 keys, forced blocks)
+    opts = dict(force_first=True, force_current=True, force_last=2, q_block_size=1, k_block_size=4, q_start=3)
+    scores = torch.randn(1, 2, 8, 4)
+    got = nz_ratio_blocks(scores, 0.4, **opts)
+    want = topk_blocks(scores, max(1, int((1 - math.sqrt(0.6)) * 4)), **opts)
+    assert all(torch.equal(a, c) for a, c in zip(got, want, strict=True))
+    assert not torch.equal(got[0], nz_ratio_blocks(scores, 0.4)[0])  # the options change the selection
 
 
 def test_kv_blocks_from_mask_roundtrip():
@@ -449,7 +456,12 @@ def test_ema_update_centroids_matches_loop(b, h, n, c, d, decay, layout, seed):
     (lambda: topk_blocks(torch.zeros(1, 1, 2, 2), 1, force_last=-1), ValueError, "force_last"),
     (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), -0.1), ValueError, "threshold"),
     (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), "0.1"), TypeError, "threshold"),
+    (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), 0.1, q_stat=1), TypeError, "q_stat"),
+    (lambda: threshold_blocks(torch.zeros(1, 1, 2, 2), 0.1, k_block_size=0), ValueError, "k_block_size"),
     (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 1.5), ValueError, "nz_ratio"),
+    (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 0.5, force_frist=True), TypeError, "force_frist"),
+    (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 0.5, causal=1), TypeError, "causal must be a bool"),
+    (lambda: nz_ratio_blocks(torch.zeros(1, 1, 2, 2), 0.5, force_last=-1), ValueError, "force_last"),
     (lambda: kv_blocks_from_mask(torch.zeros(1, 1, 2, 2)), TypeError, "bool"),
     (lambda: block_attention_stat(torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 4, 2), torch.zeros(1, 2, 3), 2, 2),
      ValueError, "lse must be"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import backbone_checks as checks
 import pytest
 import torch
 from hypothesis import given, settings
@@ -41,22 +42,14 @@ def _randomize(model, scale=0.2):
 
 def _pair(dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
-    ref = _randomize(ref_mod.build("biformer_tiny", **kw)).to(dtype).eval()
-    ours = create_backbone(NAME, **kw).to(dtype).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    ref = _randomize(ref_mod.build("biformer_tiny", **kw)).to(dtype)
+    return checks.load_pair(ref, create_backbone(NAME, **kw).to(dtype))
 
 
 def _small_pair(dtype=torch.float64, seed=0, auto_pad=True, **kw):
     torch.manual_seed(seed)
-    ref = ref_mod.BiFormer(**{k: SMALL[k] for k in ORACLE_KEYS}, auto_pad=auto_pad, **kw).to(dtype).eval()
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    _randomize(ref)
-    ours = BiFormer(**SMALL, auto_pad=auto_pad, **kw).to(dtype).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    ref = _randomize(checks.perturbed(ref_mod.BiFormer(**{k: SMALL[k] for k in ORACLE_KEYS}, auto_pad=auto_pad, **kw)))
+    return checks.load_pair(ref.to(dtype), BiFormer(**SMALL, auto_pad=auto_pad, **kw).to(dtype))
 
 
 def _ref_stages(ref, x):
@@ -125,32 +118,13 @@ def test_real_config_logits_equal_the_reference(size, batch):
 @given(h=st.integers(30, 72), w=st.integers(30, 72), batch=st.integers(1, 2))
 def test_float64_forward_and_backward_equal_the_reference(h, w, batch):
     ref, ours = _small_pair()  # auto_pad: odd sizes pad every routed stage to multiples of n_win
-    x = torch.randn(batch, 3, h, w, dtype=torch.float64)
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    a, b = ref(xr), ours(xo)
-    assert torch.allclose(a, b, rtol=0, atol=1e-10 * a.abs().max().item())
-    cot = torch.randn_like(a)
-    a.backward(cot)
-    b.backward(cot)
-    assert torch.allclose(xr.grad, xo.grad, rtol=1e-9, atol=1e-10 * xr.grad.abs().max().item())
-    grads = dict(ours.named_parameters())
-    for k, p in ref.named_parameters():
-        assert torch.allclose(p.grad, grads[k].grad, rtol=1e-9, atol=1e-10 * p.grad.abs().max().item()), k
+    checks.check_against_oracle_float64(ref, ours, torch.randn(batch, 3, h, w, dtype=torch.float64))
 
 
 def test_float32_gradients_match_and_inputs_may_be_views():
     ref, ours = _small_pair(dtype=torch.float32, auto_pad=False)
     base = torch.randn(3, 64, 65, 2)
-    x = base.permute(3, 0, 1, 2)[..., 1:]  # (2, 3, 64, 64), non-contiguous
-    xr, xo = x.detach().clone().requires_grad_(), x.detach().requires_grad_()
-    a, b = ref(xr), ours(xo)
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
-    a.square().sum().backward()
-    b.square().sum().backward()
-    assert (xr.grad - xo.grad).abs().max() <= 1e-4 * xr.grad.abs().max()
-    grads = dict(ours.named_parameters())
-    for k, p in ref.named_parameters():
-        assert (p.grad - grads[k].grad).abs().max() <= 1e-4 * p.grad.abs().max(), k
+    checks.check_against_oracle_float32_on_a_view(ref, ours, base.permute(3, 0, 1, 2)[..., 1:])  # (2, 3, 64, 64)
 
 
 def test_layer_scale_and_mlp_dwconv_load_strictly():
@@ -165,10 +139,7 @@ def test_forward_intermediates_are_the_stage_outputs():
     ref, ours = _small_pair()
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
     want = _ref_stages(ref, x)
-    final, maps = ours.forward_intermediates(x)
-    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)]
-    assert all(torch.allclose(m, w, atol=1e-12) for m, w in zip(maps, want))
-    assert torch.allclose(final, ours.forward_features(x))
+    checks.check_stage_maps(ours, x, want, [(2, 16, 16, 12), (2, 32, 8, 6), (2, 32, 4, 3), (2, 64, 2, 2)])
     nhwc = ours.forward_intermediates(x, indices=[1, 3], norm=True, output_fmt="NHWC", intermediates_only=True)
     assert torch.allclose(nhwc[0], want[1].permute(0, 2, 3, 1))
     assert torch.allclose(nhwc[1], ours.forward_features(x).permute(0, 2, 3, 1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import backbone_checks as checks
 import pytest
 import torch
 from hypothesis import given, settings
@@ -24,21 +25,14 @@ SMALL = dict(embed_dim=16, mlp_ratio=2, depths=[2, 1, 2, 1], num_heads=[1, 2, 2,
 def _pair(name: str, dtype=torch.float32, seed: int = 0, **kw):
     """(reference, nearfar) with the reference's random weights loaded strictly into the nearfar model, eval."""
     torch.manual_seed(seed)
-    ref = ref_mod.build(name.removeprefix("nearfar_"), **kw).to(dtype).eval()
-    ours = create_backbone(name, **kw).to(dtype).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    ref = ref_mod.build(name.removeprefix("nearfar_"), **kw).to(dtype)
+    return checks.load_pair(ref, create_backbone(name, **kw).to(dtype))
 
 
 def _small_pair(dilations, dtype=torch.float64, seed=0, **kw):
     torch.manual_seed(seed)
-    ref = ref_mod.NAT(**SMALL, dilations=dilations, num_classes=7).to(dtype).eval()
-    with torch.no_grad():  # weights of order one, so that every term (the bias table too) shows in the outputs
-        for p in ref.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    ours = NAT(**SMALL, dilations=dilations, num_classes=7, **kw).to(dtype).eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    ref = checks.perturbed(ref_mod.NAT(**SMALL, dilations=dilations, num_classes=7).to(dtype))
+    return checks.load_pair(ref, NAT(**SMALL, dilations=dilations, num_classes=7, **kw).to(dtype))
 
 
 def _ref_levels(ref, x):
@@ -118,42 +112,20 @@ def test_float64_forward_and_backward_equal_the_reference(size, d1, d2, batch):
     # non-divisible extents, dilated groups of unequal length and padded small maps all occur here
     dilations = [[1, d1], [d2], [d1, 1], [1]]
     ref, ours = _small_pair(dilations)
-    x = torch.randn(batch, 3, size + 1, size, dtype=torch.float64)
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    a, b = ref(xr), ours(xo)
-    assert torch.allclose(a, b, rtol=0, atol=1e-10 * a.abs().max().item())
-    cot = torch.randn_like(a)
-    a.backward(cot)
-    b.backward(cot)
-    assert torch.allclose(xr.grad, xo.grad, rtol=1e-9, atol=1e-10 * xr.grad.abs().max().item())
-    grads = dict(ours.named_parameters())
-    for k, p in ref.named_parameters():
-        assert torch.allclose(p.grad, grads[k].grad, rtol=1e-9, atol=1e-10 * p.grad.abs().max().item()), k
+    checks.check_against_oracle_float64(ref, ours, torch.randn(batch, 3, size + 1, size, dtype=torch.float64))
 
 
 def test_float32_gradients_match_and_inputs_may_be_views():
     ref, ours = _small_pair([[1, 2], [2], [1, 1], [1]], dtype=torch.float32)
     base = torch.randn(3, 48, 40, 2)
-    x = base.permute(3, 0, 1, 2)[:, :, 1:]  # (2, 3, 47, 40), non-contiguous
-    xr, xo = x.detach().clone().requires_grad_(), x.detach().requires_grad_()
-    a, b = ref(xr), ours(xo)
-    assert (a - b).abs().max() <= 1e-4 * a.abs().max()
-    a.square().sum().backward()
-    b.square().sum().backward()
-    assert (xr.grad - xo.grad).abs().max() <= 1e-4 * xr.grad.abs().max()
-    grads = dict(ours.named_parameters())
-    for k, p in ref.named_parameters():
-        assert (p.grad - grads[k].grad).abs().max() <= 1e-4 * p.grad.abs().max(), k
+    checks.check_against_oracle_float32_on_a_view(ref, ours, base.permute(3, 0, 1, 2)[:, :, 1:])  # (2, 3, 47, 40)
 
 
 def test_forward_intermediates_are_the_levels_before_downsampling():
     ref, ours = _small_pair([[1, 2], [1], [1, 1], [1]])
     x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
     want = _ref_levels(ref, x)
-    final, maps = ours.forward_intermediates(x)
-    assert [tuple(m.shape) for m in maps] == [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3), (2, 128, 2, 2)]
-    assert all(torch.allclose(m, w, atol=1e-12) for m, w in zip(maps, want))
-    assert torch.allclose(final, ours.forward_features(x))
+    checks.check_stage_maps(ours, x, want, [(2, 16, 16, 12), (2, 32, 8, 6), (2, 64, 4, 3), (2, 128, 2, 2)])
     nhwc = ours.forward_intermediates(x, indices=[0, -1], norm=True, output_fmt="NHWC", intermediates_only=True)
     assert torch.allclose(nhwc[0], want[0].permute(0, 2, 3, 1))
     assert torch.allclose(nhwc[1], ours.forward_features(x))  # norm=True: the last map gets the final norm

@@ -6,10 +6,12 @@ Tiny configurations plus the real ``shvit_s1`` at 224x224; the timm-free tests r
 
 from __future__ import annotations
 
+import backbone_checks as checks
 import pytest
 import torch
 from timm_required import timm_or_none
 
+import nearfar.models.vision.shvit as shvit_module
 from nearfar.models.vision import backbones, create_backbone
 from nearfar.models.vision.shvit import SHViT
 
@@ -21,7 +23,7 @@ TINY = dict(embed_dim=(16, 24, 32), partial_dim=(4, 6, 8), qk_dim=(4, 4, 4), dep
 
 
 def _images(b=4, size=64, seed=1):
-    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return checks.images(b, size, seed)
 
 
 def _trained(model):
@@ -40,9 +42,7 @@ def _trained(model):
 def _pair(name="shvit_s1", **kw):
     torch.manual_seed(0)
     ref = _trained(timm.create_model(name, **{**TINY, **kw}))
-    ours = timm.create_model("nearfar_" + name, **{**TINY, **kw})
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref.eval(), ours.eval()
+    return checks.load_pair(ref, timm.create_model("nearfar_" + name, **{**TINY, **kw}))
 
 
 @needs_timm
@@ -73,23 +73,7 @@ def test_every_stage_with_attention_and_other_pools():
 def test_real_shvit_s1_at_224_equals_timm():
     torch.manual_seed(0)
     ref, ours = timm.create_model("shvit_s1"), timm.create_model("nearfar_shvit_s1")
-    _trained(ref)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    ref.eval(), ours.eval()
-    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
-    x = _images(2, 224)
-    with torch.no_grad():
-        a, b = ref(x), ours(x)
-    assert b.shape == (2, 1000) and (a - b).abs().max() <= 1e-5
-    assert ours.pretrained_cfg["first_conv"] == "patch_embed.0.c" and ours.pretrained_cfg["classifier"] == "head.l"
-    assert ours.feature_info == ref.feature_info
-
-
-def _grads(model, x, go):
-    x = x.clone().requires_grad_()
-    model.zero_grad()
-    (model(x) * go).sum().backward()
-    return {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+    checks.check_real_model(_trained(ref), ours, {"first_conv": "patch_embed.0.c", "classifier": "head.l"})
 
 
 @needs_timm
@@ -97,10 +81,7 @@ def test_gradients_equal_timm():
     # eval mode (running statistics; folded into the convs here), float32, against timm's float32
     ref, ours = _pair(num_classes=7)
     x, go = _images(4, 128), torch.randn(4, 7, generator=torch.Generator().manual_seed(3))
-    theirs, mine = _grads(ref, x, go), _grads(ours, x, go)
-    assert set(mine) == set(theirs)
-    for name, g in theirs.items():
-        assert (mine[name] - g).abs().max() <= 1e-4 * max(1e-3, float(g.abs().max())), name
+    checks.assert_grads_equal(checks.grads(ref, x, go), checks.grads(ours, x, go), rtol=1e-4, floor=1e-3)
 
 
 @needs_timm
@@ -110,26 +91,17 @@ def test_training_mode_gradients_equal_timm_in_float64():
     ref, ours = _pair(num_classes=7)
     ref.double().train(), ours.double().train()
     x, go = _images(3).double(), torch.randn(3, 7, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    theirs, mine = _grads(ref, x, go), _grads(ours, x, go)
-    for name, g in theirs.items():
-        assert (mine[name] - g).abs().max() <= 1e-9 * max(1.0, float(g.abs().max())), name
+    checks.assert_grads_equal(checks.grads(ref, x, go), checks.grads(ours, x, go), rtol=1e-9, floor=1.0)
 
 
 @needs_timm
 def test_features_only_maps_equal_timm():
-    torch.manual_seed(0)
     kw = dict(TINY, features_only=True)
-    ref, ours = timm.create_model("shvit_s1", **kw), timm.create_model("nearfar_shvit_s1", **kw)
-    _trained(ref)
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    assert ours.feature_info.channels() == ref.feature_info.channels() == [16, 24, 32]
-    assert ours.feature_info.reduction() == [16, 32, 64]
     x = _images(2, 96)
-    with torch.no_grad():
-        fa, fb = ref.eval()(x), ours.eval()(x)
-    assert len(fa) == len(fb) == 3
-    for a, b in zip(fa, fb):
-        assert a.shape == b.shape and (a - b).abs().max() <= 1e-5  # NCHW shapes, as timm's
+    _, ours = checks.check_features_only(
+        lambda n: _trained(timm.create_model(n, **kw)) if n == "shvit_s1" else timm.create_model(n, **kw),
+        "nearfar_shvit_s1", "shvit_s1", x, 3, absolute=True)  # NCHW shapes, as timm's
+    assert ours.feature_info.channels() == [16, 24, 32] and ours.feature_info.reduction() == [16, 32, 64]
     torch.manual_seed(0)
     some = timm.create_model("nearfar_shvit_s1", **{**kw, "out_indices": (2,)})
     assert [f.shape[1] for f in some(x)] == [32]
@@ -139,31 +111,8 @@ def test_features_only_maps_equal_timm():
 def test_head_intermediates_and_classifier_reset_follow_timm():
     ref, ours = _pair(num_classes=5)
     x = _images(2, 128)
-    with torch.no_grad():
-        fa, fb = ref.forward_features(x), ours.forward_features(x)
-        assert fb.shape == (2, 32, 2, 2) and (fa - fb).abs().max() <= 1e-5
-        pa, pb = ref.forward_head(fa, pre_logits=True), ours.forward_head(fb, pre_logits=True)
-        assert pb.shape == (2, 32) and (pa - pb).abs().max() <= 1e-5
-        (la, ia), (lb, ib) = ref.forward_intermediates(x, indices=2), ours.forward_intermediates(x, indices=2)
-        assert (la - lb).abs().max() <= 1e-5 and len(ib) == 2
-        for a, b in zip(ia, ib):
-            assert (a - b).abs().max() <= 1e-5
-        only = ours.forward_intermediates(x, indices=[0], intermediates_only=True, stop_early=True)
-        assert len(only) == 1 and only[0].shape == (2, 16, 8, 8)
-    assert ours.get_classifier() is ours.head.l and ours.get_classifier().out_features == 5
-    ours.reset_classifier(0)
-    assert isinstance(ours.get_classifier(), torch.nn.Identity) and ours.num_classes == 0
-    with torch.no_grad():
-        assert (ours(x) - pa).abs().max() <= 1e-5  # pooled features
-    ours.reset_classifier(3, "max")
-    ref.reset_classifier(3, "max")
-    ours.head.load_state_dict(ref.head.state_dict())
-    ref.eval(), ours.eval()
-    with torch.no_grad():
-        assert (ours(x) - ref(x)).abs().max() <= 1e-5
-    ours.reset_classifier(0, "")
-    with torch.no_grad():
-        assert ours(x).shape == (2, 32, 2, 2)  # no pooling: the map
+    checks.check_bad_intermediate_indices(ours, x, 3)
+    checks.check_head_and_reset(ref, ours, x, "head.l", "head", (2, 32, 2, 2), (2, 16, 8, 8))
 
 
 @needs_timm
@@ -181,12 +130,8 @@ def test_num_classes_zero_and_drop_rate_through_timm():
 def test_create_backbone_without_timm():
     assert "nearfar_shvit_s1" in backbones() and backbones()["nearfar_shvit_s1"].timm_name == "shvit_s1"
     torch.manual_seed(0)
-    m = create_backbone("nearfar_shvit_s1", **TINY, num_classes=6).eval()
-    x = _images(3)
-    with torch.no_grad():
-        out = m(x)
-        one = torch.cat([m(x[i:i + 1]) for i in range(3)])  # eval: no image affects another
-    assert out.shape == (3, 6) and (out - one).abs().max() <= 1e-5
+    m = create_backbone("nearfar_shvit_s1", **TINY, num_classes=6)
+    assert checks.check_per_image(m, _images(3)).shape == (3, 6)  # eval: no image affects another
     real = create_backbone("nearfar_shvit_s1")
     assert len(real.state_dict()) == 471 and real.num_features == 320
     assert [len(s.blocks) for s in real.stages] == [2, 4, 5]
@@ -194,13 +139,7 @@ def test_create_backbone_without_timm():
 
 
 def test_docstring_examples_run():
-    import doctest
-
-    import nearfar.models.vision.shvit as module
-
-    torch.manual_seed(0)
-    result = doctest.testmod(module, verbose=False)
-    assert result.attempted >= 2 and result.failed == 0
+    checks.check_doctests(shvit_module, 2)
 
 
 @pytest.mark.parametrize("kw, err, match", [

@@ -33,7 +33,8 @@ from torch import nn
 
 from ...checks import check_bool, check_choice, check_nonneg_int, check_positive_int, check_real_range
 from ...layers import BiLevelRoutingAttention
-from .nat import DropPath, feature_take_indices
+from .backbone import LinearHeadBackbone, run_stages
+from .parts import drop_path_or_identity, feature_take_indices, init_vit_weights_and_norms
 from .spec import BackboneSpec, register_backbone
 
 __all__ = ["BiFormer"]
@@ -63,7 +64,7 @@ class Block(nn.Module):
         hidden = int(mlp_ratio * dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), DWConv(hidden) if mlp_dwconv else nn.Identity(), nn.GELU(),
                                  nn.Linear(hidden, dim))
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = drop_path_or_identity(drop_path)
         self.use_layer_scale = layer_scale_init_value > 0
         if self.use_layer_scale:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
@@ -84,7 +85,7 @@ def _four(value: Sequence[Any], name: str) -> list[Any]:
     return list(value)
 
 
-class BiFormer(nn.Module):
+class BiFormer(LinearHeadBackbone):
     """The BiFormer classifier of ``models/biformer.py`` with timm's conventions; input ``(B, C, H, W)``.
 
     Args:
@@ -123,6 +124,8 @@ class BiFormer(nn.Module):
         >>> [f.shape[1] for f in m.forward_intermediates(torch.randn(1, 3, 112, 112), intermediates_only=True)]
         [64, 128, 256, 512]
     """
+
+    pool_dims = (2, 3)  # forward_features gives (B, C, H, W)
 
     def __init__(self, depth: Sequence[int] = (3, 4, 8, 3), in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: Sequence[int] = (64, 128, 320, 512), head_dim: int = 64, qk_scale: float | None = None,
@@ -187,27 +190,7 @@ class BiFormer(nn.Module):
         self.pre_logits = nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:  # the official init
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        check_nonneg_int(num_classes, "num_classes")
-        if global_pool is not None:
-            self.global_pool = check_choice(global_pool, "global_pool", ("avg", ""))
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_vit_weights_and_norms)  # the official init
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, in_chans, H, W)`` -> the normalised last map ``(B, embed_dim[-1], H/32, W/32)``."""
@@ -215,33 +198,22 @@ class BiFormer(nn.Module):
             x = stage(down(x))
         return self.pre_logits(self.norm(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``forward_features``' map -> logits (or the pooled features with ``pre_logits=True``)."""
-        if self.global_pool == "avg":
-            x = x.flatten(2).mean(-1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """timm's ``forward_intermediates``: each chosen stage's output (``norm=True``: the final BatchNorm on the
         last stage's). Arguments as in ``nearfar.models.vision.nat.NAT.forward_intermediates``."""
         check_choice(output_fmt, "output_fmt", ("NCHW", "NHWC"))
-        take, last = feature_take_indices(len(self.stages), indices)
-        out = []
-        n = last + 1 if stop_early else len(self.stages)
-        for i in range(n):
-            x = self.stages[i](self.downsample_layers[i](x))
-            if i in take:
-                y = self.norm(x) if norm and i == 3 else x
-                out.append(y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1))
+
+        def emit(i: int, y: torch.Tensor) -> torch.Tensor:
+            y = self.norm(y) if norm and i == 3 else y
+            return y if output_fmt == "NCHW" else y.permute(0, 2, 3, 1)
+
+        stages = [nn.Sequential(down, stage) for down, stage in zip(self.downsample_layers, self.stages)]
+        x, out, complete = run_stages(x, stages, indices, stop_early, emit)
         if intermediates_only:
             return out
-        return (self.norm(x) if n == 4 else x), out
+        return (self.norm(x) if complete and len(stages) == 4 else x), out
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

@@ -41,12 +41,11 @@ from ...checks import (
     check_real_range,
 )
 from ...layers.gcvit import FeatureBlock, GCViTWindowAttention, GlobalQueryAttention, MbConvBlock
+from .backbone import HeadModuleBackbone, PlainStagesBackbone
+from .parts import POOLS, ClassifierHead, LayerNorm2d, LayerScale, Mlp, drop_path_or_identity
 from .spec import BackboneSpec, register_backbone
 
 __all__ = ["GlobalContextViT"]
-
-POOLS = ("avg", "max", "avgmax", "catavgmax", "")
-
 
 def _per_stage(value: object, n: int, name: str) -> tuple[int, ...]:
     """One positive int per stage (an int is used for every stage)."""
@@ -55,54 +54,6 @@ def _per_stage(value: object, n: int, name: str) -> tuple[int, ...]:
             raise ValueError(f"{name} must have one entry per stage ({n}), got {len(value)}: {value!r}")
         return tuple(check_positive_int(v, f"{name}[{i}]") for i, v in enumerate(value))
     return (check_positive_int(value, name),) * n
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW map (timm ``LayerNorm2d``; parameters ``weight``, ``bias``)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
-                            self.eps).permute(0, 3, 1, 2)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a sample's residual branch with probability ``p`` in training, rescale the rest."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-
-class LayerScale(nn.Module):
-    """timm ``LayerScale``: ``x * gamma`` (channel-last), ``gamma`` initialised to ``init``."""
-
-    def __init__(self, dim: int, init: float):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    """timm ``Mlp`` (``fc1``, GELU, ``fc2``)."""
-
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 class Downsample2d(nn.Module):
@@ -144,11 +95,11 @@ class GlobalContextViTBlock(nn.Module):
             GlobalQueryAttention(dim, num_heads, window_size, qkv_bias=qkv_bias, query_generator=False)
             if use_global else GCViTWindowAttention(dim, num_heads, window_size, qkv_bias=qkv_bias))
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path1 = drop_path_or_identity(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = drop_path_or_identity(drop_path)
 
     def forward(self, x: torch.Tensor, q_global: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
@@ -190,33 +141,7 @@ class GlobalContextViTStage(nn.Module):
         return self.norm(x).permute(0, 3, 1, 2).contiguous()
 
 
-class ClassifierHead(nn.Module):
-    """timm ``ClassifierHead``: ``global_pool`` (avg / max / avgmax / catavgmax / '' none), dropout, ``fc``."""
-
-    def __init__(self, in_features: int, num_classes: int, pool_type: str, drop_rate: float):
-        super().__init__()
-        self.pool_type = check_choice(pool_type, "global_pool", POOLS)
-        self.num_features = in_features * (2 if pool_type == "catavgmax" else 1)
-        self.drop = nn.Dropout(drop_rate)
-        self.fc: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.pool_type:
-            return x
-        if self.pool_type == "avg":
-            return F.adaptive_avg_pool2d(x, 1).flatten(1)
-        mx = F.adaptive_max_pool2d(x, 1).flatten(1)
-        if self.pool_type == "max":
-            return mx
-        avg = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return torch.cat((avg, mx), 1) if self.pool_type == "catavgmax" else 0.5 * (avg + mx)
-
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(self.pool(x))
-        return x if pre_logits else self.fc(x)
-
-
-class GlobalContextViT(nn.Module):
+class GlobalContextViT(HeadModuleBackbone, PlainStagesBackbone):
     """GC ViT (timm ``GlobalContextVit``) on nearfar's GC ViT attention layers; timm's parameter names.
 
     Args:
@@ -298,54 +223,11 @@ class GlobalContextViT(nn.Module):
                 mlp_ratio, qkv_bias, layer_scale, proj_drop_rate, rates[i].tolist(), norm_eps))
             self.feature_info.append(dict(num_chs=stages[-1].dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate)
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NCHW")
 
-    def get_classifier(self) -> nn.Module:
-        """The final Linear (``head.fc``; Identity when ``num_classes=0``)."""
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new classifier for ``num_classes`` (0: none) and, if given, a new pooling."""
-        num_classes = check_int_range(num_classes, "num_classes", 0, 2**31)
-        pool = self.head.pool_type if global_pool is None else global_pool
-        w = self.head.drop.p
-        device = next(self.parameters()).device
-        self.head = ClassifierHead(self.num_features, num_classes, pool, w).to(device)
-        self.head.train(self.training)
-        self.num_classes, self.global_pool = num_classes, pool
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map ``(B, num_features, H/32, W/32)``."""
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool and classify a ``forward_features`` map (``pre_logits``: stop before ``fc``)."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", norm: bool = False
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates``: the stage outputs at ``indices`` (the last ``n`` if an int, all if
-        None), NCHW; with the final map unless ``intermediates_only``."""
-        check_choice(output_fmt, "output_fmt", ("NCHW",))
-        n = len(self.stages)
-        take = list(range(n - indices, n)) if isinstance(indices, int) else (
-            list(range(n)) if indices is None else [i % n for i in indices])
-        out = []
-        x = self.stem(x)
-        last = max(take) if stop_early else n - 1
-        for i, stage in enumerate(self.stages):
-            if i > last:
-                break
-            x = stage(x)
-            if i in take:
-                out.append(x)
-        return out if intermediates_only else (x, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of images ``(B, in_chans, H, W)``."""
-        return self.forward_head(self.forward_features(x))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem: ``(B, C, H, W)`` -> the first stage's input map."""
+        return self.stem(x)
 
 
 _CFG = dict(input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation="bicubic",

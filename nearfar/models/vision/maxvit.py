@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ...checks import check_nonneg_int, check_pair, check_positive_int, check_real_range
+from ...checks import check_choice, check_nonneg_int, check_pair, check_positive_int, check_real_range
 from ...layers import MaxViTAttention
+from .backbone import HeadModuleBackbone, run_stages
 from .parts import (
     GELU_TANH,
     BatchNormAct2d,
@@ -43,6 +43,7 @@ from .parts import (
     conv_same,
     drop_path_or_identity,
     drop_path_rates,
+    run_blocks,
     same_pad,
 )
 from .spec import BackboneSpec, register_backbone
@@ -129,11 +130,7 @@ class MaxViTStage(nn.Module):
                         dim_head, drop_path[i]) for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 class Stem(nn.Module):
@@ -168,7 +165,7 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class MaxViT(nn.Module):
+class MaxViT(HeadModuleBackbone):
     """MaxViT with timm's conventions; ``nearfar_maxvit_tiny_tf_224`` is MaxViT-T (timm's ``maxvit_tiny_tf_224``).
 
     Args:
@@ -254,35 +251,8 @@ class MaxViT(nn.Module):
         _init_weights(self)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The relative-position bias tables (timm's list)."""
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            assert isinstance(stage, MaxViTStage)
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
-        """A new classifier for ``num_classes`` (0: none), a new ``global_pool`` if given; ``reset_other`` also drops
-        the head's norm and pre-logits MLP."""
-        if isinstance(self.head, NormMlpClassifierHead):
-            self.head.reset(num_classes, global_pool, reset_other)
-        else:
-            self.head.reset(num_classes, global_pool)
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -290,34 +260,18 @@ class MaxViT(nn.Module):
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The stem (index 0) and stage outputs (1, 2, ...) ``indices`` (None: all; an int n: the last n) as NCHW
         maps, and the final features (timm's ``forward_intermediates``)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_choice(output_fmt, "output_fmt", ("NCHW",))
         n = len(self.stages) + 1
-        take = (list(range(n)) if indices is None else list(range(n - indices, n)) if isinstance(indices, int)
-                else [i if i >= 0 else n + i for i in indices])
-        if any(not 0 <= i < n for i in take):
-            raise ValueError(f"indices must be feature indices in [0, {n - 1}], got {indices}")
-        x = self.stem(x)
-        out = [x] if 0 in take else []
-        stages = list(self.stages)[:max(take)] if stop_early else list(self.stages)
-        for i, stage in enumerate(stages, 1):
-            x = stage(x)
-            if i in take:
-                out.append(self.norm(x) if norm and i == n - 1 else x)
-        if intermediates_only:
-            return out
-        return (self.norm(x) if len(stages) == n - 1 else x), out
+
+        def emit(i: int, y: torch.Tensor) -> torch.Tensor:
+            return self.norm(y) if norm and i == n - 1 else y
+
+        x, out, complete = run_stages(x, [self.stem, *self.stages], indices, stop_early, emit)
+        return out if intermediates_only else ((self.norm(x) if complete else x), out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> the last stage's map ``(B, num_features, H/32, W/32)`` (NCHW)."""
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool, norm, pre-logits MLP (and classify unless ``pre_logits``) the output of ``forward_features``."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 register_backbone(BackboneSpec(

@@ -25,7 +25,7 @@ not available (``attn_drop_rate`` must be 0); the output-projection dropout is a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -34,45 +34,11 @@ from torch import nn
 
 from ...checks import check_choice, check_nonneg_int, check_positive_int, check_real_range
 from ...layers import NeighborhoodAttention
+from .backbone import LinearHeadBackbone, run_stages
+from .parts import Mlp, drop_path_or_identity, feature_take_indices, init_vit_weights_and_norms
 from .spec import BackboneSpec, register_backbone
 
-__all__ = ["DiNAT", "DropPath", "NAT", "feature_take_indices"]
-
-
-def feature_take_indices(num: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
-    """timm's rule for ``forward_intermediates(indices=...)``: None = all ``num``, an int ``n`` = the last ``n``,
-    a sequence = those (negative from the end). Returns the absolute indices and the largest one."""
-    if indices is None:
-        indices = num
-    if isinstance(indices, int):
-        if not 0 < indices <= num:
-            raise ValueError(f"indices={indices} (take the last n) must be in 1..{num}")
-        take = list(range(num - indices, num))
-    else:
-        take = []
-        for i in indices:
-            if not -num <= i < num:
-                raise ValueError(f"feature index {i} is out of range for {num} features")
-            take.append(i % num)
-    return take, max(take)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: in training, zero whole samples of the residual branch with probability ``p`` and
-    rescale the others by ``1 / (1 - p)``; identity in eval mode or with ``p == 0``."""
-
-    def __init__(self, p: float = 0.0):
-        super().__init__()
-        self.p = check_real_range(p, "drop_path", 0.0, 1.0, open_high=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
-        return x * keep / (1.0 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
+__all__ = ["DiNAT", "NAT", "feature_take_indices"]
 
 
 class ConvTokenizer(nn.Module):
@@ -100,16 +66,6 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(drop)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-
 class NATLayer(nn.Module):
     """One block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` (times ``gamma1``/``gamma2`` with layer scale)."""
 
@@ -121,9 +77,9 @@ class NATLayer(nn.Module):
                                           qk_scale=qk_scale)
         self.window = tuple(k * d for k, d in zip(self.attn.kernel_size, self.attn.dilation))
         self.proj_drop = nn.Dropout(drop)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = drop_path_or_identity(drop_path)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         self.layer_scale = layer_scale is not None
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(torch.full((dim,), float(layer_scale)))
@@ -172,7 +128,7 @@ def _per_block(value: Any, depths: Sequence[int], name: str) -> list[list[int]]:
     return out
 
 
-class NAT(nn.Module):
+class NAT(LinearHeadBackbone):
     """The NAT / DiNAT classifier of ``classification/nat.py`` with timm's conventions; input ``(B, C, H, W)``.
 
     Args:
@@ -206,6 +162,8 @@ class NAT(nn.Module):
         >>> [f.shape[1:] for f in m.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)]
         [torch.Size([16, 16, 16]), torch.Size([32, 8, 8]), torch.Size([64, 4, 4]), torch.Size([128, 2, 2])]
     """
+
+    pool_dims = (1, 2)  # forward_features gives (B, H, W, C)
 
     def __init__(self, embed_dim: int = 64, mlp_ratio: float = 3.0, depths: Sequence[int] = (3, 4, 6, 5),
                  num_heads: Sequence[int] = (2, 4, 8, 16), drop_path_rate: float = 0.2, in_chans: int = 3,
@@ -253,31 +211,11 @@ class NAT(nn.Module):
         self.norm: nn.Module = nn.LayerNorm(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head: nn.Module = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:  # the official init (the bias tables keep NATTEN's own)
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights_and_norms)  # the official init (the bias tables keep NATTEN's own)
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set[str]:
         return {"rpb"}
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        check_nonneg_int(num_classes, "num_classes")
-        if global_pool is not None:
-            self.global_pool = check_choice(global_pool, "global_pool", ("avg", ""))
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``(B, in_chans, H, W)`` -> the normalised last feature map ``(B, H/32, W/32, num_features)``."""
@@ -285,16 +223,6 @@ class NAT(nn.Module):
         for level in self.levels:
             x = level(x)
         return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """``forward_features``' map -> logits (or the pooled features with ``pre_logits=True``)."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
                               stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False
@@ -313,21 +241,29 @@ class NAT(nn.Module):
             The list of maps, or ``(forward_features output, maps)``.
         """
         check_choice(output_fmt, "output_fmt", ("NCHW", "NHWC"))
-        take, last = feature_take_indices(len(self.levels), indices)
-        out = []
-        x = self.pos_drop(self.patch_embed(x))
-        levels = self.levels[:last + 1] if stop_early else self.levels
-        for i, level in enumerate(cast(Sequence[NATBlock], levels)):
-            for blk in level.blocks:
-                x = blk(x)
-            if i in take:
-                y = self.norm(x) if norm and i == self.num_levels - 1 else x
-                out.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
-            if level.downsample is not None:
-                x = level.downsample(x)
+        levels = cast(Sequence[NATBlock], self.levels)
+
+        def level(i: int) -> Callable[[torch.Tensor], torch.Tensor]:  # the previous downsampler, then the blocks
+            def run(x: torch.Tensor) -> torch.Tensor:
+                down = levels[i - 1].downsample if i > 0 else None
+                x = x if down is None else down(x)
+                for blk in levels[i].blocks:
+                    x = blk(x)
+                return x
+            return run
+
+        def emit(i: int, y: torch.Tensor) -> torch.Tensor:
+            y = self.norm(y) if norm and i == self.num_levels - 1 else y
+            return y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y
+
+        x, out, complete = run_stages(self.pos_drop(self.patch_embed(x)), [level(i) for i in range(len(levels))],
+                                      indices, stop_early, emit)
         if intermediates_only:
             return out
-        return (self.norm(x) if len(levels) == self.num_levels else x), out
+        if not complete:  # stopped early: the last level run hands on its downsampled map, as in a full forward
+            down = levels[feature_take_indices(len(levels), indices)[1]].downsample
+            x = x if down is None else down(x)
+        return (self.norm(x) if complete else x), out
 
     def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

@@ -1,11 +1,13 @@
 """Building blocks of timm's vision models, written with timm's module and parameter names so that timm state dicts
-load into the nearfar backbones unchanged: stochastic depth and its per-stage rates, the MLP, the classifier heads
-(``ClassifierHead``, ``NormMlpClassifierHead``), TensorFlow "SAME" convolutions, BatchNorm + activation, the
-channel LayerNorm of NCHW maps and squeeze-excitation. Each mirrors the timm layer of the same name
-(``timm/layers/``: ``drop.py``, ``mlp.py``, ``classifier.py``, ``conv2d_same.py``, ``padding.py``, ``norm_act.py``,
-``norm.py``, ``squeeze_excite.py``; https://github.com/huggingface/pytorch-image-models) in the configurations the
-backbones use; they differ from timm's in the options they leave out (e.g. no fast-norm or scripted paths, no
-convolution heads beside ``NormMlpClassifierHead``'s)."""
+load into the nearfar backbones unchanged: stochastic depth and its per-stage rates, LayerScale, the MLP, the
+initialisations, timm's ``forward_intermediates`` index rule, the classifier heads (``ClassifierHead``,
+``NormMlpClassifierHead``), TensorFlow "SAME" convolutions, BatchNorm + activation, the channel LayerNorm of NCHW
+maps and squeeze-excitation. Each mirrors the timm layer of the same name (``timm/layers/``: ``drop.py``,
+``layer_scale.py``, ``mlp.py``, ``weight_init.py``, ``classifier.py``, ``conv2d_same.py``, ``padding.py``,
+``norm_act.py``, ``norm.py``, ``squeeze_excite.py``; ``timm/models/_features.py``;
+https://github.com/huggingface/pytorch-image-models) in the configurations the backbones use; they differ from
+timm's in the options they leave out (e.g. no fast-norm or scripted paths, no convolution heads beside
+``NormMlpClassifierHead``'s)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ...checks import check_choice, check_nonneg_int, check_real_range
 
-__all__ = ["GELU_TANH", "POOLS", "BatchNormAct2d", "ClassifierHead", "Conv2dSame", "DropPath", "LayerNorm2d", "Mlp",
-           "NormMlpClassifierHead", "SEModule", "conv_same", "drop_path_or_identity", "drop_path_rates",
-           "global_pool", "init_vit_weights", "same_pad"]
+__all__ = ["GELU_TANH", "POOLS", "BatchNormAct2d", "ClassifierHead", "Conv2dSame", "DropPath", "LayerNorm2d",
+           "LayerScale", "Mlp", "NormMlpClassifierHead", "SEModule", "conv_same", "drop_path_or_identity",
+           "drop_path_rates", "feature_take_indices", "global_pool", "init_vit_weights", "init_vit_weights_and_norms",
+           "run_blocks", "same_pad"]
 
 POOLS = ("avg", "max", "avgmax", "catavgmax", "")
 
@@ -38,6 +42,38 @@ def init_vit_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def init_vit_weights_and_norms(module: nn.Module) -> None:
+    """``init_vit_weights``, and LayerNorms reset to weight 1, bias 0 (the official BiFormer and NAT inits)."""
+    init_vit_weights(module)
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def feature_take_indices(num: int, indices: int | Sequence[int] | None = None) -> tuple[list[int], int]:
+    """timm's rule for ``forward_intermediates(indices=...)``: None = all ``num``, an int ``n`` = the last ``n``,
+    a sequence = those (negative from the end). Returns the absolute indices and the largest one.
+
+    Raises:
+        ValueError: An int outside ``1..num`` or an index outside ``-num..num-1``.
+    """
+    if indices is None:
+        indices = num
+    if isinstance(indices, int):
+        if not 0 < indices <= num:
+            raise ValueError(f"indices={indices} (take the last n) must be in 1..{num}")
+        take = list(range(num - indices, num))
+    else:
+        take = []
+        for i in indices:
+            if not -num <= i < num:
+                raise ValueError(f"feature index {i} is out of range for {num} features")
+            take.append(i % num)
+    if not take:
+        raise ValueError("indices must select at least one feature")
+    return take, max(take)
 
 
 class DropPath(nn.Module):
@@ -59,22 +95,46 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+def run_blocks(blocks: nn.Sequential, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``blocks(x)``; with ``checkpointing`` (timm's ``set_grad_checkpointing``) and autograd on, each block
+    recomputes its activations in the backward pass instead of keeping them."""
+    if checkpointing and torch.is_grad_enabled():
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+    return blocks(x)
+
+
 def drop_path_or_identity(rate: float) -> nn.Module:
     return DropPath(rate) if rate > 0 else nn.Identity()
 
 
+class LayerScale(nn.Module):
+    """timm's ``LayerScale``: ``x * gamma`` over the last axis, ``gamma`` initialised to ``init``."""
+
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class Mlp(nn.Module):
-    """timm's ``Mlp``: ``fc2(act(fc1(x)))`` over the last axis (GELU by default)."""
+    """timm's ``Mlp``: ``drop2(fc2(drop1(act(fc1(x)))))`` over the last axis (GELU by default). The dropouts are
+    identities at ``drop=0``; neither holds state, so the state dict is timm's."""
 
     def __init__(self, dim: int, hidden: int, out: int | None = None, act: Callable[[], nn.Module] = nn.GELU,
-                 bias: bool = True):
+                 bias: bool = True, drop: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = act()
+        self.drop1: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
         self.fc2 = nn.Linear(hidden, out or dim, bias=bias)
+        self.drop2: nn.Module = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 def global_pool(x: torch.Tensor, pool: str, dims: tuple[int, int]) -> torch.Tensor:

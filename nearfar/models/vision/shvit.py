@@ -32,6 +32,8 @@ from torch import nn
 
 from ...checks import check_choice, check_int_range, check_positive_int, check_real_range
 from ...layers.shvit import SHSA
+from .backbone import PlainStagesBackbone
+from .parts import global_pool as pool_map  # the name global_pool is the constructor argument here
 from .spec import BackboneSpec, register_backbone
 
 __all__ = ["SHViT"]
@@ -190,7 +192,7 @@ class NormLinear(nn.Sequential):
         nn.init.constant_(self.l.bias, 0)
 
 
-class SHViT(nn.Module):
+class SHViT(PlainStagesBackbone):
     """SHViT (timm ``SHViT``) with nearfar's ``SHSA`` as the mixer; timm's parameter and buffer names.
 
     Args:
@@ -264,51 +266,21 @@ class SHViT(nn.Module):
         num_classes = check_int_range(num_classes, "num_classes", 0, 2**31)
         if global_pool is not None:
             self.pool_type = check_choice(global_pool, "global_pool", POOLS)
-        device = next(self.parameters()).device
-        self.head = (NormLinear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()).to(device)
+        self.head = NormLinear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self._follow_device(self.head)
         self.head.train(self.training)
         self.num_classes = num_classes
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map ``(B, num_features, H/64, W/64)`` (channels-last memory)."""
-        return self.stages(self.patch_embed(x.contiguous(memory_format=CL)))
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolutional stem (stride 16), in channels-last memory."""
+        return self.patch_embed(x.contiguous(memory_format=CL))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool (``global_pool``), dropout and classify a ``forward_features`` map (``pre_logits``: stop before
         ``head``)."""
-        if self.pool_type == "avg":
-            x = x.mean((2, 3))
-        elif self.pool_type == "max":
-            x = x.amax((2, 3))
-        elif self.pool_type == "avgmax":
-            x = 0.5 * (x.mean((2, 3)) + x.amax((2, 3)))
+        x = pool_map(x, self.pool_type, (2, 3))
         x = F.dropout(x, self.drop_rate, self.training) if self.drop_rate > 0 else x
         return x if pre_logits else self.head(x)
-
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False, stop_early: bool = False,
-                              output_fmt: str = "NCHW", norm: bool = False
-                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates``: the stage outputs at ``indices`` (the last ``n`` if an int, all if
-        None), NCHW; with the final map unless ``intermediates_only``."""
-        check_choice(output_fmt, "output_fmt", ("NCHW",))
-        n = len(self.stages)
-        take = list(range(n - indices, n)) if isinstance(indices, int) else (
-            list(range(n)) if indices is None else [i % n for i in indices])
-        out = []
-        x = self.patch_embed(x.contiguous(memory_format=CL))
-        last = max(take) if stop_early else n - 1
-        for i, stage in enumerate(self.stages):
-            if i > last:
-                break
-            x = stage(x)
-            if i in take:
-                out.append(x)
-        return out if intermediates_only else (x, out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` of images ``(B, in_chans, H, W)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def _per_stage(value: object, n: int, name: str) -> tuple[int, ...]:

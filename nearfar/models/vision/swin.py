@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ...checks import check_nonneg_int, check_pair, check_positive_int, check_real_range
+from ...checks import check_choice, check_nonneg_int, check_pair, check_positive_int, check_real_range
 from ...layers import WindowAttention
-from .parts import ClassifierHead, Mlp, drop_path_or_identity, drop_path_rates, init_vit_weights
+from .backbone import HeadModuleBackbone, run_stages
+from .parts import ClassifierHead, Mlp, drop_path_or_identity, drop_path_rates, init_vit_weights, run_blocks
 from .spec import BackboneSpec, register_backbone
 
 __all__ = ["PatchEmbed", "PatchMerging", "SwinTransformer", "SwinTransformerBlock", "SwinTransformerStage"]
@@ -116,14 +116,10 @@ class SwinTransformerStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
-class SwinTransformer(nn.Module):
+class SwinTransformer(HeadModuleBackbone):
     """Swin Transformer with timm's conventions; ``nearfar_swin_tiny_patch4_window7_224`` is Swin-T.
 
     Args:
@@ -208,32 +204,9 @@ class SwinTransformer(nn.Module):
         self.apply(init_vit_weights)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """The relative-position bias tables (timm's list)."""
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
             (r"^layers\.(\d+).downsample", (0,)), (r"^layers\.(\d+)\.\w+\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            assert isinstance(stage, SwinTransformerStage)
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """A new classifier for ``num_classes`` (0: none) and, if given, a new ``global_pool``."""
-        self.head.reset(num_classes, global_pool)
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -241,38 +214,18 @@ class SwinTransformer(nn.Module):
                               ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The stage outputs ``indices`` (None: all; an int n: the last n) as NCHW maps, and the final features
         (timm's ``forward_intermediates``; ``norm`` applies the final norm to the last stage's map)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_choice(output_fmt, "output_fmt", ("NCHW",))
         n = len(self.layers)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i if i >= 0 else n + i for i in indices]
-        if any(not 0 <= i < n for i in take):
-            raise ValueError(f"indices must be stage indices in [0, {n - 1}], got {indices}")
-        x = self.patch_embed(x)
-        stages = list(self.layers)[:max(take) + 1] if stop_early else list(self.layers)
-        out, i = [], 0
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                out.append((self.norm(x) if norm and i == n - 1 else x).permute(0, 3, 1, 2).contiguous())
-        if intermediates_only:
-            return out
-        return (self.norm(x) if i == n - 1 else x), out
+
+        def emit(i: int, y: torch.Tensor) -> torch.Tensor:
+            return (self.norm(y) if norm and i == n - 1 else y).permute(0, 3, 1, 2).contiguous()
+
+        x, out, complete = run_stages(self.patch_embed(x), list(self.layers), indices, stop_early, emit)
+        return out if intermediates_only else ((self.norm(x) if complete else x), out)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` -> the normed last-stage map ``(B, H/32, W/32, num_features)`` (NHWC)."""
         return self.norm(self.layers(self.patch_embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool (and classify unless ``pre_logits``) the output of ``forward_features``."""
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kw: Any) -> dict[str, Any]:
