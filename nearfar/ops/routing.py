@@ -38,10 +38,12 @@ decoding). Its *current* key block is the one holding its last query token, ``(q
 from __future__ import annotations
 
 import math
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
-from typing_extensions import Unpack  # typing.Unpack is Python 3.11+; torch depends on typing_extensions
+
+if TYPE_CHECKING:  # annotations only (postponed): typing.Unpack is Python 3.11+, typing_extensions has it
+    from typing_extensions import Unpack
 
 from ..checks import (
     check_bool,
