@@ -60,19 +60,6 @@ def _keys(layout: Layout, rank: int, n: int) -> Ranges:
     return rs_intersect(layout.ranges[rank], ((0, n),))
 
 
-def bias_pairs(plan: CommPlan, layout: Layout, rank: int) -> tuple[int, int]:
-    """``(sent, received)`` (global query, key) pairs of a bias with query and key axes, per broadcast batch item
-    and head: the global queries' rows at the keys of each rank that computes their partials."""
-    if not plan.global_rows:
-        return 0, 0
-    owners, n = _owners(plan), plan.n
-    sizes = [rs_size(_keys(layout, r, n)) for r in range(layout.world)]
-    mine = rs_size(owners.get(rank, ()))
-    sent = mine * sum(s for r, s in enumerate(sizes) if r != rank)
-    recv = sizes[rank] * sum(rs_size(rs) for o, rs in owners.items() if o != rank)
-    return sent, recv
-
-
 def _bias_rows(bias: torch.Tensor, plan: CommPlan, layout: Layout, me: int, group: dist.ProcessGroup | None,
                own: Ranges, after: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The bias of the global queries at this rank's own keys ``(B', H', m, own keys or 1)`` (None without own

@@ -254,10 +254,13 @@ class CommPlan:
     bcasts: tuple[Bcast, ...]
     global_rows: int
     q_bcasts: tuple[Bcast, ...]
+    own: tuple[int, ...] = ()  # real tokens (so own keys) per rank
 
     def traffic(self, rank: int) -> dict[str, tuple[int, int]]:
         """Tokens ``(sent, received)`` by ``rank`` in the forward pass, per kind: ``"p2p"`` and ``"bcast"`` (K/V
-        tokens), ``"q"`` (global query tokens) and ``"partial"`` (global-query output rows sent to their owners).
+        tokens), ``"q"`` (global query tokens), ``"partial"`` (global-query output rows sent to their owners) and
+        ``"bias_rows"`` ((global query, key) pairs of a bias with query and key axes, per batch item and head of
+        the bias: the owners send each rank the global rows at its own keys; only when a bias is given).
         The backward pass sends the same amounts the other way (gradients)."""
         p2p_s = sum(rs_size(m.ranges) for m in self.messages if m.src == rank)
         p2p_r = sum(rs_size(m.ranges) for m in self.messages if m.dst == rank)
@@ -266,11 +269,13 @@ class CommPlan:
             sent = sum((b.hi - b.lo) * (self.world - 1) for b in items if b.src == rank)
             return sent, sum(b.hi - b.lo for b in items if b.src != rank)
 
-        part = (0, 0)
+        part, rows = (0, 0), (0, 0)
         if self.global_rows:
             mine = sum(b.hi - b.lo for b in self.q_bcasts if b.src == rank)
             part = (self.global_rows - mine, mine * (self.world - 1))
-        return {"p2p": (p2p_s, p2p_r), "bcast": bc(self.bcasts), "q": bc(self.q_bcasts), "partial": part}
+            rows = (mine * (sum(self.own) - self.own[rank]), self.own[rank] * (self.global_rows - mine))
+        return {"p2p": (p2p_s, p2p_r), "bcast": bc(self.bcasts), "q": bc(self.q_bcasts), "partial": part,
+                "bias_rows": rows}
 
 
 def selected_keys(blocks: SelectedBlocks, layout: Layout, skip: int = 0) -> tuple[Ranges, ...]:
@@ -368,4 +373,4 @@ def _make_plan(pattern: Pattern | None, layout: Layout, selected: tuple[Ranges, 
         inner = _interior(pat, queries[r], real[r], n) if static and selected is None else ()
         ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces)), inner))
     q_bcasts = tuple(Bcast(src, lo, hi) for src, lo, hi in layout.owners(0, m_g)) if qo else ()
-    return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g, q_bcasts)
+    return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g, q_bcasts, tuple(rs_size(x) for x in real))

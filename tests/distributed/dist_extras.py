@@ -12,7 +12,6 @@ import torch
 
 import nearfar as nf
 import nearfar.distributed as nd
-from nearfar.distributed.globalq import bias_pairs
 
 
 @dataclasses.dataclass
@@ -157,7 +156,7 @@ def run_case(rank: int, world: int, case: X, seed: int = 0) -> dict:
     plan = nd.make_plan(case.pattern, lay, t["sel"])
     bb = mine["bias"].shape if case.bias else None
     return {"errors": errors, "sent": dict(stats.sent), "recv": dict(stats.recv), "traffic": plan.traffic(rank),
-            "bias_pairs": bias_pairs(plan, lay, rank), "bias_shape": bb, "global_rows": plan.global_rows}
+            "bias_shape": bb, "global_rows": plan.global_rows}
 
 
 def swin_short_slabs(rank: int, world: int) -> list[str]:

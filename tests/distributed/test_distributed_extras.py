@@ -63,9 +63,9 @@ def _size(case) -> int:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_bytes_are_the_plans(world, extras2, extras4):
-    """K/V halo and broadcast bytes are the plan's token counts; the global queries' bias rows move as
-    ``bias_pairs`` (pairs of a global query and a key of the receiving rank, per broadcast batch item and head), and
-    come back as gradients; a bias without a query axis moves nothing."""
+    """K/V halo and broadcast bytes are the plan's token counts; the global queries' bias rows move as the plan's
+    ``bias_rows`` (pairs of a global query and a key of the receiving rank, per batch item and head of the bias),
+    and come back as gradients; a bias without a query axis moves nothing."""
     for name, case in cases(world).items():
         beta = 2 * case.heads[1] * 2 * 8 * _size(case)  # B = 2, d = 8
         for r, res in enumerate(_world(world, extras2, extras4)):
@@ -77,7 +77,7 @@ def test_bytes_are_the_plans(world, extras2, extras4):
             sent, recv = res["sent"].get("bias.rows.fwd", 0), res["recv"].get("bias.rows.fwd", 0)
             if case.bias in ("rows", "shared_rows") and res["global_rows"]:
                 b, h = res["bias_shape"][:2]
-                pairs_s, pairs_r = res["bias_pairs"]
+                pairs_s, pairs_r = res["traffic"]["bias_rows"]
                 assert (sent, recv) == (pairs_s * b * h * _size(case), pairs_r * b * h * _size(case)), (name, r)
                 assert pairs_s + pairs_r > 0 or world == 1
             elif case.bias != "row_col":
