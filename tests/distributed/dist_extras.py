@@ -60,6 +60,13 @@ def cases(world: int) -> dict[str, X]:
                                                                                                   2, 4)),
         "mod_overlap": X(nf.SlidingWindow(3) & nf.Causal(), L.contiguous(77, world), mod=True, overlap=True,
                          bias="rows"),
+        "zero_tokens_global_bias_mod": X(nf.SlidingWindow(1) | nf.GlobalTokens(2), L.contiguous(3, world),
+                                         bias="rows", mod=True),
+        "padding_rank_global_bias_sel": X(nf.SlidingWindow(1) | nf.GlobalTokens(3),
+                                          L.contiguous(8 * world, world, n_real=8 * world - 8), kpm=True, bias="rows",
+                                          sel=(4, 4, None, 2, 2), mod=True),
+        "overlap_global_bias_mod": X(nf.SlidingWindow(2) | nf.GlobalTokens(3), L.contiguous(77, world), bias="rows",
+                                     overlap=True, mod=True),
         "mod_per_head": X(nf.PerHead([nf.SlidingWindow(2), nf.Sinks(2), nf.GlobalTokens(3), nf.SlidingWindow(1, 3)]),
                           L.contiguous(37, world), mod=True, bias="rows"),
     }
