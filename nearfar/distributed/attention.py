@@ -6,13 +6,14 @@ point to point from the neighbouring ranks (``halo``), sink and global keys by b
 (``gather``), then one ``attend`` call runs on the local queries and the gathered keys through the offset view
 (``view.GlobalView``), so no merge is needed and the engine's own backward gives every gradient; the gradients of
 fetched keys go back to their owners in the backward pass. The global queries of ``GlobalTokens`` are computed as
-partials on every rank and merged on their owner (``merge``). Dense and causal attention rotate K/V around a ring
+partials on every rank and merged on their owner (``globalq``). Dense and causal attention rotate K/V around a ring
 (``ring``), as PyTorch's ``context_parallel`` does. A bias is passed as this rank's rows over the global keys and
 sliced to the fetched columns; a relative-position table is read through the view (``view.TableView``); run-time
 selected key blocks (global lists, replicated) add their blocks to the plan, and the local call runs on queries and
-keys widened to whole blocks. With ``overlap`` the halo is posted, the plan's interior queries (those that read only
-this rank's keys) are computed, and the rest follows the wait. Every rank must call this with the same pattern,
-layout and shapes (but its own tensors), and run the backward pass through its output too.
+keys widened to whole blocks. A ``score_mod`` is called on the global indices (``view.global_mod``). With
+``overlap`` the halo is posted, the plan's interior queries (those that read only this rank's keys) are computed,
+and the rest follows the wait. Every rank must call this with the same pattern, layout and shapes (but its own
+tensors), and run the backward pass through its output too.
 """
 
 from __future__ import annotations
@@ -28,16 +29,18 @@ from ..checks import check_bool, check_choice
 from ..dispatch import attend as single_attend
 from ..dispatch import check_attention_inputs
 from ..functional import SelectedBlocks
+from ..mods import check_mod
 from ..patterns import Causal, Dense, Pattern, PerHead
 from ..patterns.spatial import SpatialPattern
 from .blocks import blocked_attend
 from .gather import broadcast_tokens
-from .halo import exchange, start
+from .globalq import global_queries
+from .globalq import local_index as _local_index
+from .halo import start
 from .layout import Layout, Ranges
-from .merge import merge, partial
 from .plan import CommPlan, make_plan, rs_intersect, rs_size, rs_subtract, rs_union
 from .ring import ring_attention
-from .view import TableView, global_view, local_attend
+from .view import TableView, global_mod, global_view, local_attend
 
 
 class _Tie(torch.autograd.Function):
@@ -52,12 +55,6 @@ class _Tie(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (grad, *(torch.zeros(s, dtype=t, device=dv) for s, t, dv in ctx.deps))
-
-
-def _local_index(layout: Layout, rank: int, ranges: Ranges, device: torch.device) -> torch.Tensor:
-    loc = [r for lo, hi in ranges for r in layout.local(rank, lo, hi)]
-    parts = [torch.arange(a, b, device=device) for a, b in loc]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
 
 
 def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
@@ -146,48 +143,12 @@ def _gather_keys(x: torch.Tensor, plan: CommPlan, layout: Layout, me: int, halo:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
-def _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, after):
-    """Outputs ``(O, L)`` of the global queries this rank owns, and the communication outputs to tie."""
-    n = plan.n
-    pieces = tuple((b.src, layout.local(me, b.lo, b.hi)[0][0] if b.src == me else -1, b.hi - b.lo)
-                   for b in plan.q_bcasts)
-    qg = broadcast_tokens(q, pieces, group, "q.bcast", after)
-    own = rs_intersect(layout.ranges[me], ((0, n),))
-    idx = _local_index(layout, me, own, q.device)
-    kown, vown = k.index_select(2, idx), v.index_select(2, idx)
-    d = k.shape[-1]
-    if own:
-        qi = torch.arange(plan.global_rows, device=q.device)[:, None]
-        kg = torch.cat([torch.arange(a, b, device=q.device) for a, b in own])[None, :]
-        shape = (plan.global_rows, kg.shape[1])
-        allowed = pattern.allowed(qi, kg, n, n)
-        per_head = isinstance(pattern, PerHead)
-        allowed = allowed.expand(-1, *shape)[None] if per_head else allowed.expand(shape)[None, None]
-        if kpm is not None:
-            allowed = allowed & kpm.index_select(1, idx)[:, None, None, :]
-        o, lse = partial(qg, kown, vown, allowed, scale, acc)
-    else:  # no own keys: an empty partial that still depends on the queries (fixes the backward order)
-        o = torch.matmul(qg.to(acc), qg.new_zeros(d, v.shape[-1], dtype=acc))
-        lse = torch.full(o.shape[:-1], -torch.inf, dtype=acc, device=q.device)
-    part = torch.cat([o, lse[..., None]], -1)
-    mine = tuple((b.lo, b.hi) for b in plan.q_bcasts if b.src == me)
-    sends = tuple((src, tuple((b.lo, b.hi) for b in plan.q_bcasts if b.src == src))
-                  for src in sorted({b.src for b in plan.q_bcasts}) if src != me)
-    recvs = tuple((r, rs_size(mine)) for r in range(layout.world) if r != me and mine)
-    got = exchange(part, sends, recvs, group, "partial")
-    if not mine:
-        return None, None, (qg, got)
-    rows = torch.cat([part[:, :, lo:hi] for lo, hi in mine], 2)
-    stack = torch.stack([rows, *got.split(rs_size(mine), 2)])
-    o_g, l_g = merge(stack[..., :-1], stack[..., -1])
-    return o_g, l_g, (qg, got)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None = None, *, layout: Layout,
            group: dist.ProcessGroup | None = None, scale: float | None = None, bias: torch.Tensor | None = None,
            rpb: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None, engine: str = "auto",
            return_lse: bool = False, method: str = "auto", blocks: SelectedBlocks | None = None,
-           overlap: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+           overlap: bool = False,
+           score_mod: Callable | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of this rank's queries over the keys of every rank, restricted to ``pattern`` (at the global
     length ``layout.n_real``); the result equals ``nearfar.attend`` on the whole sequence, restricted to this rank.
 
@@ -202,7 +163,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         scale: Score scale (default ``1 / sqrt(d)``).
         bias: Additive bias of this rank's query rows over every key: broadcastable to ``(B, Hq, n_local,
             layout.n_real)``, rows in local order, columns the global key indices. Each rank reads only the columns
-            of the keys it fetches (no communication); its gradient covers this rank's rows.
+            of the keys it fetches (no communication); its gradient covers this rank's rows. With ``blocks`` too.
+            With the global queries of ``GlobalTokens`` (merged from partials), their owner sends each rank those
+            rows at its own keys (``"bias.rows"``), unless the bias has no query axis (``(n_real,)``).
         rpb: Relative-position-bias table of a ``Neighborhood``, ``Blocks`` or ``Grid`` pattern (as in
             ``nearfar.attend``), the same on every rank; each rank's gradient holds its queries' part (sum it over
             the ranks, as data parallelism sums parameter gradients). Pass ``bias`` or ``rpb``, not both.
@@ -210,23 +173,27 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
         engine: The local engine (as in ``nearfar.attend``).
         return_lse: Also return the (detached) LSE ``(B, Hq, n_local)``.
         method: ``"auto"`` (ring for dense and causal, gather otherwise), ``"gather"`` or ``"ring"`` (dense and
-            causal only). With ``bias``, ``rpb`` or ``blocks``, ``"auto"`` gathers.
+            causal only). With ``bias``, ``rpb``, ``blocks`` or ``score_mod``, ``"auto"`` gathers.
         blocks: Key blocks chosen at run time (``nearfar.SelectedBlocks``) for the **global** query blocks, indexed
             in global query and key blocks: the same tensors on every rank (replicated, e.g. routed from replicated
             pooled keys, or all-gathered by the caller). Each rank fetches the selected blocks of its own query
-            blocks beside the pattern's reach.
+            blocks beside the pattern's reach. Not with ``rpb`` (as on one process).
         overlap: Post the halo messages, then compute the queries that read only this rank's keys (the plan's
             ``interior``) while they are in flight, then the rest on the gathered keys (two local calls instead of
             one; the same result). Not with ``blocks``; the backward pass is not overlapped.
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``, as in ``nearfar.attend``; it sees the
+            **global** query and key indices (and the batch and head indices as given). Every rank holds the
+            function and the tensors it captures; their gradients are each rank's part (sum them over the ranks,
+            as for ``rpb``). Runs the gather method (``"auto"`` does not take the ring).
 
     Returns:
         The output ``(B, Hq, n_local, dv)`` (0 on padding tokens), and the LSE with ``return_lse``.
 
     Raises:
-        TypeError: If an argument has the wrong type.
+        TypeError: If an argument has the wrong type (``score_mod`` not a callable of five arguments).
         ValueError: If shapes disagree with the layout or each other, the group's size differs from the layout's,
             the pattern does not fit ``layout.n_real``, ``method`` is unknown, ``bias``/``rpb`` do not fit, or
-            ``bias``, ``rpb`` or ``blocks`` come with ``method="ring"`` or with ``GlobalTokens`` queries.
+            ``bias``, ``rpb``, ``blocks`` or ``score_mod`` come with ``method="ring"``, or ``rpb`` with ``blocks``.
         nearfar.distributed.DistributedAttentionError: If a peer fails or the group's timeout passes mid-call.
     """
     if not isinstance(layout, Layout):
@@ -235,7 +202,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
     check_bool(overlap, "overlap")
     if layout.world == 1 and layout.n_real == layout.n:
         return single_attend(q, k, v, pattern, scale=scale, bias=bias, rpb=rpb, key_padding_mask=key_padding_mask,
-                             engine=engine, return_lse=return_lse, blocks=blocks)
+                             engine=engine, return_lse=return_lse, blocks=blocks, score_mod=score_mod)
     world, me = dist.get_world_size(group), dist.get_rank(group)
     if world != layout.world:
         raise ValueError(f"the layout splits the tokens over {layout.world} ranks but the group has {world}")
@@ -259,17 +226,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern |
                          f"got {tuple(key_padding_mask.shape)}")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     extras = _check_extras(q, k, pattern, layout, me, bias, rpb, blocks)
+    if score_mod is not None:
+        check_mod(score_mod, "score_mod", "score_mod")
+        extras = True
     ring = method == "ring" or (method == "auto" and not extras and (pattern is None or isinstance(pattern, Causal)))
     if ring:
         if extras:
-            raise ValueError("method='ring' runs without bias, rpb or blocks; use method='gather'")
+            raise ValueError("method='ring' runs without bias, rpb, blocks or score_mod; use method='gather'")
         if pattern is not None and not isinstance(pattern, Causal):
             raise ValueError(f"method='ring' runs dense or Causal() attention, got {pattern!r}")
         out, lse = ring_attention(q, k, v, layout, causal=pattern is not None, scale=scale,
                                   key_padding_mask=key_padding_mask, group=group, engine=engine)
         return (out, lse) if return_lse else out
     return _gathered(q, k, v, pattern, layout, group, scale, key_padding_mask, engine, return_lse, me,
-                     bias, rpb, blocks, overlap)
+                     bias, rpb, blocks, overlap, score_mod)
 
 
 def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, layout: Layout, me: int,
@@ -297,36 +267,39 @@ def _check_extras(q: torch.Tensor, k: torch.Tensor, pattern: Pattern | None, lay
     if blocks is not None:
         if not isinstance(blocks, SelectedBlocks):
             raise TypeError(f"blocks must be a nearfar.SelectedBlocks, got {type(blocks).__name__}")
-        if bias is not None or rpb is not None:
-            raise ValueError("nearfar.distributed.attend takes blocks without bias or rpb")
+        if rpb is not None:  # as on one process
+            raise ValueError("rpb (a relative-position table) does not combine with blocks; pass its values as bias=")
         blocks.check(q.shape[0], hq, hkv, n, n, q.device)
     return bias is not None or rpb is not None or blocks is not None
 
 
-def _local_call(q, k, v, pattern, bias, rpb, rows, queries, keys, n, scale, kpm, engine, return_lse):
+def _bias4(bias: torch.Tensor | None, rows: Ranges) -> torch.Tensor | None:
+    """``bias`` as 4D, cut to the local query ``rows`` (unless shared by every row)."""
+    if bias is None:
+        return None
+    b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return _rows(b4, rows) if b4.shape[2] > 1 else b4
+
+
+def _local_call(q, k, v, pattern, bias, rpb, rows, queries, keys, n, scale, kpm, engine, return_lse,
+                score_mod=None):
     """One local ``attend`` of this rank's query rows ``rows`` (local; ``queries`` global) over the keys ``keys``
     (global, in ``k`` and ``v``): the pattern through the offset view, ``bias``'s rows and the columns of those keys,
-    or the table through the view's index (tile by tile, as on one process)."""
+    or the table through the view's index (tile by tile, as on one process); ``score_mod`` on global indices."""
     if rpb is not None:
         view: Pattern | None = TableView(pattern, queries, keys, n)
     else:
         view = global_view(pattern, queries, keys, n) if pattern is not None else None
-    b4 = None
-    if bias is not None:
-        b4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
-        if b4.shape[2] > 1:
-            b4 = _rows(b4, rows)
-        if b4.shape[3] > 1:
-            b4 = b4.index_select(3, _index(keys, q.device))
-    return local_attend(_rows(q, rows), k, v, view, scale, kpm, engine, return_lse, b4, None, rpb)
+    b4 = _bias4(bias, rows)
+    if b4 is not None and b4.shape[3] > 1:
+        b4 = b4.index_select(3, _index(keys, q.device))
+    mod = global_mod(score_mod, queries, keys, n) if score_mod is not None else None
+    return local_attend(_rows(q, rows), k, v, view, scale, kpm, engine, return_lse, b4, None, rpb, mod)
 
 
 def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, me, bias=None, rpb=None,
-              blocks=None, overlap=False):
+              blocks=None, overlap=False, score_mod=None):
     plan = make_plan(pattern, layout, blocks)
-    if plan.global_rows and (bias is not None or rpb is not None or blocks is not None):
-        raise ValueError("bias, rpb and blocks do not combine with the global queries of GlobalTokens that read "
-                         "past their rank's reach (they are merged from partials)")
     n, rp, d = plan.n, plan.ranks[me], k.shape[-1]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     b, hq, n_local, _ = q.shape
@@ -345,7 +318,7 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         krows = tuple(r for lo, hi in own for r in layout.local(me, lo, hi))
         kpm_own = kpm.index_select(1, _local_index(layout, me, own, q.device)) if kpm is not None else None
         parts.append((inner, *_local_call(q, _rows(k, krows), _rows(v, krows), pattern, bias, rpb, irows, inner, own,
-                                          n, scale, kpm_own, engine, return_lse)))
+                                          n, scale, kpm_own, engine, return_lse, score_mod)))
     halo, bc = finish()
     deps = [halo, bc]
     outer = rs_subtract(rp.queries, inner)
@@ -355,10 +328,10 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
         vx = _gather_keys(v, plan, layout, me, halo[..., d:], bc[..., d:])
         if blocks is not None:
             o, l_ = blocked_attend(_rows(q, rows), kx, vx, kpm_ext, pattern, blocks, outer, rp.keys, n, scale, engine,
-                             return_lse)
+                                   return_lse, _bias4(bias, rows), score_mod)
         else:
             o, l_ = _local_call(q, kx, vx, pattern, bias, rpb, rows, outer, rp.keys, n, scale, kpm_ext, engine,
-                                return_lse)
+                                return_lse, score_mod)
         parts.append((outer, o, l_))
     out: torch.Tensor | None = None
     lse = torch.full((b, hq, n_local), -torch.inf, dtype=acc, device=q.device)
@@ -376,9 +349,10 @@ def _gathered(q, k, v, pattern, layout, group, scale, kpm, engine, return_lse, m
     if out is None:
         out = q.new_zeros(b, hq, n_local, v.shape[-1])
     if plan.global_rows:
-        o_g, l_g, more = _global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, bc)
+        o_g, l_g, more = global_queries(q, k, v, kpm, pattern, plan, layout, me, group, scale, acc, bc, bias, blocks,
+                                        score_mod)
         deps += list(more)
-        if o_g is not None:
+        if o_g is not None and l_g is not None:
             mine = tuple((x.lo, x.hi) for x in plan.q_bcasts if x.src == me)
             gidx = _local_index(layout, me, mine, q.device)
             out = out.index_copy(2, gidx, o_g.to(q.dtype))

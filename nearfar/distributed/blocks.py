@@ -5,10 +5,14 @@ keys, neither aligned to blocks. It widens both to whole global blocks (zero que
 block is a global block: the lists' rows of its query blocks are kept and their key blocks renumbered (-1 for a block
 it does not hold, which none of its queries selects). ``within`` and the static pattern go through the offset view.
 The extra rows are dropped from the output; their gradients are zero (zero output gradient), and the extra keys are
-masked, so the result and every gradient equal the single-process call restricted to this rank.
+masked, so the result and every gradient equal the single-process call restricted to this rank. A bias (this
+rank's rows over the global keys) is widened the same way: zero rows for the extra queries, the columns of the
+widened keys (a masked extra key reads any column); a ``score_mod`` sees the global indices of the widened tensors.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -16,7 +20,7 @@ from ..patterns import Pattern
 from ..selection import SelectedBlocks
 from .layout import Ranges
 from .plan import rs_size, rs_union
-from .view import global_view, local_attend
+from .view import global_mod, global_view, local_attend
 
 
 def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
@@ -40,9 +44,11 @@ def _positions(inner: Ranges, outer: Ranges, device: torch.device) -> torch.Tens
 
 def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None,
                    pattern: Pattern | None, blocks: SelectedBlocks, queries: Ranges, keys: Ranges, n: int, scale: float,
-                   engine: str, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   engine: str, return_lse: bool, bias: torch.Tensor | None = None,
+                   score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The local call with run-time blocks: queries and keys widened to whole global blocks (zero rows, masked
-    keys), so the global block lists index local blocks; ``(out, lse)`` of the real queries."""
+    keys), so the global block lists index local blocks; ``(out, lse)`` of the real queries. ``bias``: 4D, the
+    rows of ``q`` (or 1) over the global keys (or 1)."""
     qb, kb = blocks.q_block, blocks.k_block
     qw, kw = _whole(queries, qb, n), _whole(keys, kb, n)
     dev, (b, hq, _, d), hkv = q.device, q.shape, k.shape[1]
@@ -66,5 +72,11 @@ def blocked_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch
     within = global_view(blocks.within, qw, kw, n) if blocks.within is not None else None
     sel = SelectedBlocks(num, idx, q_block=qb, kv_block=kb, within=within)
     view = global_view(pattern, qw, kw, n) if pattern is not None else None
-    o, lse = local_attend(qx, kx, vx, view, scale, mask, engine, return_lse, None, sel)
+    if bias is not None:
+        if bias.shape[3] > 1:  # past the end: a masked key, any column
+            bias = bias.index_select(3, _index(kw, dev).clamp(max=n - 1))
+        if bias.shape[2] > 1:
+            bias = bias.new_zeros(*bias.shape[:2], nqw, bias.shape[3]).index_copy(2, qpos, bias)
+    mod = global_mod(score_mod, qw, kw, n) if score_mod is not None else None
+    o, lse = local_attend(qx, kx, vx, view, scale, mask, engine, return_lse, bias, sel, None, mod)
     return o.index_select(2, qpos), (lse.index_select(2, qpos) if lse is not None else None)

@@ -14,6 +14,8 @@ under autograd would drop the ``dL/dz`` term): they serve the few global queries
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -50,12 +52,18 @@ def _safe_lse(s: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float,
-            acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            acc: torch.dtype, mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable partial attention ``(O, L)`` of ``q (B, Hq, m, d)`` over ``k, v (B, Hkv, n, .)`` where
-    ``allowed`` (broadcastable to ``(B, Hq, m, n)``) is True, computed in ``acc``; empty rows give 0 and ``-inf``."""
+    ``allowed`` (broadcastable to ``(B, Hq, m, n)``) is True, computed in ``acc``; empty rows give 0 and ``-inf``.
+    The scores are ``mod(q . k * scale) + bias`` before the mask, in ``nearfar.attend``'s order."""
     g = q.shape[1] // k.shape[1]
     kk, vv = k.repeat_interleave(g, 1).to(acc), v.repeat_interleave(g, 1).to(acc)
     s = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
+    if mod is not None:
+        s = mod(s)
+    if bias is not None:
+        s = s + bias.to(acc)
     s = s.masked_fill(~allowed, -torch.inf)
     lse, p, _ = _safe_lse(s, -1)
     return torch.matmul(p, vv), lse

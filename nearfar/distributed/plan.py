@@ -254,10 +254,13 @@ class CommPlan:
     bcasts: tuple[Bcast, ...]
     global_rows: int
     q_bcasts: tuple[Bcast, ...]
+    own: tuple[int, ...] = ()  # real tokens (so own keys) per rank
 
     def traffic(self, rank: int) -> dict[str, tuple[int, int]]:
         """Tokens ``(sent, received)`` by ``rank`` in the forward pass, per kind: ``"p2p"`` and ``"bcast"`` (K/V
-        tokens), ``"q"`` (global query tokens) and ``"partial"`` (global-query output rows sent to their owners).
+        tokens), ``"q"`` (global query tokens), ``"partial"`` (global-query output rows sent to their owners) and
+        ``"bias_rows"`` ((global query, key) pairs of a bias with query and key axes, per batch item and head of
+        the bias: the owners send each rank the global rows at its own keys; only when a bias is given).
         The backward pass sends the same amounts the other way (gradients)."""
         p2p_s = sum(rs_size(m.ranges) for m in self.messages if m.src == rank)
         p2p_r = sum(rs_size(m.ranges) for m in self.messages if m.dst == rank)
@@ -266,16 +269,19 @@ class CommPlan:
             sent = sum((b.hi - b.lo) * (self.world - 1) for b in items if b.src == rank)
             return sent, sum(b.hi - b.lo for b in items if b.src != rank)
 
-        part = (0, 0)
+        part, rows = (0, 0), (0, 0)
         if self.global_rows:
             mine = sum(b.hi - b.lo for b in self.q_bcasts if b.src == rank)
             part = (self.global_rows - mine, mine * (self.world - 1))
-        return {"p2p": (p2p_s, p2p_r), "bcast": bc(self.bcasts), "q": bc(self.q_bcasts), "partial": part}
+            rows = (mine * (sum(self.own) - self.own[rank]), self.own[rank] * (self.global_rows - mine))
+        return {"p2p": (p2p_s, p2p_r), "bcast": bc(self.bcasts), "q": bc(self.q_bcasts), "partial": part,
+                "bias_rows": rows}
 
 
-def selected_keys(blocks: SelectedBlocks, layout: Layout) -> tuple[Ranges, ...]:
+def selected_keys(blocks: SelectedBlocks, layout: Layout, skip: int = 0) -> tuple[Ranges, ...]:
     """Per rank, the global keys of the blocks that ``blocks`` (global query and key blocks, the same on every rank)
-    selects for the query blocks holding that rank's real tokens, in any batch item and head; cut to the reach of
+    selects for the query blocks holding that rank's real tokens (past the ``skip`` global queries, which are
+    computed from partials over every rank's own keys), in any batch item and head; cut to the reach of
     ``blocks.within`` when it has one."""
     n, qb, kb = layout.n_real, blocks.q_block, blocks.k_block
     nkb = (n + kb - 1) // kb
@@ -284,7 +290,7 @@ def selected_keys(blocks: SelectedBlocks, layout: Layout) -> tuple[Ranges, ...]:
     idx = torch.where(used, idx, nkb)
     out: list[Ranges] = []
     for r in range(layout.world):
-        real = rs_intersect(rs_union(layout.ranges[r]), ((0, n),))
+        real = rs_subtract(rs_intersect(rs_union(layout.ranges[r]), ((0, n),)), ((0, skip),))
         if not real:
             out.append(())
             continue
@@ -313,7 +319,24 @@ def make_plan(pattern: Pattern | None, layout: Layout, blocks: SelectedBlocks | 
     """
     if blocks is None:
         return _make_plan(pattern, layout, None)
-    return _make_plan(pattern, layout, selected_keys(blocks, layout))
+    return _make_plan(pattern, layout, selected_keys(blocks, layout, _merged_rows(pattern, layout)))
+
+
+@functools.lru_cache(maxsize=64)
+def _merged_rows(pattern: Pattern | None, layout: Layout) -> int:
+    """How many global queries ``[0, m)`` are merged from partials (0: none): those of ``GlobalTokens(m)`` when a
+    rank owning some would otherwise fetch more than ``m`` keys for them."""
+    n, world = layout.n_real, layout.world
+    pat = pattern if pattern is not None else Dense()
+    real = [rs_intersect(rs_union(layout.ranges[r]), ((0, n),)) for r in range(world)]
+    m_g = min(global_rows(pat), n)
+    for r in range(world):
+        g = rs_intersect(real[r], ((0, m_g),))
+        if g:
+            base = rs_union(real[r], reach(pat, rs_subtract(real[r], g), n))
+            if rs_size(rs_subtract(reach(pat, g, n), base)) > m_g:
+                return m_g
+    return 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,14 +344,9 @@ def _make_plan(pattern: Pattern | None, layout: Layout, selected: tuple[Ranges, 
     n, world = layout.n_real, layout.world
     pat = pattern if pattern is not None else Dense()
     real = [rs_intersect(rs_union(layout.ranges[r]), ((0, n),)) for r in range(world)]
-    m_g = min(global_rows(pat), n)
-    qo = False
-    for r in range(world):
-        g = rs_intersect(real[r], ((0, m_g),))
-        if g:
-            base = rs_union(real[r], reach(pat, rs_subtract(real[r], g), n))
-            qo = qo or rs_size(rs_subtract(reach(pat, g, n), base)) > m_g
-    queries = [rs_subtract(real[r], ((0, m_g),)) if qo else real[r] for r in range(world)]
+    m_g = _merged_rows(pattern, layout)
+    qo = m_g > 0
+    queries = [rs_subtract(real[r], ((0, m_g),)) for r in range(world)]
     static = pattern is not None or selected is None
     keys = [reach(pat, queries[r], n) if queries[r] and static else () for r in range(world)]
     if selected is not None:
@@ -355,4 +373,4 @@ def _make_plan(pattern: Pattern | None, layout: Layout, selected: tuple[Ranges, 
         inner = _interior(pat, queries[r], real[r], n) if static and selected is None else ()
         ranks.append(RankPlan(queries[r], keys[r], tuple(sorted(pieces)), inner))
     q_bcasts = tuple(Bcast(src, lo, hi) for src, lo, hi in layout.owners(0, m_g)) if qo else ()
-    return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g if qo else 0, q_bcasts)
+    return CommPlan(n, world, tuple(ranks), tuple(messages), bcasts, m_g, q_bcasts, tuple(rs_size(x) for x in real))

@@ -10,6 +10,8 @@ exact global pattern on the local tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..calls import AttendCall
@@ -117,13 +119,34 @@ def global_view(pattern: Pattern, q_ranges: Ranges, k_ranges: Ranges, n: int) ->
     return GlobalView(pattern, q_ranges, k_ranges, n)
 
 
+def global_mod(score_mod: Callable, q_ranges: Ranges, k_ranges: Ranges, n: int) -> Callable:
+    """``score_mod`` seen through local indices: it gets the global query and key indices they stand for (as
+    ``GlobalView`` gives the pattern), so a score_mod that reads positions (ALiBi, a table indexed by ``q_idx -
+    kv_idx``) sees the positions of the whole sequence. Indices past the ranges (whole-block padding, masked) map to
+    the last one, clamped below ``n``, so a captured tensor of the global length is never indexed out of range."""
+    maps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor,
+            ki: torch.Tensor) -> torch.Tensor:
+        if qi.device not in maps:
+            maps[qi.device] = (_index(q_ranges, qi.device).clamp(max=max(n - 1, 0)),
+                               _index(k_ranges, qi.device).clamp(max=max(n - 1, 0)))
+        mq, mk = maps[qi.device]
+        return score_mod(score, b, h, mq[qi.clamp(0, mq.numel() - 1)], mk[ki.clamp(0, mk.numel() - 1)])
+
+    return mod
+
+
 def local_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern | None, scale: float,
                  key_padding_mask: torch.Tensor | None, engine: str, return_lse: bool = True,
                  bias: torch.Tensor | None = None, blocks: SelectedBlocks | None = None,
-                 rpb: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 rpb: torch.Tensor | None = None,
+                 score_mod: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``nearfar.attend`` on this rank's tensors, past this thread's interceptors (the local step of a distributed
-    call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``."""
-    res = AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks).run()
+    call is not itself a call to distribute or to steer); ``(out, lse)``, ``lse`` None unless ``return_lse``.
+    ``score_mod`` must already see global indices (``global_mod``)."""
+    res = AttendCall(q, k, v, pattern, scale, bias, rpb, key_padding_mask, engine, return_lse, blocks,
+                     score_mod).run()
     if isinstance(res, tuple):
         return res
     return res, None

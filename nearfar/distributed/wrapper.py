@@ -99,10 +99,10 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
     compute in all), and the backward pass all-reduces the input's gradient. ``BlockTransformer`` raises.
 
     Raises:
-        ValueError: (from the calls inside) an ``attend`` call with a ``score_mod``, a bias not over the global
-            keys, or a sequence length other than this rank's share; a layer asking for positions of a decoding
-            step, or given a decoding cache; a whole-sequence layer given an argument it cannot split, or a map
-            not split into whole rows; a layer declared ``@not_sharded``.
+        ValueError: (from the calls inside) an ``attend`` call with a bias not over the global keys, or a sequence
+            length other than this rank's share; a layer asking for positions of a decoding step, or given a
+            decoding cache; a whole-sequence layer given an argument it cannot split, or a map not split into whole
+            rows; a layer declared ``@not_sharded``. (A ``score_mod`` is passed on: it sees global indices.)
     """
     rank = dist.get_rank(group) if layout.world > 1 else 0
     mine = layout.size(rank)
@@ -122,13 +122,12 @@ def sharded(layout: Layout, group: dist.ProcessGroup | None = None, method: str 
         if call.q.shape[2] != mine or call.k.shape[2] != mine:
             raise ValueError(f"nearfar.distributed.sharded: attend got Nq={call.q.shape[2]}, Nk={call.k.shape[2]}; "
                              f"each must be this rank's {mine} tokens")
-        if call.score_mod is not None:
-            raise ValueError("nearfar.distributed.sharded runs attend calls without score_mod; this layer passes one")
         with partial_grids(False):  # the call is on the whole map: its checks apply
             pattern = whole_map(call.pattern, layout, mine)
             return attend(call.q, call.k, call.v, pattern, layout=layout, group=group, scale=call.scale,
                           bias=call.bias, rpb=call.rpb, key_padding_mask=call.key_padding_mask, engine=call.engine,
-                          return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap)
+                          return_lse=call.return_lse, method=method, blocks=call.blocks, overlap=overlap,
+                          score_mod=call.score_mod)
 
     token = _SUSPENDED.set(False)
     try:

@@ -285,8 +285,8 @@ def bad_arguments(rank: int, world: int) -> list[tuple[str, str]]:
         lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, rpb=torch.randn(2, 7)),
         lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, rpb=torch.randn(2, 9), bias=torch.randn(24)),
         lambda: nd.attend(q, q, q, nf.Causal(), layout=lay, bias=torch.randn(24), method="ring"),
-        lambda: nd.attend(q, q, q, nf.SlidingWindow(1) | nf.GlobalTokens(2), layout=lay, blocks=sel),
-        lambda: nd.attend(q, q, q, None, layout=lay, blocks=sel, bias=torch.randn(24)),
+        lambda: nd.attend(q, q, q, nf.Neighborhood(5), layout=lay, blocks=sel, rpb=torch.randn(2, 9)),
+        lambda: nd.attend(q, q, q, None, layout=lay, score_mod=lambda s, b: s),
         lambda: nd.attend(q, q, q, None, layout=lay, overlap=1),
     ]
     out = []

@@ -202,8 +202,8 @@ def test_bad_bias_table_blocks_and_slabs_raise_clear_errors_on_every_rank(world2
             ("ValueError", "rpb must have shape (2, 9)"),
             ("ValueError", "either bias or rpb"),
             ("ValueError", "method='ring' runs without bias"),
-            ("ValueError", "global queries of GlobalTokens"),
-            ("ValueError", "blocks without bias or rpb"),
+            ("ValueError", "does not combine with blocks"),
+            ("TypeError", "score_mod must take 5 positional arguments"),
             ("TypeError", "overlap must be a bool"),
             ("ValueError", "does not split the map into whole rows"),
             ("ok", "(1, 2, 12, 4)")]
