@@ -76,20 +76,32 @@ def _chunks(n: int, size: int) -> torch.Tensor:
     return torch.where(idx < n, idx, -1).view(-1, size)
 
 
+def layouts(pattern: Pattern, nq: int, nk: int) -> tuple[Layout | None, Layout | None]:
+    """The token layouts of the queries and of the keys: ``pattern.layout`` for both when ``nq == nk``; a pattern
+    whose queries and keys are different parts of one grid (a rank's slab and its halo rows, ``nearfar.distributed``)
+    gives both with ``layouts(nq, nk)``."""
+    both = getattr(pattern, "layouts", None)
+    pair = both(nq, nk) if both is not None else None
+    if pair is not None:
+        return pair
+    lay = pattern.layout(nq, nk) if nq == nk else None
+    return lay, lay
+
+
 def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None,
                 device: torch.device | str | None) -> tuple[Tiles, Tiles]:
     """Query tiles and key tiles. Spatial patterns order tokens in compact boxes (dilation groups first)."""
-    layout = pattern.layout(nq, nk) if nq == nk else None
-    if layout is not None:
-        ext = (tile,) * len(layout.grid) if isinstance(tile, int) else tile
-        ext = ext or layout.tile or DEFAULT_TILE[len(layout.grid)]
-        ext = tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, layout.grid, layout.dilation))
+    q_lay, k_lay = layouts(pattern, nq, nk)
+    if q_lay is not None and k_lay is not None:
+        ext = (tile,) * len(q_lay.grid) if isinstance(tile, int) else tile
+        ext = ext or q_lay.tile or DEFAULT_TILE[len(q_lay.grid)]
+        ext = tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, q_lay.grid, q_lay.dilation))
         size = 1
         for t in ext:
             size *= t
-        seg, rank = _segments(layout, ext, device)
-        idx = _tiles_from_segments(seg, rank, size)
-        return Tiles(idx), Tiles(idx)
+        idx = _tiles_from_segments(*_segments(q_lay, ext, device), size)
+        kidx = idx if k_lay is q_lay else _tiles_from_segments(*_segments(k_lay, ext, device), size)
+        return Tiles(idx), Tiles(kidx)
     size = tile if isinstance(tile, int) else DEFAULT_TILE[1][0]
     return Tiles(_chunks(nq, min(size, nq)).to(device)), Tiles(_chunks(nk, size).to(device))
 
@@ -325,7 +337,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] |
     step = max(1, _CHUNK_ELEMS // (hp * kt.idx.shape[0]))
     counts = torch.cat([_block_lists(pattern, qt.idx[t0:t0 + step], kt, nq, nk).sum(-1).amax(0)
                         for t0 in range(0, n_q_tiles, step)])
-    layout = pattern.layout(nq, nk) if nq == nk else None
+    layout = layouts(pattern, nq, nk)[1]  # the keys' (staged runs are in key coordinates)
     groups = []
     partition = hp == 1
     for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):

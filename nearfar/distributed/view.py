@@ -10,15 +10,28 @@ exact global pattern on the local tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
 from ..calls import AttendCall
 from ..patterns import Pattern, PerHead, Tiles
-from ..patterns.spatial import SpatialPattern
+from ..patterns.spatial import Layout, SpatialPattern
 from ..selection import SelectedBlocks
 from .layout import Ranges
+
+
+def _whole_rows(ranges: Ranges, row: int, count: int) -> int | None:
+    """How many grid rows ``ranges`` hold when they are one contiguous run of ``count`` tokens starting and ending
+    on row boundaries; None otherwise."""
+    spans = [(lo, hi) for lo, hi in ranges if hi > lo]
+    if not spans or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    lo, hi = spans[0][0], spans[-1][1]
+    if hi - lo != count or lo % row or hi % row:
+        return None
+    return count // row
 
 
 def _index(ranges: Ranges, device: torch.device) -> torch.Tensor:
@@ -63,6 +76,26 @@ class GlobalView(Pattern):
 
     def check(self, nq: int, nk: int) -> None:
         pass  # the global pattern is checked once, at the global length
+
+    def layouts(self, nq: int, nk: int) -> tuple[Layout, Layout] | None:
+        """Box tiles for a rank's slab and the key rows around it: on a 2D/3D grid, when the local queries and the
+        local keys are each one run of whole rows of the global grid, their layouts are the global pattern's on
+        those rows (so the engine tiles them in compact boxes, as on one process, instead of raster rows: 13x13
+        neighbourhoods on a 96x96 map split in two ran 4x slower in raster tiles); None otherwise (any tiling is
+        exact: the pattern is asked about the global pairs either way)."""
+        lay = self.pattern.layout(self.n, self.n)
+        if lay is None or len(lay.grid) < 2 or math.prod(lay.grid) != self.n:
+            return None
+        row = math.prod(lay.grid[1:])
+        rows_q, rows_k = _whole_rows(self.q_ranges, row, nq), _whole_rows(self.k_ranges, row, nk)
+        if rows_q is None or rows_k is None:
+            return None
+
+        def on(rows: int) -> Layout:  # the row axis starts at the run's first row: no global offset, no wrap
+            return Layout((rows, *lay.grid[1:]), lay.dilation, lay.tile, (0, *lay.offset[1:]),
+                          (False, *lay.wrap[1:]))
+
+        return on(rows_q), on(rows_k)
 
     def allowed(self, q: torch.Tensor, k: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
         return self.pattern.allowed(self._map("q", q), self._map("k", k), self.n, self.n)
