@@ -165,15 +165,17 @@ class SelectedBlocks:
         table = torch.zeros(*idx.shape[:3], nkb + 1, dtype=torch.bool, device=idx.device)
         return table.scatter_(-1, torch.where(valid, idx, nkb), True)[..., :nkb]
 
-    def pair_mask(self, nq: int, nk: int, hq: int, hkv: int) -> torch.Tensor:
+    def pair_mask(self, nq: int, nk: int, hq: int, hkv: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The (query, key) pairs the selection allows, ``within`` included, as a bool ``(B', Hq or 1, Nq, Nk)``
-        tensor: the reference the engines are tested against (materialises ``Nq x Nk`` per head).
+        tensor: the reference the engines are tested against (materialises ``Nq x Nk`` per head). With ``rows``
+        (int64 query indices ``(B''|1, H''|1, R)``), only those rows: ``(B'|B'', Hq|1, R, Nk)``.
 
         Args:
             nq: Queries.
             nk: Keys.
             hq: Query heads.
             hkv: Key/value heads (a per-KV-head selection is repeated over its query heads).
+            rows: The query rows to answer for (default: all of them, in order).
 
         Returns:
             The bool mask; True = may attend.
@@ -181,11 +183,15 @@ class SelectedBlocks:
         table = self.block_table(nk)
         if table.shape[1] not in (1, hq):
             table = table.repeat_interleave(hq // hkv, dim=1)
-        rows = torch.arange(nq, device=table.device) // self.q_block
-        cols = torch.arange(nk, device=table.device) // self.k_block
-        pairs = table[:, :, rows][..., cols]
+        dev = table.device
+        if rows is None:
+            rows = torch.arange(nq, device=dev).view(1, 1, -1)
+        b = torch.arange(table.shape[0], device=dev).view(-1, 1, 1)
+        h = torch.arange(table.shape[1], device=dev).view(1, -1, 1)
+        cols = torch.arange(nk, device=dev)
+        pairs = table[b, h, rows // self.q_block][..., cols // self.k_block]
         if self.within is not None:
-            pairs = pairs & self.within.mask(nq, nk, table.device)
+            pairs = pairs & self.within.allowed(rows[..., None], cols, nq, nk)
         return pairs
 
     @classmethod

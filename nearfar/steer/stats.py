@@ -168,19 +168,6 @@ def _allowed(pattern: Pattern | None, idx: torch.Tensor, keys: torch.Tensor, nq:
     return torch.broadcast_to(pattern.allowed(qi, keys, nq, nk), shape)
 
 
-def _selected(blocks: SelectedBlocks, idx: torch.Tensor, keys: torch.Tensor, nq: int, nk: int, hq: int,
-              hkv: int) -> torch.Tensor:
-    """The pairs run-time ``blocks`` select for query rows ``idx (B'', H'', R)``, ``within`` included: bool
-    ``(B'|B'', Hq|1, R, Nk)`` (``SelectedBlocks.pair_mask`` on the asked rows only)."""
-    table = blocks.block_table(nk)  # (B', H', QB, KB)
-    if table.shape[1] not in (1, hq):  # a per-KV-head selection serves its group of query heads
-        table = table.repeat_interleave(hq // hkv, dim=1)
-    pairs = take_rows(table, idx // blocks.q_block)[..., keys // blocks.k_block]
-    if blocks.within is not None:
-        pairs = pairs & blocks.within.allowed(idx[..., None], keys, nq, nk)
-    return pairs
-
-
 def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Pattern | None, kpm: torch.Tensor | None,
             b4: torch.Tensor | None, scale: float, nq: int, blocks: SelectedBlocks | None = None,
             score_mod: Any = None) -> torch.Tensor:
@@ -201,7 +188,7 @@ def _logits(q: torch.Tensor, k: torch.Tensor, idx: torch.Tensor, pattern: Patter
         s = s + take_rows(b4, idx).to(s.dtype)
     allowed = _allowed(pattern, idx, keys, nq, nk)
     if blocks is not None:  # the pattern's pairs OR the selected ones (no pattern: the selected ones only)
-        sel = _selected(blocks, idx, keys, nq, nk, hq, hkv)
+        sel = blocks.pair_mask(nq, nk, hq, hkv, rows=idx)
         if pattern is None:
             allowed = sel
         elif allowed is not None:
