@@ -323,8 +323,6 @@ def vision_layers(rank: int, world: int) -> dict[str, list[str]]:
     """Unmodified 1D/2D layers on a map split into slabs (``sharded``) against the same layer in one process: the
     output, the input's gradient and every parameter's gradient (summed over the ranks), float64. Slabs of 4 ranks
     are narrower than the 2D kernel (partial grids)."""
-    import torch.distributed as dist
-
     layers = {
         "na2d_rpb": ((10, 6), lambda: nf.NeighborhoodAttention(16, 2, (5, 3))),
         "na2d_dilated": ((13, 5), lambda: nf.NeighborhoodAttention(16, 2, 3, dilation=(2, 1))),
@@ -332,37 +330,44 @@ def vision_layers(rank: int, world: int) -> dict[str, list[str]]:
         "swin_shifted": ((20, 8), lambda: nf.WindowAttention(16, 2, 4, shift_size=2)),
         "swin": ((16, 6), lambda: nf.WindowAttention(16, 2, (4, 3))),
     }
-    out = {}
-    for name, (grid, make) in layers.items():
-        torch.manual_seed(0)
-        layer = make().double()
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.add_(0.1 * torch.randn_like(p))  # tables start at 0 or near it: make them matter
-        x = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-        w = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-        xr = x.clone().requires_grad_()
-        (layer(xr) * w).sum().backward()
-        want = {"out": layer(x).detach(), "dx": xr.grad}
-        want.update({f"d{n}": p.grad.clone() for n, p in layer.named_parameters()})
-        layer.zero_grad()
-        lay = nd.Layout.slabs(grid, world)
-        (lo, hi), = lay.ranges[rank]
-        row = x[0, 0].numel() // 16
-        xl = x[:, lo // row:hi // row].clone().requires_grad_()
-        with nd.sharded(lay):
-            y = layer(xl)
-        (y * w[:, lo // row:hi // row]).sum().backward()
-        got = {"out": y.detach(), "dx": xl.grad}
-        for n, p in layer.named_parameters():
-            dist.all_reduce(p.grad)
-            got[f"d{n}"] = p.grad
-        errors = []
-        for key, ref in want.items():
-            exp = ref[:, lo // row:hi // row] if key in ("out", "dx") else ref
-            try:
-                torch.testing.assert_close(got[key], exp, atol=1e-10, rtol=1e-10)
-            except AssertionError as err:
-                errors.append(f"{key}: {str(err)[:300]}")
-        out[name] = errors
-    return out
+    return {name: sharded_layer_errors(rank, world, grid, make) for name, (grid, make) in layers.items()}
+
+
+def sharded_layer_errors(rank: int, world: int, grid: tuple[int, ...], make) -> list[str]:
+    """``make()``'s layer (float64, parameters perturbed) inside ``sharded`` on this rank's slab of a ``(2, *grid,
+    16)`` input, against the same layer in one process: output, input gradient and every parameter's gradient
+    (summed over the ranks); the mismatches, empty when all agree to 1e-10."""
+    import torch.distributed as dist
+
+    torch.manual_seed(0)
+    layer = make().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # tables start at 0 or near it: make them matter
+    x = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    xr = x.clone().requires_grad_()
+    (layer(xr) * w).sum().backward()
+    want = {"out": layer(x).detach(), "dx": xr.grad}
+    want.update({f"d{n}": p.grad.clone() for n, p in layer.named_parameters()})
+    layer.zero_grad()
+    lay = nd.Layout.slabs(grid, world)
+    (lo, hi), = lay.ranges[rank]
+    row = x[0, 0].numel() // 16
+    a, b = lo // row, hi // row
+    xl = x[:, a:b].clone().requires_grad_()
+    with nd.sharded(lay):
+        y = layer(xl)
+    (y * w[:, a:b]).sum().backward()
+    got = {"out": y.detach(), "dx": xl.grad}
+    for n, p in layer.named_parameters():
+        dist.all_reduce(p.grad)
+        got[f"d{n}"] = p.grad
+    errors = []
+    for key, ref in want.items():
+        exp = ref[:, a:b] if key in ("out", "dx") else ref
+        try:
+            torch.testing.assert_close(got[key], exp, atol=1e-10, rtol=1e-10)
+        except AssertionError as err:
+            errors.append(f"{key}: {str(err)[:300]}")
+    return errors

@@ -169,40 +169,9 @@ def run_case(rank: int, world: int, case: X, seed: int = 0) -> dict:
 def swin_short_slabs(rank: int, world: int) -> list[str]:
     """Swin's shifted windows (window 4, shift 2) on an 8x6 map: slabs of 4 rows on 2 ranks, 2 rows on 4, no taller
     than the window; inside ``sharded`` the layer keeps the map's window and shift."""
-    import torch.distributed as dist
+    from dist_cases import sharded_layer_errors
 
-    torch.manual_seed(0)
-    layer = nf.WindowAttention(16, 2, 4, shift_size=2).double()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    grid = (8, 6)
-    x = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    w = torch.randn(2, *grid, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    xr = x.clone().requires_grad_()
-    (layer(xr) * w).sum().backward()
-    want = {"out": layer(x).detach(), "dx": xr.grad}
-    want.update({f"d{n}": p.grad.clone() for n, p in layer.named_parameters()})
-    layer.zero_grad()
-    lay = nd.Layout.slabs(grid, world)
-    (lo, hi), = lay.ranges[rank]
-    a, b = lo // grid[1], hi // grid[1]
-    xl = x[:, a:b].clone().requires_grad_()
-    with nd.sharded(lay):
-        y = layer(xl)
-    (y * w[:, a:b]).sum().backward()
-    got = {"out": y.detach(), "dx": xl.grad}
-    for n, p in layer.named_parameters():
-        dist.all_reduce(p.grad)
-        got[f"d{n}"] = p.grad
-    errors = []
-    for key, ref in want.items():
-        exp = ref[:, a:b] if key in ("out", "dx") else ref
-        try:
-            torch.testing.assert_close(got[key], exp, atol=1e-10, rtol=1e-10)
-        except AssertionError as err:
-            errors.append(f"{key}: {str(err)[:300]}")
-    return errors
+    return sharded_layer_errors(rank, world, (8, 6), lambda: nf.WindowAttention(16, 2, 4, shift_size=2))
 
 
 def sharded_score_mod(rank: int, world: int) -> list[str]:

@@ -75,3 +75,11 @@ def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, pg_timeout_s: floa
             else:
                 out.append(("error", f"rank {r} exited without a result (exit code {ctx.processes[r].exitcode})"))
         return out
+
+
+def run_ok(fn, world: int, *args, timeout_s: float = 150.0, pg_timeout_s: float = 20.0) -> list:
+    """``run_ranks``, asserting every rank returned: the ranks' return values."""
+    res = run_ranks(fn, world, *args, timeout_s=timeout_s, pg_timeout_s=pg_timeout_s)
+    bad = [f"rank {r}: {val}" for r, (st, val) in enumerate(res) if st != "ok"]
+    assert not bad, "\n".join(bad)
+    return [val for _, val in res]

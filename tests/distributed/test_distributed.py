@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_cases import Case, cases, suite_and_lm, suite_then_fail
-from dist_harness import run_ranks
+from dist_harness import run_ok
 
 import nearfar as nf
 import nearfar.distributed as nd
@@ -19,21 +19,14 @@ import nearfar.distributed as nd
 PG_TIMEOUT = 20.0
 
 
-def _results(world: int, fn) -> list:
-    res = run_ranks(fn, world, timeout_s=150, pg_timeout_s=PG_TIMEOUT)
-    bad = [f"rank {r}: {val}" for r, (st, val) in enumerate(res) if st != "ok"]
-    assert not bad, "\n".join(bad)
-    return [val for _, val in res]
-
-
 @pytest.fixture(scope="module")
 def world4() -> list[dict]:
-    return _results(4, suite_and_lm)
+    return run_ok(suite_and_lm, 4, pg_timeout_s=PG_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
 def world2() -> list[dict]:
-    return _results(2, suite_then_fail)
+    return run_ok(suite_then_fail, 2, pg_timeout_s=PG_TIMEOUT)
 
 
 def _suite(results: list[dict]) -> list[dict]:

@@ -10,27 +10,20 @@ from __future__ import annotations
 import pytest
 import torch
 from dist_extras import cases, run_all
-from dist_harness import run_ranks
+from dist_harness import run_ok
 
 import nearfar as nf
 import nearfar.distributed as nd
 
 
-def _results(world: int) -> list[dict]:
-    res = run_ranks(run_all, world, timeout_s=150, pg_timeout_s=20.0)
-    bad = [f"rank {r}: {val}" for r, (st, val) in enumerate(res) if st != "ok"]
-    assert not bad, "\n".join(bad)
-    return [val for _, val in res]
-
-
 @pytest.fixture(scope="module")
 def extras2() -> list[dict]:
-    return _results(2)
+    return run_ok(run_all, 2)
 
 
 @pytest.fixture(scope="module")
 def extras4() -> list[dict]:
-    return _results(4)
+    return run_ok(run_all, 4)
 
 
 def _world(world: int, extras2: list[dict], extras4: list[dict]) -> list[dict]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist_harness import run_ranks
+from dist_harness import run_ok
 from layer_cases import FOUR, N_SEQ, REFUSED, layer_cases, suite_2, suite_4
 
 import nearfar as nf
@@ -17,21 +17,14 @@ from nearfar.layers.registry import Mechanism, register
 from nearfar.layers.sharding import NATIVE, WHOLE, sharding_of, shards_natively, whole_sequence
 
 
-def _results(world: int, fn) -> list:
-    res = run_ranks(fn, world, timeout_s=240, pg_timeout_s=20.0)
-    bad = [f"rank {r}: {val}" for r, (st, val) in enumerate(res) if st != "ok"]
-    assert not bad, "\n".join(bad)
-    return [val for _, val in res]
-
-
 @pytest.fixture(scope="module")
 def world2() -> list[dict]:
-    return _results(2, suite_2)
+    return run_ok(suite_2, 2, timeout_s=240)
 
 
 @pytest.fixture(scope="module")
 def world4() -> list[dict]:
-    return _results(4, suite_4)
+    return run_ok(suite_4, 4, timeout_s=240)
 
 
 def _check(results: list[dict], name: str) -> None:
