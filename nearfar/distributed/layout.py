@@ -17,6 +17,7 @@ is evaluated at length ``n_real`` (a neighborhood's border windows depend on the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,13 +129,9 @@ class Layout:
         g = check_grid(grid)
         if g is None:
             raise ValueError("slabs needs a grid (X0, X1[, X2])")
-        check_positive_int(world, "world")
-        w = 1
-        for e in g[1:]:
-            w *= e
-        rows = _bounds(split_sizes(g[0], world))
-        n = g[0] * w
-        return cls(tuple(((rows[r] * w, rows[r + 1] * w),) for r in range(world)), n, n, g)
+        row = math.prod(g[1:])
+        n = g[0] * row
+        return cls(cls.contiguous(n, world, align=row).ranges, n, n, g)  # whole rows: boundaries on row multiples
 
     @classmethod
     def head_tail(cls, n: int, world: int, *, n_real: int | None = None) -> Layout:
