@@ -25,7 +25,10 @@ settings.register_profile("dev", max_examples=200, deadline=None, derandomize=Fa
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# at most 2 threads per test process; under pytest-xdist (the README's ``-n auto``) the cores are shared by the
+# workers, so each takes its share (one thread each on a 2-core machine: no oversubscribed thread pools)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture

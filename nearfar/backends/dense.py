@@ -11,7 +11,7 @@ from ..bias import BiasSource, DenseBias, RelativePositionBias
 from ..cache import CACHE
 from ..guard import zero_rows
 from ..mods import call_score_mod, index_grid
-from ..patterns import Pattern
+from ..patterns import Causal, Pattern
 from ..selection import SelectedBlocks
 from .kernels import acc_dtype
 
@@ -51,7 +51,7 @@ _FEW_KEYS = 64
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
-         scale: float | None = None) -> torch.Tensor:
+         scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
     """SDPA for rows that have at least one key. On CPU: very short key lists go through matmul + softmax, and
     unequal q/k and v head dims are zero-padded to one size first (the fused kernel needs equal dims and PyTorch
     otherwise takes its ~5x slower math path; zero columns change neither q.k nor the output)."""
@@ -60,12 +60,21 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
         s = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
         if attn_mask is not None:
             s = s + attn_mask
+        if is_causal:
+            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
         return torch.matmul(s.softmax(-1), v)
     if d == dv or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal)
     e = max(d, dv)
     q, k, v = F.pad(q, (0, e - d)), F.pad(k, (0, e - d)), F.pad(v, (0, e - dv))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)[..., :dv]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal)[..., :dv]
+
+
+def fused_causal(pattern: Pattern | None, nq: int, nk: int) -> bool:
+    """Whether ``pattern`` is a plain ``Causal()`` that SDPA's ``is_causal`` computes as it is: the same number of
+    queries and keys (SDPA aligns its diagonal top-left, ``Causal`` bottom-right: the two agree only there). Its
+    fused kernel skips the key blocks above the diagonal, needs no mask and no plan."""
+    return nq == nk and pattern == Causal()
 
 
 def empty_rows(mask: torch.Tensor) -> torch.Tensor | None:
@@ -123,6 +132,9 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
+    if kpm is None and bias is None and blocks is None and score_mod is None and not return_lse and \
+            fused_causal(pattern, nq, nk):
+        return sdpa(q, k, v, scale=scale, is_causal=True), None
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
     if blocks is not None:  # the union of the pattern's pairs and the selected ones, materialised per call

@@ -167,3 +167,28 @@ def test_a_last_dim_of_one_with_any_stride():
     torch.testing.assert_close(out, nf.attend(q, k, v.contiguous(), pattern, engine="dense"))
     out.sum().backward()
     assert torch.isfinite(q.grad).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_backward_split_over_threads_matches_reference(threads):
+    # with fewer (batch, kv head) owners than threads the tiles of one owner are split over ``splits`` float32
+    # accumulators that are summed after; the test suite may run one thread per worker, so ask for several here
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        from nearfar.backends.native import splits
+
+        assert splits(1, 1, 300, 64) == threads
+        g = torch.Generator().manual_seed(threads)
+        q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+        leaves = [t.clone().requires_grad_() for t in (q, k[:, :1], v[:, :1])]
+        pattern = nf.Neighborhood(65)
+        out, _ = native_attention(*leaves, get_plan(pattern, 300, 300), 0.25)
+        refs, out_r, _ = _reference(q, k[:, :1], v[:, :1], pattern, 0.25, None)
+        go = torch.randn(out.shape, generator=g)
+        grads = torch.autograd.grad((out * go).sum(), leaves)
+        for a, r in zip(grads, torch.autograd.grad((out_r * go.double()).sum(), refs)):
+            torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4)
+    finally:
+        torch.set_num_threads(before)
