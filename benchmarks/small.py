@@ -3,12 +3,11 @@
     python benchmarks/small.py                  # every case, forward and forward+backward, markdown to stdout
     python benchmarks/small.py --rounds 9 --cases na2d-14 causal-512
 
-Each case times, in interleaved rounds on the same inputs (fp32): unmasked ``F.scaled_dot_product_attention`` (the
-bar: "dense SDPA"), ``attend`` with ``engine="auto"``, and each engine ``auto`` chooses between (``dense``,
-``blocksparse``). Reported: medians (ms) and the median per-round ratio SDPA time / method time (>= 1: faster than
-dense SDPA), and which engine ``auto`` picked. Forward runs under ``no_grad``; forward+backward backpropagates a
-fixed cotangent into q, k and v.
-"""
+Each case times, in interleaved rounds on the same inputs (fp32; ``--dtype bfloat16``/``float16`` casts them):
+unmasked ``F.scaled_dot_product_attention`` (the bar: "dense SDPA"), ``attend`` with ``engine="auto"``, and each
+engine ``auto`` chooses between (``dense``, ``blocksparse``). Reported: medians (ms) and the median per-round ratio
+SDPA time / method time (>= 1: faster than dense SDPA), and which engine ``auto`` picked. Forward runs under
+``no_grad``; forward+backward backpropagates a fixed cotangent into q, k and v."""
 
 from __future__ import annotations
 
@@ -44,12 +43,12 @@ CASES = {
 }
 
 
-def run_case(name: str, rounds: int) -> list[tuple]:
+def run_case(name: str, rounds: int, dtype: torch.dtype = torch.float32) -> list[tuple]:
     make, b, h, n, d = CASES[name]
     pattern = make()
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
-    go = torch.randn(b, h, n, d, generator=g)
+    q, k, v = (torch.randn(b, h, n, d, generator=g).to(dtype) for _ in range(3))
+    go = torch.randn(b, h, n, d, generator=g).to(dtype)
     picked = choose_engine(q, pattern, n, n)
     rows = []
     for mode in ("fwd", "fwd+bwd"):
@@ -72,14 +71,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, native kernel: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, native kernel: "
           f"{native.available()}, load before {load()}\n")
     print("| case | mode | auto picks | SDPA ms | auto ms | dense ms | blocksparse ms | SDPA/auto | SDPA/dense "
           "| SDPA/blocksparse |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.cases:
-        for r in run_case(name, args.rounds):
+        for r in run_case(name, args.rounds, getattr(torch, args.dtype)):
             print("| " + " | ".join([*r[:3], *(f"{x:.2f}" for x in r[3:])]) + " |", flush=True)
     print(f"\nload after {load()}")
 

@@ -7,14 +7,14 @@ installed peers (NATTEN's module, compiled FlexAttention).
 
     python benchmarks/vision.py --modes fwd+bwd --mechanisms biformer   # forward+backward, with peak memory
 
-fp32, B=8: (56, 56, 96) with ``make(96, 3)`` and (14, 14, 384) with ``make(384, 12)``; ``fwd`` runs under no_grad,
-``fwd+bwd`` backpropagates a fixed random cotangent to the input and the parameters (gradients set to None before
-each call, so both sides allocate them). Methods are timed in interleaved rounds with a rotating order
-(``nearfar.bench.interleave``); "speed-up" is the median over rounds of baseline time / nearfar time (>= 1:
-nearfar no slower). Peak memory (``--memory``, default on for fwd+bwd) is the largest total of tensors alive at
-once during one call, parameters and input excluded (``nearfar.bench.speed_metrics.peak_bytes``). Every pair passes
-a correctness gate first (max abs difference of the outputs; with fwd+bwd also of the input gradients).
-"""
+fp32 (``--dtype bfloat16``/``float16``: the module and its input cast), B=8: (56, 56, 96) with ``make(96, 3)`` and
+(14, 14, 384) with ``make(384, 12)``; ``fwd`` runs under no_grad, ``fwd+bwd`` backpropagates a fixed random cotangent
+to the input and the parameters (gradients set to None before each call, so both sides allocate them). Methods are
+timed in interleaved rounds with a rotating order (``nearfar.bench.interleave``); "speed-up" is the median over rounds
+of baseline time / nearfar time (>= 1: nearfar no slower). Peak memory (``--memory``, default on for fwd+bwd) is the
+largest total of tensors alive at once during one call, parameters and input excluded
+(``nearfar.bench.speed_metrics.peak_bytes``). Every pair passes a correctness gate first (max abs difference of the
+outputs; with fwd+bwd also of the input gradients)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def _caller(fn, module, x: torch.Tensor, mode: str):
             with torch.no_grad():
                 return _first(fn(module, x))
         return call
-    cot = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    cot = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(x.dtype)
 
     def call():
         module.zero_grad(set_to_none=True)
@@ -118,11 +118,11 @@ def _caller(fn, module, x: torch.Tensor, mode: str):
 
 
 def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dict, peers: bool,
-              mode: str = "fwd", memory: bool = False) -> dict:
+              mode: str = "fwd", memory: bool = False, dtype: torch.dtype = torch.float32) -> dict:
     torch.manual_seed(0)
-    module = make(shape[-1], heads, **kw).eval()
-    x = torch.randn(*shape, requires_grad=mode != "fwd")
-    res = dict(mechanism=name, mode=mode, shape=list(shape), kwargs=kw, load_before=load())
+    module = make(shape[-1], heads, **kw).eval().to(dtype)
+    x = torch.randn(*shape).to(dtype).requires_grad_(mode != "fwd")
+    res = dict(mechanism=name, mode=mode, shape=list(shape), kwargs=kw, dtype=str(dtype), load_before=load())
     methods = {"nearfar": _caller(lambda m, t: m(t), module, x, mode)}
     if baseline is not None:
         methods["baseline"] = _caller(baseline, module, x, mode)
@@ -131,9 +131,9 @@ def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dic
         grad = None if x.grad is None else x.grad.clone()
         torch.manual_seed(1)
         ref = methods["baseline"]().detach()
-        res["max_abs_err_vs_baseline"] = float((out - ref).abs().max())
+        res["max_abs_err_vs_baseline"] = float((out.float() - ref.float()).abs().max())
         if grad is not None:
-            res["max_abs_grad_err_vs_baseline"] = float((grad - x.grad).abs().max())
+            res["max_abs_grad_err_vs_baseline"] = float((grad.float() - x.grad.float()).abs().max())
     if peers and mode == "fwd":
         with torch.no_grad():
             for label, fn in _peers(module, x).items():
@@ -152,7 +152,7 @@ def bench_one(name: str, make, baseline, shape, heads: int, rounds: int, kw: dic
 
 
 def run(selected: list[str] | None, rounds: int, peers: bool, modes: tuple[str, ...] = ("fwd",),
-        memory: bool | None = None) -> list[dict]:
+        memory: bool | None = None, dtype: torch.dtype = torch.float32) -> list[dict]:
     base = baselines()
     results = []
     for mech in nearfar.mechanisms():
@@ -168,7 +168,7 @@ def run(selected: list[str] | None, rounds: int, peers: bool, modes: tuple[str, 
                 try:
                     res = bench_one(name, mech.make, base.get(mech.name), shape, heads, rounds, kw,
                                     peers and mech.name == "neighborhood", mode,
-                                    mode != "fwd" if memory is None else memory)
+                                    mode != "fwd" if memory is None else memory, dtype)
                 except Exception as err:  # noqa: BLE001 - one failing mechanism must not hide the others
                     res = dict(mechanism=name, mode=mode, shape=list(shape), error=repr(err)[:300])
                 res["seconds"] = round(time.perf_counter() - t0, 1)
@@ -208,13 +208,15 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["fwd"], help="fwd and/or fwd+bwd (default fwd)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="measure peak memory (default: with fwd+bwd only)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    results = run(args.mechanisms, args.rounds, not args.skip_peers, tuple(args.modes), args.memory)
+    results = run(args.mechanisms, args.rounds, not args.skip_peers, tuple(args.modes), args.memory,
+                  getattr(torch, args.dtype))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {load()}\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, {load()}\n")
     print(markdown(results))
 
 

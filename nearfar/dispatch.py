@@ -473,7 +473,7 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
        (``benchmarks/causal.py``, CPU, 2 threads): from ``_CAUSAL_SDPA_PAIRS`` pairs (4,096 tokens) up, except
        when a bf16/fp16 call trains (``trains``; SDPA's half-precision CPU backward is 5-7x slower than the
        compiled kernel); at any size off CPU or without the compiled kernel for the dtype. Below that the compiled
-       kernel is 1.1-1.4x faster than ``is_causal`` and the rules below apply;
+       kernel is 1.08-1.4x faster than ``is_causal`` and the rules below apply;
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
        windows, whatever the size; a window pattern that is not a partition here (e.g. edge windows of another
        size) goes to ``"blocksparse"``;
