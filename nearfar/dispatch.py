@@ -11,7 +11,7 @@ import torch
 
 from .backends import ENGINES
 from .backends.blocksparse import blocksparse_attention
-from .backends.dense import dense_attention, fused_causal
+from .backends.dense import causal_as_sdpa, dense_attention
 from .backends.native import density as native_density
 from .backends.native import supports as native_supports
 from .backends.partition import partition_attention
@@ -467,13 +467,14 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
                   scored: bool = False, padded: bool = False, lse: bool = False, trains: bool | None = None) -> str:
     """The ``"auto"`` rule, in one place (``attend`` applies it per call):
 
-    0. a plain ``Causal()`` with as many queries as keys, and no bias, key padding (``padded``), run-time blocks,
-       ``score_mod`` or LSE asked for (``lse``): ``"dense"``, which runs it as SDPA's ``is_causal`` (a fused kernel
-       that skips the blocks above the diagonal, with no mask and no plan), where that is measured no slower
-       (``benchmarks/causal.py``, CPU, 2 threads): from ``_CAUSAL_SDPA_PAIRS`` pairs (4,096 tokens) up, except
-       when a bf16/fp16 call trains (``trains``; SDPA's half-precision CPU backward is 5-7x slower than the
-       compiled kernel); at any size off CPU or without the compiled kernel for the dtype. Below that the compiled
-       kernel is 1.08-1.4x faster than ``is_causal`` and the rules below apply;
+    0. a plain ``Causal()`` with no bias, key padding (``padded``), run-time blocks, ``score_mod`` or LSE asked for
+       (``lse``), which SDPA runs without a mask (``backends.dense.causal_as_sdpa``): ``"dense"``. One query after
+       its keys (a decoding step) sees every key: always. As many queries as keys is SDPA's ``is_causal`` (a fused
+       kernel that skips the blocks above the diagonal, with no plan) where that is measured no slower
+       (``benchmarks/causal.py``, CPU, 2 threads): from ``_CAUSAL_SDPA_PAIRS`` pairs (4,096 tokens) up, except when
+       a bf16/fp16 call trains (``trains``; SDPA's half-precision CPU backward is 5-7x slower than the compiled
+       kernel); at any size off CPU or without the compiled kernel for the dtype. Below that the compiled kernel is
+       1.08-1.4x faster than ``is_causal`` and the rules below apply;
     1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
        windows, whatever the size; a window pattern that is not a partition here (e.g. edge windows of another
        size) goes to ``"blocksparse"``;
@@ -493,8 +494,8 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
     ``2**20`` pairs, and a call without a pattern goes to ``"blocksparse"`` above that (the dense engine would
     materialise the scores to apply the function to them).
     """
-    if not (blocks or scored or padded or lse) and bias is None and fused_causal(pattern, nq, nk) and \
-            _causal_sdpa_pays(q, nq, nk, trains):
+    causal = causal_as_sdpa(pattern, nq, nk) if not (blocks or scored or padded or lse) and bias is None else None
+    if causal is False or (causal and _causal_sdpa_pays(q, nq, nk, trains)):
         return "dense"
     if blocks:
         if nq * nk <= _SMALL or isinstance(pattern, PerHead):

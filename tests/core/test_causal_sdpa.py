@@ -1,5 +1,6 @@
-"""A plain ``Causal()`` runs on SDPA's ``is_causal`` kernel (dense engine), and ``auto`` sends it there where measured
-no slower (``benchmarks/causal.py``): no mask is materialised, no plan is built."""
+"""A plain ``Causal()`` runs on SDPA without a mask (dense engine): ``is_causal`` with as many queries as keys, plain
+SDPA for one query after its keys (decoding), GQA read in place; ``auto`` sends it there where measured no slower
+(``benchmarks/causal.py``): no mask is materialised, no plan is built."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from nearfar.dispatch import choose_engine
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.sampled_from([1, 5, 64, 65, 130]), b=st.integers(1, 2), heads=st.sampled_from([(1, 1), (4, 2), (3, 1)]),
+@given(n=st.sampled_from([1, 5, 64, 65, 130]), decode=st.booleans(), b=st.integers(1, 2),
+       heads=st.sampled_from([(1, 1), (4, 2), (3, 1)]),
        d=st.sampled_from([8, 24]), dv=st.sampled_from([None, 16]),
        dtype=st.sampled_from([torch.float32, torch.float64]),
        layout=st.sampled_from(["contiguous", "bnhd", "sliced", "last_strided"]), seed=st.integers(0, 2**16))
-def test_dense_engine_causal_matches_float64_reference(n, b, heads, d, dv, dtype, layout, seed):
-    # n <= 64 takes the few-keys matmul path, d != dv the zero-padded fused call: both with the causal mask
+def test_dense_engine_causal_matches_float64_reference(n, decode, b, heads, d, dv, dtype, layout, seed):
+    # n <= 64 takes the few-keys matmul path, d != dv the zero-padded fused call: both with the causal mask;
+    # ``decode``: one query after n - 1 cached keys (bottom-right aligned: it sees them all)
     hq, hkv = heads
+    nq = 1 if decode else n
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, n, d, generator=g, dtype=torch.float64)
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, hkv, n, d, generator=g, dtype=torch.float64)
     v = torch.randn(b, hkv, n, dv or d, generator=g, dtype=torch.float64)
     leaves = [_view(t.to(dtype), layout).requires_grad_() for t in (q, k, v)]
@@ -33,7 +37,7 @@ def test_dense_engine_causal_matches_float64_reference(n, b, heads, d, dv, dtype
     refs = [t.clone().requires_grad_() for t in (q, k, v)]
     kr, vr = (t.repeat_interleave(hq // hkv, 1) for t in refs[1:])
     s = refs[0] @ kr.transpose(-1, -2) * d ** -0.5
-    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    s = s.masked_fill(torch.ones(nq, n, dtype=torch.bool).triu(n - nq + 1), float("-inf"))
     out_r = s.softmax(-1) @ vr
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
@@ -54,7 +58,8 @@ def test_dense_engine_calls_is_causal_without_a_mask(monkeypatch):
     monkeypatch.setattr(dense.F, "scaled_dot_product_attention", spy)
     q = torch.randn(1, 2, 300, 16)
     nf.attend(q, q, q, nf.Causal(), engine="dense")
-    assert seen == [(None, True)]
+    nf.attend(q[:, :, -1:], q, q, nf.Causal(), engine="dense")  # a decoding step sees every key
+    assert seen == [(None, True), (None, False)]
     seen.clear()  # anything beyond the plain mask goes the materialised way
     nf.attend(q, q, q, nf.Causal(), engine="dense", key_padding_mask=torch.rand(1, 300) > 0.2)
     nf.attend(q[:, :, :100], q, q, nf.Causal(), engine="dense")  # bottom-right aligned: not SDPA's diagonal
@@ -77,6 +82,7 @@ def test_auto_rule_for_plain_causal():
     assert choose_engine(big, causal, 4096, 4096, lse=True) == "blocksparse"
     assert choose_engine(big, causal, 4096, 4096, scored=True) == "blocksparse"
     assert choose_engine(big, causal, 2048, 4096) == "blocksparse"
+    assert choose_engine(big, causal, 1, 1 << 21) == "dense"  # a decoding step over 2M keys: unmasked SDPA
     assert choose_engine(big, causal & nf.SlidingWindow(left=512), 4096, 4096) == "blocksparse"
     with torch.no_grad():  # trains=None: read from grad mode and q
         assert choose_engine(big.bfloat16().requires_grad_(), causal, 4096, 4096) == "dense"
