@@ -30,7 +30,7 @@ import torch
 
 from ..checks import check_choice, check_positive_int
 from ..functional import merge_heads
-from .kdgqa import GroupedQueryAttention, allocate_heads, grouped_attention, squared_key_norms
+from .grouped_query import GroupedQueryAttention, allocate_heads, grouped_attention, squared_key_norms
 from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import attend, merge_heads
-from .kdgqa import GroupedQueryAttention
+from .grouped_query import GroupedQueryAttention
 from .projections import meta_forward
 from .registry import Mechanism, register
 from .rotary import rotary_qkv

@@ -1,4 +1,5 @@
-"""The routing ops (``nearfar.ops.routing``) against plain-loop float64 references.
+"""The routing ops (``nearfar.ops.routing``: block scoring, block selection, k-means routing) against plain-loop
+float64 references.
 
 References follow the official codes: MoBA (MoonshotAI/MoBA ``moba/moba_naive.py``: mean-pooled key blocks,
 complete past blocks compete, current block forced), NSA (fla-org/flash-linear-attention ``fla/ops/nsa/naive.py``
@@ -19,6 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nearfar as nf
+import nearfar.ops.block_scoring as block_scoring
+import nearfar.ops.block_selection as block_selection
+import nearfar.ops.kmeans_routing as kmeans_routing
 import nearfar.ops.routing as routing
 from nearfar.functional import (
     block_attention_stat,
@@ -180,7 +184,7 @@ def test_topk_blocks_matches_loop(b, h, qb, kb, k, first, current, last, causal,
         r = torch.rand(b, h, qb, kb, generator=gen)
         scores = scores.masked_fill(r < 0.25, -math.inf).masked_fill(r > 0.9, math.nan)
     # chunk: score elements per chunk of rows (0: the default; 1 and 9: a row or a few per chunk)
-    with mock.patch.object(routing, "_TOPK_CHUNK", chunk or routing._TOPK_CHUNK):
+    with mock.patch.object(block_selection, "_TOPK_CHUNK", chunk or block_selection._TOPK_CHUNK):
         num, idx = topk_blocks(_layout(scores, layout), k, force_first=first, force_current=current,
                                force_last=last, causal=causal, q_block_size=qbs, k_block_size=kbs, q_start=start)
     assert num.shape == (b, h, qb) and idx.shape == (b, h, qb, kb)
@@ -479,7 +483,16 @@ def test_errors_name_the_parameter(call, error, match):
         call()
 
 
-def test_docstring_examples_run():
+@pytest.mark.parametrize("module", [block_scoring, block_selection, kmeans_routing], ids=lambda m: m.__name__)
+def test_docstring_examples_run(module):
     torch.manual_seed(0)
-    result = doctest.testmod(routing, optionflags=doctest.ELLIPSIS)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_routing_still_exports_every_op():
+    # ``nearfar.ops.routing`` gathers the three modules' public names: code that imports from it keeps working
+    for module in (block_scoring, block_selection, kmeans_routing):
+        for name in module.__all__:
+            assert getattr(routing, name) is getattr(module, name), name
+    assert set(routing.__all__) == {n for m in (block_scoring, block_selection, kmeans_routing) for n in m.__all__}

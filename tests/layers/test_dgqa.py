@@ -19,7 +19,7 @@ from oracles.kdgqa import DGQAState, dgqa_counts
 
 import nearfar as nf
 from nearfar.layers.dgqa import dgqa_weights
-from nearfar.layers.kdgqa import allocate_heads
+from nearfar.layers.grouped_query import allocate_heads
 
 
 def _spread(m):

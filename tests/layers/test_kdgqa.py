@@ -18,7 +18,14 @@ from module_checks import (
 from oracles.kdgqa import allocate, head_kv, kdgqa_counts, kdgqa_reference
 
 import nearfar as nf
-from nearfar.layers.kdgqa import allocate_heads, grouped_attention, key_norm_allocation, kv_index, mean_pool_heads
+from nearfar.layers import grouped_query, kdgqa
+from nearfar.layers.grouped_query import (
+    allocate_heads,
+    grouped_attention,
+    key_norm_allocation,
+    kv_index,
+    mean_pool_heads,
+)
 
 HG = [(2, 1), (2, 2), (4, 2), (6, 3), (8, 4), (8, 2), (6, 6)]
 
@@ -299,3 +306,9 @@ def test_registry_entry():
     entry = {e.name: e for e in nf.mechanisms()}["kdgqa"]
     assert entry.family == "routed" and entry.cls is nf.KDGQA and set(entry.patterns) == {"NS", "CS", "NC", "CC"}
     assert entry.build(32, 4, "CS").causal and not entry.make(32, 4).causal
+
+
+def test_shared_names_still_import_from_kdgqa():
+    # the shared GQA pieces moved to grouped_query.py: ``from nearfar.layers.kdgqa import allocate_heads`` still works
+    moved = [n for n in kdgqa.__all__ if n not in ("KDGQA", "prefix_allocated_attention")]
+    assert moved and all(getattr(kdgqa, n) is getattr(grouped_query, n) for n in moved)

@@ -22,7 +22,10 @@ from module_checks import (
 )
 
 import nearfar as nf
-from nearfar.layers.nsa import NSAAttention, nsa, nsa_compression, nsa_selection, nsa_topk
+from nearfar.layers import nsa as nsa_module
+from nearfar.layers import nsa_branches, nsa_fla
+from nearfar.layers.nsa import NSAAttention
+from nearfar.layers.nsa_fla import nsa, nsa_compression, nsa_selection, nsa_topk
 
 # ----------------------------------------------------------------------------------------- float64 reference
 
@@ -355,3 +358,10 @@ def test_registry_entry_and_errors():
     with pytest.raises(ValueError, match="k_cmp"):
         nsa_compression(q, k[:, :2], v[:, :2], 4, None, cu_seqlens=torch.tensor([0, 5, 10]))
     assert math.isfinite(float(nsa(q, k, v, torch.rand(1, 10, 4), block_size=4).sum()))
+
+
+def test_nsa_functions_still_import_from_nsa():
+    # the functions moved to nsa_branches.py and nsa_fla.py: ``from nearfar.layers.nsa import nsa`` still works
+    for module in (nsa_branches, nsa_fla):
+        for name in module.__all__:
+            assert getattr(nsa_module, name) is getattr(module, name), name
