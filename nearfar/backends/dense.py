@@ -143,9 +143,11 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
         causal = causal_as_sdpa(pattern, nq, nk)
         if pattern is None or causal is not None:  # nothing to materialise: the fused kernel as it is
             return sdpa(q, k, v, scale=scale, is_causal=bool(causal)), None
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
+    group = hq // hkv  # SDPA reads GQA in place (``sdpa``); the paths that multiply by hand repeat the KV heads
+
+    def per_query_head(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(group, dim=1) if group > 1 else t
+
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
     if blocks is not None:  # the union of the pattern's pairs and the selected ones, materialised per call
@@ -163,7 +165,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     if db is not None:
         mask = db.to(acc) if mask is None else mask + db.to(acc)
     if score_mod is not None:
-        return scored_softmax(q, k, v, mask, scale, score_mod, return_lse)
+        return scored_softmax(q, per_query_head(k), per_query_head(v), mask, scale, score_mod, return_lse)
     if mask is None and not return_lse:
         return sdpa(q, k, v, scale=scale), None
     if mask is None:
@@ -176,7 +178,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
         q, mask = harmless_rows(q, mask, empty)
     lse = None
     if return_lse:
-        s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale + mask
+        s = torch.matmul(q.to(acc), per_query_head(k).to(acc).transpose(-1, -2)) * scale + mask
         lse = torch.logsumexp(s, -1)
     out = sdpa(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
     if empty is not None:
