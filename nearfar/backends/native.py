@@ -12,6 +12,16 @@ looked up by the kernel itself through a per-plan index, and its gradient is add
 per work item, so it costs no memory per call; any other bias is looked up into a (B', H', c, W, T) block per call
 and its score gradients come back the same way, in calls of at most ``_BIAS_BYTES``. float64 and other devices
 keep the PyTorch path.
+
+dK/dV (sums over every tile that lists a key) accumulate in float32 per (batch, kv head) owner, each owned by one
+thread at a time, so no atomics. float32 inputs add into float32 accumulators ``(nsplit, B, Hkv, Nk, e)``, one
+kernel call per tile group: with ``nsplit = 1`` they are the gradients themselves; with fewer owners than threads an
+owner's tiles are split over ``nsplit`` of them and summed after. Half-precision inputs with ``nsplit = 1`` (and no
+per-call bias blocks) run every tile group in one call (``backward_owned``) and sum each owner in a float32
+``(Nk, d + dv)`` scratch slot per thread, written once into bfloat16/float16 gradients: the same float32 sum rounded
+once, without float32 copies of the gradients' size (``benchmarks/memory.py --dtype bfloat16``, one thread:
+forward+backward peak 1.07-1.18x dense SDPA's, was 1.27-1.36x; the rest is the scratch slot, which the fused SDPA
+kernel keeps out of the meter's sight). Other half-precision calls keep the float32 accumulators.
 """
 
 from __future__ import annotations
@@ -124,6 +134,23 @@ def kv_grads(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return torch.zeros(s, b, hkv, nk, d, dtype=f32), torch.zeros(s, b, hkv, nk, v.shape[-1], dtype=f32)
 
 
+def owned_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a backward pass adds dK/dV straight into gradients of q's dtype (``backward_owned``): half-precision
+    inputs with one accumulator split. Their float32 sums are then formed in ``kv_scratch`` (per thread, not per
+    owner) and rounded once; float32 inputs (whose accumulator is the gradient) and split owners keep ``kv_grads``."""
+    b, hkv, nk, d = k.shape
+    return q.dtype != torch.float32 and splits(b, hkv, nk, d + v.shape[-1]) == 1
+
+
+def kv_scratch(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``backward_owned``'s float32 dK/dV sums: one ``(Nk, d + dv)`` slot per thread that runs an owner (the
+    kernel zeroes a slot at each owner's start). A tensor rather than memory inside the kernel, so that memory
+    meters see it."""
+    b, hkv, nk, d = k.shape
+    slots = max(1, min(torch.get_num_threads(), b * hkv))
+    return torch.empty(slots, nk, d + v.shape[-1], dtype=torch.float32, device=k.device)
+
+
 def summed(dk: torch.Tensor, dv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The accumulators of ``kv_grads`` summed over their splits, in place (no third copy)."""
     for i in range(1, dk.shape[0]):
@@ -214,8 +241,6 @@ class _Native(torch.autograd.Function):
         b, hkv = k.shape[:2]
         hq = q.shape[1]
         dq = q.new_empty(b, q.shape[2], hq, q.shape[3]).transpose(1, 2)
-        dk, dv = kv_grads(k, v)
-        s = dk.shape[0]
         do = unit_last(grad_out.to(q.dtype))
         bias: BiasSource | None = ctx.bias
         train_bias = bias is not None and bias.requires_grad
@@ -223,30 +248,53 @@ class _Native(torch.autograd.Function):
             bias.zero_grad()
         rpb = _table(bias, ctx.plan)
         blocks = bias if rpb is None else None
-        dtable = torch.zeros(b * hkv * s, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
-        for g in groups(ctx.plan):
-            for t0, t1 in _calls(g, ctx.plan.tile, b, hq, blocks):
-                bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
-                ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
-                db = None
-                if train_bias and blocks is not None:
-                    t = ctx.plan.tile
-                    db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
-                torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.table,
-                                                  ix, ctx.scale, False, 0, dq, dk, dv, db, dtable)
-                if db is not None:
-                    assert blocks is not None
-                    ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)
-                    blocks.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
+        if blocks is None and owned_grads(q, k, v):
+            # every tile group in one kernel call: each owner's dK/dV sum is complete in its thread's scratch
+            dk, dv = torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
+            dtable = torch.zeros(b * hkv, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
+            lists = [_slices(g, 0, g.q_idx.shape[0]) for g in groups(ctx.plan)]
+            ixs = [_rpb_index(rpb, g, 0, g.q_idx.shape[0]) for g in groups(ctx.plan)] if rpb is not None else []
+            torch.ops.nearfar_native.backward_owned(q, k, v, out, do, lse, *(list(x) for x in zip(*lists)), ctx.kpm,
+                                                    ctx.table, ixs, ctx.scale, dq, dk, dv, kv_scratch(k, v), dtable)
+        else:
+            dk, dv, dtable = _split_backward(ctx, q, k, v, out, do, lse, dq, rpb, blocks, train_bias)
         if dtable is not None:
             assert bias is not None and bias.grad is not None
             bias.grad += dtable.sum(0).reshape(bias.grad.shape).to(bias.grad.dtype)
-        dk, dv = summed(dk, dv)
         dbias = None
         if train_bias:
             assert bias is not None and bias.grad is not None
             dbias = bias.grad.to(bias.tensor.dtype).reshape(bias.tensor.shape)
         return dq, dk.to(k.dtype), dv.to(v.dtype), dbias, None, None, None, None
+
+
+def _split_backward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    do: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, rpb: RelativePositionBias | None,
+                    blocks: BiasSource | None,
+                    train_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dK/dV in ``kv_grads``' float32 accumulators, one kernel call per tile group (and bias piece); fills ``dq``.
+    Returns the summed (dk, dv) and the table gradient's per-work-item copies (or None)."""
+    b, hkv = k.shape[:2]
+    hq = q.shape[1]
+    dk, dv = kv_grads(k, v)
+    s = dk.shape[0]
+    dtable = torch.zeros(b * hkv * s, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
+    for g in groups(ctx.plan):
+        for t0, t1 in _calls(g, ctx.plan.tile, b, hq, blocks):
+            bt = _bias_tile(blocks, g, t0, t1) if blocks is not None else None
+            ix = _rpb_index(rpb, g, t0, t1) if rpb is not None else None
+            db = None
+            if train_bias and blocks is not None:
+                t = ctx.plan.tile
+                db = torch.zeros(b, hq, t1 - t0, g.k_idx.shape[2], -(-t // 16) * 16, dtype=torch.float32)
+            torch.ops.nearfar_native.backward(q, k, v, out, do, lse, *_slices(g, t0, t1), ctx.kpm, bt, ctx.table,
+                                              ix, ctx.scale, False, 0, dq, dk, dv, db, dtable)
+            if db is not None:
+                assert blocks is not None
+                ds = db[..., :ctx.plan.tile].transpose(3, 4)  # (B, Hq, c, T, W)
+                blocks.accumulate(g.q_idx[t0:t1], g.k_idx[:, t0:t1], ds, g.memos.setdefault((t0, t1), {}))
+    dk, dv = summed(dk, dv)
+    return dk, dv, dtable
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan, scale: float,

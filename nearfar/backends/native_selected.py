@@ -168,6 +168,8 @@ class _Lists(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
+        # float32 accumulators for every dtype (not ``backward_owned``): the parts are separate calls with their own
+        # dq and row-causal modes, and a key's sum would otherwise be rounded once per call
         dk, dv = native.kv_grads(k, v)
         do = unit_last(grad_out.to(q.dtype))
         dq_sum = None

@@ -30,10 +30,12 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // Work items taken one at a time from a shared counter by each thread (dynamic scheduling): tiles and heads differ
 // in cost (a causal sequence's last tiles, MoA's heads of 64 to 8,192 keys), and the static halves of
 // ``at::parallel_for`` left one thread idle while the other finished the expensive half.
+// ``max_workers`` bounds the threads (e.g. by the per-thread scratch slots a caller allocated): ``body`` runs at
+// most that many times.
 template <typename F>
-void parallel_items(int64_t items, const F& body) {
+void parallel_items(int64_t items, const F& body, int64_t max_workers = INT64_MAX) {
   std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(items, at::get_num_threads());
+  const int64_t workers = std::min<int64_t>({items, static_cast<int64_t>(at::get_num_threads()), max_workers});
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { body(next); });
 }
 
@@ -303,9 +305,9 @@ struct Geometry {
 // rows are read as contiguous runs: a unit last-dim stride, or a last dim of one element (any stride)
 inline bool unit_last(const at::Tensor& x) { return x.stride(3) == 1 || x.size(3) == 1; }
 
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
-                  const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
-                  const c10::optional<at::Tensor>& kp, bool row_causal) {
+inline void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& qi,
+                         const at::Tensor& ki, const at::Tensor& bt, const at::Tensor& r, const at::Tensor& f,
+                         const c10::optional<at::Tensor>& kp, bool row_causal) {
   TORCH_CHECK(q.device().is_cpu(), "nearfar native kernel: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be (B, H, N, d)");
   TORCH_CHECK(unit_last(q) && unit_last(k) && unit_last(v), "q, k, v need a unit last-dim stride");

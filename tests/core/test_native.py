@@ -192,3 +192,86 @@ def test_backward_split_over_threads_matches_reference(threads):
             torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4)
     finally:
         torch.set_num_threads(before)
+
+
+def _threads(n: int):
+    """Run with ``n`` intra-op threads (the suite may give each worker one), restored after."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    return ctx()
+
+
+@needs_kernel
+@settings(max_examples=8, deadline=None)
+@given(dtype=st.sampled_from([torch.bfloat16, torch.float16]), b=st.integers(1, 2),
+       heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), layout=st.sampled_from(["contiguous", "bnhd", "sliced"]),
+       padding=st.booleans(), seed=st.integers(0, 2**16))
+def test_half_precision_backward_without_float32_accumulators(dtype, b, heads, layout, padding, seed):
+    # half-precision inputs with at least as many (batch, kv head) owners as threads: every tile group in one
+    # ``backward_owned`` call, dK/dV summed in a float32 scratch per thread and written in q's dtype; the
+    # relative-position table's gradient comes back too. Inputs rounded to the dtype first, float64 reference.
+    from nearfar.backends import native as engine
+
+    hq, hkv = heads
+    grid, ks = (20, 20), (5, 5)
+    n = grid[0] * grid[1]
+    pattern = nf.Neighborhood(ks, grid=grid)
+    assert len(get_plan(pattern, n, n).groups) > 1  # keys shared by tiles of several groups: one sum, one rounding
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, n, 16, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, n, 16, generator=g).to(dtype) for _ in range(2))
+    table = (torch.randn(hq, 9, 9, generator=g) * 0.5).to(dtype)
+    kpm = torch.rand(b, n, generator=g) > 0.2 if padding else None
+    leaves = [_view(t, layout).requires_grad_() for t in (q, k, v)] + [table.clone().requires_grad_()]
+    with _threads(min(2, b * hkv)):
+        assert engine.owned_grads(leaves[0], leaves[1], leaves[2])
+        out = nf.attend(*leaves[:3], pattern, rpb=leaves[3], key_padding_mask=kpm, engine="blocksparse")
+        go = torch.randn(out.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad((out * go).sum(), leaves)
+    refs = [t.detach().double().requires_grad_() for t in (q, k, v, table)]
+    out_r = nf.attend(*refs[:3], pattern, rpb=refs[3], key_padding_mask=kpm, engine="dense")
+    grads_r = torch.autograd.grad((out_r * go.double()).sum(), refs)
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
+    for name, a, r in zip(["q", "k", "v", "table"], grads, grads_r):
+        assert a.dtype == dtype
+        scale = max(1.0, float(r.abs().max()))  # the table's gradient sums every query: compare at its size
+        torch.testing.assert_close(a.double() / scale, r / scale, atol=4 * tol, rtol=4 * tol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype, owners, threads, owned", [
+    (torch.bfloat16, 4, 2, True), (torch.float16, 2, 2, True),
+    (torch.bfloat16, 1, 2, False),  # fewer owners than threads: split float32 accumulators
+    (torch.float32, 4, 2, False),  # float32: the accumulator is the gradient
+])
+def test_which_backward_holds_the_dk_dv_sums(monkeypatch, dtype, owners, threads, owned):
+    # the half-precision path allocates no (B, Hkv, Nk, e) float32 accumulator, only min(threads, owners) scratch
+    # slots of (Nk, d + dv)
+    from nearfar.backends import native as engine
+
+    seen: dict[str, list] = {"kv_grads": [], "kv_scratch": []}
+    for name in seen:
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda k, v, real=real, name=name: seen[name].append(
+            real(k, v)) or seen[name][-1])
+    n = 200
+    q, k, v = (torch.randn(1, owners, n, 8).to(dtype).requires_grad_() for _ in range(3))
+    with _threads(threads):
+        out, _ = native_attention(q, k, v, get_plan(nf.SlidingWindow(left=70) & nf.Causal(), n, n), 0.3)
+        out.sum().backward()
+    assert k.grad.dtype == dtype and torch.isfinite(k.grad).all()
+    if owned:
+        assert not seen["kv_grads"] and [tuple(s.shape) for s in seen["kv_scratch"]] == [
+            (min(threads, owners), n, 16)]
+    else:
+        assert seen["kv_grads"] and not seen["kv_scratch"]
