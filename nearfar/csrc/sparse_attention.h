@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 #endif
 
@@ -44,7 +44,7 @@ void parallel_items(int64_t items, const F& body, int64_t max_workers = INT64_MA
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int RB = 6, NVB = 4;  // 24 accumulators of 32 registers
 #else
-constexpr int RB = 4, NVB = 2;  // 8 accumulators of 16 registers
+constexpr int RB = 6, NVB = 2;  // 12 accumulators of 16 registers (+ 2 for B, 1 for A's broadcast)
 #endif
 
 template <int R, int NV>
@@ -124,6 +124,23 @@ inline void mask_key_row(float* x, int mc, int c0, const uint64_t* words, bool f
     if (!full) v = _mm512_mask_blend_ps(static_cast<__mmask16>(words[col >> 6] >> (col & 63)), ninf, v);
     if (kp != 0.f) v = _mm512_add_ps(v, vk);
     _mm512_storeu_ps(x + i, v);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // 8 columns at a time (c0 and mc are multiples of 8, so the 8 bits never straddle a mask word): lane i keeps its
+  // score where bit i of the byte is set
+  const __m256 ninf = _mm256_set1_ps(kNegInf);
+  const __m256 vk = _mm256_set1_ps(kp);
+  const __m256i lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int i = 0; i < mc; i += 8) {
+    const int col = c0 + i;
+    __m256 v = _mm256_loadu_ps(x + i);
+    if (!full) {
+      const __m256i bits = _mm256_set1_epi32(static_cast<int>((words[col >> 6] >> (col & 63)) & 0xFF));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(bits, lane), lane));
+      v = _mm256_blendv_ps(ninf, v, keep);
+    }
+    if (kp != 0.f) v = _mm256_add_ps(v, vk);
+    _mm256_storeu_ps(x + i, v);
   }
 #else
   for (int i = 0; i < mc; ++i) {
