@@ -68,12 +68,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
         if is_causal:
             s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
         return torch.matmul(s.softmax(-1), v)
-    kw = dict(attn_mask=attn_mask, scale=scale, is_causal=is_causal, enable_gqa=group > 1)
-    if d == dv or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, **kw)
-    e = max(d, dv)
-    q, k, v = F.pad(q, (0, e - d)), F.pad(k, (0, e - d)), F.pad(v, (0, e - dv))
-    return F.scaled_dot_product_attention(q, k, v, **kw)[..., :dv]
+    if d != dv and q.device.type == "cpu":
+        e = max(d, dv)
+        q, k, v = F.pad(q, (0, e - d)), F.pad(k, (0, e - d)), F.pad(v, (0, e - dv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, is_causal=is_causal,
+                                         enable_gqa=group > 1)
+    return out if out.shape[-1] == dv else out[..., :dv]
 
 
 def causal_as_sdpa(pattern: Pattern | None, nq: int, nk: int) -> bool | None:
