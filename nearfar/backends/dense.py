@@ -50,6 +50,11 @@ def _additive_mask(pattern: Pattern, nq: int, nk: int, device: torch.device,
 _FEW_KEYS = 64
 
 
+def per_query_head(t: torch.Tensor, group: int) -> torch.Tensor:
+    """KV heads ``(B, Hkv, ...)`` repeated for their ``group`` query heads each, for products written by hand."""
+    return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
          scale: float | None = None, is_causal: bool = False) -> torch.Tensor:
     """SDPA for rows that have at least one key; ``k``/``v`` may have fewer heads than ``q`` (GQA: the fused kernel
@@ -60,8 +65,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Ten
     d, dv = q.shape[-1], v.shape[-1]
     group = q.shape[1] // k.shape[1]
     if q.device.type == "cpu" and k.shape[-2] <= _FEW_KEYS and q.dtype in (torch.float32, torch.float64):
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        k, v = per_query_head(k, group), per_query_head(v, group)
         s = torch.matmul(q, k.transpose(-1, -2)) * (d ** -0.5 if scale is None else scale)
         if attn_mask is not None:
             s = s + attn_mask
@@ -144,10 +148,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
         if pattern is None or causal is not None:  # nothing to materialise: the fused kernel as it is
             return sdpa(q, k, v, scale=scale, is_causal=bool(causal)), None
     group = hq // hkv  # SDPA reads GQA in place (``sdpa``); the paths that multiply by hand repeat the KV heads
-
-    def per_query_head(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(group, dim=1) if group > 1 else t
-
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     mask = None
     if blocks is not None:  # the union of the pattern's pairs and the selected ones, materialised per call
@@ -165,7 +165,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     if db is not None:
         mask = db.to(acc) if mask is None else mask + db.to(acc)
     if score_mod is not None:
-        return scored_softmax(q, per_query_head(k), per_query_head(v), mask, scale, score_mod, return_lse)
+        kr, vr = per_query_head(k, group), per_query_head(v, group)
+        return scored_softmax(q, kr, vr, mask, scale, score_mod, return_lse)
     if mask is None and not return_lse:
         return sdpa(q, k, v, scale=scale), None
     if mask is None:
@@ -178,7 +179,7 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
         q, mask = harmless_rows(q, mask, empty)
     lse = None
     if return_lse:
-        s = torch.matmul(q.to(acc), per_query_head(k).to(acc).transpose(-1, -2)) * scale + mask
+        s = torch.matmul(q.to(acc), per_query_head(k, group).to(acc).transpose(-1, -2)) * scale + mask
         lse = torch.logsumexp(s, -1)
     out = sdpa(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
     if empty is not None:
