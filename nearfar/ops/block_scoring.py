@@ -38,6 +38,18 @@ from ..checks import (
 __all__ = ["block_attention_stat", "block_scores", "pool_blocks"]
 
 
+
+def _group(q: torch.Tensor, k: torch.Tensor, k_name: str, q_len: str, k_len: str) -> int:
+    """Query heads per key head of a 4-D ``q`` and keys ``k`` (named ``k_name``; ``q_len``/``k_len`` name their
+    lengths in the message), after checking they share dtype, batch and head dim and the heads divide."""
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and {k_name} must share one dtype, got {q.dtype}, {k.dtype}")
+    (b, hq, _, d), (bk, hkv, _, dk) = q.shape, k.shape
+    if bk != b or dk != d or hkv < 1 or hq % hkv:
+        raise ValueError(f"q (B, Hq, {q_len}, d) and {k_name} (B, Hkv, {k_len}, d) need the same B and d and "
+                         f"Hq % Hkv == 0, got {tuple(q.shape)} and {tuple(k.shape)}")
+    return hq // hkv
+
 def num_blocks(n: int, block_size: int) -> int:
     """The number of blocks of ``block_size`` that cover ``n`` tokens (the last one may be partial)."""
     return (n + block_size - 1) // block_size
@@ -173,14 +185,9 @@ def block_scores(
     scale = check_scale(scale, "scale")
     if group_reduce is not None:
         check_choice(group_reduce, "group_reduce", ("max", "mean"))
-    if q.dtype != k_blocks.dtype:
-        raise TypeError(f"q and k_blocks must share one dtype, got {q.dtype}, {k_blocks.dtype}")
+    g = _group(q, k_blocks, "k_blocks", "QB", "KB")
     b, hq, qb, d = q.shape
-    bk, hkv, kb, dk = k_blocks.shape
-    if bk != b or dk != d or hkv < 1 or hq % hkv:
-        raise ValueError(f"q (B, Hq, QB, d) and k_blocks (B, Hkv, KB, d) need the same B and d and Hq % Hkv == 0, "
-                         f"got {tuple(q.shape)} and {tuple(k_blocks.shape)}")
-    g = hq // hkv
+    hkv, kb = k_blocks.shape[1:3]
     s = scale if scale is not None else 1.0 / math.sqrt(d) if d else 1.0
     if group_reduce == "mean" and not softmax:  # the mean of the group's scores is the score of its mean query
         q, g, hq, group_reduce = q.reshape(b, hkv, g, qb, d).mean(dim=2), 1, hkv, None
@@ -267,16 +274,11 @@ def block_attention_stat(
     check_bool(causal, "causal")
     check_bool(normalize, "normalize")
     chunk = check_positive_int(chunk_size, "chunk_size")
-    if q.dtype != k.dtype:
-        raise TypeError(f"q and k must share one dtype, got {q.dtype}, {k.dtype}")
+    g = _group(q, k, "k", "Nq", "Nk")
     b, hq, nq, d = q.shape
-    bk_, hkv, nk, dk = k.shape
-    if bk_ != b or dk != d or hkv < 1 or hq % hkv:
-        raise ValueError(f"q (B, Hq, Nq, d) and k (B, Hkv, Nk, d) need the same B and d and Hq % Hkv == 0, "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    hkv, nk = k.shape[1:3]
     if tuple(lse.shape) != (b, hq, nq):
         raise ValueError(f"lse must be (B, Hq, Nq) = {(b, hq, nq)}, got {tuple(lse.shape)}")
-    g = hq // hkv
     s = scale if scale is not None else 1.0 / math.sqrt(d) if d else 1.0
     qblocks, kblocks = num_blocks(nq, bq), num_blocks(nk, bk)
     kpad = kblocks * bk - nk
