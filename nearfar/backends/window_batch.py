@@ -18,7 +18,7 @@ from ..patterns import Pattern
 from ..patterns.spatial import SpatialPattern
 from ..plan import get_plan
 from .partition import Recipe, Windows, restore, windows
-from .windows import roles_of, takes, window_kernel
+from .windows import heads_batched, roles_of, takes, window_kernel
 
 
 class WindowBatch:
@@ -91,6 +91,33 @@ class WindowBatch:
         x = x.reshape(b, *shape, *rest).permute(0, *(1 + p for p in perm), *tail)
         return x.reshape(-1, self.t, math.prod(rest))
 
+    def split_heads(self, x: torch.Tensor, order: str, num_heads: int) -> torch.Tensor:
+        """Cut a fused projection map into its windows head-major, in one copy: what ``split`` and then the window
+        kernel's head-major reorder do in two.
+
+        Args:
+            x: A map ``(B, *spatial, *channels)`` of the size given to ``of`` whose channels hold q, k and v as
+                ``order`` says (``"3hd"``: ``[3, heads, d]``; ``"h3d"``: ``[heads, 3, d]``), any strides.
+            order: ``"3hd"`` or ``"h3d"``.
+            num_heads: Number of heads.
+
+        Returns:
+            ``(3, heads, B * nW, T, d)``, contiguous: q, k, v of every head, windows image-major.
+        """
+        grid, shifts, shape, perm = self._win_recipe
+        b, nd = x.shape[0], len(grid)
+        d = math.prod(x.shape[1 + nd:]) // (3 * num_heads)
+        split = (3, num_heads, d) if order == "3hd" else (num_heads, 3, d)
+        role, head = (0, 1) if order == "3hd" else (1, 0)
+        if any(shifts):  # one token gather from the head-major view of the map
+            flat = x.reshape(b, -1, *split)
+            heads = flat.permute(2 + role, 2 + head, 0, 1, 4)  # (3, heads, B, N, d)
+            out = _TokenGather.apply(heads, self.win.src, self.win.inv, 3)
+        else:
+            tail = 1 + 2 * nd
+            out = x.reshape(b, *shape, *split).permute(tail + role, tail + head, 0, *(1 + p for p in perm), tail + 2)
+        return out.contiguous().view(3, num_heads, -1, self.t, d)  # the permute's one copy (the gather's: none)
+
     def merge(self, y: torch.Tensor, b: int, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """Put the windows back in place: the inverse of ``split``.
 
@@ -160,10 +187,49 @@ class WindowBatch:
         c = srcs[-1].shape[-1] // (3 if len(srcs) == 1 else 1)
         batch = bw // self.win.order.shape[0]
         heads = self._heads(srcs, order, num_heads, c // num_heads, scale, table, batch)  # (heads, B * nW, T, d)
+        return self._place(heads, batch, merge, add_to)
+
+    def attend_map(self, x: torch.Tensor, num_heads: int, scale: float, table: torch.Tensor | None = None,
+                   order: str = "3hd", merge: bool = False, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """``attend(split(x), ...)`` for a fused projection computed on the whole map (e.g. shared with a branch that
+        needs it unpartitioned): where the window kernel runs every head at once (several threads, whole windows
+        without a region mask), the windows are cut straight into its head-major layout (``split_heads``: one copy
+        of q, k and v instead of two); elsewhere exactly ``attend(split(x), ...)``.
+
+        Args:
+            x: The map ``(B, *spatial, *channels)``, channels ``[3, heads, d]`` (``"3hd"``) or ``[heads, 3, d]``.
+            num_heads, scale, table, order, merge, add_to: As ``attend``.
+
+        Returns:
+            As ``attend``.
+        """
+        from ..calls import forced_engine, intercepted, record_call, unobserved
+
+        batch, nd = x.shape[0], len(self._win_recipe[0])
+        d = math.prod(x.shape[1 + nd:]) // (3 * num_heads)
+        bw = batch * self.win.order.shape[0]
+        biased = table is not None
+        trains = torch.is_grad_enabled() and (x.requires_grad or (table is not None and table.requires_grad))
+        if (order not in ("3hd", "h3d") or self.win.mask is not None or forced_engine() is not None or intercepted()
+                or not takes(x, self.t, biased, False, trains) or not heads_batched(bw, self.t, num_heads,
+                                                                                  x.element_size())):
+            return self.attend(self.split(x), num_heads, scale, table, order, merge, add_to)
+        whole = (batch, num_heads, self.n, d)
+        record_call(self.pattern, whole, whole, whole)  # seen from outside as attend's call, as in ``_heads``
+        with unobserved():
+            add = self._additive(table, x.dtype, x.device)
+            heads = window_kernel((self.split_heads(x, order, num_heads),), None, num_heads, d, scale, add)
+        return self._place(heads, batch, merge, add_to)
+
+    def _place(self, heads: torch.Tensor, batch: int, merge: bool, add_to: torch.Tensor | None) -> torch.Tensor:
+        """Every head's output ``(heads, B * nW, T, d)`` as ``attend`` returns it: per window, or merged into a map
+        (new, or added into ``add_to``)."""
+        num_heads, bw, _, d = heads.shape
+        c = num_heads * d
         grid, shifts, shape, perm = self._win_recipe
         if (merge or add_to is not None) and not any(shifts):
             # heads interleaved and windows put back in place by one permute: (h, B, windows..., slots..., d)
-            nd, d = len(grid), heads.shape[-1]
+            nd = len(grid)
             back = [0] * (2 * nd)
             for i, p in enumerate(perm):
                 back[p] = i
@@ -279,18 +345,19 @@ class WindowBatch:
 
 
 class _TokenGather(torch.autograd.Function):
-    """``x.index_select(1, index)`` for a permutation ``index`` of the tokens, whose backward gathers with the
-    inverse permutation (``index_select``'s own backward zero-fills and scatter-adds)."""
+    """``x.index_select(dim, index)`` for a permutation ``index`` of the tokens (dim 1 by default), whose backward
+    gathers with the inverse permutation (``index_select``'s own backward zero-fills and scatter-adds)."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, dim: int = 1) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        return x.index_select(1, index.to(x.device))
+        ctx.dim = dim
+        return x.index_select(dim, index.to(x.device))
 
     @staticmethod
-    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (inverse,) = ctx.saved_tensors
-        return g.index_select(1, inverse.to(g.device)), None, None
+        return g.index_select(ctx.dim, inverse.to(g.device)), None, None, None
 
 
 def _finite(out: torch.Tensor) -> bool:

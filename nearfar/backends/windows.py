@@ -208,7 +208,7 @@ class _WindowAttention(torch.autograd.Function):
         return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
 
-def _heads_batched(bw: int, t: int, heads: int, itemsize: int) -> bool:
+def heads_batched(bw: int, t: int, heads: int, itemsize: int) -> bool:
     """Whether the batch runs with all heads in each operation (several threads, one chunk of scores)."""
     return torch.get_num_threads() >= HEADS_BATCHED_THREADS and heads * bw * t * t * itemsize <= CHUNK_BYTES
 
@@ -257,9 +257,9 @@ class _WindowAttentionHeads(torch.autograd.Function):
     """``_WindowAttention`` with all heads in each operation (see ``HEADS_BATCHED_THREADS``)."""
 
     @staticmethod
-    def forward(ctx: Any, roles: tuple[Role, Role, Role], heads: int, d: int, scale: float,
+    def forward(ctx: Any, roles: tuple[Role, Role, Role] | None, heads: int, d: int, scale: float,
                 add: torch.Tensor | None, *srcs: torch.Tensor) -> torch.Tensor:
-        qkv = _head_major(srcs, roles, heads, d)
+        qkv = srcs[0] if roles is None else _head_major(srcs, roles, heads, d)
         out, p = _heads_forward(qkv, add, scale)
         ctx.save_for_backward(p, qkv)
         ctx.roles, ctx.heads, ctx.d, ctx.scale = roles, heads, d, scale
@@ -284,12 +284,12 @@ class _WindowAttentionHeads(torch.autograd.Function):
             dadd = ds.view(heads, -1, *ctx.add_shape[1:]).sum(1)
             if ctx.add_shape[0] == 1:
                 dadd = dadd.sum(0, keepdim=True)
-        dsrcs = _to_sources(dqkv, ctx.src_shapes, ctx.roles, heads, d)
+        dsrcs = [dqkv] if ctx.roles is None else _to_sources(dqkv, ctx.src_shapes, ctx.roles, heads, d)
         want = ctx.needs_input_grad
         return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
 
-def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int,
+def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role] | None, heads: int, d: int,
                   scale: float, add: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of every window's tokens among themselves: ``(heads, BW, T, d)``.
 
@@ -297,7 +297,9 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
         srcs: One ``(BW, T, 3 * heads * d)`` or three ``(BW, T, heads * d)`` tensors (last dim contiguous) holding
             q, k and v as ``roles`` say (every channel is some head's); a q source with ``BW / G`` entries is
             shared by each group of ``G`` consecutive windows (GC ViT's global queries, one per image).
-        roles: Where head ``h`` of q, k and v lies (``roles_of``).
+        roles: Where head ``h`` of q, k and v lies (``roles_of``); None: ``srcs`` is one head-major
+            ``(3, heads, BW, T, d)`` tensor, contiguous (``WindowBatch.split_heads``), run with all heads in each
+            operation (only where ``heads_batched`` says so).
         heads: Number of heads.
         d: Channels per head (q, k and v alike).
         scale: Score scale.
@@ -309,13 +311,16 @@ def window_kernel(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role]
         ``(heads, BW, T, d)``: each head's output, contiguous (the caller interleaves the heads, e.g. in the same
         copy that puts the windows back in place).
     """
+    trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
+    if roles is None:  # already head-major
+        return (_WindowAttentionHeads.apply(None, heads, d, scale, add, *srcs) if trains
+                else _heads_forward(srcs[0], add, scale)[0])
     bw = srcs[-1].shape[0]
     # a shared q source is repeated per window (one copy; its gradient is summed back over the windows)
     srcs = tuple(x if x.shape[0] == bw else
                  x[:, None].expand(x.shape[0], bw // x.shape[0], *x.shape[1:]).reshape(bw, *x.shape[1:])
                  for x in srcs)
-    trains = torch.is_grad_enabled() and any(x.requires_grad for x in (*srcs, add) if x is not None)
-    if _heads_batched(bw, srcs[-1].shape[1], heads, srcs[-1].element_size()):
+    if heads_batched(bw, srcs[-1].shape[1], heads, srcs[-1].element_size()):
         if trains:
             return _WindowAttentionHeads.apply(roles, heads, d, scale, add, *srcs)
         return _heads_forward(_head_major(srcs, roles, heads, d), add, scale)[0]

@@ -172,8 +172,8 @@ class SRWAttention(nn.Module):
             # the half's q, k, v cut into its (cyclically shifted) windows by one copy, attended as a batch
             wb = WindowBatch.of(pattern, (h, w), x.device)
             assert wb is not None  # H, W are multiples of both window sides: the windows are whole
-            wb.attend(wb.split(half), self.num_heads // 2, self.scale, branch.table(),
-                      add_to=y[..., i * (self.dim // 2):(i + 1) * (self.dim // 2)])
+            wb.attend_map(half, self.num_heads // 2, self.scale, branch.table(),
+                          add_to=y[..., i * (self.dim // 2):(i + 1) * (self.dim // 2)])
         return self.proj(y)
 
     def extra_repr(self) -> str:

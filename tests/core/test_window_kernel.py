@@ -481,3 +481,68 @@ def test_bad_arguments_raise_clear_errors():
             assert "in_features" in str(err)
         else:
             raise AssertionError(f"fused_linear accepted {bad}")
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=st.sampled_from(["block", "cyclic", "grid"]), size=st.sampled_from([(2, 3), (3, 2)]),
+       mult=st.sampled_from([(1, 2), (2, 2)]), shift=st.tuples(st.integers(1, 2), st.integers(0, 2)),
+       heads=st.integers(1, 3), d=st.sampled_from([2, 5]), order=st.sampled_from(["3hd", "h3d"]),
+       with_table=st.booleans(), b=st.integers(1, 2), layout=st.sampled_from(["contiguous", "transposed", "slice"]),
+       batched=st.booleans(), grad=st.booleans())
+def test_attend_map_matches_attend_of_split_and_the_reference(kind, size, mult, shift, heads, d, order, with_table,
+                                                              b, layout, batched, grad):
+    # a projection computed on the whole map (CRAFT's halves): attend_map cuts it straight into the kernel's
+    # head-major layout (split_heads, one copy) where every head runs at once, and is attend(split(x)) elsewhere
+    grid = (size[0] * mult[0], size[1] * mult[1])
+    shift = (shift[0] % size[0], shift[1] % size[1])
+    pattern, allowed = _pattern(kind, size, grid, shift)
+    wb = WindowBatch.of(pattern, grid)
+    c = 3 * heads * d
+    g = torch.Generator().manual_seed(b * 1000 + heads * 100 + d * 10 + int(batched))
+    if layout == "transposed":  # (B, W, H, C) stored, read as (B, H, W, C)
+        x = torch.randn(b, grid[1], grid[0], c, dtype=torch.float64, generator=g).transpose(1, 2)
+    elif layout == "slice":  # one half of a wider projection, as CRAFT's halves are
+        x = torch.randn(b, *grid, 2 * c, dtype=torch.float64, generator=g)[..., c:]
+    else:
+        x = torch.randn(b, *grid, c, dtype=torch.float64, generator=g)
+    x.requires_grad_(grad)
+    table = torch.randn(heads, 2 * size[0] - 1, 2 * size[1] - 1, dtype=torch.float64, generator=g) if with_table \
+        else None
+    t = size[0] * size[1]
+    with _Chunk(10**6, t), _Batched(batched), _Spy() as spy:
+        # split_heads: the head-major windows of split(x), in one copy
+        split = (3, heads, d) if order == "3hd" else (heads, 3, d)
+        want_heads = wb.split(x).unflatten(-1, split).permute((2, 3, 0, 1, 4) if order == "3hd" else (3, 2, 0, 1, 4))
+        got_heads = wb.split_heads(x, order, heads)
+        assert got_heads.is_contiguous() and torch.equal(got_heads, want_heads)
+        out = wb.attend_map(x, heads, 0.7, table, order, merge=True)
+        assert spy.calls == 1
+    want_split = wb.attend(wb.split(x), heads, 0.7, table, order, merge=True)
+    assert (out - want_split).abs().max() < 1e-12
+    q, k, v = _heads(x, order, heads, d)
+    bias = None
+    if with_table:
+        bias = ref.window_rpb_bias(table, grid, size, shift if kind == "cyclic" else (0, 0),
+                                   grid_partition=kind == "grid")
+    want = ref.dense_reference(q, k, v, allowed, 0.7, bias).transpose(1, 2).reshape(out.shape)
+    assert (out - want).abs().max() < 1e-10
+    if grad:
+        go = torch.randn(out.shape, dtype=torch.float64, generator=g)
+        got_g, = torch.autograd.grad(out, x, go)
+        want_g, = torch.autograd.grad(want, x, go)
+        assert (got_g - want_g).abs().max() < 1e-9
+
+
+def test_attend_map_cuts_the_windows_once_where_all_heads_run_together(monkeypatch):
+    # with every head batched the kernel receives the head-major windows (roles None), not a split to reorder
+    wb = WindowBatch.of(Blocks((2, 2), grid=(4, 4), shift=(1, 1), wrap=True), (4, 4))
+    x = torch.randn(2, 4, 4, 3 * 2 * 3)
+    seen = []
+    real = window_batch.window_kernel
+    monkeypatch.setattr(window_batch, "window_kernel", lambda srcs, roles, *a: seen.append(roles) or real(srcs, roles,
+                                                                                                          *a))
+    with _Batched(True):
+        wb.attend_map(x, 2, 0.5)
+    with _Batched(False):
+        wb.attend_map(x, 2, 0.5)
+    assert seen[0] is None and seen[1] is not None
