@@ -171,11 +171,7 @@ class _WindowAttention(torch.autograd.Function):
         dp = torch.empty(heads * c * t * t, **opts)
         ds = torch.empty(heads * c * t * t, **opts)
         dsrcs = [torch.empty_like(x) for x in srcs]
-        if len(srcs) == 1:  # fused: channels [3, heads, d] or [heads, 3, d]
-            split = (3, heads, d) if roles[1][2] == d else (heads, 3, d)
-            targets = [dsrcs[0].view(bw, t, *split).permute((2, 3, 0, 1, 4) if roles[1][2] == d else (3, 2, 0, 1, 4))]
-        else:
-            targets = [x.view(bw, t, heads, d).permute(2, 0, 1, 3) for x in dsrcs]  # (heads, BW, T, d) each
+        targets = _role_views(dsrcs, roles, heads, d)
         dadd = None
         if ctx.add_shape is not None and ctx.needs_input_grad[4]:
             dadd = torch.zeros(heads, *ctx.add_shape[1:], **opts)
@@ -197,11 +193,8 @@ class _WindowAttention(torch.autograd.Function):
             for h, (q, k, _) in enumerate(views):
                 torch.baddbmm(bc[0, h], dsc[h], k[w0:w1], beta=0.0, alpha=scale, out=bc[0, h])
                 torch.baddbmm(bc[1, h], dsc[h].transpose(1, 2), q[w0:w1], beta=0.0, alpha=scale, out=bc[1, h])
-            if len(srcs) == 1:
-                targets[0][:, :, w0:w1].copy_(bc)
-            else:
-                for i in range(3):
-                    targets[i][:, w0:w1].copy_(bc[i])
+            for i in range(3):
+                targets[i][:, w0:w1].copy_(bc[i])
         if dadd is not None and ctx.add_shape[0] == 1:
             dadd = dadd.sum(0, keepdim=True)
         want = ctx.needs_input_grad
@@ -223,20 +216,18 @@ def _head_major(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], 
     return srcs[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).contiguous()  # [heads, 3, d]
 
 
-def _to_sources(dqkv: torch.Tensor, shapes: list[torch.Size], roles: tuple[Role, Role, Role], heads: int,
+def _role_views(srcs: list[torch.Tensor], roles: tuple[Role, Role, Role] | None, heads: int,
                 d: int) -> list[torch.Tensor]:
-    """The head-major gradients ``(3, heads, BW, T, d)`` laid out as sources of ``shapes`` (the inverse of
-    ``_head_major``)."""
-    bw, t = dqkv.shape[2], dqkv.shape[3]
-    out = [torch.empty(shape, dtype=dqkv.dtype, device=dqkv.device) for shape in shapes]
-    if len(shapes) == 3:
-        for i in range(3):
-            out[i].view(bw, t, heads, d).permute(2, 0, 1, 3).copy_(dqkv[i])
-    elif roles[1][2] == d:
-        out[0].view(bw, t, 3, heads, d).permute(2, 3, 0, 1, 4).copy_(dqkv)
-    else:
-        out[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).copy_(dqkv)
-    return out
+    """q, k and v of tensors laid out as sources (or, ``roles`` None, one head-major ``(3, heads, BW, T, d)``):
+    one ``(heads, BW, T, d)`` view each."""
+    if roles is None:
+        return list(srcs[0].unbind(0))
+    bw, t = srcs[0].shape[0], srcs[0].shape[1]
+    if len(srcs) == 3:
+        return [x.view(bw, t, heads, d).permute(2, 0, 1, 3) for x in srcs]
+    if roles[1][2] == d:  # [3, heads, d]
+        return list(srcs[0].view(bw, t, 3, heads, d).permute(2, 3, 0, 1, 4).unbind(0))
+    return list(srcs[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).unbind(0))  # [heads, 3, d]
 
 
 def _heads_forward(qkv: torch.Tensor, add: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,18 +264,35 @@ class _WindowAttentionHeads(torch.autograd.Function):
         _, heads, bw, t, d = qkv.shape
         q, k, v = (x.view(heads * bw, t, d) for x in qkv.unbind(0))
         g3, p3 = g.contiguous().view(heads * bw, t, d), p.view(heads * bw, t, t)
-        dqkv = torch.empty_like(qkv)
-        dq, dk, dv = (x.view(heads * bw, t, d) for x in dqkv.unbind(0))
-        torch.bmm(p3.transpose(1, 2), g3, out=dv)
-        ds = torch._softmax_backward_data(torch.bmm(g3, v.transpose(1, 2)), p3, -1, p.dtype)
-        torch.baddbmm(dq, ds, k, beta=0.0, alpha=ctx.scale, out=dq)
-        torch.baddbmm(dk, ds.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=dk)
+        # the gradients go straight into tensors laid out as the sources, one (heads, BW, T, d) role at a time
+        # through one scratch of that size: a head-major gradient of all three and then a copy of it into the
+        # sources' layout would hold both at once (twice the projection's size, the layer's peak)
+        dsrcs = [torch.empty_like(qkv)] if ctx.roles is None else [
+            torch.empty(shape, dtype=qkv.dtype, device=qkv.device) for shape in ctx.src_shapes]
+        targets = _role_views(dsrcs, ctx.roles, heads, d)
+        tmp = None if ctx.roles is None else torch.empty(heads * bw, t, d, dtype=qkv.dtype, device=qkv.device)
+
+        def into(role: int) -> torch.Tensor:  # where a role's gradient is computed: its target, or the scratch
+            return targets[role].view(heads * bw, t, d) if tmp is None else tmp
+
+        def done(role: int) -> None:
+            if tmp is not None:
+                targets[role].copy_(tmp.view(heads, bw, t, d))
+
+        torch.bmm(p3.transpose(1, 2), g3, out=into(2))
+        done(2)
+        # dS over dP in place: the row's dot product is taken before any of it is written (one buffer, not two)
+        ds = torch.bmm(g3, v.transpose(1, 2))
+        torch.ops.aten._softmax_backward_data.out(ds, p3, -1, p.dtype, grad_input=ds)
+        torch.baddbmm(into(0), ds, k, beta=0.0, alpha=ctx.scale, out=into(0))
+        done(0)
+        torch.baddbmm(into(1), ds.transpose(1, 2), q, beta=0.0, alpha=ctx.scale, out=into(1))
+        done(1)
         dadd = None
         if ctx.add_shape is not None and ctx.needs_input_grad[4]:
             dadd = ds.view(heads, -1, *ctx.add_shape[1:]).sum(1)
             if ctx.add_shape[0] == 1:
                 dadd = dadd.sum(0, keepdim=True)
-        dsrcs = [dqkv] if ctx.roles is None else _to_sources(dqkv, ctx.src_shapes, ctx.roles, heads, d)
         want = ctx.needs_input_grad
         return None, None, None, None, dadd, *(x if want[5 + i] else None for i, x in enumerate(dsrcs))
 
