@@ -1,14 +1,19 @@
 """Run a function on ``world`` gloo ranks in spawned processes, with a hard deadline (never hangs CI).
 
-``run_ranks(fn, world, *args, timeout_s=...)`` starts ``world`` processes (``torch.multiprocessing`` spawn), each
+``run_ranks(fn, world, *args, timeout_s=...)`` starts ``world`` fresh processes (``torch.multiprocessing``), each
 joining a gloo process group through a ``FileStore`` (no ports) with a short collective timeout, calls
 ``fn(rank, world, *args)`` and sends back its return value or its formatted exception. The parent polls the processes
 against a wall-clock deadline and kills them all if it passes, naming the ranks still alive.
+
+The ranks are forked from a ``forkserver`` that imported torch and nearfar once (it never runs a tensor op, so no
+thread pool is forked): a "spawn" start re-imports both in every rank, ~6 s of CPU each, which was most of the
+distributed tests' time (18 ranks over the modules). Each rank is still a fresh process with its own process group.
 """
 
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import pickle
 import tempfile
@@ -39,16 +44,22 @@ def _worker(rank: int, fn, world: int, store_path: str, out_dir: str, pg_timeout
         pickle.dump(result, f)
 
 
+#: imported once by the forkserver, before it forks the first rank (the module of the first ``fn`` is added)
+_PRELOAD = ["torch", "torch.distributed", "nearfar", "nearfar.distributed"]
+
+
 def run_ranks(fn, world: int, *args, timeout_s: float = 60.0, pg_timeout_s: float = 30.0) -> list[tuple[str, object]]:
     """``[(status, value), ...]`` per rank: ``("ok", return value)`` or ``("error", formatted exception)``.
 
     Raises:
         TimeoutError: If the ranks are not all done within ``timeout_s`` (they are killed first).
     """
+    # only takes effect before the forkserver starts (the first call in this process)
+    multiprocessing.set_forkserver_preload([*_PRELOAD, fn.__module__])
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         ctx = mp.start_processes(_worker, args=(fn, world, store, tmp, pg_timeout_s, args), nprocs=world,
-                                 join=False, start_method="spawn")
+                                 join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout_s
         try:
             while True:
