@@ -198,7 +198,12 @@ class WindowBatch:
 
         Args:
             x: The map ``(B, *spatial, *channels)``, channels ``[3, heads, d]`` (``"3hd"``) or ``[heads, 3, d]``.
-            num_heads, scale, table, order, merge, add_to: As ``attend``.
+            num_heads: Number of heads.
+            scale: Score scale.
+            table: A relative-position table as ``attend`` takes it, or None.
+            order: ``"3hd"`` (default) or ``"h3d"``.
+            merge: Return the map, as ``attend``.
+            add_to: A map to add the output into in place, as ``attend``.
 
         Returns:
             As ``attend``.
