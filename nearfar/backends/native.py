@@ -252,8 +252,9 @@ class _Native(torch.autograd.Function):
             # every tile group in one kernel call: each owner's dK/dV sum is complete in its thread's scratch
             dk, dv = torch.empty(k.shape, dtype=k.dtype), torch.empty(v.shape, dtype=v.dtype)
             dtable = torch.zeros(b * hkv, hq, ctx.table.shape[1]) if rpb is not None and train_bias else None
-            lists = [_slices(g, 0, g.q_idx.shape[0]) for g in groups(ctx.plan)]
-            ixs = [_rpb_index(rpb, g, 0, g.q_idx.shape[0]) for g in groups(ctx.plan)] if rpb is not None else []
+            gs = groups(ctx.plan)
+            lists = [_slices(g, 0, g.q_idx.shape[0]) for g in gs]
+            ixs = [_rpb_index(rpb, g, 0, g.q_idx.shape[0]) for g in gs] if rpb is not None else []
             torch.ops.nearfar_native.backward_owned(q, k, v, out, do, lse, *(list(x) for x in zip(*lists)), ctx.kpm,
                                                     ctx.table, ixs, ctx.scale, dq, dk, dv, kv_scratch(k, v), dtable)
         else:

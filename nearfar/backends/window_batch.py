@@ -7,7 +7,9 @@ heads and the windows back in place in one copy or add them into a map in place.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -80,16 +82,22 @@ class WindowBatch:
         Returns:
             ``(B * nW, T, C)``: ``nW`` windows of ``T = self.t`` tokens per image, image-major.
         """
-        grid, shifts, shape, perm = self._win_recipe
-        b, nd = x.shape[0], len(grid)
+        grid, shifts = self._win_recipe[:2]
+        nd = len(grid)
         rest = x.shape[1 + nd:]
         if any(shifts):  # one gather instead of a roll and a permute copy
             flat = x.flatten(1, nd) if nd > 1 else x
             return _TokenGather.apply(flat, self.win.src, self.win.inv).view(-1, self.t, math.prod(rest))
         # one permute copy, straight from a strided slice (a view splits the spatial axes whatever the strides)
+        return self._window_view(x).reshape(-1, self.t, math.prod(rest))
+
+    def _window_view(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, *spatial, *rest)`` viewed as ``(B, *windows, *slots, *rest)`` (unshifted windows; no copy)."""
+        grid, _, shape, perm = self._win_recipe
+        nd = len(grid)
+        rest = x.shape[1 + nd:]
         tail = tuple(range(1 + 2 * nd, 1 + 2 * nd + len(rest)))
-        x = x.reshape(b, *shape, *rest).permute(0, *(1 + p for p in perm), *tail)
-        return x.reshape(-1, self.t, math.prod(rest))
+        return x.reshape(x.shape[0], *shape, *rest).permute(0, *(1 + p for p in perm), *tail)
 
     def split_heads(self, x: torch.Tensor, order: str, num_heads: int) -> torch.Tensor:
         """Cut a fused projection map into its windows head-major, in one copy: what ``split`` and then the window
@@ -104,18 +112,18 @@ class WindowBatch:
         Returns:
             ``(3, heads, B * nW, T, d)``, contiguous: q, k, v of every head, windows image-major.
         """
-        grid, shifts, shape, perm = self._win_recipe
+        grid, shifts, _, _ = self._win_recipe
         b, nd = x.shape[0], len(grid)
         d = math.prod(x.shape[1 + nd:]) // (3 * num_heads)
         split = (3, num_heads, d) if order == "3hd" else (num_heads, 3, d)
         role, head = (0, 1) if order == "3hd" else (1, 0)
         if any(shifts):  # one token gather from the head-major view of the map
-            flat = x.reshape(b, -1, *split)
-            heads = flat.permute(2 + role, 2 + head, 0, 1, 4)  # (3, heads, B, N, d)
+            heads = x.reshape(b, -1, *split).permute(2 + role, 2 + head, 0, 1, 4)  # (3, heads, B, N, d)
             out = _TokenGather.apply(heads, self.win.src, self.win.inv, 3)
         else:
+            win = self._window_view(x.reshape(b, *grid, *split))  # (B, *windows, *slots, *split)
             tail = 1 + 2 * nd
-            out = x.reshape(b, *shape, *split).permute(tail + role, tail + head, 0, *(1 + p for p in perm), tail + 2)
+            out = win.permute(tail + role, tail + head, *range(tail), tail + 2)
         return out.contiguous().view(3, num_heads, -1, self.t, d)  # the permute's one copy (the gather's: none)
 
     def merge(self, y: torch.Tensor, b: int, add_to: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,20 +216,17 @@ class WindowBatch:
         Returns:
             As ``attend``.
         """
-        from ..calls import forced_engine, intercepted, record_call, unobserved
+        from ..calls import forced_engine, intercepted
 
         batch, nd = x.shape[0], len(self._win_recipe[0])
         d = math.prod(x.shape[1 + nd:]) // (3 * num_heads)
         bw = batch * self.win.order.shape[0]
-        biased = table is not None
         trains = torch.is_grad_enabled() and (x.requires_grad or (table is not None and table.requires_grad))
         if (order not in ("3hd", "h3d") or self.win.mask is not None or forced_engine() is not None or intercepted()
-                or not takes(x, self.t, biased, False, trains) or not heads_batched(bw, self.t, num_heads,
-                                                                                  x.element_size())):
+                or not takes(x, self.t, table is not None, False, trains)
+                or not heads_batched(bw, self.t, num_heads, x.element_size())):
             return self.attend(self.split(x), num_heads, scale, table, order, merge, add_to)
-        whole = (batch, num_heads, self.n, d)
-        record_call(self.pattern, whole, whole, whole)  # seen from outside as attend's call, as in ``_heads``
-        with unobserved():
+        with self._listed(batch, num_heads, d):
             add = self._additive(table, x.dtype, x.device)
             heads = window_kernel((self.split_heads(x, order, num_heads),), None, num_heads, d, scale, add)
         return self._place(heads, batch, merge, add_to)
@@ -254,14 +259,23 @@ class WindowBatch:
         Seen from outside as ``attend(q, k, v, self.pattern, rpb=table)`` on the whole map: that is the call
         ``observe_calls`` lists (whichever path runs), and inside ``engine_override`` that call runs, on the forced
         engine, instead of the window kernel (so that the bench's gate compares this kernel with another engine)."""
-        from ..calls import forced_engine, intercepted, record_call, unobserved
+        from ..calls import forced_engine, intercepted
 
         if forced_engine() is not None or intercepted():  # an interceptor (nearfar.steer) sees attend calls only
             return self._exact(srcs, order, num_heads, d, scale, table, batch)  # attend lists it and takes the engine
+        with self._listed(batch, num_heads, d):
+            return self._windows(srcs, order, num_heads, d, scale, table, batch)
+
+    @contextlib.contextmanager
+    def _listed(self, batch: int, num_heads: int, d: int) -> Iterator[None]:
+        """Lists the windows' attention as one ``attend`` call on the whole map (``observe_calls``); what runs
+        inside is not listed again."""
+        from ..calls import record_call, unobserved
+
         whole = (batch, num_heads, self.n, d)
         record_call(self.pattern, whole, whole, whole)
-        with unobserved():  # already listed, as one call on the whole map
-            return self._windows(srcs, order, num_heads, d, scale, table, batch)
+        with unobserved():
+            yield
 
     def _windows(self, srcs: tuple[torch.Tensor, ...], order: str, num_heads: int, d: int, scale: float,
                  table: torch.Tensor | None, batch: int) -> torch.Tensor:

@@ -208,12 +208,7 @@ def heads_batched(bw: int, t: int, heads: int, itemsize: int) -> bool:
 
 def _head_major(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int) -> torch.Tensor:
     """q, k and v copied out head-major: ``(3, heads, BW, T, d)``, contiguous (one copy)."""
-    bw, t = srcs[0].shape[0], srcs[0].shape[1]
-    if len(srcs) == 3:
-        return torch.stack([x.view(bw, t, heads, d).permute(2, 0, 1, 3) for x in srcs])
-    if roles[1][2] == d:  # [3, heads, d]
-        return srcs[0].view(bw, t, 3, heads, d).permute(2, 3, 0, 1, 4).contiguous()
-    return srcs[0].view(bw, t, heads, 3, d).permute(3, 2, 0, 1, 4).contiguous()  # [heads, 3, d]
+    return torch.stack(_role_views(list(srcs), roles, heads, d))
 
 
 def _role_views(srcs: list[torch.Tensor], roles: tuple[Role, Role, Role] | None, heads: int,

@@ -38,7 +38,6 @@ from ..checks import (
 __all__ = ["block_attention_stat", "block_scores", "pool_blocks"]
 
 
-
 def _group(q: torch.Tensor, k: torch.Tensor, k_name: str, q_len: str, k_len: str) -> int:
     """Query heads per key head of a 4-D ``q`` and keys ``k`` (named ``k_name``; ``q_len``/``k_len`` name their
     lengths in the message), after checking they share dtype, batch and head dim and the heads divide."""
@@ -49,6 +48,7 @@ def _group(q: torch.Tensor, k: torch.Tensor, k_name: str, q_len: str, k_len: str
         raise ValueError(f"q (B, Hq, {q_len}, d) and {k_name} (B, Hkv, {k_len}, d) need the same B and d and "
                          f"Hq % Hkv == 0, got {tuple(q.shape)} and {tuple(k.shape)}")
     return hq // hkv
+
 
 def num_blocks(n: int, block_size: int) -> int:
     """The number of blocks of ``block_size`` that cover ``n`` tokens (the last one may be partial)."""
