@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 rows = measure(name, dims, dtype)
             for r in rows:
-                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.2f} |", flush=True)
+                print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

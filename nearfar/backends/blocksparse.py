@@ -387,6 +387,7 @@ class _BlockSparse(torch.autograd.Function):
         out = pb.from_tiles(ot)
         lse = pb.from_tiles(lt[..., None])[..., 0]
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros tensor for lse's gradient: it has none
         return out, lse
 
     @staticmethod

@@ -233,6 +233,7 @@ class _Native(torch.autograd.Function):
         ctx.plan, ctx.scale, ctx.kpm, ctx.bias, ctx.table = plan, scale, kpm, bias, table
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros tensor for lse's gradient: it has none
         return out, lse
 
     @staticmethod

@@ -163,6 +163,7 @@ class _Lists(torch.autograd.Function):
         ctx.parts, ctx.scale, ctx.kpm = parts, scale, kpm
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros tensor for lse's gradient: it has none
         return out, lse
 
     @staticmethod

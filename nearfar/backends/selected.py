@@ -416,6 +416,7 @@ class _Selected(torch.autograd.Function):
         out = pb.q_unblocks(ob).to(q.dtype)
         lse_out = pb.q_unblocks(lse)
         ctx.mark_non_differentiable(lse_out)
+        ctx.set_materialize_grads(False)  # no zeros tensor for lse_out's gradient: it has none
         return out, lse_out
 
     @staticmethod

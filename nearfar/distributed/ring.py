@@ -145,6 +145,7 @@ class RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, kpm)
         ctx.layout, ctx.causal, ctx.scale, ctx.group = layout, causal, scale, group
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros tensor for lse's gradient: it has none
         return out.to(q.dtype), lse
 
     @staticmethod
