@@ -11,20 +11,19 @@ themselves with ``record_call``. Context variables: one thread's (or asyncio tas
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .backends import ENGINES
+from .contexts import Context
 from .patterns import Pattern
 from .selection import SelectedBlocks
 
 # per thread (and per asyncio task): one thread's override or observer never reaches another's calls
-_ENGINE_OVERRIDE: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("nearfar_engine_override",
-                                                                                    default=())
-_OBSERVERS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("nearfar_observers", default=())
+_ENGINE_OVERRIDE: Context[tuple[str, ...]] = Context("nearfar_engine_override", ())
+_OBSERVERS: Context[tuple[list, ...]] = Context("nearfar_observers", ())
 
 
 @contextlib.contextmanager
@@ -120,6 +119,9 @@ def unobserved() -> Iterator[None]:
     Yields:
         None.
     """
+    if not _OBSERVERS.get():  # nothing to hide from: no context to set (none inside a compiled graph)
+        yield
+        return
     token = _OBSERVERS.set(())
     try:
         yield
@@ -135,8 +137,7 @@ def forced_engine() -> str | None:
     return stack[-1] if stack else None
 
 
-_INTERCEPTORS: contextvars.ContextVar[tuple[Callable[[AttendCall], object], ...]] = contextvars.ContextVar(
-    "nearfar_interceptors", default=())
+_INTERCEPTORS: Context[tuple[Callable[[AttendCall], object], ...]] = Context("nearfar_interceptors", ())
 
 
 @dataclass
@@ -203,8 +204,7 @@ def intercepted() -> bool:
     return bool(_INTERCEPTORS.get())
 
 
-_POSITIONS: contextvars.ContextVar[Callable[[int, int, torch.device], torch.Tensor] | None] = contextvars.ContextVar(
-    "nearfar_positions", default=None)
+_POSITIONS: Context[Callable[[int, int, torch.device], torch.Tensor] | None] = Context("nearfar_positions", None)
 
 
 def token_positions(start: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -94,16 +94,22 @@ def available() -> bool:
     if _state.get("off"):
         return False
     if "ok" not in _state:
-        _state["ok"] = False
-        if os.environ.get("NEARFAR_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
-            lib = _library(build_dir())
-            if lib is not None:
-                try:
-                    torch.ops.load_library(str(lib))
-                    _state["ok"] = True
-                except (OSError, RuntimeError) as e:  # a library of another torch build: keep the fallback
-                    _state["error"] = repr(e)
+        _load()
     return bool(_state["ok"])
+
+
+# eager even inside a compiled graph: the first call loads the library; later traces see "ok" set and read it in-graph
+@torch.compiler.disable
+def _load() -> None:
+    _state["ok"] = False
+    if os.environ.get("NEARFAR_NATIVE", "1") != "0" and sys.platform.startswith("linux"):
+        lib = _library(build_dir())
+        if lib is not None:
+            try:
+                torch.ops.load_library(str(lib))
+                _state["ok"] = True
+            except (OSError, RuntimeError) as e:  # a library of another torch build: keep the fallback
+                _state["error"] = repr(e)
 
 
 @contextlib.contextmanager

@@ -18,13 +18,13 @@ calls and plain positions, and this rank's tokens of its output are kept (``whol
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
+from ..contexts import Context
 from ..functional import AttendCall, intercept_calls, positions_override
 from ..layers.sharding import layer_hook
 from ..patterns import Intersection, Pattern, PerHead, Union
@@ -34,7 +34,7 @@ from .layout import Layout
 from .whole import make_extent, make_hook
 
 #: True while a whole-sequence layer runs inside ``sharded``: its attend calls stay local, its positions are plain
-_SUSPENDED: contextvars.ContextVar[bool] = contextvars.ContextVar("nearfar_sharded_suspended", default=False)
+_SUSPENDED: Context[bool] = Context("nearfar_sharded_suspended", False)
 
 
 @contextlib.contextmanager

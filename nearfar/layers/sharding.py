@@ -19,13 +19,14 @@ given inside ``sharded`` is a clear error (a decoding ``cache`` above all: decod
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from torch import nn
+
+from ..contexts import Context
 
 NATIVE = "native"
 WHOLE = "whole"
@@ -47,10 +48,9 @@ class WholeSpec:
 #: ``(module, the unwrapped method, spec, args, kwargs) -> output``: set by ``sharded`` (None outside it, and while a
 #: whole-sequence layer runs, so nested layers run plainly)
 Hook = Callable[[nn.Module, Callable[..., Any], WholeSpec, tuple, dict], Any]
-_HOOK: contextvars.ContextVar[Hook | None] = contextvars.ContextVar("nearfar_layer_hook", default=None)
+_HOOK: Context[Hook | None] = Context("nearfar_layer_hook", None)
 #: a rank's map extents -> the whole map's (set by ``sharded`` on maps split into slabs)
-_EXTENT: contextvars.ContextVar[Callable[[tuple[int, ...]], tuple[int, ...]] | None] = contextvars.ContextVar(
-    "nearfar_whole_extent", default=None)
+_EXTENT: Context[Callable[[tuple[int, ...]], tuple[int, ...]] | None] = Context("nearfar_whole_extent", None)
 
 M = TypeVar("M", bound=type)
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..checks import check_grid
+from ..contexts import Context
 from .base import Pattern, Tiles, overlaps, spatial_ndim, unravel
 
-_PARTIAL_GRIDS: contextvars.ContextVar[bool] = contextvars.ContextVar("nearfar_partial_grids", default=False)
+_PARTIAL_GRIDS: Context[bool] = Context("nearfar_partial_grids", False)
 
 
 @contextlib.contextmanager
