@@ -2,7 +2,8 @@
 
 - Layers and models are built only on public APIs: under ``nearfar/layers`` and ``nearfar/models`` a module imports
   from nearfar only ``nearfar.functional``, ``nearfar.patterns``, ``nearfar.checks``, ``nearfar.contexts`` (context
-  variables that compile) and ``nearfar.layers`` (models: also ``nearfar.models``); never an engine (``nearfar.backends``), the planner or the dispatcher.
+  variables that compile) and ``nearfar.layers`` (models: also ``nearfar.models``); never an engine
+  (``nearfar.backends``), the planner or the dispatcher.
 - No module anywhere in the package imports another module's ``_private`` name.
 - No module name is hidden by a function of the same name in its package (``nearfar.attend`` is a function).
 - Registry entries are made where their classes are defined: ``nearfar/__init__.py`` imports no module only for
