@@ -62,3 +62,22 @@ def test_compiled_attend_has_no_graph_break_and_honours_blocks_entered_later():
     assert len(calls) == 1  # the block reached the compiled call (retraced for the set context)
     torch.testing.assert_close(again, plain)
     assert contexts._active == 0
+
+
+
+def test_nested_blocks_reach_the_compiled_call_without_compiling_again():
+    # a block entered around compiled code retraces it once; deeper nesting reuses that trace, and each enclosing
+    # observer sees each call
+    from torch._dynamo.utils import counters
+
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: nearfar.attend(q + 1, k, v) * 2, backend="eager")
+    compiled(q, k, v)
+    with observe_calls() as outer:
+        compiled(q, k, v)
+        frames = counters["frames"]["total"]
+        with observe_calls(), observe_calls() as inner:
+            compiled(q, k, v)
+        compiled(q, k, v)
+    assert counters["frames"]["total"] == frames
+    assert len(inner) == 1 and len(outer) == 3  # every enclosing observer lists the call
