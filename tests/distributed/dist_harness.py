@@ -1,4 +1,4 @@
-"""Run a function on ``world`` gloo ranks in spawned processes, with a hard deadline (never hangs CI).
+"""Run a function on ``world`` gloo ranks in fresh processes, with a hard deadline (never hangs CI).
 
 ``run_ranks(fn, world, *args, timeout_s=...)`` starts ``world`` fresh processes (``torch.multiprocessing``), each
 joining a gloo process group through a ``FileStore`` (no ports) with a short collective timeout, calls
