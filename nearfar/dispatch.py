@@ -14,6 +14,7 @@ from .backends.blocksparse import blocksparse_attention
 from .backends.dense import causal_as_sdpa, dense_attention
 from .backends.native import density as native_density
 from .backends.native import supports as native_supports
+from .backends.native_tiles import native_tile
 from .backends.partition import partition_attention
 from .backends.scored import scored_attention
 from .backends.selected import selected_attention
@@ -24,7 +25,7 @@ from .guard import dirty_rows, exact_rows, output_finite, unsafe_tokens, zero_ro
 from .mods import at_batch, at_heads, check_mod
 from .patterns import Dense, Pattern, PerHead
 from .patterns.maskmod import bind
-from .plan import get_plan
+from .plan import Plan, get_plan
 from .selection import SelectedBlocks
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -374,7 +375,8 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
         return _per_pattern(q, k, v, pattern, scale, key_padding_mask, return_lse, None if chosen else engine,
                             score_mod)
     if engine in ("blocksparse", "partition"):
-        plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device)
+        native = engine == "blocksparse" and score_mod is None and native_supports(q)
+        plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device, native)
         if engine == "partition":
             return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse, score_mod)
         if score_mod is not None:  # a Python function per score: the PyTorch tile path, not the fused kernels
@@ -452,8 +454,10 @@ def _per_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Per
 
 
 @torch.compiler.disable
-def _plan(pattern, nq, nk, device):
-    return get_plan(pattern, nq, nk, device=device)
+def _plan(pattern: Pattern, nq: int, nk: int, device: torch.device | str, native: bool = False) -> Plan:
+    """The cached plan; ``native``: for the compiled kernel, whose tile shape is chosen by counting its work."""
+    tile = native_tile(pattern, nq, nk) if native and torch.device(device).type == "cpu" else None
+    return get_plan(pattern, nq, nk, tile, device=device)
 
 
 def _is_partition(pattern: Pattern | None, nq: int, nk: int, device: torch.device | str) -> bool:
@@ -548,7 +552,7 @@ def _native_pays(q: torch.Tensor, pattern: Pattern, nq: int, nk: int) -> bool:
     plan's scored fraction (``backends.native.density``) is under ``_NATIVE_DENSITY``."""
     if q.device.type != "cpu" or nq * nk < _NATIVE_MIN_PAIRS or not native_supports(q):
         return False
-    return native_density(_plan(pattern, nq, nk, q.device)) < _NATIVE_DENSITY
+    return native_density(_plan(pattern, nq, nk, q.device, True)) < _NATIVE_DENSITY
 
 
 #: with run-time blocks below ``_SMALL`` pairs, the kernel takes the call when at most this share of the pairs is read
@@ -567,7 +571,7 @@ def _native_blocks_pay(q: torch.Tensor, pattern: Pattern | None, blocks: Selecte
     share = float(num.clamp(max=blocks.kv_indices.shape[-1]).sum()) * blocks.q_block * blocks.k_block / (
         lists * nq * nk)
     if pattern is not None:
-        share += native_density(_plan(pattern, nq, nk, q.device))
+        share += native_density(_plan(pattern, nq, nk, q.device, True))
     return share < _NATIVE_BLOCKS_DENSITY
 
 

@@ -230,7 +230,7 @@ def _block_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int)
     return blocks if pattern.heads is not None else blocks[None]  # (Hp, c, nTk)
 
 
-def _key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
+def key_lists(pattern: Pattern, q: torch.Tensor, kt: Tiles, nq: int, nk: int) -> torch.Tensor:
     """Key lists ``(Hp, c, w)`` of query tiles ``q (c, T)``: the keys their tile-level test keeps, compacted.
 
     The test is conservative, so a list may hold keys no query of the tile attends; the exact mask drops them."""
@@ -342,7 +342,7 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] |
     partition = hp == 1
     for tiles in _groups_by_width(counts, kt.idx.shape[1], tq, _CHUNK_ELEMS // hp):
         q = qt.idx[tiles]
-        k_idx = _key_lists(pattern, q, kt, nq, nk)
+        k_idx = key_lists(pattern, q, kt, nq, nk)
         width = k_idx.shape[-1]
         partition = partition and width <= tq and torch.equal(
             q.sort(-1).values, torch.nn.functional.pad(k_idx[0], (0, tq - width), value=-1).sort(-1).values)
