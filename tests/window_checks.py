@@ -39,13 +39,14 @@ class Chunk:
     whatever the thread count."""
 
     def __init__(self, n, t):
-        self.bytes, self.old = n * t * t * 4, (windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL)
+        self.bytes = n * t * t * 4
+        self.old = (windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL, windows.HEADS_BATCHED_BYTES)
 
     def __enter__(self):
-        windows.CHUNK_BYTES = windows.CHUNK_BYTES_SERIAL = self.bytes
+        windows.CHUNK_BYTES = windows.CHUNK_BYTES_SERIAL = windows.HEADS_BATCHED_BYTES = self.bytes
 
     def __exit__(self, *exc):
-        windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL = self.old
+        windows.CHUNK_BYTES, windows.CHUNK_BYTES_SERIAL, windows.HEADS_BATCHED_BYTES = self.old
 
 
 class Batched:

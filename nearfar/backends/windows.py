@@ -14,10 +14,11 @@ floats, as the matmul + softmax path keeps them).
 
 CPU, float32/float64 only (``takes`` says when: small windows always; larger ones, up to ``MAX_TOKENS`` tokens, for
 training with a bias and wherever a region mask is, which SDPA could only take materialised per window). With
-several threads the kernel runs on whole batches with all heads in each operation (few operations: each is a
-parallel region, see ``CHUNK_BYTES`` and ``HEADS_BATCHED_THREADS``): q, k and v are first copied out head-major
-``(3, heads, BW, T, d)`` (one copy, as the official codes' reorder) and every GEMM covers all heads; single-threaded,
-per head in chunks that stay in the L2 cache (``CHUNK_BYTES_SERIAL``), read in place.
+several threads a batch with up to ``HEADS_BATCHED_BYTES`` of scores runs with all heads in each operation (few
+operations: each is a parallel region, see ``CHUNK_BYTES`` and ``HEADS_BATCHED_THREADS``): q, k and v are first copied
+out head-major ``(3, heads, BW, T, d)`` (one copy, as the official codes' reorder) and every GEMM covers all heads; a
+larger batch runs per head in a few ``CHUNK_BYTES`` chunks, read in place; single-threaded, per head in chunks that
+stay in the L2 cache (``CHUNK_BYTES_SERIAL``).
 """
 
 from __future__ import annotations
@@ -69,13 +70,15 @@ def _head(srcs: tuple[torch.Tensor, ...], role: Role, h: int, d: int) -> torch.T
     return srcs[i][..., base + h * step:base + h * step + d]
 
 
-#: bytes of one chunk's scores, all heads together. Every operation of this kernel is a parallel region (OpenMP),
-#: and on a machine shared with other work each one waits at its end for a descheduled thread: measured 2026-12-06 at
-#: load ~3.5 on 2 cores, 2 threads, GC ViT's 56x56x96 block forward took 544 ms with 1 MiB chunks (one GEMM, softmax
-#: and GEMM per head per chunk), 160 ms with one chunk and 136 ms for the official-style code (quiet: 23, 24 and
-#: 30 ms; chunk size made no difference there). So with several threads the kernel issues as few operations as it can:
-#: whole batches (all heads' softmax, and its backward, as one call), chunked only past this size.
-CHUNK_BYTES = 1 << 26
+#: bytes of one chunk's scores, all heads together, with several threads. Every operation of this kernel is a
+#: parallel region (OpenMP), and on a machine shared with other work each one waits at its end for a descheduled
+#: thread: measured 2026-12-06 at load ~3.5 on 2 cores, 2 threads, GC ViT's 56x56x96 block forward took 544 ms with
+#: 1 MiB chunks (one GEMM, softmax and GEMM per head per chunk), 160 ms with one chunk and 136 ms for the
+#: official-style code. Without that oversubscription, chunks that stay in the cache win: 2026-12-07, load 1.0-1.5,
+#: 2 threads, 512 windows of 49 tokens, 3 heads of 32 (GC ViT / Swin at 56x56x96, 14.7 MB of scores), inference
+#: 30.0 ms all heads batched, 24.1 ms per head in one chunk, 20.0 ms per head in 4 MiB chunks (19.5 ms in 2 MiB);
+#: forward+backward 76.9, 71.3, 60.2 ms (60.9). So batches are cut into chunks of this size, a few per call.
+CHUNK_BYTES = 1 << 22
 #: single-threaded there are no parallel regions to wait on, and chunks whose scores, probabilities and their
 #: gradients stay in the L2 cache between the GEMM that writes them and the softmax and GEMM that read them pay
 #: (1 thread, against whole batches: 1.2-1.3x faster at 98 tokens and 1 head of 48, 1.05-1.15x at 49 tokens and
@@ -83,13 +86,17 @@ CHUNK_BYTES = 1 << 26
 CHUNK_BYTES_SERIAL = 1 << 20
 
 
-#: from this many threads on, a batch whose scores (all heads) fit in ``CHUNK_BYTES`` runs with all heads in each
-#: operation (``_heads_forward``): one GEMM for all heads instead of one per head, at the price of one copy of q, k
-#: and v. Measured 2026-12-07 at load ~8 on 2 cores, 2 threads: Swin-T forward+backward (224x224, batch 8) spent
+#: from this many threads on, a batch whose scores (all heads) fit in ``HEADS_BATCHED_BYTES`` runs with all heads in
+#: each operation (``_heads_forward``): one GEMM for all heads instead of one per head, at the price of one copy of q,
+#: k and v. Measured 2026-12-07 at load ~8 on 2 cores, 2 threads: Swin-T forward+backward (224x224, batch 8) spent
 #: 6.7 s of 17 s in the per-head GEMMs (414 + 414 calls, 12-24 heads of 8-32 windows in the last stages: each call
 #: a parallel region that waits for a descheduled thread) where timm's batched GEMMs took 0.9 s; the model took
 #: 0.85-0.9x timm's time, against 1.0x at 1 thread (where the per-head chunks stay the faster way).
 HEADS_BATCHED_THREADS = 2
+#: ... and whose scores over all heads are at most this many bytes: past it, per head in ``CHUNK_BYTES`` chunks (the
+#: measurement at ``CHUNK_BYTES``). At 12 heads of 32 windows (3.7 MB, Swin's 14x14x384 stage) all heads batched
+#: stays the faster way: 6.7 ms against 7.4-8.5 ms in chunks, forward+backward 16.6 against 19.1-20.6 ms.
+HEADS_BATCHED_BYTES = 1 << 23
 
 
 def _chunk(bw: int, t: int, heads: int, period: int, itemsize: int) -> int:
@@ -202,8 +209,9 @@ class _WindowAttention(torch.autograd.Function):
 
 
 def heads_batched(bw: int, t: int, heads: int, itemsize: int) -> bool:
-    """Whether the batch runs with all heads in each operation (several threads, one chunk of scores)."""
-    return torch.get_num_threads() >= HEADS_BATCHED_THREADS and heads * bw * t * t * itemsize <= CHUNK_BYTES
+    """Whether the batch runs with all heads in each operation (several threads, at most ``HEADS_BATCHED_BYTES`` of
+    scores)."""
+    return torch.get_num_threads() >= HEADS_BATCHED_THREADS and heads * bw * t * t * itemsize <= HEADS_BATCHED_BYTES
 
 
 def _head_major(srcs: tuple[torch.Tensor, ...], roles: tuple[Role, Role, Role], heads: int, d: int) -> torch.Tensor:

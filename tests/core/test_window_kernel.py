@@ -191,7 +191,7 @@ def test_heads_batched_path_equals_the_per_head_path(order, monkeypatch):
             assert a.shape == b.shape and (a - b).abs().max() < 1e-12
 
 
-def test_heads_batched_only_with_several_threads_and_one_chunk(monkeypatch):
+def test_heads_batched_only_with_several_threads_and_few_scores(monkeypatch):
     ran = []
     real = windows._heads_forward
     monkeypatch.setattr(windows, "_heads_forward", lambda *a: ran.append(1) or real(*a))
@@ -203,9 +203,15 @@ def test_heads_batched_only_with_several_threads_and_one_chunk(monkeypatch):
     monkeypatch.setattr(windows, "HEADS_BATCHED_THREADS", torch.get_num_threads())
     windows.window_kernel(srcs, roles, 2, 4, 0.5)
     assert len(ran) == 1
+    monkeypatch.setattr(windows, "HEADS_BATCHED_BYTES", 2 * 8 * 6 * 6 * 4 - 1)  # a byte under the batch's scores
+    windows.window_kernel(srcs, roles, 2, 4, 0.5)
+    assert len(ran) == 1
+    monkeypatch.setattr(windows, "HEADS_BATCHED_BYTES", 2 * 8 * 6 * 6 * 4)
+    windows.window_kernel(srcs, roles, 2, 4, 0.5)
+    assert len(ran) == 2
     with Chunk(4, 6):  # the scores of all heads no longer fit in one chunk: per head, in chunks
         windows.window_kernel(srcs, roles, 2, 4, 0.5)
-    assert len(ran) == 1
+    assert len(ran) == 2
 
 
 def _poisoned(garbage, grad):
