@@ -20,6 +20,7 @@ import torch
 from ..cache import CACHE
 from ..patterns.base import Pattern
 from ..plan import DEFAULT_TILE, allowed_heads, key_lists, layouts, token_tiles
+from .native import KB
 
 #: candidate tile extents per spatial rank, the plan's default first (ties keep it)
 CANDIDATES = {2: (DEFAULT_TILE[2], (16, 4), (4, 16)), 3: (DEFAULT_TILE[3], (8, 4, 2), (2, 4, 8))}
@@ -27,7 +28,6 @@ CANDIDATES = {2: (DEFAULT_TILE[2], (16, 4), (4, 16)), 3: (DEFAULT_TILE[3], (8, 4
 #: a little more K/V per query)
 _MARGIN = 0.97
 _SAMPLES = 24
-_KB = 64
 
 
 def sampled_work(pattern: Pattern, nq: int, nk: int, tile: tuple[int, ...], samples: int = _SAMPLES) -> float:
@@ -40,14 +40,14 @@ def sampled_work(pattern: Pattern, nq: int, nk: int, tile: tuple[int, ...], samp
     k = k.gather(-1, torch.argsort(torch.where(k < 0, nk, k), dim=-1, stable=True))
     mask = allowed_heads(pattern, q, k, nq, nk)  # (Hp, c, T, W)
     hp, c, t, w = mask.shape
-    nsub = -(-w // _KB)
-    live = torch.nn.functional.pad(mask, (0, nsub * _KB - w)).view(hp, c, t, nsub, _KB).any(-1)
+    nsub = -(-w // KB)
+    live = torch.nn.functional.pad(mask, (0, nsub * KB - w)).view(hp, c, t, nsub, KB).any(-1)
     seen = live.any(2)  # (Hp, c, nsub)
     vs = 16 if str(torch.backends.cpu.get_cpu_capability()) == "AVX512" else 8  # the kernel's vector width
     r0 = live.int().argmax(2) // vs * vs
     r1 = -(-(t - live.flip(2).int().argmax(2)) // vs) * vs
     keys = (k >= 0).view(hp, c, -1)
-    keys = torch.nn.functional.pad(keys, (0, nsub * _KB - w)).view(hp, c, nsub, _KB).sum(-1)
+    keys = torch.nn.functional.pad(keys, (0, nsub * KB - w)).view(hp, c, nsub, KB).sum(-1)
     work = ((r1 - r0) * keys * seen).sum()
     return float(work) / max(1, int(mask.sum()))
 

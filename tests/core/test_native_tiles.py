@@ -45,8 +45,8 @@ def _exact_work(pattern, n, tile):
     work = allowed = 0
     for g, ng in zip(plan.groups, native_engine.groups(plan)):
         r = ng.rows.long()
-        keys = torch.nn.functional.pad(ng.k_idx >= 0, (0, r.shape[2] * 64 - ng.k_idx.shape[2]))
-        keys = keys.view(*r.shape[:3], 64).sum(-1)
+        keys = torch.nn.functional.pad(ng.k_idx >= 0, (0, r.shape[2] * native_engine.KB - ng.k_idx.shape[2]))
+        keys = keys.view(*r.shape[:3], native_engine.KB).sum(-1)
         span = -(-r[..., 1] // vs) * vs - r[..., 0] // vs * vs
         work += int((span * keys * (r[..., 1] > r[..., 0])).sum())
         allowed += int(plan.allowed(g, 0, len(g)).sum())
