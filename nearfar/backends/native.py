@@ -71,6 +71,19 @@ def pack_rows(mask: torch.Tensor) -> torch.Tensor:
     return out.copy_(byte.permute(0, 3, 1, 2)).view(torch.int64).view(*lead, w, nw)
 
 
+def live_rows(mask: torch.Tensor, kb: int = KB) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sub-block of ``kb`` keys of ``mask (Hp, c, T, W)`` (keys in list order): whether any tile row sees one of
+    its keys, and the first row that does and one past the last (both 0 where none does), each ``(Hp, c, nsub)``:
+    the rows the kernel scores for that sub-block."""
+    hp, c, t, w = mask.shape
+    nsub = -(-w // kb)
+    live = torch.nn.functional.pad(mask, (0, nsub * kb - w)).view(hp, c, t, nsub, kb).any(-1)  # (Hp, c, T, nsub)
+    any_row = live.any(2)
+    r0 = torch.where(any_row, live.int().argmax(2), 0)
+    r1 = torch.where(any_row, t - live.flip(2).int().argmax(2), 0)
+    return any_row, r0, r1
+
+
 def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.Tensor, ...]:
     k = g.k_idx[:, t0:t1]
     order = torch.argsort(torch.where(k < 0, plan.nk, k), dim=-1, stable=True)
@@ -79,12 +92,8 @@ def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.T
     mask = mask.gather(-1, order[:, :, None, :].expand_as(mask))
     hp, c, t, w = mask.shape
     nsub = -(-w // kb)
-    pad = nsub * kb - w
-    live = torch.nn.functional.pad(mask, (0, pad)).view(hp, c, t, nsub, kb).any(-1)  # (Hp, c, T, nsub)
-    allowed = torch.nn.functional.pad(mask, (0, pad), value=True).view(hp, c, t, nsub, kb).all(-1)
-    any_row = live.any(2)  # (Hp, c, nsub)
-    r0 = torch.where(any_row, live.int().argmax(2), 0)
-    r1 = torch.where(any_row, t - live.flip(2).int().argmax(2), 0)
+    allowed = torch.nn.functional.pad(mask, (0, nsub * kb - w), value=True).view(hp, c, t, nsub, kb).all(-1)
+    any_row, r0, r1 = live_rows(mask, kb)
     ar = torch.arange(t)[None, None, :, None]
     in_range = (ar >= r0[:, :, None]) & (ar < r1[:, :, None])  # (Hp, c, T, nsub)
     full = (allowed | ~in_range).all(2) & any_row

@@ -20,7 +20,7 @@ import torch
 from ..cache import CACHE
 from ..patterns.base import Pattern
 from ..plan import DEFAULT_TILE, allowed_heads, key_lists, layouts, token_tiles
-from .native import KB
+from .native import KB, live_rows
 
 #: candidate tile extents per spatial rank, the plan's default first (ties keep it)
 CANDIDATES = {2: (DEFAULT_TILE[2], (16, 4), (4, 16)), 3: (DEFAULT_TILE[3], (8, 4, 2), (2, 4, 8))}
@@ -39,17 +39,12 @@ def sampled_work(pattern: Pattern, nq: int, nk: int, tile: tuple[int, ...], samp
     k = key_lists(pattern, q, kt, nq, nk)
     k = k.gather(-1, torch.argsort(torch.where(k < 0, nk, k), dim=-1, stable=True))
     mask = allowed_heads(pattern, q, k, nq, nk)  # (Hp, c, T, W)
-    hp, c, t, w = mask.shape
-    nsub = -(-w // KB)
-    live = torch.nn.functional.pad(mask, (0, nsub * KB - w)).view(hp, c, t, nsub, KB).any(-1)
-    seen = live.any(2)  # (Hp, c, nsub)
+    hp, c, _, w = mask.shape
+    _, r0, r1 = live_rows(mask)  # 0, 0 for a sub-block no row sees
     vs = 16 if str(torch.backends.cpu.get_cpu_capability()) == "AVX512" else 8  # the kernel's vector width
-    r0 = live.int().argmax(2) // vs * vs
-    r1 = -(-(t - live.flip(2).int().argmax(2)) // vs) * vs
-    keys = (k >= 0).view(hp, c, -1)
-    keys = torch.nn.functional.pad(keys, (0, nsub * KB - w)).view(hp, c, nsub, KB).sum(-1)
-    work = ((r1 - r0) * keys * seen).sum()
-    return float(work) / max(1, int(mask.sum()))
+    rows = -(-r1 // vs) * vs - r0 // vs * vs
+    keys = torch.nn.functional.pad(k >= 0, (0, r0.shape[-1] * KB - w)).view(hp, c, -1, KB).sum(-1)
+    return float((rows * keys).sum()) / max(1, int(mask.sum()))
 
 
 def native_tile(pattern: Pattern, nq: int, nk: int) -> tuple[int, ...] | None:
