@@ -37,8 +37,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t dvp = G.dvp;
   const int64_t units = G.B * G.HX * G.c;
   parallel_items(units, [&](std::atomic<int64_t>& next) {
-    // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, sub: per query column
-    std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), sub(Tp), alpha(Tp);
+    // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, alpha: per query column
+    std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), alpha(Tp);
     std::vector<char> bad(g * Tp);
     std::vector<float> lim(Tp);
     SubBlock<T> sb(G);
@@ -91,6 +91,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         for (int j = 0; j < g; ++j) {
           const int jc = j * Tp + sp.c0;
           masked_scores(G, sb, sp, Qt.data(), ldq, jc, b, G.head(hx, j), t, pt, ki, lim.data(), St.data());
+          // per strip of VS query columns: the new running max, then exp and row sum in one pass (the strip's
+          // scores are still in L1 from the max pass)
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
             for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * mc + cc));
@@ -98,20 +100,21 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             const Vec mnew = at::vec::maximum(mold, mx);
             mnew.store(m.data() + jc + cc);
             // a column without any key so far subtracts 0 (exp(-inf) = 0); NaN/+inf are flagged below
-            const Vec zero(0.f);
-            const Vec safe = Vec::blendv(mnew, zero, mnew == Vec(kNegInf));
-            safe.store(sub.data() + cc);
-            Vec::blendv((mold - safe).exp_u20(), Vec(1.f), mold == mnew).store(alpha.data() + cc);
+            const Vec safe = Vec::blendv(mnew, Vec(0.f), mnew == Vec(kNegInf));
+            const Vec al = Vec::blendv(exp_score(mold - safe), Vec(1.f), mold == mnew);
+            al.store(alpha.data() + cc);
+            Vec sum(0.f);
+            for (int i = 0; i < n; ++i) {
+              float* x = St.data() + i * mc + cc;
+              const Vec e = exp_score(Vec::loadu(x) - safe);
+              e.store(x);
+              sum = sum + e;
+            }
+            (Vec::loadu(l.data() + jc + cc) * al + sum).store(l.data() + jc + cc);
           }
           for (int cc = 0; cc < mc; ++cc) {
             const float mv = m[jc + cc];
             if (std::isnan(mv) || mv == kInf) bad[jc + cc] = 1;
-          }
-          for (int i = 0; i < n; ++i) exp_sub(St.data() + i * mc, sub.data(), mc);
-          for (int cc = 0; cc < mc; cc += VS) {
-            Vec sum(0.f);
-            for (int i = 0; i < n; ++i) sum = sum + Vec::loadu(St.data() + i * mc + cc);
-            (Vec::loadu(l.data() + jc + cc) * Vec::loadu(alpha.data() + cc) + sum).store(l.data() + jc + cc);
           }
           for (int cc = 0; cc < mc; ++cc)
             if (alpha[cc] != 1.f) scale_row(acc.data() + (jc + cc) * dvp, dvp, alpha[cc]);
