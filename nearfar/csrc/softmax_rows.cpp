@@ -6,6 +6,7 @@
 // pass per row) was as fast as ATen's ``_softmax_backward_data`` written the same way, so it stays ATen's.
 #include "sparse_attention.h"
 
+#include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
 
 namespace {
@@ -17,7 +18,7 @@ void softmax_row(const float* x, float* y, int n) {
   Vec mx(kNegInf);
   for (int i = 0; i < nv; i += VS) mx = at::vec::maximum(mx, Vec::loadu(x + i));
   if (tail) mx = at::vec::maximum(mx, Vec::set(Vec(kNegInf), Vec::loadu(x + nv, tail), tail));
-  const Vec m(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, mx));
+  const Vec m(at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, mx));
   Vec sum(0.f);
   for (int i = 0; i < nv; i += VS) {
     const Vec e = exp_score(Vec::loadu(x + i) - m);
@@ -29,7 +30,7 @@ void softmax_row(const float* x, float* y, int n) {
     e.store(y + nv, tail);
     sum = sum + e;
   }
-  const Vec inv(1.f / at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, sum));
+  const Vec inv(1.f / at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return a + b; }, sum));
   for (int i = 0; i < nv; i += VS) (Vec::loadu(y + i) * inv).store(y + i);
   if (tail) (Vec::loadu(y + nv, tail) * inv).store(y + nv, tail);
 }

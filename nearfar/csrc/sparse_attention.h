@@ -163,43 +163,30 @@ inline void causal_key_row(float* x, int mc, const float* lim, float key, float 
 }
 
 // exp(x) for the kernel's softmax arguments (a score less its running max or its LSE: about 0 at most, -inf for a
-// masked pair) in 13 vector operations against ATen's exp_u20's 19, with exp_u20's polynomial and so its accuracy:
-// x / ln 2 is rounded to n by adding 1.5 * 2**23 (n lands in the low mantissa bits, whose integer view, plus 127
-// shifted into the exponent field, is 2**n), exp(r) on r = x - n ln 2 in [-ln 2 / 2, ln 2 / 2] is a degree-5
-// polynomial, times 2**n. Below ln(FLT_MIN), -inf included, the result is exactly 0 (an empty row stays empty);
-// valid for x < 88.7, NaN in gives NaN out.
-#if defined(CPU_CAPABILITY_AVX512)
-inline Vec exp_score(const Vec& xv) {
-  const __m512 x = xv, magic = _mm512_set1_ps(12582912.f);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 r = _mm512_fnmadd_ps(_mm512_sub_ps(t, magic), _mm512_set1_ps(0.693147180559945309f), x);
-  __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365402f), _CMP_LT_OQ);
-  return _mm512_maskz_mul_ps(static_cast<__mmask16>(~tiny), p, _mm512_castsi512_ps(e));
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-inline Vec exp_score(const Vec& xv) {
-  const __m256 x = xv, magic = _mm256_set1_ps(12582912.f);
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
-  const __m256 r = _mm256_fnmadd_ps(_mm256_sub_ps(t, magic), _mm256_set1_ps(0.693147180559945309f), x);
-  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(0.00828929059f), _mm256_set1_ps(0.0418978221f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.166676521f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.499991506f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(0.999999701f));
-  p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(1.f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23);
-  // x >= ln(FLT_MIN) keeps the product (false for -inf and NaN: NaN is kept by the ordered-compare's complement)
-  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365402f), _CMP_NLT_UQ);
-  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
+// masked pair) in 14 vector operations against ATen's exp_u20's 19, with exp_u20's polynomial and so its accuracy
+// (the same bits on [-87, 1]): x / ln 2 is rounded to n by adding 1.5 * 2**23 (n lands in the low mantissa bits,
+// whose integer view, plus 127 shifted into the exponent field, is 2**n), exp(r) on r = x - n ln 2 in
+// [-ln 2 / 2, ln 2 / 2] is a degree-5 polynomial, times 2**n. Below ln(FLT_MIN), -inf included, the result is
+// exactly 0 (an empty row stays empty; exp_u20 is 0 from -87 down); valid for x < 88.7, NaN in gives NaN out.
+// Written on ATen's Vectorized (AVX2 and AVX-512 alike); intrinsics with an immediate shift were ~10% faster on
+// the exp alone, ~1% of the kernel.
+inline Vec exp_score(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  using IVec = at::vec::Vectorized<int32_t>;
+  const Vec magic(12582912.f);
+  const Vec t = at::vec::fmadd(x, Vec(1.44269504088896341f), magic);
+  const Vec r = at::vec::fnmadd(t - magic, Vec(0.693147180559945309f), x);
+  Vec p = at::vec::fmadd(r, Vec(0.00828929059f), Vec(0.0418978221f));
+  p = at::vec::fmadd(r, p, Vec(0.166676521f));
+  p = at::vec::fmadd(r, p, Vec(0.499991506f));
+  p = at::vec::fmadd(r, p, Vec(0.999999701f));
+  p = at::vec::fmadd(r, p, Vec(1.f));
+  const Vec pow2n = at::vec::cast<float>((at::vec::cast<int32_t>(t) + IVec(127)) << IVec(23));
+  return Vec::blendv(p * pow2n, Vec(0.f), x < Vec(-87.3365402f));  // ordered: NaN stays NaN
 #else
-inline Vec exp_score(const Vec& x) { return x.exp_u20(); }
+  return x.exp_u20();
 #endif
+}
 
 // x = exp(x - sub) elementwise over n columns (sub a per-column vector)
 inline void exp_sub(float* x, const float* sub, int n) {

@@ -275,3 +275,26 @@ def test_which_backward_holds_the_dk_dv_sums(monkeypatch, dtype, owners, threads
             (min(threads, owners), n, 16)]
     else:
         assert seen["kv_grads"] and not seen["kv_scratch"]
+
+
+@pytest.mark.parametrize("level", ["AVX512", "AVX2", "DEFAULT"])
+def test_kernel_sources_compile_for_every_vector_level(level, tmp_path):
+    # the set-up builds for the CPU it runs on and CI's CPU has one level, so the others are checked for syntax here
+    # (an AVX-512-only template mismatch once passed an AVX2 build); all sources in one unit: the headers parse once
+    import shutil
+    import subprocess
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        if os.environ.get("NEARFAR_REQUIRE_NATIVE") == "1":
+            pytest.fail("no C++ compiler, but the kernel is required")
+        pytest.skip("no C++ compiler")
+    unit = tmp_path / "all.cpp"
+    unit.write_text("".join(f'#include "{src}"\n' for src in native.SOURCES))
+    includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"])]
+    res = subprocess.run([compiler, "-fsyntax-only", "-w", *native._flags(level), *includes, str(unit)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, f"at {level}:\n{res.stderr[-3000:]}"
