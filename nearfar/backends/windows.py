@@ -10,8 +10,8 @@ the probabilities (out of place: an aliased softmax is ~1.3-1.5x slower on CPU; 
 softmax where it is built, 1.7x faster than ATen's on 49-score rows) and ``p @ v`` a contiguous per-head output;
 the heads are interleaved in the same copy that puts the windows back in place (``WindowBatch``). The backward pass
 writes the gradients of q, k and v into a buffer laid out as the projection output, which the projection's backward
-reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T``
-floats, as the matmul + softmax path keeps them).
+reads as is. The probabilities are kept for the backward pass (``heads * B*nW * T * T`` floats, as the matmul +
+softmax path keeps them).
 
 CPU, float32/float64 only (``takes`` says when: small windows always; larger ones, up to ``MAX_TOKENS`` tokens, for
 training with a bias and wherever a region mask is, which SDPA could only take materialised per window). With

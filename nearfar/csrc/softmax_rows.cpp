@@ -35,28 +35,19 @@ void softmax_row(const float* x, float* y, int n) {
   if (tail) (Vec::loadu(y + nv, tail) * inv).store(y + nv, tail);
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& out, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, what,
-              ": float32 CPU tensors");
-  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.sizes() == out.sizes() && x.dim() >= 1, what,
-              ": contiguous tensors of one shape");
-  TORCH_CHECK(x.size(-1) < (int64_t{1} << 31), what, ": rows under 2**31 elements");
-}
-
-template <typename F>
-void for_rows(const at::Tensor& x, const F& row) {
-  const int64_t n = x.size(-1);
-  if (x.numel() == 0 || n == 0) return;
-  at::parallel_for(0, x.numel() / n, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) row(r * n, static_cast<int>(n));
-  });
-}
-
 void softmax_rows(const at::Tensor& x, at::Tensor out) {
-  check_rows(x, out, "softmax_rows");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "softmax_rows: float32 CPU tensors");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.sizes() == out.sizes() && x.dim() >= 1,
+              "softmax_rows: contiguous tensors of one shape");
+  const int64_t n = x.size(-1);
+  TORCH_CHECK(n < (int64_t{1} << 31), "softmax_rows: rows under 2**31 elements");
+  if (x.numel() == 0 || n == 0) return;
   const float* xp = x.data_ptr<float>();
   float* yp = out.data_ptr<float>();
-  for_rows(x, [&](int64_t o, int n) { softmax_row(xp + o, yp + o, n); });
+  at::parallel_for(0, x.numel() / n, std::max<int64_t>(1, 16384 / n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) softmax_row(xp + r * n, yp + r * n, static_cast<int>(n));
+  });
 }
 
 }  // namespace

@@ -11,11 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_native import needs_kernel
 
-from nearfar import native
 from nearfar.backends import windows
-
-needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
 
 
 @needs_kernel

@@ -12,16 +12,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from strategies import problems
 from test_engines import check_problem
+from test_native import needs_kernel
 
 import nearfar as nf
 import nearfar.dispatch as dispatch
-from nearfar import native
 from nearfar.backends import native as native_engine
 from nearfar.backends.native_tiles import CANDIDATES, native_tile, sampled_work
 from nearfar.cache import CACHE
 from nearfar.plan import get_plan, layouts
-
-needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
 
 
 @needs_kernel
