@@ -213,9 +213,10 @@ t0 = time.perf_counter()
 out = nf.attend(q, k, v, nf.Neighborhood(257))
 out.backward(torch.ones_like(out))
 dt = time.perf_counter() - t0
-ok = all(torch.isfinite(x.grad).all() for x in (q, k, v))
-# VmHWM is this process' own peak; ru_maxrss would include the parent's pages from before exec
+# VmHWM is this process' own peak; ru_maxrss would include the parent's pages from before exec. Read before the
+# finiteness check, whose temporaries (isfinite forms |x|, a float copy of each gradient) are not the attention's
 rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
+ok = all(torch.isfinite(x.grad).all() for x in (q, k, v))
 print(json.dumps(dict(seconds=dt, peak_rss_mb=rss, finite=bool(ok))))
 """
 

@@ -376,7 +376,8 @@ def _run(q, k, v, pattern, scale, bias_src, key_padding_mask, engine, return_lse
                             score_mod)
     if engine in ("blocksparse", "partition"):
         native = engine == "blocksparse" and score_mod is None and native_supports(q)
-        plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device, native)
+        plan = _plan(pattern if pattern is not None else Dense(), nq, nk, q.device, native,
+                     masks=engine == "blocksparse" and not native)
         if engine == "partition":
             return partition_attention(q, k, v, plan, scale, kpm, bias_src, return_lse, score_mod)
         if score_mod is not None:  # a Python function per score: the PyTorch tile path, not the fused kernels
@@ -454,10 +455,15 @@ def _per_pattern(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Per
 
 
 @torch.compiler.disable
-def _plan(pattern: Pattern, nq: int, nk: int, device: torch.device | str, native: bool = False) -> Plan:
-    """The cached plan; ``native``: for the compiled kernel, whose tile shape is chosen by counting its work."""
+def _plan(pattern: Pattern, nq: int, nk: int, device: torch.device | str, native: bool = False,
+          masks: bool = False) -> Plan:
+    """The cached plan; ``native``: for the compiled kernel, whose tile shape is chosen by counting its work;
+    ``masks``: for a PyTorch chunk path, which reads the exact masks on every call (and may be traced)."""
     tile = native_tile(pattern, nq, nk) if native and torch.device(device).type == "cpu" else None
-    return get_plan(pattern, nq, nk, tile, device=device)
+    plan = get_plan(pattern, nq, nk, tile, device=device)
+    if masks:
+        plan.cache_masks()
+    return plan
 
 
 def _is_partition(pattern: Pattern | None, nq: int, nk: int, device: torch.device | str) -> bool:

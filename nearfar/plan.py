@@ -3,7 +3,9 @@
 A plan is built once per (pattern, Nq, Nk, tile, device) and cached. It never evaluates all N² pairs:
 query tiles are matched against key tiles with the pattern's conservative tile-level test
 (``block_allowed``), the candidates are narrowed key by key with the same test, and the exact ``allowed``
-mask is evaluated only on what is left. Tiles with key lists of similar length form a group, padded
+mask is evaluated only on what is left, when an engine first asks for it: the PyTorch chunk paths read it on
+every call and keep it (``Plan.cache_masks``); the compiled kernel packs its own bit masks once and never holds
+it (a 1M-token plan's float mask alone would be ~370 MB). Tiles with key lists of similar length form a group, padded
 (with -1) to the group's longest list ``W``, so a few wide tiles (global tokens, the end of a causal
 sequence) do not widen every tile. 1D lists that are runs of consecutive keys are extended to exactly
 ``W`` keys so the engine can read them as strided views.
@@ -12,6 +14,7 @@ sequence) do not widen every tile. 1D lists that are runs of consecutive keys ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -144,6 +147,9 @@ class Plan:
     #: per-call-shape caches of the engine (chunking depends on batch, heads and head dims), charged to the plan's
     #: entry in ``nearfar.cache.CACHE`` and bounded by a quarter of its budget
     engine_cache: ByteLRU = field(default_factory=lambda: ByteLRU(lambda: cache_budget() // 4), repr=False)
+    #: told of the bytes the plan gains in place (its masks, once cached), to charge them to its cache entry
+    on_resize: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    masks_cached: bool = field(default=False, repr=False, compare=False)
 
     @functools.cached_property
     def q_in_order(self) -> bool:
@@ -168,8 +174,29 @@ class Plan:
         """Position of each original query in the flattened tile layout ``(nTq * T,)``."""
         return inverse_order(self.q_idx, self.nq)
 
-    def allowed(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
-        """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``."""
+    def cache_masks(self) -> None:
+        """Keep every group's exact mask for the engines that read it per call: float32 additive masks while they
+        fit ``_FLOAT_BUDGET``, then bool masks within ``_BOOL_BUDGET``; the rest are recomputed per chunk."""
+        if self.masks_cached:
+            return
+        self.masks_cached = True
+        cached = 0
+        for g in self.groups:
+            ok = allowed_heads(self.pattern, g.q_idx, g.k_idx, self.nq, self.nk)
+            if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
+                g.mask_f = to_additive(ok)
+                cached += ok.numel() * 4
+            elif cached + ok.numel() <= _BOOL_BUDGET:
+                g.mask_b = ok
+                cached += ok.numel()
+        if self.on_resize is not None and cached:
+            self.on_resize(cached)
+
+    def allowed(self, g: TileGroup, t0: int, t1: int, keep: bool = True) -> torch.Tensor:
+        """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``; ``keep``: cache every group's mask first
+        (skipped inside a compiled graph, where it would be traced; ``nearfar.dispatch`` caches them eagerly)."""
+        if keep and not self.masks_cached and not torch.compiler.is_compiling():
+            self.cache_masks()
         if g.mask_b is not None:
             return g.mask_b[:, t0:t1]
         if g.mask_f is not None:
@@ -178,6 +205,8 @@ class Plan:
 
     def additive_mask(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
         """(Hp, c, T, W) float32 mask: 0 where allowed, -inf elsewhere."""
+        if not self.masks_cached and not torch.compiler.is_compiling():
+            self.cache_masks()
         if g.mask_f is not None:
             return g.mask_f[:, t0:t1]
         return to_additive(self.allowed(g, t0, t1))
@@ -359,15 +388,6 @@ def build_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] |
         groups.append(g)
     # PyTorch's CPU flash kernel divides by the key count: a width-0 group would kill the process (SIGFPE)
     assert all(g.width >= 1 for g in groups), "internal: a tile group without key slots"
-    cached = 0
-    for g in groups:
-        ok = allowed_heads(pattern, g.q_idx, g.k_idx, nq, nk)
-        if cached + ok.numel() * 4 <= _FLOAT_BUDGET:
-            g.mask_f = to_additive(ok)
-            cached += ok.numel() * 4
-        elif cached + ok.numel() <= _BOOL_BUDGET:
-            g.mask_b = ok
-            cached += ok.numel()
     return Plan(nq, nk, qt.idx, groups, pattern, hp, partition=partition)
 
 
@@ -379,6 +399,6 @@ def get_plan(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | N
     plan = CACHE.get(key)
     if plan is None:
         plan = build_plan(pattern, nq, nk, tile, torch.device(device))
-        plan.engine_cache.on_change = lambda delta: CACHE.resize(key, delta)
+        plan.engine_cache.on_change = plan.on_resize = lambda delta: CACHE.resize(key, delta)
         CACHE.put(key, plan, nbytes_of(plan) + plan.q_idx.numel() * 8)  # + q_inv, made on first use
     return plan

@@ -88,7 +88,7 @@ def _chunk(plan: Plan, g: TileGroup, t0: int, t1: int, kb: int) -> tuple[torch.T
     k = g.k_idx[:, t0:t1]
     order = torch.argsort(torch.where(k < 0, plan.nk, k), dim=-1, stable=True)
     k = k.gather(-1, order)
-    mask = plan.allowed(g, t0, t1)
+    mask = plan.allowed(g, t0, t1, keep=False)  # packed into bits below: the plan need not hold it
     mask = mask.gather(-1, order[:, :, None, :].expand_as(mask))
     hp, c, t, w = mask.shape
     nsub = -(-w // kb)

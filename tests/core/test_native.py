@@ -298,3 +298,13 @@ def test_kernel_sources_compile_for_every_vector_level(level, tmp_path):
     res = subprocess.run([compiler, "-fsyntax-only", "-w", *native._flags(level), *includes, str(unit)],
                          capture_output=True, text=True)
     assert res.returncode == 0, f"at {level}:\n{res.stderr[-3000:]}"
+
+
+@needs_kernel
+def test_kernel_calls_leave_the_plan_without_exact_masks():
+    # the kernel packs its own bit masks: the plan's float/bool masks (370 MB for a 1M-token plan) are never made
+    q, k, v = (torch.randn(1, 2, 400, 16, requires_grad=True) for _ in range(3))
+    pattern = nf.Neighborhood(33)
+    nf.attend(q, k, v, pattern, engine="blocksparse").sum().backward()
+    plan = get_plan(pattern, 400, 400)
+    assert not plan.masks_cached and all(g.mask_f is None and g.mask_b is None for g in plan.groups)

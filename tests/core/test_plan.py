@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import nearfar as nf
-from nearfar.plan import build_plan
+from nearfar.cache import CACHE
+from nearfar.plan import build_plan, get_plan
 
 
 def covered(plan, heads: int) -> torch.Tensor:
@@ -101,3 +102,19 @@ def test_staged_engine_matches_dense(pattern, tile, heads):
     assert (out - ref).abs().max() < 1e-12
     for a, b in zip(grads, ref_grads):
         assert (a - b).abs().max() < 1e-12
+
+
+def test_exact_masks_are_kept_only_once_asked_for_and_charged_to_the_cache():
+    pattern = nf.Neighborhood(9, grid=(24, 24))
+    nf.clear_caches()
+    plan = get_plan(pattern, 576, 576)
+    assert not plan.masks_cached and all(g.mask_f is None and g.mask_b is None for g in plan.groups)
+    before = CACHE.nbytes
+    fresh = [plan.allowed(g, 0, len(g), keep=False) for g in plan.groups]
+    assert not plan.masks_cached and CACHE.nbytes == before  # packed by the compiled kernel: nothing kept
+    kept = [plan.allowed(g, 0, len(g)) for g in plan.groups]
+    assert plan.masks_cached and all(g.mask_f is not None for g in plan.groups)
+    assert CACHE.nbytes == before + sum(g.mask_f.numel() * 4 for g in plan.groups)
+    for g, a, b in zip(plan.groups, fresh, kept):
+        assert torch.equal(a, b)
+        assert torch.equal(plan.additive_mask(g, 0, len(g)), torch.where(b, 0.0, -torch.inf))
