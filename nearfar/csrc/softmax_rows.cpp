@@ -4,10 +4,14 @@
 // same values as torch.softmax up to float32 rounding, NaN where a row is all -inf (as torch.softmax). Measured on
 // (3, 145, 49, 49), 2 threads, AVX2: 0.83 ms against torch.softmax's 1.44 ms. The backward (a dot product and one
 // pass per row) was as fast as ATen's ``_softmax_backward_data`` written the same way, so it stays ATen's.
-#include "sparse_attention.h"
-
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <torch/library.h>
+
+#include <algorithm>
+
+#include "vector_ops.h"
 
 namespace {
 
