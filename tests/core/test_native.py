@@ -308,3 +308,14 @@ def test_kernel_calls_leave_the_plan_without_exact_masks():
     nf.attend(q, k, v, pattern, engine="blocksparse").sum().backward()
     plan = get_plan(pattern, 400, 400)
     assert not plan.masks_cached and all(g.mask_f is None and g.mask_b is None for g in plan.groups)
+
+
+@needs_kernel
+def test_a_leafs_gradient_keeps_its_layout():
+    # a contiguous leaf gets dQ in its own strides (autograd keeps it, no copy); a head-split view gets (B, N, H, d)
+    q, k, v = (torch.randn(2, 3, 200, 16, requires_grad=True) for _ in range(3))
+    nf.attend(q, k, v, nf.Neighborhood(31), engine="blocksparse").sum().backward()
+    assert q.grad.stride() == q.stride()
+    from nearfar.backends.native import grad_like
+    x = torch.randn(2, 200, 3, 16).transpose(1, 2)
+    assert grad_like(x).stride() == x.stride() and grad_like(x[..., :8]).transpose(1, 2).is_contiguous()
