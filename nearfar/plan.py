@@ -91,6 +91,11 @@ def layouts(pattern: Pattern, nq: int, nk: int) -> tuple[Layout | None, Layout |
     return lay, lay
 
 
+def fitted_tile(ext: tuple[int, ...], layout: Layout) -> tuple[int, ...]:
+    """The tile extents ``ext`` as a plan uses them on ``layout``: cut to each axis' extent per dilation group."""
+    return tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, layout.grid, layout.dilation))
+
+
 def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] | None,
                 device: torch.device | str | None) -> tuple[Tiles, Tiles]:
     """Query tiles and key tiles. Spatial patterns order tokens in compact boxes (dilation groups first)."""
@@ -98,7 +103,7 @@ def token_tiles(pattern: Pattern, nq: int, nk: int, tile: int | tuple[int, ...] 
     if q_lay is not None and k_lay is not None:
         ext = (tile,) * len(q_lay.grid) if isinstance(tile, int) else tile
         ext = ext or q_lay.tile or DEFAULT_TILE[len(q_lay.grid)]
-        ext = tuple(max(1, min(t, -(-n // d))) for t, n, d in zip(ext, q_lay.grid, q_lay.dilation))
+        ext = fitted_tile(ext, q_lay)
         size = 1
         for t in ext:
             size *= t
@@ -176,8 +181,9 @@ class Plan:
 
     def cache_masks(self) -> None:
         """Keep every group's exact mask for the engines that read it per call: float32 additive masks while they
-        fit ``_FLOAT_BUDGET``, then bool masks within ``_BOOL_BUDGET``; the rest are recomputed per chunk."""
-        if self.masks_cached:
+        fit ``_FLOAT_BUDGET``, then bool masks within ``_BOOL_BUDGET``; the rest are recomputed per chunk. Not inside
+        a compiled graph, where it would be traced (``nearfar.dispatch`` calls it eagerly before)."""
+        if self.masks_cached or torch.compiler.is_compiling():
             return
         self.masks_cached = True
         cached = 0
@@ -193,9 +199,8 @@ class Plan:
             self.on_resize(cached)
 
     def allowed(self, g: TileGroup, t0: int, t1: int, keep: bool = True) -> torch.Tensor:
-        """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``; ``keep``: cache every group's mask first
-        (skipped inside a compiled graph, where it would be traced; ``nearfar.dispatch`` caches them eagerly)."""
-        if keep and not self.masks_cached and not torch.compiler.is_compiling():
+        """(Hp, c, T, W) bool mask of tiles ``t0:t1`` of group ``g``; ``keep``: cache every group's mask first."""
+        if keep:
             self.cache_masks()
         if g.mask_b is not None:
             return g.mask_b[:, t0:t1]
@@ -205,8 +210,7 @@ class Plan:
 
     def additive_mask(self, g: TileGroup, t0: int, t1: int) -> torch.Tensor:
         """(Hp, c, T, W) float32 mask: 0 where allowed, -inf elsewhere."""
-        if not self.masks_cached and not torch.compiler.is_compiling():
-            self.cache_masks()
+        self.cache_masks()
         if g.mask_f is not None:
             return g.mask_f[:, t0:t1]
         return to_additive(self.allowed(g, t0, t1))

@@ -23,7 +23,7 @@ import torch
 
 from ..cache import CACHE
 from ..patterns.base import Pattern
-from ..plan import DEFAULT_TILE, allowed_heads, key_lists, layouts, token_tiles
+from ..plan import DEFAULT_TILE, allowed_heads, fitted_tile, key_lists, layouts, token_tiles
 from .native import KB, live_rows
 
 #: candidate tile extents per spatial rank, the plan's default first (ties keep it)
@@ -68,7 +68,7 @@ def _choose(pattern: Pattern, nq: int, nk: int) -> tuple[int, ...] | None:
         default, *others = CANDIDATES[len(q_lay.grid)]
         best = sampled_work(pattern, nq, nk, default) * _MARGIN
         for tile in others:
-            if any(t > -(-n // d) for t, n, d in zip(tile, q_lay.grid, q_lay.dilation)):
+            if fitted_tile(tile, q_lay) != tile:
                 continue  # cut by the plan to fewer queries per tile
             work = sampled_work(pattern, nq, nk, tile)
             if work < best:

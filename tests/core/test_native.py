@@ -9,6 +9,9 @@ output, and the PyTorch path that stays for machines without the kernel.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sysconfig
 
 import pytest
 import torch
@@ -16,10 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import problems
 from test_engines import check_problem
+from torch.utils import cpp_extension
 
 import nearfar as nf
 from nearfar import native
-from nearfar.backends.native import native_attention
+from nearfar.backends.native import grad_like, native_attention
 from nearfar.plan import get_plan
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=native.status())
@@ -281,12 +285,6 @@ def test_which_backward_holds_the_dk_dv_sums(monkeypatch, dtype, owners, threads
 def test_kernel_sources_compile_for_every_vector_level(level, tmp_path):
     # the set-up builds for the CPU it runs on and CI's CPU has one level, so the others are checked for syntax here
     # (an AVX-512-only template mismatch once passed an AVX2 build); all sources in one unit: the headers parse once
-    import shutil
-    import subprocess
-    import sysconfig
-
-    from torch.utils import cpp_extension
-
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         if os.environ.get("NEARFAR_REQUIRE_NATIVE") == "1":
@@ -316,6 +314,5 @@ def test_a_leafs_gradient_keeps_its_layout():
     q, k, v = (torch.randn(2, 3, 200, 16, requires_grad=True) for _ in range(3))
     nf.attend(q, k, v, nf.Neighborhood(31), engine="blocksparse").sum().backward()
     assert q.grad.stride() == q.stride()
-    from nearfar.backends.native import grad_like
     x = torch.randn(2, 200, 3, 16).transpose(1, 2)
     assert grad_like(x).stride() == x.stride() and grad_like(x[..., :8]).transpose(1, 2).is_contiguous()
