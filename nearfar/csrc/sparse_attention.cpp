@@ -38,11 +38,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t units = G.B * G.HX * G.c;
   parallel_items(units, [&](std::atomic<int64_t>& next) {
     // Qt: (d, g * Tp) scaled queries, one column per query; acc: (g * Tp, dvp); m, l, alpha: per query column
-    std::vector<float> Qt(d * g * Tp, 0.f), St(KB * Tp), acc(g * Tp * dvp), m(g * Tp), l(g * Tp), alpha(Tp);
+    const int64_t ldq = padded_ld(g * Tp);
+    std::vector<float> Qt(d * ldq, 0.f), St(KB * padded_ld(Tp)), acc(g * Tp * dvp), m(g * Tp), l(g * Tp),
+        alpha(Tp);
     std::vector<char> bad(g * Tp);
     std::vector<float> lim(Tp);
     SubBlock<T> sb(G);
-    const int64_t ldq = g * Tp;
     for (int64_t u = next++; u < units; u = next++) {
       const int64_t t = u % G.c, hx = (u / G.c) % G.HX, b = u / (G.c * G.HX);
       const int64_t hkv = G.kv_head(hx), pt = G.klist(b, hx, t);
@@ -86,7 +87,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       Span sp;
       for (int64_t s = 0; s < G.nsub; ++s) {
         if (!(G.row_causal ? G.span_causal(lim.data(), nv, s, sp) : G.span(pt, s, sp))) continue;
-        const int n = sp.n, mc = sp.mc;
+        const int n = sp.n, mc = sp.mc, ls = sp.ld;
         sb.load(G, ki + sp.k0, n, kbase, vbase, b);
         for (int j = 0; j < g; ++j) {
           const int jc = j * Tp + sp.c0;
@@ -95,7 +96,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           // scores are still in L1 from the max pass)
           for (int cc = 0; cc < mc; cc += VS) {
             Vec mx(kNegInf);
-            for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * mc + cc));
+            for (int i = 0; i < n; ++i) mx = at::vec::maximum(mx, Vec::loadu(St.data() + i * ls + cc));
             const Vec mold = Vec::loadu(m.data() + jc + cc);
             const Vec mnew = at::vec::maximum(mold, mx);
             mnew.store(m.data() + jc + cc);
@@ -105,7 +106,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             al.store(alpha.data() + cc);
             Vec sum(0.f);
             for (int i = 0; i < n; ++i) {
-              float* x = St.data() + i * mc + cc;
+              float* x = St.data() + i * ls + cc;
               const Vec e = exp_score(Vec::loadu(x) - safe);
               e.store(x);
               sum = sum + e;
@@ -119,7 +120,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           for (int cc = 0; cc < mc; ++cc)
             if (alpha[cc] != 1.f) scale_row(acc.data() + (jc + cc) * dvp, dvp, alpha[cc]);
           // acc[columns] += St^T · V
-          gemm(mc, dvp, n, St.data(), 1, mc, sb.V.data(), dvp, acc.data() + jc * dvp, dvp, true);
+          gemm(mc, dvp, n, St.data(), 1, ls, sb.V.data(), dvp, acc.data() + jc * dvp, dvp, true);
         }
       }
       for (int j = 0; j < g; ++j) {

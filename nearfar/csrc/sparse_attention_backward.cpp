@@ -42,9 +42,9 @@ struct Io {
 struct Buffers {
   std::vector<float> Q, Qt, dO, dOt, Di, L, dQ, P, dP, dKb, dVb, lim;
   explicit Buffers(const Geometry& G)
-      : Q(G.g * G.Tp * G.dp, 0.f), Qt(G.d * G.g * G.Tp, 0.f), dO(G.g * G.Tp * G.dvp, 0.f),
-        dOt(G.dv * G.g * G.Tp, 0.f), Di(G.g * G.Tp), L(G.g * G.Tp), dQ(G.g * G.Tp * G.dp), P(KB * G.Tp),
-        dP(KB * G.Tp), dKb(KB * G.dp), dVb(KB * G.dvp), lim(G.Tp) {}
+      : Q(G.g * G.Tp * G.dp, 0.f), Qt(G.d * padded_ld(G.g * G.Tp), 0.f), dO(G.g * G.Tp * G.dvp, 0.f),
+        dOt(G.dv * padded_ld(G.g * G.Tp), 0.f), Di(G.g * G.Tp), L(G.g * G.Tp), dQ(G.g * G.Tp * G.dp),
+        P(KB * padded_ld(G.Tp)), dP(KB * padded_ld(G.Tp)), dKb(KB * G.dp), dVb(KB * G.dvp), lim(G.Tp) {}
 };
 
 // Tiles [t_lo, t_hi) of one tile group for batch item b and kv head hkv: writes their dQ rows, adds their dK/dV into
@@ -55,7 +55,7 @@ void tiles_backward(const Geometry& G, const Io<T>& io, Buffers& w, SubBlock<T>&
                     int64_t hkv, int64_t t_lo, int64_t t_hi, float* dkbase, int64_t ldk, float* dvbase, int64_t ldv,
                     float* dbp, float* drp) {
   const int d = G.d, dv = G.dv, T_ = G.T, Tp = G.Tp, g = G.g;
-  const int64_t dp = G.dp, dvp = G.dvp, ldq = g * Tp;
+  const int64_t dp = G.dp, dvp = G.dvp, ldq = padded_ld(g * Tp);
   const int64_t hx_per_kv = G.per_head ? G.grp : 1;
   const T* kbase = io.kp + b * G.skb + hkv * G.skh;
   const T* vbase = io.vp + b * G.svb + hkv * G.svh;
@@ -99,18 +99,18 @@ void tiles_backward(const Geometry& G, const Io<T>& io, Buffers& w, SubBlock<T>&
       for (int64_t s = 0; s < G.nsub; ++s) {
         if (!(G.row_causal ? G.span_causal(lim, nv, s, sp) : G.span(pt, s, sp))) continue;
         const int64_t k0 = sp.k0;
-        const int n = sp.n, c0 = sp.c0, mc = sp.mc;
+        const int n = sp.n, c0 = sp.c0, mc = sp.mc, ls = sp.ld;
         sb.load(G, ki + k0, n, kbase, vbase, b);
         for (int j = 0; j < g; ++j) {
           const int jc = j * Tp + c0;
           const int64_t h = G.head(hx, j);
           masked_scores(G, sb, sp, Qt, ldq, jc, b, h, t, pt, ki, lim, P);
-          for (int i = 0; i < n; ++i) exp_sub(P + i * mc, L + jc, mc);  // P = exp(S - LSE)
-          gemm(n, dvp, mc, P, mc, 1, dO + jc * dvp, dvp, w.dVb.data(), dvp, j > 0);  // dV (+)= P dO
-          gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt + jc, ldq, dP, mc, false);  // dPt = V dOt
+          for (int i = 0; i < n; ++i) exp_sub(P + i * ls, L + jc, mc);  // P = exp(S - LSE)
+          gemm(n, dvp, mc, P, ls, 1, dO + jc * dvp, dvp, w.dVb.data(), dvp, j > 0);  // dV (+)= P dO
+          gemm(n, mc, dv, sb.V.data(), dvp, 1, dOt + jc, ldq, dP, ls, false);  // dPt = V dOt
           for (int i = 0; i < n; ++i) {
-            float* pr = P + i * mc;
-            const float* dpr = dP + i * mc;
+            float* pr = P + i * ls;
+            const float* dpr = dP + i * ls;
             for (int cc = 0; cc < mc; cc += VS)
               (Vec::loadu(pr + cc) * (Vec::loadu(dpr + cc) - Vec::loadu(Di + jc + cc))).store(pr + cc);
             if (dbp) std::copy(pr, pr + mc, dbp + ((((b * G.Hq + h) * G.c + t) * G.W + k0 + i) * Tp + c0));
@@ -120,8 +120,8 @@ void tiles_backward(const Geometry& G, const Io<T>& io, Buffers& w, SubBlock<T>&
               for (int cc = 0; cc < mc; ++cc) dt[ix[cc]] += pr[cc];
             }
           }
-          gemm(mc, dp, n, P, 1, mc, sb.K.data(), dp, dQ + jc * dp, dp, true);  // dQ += dSt^T K
-          gemm(n, dp, mc, P, mc, 1, Q + jc * dp, dp, w.dKb.data(), dp, j > 0);  // dK (+)= dSt (s q)
+          gemm(mc, dp, n, P, 1, ls, sb.K.data(), dp, dQ + jc * dp, dp, true);  // dQ += dSt^T K
+          gemm(n, dp, mc, P, ls, 1, Q + jc * dp, dp, w.dKb.data(), dp, j > 0);  // dK (+)= dSt (s q)
         }
         for (int i = 0; i < n; ++i) {
           const int64_t key = ki[k0 + i];

@@ -73,8 +73,11 @@ def _reference(q, k, v, pattern, scale, kpm):
 @given(which=st.integers(0, len(PATTERNS) - 1), n=st.integers(100, 400), b=st.integers(1, 2),
        heads=st.sampled_from([(1, 1), (2, 2), (4, 2), (3, 1)]), d=st.sampled_from([8, 32, 37]),
        dv=st.sampled_from([None, 16]), layout=st.sampled_from(["contiguous", "bnhd", "sliced", "last_strided"]),
-       padding=st.sampled_from(["none", "random", "whole_item"]), seed=st.integers(0, 2**16))
-def test_kernel_matches_float64_reference(which, n, b, heads, d, dv, layout, padding, seed):
+       padding=st.sampled_from(["none", "random", "whole_item"]), tile=st.sampled_from([None, 64, 256]),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_float64_reference(which, n, b, heads, d, dv, layout, padding, tile, seed):
+    # tile: query tiles of 64, 128 (the 1D default) and 256 rows: score and query buffers with row strides the
+    # kernel keeps (64) and pads against cache-set aliasing (128 and 256; 2 query heads per kv head double them)
     hq, hkv = heads
     pattern = PATTERNS[which](n)
     if isinstance(pattern, nf.PerHead) and len(pattern.patterns) != hq:
@@ -91,7 +94,7 @@ def test_kernel_matches_float64_reference(which, n, b, heads, d, dv, layout, pad
     leaves = [_view(t, layout).requires_grad_() for t in (q, k, v)]
     scale = d ** -0.5
     additive = None if kpm is None else torch.where(kpm, 0.0, float("-inf"))
-    out, lse = native_attention(*leaves, get_plan(pattern, n, n), scale, additive)
+    out, lse = native_attention(*leaves, get_plan(pattern, n, n, tile), scale, additive)
     refs, out_r, lse_r = _reference(q, k, v, pattern, scale, kpm)
     go = torch.randn(out.shape, generator=g)
     torch.testing.assert_close(out.double(), out_r, atol=2e-5, rtol=1e-5)
