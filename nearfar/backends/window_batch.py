@@ -19,6 +19,7 @@ from ..guard import output_finite, values_sane
 from ..patterns import Pattern
 from ..patterns.spatial import SpatialPattern
 from ..plan import get_plan
+from .native import dense_windows
 from .partition import Recipe, Windows, restore, windows
 from .windows import heads_batched, roles_of, takes, window_kernel
 
@@ -163,7 +164,8 @@ class WindowBatch:
         The window kernel (``nearfar.backends.windows``) reads every head of q, k and v in place from the
         projection output and adds the table and the region mask inside its score GEMM (CPU, float32/64, where
         ``windows.takes`` says it is faster); otherwise, without a region mask, SDPA's fused kernel reads the same
-        strided views (with the table as a broadcast mask), and anything else goes through ``attend`` with
+        strided views (with the table as a broadcast mask; larger windows without a table, the compiled sparse
+        kernel, ``native.dense_windows``), and anything else goes through ``attend`` with
         ``bias``. Where the region mask excludes pairs, values are checked as ``attend`` checks them (training: the
         inputs; inference: the output); when one is non-finite or could overflow, the windows go through ``attend``
         with the pattern on the whole map, whose guard keeps it away from every query the mask excludes it from,
@@ -296,6 +298,9 @@ class WindowBatch:
         q, k, v = _head_views(srcs, order, num_heads, d)
         if not masked and (add is None or not add.requires_grad):
             # no pair masked: the fused kernel reads the strided heads as they lie (the table as a broadcast mask)
+            fast = dense_windows(q, k, v, scale) if add is None else None  # larger windows: the compiled kernel
+            if fast is not None:
+                return fast.transpose(0, 1)
             mask = None if add is None else add.transpose(0, 1)  # (1, heads, T, T)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).transpose(0, 1)
         from ..dispatch import attend

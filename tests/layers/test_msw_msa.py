@@ -73,6 +73,16 @@ def test_matches_reference(h, w, shift, heads, bias):
                             lambda mm, xx: msw_reference(mm.inner, xx, shift))
 
 
+@pytest.mark.parametrize("grid, heads, shift", [((26, 30), 2, (3, 7)), ((34, 34), 1, (0, 0))])
+def test_matches_reference_with_windows_past_the_window_kernel(grid, heads, shift):
+    # windows of 195 and 289 tokens: past the window kernel's 144, on the compiled kernel where it is built
+    # (``nearfar.backends.native.dense_windows``), else on SDPA
+    torch.manual_seed(grid[0])
+    m = MSWAttention(16 * heads, heads)
+    check_against_reference(_Fixed(m, shift), torch.randn(2, *grid, 16 * heads),
+                            lambda mm, xx: msw_reference(mm.inner, xx, shift))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # oracles (properties any correct implementation has)
 # ---------------------------------------------------------------------------------------------------------------
