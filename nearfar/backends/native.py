@@ -335,21 +335,24 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Pl
 
 #: dense attention of many short sequences (the windows of the partition engine and of ``WindowBatch``) runs on
 #: the kernel, one query tile per window (K/V read once per window), where it was measured faster than SDPA's fused
-#: CPU kernel. 2026-12-08, 2 threads, float32, 25,088 tokens in windows of T, q/k/v strided views of a fused
-#: projection, A/B alternated: heads of d = 16 and 32 (3, 6 and 8 heads) from T = 196 to 1,024, forward 1.03-1.58x
-#: and forward+backward 1.03-1.75x SDPA's speed; d = 64 ties (0.94-1.17x) and stays on SDPA. Past 1,024 tokens one
-#: tile's buffers outgrow the L2 cache; up to 144 the window kernel (``windows``) is faster than both.
-DENSE_TOKENS = (145, 1024)
-DENSE_MAX_DIM = 32
+#: CPU kernel: per dtype the fewest and most tokens per window and the widest head. 2026-12-08, 2 threads, 25,088
+#: tokens in windows of T, q/k/v strided views of a fused projection, A/B alternated:
+#: - float32, heads of 16 and 32 (3, 6 and 8 heads), T = 196-1,024: forward 1.03-1.58x SDPA's speed,
+#:   forward+backward 1.03-1.75x; heads of 64 tie (0.94-1.17x) and stay on SDPA; up to 144 tokens the window
+#:   kernel (``windows``) is faster than both;
+#: - bfloat16 and float16 (which the window kernel does not take), heads of 32 and 64, T = 49-1,024: forward
+#:   1.09-2.5x, forward+backward 3.2-9.1x (SDPA's half-precision CPU backward is slow).
+#: Past 1,024 tokens one tile's buffers outgrow the L2 cache.
+DENSE_WINDOWS = {torch.float32: (145, 1024, 32), torch.bfloat16: (1, 1024, 64), torch.float16: (1, 1024, 64)}
 
 
 def dense_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
     """Unmasked attention of every sequence of ``q (B, H, T, d)`` over ``k``, ``v`` of the same shape, on the
-    kernel where it is measured faster than SDPA (``DENSE_TOKENS``, ``DENSE_MAX_DIM``, float32, eager); None
-    elsewhere, for the caller's SDPA call."""
+    kernel where it is measured faster than SDPA (``DENSE_WINDOWS``, eager); None elsewhere, for the caller's SDPA
+    call."""
     t, d = q.shape[-2], q.shape[-1]
-    if not (supports(q) and q.dtype == torch.float32 and DENSE_TOKENS[0] <= t <= DENSE_TOKENS[1]
-            and d <= DENSE_MAX_DIM and k.shape == q.shape and v.shape == q.shape
+    fewest, most, widest = DENSE_WINDOWS.get(q.dtype, (1, 0, 0))
+    if not (supports(q) and fewest <= t <= most and d <= widest and k.shape == q.shape and v.shape == q.shape
             and not torch.compiler.is_compiling()):
         return None
     from ..patterns import Blocks

@@ -1,8 +1,8 @@
 """Partition engine: patterns whose tiles attend only to themselves (Swin/MaxViT windows, grids, cyclic shifts).
 
 This is the "window partition + batched attention" of the official codes, for any such pattern: bring the tokens
-into window order, run one SDPA call over ``(B, Hq * windows, T, d)`` (unmasked windows of 145-1,024 tokens with
-small heads: the compiled kernel, faster there, ``native.dense_windows``), and bring them back. Where the windows are
+into window order, run one SDPA call over ``(B, Hq * windows, T, d)`` (unmasked windows where the compiled kernel
+is measured faster: ``native.dense_windows``), and bring them back. Where the windows are
 a regular partition of the grid (block or grid style, optionally of the rolled grid, as in Swin, MaxViT, CRAFT and
 HiDiffusion) the reordering is a reshape/permute copy (plus ``torch.roll``), as in those codes; otherwise it is a
 gather with the plan's tile index. The pattern's mask inside a window (Swin's region mask, empty slots of edge
