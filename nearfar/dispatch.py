@@ -485,9 +485,11 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
        a bf16/fp16 call trains (``trains``; SDPA's half-precision CPU backward is 5-7x slower than the compiled
        kernel); at any size off CPU or without the compiled kernel for the dtype. Below that the compiled kernel is
        1.08-1.4x faster than ``is_causal`` and the rules below apply;
-    1. windows (a pattern whose plan is a partition at this size): ``"partition"``, one batched attention over the
-       windows, whatever the size; a window pattern that is not a partition here (e.g. edge windows of another
-       size) goes to ``"blocksparse"``;
+    1. windows (a pattern whose plan is a partition at this size): on CPU with the compiled kernel loaded for the
+       dtype, no ``score_mod`` and no dense bias, ``"blocksparse"`` (the kernel reads each window's q/k/v in place,
+       one query tile per window: measured faster than the batched SDPA of ``"partition"``, ``_native_windows_pay``);
+       otherwise ``"partition"``, one batched attention over the windows, whatever the size; a window pattern that
+       is not a partition here (e.g. edge windows of another size) goes to ``"blocksparse"``;
     2. no pattern, or at most ``2**20`` (query, key) pairs: ``"dense"`` (one fused kernel beats per-chunk work),
        unless the compiled CPU kernel is loaded and the pattern's plan scores under 85% of the pairs (and the problem
        has at least 4,096 pairs): then ``"blocksparse"`` (measured faster than dense SDPA there, ``benchmarks/
@@ -511,7 +513,9 @@ def choose_engine(q: torch.Tensor, pattern: Pattern | None, nq: int, nk: int,
         if nq * nk <= _SMALL or isinstance(pattern, PerHead):
             return "dense"
     elif pattern is not None and pattern.may_partition:
-        return "partition" if _is_partition(pattern, nq, nk, q.device) else "blocksparse"
+        if not _is_partition(pattern, nq, nk, q.device):
+            return "blocksparse"
+        return "blocksparse" if not scored and _native_windows_pay(q, nq, nk, bias) else "partition"
     elif pattern is None:
         return "blocksparse" if scored and nq * nk > _SMALL else "dense"
     elif nq * nk <= _SMALL:
@@ -551,6 +555,20 @@ def _one_native_call(q: torch.Tensor, pattern: PerHead, engine: str) -> bool:
     group (MoA at 8,192 tokens held 1.33x dense SDPA's forward peak that way). Not for windows, which the
     per-pattern split may send to the partition engine."""
     return engine == "blocksparse" and native_supports(q) and not any(p.may_partition for p in pattern.patterns)
+
+
+def _native_windows_pay(q: torch.Tensor, nq: int, nk: int, bias: DenseBias | RelativePositionBias | None) -> bool:
+    """Whether the compiled kernel runs windows faster than the partition engine's batched SDPA: on CPU, for its
+    dtypes, without a dense bias (a relative-position table is looked up in the kernel), from ``_NATIVE_MIN_PAIRS``.
+
+    Measured 2026-12-08 (2 threads, B=8, q/k/v strided views of a fused projection, A/B alternated, partition time /
+    kernel time): float32 7x7 and 14x14 windows, plain, shifted with Swin's region mask and MaxViT's grid, on 56x56
+    with 3 heads of 32 and 2 of 64: forward 1.05-2.39x, forward+backward 1.00-2.01x; on 14x14 and 28x28 with 12 and
+    6 heads of 32, 8x8 and 1D blocks of 32: forward 1.22-1.91x, forward+backward 0.88-1.38x (plain unshifted windows
+    train about as fast either way, shifted ones 1.2-2x faster); bfloat16/float16 shifted 7x7 on 56x56: forward
+    1.7-1.9x, forward+backward 3.2-4.3x (SDPA's half-precision backward with a mask is slow)."""
+    return (q.device.type == "cpu" and nq * nk >= _NATIVE_MIN_PAIRS and native_supports(q)
+            and (bias is None or isinstance(bias, RelativePositionBias)))
 
 
 def _native_pays(q: torch.Tensor, pattern: Pattern, nq: int, nk: int) -> bool:

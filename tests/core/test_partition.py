@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import nearfar
 import nearfar.functional
-from nearfar import Blocks, Grid, Neighborhood, attend
+from nearfar import Blocks, Grid, Neighborhood, attend, native
+from nearfar.bias import DenseBias
 from nearfar.dispatch import choose_engine
 from nearfar.plan import get_plan
 
@@ -125,10 +126,18 @@ def test_rpb_table_shape_errors():
 
 def test_partition_is_a_named_engine_and_auto_picks_it_for_windows():
     assert nearfar.engines() == ["dense", "blocksparse", "partition", "flex"]
-    q = torch.randn(1, 2, 64, 8)
+    q = torch.randn(1, 2, 64, 8, dtype=torch.float64)  # a dtype the compiled kernel does not take
     swin = Blocks(4, grid=(8, 8), shift=2)
     assert choose_engine(q, swin, 64, 64) == "partition"
     assert choose_engine(q, Blocks(3, grid=(8, 8)), 64, 64) == "partition"  # edge windows: smaller, still whole
+    # where the kernel runs, it reads the windows in place (faster than the batched SDPA), unless a score_mod or a
+    # dense bias needs the partition engine's materialised scores
+    q32 = q.float()
+    kernel = "blocksparse" if native.available() else "partition"
+    assert choose_engine(q32, swin, 64, 64) == kernel
+    assert choose_engine(q32, swin, 64, 64, scored=True) == "partition"
+    assert choose_engine(q32, swin, 64, 64, DenseBias(torch.zeros(1, 1, 64, 64))) == "partition"
+    q = q32
     assert choose_engine(q, nearfar.Causal(), 64, 64) == "dense"  # small
     assert choose_engine(torch.randn(1, 2, 2048, 8), nearfar.Causal(), 2048, 2048) == "blocksparse"
     assert choose_engine(q, None, 64, 64) == "dense"
