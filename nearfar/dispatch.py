@@ -559,7 +559,8 @@ def _one_native_call(q: torch.Tensor, pattern: PerHead, engine: str) -> bool:
 
 def _native_windows_pay(q: torch.Tensor, nq: int, nk: int, bias: DenseBias | RelativePositionBias | None) -> bool:
     """Whether the compiled kernel runs windows faster than the partition engine's batched SDPA: on CPU, for its
-    dtypes, without a dense bias (a relative-position table is looked up in the kernel), from ``_NATIVE_MIN_PAIRS``.
+    dtypes, without a dense bias (a relative-position table is looked up in the kernel), from ``_NATIVE_MIN_PAIRS``,
+    eager (a compiled graph keeps the partition engine's plain torch ops).
 
     Measured 2026-12-08 (2 threads, B=8, q/k/v strided views of a fused projection, A/B alternated, partition time /
     kernel time): float32 7x7 and 14x14 windows, plain, shifted with Swin's region mask and MaxViT's grid, on 56x56
@@ -568,7 +569,7 @@ def _native_windows_pay(q: torch.Tensor, nq: int, nk: int, bias: DenseBias | Rel
     train about as fast either way, shifted ones 1.2-2x faster); bfloat16/float16 shifted 7x7 on 56x56: forward
     1.7-1.9x, forward+backward 3.2-4.3x (SDPA's half-precision backward with a mask is slow)."""
     return (q.device.type == "cpu" and nq * nk >= _NATIVE_MIN_PAIRS and native_supports(q)
-            and (bias is None or isinstance(bias, RelativePositionBias)))
+            and (bias is None or isinstance(bias, RelativePositionBias)) and not torch.compiler.is_compiling())
 
 
 def _native_pays(q: torch.Tensor, pattern: Pattern, nq: int, nk: int) -> bool:
