@@ -33,7 +33,8 @@ import torch
 
 from .. import native
 from ..bias import BiasSource, RelativePositionBias
-from ..plan import Plan, TileGroup
+from ..patterns import Blocks
+from ..plan import Plan, TileGroup, get_plan
 from .kernels import unit_last
 
 #: keys per sub-block (fixed in the kernel: one 64-bit mask word per query row); 16 and 32 were slower at C1-C3
@@ -333,8 +334,9 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Pl
     return out, lse
 
 
-#: dense attention of many short sequences (the windows of the partition engine and of ``WindowBatch``) runs on
-#: the kernel, one query tile per window (K/V read once per window), where it was measured faster than SDPA's fused
+#: dense attention of many short sequences (the windows ``WindowBatch`` cuts a window module's input into; ``attend``
+#: with a window pattern reaches the kernel through its plan instead, ``dispatch.choose_engine``) runs on the
+#: kernel, one query tile per window (K/V read once per window), where it was measured faster than SDPA's fused
 #: CPU kernel: per dtype the fewest and most tokens per window and the widest head. 2026-12-08, 2 threads, 25,088
 #: tokens in windows of T, q/k/v strided views of a fused projection, A/B alternated:
 #: - float32, heads of 16 and 32 (3, 6 and 8 heads), T = 196-1,024: forward 1.03-1.58x SDPA's speed,
@@ -355,9 +357,6 @@ def dense_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if not (supports(q) and fewest <= t <= most and d <= widest and k.shape == q.shape and v.shape == q.shape
             and not torch.compiler.is_compiling()):
         return None
-    from ..patterns import Blocks
-    from ..plan import get_plan
-
     return native_attention(q, k, v, get_plan(Blocks(t), t, t, device=q.device), scale)[0]
 
 

@@ -1,8 +1,7 @@
 """Partition engine: patterns whose tiles attend only to themselves (Swin/MaxViT windows, grids, cyclic shifts).
 
 This is the "window partition + batched attention" of the official codes, for any such pattern: bring the tokens
-into window order, run one SDPA call over ``(B, Hq * windows, T, d)`` (unmasked windows where the compiled kernel
-is measured faster: ``native.dense_windows``), and bring them back. Where the windows are
+into window order, run one SDPA call over ``(B, Hq * windows, T, d)``, and bring them back. Where the windows are
 a regular partition of the grid (block or grid style, optionally of the rolled grid, as in Swin, MaxViT, CRAFT and
 HiDiffusion) the reordering is a reshape/permute copy (plus ``torch.roll``), as in those codes; otherwise it is a
 gather with the plan's tile index. The pattern's mask inside a window (Swin's region mask, empty slots of edge
@@ -24,7 +23,6 @@ from ..cache import nbytes_of
 from ..guard import zero_rows
 from ..plan import Plan, allowed_heads, inverse_order, to_additive
 from .dense import empty_rows, harmless_rows, scored_softmax, sdpa
-from .native import dense_windows
 
 #: a regular partition's reordering: (grid, shifts, view shape, permutation)
 Recipe = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -187,9 +185,7 @@ def partition_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan:
         if empty is not None:
             lse = lse.masked_fill(empty[..., 0].expand_as(lse), float("-inf"))
         lse = untiles(lse[..., None])[..., 0]
-    fast = dense_windows(qt, kt, vt, scale) if mask is None else None  # larger windows: the compiled kernel
-    out = fast if fast is not None else sdpa(qt, kt, vt, attn_mask=None if mask is None else mask.to(q.dtype),
-                                             scale=scale)
+    out = sdpa(qt, kt, vt, attn_mask=None if mask is None else mask.to(q.dtype), scale=scale)
     if empty is not None:
         out = out.masked_fill(empty, 0.0)
     return untiles(out), lse

@@ -68,6 +68,16 @@ def _reference(q, k, v, pattern, scale, kpm):
     return (q64, k64, v64), out, lse
 
 
+def _assert_grads_close(out, leaves, expected, refs, go, atol, rtol):
+    """The gradients of ``(out * go).sum()`` to ``leaves`` (in their own dtypes) against the float64 ones of
+    ``expected`` to ``refs``."""
+    grads = torch.autograd.grad((out * go).sum(), leaves)
+    grads_r = torch.autograd.grad((expected * go.double()).sum(), refs)
+    for i, (leaf, a, r) in enumerate(zip(leaves, grads, grads_r)):
+        assert a.dtype == leaf.dtype
+        torch.testing.assert_close(a.double(), r, atol=atol, rtol=rtol, msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
 @needs_kernel
 @settings(max_examples=25, deadline=None)
 @given(which=st.integers(0, len(PATTERNS) - 1), n=st.integers(100, 400), b=st.integers(1, 2),
@@ -102,10 +112,7 @@ def test_kernel_matches_float64_reference(which, n, b, heads, d, dv, layout, pad
     assert torch.equal(torch.isneginf(lse), empty)
     assert (out[empty] == 0).all()
     torch.testing.assert_close(lse[~empty].double(), lse_r[~empty], atol=2e-5, rtol=1e-5)
-    grads = torch.autograd.grad((out * go).sum(), leaves)
-    grads_r = torch.autograd.grad((out_r * go.double()).sum(), refs)
-    for name, a, r in zip("qkv", grads, grads_r):
-        torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4, msg=lambda m, name=name: f"d{name}: {m}")
+    _assert_grads_close(out, leaves, out_r, refs, go, 5e-5, 1e-4)
 
 
 @needs_kernel
@@ -121,12 +128,7 @@ def test_half_precision_accumulates_in_float32(dtype):
     refs, out_r, _ = _reference(q, k, v, pattern, 32 ** -0.5, None)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.double(), out_r, atol=tol, rtol=tol)
-    go = torch.randn(out.shape, generator=g).to(dtype)
-    grads = torch.autograd.grad((out * go).sum(), leaves)
-    grads_r = torch.autograd.grad((out_r * go.double()).sum(), refs)
-    for a, r in zip(grads, grads_r):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), r, atol=4 * tol, rtol=4 * tol)
+    _assert_grads_close(out, leaves, out_r, refs, torch.randn(out.shape, generator=g).to(dtype), 4 * tol, 4 * tol)
 
 
 @needs_kernel
@@ -176,31 +178,6 @@ def test_a_last_dim_of_one_with_any_stride():
     assert torch.isfinite(q.grad).all()
 
 
-@needs_kernel
-@pytest.mark.parametrize("threads", [1, 3])
-def test_backward_split_over_threads_matches_reference(threads):
-    # with fewer (batch, kv head) owners than threads the tiles of one owner are split over ``splits`` float32
-    # accumulators that are summed after; the test suite may run one thread per worker, so ask for several here
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        from nearfar.backends.native import splits
-
-        assert splits(1, 1, 300, 64) == threads
-        g = torch.Generator().manual_seed(threads)
-        q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
-        leaves = [t.clone().requires_grad_() for t in (q, k[:, :1], v[:, :1])]
-        pattern = nf.Neighborhood(65)
-        out, _ = native_attention(*leaves, get_plan(pattern, 300, 300), 0.25)
-        refs, out_r, _ = _reference(q, k[:, :1], v[:, :1], pattern, 0.25, None)
-        go = torch.randn(out.shape, generator=g)
-        grads = torch.autograd.grad((out * go).sum(), leaves)
-        for a, r in zip(grads, torch.autograd.grad((out_r * go.double()).sum(), refs)):
-            torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4)
-    finally:
-        torch.set_num_threads(before)
-
-
 def _threads(n: int):
     """Run with ``n`` intra-op threads (the suite may give each worker one), restored after."""
     import contextlib
@@ -214,6 +191,24 @@ def _threads(n: int):
         finally:
             torch.set_num_threads(before)
     return ctx()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_backward_split_over_threads_matches_reference(threads):
+    # with fewer (batch, kv head) owners than threads the tiles of one owner are split over ``splits`` float32
+    # accumulators that are summed after; the test suite may run one thread per worker, so ask for several here
+    from nearfar.backends.native import splits
+
+    with _threads(threads):
+        assert splits(1, 1, 300, 64) == threads
+        g = torch.Generator().manual_seed(threads)
+        q, k, v = (torch.randn(1, 2, 300, 16, generator=g) for _ in range(3))
+        leaves = [t.clone().requires_grad_() for t in (q, k[:, :1], v[:, :1])]
+        pattern = nf.Neighborhood(65)
+        out, _ = native_attention(*leaves, get_plan(pattern, 300, 300), 0.25)
+        refs, out_r, _ = _reference(q, k[:, :1], v[:, :1], pattern, 0.25, None)
+        _assert_grads_close(out, leaves, out_r, refs, torch.randn(out.shape, generator=g), 5e-5, 1e-4)
 
 
 @needs_kernel
@@ -330,7 +325,7 @@ _TOLERANCE = {torch.float32: (2e-5, 5e-5), torch.bfloat16: (1e-2, 2e-2), torch.f
        bw=st.integers(1, 3), heads=st.integers(1, 3), wide=st.booleans(), fused=st.booleans(),
        seed=st.integers(0, 2**16))
 def test_dense_windows_match_float64_reference(dtype, size, bw, heads, wide, fused, seed):
-    # windows as the partition engine and WindowBatch hand them over: (windows, heads, T, d), contiguous or strided
+    # windows as WindowBatch hands them over: (windows, heads, T, d), contiguous or strided
     # views of one fused projection; inputs rounded to the dtype first, so only the kernel's own error is left
     fewest, most, widest = DENSE_WINDOWS[dtype]
     t = {"fewest": fewest, "mid": max(fewest, 200), "most": min(most, 300)}[size]
@@ -354,33 +349,25 @@ def test_dense_windows_match_float64_reference(dtype, size, bw, heads, wide, fus
     tol, grad_tol = _TOLERANCE[dtype]
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
     go = torch.randn(out.shape, generator=g).to(dtype)
-    grads = torch.autograd.grad((out * go).sum(), leaves)
-    grads_r = torch.autograd.grad((expected * go.double()).sum(), ref_leaves)
-    for a, r in zip(grads, grads_r):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), r, atol=grad_tol, rtol=grad_tol)
+    _assert_grads_close(out, leaves, expected, ref_leaves, go, grad_tol, grad_tol)
 
 
 @needs_kernel
 @pytest.mark.parametrize("pattern, grid", [(nf.Blocks((16, 16), grid=(32, 32)), (32, 32)),
-                                           (nf.Blocks((12, 15), grid=(24, 30), shift=(5, 7), wrap=True), (24, 30))])
-def test_partition_engine_runs_large_windows_on_the_kernel(monkeypatch, pattern, grid):
-    import nearfar.backends.partition as partition
+                                           (nf.Blocks((12, 15), grid=(24, 30), shift=(5, 7), wrap=True), (24, 30)),
+                                           (nf.Blocks((4, 4), grid=(12, 12), shift=(2, 2)), (12, 12))])
+def test_auto_runs_window_patterns_on_the_kernel(pattern, grid):
+    # large plain windows, cyclically shifted ones, Swin's shifted ones with the region mask: one query tile per window
+    from nearfar.dispatch import choose_engine
 
-    calls = []
-    monkeypatch.setattr(partition, "dense_windows", lambda *a: calls.append(a) or dense_windows(*a))
     g = torch.Generator().manual_seed(0)
     n = grid[0] * grid[1]
     q, k, v = (torch.randn(2, 2, n, 16, generator=g).requires_grad_() for _ in range(3))
-    out = nf.attend(q, k, v, pattern, engine="partition")  # auto runs windows on the kernel directly
-    (q64, k64, v64), expected, _ = _reference(q, k, v, pattern, 0.25, None)
-    assert len(calls) == 1
+    assert choose_engine(q, pattern, n, n) == "blocksparse"
+    out = nf.attend(q, k, v, pattern)
+    refs, expected, _ = _reference(q, k, v, pattern, 0.25, None)
     torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
-    go = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad((out * go).sum(), (q, k, v))
-    grads_r = torch.autograd.grad((expected * go.double()).sum(), (q64, k64, v64))
-    for a, r in zip(grads, grads_r):
-        torch.testing.assert_close(a.double(), r, atol=5e-5, rtol=1e-4)
+    _assert_grads_close(out, (q, k, v), expected, refs, torch.randn(out.shape, generator=g), 5e-5, 1e-4)
 
 
 def test_dense_windows_leave_other_calls_to_sdpa():
